@@ -1,0 +1,1 @@
+//! Code generation: lowers fused kernels through MLIR (melior) and LLVM (inkwell).

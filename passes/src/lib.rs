@@ -1,0 +1,1 @@
+//! Graph-to-graph passes over the Kiln IR (fusion, memory planning, rewrites).

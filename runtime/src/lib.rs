@@ -1,0 +1,1 @@
+//! Runtime: loads compiled artifacts and runs them (no LLVM/MLIR dependency).
