@@ -616,7 +616,7 @@ impl ElementwiseOp {
                     .and_then(DType::from_onnx)
                     .ok_or_else(|| {
                         format!(
-                            "attribute 'to': unsupported data type {} ({code})",
+                            "attribute 'to': data type {} ({code}) is not supported",
                             DType::onnx_name(code.try_into().unwrap_or(-1))
                         )
                     })?;
