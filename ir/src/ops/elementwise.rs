@@ -1620,3 +1620,391 @@ mod erf_impl {
         y.copysign(x)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::AttrValue;
+    use crate::shape::Dim;
+
+    fn node(
+        op: &str,
+        opset: i64,
+        attrs: &[(&str, AttrValue)],
+        n_in: usize,
+        n_out: usize,
+    ) -> OnnxNode {
+        OnnxNode {
+            name: "n".into(),
+            op_type: op.into(),
+            opset,
+            attrs: attrs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
+            inputs_present: vec![true; n_in],
+            num_outputs: n_out,
+        }
+    }
+
+    fn parse(op: &str, opset: i64, attrs: &[(&str, AttrValue)], n_in: usize) -> ElementwiseOp {
+        ElementwiseOp::from_onnx(&node(op, opset, attrs, n_in, 1))
+            .expect("parses")
+            .expect("is elementwise")
+    }
+
+    fn run(op: &ElementwiseOp, inputs: &[&Tensor]) -> OpResult<Tensor> {
+        let ins: Vec<Option<&Tensor>> = inputs.iter().map(|t| Some(*t)).collect();
+        op.eval(&ins).map(|mut v| v.remove(0))
+    }
+
+    fn ints(t: &Tensor) -> Vec<i64> {
+        t.to_i64_vec()
+    }
+
+    fn f32s(shape: &[usize], v: &[f32]) -> Tensor {
+        Tensor::from_vec(shape, v.to_vec())
+    }
+
+    #[test]
+    fn parse_errors_and_other_families() {
+        let n = node("Conv", 13, &[], 2, 1);
+        assert_eq!(ElementwiseOp::from_onnx(&n).unwrap(), None);
+        let bad = node(
+            "Gelu",
+            20,
+            &[("approximate", AttrValue::String("erf".into()))],
+            1,
+            1,
+        );
+        assert!(ElementwiseOp::from_onnx(&bad)
+            .unwrap_err()
+            .contains("'approximate'"));
+        let arity = node("Add", 14, &[], 3, 1);
+        assert!(ElementwiseOp::from_onnx(&arity)
+            .unwrap_err()
+            .contains("expected 2 inputs"));
+        let cast = node("Cast", 21, &[("to", AttrValue::Int(17))], 1, 1);
+        assert!(ElementwiseOp::from_onnx(&cast)
+            .unwrap_err()
+            .contains("'to'"));
+        let shift = node("BitShift", 11, &[], 2, 1);
+        assert!(ElementwiseOp::from_onnx(&shift)
+            .unwrap_err()
+            .contains("'direction'"));
+        let mut missing = node("Where", 16, &[], 3, 1);
+        missing.inputs_present[1] = false;
+        assert!(ElementwiseOp::from_onnx(&missing)
+            .unwrap_err()
+            .contains("input 1"));
+        let empty = node("Max", 13, &[], 0, 1);
+        assert!(ElementwiseOp::from_onnx(&empty).is_err());
+        assert_eq!(parse("Selu", 6, &[], 1).op_type(), "Selu");
+    }
+
+    #[test]
+    fn integer_arithmetic_is_c_like() {
+        let a = Tensor::from_vec(&[4], vec![-7i32, 7, -7, i32::MIN]);
+        let b = Tensor::from_vec(&[4], vec![2i32, -2, -2, -1]);
+        let div = run(&parse("Div", 14, &[], 2), &[&a, &b]).unwrap();
+        assert_eq!(ints(&div), vec![-3, -3, 3, i32::MIN as i64]);
+        let zero = Tensor::from_vec(&[4], vec![1i32, 0, 1, 1]);
+        assert!(run(&parse("Div", 14, &[], 2), &[&a, &zero]).is_err());
+        let x = Tensor::from_vec(&[2], vec![i8::MIN, 5]);
+        assert_eq!(
+            ints(&run(&parse("Neg", 13, &[], 1), &[&x]).unwrap()),
+            vec![-128, -5]
+        );
+        assert_eq!(
+            ints(&run(&parse("Abs", 13, &[], 1), &[&x]).unwrap()),
+            vec![-128, 5]
+        );
+        let u = Tensor::from_vec(&[1], vec![250u8]);
+        let v = Tensor::from_vec(&[1], vec![10u8]);
+        assert_eq!(
+            ints(&run(&parse("Add", 14, &[], 2), &[&u, &v]).unwrap()),
+            vec![4]
+        );
+        assert_eq!(
+            ints(&run(&parse("Sub", 14, &[], 2), &[&v, &u]).unwrap()),
+            vec![16]
+        );
+    }
+
+    #[test]
+    fn modulo_signs() {
+        let x = Tensor::from_vec(&[6], vec![-4i64, 7, 5, 4, -7, 8]);
+        let y = Tensor::from_vec(&[6], vec![2i64, -3, 8, -2, 3, 5]);
+        let m = run(&parse("Mod", 13, &[], 2), &[&x, &y]).unwrap();
+        assert_eq!(ints(&m), vec![0, -2, 5, 0, 2, 3]);
+        let f = run(
+            &parse("Mod", 13, &[("fmod", AttrValue::Int(1))], 2),
+            &[&x, &y],
+        )
+        .unwrap();
+        assert_eq!(ints(&f), vec![0, 1, 5, 0, -1, 3]);
+        let xf = f32s(&[3], &[-3.0, 3.0, -0.0]);
+        let yf = f32s(&[3], &[f32::INFINITY, -2.0, 2.0]);
+        let m = run(&parse("Mod", 13, &[], 2), &[&xf, &yf]).unwrap();
+        let v = m.to_f64_vec();
+        assert_eq!(v[0], f64::INFINITY);
+        assert_eq!(v[1], -1.0);
+        assert!(v[2] == 0.0 && v[2].is_sign_positive());
+    }
+
+    #[test]
+    fn pow_mixed_types() {
+        let pow = parse("Pow", 15, &[], 2);
+        let b = Tensor::from_vec(&[3], vec![2i64, 3, -2]);
+        let e = Tensor::from_vec(&[3], vec![10i64, 0, 3]);
+        assert_eq!(ints(&run(&pow, &[&b, &e]).unwrap()), vec![1024, 1, -8]);
+        let bi = Tensor::from_vec(&[2], vec![4i32, 9]);
+        let ef = f32s(&[1], &[0.5]);
+        let r = run(&pow, &[&bi, &ef]).unwrap();
+        assert_eq!((r.dtype(), ints(&r)), (DType::I32, vec![2, 3]));
+        let bf = f32s(&[2], &[2.0, 1.5]);
+        let ei = Tensor::from_vec(&[2], vec![3u64, 2]);
+        assert_eq!(
+            run(&pow, &[&bf, &ei]).unwrap().to_f64_vec(),
+            vec![8.0, 2.25]
+        );
+        let facts = [
+            Fact::new(DType::I32, Shape::known(&[2])),
+            Fact::new(DType::F32, Shape::known(&[])),
+        ];
+        let out = pow.infer(&[Some(&facts[0]), Some(&facts[1])]).unwrap();
+        assert_eq!(out[0].dtype, DType::I32);
+    }
+
+    #[test]
+    fn bit_shifts() {
+        let right = parse(
+            "BitShift",
+            11,
+            &[("direction", AttrValue::String("RIGHT".into()))],
+            2,
+        );
+        let left = parse(
+            "BitShift",
+            11,
+            &[("direction", AttrValue::String("LEFT".into()))],
+            2,
+        );
+        let x = Tensor::from_vec(&[3], vec![-8i8, 4, -1]);
+        let s = Tensor::from_vec(&[3], vec![8i8, 9, 127]);
+        assert_eq!(ints(&run(&right, &[&x, &s]).unwrap()), vec![-1, 0, -1]);
+        assert_eq!(ints(&run(&left, &[&x, &s]).unwrap()), vec![0, 0, 0]);
+        let x = Tensor::from_vec(&[3], vec![64i8, 1, -64]);
+        let s = Tensor::from_vec(&[3], vec![1i8, 7, 1]);
+        assert_eq!(
+            ints(&run(&left, &[&x, &s]).unwrap()),
+            vec![-128, -128, -128]
+        );
+        let x = Tensor::from_vec(&[1], vec![u64::MAX]);
+        let s = Tensor::from_vec(&[1], vec![63u64]);
+        assert_eq!(run(&right, &[&x, &s]).unwrap().to_i64_vec(), vec![1]);
+    }
+
+    #[test]
+    fn clip_forms() {
+        let x = f32s(&[4], &[-2.0, -0.5, 0.5, f32::NAN]);
+        let old = parse(
+            "Clip",
+            6,
+            &[
+                ("min", AttrValue::Float(-1.0)),
+                ("max", AttrValue::Float(0.0)),
+            ],
+            1,
+        );
+        let v = run(&old, &[&x]).unwrap().to_f64_vec();
+        assert_eq!(&v[..3], &[-1.0, -0.5, 0.0]);
+        assert!(v[3].is_nan());
+        let new = parse("Clip", 13, &[], 3);
+        let lo = Tensor::scalar(0.0f32);
+        let hi = Tensor::scalar(-1.0f32);
+        let v = run(&new, &[&x, &lo, &hi]).unwrap().to_f64_vec();
+        assert_eq!(&v[..3], &[-1.0, -1.0, -1.0]);
+        let mut only_max = node("Clip", 13, &[], 3, 1);
+        only_max.inputs_present[1] = false;
+        let op = ElementwiseOp::from_onnx(&only_max).unwrap().unwrap();
+        let i = Tensor::from_vec(&[3], vec![-100i8, 5, 100]);
+        let m = Tensor::scalar(10i8);
+        let out = op.eval(&[Some(&i), None, Some(&m)]).unwrap();
+        assert_eq!(ints(&out[0]), vec![-100, 5, 10]);
+        let vec_bound = f32s(&[2], &[0.0, 1.0]);
+        assert!(run(&new, &[&x, &vec_bound]).is_err());
+    }
+
+    #[test]
+    fn variadic_broadcast_and_nan() {
+        let a = f32s(&[2, 1], &[1.0, f32::NAN]);
+        let b = f32s(&[3], &[0.0, 2.0, 4.0]);
+        let c = f32s(&[], &[3.0]);
+        let max = run(&parse("Max", 13, &[], 3), &[&a, &b, &c]).unwrap();
+        assert_eq!(max.shape(), &[2, 3]);
+        let v = max.to_f64_vec();
+        assert_eq!(&v[..3], &[3.0, 3.0, 4.0]);
+        assert!(v[3..].iter().all(|x| x.is_nan()));
+        let mean = run(&parse("Mean", 13, &[], 2), &[&b, &c]).unwrap();
+        assert_eq!(mean.to_f64_vec(), vec![1.5, 2.5, 3.5]);
+        let one = run(&parse("Sum", 13, &[], 1), &[&b]).unwrap();
+        assert_eq!(one, b);
+        let i = Tensor::from_vec(&[1], vec![1i32]);
+        assert!(run(&parse("Sum", 13, &[], 2), &[&b, &i]).is_err());
+    }
+
+    #[test]
+    fn where_compare_logic() {
+        let c = Tensor::from_vec(&[2, 1], vec![true, false]);
+        let x = Tensor::from_vec(&[2], vec![1i64, 2]);
+        let y = Tensor::scalar(9i64);
+        let w = run(&parse("Where", 16, &[], 3), &[&c, &x, &y]).unwrap();
+        assert_eq!((w.shape(), ints(&w)), (&[2usize, 2][..], vec![1, 2, 9, 9]));
+        let less = run(&parse("Less", 13, &[], 2), &[&x, &y]).unwrap();
+        assert_eq!(less, Tensor::from_vec(&[2], vec![true, true]));
+        let n = f32s(&[1], &[f32::NAN]);
+        let eq = run(&parse("Equal", 13, &[], 2), &[&n, &n]).unwrap();
+        assert_eq!(eq, Tensor::from_vec(&[1], vec![false]));
+        let t = Tensor::from_vec(&[2], vec![true, false]);
+        let xor = run(&parse("Xor", 7, &[], 2), &[&t, &c]).unwrap();
+        assert_eq!(ints(&xor), vec![0, 1, 1, 0]);
+        assert_eq!(
+            ints(&run(&parse("Not", 1, &[], 1), &[&t]).unwrap()),
+            vec![0, 1]
+        );
+        assert!(run(&parse("And", 7, &[], 2), &[&t, &x]).is_err());
+    }
+
+    #[test]
+    fn float_functions() {
+        let x = f32s(&[5], &[0.5, 1.5, 2.5, -0.5, -2.5]);
+        let r = run(&parse("Round", 11, &[], 1), &[&x]).unwrap();
+        assert_eq!(r.to_f64_vec(), vec![0.0, 2.0, 2.0, -0.0, -2.0]);
+        let cases = [
+            (0.5, 0.5204998778130465),
+            (1.0, 0.8427007929497149),
+            (2.0, 0.9953222650189527),
+            (3.5, 0.9999992569016276),
+            (-0.1, -0.1124629160182849),
+            (1e-10, 1.1283791670955126e-10),
+            (0.9, 0.7969082124228322),
+            (1.3, 0.9340079449406524),
+        ];
+        for (v, want) in cases {
+            assert!((erf(v) - want).abs() <= 2e-16, "erf({v})");
+        }
+        assert_eq!(erf(f64::NEG_INFINITY), -1.0);
+        assert!(erf(f64::NAN).is_nan());
+        let inf = f32s(&[3], &[f32::INFINITY, f32::NEG_INFINITY, f32::NAN]);
+        let pos_only = parse("IsInf", 20, &[("detect_negative", AttrValue::Int(0))], 1);
+        assert_eq!(ints(&run(&pos_only, &[&inf]).unwrap()), vec![1, 0, 0]);
+        assert_eq!(
+            ints(&run(&parse("IsNaN", 20, &[], 1), &[&inf]).unwrap()),
+            vec![0, 0, 1]
+        );
+        let h = Tensor::from_vec(&[1], vec![half::f16::from_f32(-1.0)]);
+        let e = run(&parse("Elu", 6, &[], 1), &[&h]).unwrap();
+        assert_eq!(e.dtype(), DType::F16);
+        assert!((e.to_f64_vec()[0] - (-0.632)).abs() < 1e-3);
+        let i = Tensor::from_vec(&[1], vec![1i32]);
+        assert!(run(&parse("Sqrt", 13, &[], 1), &[&i]).is_err());
+        let relu = run(
+            &parse("Relu", 14, &[], 1),
+            &[&Tensor::from_vec(&[2], vec![-3i8, 3])],
+        );
+        assert_eq!(ints(&relu.unwrap()), vec![0, 3]);
+    }
+
+    #[test]
+    fn cast_and_identity() {
+        let x = f32s(&[3], &[1.7, -1.7, f32::NAN]);
+        let c = parse(
+            "Cast",
+            19,
+            &[("to", AttrValue::Int(7)), ("saturate", AttrValue::Int(0))],
+            1,
+        );
+        assert_eq!(ints(&run(&c, &[&x]).unwrap()), vec![1, -1, 0]);
+        let like = Tensor::from_vec(&[0], Vec::<bool>::new());
+        let b = run(&parse("CastLike", 19, &[], 2), &[&x, &like]).unwrap();
+        assert_eq!(b, Tensor::from_vec(&[3], vec![true, true, true]));
+        assert_eq!(run(&parse("Identity", 16, &[], 1), &[&like]).unwrap(), like);
+    }
+
+    #[test]
+    fn dropout_inference_mode() {
+        let x = f32s(&[2], &[1.0, 2.0]);
+        let op = ElementwiseOp::from_onnx(&node("Dropout", 22, &[], 3, 2))
+            .unwrap()
+            .unwrap();
+        let ratio = Tensor::scalar(0.5f32);
+        let off = Tensor::scalar(false);
+        let out = op.eval(&[Some(&x), Some(&ratio), Some(&off)]).unwrap();
+        assert_eq!(
+            out,
+            vec![x.clone(), Tensor::from_vec(&[2], vec![true, true])]
+        );
+        let on = Tensor::scalar(true);
+        assert!(op.eval(&[Some(&x), Some(&ratio), Some(&on)]).is_err());
+        let zero = Tensor::scalar(0.0f32);
+        assert!(op.eval(&[Some(&x), Some(&zero), Some(&on)]).is_ok());
+        let old = ElementwiseOp::from_onnx(&node(
+            "Dropout",
+            7,
+            &[("ratio", AttrValue::Float(0.2))],
+            1,
+            2,
+        ))
+        .unwrap()
+        .unwrap();
+        let out = old.eval(&[Some(&x)]).unwrap();
+        assert_eq!(out[1], f32s(&[2], &[1.0, 1.0]));
+        let bad = node("Dropout", 7, &[("ratio", AttrValue::Float(1.5))], 1, 1);
+        assert!(ElementwiseOp::from_onnx(&bad).is_err());
+        assert!(ElementwiseOp::from_onnx(&node("Dropout", 11, &[], 2, 1)).is_err());
+    }
+
+    #[test]
+    fn inference() {
+        let n = Shape(vec![Dim::Sym("N".into()), Dim::Known(1)]);
+        let a = Fact::new(DType::F32, n);
+        let b = Fact::new(DType::F32, Shape::known(&[4]));
+        let add = parse("Add", 14, &[], 2);
+        let out = add.infer(&[Some(&a), Some(&b)]).unwrap();
+        assert_eq!(out[0].shape.to_string(), "[N,4]");
+        let i = Fact::new(DType::I64, Shape::known(&[4]));
+        assert!(add
+            .infer(&[Some(&a), Some(&i)])
+            .unwrap_err()
+            .contains("does not match"));
+        let c = Fact::new(DType::F32, Shape::known(&[3]));
+        assert!(add.infer(&[Some(&b), Some(&c)]).is_err());
+        let cmp = parse("GreaterOrEqual", 16, &[], 2)
+            .infer(&[Some(&a), Some(&b)])
+            .unwrap();
+        assert_eq!(cmp[0].dtype, DType::Bool);
+        let prelu = parse("PRelu", 16, &[], 2);
+        let x = Fact::new(DType::F32, Shape::known(&[2, 3]));
+        let slope = Fact::new(DType::F32, Shape::known(&[3]));
+        assert_eq!(
+            prelu.infer(&[Some(&x), Some(&slope)]).unwrap()[0].shape,
+            x.shape
+        );
+        let wide = Fact::new(DType::F32, Shape::known(&[4, 2, 3]));
+        assert!(prelu.infer(&[Some(&x), Some(&wide)]).is_err());
+        let xt = f32s(&[2, 3], &[0.0; 6]);
+        let wt = f32s(&[4, 2, 3], &[0.0; 24]);
+        assert!(run(&prelu, &[&xt, &wt]).is_err());
+        let cast = parse("Cast", 13, &[("to", AttrValue::Int(10))], 1);
+        assert_eq!(cast.infer(&[Some(&a)]).unwrap()[0].dtype, DType::F16);
+        let sqrt = parse("Sqrt", 13, &[], 1);
+        assert!(sqrt.infer(&[Some(&i)]).unwrap_err().contains("float"));
+        assert!(sqrt.infer(&[None]).is_err());
+        let w = parse("Where", 16, &[], 3);
+        assert!(w
+            .infer(&[Some(&a), Some(&a), Some(&a)])
+            .unwrap_err()
+            .contains("bool"));
+    }
+}
