@@ -2007,4 +2007,91 @@ mod tests {
             .unwrap_err()
             .contains("bool"));
     }
+
+    /// Every op on every dtype combination and some awkward shapes and values: eval never
+    /// panics, and whenever it succeeds, inference agrees with the result.
+    #[test]
+    fn never_panics_and_infer_agrees() {
+        let shapes: [&[usize]; 5] = [&[], &[0], &[3], &[2, 1], &[2, 3]];
+        let values = [0.0, -1.0, 2.5, f64::NAN, -1e30, 255.0, 64.0];
+        let make = |d: DType, s: &[usize], k: usize| {
+            let n: usize = s.iter().product();
+            let v: Vec<f64> = (0..n).map(|i| values[(i + k) % values.len()]).collect();
+            Tensor::from_f64_array(d, ArrayD::from_shape_vec(IxDyn(s), v).unwrap())
+        };
+        let dtypes = [
+            DType::F32,
+            DType::F16,
+            DType::I8,
+            DType::U64,
+            DType::I64,
+            DType::Bool,
+        ];
+        let shift = ("direction", AttrValue::String("LEFT".into()));
+        let names: Vec<(&str, Vec<(&str, AttrValue)>)> = UnaryKind::SIMPLE
+            .iter()
+            .map(|k| k.name())
+            .chain([
+                "LeakyRelu",
+                "Elu",
+                "Selu",
+                "Celu",
+                "ThresholdedRelu",
+                "HardSigmoid",
+                "Gelu",
+            ])
+            .chain(BinaryKind::SIMPLE.iter().map(|k| k.name()))
+            .chain(VariadicKind::ALL.iter().map(|k| k.name()))
+            .chain(CompareKind::ALL.iter().map(|k| k.name()))
+            .chain(LogicalKind::ALL.iter().map(|k| k.name()))
+            .chain([
+                "Not", "IsNaN", "IsInf", "Clip", "Where", "CastLike", "Identity", "Mod",
+            ])
+            .map(|n| (n, vec![]))
+            .chain([
+                ("BitShift", vec![shift]),
+                ("Cast", vec![("to", AttrValue::Int(6))]),
+            ])
+            .collect();
+        let mut evaluated = 0;
+        for (name, attrs) in &names {
+            for n_in in 1..=3 {
+                let Ok(Some(op)) = ElementwiseOp::from_onnx(&node(name, 17, attrs, n_in, 1)) else {
+                    continue;
+                };
+                for (di, &d0) in dtypes.iter().enumerate() {
+                    for &d1 in &dtypes[di.saturating_sub(1)..] {
+                        for (si, s0) in shapes.iter().enumerate() {
+                            let s1 = shapes[(si + 2) % shapes.len()];
+                            let ts: Vec<Tensor> = (0..n_in)
+                                .map(|i| {
+                                    if i == 0 {
+                                        make(d0, s0, i)
+                                    } else {
+                                        make(d1, s1, i)
+                                    }
+                                })
+                                .collect();
+                            let ins: Vec<Option<&Tensor>> = ts.iter().map(Some).collect();
+                            let facts: Vec<Fact> = ts
+                                .iter()
+                                .map(|t| Fact::new(t.dtype(), Shape::known(t.shape())))
+                                .collect();
+                            let fs: Vec<Option<&Fact>> = facts.iter().map(Some).collect();
+                            let Ok(outs) = op.eval(&ins) else { continue };
+                            evaluated += 1;
+                            let inferred = op.infer(&fs).unwrap_or_else(|e| {
+                                panic!("{name} {ins:?}: eval ok but infer failed: {e}")
+                            });
+                            for (o, f) in outs.iter().zip(&inferred) {
+                                assert_eq!(o.dtype(), f.dtype, "{name} {ins:?}");
+                                assert_eq!(Shape::known(o.shape()), f.shape, "{name} {ins:?}");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert!(evaluated > 1000, "only {evaluated} evaluations succeeded");
+    }
 }
