@@ -660,26 +660,22 @@ impl ElementwiseOp {
 
     /// Checks the node's input and output counts against [`Self::arity`].
     fn check_arity(&self, node: &OnnxNode) -> OpResult<()> {
-        let ((need, max_in), (min_out, max_out)) = self.arity(node.opset);
-        let n = node.num_inputs();
-        // variadic ops: every slot must be present
-        let need = if max_in == usize::MAX {
-            n.max(need)
-        } else {
-            need
-        };
+        let ((min_in, max_in), (min_out, max_out)) = self.arity(node.opset);
         let range = |lo: usize, hi: usize| match (lo, hi) {
             (lo, usize::MAX) => format!("at least {lo}"),
             (lo, hi) if lo == hi => format!("{lo}"),
             (lo, hi) => format!("{lo} to {hi}"),
         };
-        if n > max_in || n < need.min(max_in) {
+        let n = node.num_inputs();
+        if !(min_in..=max_in).contains(&n) {
             return Err(format!(
                 "expected {} inputs, found {n}",
-                range(need.min(max_in), max_in)
+                range(min_in, max_in)
             ));
         }
-        if let Some(i) = (0..need).find(|&i| !node.has_input(i)) {
+        // variadic ops need every slot, the others their first `min_in`
+        let required = if max_in == usize::MAX { n } else { min_in };
+        if let Some(i) = (0..required).find(|&i| !node.has_input(i)) {
             return Err(format!("input {i} is required but missing"));
         }
         if !(min_out..=max_out).contains(&node.num_outputs) {
@@ -1147,6 +1143,13 @@ macro_rules! on_ints {
     ($($rest:tt)*) => { on_one!([I8, I16, I32, I64, U8, U16, U32, U64], $($rest)*) };
 }
 
+/// [`on_one!`] over the numeric (non-bool) dtypes.
+macro_rules! on_numeric {
+    ($($rest:tt)*) => {
+        on_one!([F32, F16, BF16, F64, I8, I16, I32, I64, U8, U16, U32, U64], $($rest)*)
+    };
+}
+
 /// [`on_pair!`] over the float dtypes.
 macro_rules! on_float_pair {
     ($($rest:tt)*) => { on_pair!([F32, F16, BF16, F64], $($rest)*) };
@@ -1325,8 +1328,7 @@ fn pow(a: &Tensor, b: &Tensor) -> OpResult<Tensor> {
         Some(e) => on_ints!(a, x => pow_int(x, &e)),
         None => {
             let e = b.to_f64_array();
-            on_one!([F32, F16, BF16, F64, I8, I16, I32, I64, U8, U16, U32, U64], a,
-                x => pow_f64(x, &e))
+            on_numeric!(a, x => pow_f64(x, &e))
         }
     };
     out.ok_or_else(|| unsupported("Pow", &[a, b]))?
@@ -1420,8 +1422,7 @@ impl ElementwiseOp {
             Logical(k) => on_pair!([Bool], x, y()?, p, q => zip_elems(p, q, |u, v| k.apply(u, v))),
             Not => on_one!([Bool], x, a => Ok(map_elems(a, |v: bool| !v))),
             Predicate(k) => on_floats!(x, a => Ok(map_elems(a, |v| k.test(v.to_f64())))),
-            Clip(b) => on_one!([F32, F16, BF16, F64, I8, I16, I32, I64, U8, U16, U32, U64], x,
-                a => clip(a, *b, inputs)),
+            Clip(b) => on_numeric!(x, a => clip(a, *b, inputs)),
             Where => {
                 let (a, b) = (y()?, req(inputs, 2)?);
                 match x {
