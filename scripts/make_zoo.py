@@ -206,8 +206,8 @@ def mlp():
     h = g.op("Relu", [g.linear(h, "fc2", 64, 64, gemm=False)], "/relu_1")
     y = g.linear(h, "fc3", 64, 10, gemm=True)
     out = g.output(y, "output", TensorProto.FLOAT, ["batch", 10])
-    feeds = {"input": g.randn(2, 32)}
-    return g.model([out]), feeds
+    # set 0 at batch 2, set 1 at another batch size (the dim is symbolic)
+    return g.model([out]), [{"input": g.randn(2, 32)}, {"input": g.randn(5, 32)}]
 
 
 def resnet():
@@ -241,7 +241,7 @@ def resnet():
     h = g.op("Flatten", [h], "", axis=1)
     y = g.linear(h, "fc", 128, 10, gemm=True, std=0.3)
     out = g.output(y, "output", TensorProto.FLOAT, [1, 10])
-    return g.model([out]), {"input": g.randn(1, 3, 64, 64)}
+    return g.model([out]), [{"input": g.randn(1, 3, 64, 64)}]
 
 
 def mobilenet():
@@ -287,7 +287,7 @@ def mobilenet():
     h = g.op("Flatten", [h], "", axis=1)
     y = g.linear(h, "classifier.1", 128, 10, gemm=True, std=0.3)
     out = g.output(y, "output", TensorProto.FLOAT, [1, 10])
-    return g.model([out]), {"input": g.randn(1, 3, 64, 64)}
+    return g.model([out]), [{"input": g.randn(1, 3, 64, 64)}]
 
 
 def split_heads(g, x, s, heads, hd):
@@ -374,7 +374,12 @@ def bert():
     am[:, 12:] = 0  # padded tail
     feeds = {"input_ids": g.rng.integers(0, V, (1, 16)).astype(np.int64),
              "attention_mask": am}
-    return g.model(outs), feeds
+    # set 1: batch 2, seq 9, the second sequence padded
+    am1 = np.ones((2, 9), np.int64)
+    am1[1, 6:] = 0
+    feeds1 = {"input_ids": g.rng.integers(0, V, (2, 9)).astype(np.int64),
+              "attention_mask": am1}
+    return g.model(outs), [feeds, feeds1]
 
 
 def gpt():
@@ -464,7 +469,8 @@ def gpt():
     logits = g.op("MatMul", [h, wt], "/lm_head")
     out = g.output(logits, "logits", TensorProto.FLOAT, ["batch", "seq", V])
     feeds = {"input_ids": g.rng.integers(0, V, (2, 16)).astype(np.int64)}
-    return g.model([out]), feeds
+    feeds1 = {"input_ids": g.rng.integers(0, V, (1, 5)).astype(np.int64)}
+    return g.model([out]), [feeds, feeds1]
 
 
 MODELS = [mlp, resnet, mobilenet, bert, gpt]
@@ -489,24 +495,32 @@ def check_masks(name, model, feeds, outputs):
     assert not np.allclose(changed, outputs[0], atol=1e-5), f"{name}: check is vacuous"
 
 
-def write(out_dir, name, model, feeds):
-    """Checks the model, runs onnxruntime, writes the model and test data; returns stats."""
+def write(out_dir, name, model, feed_sets):
+    """Checks the model, runs onnxruntime on each feed set, writes the model and the test
+    data sets; returns the (shape-inferred) model and the outputs of set 0."""
     model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
     onnx.checker.check_model(model, full_check=True)
-    outputs = session(model).run(None, feeds)
     d = os.path.join(out_dir, name)
-    ds = os.path.join(d, "test_data_set_0")
-    os.makedirs(ds, exist_ok=True)
+    os.makedirs(d, exist_ok=True)
     onnx.save(model, os.path.join(d, "model.onnx"))
-    for i, vi in enumerate(model.graph.input):
-        t = numpy_helper.from_array(feeds[vi.name], vi.name)
-        with open(os.path.join(ds, f"input_{i}.pb"), "wb") as f:
-            f.write(t.SerializeToString())
-    for i, (vi, arr) in enumerate(zip(model.graph.output, outputs)):
-        t = numpy_helper.from_array(arr, vi.name)
-        with open(os.path.join(ds, f"output_{i}.pb"), "wb") as f:
-            f.write(t.SerializeToString())
-    return model, outputs
+    sess = session(model)
+    first = None
+    for n, feeds in enumerate(feed_sets):
+        outputs = sess.run(None, feeds)
+        first = first if first is not None else outputs
+        ds = os.path.join(d, f"test_data_set_{n}")
+        os.makedirs(ds, exist_ok=True)
+        for i, vi in enumerate(model.graph.input):
+            t = numpy_helper.from_array(feeds[vi.name], vi.name)
+            with open(os.path.join(ds, f"input_{i}.pb"), "wb") as f:
+                f.write(t.SerializeToString())
+        for i, (vi, arr) in enumerate(zip(model.graph.output, outputs)):
+            assert np.isfinite(arr).all(), f"{name} set {n}: non-finite output"
+            assert np.std(arr) > 1e-2, f"{name} set {n}: degenerate output"
+            t = numpy_helper.from_array(arr, vi.name)
+            with open(os.path.join(ds, f"output_{i}.pb"), "wb") as f:
+                f.write(t.SerializeToString())
+    return model, first
 
 
 def main():
@@ -514,9 +528,9 @@ def main():
     total = 0
     for build in MODELS:
         name = build.__name__
-        model, feeds = build()
-        model, outputs = write(out_dir, name, model, feeds)
-        check_masks(name, model, feeds, outputs)
+        model, feed_sets = build()
+        model, outputs = write(out_dir, name, model, feed_sets)
+        check_masks(name, model, feed_sets[0], outputs)
         params = sum(int(np.prod(t.dims)) for t in model.graph.initializer)
         hist = collections.Counter(n.op_type for n in model.graph.node)
         size = sum(
