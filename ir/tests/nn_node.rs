@@ -200,3 +200,39 @@ fn nn_node_tests() {
     }
     assert!(failed.is_empty(), "{} nn node tests failed", failed.len());
 }
+
+/// Times ResNet-sized convolutions (run with `--release -- --ignored --nocapture`).
+#[test]
+#[ignore]
+fn resnet_conv_timing() {
+    let conv = |x: &[usize], w: &[usize], stride: i64, pad: i64| {
+        let mut attrs = std::collections::BTreeMap::new();
+        attrs.insert("strides".into(), AttrValue::Ints(vec![stride; 2]));
+        attrs.insert("pads".into(), AttrValue::Ints(vec![pad; 4]));
+        let node = OnnxNode {
+            op_type: "Conv".into(),
+            opset: 11,
+            attrs,
+            inputs_present: vec![true; 3],
+            num_outputs: 1,
+            ..Default::default()
+        };
+        let op = NnOp::from_onnx(&node).unwrap().unwrap();
+        let fill = |s: &[usize]| {
+            let n: usize = s.iter().product();
+            Tensor::from_vec(s, (0..n).map(|i| (i % 7) as f32 * 0.1).collect())
+        };
+        let (xt, wt, bt) = (fill(x), fill(w), fill(&w[..1]));
+        let t = std::time::Instant::now();
+        let y = op.eval(&[Some(&xt), Some(&wt), Some(&bt)]).unwrap();
+        eprintln!(
+            "conv {x:?} * {w:?} -> {:?}: {:?}",
+            y[0].shape(),
+            t.elapsed()
+        );
+    };
+    conv(&[1, 3, 224, 224], &[64, 3, 7, 7], 2, 3);
+    conv(&[1, 64, 56, 56], &[64, 64, 3, 3], 1, 1);
+    conv(&[1, 256, 56, 56], &[64, 256, 1, 1], 1, 0);
+    conv(&[1, 512, 7, 7], &[512, 512, 3, 3], 1, 1);
+}

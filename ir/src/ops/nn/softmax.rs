@@ -33,7 +33,13 @@ pub struct SoftmaxAttrs {
 pub fn axis_split(shape: &[usize], axis: i64, coerce_2d: bool) -> OpResult<(usize, usize, usize)> {
     let r = shape.len();
     let a = if coerce_2d {
-        norm_axis(axis, r + 1)
+        // axis in [-r, r]: negative values count from the rank, like ONNX's Flatten.
+        let a = if axis < 0 { axis + r as i64 } else { axis };
+        if (0..=r as i64).contains(&a) {
+            Ok(a as usize)
+        } else {
+            Err(format!("axis {axis} out of range for rank {r}"))
+        }
     } else if r == 0 {
         Err("input must have rank >= 1".to_string())
     } else {
