@@ -2,7 +2,9 @@
 //! [`Window::runs`]), accumulating in f64, one output channel plane at a time.
 
 use super::window::{AutoPad, Axis, Run, Window, WindowAttrs};
-use super::{float_input, from_f64, min_rank, positive_ints, same_dtype, vector_of};
+use super::{
+    float_input, from_f64, min_rank, positive_ints, same_dtype, size_attr, size_ints, vector_of,
+};
 use crate::ops::{opt, req, Fact, OnnxNode, OpResult};
 use crate::shape::{Dim, Shape};
 use crate::tensor::Tensor;
@@ -31,10 +33,7 @@ pub struct ConvTransposeAttrs {
 
 /// Parses the `group` attribute (>= 1).
 fn parse_group(node: &OnnxNode) -> OpResult<usize> {
-    match node.int_or("group", 1)? {
-        g if g >= 1 => Ok(g as usize),
-        g => Err(format!("attribute 'group': expected >= 1, found {g}")),
-    }
+    size_attr("group", node.int_or("group", 1)?, 1)
 }
 
 /// The input/weight facts of a convolution after the checks common to both directions:
@@ -205,18 +204,10 @@ fn scatter(out: &mut [f64], inp: &[f64], w: &[f64], runs: &[Run], s: usize) {
 impl ConvTransposeAttrs {
     /// Parses `ConvTranspose` attributes.
     pub fn parse(node: &OnnxNode) -> OpResult<ConvTransposeAttrs> {
-        let output_padding = match node.ints("output_padding")? {
-            Some(v) if v.iter().any(|&p| p < 0) => {
-                return Err(format!(
-                    "attribute 'output_padding': expected values >= 0, found {v:?}"
-                ))
-            }
-            v => v.map(|v| v.iter().map(|&p| p as usize).collect()),
-        };
         Ok(ConvTransposeAttrs {
             window: WindowAttrs::parse(node, false)?,
             group: parse_group(node)?,
-            output_padding,
+            output_padding: size_ints(node, "output_padding", 0)?,
             output_shape: positive_ints(node, "output_shape")?,
         })
     }
@@ -253,15 +244,18 @@ impl ConvTransposeAttrs {
         }
         let out_pad = self.output_padding.as_ref().map_or(0, |p| p[i]);
         let eff = ((kernel - 1) * dilation + 1) as i64;
-        let natural = (stride * input.saturating_sub(1) + out_pad) as i64 + eff;
+        let natural = i64::try_from(stride as u128 * input.saturating_sub(1) as u128)
+            .ok()
+            .and_then(|n| n.checked_add(out_pad as i64 + eff))
+            .ok_or_else(|| format!("spatial axis {i}: input size {input} too large"))?;
         let target = match &self.output_shape {
             Some(s) => Some(s[s.len() - r + i]),
-            None if wa.auto_pad.is_same() => Some(input * stride),
+            None if wa.auto_pad.is_same() => Some(input.saturating_mul(stride)),
             None => None,
         };
         let (output, pad_begin, pad_end) = match target {
             Some(out) => {
-                let total = natural - out as i64;
+                let total = natural.saturating_sub(out as i64);
                 let half = total.div_euclid(2);
                 let (pb, pe) = if wa.auto_pad == AutoPad::SameUpper {
                     (half, total - half)

@@ -198,15 +198,30 @@ impl NnOp {
     }
 }
 
+/// Largest size-like attribute value accepted (keeps all index arithmetic in range).
+const MAX_ATTR: i64 = i32::MAX as i64;
+
+/// Checks a size-like attribute value: `min <= v <= 2^31 - 1`.
+fn size_attr(name: &str, v: i64, min: i64) -> OpResult<usize> {
+    if (min..=MAX_ATTR).contains(&v) {
+        Ok(v as usize)
+    } else {
+        Err(format!(
+            "attribute '{name}': expected a value in [{min}, {MAX_ATTR}], found {v}"
+        ))
+    }
+}
+
+/// Parses an optional INTS attribute of sizes, each in `[min, 2^31 - 1]`.
+fn size_ints(node: &OnnxNode, name: &str, min: i64) -> OpResult<Option<Vec<usize>>> {
+    node.ints(name)?
+        .map(|v| v.iter().map(|&x| size_attr(name, x, min)).collect())
+        .transpose()
+}
+
 /// Parses an optional INTS attribute whose values must all be >= 1.
 fn positive_ints(node: &OnnxNode, name: &str) -> OpResult<Option<Vec<usize>>> {
-    match node.ints(name)? {
-        None => Ok(None),
-        Some(v) if v.iter().all(|&x| x >= 1) => Ok(Some(v.iter().map(|&x| x as usize).collect())),
-        Some(v) => Err(format!(
-            "attribute '{name}': expected values >= 1, found {v:?}"
-        )),
-    }
+    size_ints(node, name, 1)
 }
 
 /// Formats dims like a shape: `[N,3,224]`.

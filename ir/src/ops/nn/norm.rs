@@ -3,7 +3,7 @@
 //! (two-pass mean / population variance).
 
 use super::softmax::axis_split;
-use super::{float_input, from_f64, min_rank, same_dtype, vector_of};
+use super::{float_input, from_f64, min_rank, same_dtype, size_attr, vector_of};
 use crate::dtype::DType;
 use crate::ops::{opt, req, Fact, OnnxNode, OpResult};
 use crate::shape::{norm_axis, Dim, Shape};
@@ -345,10 +345,7 @@ pub struct GroupNormAttrs {
 impl GroupNormAttrs {
     /// Parses `GroupNormalization` attributes.
     pub fn parse(node: &OnnxNode) -> OpResult<GroupNormAttrs> {
-        let num_groups = match node.req_int("num_groups")? {
-            g if g >= 1 => g as usize,
-            g => return Err(format!("attribute 'num_groups': expected >= 1, found {g}")),
-        };
+        let num_groups = size_attr("num_groups", node.req_int("num_groups")?, 1)?;
         parse_stash(node)?;
         Ok(GroupNormAttrs {
             num_groups,
@@ -463,10 +460,7 @@ pub fn infer_lrn(inputs: &[Option<&Fact>]) -> OpResult<Vec<Fact>> {
 impl LrnAttrs {
     /// Parses `LRN` attributes.
     pub fn parse(node: &OnnxNode) -> OpResult<LrnAttrs> {
-        let size = match node.req_int("size")? {
-            s if s >= 1 => s as usize,
-            s => return Err(format!("attribute 'size': expected >= 1, found {s}")),
-        };
+        let size = size_attr("size", node.req_int("size")?, 1)?;
         Ok(LrnAttrs {
             alpha: node.float_or("alpha", 1e-4)?,
             beta: node.float_or("beta", 0.75)?,

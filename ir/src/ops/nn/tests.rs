@@ -357,3 +357,182 @@ fn lrn_matches_reference() {
         .collect();
     close(&y[0], &[1, 4, 1, 1], &want);
 }
+
+mod no_panic {
+    use super::*;
+    use proptest::prelude::*;
+
+    const AUTO_PADS: [&str; 4] = ["NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID"];
+
+    /// Window attributes for `r` spatial dims from the generated numbers.
+    fn window_attrs(
+        r: usize,
+        k: &[i64],
+        s: &[i64],
+        d: &[i64],
+        p: &[i64],
+        ap: usize,
+    ) -> Vec<(&'static str, AttrValue)> {
+        vec![
+            ("kernel_shape", AttrValue::Ints(k[..r].to_vec())),
+            ("strides", AttrValue::Ints(s[..r].to_vec())),
+            ("dilations", AttrValue::Ints(d[..r].to_vec())),
+            ("pads", AttrValue::Ints([&p[..r], &p[3..3 + r]].concat())),
+            ("auto_pad", AttrValue::String(AUTO_PADS[ap].into())),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(400))]
+        /// Sliding-window ops either evaluate to the inferred shapes or return an error.
+        #[test]
+        fn sliding_window_ops_never_panic(
+            r in 1usize..=3,
+            n in 0usize..=2,
+            c in 1usize..=4,
+            dims in proptest::collection::vec(0usize..=6, 3),
+            k in proptest::collection::vec(1i64..=4, 3),
+            s in proptest::collection::vec(1i64..=3, 3),
+            d in proptest::collection::vec(1i64..=2, 3),
+            p in proptest::collection::vec(0i64..=3, 6),
+            ap in 0usize..4,
+            ceil in 0i64..=1,
+            group in 1i64..=2,
+            m in 1usize..=4,
+            op_pad in 0i64..=1,
+        ) {
+            let mut xs = vec![n, c];
+            xs.extend(&dims[..r]);
+            let x = iota(&xs);
+            let mut ws = vec![m, c / group as usize];
+            ws.extend(k[..r].iter().map(|&k| k as usize));
+            let w = iota(&ws);
+            let wa = window_attrs(r, &k, &s, &d, &p, ap);
+            let mut cases: Vec<(OnnxNode, Vec<&Tensor>)> = Vec::new();
+            let mut conv_attrs = wa.clone();
+            conv_attrs.push(("group", AttrValue::Int(group)));
+            cases.push((node("Conv", 22, &conv_attrs, 2, 1), vec![&x, &w]));
+            let mut ct = conv_attrs.clone();
+            ct.push(("output_padding", AttrValue::Ints(vec![op_pad; r])));
+            let mut wt_shape = vec![c, m];
+            wt_shape.extend(k[..r].iter().map(|&k| k as usize));
+            let wt = iota(&wt_shape);
+            cases.push((node("ConvTranspose", 22, &ct, 2, 1), vec![&x, &wt]));
+            let mut pool = wa.clone();
+            pool.push(("ceil_mode", AttrValue::Int(ceil)));
+            cases.push((node("MaxPool", 22, &pool, 1, 2), vec![&x]));
+            cases.push((node("LpPool", 22, &pool, 1, 1), vec![&x]));
+            pool.push(("count_include_pad", AttrValue::Int(1)));
+            cases.push((node("AveragePool", 22, &pool, 1, 1), vec![&x]));
+            for (nd, ins) in cases {
+                let Ok(Some(op)) = NnOp::from_onnx(&nd) else { continue };
+                let ins: Vec<Option<&Tensor>> = ins.into_iter().map(Some).collect();
+                if let Ok(outs) = op.eval(&ins) {
+                    let facts: Vec<Fact> = ins
+                        .iter()
+                        .map(|t| Fact::new(t.unwrap().dtype(), Shape::known(t.unwrap().shape())))
+                        .collect();
+                    let refs: Vec<Option<&Fact>> = facts.iter().map(Some).collect();
+                    let inferred = op.infer(&refs).unwrap();
+                    for (o, f) in outs.iter().zip(&inferred) {
+                        prop_assert_eq!(Shape::known(o.shape()), f.shape.clone());
+                        prop_assert_eq!(o.dtype(), f.dtype);
+                    }
+                }
+            }
+        }
+
+        /// Normalizations and softmax reject bad axes / shapes without panicking.
+        #[test]
+        fn other_ops_never_panic(
+            dims in proptest::collection::vec(0usize..=4, 0..=4),
+            axis in -5i64..=5,
+            opset in prop_oneof![Just(11i64), Just(13), Just(18), Just(21)],
+            pshape in proptest::collection::vec(0usize..=4, 0..=2),
+        ) {
+            let x = iota(&dims);
+            let param = iota(&pshape);
+            let ax = [("axis", AttrValue::Int(axis))];
+            let ng = [("num_groups", AttrValue::Int(2))];
+            let size = [("size", AttrValue::Int(3))];
+            let cases: Vec<(OnnxNode, Vec<&Tensor>)> = vec![
+                (node("Softmax", opset, &ax, 1, 1), vec![&x]),
+                (node("LogSoftmax", opset, &ax, 1, 1), vec![&x]),
+                (node("Hardmax", opset, &ax, 1, 1), vec![&x]),
+                (node("LpNormalization", opset, &ax, 1, 1), vec![&x]),
+                (node("LayerNormalization", 17, &ax, 3, 3), vec![&x, &param, &param]),
+                (node("GroupNormalization", opset, &ng, 3, 1), vec![&x, &param, &param]),
+                (node("InstanceNormalization", opset, &[], 3, 1), vec![&x, &param, &param]),
+                (node("BatchNormalization", 15, &[], 5, 1), vec![&x, &param, &param, &param, &param]),
+                (node("LRN", 13, &size, 1, 1), vec![&x]),
+                (node("GlobalAveragePool", 1, &[], 1, 1), vec![&x]),
+                (node("GlobalMaxPool", 1, &[], 1, 1), vec![&x]),
+            ];
+            for (nd, ins) in cases {
+                let Ok(Some(op)) = NnOp::from_onnx(&nd) else { continue };
+                let ins: Vec<Option<&Tensor>> = ins.into_iter().map(Some).collect();
+                let _ = op.eval(&ins);
+            }
+        }
+    }
+}
+
+#[test]
+fn huge_attributes_are_rejected() {
+    let big = AttrValue::Ints(vec![i64::MAX, 1]);
+    for name in ["strides", "dilations", "kernel_shape", "pads"] {
+        let n = node("Conv", 22, &[(name, big.clone())], 2, 1);
+        assert!(NnOp::from_onnx(&n).is_err(), "{name}");
+    }
+    let op = parse(&node(
+        "ConvTranspose",
+        22,
+        &[("strides", AttrValue::Ints(vec![1 << 30]))],
+        2,
+        1,
+    ));
+    let x = Fact::new(DType::F32, Shape::known(&[1, 1, usize::MAX / 2]));
+    let w = Fact::new(DType::F32, Shape::known(&[1, 1, 3]));
+    assert!(op.infer(&[Some(&x), Some(&w)]).is_err());
+}
+
+#[test]
+fn global_lp_pool_and_old_opsets() {
+    let x = f32s(&[1, 1, 2], &[3.0, 4.0]);
+    let op = parse(&node("GlobalLpPool", 2, &[("p", AttrValue::Int(2))], 1, 1));
+    close(&run(&op, &[&x])[0], &[1, 1, 1], &[5.0]);
+    // BatchNormalization training outputs before opset 14 are refused at parse time.
+    assert!(NnOp::from_onnx(&node("BatchNormalization", 9, &[], 5, 5)).is_err());
+    // opset 7, spatial = 0: parameters per activation.
+    let bn = parse(&node(
+        "BatchNormalization",
+        7,
+        &[
+            ("spatial", AttrValue::Int(0)),
+            ("epsilon", AttrValue::Float(0.0)),
+        ],
+        5,
+        1,
+    ));
+    let x = f32s(&[2, 1, 2], &[1., 2., 3., 4.]);
+    let p = |v: [f32; 2]| f32s(&[1, 2], &v);
+    let y = run(
+        &bn,
+        &[&x, &p([1., 2.]), &p([0., 1.]), &p([1., 2.]), &p([1., 4.])],
+    );
+    close(&y[0], &[2, 1, 2], &[0., 1., 2., 3.]);
+    // GroupNormalization opset 18: scale/bias per group.
+    let gn = parse(&node(
+        "GroupNormalization",
+        18,
+        &[
+            ("num_groups", AttrValue::Int(2)),
+            ("epsilon", AttrValue::Float(0.0)),
+        ],
+        3,
+        1,
+    ));
+    let x = f32s(&[1, 2, 2], &[0., 2., 5., 7.]);
+    let y = run(&gn, &[&x, &f32s(&[2], &[1., 2.]), &f32s(&[2], &[0., 10.])]);
+    close(&y[0], &[1, 2, 2], &[-1., 1., 8., 12.]);
+}

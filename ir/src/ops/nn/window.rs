@@ -3,7 +3,7 @@
 //! enumeration of (output position, kernel tap, input position) triples as contiguous runs
 //! along the innermost axis.
 
-use super::{dims_text, positive_ints};
+use super::{dims_text, positive_ints, size_ints};
 use crate::ops::{OnnxNode, OpResult};
 use crate::shape::Dim;
 
@@ -63,17 +63,15 @@ impl WindowAttrs {
         if kernel_required && kernel_shape.is_none() {
             return Err("required attribute 'kernel_shape' is missing".into());
         }
-        let pads = match node.ints("pads")? {
-            None => None,
-            Some(p) => {
-                if p.len() % 2 != 0 || p.iter().any(|&v| v < 0) {
-                    return Err(format!(
-                        "attribute 'pads': expected an even number of non-negative values, found {p:?}"
-                    ));
-                }
-                Some(p.iter().map(|&v| v as usize).collect())
+        let pads = size_ints(node, "pads", 0)?;
+        if let Some(p) = &pads {
+            if p.len() % 2 != 0 {
+                return Err(format!(
+                    "attribute 'pads': expected an even number of values, found {}",
+                    p.len()
+                ));
             }
-        };
+        }
         let attrs = WindowAttrs {
             auto_pad: AutoPad::parse(node)?,
             kernel_shape,
@@ -157,7 +155,9 @@ impl WindowAttrs {
                 let total = if output == 0 {
                     0
                 } else {
-                    ((output - 1) * stride + eff).saturating_sub(input)
+                    ((output - 1) * stride)
+                        .saturating_add(eff)
+                        .saturating_sub(input)
                 };
                 let begin = if self.auto_pad == AutoPad::SameUpper {
                     total / 2
@@ -172,7 +172,9 @@ impl WindowAttrs {
                 } else {
                     self.pad(i, rank)
                 };
-                let padded = input + pb + pe;
+                let padded = input
+                    .checked_add(pb + pe)
+                    .ok_or_else(|| format!("spatial axis {i}: input size {input} too large"))?;
                 if padded < eff {
                     return Err(format!(
                         "spatial axis {i}: padded input size {padded} is smaller than the \
