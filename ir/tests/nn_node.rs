@@ -5,72 +5,19 @@
 //! The node test data lives outside the repository; the test passes vacuously when it is
 //! absent. Set `KILN_NODE_DATA` to point elsewhere, `KILN_NN_FILTER` to select tests.
 
+use kiln_ir::onnx::{load_tensor_pb, proto, tensor_proto};
 use kiln_ir::ops::nn::NnOp;
 use kiln_ir::ops::{AttrValue, Fact, OnnxNode, OpFamily};
-use kiln_ir::{DType, Shape, Tensor};
+use kiln_ir::{Shape, Tensor};
 use prost::Message;
 use std::path::Path;
 
-#[allow(clippy::all, missing_docs, dead_code)]
-mod onnx {
-    include!(concat!(env!("OUT_DIR"), "/onnx.rs"));
+/// Decodes a `TensorProto` with the importer's decoder.
+fn tensor(t: &proto::TensorProto) -> Result<Tensor, String> {
+    tensor_proto::decode(t, None)
 }
 
-/// Decodes a `TensorProto` into a tensor (raw or typed data fields).
-fn tensor(t: &onnx::TensorProto) -> Result<Tensor, String> {
-    let code = t.data_type.unwrap_or(0);
-    let dtype = DType::from_onnx(code).ok_or_else(|| format!("dtype {code}"))?;
-    let shape: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
-    let n: usize = shape.iter().product();
-    let raw = t.raw_data.as_deref();
-    macro_rules! from_raw {
-        ($ty:ty, $conv:expr) => {{
-            let sz = std::mem::size_of::<$ty>();
-            let r = raw.unwrap_or(&[]);
-            let v: Vec<_> = r
-                .chunks_exact(sz)
-                .map(|c| {
-                    #[allow(clippy::redundant_closure_call)]
-                    ($conv)(<$ty>::from_le_bytes(c.try_into().unwrap()))
-                })
-                .collect();
-            v
-        }};
-    }
-    let has_raw = raw.is_some_and(|r| !r.is_empty()) || n == 0;
-    let out = match dtype {
-        DType::F32 if has_raw => Tensor::try_from_vec(&shape, from_raw!(f32, |x| x))?,
-        DType::F32 => Tensor::try_from_vec(&shape, t.float_data.clone())?,
-        DType::F64 if has_raw => Tensor::try_from_vec(&shape, from_raw!(f64, |x| x))?,
-        DType::F64 => Tensor::try_from_vec(&shape, t.double_data.clone())?,
-        DType::F16 if has_raw => {
-            Tensor::try_from_vec(&shape, from_raw!(u16, half::f16::from_bits))?
-        }
-        DType::I64 if has_raw => Tensor::try_from_vec(&shape, from_raw!(i64, |x| x))?,
-        DType::I64 => Tensor::try_from_vec(&shape, t.int64_data.clone())?,
-        DType::I32 if has_raw => Tensor::try_from_vec(&shape, from_raw!(i32, |x| x))?,
-        DType::U8 if has_raw => Tensor::try_from_vec(&shape, from_raw!(u8, |x| x))?,
-        DType::I8 if has_raw => Tensor::try_from_vec(&shape, from_raw!(i8, |x| x))?,
-        DType::U8 | DType::I8 | DType::I32 | DType::F16 | DType::I16 | DType::U16 => {
-            let v: Vec<i64> = t.int32_data.iter().map(|&x| x as i64).collect();
-            let base = Tensor::try_from_vec(&shape, v)?;
-            if dtype == DType::F16 {
-                let bits: Vec<half::f16> = base
-                    .to_i64_vec()
-                    .iter()
-                    .map(|&b| half::f16::from_bits(b as u16))
-                    .collect();
-                Tensor::try_from_vec(&shape, bits)?
-            } else {
-                base.cast(dtype)
-            }
-        }
-        _ => return Err(format!("unsupported test dtype {dtype}")),
-    };
-    Ok(out)
-}
-
-fn attr(a: &onnx::AttributeProto) -> Result<AttrValue, String> {
+fn attr(a: &proto::AttributeProto) -> Result<AttrValue, String> {
     Ok(match a.r#type.unwrap_or(0) {
         1 => AttrValue::Float(a.f.unwrap_or(0.0)),
         2 => AttrValue::Int(a.i.unwrap_or(0)),
@@ -89,15 +36,15 @@ fn attr(a: &onnx::AttributeProto) -> Result<AttrValue, String> {
 }
 
 fn load_pb(path: &Path) -> Result<Tensor, String> {
-    let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
-    let t = onnx::TensorProto::decode(bytes.as_slice()).map_err(|e| e.to_string())?;
-    tensor(&t)
+    load_tensor_pb(path)
+        .map(|(_, t)| t)
+        .map_err(|e| e.to_string())
 }
 
 /// Runs one test directory; `Ok(false)` when the model is not a single `nn` node.
 fn run_case(dir: &Path) -> Result<bool, String> {
     let bytes = std::fs::read(dir.join("model.onnx")).map_err(|e| e.to_string())?;
-    let model = onnx::ModelProto::decode(bytes.as_slice()).map_err(|e| e.to_string())?;
+    let model = proto::ModelProto::decode(bytes.as_slice()).map_err(|e| e.to_string())?;
     let graph = model.graph.ok_or("no graph")?;
     if graph.node.len() != 1 {
         return Ok(false);
