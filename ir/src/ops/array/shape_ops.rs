@@ -546,7 +546,7 @@ fn range_of<T: Elem>(inputs: &[Option<&Tensor>]) -> OpResult<ArrayD<T>> {
             .map(|i| T::from_i64(s.wrapping_add(i.wrapping_mul(d))))
             .collect()
     };
-    Ok(ArrayD::from_shape_vec(IxDyn(&[n]), v).map_err(|e| e.to_string())?)
+    ArrayD::from_shape_vec(IxDyn(&[n]), v).map_err(|e| e.to_string())
 }
 
 /// The output length of `Range` from constant inputs.
