@@ -592,14 +592,14 @@ fn per_lane<T: Elem, U: Elem>(
     a: &ArrayD<T>,
     ax: usize,
     out_len: usize,
-    mut f: impl FnMut(ArrayView1<T>, ArrayViewMut1<U>),
+    f: impl FnMut(ArrayView1<T>, ArrayViewMut1<U>),
 ) -> ArrayD<U> {
     let mut shape = a.shape().to_vec();
     shape[ax] = out_len;
     let mut out = ArrayD::<U>::default(IxDyn(&shape));
     Zip::from(a.lanes(Axis(ax)))
         .and(out.lanes_mut(Axis(ax)))
-        .for_each(|l, o| f(l, o));
+        .for_each(f);
     out
 }
 
@@ -801,5 +801,265 @@ fn identity_extreme<T: Elem>(max: bool) -> T {
         (true, false) => T::from_f64(1.0),
         (false, true) => T::from_f64(f64::NEG_INFINITY),
         (false, false) => T::from_f64(f64::INFINITY),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::AttrValue;
+
+    fn node(op: &str, opset: i64, n_in: usize, attrs: &[(&str, AttrValue)]) -> OnnxNode {
+        OnnxNode {
+            name: "n".into(),
+            op_type: op.into(),
+            opset,
+            attrs: attrs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
+            inputs_present: vec![true; n_in],
+            num_outputs: 1,
+        }
+    }
+
+    fn parse(op: &str, opset: i64, n_in: usize, attrs: &[(&str, AttrValue)]) -> ReduceOp {
+        ReduceOp::from_onnx(&node(op, opset, n_in, attrs))
+            .unwrap()
+            .unwrap()
+    }
+
+    fn run(op: &ReduceOp, inputs: &[&Tensor]) -> Vec<Tensor> {
+        let ins: Vec<Option<&Tensor>> = inputs.iter().map(|t| Some(*t)).collect();
+        let out = op.eval(&ins).unwrap();
+        // inference must agree with evaluation
+        let facts: Vec<Fact> = inputs
+            .iter()
+            .map(|t| Fact::constant((*t).clone()))
+            .collect();
+        let refs: Vec<Option<&Fact>> = facts.iter().map(Some).collect();
+        let inferred = op.infer(&refs).unwrap();
+        for (f, t) in inferred.iter().zip(&out) {
+            assert_eq!(f.dtype, t.dtype());
+            assert_eq!(f.shape, Shape::known(t.shape()));
+        }
+        out
+    }
+
+    fn f32s(shape: &[usize], v: &[f32]) -> Tensor {
+        Tensor::from_vec(shape, v.to_vec())
+    }
+
+    #[test]
+    fn not_in_family() {
+        assert!(ReduceOp::from_onnx(&node("Relu", 13, 1, &[]))
+            .unwrap()
+            .is_none());
+    }
+
+    #[test]
+    fn axes_attribute_form() {
+        let op = parse(
+            "ReduceMean",
+            13,
+            1,
+            &[
+                ("axes", AttrValue::Ints(vec![-1])),
+                ("keepdims", AttrValue::Int(0)),
+            ],
+        );
+        let x = f32s(&[2, 3], &[1., 2., 3., 4., 5., 9.]);
+        let y = &run(&op, &[&x])[0];
+        assert_eq!(y.shape(), &[2]);
+        assert_eq!(y.to_f64_vec(), vec![2.0, 6.0]);
+        // no axes attribute: all axes
+        let all = parse("ReduceSum", 11, 1, &[]);
+        assert_eq!(run(&all, &[&x])[0].to_f64_vec(), vec![24.0]);
+        assert_eq!(run(&all, &[&x])[0].shape(), &[1, 1]);
+    }
+
+    #[test]
+    fn axes_attribute_rejected_after_change() {
+        let n = node("ReduceSum", 13, 1, &[("axes", AttrValue::Ints(vec![0]))]);
+        let e = ReduceOp::from_onnx(&n).unwrap_err();
+        assert!(e.contains("attribute 'axes'"), "{e}");
+        let n = node("ReduceMax", 17, 2, &[]);
+        assert!(ReduceOp::from_onnx(&n).is_err());
+    }
+
+    #[test]
+    fn integer_reductions_are_exact() {
+        let x = Tensor::from_vec(&[2, 2], vec![-3i64, 0, 5, 6]);
+        let axes = Tensor::vec_i64(&[1]);
+        let mean = parse("ReduceMean", 18, 2, &[]);
+        assert_eq!(run(&mean, &[&x, &axes])[0].to_i64_vec(), vec![-1, 5]);
+        let big = Tensor::from_vec(&[2], vec![i64::MAX - 1, 1]);
+        let sum = parse("ReduceSum", 13, 2, &[]);
+        assert_eq!(
+            run(&sum, &[&big, &Tensor::vec_i64(&[])])[0].to_i64_vec(),
+            vec![i64::MAX]
+        );
+        let l1 = parse("ReduceL1", 18, 1, &[]);
+        let i8s = Tensor::from_vec(&[3], vec![-3i8, 4, -5]);
+        assert_eq!(run(&l1, &[&i8s])[0].to_i64_vec(), vec![12]);
+        let prod = parse("ReduceProd", 18, 1, &[]);
+        let u8s = Tensor::from_vec(&[2], vec![16u8, 17]);
+        assert_eq!(run(&prod, &[&u8s])[0].to_i64_vec(), vec![(16 * 17) % 256]);
+    }
+
+    #[test]
+    fn empty_reductions_give_identities() {
+        let x = Tensor::from_vec::<i32>(&[2, 0], vec![]);
+        let axes = Tensor::vec_i64(&[1]);
+        let max = parse("ReduceMax", 18, 2, &[("keepdims", AttrValue::Int(0))]);
+        assert_eq!(
+            run(&max, &[&x, &axes])[0].to_i64_vec(),
+            vec![i32::MIN as i64; 2]
+        );
+        let min = parse("ReduceMin", 18, 2, &[]);
+        assert_eq!(
+            run(&min, &[&x, &axes])[0].to_i64_vec(),
+            vec![i32::MAX as i64; 2]
+        );
+        let f = Tensor::from_vec::<f32>(&[2, 0], vec![]);
+        let lse = parse("ReduceLogSumExp", 18, 2, &[]);
+        assert_eq!(
+            run(&lse, &[&f, &axes])[0].to_f64_vec(),
+            vec![f64::NEG_INFINITY; 2]
+        );
+        let prod = parse("ReduceProd", 18, 2, &[]);
+        assert_eq!(run(&prod, &[&f, &axes])[0].to_f64_vec(), vec![1.0; 2]);
+    }
+
+    #[test]
+    fn noop_with_empty_axes_applies_elementwise() {
+        let op = parse(
+            "ReduceL2",
+            18,
+            2,
+            &[("noop_with_empty_axes", AttrValue::Int(1))],
+        );
+        let x = f32s(&[3], &[-1., 2., -3.]);
+        let y = &run(&op, &[&x, &Tensor::vec_i64(&[])])[0];
+        assert_eq!(y.to_f64_vec(), vec![1., 2., 3.]);
+        assert_eq!(y.shape(), &[3]);
+    }
+
+    #[test]
+    fn log_sum_exp_is_stable_and_nan_propagates() {
+        let op = parse("ReduceLogSumExp", 18, 1, &[("keepdims", AttrValue::Int(0))]);
+        let x = Tensor::from_vec(&[3], vec![1000.0f64, 1001.0, f64::NEG_INFINITY]);
+        let y = run(&op, &[&x])[0].to_f64_vec()[0];
+        assert!((y - 1001.313_261_687_518_2).abs() < 1e-9, "{y}");
+        let max = parse("ReduceMax", 18, 1, &[]);
+        let n = f32s(&[3], &[1., f32::NAN, 3.]);
+        assert!(run(&max, &[&n])[0].to_f64_vec()[0].is_nan());
+    }
+
+    #[test]
+    fn bad_axes_are_errors() {
+        let op = parse("ReduceSum", 13, 2, &[]);
+        let x = f32s(&[2, 2], &[1., 2., 3., 4.]);
+        for bad in [vec![2], vec![0, -2], vec![-3]] {
+            let axes = Tensor::vec_i64(&bad);
+            assert!(op.eval(&[Some(&x), Some(&axes)]).is_err(), "{bad:?}");
+            let facts = [Fact::constant(x.clone()), Fact::constant(axes)];
+            assert!(op.infer(&[Some(&facts[0]), Some(&facts[1])]).is_err());
+        }
+        let i32_axes = Tensor::from_vec(&[1], vec![0i32]);
+        assert!(op.eval(&[Some(&x), Some(&i32_axes)]).is_err());
+        let b = Tensor::from_vec(&[2], vec![true, false]);
+        assert!(op.eval(&[Some(&b), None]).is_err());
+    }
+
+    #[test]
+    fn infer_with_unknown_axes() {
+        let op = parse("ReduceSum", 13, 2, &[("keepdims", AttrValue::Int(0))]);
+        let x = Fact::new(DType::F32, Shape(vec![Dim::Sym("N".into()), Dim::Known(4)]));
+        let axes = Fact::new(DType::I64, Shape::known(&[1]));
+        let out = op.infer(&[Some(&x), Some(&axes)]).unwrap();
+        assert_eq!(out[0].shape.rank(), 1);
+        let axes = Fact::constant(Tensor::vec_i64(&[1]));
+        let out = op.infer(&[Some(&x), Some(&axes)]).unwrap();
+        assert_eq!(out[0].shape.to_string(), "[N]");
+    }
+
+    #[test]
+    fn arg_extremes() {
+        let x = f32s(&[2, 3], &[1., f32::NAN, 3., 2., 5., 5.]);
+        let amax = parse("ArgMax", 13, 1, &[("axis", AttrValue::Int(1))]);
+        assert_eq!(run(&amax, &[&x])[0].to_i64_vec(), vec![1, 1]);
+        assert_eq!(run(&amax, &[&x])[0].shape(), &[2, 1]);
+        let amin = parse("ArgMin", 13, 1, &[("axis", AttrValue::Int(-1))]);
+        assert_eq!(run(&amin, &[&x])[0].to_i64_vec(), vec![1, 0]);
+        let last = parse(
+            "ArgMax",
+            13,
+            1,
+            &[
+                ("axis", AttrValue::Int(1)),
+                ("keepdims", AttrValue::Int(0)),
+                ("select_last_index", AttrValue::Int(1)),
+            ],
+        );
+        let y = &run(&last, &[&x])[0];
+        assert_eq!(y.to_i64_vec(), vec![1, 2]);
+        assert_eq!(y.shape(), &[2]);
+        let bad = parse("ArgMax", 13, 1, &[("axis", AttrValue::Int(2))]);
+        assert!(bad.eval(&[Some(&x)]).is_err());
+        let empty = Tensor::from_vec::<f32>(&[0], vec![]);
+        assert!(amax.eval(&[Some(&empty)]).is_err());
+    }
+
+    #[test]
+    fn cumsum_variants() {
+        let x = Tensor::from_vec(&[2, 3], vec![1i32, 2, 3, 4, 5, 6]);
+        let axis = Tensor::scalar(1i64);
+        let op = parse(
+            "CumSum",
+            14,
+            2,
+            &[
+                ("exclusive", AttrValue::Int(1)),
+                ("reverse", AttrValue::Int(1)),
+            ],
+        );
+        assert_eq!(
+            run(&op, &[&x, &axis])[0].to_i64_vec(),
+            vec![5, 3, 0, 11, 6, 0]
+        );
+        let plain = parse("CumSum", 14, 2, &[]);
+        let axis0 = Tensor::from_vec(&[1], vec![-2i32]);
+        assert_eq!(
+            run(&plain, &[&x, &axis0])[0].to_i64_vec(),
+            vec![1, 2, 3, 5, 7, 9]
+        );
+        let bad = Tensor::scalar(2i64);
+        assert!(plain.eval(&[Some(&x), Some(&bad)]).is_err());
+    }
+
+    #[test]
+    fn top_k_forms() {
+        let x = f32s(&[2, 4], &[1., 3., 3., 2., f32::NAN, 0., 7., 7.]);
+        let v1 = parse("TopK", 1, 1, &[("k", AttrValue::Int(2))]);
+        let out = run(&v1, &[&x]);
+        assert_eq!(out[1].to_i64_vec(), vec![1, 2, 0, 2]);
+        assert_eq!(out[0].shape(), &[2, 2]);
+        let small = parse(
+            "TopK",
+            11,
+            2,
+            &[("largest", AttrValue::Int(0)), ("axis", AttrValue::Int(1))],
+        );
+        let k = Tensor::vec_i64(&[3]);
+        let out = run(&small, &[&x, &k]);
+        assert_eq!(out[1].to_i64_vec(), vec![0, 3, 1, 1, 2, 3]);
+        assert_eq!(out[0].to_f64_vec(), vec![1., 2., 3., 0., 7., 7.]);
+        let too_big = Tensor::vec_i64(&[5]);
+        assert!(small.eval(&[Some(&x), Some(&too_big)]).is_err());
+        let neg = Tensor::vec_i64(&[-1]);
+        assert!(small.eval(&[Some(&x), Some(&neg)]).is_err());
+        let e = ReduceOp::from_onnx(&node("TopK", 1, 1, &[])).unwrap_err();
+        assert!(e.contains("'k'"), "{e}");
     }
 }
