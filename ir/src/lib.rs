@@ -13,3 +13,11 @@ pub use error::{IrError, Result};
 pub use ops::{Fact, Op};
 pub use shape::{Dim, Shape};
 pub use tensor::{Elem, Tensor};
+pub mod graph;
+pub mod interp;
+pub mod onnx;
+pub mod printer;
+pub mod simplify;
+pub mod verify;
+
+pub use graph::{Graph, Node, Value, ValueId};

@@ -172,7 +172,11 @@ pub fn broadcast_dims(shapes: &[&Shape]) -> Result<Shape, String> {
                 (Dim::Known(a), Dim::Known(b)) => {
                     return Err(format!(
                         "shapes {} cannot be broadcast together (dim {a} vs {b})",
-                        shapes.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(" and ")
+                        shapes
+                            .iter()
+                            .map(|s| s.to_string())
+                            .collect::<Vec<_>>()
+                            .join(" and ")
                     ))
                 }
                 (Dim::Known(a), Dim::Sym(_)) | (Dim::Sym(_), Dim::Known(a)) => Dim::Known(*a),
@@ -190,7 +194,10 @@ mod tests {
 
     #[test]
     fn broadcast_concrete() {
-        assert_eq!(broadcast_shapes(&[&[2, 1, 4], &[3, 1]]).unwrap(), vec![2, 3, 4]);
+        assert_eq!(
+            broadcast_shapes(&[&[2, 1, 4], &[3, 1]]).unwrap(),
+            vec![2, 3, 4]
+        );
         assert!(broadcast_shapes(&[&[2], &[3]]).is_err());
         assert_eq!(broadcast_shapes(&[&[], &[5]]).unwrap(), vec![5]);
     }

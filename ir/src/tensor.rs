@@ -400,7 +400,11 @@ impl Tensor {
     /// infinities must be equal). Returns the worst violation as an error message.
     pub fn check_close(&self, expected: &Tensor, rtol: f64, atol: f64) -> Result<(), String> {
         if self.dtype() != expected.dtype() {
-            return Err(format!("dtype {} != expected {}", self.dtype(), expected.dtype()));
+            return Err(format!(
+                "dtype {} != expected {}",
+                self.dtype(),
+                expected.dtype()
+            ));
         }
         if self.shape() != expected.shape() {
             return Err(format!(
@@ -456,7 +460,11 @@ impl fmt::Debug for Tensor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "Tensor<{}>{:?}", self.dtype(), self.shape())?;
         if self.len() <= 16 {
-            write!(f, " {:?}", with_tensor!(self, a => a.iter().map(|x| x.to_f64()).collect::<Vec<_>>()))?;
+            write!(
+                f,
+                " {:?}",
+                with_tensor!(self, a => a.iter().map(|x| x.to_f64()).collect::<Vec<_>>())
+            )?;
         }
         Ok(())
     }
