@@ -1,19 +1,14 @@
 //! Runs the ONNX backend node tests of the reduce / linalg / resize op families (single-node
 //! models) directly through `Op::from_onnx`, `Op::infer` and `Op::eval`, without the graph
-//! importer. Skips silently when the test data is not on disk.
+//! importer, checking inference both with non-constant and with constant parameter inputs.
+//! Data: `$KILN_NODE_TESTS` or `<repo>/.data/node`; skipped when absent.
 //! Filter with `KILN_FAMILY_FILTER=<substring>`.
 
+use kiln_ir::onnx::{load_tensor_pb, proto, tensor_proto};
 use kiln_ir::ops::{AttrValue, Fact, OnnxNode, Op};
-use kiln_ir::{DType, Shape, Tensor};
+use kiln_ir::{Shape, Tensor};
 use prost::Message;
-use std::path::Path;
-
-#[allow(clippy::all, dead_code, missing_docs)]
-mod onnx {
-    include!(concat!(env!("OUT_DIR"), "/onnx.rs"));
-}
-
-const DATA: &str = "/work/main/.data/node";
+use std::path::{Path, PathBuf};
 
 const PREFIXES: &[&str] = &[
     "test_reduce_",
@@ -29,97 +24,19 @@ const PREFIXES: &[&str] = &[
     "test_upsample",
 ];
 
-fn le<const N: usize, T>(raw: &[u8], f: impl Fn([u8; N]) -> T) -> Vec<T> {
-    raw.chunks_exact(N)
-        .map(|c| f(c.try_into().expect("chunk size")))
-        .collect()
+/// `$KILN_NODE_TESTS` or `<repo>/.data/node`.
+fn data_dir() -> PathBuf {
+    std::env::var_os("KILN_NODE_TESTS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.data/node"))
 }
 
-fn tensor(t: &onnx::TensorProto) -> Tensor {
-    let code = t.data_type.unwrap_or(0);
-    let dtype = DType::from_onnx(code).unwrap_or_else(|| panic!("dtype {code}"));
-    let shape: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
-    let raw = t.raw_data.clone().unwrap_or_default();
-    let has_raw = t.raw_data.is_some();
-    macro_rules! build {
-        ($ty:ty, $n:literal, $conv:expr, $field:expr) => {{
-            let v: Vec<$ty> = if has_raw {
-                le::<$n, $ty>(&raw, $conv)
-            } else {
-                $field
-            };
-            Tensor::from_vec(&shape, v)
-        }};
-    }
-    match dtype {
-        DType::F32 => build!(f32, 4, f32::from_le_bytes, t.float_data.clone()),
-        DType::F64 => build!(f64, 8, f64::from_le_bytes, t.double_data.clone()),
-        DType::I64 => build!(i64, 8, i64::from_le_bytes, t.int64_data.clone()),
-        DType::I32 => build!(i32, 4, i32::from_le_bytes, t.int32_data.clone()),
-        DType::U64 => build!(u64, 8, u64::from_le_bytes, t.uint64_data.clone()),
-        DType::U32 => build!(
-            u32,
-            4,
-            u32::from_le_bytes,
-            t.uint64_data.iter().map(|&x| x as u32).collect()
-        ),
-        DType::I16 => build!(
-            i16,
-            2,
-            i16::from_le_bytes,
-            t.int32_data.iter().map(|&x| x as i16).collect()
-        ),
-        DType::U16 => build!(
-            u16,
-            2,
-            u16::from_le_bytes,
-            t.int32_data.iter().map(|&x| x as u16).collect()
-        ),
-        DType::I8 => build!(
-            i8,
-            1,
-            i8::from_le_bytes,
-            t.int32_data.iter().map(|&x| x as i8).collect()
-        ),
-        DType::U8 => build!(
-            u8,
-            1,
-            u8::from_le_bytes,
-            t.int32_data.iter().map(|&x| x as u8).collect()
-        ),
-        DType::Bool => build!(
-            bool,
-            1,
-            |b: [u8; 1]| b[0] != 0,
-            t.int32_data.iter().map(|&x| x != 0).collect()
-        ),
-        DType::F16 => build!(
-            half::f16,
-            2,
-            |b| half::f16::from_bits(u16::from_le_bytes(b)),
-            t.int32_data
-                .iter()
-                .map(|&x| half::f16::from_bits(x as u16))
-                .collect()
-        ),
-        DType::BF16 => build!(
-            half::bf16,
-            2,
-            |b| half::bf16::from_bits(u16::from_le_bytes(b)),
-            t.int32_data
-                .iter()
-                .map(|&x| half::bf16::from_bits(x as u16))
-                .collect()
-        ),
-    }
-}
-
-fn attr(a: &onnx::AttributeProto) -> AttrValue {
+fn attr(a: &proto::AttributeProto) -> AttrValue {
     match a.r#type.unwrap_or(0) {
-        1 => AttrValue::Float(a.f.unwrap_or(0.0)),
-        2 => AttrValue::Int(a.i.unwrap_or(0)),
-        3 => AttrValue::String(String::from_utf8_lossy(a.s.as_deref().unwrap_or(&[])).into()),
-        4 => AttrValue::Tensor(tensor(a.t.as_ref().expect("tensor attr"))),
+        1 => AttrValue::Float(a.f()),
+        2 => AttrValue::Int(a.i()),
+        3 => AttrValue::String(String::from_utf8_lossy(a.s()).into()),
+        4 => AttrValue::Tensor(tensor_proto::decode(a.t.as_ref().expect("tensor"), None).unwrap()),
         6 => AttrValue::Floats(a.floats.clone()),
         7 => AttrValue::Ints(a.ints.clone()),
         t => panic!("attribute type {t}"),
@@ -127,14 +44,13 @@ fn attr(a: &onnx::AttributeProto) -> AttrValue {
 }
 
 fn load_pb(path: &Path) -> Tensor {
-    let bytes = std::fs::read(path).expect("read pb");
-    tensor(&onnx::TensorProto::decode(bytes.as_slice()).expect("decode tensor"))
+    load_tensor_pb(path).expect("test tensor").1
 }
 
 /// Runs one test; Err describes the failure.
 fn run(dir: &Path) -> Result<(), String> {
     let bytes = std::fs::read(dir.join("model.onnx")).map_err(|e| e.to_string())?;
-    let model = onnx::ModelProto::decode(bytes.as_slice()).map_err(|e| e.to_string())?;
+    let model = proto::ModelProto::decode(bytes.as_slice()).map_err(|e| e.to_string())?;
     let opset = model
         .opset_import
         .iter()
@@ -228,8 +144,9 @@ fn run(dir: &Path) -> Result<(), String> {
 
 #[test]
 fn family_node_tests() {
-    let Ok(rd) = std::fs::read_dir(DATA) else {
-        eprintln!("no node test data at {DATA}; skipping");
+    let dir = data_dir();
+    let Ok(rd) = std::fs::read_dir(&dir) else {
+        eprintln!("no node test data at {}; skipping", dir.display());
         return;
     };
     let filter = std::env::var("KILN_FAMILY_FILTER").unwrap_or_default();
@@ -242,7 +159,7 @@ fn family_node_tests() {
     names.sort();
     let (mut pass, mut fail) = (0, Vec::new());
     for name in &names {
-        match run(&Path::new(DATA).join(name)) {
+        match run(&dir.join(name)) {
             Ok(()) => pass += 1,
             Err(e) if e.starts_with("SKIP") => {}
             Err(e) => fail.push(format!("{name}: {e}")),
