@@ -711,3 +711,183 @@ impl AccKernel for EinsumPlan {
         ArrayD::from_shape_vec(IxDyn(&out_dims), out).map_err(|e| e.to_string())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::AttrValue;
+
+    fn node(op: &str, n_in: usize, attrs: &[(&str, AttrValue)]) -> OnnxNode {
+        OnnxNode {
+            name: "n".into(),
+            op_type: op.into(),
+            opset: 13,
+            attrs: attrs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
+            inputs_present: vec![true; n_in],
+            num_outputs: 1,
+        }
+    }
+
+    fn parse(op: &str, n_in: usize, attrs: &[(&str, AttrValue)]) -> LinalgOp {
+        LinalgOp::from_onnx(&node(op, n_in, attrs))
+            .unwrap()
+            .unwrap()
+    }
+
+    /// Evaluates and checks that inference agrees with the result.
+    fn run(op: &LinalgOp, inputs: &[&Tensor]) -> Tensor {
+        let ins: Vec<Option<&Tensor>> = inputs.iter().map(|t| Some(*t)).collect();
+        let out = op.eval(&ins).unwrap().remove(0);
+        let facts: Vec<Fact> = inputs
+            .iter()
+            .map(|t| Fact::new(t.dtype(), Shape::known(t.shape())))
+            .collect();
+        let refs: Vec<Option<&Fact>> = facts.iter().map(Some).collect();
+        let f = op.infer(&refs).unwrap().remove(0);
+        assert_eq!((f.dtype, f.shape), (out.dtype(), Shape::known(out.shape())));
+        out
+    }
+
+    fn f64s(shape: &[usize]) -> Tensor {
+        let n = shape.iter().product::<usize>();
+        Tensor::from_vec(shape, (0..n).map(|i| i as f64).collect())
+    }
+
+    fn einsum(eq: &str, inputs: &[&Tensor]) -> Tensor {
+        let op = parse(
+            "Einsum",
+            inputs.len(),
+            &[("equation", AttrValue::String(eq.into()))],
+        );
+        run(&op, inputs)
+    }
+
+    #[test]
+    fn matmul_integers_and_vectors() {
+        let a = Tensor::from_vec(&[2, 2], vec![1i32, 2, 3, 4]);
+        let b = Tensor::from_vec(&[2, 2], vec![5i32, 6, 7, 8]);
+        let y = run(&LinalgOp::MatMul, &[&a, &b]);
+        assert_eq!(y.dtype(), DType::I32);
+        assert_eq!(y.to_i64_vec(), vec![19, 22, 43, 50]);
+        let v = Tensor::from_vec(&[3], vec![1.0f32, 2., 3.]);
+        let w = Tensor::from_vec(&[3], vec![4.0f32, 5., 6.]);
+        let dot = run(&LinalgOp::MatMul, &[&v, &w]);
+        assert_eq!(dot.shape(), &[] as &[usize]);
+        assert_eq!(dot.to_f64_vec(), vec![32.0]);
+    }
+
+    #[test]
+    fn matmul_errors_and_symbolic_inference() {
+        let a = Tensor::from_vec(&[2, 3], vec![0f32; 6]);
+        assert!(LinalgOp::MatMul.eval(&[Some(&a), Some(&a)]).is_err());
+        let s = Tensor::scalar(1f32);
+        assert!(LinalgOp::MatMul.eval(&[Some(&s), Some(&a)]).is_err());
+        let i = Tensor::from_vec(&[3, 2], vec![0i64; 6]);
+        assert!(LinalgOp::MatMul.eval(&[Some(&a), Some(&i)]).is_err());
+        let x = Fact::new(
+            DType::F32,
+            Shape(vec![Dim::Sym("N".into()), Dim::Known(3), Dim::Known(4)]),
+        );
+        let w = Fact::new(DType::F32, Shape::known(&[4, 5]));
+        let out = LinalgOp::MatMul.infer(&[Some(&x), Some(&w)]).unwrap();
+        assert_eq!(out[0].shape.to_string(), "[N,3,5]");
+        assert!(LinalgOp::MatMul.infer(&[Some(&w), Some(&x)]).is_err());
+    }
+
+    #[test]
+    fn gemm_transposes_and_broadcasts_c() {
+        let op = parse("Gemm", 3, &[("transA", AttrValue::Int(1))]);
+        let a = Tensor::from_vec(&[3, 2], vec![1i32, 2, 3, 4, 5, 6]);
+        let b = Tensor::from_vec(&[3, 2], vec![1i32, 0, 0, 1, 1, 1]);
+        let c = Tensor::from_vec(&[2, 1], vec![10i32, 20]);
+        assert_eq!(run(&op, &[&a, &b, &c]).to_i64_vec(), vec![16, 18, 28, 30]);
+        let op = parse(
+            "Gemm",
+            3,
+            &[
+                ("alpha", AttrValue::Float(0.5)),
+                ("beta", AttrValue::Float(2.0)),
+                ("transB", AttrValue::Int(1)),
+            ],
+        );
+        let a = Tensor::from_vec(&[1, 2], vec![2f32, 4.]);
+        let b = Tensor::from_vec(&[2, 2], vec![1f32, 1., 0., 1.]);
+        let c = Tensor::scalar(1f32);
+        assert_eq!(run(&op, &[&a, &b, &c]).to_f64_vec(), vec![5.0, 4.0]);
+        let bad_c = Tensor::from_vec(&[3], vec![0f32; 3]);
+        assert!(op.eval(&[Some(&a), Some(&b), Some(&bad_c)]).is_err());
+    }
+
+    #[test]
+    fn matmul_integer_zero_points() {
+        let a = Tensor::from_vec(&[2, 2], vec![10u8, 20, 30, 40]);
+        let b = Tensor::from_vec(&[2, 2], vec![1u8, 2, 3, 4]);
+        let azp = Tensor::from_vec(&[2], vec![10u8, 30]);
+        let bzp = Tensor::scalar(1u8);
+        let y = run(&LinalgOp::MatMulInteger, &[&a, &b, &azp, &bzp]);
+        assert_eq!(y.dtype(), DType::I32);
+        assert_eq!(y.to_i64_vec(), vec![20, 30, 20, 30]);
+        let f = Tensor::from_vec(&[2, 2], vec![0f32; 4]);
+        assert!(LinalgOp::MatMulInteger.eval(&[Some(&f), Some(&b)]).is_err());
+    }
+
+    #[test]
+    fn einsum_general_equations() {
+        let m = f64s(&[3, 3]);
+        assert_eq!(einsum("ii", &[&m]).to_f64_vec(), vec![12.0]);
+        assert_eq!(einsum("ii->i", &[&m]).to_f64_vec(), vec![0.0, 4.0, 8.0]);
+        let u = Tensor::from_vec(&[2], vec![1.0f64, 2.]);
+        let v = Tensor::from_vec(&[3], vec![3.0f64, 4., 5.]);
+        assert_eq!(
+            einsum("i,j", &[&u, &v]).to_f64_vec(),
+            vec![3., 4., 5., 6., 8., 10.]
+        );
+        let a = f64s(&[2, 1, 2, 3]);
+        let b = f64s(&[3, 2]);
+        let y = einsum("...ij,...jk->...ik", &[&a, &b]);
+        assert_eq!(y.shape(), &[2, 1, 2, 2]);
+        assert_eq!(y.to_f64_vec(), vec![10., 13., 28., 40., 46., 67., 64., 94.]);
+        // implicit output: labels in ASCII order (upper case first)
+        let p = f64s(&[2, 3]);
+        let q = f64s(&[3, 2]);
+        assert_eq!(einsum("Ba,aB", &[&p, &q]).to_f64_vec(), vec![50.0]);
+        assert_eq!(einsum("bA", &[&p]).shape(), &[3, 2]);
+        let i = Tensor::from_vec(&[2, 2], vec![1i64, 2, 3, 4]);
+        assert_eq!(einsum("ij->", &[&i]).to_i64_vec(), vec![10]);
+    }
+
+    #[test]
+    fn einsum_errors() {
+        for bad in ["ij->k", "i.j", "ij->ii", "a...b...", "i1"] {
+            let n = node("Einsum", 1, &[("equation", AttrValue::String(bad.into()))]);
+            let r = LinalgOp::from_onnx(&n).and_then(|op| {
+                let op = op.ok_or("none")?;
+                op.eval(&[Some(&f64s(&[2, 2]))])
+            });
+            assert!(r.is_err(), "{bad}");
+        }
+        let two = node(
+            "Einsum",
+            1,
+            &[("equation", AttrValue::String("ij,jk".into()))],
+        );
+        assert!(LinalgOp::from_onnx(&two).is_err());
+        let op = parse(
+            "Einsum",
+            2,
+            &[("equation", AttrValue::String("ij,jk->ik".into()))],
+        );
+        let (a, b) = (f64s(&[2, 3]), f64s(&[4, 2]));
+        assert!(op.eval(&[Some(&a), Some(&b)]).is_err());
+        assert!(op.eval(&[Some(&a), Some(&f64s(&[3]))]).is_err());
+        let e = parse(
+            "Einsum",
+            1,
+            &[("equation", AttrValue::String("...i->i".into()))],
+        );
+        assert!(e.eval(&[Some(&f64s(&[2, 3]))]).is_err());
+    }
+}
