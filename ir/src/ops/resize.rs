@@ -290,7 +290,7 @@ impl OpFamily for ResizeOp {
             };
             check_param_dtype(i, f.dtype, want_float)?;
             match f.value() {
-                Some(v) => Ok(Some(v.clone())),
+                Some(v) => Ok((!v.is_empty()).then(|| v.clone())),
                 None if f.shape.numel() == Some(0) => Ok(None),
                 None => {
                     known = false;
@@ -723,4 +723,223 @@ fn saturate(dtype: DType, a: ArrayD<f64>) -> Tensor {
         a.mapv(f64::round_ties_even)
     };
     Tensor::from_f64_array(dtype, a)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::AttrValue;
+
+    fn node(op: &str, opset: i64, inputs: &[bool], attrs: &[(&str, AttrValue)]) -> OnnxNode {
+        OnnxNode {
+            name: "n".into(),
+            op_type: op.into(),
+            opset,
+            attrs: attrs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
+            inputs_present: inputs.to_vec(),
+            num_outputs: 1,
+        }
+    }
+
+    fn parse(op: &str, opset: i64, inputs: &[bool], attrs: &[(&str, AttrValue)]) -> ResizeOp {
+        ResizeOp::from_onnx(&node(op, opset, inputs, attrs))
+            .unwrap()
+            .unwrap()
+    }
+
+    fn s(v: &str) -> AttrValue {
+        AttrValue::String(v.into())
+    }
+
+    /// Evaluates, checking that inference with constant parameters agrees.
+    fn run(op: &ResizeOp, inputs: &[Option<&Tensor>]) -> Tensor {
+        let out = op.eval(inputs).unwrap().remove(0);
+        let facts: Vec<Option<Fact>> = inputs
+            .iter()
+            .map(|t| t.map(|t| Fact::constant(t.clone())))
+            .collect();
+        let refs: Vec<Option<&Fact>> = facts.iter().map(Option::as_ref).collect();
+        let f = op.infer(&refs).unwrap().remove(0);
+        assert_eq!((f.dtype, f.shape), (out.dtype(), Shape::known(out.shape())));
+        out
+    }
+
+    fn image(h: usize, w: usize) -> Tensor {
+        Tensor::from_vec(&[1, 1, h, w], (0..h * w).map(|i| i as f32).collect())
+    }
+
+    fn assert_close(t: &Tensor, want: &[f64]) {
+        let got = t.to_f64_vec();
+        assert_eq!(got.len(), want.len(), "{got:?}");
+        for (g, w) in got.iter().zip(want) {
+            assert!(
+                (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                "{got:?} vs {want:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn legacy_forms() {
+        let x = Tensor::from_vec(&[1, 1, 2, 2], vec![1f32, 2., 3., 4.]);
+        let up7 = parse(
+            "Upsample",
+            7,
+            &[true],
+            &[("scales", AttrValue::Floats(vec![1., 1., 2., 3.]))],
+        );
+        let y = run(&up7, &[Some(&x)]);
+        assert_eq!(y.shape(), &[1, 1, 4, 6]);
+        assert_eq!(&y.to_f64_vec()[..6], &[1., 1., 1., 2., 2., 2.]);
+        let r10 = parse("Resize", 10, &[true, true], &[("mode", s("linear"))]);
+        let scales = Tensor::from_vec(&[4], vec![1f32, 1., 2., 2.]);
+        let y = run(&r10, &[Some(&x), Some(&scales)]);
+        assert_close(
+            &y,
+            &[
+                1., 1.5, 2., 2., 2., 2.5, 3., 3., 3., 3.5, 4., 4., 3., 3.5, 4., 4.,
+            ],
+        );
+    }
+
+    #[test]
+    fn integer_output_rounds_half_to_even() {
+        let x = Tensor::from_vec(&[1, 1, 2, 3], vec![0u8, 100, 255, 7, 50, 200]);
+        let op = parse(
+            "Resize",
+            13,
+            &[true, false, false, true],
+            &[
+                ("mode", s("linear")),
+                ("coordinate_transformation_mode", s("align_corners")),
+            ],
+        );
+        let sizes = Tensor::vec_i64(&[1, 1, 3, 5]);
+        let y = run(&op, &[Some(&x), None, None, Some(&sizes)]);
+        assert_eq!(
+            y.to_i64_vec(),
+            vec![0, 50, 100, 178, 255, 4, 39, 75, 151, 228, 7, 28, 50, 125, 200]
+        );
+    }
+
+    #[test]
+    fn opset11_tf_half_pixel_for_nn() {
+        let op = parse(
+            "Resize",
+            11,
+            &[true, true, true],
+            &[("coordinate_transformation_mode", s("tf_half_pixel_for_nn"))],
+        );
+        let roi = Tensor::from_vec::<f32>(&[0], vec![]);
+        let scales = Tensor::from_vec(&[4], vec![1f32, 1., 0.6, 0.6]);
+        let y = run(&op, &[Some(&image(4, 4)), Some(&roi), Some(&scales)]);
+        assert_eq!(y.to_f64_vec(), vec![5., 6., 9., 10.]);
+    }
+
+    #[test]
+    fn cubic_antialias_exclude_outside() {
+        let op = parse(
+            "Resize",
+            18,
+            &[true, false, true],
+            &[
+                ("mode", s("cubic")),
+                ("antialias", AttrValue::Int(1)),
+                ("exclude_outside", AttrValue::Int(1)),
+            ],
+        );
+        let scales = Tensor::from_vec(&[4], vec![1f32, 1., 0.6, 0.6]);
+        let y = run(&op, &[Some(&image(4, 4)), None, Some(&scales)]);
+        assert_close(
+            &y,
+            &[
+                1.607_139_587_402_343_8,
+                3.390_975_475_311_279_3,
+                8.742_483_139_038_086,
+                10.526_319_503_784_18,
+            ],
+        );
+    }
+
+    #[test]
+    fn attribute_errors() {
+        let bad: &[(i64, &[(&str, AttrValue)])] = &[
+            (18, &[("mode", s("area"))]),
+            (18, &[("coordinate_transformation_mode", s("foo"))]),
+            (
+                13,
+                &[("coordinate_transformation_mode", s("half_pixel_symmetric"))],
+            ),
+            (
+                13,
+                &[("coordinate_transformation_mode", s("tf_half_pixel_for_nn"))],
+            ),
+            (18, &[("antialias", AttrValue::Int(1))]),
+            (18, &[("keep_aspect_ratio_policy", s("fit"))]),
+        ];
+        for (opset, attrs) in bad {
+            let n = node("Resize", *opset, &[true, false, true], attrs);
+            assert!(ResizeOp::from_onnx(&n).is_err(), "{attrs:?}");
+        }
+        let neither = node("Resize", 13, &[true, true], &[]);
+        assert!(ResizeOp::from_onnx(&neither).is_err());
+        let up7 = node("Upsample", 7, &[true], &[]);
+        assert!(ResizeOp::from_onnx(&up7).is_err());
+    }
+
+    #[test]
+    fn input_errors() {
+        let op = parse("Resize", 13, &[true, false, true, true], &[]);
+        let x = image(2, 2);
+        let scales = Tensor::from_vec(&[4], vec![1f32, 1., 2., 2.]);
+        let sizes = Tensor::vec_i64(&[1, 1, 4, 4]);
+        assert!(op
+            .eval(&[Some(&x), None, Some(&scales), Some(&sizes)])
+            .is_err());
+        let short = Tensor::from_vec(&[2], vec![2f32, 2.]);
+        assert!(op.eval(&[Some(&x), None, Some(&short), None]).is_err());
+        let neg = Tensor::from_vec(&[4], vec![1f32, 1., -2., 2.]);
+        assert!(op.eval(&[Some(&x), None, Some(&neg), None]).is_err());
+        let int_scales = Tensor::vec_i64(&[1, 1, 2, 2]);
+        assert!(op.eval(&[Some(&x), None, Some(&int_scales), None]).is_err());
+        let crop = parse(
+            "Resize",
+            13,
+            &[true, false, false, true],
+            &[("coordinate_transformation_mode", s("tf_crop_and_resize"))],
+        );
+        assert!(crop.eval(&[Some(&x), None, None, Some(&sizes)]).is_err());
+        let axes = parse(
+            "Resize",
+            18,
+            &[true, false, true],
+            &[("axes", AttrValue::Ints(vec![2, -2]))],
+        );
+        assert!(axes.eval(&[Some(&x), None, Some(&short)]).is_err());
+    }
+
+    #[test]
+    fn inference_with_unknown_parameters() {
+        let op = parse(
+            "Resize",
+            18,
+            &[true, false, false, true],
+            &[("axes", AttrValue::Ints(vec![2, 3]))],
+        );
+        let x = Fact::new(
+            DType::F32,
+            Shape(vec![
+                Dim::Sym("N".into()),
+                Dim::Known(3),
+                Dim::Known(4),
+                Dim::Known(4),
+            ]),
+        );
+        let sizes = Fact::new(DType::I64, Shape::known(&[2]));
+        let out = op.infer(&[Some(&x), None, None, Some(&sizes)]).unwrap();
+        assert_eq!(out[0].shape.to_string(), "[N,3,?,?]");
+    }
 }
