@@ -1,1 +1,31 @@
-//! Code generation: lowers fused kernels through MLIR (melior) and LLVM (inkwell).
+//! Code generation: lowers fused kernels through MLIR (`melior`) and LLVM (`inkwell`) to
+//! x86-64 object code (and, for GPU targets, PTX).
+//!
+//! For now this crate holds the two toolchain entry points that everything else builds on:
+//! [`mlir::run_pipeline`] (parse MLIR text, run a named pass pipeline) and
+//! [`llvm::emit_object`] (LLVM IR text → optimised object code for a named CPU).
+
+pub mod llvm;
+pub mod mlir;
+
+/// An error from MLIR or LLVM.
+#[derive(Debug, thiserror::Error)]
+pub enum CodegenError {
+    /// MLIR text could not be parsed.
+    #[error("MLIR parse error in {what}")]
+    MlirParse {
+        /// What was being parsed.
+        what: String,
+    },
+    /// A pass pipeline failed or could not be parsed.
+    #[error("MLIR pass pipeline '{pipeline}' failed: {msg}")]
+    MlirPass {
+        /// The pipeline text.
+        pipeline: String,
+        /// MLIR's message.
+        msg: String,
+    },
+    /// LLVM failed (bad IR, unknown target or CPU, emission failure).
+    #[error("LLVM: {0}")]
+    Llvm(String),
+}

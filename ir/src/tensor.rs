@@ -456,6 +456,12 @@ impl Tensor {
     }
 }
 
+impl<T: Elem> From<ArrayD<T>> for Tensor {
+    fn from(a: ArrayD<T>) -> Tensor {
+        T::wrap(a)
+    }
+}
+
 impl fmt::Debug for Tensor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "Tensor<{}>{:?}", self.dtype(), self.shape())?;

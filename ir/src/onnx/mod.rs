@@ -352,9 +352,11 @@ impl Importer<'_> {
                         .map(|s| String::from_utf8_lossy(s).into_owned())
                         .collect(),
                 ),
-                AttributeType::Graph | AttributeType::Graphs => return Err(format!(
+                AttributeType::Graph | AttributeType::Graphs => {
+                    return Err(format!(
                     "attribute '{an}': nested graphs (If/Loop/Scan bodies) are not supported yet"
-                )),
+                ))
+                }
                 other => {
                     return Err(format!(
                         "attribute '{an}': attribute type {other:?} is not supported"
