@@ -13,6 +13,9 @@ from onnx.backend.test.case.node import collect_testcases
 
 def to_proto(value, name):
     """Tensors become TensorProto; sequences/optionals are written as-is when possible."""
+    if isinstance(value, onnx.TensorProto):
+        value.name = name
+        return value
     if isinstance(value, list):
         return onnx.helper.make_sequence(name, onnx.SequenceProto.TENSOR,
                                          [numpy_helper.from_array(v) for v in value])

@@ -1,0 +1,106 @@
+//! End-to-end tests of the `kiln` command line on the zoo models.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn kiln(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .output()
+        .expect("run kiln");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+fn zoo() -> Vec<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/zoo");
+    let mut v: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.path())
+                .filter(|p| p.join("model.onnx").exists())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    assert!(!v.is_empty(), "no zoo models under {}", dir.display());
+    v
+}
+
+#[test]
+fn inspect_every_zoo_model() {
+    let tmp = std::env::temp_dir().join(format!("kiln-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    for m in zoo() {
+        let model = m.join("model.onnx");
+        let dot = tmp.join("g.dot");
+        let (ok, out) = kiln(&[
+            "inspect",
+            model.to_str().unwrap(),
+            "--dot",
+            dot.to_str().unwrap(),
+        ]);
+        assert!(ok, "{}: {out}", m.display());
+        assert!(
+            out.contains("parameters:") && out.contains("opset"),
+            "{out}"
+        );
+        let dot_text = std::fs::read_to_string(&dot).unwrap();
+        assert!(dot_text.starts_with("digraph"), "{dot_text}");
+    }
+}
+
+#[test]
+fn eval_every_zoo_model_matches_reference() {
+    let tmp = std::env::temp_dir().join(format!("kiln-cli-eval-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    for m in zoo() {
+        let model = m.join("model.onnx");
+        let data = m.join("test_data_set_0");
+        let out = tmp.join("out.npz");
+        let (ok, text) = kiln(&[
+            "eval",
+            model.to_str().unwrap(),
+            "--check",
+            data.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ]);
+        assert!(
+            ok && text.contains("OK: matches the reference"),
+            "{}: {text}",
+            m.display()
+        );
+        assert!(out.exists());
+        // random inputs work too
+        let (ok, text) = kiln(&["eval", model.to_str().unwrap(), "--seed", "3"]);
+        assert!(ok, "{}: {text}", m.display());
+    }
+}
+
+#[test]
+fn bad_input_is_a_clean_error() {
+    let tmp = std::env::temp_dir().join(format!("kiln-cli-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let bad = tmp.join("garbage.onnx");
+    std::fs::write(&bad, b"\x08\x07\x12\xff\xff garbage").unwrap();
+    let (ok, text) = kiln(&["inspect", bad.to_str().unwrap()]);
+    assert!(
+        !ok && text.contains("garbage.onnx") && !text.contains("panicked"),
+        "{text}"
+    );
+    let (ok, text) = kiln(&["eval", "/nonexistent.onnx"]);
+    assert!(!ok && text.contains("/nonexistent.onnx"), "{text}");
+    let model = zoo()[0].join("model.onnx");
+    let (ok, text) = kiln(&[
+        "eval",
+        model.to_str().unwrap(),
+        "--input",
+        "nosuchinput=x.npy",
+    ]);
+    assert!(!ok && text.contains("nosuchinput"), "{text}");
+}
