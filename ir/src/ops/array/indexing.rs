@@ -401,11 +401,7 @@ fn one_hot_axis(axis: i64, rank: usize) -> OpResult<usize> {
 /// Shape inference of `OneHot`.
 pub(super) fn infer_one_hot(axis: i64, inputs: &[Option<&Fact>]) -> OpResult<Vec<Fact>> {
     let (idx, depth, values) = (req(inputs, 0)?, req(inputs, 1)?, req(inputs, 2)?);
-    for (f, what) in [(idx, "input 0 (indices)"), (depth, "input 1 (depth)")] {
-        if f.dtype == DType::Bool {
-            return Err(format!("{what}: expected a numeric tensor, found bool"));
-        }
-    }
+    check_numeric(idx.dtype, depth.dtype)?;
     if values.shape.numel().is_some_and(|n| n != 2) {
         return Err(format!(
             "input 2 (values): expected 2 elements, found shape {}",
@@ -420,6 +416,16 @@ pub(super) fn infer_one_hot(axis: i64, inputs: &[Option<&Fact>]) -> OpResult<Vec
     let mut dims = idx.shape.dims().to_vec();
     dims.insert(axis, d);
     Ok(vec![Fact::new(values.dtype, Shape(dims))])
+}
+
+/// `OneHot` indices and depth must be numeric.
+fn check_numeric(idx: DType, depth: DType) -> OpResult<()> {
+    for (d, what) in [(idx, "input 0 (indices)"), (depth, "input 1 (depth)")] {
+        if d == DType::Bool {
+            return Err(format!("{what}: expected a numeric tensor, found bool"));
+        }
+    }
+    Ok(())
 }
 
 fn depth_of(t: &Tensor) -> OpResult<usize> {
@@ -448,6 +454,7 @@ fn one_hot_of<T: Elem>(
     };
     let mut out_shape = idx_shape.to_vec();
     out_shape.insert(axis, depth);
+    super::check_size(&out_shape, "input 1 (depth)")?;
     let st = strides_of(idx_shape);
     let mut pos = vec![0usize; idx_shape.len()];
     Ok(ArrayD::from_shape_fn(IxDyn(&out_shape), |o| {
@@ -467,6 +474,7 @@ fn one_hot_of<T: Elem>(
 /// `OneHot` (negative indices count from `depth`; out-of-range ones give all `off`).
 pub(super) fn one_hot(axis: i64, inputs: &[Option<&Tensor>]) -> OpResult<Tensor> {
     let (it, depth, values) = (req(inputs, 0)?, req(inputs, 1)?, req(inputs, 2)?);
+    check_numeric(it.dtype(), depth.dtype())?;
     let axis = one_hot_axis(axis, it.rank())?;
     let depth = depth_of(depth)?;
     let idx = it.to_i64_vec();

@@ -652,6 +652,12 @@ impl OpFamily for ArrayOp {
             OneHot { axis } => indexing::infer_one_hot(*axis, inputs)?,
             NonZero => indexing::infer_non_zero(inputs)?,
         };
+        if let Some(f) = facts
+            .iter()
+            .find(|f| f.shape.is_known() && numel(&f.shape).is_none())
+        {
+            return Err(format!("output shape {} is too large", f.shape));
+        }
         self.fold(inputs, facts)
     }
 
@@ -730,7 +736,7 @@ impl ArrayOp {
         let bounded = match self {
             // the output is no larger than the input.
             ArrayOp::NonZero => values.iter().flatten().all(|t| 2 * t.len() <= FOLD_LIMIT),
-            _ => facts.iter().all(|f| small(f.shape.numel())),
+            _ => facts.iter().all(|f| small(numel(&f.shape))),
         };
         if !bounded {
             return Ok(facts);
@@ -806,28 +812,44 @@ impl IntsArg {
             IntsArg::Attr(v) => Some(v.len()),
             IntsArg::Input(i) => {
                 let f = super::opt(inputs, *i)?;
-                f.shape.numel()
+                numel(&f.shape)
             }
         }
     }
 }
 
-/// Normalises an axis and returns it as an index (errors name the attribute).
+/// Normalises an axis and returns it as an index (errors name the attribute). Unlike
+/// [`crate::shape::norm_axis`], rank 0 has no valid axis.
 fn axis_of(axis: i64, rank: usize) -> OpResult<usize> {
-    crate::shape::norm_axis(axis, rank).map_err(|e| format!("attribute 'axis': {e}"))
+    norm_index_axis(axis, rank).map_err(|e| format!("attribute 'axis': {e}"))
+}
+
+/// An axis of a tensor of rank `rank` (which must be at least 1).
+fn norm_index_axis(axis: i64, rank: usize) -> OpResult<usize> {
+    if rank == 0 {
+        return Err(format!("axis {axis} out of range for rank 0"));
+    }
+    crate::shape::norm_axis(axis, rank)
 }
 
 /// Normalises a list of axes against `rank`, rejecting duplicates.
 fn norm_axes(axes: &[i64], rank: usize, what: &str) -> OpResult<Vec<usize>> {
     let mut out = Vec::with_capacity(axes.len());
     for &a in axes {
-        let n = crate::shape::norm_axis(a, rank).map_err(|e| format!("{what}: {e}"))?;
+        let n = norm_index_axis(a, rank).map_err(|e| format!("{what}: {e}"))?;
         if out.contains(&n) {
             return Err(format!("{what}: axis {a} appears twice"));
         }
         out.push(n);
     }
     Ok(out)
+}
+
+/// The number of elements of a shape, if all dims are known and the count fits a `usize`.
+fn numel(s: &Shape) -> Option<usize> {
+    s.dims()
+        .iter()
+        .try_fold(1usize, |acc, d| d.known().and_then(|d| acc.checked_mul(d)))
 }
 
 /// The product of dims: known if all are known, 0 if any is 0, else unknown.
@@ -904,6 +926,22 @@ fn strides_of(shape: &[usize]) -> Vec<usize> {
         s[i] = s[i + 1] * shape[i + 1];
     }
     s
+}
+
+/// The largest output (in elements) that `eval` agrees to build.
+const MAX_ELEMENTS: usize = 1 << 32;
+
+/// Checks that an output of shape `dims` is not absurdly large (it would abort on
+/// allocation), naming the input that asks for it.
+fn check_size(dims: &[usize], what: &str) -> OpResult<()> {
+    // zero dims are skipped (like ndarray does): an empty output may still need per-axis
+    // index maps, and ndarray rejects such shapes too.
+    dims.iter()
+        .filter(|&&d| d != 0)
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .filter(|&n| n <= MAX_ELEMENTS)
+        .map(|_| ())
+        .ok_or_else(|| format!("{what}: output shape {dims:?} is too large"))
 }
 
 /// A known shape as symbolic [`Shape`] dims.

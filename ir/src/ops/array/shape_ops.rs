@@ -3,7 +3,8 @@
 //! `Size`, `ConstantOfShape`, `Range`, `EyeLike`.
 
 use super::{
-    dim_product, int_values, known, norm_axes, same, take_outer, to_usize, IntsArg, Known,
+    check_size, dim_product, int_values, known, norm_axes, same, take_outer, to_usize, IntsArg,
+    Known,
 };
 use crate::dtype::DType;
 use crate::ops::{req, Fact, OpResult};
@@ -55,7 +56,10 @@ fn reshape_dims(input: &Shape, spec: &[i64], allowzero: bool) -> OpResult<Shape>
         }
         None => {
             let out = Shape(out);
-            match (input.numel(), out.numel()) {
+            if out.is_known() && super::numel(&out).is_none() {
+                return Err(format!("{SHAPE_IN}: {out} is too large"));
+            }
+            match (super::numel(input), super::numel(&out)) {
                 (Some(a), Some(b)) if a != b => Err(format!(
                     "cannot reshape {input} ({a} elements) to {out} ({b} elements)"
                 )),
@@ -80,8 +84,14 @@ fn missing_dim(input: &[Dim], out: &[Dim]) -> OpResult<Dim> {
     if !syms.is_empty() {
         return Ok(Dim::unknown());
     }
-    let prod = |dims: &[Dim]| dims.iter().filter_map(Dim::known).product::<usize>();
-    let (total, rest) = (prod(input), prod(out));
+    let prod = |dims: &[Dim]| {
+        dims.iter()
+            .filter_map(Dim::known)
+            .try_fold(1usize, usize::checked_mul)
+    };
+    let (Some(total), Some(rest)) = (prod(input), prod(out)) else {
+        return Err(format!("{SHAPE_IN}: {} is too large", Shape(out.to_vec())));
+    };
     if rest == 0 || total % rest != 0 {
         return Err(format!(
             "cannot reshape {} to {} (-1 cannot be inferred)",
@@ -121,6 +131,7 @@ pub(super) fn reshape(
         .eval(inputs, SHAPE_IN)?
         .ok_or_else(|| format!("{SHAPE_IN} is required but missing"))?;
     let dims = concrete(reshape_dims(&known(x.shape()), &spec, allowzero)?)?;
+    check_size(&dims, SHAPE_IN)?;
     x.reshape(&dims)
 }
 
@@ -317,6 +328,7 @@ pub(super) fn expand(inputs: &[Option<&Tensor>]) -> OpResult<Tensor> {
     let x = req(inputs, 0)?;
     let s = sizes(&int_values(req(inputs, 1)?, SHAPE_IN)?, SHAPE_IN)?;
     let out = broadcast_shapes(&[x.shape(), &s])?;
+    check_size(&out, SHAPE_IN)?;
     Ok(map_tensor!(x, a => a
         .broadcast(IxDyn(&out))
         .ok_or_else(|| format!("cannot expand {:?} to {out:?}", x.shape()))?
@@ -346,7 +358,7 @@ pub(super) fn infer_tile(inputs: &[Option<&Fact>]) -> OpResult<Vec<Fact>> {
             let tile = |(d, r): (&Dim, &usize)| match (d, r) {
                 (_, 0) => Dim::Known(0),
                 (d, 1) => d.clone(),
-                (Dim::Known(d), r) => Dim::Known(d * r),
+                (Dim::Known(d), r) => d.checked_mul(*r).map_or_else(Dim::unknown, Dim::Known),
                 _ => Dim::unknown(),
             };
             Shape(x.shape.dims().iter().zip(&reps).map(tile).collect())
@@ -361,6 +373,13 @@ pub(super) fn infer_tile(inputs: &[Option<&Fact>]) -> OpResult<Vec<Fact>> {
 pub(super) fn tile(inputs: &[Option<&Tensor>]) -> OpResult<Tensor> {
     let x = req(inputs, 0)?;
     let reps = repeats_of(int_values(req(inputs, 1)?, REPEATS)?, x.rank())?;
+    let out: Vec<usize> = x
+        .shape()
+        .iter()
+        .zip(&reps)
+        .map(|(d, r)| d.saturating_mul(*r))
+        .collect();
+    check_size(&out, REPEATS)?;
     let maps: Vec<Vec<Option<usize>>> = x
         .shape()
         .iter()
@@ -409,7 +428,7 @@ pub(super) fn shape(start: i64, end: Option<i64>, inputs: &[Option<&Tensor>]) ->
 /// Shape inference of `Size`; the value is known when the shape is.
 pub(super) fn infer_size(inputs: &[Option<&Fact>]) -> OpResult<Vec<Fact>> {
     let x = req(inputs, 0)?;
-    Ok(vec![match x.shape.numel() {
+    Ok(vec![match super::numel(&x.shape) {
         Some(n) => Fact::constant(Tensor::scalar(n as i64)),
         None => Fact::new(DType::I64, Shape::default()),
     }])
@@ -443,10 +462,7 @@ pub(super) fn infer_constant_of_shape(
 pub(super) fn constant_of_shape(value: &Tensor, inputs: &[Option<&Tensor>]) -> OpResult<Tensor> {
     let what = "input 0 (shape)";
     let dims = sizes(&int_values(req(inputs, 0)?, what)?, what)?;
-    dims.iter()
-        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-        .filter(|&n| n <= isize::MAX as usize / 8)
-        .ok_or_else(|| format!("{what}: shape {dims:?} is too large"))?;
+    check_size(&dims, what)?;
     Ok(map_tensor!(value, v => {
         let fill = v.iter().next().copied().unwrap_or_default();
         ArrayD::from_elem(IxDyn(&dims), fill)
@@ -510,7 +526,7 @@ fn range_len<T: Elem>(start: T, limit: T, delta: T) -> OpResult<usize> {
         let n = diff / d + i128::from(diff % d != 0 && (diff < 0) == (d < 0));
         n.max(0) as f64
     };
-    if n > (isize::MAX as usize / 8) as f64 {
+    if n > super::MAX_ELEMENTS as f64 {
         return Err(format!("Range of {n} elements is too large"));
     }
     Ok(n as usize)

@@ -34,7 +34,7 @@ pub(super) fn infer_concat(axis: i64, inputs: &[Option<&Fact>]) -> OpResult<Vec<
         for (d, (o, n)) in dims.iter_mut().zip(f.shape.dims()).enumerate() {
             if d == axis {
                 *o = match (o.known(), n.known()) {
-                    (Some(a), Some(b)) => Dim::Known(a + b),
+                    (Some(a), Some(b)) => a.checked_add(b).map_or_else(Dim::unknown, Dim::Known),
                     (Some(0), None) => n.clone(),
                     (None, Some(0)) => o.clone(),
                     _ => Dim::unknown(),
@@ -60,10 +60,16 @@ fn concat_of<T: Elem>(
     let views = (0..inputs.len())
         .map(|i| Ok(same::<T>(req(inputs, i)?, &format!("input {i}"))?.view()))
         .collect::<OpResult<Vec<ArrayViewD<'_, T>>>>()?;
-    ndarray::concatenate(Axis(axis), &views).map_err(|_| {
-        let shapes: Vec<_> = views.iter().map(|v| v.shape().to_vec()).collect();
-        format!("cannot concatenate shapes {shapes:?} along axis {axis}")
-    })
+    let shapes: Vec<&[usize]> = views.iter().map(|v| v.shape()).collect();
+    let off_axis = |s: &[usize]| [&s[..axis.min(s.len())], &s[(axis + 1).min(s.len())..]].concat();
+    let bad = |s: &&[usize]| s.len() != shapes[0].len() || off_axis(s) != off_axis(shapes[0]);
+    if shapes.iter().any(bad) {
+        return Err(format!(
+            "cannot concatenate shapes {shapes:?} along axis {axis}"
+        ));
+    }
+    ndarray::concatenate(Axis(axis), &views)
+        .map_err(|e| format!("cannot concatenate shapes {shapes:?} along axis {axis}: {e}"))
 }
 
 /// `Concat`.
@@ -83,13 +89,12 @@ const SPLIT: &str = "split";
 /// The part sizes of `Split` along an axis of size `dim`.
 fn split_sizes(dim: usize, split: Option<Vec<i64>>, outputs: usize) -> OpResult<Vec<usize>> {
     let Some(split) = split else {
+        // chunks of ceil(dim / outputs); the last ones get what is left (possibly nothing),
+        // like the ONNX reference implementation.
         let part = dim.div_ceil(outputs);
-        let last = dim
-            .checked_sub(part * (outputs - 1))
-            .ok_or_else(|| format!("cannot split a dim of {dim} into {outputs} parts"))?;
-        let mut parts = vec![part; outputs - 1];
-        parts.push(last);
-        return Ok(parts);
+        return Ok((0..outputs)
+            .map(|i| dim.saturating_sub(i * part).min(part))
+            .collect());
     };
     if split.len() != outputs {
         return Err(format!(
@@ -101,7 +106,7 @@ fn split_sizes(dim: usize, split: Option<Vec<i64>>, outputs: usize) -> OpResult<
         .iter()
         .map(|&s| to_usize(s, SPLIT))
         .collect::<OpResult<Vec<_>>>()?;
-    if parts.iter().sum::<usize>() != dim {
+    if parts.iter().try_fold(0usize, |a, &p| a.checked_add(p)) != Some(dim) {
         return Err(format!(
             "{SPLIT}: sizes {split:?} do not add up to the dim {dim}"
         ));
@@ -312,7 +317,7 @@ fn pads_per_axis(rank: usize, pads: &[i64], axes: Option<Vec<i64>>) -> OpResult<
 /// The padded size of a dim, checking that negative pads do not crop more than it has.
 fn padded_dim(dim: usize, (b, e): (i64, i64)) -> OpResult<usize> {
     let n = dim as i128 + b as i128 + e as i128;
-    let crop = (-b).max(0) as i128 + (-e).max(0) as i128;
+    let crop = (-(b as i128)).max(0) + (-(e as i128)).max(0);
     if n < 0 || crop > dim as i128 {
         return Err(format!("{PADS}: ({b}, {e}) crop more than the dim {dim}"));
     }
@@ -407,6 +412,13 @@ pub(super) fn pad(
         .eval(inputs, PADS)?
         .ok_or_else(|| format!("{PADS} are required but missing"))?;
     let per_axis = pads_per_axis(x.rank(), &p, axes.eval(inputs, "input 3 (axes)")?)?;
+    let out = x
+        .shape()
+        .iter()
+        .zip(&per_axis)
+        .map(|(&d, &p)| padded_dim(d, p))
+        .collect::<OpResult<Vec<_>>>()?;
+    super::check_size(&out, PADS)?;
     let maps = x
         .shape()
         .iter()
