@@ -3,6 +3,9 @@
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
+/// The largest rank Kiln accepts for a tensor (a guard against absurd shapes in bad input).
+pub const MAX_RANK: usize = 64;
+
 /// One dimension of a shape: a known size, or a symbol (`batch`, `seq`, or `?` for an
 /// anonymous unknown size; two `?` are never assumed equal).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]

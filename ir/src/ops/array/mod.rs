@@ -812,7 +812,7 @@ impl IntsArg {
             IntsArg::Attr(v) => Some(v.len()),
             IntsArg::Input(i) => {
                 let f = super::opt(inputs, *i)?;
-                numel(&f.shape)
+                numel(&f.shape).filter(|&n| n <= crate::shape::MAX_RANK)
             }
         }
     }
