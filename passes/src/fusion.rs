@@ -10,6 +10,8 @@
 //!   join the kernel producing their data input when it is an `Elementwise` kernel over the
 //!   reduction's input shape (a prologue) or a `Reduction` kernel with the same input shape and
 //!   axes (so a decomposed LayerNorm is one kernel);
+//! - an elementwise op may also join an `Elementwise` kernel of the same shape that reads one
+//!   of its (non-constant) inputs (sibling fusion);
 //! - contractions, data movement and other ops always start a kernel; `Reshape`, `Flatten`,
 //!   `Squeeze` and `Unsqueeze` are `Alias` kernels (zero-copy views of a contiguous buffer)
 //!   unless their output is a graph output.
@@ -273,6 +275,8 @@ pub fn partition(g: &Graph) -> Partition {
     let mut groups: Vec<Group> = Vec::new();
     let mut succ: Vec<HashSet<usize>> = Vec::new();
     let mut group_of = vec![usize::MAX; g.nodes.len()];
+    // for each value, the groups of the nodes read it so far (for sibling fusion)
+    let mut reader_groups: Vec<Vec<usize>> = vec![Vec::new(); g.values.len()];
     for ni in 0..g.nodes.len() {
         let n = &g.nodes[ni];
         let c = classify(g, ni);
@@ -286,7 +290,22 @@ pub fn partition(g: &Graph) -> Partition {
         in_groups.sort_unstable();
         in_groups.dedup();
         let candidates: Vec<usize> = match &c {
-            Class::Elementwise => in_groups.iter().rev().copied().collect(),
+            Class::Elementwise => {
+                // producers first (most recent first), then elementwise siblings reading
+                // one of the same non-constant values
+                let mut c: Vec<usize> = in_groups.iter().rev().copied().collect();
+                for &v in n.inputs.iter().flatten() {
+                    if g.const_value(v).is_some() && prod[v].is_none() {
+                        continue;
+                    }
+                    for &s in reader_groups[v].iter().rev() {
+                        if groups[s].kind == KernelKind::Elementwise && !c.contains(&s) {
+                            c.push(s);
+                        }
+                    }
+                }
+                c
+            }
             Class::Reduction(_) => n.inputs[0]
                 .and_then(|v| prod[v])
                 .map(|p| vec![group_of[p]])
@@ -333,6 +352,11 @@ pub fn partition(g: &Graph) -> Partition {
             }
         };
         group_of[ni] = gi;
+        for &v in n.inputs.iter().flatten() {
+            if !reader_groups[v].contains(&gi) {
+                reader_groups[v].push(gi);
+            }
+        }
         for &h in &in_groups {
             if h != gi {
                 succ[h].insert(gi);
