@@ -44,8 +44,10 @@ pub fn fold_all(g: &mut Graph) -> FoldStats {
 enum Contraction {
     /// A `Conv` with its constant weight and (optional) constant bias.
     Conv {
-        weight: Tensor,
-        bias: Option<Tensor>,
+        /// The weight.
+        weight: Box<Tensor>,
+        /// The bias, if any.
+        bias: Option<Box<Tensor>>,
     },
     /// A `Gemm` (the weight stays as it is; alpha/beta/C change).
     Gemm,
@@ -61,9 +63,9 @@ fn single_use_contraction(g: &Graph, v: ValueId, uses: &[usize]) -> Option<(usiz
     let n = &g.nodes[ni];
     match &n.op {
         Op::Nn(NnOp::Conv(_)) => {
-            let weight = g.const_value(n.inputs.get(1).copied().flatten()?)?.clone();
+            let weight = Box::new(g.const_value(n.inputs.get(1).copied().flatten()?)?.clone());
             let bias = match n.inputs.get(2).copied().flatten() {
-                Some(b) => Some(g.const_value(b)?.clone()),
+                Some(b) => Some(Box::new(g.const_value(b)?.clone())),
                 None => None,
             };
             if !weight.dtype().is_float() || weight.rank() < 1 {
@@ -196,7 +198,7 @@ pub fn fold_batchnorm(g: &mut Graph) -> usize {
         let eps = a.epsilon as f64;
         let scale: Vec<f64> = (0..m).map(|c| p[0][c] / (p[3][c] + eps).sqrt()).collect();
         let shift: Vec<f64> = (0..m).map(|c| p[1][c] - p[2][c] * scale[c]).collect();
-        let (w, b) = scale_conv(&weight, bias.as_ref(), &scale, &shift);
+        let (w, b) = scale_conv(&weight, bias.as_deref(), &scale, &shift);
         replace_conv_params(g, &mut taken, ci, ni, w, b);
         count += 1;
         // the conv stays before the removed node: re-examine from it
@@ -269,7 +271,7 @@ fn fold_affine_at(g: &mut Graph, taken: &mut HashSet<String>, ni: usize, kind: B
                 BinaryKind::Add => (vec![1.0; m], v),
                 _ => (v, vec![0.0; m]),
             };
-            let (w, b) = scale_conv(&weight, bias.as_ref(), &scale, &shift);
+            let (w, b) = scale_conv(&weight, bias.as_deref(), &scale, &shift);
             replace_conv_params(g, taken, ci, ni, w, b);
             true
         }

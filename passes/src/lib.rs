@@ -2,6 +2,7 @@
 //! convolution weights ([`fold_batchnorm`]), partitioning into kernels ([`fusion`]), memory
 //! planning over the kernel order ([`memory`]) and specialisation of symbolic input dims
 //! ([`specialize`]). Every pass is checked against the reference interpreter.
+#![warn(missing_docs)]
 
 pub mod fold_batchnorm;
 pub mod fusion;
