@@ -1,0 +1,394 @@
+//! Memory planning over the kernel order: every intermediate value (a kernel output that is
+//! not a graph output) gets a byte range in one arena. Graph inputs, graph outputs and
+//! constants live outside the arena; values internal to a fused kernel are never
+//! materialized.
+//!
+//! - Liveness is counted in kernel steps: a buffer is live from the kernel writing it to the
+//!   last kernel reading it (or any view of it), both inclusive.
+//! - `Alias` kernels (zero-copy views) share their input's buffer and extend its liveness.
+//! - An `Elementwise` kernel writes an output in place of an input buffer of the same size
+//!   that dies at that kernel (the generated code reads every input element before writing
+//!   the output element at the same index).
+//! - Buffers are placed greedily: by size descending, first fit among the already placed
+//!   buffers whose live ranges overlap, offsets aligned to [`ALIGNMENT`] bytes.
+
+use crate::fusion::{KernelKind, Partition};
+use kiln_ir::{Graph, ValueId};
+use serde::{Deserialize, Serialize};
+
+/// Alignment of every buffer in the arena, in bytes.
+pub const ALIGNMENT: usize = 64;
+
+/// Where one value lives in the arena.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Slot {
+    /// Byte offset in the arena.
+    pub offset: usize,
+    /// Size of the value in bytes.
+    pub size: usize,
+    /// Index of the buffer it shares (see [`MemoryPlan::buffers`]).
+    pub buffer: usize,
+}
+
+/// One arena buffer: a byte range holding one or more values over a range of kernel steps.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Buffer {
+    /// Byte offset in the arena (a multiple of [`ALIGNMENT`]).
+    pub offset: usize,
+    /// Size in bytes.
+    pub size: usize,
+    /// First kernel step at which it is live (written).
+    pub first: usize,
+    /// Last kernel step at which it is live (read).
+    pub last: usize,
+    /// The values stored in it: the producing value, its views and in-place successors.
+    pub values: Vec<ValueId>,
+}
+
+/// The memory plan of a partitioned graph.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryPlan {
+    /// Arena size in bytes.
+    pub arena_bytes: usize,
+    /// Buffer alignment in bytes.
+    pub alignment: usize,
+    /// For each value (indexed by `ValueId`), its place in the arena; `None` for graph inputs,
+    /// outputs, constants, views of those, and values internal to a kernel.
+    pub slots: Vec<Option<Slot>>,
+    /// The arena buffers.
+    pub buffers: Vec<Buffer>,
+    /// For each output of an `Alias` kernel, the value whose storage it views (the root of
+    /// the chain of views, which may be a graph input, output or constant).
+    pub alias_of: Vec<Option<ValueId>>,
+    /// In-place reuses: (input, output) of an elementwise kernel sharing one buffer.
+    pub in_place: Vec<(ValueId, ValueId)>,
+    /// Sum of the sizes of all materialized intermediate values (no reuse at all).
+    pub naive_bytes: usize,
+    /// Size of the largest intermediate value.
+    pub largest_bytes: usize,
+}
+
+/// Byte size of a value with a fully known shape.
+fn byte_size(g: &Graph, v: ValueId) -> Result<usize, String> {
+    let f = &g.values[v].fact;
+    let n = f.shape.numel().ok_or_else(|| {
+        format!(
+            "value '{}' has shape {}: specialise symbolic dims before planning memory",
+            g.values[v].name, f.shape
+        )
+    })?;
+    Ok(n * f.dtype.size_of())
+}
+
+/// Liveness facts shared by planning and verification.
+struct Liveness {
+    /// Kernel producing each value (for kernel outputs).
+    def: Vec<Option<usize>>,
+    /// Last kernel reading each value (`def` if none).
+    last: Vec<usize>,
+    /// Root of the view chain of each value (itself if not a view).
+    root: Vec<ValueId>,
+    /// Values living outside the arena: graph inputs, outputs, constants.
+    external: Vec<bool>,
+}
+
+fn liveness(g: &Graph, p: &Partition) -> Liveness {
+    let nv = g.values.len();
+    let prod = g.producers();
+    let mut def = vec![None; nv];
+    let mut last = vec![0; nv];
+    let mut root: Vec<ValueId> = (0..nv).collect();
+    let mut external = vec![false; nv];
+    for &i in g.inputs.iter().chain(&g.outputs) {
+        external[i] = true;
+    }
+    for (v, e) in external.iter_mut().enumerate() {
+        if prod[v].is_none() {
+            *e = true;
+        }
+    }
+    for (k, kernel) in p.kernels.iter().enumerate() {
+        for &o in &kernel.outputs {
+            def[o] = Some(k);
+            last[o] = k;
+        }
+        for &i in &kernel.inputs {
+            last[i] = last[i].max(k);
+        }
+        if kernel.kind == KernelKind::Alias {
+            let n = &g.nodes[kernel.nodes[0]];
+            if let Some(src) = n.inputs[0] {
+                root[n.outputs[0]] = root[src];
+            }
+        }
+    }
+    Liveness {
+        def,
+        last,
+        root,
+        external,
+    }
+}
+
+/// Plans the arena for a partitioned graph with static shapes (see the module doc).
+pub fn plan_memory(g: &Graph, p: &Partition) -> Result<MemoryPlan, String> {
+    let nv = g.values.len();
+    let lv = liveness(g, p);
+    let mut alias_of = vec![None; nv];
+    for k in p.kernels.iter().filter(|k| k.kind == KernelKind::Alias) {
+        let o = g.nodes[k.nodes[0]].outputs[0];
+        alias_of[o] = Some(lv.root[o]);
+    }
+    // one buffer per arena root
+    let mut buf_of: Vec<Option<usize>> = vec![None; nv];
+    let mut buffers: Vec<Buffer> = Vec::new();
+    let mut sizes = vec![0usize; nv];
+    let (mut naive, mut largest) = (0, 0);
+    for k in &p.kernels {
+        for &o in &k.outputs {
+            if lv.external[lv.root[o]] || lv.external[o] {
+                continue;
+            }
+            sizes[o] = byte_size(g, o)?;
+            if lv.root[o] != o {
+                continue;
+            }
+            naive += sizes[o];
+            largest = largest.max(sizes[o]);
+            buf_of[o] = Some(buffers.len());
+            buffers.push(Buffer {
+                offset: 0,
+                size: sizes[o],
+                first: lv.def[o].expect("kernel output"),
+                last: lv.last[o],
+                values: vec![o],
+            });
+        }
+    }
+    // views share their root's buffer and extend its liveness
+    for v in 0..nv {
+        let r = lv.root[v];
+        if r != v {
+            if let Some(b) = buf_of[r] {
+                buf_of[v] = Some(b);
+                buffers[b].values.push(v);
+                buffers[b].last = buffers[b].last.max(lv.last[v]);
+            }
+        }
+    }
+    // in-place reuse in elementwise kernels
+    let mut in_place = Vec::new();
+    let mut dead = vec![false; buffers.len()];
+    for (k, kernel) in p.kernels.iter().enumerate() {
+        if kernel.kind != KernelKind::Elementwise {
+            continue;
+        }
+        let mut used: Vec<usize> = Vec::new();
+        for &o in &kernel.outputs {
+            let Some(bo) = buf_of[o].filter(|_| lv.root[o] == o) else {
+                continue;
+            };
+            let cand = kernel.inputs.iter().copied().find(|&i| {
+                buf_of[i].is_some_and(|bi| {
+                    bi != bo
+                        && !used.contains(&bi)
+                        && buffers[bi].last == k
+                        && buffers[bi].first < k
+                        && buffers[bi].size == buffers[bo].size
+                })
+            });
+            if let Some(i) = cand {
+                let bi = buf_of[i].expect("checked");
+                used.push(bi);
+                in_place.push((i, o));
+                let moved = std::mem::take(&mut buffers[bo].values);
+                for &v in &moved {
+                    buf_of[v] = Some(bi);
+                }
+                buffers[bi].last = buffers[bi].last.max(buffers[bo].last);
+                buffers[bi].values.extend(moved);
+                dead[bo] = true;
+            }
+        }
+    }
+    // compact the buffer list
+    let mut remap = vec![usize::MAX; buffers.len()];
+    let mut kept = Vec::new();
+    for (b, buf) in buffers.into_iter().enumerate() {
+        if !dead[b] {
+            remap[b] = kept.len();
+            kept.push(buf);
+        }
+    }
+    let mut buffers = kept;
+    for b in buf_of.iter_mut().flatten() {
+        *b = remap[*b];
+    }
+    // greedy placement: size descending, first fit over time-overlapping placed buffers
+    let mut order: Vec<usize> = (0..buffers.len()).collect();
+    order.sort_by(|&a, &b| {
+        buffers[b]
+            .size
+            .cmp(&buffers[a].size)
+            .then(buffers[a].first.cmp(&buffers[b].first))
+            .then(a.cmp(&b))
+    });
+    let mut placed: Vec<usize> = Vec::new();
+    let mut arena = 0;
+    for &b in &order {
+        let (first, last, size) = (buffers[b].first, buffers[b].last, buffers[b].size);
+        let mut busy: Vec<(usize, usize)> = placed
+            .iter()
+            .filter(|&&q| buffers[q].first <= last && first <= buffers[q].last)
+            .map(|&q| (buffers[q].offset, buffers[q].offset + buffers[q].size))
+            .collect();
+        busy.sort_unstable();
+        let mut off = 0;
+        for (s, e) in busy {
+            if off + size <= s {
+                break;
+            }
+            off = off.max(align(e));
+        }
+        buffers[b].offset = off;
+        arena = arena.max(off + size);
+        placed.push(b);
+    }
+    let slots = (0..nv)
+        .map(|v| {
+            buf_of[v].map(|b| Slot {
+                offset: buffers[b].offset,
+                size: sizes[v],
+                buffer: b,
+            })
+        })
+        .collect();
+    Ok(MemoryPlan {
+        arena_bytes: align(arena),
+        alignment: ALIGNMENT,
+        slots,
+        buffers,
+        alias_of,
+        in_place,
+        naive_bytes: naive,
+        largest_bytes: largest,
+    })
+}
+
+/// Rounds up to [`ALIGNMENT`].
+fn align(n: usize) -> usize {
+    n.div_ceil(ALIGNMENT) * ALIGNMENT
+}
+
+impl MemoryPlan {
+    /// Checks the plan against the graph and partition: every intermediate value has a slot
+    /// inside its buffer, buffers are aligned and inside the arena, each buffer is live while
+    /// any of its values is, no two simultaneously live buffers overlap, and values sharing a
+    /// buffer are views of one another or an in-place handover at an elementwise kernel.
+    pub fn verify(&self, g: &Graph, p: &Partition) -> Result<(), String> {
+        let nv = g.values.len();
+        if self.slots.len() != nv {
+            return Err(format!("{} slots for {nv} values", self.slots.len()));
+        }
+        let lv = liveness(g, p);
+        let name = |v: ValueId| &g.values[v].name;
+        for (b, buf) in self.buffers.iter().enumerate() {
+            if buf.offset % self.alignment != 0 || buf.offset + buf.size > self.arena_bytes {
+                return Err(format!("buffer {b} is misaligned or outside the arena"));
+            }
+            if buf.first > buf.last {
+                return Err(format!("buffer {b} has an empty live range"));
+            }
+        }
+        for (a, x) in self.buffers.iter().enumerate() {
+            for (b, y) in self.buffers.iter().enumerate().skip(a + 1) {
+                let time = x.first <= y.last && y.first <= x.last;
+                let space = x.offset < y.offset + y.size && y.offset < x.offset + x.size;
+                if time && space && x.size > 0 && y.size > 0 {
+                    return Err(format!(
+                        "buffers {a} ({}..{} bytes, steps {}..={}) and {b} ({}..{}, steps {}..={}) overlap",
+                        x.offset, x.offset + x.size, x.first, x.last,
+                        y.offset, y.offset + y.size, y.first, y.last
+                    ));
+                }
+            }
+        }
+        // every materialized intermediate value has a slot, covered by its buffer
+        for k in &p.kernels {
+            for &o in &k.outputs {
+                let needs = !lv.external[o] && !lv.external[lv.root[o]];
+                match (needs, self.slots[o]) {
+                    (true, None) => return Err(format!("value '{}' has no slot", name(o))),
+                    (false, Some(_)) => {
+                        return Err(format!("external value '{}' has a slot", name(o)))
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let mut classes: Vec<Vec<(ValueId, usize, usize)>> = vec![vec![]; self.buffers.len()];
+        for (v, s) in self.slots.iter().enumerate() {
+            let Some(s) = s else { continue };
+            let buf = self
+                .buffers
+                .get(s.buffer)
+                .ok_or_else(|| format!("value '{}': buffer out of range", name(v)))?;
+            if s.offset != buf.offset || s.size > buf.size {
+                return Err(format!("value '{}' does not fit its buffer", name(v)));
+            }
+            let def = lv.def[v].ok_or_else(|| format!("value '{}' is not produced", name(v)))?;
+            if def < buf.first || lv.last[v] > buf.last {
+                return Err(format!(
+                    "value '{}' is live at steps {def}..={} outside its buffer's {}..={}",
+                    name(v),
+                    lv.last[v],
+                    buf.first,
+                    buf.last
+                ));
+            }
+            classes[s.buffer].push((lv.root[v], def, lv.last[v]));
+        }
+        // values of different view chains in one buffer: only an in-place handover
+        for (b, vals) in classes.iter().enumerate() {
+            let mut chains: Vec<(ValueId, usize, usize)> = Vec::new();
+            for &(r, d, l) in vals {
+                match chains.iter_mut().find(|c| c.0 == r) {
+                    Some(c) => {
+                        c.1 = c.1.min(d);
+                        c.2 = c.2.max(l);
+                    }
+                    None => chains.push((r, d, l)),
+                }
+            }
+            chains.sort_by_key(|c| c.1);
+            for w in chains.windows(2) {
+                let (a, c) = (w[0], w[1]);
+                let handover = a.2 == c.1 && p.kernels[c.1].kind == KernelKind::Elementwise;
+                if a.2 > c.1 || (a.2 == c.1 && !handover) {
+                    return Err(format!(
+                        "buffer {b}: '{}' (steps {}..={}) and '{}' (steps {}..={}) are live together",
+                        name(a.0), a.1, a.2, name(c.0), c.1, c.2
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One line: `arena A bytes, naive N bytes (x%), largest activation L bytes, B buffers, I in place`.
+    pub fn summary(&self) -> String {
+        let pct = if self.naive_bytes == 0 {
+            0.0
+        } else {
+            100.0 * self.arena_bytes as f64 / self.naive_bytes as f64
+        };
+        format!(
+            "arena {} bytes, naive {} bytes ({pct:.1}%), largest activation {} bytes, {} buffers, {} in place",
+            self.arena_bytes,
+            self.naive_bytes,
+            self.largest_bytes,
+            self.buffers.len(),
+            self.in_place.len()
+        )
+    }
+}
