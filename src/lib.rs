@@ -10,6 +10,7 @@
 
 pub mod inspect;
 pub mod io;
+pub mod pipeline;
 
 pub use kiln_ir as ir;
 pub use kiln_passes as passes;

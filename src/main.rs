@@ -26,6 +26,19 @@ enum Cmd {
         #[arg(long)]
         ir: bool,
     },
+    /// Run the graph-level compile pipeline (simplify, specialize, fold, fusion, memory plan)
+    /// and print the kernels and the arena size. Code generation comes after these stages.
+    Plan {
+        /// The ONNX model.
+        model: PathBuf,
+        /// Fix an input's shape: NAME=1x3x224x224 (symbolic dims default to 1).
+        #[arg(long = "shape", value_name = "NAME=DIMS")]
+        shapes: Vec<String>,
+        /// Print the IR after this stage (import, simplify, specialize, fold, fusion, memory,
+        /// or all); may be repeated.
+        #[arg(long = "print-after", value_name = "STAGE")]
+        print_after: Vec<String>,
+    },
     /// Run a model with the reference interpreter.
     Eval {
         /// The ONNX model.
@@ -66,6 +79,21 @@ fn run(cli: Cli) -> Result<()> {
                 kiln::io::write_atomic(&dot, kiln::inspect::to_dot(&g).as_bytes())?;
                 println!("wrote {}", dot.display());
             }
+            Ok(())
+        }
+        Cmd::Plan { model, shapes, print_after } => {
+            let mut opts = kiln::pipeline::Options { print_after, ..Default::default() };
+            for s in &shapes {
+                let (name, dims) = kiln::pipeline::parse_shape(s)?;
+                opts.shapes.insert(name, dims);
+            }
+            let t0 = std::time::Instant::now();
+            let p = kiln::pipeline::plan(&model, &opts, |stage, text| {
+                println!("// ----- IR after {stage} -----\n{text}");
+            })?;
+            println!("{}", p.partition.summary(&p.graph));
+            println!("{}", p.memory.summary());
+            println!("planned in {:.1} ms", t0.elapsed().as_secs_f64() * 1e3);
             Ok(())
         }
         Cmd::Eval {

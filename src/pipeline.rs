@@ -1,0 +1,110 @@
+//! The compile pipeline as a list of named stages, each with a one-line doc. Any stage's IR can
+//! be printed with `--print-after=STAGE` (`all` prints every stage).
+
+use anyhow::{bail, Context, Result};
+use kiln_ir::{Dim, Graph};
+use kiln_passes::{MemoryPlan, Partition};
+use std::collections::HashMap;
+use std::path::Path;
+
+/// The stages, in order: name and what it does.
+pub const STAGES: &[(&str, &str)] = &[
+    ("import", "decode ONNX, build the typed graph, infer dtypes and shapes, verify"),
+    ("simplify", "fold constant sub-graphs (exporter shape chains) and remove dead nodes"),
+    ("specialize", "fix symbolic input dims to concrete sizes and re-infer"),
+    ("fold", "fold BatchNormalization, constant scales and biases into Conv/Gemm"),
+    ("fusion", "partition the graph into kernels"),
+    ("memory", "plan one arena for all intermediate buffers"),
+];
+
+/// Options of the graph-level pipeline.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// Concrete shapes for named inputs (`--shape name=1x3x224x224`).
+    pub shapes: HashMap<String, Vec<usize>>,
+    /// Stages after which to print the IR (`all` for every stage).
+    pub print_after: Vec<String>,
+}
+
+/// The result of the graph-level pipeline: the optimised graph, its kernels and memory plan.
+#[derive(Debug)]
+pub struct Planned {
+    /// The graph after all graph passes.
+    pub graph: Graph,
+    /// The kernel partition.
+    pub partition: Partition,
+    /// The arena plan.
+    pub memory: MemoryPlan,
+}
+
+/// Parses `name=1x3x224x224`.
+pub fn parse_shape(spec: &str) -> Result<(String, Vec<usize>)> {
+    let (name, dims) = spec.split_once('=').with_context(|| format!("--shape '{spec}': expected NAME=DIMxDIM..."))?;
+    let dims = dims
+        .split('x')
+        .map(|d| d.parse::<usize>().with_context(|| format!("--shape '{spec}': '{d}' is not a size")))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((name.to_string(), dims))
+}
+
+fn check_stage_names(names: &[String]) -> Result<()> {
+    for n in names {
+        if n != "all" && !STAGES.iter().any(|(s, _)| s == n) {
+            let known: Vec<&str> = STAGES.iter().map(|(s, _)| *s).collect();
+            bail!("--print-after={n}: unknown stage (stages: {}, or all)", known.join(", "));
+        }
+    }
+    Ok(())
+}
+
+/// Runs the graph-level stages on a model file, calling `print(stage, text)` after each stage
+/// named in `opts.print_after`.
+pub fn plan(model: &Path, opts: &Options, mut print: impl FnMut(&str, &str)) -> Result<Planned> {
+    check_stage_names(&opts.print_after)?;
+    let want = |s: &str| opts.print_after.iter().any(|p| p == s || p == "all");
+    let mut g = kiln_ir::onnx::load(model)?;
+    if want("import") {
+        print("import", &kiln_ir::printer::to_text(&g));
+    }
+    kiln_ir::simplify::simplify(&mut g);
+    if want("simplify") {
+        print("simplify", &kiln_ir::printer::to_text(&g));
+    }
+    let mut shapes = Vec::new();
+    for &i in &g.inputs {
+        let v = &g.values[i];
+        let s = match opts.shapes.get(&v.name) {
+            Some(s) => s.clone(),
+            // symbolic dims default to 1
+            None => v.fact.shape.dims().iter().map(|d| d.known().unwrap_or(1)).collect(),
+        };
+        shapes.push(s);
+    }
+    for name in opts.shapes.keys() {
+        if !g.inputs.iter().any(|&i| &g.values[i].name == name) {
+            bail!("--shape {name}=...: the model has no input named '{name}'");
+        }
+    }
+    kiln_passes::specialize::specialize_inputs(&mut g, &shapes)?;
+    if want("specialize") {
+        print("specialize", &kiln_ir::printer::to_text(&g));
+    }
+    kiln_passes::fold_batchnorm::fold_all(&mut g);
+    kiln_ir::simplify::simplify(&mut g);
+    kiln_ir::verify::verify(&g)?;
+    if want("fold") {
+        print("fold", &kiln_ir::printer::to_text(&g));
+    }
+    let partition = kiln_passes::partition(&g);
+    partition.verify(&g).map_err(anyhow::Error::msg)?;
+    if want("fusion") {
+        print("fusion", &partition.display(&g).to_string());
+    }
+    let memory = kiln_passes::plan_memory(&g, &partition).map_err(anyhow::Error::msg)?;
+    memory.verify(&g, &partition).map_err(anyhow::Error::msg)?;
+    if want("memory") {
+        print("memory", &memory.summary());
+    }
+    debug_assert!(g.inputs.iter().all(|&i| g.values[i].fact.shape.dims().iter().all(|d| matches!(d, Dim::Known(_)))));
+    Ok(Planned { graph: g, partition, memory })
+}
