@@ -503,7 +503,11 @@ impl DType {
             };
             return v as f32;
         }
-        assert_eq!(self, DType::F8E8M0, "decode_low: {self} is not low-precision");
+        assert_eq!(
+            self,
+            DType::F8E8M0,
+            "decode_low: {self} is not low-precision"
+        );
         if code == 0xFF {
             f32::NAN
         } else {
@@ -532,7 +536,11 @@ impl DType {
             }
             return x.trunc().rem_euclid((1u32 << bits) as f64) as u8;
         }
-        assert_eq!(self, DType::F8E8M0, "encode_low: {self} is not low-precision");
+        assert_eq!(
+            self,
+            DType::F8E8M0,
+            "encode_low: {self} is not low-precision"
+        );
         encode_e8m0(x as f32, saturate)
     }
 

@@ -328,7 +328,10 @@ impl Tensor {
     /// A tensor of the low-precision dtype `dtype` from f32 values, each rounded to the dtype
     /// (saturating; see [`DType::quantize`]). Panics if `dtype` is not low-precision.
     pub fn low(dtype: DType, values: ArrayD<f32>) -> Tensor {
-        assert!(dtype.is_low_precision(), "Tensor::low: {dtype} is not low-precision");
+        assert!(
+            dtype.is_low_precision(),
+            "Tensor::low: {dtype} is not low-precision"
+        );
         Tensor::Low(dtype, values.mapv(|x| dtype.quantize(x as f64, true)))
     }
 
@@ -532,6 +535,30 @@ mod tests {
         let i = Tensor::from_vec(&[2], vec![-1i64, 256]);
         assert_eq!(i.cast(DType::U8).to_i64_vec(), vec![255, 0]);
         assert_eq!(t.cast(DType::F16).dtype(), DType::F16);
+    }
+
+    #[test]
+    fn low_precision_tensors() {
+        let t = Tensor::from_vec(&[2, 2], vec![0.3f32, -9.0, 15.7, 2.0]);
+        let i4 = t.cast(DType::I4);
+        assert_eq!(i4.dtype(), DType::I4);
+        assert_eq!(i4.to_i64_vec(), vec![0, 7, -1, 2]);
+        assert_eq!(i4.cast(DType::I8).to_i64_vec(), vec![0, 7, -1, 2]);
+        let wide = Tensor::from_vec(&[2], vec![-9i64, 300]);
+        assert_eq!(wide.cast(DType::U4).to_i64_vec(), vec![7, 12]);
+        // data movement keeps the dtype
+        let r = i4.reshape(&[4]).unwrap();
+        assert_eq!((r.dtype(), r.shape()), (DType::I4, &[4usize][..]));
+        let f8 = t.cast(DType::F8E5M2);
+        assert_eq!(f8.to_f64_vec(), vec![0.3125, -8.0, 16.0, 2.0]);
+        assert!(f8.check_close(&f8.clone(), 0.0, 0.0).is_ok());
+        assert!(f8.check_close(&t.cast(DType::F8E4M3FN), 0.0, 0.0).is_err());
+        let nan = Tensor::from_vec(&[1], vec![f32::NAN]).cast(DType::F8E4M3FN);
+        assert!(nan.check_close(&nan, 0.0, 0.0).is_ok());
+        assert_eq!(
+            Tensor::zeros(DType::F4E2M1, &[2]).to_f64_vec(),
+            vec![0.0, 0.0]
+        );
     }
 
     #[test]

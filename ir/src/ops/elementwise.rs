@@ -1959,6 +1959,31 @@ mod tests {
     }
 
     #[test]
+    fn low_precision_cast_and_rejection() {
+        let x = f32s(&[3], &[1e6, 1.0625, f32::NAN]);
+        let to = ("to", AttrValue::Int(17)); // FLOAT8E4M3FN
+        let sat = run(&parse("Cast", 19, std::slice::from_ref(&to), 1), &[&x]).unwrap();
+        assert_eq!(sat.dtype(), DType::F8E4M3FN);
+        let v = sat.to_f64_vec();
+        assert_eq!(&v[..2], &[448.0, 1.0]);
+        assert!(v[2].is_nan());
+        let no_sat = parse("Cast", 19, &[to, ("saturate", AttrValue::Int(0))], 1);
+        assert!(run(&no_sat, &[&x]).unwrap().to_f64_vec()[0].is_nan());
+        let back = run(&parse("CastLike", 19, &[], 2), &[&sat, &x]).unwrap();
+        assert_eq!(back.dtype(), DType::F32);
+        // arithmetic rejects low-precision dtypes at type inference
+        let f8 = Fact::new(DType::F8E4M3FN, Shape::known(&[3]));
+        let err = parse("Add", 14, &[], 2)
+            .infer(&[Some(&f8), Some(&f8)])
+            .unwrap_err();
+        assert!(err.contains("dtype f8e4m3fn is not supported"), "{err}");
+        assert!(parse("Sqrt", 13, &[], 1).infer(&[Some(&f8)]).is_err());
+        assert!(run(&parse("Add", 14, &[], 2), &[&sat, &sat]).is_err());
+        let id = run(&parse("Identity", 16, &[], 1), &[&sat]).unwrap();
+        assert!(id.check_close(&sat, 0.0, 0.0).is_ok());
+    }
+
+    #[test]
     fn dropout_inference_mode() {
         let x = f32s(&[2], &[1.0, 2.0]);
         let op = ElementwiseOp::from_onnx(&node("Dropout", 22, &[], 3, 2))
