@@ -156,10 +156,19 @@ pub enum Tensor {
     U64(ArrayD<u64>),
     /// bool data.
     Bool(ArrayD<bool>),
+    /// Data of a low-precision dtype ([`DType::is_low_precision`]: float8, float4, 4-bit and
+    /// 2-bit integers), held as the exactly representable decoded values. Build it with
+    /// [`Tensor::low`], which rounds to the dtype. Data movement works on it through
+    /// [`with_tensor!`](crate::with_tensor) / [`map_tensor!`](crate::map_tensor) (which keep the
+    /// dtype and re-round results); arithmetic ops reject these dtypes.
+    Low(DType, ArrayD<f32>),
 }
 
 /// Runs `$body` with `$a` bound to the tensor's `&ArrayD<T>`, for whichever `T` it holds.
 /// The body is expanded once per dtype, so it may call generic functions over [`Elem`].
+/// A [`Tensor::Low`] binds its decoded values as `&ArrayD<f32>`: a body that builds a tensor
+/// from them gets an f32 tensor, so callers must not use it for low-precision dtypes unless
+/// that is intended.
 #[macro_export]
 macro_rules! with_tensor {
     ($t:expr, $a:ident => $body:expr) => {
@@ -177,12 +186,14 @@ macro_rules! with_tensor {
             $crate::Tensor::U32($a) => $body,
             $crate::Tensor::U64($a) => $body,
             $crate::Tensor::Bool($a) => $body,
+            $crate::Tensor::Low(_, $a) => $body,
         }
     };
 }
 
 /// Like [`with_tensor!`], but `$body` returns an `ArrayD` of the same element type, which is
-/// wrapped back into a [`Tensor`] of the same dtype.
+/// wrapped back into a [`Tensor`] of the same dtype. For [`Tensor::Low`] the result is
+/// rounded to the dtype again (a no-op for data movement).
 #[macro_export]
 macro_rules! map_tensor {
     ($t:expr, $a:ident => $body:expr) => {
@@ -200,6 +211,7 @@ macro_rules! map_tensor {
             $crate::Tensor::U32($a) => $crate::Tensor::U32($body),
             $crate::Tensor::U64($a) => $crate::Tensor::U64($body),
             $crate::Tensor::Bool($a) => $crate::Tensor::Bool($body),
+            $crate::Tensor::Low(d, $a) => $crate::Tensor::low(*d, $body),
         }
     };
 }
@@ -222,6 +234,20 @@ macro_rules! map_float_tensor {
 /// Builds the zero tensor of a dtype; used by [`Tensor::zeros`].
 fn zeros_of<T: Elem>(shape: &[usize]) -> Tensor {
     T::wrap(ArrayD::from_elem(IxDyn(shape), T::default()))
+}
+
+/// Cast to a low-precision dtype (see [`DType::encode_low`]).
+fn cast_low(t: &Tensor, dtype: DType, saturate: bool) -> Tensor {
+    if t.dtype() == dtype {
+        return t.clone();
+    }
+    let out = if t.dtype().is_int() && dtype.is_int() {
+        // integer to 4/2-bit integer: wrap exactly through i64
+        with_tensor!(t, a => a.mapv(|x| dtype.wrap_low_int(x.to_i64()).expect("low int")))
+    } else {
+        with_tensor!(t, a => a.mapv(|x| dtype.quantize(x.to_f64(), saturate)))
+    };
+    Tensor::Low(dtype, out)
 }
 
 fn cast_to<T: Elem>(t: &Tensor) -> Tensor {
@@ -255,6 +281,7 @@ impl Tensor {
             Tensor::U32(_) => DType::U32,
             Tensor::U64(_) => DType::U64,
             Tensor::Bool(_) => DType::Bool,
+            Tensor::Low(d, _) => *d,
         }
     }
 
@@ -294,7 +321,18 @@ impl Tensor {
             DType::U32 => zeros_of::<u32>(shape),
             DType::U64 => zeros_of::<u64>(shape),
             DType::Bool => zeros_of::<bool>(shape),
+            d => Tensor::low(d, ArrayD::zeros(IxDyn(shape))),
         }
+    }
+
+    /// A tensor of the low-precision dtype `dtype` from f32 values, each rounded to the dtype
+    /// (saturating; see [`DType::quantize`]). Panics if `dtype` is not low-precision.
+    pub fn low(dtype: DType, values: ArrayD<f32>) -> Tensor {
+        assert!(
+            dtype.is_low_precision(),
+            "Tensor::low: {dtype} is not low-precision"
+        );
+        Tensor::Low(dtype, values.mapv(|x| dtype.quantize(x as f64, true)))
     }
 
     /// Builds a tensor from a flat vector in row-major order. Panics if the length does not
@@ -331,8 +369,16 @@ impl Tensor {
         T::view(self).map(|a| a.view())
     }
 
-    /// Converts to another dtype with ONNX `Cast` semantics.
+    /// Converts to another dtype with ONNX `Cast` semantics (saturating for float8 targets,
+    /// the default of `Cast`'s `saturate` attribute).
     pub fn cast(&self, dtype: DType) -> Tensor {
+        self.cast_saturate(dtype, true)
+    }
+
+    /// Like [`Tensor::cast`], with `Cast`'s `saturate` attribute: it only matters for float8
+    /// targets, where out-of-range values become ±max if set and ±inf / NaN if not
+    /// (see [`DType::encode_low`]).
+    pub fn cast_saturate(&self, dtype: DType, saturate: bool) -> Tensor {
         match dtype {
             DType::F32 => cast_to::<f32>(self),
             DType::F16 => cast_to::<f16>(self),
@@ -347,6 +393,7 @@ impl Tensor {
             DType::U32 => cast_to::<u32>(self),
             DType::U64 => cast_to::<u64>(self),
             DType::Bool => cast_to::<bool>(self),
+            d => cast_low(self, d, saturate),
         }
     }
 
@@ -488,6 +535,30 @@ mod tests {
         let i = Tensor::from_vec(&[2], vec![-1i64, 256]);
         assert_eq!(i.cast(DType::U8).to_i64_vec(), vec![255, 0]);
         assert_eq!(t.cast(DType::F16).dtype(), DType::F16);
+    }
+
+    #[test]
+    fn low_precision_tensors() {
+        let t = Tensor::from_vec(&[2, 2], vec![0.3f32, -9.0, 15.7, 2.0]);
+        let i4 = t.cast(DType::I4);
+        assert_eq!(i4.dtype(), DType::I4);
+        assert_eq!(i4.to_i64_vec(), vec![0, 7, -1, 2]);
+        assert_eq!(i4.cast(DType::I8).to_i64_vec(), vec![0, 7, -1, 2]);
+        let wide = Tensor::from_vec(&[2], vec![-9i64, 300]);
+        assert_eq!(wide.cast(DType::U4).to_i64_vec(), vec![7, 12]);
+        // data movement keeps the dtype
+        let r = i4.reshape(&[4]).unwrap();
+        assert_eq!((r.dtype(), r.shape()), (DType::I4, &[4usize][..]));
+        let f8 = t.cast(DType::F8E5M2);
+        assert_eq!(f8.to_f64_vec(), vec![0.3125, -8.0, 16.0, 2.0]);
+        assert!(f8.check_close(&f8.clone(), 0.0, 0.0).is_ok());
+        assert!(f8.check_close(&t.cast(DType::F8E4M3FN), 0.0, 0.0).is_err());
+        let nan = Tensor::from_vec(&[1], vec![f32::NAN]).cast(DType::F8E4M3FN);
+        assert!(nan.check_close(&nan, 0.0, 0.0).is_ok());
+        assert_eq!(
+            Tensor::zeros(DType::F4E2M1, &[2]).to_f64_vec(),
+            vec![0.0, 0.0]
+        );
     }
 
     #[test]

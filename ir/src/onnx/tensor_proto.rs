@@ -35,7 +35,7 @@ pub fn decode(t: &proto::TensorProto, base_dir: Option<&Path>) -> Result<Tensor,
         .ok_or_else(|| format!("dims {:?}: element count overflows", t.dims))?;
     let external = t.data_location() == proto::tensor_proto::DataLocation::External;
     if external {
-        let bytes = read_external(t, base_dir, numel * dtype.size_of())?;
+        let bytes = read_external(t, base_dir, raw_len(dtype, numel))?;
         return from_raw(dtype, &shape, &bytes);
     }
     if let Some(raw) = &t.raw_data {
@@ -52,6 +52,19 @@ pub fn decode(t: &proto::TensorProto, base_dir: Option<&Path>) -> Result<Tensor,
         }
     };
     match dtype {
+        d if d.is_low_precision() => {
+            // one code (8-bit types) or one packed byte (4-bit, 2-bit types) per int32
+            let bytes: Vec<u8> = t.int32_data.iter().map(|&x| x as u8).collect();
+            let want = raw_len(dtype, numel);
+            if bytes.len() != want {
+                return Err(format!(
+                    "int32_data: has {} entries but dims {:?} of {dtype} need {want}",
+                    bytes.len(),
+                    t.dims
+                ));
+            }
+            from_raw(dtype, &shape, &bytes)
+        }
         DType::F32 => {
             check(t.float_data.len(), "float_data")?;
             Tensor::try_from_vec(&shape, t.float_data.clone())
@@ -157,17 +170,53 @@ fn le_vec<T: Elem, const N: usize>(raw: &[u8], conv: fn([u8; N]) -> T) -> Vec<T>
         .collect()
 }
 
+/// Bytes of `numel` elements of `dtype` in ONNX raw data (4-bit and 2-bit types packed).
+fn raw_len(dtype: DType, numel: usize) -> usize {
+    (numel * dtype.bits()).div_ceil(8)
+}
+
+/// Unpacks the codes of a low-precision tensor: one per byte, or packed low bits first
+/// (two 4-bit or four 2-bit codes per byte).
+fn unpack_low(dtype: DType, numel: usize, raw: &[u8]) -> Vec<f32> {
+    let bits = dtype.bits();
+    let per_byte = 8 / bits;
+    let mask = ((1u16 << bits) - 1) as u8;
+    (0..numel)
+        .map(|i| {
+            let code = (raw[i / per_byte] >> ((i % per_byte) * bits)) & mask;
+            dtype.decode_low(code)
+        })
+        .collect()
+}
+
+/// Packs the codes of a low-precision tensor (the inverse of [`unpack_low`]).
+fn pack_low(dtype: DType, values: &ndarray::ArrayD<f32>) -> Vec<u8> {
+    let bits = dtype.bits();
+    let per_byte = 8 / bits;
+    let mut out = vec![0u8; raw_len(dtype, values.len())];
+    for (i, &v) in values.iter().enumerate() {
+        let code = dtype.encode_low(v as f64, false);
+        out[i / per_byte] |= code << ((i % per_byte) * bits);
+    }
+    out
+}
+
 /// Builds a tensor from little-endian raw bytes.
 pub fn from_raw(dtype: DType, shape: &[usize], raw: &[u8]) -> Result<Tensor, String> {
     let numel: usize = shape.iter().product();
-    if raw.len() != numel * dtype.size_of() {
+    let want = raw_len(dtype, numel);
+    if raw.len() != want {
         return Err(format!(
-            "raw_data: {} bytes, but dims {shape:?} of {dtype} need {}",
+            "raw_data: {} bytes, but dims {shape:?} of {dtype} need {want}",
             raw.len(),
-            numel * dtype.size_of()
         ));
     }
     match dtype {
+        d if d.is_low_precision() => Ok(Tensor::Low(
+            d,
+            ndarray::ArrayD::from_shape_vec(shape, unpack_low(d, numel, raw))
+                .map_err(|e| e.to_string())?,
+        )),
         DType::F32 => Tensor::try_from_vec(shape, le_vec(raw, f32::from_le_bytes)),
         DType::F64 => Tensor::try_from_vec(shape, le_vec(raw, f64::from_le_bytes)),
         DType::F16 => Tensor::try_from_vec(
@@ -187,6 +236,7 @@ pub fn from_raw(dtype: DType, shape: &[usize], raw: &[u8]) -> Result<Tensor, Str
         DType::U32 => Tensor::try_from_vec(shape, le_vec(raw, u32::from_le_bytes)),
         DType::U64 => Tensor::try_from_vec(shape, le_vec(raw, u64::from_le_bytes)),
         DType::Bool => Tensor::try_from_vec(shape, raw.iter().map(|&b| b != 0).collect()),
+        _ => unreachable!("low-precision dtypes handled above"),
     }
 }
 
@@ -209,6 +259,7 @@ pub fn to_raw(t: &Tensor) -> Vec<u8> {
         Tensor::U32(a) => bytes(a, u32::to_le_bytes),
         Tensor::U64(a) => bytes(a, u64::to_le_bytes),
         Tensor::Bool(a) => a.iter().map(|&b| b as u8).collect(),
+        Tensor::Low(d, a) => pack_low(*d, a),
     }
 }
 

@@ -273,13 +273,19 @@ pub enum ElementwiseOp {
     Clip(ClipBounds),
     /// `cond ? x : y` with three-way broadcasting.
     Where,
-    /// Conversion to a dtype (the `saturate` attribute only concerns float8 and is ignored).
+    /// Conversion to a dtype.
     Cast {
         /// Target dtype.
         to: DType,
+        /// The `saturate` attribute (default true): float8 targets clamp out-of-range values
+        /// to ±max instead of giving ±inf / NaN.
+        saturate: bool,
     },
     /// Conversion to the dtype of input 1.
-    CastLike,
+    CastLike {
+        /// The `saturate` attribute, as for `Cast`.
+        saturate: bool,
+    },
     /// Copy.
     Identity,
     /// Dropout in inference mode: output = input, mask all true.
@@ -580,6 +586,16 @@ fn bool_attr(node: &OnnxNode, name: &str, default: bool) -> OpResult<bool> {
     }
 }
 
+/// `Cast`'s `round_mode` (opset 24, for `FLOAT8E8M0` targets): only the default "up".
+fn check_round_mode(node: &OnnxNode) -> OpResult<()> {
+    match node.string("round_mode")? {
+        Some(m) if m != "up" => Err(format!(
+            "attribute 'round_mode': \"{m}\" is not supported (only \"up\")"
+        )),
+        _ => Ok(()),
+    }
+}
+
 impl ElementwiseOp {
     /// Parses the ops that are not unary or binary kinds.
     fn parse_other(node: &OnnxNode) -> OpResult<Option<ElementwiseOp>> {
@@ -609,7 +625,8 @@ impl ElementwiseOp {
             "Clip" => Clip(ClipBounds::Inputs),
             "Where" => Where,
             "Cast" => {
-                node.int("saturate")?;
+                let saturate = bool_attr(node, "saturate", true)?;
+                check_round_mode(node)?;
                 let code = node.req_int("to")?;
                 let to = i32::try_from(code)
                     .ok()
@@ -620,11 +637,13 @@ impl ElementwiseOp {
                             DType::onnx_name(code.try_into().unwrap_or(-1))
                         )
                     })?;
-                Cast { to }
+                Cast { to, saturate }
             }
             "CastLike" => {
-                node.int("saturate")?;
-                CastLike
+                check_round_mode(node)?;
+                CastLike {
+                    saturate: bool_attr(node, "saturate", true)?,
+                }
             }
             "Identity" => Identity,
             "Dropout" => {
@@ -650,7 +669,7 @@ impl ElementwiseOp {
         match self {
             Unary(_) | Not | Predicate(_) | Cast { .. } | Identity => ((1, 1), (1, 1)),
             Clip(ClipBounds::Attrs { .. }) => ((1, 1), (1, 1)),
-            Binary(_) | Compare(_) | Logical(_) | CastLike => ((2, 2), (1, 1)),
+            Binary(_) | Compare(_) | Logical(_) | CastLike { .. } => ((2, 2), (1, 1)),
             Variadic(_) => ((1, usize::MAX), (1, 1)),
             Clip(ClipBounds::Inputs) => ((1, 3), (1, 1)),
             Where => ((3, 3), (1, 1)),
@@ -706,6 +725,10 @@ enum Types {
 
 impl Types {
     fn accepts(self, d: DType) -> bool {
+        if d.is_low_precision() {
+            // stored, moved and cast only: no kernel computes on them
+            return self == Types::Any;
+        }
         match self {
             Types::Float => d.is_float(),
             Types::SignedOrFloat => d.is_float() || d.is_signed_int(),
@@ -740,6 +763,8 @@ fn dtype_of(d: &[Option<DType>], i: usize) -> OpResult<DType> {
 fn expect(op: &str, i: usize, d: DType, t: Types) -> OpResult<DType> {
     if t.accepts(d) {
         Ok(d)
+    } else if d.is_low_precision() {
+        Err(format!("input {i}: dtype {d} is not supported by {op}"))
     } else {
         Err(format!(
             "input {i}: {op} expects {}, found {d}",
@@ -808,11 +833,11 @@ impl ElementwiseOp {
                 same(2, dtype_of(d, 2)?, 1, x)?;
                 vec![x]
             }
-            Cast { to } => {
+            Cast { to, .. } => {
                 dtype_of(d, 0)?;
                 vec![*to]
             }
-            CastLike => {
+            CastLike { .. } => {
                 dtype_of(d, 0)?;
                 vec![dtype_of(d, 1)?]
             }
@@ -1430,8 +1455,8 @@ impl ElementwiseOp {
                     _ => None,
                 }
             }
-            Cast { to } => Some(Ok(x.cast(*to))),
-            CastLike => Some(Ok(x.cast(y()?.dtype()))),
+            Cast { to, saturate } => Some(Ok(x.cast_saturate(*to, *saturate))),
+            CastLike { saturate } => Some(Ok(x.cast_saturate(y()?.dtype(), *saturate))),
             Identity => Some(Ok(x.clone())),
             Dropout(_) => None,
         };
@@ -1468,7 +1493,7 @@ impl OpFamily for ElementwiseOp {
             Clip(_) => "Clip",
             Where => "Where",
             Cast { .. } => "Cast",
-            CastLike => "CastLike",
+            CastLike { .. } => "CastLike",
             Identity => "Identity",
             Dropout(_) => "Dropout",
         }
@@ -1685,7 +1710,7 @@ mod tests {
         assert!(ElementwiseOp::from_onnx(&arity)
             .unwrap_err()
             .contains("expected 2 inputs"));
-        let cast = node("Cast", 21, &[("to", AttrValue::Int(17))], 1, 1);
+        let cast = node("Cast", 21, &[("to", AttrValue::Int(8))], 1, 1);
         assert!(ElementwiseOp::from_onnx(&cast)
             .unwrap_err()
             .contains("'to'"));
@@ -1931,6 +1956,31 @@ mod tests {
         let b = run(&parse("CastLike", 19, &[], 2), &[&x, &like]).unwrap();
         assert_eq!(b, Tensor::from_vec(&[3], vec![true, true, true]));
         assert_eq!(run(&parse("Identity", 16, &[], 1), &[&like]).unwrap(), like);
+    }
+
+    #[test]
+    fn low_precision_cast_and_rejection() {
+        let x = f32s(&[3], &[1e6, 1.0625, f32::NAN]);
+        let to = ("to", AttrValue::Int(17)); // FLOAT8E4M3FN
+        let sat = run(&parse("Cast", 19, std::slice::from_ref(&to), 1), &[&x]).unwrap();
+        assert_eq!(sat.dtype(), DType::F8E4M3FN);
+        let v = sat.to_f64_vec();
+        assert_eq!(&v[..2], &[448.0, 1.0]);
+        assert!(v[2].is_nan());
+        let no_sat = parse("Cast", 19, &[to, ("saturate", AttrValue::Int(0))], 1);
+        assert!(run(&no_sat, &[&x]).unwrap().to_f64_vec()[0].is_nan());
+        let back = run(&parse("CastLike", 19, &[], 2), &[&sat, &x]).unwrap();
+        assert_eq!(back.dtype(), DType::F32);
+        // arithmetic rejects low-precision dtypes at type inference
+        let f8 = Fact::new(DType::F8E4M3FN, Shape::known(&[3]));
+        let err = parse("Add", 14, &[], 2)
+            .infer(&[Some(&f8), Some(&f8)])
+            .unwrap_err();
+        assert!(err.contains("dtype f8e4m3fn is not supported"), "{err}");
+        assert!(parse("Sqrt", 13, &[], 1).infer(&[Some(&f8)]).is_err());
+        assert!(run(&parse("Add", 14, &[], 2), &[&sat, &sat]).is_err());
+        let id = run(&parse("Identity", 16, &[], 1), &[&sat]).unwrap();
+        assert!(id.check_close(&sat, 0.0, 0.0).is_ok());
     }
 
     #[test]
