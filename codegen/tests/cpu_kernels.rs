@@ -83,7 +83,7 @@ fn run_matmul(name: &str, m: usize, n: usize, k: usize, bias: bool, seed: u64) {
             }
         }
     }
-    assert_close(&c, &want, 1e-4 * (k as f32).sqrt(), name);
+    assert_close(&c, &want, 1e-4 * (1.0 + (k as f32).sqrt()), name);
 }
 
 #[test]
@@ -133,9 +133,36 @@ fn matmul_fixed_shapes() {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(40))]
     #[test]
-    fn matmul_random_shapes(m in 1usize..80, n in 1usize..80, k in 1usize..40, seed in 0u64..1000) {
+    fn matmul_random_shapes(m in 1usize..80, n in 1usize..80, k in 0usize..40, seed in 0u64..1000) {
         run_matmul("mm_small", m, n, k, false, seed);
         run_matmul("mm_small_bias_relu", m, n, k, true, seed);
         run_matmul("mm_default", m, n, k, false, seed);
     }
+}
+
+/// The generated kernel agrees with `kiln_ir`'s reference `MatMul` (the interpreter's oracle).
+#[test]
+fn matmul_matches_ir_reference() {
+    use kiln_ir::ops::linalg::LinalgOp;
+    use kiln_ir::ops::OpFamily;
+    use kiln_ir::Tensor;
+    let (m, n, k) = (37, 45, 129);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let a = random(m * k, &mut rng);
+    let b = random(k * n, &mut rng);
+    let mut c = vec![0f32; m * n];
+    let kern = library().kernel("mm_default").unwrap();
+    let args = [
+        a.as_ptr() as *mut u8,
+        b.as_ptr() as *mut u8,
+        c.as_mut_ptr() as *mut u8,
+    ];
+    // SAFETY: buffers sized for dims [m, n, k].
+    unsafe { kern.call(&args, &[m as i64, n as i64, k as i64]) };
+    let ta = Tensor::from_vec(&[m, k], a);
+    let tb = Tensor::from_vec(&[k, n], b);
+    let want = LinalgOp::MatMul.eval(&[Some(&ta), Some(&tb)]).unwrap();
+    Tensor::from_vec(&[m, n], c)
+        .check_close(&want[0], 1e-4, 1e-4)
+        .unwrap();
 }

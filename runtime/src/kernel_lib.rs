@@ -103,3 +103,14 @@ impl KernelHandle<'_> {
         unsafe { (self.f)(args.as_ptr(), dims.as_ptr()) }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejects_bytes_that_are_not_a_library() {
+        let err = KernelLibrary::from_bytes(b"not an ELF file").unwrap_err();
+        assert!(matches!(err, KernelLibError::Load(_)), "{err}");
+    }
+}

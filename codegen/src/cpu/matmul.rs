@@ -92,7 +92,6 @@ pub enum Epilogue {
 /// Generates the matmul kernel `name`.
 ///
 /// Arguments `[A, B, C]` (or `[A, B, bias, C]` with [`Epilogue::BiasRelu`]); dims `[M, N, K]`.
-/// `K` must be at least 1.
 pub fn matmul(name: &str, schedule: &MatmulSchedule, epilogue: Epilogue) -> Kernel {
     let s = schedule.normalized();
     let (mr, nr, vw) = (s.mr, s.nr, s.vector_width);
@@ -112,8 +111,10 @@ pub fn matmul(name: &str, schedule: &MatmulSchedule, epilogue: Epilogue) -> Kern
 
     let mut t = String::new();
     let w = &mut t;
-    let ap_len = s.mc * s.kc;
-    let bp_len = s.kc * s.nc;
+    // Packed buffers sized for this call's shape (at most mc×kc and kc×nc), so small
+    // problems do not pay for (and page-fault in) full-size blocks.
+    let ap_len = "?";
+    let bp_len = "?";
     let _ = writeln!(
         w,
         r#"  %c0 = arith.constant 0 : index
@@ -125,8 +126,21 @@ pub fn matmul(name: &str, schedule: &MatmulSchedule, epilogue: Epilogue) -> Kern
   %cnc = arith.constant {nc} : index
   %zf = arith.constant 0.0 : f32
   %zv = arith.constant dense<0.0> : {vt}
-  %ap = memref.alloc() {{alignment = 64 : i64}} : memref<{ap_len}xf32>
-  %bp = memref.alloc() {{alignment = 64 : i64}} : memref<{bp_len}xf32>
+  %kcap = arith.minsi %ckc, {k} : index
+  %mup0 = arith.addi {m}, %cmr : index
+  %mup1 = arith.subi %mup0, %c1 : index
+  %mup2 = arith.divui %mup1, %cmr : index
+  %mup = arith.muli %mup2, %cmr : index
+  %mcap = arith.minsi %cmc, %mup : index
+  %nup0 = arith.addi {n}, %cnr : index
+  %nup1 = arith.subi %nup0, %c1 : index
+  %nup2 = arith.divui %nup1, %cnr : index
+  %nup = arith.muli %nup2, %cnr : index
+  %ncap = arith.minsi %cnc, %nup : index
+  %aplen = arith.muli %mcap, %kcap : index
+  %bplen = arith.muli %ncap, %kcap : index
+  %ap = memref.alloc(%aplen) {{alignment = 64 : i64}} : memref<{ap_len}xf32>
+  %bp = memref.alloc(%bplen) {{alignment = 64 : i64}} : memref<{bp_len}xf32>
   scf.for %jc = %c0 to {n} step %cnc {{
     %nrem = arith.subi {n}, %jc : index
     %nc = arith.minsi %cnc, %nrem : index
@@ -351,10 +365,26 @@ pub fn matmul(name: &str, schedule: &MatmulSchedule, epilogue: Epilogue) -> Kern
         }
     }
     let _ = writeln!(w, "            }}");
+    // With K = 0 the product is all zeros; the epilogue still applies.
+    let zval = match &bias {
+        Some(bias) => format!(
+            "%zb = memref.load {bias}[%zj] : memref<?xf32>\n        %zval = arith.maximumf %zb, %zf : f32"
+        ),
+        None => "%zval = arith.constant 0.0 : f32".to_string(),
+    };
     let _ = writeln!(
         w,
         r#"          }}
         }}
+      }}
+    }}
+  }}
+  %kzero = arith.cmpi eq, {k}, %c0 : index
+  scf.if %kzero {{
+    scf.for %zi = %c0 to {m} step %c1 {{
+      scf.for %zj = %c0 to {n} step %c1 {{
+        {zval}
+        memref.store %zval, {c}[%zi, %zj] : memref<?x?xf32>
       }}
     }}
   }}
