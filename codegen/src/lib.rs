@@ -3,8 +3,11 @@
 //!
 //! For now this crate holds the two toolchain entry points that everything else builds on:
 //! [`mlir::run_pipeline`] (parse MLIR text, run a named pass pipeline) and
-//! [`llvm::emit_object`] (LLVM IR text → optimised object code for a named CPU).
+//! [`llvm::emit_object`] (LLVM IR text → optimised object code for a named CPU), and the
+//! CPU kernel path built on them, [`cpu`]: MLIR kernels → LLVM IR → object code → one
+//! shared library with a uniform C ABI.
 
+pub mod cpu;
 pub mod llvm;
 pub mod mlir;
 
@@ -25,6 +28,12 @@ pub enum CodegenError {
         /// MLIR's message.
         msg: String,
     },
+    /// Translating the LLVM dialect to LLVM IR failed.
+    #[error("MLIR to LLVM IR translation: {0}")]
+    Translate(String),
+    /// Linking the shared library failed.
+    #[error("link: {0}")]
+    Link(String),
     /// LLVM failed (bad IR, unknown target or CPU, emission failure).
     #[error("LLVM: {0}")]
     Llvm(String),

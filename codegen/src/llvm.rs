@@ -3,6 +3,7 @@
 use crate::CodegenError;
 use inkwell::context::Context;
 use inkwell::memory_buffer::MemoryBuffer;
+use inkwell::module::Module;
 use inkwell::passes::PassBuilderOptions;
 use inkwell::targets::{
     CodeModel, FileType, InitializationConfig, RelocMode, Target, TargetMachine, TargetTriple,
@@ -46,6 +47,14 @@ pub fn emit_object(ir: &str, cpu: &str) -> Result<Vec<u8>, CodegenError> {
     let module = ctx
         .create_module_from_ir(buf)
         .map_err(|e| CodegenError::Llvm(format!("invalid LLVM IR: {e}")))?;
+    optimize_and_emit(&module, cpu)
+}
+
+/// Runs the O3 pipeline for `cpu` on `module` (in place) and returns ELF object code.
+pub fn optimize_and_emit(module: &Module<'_>, cpu: &str) -> Result<Vec<u8>, CodegenError> {
+    module
+        .verify()
+        .map_err(|e| CodegenError::Llvm(format!("invalid LLVM module: {e}")))?;
     let tm = target_machine(cpu)?;
     module.set_triple(&tm.get_triple());
     module.set_data_layout(&tm.get_target_data().get_data_layout());
@@ -53,7 +62,7 @@ pub fn emit_object(ir: &str, cpu: &str) -> Result<Vec<u8>, CodegenError> {
         .run_passes("default<O3>", &tm, PassBuilderOptions::create())
         .map_err(|e| CodegenError::Llvm(e.to_string()))?;
     let obj = tm
-        .write_to_memory_buffer(&module, FileType::Object)
+        .write_to_memory_buffer(module, FileType::Object)
         .map_err(|e| CodegenError::Llvm(e.to_string()))?;
     Ok(obj.as_slice().to_vec())
 }

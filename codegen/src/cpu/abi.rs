@@ -1,0 +1,179 @@
+//! The uniform kernel ABI and the MLIR prologue that implements it.
+//!
+//! Every CPU kernel Kiln emits is a C function
+//!
+//! ```c
+//! void kernel_name(void *const *args, const int64_t *dims);
+//! ```
+//!
+//! * `args[i]` is the base address of the i-th tensor buffer: inputs first, then outputs, in
+//!   the order the kernel's [`KernelSignature`](super::KernelSignature) lists them. Buffers are
+//!   dense, row-major (C order) and need no particular alignment beyond 4 bytes for `f32`.
+//! * `dims[j]` is the runtime value of the kernel's j-th symbolic dimension (see
+//!   [`KernelSignature::dims`](super::KernelSignature::dims)), so one compiled kernel serves
+//!   every size of a dynamic shape.
+//!
+//! Inside MLIR the function is `func.func @name(%args: !llvm.ptr, %dims: !llvm.ptr)`; its
+//! prologue (built here) loads the pointers and dims and assembles ordinary dynamic memref
+//! descriptors (`memref<?x?xf32>`) with `llvm.insertvalue` +
+//! `builtin.unrealized_conversion_cast`, which `reconcile-unrealized-casts` removes after
+//! lowering. The kernel body then works on memrefs like any MLIR code.
+
+use std::fmt::Write as _;
+
+/// The size of one memref dimension in a kernel prologue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dim {
+    /// A compile-time constant.
+    Const(i64),
+    /// The runtime value `dims[i]`.
+    Sym(usize),
+}
+
+/// Builds the body of an ABI-conforming `func.func`: a prologue turning `(args, dims)` into
+/// memrefs, then arbitrary MLIR lines.
+#[derive(Debug, Default)]
+pub struct Prologue {
+    text: String,
+    next: usize,
+    loaded_dims: Vec<Option<String>>,
+}
+
+impl Prologue {
+    /// A new, empty prologue.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn fresh(&mut self, stem: &str) -> String {
+        self.next += 1;
+        format!("%{stem}{}", self.next)
+    }
+
+    /// The `i64` SSA value of `dims[i]`, loading it once.
+    pub fn dim_i64(&mut self, i: usize) -> String {
+        if self.loaded_dims.len() <= i {
+            self.loaded_dims.resize(i + 1, None);
+        }
+        if let Some(v) = &self.loaded_dims[i] {
+            return v.clone();
+        }
+        let g = self.fresh("dg");
+        let v = self.fresh("d");
+        let _ = writeln!(
+            self.text,
+            "  {g} = llvm.getelementptr %dims[{i}] : (!llvm.ptr) -> !llvm.ptr, i64\n  {v} = llvm.load {g} : !llvm.ptr -> i64"
+        );
+        self.loaded_dims[i] = Some(v.clone());
+        v
+    }
+
+    /// The `index` SSA value of `dims[i]`.
+    pub fn dim_index(&mut self, i: usize) -> String {
+        let v = self.dim_i64(i);
+        let x = self.fresh("di");
+        let _ = writeln!(self.text, "  {x} = arith.index_cast {v} : i64 to index");
+        x
+    }
+
+    fn dim_value(&mut self, d: Dim) -> String {
+        match d {
+            Dim::Sym(i) => self.dim_i64(i),
+            Dim::Const(c) => {
+                let v = self.fresh("k");
+                let _ = writeln!(self.text, "  {v} = llvm.mlir.constant({c} : i64) : i64");
+                v
+            }
+        }
+    }
+
+    /// Declares `args[arg]` as a dense row-major `f32` memref of the given shape and returns
+    /// the SSA name of the memref (type [`memref_type`] of `shape.len()`).
+    pub fn memref_f32(&mut self, arg: usize, shape: &[Dim]) -> String {
+        let rank = shape.len();
+        let g = self.fresh("ag");
+        let p = self.fresh("p");
+        let _ = writeln!(
+            self.text,
+            "  {g} = llvm.getelementptr %args[{arg}] : (!llvm.ptr) -> !llvm.ptr, !llvm.ptr\n  {p} = llvm.load {g} : !llvm.ptr -> !llvm.ptr"
+        );
+        let sizes: Vec<String> = shape.iter().map(|&d| self.dim_value(d)).collect();
+        // Row-major strides, innermost first.
+        let mut strides = vec![String::new(); rank];
+        let mut acc = self.dim_value(Dim::Const(1));
+        for i in (0..rank).rev() {
+            strides[i] = acc.clone();
+            if i > 0 {
+                let m = self.fresh("s");
+                let _ = writeln!(self.text, "  {m} = llvm.mul {acc}, {} : i64", sizes[i]);
+                acc = m;
+            }
+        }
+        let st = descriptor_type(rank);
+        let zero = self.dim_value(Dim::Const(0));
+        let mut cur = self.fresh("desc");
+        let _ = writeln!(self.text, "  {cur} = llvm.mlir.poison : {st}");
+        let mut insert = |this: &mut Self, val: &str, pos: &str| {
+            let n = this.fresh("desc");
+            let _ = writeln!(
+                this.text,
+                "  {n} = llvm.insertvalue {val}, {cur}[{pos}] : {st}"
+            );
+            cur = n;
+        };
+        insert(self, &p, "0");
+        insert(self, &p, "1");
+        insert(self, &zero, "2");
+        if rank > 0 {
+            for (i, s) in sizes.iter().enumerate() {
+                insert(self, s, &format!("3, {i}"));
+            }
+            for (i, s) in strides.iter().enumerate() {
+                insert(self, s, &format!("4, {i}"));
+            }
+        }
+        let m = self.fresh("m");
+        let _ = writeln!(
+            self.text,
+            "  {m} = builtin.unrealized_conversion_cast {cur} : {st} to {}",
+            memref_type(rank)
+        );
+        m
+    }
+
+    /// Appends raw MLIR lines to the body.
+    pub fn push(&mut self, lines: &str) {
+        self.text.push_str(lines);
+        if !lines.ends_with('\n') {
+            self.text.push('\n');
+        }
+    }
+
+    /// Wraps the body into `func.func @name(%args: !llvm.ptr, %dims: !llvm.ptr)`, adding the
+    /// final `return`.
+    pub fn finish(self, name: &str) -> String {
+        format!(
+            "func.func @{name}(%args: !llvm.ptr, %dims: !llvm.ptr) {{\n{}  return\n}}\n",
+            self.text
+        )
+    }
+}
+
+/// The LLVM struct type of a rank-`rank` memref descriptor.
+pub fn descriptor_type(rank: usize) -> String {
+    if rank == 0 {
+        "!llvm.struct<(ptr, ptr, i64)>".into()
+    } else {
+        format!("!llvm.struct<(ptr, ptr, i64, array<{rank} x i64>, array<{rank} x i64>)>")
+    }
+}
+
+/// The dynamic `f32` memref type of rank `rank` (`memref<?x?xf32>` for 2).
+pub fn memref_type(rank: usize) -> String {
+    let mut s = String::from("memref<");
+    for _ in 0..rank {
+        s.push_str("?x");
+    }
+    s.push_str("f32>");
+    s
+}

@@ -1,0 +1,70 @@
+//! The CPU code-generation path: kernels written in MLIR (`linalg`, `scf`, `vector`), lowered
+//! to the LLVM dialect, translated to LLVM IR, optimised at O3 for a named CPU, and linked
+//! into one shared library (`.so`) that `kiln_runtime::kernel_lib` loads without LLVM.
+//!
+//! * [`abi`]: the uniform `void kernel(void *const *args, const int64_t *dims)` ABI.
+//! * [`elementwise`]: elementwise kernels (`linalg.generic`).
+//! * [`matmul`]: f32 matmul with a parametric [`matmul::MatmulSchedule`].
+//! * [`pipeline`]: MLIR → LLVM IR → object code.
+//! * [`link`]: objects → shared library.
+
+pub mod abi;
+pub mod elementwise;
+pub mod link;
+pub mod matmul;
+pub mod pipeline;
+
+use crate::CodegenError;
+
+/// What the runtime needs to know to call a kernel through the uniform ABI.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelSignature {
+    /// The exported symbol name.
+    pub name: String,
+    /// Number of input buffers (`args[0..inputs]`).
+    pub inputs: usize,
+    /// Number of output buffers (`args[inputs..inputs + outputs]`).
+    pub outputs: usize,
+    /// Names of the symbolic dimensions, in `dims[]` order.
+    pub dims: Vec<String>,
+}
+
+/// One kernel: its signature, its MLIR module text and the pass pipeline that lowers that
+/// text to the LLVM dialect.
+#[derive(Debug, Clone)]
+pub struct Kernel {
+    /// The ABI description.
+    pub signature: KernelSignature,
+    /// One `func.func` (plus any private helpers), without the enclosing `module`.
+    pub mlir: String,
+    /// A `builtin.module(...)` pass pipeline ending in the LLVM dialect.
+    pub pipeline: String,
+}
+
+/// Target options for CPU code generation.
+#[derive(Debug, Clone)]
+pub struct CpuOptions {
+    /// LLVM CPU name: `x86-64-v3` (default: AVX2 + FMA), `x86-64-v4`, `znver1`, or `native`.
+    pub cpu: String,
+    /// The C compiler driver used to link the shared library (default `cc`).
+    pub linker: String,
+}
+
+impl Default for CpuOptions {
+    fn default() -> Self {
+        Self {
+            cpu: "x86-64-v3".into(),
+            linker: "cc".into(),
+        }
+    }
+}
+
+/// Compiles `kernels` into the bytes of one ELF shared library exporting each kernel under
+/// its signature's name.
+pub fn compile_library(kernels: &[Kernel], opts: &CpuOptions) -> Result<Vec<u8>, CodegenError> {
+    let objects = kernels
+        .iter()
+        .map(|k| pipeline::kernel_object(k, &opts.cpu))
+        .collect::<Result<Vec<_>, _>>()?;
+    link::shared_library(&objects, &opts.linker)
+}

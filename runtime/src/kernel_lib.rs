@@ -1,0 +1,116 @@
+//! Loading compiled CPU kernel libraries (`.so` files produced by `kiln_codegen::cpu`) and
+//! calling their kernels. Plain `dlopen` through `libloading`: no LLVM here.
+//!
+//! Every kernel has the uniform C signature
+//!
+//! ```c
+//! void kernel_name(void *const *args, const int64_t *dims);
+//! ```
+//!
+//! where `args` holds one base pointer per tensor buffer (inputs, then outputs; dense,
+//! row-major) and `dims` the runtime values of the kernel's symbolic dimensions.
+
+use std::marker::PhantomData;
+use std::path::Path;
+
+/// The uniform kernel entry point.
+pub type KernelFn = unsafe extern "C" fn(args: *const *mut u8, dims: *const i64);
+
+/// Why a kernel library could not be loaded or a kernel not found.
+#[derive(Debug, thiserror::Error)]
+pub enum KernelLibError {
+    /// Writing the library bytes to a temporary file failed.
+    #[error("writing kernel library: {0}")]
+    Io(#[from] std::io::Error),
+    /// `dlopen` failed.
+    #[error("loading kernel library: {0}")]
+    Load(String),
+    /// The library has no such symbol.
+    #[error("kernel '{name}' not found: {msg}")]
+    Missing {
+        /// The requested kernel name.
+        name: String,
+        /// The loader's message.
+        msg: String,
+    },
+}
+
+/// A loaded kernel library. Kernels resolved from it borrow it, so it outlives them.
+#[derive(Debug)]
+pub struct KernelLibrary {
+    lib: libloading::Library,
+}
+
+impl KernelLibrary {
+    /// Loads a library from its bytes: they are written to a private temporary file, which is
+    /// `dlopen`ed and then removed (the mapping stays valid).
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, KernelLibError> {
+        let mut file = tempfile::Builder::new()
+            .prefix("kiln-kernels-")
+            .suffix(".so")
+            .tempfile()?;
+        std::io::Write::write_all(&mut file, bytes)?;
+        std::io::Write::flush(&mut file)?;
+        let lib = Self::open(file.path());
+        drop(file);
+        lib
+    }
+
+    /// Loads a library from a file.
+    pub fn open(path: &Path) -> Result<Self, KernelLibError> {
+        // SAFETY: Kiln kernel libraries have no initialisers with preconditions.
+        let lib = unsafe { libloading::Library::new(path) }
+            .map_err(|e| KernelLibError::Load(e.to_string()))?;
+        Ok(Self { lib })
+    }
+
+    /// Resolves the kernel exported as `name`.
+    pub fn kernel(&self, name: &str) -> Result<KernelHandle<'_>, KernelLibError> {
+        // SAFETY: every kernel in a Kiln library has the `KernelFn` signature.
+        let sym: libloading::Symbol<'_, KernelFn> = unsafe { self.lib.get(name.as_bytes()) }
+            .map_err(|e| KernelLibError::Missing {
+                name: name.to_string(),
+                msg: e.to_string(),
+            })?;
+        Ok(KernelHandle {
+            f: *sym,
+            _lib: PhantomData,
+        })
+    }
+}
+
+/// A kernel resolved from a [`KernelLibrary`].
+#[derive(Debug, Clone, Copy)]
+pub struct KernelHandle<'lib> {
+    f: KernelFn,
+    _lib: PhantomData<&'lib KernelLibrary>,
+}
+
+impl KernelHandle<'_> {
+    /// The raw entry point.
+    pub fn raw(&self) -> KernelFn {
+        self.f
+    }
+
+    /// Calls the kernel.
+    ///
+    /// # Safety
+    /// `args` must hold exactly the buffers the kernel expects, each valid for the sizes the
+    /// kernel derives from `dims` (inputs readable, outputs writable, outputs not aliasing
+    /// inputs unless the kernel allows it), and `dims` must hold all its symbolic dims.
+    pub unsafe fn call(&self, args: &[*mut u8], dims: &[i64]) {
+        // SAFETY: upheld by the caller.
+        unsafe { (self.f)(args.as_ptr(), dims.as_ptr()) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejects_bytes_that_are_not_a_library() {
+        let err = KernelLibrary::from_bytes(b"not an ELF file").unwrap_err();
+        assert!(matches!(err, KernelLibError::Load(_)), "{err}");
+    }
+}
