@@ -53,7 +53,9 @@ fn npy_bytes(t: &Tensor) -> Result<Vec<u8>> {
         Tensor::U64(a) => a.write_npy(&mut buf)?,
         Tensor::Bool(a) => a.write_npy(&mut buf)?,
         // numpy has f16 but ndarray-npy does not: write as f32; bf16 has no numpy type.
-        Tensor::F16(_) | Tensor::BF16(_) => return npy_bytes(&t.cast(DType::F32)),
+        Tensor::F16(_) | Tensor::BF16(_) | Tensor::Low(..) => {
+            return npy_bytes(&t.cast(DType::F32))
+        }
     }
     Ok(buf)
 }

@@ -81,8 +81,15 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Plan { model, shapes, print_after } => {
-            let mut opts = kiln::pipeline::Options { print_after, ..Default::default() };
+        Cmd::Plan {
+            model,
+            shapes,
+            print_after,
+        } => {
+            let mut opts = kiln::pipeline::Options {
+                print_after,
+                ..Default::default()
+            };
             for s in &shapes {
                 let (name, dims) = kiln::pipeline::parse_shape(s)?;
                 opts.shapes.insert(name, dims);

@@ -9,10 +9,22 @@ use std::path::Path;
 
 /// The stages, in order: name and what it does.
 pub const STAGES: &[(&str, &str)] = &[
-    ("import", "decode ONNX, build the typed graph, infer dtypes and shapes, verify"),
-    ("simplify", "fold constant sub-graphs (exporter shape chains) and remove dead nodes"),
-    ("specialize", "fix symbolic input dims to concrete sizes and re-infer"),
-    ("fold", "fold BatchNormalization, constant scales and biases into Conv/Gemm"),
+    (
+        "import",
+        "decode ONNX, build the typed graph, infer dtypes and shapes, verify",
+    ),
+    (
+        "simplify",
+        "fold constant sub-graphs (exporter shape chains) and remove dead nodes",
+    ),
+    (
+        "specialize",
+        "fix symbolic input dims to concrete sizes and re-infer",
+    ),
+    (
+        "fold",
+        "fold BatchNormalization, constant scales and biases into Conv/Gemm",
+    ),
     ("fusion", "partition the graph into kernels"),
     ("memory", "plan one arena for all intermediate buffers"),
 ];
@@ -39,10 +51,15 @@ pub struct Planned {
 
 /// Parses `name=1x3x224x224`.
 pub fn parse_shape(spec: &str) -> Result<(String, Vec<usize>)> {
-    let (name, dims) = spec.split_once('=').with_context(|| format!("--shape '{spec}': expected NAME=DIMxDIM..."))?;
+    let (name, dims) = spec
+        .split_once('=')
+        .with_context(|| format!("--shape '{spec}': expected NAME=DIMxDIM..."))?;
     let dims = dims
         .split('x')
-        .map(|d| d.parse::<usize>().with_context(|| format!("--shape '{spec}': '{d}' is not a size")))
+        .map(|d| {
+            d.parse::<usize>()
+                .with_context(|| format!("--shape '{spec}': '{d}' is not a size"))
+        })
         .collect::<Result<Vec<_>>>()?;
     Ok((name.to_string(), dims))
 }
@@ -51,7 +68,10 @@ fn check_stage_names(names: &[String]) -> Result<()> {
     for n in names {
         if n != "all" && !STAGES.iter().any(|(s, _)| s == n) {
             let known: Vec<&str> = STAGES.iter().map(|(s, _)| *s).collect();
-            bail!("--print-after={n}: unknown stage (stages: {}, or all)", known.join(", "));
+            bail!(
+                "--print-after={n}: unknown stage (stages: {}, or all)",
+                known.join(", ")
+            );
         }
     }
     Ok(())
@@ -76,7 +96,13 @@ pub fn plan(model: &Path, opts: &Options, mut print: impl FnMut(&str, &str)) -> 
         let s = match opts.shapes.get(&v.name) {
             Some(s) => s.clone(),
             // symbolic dims default to 1
-            None => v.fact.shape.dims().iter().map(|d| d.known().unwrap_or(1)).collect(),
+            None => v
+                .fact
+                .shape
+                .dims()
+                .iter()
+                .map(|d| d.known().unwrap_or(1))
+                .collect(),
         };
         shapes.push(s);
     }
@@ -105,6 +131,15 @@ pub fn plan(model: &Path, opts: &Options, mut print: impl FnMut(&str, &str)) -> 
     if want("memory") {
         print("memory", &memory.summary());
     }
-    debug_assert!(g.inputs.iter().all(|&i| g.values[i].fact.shape.dims().iter().all(|d| matches!(d, Dim::Known(_)))));
-    Ok(Planned { graph: g, partition, memory })
+    debug_assert!(g.inputs.iter().all(|&i| g.values[i]
+        .fact
+        .shape
+        .dims()
+        .iter()
+        .all(|d| matches!(d, Dim::Known(_)))));
+    Ok(Planned {
+        graph: g,
+        partition,
+        memory,
+    })
 }

@@ -114,7 +114,11 @@ pub(super) fn infer_reshape(
         Known::Absent => return Err(format!("{SHAPE_IN} is required but missing")),
         Known::Unknown => match shape.infer_len(inputs) {
             Some(n) => Shape::unknown(n),
-            None => return Err(format!("{SHAPE_IN}: its length must be known statically (and at most 64)")),
+            None => {
+                return Err(format!(
+                    "{SHAPE_IN}: its length must be known statically (and at most 64)"
+                ))
+            }
         },
     };
     Ok(vec![Fact::new(x.dtype, out)])
@@ -254,7 +258,11 @@ pub(super) fn infer_squeeze(axes: &IntsArg, inputs: &[Option<&Fact>]) -> OpResul
         Known::Absent => squeeze_dims(&x.shape, None)?,
         Known::Unknown => match axes.infer_len(inputs) {
             Some(n) if n <= x.shape.rank() => Shape::unknown(x.shape.rank() - n),
-            _ => return Err(format!("{AXES}: its length must be known statically (and at most 64)")),
+            _ => {
+                return Err(format!(
+                    "{AXES}: its length must be known statically (and at most 64)"
+                ))
+            }
         },
     };
     Ok(vec![Fact::new(x.dtype, out)])
@@ -278,7 +286,11 @@ pub(super) fn infer_unsqueeze(axes: &IntsArg, inputs: &[Option<&Fact>]) -> OpRes
         Known::Absent => return Err(format!("{AXES} is required but missing")),
         Known::Unknown => match axes.infer_len(inputs) {
             Some(n) => Shape::unknown(x.shape.rank() + n),
-            None => return Err(format!("{AXES}: its length must be known statically (and at most 64)")),
+            None => {
+                return Err(format!(
+                    "{AXES}: its length must be known statically (and at most 64)"
+                ))
+            }
         },
     };
     Ok(vec![Fact::new(x.dtype, out)])
@@ -308,9 +320,9 @@ pub(super) fn infer_expand(inputs: &[Option<&Fact>]) -> OpResult<Vec<Fact>> {
         Known::Value(v) => broadcast_dims(&[&x.shape, &known(&sizes(&v, SHAPE_IN)?)])?,
         Known::Absent => return Err(format!("{SHAPE_IN} is required but missing")),
         Known::Unknown => {
-            let n = arg
-                .infer_len(inputs)
-                .ok_or_else(|| format!("{SHAPE_IN}: its length must be known statically (and at most 64)"))?;
+            let n = arg.infer_len(inputs).ok_or_else(|| {
+                format!("{SHAPE_IN}: its length must be known statically (and at most 64)")
+            })?;
             let rank = n.max(x.shape.rank());
             let off = rank - x.shape.rank();
             let dim = |i: usize| match i.checked_sub(off).map(|i| x.shape.dim(i)) {
@@ -452,7 +464,11 @@ pub(super) fn infer_constant_of_shape(
         Known::Absent => return Err("input 0 is required but missing".into()),
         Known::Unknown => match arg.infer_len(inputs) {
             Some(n) => Shape::unknown(n),
-            None => return Err("input 0 (shape): its length must be known statically (and at most 64)".into()),
+            None => {
+                return Err(
+                    "input 0 (shape): its length must be known statically (and at most 64)".into(),
+                )
+            }
         },
     };
     Ok(vec![Fact::new(value.dtype(), out)])
