@@ -111,12 +111,26 @@ fn plan_every_zoo_model_and_print_stages() {
         let model = m.join("model.onnx");
         let (ok, out) = kiln(&["plan", model.to_str().unwrap(), "--print-after=all"]);
         assert!(ok, "{}: {out}", m.display());
-        for stage in ["import", "simplify", "specialize", "fold", "fusion", "memory"] {
-            assert!(out.contains(&format!("IR after {stage}")), "{}: no {stage} dump", m.display());
+        for stage in [
+            "import",
+            "simplify",
+            "specialize",
+            "fold",
+            "fusion",
+            "memory",
+        ] {
+            assert!(
+                out.contains(&format!("IR after {stage}")),
+                "{}: no {stage} dump",
+                m.display()
+            );
         }
         assert!(out.contains("kernels") && out.contains("arena"), "{out}");
     }
     let model = zoo()[0].join("model.onnx");
     let (ok, out) = kiln(&["plan", model.to_str().unwrap(), "--print-after=nosuchstage"]);
-    assert!(!ok && out.contains("nosuchstage") && out.contains("fusion"), "{out}");
+    assert!(
+        !ok && out.contains("nosuchstage") && out.contains("fusion"),
+        "{out}"
+    );
 }

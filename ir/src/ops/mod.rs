@@ -96,6 +96,28 @@ pub struct OnnxNode {
 }
 
 impl OnnxNode {
+    /// Builds a node (for tests and programmatic construction): op type, opset, attributes,
+    /// which input slots are present, and the number of outputs.
+    pub fn new(
+        op_type: &str,
+        opset: i64,
+        attrs: &[(&str, AttrValue)],
+        inputs_present: Vec<bool>,
+        num_outputs: usize,
+    ) -> OnnxNode {
+        OnnxNode {
+            name: op_type.to_string(),
+            op_type: op_type.to_string(),
+            opset,
+            attrs: attrs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
+            inputs_present,
+            num_outputs,
+        }
+    }
+
     fn wrong(&self, name: &str, want: &str) -> String {
         format!(
             "attribute '{name}': expected {want}, found {:?}",

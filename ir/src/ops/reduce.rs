@@ -810,17 +810,7 @@ mod tests {
     use crate::ops::AttrValue;
 
     fn node(op: &str, opset: i64, n_in: usize, attrs: &[(&str, AttrValue)]) -> OnnxNode {
-        OnnxNode {
-            name: "n".into(),
-            op_type: op.into(),
-            opset,
-            attrs: attrs
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.clone()))
-                .collect(),
-            inputs_present: vec![true; n_in],
-            num_outputs: 1,
-        }
+        OnnxNode::new(op, opset, attrs, vec![true; n_in], 1)
     }
 
     fn parse(op: &str, opset: i64, n_in: usize, attrs: &[(&str, AttrValue)]) -> ReduceOp {

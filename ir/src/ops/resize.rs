@@ -731,17 +731,7 @@ mod tests {
     use crate::ops::AttrValue;
 
     fn node(op: &str, opset: i64, inputs: &[bool], attrs: &[(&str, AttrValue)]) -> OnnxNode {
-        OnnxNode {
-            name: "n".into(),
-            op_type: op.into(),
-            opset,
-            attrs: attrs
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.clone()))
-                .collect(),
-            inputs_present: inputs.to_vec(),
-            num_outputs: 1,
-        }
+        OnnxNode::new(op, opset, attrs, inputs.to_vec(), 1)
     }
 
     fn parse(op: &str, opset: i64, inputs: &[bool], attrs: &[(&str, AttrValue)]) -> ResizeOp {

@@ -6,17 +6,7 @@ use crate::shape::Dim;
 
 /// An ONNX node with `n` present inputs and one output.
 fn node(op: &str, opset: i64, n: usize, attrs: &[(&str, AttrValue)]) -> OnnxNode {
-    OnnxNode {
-        name: "n".into(),
-        op_type: op.into(),
-        opset,
-        attrs: attrs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.clone()))
-            .collect(),
-        inputs_present: vec![true; n],
-        num_outputs: 1,
-    }
+    OnnxNode::new(op, opset, attrs, vec![true; n], 1)
 }
 
 fn parse(op: &str, opset: i64, n: usize, attrs: &[(&str, AttrValue)]) -> ArrayOp {

@@ -6,17 +6,7 @@ use crate::ops::AttrValue;
 /// A node of `op` at `opset` with the given attributes, `n_in` present inputs and
 /// `n_out` outputs.
 fn node(op: &str, opset: i64, attrs: &[(&str, AttrValue)], n_in: usize, n_out: usize) -> OnnxNode {
-    OnnxNode {
-        name: "n".into(),
-        op_type: op.into(),
-        opset,
-        attrs: attrs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.clone()))
-            .collect(),
-        inputs_present: vec![true; n_in],
-        num_outputs: n_out,
-    }
+    OnnxNode::new(op, opset, attrs, vec![true; n_in], n_out)
 }
 
 fn parse(n: &OnnxNode) -> NnOp {
