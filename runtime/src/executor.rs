@@ -594,6 +594,20 @@ impl Model {
                 )));
             }
         }
+        // Output sizes follow from the bound symbols; refuse ones that overflow `usize`.
+        for (o, (dims, spec)) in self.outputs.iter().zip(&self.plan.outputs).enumerate() {
+            let bytes = dims.iter().try_fold(spec.dtype.size_of(), |a, d| match *d {
+                Dim::Fixed(n) => a.checked_mul(n),
+                Dim::Sym(k) => a.checked_mul(self.sym_values[k] as usize),
+            });
+            if bytes.is_none() {
+                return Err(RunError::Output {
+                    index: o,
+                    name: spec.name.clone(),
+                    msg: "its size overflows for these input shapes".into(),
+                });
+            }
+        }
         Ok(())
     }
 
