@@ -1,2 +1,14 @@
 //! Runtime: loads compiled artifacts and runs them (no LLVM/MLIR dependency).
+//!
+//! - [`plan`]: the execution plan the compiler fills in.
+//! - [`artifact`]: the `MODEL.kiln` file format (plan + weights + kernel library).
+//! - [`executor`]: [`Model`] loads an artifact once and runs it.
+//! - [`kernel_lib`]: loading kernel shared libraries and calling kernels.
+pub mod artifact;
+pub mod executor;
 pub mod kernel_lib;
+pub mod plan;
+
+pub use artifact::{Artifact, ArtifactError};
+pub use executor::{AlignedBuf, LoadError, Model, RunError, Tensor, TensorView};
+pub use plan::{BufRef, DType, DimExpr, DimSpec, ExecPlan, IoSpec, Step, SymBound, WeightSpec};

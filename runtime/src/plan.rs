@@ -1,0 +1,391 @@
+//! The execution plan: everything the executor needs to run a compiled model, as plain data.
+//!
+//! The compiler fills an [`ExecPlan`] from its own types (graph, fusion partition, memory
+//! plan, kernel signatures); this module deliberately depends on none of them, so the
+//! runtime stays free of `passes` and `codegen`. The plan is stored in the artifact as JSON
+//! (see [`crate::artifact`]).
+//!
+//! Execution model:
+//! - Graph inputs and outputs are caller buffers, weights live in one read-only blob, every
+//!   intermediate value lives at a fixed byte range of one 64-byte-aligned arena
+//!   ([`BufRef::Arena`], offsets from the memory plan).
+//! - The [`Step`]s run in order. Each calls one kernel through the uniform ABI
+//!   `void k(void *const *args, const int64_t *dims)`: `args` are the step's [`BufRef`]s
+//!   resolved to pointers (the first [`Step::num_inputs`] are read, the rest written), `dims`
+//!   the step's [`DimExpr`]s evaluated for this call.
+//! - Symbolic input dims ([`DimSpec::Sym`]) are bound from the shapes of the actual inputs;
+//!   the same name must have the same value everywhere. Output shapes and step dims may use
+//!   only names that some input binds. Because the arena is sized once, a symbol on which an
+//!   arena buffer's size depends must have a bound in [`ExecPlan::sym_bounds`] (the planned
+//!   maximum); larger inputs are refused.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// Alignment, in bytes, of the arena, of the weights blob and of every weight in it.
+pub const ALIGNMENT: usize = 64;
+
+/// Element type of a tensor crossing the runtime boundary.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DType {
+    /// IEEE 754 binary32.
+    F32,
+    /// IEEE 754 binary16.
+    F16,
+    /// bfloat16.
+    BF16,
+    /// IEEE 754 binary64.
+    F64,
+    /// Signed 8-bit integer.
+    I8,
+    /// Signed 16-bit integer.
+    I16,
+    /// Signed 32-bit integer.
+    I32,
+    /// Signed 64-bit integer.
+    I64,
+    /// Unsigned 8-bit integer.
+    U8,
+    /// Unsigned 16-bit integer.
+    U16,
+    /// Unsigned 32-bit integer.
+    U32,
+    /// Unsigned 64-bit integer.
+    U64,
+    /// Boolean, one byte per element (0 or 1).
+    Bool,
+}
+
+impl DType {
+    /// Size of one element in bytes (also its required alignment).
+    pub fn size_of(self) -> usize {
+        match self {
+            DType::I8 | DType::U8 | DType::Bool => 1,
+            DType::F16 | DType::BF16 | DType::I16 | DType::U16 => 2,
+            DType::F32 | DType::I32 | DType::U32 => 4,
+            DType::F64 | DType::I64 | DType::U64 => 8,
+        }
+    }
+
+    /// The lowercase name used in plans and error messages (`f32`, `i64`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+            DType::F64 => "f64",
+            DType::I8 => "i8",
+            DType::I16 => "i16",
+            DType::I32 => "i32",
+            DType::I64 => "i64",
+            DType::U8 => "u8",
+            DType::U16 => "u16",
+            DType::U32 => "u32",
+            DType::U64 => "u64",
+            DType::Bool => "bool",
+        }
+    }
+}
+
+impl fmt::Display for DType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// One dimension of a declared input or output shape.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DimSpec {
+    /// A size known at compile time.
+    Fixed(u64),
+    /// A size known at run time, named (e.g. `batch`); bound from the inputs' shapes.
+    Sym(String),
+}
+
+impl fmt::Display for DimSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DimSpec::Fixed(n) => write!(f, "{n}"),
+            DimSpec::Sym(s) => f.write_str(s),
+        }
+    }
+}
+
+/// A graph input or output: name, element type and shape (dense, row-major).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IoSpec {
+    /// The ONNX name.
+    pub name: String,
+    /// Element type.
+    pub dtype: DType,
+    /// Shape, outermost dimension first.
+    pub shape: Vec<DimSpec>,
+}
+
+/// One weight (constant tensor) in the weights blob.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WeightSpec {
+    /// The ONNX initializer name (diagnostics only).
+    pub name: String,
+    /// Byte offset in the weights blob, a multiple of [`ALIGNMENT`].
+    pub offset: u64,
+    /// Size in bytes.
+    pub bytes: u64,
+}
+
+/// A buffer passed to a kernel.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BufRef {
+    /// A byte range of the arena (an intermediate value).
+    Arena {
+        /// Byte offset in the arena.
+        offset: u64,
+        /// Size in bytes (checked against [`ExecPlan::arena_bytes`]).
+        bytes: u64,
+    },
+    /// A weight, by index in [`ExecPlan::weights`]. Read-only.
+    Weight {
+        /// Index in [`ExecPlan::weights`].
+        index: usize,
+    },
+    /// A graph input, by index in [`ExecPlan::inputs`]. Read-only.
+    Input {
+        /// Index in [`ExecPlan::inputs`].
+        index: usize,
+    },
+    /// A graph output, by index in [`ExecPlan::outputs`].
+    Output {
+        /// Index in [`ExecPlan::outputs`].
+        index: usize,
+    },
+}
+
+/// A value of the `dims` array passed to a kernel.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DimExpr {
+    /// A constant.
+    Const(i64),
+    /// The run-time value of a symbolic input dim ([`DimSpec::Sym`]), by name.
+    Sym(String),
+}
+
+/// One kernel call.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Step {
+    /// The symbol exported by the kernel library.
+    pub kernel: String,
+    /// The kernel's buffers, in ABI order: inputs, then outputs.
+    pub args: Vec<BufRef>,
+    /// How many of `args` are inputs (read); the rest are written and must be
+    /// [`BufRef::Arena`] or [`BufRef::Output`].
+    pub num_inputs: usize,
+    /// The kernel's `dims` array.
+    pub dims: Vec<DimExpr>,
+}
+
+/// The largest value a symbolic dim may take at run time.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SymBound {
+    /// The symbol name.
+    pub name: String,
+    /// Its largest allowed value (inclusive).
+    pub max: u64,
+}
+
+/// A compiled model's execution plan. See the module documentation.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecPlan {
+    /// Graph inputs, in call order.
+    pub inputs: Vec<IoSpec>,
+    /// Graph outputs, in result order.
+    pub outputs: Vec<IoSpec>,
+    /// Size of the arena in bytes.
+    pub arena_bytes: u64,
+    /// Weights, located in the weights blob.
+    pub weights: Vec<WeightSpec>,
+    /// Kernel calls, in execution order.
+    pub steps: Vec<Step>,
+    /// Upper bounds of symbolic dims (see the module documentation).
+    #[serde(default)]
+    pub sym_bounds: Vec<SymBound>,
+}
+
+impl ExecPlan {
+    /// Checks the plan's internal consistency against a weights blob of `weights_len` bytes:
+    /// weights aligned and inside the blob, arena ranges inside the arena, every buffer index
+    /// in range, kernels writing only arena or outputs, every output written, symbolic names
+    /// bound by some input. The error names the offending item.
+    pub fn validate(&self, weights_len: u64) -> Result<(), String> {
+        for (i, w) in self.weights.iter().enumerate() {
+            if w.offset % ALIGNMENT as u64 != 0 {
+                return Err(format!(
+                    "weight {i} '{}': offset {} is not a multiple of {ALIGNMENT}",
+                    w.name, w.offset
+                ));
+            }
+            if w.offset
+                .checked_add(w.bytes)
+                .is_none_or(|end| end > weights_len)
+            {
+                return Err(format!(
+                    "weight {i} '{}': bytes {}..+{} outside the {weights_len}-byte weights blob",
+                    w.name, w.offset, w.bytes
+                ));
+            }
+        }
+        let mut bound = BTreeMap::new();
+        for io in &self.inputs {
+            for d in &io.shape {
+                if let DimSpec::Sym(s) = d {
+                    bound.insert(s.as_str(), ());
+                }
+            }
+        }
+        for o in &self.outputs {
+            for d in &o.shape {
+                if let DimSpec::Sym(s) = d {
+                    if !bound.contains_key(s.as_str()) {
+                        return Err(format!(
+                            "output '{}': symbolic dim '{s}' is not bound by any input",
+                            o.name
+                        ));
+                    }
+                }
+            }
+        }
+        for b in &self.sym_bounds {
+            if !bound.contains_key(b.name.as_str()) {
+                return Err(format!(
+                    "sym_bounds: symbol '{}' is not bound by any input",
+                    b.name
+                ));
+            }
+        }
+        let mut written = vec![false; self.outputs.len()];
+        for (si, step) in self.steps.iter().enumerate() {
+            let at = || format!("step {si} ('{}')", step.kernel);
+            if step.num_inputs > step.args.len() {
+                return Err(format!(
+                    "{}: num_inputs {} exceeds its {} args",
+                    at(),
+                    step.num_inputs,
+                    step.args.len()
+                ));
+            }
+            for (ai, a) in step.args.iter().enumerate() {
+                let is_output = ai >= step.num_inputs;
+                match a {
+                    BufRef::Arena { offset, bytes } => {
+                        if offset
+                            .checked_add(*bytes)
+                            .is_none_or(|end| end > self.arena_bytes)
+                        {
+                            return Err(format!(
+                                "{}: arg {ai}: arena bytes {offset}..+{bytes} outside the \
+                                 {}-byte arena",
+                                at(),
+                                self.arena_bytes
+                            ));
+                        }
+                    }
+                    BufRef::Weight { index } => {
+                        if *index >= self.weights.len() {
+                            return Err(format!(
+                                "{}: arg {ai}: weight {index} out of range ({} weights)",
+                                at(),
+                                self.weights.len()
+                            ));
+                        }
+                        if is_output {
+                            return Err(format!(
+                                "{}: arg {ai}: writes weight {index}, which is read-only",
+                                at()
+                            ));
+                        }
+                    }
+                    BufRef::Input { index } => {
+                        if *index >= self.inputs.len() {
+                            return Err(format!(
+                                "{}: arg {ai}: input {index} out of range ({} inputs)",
+                                at(),
+                                self.inputs.len()
+                            ));
+                        }
+                        if is_output {
+                            return Err(format!(
+                                "{}: arg {ai}: writes input '{}', which is read-only",
+                                at(),
+                                self.inputs[*index].name
+                            ));
+                        }
+                    }
+                    BufRef::Output { index } => {
+                        if *index >= self.outputs.len() {
+                            return Err(format!(
+                                "{}: arg {ai}: output {index} out of range ({} outputs)",
+                                at(),
+                                self.outputs.len()
+                            ));
+                        }
+                        if is_output {
+                            written[*index] = true;
+                        }
+                    }
+                }
+            }
+            for (di, d) in step.dims.iter().enumerate() {
+                if let DimExpr::Sym(s) = d {
+                    if !bound.contains_key(s.as_str()) {
+                        return Err(format!(
+                            "{}: dims[{di}]: symbol '{s}' is not bound by any input",
+                            at()
+                        ));
+                    }
+                }
+            }
+        }
+        if let Some(i) = written.iter().position(|w| !w) {
+            return Err(format!(
+                "output '{}' is never written by any step",
+                self.outputs[i].name
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Builds a weights blob: appends each weight at the next multiple of [`ALIGNMENT`].
+#[derive(Debug, Default)]
+pub struct WeightsBuilder {
+    blob: Vec<u8>,
+    specs: Vec<WeightSpec>,
+}
+
+impl WeightsBuilder {
+    /// An empty blob.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Appends a weight and returns its index (for [`BufRef::Weight`]).
+    pub fn push(&mut self, name: &str, data: &[u8]) -> usize {
+        let offset = self.blob.len().next_multiple_of(ALIGNMENT);
+        self.blob.resize(offset, 0);
+        self.blob.extend_from_slice(data);
+        self.specs.push(WeightSpec {
+            name: name.to_string(),
+            offset: offset as u64,
+            bytes: data.len() as u64,
+        });
+        self.specs.len() - 1
+    }
+
+    /// The blob (padded to a multiple of [`ALIGNMENT`]) and the weight specs.
+    pub fn finish(mut self) -> (Vec<u8>, Vec<WeightSpec>) {
+        let len = self.blob.len().next_multiple_of(ALIGNMENT);
+        self.blob.resize(len, 0);
+        (self.blob, self.specs)
+    }
+}

@@ -1,0 +1,161 @@
+//! The executor, end to end without codegen: kernels compiled from C at test time, artifacts
+//! built by hand, saved, loaded and run.
+
+mod common;
+
+use kiln_runtime::{Artifact, DType, LoadError, Model, RunError, TensorView};
+
+fn saved_model(a: &Artifact) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("MODEL.kiln");
+    a.save(&path).unwrap();
+    (dir, path)
+}
+
+fn expected_add_relu(x: &[f32]) -> Vec<f32> {
+    x.iter()
+        .zip(common::BIAS)
+        .map(|(a, b)| (a + b).max(0.0))
+        .collect()
+}
+
+#[test]
+fn add_relu_end_to_end() {
+    let (_dir, path) = saved_model(&common::add_relu_artifact(common::kernel_library()));
+    let mut model = Model::load(&path).unwrap();
+    assert_eq!(model.compiler_version(), "kiln-test 0.0.0");
+    let x = [-3.0f32, 0.5, -2.5, 3.0, 1.0, 1.0, -1.0, -20.0];
+    let out = model.run(&[TensorView::from_f32(&[2, 4], &x)]).unwrap();
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].shape, vec![2, 4]);
+    assert_eq!(out[0].as_f32().unwrap(), expected_add_relu(&x).as_slice());
+
+    // Many runs reuse the arena; run_into writes into a caller buffer.
+    let mut y = [0f32; 8];
+    for k in 0..5 {
+        let x: Vec<f32> = (0..8).map(|i| (i as f32 - 4.0) * k as f32).collect();
+        let y_bytes: &mut [u8] =
+            unsafe { std::slice::from_raw_parts_mut(y.as_mut_ptr().cast(), 32) };
+        model
+            .run_into(&[TensorView::from_f32(&[2, 4], &x)], &mut [y_bytes])
+            .unwrap();
+        assert_eq!(y.as_slice(), expected_add_relu(&x).as_slice());
+    }
+}
+
+#[test]
+fn dynamic_batch_binds_symbols() {
+    let (_dir, path) = saved_model(&common::dynamic_artifact(common::kernel_library()));
+    let mut model = Model::load(&path).unwrap();
+    for batch in 1..=4usize {
+        let x: Vec<f32> = (0..batch * 3).map(|i| i as f32 - 5.0).collect();
+        let shape = [batch, 3];
+        let inputs = [TensorView::from_f32(&shape, &x)];
+        assert_eq!(
+            model.output_shapes(&inputs).unwrap(),
+            vec![vec![batch, 3], vec![batch]]
+        );
+        let out = model.run(&inputs).unwrap();
+        let h: Vec<f32> = x
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (v + [1.0, -1.0, 0.0][i % 3]).max(0.0))
+            .collect();
+        let count: Vec<i64> = h
+            .chunks(3)
+            .map(|r| r.iter().filter(|v| **v > 0.0).count() as i64)
+            .collect();
+        assert_eq!(out[0].shape, vec![batch, 3]);
+        assert_eq!(out[0].as_f32().unwrap(), h.as_slice());
+        assert_eq!(out[1].dtype, DType::I64);
+        assert_eq!(out[1].as_i64().unwrap(), count.as_slice());
+    }
+    let x = vec![0f32; 15];
+    let err = model.run(&[TensorView::from_f32(&[5, 3], &x)]).unwrap_err();
+    assert!(
+        err.to_string().contains("input 0 'x'") && err.to_string().contains("more than the 4"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_inputs_are_refused_by_name() {
+    let (_dir, path) = saved_model(&common::add_relu_artifact(common::kernel_library()));
+    let mut model = Model::load(&path).unwrap();
+    let x = [0f32; 8];
+    let check = |r: Result<Vec<kiln_runtime::Tensor>, RunError>, want: &[&str]| {
+        let msg = r.unwrap_err().to_string();
+        for w in want {
+            assert!(msg.contains(w), "{msg:?} lacks {w:?}");
+        }
+    };
+    check(
+        model.run(&[TensorView::from_f32(&[4, 2], &x)]),
+        &["input 0 'x'", "axis 0 is 4", "[2, 4]"],
+    );
+    check(
+        model.run(&[TensorView::from_f32(&[8], &x)]),
+        &["input 0 'x'", "rank 1"],
+    );
+    check(
+        model.run(&[TensorView::from_f32(&[2, 4], &x[..7])]),
+        &["input 0 'x'", "needs 32 bytes", "has 28"],
+    );
+    let xi = [0i64; 8];
+    check(
+        model.run(&[TensorView::from_i64(&[2, 4], &xi)]),
+        &["input 0 'x'", "dtype i64", "expects f32"],
+    );
+    check(model.run(&[]), &["takes 1 inputs, got 0"]);
+    let raw = [0u64; 5];
+    let bytes: &[u8] = unsafe { std::slice::from_raw_parts(raw.as_ptr().cast::<u8>().add(1), 32) };
+    check(
+        model.run(&[TensorView::new(DType::F32, &[2, 4], bytes)]),
+        &["input 0 'x'", "not aligned to 4 bytes"],
+    );
+    let mut small = [0u8; 16];
+    let err = model
+        .run_into(&[TensorView::from_f32(&[2, 4], &x)], &mut [&mut small])
+        .unwrap_err();
+    assert!(matches!(err, RunError::Output { .. }), "{err}");
+    assert!(err.to_string().contains("output 0 'y'"), "{err}");
+}
+
+#[test]
+fn missing_kernel_symbol_is_named() {
+    let mut a = common::add_relu_artifact(common::kernel_library());
+    a.plan.steps[1].kernel = "gelu_f32".into();
+    let (_dir, path) = saved_model(&a);
+    let err = Model::load(&path).unwrap_err();
+    assert!(
+        matches!(err, LoadError::MissingKernel { step: 1, .. }),
+        "{err}"
+    );
+    let msg = err.to_string();
+    assert!(
+        msg.contains("'gelu_f32'") && msg.contains("MODEL.kiln"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn bad_kernel_library_and_target_are_refused() {
+    let (_dir, path) = saved_model(&common::add_relu_artifact(b"garbage".to_vec()));
+    let msg = Model::load(&path).unwrap_err().to_string();
+    assert!(msg.contains("kernel library"), "{msg}");
+
+    let mut a = common::add_relu_artifact(common::kernel_library());
+    a.target = "cuda:sm_90".into();
+    let (_dir, path) = saved_model(&a);
+    let msg = Model::load(&path).unwrap_err().to_string();
+    assert!(
+        msg.contains("target") && msg.contains("cuda:sm_90"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn model_is_send() {
+    fn is_send<T: Send>() {}
+    is_send::<Model>();
+}
