@@ -123,16 +123,19 @@ pub fn matmul(name: &str, schedule: &MatmulSchedule, epilogue: Epilogue) -> Kern
     }
 }
 
+/// The operand type of [`matmul_memref_func`]: rows with unit stride (row-major memrefs
+/// `memref.cast` to it, and so do row-block subviews).
+pub const STRIDED_2D: &str = "memref<?x?xf32, strided<[?, 1], offset: ?>>";
 
-/// A private helper `func.func private @name(%A, %B, %C)` on `memref<?x?xf32>` operands
+/// A private helper `func.func private @name(%A, %B, %C)` on [`STRIDED_2D`] operands
 /// computing `C = A·B` with `schedule` (sizes read from the memrefs), for kernels that call a
 /// matmul from their own body (graph contraction kernels with a general epilogue).
 pub fn matmul_memref_func(name: &str, schedule: &MatmulSchedule) -> String {
     let s = schedule.normalized();
-    let t = "memref<?x?xf32>";
+    let t = STRIDED_2D;
     format!(
         "func.func private @{name}(%A: {t}, %B: {t}, %C: {t}) {{\n  %mm_i0 = arith.constant 0 : index\n  %mm_i1 = arith.constant 1 : index\n  %mm_m = memref.dim %A, %mm_i0 : {t}\n  %mm_k = memref.dim %A, %mm_i1 : {t}\n  %mm_n = memref.dim %B, %mm_i1 : {t}\n{}  return\n}}\n",
-        body(&s, "%A", "%B", None, "%C", "%mm_m", "%mm_n", "%mm_k")
+        body(&s, "%A", "%B", None, "%C", "%mm_m", "%mm_n", "%mm_k").replace("memref<?x?xf32>", t)
     )
 }
 

@@ -4,15 +4,17 @@
 //! shape finishes Gemm (`alpha·P + beta·C`) and runs the fused elementwise epilogue in place.
 //!
 //! Supported: `MatMul` with a 2-D `B` and an `A` of rank ≥ 2 (its batch dims are folded
-//! into `M`, which needs them static when `A` has rank > 2); `Gemm` with any
+//! into `M`, which needs them static when `A` has rank > 2), batched `MatMul` with equal
+//! static batch dims (one matmul per batch on row-block subviews); `Gemm` with any
 //! `transA`/`transB` (a transposed operand is copied to a temporary first), `alpha`, `beta`
-//! and a broadcast `C`. Not yet: batched `B`, 1-D operands, `Conv`.
+//! and a broadcast `C`. Not yet: broadcast batch dims of `B`, 1-D
+//! operands, `Conv`.
 
-use super::elementwise::{classify_input, emit_generic, Body, GenericInput, GenericOutput};
 use super::elementwise::InputKind;
+use super::elementwise::{classify_input, emit_generic, Body, GenericInput, GenericOutput};
 use super::{Lowered, SymDims, Ty, GRAPH_KERNEL_PIPELINE};
 use crate::cpu::abi::{Dim as PDim, Prologue};
-use crate::cpu::matmul::{matmul_memref_func, MatmulSchedule};
+use crate::cpu::matmul::{matmul_memref_func, MatmulSchedule, STRIDED_2D};
 use crate::cpu::{Kernel, KernelSignature};
 use kiln_ir::ops::linalg::LinalgOp;
 use kiln_ir::{DType, Dim, Graph, Op};
@@ -53,7 +55,12 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered
     let b_s = g.values[b_v].fact.shape.dims().to_vec();
     let y_s = g.values[y_v].fact.shape.dims().to_vec();
     for &n in &k.nodes {
-        if n != ci && g.nodes[n].outputs.iter().any(|&o| g.values[o].fact.shape.dims() != y_s) {
+        if n != ci
+            && g.nodes[n]
+                .outputs
+                .iter()
+                .any(|&o| g.values[o].fact.shape.dims() != y_s)
+        {
             return Err(format!(
                 "epilogue node '{}' has another shape than the contraction",
                 g.nodes[n].name
@@ -61,14 +68,31 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered
         }
     }
     // (rows, cols) of A and B as stored, and whether each is transposed.
+    // Batched MatMul (equal, static batch dims): A, B and the product are viewed as stacks
+    // of row blocks, one matmul per batch.
+    let mut batch: Option<(usize, [usize; 3])> = None;
     let (a_rows, ta, tb) = match &gemm {
-        None => {
-            if b_s.len() != 2 || a_s.len() < 2 {
+        None if b_s.len() > 2 => {
+            let known = |s: &[Dim]| s.iter().map(Dim::known).collect::<Option<Vec<usize>>>();
+            let (Some(ak), Some(bk)) = (known(&a_s), known(&b_s)) else {
+                return Err("batched MatMul with symbolic dims".into());
+            };
+            let r = ak.len();
+            if bk.len() != r || ak[..r - 2] != bk[..r - 2] {
                 return Err(format!(
-                    "MatMul of ranks {} x {} (only A of rank >= 2 times a 2-D B)",
-                    a_s.len(),
-                    b_s.len()
+                    "batched MatMul of shapes {ak:?} x {bk:?} (equal batch dims only)"
                 ));
+            }
+            let nb: usize = ak[..r - 2].iter().product();
+            batch = Some((nb, [ak[r - 2], bk[r - 1], ak[r - 1]]));
+            (Dim::Known(nb * ak[r - 2]), false, false)
+        }
+        None => {
+            if a_s.len() < 2 {
+                return Err("MatMul with a 1-D A".into());
+            }
+            if b_s.len() != 2 {
+                return Err("MatMul with a 1-D B".into());
             }
             let rows = if a_s.len() == 2 {
                 a_s[0].clone()
@@ -102,7 +126,10 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered
     // A and B.
     let a_dims = [syms.dim(&a_rows)?, syms.dim(&a_cols)?];
     let a_mem = p.memref_f32(0, &a_dims);
-    let b_dims = syms.dims(&b_s)?;
+    let b_dims = match batch {
+        Some((nb, [_, n, k])) => vec![PDim::Const((nb * k) as i64), PDim::Const(n as i64)],
+        None => syms.dims(&b_s)?,
+    };
     let b_mem = p.memref_f32(1, &b_dims);
     args.push(a_v);
     args.push(b_v);
@@ -180,10 +207,30 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered
     let b_pair = [b_dims[0], b_dims[1]];
     let b2 = operand(&mut p, &mut t, &b_mem, tb, b_pair);
     let mm = format!("{name}_mm");
-    let _ = writeln!(
-        t,
-        "  func.call @{mm}({a2}, {b2}, {p2}) : (memref<?x?xf32>, memref<?x?xf32>, memref<?x?xf32>) -> ()"
-    );
+    let st = STRIDED_2D;
+    let call = |t: &mut String, a: &str, b: &str, c: &str| {
+        let _ = writeln!(
+            t,
+            "  func.call @{mm}({a}, {b}, {c}) : ({st}, {st}, {st}) -> ()"
+        );
+    };
+    let mut casts = Vec::new();
+    for (i, v) in [&a2, &b2, &p2].into_iter().enumerate() {
+        let c = format!("%mmop{i}");
+        let _ = writeln!(t, "  {c} = memref.cast {v} : memref<?x?xf32> to {st}");
+        casts.push(c);
+    }
+    match batch {
+        None => call(&mut t, &casts[0], &casts[1], &casts[2]),
+        Some((nb, [m, n, k])) => {
+            let _ = writeln!(
+                t,
+                "  %bz = arith.constant 0 : index\n  %b1 = arith.constant 1 : index\n  %bn = arith.constant {nb} : index\n  %bm = arith.constant {m} : index\n  %bk = arith.constant {k} : index\n  %bnn = arith.constant {n} : index\n  scf.for %bi = %bz to %bn step %b1 {{\n    %ra = arith.muli %bi, %bm : index\n    %rb = arith.muli %bi, %bk : index\n    %sa = memref.subview {a2}[%ra, 0] [%bm, %bk] [1, 1] : memref<?x?xf32> to {st}\n    %sb = memref.subview {b2}[%rb, 0] [%bk, %bnn] [1, 1] : memref<?x?xf32> to {st}\n    %sc = memref.subview {p2}[%ra, 0] [%bm, %bnn] [1, 1] : memref<?x?xf32> to {st}"
+            );
+            call(&mut t, "%sa", "%sb", "%sc");
+            let _ = writeln!(t, "  }}");
+        }
+    }
     // Gemm finishing: Y = alpha P + beta C.
     let (alpha, beta) = gemm.as_ref().map_or((1.0, 0.0), |gm| (gm.alpha, gm.beta));
     let c_used = c_v.is_some() && beta != 0.0;

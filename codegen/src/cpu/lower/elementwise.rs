@@ -154,11 +154,7 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered
 fn affine_map(rank: usize, dims: &[usize]) -> String {
     let all: Vec<String> = (0..rank).map(|d| format!("d{d}")).collect();
     let res: Vec<String> = dims.iter().map(|d| format!("d{d}")).collect();
-    format!(
-        "affine_map<({}) -> ({})>",
-        all.join(", "),
-        res.join(", ")
-    )
+    format!("affine_map<({}) -> ({})>", all.join(", "), res.join(", "))
 }
 
 /// Emits a `linalg.generic` over an iteration space of rank `rank`: block arguments for
@@ -199,7 +195,10 @@ pub(crate) fn emit_generic(
     for o in outs {
         let (v, ty) = body.get(o.value, g)?;
         if ty != o.ty {
-            return Err(format!("output '{}': type mismatch", g.values[o.value].name));
+            return Err(format!(
+                "output '{}': type mismatch",
+                g.values[o.value].name
+            ));
         }
         let v = if ty == Ty::I1 {
             body.op(&format!("arith.extui {v} : i1 to i8"))
