@@ -90,6 +90,13 @@ impl Prologue {
     /// Declares `args[arg]` as a dense row-major `f32` memref of the given shape and returns
     /// the SSA name of the memref (type [`memref_type`] of `shape.len()`).
     pub fn memref_f32(&mut self, arg: usize, shape: &[Dim]) -> String {
+        self.memref(arg, shape, "f32")
+    }
+
+    /// Declares `args[arg]` as a dense row-major memref of element type `elem` (an MLIR type
+    /// such as `f32`, `i64`, `i8`) and returns the SSA name of the memref (type
+    /// [`memref_type_of`]`(shape.len(), elem)`).
+    pub fn memref(&mut self, arg: usize, shape: &[Dim], elem: &str) -> String {
         let rank = shape.len();
         let g = self.fresh("ag");
         let p = self.fresh("p");
@@ -136,7 +143,7 @@ impl Prologue {
         let _ = writeln!(
             self.text,
             "  {m} = builtin.unrealized_conversion_cast {cur} : {st} to {}",
-            memref_type(rank)
+            memref_type_of(rank, elem)
         );
         m
     }
@@ -170,10 +177,16 @@ pub fn descriptor_type(rank: usize) -> String {
 
 /// The dynamic `f32` memref type of rank `rank` (`memref<?x?xf32>` for 2).
 pub fn memref_type(rank: usize) -> String {
+    memref_type_of(rank, "f32")
+}
+
+/// The dynamic memref type of rank `rank` and element type `elem` (`memref<?x?xi64>`).
+pub fn memref_type_of(rank: usize, elem: &str) -> String {
     let mut s = String::from("memref<");
     for _ in 0..rank {
         s.push_str("?x");
     }
-    s.push_str("f32>");
+    s.push_str(elem);
+    s.push('>');
     s
 }

@@ -96,10 +96,6 @@ pub enum Epilogue {
 /// Arguments `[A, B, C]` (or `[A, B, bias, C]` with [`Epilogue::BiasRelu`]); dims `[M, N, K]`.
 pub fn matmul(name: &str, schedule: &MatmulSchedule, epilogue: Epilogue) -> Kernel {
     let s = schedule.normalized();
-    let (mr, nr, vw) = (s.mr, s.nr, s.vector_width);
-    let nv = nr / vw;
-    let vt = format!("vector<{vw}xf32>");
-    let mt = format!("vector<{vw}xi1>");
     let bias_relu = epilogue == Epilogue::BiasRelu;
 
     let mut p = Prologue::new();
@@ -110,7 +106,59 @@ pub fn matmul(name: &str, schedule: &MatmulSchedule, epilogue: Epilogue) -> Kern
     let m = p.dim_index(0);
     let n = p.dim_index(1);
     let k = p.dim_index(2);
+    p.push(&body(&s, &a, &b, bias.as_deref(), &c, &m, &n, &k));
+    let mut inputs = 2;
+    if bias_relu {
+        inputs += 1;
+    }
+    Kernel {
+        signature: KernelSignature {
+            name: name.to_string(),
+            inputs,
+            outputs: 1,
+            dims: vec!["M".into(), "N".into(), "K".into()],
+        },
+        mlir: p.finish(name),
+        pipeline: VECTOR_PIPELINE.to_string(),
+    }
+}
 
+/// The operand type of [`matmul_memref_func`]: rows with unit stride (row-major memrefs
+/// `memref.cast` to it, and so do row-block subviews).
+pub const STRIDED_2D: &str = "memref<?x?xf32, strided<[?, 1], offset: ?>>";
+
+/// A private helper `func.func private @name(%A, %B, %C)` on [`STRIDED_2D`] operands
+/// computing `C = A·B` with `schedule` (sizes read from the memrefs), for kernels that call a
+/// matmul from their own body (graph contraction kernels with a general epilogue).
+pub fn matmul_memref_func(name: &str, schedule: &MatmulSchedule) -> String {
+    let s = schedule.normalized();
+    let t = STRIDED_2D;
+    format!(
+        "func.func private @{name}(%A: {t}, %B: {t}, %C: {t}) {{\n  %mm_i0 = arith.constant 0 : index\n  %mm_i1 = arith.constant 1 : index\n  %mm_m = memref.dim %A, %mm_i0 : {t}\n  %mm_k = memref.dim %A, %mm_i1 : {t}\n  %mm_n = memref.dim %B, %mm_i1 : {t}\n{}  return\n}}\n",
+        body(&s, "%A", "%B", None, "%C", "%mm_m", "%mm_n", "%mm_k").replace("memref<?x?xf32>", t)
+    )
+}
+
+/// The kernel body (after the memrefs and sizes are available): `a`, `b`, `c` (and `bias`) are
+/// SSA names of `memref<?x?xf32>` (`memref<?xf32>`) values, `m`, `n`, `k` of `index` values.
+/// The body defines SSA names starting with `%c`, `%a`, `%b`, ... and must not share a region
+/// with other code using those names.
+#[allow(clippy::too_many_arguments)]
+fn body(
+    s: &MatmulSchedule,
+    a: &str,
+    b: &str,
+    bias: Option<&str>,
+    c: &str,
+    m: &str,
+    n: &str,
+    k: &str,
+) -> String {
+    let (mr, nr, vw) = (s.mr, s.nr, s.vector_width);
+    let nv = nr / vw;
+    let vt = format!("vector<{vw}xf32>");
+    let mt = format!("vector<{vw}xi1>");
+    let bias_relu = bias.is_some();
     let mut t = String::new();
     let w = &mut t;
     // Packed buffers sized for this call's shape (at most mc×kc and kc×nc), so small
@@ -401,22 +449,8 @@ pub fn matmul(name: &str, schedule: &MatmulSchedule, epilogue: Epilogue) -> Kern
     for v in 0..nv {
         let _ = writeln!(consts, "  %cv{v} = arith.constant {} : index", v * vw);
     }
-    p.push(&consts);
-    p.push(&t);
-    let mut inputs = 2;
-    if bias_relu {
-        inputs += 1;
-    }
-    Kernel {
-        signature: KernelSignature {
-            name: name.to_string(),
-            inputs,
-            outputs: 1,
-            dims: vec!["M".into(), "N".into(), "K".into()],
-        },
-        mlir: p.finish(name),
-        pipeline: VECTOR_PIPELINE.to_string(),
-    }
+    consts.push_str(&t);
+    consts
 }
 
 /// Lowers `scf` + `memref` + `vector` code to the LLVM dialect.

@@ -7,10 +7,12 @@
 //! * [`matmul`]: f32 matmul with a parametric [`matmul::MatmulSchedule`].
 //! * [`pipeline`]: MLIR → LLVM IR → object code.
 //! * [`link`]: objects → shared library.
+//! * [`lower`]: fusion kernels of a graph → kernels (`lower_partition`).
 
 pub mod abi;
 pub mod elementwise;
 pub mod link;
+pub mod lower;
 pub mod matmul;
 pub mod pipeline;
 

@@ -1,0 +1,293 @@
+//! `Contraction` kernels whose contraction is a `MatMul` or `Gemm`: the packed matmul of
+//! [`crate::cpu::matmul`] (a private helper function called from the kernel) writes the
+//! product into the first `f32` output buffer, then one `linalg.generic` over the output
+//! shape finishes Gemm (`alpha·P + beta·C`) and runs the fused elementwise epilogue in place.
+//!
+//! Supported: `MatMul` with a 2-D `B` and an `A` of rank ≥ 2 (its batch dims are folded
+//! into `M`, which needs them static when `A` has rank > 2), batched `MatMul` with equal
+//! static batch dims (one matmul per batch on row-block subviews); `Gemm` with any
+//! `transA`/`transB` (a transposed operand is copied to a temporary first), `alpha`, `beta`
+//! and a broadcast `C`. Not yet: broadcast batch dims of `B`, 1-D
+//! operands, `Conv`.
+
+use super::elementwise::InputKind;
+use super::elementwise::{classify_input, emit_generic, Body, GenericInput, GenericOutput};
+use super::{Lowered, SymDims, Ty, GRAPH_KERNEL_PIPELINE};
+use crate::cpu::abi::{Dim as PDim, Prologue};
+use crate::cpu::matmul::{matmul_memref_func, MatmulSchedule, STRIDED_2D};
+use crate::cpu::{Kernel, KernelSignature};
+use kiln_ir::ops::linalg::LinalgOp;
+use kiln_ir::{DType, Dim, Graph, Op};
+use kiln_passes::fusion;
+use std::fmt::Write as _;
+
+/// Lowers a `Contraction` kernel.
+pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered, String> {
+    let ci = k
+        .nodes
+        .iter()
+        .copied()
+        .find(|&n| matches!(g.nodes[n].op, Op::Linalg(_)))
+        .ok_or_else(|| {
+            let n = &g.nodes[k.nodes[0]];
+            format!("{} contractions are not lowered yet", n.op.op_type())
+        })?;
+    let cn = &g.nodes[ci];
+    let gemm = match &cn.op {
+        Op::Linalg(LinalgOp::MatMul) => None,
+        Op::Linalg(LinalgOp::Gemm(gm)) => Some(gm.clone()),
+        other => return Err(format!("{} is not lowered yet", other.op_type())),
+    };
+    let (Some(a_v), Some(b_v)) = (cn.inputs[0], cn.inputs[1]) else {
+        return Err("missing MatMul operand".into());
+    };
+    let c_v = cn.inputs.get(2).copied().flatten();
+    let y_v = cn.outputs[0];
+    for v in [a_v, b_v, y_v] {
+        if g.values[v].fact.dtype != DType::F32 {
+            return Err(format!(
+                "contraction on {} (f32 only)",
+                g.values[v].fact.dtype.name()
+            ));
+        }
+    }
+    let a_s = g.values[a_v].fact.shape.dims().to_vec();
+    let b_s = g.values[b_v].fact.shape.dims().to_vec();
+    let y_s = g.values[y_v].fact.shape.dims().to_vec();
+    for &n in &k.nodes {
+        if n != ci
+            && g.nodes[n]
+                .outputs
+                .iter()
+                .any(|&o| g.values[o].fact.shape.dims() != y_s)
+        {
+            return Err(format!(
+                "epilogue node '{}' has another shape than the contraction",
+                g.nodes[n].name
+            ));
+        }
+    }
+    // (rows, cols) of A and B as stored, and whether each is transposed.
+    // Batched MatMul (equal, static batch dims): A, B and the product are viewed as stacks
+    // of row blocks, one matmul per batch.
+    let mut batch: Option<(usize, [usize; 3])> = None;
+    let (a_rows, ta, tb) = match &gemm {
+        None if b_s.len() > 2 => {
+            let known = |s: &[Dim]| s.iter().map(Dim::known).collect::<Option<Vec<usize>>>();
+            let (Some(ak), Some(bk)) = (known(&a_s), known(&b_s)) else {
+                return Err("batched MatMul with symbolic dims".into());
+            };
+            let r = ak.len();
+            if bk.len() != r || ak[..r - 2] != bk[..r - 2] {
+                return Err(format!(
+                    "batched MatMul of shapes {ak:?} x {bk:?} (equal batch dims only)"
+                ));
+            }
+            let nb: usize = ak[..r - 2].iter().product();
+            batch = Some((nb, [ak[r - 2], bk[r - 1], ak[r - 1]]));
+            (Dim::Known(nb * ak[r - 2]), false, false)
+        }
+        None => {
+            if a_s.len() < 2 {
+                return Err("MatMul with a 1-D A".into());
+            }
+            if b_s.len() != 2 {
+                return Err("MatMul with a 1-D B".into());
+            }
+            let rows = if a_s.len() == 2 {
+                a_s[0].clone()
+            } else {
+                let known: Option<Vec<usize>> =
+                    a_s[..a_s.len() - 1].iter().map(Dim::known).collect();
+                Dim::Known(
+                    known
+                        .ok_or("MatMul with symbolic batch dims")?
+                        .iter()
+                        .product(),
+                )
+            };
+            (rows, false, false)
+        }
+        Some(gm) => {
+            if a_s.len() != 2 || b_s.len() != 2 {
+                return Err("Gemm operands must be 2-D".into());
+            }
+            (a_s[0].clone(), gm.trans_a, gm.trans_b)
+        }
+    };
+    let a_cols = a_s[a_s.len() - 1].clone();
+
+    let mut syms = SymDims::default();
+    let mut p = Prologue::new();
+    let mut body = Body::default();
+    let mut args = Vec::new();
+    let mut ins = Vec::new();
+    let epi_nodes: Vec<usize> = k.nodes.iter().copied().filter(|&n| n != ci).collect();
+    // A and B.
+    let a_dims = [syms.dim(&a_rows)?, syms.dim(&a_cols)?];
+    let a_mem = p.memref_f32(0, &a_dims);
+    let b_dims = match batch {
+        Some((nb, [_, n, k])) => vec![PDim::Const((nb * k) as i64), PDim::Const(n as i64)],
+        None => syms.dims(&b_s)?,
+    };
+    let b_mem = p.memref_f32(1, &b_dims);
+    args.push(a_v);
+    args.push(b_v);
+    // The other inputs feed the epilogue (Gemm's C included).
+    for &v in &k.inputs {
+        if v == a_v || v == b_v {
+            let used = epi_nodes
+                .iter()
+                .any(|&n| g.nodes[n].inputs.contains(&Some(v)));
+            if used || c_v == Some(v) {
+                return Err("a MatMul operand is also used by the epilogue".into());
+            }
+            continue;
+        }
+        let ty = Ty::of(g.values[v].fact.dtype)?;
+        match classify_input(g, v, &y_s)? {
+            InputKind::Scalar(x) => body.bind_const(v, x, ty),
+            InputKind::Buffer(dims) => {
+                let sd: Vec<Dim> = dims.iter().map(|&d| y_s[d].clone()).collect();
+                let memref = p.memref(args.len(), &syms.dims(&sd)?, ty.storage());
+                args.push(v);
+                ins.push(GenericInput {
+                    value: v,
+                    memref,
+                    dims,
+                    ty,
+                });
+            }
+        }
+    }
+    let full = syms.dims(&y_s)?;
+    let mut outs = Vec::new();
+    for (i, &v) in k.outputs.iter().enumerate() {
+        let ty = Ty::of(g.values[v].fact.dtype)?;
+        let memref = p.memref(args.len() + i, &full, ty.storage());
+        outs.push(GenericOutput {
+            value: v,
+            memref,
+            ty,
+        });
+    }
+    // The product goes to the first f32 output, viewed as [M, N].
+    let pi = outs
+        .iter()
+        .position(|o| o.ty == Ty::F32)
+        .ok_or("no f32 output to hold the product")?;
+    let (m_d, n_d) = (
+        if ta { a_dims[1] } else { a_dims[0] },
+        if tb { b_dims[0] } else { b_dims[1] },
+    );
+    let p2 = p.memref_f32(args.len() + pi, &[m_d, n_d]);
+    let mut t = String::new();
+    let operand = |p: &mut Prologue, t: &mut String, mem: &str, trans: bool, d: [PDim; 2]| {
+        if !trans {
+            return mem.to_string();
+        }
+        let idx = |p: &mut Prologue, t: &mut String, d: PDim| match d {
+            PDim::Sym(i) => p.dim_index(i),
+            PDim::Const(c) => {
+                let v = format!("%tc{}_{c}", t.len());
+                let _ = writeln!(t, "  {v} = arith.constant {c} : index");
+                v
+            }
+        };
+        let r = idx(p, t, d[1]);
+        let c = idx(p, t, d[0]);
+        let tv = format!("%tr{}", t.len());
+        let _ = writeln!(
+            t,
+            "  {tv} = memref.alloc({r}, {c}) {{alignment = 64 : i64}} : memref<?x?xf32>\n  linalg.transpose ins({mem} : memref<?x?xf32>) outs({tv} : memref<?x?xf32>) permutation = [1, 0]"
+        );
+        tv
+    };
+    let a2 = operand(&mut p, &mut t, &a_mem, ta, a_dims);
+    let b_pair = [b_dims[0], b_dims[1]];
+    let b2 = operand(&mut p, &mut t, &b_mem, tb, b_pair);
+    let mm = format!("{name}_mm");
+    let st = STRIDED_2D;
+    let call = |t: &mut String, a: &str, b: &str, c: &str| {
+        let _ = writeln!(
+            t,
+            "  func.call @{mm}({a}, {b}, {c}) : ({st}, {st}, {st}) -> ()"
+        );
+    };
+    let mut casts = Vec::new();
+    for (i, v) in [&a2, &b2, &p2].into_iter().enumerate() {
+        let c = format!("%mmop{i}");
+        let _ = writeln!(t, "  {c} = memref.cast {v} : memref<?x?xf32> to {st}");
+        casts.push(c);
+    }
+    match batch {
+        None => call(&mut t, &casts[0], &casts[1], &casts[2]),
+        Some((nb, [m, n, k])) => {
+            let _ = writeln!(
+                t,
+                "  %bz = arith.constant 0 : index\n  %b1 = arith.constant 1 : index\n  %bn = arith.constant {nb} : index\n  %bm = arith.constant {m} : index\n  %bk = arith.constant {k} : index\n  %bnn = arith.constant {n} : index\n  scf.for %bi = %bz to %bn step %b1 {{\n    %ra = arith.muli %bi, %bm : index\n    %rb = arith.muli %bi, %bk : index\n    %sa = memref.subview {a2}[%ra, 0] [%bm, %bk] [1, 1] : memref<?x?xf32> to {st}\n    %sb = memref.subview {b2}[%rb, 0] [%bk, %bnn] [1, 1] : memref<?x?xf32> to {st}\n    %sc = memref.subview {p2}[%ra, 0] [%bm, %bnn] [1, 1] : memref<?x?xf32> to {st}"
+            );
+            call(&mut t, "%sa", "%sb", "%sc");
+            let _ = writeln!(t, "  }}");
+        }
+    }
+    // Gemm finishing: Y = alpha P + beta C.
+    let (alpha, beta) = gemm.as_ref().map_or((1.0, 0.0), |gm| (gm.alpha, gm.beta));
+    let c_used = c_v.is_some() && beta != 0.0;
+    let need_generic = !epi_nodes.is_empty() || alpha != 1.0 || c_used || outs.len() > 1;
+    if need_generic {
+        ins.insert(
+            0,
+            GenericInput {
+                value: y_v,
+                memref: outs[pi].memref.clone(),
+                dims: (0..y_s.len()).collect(),
+                ty: Ty::F32,
+            },
+        );
+        let text = emit_generic(g, y_s.len(), &ins, &outs, body, &epi_nodes, |b| {
+            let (mut y, _) = b.get(y_v, g)?;
+            if alpha != 1.0 {
+                let a = b.fc(alpha);
+                y = b.f2("mulf", &a, &y);
+            }
+            if let Some(c) = c_v.filter(|_| c_used) {
+                let (c, cty) = b.get(c, g)?;
+                if cty != Ty::F32 {
+                    return Err("Gemm C must be f32".into());
+                }
+                let c = if beta != 1.0 {
+                    let be = b.fc(beta);
+                    b.f2("mulf", &be, &c)
+                } else {
+                    c
+                };
+                y = b.f2("addf", &y, &c);
+            }
+            b.vals.insert(y_v, (y, Ty::F32));
+            Ok(())
+        })?;
+        t.push_str(&text);
+    } else if k.outputs != [y_v] {
+        return Err("contraction output is not the kernel output".into());
+    }
+    for (v, trans) in [(&a2, ta), (&b2, tb)] {
+        if trans {
+            let _ = writeln!(t, "  memref.dealloc {v} : memref<?x?xf32>");
+        }
+    }
+    p.push(&t);
+    let mut mlir = p.finish(name);
+    mlir.push_str(&matmul_memref_func(&mm, &MatmulSchedule::default()));
+    let kernel = Kernel {
+        signature: KernelSignature {
+            name: name.to_string(),
+            inputs: args.len(),
+            outputs: outs.len(),
+            dims: syms.0,
+        },
+        mlir,
+        pipeline: GRAPH_KERNEL_PIPELINE.to_string(),
+    };
+    Ok((kernel, args, k.outputs.clone()))
+}

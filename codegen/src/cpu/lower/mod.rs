@@ -1,0 +1,174 @@
+//! Lowering of fusion kernels ([`kiln_passes::fusion`]) of a graph to CPU kernels.
+//!
+//! [`lower_partition`] lowers every kernel of a partition it supports and reports the others
+//! with a reason, so the compiler can fall back (for instance to the reference interpreter)
+//! for those:
+//!
+//! * `Elementwise` kernels become one `linalg.generic` over the output shape
+//!   ([`elementwise`]): each input gets a broadcasting indexing map (ONNX numpy broadcasting:
+//!   size-1 dims are dropped from its memref), scalar constants are inlined as
+//!   `arith.constant`, and the nodes become `arith`/`math` ops in the body (f32 with fastmath
+//!   `contract`, plus i64 and bool values).
+//! * `Contraction` kernels whose contraction is a `MatMul` (2-D, or with the batch dims of
+//!   `A` folded into `M` when `B` is 2-D) or a `Gemm` ([`contraction`]) call the packed
+//!   matmul of [`super::matmul`] and then run their epilogue (Gemm's `alpha`/`beta·C` and
+//!   the fused elementwise nodes) as one `linalg.generic` over the result, in place.
+//!
+//! Every lowered kernel has the uniform ABI ([`super::abi`]): `args` are the kernel's
+//! non-inlined inputs ([`LoweredKernel::inputs`], graph constants included: the caller passes
+//! their data) followed by its outputs ([`LoweredKernel::outputs`]), dense and row-major;
+//! `dims` are the values of the symbolic dims named in the signature (none once the graph is
+//! specialised to static shapes).
+//!
+//! Math functions lower through `convert-math-to-llvm` (LLVM intrinsics) and
+//! `convert-math-to-libm` (`erff`, `asinhf`, ... from the C library) — exact, not yet
+//! vectorized.
+
+pub mod contraction;
+pub mod elementwise;
+
+use super::Kernel;
+use crate::CodegenError;
+use kiln_ir::{DType, Dim, Graph, ValueId};
+use kiln_passes::fusion::{KernelKind, Partition};
+
+/// The pass pipeline of lowered graph kernels: `linalg` to loops, `vector`/`scf`/`memref`/
+/// `math` to the LLVM dialect.
+pub const GRAPH_KERNEL_PIPELINE: &str = "builtin.module(func.func(convert-linalg-to-loops),convert-vector-to-scf,convert-scf-to-cf,expand-strided-metadata,lower-affine,convert-math-to-llvm,convert-math-to-libm,convert-vector-to-llvm,finalize-memref-to-llvm,convert-to-llvm,reconcile-unrealized-casts)";
+
+/// One partition kernel lowered to a CPU kernel.
+#[derive(Debug, Clone)]
+pub struct LoweredKernel {
+    /// Index of the kernel in [`Partition::kernels`].
+    pub index: usize,
+    /// The CPU kernel (its signature name is `kiln_<partition kernel name>`).
+    pub kernel: Kernel,
+    /// The graph values passed as input buffers, in `args` order (a subset of the partition
+    /// kernel's inputs: scalar constants are inlined).
+    pub inputs: Vec<ValueId>,
+    /// The graph values written as output buffers, after the inputs in `args`.
+    pub outputs: Vec<ValueId>,
+}
+
+/// A partition kernel that was not lowered, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unsupported {
+    /// Index of the kernel in [`Partition::kernels`].
+    pub index: usize,
+    /// Why it was not lowered.
+    pub reason: String,
+}
+
+/// The result of [`lower_partition`].
+#[derive(Debug, Clone, Default)]
+pub struct Lowering {
+    /// The kernels that were lowered, in partition order.
+    pub kernels: Vec<LoweredKernel>,
+    /// The kernels that were not, in partition order.
+    pub unsupported: Vec<Unsupported>,
+}
+
+impl Lowering {
+    /// The CPU kernels, ready for [`super::compile_library`].
+    pub fn cpu_kernels(&self) -> Vec<Kernel> {
+        self.kernels.iter().map(|k| k.kernel.clone()).collect()
+    }
+}
+
+/// Lowers every kernel of `p` that this module supports (see the module doc); the others are
+/// listed in [`Lowering::unsupported`] with a reason. Errors are reserved for failures that
+/// are not a matter of support (none so far: lowering only produces MLIR text, which
+/// [`super::compile_library`] compiles).
+pub fn lower_partition(g: &Graph, p: &Partition) -> Result<Lowering, CodegenError> {
+    let mut out = Lowering::default();
+    for (index, k) in p.kernels.iter().enumerate() {
+        let name = format!("kiln_{}", k.name);
+        let r = match k.kind {
+            KernelKind::Elementwise => elementwise::lower(g, k, &name),
+            KernelKind::Contraction => contraction::lower(g, k, &name),
+            other => Err(format!("{other:?} kernels are not lowered yet")),
+        };
+        match r {
+            Ok((kernel, inputs, outputs)) => out.kernels.push(LoweredKernel {
+                index,
+                kernel,
+                inputs,
+                outputs,
+            }),
+            Err(reason) => out.unsupported.push(Unsupported { index, reason }),
+        }
+    }
+    Ok(out)
+}
+
+/// A lowered kernel: the CPU kernel, its input values and its output values.
+type Lowered = (Kernel, Vec<ValueId>, Vec<ValueId>);
+
+/// The element type of a value inside a kernel body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ty {
+    /// `f32`.
+    F32,
+    /// `i64`.
+    I64,
+    /// `i1` (stored as one byte, `i8`, in buffers).
+    I1,
+}
+
+impl Ty {
+    /// The body type of a graph dtype, if supported.
+    pub(crate) fn of(d: DType) -> Result<Ty, String> {
+        match d {
+            DType::F32 => Ok(Ty::F32),
+            DType::I64 => Ok(Ty::I64),
+            DType::Bool => Ok(Ty::I1),
+            other => Err(format!("dtype {} is not supported", other.name())),
+        }
+    }
+
+    /// The MLIR type in the body.
+    pub(crate) fn mlir(self) -> &'static str {
+        match self {
+            Ty::F32 => "f32",
+            Ty::I64 => "i64",
+            Ty::I1 => "i1",
+        }
+    }
+
+    /// The MLIR element type in buffers.
+    pub(crate) fn storage(self) -> &'static str {
+        match self {
+            Ty::I1 => "i8",
+            t => t.mlir(),
+        }
+    }
+}
+
+/// The symbolic dims of a kernel, in `dims[]` order.
+#[derive(Debug, Default)]
+pub(crate) struct SymDims(pub Vec<String>);
+
+impl SymDims {
+    /// The prologue dim of a graph dim, registering symbols; anonymous dims are unsupported.
+    pub(crate) fn dim(&mut self, d: &Dim) -> Result<super::abi::Dim, String> {
+        match d {
+            Dim::Known(n) => Ok(super::abi::Dim::Const(*n as i64)),
+            Dim::Sym(s) if d.is_anonymous() => Err(format!("anonymous dim '{s}'")),
+            Dim::Sym(s) => {
+                let i = match self.0.iter().position(|x| x == s) {
+                    Some(i) => i,
+                    None => {
+                        self.0.push(s.clone());
+                        self.0.len() - 1
+                    }
+                };
+                Ok(super::abi::Dim::Sym(i))
+            }
+        }
+    }
+
+    /// The prologue dims of a shape.
+    pub(crate) fn dims(&mut self, s: &[Dim]) -> Result<Vec<super::abi::Dim>, String> {
+        s.iter().map(|d| self.dim(d)).collect()
+    }
+}
