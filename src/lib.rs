@@ -8,6 +8,7 @@
 //! # Ok::<(), anyhow::Error>(())
 //! ```
 
+pub mod compile;
 pub mod inspect;
 pub mod io;
 pub mod pipeline;
@@ -32,31 +33,42 @@ pub fn load_model(path: impl AsRef<std::path::Path>) -> Result<Graph> {
 /// Random inputs for every graph input (seeded): floats uniform in [-1, 1), integers in
 /// [0, 8), random bools. Symbolic dims are taken as 1.
 pub fn random_inputs(g: &Graph, seed: u64) -> Result<Vec<Tensor>> {
+    let specs = g.inputs.iter().map(|&id| {
+        let f = &g.values[id].fact;
+        let shape: Vec<usize> = f
+            .shape
+            .dims()
+            .iter()
+            .map(|d| match d {
+                Dim::Known(n) => *n,
+                Dim::Sym(_) => 1,
+            })
+            .collect();
+        (f.dtype, shape)
+    });
+    Ok(random_tensors(specs, seed))
+}
+
+/// Random tensors of the given dtypes and shapes (seeded), drawn like [`random_inputs`]:
+/// floats uniform in [-1, 1), integers in [0, 8), random bools.
+pub fn random_tensors(
+    specs: impl IntoIterator<Item = (DType, Vec<usize>)>,
+    seed: u64,
+) -> Vec<Tensor> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    g.inputs
-        .iter()
-        .map(|&id| {
-            let f = &g.values[id].fact;
-            let shape: Vec<usize> = f
-                .shape
-                .dims()
-                .iter()
-                .map(|d| match d {
-                    Dim::Known(n) => *n,
-                    Dim::Sym(_) => 1,
-                })
-                .collect();
+    specs
+        .into_iter()
+        .map(|(dtype, shape)| {
             let n: usize = shape.iter().product();
-            let t = if f.dtype.is_float() {
+            if dtype.is_float() {
                 let v: Vec<f64> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
-                Tensor::from_vec(&shape, v).cast(f.dtype)
-            } else if f.dtype == DType::Bool {
+                Tensor::from_vec(&shape, v).cast(dtype)
+            } else if dtype == DType::Bool {
                 Tensor::from_vec(&shape, (0..n).map(|_| rng.random_bool(0.5)).collect())
             } else {
                 let v: Vec<i64> = (0..n).map(|_| rng.random_range(0..8)).collect();
-                Tensor::from_vec(&shape, v).cast(f.dtype)
-            };
-            Ok(t)
+                Tensor::from_vec(&shape, v).cast(dtype)
+            }
         })
         .collect()
 }

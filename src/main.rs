@@ -57,6 +57,46 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Compile a model into a deployable artifact (execution plan, weights, kernel library).
+    /// Only models whose kernels can all be lowered to code compile today.
+    Compile {
+        /// The ONNX model.
+        model: PathBuf,
+        /// Target: cpu (x86-64-v3), cpu:x86-64-v3, cpu:x86-64-v4, cpu:native, ...
+        #[arg(long, default_value = "cpu")]
+        target: String,
+        /// The artifact to write (default: the model path with extension .kiln).
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        /// Fix an input's shape: NAME=1x3x224x224 (symbolic dims default to 1).
+        #[arg(long = "shape", value_name = "NAME=DIMS")]
+        shapes: Vec<String>,
+        /// Print the IR after this stage (import, simplify, specialize, fold, fusion, memory,
+        /// or all); may be repeated.
+        #[arg(long = "print-after", value_name = "STAGE")]
+        print_after: Vec<String>,
+    },
+    /// Run a compiled artifact (MODEL.kiln) with the runtime.
+    Run {
+        /// The artifact.
+        artifact: PathBuf,
+        /// An input as NAME=FILE (.npy or .pb); inputs not given are random.
+        #[arg(long = "input", value_name = "NAME=FILE")]
+        inputs: Vec<String>,
+        /// A test data folder (input_K.pb / output_K.pb): take inputs from it and check the
+        /// outputs against its expected outputs.
+        #[arg(long, value_name = "DIR")]
+        check: Option<PathBuf>,
+        /// Write the outputs here (.npz, or .npy for one output).
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        /// Run this many more times and print the mean latency.
+        #[arg(long)]
+        repeat: Option<usize>,
+        /// Seed for random inputs.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
 }
 
 fn main() {
@@ -110,7 +150,241 @@ fn run(cli: Cli) -> Result<()> {
             output,
             seed,
         } => eval(&model, &inputs, check.as_deref(), output.as_deref(), seed),
+        Cmd::Compile {
+            model,
+            target,
+            output,
+            shapes,
+            print_after,
+        } => compile(&model, &target, output, &shapes, print_after),
+        Cmd::Run {
+            artifact,
+            inputs,
+            check,
+            output,
+            repeat,
+            seed,
+        } => run_artifact(
+            &artifact,
+            &inputs,
+            check.as_deref(),
+            output.as_deref(),
+            repeat,
+            seed,
+        ),
     }
+}
+
+fn compile(
+    model: &Path,
+    target: &str,
+    output: Option<PathBuf>,
+    shapes: &[String],
+    print_after: Vec<String>,
+) -> Result<()> {
+    let cpu = match target.split_once(':') {
+        None if target == "cpu" => kiln::compile::CompileOptions::default().cpu,
+        Some(("cpu", cpu)) if !cpu.is_empty() => cpu.to_string(),
+        _ => bail!("--target '{target}': only CPU targets compile so far (cpu or cpu:NAME)"),
+    };
+    let mut opts = kiln::compile::CompileOptions {
+        cpu,
+        print_after,
+        ..Default::default()
+    };
+    for s in shapes {
+        let (name, dims) = kiln::pipeline::parse_shape(s)?;
+        opts.shapes.insert(name, dims);
+    }
+    let (artifact, mut report) = kiln::compile::compile(model, &opts)?;
+    let out = output.unwrap_or_else(|| model.with_extension("kiln"));
+    let t0 = std::time::Instant::now();
+    artifact.save(&out)?;
+    report.timings.push(("write", t0.elapsed()));
+    println!("{report}");
+    println!("wrote {} ({})", out.display(), artifact.target);
+    Ok(())
+}
+
+/// Takes inputs from `DIR/input_K.pb` (checking their count against `n_inputs`) and returns
+/// them with the expected outputs `DIR/output_K.pb`.
+fn load_check_dir(dir: &Path, n_inputs: usize) -> Result<(Vec<Tensor>, Vec<Tensor>)> {
+    let ins = load_pbs(dir, "input")?;
+    if ins.len() != n_inputs {
+        bail!(
+            "{}: {} input files but the model has {} inputs",
+            dir.display(),
+            ins.len(),
+            n_inputs
+        );
+    }
+    Ok((ins, load_pbs(dir, "output")?))
+}
+
+/// Replaces the inputs named in `NAME=FILE` specs.
+fn set_inputs(names: &[String], inputs: &mut [Tensor], given: &[String]) -> Result<()> {
+    for spec in given {
+        let (name, file) = spec
+            .split_once('=')
+            .with_context(|| format!("--input '{spec}': expected NAME=FILE"))?;
+        let pos = names
+            .iter()
+            .position(|n| n == name)
+            .with_context(|| format!("--input '{spec}': the model has no input named '{name}'"))?;
+        inputs[pos] = kiln::io::read_tensor(Path::new(file))?;
+    }
+    Ok(())
+}
+
+/// Prints each output's dtype, shape and range.
+fn print_outputs(named: &[(String, Tensor)]) {
+    for (name, t) in named {
+        let v = t.to_f64_vec();
+        let (mn, mx) = v
+            .iter()
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &x| {
+                (a.min(x), b.max(x))
+            });
+        println!(
+            "{name}: {}{:?}  min {mn:.6} max {mx:.6}",
+            t.dtype(),
+            t.shape()
+        );
+    }
+}
+
+/// Compares outputs with expected ones: fails if a shape differs or the largest absolute
+/// error exceeds 1e-4 of the expected output's scale (its largest magnitude, at least 1).
+fn check_outputs(named: &[(String, Tensor)], expected: &[Tensor]) -> Result<()> {
+    if expected.len() != named.len() {
+        bail!(
+            "{} expected outputs but the model has {} outputs",
+            expected.len(),
+            named.len()
+        );
+    }
+    let mut worst = 0.0f64;
+    for ((name, t), e) in named.iter().zip(expected) {
+        let scale = e.to_f64_vec().iter().fold(1.0f64, |m, x| m.max(x.abs()));
+        let err = t
+            .to_f64_vec()
+            .iter()
+            .zip(e.to_f64_vec())
+            .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()));
+        let rel = err / scale;
+        worst = worst.max(rel);
+        println!("check {name}: max abs error {err:.3e} (relative to scale {scale:.3}: {rel:.3e})");
+        if t.shape() != e.shape() {
+            bail!(
+                "output '{name}': shape {:?} but reference has {:?}",
+                t.shape(),
+                e.shape()
+            );
+        }
+    }
+    if worst > 1e-4 {
+        bail!("outputs differ from the reference (relative error {worst:.3e} > 1e-4)");
+    }
+    println!("OK: matches the reference");
+    Ok(())
+}
+
+fn run_artifact(
+    path: &Path,
+    given: &[String],
+    check: Option<&Path>,
+    output: Option<&Path>,
+    repeat: Option<usize>,
+    seed: u64,
+) -> Result<()> {
+    use kiln::runtime::{AlignedBuf, DimSpec, Model, TensorView};
+    let mut model = Model::load(path)?;
+    let plan = model.plan().clone();
+    println!(
+        "{}: {} ({}), {} steps, arena {} bytes",
+        path.display(),
+        model.target(),
+        model.compiler_version(),
+        plan.steps.len(),
+        plan.arena_bytes
+    );
+    // random inputs from the declared specs (symbolic dims taken as 1)
+    let specs = plan.inputs.iter().map(|io| {
+        let shape = io
+            .shape
+            .iter()
+            .map(|d| match d {
+                DimSpec::Fixed(n) => *n as usize,
+                DimSpec::Sym(_) => 1,
+            })
+            .collect();
+        (kiln::compile::graph_dtype(io.dtype), shape)
+    });
+    let mut inputs = kiln::random_tensors(specs, seed);
+    let mut expected = None;
+    if let Some(dir) = check {
+        let (ins, outs) = load_check_dir(dir, plan.inputs.len())?;
+        inputs = ins;
+        expected = Some(outs);
+    }
+    let names: Vec<String> = plan.inputs.iter().map(|io| io.name.clone()).collect();
+    set_inputs(&names, &mut inputs, given)?;
+    // native-endian, aligned copies for the runtime
+    let bufs: Vec<(kiln::runtime::DType, AlignedBuf)> = inputs
+        .iter()
+        .zip(&names)
+        .map(|(t, name)| {
+            let dt = kiln::compile::runtime_dtype(t.dtype())
+                .with_context(|| format!("input '{name}'"))?;
+            Ok((
+                dt,
+                AlignedBuf::from_bytes(&kiln::ir::onnx::tensor_proto::to_raw(t)),
+            ))
+        })
+        .collect::<Result<_>>()?;
+    let views: Vec<TensorView> = inputs
+        .iter()
+        .zip(&bufs)
+        .map(|(t, (dt, b))| TensorView::new(*dt, t.shape(), b.as_slice()))
+        .collect();
+    let t0 = std::time::Instant::now();
+    let outs = model.run(&views)?;
+    let dt = t0.elapsed();
+    let named: Vec<(String, Tensor)> = plan
+        .outputs
+        .iter()
+        .zip(&outs)
+        .map(|(io, t)| {
+            let v = kiln::ir::onnx::tensor_proto::from_raw(
+                kiln::compile::graph_dtype(t.dtype),
+                &t.shape,
+                t.data.as_slice(),
+            )
+            .map_err(anyhow::Error::msg)
+            .with_context(|| format!("output '{}'", io.name))?;
+            Ok((io.name.clone(), v))
+        })
+        .collect::<Result<_>>()?;
+    print_outputs(&named);
+    println!("first run: {:.3} ms", dt.as_secs_f64() * 1e3);
+    if let Some(n) = repeat.filter(|&n| n > 0) {
+        let t0 = std::time::Instant::now();
+        for _ in 0..n {
+            model.run(&views)?;
+        }
+        println!(
+            "mean latency over {n} runs: {:.3} ms",
+            t0.elapsed().as_secs_f64() * 1e3 / n as f64
+        );
+    }
+    if let Some(exp) = expected {
+        check_outputs(&named, &exp)?;
+    }
+    if let Some(out) = output {
+        kiln::io::write_tensors(out, &named)?;
+        println!("wrote {}", out.display());
+    }
+    Ok(())
 }
 
 fn load_pbs(dir: &Path, prefix: &str) -> Result<Vec<Tensor>> {
@@ -136,29 +410,12 @@ fn eval(
     let mut inputs = kiln::random_inputs(&g, seed)?;
     let mut expected = None;
     if let Some(dir) = check {
-        let ins = load_pbs(dir, "input")?;
-        if ins.len() != g.inputs.len() {
-            bail!(
-                "{}: {} input files but the model has {} inputs",
-                dir.display(),
-                ins.len(),
-                g.inputs.len()
-            );
-        }
+        let (ins, outs) = load_check_dir(dir, g.inputs.len())?;
         inputs = ins;
-        expected = Some(load_pbs(dir, "output")?);
+        expected = Some(outs);
     }
-    for spec in given {
-        let (name, file) = spec
-            .split_once('=')
-            .with_context(|| format!("--input '{spec}': expected NAME=FILE"))?;
-        let pos = g
-            .inputs
-            .iter()
-            .position(|&i| g.values[i].name == name)
-            .with_context(|| format!("--input '{spec}': the model has no input named '{name}'"))?;
-        inputs[pos] = kiln::io::read_tensor(Path::new(file))?;
-    }
+    let names: Vec<String> = g.inputs.iter().map(|&i| g.values[i].name.clone()).collect();
+    set_inputs(&names, &mut inputs, given)?;
     let t0 = std::time::Instant::now();
     let outs = interp::run(&g, &inputs)?;
     let dt = t0.elapsed();
@@ -168,46 +425,10 @@ fn eval(
         .map(|&o| g.values[o].name.clone())
         .zip(outs)
         .collect();
-    for (name, t) in &named {
-        let v = t.to_f64_vec();
-        let (mn, mx) = v
-            .iter()
-            .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &x| {
-                (a.min(x), b.max(x))
-            });
-        println!(
-            "{name}: {}{:?}  min {mn:.6} max {mx:.6}",
-            t.dtype(),
-            t.shape()
-        );
-    }
+    print_outputs(&named);
     println!("reference interpreter: {:.1} ms", dt.as_secs_f64() * 1e3);
     if let Some(exp) = expected {
-        let mut worst = 0.0f64;
-        for ((name, t), e) in named.iter().zip(&exp) {
-            let scale = e.to_f64_vec().iter().fold(1.0f64, |m, x| m.max(x.abs()));
-            let err = t
-                .to_f64_vec()
-                .iter()
-                .zip(e.to_f64_vec())
-                .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()));
-            let rel = err / scale;
-            worst = worst.max(rel);
-            println!(
-                "check {name}: max abs error {err:.3e} (relative to scale {scale:.3}: {rel:.3e})"
-            );
-            if t.shape() != e.shape() {
-                bail!(
-                    "output '{name}': shape {:?} but reference has {:?}",
-                    t.shape(),
-                    e.shape()
-                );
-            }
-        }
-        if worst > 1e-4 {
-            bail!("outputs differ from the reference (relative error {worst:.3e} > 1e-4)");
-        }
-        println!("OK: matches the reference");
+        check_outputs(&named, &exp)?;
     }
     if let Some(out) = output {
         kiln::io::write_tensors(out, &named)?;

@@ -1,0 +1,139 @@
+//! End-to-end tests of `kiln compile` and `kiln run`: compile a zoo model to an artifact, run
+//! it with the runtime and check it against the model's reference outputs.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn kiln(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .output()
+        .expect("run kiln");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+fn zoo(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/zoo")
+        .join(name)
+}
+
+fn tmp(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("kiln-compile-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn mlp_compiles_runs_and_matches_reference() {
+    let dir = tmp("mlp");
+    let art = dir.join("mlp.kiln");
+    let model = zoo("mlp").join("model.onnx");
+    // test_data_set_0 holds input 'input' of shape 2x32
+    let (ok, text) = kiln(&[
+        "compile",
+        s(&model),
+        "--target",
+        "cpu:x86-64-v3",
+        "--shape",
+        "input=2x32",
+        "-o",
+        s(&art),
+    ]);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("3 compiled") && text.contains("llvm+link") && text.contains("wrote"),
+        "{text}"
+    );
+    let out = dir.join("out.npz");
+    let (ok, text) = kiln(&[
+        "run",
+        s(&art),
+        "--check",
+        s(&zoo("mlp").join("test_data_set_0")),
+        "-o",
+        s(&out),
+        "--repeat",
+        "3",
+    ]);
+    assert!(ok && text.contains("OK: matches the reference"), "{text}");
+    assert!(text.contains("mean latency over 3 runs"), "{text}");
+    assert!(out.exists());
+    // random inputs
+    let (ok, text) = kiln(&["run", s(&art), "--seed", "1"]);
+    assert!(ok && text.contains("output: f32[2, 10]"), "{text}");
+    // an input of the wrong shape is refused by the runtime
+    let (ok, text) = kiln(&[
+        "run",
+        s(&art),
+        "--check",
+        s(&zoo("mlp").join("test_data_set_0")),
+        "--input",
+        &format!(
+            "input={}",
+            s(&zoo("mlp").join("test_data_set_0/output_0.pb"))
+        ),
+    ]);
+    assert!(!ok && text.contains("input"), "{text}");
+}
+
+#[test]
+fn corrupted_artifact_is_a_clean_error() {
+    let dir = tmp("corrupt");
+    let art = dir.join("mlp.kiln");
+    let (ok, text) = kiln(&[
+        "compile",
+        s(&zoo("mlp").join("model.onnx")),
+        "--shape",
+        "input=2x32",
+        "-o",
+        s(&art),
+    ]);
+    assert!(ok, "{text}");
+    let mut bytes = std::fs::read(&art).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    let bad = dir.join("bad.kiln");
+    std::fs::write(&bad, &bytes).unwrap();
+    let (ok, text) = kiln(&["run", s(&bad)]);
+    assert!(
+        !ok && text.contains("bad.kiln") && text.contains("corrupt") && !text.contains("panicked"),
+        "{text}"
+    );
+    let (ok, text) = kiln(&["run", s(&dir.join("missing.kiln"))]);
+    assert!(!ok && text.contains("missing.kiln"), "{text}");
+}
+
+#[test]
+fn unsupported_kernels_are_listed() {
+    let dir = tmp("resnet");
+    let art = dir.join("resnet.kiln");
+    let (ok, text) = kiln(&[
+        "compile",
+        s(&zoo("resnet").join("model.onnx")),
+        "-o",
+        s(&art),
+    ]);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("cannot be compiled yet") && text.contains("not lowered"),
+        "{text}"
+    );
+    assert!(!art.exists());
+    let (ok, text) = kiln(&[
+        "compile",
+        s(&zoo("mlp").join("model.onnx")),
+        "--target",
+        "gpu",
+    ]);
+    assert!(!ok && text.contains("--target 'gpu'"), "{text}");
+}
