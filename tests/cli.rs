@@ -1,20 +1,8 @@
 //! End-to-end tests of the `kiln` command line on the zoo models.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
-
-fn kiln(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(args)
-        .output()
-        .expect("run kiln");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
-}
+mod common;
+use common::{kiln, tmp};
 
 fn zoo() -> Vec<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/zoo");
@@ -33,8 +21,7 @@ fn zoo() -> Vec<PathBuf> {
 
 #[test]
 fn inspect_every_zoo_model() {
-    let tmp = std::env::temp_dir().join(format!("kiln-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&tmp).unwrap();
+    let tmp = tmp("cli");
     for m in zoo() {
         let model = m.join("model.onnx");
         let dot = tmp.join("g.dot");
@@ -56,8 +43,7 @@ fn inspect_every_zoo_model() {
 
 #[test]
 fn eval_every_zoo_model_matches_reference() {
-    let tmp = std::env::temp_dir().join(format!("kiln-cli-eval-{}", std::process::id()));
-    std::fs::create_dir_all(&tmp).unwrap();
+    let tmp = tmp("cli-eval");
     for m in zoo() {
         let model = m.join("model.onnx");
         let data = m.join("test_data_set_0");
@@ -84,8 +70,7 @@ fn eval_every_zoo_model_matches_reference() {
 
 #[test]
 fn bad_input_is_a_clean_error() {
-    let tmp = std::env::temp_dir().join(format!("kiln-cli-bad-{}", std::process::id()));
-    std::fs::create_dir_all(&tmp).unwrap();
+    let tmp = tmp("cli-bad");
     let bad = tmp.join("garbage.onnx");
     std::fs::write(&bad, b"\x08\x07\x12\xff\xff garbage").unwrap();
     let (ok, text) = kiln(&["inspect", bad.to_str().unwrap()]);
