@@ -192,11 +192,12 @@ fn last_axis_reduce(g: &Graph, n: usize) -> Result<Option<(ReduceKind, bool)>, S
     Ok(Some((*kind, *keepdims)))
 }
 
-/// The normalized axis of a Softmax/LayerNorm node, which must be the last.
-fn check_last_axis(g: &Graph, n: usize, axis: i64, coerce: bool) -> Result<(), String> {
+/// Checks that the axis of a Softmax/LayerNorm node is the last one (where opset < 13
+/// Softmax's coercion to 2-D changes nothing).
+fn check_last_axis(g: &Graph, n: usize, axis: i64) -> Result<(), String> {
     let rank = g.values[input(g, n, 0)?].fact.shape.dims().len() as i64;
     let a = if axis < 0 { axis + rank } else { axis };
-    if a != rank - 1 || (coerce && a != rank - 1) {
+    if a != rank - 1 {
         return Err(format!("axis {axis} (last axis only)"));
     }
     Ok(())
@@ -235,11 +236,9 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered
             Op::Reduce(_) => {
                 last_axis_reduce(g, n)?.ok_or("not a reduction")?;
             }
-            Op::Nn(NnOp::Softmax(a) | NnOp::LogSoftmax(a)) => {
-                check_last_axis(g, n, a.axis, a.coerce_2d)?
-            }
+            Op::Nn(NnOp::Softmax(a) | NnOp::LogSoftmax(a)) => check_last_axis(g, n, a.axis)?,
             Op::Nn(NnOp::LayerNormalization(a)) => {
-                check_last_axis(g, n, a.axis, false)?;
+                check_last_axis(g, n, a.axis)?;
                 if node.outputs.len() > 1 {
                     return Err("LayerNormalization with Mean/InvStdDev outputs".into());
                 }
@@ -309,8 +308,8 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered
         cn,
     };
     // The loop nest over rows.
-    for d in 0..r - 1 {
-        let n = cx.b.op(&format!("arith.constant {} : index", shape[d]));
+    for (d, &size) in shape[..r - 1].iter().enumerate() {
+        let n = cx.b.op(&format!("arith.constant {size} : index"));
         let iv = cx.b.fresh();
         cx.b.raw(&format!(
             "scf.for {iv} = {} to {n} step {} {{",
