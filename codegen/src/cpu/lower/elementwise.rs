@@ -271,6 +271,22 @@ impl Body {
         v
     }
 
+    /// A fresh SSA name (`%vN`), for values defined by raw text such as loop results.
+    pub(crate) fn fresh(&mut self) -> String {
+        self.next += 1;
+        format!("%v{}", self.next)
+    }
+
+    /// Appends a raw line (a loop header, `scf.yield`, a store...).
+    pub(crate) fn raw(&mut self, line: &str) {
+        let _ = writeln!(self.text, "    {line}");
+    }
+
+    /// The body text emitted so far.
+    pub(crate) fn into_text(self) -> String {
+        self.text
+    }
+
     /// An `f32` constant (bit-exact hexadecimal form).
     pub(crate) fn fc(&mut self, x: f32) -> String {
         self.op(&format!("arith.constant 0x{:08X} : f32", x.to_bits()))
@@ -340,7 +356,7 @@ impl Body {
 }
 
 /// Emits node `ni` of `g` into `b`, binding its outputs.
-fn emit_node(g: &Graph, ni: usize, b: &mut Body) -> Result<(), String> {
+pub(crate) fn emit_node(g: &Graph, ni: usize, b: &mut Body) -> Result<(), String> {
     let n = &g.nodes[ni];
     let Op::Elementwise(op) = &n.op else {
         return Err(format!(

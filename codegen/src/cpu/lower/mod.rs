@@ -26,6 +26,8 @@
 
 pub mod contraction;
 pub mod elementwise;
+pub mod movement;
+pub mod reduction;
 
 use super::Kernel;
 use crate::CodegenError;
@@ -86,6 +88,8 @@ pub fn lower_partition(g: &Graph, p: &Partition) -> Result<Lowering, CodegenErro
         let r = match k.kind {
             KernelKind::Elementwise => elementwise::lower(g, k, &name),
             KernelKind::Contraction => contraction::lower(g, k, &name),
+            KernelKind::Reduction => reduction::lower(g, k, &name),
+            KernelKind::DataMovement => movement::lower(g, k, &name),
             other => Err(format!("{other:?} kernels are not lowered yet")),
         };
         match r {

@@ -1,0 +1,311 @@
+//! `DataMovement` kernels as strided copy loops.
+//!
+//! A kernel of one node (static shapes) becomes an `scf.for` nest over an output (or, for
+//! `Concat`, over each input) whose body computes the source index of every element, loads
+//! it and stores it: `Transpose` (any permutation), `Gather` (any axis, `i64` indices,
+//! negative indices wrapped), `Split` and `Slice` (static starts and steps, offsets on the
+//! axis), `Concat` (each input stored at its offset), `Expand` (broadcast inputs read at
+//! index 0) and `Identity`-like copies. Element types: `f32`, `i64` and `bool` (bytes).
+
+use super::elementwise::Body;
+use super::{Lowered, Ty, GRAPH_KERNEL_PIPELINE};
+use crate::cpu::abi::{memref_type_of, Dim as PDim, Prologue};
+use crate::cpu::{Kernel, KernelSignature};
+use kiln_ir::ops::array::{ArrayOp, IntsArg};
+use kiln_ir::ops::elementwise::ElementwiseOp;
+use kiln_ir::{Graph, Node, Op, ValueId};
+use kiln_passes::fusion;
+
+/// A static shape.
+fn known(g: &Graph, v: ValueId) -> Result<Vec<usize>, String> {
+    g.values[v]
+        .fact
+        .shape
+        .as_known()
+        .ok_or_else(|| format!("value '{}' has a symbolic shape", g.values[v].name))
+}
+
+/// The value of an ints argument of `node` (`None` when absent: the default applies).
+fn ints(g: &Graph, node: &Node, a: &IntsArg) -> Result<Option<Vec<i64>>, String> {
+    match a {
+        IntsArg::Default => Ok(None),
+        IntsArg::Attr(v) => Ok(Some(v.clone())),
+        IntsArg::Input(i) => match node.inputs.get(*i).copied().flatten() {
+            None => Ok(None),
+            Some(v) => Ok(Some(
+                g.const_value(v)
+                    .ok_or("non-constant ints input")?
+                    .to_f64_vec()
+                    .iter()
+                    .map(|&x| x as i64)
+                    .collect(),
+            )),
+        },
+    }
+}
+
+/// Normalizes a possibly negative axis.
+fn norm_axis(a: i64, rank: usize) -> usize {
+    if a < 0 {
+        (a + rank as i64) as usize
+    } else {
+        a as usize
+    }
+}
+
+/// Emits a loop nest over `shape` and calls `f` with the induction variables inside it.
+fn nest(
+    b: &mut Body,
+    shape: &[usize],
+    f: impl FnOnce(&mut Body, &[String]) -> Result<(), String>,
+) -> Result<(), String> {
+    let c0 = b.op("arith.constant 0 : index");
+    let c1 = b.op("arith.constant 1 : index");
+    let mut ivs = Vec::new();
+    for &d in shape {
+        let n = b.op(&format!("arith.constant {d} : index"));
+        let iv = b.fresh();
+        b.raw(&format!("scf.for {iv} = {c0} to {n} step {c1} {{"));
+        ivs.push(iv);
+    }
+    f(b, &ivs)?;
+    for _ in shape {
+        b.raw("}");
+    }
+    Ok(())
+}
+
+/// `iv + off` (or `iv * step + off`) as an index.
+fn affine(b: &mut Body, iv: &str, step: i64, off: i64) -> String {
+    let mut x = iv.to_string();
+    if step != 1 {
+        let s = b.op(&format!("arith.constant {step} : index"));
+        x = b.op(&format!("arith.muli {x}, {s} : index"));
+    }
+    if off != 0 {
+        let o = b.op(&format!("arith.constant {off} : index"));
+        x = b.op(&format!("arith.addi {x}, {o} : index"));
+    }
+    x
+}
+
+/// Emits `dst[di] = src[si]`.
+fn copy(b: &mut Body, src: (&str, &[String]), dst: (&str, &[String]), elem: &str) {
+    let x = b.op(&format!(
+        "memref.load {}[{}] : {}",
+        src.0,
+        src.1.join(", "),
+        memref_type_of(src.1.len(), elem)
+    ));
+    b.raw(&format!(
+        "memref.store {x}, {}[{}] : {}",
+        dst.0,
+        dst.1.join(", "),
+        memref_type_of(dst.1.len(), elem)
+    ));
+}
+
+/// Lowers a `DataMovement` kernel.
+pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered, String> {
+    let [ni] = k.nodes[..] else {
+        return Err("data movement kernels of several nodes".into());
+    };
+    let node = &g.nodes[ni];
+    let data = node
+        .inputs
+        .first()
+        .copied()
+        .flatten()
+        .ok_or("missing data input")?;
+    let elem = Ty::of(g.values[data].fact.dtype)?.storage();
+    let mut p = Prologue::new();
+    let mut b = Body::default();
+    // Buffer inputs: the data inputs (and Gather's indices); other inputs are constants.
+    let buf_inputs: Vec<ValueId> = match &node.op {
+        Op::Array(ArrayOp::Concat { .. }) => node.inputs.iter().flatten().copied().collect(),
+        Op::Array(ArrayOp::Gather { .. }) => {
+            vec![
+                data,
+                node.inputs.get(1).copied().flatten().ok_or("indices")?,
+            ]
+        }
+        _ => vec![data],
+    };
+    if k.inputs
+        .iter()
+        .any(|&v| !buf_inputs.contains(&v) && g.const_value(v).is_none())
+    {
+        return Err("a data movement input other than data is not constant".into());
+    }
+    let mut mems = Vec::new();
+    for (i, &v) in buf_inputs.iter().enumerate() {
+        let s = known(g, v)?;
+        let ty = Ty::of(g.values[v].fact.dtype)?;
+        let sd: Vec<PDim> = s.iter().map(|&d| PDim::Const(d as i64)).collect();
+        mems.push((p.memref(i, &sd, ty.storage()), s));
+    }
+    let mut outs = Vec::new();
+    for (i, &v) in k.outputs.iter().enumerate() {
+        let s = known(g, v)?;
+        let sd: Vec<PDim> = s.iter().map(|&d| PDim::Const(d as i64)).collect();
+        outs.push((p.memref(buf_inputs.len() + i, &sd, elem), s));
+    }
+    let out_pos = |v: ValueId| k.outputs.iter().position(|&o| o == v);
+    let (src, in_s) = mems[0].clone();
+    let rank = in_s.len();
+    match &node.op {
+        Op::Array(ArrayOp::Transpose { perm }) => {
+            let perm: Vec<usize> = match perm {
+                Some(pm) => pm.iter().map(|&a| norm_axis(a, rank)).collect(),
+                None => (0..rank).rev().collect(),
+            };
+            let (dst, os) = outs[0].clone();
+            nest(&mut b, &os, |b, ivs| {
+                let mut si = vec![String::new(); rank];
+                for (i, &pa) in perm.iter().enumerate() {
+                    si[pa] = ivs[i].clone();
+                }
+                copy(b, (&src, &si), (&dst, ivs), elem);
+                Ok(())
+            })?;
+        }
+        Op::Array(ArrayOp::Gather { axis }) => {
+            let a = norm_axis(*axis, rank);
+            let (ind, is) = mems[1].clone();
+            let q = is.len();
+            if g.values[buf_inputs[1]].fact.dtype != kiln_ir::DType::I64 {
+                return Err("Gather indices must be i64".into());
+            }
+            let (dst, os) = outs[0].clone();
+            let dim = in_s[a] as i64;
+            nest(&mut b, &os, |b, ivs| {
+                let idx = b.op(&format!(
+                    "memref.load {ind}[{}] : {}",
+                    ivs[a..a + q].join(", "),
+                    memref_type_of(q, "i64")
+                ));
+                let z = b.op("arith.constant 0 : i64");
+                let d = b.op(&format!("arith.constant {dim} : i64"));
+                let neg = b.op(&format!("arith.cmpi slt, {idx}, {z} : i64"));
+                let w = b.op(&format!("arith.addi {idx}, {d} : i64"));
+                let s = b.op(&format!("arith.select {neg}, {w}, {idx} : i64"));
+                let ix = b.op(&format!("arith.index_cast {s} : i64 to index"));
+                let mut si: Vec<String> = ivs[..a].to_vec();
+                si.push(ix);
+                si.extend(ivs[a + q..].iter().cloned());
+                copy(b, (&src, &si), (&dst, ivs), elem);
+                Ok(())
+            })?;
+        }
+        Op::Array(ArrayOp::Split { axis, .. }) => {
+            let a = norm_axis(*axis, rank);
+            let mut off = 0i64;
+            for &o in &node.outputs {
+                let os = known(g, o)?;
+                if let Some(pos) = out_pos(o) {
+                    let dst = outs[pos].0.clone();
+                    nest(&mut b, &os, |b, ivs| {
+                        let mut si = ivs.to_vec();
+                        si[a] = affine(b, &ivs[a], 1, off);
+                        copy(b, (&src, &si), (&dst, ivs), elem);
+                        Ok(())
+                    })?;
+                }
+                off += os[a] as i64;
+            }
+        }
+        Op::Array(ArrayOp::Slice {
+            starts,
+            axes,
+            steps,
+            ..
+        }) => {
+            let st = ints(g, node, starts)?.ok_or("Slice without starts")?;
+            let ax: Vec<usize> = ints(g, node, axes)?
+                .unwrap_or_else(|| (0..st.len() as i64).collect())
+                .iter()
+                .map(|&a| norm_axis(a, rank))
+                .collect();
+            let sp = ints(g, node, steps)?.unwrap_or_else(|| vec![1; st.len()]);
+            let mut start = vec![0i64; rank];
+            let mut step = vec![1i64; rank];
+            for (i, &a) in ax.iter().enumerate() {
+                let d = in_s[a] as i64;
+                let mut s0 = st[i];
+                if s0 < 0 {
+                    s0 += d;
+                }
+                s0 = if sp[i] > 0 {
+                    s0.clamp(0, d)
+                } else {
+                    s0.clamp(0, d - 1)
+                };
+                start[a] = s0;
+                step[a] = sp[i];
+            }
+            let (dst, os) = outs[0].clone();
+            nest(&mut b, &os, |b, ivs| {
+                let si: Vec<String> = (0..rank)
+                    .map(|d| affine(b, &ivs[d], step[d], start[d]))
+                    .collect();
+                copy(b, (&src, &si), (&dst, ivs), elem);
+                Ok(())
+            })?;
+        }
+        Op::Array(ArrayOp::Concat { axis }) => {
+            let (dst, os) = outs[0].clone();
+            let a = norm_axis(*axis, os.len());
+            let mut off = 0i64;
+            for (m, s) in &mems {
+                nest(&mut b, s, |b, ivs| {
+                    let mut di = ivs.to_vec();
+                    di[a] = affine(b, &ivs[a], 1, off);
+                    copy(b, (m, ivs), (&dst, &di), elem);
+                    Ok(())
+                })?;
+                off += s[a] as i64;
+            }
+        }
+        Op::Array(ArrayOp::Expand) | Op::Elementwise(ElementwiseOp::Identity) => {
+            let (dst, os) = outs[0].clone();
+            if os.len() < rank {
+                return Err("Expand to a lower rank".into());
+            }
+            let shift = os.len() - rank;
+            nest(&mut b, &os, |b, ivs| {
+                let c0 = b.op("arith.constant 0 : index");
+                let si: Vec<String> = (0..rank)
+                    .map(|j| {
+                        if in_s[j] == os[j + shift] {
+                            ivs[j + shift].clone()
+                        } else {
+                            c0.clone()
+                        }
+                    })
+                    .collect();
+                copy(b, (&src, &si), (&dst, ivs), elem);
+                Ok(())
+            })?;
+        }
+        other => return Err(format!("{} is not lowered yet", other.op_type())),
+    }
+    if node
+        .outputs
+        .iter()
+        .any(|&o| g.values[o].fact.dtype != g.values[data].fact.dtype)
+    {
+        return Err("output dtype differs from the data dtype".into());
+    }
+    p.push(&b.into_text());
+    let kernel = Kernel {
+        signature: KernelSignature {
+            name: name.to_string(),
+            inputs: buf_inputs.len(),
+            outputs: outs.len(),
+            dims: vec![],
+        },
+        mlir: p.finish(name),
+        pipeline: GRAPH_KERNEL_PIPELINE.to_string(),
+    };
+    Ok((kernel, buf_inputs, k.outputs.clone()))
+}

@@ -1,0 +1,447 @@
+//! `Reduction` kernels over the last axis, as scalar `scf` loops.
+//!
+//! The iteration space is the input shape of the kernel's first reduction node (static).
+//! A loop nest runs over the leading dims (one *row* per iteration); inside it, each
+//! reduction (`ReduceSum`/`ReduceMean`/`ReduceMax`/`ReduceMin` over the last axis,
+//! `Softmax`/`LogSoftmax` over the last axis, `LayerNormalization` over the last axis) is an
+//! `scf.for` over the row accumulating in `iter_args`; elementwise nodes producing full-shape
+//! values are recomputed lazily inside every pass that needs them (prologues such as
+//! attention's scale and mask), and nodes producing row values (`Add eps`, `Sqrt` of the
+//! decomposed LayerNorm chain) are computed once per row. A final pass over the row stores the
+//! full-shape outputs; row-shape outputs are stored once per row. Softmax is numerically
+//! stable (max, sum of `exp(x - max)`, scale); LayerNorm uses two passes (mean, then variance).
+
+use super::elementwise::{classify_input, emit_node, Body, InputKind};
+use super::{Lowered, Ty, GRAPH_KERNEL_PIPELINE};
+use crate::cpu::abi::{Dim as PDim, Prologue};
+use crate::cpu::{Kernel, KernelSignature};
+use kiln_ir::ops::nn::NnOp;
+use kiln_ir::ops::reduce::{ReduceAxes, ReduceKind, ReduceOp};
+use kiln_ir::{Dim, Graph, Op, ValueId};
+use kiln_passes::fusion;
+use std::collections::HashMap;
+
+/// State of the loop-nest emission.
+struct Ctx<'a> {
+    g: &'a Graph,
+    b: Body,
+    /// The full iteration shape.
+    shape: Vec<usize>,
+    /// Induction variable of each iteration dim, where in scope.
+    ivs: Vec<Option<String>>,
+    /// Buffer inputs: memref, the iteration dims its dims follow, element type.
+    inputs: HashMap<ValueId, (String, Vec<usize>, Ty)>,
+    /// The kernel node producing each value.
+    producer: HashMap<ValueId, usize>,
+    /// Per-row statistics of Softmax (`max`, `sum`) and LayerNorm (`mean`, `rstd`) nodes.
+    stats: HashMap<usize, (String, String)>,
+    /// Index constants `0`, `1` and the row length.
+    c0: String,
+    c1: String,
+    cn: String,
+}
+
+impl Ctx<'_> {
+    /// The value of `v` at the current iteration point (emitting what is needed).
+    fn elem(&mut self, v: ValueId) -> Result<(String, Ty), String> {
+        if let Some(x) = self.b.vals.get(&v) {
+            return Ok(x.clone());
+        }
+        let g = self.g;
+        if let Some((m, dims, ty)) = self.inputs.get(&v).cloned() {
+            let idx: Vec<String> = dims
+                .iter()
+                .map(|&d| self.ivs[d].clone().ok_or("index out of scope"))
+                .collect::<Result<_, _>>()?;
+            let x = self.b.op(&format!(
+                "memref.load {m}[{}] : {}",
+                idx.join(", "),
+                crate::cpu::abi::memref_type_of(dims.len(), ty.storage())
+            ));
+            let x = if ty == Ty::I1 {
+                self.b.op(&format!("arith.trunci {x} : i8 to i1"))
+            } else {
+                x
+            };
+            self.b.vals.insert(v, (x.clone(), ty));
+            return Ok((x, ty));
+        }
+        let n = *self
+            .producer
+            .get(&v)
+            .ok_or_else(|| format!("value '{}' is not available", g.values[v].name))?;
+        let node = &g.nodes[n];
+        let r = match &node.op {
+            Op::Elementwise(_) => {
+                for i in node.inputs.iter().flatten() {
+                    self.elem(*i)?;
+                }
+                emit_node(g, n, &mut self.b)?;
+                return self.b.get(v, g);
+            }
+            Op::Nn(NnOp::Softmax(_) | NnOp::LogSoftmax(_)) => {
+                let x = self.elem(input(g, n, 0)?)?.0;
+                let (mx, sum) = self.stats.get(&n).cloned().ok_or("softmax stats")?;
+                let d = self.b.f2("subf", &x, &mx);
+                if matches!(node.op, Op::Nn(NnOp::Softmax(_))) {
+                    let e = self.b.op(&format!("math.exp {d} : f32"));
+                    self.b.f2("divf", &e, &sum)
+                } else {
+                    let l = self.b.op(&format!("math.log {sum} : f32"));
+                    self.b.f2("subf", &d, &l)
+                }
+            }
+            Op::Nn(NnOp::LayerNormalization(_)) => {
+                let x = self.elem(input(g, n, 0)?)?.0;
+                let (mean, rstd) = self.stats.get(&n).cloned().ok_or("layernorm stats")?;
+                let d = self.b.f2("subf", &x, &mean);
+                let mut y = self.b.f2("mulf", &d, &rstd);
+                let s = self.elem(input(g, n, 1)?)?.0;
+                y = self.b.f2("mulf", &y, &s);
+                if let Some(bv) = node.inputs.get(2).copied().flatten() {
+                    let bb = self.elem(bv)?.0;
+                    y = self.b.f2("addf", &y, &bb);
+                }
+                y
+            }
+            other => return Err(format!("{} is not computed per element", other.op_type())),
+        };
+        self.b.vals.insert(v, (r.clone(), Ty::F32));
+        Ok((r, Ty::F32))
+    }
+
+    /// Emits one pass over the row folding `f(x)` into an `f32` accumulator starting at
+    /// `init`, and returns the final accumulator.
+    fn pass(
+        &mut self,
+        x: ValueId,
+        init: &str,
+        f: impl FnOnce(&mut Body, &str, &str) -> String,
+    ) -> Result<String, String> {
+        let saved = self.b.vals.clone();
+        let (j, acc, res) = (self.b.fresh(), self.b.fresh(), self.b.fresh());
+        let last = self.shape.len() - 1;
+        self.b.raw(&format!(
+            "{res} = scf.for {j} = {} to {} step {} iter_args({acc} = {init}) -> (f32) {{",
+            self.c0, self.cn, self.c1
+        ));
+        self.ivs[last] = Some(j);
+        let (xv, ty) = self.elem(x)?;
+        if ty != Ty::F32 {
+            return Err("reduction of a non-f32 value".into());
+        }
+        let new = f(&mut self.b, &acc, &xv);
+        self.b.raw(&format!("scf.yield {new} : f32"));
+        self.b.raw("}");
+        self.ivs[last] = None;
+        self.b.vals = saved;
+        Ok(res)
+    }
+}
+
+/// Input `i` of node `n`.
+fn input(g: &Graph, n: usize, i: usize) -> Result<ValueId, String> {
+    g.nodes[n]
+        .inputs
+        .get(i)
+        .copied()
+        .flatten()
+        .ok_or_else(|| format!("node '{}': input {i} is missing", g.nodes[n].name))
+}
+
+/// Whether node `n` reduces over the last axis only (returns its kind and keepdims).
+fn last_axis_reduce(g: &Graph, n: usize) -> Result<Option<(ReduceKind, bool)>, String> {
+    let node = &g.nodes[n];
+    let Op::Reduce(ReduceOp::Reduce {
+        kind,
+        axes,
+        keepdims,
+        ..
+    }) = &node.op
+    else {
+        return Ok(None);
+    };
+    let rank = g.values[input(g, n, 0)?].fact.shape.dims().len() as i64;
+    let ax: Vec<i64> = match axes {
+        ReduceAxes::Attr(Some(a)) => a.clone(),
+        ReduceAxes::Input => match node.inputs.get(1).copied().flatten() {
+            Some(a) => g
+                .const_value(a)
+                .ok_or("non-constant reduction axes")?
+                .to_f64_vec()
+                .iter()
+                .map(|&x| x as i64)
+                .collect(),
+            None => return Err("reduction over all axes".into()),
+        },
+        ReduceAxes::Attr(None) => return Err("reduction over all axes".into()),
+    };
+    let ax: Vec<i64> = ax
+        .iter()
+        .map(|&a| if a < 0 { a + rank } else { a })
+        .collect();
+    if ax != [rank - 1] {
+        return Err(format!("reduction over axes {ax:?} (last axis only)"));
+    }
+    if !matches!(
+        kind,
+        ReduceKind::Sum | ReduceKind::Mean | ReduceKind::Max | ReduceKind::Min
+    ) {
+        return Err(format!("reduction {kind:?}"));
+    }
+    Ok(Some((*kind, *keepdims)))
+}
+
+/// Checks that the axis of a Softmax/LayerNorm node is the last one (where opset < 13
+/// Softmax's coercion to 2-D changes nothing).
+fn check_last_axis(g: &Graph, n: usize, axis: i64) -> Result<(), String> {
+    let rank = g.values[input(g, n, 0)?].fact.shape.dims().len() as i64;
+    let a = if axis < 0 { axis + rank } else { axis };
+    if a != rank - 1 {
+        return Err(format!("axis {axis} (last axis only)"));
+    }
+    Ok(())
+}
+
+/// Lowers a `Reduction` kernel.
+pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered, String> {
+    // The iteration space: the input of the first reduction-like node.
+    let first = k
+        .nodes
+        .iter()
+        .copied()
+        .find(|&n| !matches!(g.nodes[n].op, Op::Elementwise(_)))
+        .ok_or("no reduction node")?;
+    let known = |v: ValueId| -> Result<Vec<usize>, String> {
+        g.values[v]
+            .fact
+            .shape
+            .as_known()
+            .ok_or_else(|| format!("value '{}' has a symbolic shape", g.values[v].name))
+    };
+    let shape = known(input(g, first, 0)?)?;
+    if shape.is_empty() || shape[shape.len() - 1] == 0 {
+        return Err("empty or scalar reduction".into());
+    }
+    let r = shape.len();
+    let full_dims: Vec<Dim> = shape.iter().map(|&d| Dim::Known(d)).collect();
+    let mut row_shape = shape.clone();
+    row_shape[r - 1] = 1;
+    let is_row = |s: &[usize]| s == row_shape.as_slice() || s == &shape[..r - 1];
+    // Check node kinds and shapes.
+    for &n in &k.nodes {
+        let node = &g.nodes[n];
+        match &node.op {
+            Op::Elementwise(_) => {}
+            Op::Reduce(_) => {
+                last_axis_reduce(g, n)?.ok_or("not a reduction")?;
+            }
+            Op::Nn(NnOp::Softmax(a) | NnOp::LogSoftmax(a)) => check_last_axis(g, n, a.axis)?,
+            Op::Nn(NnOp::LayerNormalization(a)) => {
+                check_last_axis(g, n, a.axis)?;
+                if node.outputs.len() > 1 {
+                    return Err("LayerNormalization with Mean/InvStdDev outputs".into());
+                }
+            }
+            other => return Err(format!("{} in a reduction kernel", other.op_type())),
+        }
+        for &o in &node.outputs {
+            let s = known(o)?;
+            if s != shape && !is_row(&s) {
+                return Err(format!(
+                    "node '{}' output shape {s:?} is neither the row space {shape:?} nor a row",
+                    node.name
+                ));
+            }
+        }
+        if !matches!(node.op, Op::Reduce(_)) {
+            let s = known(node.outputs[0])?;
+            for &i in node.inputs.iter().flatten() {
+                if is_row(&s) && s != shape && !is_row(&known(i)?) && g.const_value(i).is_none() {
+                    return Err(format!("node '{}' broadcasts a row", node.name));
+                }
+            }
+        }
+    }
+    let mut p = Prologue::new();
+    let mut b = Body::default();
+    let mut inputs = HashMap::new();
+    let mut args = Vec::new();
+    for &v in &k.inputs {
+        let ty = Ty::of(g.values[v].fact.dtype)?;
+        match classify_input(g, v, &full_dims)? {
+            InputKind::Scalar(x) => b.bind_const(v, x, ty),
+            InputKind::Buffer(dims) => {
+                let sd: Vec<PDim> = dims.iter().map(|&d| PDim::Const(shape[d] as i64)).collect();
+                let m = p.memref(args.len(), &sd, ty.storage());
+                args.push(v);
+                inputs.insert(v, (m, dims, ty));
+            }
+        }
+    }
+    let mut outs = Vec::new();
+    for (i, &v) in k.outputs.iter().enumerate() {
+        let ty = Ty::of(g.values[v].fact.dtype)?;
+        let s = known(v)?;
+        let sd: Vec<PDim> = s.iter().map(|&d| PDim::Const(d as i64)).collect();
+        let m = p.memref(args.len() + i, &sd, ty.storage());
+        outs.push((v, m, s, ty));
+    }
+    let producer: HashMap<ValueId, usize> = k
+        .nodes
+        .iter()
+        .flat_map(|&n| g.nodes[n].outputs.iter().map(move |&o| (o, n)))
+        .collect();
+    let c0 = b.op("arith.constant 0 : index");
+    let c1 = b.op("arith.constant 1 : index");
+    let cn = b.op(&format!("arith.constant {} : index", shape[r - 1]));
+    let mut cx = Ctx {
+        g,
+        b,
+        shape: shape.clone(),
+        ivs: vec![None; r],
+        inputs,
+        producer,
+        stats: HashMap::new(),
+        c0,
+        c1,
+        cn,
+    };
+    // The loop nest over rows.
+    for (d, &size) in shape[..r - 1].iter().enumerate() {
+        let n = cx.b.op(&format!("arith.constant {size} : index"));
+        let iv = cx.b.fresh();
+        cx.b.raw(&format!(
+            "scf.for {iv} = {} to {n} step {} {{",
+            cx.c0, cx.c1
+        ));
+        cx.ivs[d] = Some(iv);
+    }
+    let len = shape[r - 1] as f32;
+    for &n in &k.nodes {
+        let node = &g.nodes[n];
+        match &node.op {
+            Op::Elementwise(_) => {
+                if known(node.outputs[0])? != shape {
+                    for &i in node.inputs.iter().flatten() {
+                        cx.elem(i)?;
+                    }
+                    emit_node(g, n, &mut cx.b)?;
+                }
+            }
+            Op::Reduce(_) => {
+                let (kind, _) = last_axis_reduce(g, n)?.ok_or("not a reduction")?;
+                let x = input(g, n, 0)?;
+                let (init, op) = match kind {
+                    ReduceKind::Max => (f32::NEG_INFINITY, "arith.maximumf"),
+                    ReduceKind::Min => (f32::INFINITY, "arith.minimumf"),
+                    _ => (0.0, "arith.addf"),
+                };
+                let i0 = cx.b.fc(init);
+                let mut res =
+                    cx.pass(x, &i0, |b, acc, x| b.op(&format!("{op} {acc}, {x} : f32")))?;
+                if kind == ReduceKind::Mean {
+                    let c = cx.b.fc(len);
+                    res = cx.b.f2("divf", &res, &c);
+                }
+                cx.b.vals.insert(node.outputs[0], (res, Ty::F32));
+            }
+            Op::Nn(NnOp::Softmax(_) | NnOp::LogSoftmax(_)) => {
+                let x = input(g, n, 0)?;
+                let i0 = cx.b.fc(f32::NEG_INFINITY);
+                let mx = cx.pass(x, &i0, |b, acc, x| {
+                    b.op(&format!("arith.maximumf {acc}, {x} : f32"))
+                })?;
+                let z = cx.b.fc(0.0);
+                let m2 = mx.clone();
+                let sum = cx.pass(x, &z, move |b, acc, x| {
+                    let d = b.f2("subf", x, &m2);
+                    let e = b.op(&format!("math.exp {d} : f32"));
+                    b.f2("addf", acc, &e)
+                })?;
+                cx.stats.insert(n, (mx, sum));
+            }
+            Op::Nn(NnOp::LayerNormalization(a)) => {
+                let x = input(g, n, 0)?;
+                let z = cx.b.fc(0.0);
+                let s = cx.pass(x, &z, |b, acc, x| b.f2("addf", acc, x))?;
+                let c = cx.b.fc(len);
+                let mean = cx.b.f2("divf", &s, &c);
+                let m2 = mean.clone();
+                let z = cx.b.fc(0.0);
+                let ss = cx.pass(x, &z, move |b, acc, x| {
+                    let d = b.f2("subf", x, &m2);
+                    let q = b.f2("mulf", &d, &d);
+                    b.f2("addf", acc, &q)
+                })?;
+                let var = cx.b.f2("divf", &ss, &c);
+                let eps = cx.b.fc(a.epsilon);
+                let ve = cx.b.f2("addf", &var, &eps);
+                let rstd = cx.b.op(&format!("math.rsqrt {ve} : f32"));
+                cx.stats.insert(n, (mean, rstd));
+            }
+            _ => unreachable!("checked above"),
+        }
+    }
+    // Row outputs, then full outputs in a final pass.
+    for (v, m, s, ty) in &outs {
+        if *s != shape {
+            let (x, _) = cx.elem(*v)?;
+            let mut idx: Vec<String> = cx.ivs[..r - 1].iter().flatten().cloned().collect();
+            if s.len() == r {
+                idx.push(cx.c0.clone());
+            }
+            store(&mut cx.b, &x, m, &idx, *ty);
+        }
+    }
+    if outs.iter().any(|o| o.2 == shape) {
+        let saved = cx.b.vals.clone();
+        let j = cx.b.fresh();
+        cx.b.raw(&format!(
+            "scf.for {j} = {} to {} step {} {{",
+            cx.c0, cx.cn, cx.c1
+        ));
+        cx.ivs[r - 1] = Some(j);
+        let idx: Vec<String> = cx.ivs.iter().flatten().cloned().collect();
+        for (v, m, s, ty) in &outs {
+            if *s == shape {
+                let (x, xt) = cx.elem(*v)?;
+                if xt != *ty {
+                    return Err("output type mismatch".into());
+                }
+                store(&mut cx.b, &x, m, &idx, *ty);
+            }
+        }
+        cx.b.raw("}");
+        cx.b.vals = saved;
+    }
+    for _ in 0..r - 1 {
+        cx.b.raw("}");
+    }
+    p.push(&cx.b.into_text());
+    let kernel = Kernel {
+        signature: KernelSignature {
+            name: name.to_string(),
+            inputs: args.len(),
+            outputs: outs.len(),
+            dims: vec![],
+        },
+        mlir: p.finish(name),
+        pipeline: GRAPH_KERNEL_PIPELINE.to_string(),
+    };
+    Ok((kernel, args, k.outputs.clone()))
+}
+
+/// `memref.store x, m[idx]` (bools widened to bytes).
+fn store(b: &mut Body, x: &str, m: &str, idx: &[String], ty: Ty) {
+    let x = if ty == Ty::I1 {
+        b.op(&format!("arith.extui {x} : i1 to i8"))
+    } else {
+        x.to_string()
+    };
+    b.raw(&format!(
+        "memref.store {x}, {m}[{}] : {}",
+        idx.join(", "),
+        crate::cpu::abi::memref_type_of(idx.len(), ty.storage())
+    ));
+}
