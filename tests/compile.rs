@@ -119,3 +119,29 @@ fn unsupported_kernels_are_listed() {
     ]);
     assert!(!ok && text.contains("--target 'gpu'"), "{text}");
 }
+
+/// Compiles a zoo model with the given `--shape` flags and checks the artifact against the
+/// model's first test data set.
+fn compile_and_check(name: &str, shapes: &[&str]) {
+    let dir = tmp(name);
+    let art = dir.join(format!("{name}.kiln"));
+    let model = zoo(name).join("model.onnx");
+    let mut args = vec!["compile", s(&model), "-o", s(&art)];
+    for sh in shapes {
+        args.extend(["--shape", sh]);
+    }
+    let (ok, text) = kiln(&args);
+    assert!(ok, "{name}: {text}");
+    let data = zoo(name).join("test_data_set_0");
+    let (ok, text) = kiln(&["run", s(&art), "--check", s(&data)]);
+    assert!(
+        ok && text.contains("OK: matches the reference"),
+        "{name}: {text}"
+    );
+}
+
+#[test]
+fn transformer_zoo_models_compile_and_match_reference() {
+    compile_and_check("bert", &["input_ids=1x16", "attention_mask=1x16"]);
+    compile_and_check("gpt", &["input_ids=2x16"]);
+}
