@@ -13,6 +13,9 @@
 //!   `A` folded into `M` when `B` is 2-D) or a `Gemm` ([`contraction`]) call the packed
 //!   matmul of [`super::matmul`] and then run their epilogue (Gemm's `alpha`/`beta·C` and
 //!   the fused elementwise nodes) as one `linalg.generic` over the result, in place.
+//! * `Contraction` kernels whose contraction is a 2-D `Conv` ([`conv`]): im2col + the packed
+//!   matmul (`group = 1`) or a direct loop nest (grouped/depthwise), then bias + epilogue.
+//! * Single-node `MaxPool` and global pooling kernels ([`pool`]): `scf.for` loop nests.
 //!
 //! Every lowered kernel has the uniform ABI ([`super::abi`]): `args` are the kernel's
 //! non-inlined inputs ([`LoweredKernel::inputs`], graph constants included: the caller passes
@@ -25,8 +28,10 @@
 //! vectorized.
 
 pub mod contraction;
+pub mod conv;
 pub mod elementwise;
 pub mod movement;
+pub mod pool;
 pub mod reduction;
 
 use super::Kernel;
@@ -87,7 +92,11 @@ pub fn lower_partition(g: &Graph, p: &Partition) -> Result<Lowering, CodegenErro
         let name = format!("kiln_{}", k.name);
         let r = match k.kind {
             KernelKind::Elementwise => elementwise::lower(g, k, &name),
+            KernelKind::Contraction if conv::is_conv(g, k) => conv::lower(g, k, &name),
             KernelKind::Contraction => contraction::lower(g, k, &name),
+            KernelKind::Opaque | KernelKind::Reduction if pool::handles(g, k) => {
+                pool::lower(g, k, &name)
+            }
             KernelKind::Reduction => reduction::lower(g, k, &name),
             KernelKind::DataMovement => movement::lower(g, k, &name),
             other => Err(format!("{other:?} kernels are not lowered yet")),
