@@ -244,7 +244,7 @@ pub fn eval_instance(epsilon: f32, inputs: &[Option<&Tensor>]) -> OpResult<Vec<T
     Ok(vec![from_f64(x.dtype(), x.shape(), y)?])
 }
 
-/// Attributes of `LayerNormalization`.
+/// Attributes of `LayerNormalization` and `RMSNormalization`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LayerNormAttrs {
     /// First normalized axis (default -1): statistics are over `X.shape[axis..]`.
@@ -292,8 +292,14 @@ impl LayerNormAttrs {
         Ok(outs)
     }
 
-    /// Reference layer normalization.
-    pub fn eval(&self, inputs: &[Option<&Tensor>], outs: &[Fact]) -> OpResult<Vec<Tensor>> {
+    /// Reference layer normalization; with `rms`, RMS normalization (no mean subtraction:
+    /// the "variance" is the mean of squares).
+    pub fn eval(
+        &self,
+        inputs: &[Option<&Tensor>],
+        outs: &[Fact],
+        rms: bool,
+    ) -> OpResult<Vec<Tensor>> {
         let x = req(inputs, 0)?;
         let xs = x.shape();
         let axis = norm_axis(self.axis, xs.len())?;
@@ -309,7 +315,14 @@ impl LayerNormAttrs {
         let (mut means, mut invs) = (Vec::with_capacity(rows), Vec::with_capacity(rows));
         let mut y = Vec::with_capacity(xv.len());
         for row in xv.chunks(cols.max(1)).take(rows) {
-            let (mean, var) = mean_var(row);
+            let (mean, var) = if rms {
+                (
+                    0.0,
+                    row.iter().map(|v| v * v).sum::<f64>() / row.len() as f64,
+                )
+            } else {
+                mean_var(row)
+            };
             let inv = 1.0 / (var + self.epsilon as f64).sqrt();
             y.extend(
                 row.iter()
