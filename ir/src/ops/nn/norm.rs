@@ -213,9 +213,9 @@ pub fn infer_instance(inputs: &[Option<&Fact>]) -> OpResult<Vec<Fact>> {
 fn normalize_groups(
     xv: &[f64],
     group_len: usize,
+    sp: usize,
     eps: f64,
     affine: impl Fn(usize, f64) -> f64,
-    sp: usize,
 ) -> Vec<f64> {
     let mut y = Vec::with_capacity(xv.len());
     if group_len == 0 {
@@ -240,7 +240,7 @@ pub fn eval_instance(epsilon: f32, inputs: &[Option<&Tensor>]) -> OpResult<Vec<T
     let c = x.shape()[1];
     let sp: usize = x.shape()[2..].iter().product();
     let affine = |plane: usize, v: f64| scale[plane % c] * v + bias[plane % c];
-    let y = normalize_groups(&x.to_f64_vec(), sp, epsilon as f64, affine, sp);
+    let y = normalize_groups(&x.to_f64_vec(), sp, sp, epsilon as f64, affine);
     Ok(vec![from_f64(x.dtype(), x.shape(), y)?])
 }
 
@@ -407,13 +407,8 @@ impl GroupNormAttrs {
             let j = if per_channel { ch } else { ch / per_group };
             scale[j] * v + bias[j]
         };
-        let y = normalize_groups(
-            &x.to_f64_vec(),
-            per_group * sp,
-            self.epsilon as f64,
-            affine,
-            sp,
-        );
+        let eps = self.epsilon as f64;
+        let y = normalize_groups(&x.to_f64_vec(), per_group * sp, sp, eps, affine);
         Ok(vec![from_f64(x.dtype(), x.shape(), y)?])
     }
 }
