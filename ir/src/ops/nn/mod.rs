@@ -1,7 +1,7 @@
 //! Neural-network ops: convolutions (`Conv`, `ConvTranspose`), pooling (`MaxPool`,
 //! `AveragePool`, `LpPool` and their global forms), normalizations (`BatchNormalization`,
-//! `InstanceNormalization`, `LayerNormalization`, `GroupNormalization`, `LpNormalization`,
-//! `LRN`) and the softmax family (`Softmax`, `LogSoftmax`, `Hardmax`).
+//! `InstanceNormalization`, `LayerNormalization`, `RMSNormalization`, `GroupNormalization`,
+//! `LpNormalization`, `LRN`) and the softmax family (`Softmax`, `LogSoftmax`, `Hardmax`).
 //!
 //! The reference implementations compute in f64 on flat row-major buffers (integer `MaxPool`
 //! compares the elements themselves) and round back to the input dtype.
@@ -46,6 +46,8 @@ pub enum NnOp {
     },
     /// `LayerNormalization` with its optional `Mean` / `InvStdDev` outputs.
     LayerNormalization(LayerNormAttrs),
+    /// `RMSNormalization` (opset 23): like `LayerNormalization` without centering or bias.
+    RmsNormalization(LayerNormAttrs),
     /// `GroupNormalization`.
     GroupNormalization(GroupNormAttrs),
     /// `LpNormalization`.
@@ -80,6 +82,7 @@ impl OpFamily for NnOp {
                 epsilon: node.float_or("epsilon", 1e-5)?,
             },
             "LayerNormalization" => NnOp::LayerNormalization(LayerNormAttrs::parse(node)?),
+            "RMSNormalization" => NnOp::RmsNormalization(LayerNormAttrs::parse(node)?),
             "GroupNormalization" => NnOp::GroupNormalization(GroupNormAttrs::parse(node)?),
             "LpNormalization" => NnOp::LpNormalization {
                 axis: node.int_or("axis", -1)?,
@@ -109,6 +112,7 @@ impl OpFamily for NnOp {
             NnOp::BatchNormalization(_) => "BatchNormalization",
             NnOp::InstanceNormalization { .. } => "InstanceNormalization",
             NnOp::LayerNormalization(_) => "LayerNormalization",
+            NnOp::RmsNormalization(_) => "RMSNormalization",
             NnOp::GroupNormalization(_) => "GroupNormalization",
             NnOp::LpNormalization { .. } => "LpNormalization",
             NnOp::Lrn(_) => "LRN",
@@ -127,7 +131,7 @@ impl OpFamily for NnOp {
             NnOp::GlobalPool(_) => pool::infer_global(inputs),
             NnOp::BatchNormalization(a) => a.infer(inputs),
             NnOp::InstanceNormalization { .. } => norm::infer_instance(inputs),
-            NnOp::LayerNormalization(a) => a.infer(inputs),
+            NnOp::LayerNormalization(a) | NnOp::RmsNormalization(a) => a.infer(inputs),
             NnOp::GroupNormalization(a) => a.infer(inputs),
             NnOp::LpNormalization { axis, .. } => norm::infer_lp(*axis, inputs),
             NnOp::Lrn(_) => norm::infer_lrn(inputs),
@@ -155,7 +159,8 @@ impl OpFamily for NnOp {
             NnOp::GlobalPool(k) => pool::eval_global(*k, inputs, &shapes[0]),
             NnOp::BatchNormalization(a) => a.eval(inputs, &outs),
             NnOp::InstanceNormalization { epsilon } => norm::eval_instance(*epsilon, inputs),
-            NnOp::LayerNormalization(a) => a.eval(inputs, &outs),
+            NnOp::LayerNormalization(a) => a.eval(inputs, &outs, false),
+            NnOp::RmsNormalization(a) => a.eval(inputs, &outs, true),
             NnOp::GroupNormalization(a) => a.eval(inputs),
             NnOp::LpNormalization { axis, p } => norm::eval_lp(*axis, *p, inputs),
             NnOp::Lrn(a) => a.eval(inputs),
@@ -175,6 +180,7 @@ impl NnOp {
             NnOp::BatchNormalization(_) => (5, 5, 5),
             NnOp::InstanceNormalization { .. } | NnOp::GroupNormalization(_) => (3, 3, 1),
             NnOp::LayerNormalization(_) => (2, 3, 3),
+            NnOp::RmsNormalization(_) => (2, 2, 1),
             _ => (1, 1, 1),
         }
     }

@@ -213,9 +213,9 @@ pub fn infer_instance(inputs: &[Option<&Fact>]) -> OpResult<Vec<Fact>> {
 fn normalize_groups(
     xv: &[f64],
     group_len: usize,
+    sp: usize,
     eps: f64,
     affine: impl Fn(usize, f64) -> f64,
-    sp: usize,
 ) -> Vec<f64> {
     let mut y = Vec::with_capacity(xv.len());
     if group_len == 0 {
@@ -240,11 +240,11 @@ pub fn eval_instance(epsilon: f32, inputs: &[Option<&Tensor>]) -> OpResult<Vec<T
     let c = x.shape()[1];
     let sp: usize = x.shape()[2..].iter().product();
     let affine = |plane: usize, v: f64| scale[plane % c] * v + bias[plane % c];
-    let y = normalize_groups(&x.to_f64_vec(), sp, epsilon as f64, affine, sp);
+    let y = normalize_groups(&x.to_f64_vec(), sp, sp, epsilon as f64, affine);
     Ok(vec![from_f64(x.dtype(), x.shape(), y)?])
 }
 
-/// Attributes of `LayerNormalization`.
+/// Attributes of `LayerNormalization` and `RMSNormalization`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LayerNormAttrs {
     /// First normalized axis (default -1): statistics are over `X.shape[axis..]`.
@@ -292,8 +292,14 @@ impl LayerNormAttrs {
         Ok(outs)
     }
 
-    /// Reference layer normalization.
-    pub fn eval(&self, inputs: &[Option<&Tensor>], outs: &[Fact]) -> OpResult<Vec<Tensor>> {
+    /// Reference layer normalization; with `rms`, RMS normalization (no mean subtraction:
+    /// the "variance" is the mean of squares).
+    pub fn eval(
+        &self,
+        inputs: &[Option<&Tensor>],
+        outs: &[Fact],
+        rms: bool,
+    ) -> OpResult<Vec<Tensor>> {
         let x = req(inputs, 0)?;
         let xs = x.shape();
         let axis = norm_axis(self.axis, xs.len())?;
@@ -309,7 +315,14 @@ impl LayerNormAttrs {
         let (mut means, mut invs) = (Vec::with_capacity(rows), Vec::with_capacity(rows));
         let mut y = Vec::with_capacity(xv.len());
         for row in xv.chunks(cols.max(1)).take(rows) {
-            let (mean, var) = mean_var(row);
+            let (mean, var) = if rms {
+                (
+                    0.0,
+                    row.iter().map(|v| v * v).sum::<f64>() / row.len() as f64,
+                )
+            } else {
+                mean_var(row)
+            };
             let inv = 1.0 / (var + self.epsilon as f64).sqrt();
             y.extend(
                 row.iter()
@@ -394,13 +407,8 @@ impl GroupNormAttrs {
             let j = if per_channel { ch } else { ch / per_group };
             scale[j] * v + bias[j]
         };
-        let y = normalize_groups(
-            &x.to_f64_vec(),
-            per_group * sp,
-            self.epsilon as f64,
-            affine,
-            sp,
-        );
+        let eps = self.epsilon as f64;
+        let y = normalize_groups(&x.to_f64_vec(), per_group * sp, sp, eps, affine);
         Ok(vec![from_f64(x.dtype(), x.shape(), y)?])
     }
 }

@@ -526,3 +526,21 @@ fn global_lp_pool_and_old_opsets() {
     let y = run(&gn, &[&x, &f32s(&[2], &[1., 2.]), &f32s(&[2], &[0., 10.])]);
     close(&y[0], &[1, 2, 2], &[-1., 1., 8., 12.]);
 }
+
+#[test]
+fn rms_normalization() {
+    let op = parse(&node(
+        "RMSNormalization",
+        23,
+        &[("epsilon", AttrValue::Float(0.0))],
+        2,
+        1,
+    ));
+    let y = run(
+        &op,
+        &[&f32s(&[1, 2], &[3.0, 4.0]), &f32s(&[2], &[1.0, 2.0])],
+    );
+    let rms = (12.5f32).sqrt();
+    close(&y[0], &[1, 2], &[3.0 / rms, 8.0 / rms]);
+    assert!(NnOp::from_onnx(&node("RMSNormalization", 23, &[], 3, 1)).is_err());
+}
