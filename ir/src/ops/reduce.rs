@@ -950,7 +950,7 @@ mod tests {
         let op = parse("ReduceLogSumExp", 18, 1, &[("keepdims", AttrValue::Int(0))]);
         let x = Tensor::from_vec(&[3], vec![1000.0f64, 1001.0, f64::NEG_INFINITY]);
         let y = run(&op, &[&x])[0].to_f64_vec()[0];
-        assert!((y - 1001.313_261_687_518_2).abs() < 1e-9, "{y}");
+        assert!((y - 1_001.313_261_687_518_2).abs() < 1e-9, "{y}");
         let max = parse("ReduceMax", 18, 1, &[]);
         let n = f32s(&[3], &[1., f32::NAN, 3.]);
         assert!(run(&max, &[&n])[0].to_f64_vec()[0].is_nan());
