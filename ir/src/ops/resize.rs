@@ -27,7 +27,7 @@ pub enum CoordMode {
     HalfPixel,
     /// Like half_pixel, centred when the output size was rounded.
     HalfPixelSymmetric,
-    /// Like half_pixel, but `-0.5`... `0` when the output length is 1.
+    /// Like half_pixel, but `-0.5` when the output length is 1.
     PytorchHalfPixel,
     /// `y * (in - 1) / (out - 1)`.
     AlignCorners,
@@ -364,7 +364,7 @@ fn symbolic_out(x: &Shape, axes: &[usize], p: &Params) -> Shape {
         dims[a] = match (size, scale, x.0[a].known()) {
             (Some(s), _, _) if s >= 0 => Dim::Known(s as usize),
             (_, Some(f), Some(d)) if f > 0.0 => Dim::Known((f * d as f64) as usize),
-            (_, Some(f), _) if f == 1.0 => x.0[a].clone(),
+            (_, Some(1.0), _) => x.0[a].clone(),
             _ => Dim::unknown(),
         };
     }
