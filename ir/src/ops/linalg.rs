@@ -351,7 +351,8 @@ fn flat_broadcast<A: Elem>(
     batch: &[usize],
     mat: [usize; 2],
 ) -> OpResult<Vec<A>> {
-    let v = a
+    let std = a.as_standard_layout();
+    let v = std
         .view()
         .into_shape_with_order(IxDyn(sh))
         .map_err(|e| e.to_string())?;
@@ -777,6 +778,14 @@ mod tests {
         let dot = run(&LinalgOp::MatMul, &[&v, &w]);
         assert_eq!(dot.shape(), &[] as &[usize]);
         assert_eq!(dot.to_f64_vec(), vec![32.0]);
+    }
+
+    #[test]
+    fn matmul_accepts_non_standard_layout() {
+        let a = ArrayD::from_shape_vec(IxDyn(&[2, 2]), vec![1f32, 3., 2., 4.]).unwrap();
+        let at = Tensor::F32(a.reversed_axes());
+        let b = Tensor::from_vec(&[2, 1], vec![1f32, 1.]);
+        assert_eq!(run(&LinalgOp::MatMul, &[&at, &b]).to_f64_vec(), vec![3.0, 7.0]);
     }
 
     #[test]

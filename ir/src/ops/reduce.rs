@@ -324,10 +324,7 @@ impl OpFamily for ReduceOp {
                     return Err(format!("input 0: {} does not accept bool", kind.op_type()));
                 }
                 let axes_input = opt(inputs, 1).map(axes_values).transpose()?;
-                let mask = match self.axes_mask(x.rank(), axes_input.as_deref())? {
-                    Some(m) => m,
-                    None => return Err("axes must be a constant here".into()),
-                };
+                let mask = self.axes_mask(x.rank(), axes_input.as_deref())?;
                 Ok(vec![reduce_tensor(*kind, x, &mask, *keepdims)?])
             }
             ReduceOp::Arg {
@@ -379,8 +376,8 @@ impl OpFamily for ReduceOp {
 
 impl ReduceOp {
     /// The reduced-axes mask for input rank `rank` (`axes_input`: the values of the axes
-    /// input, if known). `Ok(None)` when the axes input is present but unknown.
-    fn axes_mask(&self, rank: usize, axes_input: Option<&[i64]>) -> OpResult<Option<Vec<bool>>> {
+    /// input; absent or empty means all axes, or none with `noop_with_empty_axes`).
+    fn axes_mask(&self, rank: usize, axes_input: Option<&[i64]>) -> OpResult<Vec<bool>> {
         let ReduceOp::Reduce {
             axes,
             noop_with_empty_axes,
@@ -395,8 +392,8 @@ impl ReduceOp {
         };
         let list = match list {
             Some(l) if !l.is_empty() => l,
-            _ if *noop_with_empty_axes => return Ok(Some(vec![false; rank])),
-            _ => return Ok(Some(vec![true; rank])),
+            _ if *noop_with_empty_axes => return Ok(vec![false; rank]),
+            _ => return Ok(vec![true; rank]),
         };
         let mut mask = vec![false; rank];
         for &a in list {
@@ -408,7 +405,7 @@ impl ReduceOp {
             }
             mask[i] = true;
         }
-        Ok(Some(mask))
+        Ok(mask)
     }
 
     fn infer_reduce(&self, x: &Fact, axes: Option<&Fact>) -> OpResult<Vec<Fact>> {
@@ -446,9 +443,7 @@ impl ReduceOp {
                 return Ok(vec![Fact::new(x.dtype, shape)]);
             }
         }
-        let mask = self
-            .axes_mask(rank, axes_vals.as_deref())?
-            .ok_or("axes: unknown")?;
+        let mask = self.axes_mask(rank, axes_vals.as_deref())?;
         Ok(vec![Fact::new(
             x.dtype,
             reduced_shape(&x.shape, &mask, *keepdims),
@@ -537,7 +532,7 @@ fn squeeze_axis(t: Tensor, ax: usize, keepdims: bool) -> OpResult<Tensor> {
 
 /// An accumulator type: f64 for float elements, wrapping i64 for integers (and bool), so
 /// that integer arithmetic is exact modulo the width of the element type.
-pub(crate) trait Acc: Copy + PartialOrd {
+pub(crate) trait Acc: Copy {
     /// Additive identity.
     const ZERO: Self;
     /// Multiplicative identity.

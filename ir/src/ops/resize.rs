@@ -27,7 +27,7 @@ pub enum CoordMode {
     HalfPixel,
     /// Like half_pixel, centred when the output size was rounded.
     HalfPixelSymmetric,
-    /// Like half_pixel, but `-0.5`... `0` when the output length is 1.
+    /// Like half_pixel, but `-0.5` when the output length is 1.
     PytorchHalfPixel,
     /// `y * (in - 1) / (out - 1)`.
     AlignCorners,
@@ -301,9 +301,9 @@ impl OpFamily for ResizeOp {
         let params = self.params_with(&mut get)?;
         let in_dims = x.shape.as_known();
         let dims = match (known, in_dims) {
-            (true, Some(d)) => {
-                let plan = plan(attrs, &d, &axes, params)?;
-                Shape::known(&plan.out)
+            (true, Some(d)) => Shape::known(&plan(attrs, &d, &axes, params)?.out),
+            (true, None) if attrs.keep_aspect_ratio_policy == AspectPolicy::Stretch => {
+                symbolic_out(&x.shape, &axes, &params)
             }
             _ => {
                 let mut dims = x.shape.0.clone();
@@ -352,6 +352,23 @@ struct Params {
     roi: Option<Vec<f64>>,
     scales: Option<Vec<f64>>,
     sizes: Option<Vec<i64>>,
+}
+
+/// Output shape for a partly symbolic input with known parameters (stretch policy): an
+/// axis is known when its size is given, or its input dim is known, or its scale is 1.
+fn symbolic_out(x: &Shape, axes: &[usize], p: &Params) -> Shape {
+    let mut dims = x.0.clone();
+    for (i, &a) in axes.iter().enumerate() {
+        let size = p.sizes.as_ref().and_then(|s| s.get(i)).copied();
+        let scale = p.scales.as_ref().and_then(|s| s.get(i)).copied();
+        dims[a] = match (size, scale, x.0[a].known()) {
+            (Some(s), _, _) if s >= 0 => Dim::Known(s as usize),
+            (_, Some(f), Some(d)) if f > 0.0 => Dim::Known((f * d as f64) as usize),
+            (_, Some(1.0), _) => x.0[a].clone(),
+            _ => Dim::unknown(),
+        };
+    }
+    Shape(dims)
 }
 
 /// The resolved per-axis resize parameters (over all axes of the input).
@@ -931,5 +948,12 @@ mod tests {
         let sizes = Fact::new(DType::I64, Shape::known(&[2]));
         let out = op.infer(&[Some(&x), None, None, Some(&sizes)]).unwrap();
         assert_eq!(out[0].shape.to_string(), "[N,3,?,?]");
+        let sizes = Fact::constant(Tensor::vec_i64(&[8, 2]));
+        let out = op.infer(&[Some(&x), None, None, Some(&sizes)]).unwrap();
+        assert_eq!(out[0].shape.to_string(), "[N,3,8,2]");
+        let all = parse("Resize", 13, &[true, false, true], &[]);
+        let scales = Fact::constant(Tensor::from_vec(&[4], vec![1f32, 1., 2., 0.5]));
+        let out = all.infer(&[Some(&x), None, Some(&scales)]).unwrap();
+        assert_eq!(out[0].shape.to_string(), "[N,3,8,2]");
     }
 }
