@@ -785,7 +785,10 @@ mod tests {
         let a = ArrayD::from_shape_vec(IxDyn(&[2, 2]), vec![1f32, 3., 2., 4.]).unwrap();
         let at = Tensor::F32(a.reversed_axes());
         let b = Tensor::from_vec(&[2, 1], vec![1f32, 1.]);
-        assert_eq!(run(&LinalgOp::MatMul, &[&at, &b]).to_f64_vec(), vec![3.0, 7.0]);
+        assert_eq!(
+            run(&LinalgOp::MatMul, &[&at, &b]).to_f64_vec(),
+            vec![3.0, 7.0]
+        );
     }
 
     #[test]
