@@ -96,6 +96,9 @@ enum Cmd {
         /// Seed for random inputs.
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Run this many times and print the time per kernel, slowest first.
+        #[arg(long, value_name = "N")]
+        profile: Option<usize>,
     },
 }
 
@@ -164,12 +167,13 @@ fn run(cli: Cli) -> Result<()> {
             output,
             repeat,
             seed,
+            profile,
         } => run_artifact(
             &artifact,
             &inputs,
             check.as_deref(),
             output.as_deref(),
-            repeat,
+            (repeat, profile),
             seed,
         ),
     }
@@ -294,7 +298,7 @@ fn run_artifact(
     given: &[String],
     check: Option<&Path>,
     output: Option<&Path>,
-    repeat: Option<usize>,
+    (repeat, profile): (Option<usize>, Option<usize>),
     seed: u64,
 ) -> Result<()> {
     use kiln::runtime::{AlignedBuf, DimSpec, Model, TensorView};
@@ -376,6 +380,23 @@ fn run_artifact(
             "mean latency over {n} runs: {:.3} ms",
             t0.elapsed().as_secs_f64() * 1e3 / n as f64
         );
+    }
+    if let Some(n) = profile.filter(|&n| n > 0) {
+        let mut prof = model.profile(&views, n)?;
+        let total: f64 = prof.iter().map(|(_, t)| t.as_secs_f64()).sum();
+        prof.sort_by(|a, b| b.1.cmp(&a.1));
+        println!(
+            "per-kernel time over {n} runs (total {:.3} ms per run):",
+            total * 1e3 / n as f64
+        );
+        for (name, t) in prof {
+            let s = t.as_secs_f64();
+            println!(
+                "  {:>9.4} ms {:>5.1}%  {name}",
+                s * 1e3 / n as f64,
+                100.0 * s / total
+            );
+        }
     }
     if let Some(exp) = expected {
         check_outputs(&named, &exp)?;

@@ -649,7 +649,12 @@ impl Model {
     /// # Safety
     /// `bind` succeeded for `inputs`, and each `out(o)` is valid for `output_bytes(o)` bytes
     /// of writes, aligned to the element size and disjoint from the inputs.
-    unsafe fn execute(&mut self, inputs: &[TensorView<'_>], out: impl Fn(usize) -> *mut u8) {
+    unsafe fn execute(
+        &mut self,
+        inputs: &[TensorView<'_>],
+        out: impl Fn(usize) -> *mut u8,
+        mut times: Option<&mut [std::time::Duration]>,
+    ) {
         for &(s, a, p) in &self.arg_patches {
             self.args[s][a] = match p {
                 IoPatch::Input(i) => inputs[i].data.as_ptr().cast_mut(),
@@ -659,11 +664,21 @@ impl Model {
         for &(s, d, k) in &self.dim_patches {
             self.dims[s][d] = self.sym_values[k];
         }
-        for ((f, args), dims) in self.kernels.iter().zip(&self.args).zip(&self.dims) {
+        for (i, ((f, args), dims)) in self
+            .kernels
+            .iter()
+            .zip(&self.args)
+            .zip(&self.dims)
+            .enumerate()
+        {
+            let t = times.is_some().then(std::time::Instant::now);
             // SAFETY: the plan was validated at load (buffers in range, inputs and weights
             // only read), the inputs and outputs were checked by the caller; the kernels
             // follow the uniform ABI the compiler promised for these args and dims.
             unsafe { f(args.as_ptr(), dims.as_ptr()) };
+            if let (Some(times), Some(t)) = (times.as_deref_mut(), t) {
+                times[i] += t.elapsed();
+            }
         }
     }
 
@@ -678,8 +693,37 @@ impl Model {
             .map(|t| t.data.as_mut_slice().as_mut_ptr())
             .collect();
         // SAFETY: bound above; the outputs are fresh, aligned and of the right size.
-        unsafe { self.execute(inputs, |o| ptrs[o]) };
+        unsafe { self.execute(inputs, |o| ptrs[o], None) };
         Ok(outs)
+    }
+
+    /// Runs the model `repeat` times and returns each step's kernel name with its total time
+    /// over the runs, in plan order (a per-kernel profile, as `kiln run --profile` prints).
+    pub fn profile(
+        &mut self,
+        inputs: &[TensorView<'_>],
+        repeat: usize,
+    ) -> Result<Vec<(String, std::time::Duration)>, RunError> {
+        self.bind(inputs)?;
+        let mut outs: Vec<Tensor> = (0..self.outputs.len())
+            .map(|o| Tensor::zeroed(self.plan.outputs[o].dtype, self.output_shape(o)))
+            .collect();
+        let ptrs: Vec<*mut u8> = outs
+            .iter_mut()
+            .map(|t| t.data.as_mut_slice().as_mut_ptr())
+            .collect();
+        let mut times = vec![std::time::Duration::ZERO; self.kernels.len()];
+        for _ in 0..repeat {
+            // SAFETY: as in `run`.
+            unsafe { self.execute(inputs, |o| ptrs[o], Some(&mut times)) };
+        }
+        Ok(self
+            .plan
+            .steps
+            .iter()
+            .zip(times)
+            .map(|(s, t)| (s.kernel.clone(), t))
+            .collect())
     }
 
     /// Runs the model, writing output `o` into `outputs[o]`, which must have exactly its size
@@ -723,7 +767,7 @@ impl Model {
         let base = outputs.as_mut_ptr();
         // SAFETY: bound above; buffer sizes and alignment checked; `&mut` buffers cannot alias
         // the shared input slices. `base.add(o)` stays within `outputs` (o < len).
-        unsafe { self.execute(inputs, |o| (*base.add(o)).as_mut_ptr()) };
+        unsafe { self.execute(inputs, |o| (*base.add(o)).as_mut_ptr(), None) };
         Ok(())
     }
 }

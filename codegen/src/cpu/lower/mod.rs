@@ -89,7 +89,15 @@ impl Lowering {
 pub fn lower_partition(g: &Graph, p: &Partition) -> Result<Lowering, CodegenError> {
     let mut out = Lowering::default();
     for (index, k) in p.kernels.iter().enumerate() {
-        let name = format!("kiln_{}", k.name);
+        // `kiln_<kernel>_<op>_<op>...`: readable in profiles and `nm` (at most 4 op names).
+        let mut ops: Vec<String> = Vec::new();
+        for &n in &k.nodes {
+            let op = g.nodes[n].op.op_type().to_ascii_lowercase();
+            if ops.last() != Some(&op) && ops.len() < 4 {
+                ops.push(op);
+            }
+        }
+        let name = format!("kiln_{}_{}", k.name, ops.join("_"));
         let r = match k.kind {
             KernelKind::Elementwise => elementwise::lower(g, k, &name),
             KernelKind::Contraction if conv::is_conv(g, k) => conv::lower(g, k, &name),
