@@ -202,6 +202,7 @@ pub fn compile_with(
             args,
             num_inputs: lk.inputs.len(),
             dims: Vec::new(),
+            tasks: sig.tasks,
         });
     }
     let (weights, specs) = b.weights.finish();

@@ -73,3 +73,8 @@ pub fn random_tensors(
         })
         .collect()
 }
+
+/// The default thread count of `kiln run`: every core the OS gives this process.
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}

@@ -99,6 +99,9 @@ enum Cmd {
         /// Run this many times and print the time per kernel, slowest first.
         #[arg(long, value_name = "N")]
         profile: Option<usize>,
+        /// Threads to run on (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
     },
     /// Time a model with Kiln and onnxruntime side by side (interleaved rounds): p50/p90/p99/
     /// min/mean, their ratio, a roofline line and peak memory. See `kiln::bench`.
@@ -209,13 +212,14 @@ fn run(cli: Cli) -> Result<()> {
             repeat,
             seed,
             profile,
+            threads,
         } => run_artifact(
             &artifact,
             &inputs,
             check.as_deref(),
             output.as_deref(),
             (repeat, profile),
-            seed,
+            (seed, threads),
         ),
         Cmd::Bench(a) => bench(a),
     }
@@ -367,18 +371,20 @@ fn run_artifact(
     check: Option<&Path>,
     output: Option<&Path>,
     (repeat, profile): (Option<usize>, Option<usize>),
-    seed: u64,
+    (seed, threads): (u64, Option<usize>),
 ) -> Result<()> {
     use kiln::runtime::{AlignedBuf, DimSpec, Model, TensorView};
     let mut model = Model::load(path)?;
+    model.set_threads(threads.unwrap_or_else(kiln::default_threads));
     let plan = model.plan().clone();
     println!(
-        "{}: {} ({}), {} steps, arena {} bytes",
+        "{}: {} ({}), {} steps, arena {} bytes, {} thread(s)",
         path.display(),
         model.target(),
         model.compiler_version(),
         plan.steps.len(),
-        plan.arena_bytes
+        plan.arena_bytes,
+        model.threads()
     );
     // random inputs from the declared specs (symbolic dims taken as 1)
     let specs = plan.inputs.iter().map(|io| {
@@ -452,7 +458,7 @@ fn run_artifact(
     if let Some(n) = profile.filter(|&n| n > 0) {
         let mut prof = model.profile(&views, n)?;
         let total: f64 = prof.iter().map(|(_, t)| t.as_secs_f64()).sum();
-        prof.sort_by(|a, b| b.1.cmp(&a.1));
+        prof.sort_by_key(|p| std::cmp::Reverse(p.1));
         println!(
             "per-kernel time over {n} runs (total {:.3} ms per run):",
             total * 1e3 / n as f64

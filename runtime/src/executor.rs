@@ -10,6 +10,7 @@
 use crate::artifact::{Artifact, ArtifactError};
 use crate::kernel_lib::{KernelFn, KernelLibError, KernelLibrary};
 use crate::plan::{BufRef, DType, DimExpr, DimSpec, ExecPlan, ALIGNMENT};
+use crate::pool::Pool;
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -270,6 +271,45 @@ pub struct Model {
     arg_patches: Vec<(usize, usize, IoPatch)>,
     dims: Vec<Vec<i64>>,
     dim_patches: Vec<(usize, usize, usize)>,
+    pool: Option<Pool>,
+}
+
+/// The calls of one step on several threads: chunk `c` (of `threads`) is a contiguous
+/// range of the step's tasks.
+struct Split<'a> {
+    f: KernelFn,
+    args: &'a [*mut u8],
+    dims: &'a [i64],
+    tasks: i64,
+    threads: i64,
+}
+
+// SAFETY: the pointers are only passed on to the kernel, which writes disjoint task ranges.
+unsafe impl Sync for Split<'_> {}
+
+impl Split<'_> {
+    fn run(&self, c: usize) {
+        let t = c;
+        let per = (self.tasks + self.threads - 1) / self.threads;
+        let begin = (t as i64 * per).min(self.tasks);
+        let end = (begin + per).min(self.tasks);
+        if begin >= end {
+            return;
+        }
+        let mut buf = [0i64; 16];
+        let mut heap = Vec::new();
+        let d: &mut [i64] = if self.dims.len() <= buf.len() {
+            &mut buf[..self.dims.len()]
+        } else {
+            heap.extend_from_slice(self.dims);
+            &mut heap
+        };
+        d.copy_from_slice(self.dims);
+        d[0] = begin;
+        d[1] = end;
+        // SAFETY: as in `Model::execute`; ranges of different threads are disjoint.
+        unsafe { (self.f)(self.args.as_ptr(), d.as_ptr()) };
+    }
 }
 
 // SAFETY: the raw pointers in `args` point into `_weights` and `_arena`, heap buffers owned
@@ -447,18 +487,17 @@ impl Model {
                 })
                 .collect();
             args.push(a);
-            let d = s
-                .dims
-                .iter()
-                .enumerate()
-                .map(|(di, d)| match d {
+            // ABI: dims[0..2] is the task range, then the symbolic dims.
+            let d = [0, s.tasks as i64]
+                .into_iter()
+                .chain(s.dims.iter().enumerate().map(|(di, d)| match d {
                     DimExpr::Const(c) => *c,
                     DimExpr::Sym(name) => {
                         let k = sym_index(name, &mut sym_names);
-                        dim_patches.push((si, di, k));
+                        dim_patches.push((si, 2 + di, k));
                         0
                     }
-                })
+                }))
                 .collect();
             dims.push(d);
         }
@@ -481,7 +520,23 @@ impl Model {
             arg_patches,
             dims,
             dim_patches,
+            pool: None,
         })
+    }
+
+    /// Runs the kernels that split into tasks on `threads` threads (the caller's included);
+    /// 1 runs everything on the calling thread. Models start single-threaded.
+    pub fn set_threads(&mut self, threads: usize) {
+        let threads = threads.max(1);
+        if threads == self.threads() {
+            return;
+        }
+        self.pool = (threads > 1).then(|| Pool::new(threads));
+    }
+
+    /// Number of threads the model runs on (see [`Model::set_threads`]).
+    pub fn threads(&self) -> usize {
+        self.pool.as_ref().map_or(1, Pool::threads)
     }
 
     /// The execution plan.
@@ -672,10 +727,24 @@ impl Model {
             .enumerate()
         {
             let t = times.is_some().then(std::time::Instant::now);
-            // SAFETY: the plan was validated at load (buffers in range, inputs and weights
-            // only read), the inputs and outputs were checked by the caller; the kernels
-            // follow the uniform ABI the compiler promised for these args and dims.
-            unsafe { f(args.as_ptr(), dims.as_ptr()) };
+            let tasks = dims[1];
+            match &self.pool {
+                Some(pool) if tasks > 1 => {
+                    let split = Split {
+                        f: *f,
+                        args,
+                        dims,
+                        tasks,
+                        threads: pool.threads() as i64,
+                    };
+                    pool.run(pool.threads(), &|c| split.run(c));
+                }
+                // SAFETY: the plan was validated at load (buffers in range, inputs and
+                // weights only read), the inputs and outputs were checked by the caller; the
+                // kernels follow the uniform ABI the compiler promised for these args and
+                // dims (`dims[0..2]` = all tasks).
+                _ => unsafe { f(args.as_ptr(), dims.as_ptr()) },
+            }
             if let (Some(times), Some(t)) = (times.as_deref_mut(), t) {
                 times[i] += t.elapsed();
             }

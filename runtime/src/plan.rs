@@ -181,8 +181,17 @@ pub struct Step {
     /// How many of `args` are inputs (read); the rest are written and must be
     /// [`BufRef::Arena`] or [`BufRef::Output`].
     pub num_inputs: usize,
-    /// The kernel's `dims` array.
+    /// The kernel's symbolic dims (`dims[2..]` of the kernel ABI; the runtime puts the task
+    /// range in `dims[0..2]`).
     pub dims: Vec<DimExpr>,
+    /// Number of independent work items of the kernel (1: serial); with several threads the
+    /// runtime splits `0..tasks` into contiguous ranges, one per thread.
+    #[serde(default = "one")]
+    pub tasks: u64,
+}
+
+fn one() -> u64 {
+    1
 }
 
 /// The largest value a symbolic dim may take at run time.
@@ -266,6 +275,9 @@ impl ExecPlan {
         let mut written = vec![false; self.outputs.len()];
         for (si, step) in self.steps.iter().enumerate() {
             let at = || format!("step {si} ('{}')", step.kernel);
+            if step.tasks == 0 || step.tasks > i64::MAX as u64 {
+                return Err(format!("{}: tasks {} out of range", at(), step.tasks));
+            }
             if step.num_inputs > step.args.len() {
                 return Err(format!(
                     "{}: num_inputs {} exceeds its {} args",

@@ -44,6 +44,24 @@ fn add_relu_end_to_end() {
 }
 
 #[test]
+fn task_split_kernels_run_on_several_threads() {
+    // `add_f32` declares 8 tasks (one per element): with 2, 3 and 5 threads each thread runs
+    // a disjoint element range; the result must not depend on the split.
+    let (_dir, path) = saved_model(&common::add_relu_artifact(common::kernel_library()));
+    let mut model = Model::load(&path).unwrap();
+    assert_eq!(model.threads(), 1);
+    for threads in [2, 3, 5, 1] {
+        model.set_threads(threads);
+        assert_eq!(model.threads(), threads);
+        for k in 0..50 {
+            let x: Vec<f32> = (0..8).map(|i| (i as f32 - 3.5) * k as f32).collect();
+            let out = model.run(&[TensorView::from_f32(&[2, 4], &x)]).unwrap();
+            assert_eq!(out[0].as_f32().unwrap(), expected_add_relu(&x).as_slice());
+        }
+    }
+}
+
+#[test]
 fn dynamic_batch_binds_symbols() {
     let (_dir, path) = saved_model(&common::dynamic_artifact(common::kernel_library()));
     let mut model = Model::load(&path).unwrap();

@@ -484,6 +484,7 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered
             inputs: args.len(),
             outputs: outs.len(),
             dims: syms.0,
+            tasks: 1,
         },
         mlir,
         pipeline: GRAPH_KERNEL_PIPELINE.to_string(),

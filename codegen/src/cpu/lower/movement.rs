@@ -303,6 +303,7 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered
             inputs: buf_inputs.len(),
             outputs: outs.len(),
             dims: vec![],
+            tasks: 1,
         },
         mlir: p.finish(name),
         pipeline: GRAPH_KERNEL_PIPELINE.to_string(),
