@@ -537,15 +537,17 @@ impl Report {
     }
 }
 
-/// The threads Kiln runs with for a requested count. The runtime is single-threaded so far;
-/// when it gets a threads option, return `requested` here and pass it in [`load_kiln`].
-fn kiln_threads(_requested: usize) -> usize {
-    1
+/// The threads Kiln runs with for a requested count (the runtime may run fewer; the bench
+/// reports what [`Model::threads`] says).
+fn kiln_threads(requested: usize) -> usize {
+    requested
 }
 
-/// Loads the artifact to run with `threads` threads (see [`kiln_threads`]).
-fn load_kiln(path: &Path, _threads: usize) -> Result<Model> {
-    Ok(Model::load(path)?)
+/// Loads the artifact to run with `threads` threads ([`Model::set_threads`]).
+fn load_kiln(path: &Path, threads: usize) -> Result<Model> {
+    let mut m = Model::load(path)?;
+    m.set_threads(threads);
+    Ok(m)
 }
 
 fn cpu_name() -> String {
@@ -931,11 +933,6 @@ pub fn bench(opts: &Options) -> Result<Report> {
             model_path.display()
         ));
     }
-    if opts.threads.iter().any(|&t| kiln_threads(t) != t) {
-        report.notes.push(
-            "the Kiln runtime runs single-threaded (no threads option yet); --threads sets onnxruntime's intra-op threads only".into(),
-        );
-    }
 
     // 6. per thread count: interleaved rounds
     let rounds = opts.rounds.clamp(1, opts.runs);
@@ -973,9 +970,9 @@ pub fn bench(opts: &Options) -> Result<Report> {
                 }
             }
         }
-        let kt = kiln_threads(threads);
         let probe = RssProbe::start();
-        let mut model = load_kiln(&artifact_path, kt)?;
+        let mut model = load_kiln(&artifact_path, kiln_threads(threads))?;
+        let kt = model.threads();
         for _ in 0..opts.warmup {
             model.run(&views)?;
         }
