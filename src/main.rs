@@ -75,6 +75,10 @@ enum Cmd {
         /// or all); may be repeated.
         #[arg(long = "print-after", value_name = "STAGE")]
         print_after: Vec<String>,
+        /// Accept any batch size 1..=N at run time for inputs whose first dim is symbolic
+        /// (one static specialisation per size in the artifact).
+        #[arg(long, value_name = "N")]
+        max_batch: Option<usize>,
     },
     /// Run a compiled artifact (MODEL.kiln) with the runtime.
     Run {
@@ -203,7 +207,8 @@ fn run(cli: Cli) -> Result<()> {
             output,
             shapes,
             print_after,
-        } => compile(&model, &target, output, &shapes, print_after),
+            max_batch,
+        } => compile(&model, &target, output, &shapes, (print_after, max_batch)),
         Cmd::Run {
             artifact,
             inputs,
@@ -256,7 +261,7 @@ fn compile(
     target: &str,
     output: Option<PathBuf>,
     shapes: &[String],
-    print_after: Vec<String>,
+    (print_after, max_batch): (Vec<String>, Option<usize>),
 ) -> Result<()> {
     let cpu = match target.split_once(':') {
         None if target == "cpu" => kiln::compile::CompileOptions::default().cpu,
@@ -266,6 +271,7 @@ fn compile(
     let mut opts = kiln::compile::CompileOptions {
         cpu,
         print_after,
+        max_batch,
         ..Default::default()
     };
     for s in shapes {

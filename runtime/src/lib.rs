@@ -7,6 +7,7 @@
 //! - [`pool`]: the spinning fork-join pool that runs a kernel's task ranges on several cores.
 pub mod artifact;
 pub mod executor;
+mod instance;
 pub mod kernel_lib;
 pub mod plan;
 pub mod pool;

@@ -121,6 +121,7 @@ pub fn add_relu_artifact(kernels: Vec<u8>) -> Artifact {
             },
         ],
         sym_bounds: vec![],
+        variants: vec![],
     };
     Artifact {
         compiler_version: "kiln-test 0.0.0".into(),
@@ -193,6 +194,7 @@ pub fn dynamic_artifact(kernels: Vec<u8>) -> Artifact {
             name: "batch".into(),
             max: 4,
         }],
+        variants: vec![],
     };
     Artifact {
         compiler_version: "kiln-test 0.0.0".into(),
