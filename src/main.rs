@@ -107,6 +107,47 @@ enum Cmd {
         #[arg(long)]
         threads: Option<usize>,
     },
+    /// Time a model with Kiln and onnxruntime side by side (interleaved rounds): p50/p90/p99/
+    /// min/mean, their ratio, a roofline line and peak memory. See `kiln::bench`.
+    Bench(BenchArgs),
+}
+
+/// Arguments of `kiln bench`.
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// The ONNX model (compiled in-process) or a compiled .kiln artifact.
+    model: PathBuf,
+    /// Fix an input's shape when compiling: NAME=1x3x224x224.
+    #[arg(long = "shape", value_name = "NAME=DIMS")]
+    shapes: Vec<String>,
+    /// Thread counts, comma-separated: one table each.
+    #[arg(long, default_value = "1", value_name = "N,N...")]
+    threads: String,
+    /// Timed runs per runtime and thread count.
+    #[arg(long, default_value_t = 200)]
+    runs: usize,
+    /// Warm-up runs per runtime and thread count.
+    #[arg(long, default_value_t = 20)]
+    warmup: usize,
+    /// Interleaved rounds the timed runs are split into.
+    #[arg(long, default_value_t = 10)]
+    rounds: usize,
+    /// Runtime to compare with: onnxruntime, or none.
+    #[arg(long, default_value = "onnxruntime")]
+    compare: String,
+    /// An input as NAME=FILE (.npy or .pb).
+    #[arg(long = "input", value_name = "NAME=FILE")]
+    inputs: Vec<String>,
+    /// Test data folder for inputs and expected outputs (default: test_data_set_0 next to
+    /// the model, if its inputs fit).
+    #[arg(long, value_name = "DIR")]
+    check: Option<PathBuf>,
+    /// Seed for random inputs.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Also write the results as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
 }
 
 fn main() {
@@ -185,7 +226,34 @@ fn run(cli: Cli) -> Result<()> {
             (repeat, profile),
             (seed, threads),
         ),
+        Cmd::Bench(a) => bench(a),
     }
+}
+
+fn bench(a: BenchArgs) -> Result<()> {
+    if !matches!(a.compare.as_str(), "onnxruntime" | "none") {
+        bail!("--compare '{}': use onnxruntime or none", a.compare);
+    }
+    let report = kiln::bench::bench(&kiln::bench::Options {
+        threads: kiln::bench::parse_threads(&a.threads)?,
+        compare: a.compare == "onnxruntime",
+        model: a.model,
+        shapes: a.shapes,
+        runs: a.runs,
+        warmup: a.warmup,
+        rounds: a.rounds,
+        inputs: a.inputs,
+        check: a.check,
+        seed: a.seed,
+    })?;
+    // an error, not a panic, if stdout is closed (kiln bench ... | head)
+    std::io::Write::write_all(&mut std::io::stdout(), report.to_string().as_bytes())?;
+    if let Some(p) = a.json {
+        let text = serde_json::to_string_pretty(&report.to_json())?;
+        kiln::io::write_atomic(&p, text.as_bytes())?;
+        println!("wrote {}", p.display());
+    }
+    Ok(())
 }
 
 fn compile(
