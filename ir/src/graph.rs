@@ -12,7 +12,7 @@ use std::sync::Arc;
 pub type ValueId = usize;
 
 /// A value: a named SSA edge with what is statically known about it.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Value {
     /// Name (from the ONNX model; unique within the graph).
     pub name: String,
@@ -21,7 +21,7 @@ pub struct Value {
 }
 
 /// A node: one typed op applied to values.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Node {
     /// Node name (from the ONNX model, or generated `op_type_N`).
     pub name: String,
@@ -34,7 +34,7 @@ pub struct Node {
 }
 
 /// A typed dataflow graph.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Graph {
     /// Graph name.
     pub name: String,

@@ -570,3 +570,31 @@ mod tests {
         assert!(a.check_close(&c, 1e-4, 0.0).is_err());
     }
 }
+
+/// The serialized form of a [`Tensor`]: dtype, shape and raw little-endian bytes (the ONNX
+/// `raw_data` layout of [`crate::onnx::tensor_proto::to_raw`]).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct TensorRepr {
+    dtype: DType,
+    shape: Vec<usize>,
+    data: Vec<u8>,
+}
+
+impl serde::Serialize for Tensor {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        TensorRepr {
+            dtype: self.dtype(),
+            shape: self.shape().to_vec(),
+            data: crate::onnx::tensor_proto::to_raw(self),
+        }
+        .serialize(s)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Tensor {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let r = TensorRepr::deserialize(d)?;
+        crate::onnx::tensor_proto::from_raw(r.dtype, &r.shape, &r.data)
+            .map_err(serde::de::Error::custom)
+    }
+}

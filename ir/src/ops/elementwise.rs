@@ -22,7 +22,7 @@ use ndarray::{ArrayD, ArrayViewD, IxDyn, Zip};
 // ---------------------------------------------------------------------------------------------
 
 /// `Gelu`'s `approximate` attribute.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum GeluApprox {
     /// Exact: `0.5 x (1 + erf(x / sqrt 2))`.
     None,
@@ -31,7 +31,7 @@ pub enum GeluApprox {
 }
 
 /// Ops with one input and one output of the same type and shape.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum UnaryKind {
     /// `-x` (signed integers wrap).
     Neg,
@@ -135,7 +135,7 @@ pub enum UnaryKind {
 }
 
 /// `BitShift`'s `direction` attribute.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ShiftDirection {
     /// `x << y`.
     Left,
@@ -145,7 +145,7 @@ pub enum ShiftDirection {
 
 /// Ops with two broadcast inputs of the same type (except `Pow`'s exponent) and one output
 /// of the first input's type.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum BinaryKind {
     /// `a + b`.
     Add,
@@ -175,7 +175,7 @@ pub enum BinaryKind {
 }
 
 /// Ops over one or more broadcast inputs of the same type.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum VariadicKind {
     /// Elementwise maximum (NaN propagates).
     Max,
@@ -188,7 +188,7 @@ pub enum VariadicKind {
 }
 
 /// Comparisons: two broadcast inputs of the same type, bool output.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum CompareKind {
     /// `a == b`.
     Equal,
@@ -203,7 +203,7 @@ pub enum CompareKind {
 }
 
 /// Boolean binary logic: two broadcast bool inputs, bool output.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum LogicalKind {
     /// `a && b`.
     And,
@@ -214,7 +214,7 @@ pub enum LogicalKind {
 }
 
 /// Float classification: one float input, bool output.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum PredicateKind {
     /// `x` is NaN.
     IsNaN,
@@ -228,7 +228,7 @@ pub enum PredicateKind {
 }
 
 /// Where `Clip` takes its bounds from.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum ClipBounds {
     /// Opset >= 11: optional scalar inputs 1 (`min`) and 2 (`max`).
     Inputs,
@@ -242,7 +242,7 @@ pub enum ClipBounds {
 }
 
 /// Attributes of `Dropout`, which the reference runs in inference mode (identity).
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct DropoutAttrs {
     /// The `ratio` attribute (opset < 12, default 0.5); from opset 12 the ratio is input 1.
     pub ratio: f32,
@@ -253,7 +253,7 @@ pub struct DropoutAttrs {
 }
 
 /// Ops of the elementwise family.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum ElementwiseOp {
     /// One input, same type and shape out.
     Unary(UnaryKind),
@@ -713,7 +713,7 @@ impl ElementwiseOp {
 // ---------------------------------------------------------------------------------------------
 
 /// A set of accepted element types.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 enum Types {
     Float,
     SignedOrFloat,

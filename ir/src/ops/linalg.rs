@@ -14,7 +14,7 @@ use ndarray::{ArrayD, IxDyn};
 use std::collections::BTreeMap;
 
 /// `Gemm` attributes: `Y = alpha * op(A) * op(B) + beta * C`.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Gemm {
     /// Scale of the product.
     pub alpha: f32,
@@ -27,7 +27,7 @@ pub struct Gemm {
 }
 
 /// One symbol of an einsum term.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum EinsumSym {
     /// A letter index (`a-z`, `A-Z`).
     Label(char),
@@ -36,7 +36,7 @@ pub enum EinsumSym {
 }
 
 /// A parsed einsum equation.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Einsum {
     /// The equation as written.
     pub equation: String,
@@ -47,7 +47,7 @@ pub struct Einsum {
 }
 
 /// Ops of the linear algebra family.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum LinalgOp {
     /// `MatMul` with numpy semantics.
     MatMul,

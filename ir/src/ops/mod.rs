@@ -23,7 +23,7 @@ use std::sync::Arc;
 pub type OpResult<T> = Result<T, String>;
 
 /// What is known statically about a value: dtype, shape, and its contents if constant.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Fact {
     /// Element type.
     pub dtype: DType,
@@ -59,7 +59,7 @@ impl Fact {
 }
 
 /// A loosely typed ONNX attribute value (the import model).
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum AttrValue {
     /// `FLOAT`
     Float(f32),
@@ -79,7 +79,7 @@ pub enum AttrValue {
 
 /// An ONNX node as imported, before it becomes a typed [`Op`]: op type, attributes by name,
 /// and input/output arity. Its accessors produce errors that name the attribute.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct OnnxNode {
     /// Node name (for messages).
     pub name: String,
@@ -243,7 +243,7 @@ pub trait OpFamily: Sized + Clone + fmt::Debug + PartialEq {
 }
 
 /// A typed op: one variant per op family.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Op {
     /// Elementwise math, comparisons, logic, activations, Cast, Where, Identity...
     Elementwise(elementwise::ElementwiseOp),

@@ -15,7 +15,7 @@ use ndarray::{ArrayD, ArrayView1, ArrayViewMut1, Axis, IxDyn, Zip};
 use std::cmp::Ordering;
 
 /// Which reduction a `Reduce*` op computes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ReduceKind {
     /// `ReduceSum`: sum.
     Sum,
@@ -85,7 +85,7 @@ impl ReduceKind {
 }
 
 /// Where the axes of a `Reduce*` op come from.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ReduceAxes {
     /// The `axes` attribute (older opsets); `None` (absent) reduces over all axes.
     Attr(Option<Vec<i64>>),
@@ -94,7 +94,7 @@ pub enum ReduceAxes {
 }
 
 /// ArgMax or ArgMin.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ArgKind {
     /// Index of the maximum.
     Max,
@@ -103,7 +103,7 @@ pub enum ArgKind {
 }
 
 /// Ops of the reduction family.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum ReduceOp {
     /// `ReduceSum`, `ReduceMean`, ... over a set of axes.
     Reduce {

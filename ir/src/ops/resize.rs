@@ -10,7 +10,7 @@ use crate::tensor::Tensor;
 use ndarray::{ArrayD, Axis};
 
 /// Interpolation mode.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ResizeMode {
     /// Nearest neighbour (see [`NearestMode`]).
     Nearest,
@@ -21,7 +21,7 @@ pub enum ResizeMode {
 }
 
 /// How an output coordinate maps to an input coordinate.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum CoordMode {
     /// `(y + 0.5) / scale - 0.5`.
     HalfPixel,
@@ -41,7 +41,7 @@ pub enum CoordMode {
 }
 
 /// Rounding of the source coordinate in nearest mode.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum NearestMode {
     /// Round, halves down.
     RoundPreferFloor,
@@ -54,7 +54,7 @@ pub enum NearestMode {
 }
 
 /// How `sizes` is honoured when resizing several axes (opset 18+).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum AspectPolicy {
     /// Each axis gets its own size.
     Stretch,
@@ -65,7 +65,7 @@ pub enum AspectPolicy {
 }
 
 /// Attributes of `Resize` (and `Upsample`, which uses a subset).
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ResizeAttrs {
     /// Interpolation mode.
     pub mode: ResizeMode,
@@ -88,7 +88,7 @@ pub struct ResizeAttrs {
 }
 
 /// Where the scales/sizes come from.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum ResizeInputs {
     /// Opset 11+: inputs `X, roi, scales, sizes`.
     Full,
@@ -99,7 +99,7 @@ pub enum ResizeInputs {
 }
 
 /// Ops of the resize family.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum ResizeOp {
     /// `Resize`.
     Resize(ResizeAttrs, ResizeInputs),

@@ -29,7 +29,7 @@ use ndarray::{ArrayD, ArrayViewD, IxDyn};
 const FOLD_LIMIT: usize = 1 << 16;
 
 /// A list of ints that older opsets give as an attribute and newer ones as an input.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum IntsArg {
     /// Not given at all: the op's default applies.
     Default,
@@ -40,7 +40,7 @@ pub enum IntsArg {
 }
 
 /// The reduction of `ScatterElements` / `ScatterND`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Reduction {
     /// Overwrite.
     None,
@@ -55,7 +55,7 @@ pub enum Reduction {
 }
 
 /// The border mode of `Pad`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum PadMode {
     /// Fill with a constant.
     Constant,
@@ -68,7 +68,7 @@ pub enum PadMode {
 }
 
 /// The channel ordering of `DepthToSpace` / `SpaceToDepth`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum BlockMode {
     /// Depth-column-row: the block offset is the outer part of the channel index.
     Dcr,
@@ -77,7 +77,7 @@ pub enum BlockMode {
 }
 
 /// Ops of the array family.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum ArrayOp {
     /// `Reshape`: `0` copies the input dim (unless `allowzero`), `-1` is inferred.
     Reshape {

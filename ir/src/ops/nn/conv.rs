@@ -10,7 +10,7 @@ use crate::shape::{Dim, Shape};
 use crate::tensor::Tensor;
 
 /// Attributes of `Conv`.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ConvAttrs {
     /// Window attributes (kernel, strides, dilations, pads, auto_pad).
     pub window: WindowAttrs,
@@ -19,7 +19,7 @@ pub struct ConvAttrs {
 }
 
 /// Attributes of `ConvTranspose`.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ConvTransposeAttrs {
     /// Window attributes (kernel, strides, dilations, pads, auto_pad).
     pub window: WindowAttrs,

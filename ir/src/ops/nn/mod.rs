@@ -25,7 +25,7 @@ pub use softmax::SoftmaxAttrs;
 pub use window::{AutoPad, WindowAttrs};
 
 /// Ops of the neural-network family.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum NnOp {
     /// `Conv`: N-D convolution with groups, strides, dilations and padding.
     Conv(ConvAttrs),

@@ -61,7 +61,7 @@ fn parse_stash(node: &OnnxNode) -> OpResult<DType> {
 }
 
 /// Attributes of `BatchNormalization`.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct BatchNormAttrs {
     /// `epsilon` (default 1e-5).
     pub epsilon: f32,
@@ -245,7 +245,7 @@ pub fn eval_instance(epsilon: f32, inputs: &[Option<&Tensor>]) -> OpResult<Vec<T
 }
 
 /// Attributes of `LayerNormalization` and `RMSNormalization`.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct LayerNormAttrs {
     /// First normalized axis (default -1): statistics are over `X.shape[axis..]`.
     pub axis: i64,
@@ -345,7 +345,7 @@ impl LayerNormAttrs {
 }
 
 /// Attributes of `GroupNormalization`.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct GroupNormAttrs {
     /// `num_groups` (required): channels are split into this many groups.
     pub num_groups: usize,
@@ -445,7 +445,7 @@ pub fn eval_lp(axis: i64, p: u8, inputs: &[Option<&Tensor>]) -> OpResult<Vec<Ten
 }
 
 /// Attributes of `LRN`.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct LrnAttrs {
     /// `alpha` (default 1e-4).
     pub alpha: f32,

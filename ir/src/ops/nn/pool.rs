@@ -13,7 +13,7 @@ use crate::with_tensor;
 use ndarray::ArrayD;
 
 /// The reduction of a pooling op.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum PoolKind {
     /// Maximum (only for the global form; windowed max pooling is [`MaxPoolAttrs`]).
     Max,
@@ -65,7 +65,7 @@ fn parse_p(node: &OnnxNode) -> OpResult<f32> {
 }
 
 /// Attributes of `AveragePool` and `LpPool`.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct PoolAttrs {
     /// Average or Lp.
     pub kind: PoolKind,
@@ -76,7 +76,7 @@ pub struct PoolAttrs {
 }
 
 /// Attributes of `MaxPool`.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct MaxPoolAttrs {
     /// Window attributes (`kernel_shape` is required).
     pub window: WindowAttrs,

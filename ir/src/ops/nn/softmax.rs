@@ -8,7 +8,7 @@ use crate::shape::norm_axis;
 use crate::tensor::Tensor;
 
 /// Which of the three ops.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Kind {
     /// `exp(x - max) / sum(exp(x - max))`.
     Softmax,
@@ -19,7 +19,7 @@ pub enum Kind {
 }
 
 /// Attributes of `Softmax`, `LogSoftmax` and `Hardmax`.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct SoftmaxAttrs {
     /// `axis` (default 1 before opset 13, -1 from 13).
     pub axis: i64,

@@ -8,7 +8,7 @@ use crate::ops::{OnnxNode, OpResult};
 use crate::shape::Dim;
 
 /// The ONNX `auto_pad` attribute.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum AutoPad {
     /// Explicit `pads` (default).
     NotSet,
@@ -42,7 +42,7 @@ impl AutoPad {
 
 /// The window attributes common to Conv, ConvTranspose and the pooling ops, as written on
 /// the node (their length is checked against the spatial rank once it is known).
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct WindowAttrs {
     /// `auto_pad`.
     pub auto_pad: AutoPad,
@@ -208,7 +208,7 @@ impl WindowAttrs {
 
 /// One spatial axis of a sliding window: output position `o` and kernel tap `k` read input
 /// position `o * stride + k * dilation - pad_begin` (out of `[0, input)` is padding).
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Axis {
     /// Input size.
     pub input: usize,
@@ -249,7 +249,7 @@ impl Axis {
 /// A run of taps along the innermost axis: for `j in 0..len`, output element
 /// `out + j` reads input element `inp + j * stride` through kernel element `k` (all flat
 /// offsets within one channel plane).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Run {
     /// Flat output offset of the first element.
     pub out: usize,
@@ -279,7 +279,7 @@ pub fn unravel(mut flat: usize, dims: &[usize], idx: &mut [usize]) {
 }
 
 /// The geometry of all spatial axes.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Window(pub Vec<Axis>);
 
 impl Window {
