@@ -5,7 +5,7 @@
 //! (numpy broadcasting: dims aligned on the right). Scalar constants become `arith.constant`s
 //! in the body. Values in the body are `f32`, `i64` or `i1` (bools are bytes in buffers).
 
-use super::{Lowered, SymDims, Ty, GRAPH_KERNEL_PIPELINE};
+use super::{fastmath, Lowered, SymDims, Ty, GRAPH_KERNEL_PIPELINE};
 use crate::cpu::abi::Prologue;
 use crate::cpu::{Kernel, KernelSignature};
 use kiln_ir::ops::elementwise::{
@@ -349,8 +349,8 @@ impl Body {
         let pos = self.b2("arith.maximumf", x, &z, Ty::F32);
         let ax = self.m1("absf", x);
         let n = self.op(&format!("arith.negf {ax} : f32"));
-        let e = self.m1("exp", &n);
-        let l = self.m1("log1p", &e);
+        let e = fastmath::exp(self, &n);
+        let l = fastmath::log1p(self, &e);
         self.f2("addf", &pos, &l)
     }
 }
@@ -578,7 +578,13 @@ fn cast(b: &mut Body, x: &str, from: Ty, to: Ty) -> String {
     }
 }
 
-/// `x ^ y` on f32; small constant exponents become multiplications or `sqrt`.
+/// The largest `|exponent|` of a constant integer `Pow` expanded into multiplications.
+const POW_MAX_INT: f64 = 16.0;
+
+/// `x ^ y` on f32. A scalar constant exponent that is an integer with `|y| <= 16` becomes
+/// multiplications (square and multiply; `1 / x^|y|` for negative `y`, `1` for `y = 0`, as
+/// `powf` gives even for NaN `x`), `0.5` becomes `sqrt` (with `powf`'s `-inf` case); other
+/// exponents call `math.powf`, which keeps `powf`'s semantics (negative bases, zeros).
 fn pow_f32(
     b: &mut Body,
     g: &Graph,
@@ -589,19 +595,51 @@ fn pow_f32(
 ) -> Result<String, String> {
     if let Some(e) = exp.and_then(|e| g.const_value(e)).filter(|t| t.len() == 1) {
         let e = e.to_f64_vec()[0];
-        if e == 1.0 {
-            return Ok(x.to_string());
-        } else if e == 2.0 {
-            return Ok(b.f2("mulf", x, x));
-        } else if e == 3.0 {
-            let x2 = b.f2("mulf", x, x);
-            return Ok(b.f2("mulf", &x2, x));
-        } else if e == 0.5 {
-            return Ok(b.m1("sqrt", x));
+        if e == 0.5 {
+            // powf(-inf, 0.5) = inf, where sqrt gives NaN.
+            let s = b.m1("sqrt", x);
+            let ninf = b.fc(f32::NEG_INFINITY);
+            let is_ninf = b.cmpf("oeq", x, &ninf);
+            let inf = b.fc(f32::INFINITY);
+            return Ok(b.sel(&is_ninf, &inf, &s, Ty::F32));
+        }
+        if e.fract() == 0.0 && e.abs() <= POW_MAX_INT {
+            if e == 0.0 {
+                return Ok(b.fc(1.0));
+            }
+            let p = pow_int(b, x, e.abs() as u32);
+            return Ok(if e < 0.0 {
+                let one = b.fc(1.0);
+                b.f2("divf", &one, &p)
+            } else {
+                p
+            });
         }
     }
     let y = cast(b, y, ty, Ty::F32);
     Ok(b.op(&format!("math.powf {x}, {y} : f32")))
+}
+
+/// `x^n` for `n >= 1` by square and multiply (`x·x·x` for 3: two roundings, like the
+/// obvious product).
+fn pow_int(b: &mut Body, x: &str, n: u32) -> String {
+    let mut acc: Option<String> = None;
+    let mut sq = x.to_string();
+    let mut n = n;
+    loop {
+        if n & 1 == 1 {
+            acc = Some(match acc {
+                None => sq.clone(),
+                Some(a) => b.f2("mulf", &a, &sq),
+            });
+        }
+        n >>= 1;
+        if n == 0 {
+            break;
+        }
+        sq = b.f2("mulf", &sq, &sq);
+    }
+    acc.expect("n >= 1")
 }
 
 /// A unary kind on f32, or `None` if not supported.
@@ -626,8 +664,8 @@ fn unary_f32(b: &mut Body, kind: UnaryKind, x: &str) -> Option<String> {
             Some(b.sel(&lt, &z, x, Ty::F32))
         }
         Sqrt => math(b, "sqrt"),
-        Exp => math(b, "exp"),
-        Log => math(b, "log"),
+        Exp => Some(fastmath::exp(b, x)),
+        Log => Some(fastmath::log(b, x)),
         Reciprocal => {
             let one = b.fc(1.0);
             Some(b.f2("divf", &one, x))
@@ -635,15 +673,9 @@ fn unary_f32(b: &mut Body, kind: UnaryKind, x: &str) -> Option<String> {
         Floor => math(b, "floor"),
         Ceil => math(b, "ceil"),
         Round => math(b, "roundeven"),
-        Erf => math(b, "erf"),
-        Tanh => math(b, "tanh"),
-        Sigmoid => {
-            let n = b.op(&format!("arith.negf {x} : f32"));
-            let e = b.m1("exp", &n);
-            let one = b.fc(1.0);
-            let d = b.f2("addf", &one, &e);
-            Some(b.f2("divf", &one, &d))
-        }
+        Erf => Some(fastmath::erf(b, x)),
+        Tanh => Some(fastmath::tanh(b, x)),
+        Sigmoid => Some(fastmath::sigmoid(b, x)),
         LeakyRelu { alpha } => {
             let z = b.fc(0.0);
             let a = b.fc(alpha);
@@ -664,7 +696,7 @@ fn unary_f32(b: &mut Body, kind: UnaryKind, x: &str) -> Option<String> {
             let a = b.fc(alpha);
             let gm = b.fc(gamma);
             let le = b.cmpf("ole", x, &z);
-            let e = b.m1("exp", x);
+            let e = fastmath::exp(b, x);
             let ae = b.f2("mulf", &a, &e);
             let neg = b.f2("subf", &ae, &a);
             let sel = b.sel(&le, &neg, x, Ty::F32);
@@ -707,7 +739,7 @@ fn unary_f32(b: &mut Body, kind: UnaryKind, x: &str) -> Option<String> {
                 GeluApprox::None => {
                     let r = b.fc(std::f32::consts::FRAC_1_SQRT_2);
                     let s = b.f2("mulf", x, &r);
-                    b.m1("erf", &s)
+                    fastmath::erf(b, &s)
                 }
                 GeluApprox::Tanh => {
                     let k = b.fc((2.0 / std::f64::consts::PI).sqrt() as f32);
@@ -717,7 +749,7 @@ fn unary_f32(b: &mut Body, kind: UnaryKind, x: &str) -> Option<String> {
                     let cx3 = b.f2("mulf", &c, &x3);
                     let inner = b.f2("addf", x, &cx3);
                     let ki = b.f2("mulf", &k, &inner);
-                    b.m1("tanh", &ki)
+                    fastmath::tanh(b, &ki)
                 }
             };
             let p = b.f2("addf", &one, &t);
@@ -733,7 +765,7 @@ fn unary_f32(b: &mut Body, kind: UnaryKind, x: &str) -> Option<String> {
         }
         Mish => {
             let sp = b.softplus(x);
-            let t = b.m1("tanh", &sp);
+            let t = fastmath::tanh(b, &sp);
             Some(b.f2("mulf", x, &t))
         }
         Sin => math(b, "sin"),
