@@ -345,3 +345,65 @@ fn reductions_vectorise_and_match() {
     assert!(has_vectors(&ir), "layernorm is not vectorised:\n{ir}");
     check(&g, &random_inputs(&g, 8));
 }
+
+/// Prints the MLIR and O3 LLVM IR of zoo kernels: `KILN_DUMP=gpt:k24_ cargo test --release
+/// -p kiln-codegen --test fastmath dump -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn dump_zoo_kernel_ir() {
+    let spec = std::env::var("KILN_DUMP").unwrap_or_else(|_| "gpt:softmax".into());
+    let (model, pat) = spec.split_once(':').unwrap();
+    let (mut g, _) = zoo(model);
+    kiln_passes::fold_batchnorm::fold_all(&mut g);
+    kiln_ir::simplify::simplify(&mut g);
+    let p = kiln_passes::partition(&g);
+    let l = kiln_codegen::cpu::lower::lower_partition(&g, &p).unwrap();
+    for k in &l.kernels {
+        if k.kernel.signature.name.contains(pat) {
+            println!("{}", k.kernel.mlir);
+            println!(
+                "{}",
+                kernel_optimized_llvm_ir(&k.kernel, "x86-64-v3").unwrap()
+            );
+        }
+    }
+}
+
+#[test]
+fn in_place_elementwise_kernels_match() {
+    // y = tanh(x) * z + x run with y in x's buffer, then in z's buffer (the memory plan's
+    // in-place reuse), against separate buffers.
+    let n = [3, 5, 37];
+    let mut b = Builder::new("inplace");
+    let x = b.input("x", DType::F32, &n);
+    let z = b.input("z", DType::F32, &n);
+    let t = b.unary(UnaryKind::Tanh, x);
+    let m = b.binary(BinaryKind::Mul, t, z);
+    let y = b.binary(BinaryKind::Add, m, x);
+    let g = b.finish(&[y]);
+    let k = only_kernel(&g);
+    assert!(k.mlir.contains("scf.if"), "{}", k.mlir);
+    let so = compile_library(std::slice::from_ref(&k), &CpuOptions::default()).unwrap();
+    let lib = KernelLibrary::from_bytes(&so).unwrap();
+    let kern = lib.kernel(&k.signature.name).unwrap();
+    let len = n.iter().product::<usize>();
+    let xs: Vec<f32> = (0..len).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
+    let zs: Vec<f32> = (0..len).map(|i| (i as f32 * 0.11).cos()).collect();
+    let (mut x0, mut z0, mut want) = (xs.clone(), zs.clone(), vec![0f32; len]);
+    let ptrs = [
+        x0.as_mut_ptr() as *mut u8,
+        z0.as_mut_ptr() as *mut u8,
+        want.as_mut_ptr() as *mut u8,
+    ];
+    // SAFETY: three buffers of the kernel's static shape.
+    unsafe { kern.call(&ptrs, &[]) };
+    for alias in [0, 1] {
+        let (mut x1, mut z1) = (xs.clone(), zs.clone());
+        let (px, pz) = (x1.as_mut_ptr() as *mut u8, z1.as_mut_ptr() as *mut u8);
+        let out = if alias == 0 { px } else { pz };
+        // SAFETY: as above; the output shares an input's buffer, read before written per element.
+        unsafe { kern.call(&[px, pz, out], &[]) };
+        let got = if alias == 0 { &x1 } else { &z1 };
+        assert_eq!(got, &want, "output in input {alias}'s buffer");
+    }
+}

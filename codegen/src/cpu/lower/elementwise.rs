@@ -104,13 +104,13 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered
     }
     let mut syms = SymDims::default();
     let mut p = Prologue::new();
-    let mut body = Body::default();
+    let mut scalars = Vec::new();
     let mut ins = Vec::new();
     let mut arg_vals = Vec::new();
     for &v in &k.inputs {
         let ty = Ty::of(g.values[v].fact.dtype)?;
         match classify_input(g, v, &shape)? {
-            InputKind::Scalar(x) => body.bind_const(v, x, ty),
+            InputKind::Scalar(x) => scalars.push((v, x, ty)),
             InputKind::Buffer(dims) => {
                 let sd: Vec<Dim> = dims.iter().map(|&d| shape[d].clone()).collect();
                 let memref = p.memref(arg_vals.len(), &syms.dims(&sd)?, ty.storage());
@@ -135,7 +135,49 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered
             ty,
         });
     }
-    let text = emit_generic(g, shape.len(), &ins, &outs, body, &k.nodes, |_| Ok(()))?;
+    let generic = |ins: &[GenericInput]| {
+        let mut body = Body::default();
+        for &(v, x, ty) in &scalars {
+            body.bind_const(v, x, ty);
+        }
+        emit_generic(g, shape.len(), ins, &outs, body, &k.nodes, |_| Ok(()))
+    };
+    // The memory plan may run the kernel in place (output 0 in the buffer of a full-shape
+    // input). LLVM's vectoriser then sees two pointers closer than a vector and falls back to
+    // its scalar loop; so each such input gets a version of the loop that reads it through
+    // the output's memref (same pointer: no dependence check), chosen at run time.
+    let rank = shape.len();
+    let candidates: Vec<usize> = (0..ins.len())
+        .filter(|&i| {
+            ins[i].dims.len() == rank && ins[i].dims.iter().enumerate().all(|(a, &d)| a == d)
+        })
+        .filter(|&i| ins[i].ty == outs[0].ty)
+        .take(MAX_IN_PLACE_VERSIONS)
+        .collect();
+    let mut text = String::new();
+    if !candidates.is_empty() {
+        let mt = crate::cpu::abi::memref_type_of(rank, outs[0].ty.storage());
+        let _ = writeln!(
+            text,
+            "  %ip_out = memref.extract_aligned_pointer_as_index {} : {mt} -> index",
+            outs[0].memref
+        );
+        for (ci, &c) in candidates.iter().enumerate() {
+            let _ = writeln!(
+                text,
+                "  %ip_in{ci} = memref.extract_aligned_pointer_as_index {} : {mt} -> index\n  %ip_eq{ci} = arith.cmpi eq, %ip_in{ci}, %ip_out : index\n  scf.if %ip_eq{ci} {{",
+                ins[c].memref
+            );
+            let mut aliased = ins.clone();
+            aliased[c].memref = outs[0].memref.clone();
+            text.push_str(&generic(&aliased)?);
+            let _ = writeln!(text, "  }} else {{");
+        }
+    }
+    text.push_str(&generic(&ins)?);
+    for _ in &candidates {
+        let _ = writeln!(text, "  }}");
+    }
     p.push(&text);
     let kernel = Kernel {
         signature: KernelSignature {
@@ -149,6 +191,9 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered
     };
     Ok((kernel, arg_vals, k.outputs.clone()))
 }
+
+/// At most this many inputs of an elementwise kernel get an in-place version of its loop.
+const MAX_IN_PLACE_VERSIONS: usize = 3;
 
 /// An affine map from `rank` iteration dims to `dims`.
 fn affine_map(rank: usize, dims: &[usize]) -> String {
