@@ -106,8 +106,8 @@ pub(crate) fn exp(b: &mut Body, x: &str) -> String {
     let magic = b.fc(12_582_912.0);
     let k = fma(b, &xc, &log2e, &magic);
     let n = b.f2("subf", &k, &magic);
-    // r = x - n·ln2 in two parts (Cody-Waite); n·C1 is exact.
-    let c1 = b.fc(-0.693_359_375);
+    // r = x - n·ln2 in two parts (Cody-Waite): C1 = 355/512 has 9 bits, so n·C1 is exact.
+    let c1 = b.fc(-355.0 / 512.0);
     let c2 = b.fc(2.121_944_4e-4_f64 as f32);
     let r = fma(b, &n, &c1, &xc);
     let r = fma(b, &n, &c2, &r);
@@ -199,7 +199,7 @@ pub(crate) fn log(b: &mut Body, x: &str) -> String {
     let mhalf = b.fc(-0.5);
     let y = fma(b, &z, &mhalf, &y);
     let r = b.f2("addf", &f, &y);
-    let c1 = b.fc(0.693_359_375);
+    let c1 = b.fc(355.0 / 512.0);
     let r = fma(b, &e, &c1, &r);
     // Special values.
     let inf = b.fc(f32::INFINITY);
