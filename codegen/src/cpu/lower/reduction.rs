@@ -1,4 +1,4 @@
-//! `Reduction` kernels over the last axis, as scalar `scf` loops.
+//! `Reduction` kernels over the last axis, as `scf` loops that LLVM vectorises.
 //!
 //! The iteration space is the input shape of the kernel's first reduction node (static).
 //! A loop nest runs over the leading dims (one *row* per iteration); inside it, each
