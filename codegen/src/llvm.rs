@@ -50,8 +50,9 @@ pub fn emit_object(ir: &str, cpu: &str) -> Result<Vec<u8>, CodegenError> {
     optimize_and_emit(&module, cpu)
 }
 
-/// Runs the O3 pipeline for `cpu` on `module` (in place) and returns ELF object code.
-pub fn optimize_and_emit(module: &Module<'_>, cpu: &str) -> Result<Vec<u8>, CodegenError> {
+/// Verifies `module` and runs the O3 pipeline for `cpu` on it (in place); returns the target
+/// machine used.
+pub fn optimize(module: &Module<'_>, cpu: &str) -> Result<TargetMachine, CodegenError> {
     module
         .verify()
         .map_err(|e| CodegenError::Llvm(format!("invalid LLVM module: {e}")))?;
@@ -61,6 +62,12 @@ pub fn optimize_and_emit(module: &Module<'_>, cpu: &str) -> Result<Vec<u8>, Code
     module
         .run_passes("default<O3>", &tm, PassBuilderOptions::create())
         .map_err(|e| CodegenError::Llvm(e.to_string()))?;
+    Ok(tm)
+}
+
+/// Runs the O3 pipeline for `cpu` on `module` (in place) and returns ELF object code.
+pub fn optimize_and_emit(module: &Module<'_>, cpu: &str) -> Result<Vec<u8>, CodegenError> {
+    let tm = optimize(module, cpu)?;
     let obj = tm
         .write_to_memory_buffer(module, FileType::Object)
         .map_err(|e| CodegenError::Llvm(e.to_string()))?;

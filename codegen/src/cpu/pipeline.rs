@@ -64,6 +64,15 @@ pub fn kernel_llvm_ir(kernel: &Kernel) -> Result<String, CodegenError> {
     mlir_to_llvm_ir(&module_text(kernel), &kernel.pipeline)
 }
 
+/// Lowers one kernel to LLVM IR text after LLVM's O3 pipeline for `cpu` (to check what the
+/// vectoriser did: look for `<8 x float>` with `x86-64-v3`).
+pub fn kernel_optimized_llvm_ir(kernel: &Kernel, cpu: &str) -> Result<String, CodegenError> {
+    let llvm_ctx = inkwell::context::Context::create();
+    let m = mlir_to_llvm_module(&module_text(kernel), &kernel.pipeline, &llvm_ctx)?;
+    llvm::optimize(&m, cpu)?;
+    Ok(m.print_to_string().to_string())
+}
+
 /// Lowers one kernel to an O3-optimised ELF object for `cpu`.
 pub fn kernel_object(kernel: &Kernel, cpu: &str) -> Result<Vec<u8>, CodegenError> {
     let llvm_ctx = inkwell::context::Context::create();

@@ -5,7 +5,7 @@
 //! (numpy broadcasting: dims aligned on the right). Scalar constants become `arith.constant`s
 //! in the body. Values in the body are `f32`, `i64` or `i1` (bools are bytes in buffers).
 
-use super::{Lowered, SymDims, Ty, GRAPH_KERNEL_PIPELINE};
+use super::{fastmath, Lowered, SymDims, Ty, GRAPH_KERNEL_PIPELINE};
 use crate::cpu::abi::Prologue;
 use crate::cpu::{Kernel, KernelSignature};
 use kiln_ir::ops::elementwise::{
@@ -104,13 +104,13 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered
     }
     let mut syms = SymDims::default();
     let mut p = Prologue::new();
-    let mut body = Body::default();
+    let mut scalars = Vec::new();
     let mut ins = Vec::new();
     let mut arg_vals = Vec::new();
     for &v in &k.inputs {
         let ty = Ty::of(g.values[v].fact.dtype)?;
         match classify_input(g, v, &shape)? {
-            InputKind::Scalar(x) => body.bind_const(v, x, ty),
+            InputKind::Scalar(x) => scalars.push((v, x, ty)),
             InputKind::Buffer(dims) => {
                 let sd: Vec<Dim> = dims.iter().map(|&d| shape[d].clone()).collect();
                 let memref = p.memref(arg_vals.len(), &syms.dims(&sd)?, ty.storage());
@@ -135,7 +135,49 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered
             ty,
         });
     }
-    let text = emit_generic(g, shape.len(), &ins, &outs, body, &k.nodes, |_| Ok(()))?;
+    let generic = |ins: &[GenericInput]| {
+        let mut body = Body::default();
+        for &(v, x, ty) in &scalars {
+            body.bind_const(v, x, ty);
+        }
+        emit_generic(g, shape.len(), ins, &outs, body, &k.nodes, |_| Ok(()))
+    };
+    // The memory plan may run the kernel in place (output 0 in the buffer of a full-shape
+    // input). LLVM's vectoriser then sees two pointers closer than a vector and falls back to
+    // its scalar loop; so each such input gets a version of the loop that reads it through
+    // the output's memref (same pointer: no dependence check), chosen at run time.
+    let rank = shape.len();
+    let candidates: Vec<usize> = (0..ins.len())
+        .filter(|&i| {
+            ins[i].dims.len() == rank && ins[i].dims.iter().enumerate().all(|(a, &d)| a == d)
+        })
+        .filter(|&i| ins[i].ty == outs[0].ty)
+        .take(MAX_IN_PLACE_VERSIONS)
+        .collect();
+    let mut text = String::new();
+    if !candidates.is_empty() {
+        let mt = crate::cpu::abi::memref_type_of(rank, outs[0].ty.storage());
+        let _ = writeln!(
+            text,
+            "  %ip_out = memref.extract_aligned_pointer_as_index {} : {mt} -> index",
+            outs[0].memref
+        );
+        for (ci, &c) in candidates.iter().enumerate() {
+            let _ = writeln!(
+                text,
+                "  %ip_in{ci} = memref.extract_aligned_pointer_as_index {} : {mt} -> index\n  %ip_eq{ci} = arith.cmpi eq, %ip_in{ci}, %ip_out : index\n  scf.if %ip_eq{ci} {{",
+                ins[c].memref
+            );
+            let mut aliased = ins.clone();
+            aliased[c].memref = outs[0].memref.clone();
+            text.push_str(&generic(&aliased)?);
+            let _ = writeln!(text, "  }} else {{");
+        }
+    }
+    text.push_str(&generic(&ins)?);
+    for _ in &candidates {
+        let _ = writeln!(text, "  }}");
+    }
     p.push(&text);
     let kernel = Kernel {
         signature: KernelSignature {
@@ -150,6 +192,9 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered
     };
     Ok((kernel, arg_vals, k.outputs.clone()))
 }
+
+/// At most this many inputs of an elementwise kernel get an in-place version of its loop.
+const MAX_IN_PLACE_VERSIONS: usize = 3;
 
 /// An affine map from `rank` iteration dims to `dims`.
 fn affine_map(rank: usize, dims: &[usize]) -> String {
@@ -350,8 +395,8 @@ impl Body {
         let pos = self.b2("arith.maximumf", x, &z, Ty::F32);
         let ax = self.m1("absf", x);
         let n = self.op(&format!("arith.negf {ax} : f32"));
-        let e = self.m1("exp", &n);
-        let l = self.m1("log1p", &e);
+        let e = fastmath::exp(self, &n);
+        let l = fastmath::log1p(self, &e);
         self.f2("addf", &pos, &l)
     }
 }
@@ -579,7 +624,13 @@ fn cast(b: &mut Body, x: &str, from: Ty, to: Ty) -> String {
     }
 }
 
-/// `x ^ y` on f32; small constant exponents become multiplications or `sqrt`.
+/// The largest `|exponent|` of a constant integer `Pow` expanded into multiplications.
+const POW_MAX_INT: f64 = 16.0;
+
+/// `x ^ y` on f32. A scalar constant exponent that is an integer with `|y| <= 16` becomes
+/// multiplications (square and multiply; `1 / x^|y|` for negative `y`, `1` for `y = 0`, as
+/// `powf` gives even for NaN `x`), `0.5` becomes `sqrt` (with `powf`'s `-inf` case); other
+/// exponents call `math.powf`, which keeps `powf`'s semantics (negative bases, zeros).
 fn pow_f32(
     b: &mut Body,
     g: &Graph,
@@ -590,19 +641,51 @@ fn pow_f32(
 ) -> Result<String, String> {
     if let Some(e) = exp.and_then(|e| g.const_value(e)).filter(|t| t.len() == 1) {
         let e = e.to_f64_vec()[0];
-        if e == 1.0 {
-            return Ok(x.to_string());
-        } else if e == 2.0 {
-            return Ok(b.f2("mulf", x, x));
-        } else if e == 3.0 {
-            let x2 = b.f2("mulf", x, x);
-            return Ok(b.f2("mulf", &x2, x));
-        } else if e == 0.5 {
-            return Ok(b.m1("sqrt", x));
+        if e == 0.5 {
+            // powf(-inf, 0.5) = inf, where sqrt gives NaN.
+            let s = b.m1("sqrt", x);
+            let ninf = b.fc(f32::NEG_INFINITY);
+            let is_ninf = b.cmpf("oeq", x, &ninf);
+            let inf = b.fc(f32::INFINITY);
+            return Ok(b.sel(&is_ninf, &inf, &s, Ty::F32));
+        }
+        if e.fract() == 0.0 && e.abs() <= POW_MAX_INT {
+            if e == 0.0 {
+                return Ok(b.fc(1.0));
+            }
+            let p = pow_int(b, x, e.abs() as u32);
+            return Ok(if e < 0.0 {
+                let one = b.fc(1.0);
+                b.f2("divf", &one, &p)
+            } else {
+                p
+            });
         }
     }
     let y = cast(b, y, ty, Ty::F32);
     Ok(b.op(&format!("math.powf {x}, {y} : f32")))
+}
+
+/// `x^n` for `n >= 1` by square and multiply (`x·x·x` for 3: two roundings, like the
+/// obvious product).
+fn pow_int(b: &mut Body, x: &str, n: u32) -> String {
+    let mut acc: Option<String> = None;
+    let mut sq = x.to_string();
+    let mut n = n;
+    loop {
+        if n & 1 == 1 {
+            acc = Some(match acc {
+                None => sq.clone(),
+                Some(a) => b.f2("mulf", &a, &sq),
+            });
+        }
+        n >>= 1;
+        if n == 0 {
+            break;
+        }
+        sq = b.f2("mulf", &sq, &sq);
+    }
+    acc.expect("n >= 1")
 }
 
 /// A unary kind on f32, or `None` if not supported.
@@ -627,8 +710,8 @@ fn unary_f32(b: &mut Body, kind: UnaryKind, x: &str) -> Option<String> {
             Some(b.sel(&lt, &z, x, Ty::F32))
         }
         Sqrt => math(b, "sqrt"),
-        Exp => math(b, "exp"),
-        Log => math(b, "log"),
+        Exp => Some(fastmath::exp(b, x)),
+        Log => Some(fastmath::log(b, x)),
         Reciprocal => {
             let one = b.fc(1.0);
             Some(b.f2("divf", &one, x))
@@ -636,15 +719,9 @@ fn unary_f32(b: &mut Body, kind: UnaryKind, x: &str) -> Option<String> {
         Floor => math(b, "floor"),
         Ceil => math(b, "ceil"),
         Round => math(b, "roundeven"),
-        Erf => math(b, "erf"),
-        Tanh => math(b, "tanh"),
-        Sigmoid => {
-            let n = b.op(&format!("arith.negf {x} : f32"));
-            let e = b.m1("exp", &n);
-            let one = b.fc(1.0);
-            let d = b.f2("addf", &one, &e);
-            Some(b.f2("divf", &one, &d))
-        }
+        Erf => Some(fastmath::erf(b, x)),
+        Tanh => Some(fastmath::tanh(b, x)),
+        Sigmoid => Some(fastmath::sigmoid(b, x)),
         LeakyRelu { alpha } => {
             let z = b.fc(0.0);
             let a = b.fc(alpha);
@@ -665,7 +742,7 @@ fn unary_f32(b: &mut Body, kind: UnaryKind, x: &str) -> Option<String> {
             let a = b.fc(alpha);
             let gm = b.fc(gamma);
             let le = b.cmpf("ole", x, &z);
-            let e = b.m1("exp", x);
+            let e = fastmath::exp(b, x);
             let ae = b.f2("mulf", &a, &e);
             let neg = b.f2("subf", &ae, &a);
             let sel = b.sel(&le, &neg, x, Ty::F32);
@@ -708,7 +785,7 @@ fn unary_f32(b: &mut Body, kind: UnaryKind, x: &str) -> Option<String> {
                 GeluApprox::None => {
                     let r = b.fc(std::f32::consts::FRAC_1_SQRT_2);
                     let s = b.f2("mulf", x, &r);
-                    b.m1("erf", &s)
+                    fastmath::erf(b, &s)
                 }
                 GeluApprox::Tanh => {
                     let k = b.fc((2.0 / std::f64::consts::PI).sqrt() as f32);
@@ -718,7 +795,7 @@ fn unary_f32(b: &mut Body, kind: UnaryKind, x: &str) -> Option<String> {
                     let cx3 = b.f2("mulf", &c, &x3);
                     let inner = b.f2("addf", x, &cx3);
                     let ki = b.f2("mulf", &k, &inner);
-                    b.m1("tanh", &ki)
+                    fastmath::tanh(b, &ki)
                 }
             };
             let p = b.f2("addf", &one, &t);
@@ -734,7 +811,7 @@ fn unary_f32(b: &mut Body, kind: UnaryKind, x: &str) -> Option<String> {
         }
         Mish => {
             let sp = b.softplus(x);
-            let t = b.m1("tanh", &sp);
+            let t = fastmath::tanh(b, &sp);
             Some(b.f2("mulf", x, &t))
         }
         Sin => math(b, "sin"),

@@ -23,13 +23,15 @@
 //! `dims` are the values of the symbolic dims named in the signature (none once the graph is
 //! specialised to static shapes).
 //!
-//! Math functions lower through `convert-math-to-llvm` (LLVM intrinsics) and
-//! `convert-math-to-libm` (`erff`, `asinhf`, ... from the C library) — exact, not yet
-//! vectorized.
+//! `exp`, `log`, `log1p`, `tanh`, `erf` and `sigmoid` are emitted as `arith` polynomial /
+//! rational approximations ([`fastmath`]) that LLVM vectorises; the remaining math functions
+//! lower through `convert-math-to-llvm` (LLVM intrinsics) and `convert-math-to-libm`
+//! (`asinhf`, `expm1f`, ... from the C library) — exact, not vectorized.
 
 pub mod contraction;
 pub mod conv;
 pub mod elementwise;
+pub mod fastmath;
 pub mod movement;
 pub mod pool;
 pub mod reduction;

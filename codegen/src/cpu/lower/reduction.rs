@@ -1,4 +1,4 @@
-//! `Reduction` kernels over the last axis, as scalar `scf` loops.
+//! `Reduction` kernels over the last axis, as `scf` loops that LLVM vectorises.
 //!
 //! The iteration space is the input shape of the kernel's first reduction node (static).
 //! A loop nest runs over the leading dims (one *row* per iteration); inside it, each
@@ -9,9 +9,12 @@
 //! attention's scale and mask), and nodes producing row values (`Add eps`, `Sqrt` of the
 //! decomposed LayerNorm chain) are computed once per row. A final pass over the row stores the
 //! full-shape outputs; row-shape outputs are stored once per row. Softmax is numerically
-//! stable (max, sum of `exp(x - max)`, scale); LayerNorm uses two passes (mean, then variance).
+//! stable (max, sum of `exp(x - max)`, scale by `1 / sum`); LayerNorm uses two passes (mean,
+//! then variance). `exp`/`log` are the inline approximations of [`super::fastmath`], and row
+//! sums are `reassoc` adds, so LLVM vectorises every pass (8 lanes of partial sums/maxima).
 
 use super::elementwise::{classify_input, emit_node, Body, InputKind};
+use super::fastmath;
 use super::{Lowered, Ty, GRAPH_KERNEL_PIPELINE};
 use crate::cpu::abi::{Dim as PDim, Prologue};
 use crate::cpu::{Kernel, KernelSignature};
@@ -33,7 +36,8 @@ struct Ctx<'a> {
     inputs: HashMap<ValueId, (String, Vec<usize>, Ty)>,
     /// The kernel node producing each value.
     producer: HashMap<ValueId, usize>,
-    /// Per-row statistics of Softmax (`max`, `sum`) and LayerNorm (`mean`, `rstd`) nodes.
+    /// Per-row statistics of Softmax (`max`, `1 / sum`), LogSoftmax (`max`, `ln sum`) and
+    /// LayerNorm (`mean`, `rstd`) nodes.
     stats: HashMap<usize, (String, String)>,
     /// Index constants `0`, `1` and the row length.
     c0: String,
@@ -81,14 +85,13 @@ impl Ctx<'_> {
             }
             Op::Nn(NnOp::Softmax(_) | NnOp::LogSoftmax(_)) => {
                 let x = self.elem(input(g, n, 0)?)?.0;
-                let (mx, sum) = self.stats.get(&n).cloned().ok_or("softmax stats")?;
+                let (mx, s) = self.stats.get(&n).cloned().ok_or("softmax stats")?;
                 let d = self.b.f2("subf", &x, &mx);
                 if matches!(node.op, Op::Nn(NnOp::Softmax(_))) {
-                    let e = self.b.op(&format!("math.exp {d} : f32"));
-                    self.b.f2("divf", &e, &sum)
+                    let e = fastmath::exp(&mut self.b, &d);
+                    self.b.f2("mulf", &e, &s)
                 } else {
-                    let l = self.b.op(&format!("math.log {sum} : f32"));
-                    self.b.f2("subf", &d, &l)
+                    self.b.f2("subf", &d, &s)
                 }
             }
             Op::Nn(NnOp::LayerNormalization(_)) => {
@@ -338,8 +341,13 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered
                     _ => (0.0, "arith.addf"),
                 };
                 let i0 = cx.b.fc(init);
-                let mut res =
-                    cx.pass(x, &i0, |b, acc, x| b.op(&format!("{op} {acc}, {x} : f32")))?;
+                let mut res = cx.pass(x, &i0, |b, acc, x| {
+                    if op == "arith.addf" {
+                        acc_add(b, acc, x)
+                    } else {
+                        b.op(&format!("{op} {acc}, {x} : f32"))
+                    }
+                })?;
                 if kind == ReduceKind::Mean {
                     let c = cx.b.fc(len);
                     res = cx.b.f2("divf", &res, &c);
@@ -356,15 +364,21 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered
                 let m2 = mx.clone();
                 let sum = cx.pass(x, &z, move |b, acc, x| {
                     let d = b.f2("subf", x, &m2);
-                    let e = b.op(&format!("math.exp {d} : f32"));
-                    b.f2("addf", acc, &e)
+                    let e = fastmath::exp(b, &d);
+                    acc_add(b, acc, &e)
                 })?;
-                cx.stats.insert(n, (mx, sum));
+                let s = if matches!(node.op, Op::Nn(NnOp::Softmax(_))) {
+                    let one = cx.b.fc(1.0);
+                    cx.b.f2("divf", &one, &sum)
+                } else {
+                    fastmath::log(&mut cx.b, &sum)
+                };
+                cx.stats.insert(n, (mx, s));
             }
             Op::Nn(NnOp::LayerNormalization(a)) => {
                 let x = input(g, n, 0)?;
                 let z = cx.b.fc(0.0);
-                let s = cx.pass(x, &z, |b, acc, x| b.f2("addf", acc, x))?;
+                let s = cx.pass(x, &z, acc_add)?;
                 let c = cx.b.fc(len);
                 let mean = cx.b.f2("divf", &s, &c);
                 let m2 = mean.clone();
@@ -372,7 +386,7 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered
                 let ss = cx.pass(x, &z, move |b, acc, x| {
                     let d = b.f2("subf", x, &m2);
                     let q = b.f2("mulf", &d, &d);
-                    b.f2("addf", acc, &q)
+                    acc_add(b, acc, &q)
                 })?;
                 let var = cx.b.f2("divf", &ss, &c);
                 let eps = cx.b.fc(a.epsilon);
@@ -431,6 +445,15 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered
         pipeline: GRAPH_KERNEL_PIPELINE.to_string(),
     };
     Ok((kernel, args, k.outputs.clone()))
+}
+
+/// `acc + x` for a sum over a row, with `reassoc` and `nsz` (what LLVM needs to treat it as
+/// an associative reduction) so that LLVM may vectorise the loop, or the unrolled row (it
+/// keeps partial sums per vector lane and adds them up at the end).
+fn acc_add(b: &mut Body, acc: &str, x: &str) -> String {
+    b.op(&format!(
+        "arith.addf {acc}, {x} fastmath<reassoc,nsz,contract> : f32"
+    ))
 }
 
 /// `memref.store x, m[idx]` (bools widened to bytes).
