@@ -117,6 +117,7 @@ pub fn compile_with(
     let popts = pipeline::Options {
         shapes: opts.shapes.clone(),
         print_after: opts.print_after.clone(),
+        ..Default::default()
     };
     let planned = pipeline::plan(model, &popts, print)?;
     report.timings.push(("plan", t.elapsed()));

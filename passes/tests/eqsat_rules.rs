@@ -36,13 +36,14 @@ fn case(rule: &str, lhs: &str, leaves: &[&str]) -> Case {
 fn cases() -> Vec<Case> {
     let mn = ["x0: m n", "x1: n"];
     let three = ["x0: m n", "x1: n", "x2: m 1"];
+    let kk = ["x0: m n", "k1: n", "k2: m 1"];
     let mut c = vec![
         case("add-comm", "(add x0 x1)", &mn),
         case("mul-comm", "(mul x0 x1)", &["x0: m 1", "x1: n"]),
-        case("add-assoc", "(add (add x0 x1) x2)", &three),
-        case("add-assoc-rev", "(add x0 (add x1 x2))", &three),
-        case("mul-assoc", "(mul (mul x0 x1) x2)", &three),
-        case("mul-assoc-rev", "(mul x0 (mul x1 x2))", &three),
+        case("add-assoc", "(add (add x0 k1) k2)", &kk),
+        case("add-assoc-rev", "(add k2 (add k1 x0))", &kk),
+        case("mul-assoc", "(mul (mul x0 k1) k2)", &kk),
+        case("mul-assoc-rev", "(mul k2 (mul k1 x0))", &kk),
         case("add-zero", "(add x0 k0)", &["x0: m n", "k0=0: n"]),
         case("sub-zero", "(sub x0 k0)", &["x0: m n", "k0=0: 1"]),
         case("mul-one", "(mul x0 k0)", &["x0: m n", "k0=1: 1 n"]),

@@ -1,7 +1,7 @@
 //! Elementwise algebra: commutativity, associativity, distributivity, identities (`x*1`,
 //! `x+0`, `relu(relu x)`, `-(-x)`), sign and absolute value.
 
-use super::{fill_into, float, positive, same_shape, Rw};
+use super::{constant, fill_into, float, positive, same_shape, Rw};
 use egg::rewrite;
 
 /// The elementwise rules.
@@ -9,10 +9,16 @@ pub fn rules() -> Vec<Rw> {
     vec![
         rewrite!("add-comm"; "(add ?a ?b)" => "(add ?b ?a)"),
         rewrite!("mul-comm"; "(mul ?a ?b)" => "(mul ?b ?a)"),
-        rewrite!("add-assoc"; "(add (add ?a ?b) ?c)" => "(add ?a (add ?b ?c))" if float("?a")),
-        rewrite!("add-assoc-rev"; "(add ?a (add ?b ?c))" => "(add (add ?a ?b) ?c)" if float("?a")),
-        rewrite!("mul-assoc"; "(mul (mul ?a ?b) ?c)" => "(mul ?a (mul ?b ?c))" if float("?a")),
-        rewrite!("mul-assoc-rev"; "(mul ?a (mul ?b ?c))" => "(mul (mul ?a ?b) ?c)" if float("?a")),
+        // reassociation only towards constants that then fold (unrestricted associativity
+        // with commutativity blows the e-graph up exponentially on sums)
+        rewrite!("add-assoc"; "(add (add ?a ?b) ?c)" => "(add ?a (add ?b ?c))"
+            if float("?a") if constant("?b") if constant("?c")),
+        rewrite!("add-assoc-rev"; "(add ?a (add ?b ?c))" => "(add (add ?a ?b) ?c)"
+            if float("?a") if constant("?a") if constant("?b")),
+        rewrite!("mul-assoc"; "(mul (mul ?a ?b) ?c)" => "(mul ?a (mul ?b ?c))"
+            if float("?a") if constant("?b") if constant("?c")),
+        rewrite!("mul-assoc-rev"; "(mul ?a (mul ?b ?c))" => "(mul (mul ?a ?b) ?c)"
+            if float("?a") if constant("?a") if constant("?b")),
         rewrite!("add-zero"; "(add ?x ?z)" => "?x" if fill_into("?z", 0.0, "?x")),
         rewrite!("sub-zero"; "(sub ?x ?z)" => "?x" if fill_into("?z", 0.0, "?x")),
         rewrite!("mul-one"; "(mul ?x ?o)" => "?x" if fill_into("?o", 1.0, "?x")),

@@ -113,6 +113,12 @@ pub(crate) fn present(x: &str) -> impl Fn(&mut EG, Id, &Subst) -> bool {
     move |eg, _, s| data(eg, s, x).kind == Kind::Value
 }
 
+/// `x` is a value with known constant contents.
+pub(crate) fn constant(x: &str) -> impl Fn(&mut EG, Id, &Subst) -> bool {
+    let x = v(x);
+    move |eg, _, s| data(eg, s, x).value().is_some()
+}
+
 /// `x` has a float dtype.
 pub(crate) fn float(x: &str) -> impl Fn(&mut EG, Id, &Subst) -> bool {
     let x = v(x);
