@@ -34,7 +34,9 @@ impl B {
     }
     fn input(&mut self, dims: &[usize]) -> usize {
         let n = self.fresh("in");
-        let v = self.g.add_value(n, Fact::new(DType::F32, Shape::known(dims)));
+        let v = self
+            .g
+            .add_value(n, Fact::new(DType::F32, Shape::known(dims)));
         self.g.inputs.push(v);
         v
     }
@@ -48,7 +50,9 @@ impl B {
     }
     fn op(&mut self, op: Op, ins: &[usize]) -> usize {
         let o = self.fresh("v");
-        let o = self.g.add_value(o, Fact::new(DType::F32, Shape::unknown(0)));
+        let o = self
+            .g
+            .add_value(o, Fact::new(DType::F32, Shape::unknown(0)));
         let name = self.fresh("n");
         self.g.nodes.push(Node {
             name,
@@ -159,7 +163,14 @@ impl B {
 }
 
 /// Transformer layers (BERT-base: post-LN, GELU; `causal`: GPT-2 style pre-LN with a mask).
-fn transformer(name: &str, layers: usize, seq: usize, d: usize, heads: usize, causal: bool) -> Graph {
+fn transformer(
+    name: &str,
+    layers: usize,
+    seq: usize,
+    d: usize,
+    heads: usize,
+    causal: bool,
+) -> Graph {
     let mut b = B::new(name);
     let mut x = b.input(&[seq, d]);
     let hd = (d / heads) as i64;
@@ -192,7 +203,11 @@ fn transformer(name: &str, layers: usize, seq: usize, d: usize, heads: usize, ca
         let f = b.linear(h2, 4 * d);
         let f = b.un(
             UnaryKind::Gelu {
-                approximate: if causal { GeluApprox::Tanh } else { GeluApprox::None },
+                approximate: if causal {
+                    GeluApprox::Tanh
+                } else {
+                    GeluApprox::None
+                },
             },
             f,
         );
@@ -274,7 +289,8 @@ fn nasnet(cells: usize, c: usize, hw: usize) -> Graph {
 fn inception_v3() -> Graph {
     let mut b = B::new("inception-v3");
     let x = b.input(&[1, 3, 299, 299]);
-    let cv = |b: &mut B, x, c, k: (usize, usize), s, p: (usize, usize)| b.conv(x, c, k, s, p, 1, true);
+    let cv =
+        |b: &mut B, x, c, k: (usize, usize), s, p: (usize, usize)| b.conv(x, c, k, s, p, 1, true);
     let mut x = cv(&mut b, x, 32, (3, 3), 2, (0, 0));
     x = cv(&mut b, x, 32, (3, 3), 1, (0, 0));
     x = cv(&mut b, x, 64, (3, 3), 1, (1, 1));
@@ -307,9 +323,14 @@ fn inception_v3() -> Graph {
         let s = cv(&mut b, s, c7, (1, 7), 1, (0, 3));
         let s = cv(&mut b, s, 192, (7, 1), 1, (3, 0));
         let mut d = cv(&mut b, x, c7, (1, 1), 1, (0, 0));
-        for (i, (k, p)) in [((7, 1), (3, 0)), ((1, 7), (0, 3)), ((7, 1), (3, 0)), ((1, 7), (0, 3))]
-            .into_iter()
-            .enumerate()
+        for (i, (k, p)) in [
+            ((7, 1), (3, 0)),
+            ((1, 7), (0, 3)),
+            ((7, 1), (3, 0)),
+            ((1, 7), (0, 3)),
+        ]
+        .into_iter()
+        .enumerate()
         {
             d = cv(&mut b, d, if i == 3 { 192 } else { c7 }, k, 1, p);
         }
@@ -351,9 +372,18 @@ fn squeezenet() -> Graph {
     let x = b.input(&[1, 3, 224, 224]);
     let mut x = b.conv(x, 64, (3, 3), 2, (0, 0), 1, true);
     x = b.pool("MaxPool", x, 3, 2, 0);
-    for (i, (s, e)) in [(16, 64), (16, 64), (32, 128), (32, 128), (48, 192), (48, 192), (64, 256), (64, 256)]
-        .into_iter()
-        .enumerate()
+    for (i, (s, e)) in [
+        (16, 64),
+        (16, 64),
+        (32, 128),
+        (32, 128),
+        (48, 192),
+        (48, 192),
+        (64, 256),
+        (64, 256),
+    ]
+    .into_iter()
+    .enumerate()
     {
         let q = b.conv(x, s, (1, 1), 1, (0, 0), 1, true);
         let e1 = b.conv(q, e, (1, 1), 1, (0, 0), 1, true);
@@ -373,9 +403,14 @@ fn resnext50() -> Graph {
     let x = b.input(&[1, 3, 224, 224]);
     let mut x = b.conv(x, 64, (7, 7), 2, (3, 3), 1, true);
     x = b.pool("MaxPool", x, 3, 2, 1);
-    for (stage, (n, w, out)) in [(3, 128, 256), (4, 256, 512), (6, 512, 1024), (3, 1024, 2048)]
-        .into_iter()
-        .enumerate()
+    for (stage, (n, w, out)) in [
+        (3, 128, 256),
+        (4, 256, 512),
+        (6, 512, 1024),
+        (3, 1024, 2048),
+    ]
+    .into_iter()
+    .enumerate()
     {
         for i in 0..n {
             let s = if i == 0 && stage > 0 { 2 } else { 1 };
@@ -417,9 +452,14 @@ fn vgg19() -> Graph {
 
 fn main() {
     let only: Vec<String> = std::env::args().skip(1).collect();
-    let models: Vec<(&str, &str, fn() -> Graph)> = vec![
-        ("bert", "1.4 s / 9.2%", || transformer("bert-base", 12, 128, 768, 12, false)),
-        ("gpt2", "-", || transformer("gpt2-blocks", 12, 128, 768, 12, true)),
+    type Model = (&'static str, &'static str, fn() -> Graph);
+    let models: Vec<Model> = vec![
+        ("bert", "1.4 s / 9.2%", || {
+            transformer("bert-base", 12, 128, 768, 12, false)
+        }),
+        ("gpt2", "-", || {
+            transformer("gpt2-blocks", 12, 128, 768, 12, true)
+        }),
         ("resnext50", "0.7 s / 8.8%", resnext50),
         ("nasrnn", "0.5 s / 68.9%", || nasrnn(5, 512)),
         ("nasnet", "10.6 s / 7.3%", || nasnet(6, 128, 28)),
@@ -435,7 +475,8 @@ fn main() {
         }
         let g = build();
         let t = Instant::now();
-        let (out, r) = optimize(&g, &EqsatOptions::default()).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let (out, r) =
+            optimize(&g, &EqsatOptions::default()).unwrap_or_else(|e| panic!("{name}: {e}"));
         let total = t.elapsed().as_secs_f64();
         let applied: usize = r.rules_applied.values().sum();
         println!(

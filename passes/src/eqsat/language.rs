@@ -123,8 +123,13 @@ define_language! {
     }
 }
 
-/// The unary elementwise ops with their own node: name, constructor and kind.
-pub const UNARY: [(&str, fn(Id) -> Kiln, UnaryKind); 8] = [
+/// A unary op with its own node: name, constructor and kind.
+pub type UnaryEntry = (&'static str, fn(Id) -> Kiln, UnaryKind);
+/// A binary op with its own node: name, constructor and kind.
+pub type BinaryEntry = (&'static str, fn([Id; 2]) -> Kiln, BinaryKind);
+
+/// The unary elementwise ops with their own node.
+pub const UNARY: [UnaryEntry; 8] = [
     ("neg", Kiln::Neg, UnaryKind::Neg),
     ("relu", Kiln::Relu, UnaryKind::Relu),
     ("sigmoid", Kiln::Sigmoid, UnaryKind::Sigmoid),
@@ -136,7 +141,7 @@ pub const UNARY: [(&str, fn(Id) -> Kiln, UnaryKind); 8] = [
 ];
 
 /// The binary elementwise ops with their own node.
-pub const BINARY: [(&str, fn([Id; 2]) -> Kiln, BinaryKind); 4] = [
+pub const BINARY: [BinaryEntry; 4] = [
     ("add", Kiln::Add, BinaryKind::Add),
     ("sub", Kiln::Sub, BinaryKind::Sub),
     ("mul", Kiln::Mul, BinaryKind::Mul),

@@ -79,10 +79,10 @@ pub struct EqsatOptions {
 impl Default for EqsatOptions {
     fn default() -> Self {
         EqsatOptions {
-            iter_limit: 12,
-            node_limit: 50_000,
+            iter_limit: 8,
+            node_limit: 20_000,
             time_limit: Duration::from_secs(3),
-            extract_time_limit: Duration::from_secs(2),
+            extract_time_limit: Duration::from_secs(1),
             fold_limit: 1 << 21,
             extractor: ExtractorKind::Dag,
             device: Device::cpu(),

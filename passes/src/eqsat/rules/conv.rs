@@ -2,7 +2,7 @@
 //! inference BatchNormalization into the Conv before it, and moving a scalar scale into the
 //! weights and bias.
 
-use super::linalg::add_slice;
+use super::linalg::{add_slice, is_concat};
 use super::{data, present, rw_if, scalar, union_checked, v, Rw, EG};
 use crate::eqsat::analysis::{KilnAnalysis, Kind};
 use crate::eqsat::language::Kiln;
@@ -73,12 +73,15 @@ impl Applier<Kiln, KilnAnalysis> for MergeParallelConv {
         let Some(sw) = eg[w].data.shape() else {
             return vec![];
         };
+        if is_concat(eg, w) {
+            return vec![];
+        }
         let b_none = eg[b].data.kind == Kind::None;
         let mut sibs = vec![];
         for p in eg[x].parents() {
             if let Kiln::Conv([at2, x2, w2, b2]) = eg.id_to_node(p) {
                 let (at2, x2, w2, b2) = (eg.find(*at2), eg.find(*x2), eg.find(*w2), eg.find(*b2));
-                if at2 != at || x2 != x || w2 <= w {
+                if at2 != at || x2 != x || w2 <= w || is_concat(eg, w2) {
                     continue;
                 }
                 let Some(sw2) = eg[w2].data.shape() else {

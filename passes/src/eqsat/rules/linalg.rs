@@ -144,12 +144,17 @@ impl Applier<Kiln, crate::eqsat::analysis::KilnAnalysis> for MergeParallelMatMul
         let dt = eg[b].data.fact().map(|f| f.dtype);
         let a = eg.find(a);
         let b = eg.find(b);
+        // merge original weights only (pairs): merging merged products again grows the
+        // e-graph combinatorially
+        if is_concat(eg, b) {
+            return vec![];
+        }
         // siblings: matmul(a, c) with c rank 2, same rows and dtype
         let mut sibs: Vec<(Id, Id, usize)> = Vec::new();
         for p in eg[a].parents() {
             if let Kiln::MatMul([x, c]) = eg.id_to_node(p) {
                 let (x, c) = (eg.find(*x), eg.find(*c));
-                if x != a || c == b {
+                if x != a || c == b || is_concat(eg, c) {
                     continue;
                 }
                 let d = &eg[c].data;
@@ -183,6 +188,11 @@ impl Applier<Kiln, crate::eqsat::analysis::KilnAnalysis> for MergeParallelMatMul
     fn vars(&self) -> Vec<Var> {
         vec![v("?a"), v("?b")]
     }
+}
+
+/// Whether the e-class holds a Concat (a weight made by a merge).
+pub(crate) fn is_concat(eg: &EG, c: Id) -> bool {
+    eg[c].nodes.iter().any(|n| matches!(n, Kiln::Concat(_)))
 }
 
 /// `Gemm(A, B, C)` with `alpha = beta = 1`, `transA = 0`: `A @ op(B) + C`.

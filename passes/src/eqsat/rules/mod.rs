@@ -102,7 +102,7 @@ pub(crate) fn positive(c: &str) -> impl Fn(&mut EG, Id, &Subst) -> bool {
     let c = v(c);
     move |eg, _, s| {
         data(eg, s, c).value().is_some_and(|t| {
-            t.dtype().is_float() && t.len() > 0 && t.to_f64_vec().iter().all(|&e| e > 0.0)
+            t.dtype().is_float() && !t.is_empty() && t.to_f64_vec().iter().all(|&e| e > 0.0)
         })
     }
 }
