@@ -908,7 +908,7 @@ pub fn bench(opts: &Options) -> Result<Report> {
     if let Some(onnx) = &onnx {
         let popts = crate::pipeline::Options {
             shapes: names.iter().cloned().zip(shapes.iter().cloned()).collect(),
-            print_after: Vec::new(),
+            ..Default::default()
         };
         match crate::pipeline::plan(onnx, &popts, |_, _| {}) {
             Ok(p) => report.flops = Some(count_flops(&p.graph)),

@@ -46,6 +46,9 @@ pub struct CompileOptions {
     /// kernel library, one weights blob; see [`kiln_runtime::ExecPlan::variants`]) and the
     /// runtime picks the one matching the inputs.
     pub max_batch: Option<usize>,
+    /// Optimisation level (`-O0` no equality saturation, `-O1`, `-O2` default); see
+    /// [`pipeline::eqsat_options`].
+    pub opt_level: Option<u8>,
 }
 
 impl Default for CompileOptions {
@@ -55,6 +58,7 @@ impl Default for CompileOptions {
             cpu: CpuOptions::default().cpu,
             print_after: Vec::new(),
             max_batch: None,
+            opt_level: None,
         }
     }
 }
@@ -158,6 +162,7 @@ pub fn compile_with(
             } else {
                 Vec::new()
             },
+            opt_level: opts.opt_level,
         };
         let planned = pipeline::plan(model, &popts, &mut print)?;
         t_plan += t.elapsed();

@@ -34,10 +34,13 @@ enum Cmd {
         /// Fix an input's shape: NAME=1x3x224x224 (symbolic dims default to 1).
         #[arg(long = "shape", value_name = "NAME=DIMS")]
         shapes: Vec<String>,
-        /// Print the IR after this stage (import, simplify, specialize, fold, fusion, memory,
+        /// Print the IR after this stage (import, simplify, specialize, fold, eqsat, fusion, memory,
         /// or all); may be repeated.
         #[arg(long = "print-after", value_name = "STAGE")]
         print_after: Vec<String>,
+        /// Optimisation level: -O0 (no eqsat), -O1, -O2 (default).
+        #[arg(short = 'O', value_name = "LEVEL")]
+        opt_level: Option<u8>,
     },
     /// Run a model with the reference interpreter.
     Eval {
@@ -71,7 +74,7 @@ enum Cmd {
         /// Fix an input's shape: NAME=1x3x224x224 (symbolic dims default to 1).
         #[arg(long = "shape", value_name = "NAME=DIMS")]
         shapes: Vec<String>,
-        /// Print the IR after this stage (import, simplify, specialize, fold, fusion, memory,
+        /// Print the IR after this stage (import, simplify, specialize, fold, eqsat, fusion, memory,
         /// or all); may be repeated.
         #[arg(long = "print-after", value_name = "STAGE")]
         print_after: Vec<String>,
@@ -79,6 +82,12 @@ enum Cmd {
         /// (one static specialisation per size in the artifact).
         #[arg(long, value_name = "N")]
         max_batch: Option<usize>,
+        /// Explain a stage: `rewrites` prints the eqsat report (rules applied, cost).
+        #[arg(long, value_name = "WHAT")]
+        explain: Option<String>,
+        /// Optimisation level: -O0 (no eqsat), -O1, -O2 (default).
+        #[arg(short = 'O', value_name = "LEVEL")]
+        opt_level: Option<u8>,
     },
     /// Run a compiled artifact (MODEL.kiln) with the runtime.
     Run {
@@ -176,9 +185,11 @@ fn run(cli: Cli) -> Result<()> {
             model,
             shapes,
             print_after,
+            opt_level,
         } => {
             let mut opts = kiln::pipeline::Options {
                 print_after,
+                opt_level,
                 ..Default::default()
             };
             for s in &shapes {
@@ -206,9 +217,27 @@ fn run(cli: Cli) -> Result<()> {
             target,
             output,
             shapes,
-            print_after,
+            mut print_after,
             max_batch,
-        } => compile(&model, &target, output, &shapes, (print_after, max_batch)),
+            explain,
+            opt_level,
+        } => {
+            let explain = match explain.as_deref() {
+                None => false,
+                Some("rewrites") => true,
+                Some(w) => bail!("--explain {w}: expected 'rewrites'"),
+            };
+            if explain {
+                print_after.push("eqsat".into());
+            }
+            let opts = kiln::compile::CompileOptions {
+                print_after,
+                max_batch,
+                opt_level,
+                ..Default::default()
+            };
+            compile(&model, &target, output, &shapes, opts, explain)
+        }
         Cmd::Run {
             artifact,
             inputs,
@@ -261,24 +290,29 @@ fn compile(
     target: &str,
     output: Option<PathBuf>,
     shapes: &[String],
-    (print_after, max_batch): (Vec<String>, Option<usize>),
+    mut opts: kiln::compile::CompileOptions,
+    explain: bool,
 ) -> Result<()> {
     let cpu = match target.split_once(':') {
         None if target == "cpu" => kiln::compile::CompileOptions::default().cpu,
         Some(("cpu", cpu)) if !cpu.is_empty() => cpu.to_string(),
         _ => bail!("--target '{target}': only CPU targets compile so far (cpu or cpu:NAME)"),
     };
-    let mut opts = kiln::compile::CompileOptions {
-        cpu,
-        print_after,
-        max_batch,
-        ..Default::default()
-    };
+    opts.cpu = cpu;
     for s in shapes {
         let (name, dims) = kiln::pipeline::parse_shape(s)?;
         opts.shapes.insert(name, dims);
     }
-    let (artifact, mut report) = kiln::compile::compile(model, &opts)?;
+    let (artifact, mut report) = kiln::compile::compile_with(model, &opts, |stage, text| {
+        if explain && stage == "eqsat" {
+            print!(
+                "{}",
+                text.split(kiln::pipeline::EQSAT_IR).next().unwrap_or(text)
+            );
+        } else {
+            println!("// ----- IR after {stage} -----\n{text}");
+        }
+    })?;
     let out = output.unwrap_or_else(|| model.with_extension("kiln"));
     let t0 = std::time::Instant::now();
     artifact.save(&out)?;

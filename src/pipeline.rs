@@ -25,6 +25,10 @@ pub const STAGES: &[(&str, &str)] = &[
         "fold",
         "fold BatchNormalization, constant scales and biases into Conv/Gemm; pre-transpose constant Gemm weights",
     ),
+    (
+        "eqsat",
+        "algebraic rewrites by equality saturation, cheapest graph by the cost model (-O2)",
+    ),
     ("fusion", "partition the graph into kernels"),
     ("memory", "plan one arena for all intermediate buffers"),
 ];
@@ -36,6 +40,27 @@ pub struct Options {
     pub shapes: HashMap<String, Vec<usize>>,
     /// Stages after which to print the IR (`all` for every stage).
     pub print_after: Vec<String>,
+    /// Optimisation level (`-O0` ... `-O2`; `None` is the default, `-O2`).
+    pub opt_level: Option<u8>,
+}
+
+/// Separates the eqsat report from the IR in the text printed after the `eqsat` stage.
+pub const EQSAT_IR: &str = "// eqsat result IR:\n";
+
+/// The eqsat options of an optimisation level: `None` (no eqsat) at `-O0`, greedy
+/// extraction with few iterations at `-O1`, the default options (DAG-aware extraction) from
+/// `-O2` on.
+pub fn eqsat_options(opt_level: u8) -> Option<kiln_passes::eqsat::EqsatOptions> {
+    use kiln_passes::eqsat::{EqsatOptions, ExtractorKind};
+    match opt_level {
+        0 => None,
+        1 => Some(EqsatOptions {
+            iter_limit: 4,
+            extractor: ExtractorKind::Greedy,
+            ..Default::default()
+        }),
+        _ => Some(EqsatOptions::default()),
+    }
 }
 
 /// The result of the graph-level pipeline: the optimised graph, its kernels and memory plan.
@@ -47,6 +72,8 @@ pub struct Planned {
     pub partition: Partition,
     /// The arena plan.
     pub memory: MemoryPlan,
+    /// What the eqsat stage did (`None` at `-O0`).
+    pub eqsat: Option<kiln_passes::eqsat::EqsatReport>,
 }
 
 /// Parses `name=1x3x224x224`.
@@ -122,6 +149,20 @@ pub fn plan(model: &Path, opts: &Options, mut print: impl FnMut(&str, &str)) -> 
     if want("fold") {
         print("fold", &kiln_ir::printer::to_text(&g));
     }
+    let mut eqsat = None;
+    if let Some(eo) = eqsat_options(opts.opt_level.unwrap_or(2)) {
+        let (g2, report) = kiln_passes::eqsat::optimize(&g, &eo).context("eqsat")?;
+        g = g2;
+        if want("eqsat") {
+            print(
+                "eqsat",
+                &format!("{report}{EQSAT_IR}{}", kiln_ir::printer::to_text(&g)),
+            );
+        }
+        eqsat = Some(report);
+    } else if want("eqsat") {
+        print("eqsat", "eqsat: off (-O0)\n");
+    }
     let partition = kiln_passes::partition(&g);
     partition.verify(&g).map_err(anyhow::Error::msg)?;
     if want("fusion") {
@@ -142,5 +183,6 @@ pub fn plan(model: &Path, opts: &Options, mut print: impl FnMut(&str, &str)) -> 
         graph: g,
         partition,
         memory,
+        eqsat,
     })
 }

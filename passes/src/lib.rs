@@ -5,6 +5,7 @@
 //! ([`specialize`]). Every pass is checked against the reference interpreter.
 #![warn(missing_docs)]
 
+pub mod eqsat;
 pub mod fold_batchnorm;
 pub mod fusion;
 pub mod memory;

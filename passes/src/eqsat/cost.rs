@@ -1,0 +1,191 @@
+//! Cost models: the estimated run time of one op on a target, in microseconds.
+//!
+//! [`Analytical`] is a roofline over a [`Device`] description (peak FLOP rate, memory
+//! bandwidth, per-kernel launch overhead) with fusion awareness: an elementwise op that
+//! follows a contraction or another elementwise op is fused into its kernel, so it costs
+//! its arithmetic only. Other models (e.g. measured kernel times from a tuning database)
+//! plug in through [`CostModel`].
+
+use kiln_ir::ops::array::ArrayOp;
+use kiln_ir::ops::linalg::LinalgOp;
+use kiln_ir::ops::nn::NnOp;
+use kiln_ir::{Fact, Graph, Op};
+
+/// A target description for the analytical model.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Device {
+    /// Name (for reports).
+    pub name: String,
+    /// Peak arithmetic rate, GFLOP/s.
+    pub peak_gflops: f64,
+    /// Memory bandwidth, GB/s.
+    pub bandwidth_gbs: f64,
+    /// Fixed cost of launching one kernel, microseconds.
+    pub launch_us: f64,
+}
+
+impl Device {
+    /// A generic x86-64 CPU core with AVX2 FMA (about 100 GFLOP/s f32, 20 GB/s, 1 µs per
+    /// kernel call).
+    pub fn cpu() -> Device {
+        Device {
+            name: "cpu".into(),
+            peak_gflops: 100.0,
+            bandwidth_gbs: 20.0,
+            launch_us: 1.0,
+        }
+    }
+}
+
+/// Estimates the run time of one op, in microseconds.
+pub trait CostModel {
+    /// Cost of `op` with these input and output facts. `fused`: the op is an elementwise
+    /// epilogue/prologue of a neighbouring kernel (no launch, no memory traffic of its own).
+    fn op_cost(&self, op: &Op, inputs: &[Option<&Fact>], outputs: &[Fact], fused: bool) -> f64;
+    /// Name (for reports).
+    fn name(&self) -> String;
+}
+
+/// Roofline cost over a [`Device`].
+#[derive(Clone, Debug)]
+pub struct Analytical {
+    /// The target.
+    pub device: Device,
+}
+
+impl Default for Analytical {
+    fn default() -> Self {
+        Analytical {
+            device: Device::cpu(),
+        }
+    }
+}
+
+/// Number of elements, with unknown dims counted as 1.
+fn numel(f: &Fact) -> f64 {
+    f.shape
+        .dims()
+        .iter()
+        .map(|d| d.known().unwrap_or(1) as f64)
+        .product()
+}
+
+fn bytes(f: &Fact) -> f64 {
+    numel(f) * f.dtype.size_of().max(1) as f64
+}
+
+/// Floating-point operations of an op (multiply-adds count 2).
+pub fn flops(op: &Op, inputs: &[Option<&Fact>], outputs: &[Fact]) -> f64 {
+    let out: f64 = outputs.iter().map(numel).sum();
+    let dim = |i: usize, d: usize| -> f64 {
+        inputs
+            .get(i)
+            .copied()
+            .flatten()
+            .and_then(|f| f.shape.dims().get(d).and_then(|d| d.known()))
+            .unwrap_or(1) as f64
+    };
+    let rank = |i: usize| {
+        inputs
+            .get(i)
+            .copied()
+            .flatten()
+            .map_or(0, |f| f.shape.rank())
+    };
+    match op {
+        Op::Linalg(LinalgOp::MatMul) => 2.0 * out * dim(0, rank(0).saturating_sub(1)),
+        Op::Linalg(LinalgOp::Gemm(g)) => 2.0 * out * dim(0, if g.trans_a { 0 } else { 1 }),
+        Op::Nn(NnOp::Conv(_)) | Op::Nn(NnOp::ConvTranspose(_)) => {
+            let w = inputs.get(1).copied().flatten();
+            let per: f64 = w.map_or(1.0, |w| {
+                w.shape.dims()[1..]
+                    .iter()
+                    .map(|d| d.known().unwrap_or(1) as f64)
+                    .product()
+            });
+            2.0 * out * per
+        }
+        Op::Elementwise(_) => out,
+        _ => {
+            let inp: f64 = inputs.iter().flatten().map(|f| numel(f)).sum();
+            inp.max(out) * 2.0
+        }
+    }
+}
+
+/// Ops that only reinterpret their input (zero-copy views).
+pub fn is_alias(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::Array(
+            ArrayOp::Reshape { .. }
+                | ArrayOp::Flatten { .. }
+                | ArrayOp::Squeeze { .. }
+                | ArrayOp::Unsqueeze { .. }
+        ) | Op::Elementwise(kiln_ir::ops::elementwise::ElementwiseOp::Identity)
+    )
+}
+
+/// MatMul, Gemm and Conv: kernels that absorb elementwise epilogues.
+pub fn is_contraction(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::Linalg(LinalgOp::MatMul | LinalgOp::Gemm(_)) | Op::Nn(NnOp::Conv(_))
+    )
+}
+
+impl CostModel for Analytical {
+    fn op_cost(&self, op: &Op, inputs: &[Option<&Fact>], outputs: &[Fact], fused: bool) -> f64 {
+        let d = &self.device;
+        let fl = flops(op, inputs, outputs) / (d.peak_gflops * 1e3);
+        if is_alias(op) {
+            return 0.01;
+        }
+        if fused && matches!(op, Op::Elementwise(_)) {
+            return fl + 0.02;
+        }
+        let by: f64 = inputs.iter().flatten().map(|f| bytes(f)).sum::<f64>()
+            + outputs.iter().map(bytes).sum::<f64>();
+        d.launch_us + fl.max(by / (d.bandwidth_gbs * 1e3))
+    }
+
+    fn name(&self) -> String {
+        format!(
+            "analytical({}: {} GFLOP/s, {} GB/s, {} us/kernel)",
+            self.device.name,
+            self.device.peak_gflops,
+            self.device.bandwidth_gbs,
+            self.device.launch_us
+        )
+    }
+}
+
+/// The estimated run time of a whole graph, in microseconds. An elementwise node is fused
+/// when one of its inputs comes from a contraction or elementwise node used only by it.
+pub fn graph_cost(g: &Graph, model: &dyn CostModel) -> f64 {
+    let prod = g.producers();
+    let uses = g.use_counts();
+    g.nodes
+        .iter()
+        .map(|n| {
+            let fused = matches!(n.op, Op::Elementwise(_))
+                && n.inputs.iter().flatten().any(|&i| {
+                    prod[i].is_some_and(|p| {
+                        let po = &g.nodes[p].op;
+                        uses[i] == 1 && (is_contraction(po) || matches!(po, Op::Elementwise(_)))
+                    })
+                });
+            let ins: Vec<Option<&Fact>> = n
+                .inputs
+                .iter()
+                .map(|i| i.map(|i| &g.values[i].fact))
+                .collect();
+            let outs: Vec<Fact> = n
+                .outputs
+                .iter()
+                .map(|&o| g.values[o].fact.clone())
+                .collect();
+            model.op_cost(&n.op, &ins, &outs, fused)
+        })
+        .sum()
+}

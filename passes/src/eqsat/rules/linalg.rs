@@ -1,0 +1,245 @@
+//! MatMul algebra (tensat's set): associativity, distributivity over Add, scaling, the
+//! transpose of a product, MatMul over Concat both ways, merging parallel MatMuls that share
+//! an input into one over concatenated weights (and so splitting back), and Gemm as
+//! MatMul + Add.
+
+use super::{data, rank, rank_ge, rank_is, same_shape, scalar, v, Rw, EG};
+use crate::eqsat::analysis::Kind;
+use crate::eqsat::language::Kiln;
+use egg::{rewrite, Applier, Id, Pattern, PatternAst, Rewrite, Subst, Symbol, Var};
+use kiln_ir::ops::linalg::LinalgOp;
+use kiln_ir::{Op, Tensor};
+use std::sync::Arc;
+
+/// `p` swaps the last two axes and keeps the others; `a` and `b` have rank `len(p)` and the
+/// same batch dims.
+fn swap_last_two(p: &str, a: &str, b: &str) -> impl Fn(&mut EG, Id, &Subst) -> bool {
+    let (p, a, b) = (v(p), v(a), v(b));
+    move |eg, _, s| {
+        let Some(perm) = data(eg, s, p).ints.clone() else {
+            return false;
+        };
+        let n = perm.len();
+        let (Some(sa), Some(sb)) = (data(eg, s, a).shape(), data(eg, s, b).shape()) else {
+            return false;
+        };
+        n >= 2
+            && sa.len() == n
+            && sb.len() == n
+            && sa[..n - 2] == sb[..n - 2]
+            && (0..n).all(|i| {
+                let want = match i {
+                    i if i == n - 2 => n - 1,
+                    i if i == n - 1 => n - 2,
+                    i => i,
+                };
+                perm[i] == want as i64
+            })
+    }
+}
+
+/// The MatMul rules.
+pub fn rules() -> Vec<Rw> {
+    let mut r = vec![
+        rewrite!("matmul-assoc"; "(matmul (matmul ?a ?b) ?c)" => "(matmul ?a (matmul ?b ?c))"
+            if rank_ge("?a", 2) if rank_is("?b", 2) if rank_is("?c", 2)),
+        rewrite!("matmul-assoc-rev"; "(matmul ?a (matmul ?b ?c))" => "(matmul (matmul ?a ?b) ?c)"
+            if rank_ge("?a", 2) if rank_is("?b", 2) if rank_is("?c", 2)),
+        rewrite!("matmul-distrib-r"; "(matmul ?a (add ?b ?c))"
+            => "(add (matmul ?a ?b) (matmul ?a ?c))"
+            if rank_ge("?a", 2) if rank_ge("?b", 2) if same_shape("?b", "?c")),
+        rewrite!("matmul-factor-r"; "(add (matmul ?a ?b) (matmul ?a ?c))"
+            => "(matmul ?a (add ?b ?c))"
+            if rank_ge("?a", 2) if rank_ge("?b", 2) if same_shape("?b", "?c")),
+        rewrite!("matmul-distrib-l"; "(matmul (add ?a ?b) ?c)"
+            => "(add (matmul ?a ?c) (matmul ?b ?c))"
+            if rank_ge("?c", 2) if rank_ge("?a", 2) if same_shape("?a", "?b")),
+        rewrite!("matmul-factor-l"; "(add (matmul ?a ?c) (matmul ?b ?c))"
+            => "(matmul (add ?a ?b) ?c)"
+            if rank_ge("?c", 2) if rank_ge("?a", 2) if same_shape("?a", "?b")),
+        rewrite!("matmul-scale-l"; "(matmul (mul ?a ?s) ?b)" => "(mul (matmul ?a ?b) ?s)"
+            if scalar("?s") if rank_ge("?a", 2) if rank_ge("?b", 2)),
+        rewrite!("matmul-scale-r"; "(matmul ?a (mul ?b ?s))" => "(mul (matmul ?a ?b) ?s)"
+            if scalar("?s") if rank_ge("?a", 2) if rank_ge("?b", 2)),
+        rewrite!("scale-into-matmul-r"; "(mul (matmul ?a ?b) ?s)" => "(matmul ?a (mul ?b ?s))"
+            if scalar("?s") if rank_ge("?a", 2) if rank_ge("?b", 2)),
+        rewrite!("scale-into-matmul-l"; "(mul (matmul ?a ?b) ?s)" => "(matmul (mul ?a ?s) ?b)"
+            if scalar("?s") if rank_ge("?a", 2) if rank_ge("?b", 2)),
+        rewrite!("matmul-neg"; "(matmul (neg ?a) ?b)" => "(neg (matmul ?a ?b))"
+            if rank_ge("?a", 2) if rank_ge("?b", 2)),
+        rewrite!("transpose-matmul"; "(transpose ?p (matmul ?a ?b))"
+            => "(matmul (transpose ?p ?b) (transpose ?p ?a))" if swap_last_two("?p", "?a", "?b")),
+        rewrite!("matmul-transpose"; "(matmul (transpose ?p ?b) (transpose ?p ?a))"
+            => "(transpose ?p (matmul ?a ?b))" if swap_last_two("?p", "?a", "?b")),
+        rewrite!("matmul-concat-split"; "(matmul ?a (concat -1 ?b ?c))"
+            => "(concat -1 (matmul ?a ?b) (matmul ?a ?c))"
+            if rank_ge("?a", 2) if rank_is("?b", 2) if rank_is("?c", 2)),
+        rewrite!("matmul-concat-join"; "(concat -1 (matmul ?a ?b) (matmul ?a ?c))"
+            => "(matmul ?a (concat -1 ?b ?c))"
+            if rank_ge("?a", 2) if rank_is("?b", 2) if rank_is("?c", 2)),
+        rewrite!("matmul-rows-split"; "(matmul (concat -2 ?a ?c) ?b)"
+            => "(concat -2 (matmul ?a ?b) (matmul ?c ?b))"
+            if rank_is("?a", 2) if rank_is("?c", 2) if rank_is("?b", 2)),
+        rewrite!("matmul-rows-join"; "(concat -2 (matmul ?a ?b) (matmul ?c ?b))"
+            => "(matmul (concat -2 ?a ?c) ?b)"
+            if rank_is("?a", 2) if rank_is("?c", 2) if rank_is("?b", 2)),
+    ];
+    r.push(
+        Rewrite::new(
+            "merge-parallel-matmul",
+            "(matmul ?a ?b)".parse::<Pattern<Kiln>>().expect("pattern"),
+            MergeParallelMatMul,
+        )
+        .expect("rule"),
+    );
+    r.push(
+        Rewrite::new(
+            "gemm-to-matmul",
+            "(op ?g ?a ?b ?c)"
+                .parse::<Pattern<Kiln>>()
+                .expect("pattern"),
+            GemmToMatMul,
+        )
+        .expect("rule"),
+    );
+    r
+}
+
+/// Adds `(slice x [start] [end] [axis] none)` on one axis.
+pub(crate) fn add_slice(eg: &mut EG, x: Id, axis: i64, start: usize, end: usize) -> Id {
+    let mut c = |vals: &[i64]| {
+        let k = eg.analysis.add_const(Arc::new(Tensor::vec_i64(vals)), None);
+        eg.add(Kiln::Const(k))
+    };
+    let st = c(&[start as i64]);
+    let en = c(&[end as i64]);
+    let ax = c(&[axis]);
+    let none = eg.add(Kiln::NoneArg([]));
+    eg.add(Kiln::Slice([x, st, en, ax, none]))
+}
+
+/// `x @ B` and `x @ C` (rank-2 `B`, `C` with the same rows) become slices of
+/// `x @ concat(B, C)`: tensat's multi-pattern rule for Q/K/V and gate/up projections.
+/// The searcher matches one product; the applier finds its siblings through the parents of
+/// `x`.
+struct MergeParallelMatMul;
+
+impl Applier<Kiln, crate::eqsat::analysis::KilnAnalysis> for MergeParallelMatMul {
+    fn apply_one(
+        &self,
+        eg: &mut EG,
+        eclass: Id,
+        subst: &Subst,
+        _ast: Option<&PatternAst<Kiln>>,
+        _rule: Symbol,
+    ) -> Vec<Id> {
+        let (a, b) = (subst[v("?a")], subst[v("?b")]);
+        let (Some(ra), Some(sb)) = (rank(eg, subst, v("?a")), data(eg, subst, v("?b")).shape())
+        else {
+            return vec![];
+        };
+        if ra < 2 || sb.len() != 2 {
+            return vec![];
+        }
+        let dt = eg[b].data.fact().map(|f| f.dtype);
+        let a = eg.find(a);
+        let b = eg.find(b);
+        // merge original weights only (pairs): merging merged products again grows the
+        // e-graph combinatorially
+        if is_concat(eg, b) {
+            return vec![];
+        }
+        // siblings: matmul(a, c) with c rank 2, same rows and dtype
+        let mut sibs: Vec<(Id, Id, usize)> = Vec::new();
+        for p in eg[a].parents() {
+            if let Kiln::MatMul([x, c]) = eg.id_to_node(p) {
+                let (x, c) = (eg.find(*x), eg.find(*c));
+                if x != a || c == b || is_concat(eg, c) {
+                    continue;
+                }
+                let d = &eg[c].data;
+                if let (Some(sc), Some(f)) = (d.shape(), d.fact()) {
+                    if sc.len() == 2 && sc[0] == sb[0] && Some(f.dtype) == dt {
+                        sibs.push((eg.find(p), c, sc[1]));
+                    }
+                }
+            }
+        }
+        sibs.sort();
+        sibs.dedup();
+        let mut changed = vec![];
+        // only merge with siblings that come after b in id order: each pair once
+        for (sib_class, c, nc) in sibs.into_iter().filter(|s| s.1 > b).take(4) {
+            let ax = eg.add(Kiln::Int(-1));
+            let cat = eg.add(Kiln::Concat(vec![ax, b, c].into()));
+            let m = eg.add(Kiln::MatMul([a, cat]));
+            let s1 = add_slice(eg, m, -1, 0, sb[1]);
+            let s2 = add_slice(eg, m, -1, sb[1], sb[1] + nc);
+            if eg.union(eclass, s1) {
+                changed.push(eclass);
+            }
+            if eg.union(sib_class, s2) {
+                changed.push(sib_class);
+            }
+        }
+        changed
+    }
+
+    fn vars(&self) -> Vec<Var> {
+        vec![v("?a"), v("?b")]
+    }
+}
+
+/// Whether the e-class holds a Concat (a weight made by a merge).
+pub(crate) fn is_concat(eg: &EG, c: Id) -> bool {
+    eg[c].nodes.iter().any(|n| matches!(n, Kiln::Concat(_)))
+}
+
+/// `Gemm(A, B, C)` with `alpha = beta = 1`, `transA = 0`: `A @ op(B) + C`.
+struct GemmToMatMul;
+
+impl Applier<Kiln, crate::eqsat::analysis::KilnAnalysis> for GemmToMatMul {
+    fn apply_one(
+        &self,
+        eg: &mut EG,
+        eclass: Id,
+        subst: &Subst,
+        _ast: Option<&PatternAst<Kiln>>,
+        _rule: Symbol,
+    ) -> Vec<Id> {
+        let Some(k) = data(eg, subst, v("?g")).attr else {
+            return vec![];
+        };
+        let Some(Op::Linalg(LinalgOp::Gemm(g))) = eg.analysis.op(k).map(|e| e.op.clone()) else {
+            return vec![];
+        };
+        if g.alpha != 1.0 || g.beta != 1.0 || g.trans_a {
+            return vec![];
+        }
+        let (a, b, c) = (subst[v("?a")], subst[v("?b")], subst[v("?c")]);
+        let b = if g.trans_b {
+            let p = eg.add(Kiln::Ints(crate::eqsat::language::Ints(vec![1, 0])));
+            eg.add(Kiln::Transpose([p, b]))
+        } else {
+            b
+        };
+        let m = eg.add(Kiln::MatMul([a, b]));
+        let out = if eg[c].data.kind == Kind::None {
+            m
+        } else {
+            eg.add(Kiln::Add([m, c]))
+        };
+        // only sound when the result has the Gemm's shape (C broadcasts into it)
+        let same = eg[out].data.fact().map(|f| (&f.shape, f.dtype))
+            == eg[eclass].data.fact().map(|f| (&f.shape, f.dtype));
+        if same && eg[out].data.kind == Kind::Value && eg.union(eclass, out) {
+            vec![eclass]
+        } else {
+            vec![]
+        }
+    }
+
+    fn vars(&self) -> Vec<Var> {
+        vec![v("?g"), v("?a"), v("?b"), v("?c")]
+    }
+}
