@@ -3,8 +3,10 @@
 //! ([`kiln_codegen::cpu::compile_library`]) → an [`Artifact`] holding the execution plan,
 //! the weights and the library, which `kiln_runtime::Model` loads and runs.
 //!
-//! Only models whose kernels can all be lowered compile today: a kernel kind that is not
-//! lowered yet fails the compile with a list of those kernels. `Alias` kernels (zero-copy
+//! A kernel whose kind or dtype has no code generator yet becomes a *reference step*: its
+//! nodes travel in the plan as a small graph that the runtime evaluates with the reference
+//! interpreter (correct, slow, reported by `kiln compile`); `--no-reference-kernels` makes
+//! such kernels a compile error instead. `Alias` kernels (zero-copy
 //! views) need no code: their output shares the storage of the value they view (the memory
 //! plan's `alias_of`).
 //!
@@ -49,6 +51,9 @@ pub struct CompileOptions {
     /// Optimisation level (`-O0` no equality saturation, `-O1`, `-O2` default); see
     /// [`pipeline::eqsat_options`].
     pub opt_level: Option<u8>,
+    /// Kernels with no code generator yet run on the runtime's reference interpreter
+    /// (default); off (`--no-reference-kernels`), such kernels fail the compile.
+    pub reference_kernels: bool,
 }
 
 impl Default for CompileOptions {
@@ -59,6 +64,7 @@ impl Default for CompileOptions {
             print_after: Vec::new(),
             max_batch: None,
             opt_level: None,
+            reference_kernels: true,
         }
     }
 }
@@ -72,6 +78,9 @@ pub struct CompileReport {
     pub views: usize,
     /// Number of shape variants (1 without `--max-batch`).
     pub variants: usize,
+    /// Kernels without compiled code, run by the reference interpreter (one line each:
+    /// kernel, kind, ops, why), over all variants.
+    pub reference: Vec<String>,
     /// Arena size in bytes.
     pub arena_bytes: u64,
     /// Weights blob size in bytes (64-byte aligned weights).
@@ -90,6 +99,17 @@ impl fmt::Display for CompileReport {
             "kernels: {} compiled ({} zero-copy views)",
             self.kernels, self.views
         )?;
+        if !self.reference.is_empty() {
+            writeln!(
+                f,
+                "warning: {} kernel(s) have no compiled code yet and run on the reference \
+                 interpreter (slow):",
+                self.reference.len()
+            )?;
+            for r in &self.reference {
+                writeln!(f, "{r}")?;
+            }
+        }
         if self.variants > 1 {
             writeln!(
                 f,
@@ -167,7 +187,7 @@ pub fn compile_with(
         let planned = pipeline::plan(model, &popts, &mut print)?;
         t_plan += t.elapsed();
         let t = Instant::now();
-        let mut lowering = lower_variant(model, &planned, &mut report)?;
+        let (mut lowering, refs) = lower_variant(model, &planned, opts, &mut report)?;
         if let Some(b) = batch {
             // Kernel symbols are unique per variant: `kiln_...` becomes `kiln_b<N>_...`.
             for lk in &mut lowering.kernels {
@@ -182,7 +202,7 @@ pub fn compile_with(
         }
         t_lower += t.elapsed();
         kernels.extend(lowering.cpu_kernels());
-        variants.push((planned, lowering));
+        variants.push((planned, lowering, refs));
     }
     report.timings.push(("plan", t_plan));
     report.timings.push(("lower", t_lower));
@@ -198,8 +218,8 @@ pub fn compile_with(
 
     let mut weights = WeightsBuilder::new();
     let mut plans = Vec::new();
-    for (planned, lowering) in &variants {
-        plans.push(exec_plan(planned, lowering, &mut weights)?);
+    for (planned, lowering, refs) in &variants {
+        plans.push(exec_plan(planned, lowering, refs, &mut weights)?);
     }
     let (weights, specs) = weights.finish();
     for p in &mut plans {
@@ -257,16 +277,108 @@ fn symbolic_batch_inputs(model: &Path) -> Result<Vec<(String, Vec<usize>)>> {
     Ok(found)
 }
 
-/// Lowers the kernels of one planned variant; fails, listing them, if some kernels are of a
-/// kind that is not compiled yet.
+/// A kernel with no compiled code: its nodes as a small graph for the runtime's reference
+/// interpreter (see `kiln_runtime::Step::reference`).
+struct RefStep {
+    /// Index of the kernel in the partition.
+    index: usize,
+    /// Step label, `ref_<kernel>_<ops>`.
+    name: String,
+    /// Buffers read (graph values), in the reference graph's input order.
+    inputs: Vec<ValueId>,
+    /// Buffers written.
+    outputs: Vec<ValueId>,
+    /// The reference graph, as JSON.
+    json: String,
+}
+
+/// Constants up to this size are embedded in a reference graph; larger ones are passed as
+/// weight buffers.
+const EMBED_CONST_BYTES: usize = 4096;
+
+/// The reference step of partition kernel `index` (see [`RefStep`]).
+fn reference_step(g: &Graph, k: &kiln_passes::Kernel, index: usize) -> Result<RefStep> {
+    use kiln_ir::{Fact, Node};
+    let mut mg = Graph {
+        name: k.name.clone(),
+        opset: g.opset,
+        ..Default::default()
+    };
+    let mut map: HashMap<ValueId, ValueId> = HashMap::new();
+    let produced: std::collections::HashSet<ValueId> = k
+        .nodes
+        .iter()
+        .flat_map(|&n| g.nodes[n].outputs.iter().copied())
+        .collect();
+    let mut inputs = Vec::new();
+    let mut ops: Vec<String> = Vec::new();
+    for &n in &k.nodes {
+        let node = &g.nodes[n];
+        let op = node.op.op_type().to_ascii_lowercase();
+        if ops.last() != Some(&op) && ops.len() < 4 {
+            ops.push(op);
+        }
+        for &v in node.inputs.iter().flatten() {
+            if produced.contains(&v) || map.contains_key(&v) {
+                continue;
+            }
+            let val = &g.values[v];
+            let id = match g
+                .const_value(v)
+                .filter(|t| t.byte_size() <= EMBED_CONST_BYTES)
+            {
+                Some(t) => mg.add_const(val.name.clone(), t.clone()),
+                None => {
+                    let id = mg.add_value(
+                        val.name.clone(),
+                        Fact::new(val.fact.dtype, val.fact.shape.clone()),
+                    );
+                    mg.inputs.push(id);
+                    inputs.push(v);
+                    id
+                }
+            };
+            map.insert(v, id);
+        }
+        for &o in &node.outputs {
+            let val = &g.values[o];
+            let id = mg.add_value(
+                val.name.clone(),
+                Fact::new(val.fact.dtype, val.fact.shape.clone()),
+            );
+            map.insert(o, id);
+        }
+        mg.nodes.push(Node {
+            name: node.name.clone(),
+            op: node.op.clone(),
+            inputs: node.inputs.iter().map(|i| i.map(|v| map[&v])).collect(),
+            outputs: node.outputs.iter().map(|o| map[o]).collect(),
+        });
+    }
+    mg.outputs = k.outputs.iter().map(|o| map[o]).collect();
+    kiln_ir::verify::verify(&mg).with_context(|| format!("reference kernel {}", k.name))?;
+    Ok(RefStep {
+        index,
+        name: format!("ref_{}_{}", k.name, ops.join("_")),
+        inputs,
+        outputs: k.outputs.clone(),
+        json: serde_json::to_string(&mg)?,
+    })
+}
+
+/// Lowers the kernels of one planned variant. Kernels of a kind or dtype that is not
+/// compiled yet become reference steps when `opts.reference_kernels` is on; otherwise the
+/// compile fails, listing them.
 fn lower_variant(
     model: &Path,
     planned: &pipeline::Planned,
+    opts: &CompileOptions,
     report: &mut CompileReport,
-) -> Result<kiln_codegen::cpu::lower::Lowering> {
+) -> Result<(kiln_codegen::cpu::lower::Lowering, Vec<RefStep>)> {
     let (g, p) = (&planned.graph, &planned.partition);
     let lowering = lower_partition(g, p).context("lowering kernels")?;
     let mut missing = Vec::new();
+    let mut refs = Vec::new();
     report.views = 0;
     for u in &lowering.unsupported {
         let k = &p.kernels[u.index];
@@ -281,30 +393,32 @@ fn lower_variant(
         } else {
             u.reason.clone()
         };
-        missing.push(format!(
-            "  {} ({:?}: {}): {reason}",
-            k.name,
-            k.kind,
-            ops.join(", ")
-        ));
+        let line = format!("  {} ({:?}: {}): {reason}", k.name, k.kind, ops.join(", "));
+        if opts.reference_kernels {
+            refs.push(reference_step(g, k, u.index)?);
+            report.reference.push(line);
+        } else {
+            missing.push(line);
+        }
     }
     if !missing.is_empty() {
         bail!(
             "{}: {} of {} kernels cannot be compiled yet (these kernel kinds are not lowered to \
-             code yet; `kiln eval` runs the model with the reference interpreter):\n{}",
+             code yet; without --no-reference-kernels they run on the reference interpreter):\n{}",
             model.display(),
             missing.len(),
             p.kernels.len(),
             missing.join("\n")
         );
     }
-    Ok(lowering)
+    Ok((lowering, refs))
 }
 
 /// The execution plan of one lowered variant; its weights go to the shared `weights`.
 fn exec_plan(
     planned: &pipeline::Planned,
     lowering: &kiln_codegen::cpu::lower::Lowering,
+    refs: &[RefStep],
     weights: &mut WeightsBuilder,
 ) -> Result<ExecPlan> {
     let (g, mem) = (&planned.graph, &planned.memory);
@@ -323,7 +437,41 @@ fn exec_plan(
         arena_bytes: mem.arena_bytes as u64,
         ..ExecPlan::default()
     };
-    for lk in &lowering.kernels {
+    // Compiled and reference steps, in partition order.
+    let mut order: Vec<(usize, Option<usize>, Option<usize>)> = lowering
+        .kernels
+        .iter()
+        .enumerate()
+        .map(|(i, lk)| (lk.index, Some(i), None))
+        .chain(
+            refs.iter()
+                .enumerate()
+                .map(|(i, r)| (r.index, None, Some(i))),
+        )
+        .collect();
+    order.sort_by_key(|o| o.0);
+    for (_, lk, r) in order {
+        if let Some(r) = r.map(|r| &refs[r]) {
+            let args = r
+                .inputs
+                .iter()
+                .chain(&r.outputs)
+                .map(|&v| b.buf(v))
+                .collect::<Result<Vec<_>>>()
+                .with_context(|| format!("reference step '{}'", r.name))?;
+            plan.steps.push(Step {
+                kernel: r.name.clone(),
+                args,
+                num_inputs: r.inputs.len(),
+                dims: Vec::new(),
+                tasks: 1,
+                reference: Some(r.json.clone()),
+            });
+            continue;
+        }
+        let Some(lk) = lk.map(|i| &lowering.kernels[i]) else {
+            continue;
+        };
         let sig = &lk.kernel.signature;
         if !sig.dims.is_empty() {
             bail!(
@@ -345,6 +493,7 @@ fn exec_plan(
             num_inputs: lk.inputs.len(),
             dims: Vec::new(),
             tasks: sig.tasks,
+            reference: None,
         });
     }
     Ok(plan)

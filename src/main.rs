@@ -88,6 +88,10 @@ enum Cmd {
         /// Optimisation level: -O0 (no eqsat), -O1, -O2 (default).
         #[arg(short = 'O', value_name = "LEVEL")]
         opt_level: Option<u8>,
+        /// Fail instead of running kernels that have no compiled code yet on the reference
+        /// interpreter.
+        #[arg(long)]
+        no_reference_kernels: bool,
     },
     /// Run a compiled artifact (MODEL.kiln) with the runtime.
     Run {
@@ -221,6 +225,7 @@ fn run(cli: Cli) -> Result<()> {
             max_batch,
             explain,
             opt_level,
+            no_reference_kernels,
         } => {
             let explain = match explain.as_deref() {
                 None => false,
@@ -234,6 +239,7 @@ fn run(cli: Cli) -> Result<()> {
                 print_after,
                 max_batch,
                 opt_level,
+                reference_kernels: !no_reference_kernels,
                 ..Default::default()
             };
             compile(&model, &target, output, &shapes, opts, explain)
@@ -386,7 +392,22 @@ fn check_outputs(named: &[(String, Tensor)], expected: &[Tensor]) -> Result<()> 
             .to_f64_vec()
             .iter()
             .zip(e.to_f64_vec())
-            .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()));
+            .fold(0.0f64, |m, (a, b)| {
+                // A NaN where the reference has a number (or the reverse) is a mismatch;
+                // equal infinities are not.
+                let d = if a.is_nan() || b.is_nan() {
+                    if a.is_nan() && b.is_nan() {
+                        0.0
+                    } else {
+                        f64::INFINITY
+                    }
+                } else if a == b {
+                    0.0
+                } else {
+                    (a - b).abs()
+                };
+                m.max(d)
+            });
         let rel = err / scale;
         worst = worst.max(rel);
         println!("check {name}: max abs error {err:.3e} (relative to scale {scale:.3}: {rel:.3e})");

@@ -96,18 +96,35 @@ fn corrupted_artifact_is_a_clean_error() {
 }
 
 #[test]
-fn unsupported_kernels_are_listed() {
-    // TopK is not lowered to code yet (the ONNX node tests are written by scripts/setup.sh).
-    let topk = Path::new(env!("CARGO_MANIFEST_DIR")).join(".data/node/test_top_k/model.onnx");
-    let dir = tmp("topk");
-    let art = dir.join("topk.kiln");
-    let (ok, text) = kiln(&["compile", s(&topk), "-o", s(&art)]);
+fn kernels_without_codegen_run_on_the_reference_interpreter() {
+    // ArgMax has no code generator yet (the ONNX node tests are written by scripts/setup.sh).
+    let case =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join(".data/node/test_argmax_default_axis_example");
+    let dir = tmp("argmax");
+    let art = dir.join("argmax.kiln");
+    let model = case.join("model.onnx");
+    // With --no-reference-kernels, the compile fails and lists the kernel.
+    let (ok, text) = kiln(&[
+        "compile",
+        s(&model),
+        "--no-reference-kernels",
+        "-o",
+        s(&art),
+    ]);
     assert!(!ok, "{text}");
     assert!(
-        text.contains("cannot be compiled yet") && text.contains("not lowered"),
+        text.contains("cannot be compiled yet") && text.contains("ArgMax"),
         "{text}"
     );
     assert!(!art.exists());
+    // By default it becomes a reference step, reported, and the artifact is correct.
+    let (ok, text) = kiln(&["compile", s(&model), "-o", s(&art)]);
+    assert!(
+        ok && text.contains("reference interpreter") && text.contains("ArgMax"),
+        "{text}"
+    );
+    let (ok, text) = kiln(&["run", s(&art), "--check", s(&case.join("test_data_set_0"))]);
+    assert!(ok && text.contains("OK: matches the reference"), "{text}");
     let (ok, text) = kiln(&[
         "compile",
         s(&zoo("mlp").join("model.onnx")),

@@ -6,8 +6,8 @@
 //! - Liveness is counted in kernel steps: a buffer is live from the kernel writing it to the
 //!   last kernel reading it (or any view of it), both inclusive.
 //! - `Alias` kernels (zero-copy views) share their input's buffer and extend its liveness.
-//! - An `Elementwise` kernel writes an output in place of an input buffer of the same size
-//!   that dies at that kernel (the generated code reads every input element before writing
+//! - An `Elementwise` kernel writes an output in place of an input buffer of the same shape
+//!   and element size (not a broadcast one) that dies at that kernel (the generated code reads every input element before writing
 //!   the output element at the same index).
 //! - Buffers are placed greedily: by size descending, first fit among the already placed
 //!   buffers whose live ranges overlap, offsets aligned to [`ALIGNMENT`] bytes.
@@ -195,6 +195,10 @@ pub fn plan_memory(g: &Graph, p: &Partition) -> Result<MemoryPlan, String> {
                         && buffers[bi].last == k
                         && buffers[bi].first < k
                         && buffers[bi].size == buffers[bo].size
+                        // element i of the input is element i of the output: same shape
+                        // and element size (a broadcast input must not be overwritten)
+                        && g.values[i].fact.shape == g.values[o].fact.shape
+                        && g.values[i].fact.dtype.size_of() == g.values[o].fact.dtype.size_of()
                 })
             });
             if let Some(i) = cand {

@@ -224,6 +224,16 @@ pub enum RunError {
         /// Given buffers.
         got: usize,
     },
+    /// A step without compiled code (run by the reference interpreter) failed.
+    #[error("step {step} ('{kernel}', reference kernel): {msg}")]
+    Step {
+        /// The step index.
+        step: usize,
+        /// Its label.
+        kernel: String,
+        /// What went wrong.
+        msg: String,
+    },
     /// An output buffer does not fit its output.
     #[error("output {index} '{name}': {msg}")]
     Output {
@@ -462,7 +472,7 @@ impl Model {
             .map(|t| t.data.as_mut_slice().as_mut_ptr())
             .collect();
         // SAFETY: bound by `select`; the outputs are fresh, aligned and of the right size.
-        unsafe { v.execute(inputs, |o| ptrs[o], None, self.pool.as_ref()) };
+        unsafe { v.execute(inputs, |o| ptrs[o], None, self.pool.as_ref()) }?;
         Ok(outs)
     }
 
@@ -485,7 +495,7 @@ impl Model {
         let mut times = vec![std::time::Duration::ZERO; v.kernels.len()];
         for _ in 0..repeat {
             // SAFETY: as in `run`.
-            unsafe { v.execute(inputs, |o| ptrs[o], Some(&mut times), self.pool.as_ref()) };
+            unsafe { v.execute(inputs, |o| ptrs[o], Some(&mut times), self.pool.as_ref()) }?;
         }
         Ok(v.plan
             .steps
@@ -544,7 +554,6 @@ impl Model {
                 None,
                 self.pool.as_ref(),
             )
-        };
-        Ok(())
+        }
     }
 }

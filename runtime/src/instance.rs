@@ -7,6 +7,7 @@ use crate::executor::{AlignedBuf, LoadError, RunError, TensorView};
 use crate::kernel_lib::{KernelFn, KernelLibrary};
 use crate::plan::{BufRef, DimExpr, DimSpec, ExecPlan};
 use crate::pool::Pool;
+use crate::reference::RefKernel;
 use std::collections::HashMap;
 
 /// A dim of a declared shape, with symbols resolved to indices.
@@ -61,10 +62,18 @@ impl Split<'_> {
     }
 }
 
+/// What a step runs.
+pub(crate) enum StepFn {
+    /// A compiled kernel of the library.
+    Native(KernelFn),
+    /// A reference step (no compiled code).
+    Reference(Box<RefKernel>),
+}
+
 /// A plan ready to run (see the module doc).
 pub(crate) struct Instance {
     pub(crate) plan: ExecPlan,
-    pub(crate) kernels: Vec<KernelFn>,
+    pub(crate) kernels: Vec<StepFn>,
     _arena: AlignedBuf,
     pub(crate) inputs: Vec<Vec<Dim>>,
     pub(crate) outputs: Vec<Vec<Dim>>,
@@ -87,10 +96,21 @@ impl Instance {
         wbase: *mut u8,
         path: &str,
     ) -> Result<Self, LoadError> {
-        // Resolve each distinct symbol once.
+        // Resolve each distinct symbol once; parse reference steps.
         let mut resolved: HashMap<&str, KernelFn> = HashMap::new();
         let mut fns = Vec::with_capacity(plan.steps.len());
         for (step, s) in plan.steps.iter().enumerate() {
+            if let Some(json) = &s.reference {
+                let r = RefKernel::parse(&plan, s, json).map_err(|msg| {
+                    LoadError::Artifact(crate::ArtifactError::Malformed {
+                        path: path.to_string(),
+                        field: format!("plan.steps[{step}].reference"),
+                        msg,
+                    })
+                })?;
+                fns.push(StepFn::Reference(Box::new(r)));
+                continue;
+            }
             let f = match resolved.get(s.kernel.as_str()) {
                 Some(f) => *f,
                 None => {
@@ -106,7 +126,7 @@ impl Instance {
                     f
                 }
             };
-            fns.push(f);
+            fns.push(StepFn::Native(f));
         }
 
         // Symbols, in order of first appearance among the inputs.
@@ -340,6 +360,8 @@ impl Instance {
 
     /// Runs the kernels with the bound symbols; `out(o)` is output `o`'s buffer.
     ///
+    /// Fails only if a reference step fails (a compiled kernel cannot report errors).
+    ///
     /// # Safety
     /// `bind` succeeded for `inputs`, and each `out(o)` is valid for `output_bytes(o)` bytes
     /// of writes, aligned to the element size and disjoint from the inputs.
@@ -349,7 +371,7 @@ impl Instance {
         out: impl Fn(usize) -> *mut u8,
         mut times: Option<&mut [std::time::Duration]>,
         pool: Option<&Pool>,
-    ) {
+    ) -> Result<(), RunError> {
         for &(s, a, p) in &self.arg_patches {
             self.args[s][a] = match p {
                 IoPatch::Input(i) => inputs[i].data.as_ptr().cast_mut(),
@@ -368,6 +390,21 @@ impl Instance {
         {
             let t = times.is_some().then(std::time::Instant::now);
             let tasks = dims[1];
+            let f = match f {
+                StepFn::Native(f) => f,
+                StepFn::Reference(r) => {
+                    // SAFETY: buffer sizes were checked against the plan at load.
+                    unsafe { r.run(args) }.map_err(|msg| RunError::Step {
+                        step: i,
+                        kernel: self.plan.steps[i].kernel.clone(),
+                        msg,
+                    })?;
+                    if let (Some(times), Some(t)) = (times.as_deref_mut(), t) {
+                        times[i] += t.elapsed();
+                    }
+                    continue;
+                }
+            };
             match pool {
                 Some(pool) if tasks > 1 => {
                     let split = Split {
@@ -389,5 +426,6 @@ impl Instance {
                 times[i] += t.elapsed();
             }
         }
+        Ok(())
     }
 }

@@ -4,6 +4,7 @@
 //! - [`artifact`]: the `MODEL.kiln` file format (plan + weights + kernel library).
 //! - [`executor`]: [`Model`] loads an artifact once and runs it.
 //! - [`kernel_lib`]: loading kernel shared libraries and calling kernels.
+//! - `reference`: steps without compiled code, run by the reference interpreter.
 //! - [`pool`]: the spinning fork-join pool that runs a kernel's task ranges on several cores.
 pub mod artifact;
 pub mod executor;
@@ -11,6 +12,7 @@ mod instance;
 pub mod kernel_lib;
 pub mod plan;
 pub mod pool;
+mod reference;
 
 pub use artifact::{Artifact, ArtifactError};
 pub use executor::{AlignedBuf, LoadError, Model, RunError, Tensor, TensorView};

@@ -188,6 +188,10 @@ pub struct Step {
     /// runtime splits `0..tasks` into contiguous ranges, one per thread.
     #[serde(default = "one")]
     pub tasks: u64,
+    /// A step with no compiled kernel: its nodes as a static-shape `kiln_ir::Graph` (JSON)
+    /// run by the reference interpreter ([`crate::reference`]); `kernel` is then only a label.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<String>,
 }
 
 fn one() -> u64 {
@@ -300,6 +304,9 @@ impl ExecPlan {
             let at = || format!("step {si} ('{}')", step.kernel);
             if step.tasks == 0 || step.tasks > i64::MAX as u64 {
                 return Err(format!("{}: tasks {} out of range", at(), step.tasks));
+            }
+            if step.reference.is_some() && (step.tasks != 1 || !step.dims.is_empty()) {
+                return Err(format!("{}: a reference step has no tasks or dims", at()));
             }
             if step.num_inputs > step.args.len() {
                 return Err(format!(

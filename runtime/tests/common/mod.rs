@@ -105,6 +105,7 @@ pub fn add_relu_artifact(kernels: Vec<u8>) -> Artifact {
                 num_inputs: 2,
                 dims: vec![DimExpr::Const(8)],
                 tasks: 8,
+                reference: None,
             },
             Step {
                 kernel: "relu_f32".into(),
@@ -118,6 +119,7 @@ pub fn add_relu_artifact(kernels: Vec<u8>) -> Artifact {
                 num_inputs: 1,
                 dims: vec![DimExpr::Const(8)],
                 tasks: 1,
+                reference: None,
             },
         ],
         sym_bounds: vec![],
@@ -174,6 +176,7 @@ pub fn dynamic_artifact(kernels: Vec<u8>) -> Artifact {
                 num_inputs: 2,
                 dims: vec![DimExpr::Sym("batch".into()), DimExpr::Const(3)],
                 tasks: 1,
+                reference: None,
             },
             Step {
                 kernel: "relu2d_f32".into(),
@@ -181,6 +184,7 @@ pub fn dynamic_artifact(kernels: Vec<u8>) -> Artifact {
                 num_inputs: 1,
                 dims: vec![DimExpr::Sym("batch".into()), DimExpr::Const(3)],
                 tasks: 1,
+                reference: None,
             },
             Step {
                 kernel: "count_pos_f32_i64".into(),
@@ -188,6 +192,7 @@ pub fn dynamic_artifact(kernels: Vec<u8>) -> Artifact {
                 num_inputs: 1,
                 dims: vec![DimExpr::Sym("batch".into()), DimExpr::Const(3)],
                 tasks: 1,
+                reference: None,
             },
         ],
         sym_bounds: vec![SymBound {
