@@ -401,7 +401,7 @@ fn check_outputs(named: &[(String, Tensor)], expected: &[Tensor]) -> Result<()> 
                     } else {
                         f64::INFINITY
                     }
-                } else if a == b {
+                } else if *a == b {
                     0.0
                 } else {
                     (a - b).abs()
