@@ -18,6 +18,7 @@ use super::{Lowered, SymDims, Ty, GRAPH_KERNEL_PIPELINE};
 use crate::cpu::abi::{Dim as PDim, Prologue};
 use crate::cpu::matmul::{matmul_memref_func, MatmulSchedule, STRIDED_2D};
 use crate::cpu::{Kernel, KernelSignature};
+use kiln_ir::ops::elementwise::{BinaryKind, ClipBounds, ElementwiseOp, UnaryKind};
 use kiln_ir::ops::nn::NnOp;
 use kiln_ir::{DType, Dim, Graph, Op, ValueId};
 use kiln_passes::fusion;
@@ -217,13 +218,625 @@ pub(crate) fn is_conv(g: &Graph, k: &fusion::Kernel) -> bool {
         .any(|&n| matches!(g.nodes[n].op, Op::Nn(NnOp::Conv(_))))
 }
 
+
 /// Static dims as prologue dims.
 fn cdims(d: &[usize]) -> Vec<PDim> {
     d.iter().map(|&x| PDim::Const(x as i64)).collect()
 }
 
-/// Lowers a `Contraction` kernel whose contraction is a `Conv` (see the module doc).
+/// f32 lanes per vector (AVX2).
+const VW: usize = 8;
+/// The vector type of one register of output positions.
+const VT: &str = "vector<8xf32>";
+/// The mask type of [`VT`].
+const MT: &str = "vector<8xi1>";
+/// A flat f32 buffer.
+const M1: &str = "memref<?xf32>";
+/// A 4-D f32 buffer.
+const M4: &str = "memref<?x?x?x?xf32>";
+
+/// How a `group = 1` convolution is computed (grouped ones always use [`ConvAlgo::Direct`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConvAlgo {
+    /// Register-tiled direct convolution on a zero-padded, stride-phase-split copy of the
+    /// input, with bias and epilogue applied to the accumulators (see the module doc).
+    Direct,
+    /// im2col into a scratch buffer, then the packed matmul of [`crate::cpu::matmul`]; bias
+    /// and epilogue run as a separate pass over the output.
+    Im2colGemm,
+}
+
+/// The schedule of a Conv kernel; the default picks everything from the shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvSchedule {
+    /// The algorithm of `group = 1` convolutions.
+    pub algo: ConvAlgo,
+    /// Output channels per register tile of [`ConvAlgo::Direct`] (0: chosen by
+    /// [`ConvSchedule::tile`]).
+    pub mr: usize,
+    /// 8-float vectors of output positions per register tile (0: chosen by
+    /// [`ConvSchedule::tile`]); `mr·nv + nv + 1` should not exceed the 16 AVX2 registers.
+    pub nv: usize,
+    /// The matmul schedule of [`ConvAlgo::Im2colGemm`].
+    pub matmul: MatmulSchedule,
+}
+
+impl Default for ConvSchedule {
+    /// Direct convolution, register tile chosen from the shape.
+    fn default() -> Self {
+        Self {
+            algo: ConvAlgo::Direct,
+            mr: 0,
+            nv: 0,
+            matmul: MatmulSchedule::default(),
+        }
+    }
+}
+
+impl ConvSchedule {
+    /// The register tile `(mr, nv)` for `mg` output channels per group and `grid` output
+    /// positions per channel: the explicit sizes if both are set, otherwise the candidate
+    /// minimising `tiles · max(mr·nv FMAs, mr + nv loads)` per tap (padding waste included).
+    pub fn tile(&self, mg: usize, grid: usize) -> (usize, usize) {
+        if self.mr > 0 && self.nv > 0 {
+            return (self.mr, self.nv);
+        }
+        [(8, 1), (6, 2), (4, 3), (2, 4), (1, 4)]
+            .into_iter()
+            .min_by_key(|&(mr, nv)| {
+                mg.div_ceil(mr) * grid.div_ceil(VW * nv) * (mr * nv).max(mr + nv)
+            })
+            .expect("candidates")
+    }
+}
+
+/// One elementwise step of a fused Conv epilogue, applied to 8-lane vectors.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Epi {
+    Relu,
+    Clip(Option<f32>, Option<f32>),
+    HardSwish,
+    /// `+ buffer` (index into the epilogue buffers, each of the output's shape).
+    AddBuf(usize),
+    /// `· buffer`.
+    MulBuf(usize),
+    AddConst(f32),
+    MulConst(f32),
+}
+
+/// The epilogue of a Conv kernel as a chain of [`Epi`] steps and the full-shape buffers they
+/// read, when every node is such a step applied to the previous value and only the last value
+/// leaves the kernel; `None` otherwise (the generic epilogue pass then runs).
+fn fused_epilogue(
+    g: &Graph,
+    k: &fusion::Kernel,
+    ci: usize,
+    y_v: ValueId,
+    y_s: &[usize],
+) -> Option<(Vec<Epi>, Vec<ValueId>)> {
+    let scalar = |v: ValueId| -> Option<f32> {
+        g.const_value(v)
+            .filter(|t| t.len() == 1)
+            .map(|t| t.to_f64_vec()[0] as f32)
+    };
+    let mut cur = y_v;
+    let mut ops = Vec::new();
+    let mut bufs: Vec<ValueId> = Vec::new();
+    for &n in k.nodes.iter().filter(|&&n| n != ci) {
+        let node = &g.nodes[n];
+        if node.outputs.len() != 1 || g.values[node.outputs[0]].fact.dtype != DType::F32 {
+            return None;
+        }
+        let pos = node.inputs.iter().position(|&i| i == Some(cur))?;
+        let others: Vec<Option<ValueId>> = node
+            .inputs
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| i != pos)
+            .map(|(_, &v)| v)
+            .collect();
+        let Op::Elementwise(e) = &node.op else {
+            return None;
+        };
+        let op = match e {
+            ElementwiseOp::Unary(UnaryKind::Relu) if others.is_empty() => Epi::Relu,
+            ElementwiseOp::Unary(UnaryKind::HardSwish) if others.is_empty() => Epi::HardSwish,
+            ElementwiseOp::Clip(ClipBounds::Attrs { min, max }) if others.is_empty() => {
+                Epi::Clip(*min, *max)
+            }
+            ElementwiseOp::Clip(ClipBounds::Inputs) if pos == 0 => {
+                let b = |i: usize| -> Option<Option<f32>> {
+                    match node.inputs.get(i).copied().flatten() {
+                        None => Some(None),
+                        Some(v) => scalar(v).map(Some),
+                    }
+                };
+                Epi::Clip(b(1)?, b(2)?)
+            }
+            ElementwiseOp::Binary(kind @ (BinaryKind::Add | BinaryKind::Mul)) => {
+                let [Some(o)] = others[..] else {
+                    return None;
+                };
+                let add = *kind == BinaryKind::Add;
+                if let Some(x) = scalar(o) {
+                    if add {
+                        Epi::AddConst(x)
+                    } else {
+                        Epi::MulConst(x)
+                    }
+                } else {
+                    let f = &g.values[o].fact;
+                    if f.dtype != DType::F32 || f.shape.as_known().as_deref() != Some(y_s) {
+                        return None;
+                    }
+                    let i = bufs.iter().position(|&b| b == o).unwrap_or_else(|| {
+                        bufs.push(o);
+                        bufs.len() - 1
+                    });
+                    if add {
+                        Epi::AddBuf(i)
+                    } else {
+                        Epi::MulBuf(i)
+                    }
+                }
+            }
+            _ => return None,
+        };
+        ops.push(op);
+        cur = node.outputs[0];
+    }
+    (k.outputs == [cur]).then_some((ops, bufs))
+}
+
+impl Loops {
+    /// Opens `scf.for %i = lo to hi step step` and returns `%i`.
+    fn open_range(&mut self, lo: usize, hi: usize, step: usize) -> String {
+        let (a, b, s) = (
+            self.c(lo as i64),
+            self.c(hi as i64),
+            self.c(step as i64),
+        );
+        let i = self.fresh("i");
+        self.line(&format!("scf.for {i} = {a} to {b} step {s} {{"));
+        i
+    }
+
+    /// A hoisted 8-lane splat of `x`.
+    fn vsplat(&mut self, x: f32) -> String {
+        let key = format!("splat:{:08X}", x.to_bits());
+        if let Some(v) = self.cache.get(&key) {
+            return v.clone();
+        }
+        let s = self.f(x);
+        self.next += 1;
+        let v = format!("%lp_k{}", self.next);
+        let _ = writeln!(self.consts, "  {v} = vector.broadcast {s} : f32 to {VT}");
+        self.cache.insert(key, v.clone());
+        v
+    }
+
+    /// `a + b` for an `index` value `a` and a constant `b`.
+    fn addc(&mut self, a: &str, b: usize) -> String {
+        self.affine(a, 1, b as i64)
+    }
+}
+
+/// Operands of [`emit_direct`].
+struct Direct<'a> {
+    win: Window2,
+    group: usize,
+    /// Output channels.
+    m: usize,
+    /// Register tile (see [`ConvSchedule::tile`]).
+    mr: usize,
+    nv: usize,
+    /// The input: `memref<?xf32>` when read in place (pointwise), else 4-D.
+    x: &'a str,
+    /// The filter as `memref<?x?xf32>` `[M, C/group·kh·kw]`.
+    w: &'a str,
+    bias: Option<&'a str>,
+    /// The output, flat.
+    y: &'a str,
+    epi: &'a [Epi],
+    /// The epilogue buffers, flat.
+    bufs: &'a [String],
+}
+
+/// Geometry of the direct algorithm's input copy: `Xp[c][slot][hq][wq]`, one slot per stride
+/// phase `(row % s, col % s)` that a tap reads, so every tap reads unit-stride runs.
+struct Grid {
+    rph: Vec<usize>,
+    cph: Vec<usize>,
+    hq: usize,
+    wq: usize,
+}
+
+impl Grid {
+    fn new(win: &Window2) -> Grid {
+        let ph = |k: usize, d: usize, s: usize| {
+            let mut v: Vec<usize> = (0..k).map(|i| i * d % s).collect();
+            v.sort_unstable();
+            v.dedup();
+            v
+        };
+        Grid {
+            rph: ph(win.k[0], win.d[0], win.s[0]),
+            cph: ph(win.k[1], win.d[1], win.s[1]),
+            hq: win.oh + (win.k[0] - 1) * win.d[0] / win.s[0],
+            wq: win.ow + (win.k[1] - 1) * win.d[1] / win.s[1],
+        }
+    }
+    fn slots(&self) -> usize {
+        self.rph.len() * self.cph.len()
+    }
+    fn plane(&self) -> usize {
+        self.hq * self.wq
+    }
+    /// The offset of tap `(ki, kj)` from the output position in its channel's `Xp` block.
+    fn tap(&self, win: &Window2, ki: usize, kj: usize) -> usize {
+        let (r, c) = (ki * win.d[0], kj * win.d[1]);
+        let sr = self.rph.iter().position(|&p| p == r % win.s[0]).unwrap();
+        let sc = self.cph.iter().position(|&p| p == c % win.s[1]).unwrap();
+        (sr * self.cph.len() + sc) * self.plane() + r / win.s[0] * self.wq + c / win.s[1]
+    }
+}
+
+/// Whether a 1×1, unit-stride, unpadded Conv whose positions fill whole register tiles can
+/// read its input in place.
+fn reads_in_place(win: &Window2, nr: usize) -> bool {
+    win.k == [1, 1]
+        && win.s == [1, 1]
+        && win.p == [0, 0]
+        && (win.oh, win.ow) == (win.h, win.w)
+        && (win.oh * win.ow) % nr == 0
+}
+
+/// The index range `[lo, hi)` of `q < n` with `0 <= q·s + off < size`.
+fn valid_range(n: usize, s: usize, off: i64, size: usize) -> (usize, usize) {
+    let s = s as i64;
+    let lo = if off >= 0 { 0 } else { (-off + s - 1) / s };
+    let hi = ((size as i64 - 1 - off).div_euclid(s) + 1).clamp(0, n as i64);
+    (lo as usize, hi.max(lo) as usize)
+}
+
+/// Applies the epilogue steps to `val` at flat output index `idx` (`mask`: the valid lanes).
+fn emit_epi(l: &mut Loops, d: &Direct, mut val: String, idx: &str, mask: Option<&str>) -> String {
+    let z = l.vsplat(0.0);
+    for op in d.epi {
+        val = match *op {
+            Epi::Relu => l.op(&format!("arith.maximumf {val}, {z} : {VT}")),
+            Epi::Clip(lo, hi) => {
+                if let Some(lo) = lo {
+                    let c = l.vsplat(lo);
+                    val = l.op(&format!("arith.maximumf {val}, {c} : {VT}"));
+                }
+                if let Some(hi) = hi {
+                    let c = l.vsplat(hi);
+                    val = l.op(&format!("arith.minimumf {val}, {c} : {VT}"));
+                }
+                val
+            }
+            Epi::HardSwish => {
+                let (s, h, one) = (l.vsplat(1.0 / 6.0), l.vsplat(0.5), l.vsplat(1.0));
+                let t = l.op(&format!("math.fma {val}, {s}, {h} : {VT}"));
+                let t = l.op(&format!("arith.maximumf {t}, {z} : {VT}"));
+                let t = l.op(&format!("arith.minimumf {t}, {one} : {VT}"));
+                l.op(&format!("arith.mulf {val}, {t} : {VT}"))
+            }
+            Epi::AddConst(x) | Epi::MulConst(x) => {
+                let c = l.vsplat(x);
+                let f = if matches!(op, Epi::AddConst(_)) { "addf" } else { "mulf" };
+                l.op(&format!("arith.{f} {val}, {c} : {VT}"))
+            }
+            Epi::AddBuf(i) | Epi::MulBuf(i) => {
+                let b = &d.bufs[i];
+                let r = match mask {
+                    None => l.op(&format!("vector.load {b}[{idx}] : {M1}, {VT}")),
+                    Some(mk) => l.op(&format!(
+                        "vector.maskedload {b}[{idx}], {mk}, {z} : {M1}, {MT}, {VT} into {VT}"
+                    )),
+                };
+                let f = if matches!(op, Epi::AddBuf(_)) { "addf" } else { "mulf" };
+                l.op(&format!("arith.{f} {val}, {r} : {VT}"))
+            }
+        };
+    }
+    val
+}
+
+/// Stores `val` at flat index `idx` of `mem` (masked when `mask` is set).
+fn emit_store(l: &mut Loops, mem: &str, val: &str, idx: &str, mask: Option<&str>) {
+    match mask {
+        None => l.line(&format!("vector.store {val}, {mem}[{idx}] : {M1}, {VT}")),
+        Some(mk) => l.line(&format!(
+            "vector.maskedstore {mem}[{idx}], {mk}, {val} : {M1}, {MT}, {VT}"
+        )),
+    }
+}
+
+/// Emits the direct convolution (see the module doc) into `l`.
+fn emit_direct(l: &mut Loops, d: &Direct) {
+    let win = &d.win;
+    let (mr, nv) = (d.mr, d.nv);
+    let nr = VW * nv;
+    let (cg, mg) = (win.c / d.group, d.m / d.group);
+    let kk = win.k[0] * win.k[1];
+    let in_place = reads_in_place(win, nr);
+    let grid = if in_place {
+        Grid {
+            rph: vec![0],
+            cph: vec![0],
+            hq: win.h,
+            wq: win.w,
+        }
+    } else {
+        Grid::new(win)
+    };
+    let (wq, plane, slots) = (grid.wq, grid.plane(), grid.slots());
+    let npos = win.oh * wq;
+    let gp = npos.div_ceil(nr) * nr;
+    let direct_store = wq == win.ow;
+    let p_out = win.oh * win.ow;
+    let zv = l.vsplat(0.0);
+    // Scratch: the padded input copy (zeroed once: only its interior is rewritten per image)
+    // and, when output rows are narrower than grid rows, the block of raw tiles.
+    let xp = if in_place {
+        d.x.to_string()
+    } else {
+        let len = (win.c * slots * plane + nr + wq + VW).div_ceil(VW) * VW;
+        let cl = l.c(len as i64);
+        let xp = l.op(&format!(
+            "memref.alloc({cl}) {{alignment = 64 : i64}} : {M1}"
+        ));
+        let i = l.open_range(0, len, VW);
+        emit_store(l, &xp, &zv, &i, None);
+        l.close();
+        xp
+    };
+    let yb = (!direct_store).then(|| {
+        let cl = l.c((mr * gp + 2 * VW) as i64);
+        l.op(&format!(
+            "memref.alloc({cl}) {{alignment = 64 : i64}} : {M1}"
+        ))
+    });
+    let n = l.open(win.n);
+    if !in_place {
+        // Copy image n into the interior of Xp.
+        let ch = l.open(win.c);
+        for (sr, &ph) in grid.rph.iter().enumerate() {
+            for (sc, &pw) in grid.cph.iter().enumerate() {
+                let slot = sr * grid.cph.len() + sc;
+                let (iq_lo, iq_hi) =
+                    valid_range(grid.hq, win.s[0], ph as i64 - win.p[0], win.h);
+                let (jq_lo, jq_hi) =
+                    valid_range(grid.wq, win.s[1], pw as i64 - win.p[1], win.w);
+                if iq_lo >= iq_hi || jq_lo >= jq_hi {
+                    continue;
+                }
+                let iq = l.open_range(iq_lo, iq_hi, 1);
+                let ih = l.affine(&iq, win.s[0] as i64, ph as i64 - win.p[0]);
+                let cb = l.affine(&ch, (slots * plane) as i64, (slot * plane) as i64);
+                let rb = l.affine(&iq, wq as i64, 0);
+                let dst = l.add(&cb, &rb);
+                if win.s[1] == 1 {
+                    let iw0 = jq_lo as i64 + pw as i64 - win.p[1];
+                    let len = jq_hi - jq_lo;
+                    let n8 = len / VW * VW;
+                    if n8 > 0 {
+                        let t = l.open_range(0, n8, VW);
+                        let iw = l.affine(&t, 1, iw0);
+                        let dj = l.add(&dst, &t);
+                        let di = l.addc(&dj, jq_lo);
+                        let v = l.op(&format!(
+                            "vector.load {}[{n}, {ch}, {ih}, {iw}] : {M4}, {VT}",
+                            d.x
+                        ));
+                        emit_store(l, &xp, &v, &di, None);
+                        l.close();
+                    }
+                    if len > n8 {
+                        let mk = l.op(&format!("vector.constant_mask [{}] : {MT}", len - n8));
+                        let iw = l.c(iw0 + n8 as i64);
+                        let di = l.addc(&dst, jq_lo + n8);
+                        let v = l.op(&format!(
+                            "vector.maskedload {}[{n}, {ch}, {ih}, {iw}], {mk}, {zv} : {M4}, {MT}, {VT} into {VT}",
+                            d.x
+                        ));
+                        emit_store(l, &xp, &v, &di, Some(&mk));
+                    }
+                } else {
+                    let jq = l.open_range(jq_lo, jq_hi, 1);
+                    let iw = l.affine(&jq, win.s[1] as i64, pw as i64 - win.p[1]);
+                    let di = l.add(&dst, &jq);
+                    let v = l.op(&format!(
+                        "memref.load {}[{n}, {ch}, {ih}, {iw}] : {M4}",
+                        d.x
+                    ));
+                    l.line(&format!("memref.store {v}, {xp}[{di}] : {M1}"));
+                    l.close();
+                }
+                l.close();
+            }
+        }
+        l.close();
+    }
+    let gi = l.open(d.group);
+    let ob = l.open_range(0, mg, mr);
+    let gm = l.affine(&gi, mg as i64, 0);
+    let o0 = l.add(&gm, &ob);
+    let ragged = mg % mr != 0;
+    let mut rows = Vec::new();
+    let mut valid = Vec::new();
+    let mut bias = Vec::new();
+    let mut ybase = Vec::new();
+    for r in 0..mr {
+        let orow = l.addc(&o0, r);
+        let row = if ragged {
+            let obr = l.addc(&ob, r);
+            let mgc = l.c(mg as i64);
+            let ok = l.op(&format!("arith.cmpi slt, {obr}, {mgc} : index"));
+            valid.push(ok.clone());
+            l.op(&format!("arith.select {ok}, {orow}, {o0} : index"))
+        } else {
+            orow
+        };
+        bias.push(d.bias.map(|b| {
+            let s = l.op(&format!("memref.load {b}[{row}] : {M1}"));
+            l.op(&format!("vector.broadcast {s} : f32 to {VT}"))
+        }));
+        let nm = l.affine(&n, d.m as i64, 0);
+        let nmo = l.add(&nm, &row);
+        ybase.push(l.affine(&nmo, p_out as i64, 0));
+        rows.push(row);
+    }
+    let q0 = l.open_range(0, gp, nr);
+    // The tile: Σ over channels of the group and taps.
+    let nacc = mr * nv;
+    let res = l.fresh("res");
+    let c = l.fresh("c");
+    let accs: Vec<String> = (0..nacc).map(|_| l.fresh("acc")).collect();
+    let (z, one, cgc) = (l.c(0), l.c(1), l.c(cg as i64));
+    l.line(&format!(
+        "{res}:{nacc} = scf.for {c} = {z} to {cgc} step {one} iter_args({}) -> ({}) {{",
+        accs.iter()
+            .map(|a| format!("{a} = {zv}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        vec![VT; nacc].join(", ")
+    ));
+    let gcg = l.affine(&gi, cg as i64, 0);
+    let chn = l.add(&gcg, &c);
+    let xb = if in_place {
+        let nc = l.affine(&n, win.c as i64, 0);
+        let t = l.add(&nc, &chn);
+        let t = l.affine(&t, plane as i64, 0);
+        l.add(&t, &q0)
+    } else {
+        let t = l.affine(&chn, (slots * plane) as i64, 0);
+        l.add(&t, &q0)
+    };
+    let wc = l.affine(&c, kk as i64, 0);
+    let mut cur = accs.clone();
+    for ki in 0..win.k[0] {
+        for kj in 0..win.k[1] {
+            let t = ki * win.k[1] + kj;
+            let off = grid.tap(win, ki, kj);
+            let xs: Vec<String> = (0..nv)
+                .map(|v| {
+                    let i = l.addc(&xb, off + v * VW);
+                    l.op(&format!("vector.load {xp}[{i}] : {M1}, {VT}"))
+                })
+                .collect();
+            let wcol = l.addc(&wc, t);
+            for r in 0..mr {
+                let s = l.op(&format!(
+                    "memref.load {}[{}, {wcol}] : memref<?x?xf32>",
+                    d.w, rows[r]
+                ));
+                let b = l.op(&format!("vector.broadcast {s} : f32 to {VT}"));
+                for v in 0..nv {
+                    let a = &cur[r * nv + v];
+                    cur[r * nv + v] = l.op(&format!("vector.fma {b}, {}, {a} : {VT}", xs[v]));
+                }
+            }
+        }
+    }
+    l.line(&format!(
+        "scf.yield {} : {}\n  }}",
+        cur.join(", "),
+        vec![VT; nacc].join(", ")
+    ));
+    let acc = |r: usize, v: usize| format!("{res}#{}", r * nv + v);
+    match &yb {
+        None => {
+            // Grid rows are output rows: bias + epilogue on the accumulators, then store.
+            for r in 0..mr {
+                if ragged {
+                    l.line(&format!("scf.if {} {{", valid[r]));
+                }
+                for v in 0..nv {
+                    let pos = l.addc(&q0, v * VW);
+                    let idx = l.add(&ybase[r], &pos);
+                    let mask = (npos % nr != 0).then(|| {
+                        let np = l.c(npos as i64);
+                        let left = l.op(&format!("arith.subi {np}, {pos} : index"));
+                        l.op(&format!("vector.create_mask {left} : {MT}"))
+                    });
+                    let mut val = acc(r, v);
+                    if let Some(b) = &bias[r] {
+                        val = l.op(&format!("arith.addf {val}, {b} : {VT}"));
+                    }
+                    let val = emit_epi(l, d, val, &idx, mask.as_deref());
+                    emit_store(l, d.y, &val, &idx, mask.as_deref());
+                }
+                if ragged {
+                    l.close();
+                }
+            }
+            l.close();
+        }
+        Some(yb) => {
+            // Park the tiles; once the block is done, drop the pad columns of each row while
+            // applying bias + epilogue (the block is still in L1).
+            for r in 0..mr {
+                for v in 0..nv {
+                    let i = l.addc(&q0, r * gp + v * VW);
+                    emit_store(l, yb, &acc(r, v), &i, None);
+                }
+            }
+            l.close();
+            for r in 0..mr {
+                if ragged {
+                    l.line(&format!("scf.if {} {{", valid[r]));
+                }
+                let oh = l.open(win.oh);
+                let src0 = l.affine(&oh, wq as i64, (r * gp) as i64);
+                let dr = l.affine(&oh, win.ow as i64, 0);
+                let dst0 = l.add(&ybase[r], &dr);
+                for j in 0..win.ow.div_ceil(VW) {
+                    let si = l.addc(&src0, j * VW);
+                    let di = l.addc(&dst0, j * VW);
+                    let left = win.ow - j * VW;
+                    let mask = (left < VW)
+                        .then(|| l.op(&format!("vector.constant_mask [{left}] : {MT}")));
+                    let mut val = l.op(&format!("vector.load {yb}[{si}] : {M1}, {VT}"));
+                    if let Some(b) = &bias[r] {
+                        val = l.op(&format!("arith.addf {val}, {b} : {VT}"));
+                    }
+                    let val = emit_epi(l, d, val, &di, mask.as_deref());
+                    emit_store(l, d.y, &val, &di, mask.as_deref());
+                }
+                l.close();
+                if ragged {
+                    l.close();
+                }
+            }
+        }
+    }
+    l.close(); // ob
+    l.close(); // gi
+    l.close(); // n
+    if !in_place {
+        l.line(&format!("memref.dealloc {xp} : {M1}"));
+    }
+    if let Some(yb) = yb {
+        l.line(&format!("memref.dealloc {yb} : {M1}"));
+    }
+}
+
+/// Lowers a `Contraction` kernel whose contraction is a `Conv` (see the module doc) with the
+/// default [`ConvSchedule`].
 pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered, String> {
+    lower_with(g, k, name, &ConvSchedule::default())
+}
+
+/// Lowers a `Contraction` kernel whose contraction is a `Conv` with schedule `sched`.
+pub fn lower_with(
+    g: &Graph,
+    k: &fusion::Kernel,
+    name: &str,
+    sched: &ConvSchedule,
+) -> Result<Lowered, String> {
     let ci = k
         .nodes
         .iter()
@@ -274,219 +887,272 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered
         }
     }
     let epi_nodes: Vec<usize> = k.nodes.iter().copied().filter(|&n| n != ci).collect();
+    for &n in &epi_nodes {
+        let ins = &g.nodes[n].inputs;
+        if [x_v, w_v].into_iter().chain(b_v).any(|v| ins.contains(&Some(v))) {
+            return Err("a Conv operand is also used by the epilogue".into());
+        }
+    }
+    let direct = group > 1 || sched.algo == ConvAlgo::Direct;
+    let (cg, mg) = (win.c / group, m / group);
+    let (kk, pp) = (cg * win.k[0] * win.k[1], win.oh * win.ow);
+    let total = win.n * m * pp;
+    // Register tile and whether the input is read in place.
+    let (mr, nv) = {
+        let wq = if reads_in_place(&win, usize::MAX) {
+            win.w
+        } else {
+            Grid::new(&win).wq
+        };
+        sched.tile(mg, win.oh * wq)
+    };
+    let in_place = direct && reads_in_place(&win, VW * nv);
+    let fused = if direct {
+        fused_epilogue(g, k, ci, y_v, &ys)
+    } else {
+        None
+    };
     let mut syms = SymDims::default();
     let mut p = Prologue::new();
-    let mut body = Body::default();
     let mut args = vec![x_v, w_v];
-    let mut ins = Vec::new();
-    let (kk, pp) = (win.c / group * win.k[0] * win.k[1], win.oh * win.ow);
-    let pointwise = group == 1
+    let pointwise_gemm = !direct
         && win.k == [1, 1]
         && win.s == [1, 1]
         && win.p == [0, 0]
         && (win.oh, win.ow) == (win.h, win.w);
-    let (x_mem, w_mem) = if group == 1 {
-        let x = if pointwise {
-            p.memref_f32(0, &cdims(&[win.n * win.c, win.h * win.w]))
-        } else {
-            p.memref_f32(0, &cdims(&xs))
-        };
-        (x, p.memref_f32(1, &cdims(&[m, kk])))
+    let x_mem = if in_place {
+        p.memref_f32(0, &cdims(&[win.n * win.c * win.h * win.w]))
+    } else if pointwise_gemm {
+        p.memref_f32(0, &cdims(&[win.n * win.c, win.h * win.w]))
     } else {
-        (p.memref_f32(0, &cdims(&xs)), p.memref_f32(1, &cdims(&ws)))
+        p.memref_f32(0, &cdims(&xs))
     };
-    if let Some(b) = b_v {
+    let w_mem = p.memref_f32(1, &cdims(&[m, kk]));
+    let b_mem = b_v.map(|b| {
         let memref = p.memref_f32(args.len(), &cdims(&[m]));
         args.push(b);
-        ins.push(GenericInput {
-            value: b,
-            memref,
-            dims: vec![1],
-            ty: Ty::F32,
-        });
-    }
-    for &v in &k.inputs {
-        if v == x_v || v == w_v || Some(v) == b_v {
-            let used = epi_nodes
-                .iter()
-                .any(|&n| g.nodes[n].inputs.contains(&Some(v)));
-            if used {
-                return Err("a Conv operand is also used by the epilogue".into());
-            }
-            continue;
-        }
-        let ty = Ty::of(g.values[v].fact.dtype)?;
-        match classify_input(g, v, &y_s)? {
-            InputKind::Scalar(x) => body.bind_const(v, x, ty),
-            InputKind::Buffer(dims) => {
-                let sd: Vec<Dim> = dims.iter().map(|&d| y_s[d].clone()).collect();
-                let memref = p.memref(args.len(), &syms.dims(&sd)?, ty.storage());
-                args.push(v);
-                ins.push(GenericInput {
-                    value: v,
-                    memref,
-                    dims,
-                    ty,
-                });
-            }
-        }
-    }
-    let full = syms.dims(&y_s)?;
-    let mut outs = Vec::new();
-    for (i, &v) in k.outputs.iter().enumerate() {
-        let ty = Ty::of(g.values[v].fact.dtype)?;
-        let memref = p.memref(args.len() + i, &full, ty.storage());
-        outs.push(GenericOutput {
-            value: v,
-            memref,
-            ty,
-        });
-    }
-    let pi = outs
-        .iter()
-        .position(|o| o.ty == Ty::F32)
-        .ok_or("no f32 output to hold the convolution")?;
-    let out_arg = args.len() + pi;
-    let mm = format!("{name}_mm");
+        memref
+    });
     let mut l = Loops::default();
-    if group == 1 {
-        let y2 = p.memref_f32(out_arg, &cdims(&[win.n * m, pp]));
-        let st = STRIDED_2D;
-        let dyn2 = "memref<?x?xf32>";
-        let wc = l.op(&format!("memref.cast {w_mem} : {dyn2} to {st}"));
-        let cols = if pointwise {
-            None
-        } else {
-            let (ck, cp) = (l.c(kk as i64), l.c(pp as i64));
-            let c = l.op(&format!(
-                "memref.alloc({ck}, {cp}) {{alignment = 64 : i64}} : {dyn2}"
-            ));
-            let cc = l.op(&format!("memref.cast {c} : {dyn2} to {st}"));
-            Some((c, cc))
-        };
-        let n = l.open(win.n);
-        let xcols = match &cols {
-            None => {
-                let r = l.affine(&n, win.c as i64, 0);
-                let (cc, cp) = (l.c(win.c as i64), l.c(pp as i64));
-                l.op(&format!(
-                    "memref.subview {x_mem}[{r}, 0] [{cc}, {cp}] [1, 1] : {dyn2} to {st}"
-                ))
-            }
-            Some((c, cc)) => {
-                // im2col: cols[(ci·kh + ki)·kw + kj, oh·OW + ow] = x[n, ci, ih, iw] or 0.
-                let ch = l.open(win.c);
-                let ki = l.open(win.k[0]);
-                let kj = l.open(win.k[1]);
-                let r0 = l.affine(&ch, win.k[0] as i64, 0);
-                let r1 = l.add(&r0, &ki);
-                let r2 = l.affine(&r1, win.k[1] as i64, 0);
-                let row = l.add(&r2, &kj);
-                let oh = l.open(win.oh);
-                let (ih, okh) = win.tap(&mut l, 0, &oh, &ki);
-                let cb = l.affine(&oh, win.ow as i64, 0);
-                let ow = l.open(win.ow);
-                let (iw, okw) = win.tap(&mut l, 1, &ow, &kj);
-                let ok = l.op(&format!("arith.andi {okh}, {okw} : i1"));
-                let zero = l.f(0.0);
-                let v = l.fresh("x");
-                let ld = l.fresh("x");
-                l.line(&format!(
-                    "{v} = scf.if {ok} -> (f32) {{\n    {ld} = memref.load {x_mem}[{n}, {ch}, {ih}, {iw}] : memref<?x?x?x?xf32>\n    scf.yield {ld} : f32\n  }} else {{\n    scf.yield {zero} : f32\n  }}"
-                ));
-                let col = l.add(&cb, &ow);
-                l.line(&format!("memref.store {v}, {c}[{row}, {col}] : {dyn2}"));
-                for _ in 0..5 {
-                    l.close();
-                }
-                cc.clone()
-            }
-        };
-        let r = l.affine(&n, m as i64, 0);
-        let (cm, cp) = (l.c(m as i64), l.c(pp as i64));
-        let yv = l.op(&format!(
-            "memref.subview {y2}[{r}, 0] [{cm}, {cp}] [1, 1] : {dyn2} to {st}"
-        ));
-        l.line(&format!(
-            "func.call @{mm}({wc}, {xcols}, {yv}) : ({st}, {st}, {st}) -> ()"
-        ));
-        l.close();
-        if let Some((c, _)) = cols {
-            l.line(&format!("memref.dealloc {c} : {dyn2}"));
-        }
-    } else {
-        // Direct loop nest: y[n, o, oh, ow] = Σ x[n, g·cg + c, ih, iw] · w[o, c, ki, kj].
-        let y = &outs[pi].memref;
-        let t4 = "memref<?x?x?x?xf32>";
-        let (cg, mg) = (win.c / group, m / group);
-        let n = l.open(win.n);
-        let o = l.open(m);
-        let mgc = l.c(mg as i64);
-        let gi = l.op(&format!("arith.divui {o}, {mgc} : index"));
-        let base = l.affine(&gi, cg as i64, 0);
-        let oh = l.open(win.oh);
-        let ow = l.open(win.ow);
-        let zero = l.f(0.0);
-        let (c, a0, r0) = l.open_acc(cg, &zero);
-        let ch = l.add(&base, &c);
-        let (ki, a1, r1) = l.open_acc(win.k[0], &a0);
-        let (ih, okh) = win.tap(&mut l, 0, &oh, &ki);
-        let (kj, a2, r2) = l.open_acc(win.k[1], &a1);
-        let (iw, okw) = win.tap(&mut l, 1, &ow, &kj);
-        let ok = l.op(&format!("arith.andi {okh}, {okw} : i1"));
-        let (v, xv, wv, s) = (l.fresh("x"), l.fresh("x"), l.fresh("x"), l.fresh("x"));
-        l.line(&format!(
-            "{v} = scf.if {ok} -> (f32) {{\n    {xv} = memref.load {x_mem}[{n}, {ch}, {ih}, {iw}] : {t4}\n    {wv} = memref.load {w_mem}[{o}, {c}, {ki}, {kj}] : {t4}\n    {s} = math.fma {xv}, {wv}, {a2} : f32\n    scf.yield {s} : f32\n  }} else {{\n    scf.yield {a2} : f32\n  }}"
-        ));
-        l.close_acc(&v);
-        l.close_acc(&r2);
-        l.close_acc(&r1);
-        l.line(&format!(
-            "memref.store {r0}, {y}[{n}, {o}, {oh}, {ow}] : {t4}"
-        ));
-        for _ in 0..4 {
-            l.close();
-        }
-    }
-    let mut t = l.finish();
-    let need_generic = !epi_nodes.is_empty() || b_v.is_some() || outs.len() > 1;
-    if need_generic {
-        ins.insert(
-            0,
-            GenericInput {
-                value: y_v,
-                memref: outs[pi].memref.clone(),
-                dims: (0..y_s.len()).collect(),
-                ty: Ty::F32,
+    let mm = format!("{name}_mm");
+    if let Some((epi, bufs)) = &fused {
+        // Everything in one pass: conv + bias + epilogue on the register tiles.
+        let bufs: Vec<String> = bufs
+            .iter()
+            .map(|&v| {
+                args.push(v);
+                p.memref_f32(args.len() - 1, &cdims(&[total]))
+            })
+            .collect();
+        let y = p.memref_f32(args.len(), &cdims(&[total]));
+        emit_direct(
+            &mut l,
+            &Direct {
+                win,
+                group,
+                m,
+                mr,
+                nv,
+                x: &x_mem,
+                w: &w_mem,
+                bias: b_mem.as_deref(),
+                y: &y,
+                epi,
+                bufs: &bufs,
             },
         );
-        let text = emit_generic(g, y_s.len(), &ins, &outs, body, &epi_nodes, |b| {
-            let (mut y, _) = b.get(y_v, g)?;
-            if let Some(bv) = b_v {
-                let (bias, _) = b.get(bv, g)?;
-                y = b.f2("addf", &y, &bias);
+        p.push(&l.finish());
+    } else {
+        // The conv (+ bias when direct) into the output, then the epilogue as a generic pass.
+        let mut body = Body::default();
+        let mut ins = Vec::new();
+        if let (Some(b), Some(memref), false) = (b_v, &b_mem, direct) {
+            ins.push(GenericInput {
+                value: b,
+                memref: memref.clone(),
+                dims: vec![1],
+                ty: Ty::F32,
+            });
+        }
+        for &v in &k.inputs {
+            if v == x_v || v == w_v || Some(v) == b_v {
+                continue;
             }
-            b.vals.insert(y_v, (y, Ty::F32));
-            Ok(())
-        })?;
-        t.push_str(&text);
-    } else if k.outputs != [y_v] {
-        return Err("Conv output is not the kernel output".into());
+            let ty = Ty::of(g.values[v].fact.dtype)?;
+            match classify_input(g, v, &y_s)? {
+                InputKind::Scalar(x) => body.bind_const(v, x, ty),
+                InputKind::Buffer(dims) => {
+                    let sd: Vec<Dim> = dims.iter().map(|&d| y_s[d].clone()).collect();
+                    let memref = p.memref(args.len(), &syms.dims(&sd)?, ty.storage());
+                    args.push(v);
+                    ins.push(GenericInput {
+                        value: v,
+                        memref,
+                        dims,
+                        ty,
+                    });
+                }
+            }
+        }
+        let full = syms.dims(&y_s)?;
+        let mut outs = Vec::new();
+        for (i, &v) in k.outputs.iter().enumerate() {
+            let ty = Ty::of(g.values[v].fact.dtype)?;
+            let memref = p.memref(args.len() + i, &full, ty.storage());
+            outs.push(GenericOutput {
+                value: v,
+                memref,
+                ty,
+            });
+        }
+        let pi = outs
+            .iter()
+            .position(|o| o.ty == Ty::F32)
+            .ok_or("no f32 output to hold the convolution")?;
+        let out_arg = args.len() + pi;
+        if direct {
+            let y = p.memref_f32(out_arg, &cdims(&[total]));
+            emit_direct(
+                &mut l,
+                &Direct {
+                    win,
+                    group,
+                    m,
+                    mr,
+                    nv,
+                    x: &x_mem,
+                    w: &w_mem,
+                    bias: b_mem.as_deref(),
+                    y: &y,
+                    epi: &[],
+                    bufs: &[],
+                },
+            );
+        } else {
+            let y2 = p.memref_f32(out_arg, &cdims(&[win.n * m, pp]));
+            emit_im2col_gemm(&mut l, &win, m, &x_mem, &w_mem, &y2, pointwise_gemm, &mm);
+        }
+        let mut t = l.finish();
+        let need_generic =
+            !epi_nodes.is_empty() || (b_v.is_some() && !direct) || outs.len() > 1;
+        if need_generic {
+            ins.insert(
+                0,
+                GenericInput {
+                    value: y_v,
+                    memref: outs[pi].memref.clone(),
+                    dims: (0..y_s.len()).collect(),
+                    ty: Ty::F32,
+                },
+            );
+            let text = emit_generic(g, y_s.len(), &ins, &outs, body, &epi_nodes, |b| {
+                let (mut y, _) = b.get(y_v, g)?;
+                if let (Some(bv), false) = (b_v, direct) {
+                    let (bias, _) = b.get(bv, g)?;
+                    y = b.f2("addf", &y, &bias);
+                }
+                b.vals.insert(y_v, (y, Ty::F32));
+                Ok(())
+            })?;
+            t.push_str(&text);
+        } else if k.outputs != [y_v] {
+            return Err("Conv output is not the kernel output".into());
+        }
+        p.push(&t);
     }
-    p.push(&t);
     let mut mlir = p.finish(name);
-    if group == 1 {
-        mlir.push_str(&matmul_memref_func(&mm, &MatmulSchedule::default()));
+    if !direct {
+        mlir.push_str(&matmul_memref_func(&mm, &sched.matmul));
     }
     let kernel = Kernel {
         signature: KernelSignature {
             name: name.to_string(),
             inputs: args.len(),
-            outputs: outs.len(),
+            outputs: k.outputs.len(),
             dims: syms.0,
         },
         mlir,
         pipeline: GRAPH_KERNEL_PIPELINE.to_string(),
     };
     Ok((kernel, args, k.outputs.clone()))
+}
+
+/// Emits im2col into a scratch buffer + a call of the packed matmul `@mm` per batch image,
+/// writing `W · cols` into `y2` (`[N·M, OH·OW]`). `x` is `[N·C, H·W]` when `pointwise` (the
+/// image is its own `cols`), else 4-D.
+#[allow(clippy::too_many_arguments)]
+fn emit_im2col_gemm(
+    l: &mut Loops,
+    win: &Window2,
+    m: usize,
+    x_mem: &str,
+    w_mem: &str,
+    y2: &str,
+    pointwise: bool,
+    mm: &str,
+) {
+    let (kk, pp) = (win.c * win.k[0] * win.k[1], win.oh * win.ow);
+    let st = STRIDED_2D;
+    let dyn2 = "memref<?x?xf32>";
+    let wc = l.op(&format!("memref.cast {w_mem} : {dyn2} to {st}"));
+    let cols = if pointwise {
+        None
+    } else {
+        let (ck, cp) = (l.c(kk as i64), l.c(pp as i64));
+        let c = l.op(&format!(
+            "memref.alloc({ck}, {cp}) {{alignment = 64 : i64}} : {dyn2}"
+        ));
+        let cc = l.op(&format!("memref.cast {c} : {dyn2} to {st}"));
+        Some((c, cc))
+    };
+    let n = l.open(win.n);
+    let xcols = match &cols {
+        None => {
+            let r = l.affine(&n, win.c as i64, 0);
+            let (cc, cp) = (l.c(win.c as i64), l.c(pp as i64));
+            l.op(&format!(
+                "memref.subview {x_mem}[{r}, 0] [{cc}, {cp}] [1, 1] : {dyn2} to {st}"
+            ))
+        }
+        Some((c, cc)) => {
+            // im2col: cols[(ci·kh + ki)·kw + kj, oh·OW + ow] = x[n, ci, ih, iw] or 0.
+            let ch = l.open(win.c);
+            let ki = l.open(win.k[0]);
+            let kj = l.open(win.k[1]);
+            let r0 = l.affine(&ch, win.k[0] as i64, 0);
+            let r1 = l.add(&r0, &ki);
+            let r2 = l.affine(&r1, win.k[1] as i64, 0);
+            let row = l.add(&r2, &kj);
+            let oh = l.open(win.oh);
+            let (ih, okh) = win.tap(l, 0, &oh, &ki);
+            let cb = l.affine(&oh, win.ow as i64, 0);
+            let ow = l.open(win.ow);
+            let (iw, okw) = win.tap(l, 1, &ow, &kj);
+            let ok = l.op(&format!("arith.andi {okh}, {okw} : i1"));
+            let zero = l.f(0.0);
+            let v = l.fresh("x");
+            let ld = l.fresh("x");
+            l.line(&format!(
+                "{v} = scf.if {ok} -> (f32) {{\n    {ld} = memref.load {x_mem}[{n}, {ch}, {ih}, {iw}] : memref<?x?x?x?xf32>\n    scf.yield {ld} : f32\n  }} else {{\n    scf.yield {zero} : f32\n  }}"
+            ));
+            let col = l.add(&cb, &ow);
+            l.line(&format!("memref.store {v}, {c}[{row}, {col}] : {dyn2}"));
+            for _ in 0..5 {
+                l.close();
+            }
+            cc.clone()
+        }
+    };
+    let r = l.affine(&n, m as i64, 0);
+    let (cm, cp) = (l.c(m as i64), l.c(pp as i64));
+    let yv = l.op(&format!(
+        "memref.subview {y2}[{r}, 0] [{cm}, {cp}] [1, 1] : {dyn2} to {st}"
+    ));
+    l.line(&format!(
+        "func.call @{mm}({wc}, {xcols}, {yv}) : ({st}, {st}, {st}) -> ()"
+    ));
+    l.close();
+    if let Some((c, _)) = cols {
+        l.line(&format!("memref.dealloc {c} : {dyn2}"));
+    }
 }
