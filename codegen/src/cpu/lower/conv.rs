@@ -218,7 +218,6 @@ pub(crate) fn is_conv(g: &Graph, k: &fusion::Kernel) -> bool {
         .any(|&n| matches!(g.nodes[n].op, Op::Nn(NnOp::Conv(_))))
 }
 
-
 /// Static dims as prologue dims.
 fn cdims(d: &[usize]) -> Vec<PDim> {
     d.iter().map(|&x| PDim::Const(x as i64)).collect()
@@ -391,11 +390,7 @@ fn fused_epilogue(
 impl Loops {
     /// Opens `scf.for %i = lo to hi step step` and returns `%i`.
     fn open_range(&mut self, lo: usize, hi: usize, step: usize) -> String {
-        let (a, b, s) = (
-            self.c(lo as i64),
-            self.c(hi as i64),
-            self.c(step as i64),
-        );
+        let (a, b, s) = (self.c(lo as i64), self.c(hi as i64), self.c(step as i64));
         let i = self.fresh("i");
         self.line(&format!("scf.for {i} = {a} to {b} step {s} {{"));
         i
@@ -525,7 +520,11 @@ fn emit_epi(l: &mut Loops, d: &Direct, mut val: String, idx: &str, mask: Option<
             }
             Epi::AddConst(x) | Epi::MulConst(x) => {
                 let c = l.vsplat(x);
-                let f = if matches!(op, Epi::AddConst(_)) { "addf" } else { "mulf" };
+                let f = if matches!(op, Epi::AddConst(_)) {
+                    "addf"
+                } else {
+                    "mulf"
+                };
                 l.op(&format!("arith.{f} {val}, {c} : {VT}"))
             }
             Epi::AddBuf(i) | Epi::MulBuf(i) => {
@@ -536,7 +535,11 @@ fn emit_epi(l: &mut Loops, d: &Direct, mut val: String, idx: &str, mask: Option<
                         "vector.maskedload {b}[{idx}], {mk}, {z} : {M1}, {MT}, {VT} into {VT}"
                     )),
                 };
-                let f = if matches!(op, Epi::AddBuf(_)) { "addf" } else { "mulf" };
+                let f = if matches!(op, Epi::AddBuf(_)) {
+                    "addf"
+                } else {
+                    "mulf"
+                };
                 l.op(&format!("arith.{f} {val}, {r} : {VT}"))
             }
         };
@@ -606,10 +609,8 @@ fn emit_direct(l: &mut Loops, d: &Direct) {
         for (sr, &ph) in grid.rph.iter().enumerate() {
             for (sc, &pw) in grid.cph.iter().enumerate() {
                 let slot = sr * grid.cph.len() + sc;
-                let (iq_lo, iq_hi) =
-                    valid_range(grid.hq, win.s[0], ph as i64 - win.p[0], win.h);
-                let (jq_lo, jq_hi) =
-                    valid_range(grid.wq, win.s[1], pw as i64 - win.p[1], win.w);
+                let (iq_lo, iq_hi) = valid_range(grid.hq, win.s[0], ph as i64 - win.p[0], win.h);
+                let (jq_lo, jq_hi) = valid_range(grid.wq, win.s[1], pw as i64 - win.p[1], win.w);
                 if iq_lo >= iq_hi || jq_lo >= jq_hi {
                     continue;
                 }
@@ -645,15 +646,48 @@ fn emit_direct(l: &mut Loops, d: &Direct) {
                         emit_store(l, &xp, &v, &di, Some(&mk));
                     }
                 } else {
-                    let jq = l.open_range(jq_lo, jq_hi, 1);
-                    let iw = l.affine(&jq, win.s[1] as i64, pw as i64 - win.p[1]);
-                    let di = l.add(&dst, &jq);
-                    let v = l.op(&format!(
-                        "memref.load {}[{n}, {ch}, {ih}, {iw}] : {M4}",
-                        d.x
-                    ));
-                    l.line(&format!("memref.store {v}, {xp}[{di}] : {M1}"));
-                    l.close();
+                    // Stride 2: 16 contiguous input floats → 8 of this phase (deinterleave);
+                    // the rest, and other strides, element by element.
+                    let mut jq_v = jq_lo;
+                    if win.s[1] == 2 {
+                        let iw0 = jq_lo as i64 * 2 + pw as i64 - win.p[1];
+                        let len = jq_hi - jq_lo;
+                        let nch = (0..len / VW)
+                            .take_while(|&j| iw0 + 16 * j as i64 + 16 <= win.w as i64)
+                            .count();
+                        if nch > 0 {
+                            let t = l.open_range(0, nch * VW, VW);
+                            let iw = l.affine(&t, 2, iw0);
+                            let iw8 = l.addc(&iw, VW);
+                            let a = l.op(&format!(
+                                "vector.load {}[{n}, {ch}, {ih}, {iw}] : {M4}, {VT}",
+                                d.x
+                            ));
+                            let b = l.op(&format!(
+                                "vector.load {}[{n}, {ch}, {ih}, {iw8}] : {M4}, {VT}",
+                                d.x
+                            ));
+                            let e = l.op(&format!(
+                                "vector.shuffle {a}, {b} [0, 2, 4, 6, 8, 10, 12, 14] : {VT}, {VT}"
+                            ));
+                            let dj = l.add(&dst, &t);
+                            let di = l.addc(&dj, jq_lo);
+                            emit_store(l, &xp, &e, &di, None);
+                            l.close();
+                        }
+                        jq_v = jq_lo + nch * VW;
+                    }
+                    if jq_v < jq_hi {
+                        let jq = l.open_range(jq_v, jq_hi, 1);
+                        let iw = l.affine(&jq, win.s[1] as i64, pw as i64 - win.p[1]);
+                        let di = l.add(&dst, &jq);
+                        let v = l.op(&format!(
+                            "memref.load {}[{n}, {ch}, {ih}, {iw}] : {M4}",
+                            d.x
+                        ));
+                        l.line(&format!("memref.store {v}, {xp}[{di}] : {M1}"));
+                        l.close();
+                    }
                 }
                 l.close();
             }
@@ -689,127 +723,138 @@ fn emit_direct(l: &mut Loops, d: &Direct) {
         ybase.push(l.affine(&nmo, p_out as i64, 0));
         rows.push(row);
     }
-    let q0 = l.open_range(0, gp, nr);
-    // The tile: Σ over channels of the group and taps.
-    let nacc = mr * nv;
-    let res = l.fresh("res");
-    let c = l.fresh("c");
-    let accs: Vec<String> = (0..nacc).map(|_| l.fresh("acc")).collect();
-    let (z, one, cgc) = (l.c(0), l.c(1), l.c(cg as i64));
-    l.line(&format!(
-        "{res}:{nacc} = scf.for {c} = {z} to {cgc} step {one} iter_args({}) -> ({}) {{",
-        accs.iter()
-            .map(|a| format!("{a} = {zv}"))
-            .collect::<Vec<_>>()
-            .join(", "),
-        vec![VT; nacc].join(", ")
-    ));
-    let gcg = l.affine(&gi, cg as i64, 0);
-    let chn = l.add(&gcg, &c);
-    let xb = if in_place {
-        let nc = l.affine(&n, win.c as i64, 0);
-        let t = l.add(&nc, &chn);
-        let t = l.affine(&t, plane as i64, 0);
-        l.add(&t, &q0)
-    } else {
-        let t = l.affine(&chn, (slots * plane) as i64, 0);
-        l.add(&t, &q0)
-    };
-    let wc = l.affine(&c, kk as i64, 0);
-    let mut cur = accs.clone();
-    for ki in 0..win.k[0] {
-        for kj in 0..win.k[1] {
-            let t = ki * win.k[1] + kj;
-            let off = grid.tap(win, ki, kj);
-            let xs: Vec<String> = (0..nv)
-                .map(|v| {
-                    let i = l.addc(&xb, off + v * VW);
-                    l.op(&format!("vector.load {xp}[{i}] : {M1}, {VT}"))
-                })
-                .collect();
-            let wcol = l.addc(&wc, t);
-            for r in 0..mr {
-                let s = l.op(&format!(
-                    "memref.load {}[{}, {wcol}] : memref<?x?xf32>",
-                    d.w, rows[r]
-                ));
-                let b = l.op(&format!("vector.broadcast {s} : f32 to {VT}"));
-                for v in 0..nv {
-                    let a = &cur[r * nv + v];
-                    cur[r * nv + v] = l.op(&format!("vector.fma {b}, {}, {a} : {VT}", xs[v]));
+    // Tiles over the grid positions: for direct stores, the full ones first, then the last,
+    // partial one with masked stores.
+    let full_end = if yb.is_some() { gp } else { npos / nr * nr };
+    let mut ranges = vec![(0, full_end, false)];
+    if full_end < gp {
+        ranges.push((full_end, gp, true));
+    }
+    for &(lo, hi, tail) in ranges.iter().filter(|r| r.0 < r.1) {
+        let q0 = l.open_range(lo, hi, nr);
+        // The tile: Σ over channels of the group and taps.
+        let nacc = mr * nv;
+        let res = l.fresh("res");
+        let c = l.fresh("c");
+        let accs: Vec<String> = (0..nacc).map(|_| l.fresh("acc")).collect();
+        let (z, one, cgc) = (l.c(0), l.c(1), l.c(cg as i64));
+        l.line(&format!(
+            "{res}:{nacc} = scf.for {c} = {z} to {cgc} step {one} iter_args({}) -> ({}) {{",
+            accs.iter()
+                .map(|a| format!("{a} = {zv}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            vec![VT; nacc].join(", ")
+        ));
+        let gcg = l.affine(&gi, cg as i64, 0);
+        let chn = l.add(&gcg, &c);
+        let xb = if in_place {
+            let nc = l.affine(&n, win.c as i64, 0);
+            let t = l.add(&nc, &chn);
+            let t = l.affine(&t, plane as i64, 0);
+            l.add(&t, &q0)
+        } else {
+            let t = l.affine(&chn, (slots * plane) as i64, 0);
+            l.add(&t, &q0)
+        };
+        let wc = l.affine(&c, kk as i64, 0);
+        let mut cur = accs.clone();
+        for ki in 0..win.k[0] {
+            for kj in 0..win.k[1] {
+                let t = ki * win.k[1] + kj;
+                let off = grid.tap(win, ki, kj);
+                let xs: Vec<String> = (0..nv)
+                    .map(|v| {
+                        let i = l.addc(&xb, off + v * VW);
+                        l.op(&format!("vector.load {xp}[{i}] : {M1}, {VT}"))
+                    })
+                    .collect();
+                let wcol = l.addc(&wc, t);
+                for r in 0..mr {
+                    let s = l.op(&format!(
+                        "memref.load {}[{}, {wcol}] : memref<?x?xf32>",
+                        d.w, rows[r]
+                    ));
+                    let b = l.op(&format!("vector.broadcast {s} : f32 to {VT}"));
+                    for v in 0..nv {
+                        let a = &cur[r * nv + v];
+                        cur[r * nv + v] = l.op(&format!("vector.fma {b}, {}, {a} : {VT}", xs[v]));
+                    }
                 }
+            }
+        }
+        l.line(&format!(
+            "scf.yield {} : {}\n  }}",
+            cur.join(", "),
+            vec![VT; nacc].join(", ")
+        ));
+        let acc = |r: usize, v: usize| format!("{res}#{}", r * nv + v);
+        match &yb {
+            None => {
+                // Grid rows are output rows: bias + epilogue on the accumulators, then store.
+                for r in 0..mr {
+                    if ragged {
+                        l.line(&format!("scf.if {} {{", valid[r]));
+                    }
+                    for v in 0..nv {
+                        let pos = l.addc(&q0, v * VW);
+                        let idx = l.add(&ybase[r], &pos);
+                        let mask = tail.then(|| {
+                            let np = l.c(npos as i64);
+                            let left = l.op(&format!("arith.subi {np}, {pos} : index"));
+                            l.op(&format!("vector.create_mask {left} : {MT}"))
+                        });
+                        let mut val = acc(r, v);
+                        if let Some(b) = &bias[r] {
+                            val = l.op(&format!("arith.addf {val}, {b} : {VT}"));
+                        }
+                        let val = emit_epi(l, d, val, &idx, mask.as_deref());
+                        emit_store(l, d.y, &val, &idx, mask.as_deref());
+                    }
+                    if ragged {
+                        l.close();
+                    }
+                }
+                l.close();
+            }
+            Some(yb) => {
+                // Park the tiles; once the block is done, drop the pad columns of each row while
+                // applying bias + epilogue (the block is still in L1).
+                for r in 0..mr {
+                    for v in 0..nv {
+                        let i = l.addc(&q0, r * gp + v * VW);
+                        emit_store(l, yb, &acc(r, v), &i, None);
+                    }
+                }
+                l.close();
             }
         }
     }
-    l.line(&format!(
-        "scf.yield {} : {}\n  }}",
-        cur.join(", "),
-        vec![VT; nacc].join(", ")
-    ));
-    let acc = |r: usize, v: usize| format!("{res}#{}", r * nv + v);
-    match &yb {
-        None => {
-            // Grid rows are output rows: bias + epilogue on the accumulators, then store.
-            for r in 0..mr {
-                if ragged {
-                    l.line(&format!("scf.if {} {{", valid[r]));
+    if let Some(yb) = &yb {
+        for r in 0..mr {
+            if ragged {
+                l.line(&format!("scf.if {} {{", valid[r]));
+            }
+            let oh = l.open(win.oh);
+            let src0 = l.affine(&oh, wq as i64, (r * gp) as i64);
+            let dr = l.affine(&oh, win.ow as i64, 0);
+            let dst0 = l.add(&ybase[r], &dr);
+            for j in 0..win.ow.div_ceil(VW) {
+                let si = l.addc(&src0, j * VW);
+                let di = l.addc(&dst0, j * VW);
+                let left = win.ow - j * VW;
+                let mask =
+                    (left < VW).then(|| l.op(&format!("vector.constant_mask [{left}] : {MT}")));
+                let mut val = l.op(&format!("vector.load {yb}[{si}] : {M1}, {VT}"));
+                if let Some(b) = &bias[r] {
+                    val = l.op(&format!("arith.addf {val}, {b} : {VT}"));
                 }
-                for v in 0..nv {
-                    let pos = l.addc(&q0, v * VW);
-                    let idx = l.add(&ybase[r], &pos);
-                    let mask = (npos % nr != 0).then(|| {
-                        let np = l.c(npos as i64);
-                        let left = l.op(&format!("arith.subi {np}, {pos} : index"));
-                        l.op(&format!("vector.create_mask {left} : {MT}"))
-                    });
-                    let mut val = acc(r, v);
-                    if let Some(b) = &bias[r] {
-                        val = l.op(&format!("arith.addf {val}, {b} : {VT}"));
-                    }
-                    let val = emit_epi(l, d, val, &idx, mask.as_deref());
-                    emit_store(l, d.y, &val, &idx, mask.as_deref());
-                }
-                if ragged {
-                    l.close();
-                }
+                let val = emit_epi(l, d, val, &di, mask.as_deref());
+                emit_store(l, d.y, &val, &di, mask.as_deref());
             }
             l.close();
-        }
-        Some(yb) => {
-            // Park the tiles; once the block is done, drop the pad columns of each row while
-            // applying bias + epilogue (the block is still in L1).
-            for r in 0..mr {
-                for v in 0..nv {
-                    let i = l.addc(&q0, r * gp + v * VW);
-                    emit_store(l, yb, &acc(r, v), &i, None);
-                }
-            }
-            l.close();
-            for r in 0..mr {
-                if ragged {
-                    l.line(&format!("scf.if {} {{", valid[r]));
-                }
-                let oh = l.open(win.oh);
-                let src0 = l.affine(&oh, wq as i64, (r * gp) as i64);
-                let dr = l.affine(&oh, win.ow as i64, 0);
-                let dst0 = l.add(&ybase[r], &dr);
-                for j in 0..win.ow.div_ceil(VW) {
-                    let si = l.addc(&src0, j * VW);
-                    let di = l.addc(&dst0, j * VW);
-                    let left = win.ow - j * VW;
-                    let mask = (left < VW)
-                        .then(|| l.op(&format!("vector.constant_mask [{left}] : {MT}")));
-                    let mut val = l.op(&format!("vector.load {yb}[{si}] : {M1}, {VT}"));
-                    if let Some(b) = &bias[r] {
-                        val = l.op(&format!("arith.addf {val}, {b} : {VT}"));
-                    }
-                    let val = emit_epi(l, d, val, &di, mask.as_deref());
-                    emit_store(l, d.y, &val, &di, mask.as_deref());
-                }
+            if ragged {
                 l.close();
-                if ragged {
-                    l.close();
-                }
             }
         }
     }
@@ -889,7 +934,11 @@ pub fn lower_with(
     let epi_nodes: Vec<usize> = k.nodes.iter().copied().filter(|&n| n != ci).collect();
     for &n in &epi_nodes {
         let ins = &g.nodes[n].inputs;
-        if [x_v, w_v].into_iter().chain(b_v).any(|v| ins.contains(&Some(v))) {
+        if [x_v, w_v]
+            .into_iter()
+            .chain(b_v)
+            .any(|v| ins.contains(&Some(v)))
+        {
             return Err("a Conv operand is also used by the epilogue".into());
         }
     }
@@ -1033,8 +1082,7 @@ pub fn lower_with(
             emit_im2col_gemm(&mut l, &win, m, &x_mem, &w_mem, &y2, pointwise_gemm, &mm);
         }
         let mut t = l.finish();
-        let need_generic =
-            !epi_nodes.is_empty() || (b_v.is_some() && !direct) || outs.len() > 1;
+        let need_generic = !epi_nodes.is_empty() || (b_v.is_some() && !direct) || outs.len() > 1;
         if need_generic {
             ins.insert(
                 0,
