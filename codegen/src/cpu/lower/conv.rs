@@ -224,15 +224,15 @@ fn cdims(d: &[usize]) -> Vec<PDim> {
 }
 
 /// f32 lanes per vector (AVX2).
-const VW: usize = 8;
+pub(crate) const VW: usize = 8;
 /// The vector type of one register of output positions.
-const VT: &str = "vector<8xf32>";
+pub(crate) const VT: &str = "vector<8xf32>";
 /// The mask type of [`VT`].
-const MT: &str = "vector<8xi1>";
+pub(crate) const MT: &str = "vector<8xi1>";
 /// A flat f32 buffer.
-const M1: &str = "memref<?xf32>";
+pub(crate) const M1: &str = "memref<?xf32>";
 /// A 4-D f32 buffer.
-const M4: &str = "memref<?x?x?x?xf32>";
+pub(crate) const M4: &str = "memref<?x?x?x?xf32>";
 
 /// How a `group = 1` convolution is computed (grouped ones always use [`ConvAlgo::Direct`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -389,7 +389,7 @@ fn fused_epilogue(
 
 impl Loops {
     /// Opens `scf.for %i = lo to hi step step` and returns `%i`.
-    fn open_range(&mut self, lo: usize, hi: usize, step: usize) -> String {
+    pub(crate) fn open_range(&mut self, lo: usize, hi: usize, step: usize) -> String {
         let (a, b, s) = (self.c(lo as i64), self.c(hi as i64), self.c(step as i64));
         let i = self.fresh("i");
         self.line(&format!("scf.for {i} = {a} to {b} step {s} {{"));
@@ -397,7 +397,7 @@ impl Loops {
     }
 
     /// A hoisted 8-lane splat of `x`.
-    fn vsplat(&mut self, x: f32) -> String {
+    pub(crate) fn vsplat(&mut self, x: f32) -> String {
         let key = format!("splat:{:08X}", x.to_bits());
         if let Some(v) = self.cache.get(&key) {
             return v.clone();
@@ -411,7 +411,7 @@ impl Loops {
     }
 
     /// `a + b` for an `index` value `a` and a constant `b`.
-    fn addc(&mut self, a: &str, b: usize) -> String {
+    pub(crate) fn addc(&mut self, a: &str, b: usize) -> String {
         self.affine(a, 1, b as i64)
     }
 }
@@ -439,15 +439,20 @@ struct Direct<'a> {
 
 /// Geometry of the direct algorithm's input copy: `Xp[c][slot][hq][wq]`, one slot per stride
 /// phase `(row % s, col % s)` that a tap reads, so every tap reads unit-stride runs.
-struct Grid {
-    rph: Vec<usize>,
-    cph: Vec<usize>,
-    hq: usize,
-    wq: usize,
+pub(crate) struct Grid {
+    /// The row phases read (`ki·d % s`), one slot row each.
+    pub(crate) rph: Vec<usize>,
+    /// The column phases read.
+    pub(crate) cph: Vec<usize>,
+    /// Rows and columns of one phase plane (output size + the taps' reach).
+    pub(crate) hq: usize,
+    /// Columns of one phase plane.
+    pub(crate) wq: usize,
 }
 
 impl Grid {
-    fn new(win: &Window2) -> Grid {
+    /// The grid of `win`.
+    pub(crate) fn new(win: &Window2) -> Grid {
         let ph = |k: usize, d: usize, s: usize| {
             let mut v: Vec<usize> = (0..k).map(|i| i * d % s).collect();
             v.sort_unstable();
@@ -461,14 +466,16 @@ impl Grid {
             wq: win.ow + (win.k[1] - 1) * win.d[1] / win.s[1],
         }
     }
-    fn slots(&self) -> usize {
+    /// Phase planes per channel.
+    pub(crate) fn slots(&self) -> usize {
         self.rph.len() * self.cph.len()
     }
-    fn plane(&self) -> usize {
+    /// Floats per phase plane.
+    pub(crate) fn plane(&self) -> usize {
         self.hq * self.wq
     }
     /// The offset of tap `(ki, kj)` from the output position in its channel's `Xp` block.
-    fn tap(&self, win: &Window2, ki: usize, kj: usize) -> usize {
+    pub(crate) fn tap(&self, win: &Window2, ki: usize, kj: usize) -> usize {
         let (r, c) = (ki * win.d[0], kj * win.d[1]);
         let sr = self.rph.iter().position(|&p| p == r % win.s[0]).unwrap();
         let sc = self.cph.iter().position(|&p| p == c % win.s[1]).unwrap();
@@ -548,13 +555,107 @@ fn emit_epi(l: &mut Loops, d: &Direct, mut val: String, idx: &str, mask: Option<
 }
 
 /// Stores `val` at flat index `idx` of `mem` (masked when `mask` is set).
-fn emit_store(l: &mut Loops, mem: &str, val: &str, idx: &str, mask: Option<&str>) {
+pub(crate) fn emit_store(l: &mut Loops, mem: &str, val: &str, idx: &str, mask: Option<&str>) {
     match mask {
         None => l.line(&format!("vector.store {val}, {mem}[{idx}] : {M1}, {VT}")),
         Some(mk) => l.line(&format!(
             "vector.maskedstore {mem}[{idx}], {mk}, {val} : {M1}, {MT}, {VT}"
         )),
     }
+}
+
+/// Copies image `n` of the 4-D input `x` into the interior of its padded, phase-split copy
+/// `xp` (laid out as [`Grid`] says; the padding is filled beforehand).
+pub(crate) fn emit_copy(l: &mut Loops, win: &Window2, grid: &Grid, x: &str, xp: &str, n: &str) {
+    let (wq, plane, slots) = (grid.wq, grid.plane(), grid.slots());
+    let zv = l.vsplat(0.0);
+    let xp = xp.to_string();
+    // Copy image n into the interior of Xp.
+    let ch = l.open(win.c);
+    for (sr, &ph) in grid.rph.iter().enumerate() {
+        for (sc, &pw) in grid.cph.iter().enumerate() {
+            let slot = sr * grid.cph.len() + sc;
+            let (iq_lo, iq_hi) = valid_range(grid.hq, win.s[0], ph as i64 - win.p[0], win.h);
+            let (jq_lo, jq_hi) = valid_range(grid.wq, win.s[1], pw as i64 - win.p[1], win.w);
+            if iq_lo >= iq_hi || jq_lo >= jq_hi {
+                continue;
+            }
+            let iq = l.open_range(iq_lo, iq_hi, 1);
+            let ih = l.affine(&iq, win.s[0] as i64, ph as i64 - win.p[0]);
+            let cb = l.affine(&ch, (slots * plane) as i64, (slot * plane) as i64);
+            let rb = l.affine(&iq, wq as i64, 0);
+            let dst = l.add(&cb, &rb);
+            if win.s[1] == 1 {
+                let iw0 = jq_lo as i64 + pw as i64 - win.p[1];
+                let len = jq_hi - jq_lo;
+                let n8 = len / VW * VW;
+                if n8 > 0 {
+                    let t = l.open_range(0, n8, VW);
+                    let iw = l.affine(&t, 1, iw0);
+                    let dj = l.add(&dst, &t);
+                    let di = l.addc(&dj, jq_lo);
+                    let v = l.op(&format!(
+                        "vector.load {}[{n}, {ch}, {ih}, {iw}] : {M4}, {VT}",
+                        x
+                    ));
+                    emit_store(l, &xp, &v, &di, None);
+                    l.close();
+                }
+                if len > n8 {
+                    let mk = l.op(&format!("vector.constant_mask [{}] : {MT}", len - n8));
+                    let iw = l.c(iw0 + n8 as i64);
+                    let di = l.addc(&dst, jq_lo + n8);
+                    let v = l.op(&format!(
+                        "vector.maskedload {}[{n}, {ch}, {ih}, {iw}], {mk}, {zv} : {M4}, {MT}, {VT} into {VT}",
+                        x
+                    ));
+                    emit_store(l, &xp, &v, &di, Some(&mk));
+                }
+            } else {
+                // Stride 2: 16 contiguous input floats → 8 of this phase (deinterleave);
+                // the rest, and other strides, element by element.
+                let mut jq_v = jq_lo;
+                if win.s[1] == 2 {
+                    let iw0 = jq_lo as i64 * 2 + pw as i64 - win.p[1];
+                    let len = jq_hi - jq_lo;
+                    let nch = (0..len / VW)
+                        .take_while(|&j| iw0 + 16 * j as i64 + 16 <= win.w as i64)
+                        .count();
+                    if nch > 0 {
+                        let t = l.open_range(0, nch * VW, VW);
+                        let iw = l.affine(&t, 2, iw0);
+                        let iw8 = l.addc(&iw, VW);
+                        let a = l.op(&format!(
+                            "vector.load {}[{n}, {ch}, {ih}, {iw}] : {M4}, {VT}",
+                            x
+                        ));
+                        let b = l.op(&format!(
+                            "vector.load {}[{n}, {ch}, {ih}, {iw8}] : {M4}, {VT}",
+                            x
+                        ));
+                        let e = l.op(&format!(
+                            "vector.shuffle {a}, {b} [0, 2, 4, 6, 8, 10, 12, 14] : {VT}, {VT}"
+                        ));
+                        let dj = l.add(&dst, &t);
+                        let di = l.addc(&dj, jq_lo);
+                        emit_store(l, &xp, &e, &di, None);
+                        l.close();
+                    }
+                    jq_v = jq_lo + nch * VW;
+                }
+                if jq_v < jq_hi {
+                    let jq = l.open_range(jq_v, jq_hi, 1);
+                    let iw = l.affine(&jq, win.s[1] as i64, pw as i64 - win.p[1]);
+                    let di = l.add(&dst, &jq);
+                    let v = l.op(&format!("memref.load {}[{n}, {ch}, {ih}, {iw}] : {M4}", x));
+                    l.line(&format!("memref.store {v}, {xp}[{di}] : {M1}"));
+                    l.close();
+                }
+            }
+            l.close();
+        }
+    }
+    l.close();
 }
 
 /// Emits the direct convolution (see the module doc) into `l`.
@@ -604,95 +705,7 @@ fn emit_direct(l: &mut Loops, d: &Direct) {
     });
     let n = l.open(win.n);
     if !in_place {
-        // Copy image n into the interior of Xp.
-        let ch = l.open(win.c);
-        for (sr, &ph) in grid.rph.iter().enumerate() {
-            for (sc, &pw) in grid.cph.iter().enumerate() {
-                let slot = sr * grid.cph.len() + sc;
-                let (iq_lo, iq_hi) = valid_range(grid.hq, win.s[0], ph as i64 - win.p[0], win.h);
-                let (jq_lo, jq_hi) = valid_range(grid.wq, win.s[1], pw as i64 - win.p[1], win.w);
-                if iq_lo >= iq_hi || jq_lo >= jq_hi {
-                    continue;
-                }
-                let iq = l.open_range(iq_lo, iq_hi, 1);
-                let ih = l.affine(&iq, win.s[0] as i64, ph as i64 - win.p[0]);
-                let cb = l.affine(&ch, (slots * plane) as i64, (slot * plane) as i64);
-                let rb = l.affine(&iq, wq as i64, 0);
-                let dst = l.add(&cb, &rb);
-                if win.s[1] == 1 {
-                    let iw0 = jq_lo as i64 + pw as i64 - win.p[1];
-                    let len = jq_hi - jq_lo;
-                    let n8 = len / VW * VW;
-                    if n8 > 0 {
-                        let t = l.open_range(0, n8, VW);
-                        let iw = l.affine(&t, 1, iw0);
-                        let dj = l.add(&dst, &t);
-                        let di = l.addc(&dj, jq_lo);
-                        let v = l.op(&format!(
-                            "vector.load {}[{n}, {ch}, {ih}, {iw}] : {M4}, {VT}",
-                            d.x
-                        ));
-                        emit_store(l, &xp, &v, &di, None);
-                        l.close();
-                    }
-                    if len > n8 {
-                        let mk = l.op(&format!("vector.constant_mask [{}] : {MT}", len - n8));
-                        let iw = l.c(iw0 + n8 as i64);
-                        let di = l.addc(&dst, jq_lo + n8);
-                        let v = l.op(&format!(
-                            "vector.maskedload {}[{n}, {ch}, {ih}, {iw}], {mk}, {zv} : {M4}, {MT}, {VT} into {VT}",
-                            d.x
-                        ));
-                        emit_store(l, &xp, &v, &di, Some(&mk));
-                    }
-                } else {
-                    // Stride 2: 16 contiguous input floats → 8 of this phase (deinterleave);
-                    // the rest, and other strides, element by element.
-                    let mut jq_v = jq_lo;
-                    if win.s[1] == 2 {
-                        let iw0 = jq_lo as i64 * 2 + pw as i64 - win.p[1];
-                        let len = jq_hi - jq_lo;
-                        let nch = (0..len / VW)
-                            .take_while(|&j| iw0 + 16 * j as i64 + 16 <= win.w as i64)
-                            .count();
-                        if nch > 0 {
-                            let t = l.open_range(0, nch * VW, VW);
-                            let iw = l.affine(&t, 2, iw0);
-                            let iw8 = l.addc(&iw, VW);
-                            let a = l.op(&format!(
-                                "vector.load {}[{n}, {ch}, {ih}, {iw}] : {M4}, {VT}",
-                                d.x
-                            ));
-                            let b = l.op(&format!(
-                                "vector.load {}[{n}, {ch}, {ih}, {iw8}] : {M4}, {VT}",
-                                d.x
-                            ));
-                            let e = l.op(&format!(
-                                "vector.shuffle {a}, {b} [0, 2, 4, 6, 8, 10, 12, 14] : {VT}, {VT}"
-                            ));
-                            let dj = l.add(&dst, &t);
-                            let di = l.addc(&dj, jq_lo);
-                            emit_store(l, &xp, &e, &di, None);
-                            l.close();
-                        }
-                        jq_v = jq_lo + nch * VW;
-                    }
-                    if jq_v < jq_hi {
-                        let jq = l.open_range(jq_v, jq_hi, 1);
-                        let iw = l.affine(&jq, win.s[1] as i64, pw as i64 - win.p[1]);
-                        let di = l.add(&dst, &jq);
-                        let v = l.op(&format!(
-                            "memref.load {}[{n}, {ch}, {ih}, {iw}] : {M4}",
-                            d.x
-                        ));
-                        l.line(&format!("memref.store {v}, {xp}[{di}] : {M1}"));
-                        l.close();
-                    }
-                }
-                l.close();
-            }
-        }
-        l.close();
+        emit_copy(l, win, &grid, d.x, &xp, &n);
     }
     let gi = l.open(d.group);
     let ob = l.open_range(0, mg, mr);
