@@ -275,15 +275,21 @@ impl Default for ConvSchedule {
 impl ConvSchedule {
     /// The register tile `(mr, nv)` for `mg` output channels per group and `grid` output
     /// positions per channel: the explicit sizes if both are set, otherwise the candidate
-    /// minimising `tiles · max(mr·nv FMAs, mr + nv loads)` per tap (padding waste included).
-    pub fn tile(&self, mg: usize, grid: usize) -> (usize, usize) {
+    /// minimising `tiles · max(mr·nv FMAs, mr + nv loads)` per tap (padding waste included),
+    /// 10% less for a `pointwise` conv whose positions fill whole tiles (it reads its input
+    /// in place, without the padded copy).
+    pub fn tile(&self, mg: usize, grid: usize, pointwise: bool) -> (usize, usize) {
         if self.mr > 0 && self.nv > 0 {
             return (self.mr, self.nv);
         }
         [(8, 1), (6, 2), (4, 3), (2, 4), (1, 4)]
             .into_iter()
             .min_by_key(|&(mr, nv)| {
-                mg.div_ceil(mr) * grid.div_ceil(VW * nv) * (mr * nv).max(mr + nv)
+                let in_place = pointwise && grid % (VW * nv) == 0;
+                mg.div_ceil(mr)
+                    * grid.div_ceil(VW * nv)
+                    * (mr * nv).max(mr + nv)
+                    * if in_place { 9 } else { 10 }
             })
             .expect("candidates")
     }
@@ -966,7 +972,7 @@ pub fn lower_with(
         } else {
             Grid::new(&win).wq
         };
-        sched.tile(mg, win.oh * wq)
+        sched.tile(mg, win.oh * wq, reads_in_place(&win, 1))
     };
     let in_place = direct && reads_in_place(&win, VW * nv);
     let fused = if direct {
