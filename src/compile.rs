@@ -41,6 +41,11 @@ pub struct CompileOptions {
     /// Graph stages after which to print the IR (see [`pipeline::STAGES`]; `all` for every
     /// stage).
     pub print_after: Vec<String>,
+    /// `--max-batch N`: the inputs whose first dim is symbolic accept any size `1..=N` at run
+    /// time. Kiln compiles one static specialisation per size into the same artifact (one
+    /// kernel library, one weights blob; see [`kiln_runtime::ExecPlan::variants`]) and the
+    /// runtime picks the one matching the inputs.
+    pub max_batch: Option<usize>,
 }
 
 impl Default for CompileOptions {
@@ -49,6 +54,7 @@ impl Default for CompileOptions {
             shapes: HashMap::new(),
             cpu: CpuOptions::default().cpu,
             print_after: Vec::new(),
+            max_batch: None,
         }
     }
 }
@@ -58,8 +64,10 @@ impl Default for CompileOptions {
 pub struct CompileReport {
     /// Number of kernels compiled into the library (one step each).
     pub kernels: usize,
-    /// Number of partition kernels that needed no code (`Alias` views).
+    /// Number of partition kernels that needed no code (`Alias` views), per variant.
     pub views: usize,
+    /// Number of shape variants (1 without `--max-batch`).
+    pub variants: usize,
     /// Arena size in bytes.
     pub arena_bytes: u64,
     /// Weights blob size in bytes (64-byte aligned weights).
@@ -78,7 +86,14 @@ impl fmt::Display for CompileReport {
             "kernels: {} compiled ({} zero-copy views)",
             self.kernels, self.views
         )?;
-        writeln!(f, "arena: {} bytes", self.arena_bytes)?;
+        if self.variants > 1 {
+            writeln!(
+                f,
+                "shape variants: {} (batch 1..={})",
+                self.variants, self.variants
+            )?;
+        }
+        writeln!(f, "arena: {} bytes (largest variant)", self.arena_bytes)?;
         writeln!(f, "weights: {} bytes", self.weights_bytes)?;
         writeln!(f, "kernel library: {} bytes", self.library_bytes)?;
         let parts: Vec<String> = self
@@ -110,21 +125,144 @@ pub fn compile(model: &Path, opts: &CompileOptions) -> Result<(Artifact, Compile
 pub fn compile_with(
     model: &Path,
     opts: &CompileOptions,
-    print: impl FnMut(&str, &str),
+    mut print: impl FnMut(&str, &str),
 ) -> Result<(Artifact, CompileReport)> {
     let mut report = CompileReport::default();
-    let t = Instant::now();
-    let popts = pipeline::Options {
-        shapes: opts.shapes.clone(),
-        print_after: opts.print_after.clone(),
+    // One static specialisation per batch size with --max-batch, else one.
+    let batches: Vec<Option<usize>> = match opts.max_batch {
+        None => vec![None],
+        Some(0) => bail!("--max-batch must be at least 1"),
+        Some(n) => (1..=n).map(Some).collect(),
     };
-    let planned = pipeline::plan(model, &popts, print)?;
-    report.timings.push(("plan", t.elapsed()));
-    let (g, p, mem) = (&planned.graph, &planned.partition, &planned.memory);
+    let batch_inputs = match opts.max_batch {
+        Some(_) => symbolic_batch_inputs(model)?,
+        None => Vec::new(),
+    };
+    let mut variants = Vec::new();
+    let mut kernels = Vec::new();
+    let (mut t_plan, mut t_lower) = (Duration::ZERO, Duration::ZERO);
+    for (vi, batch) in batches.iter().enumerate() {
+        let mut shapes = opts.shapes.clone();
+        if let Some(b) = batch {
+            for (name, dims) in &batch_inputs {
+                let mut d = shapes.get(name).cloned().unwrap_or_else(|| dims.clone());
+                d[0] = *b;
+                shapes.insert(name.clone(), d);
+            }
+        }
+        let t = Instant::now();
+        let popts = pipeline::Options {
+            shapes,
+            print_after: if vi == 0 {
+                opts.print_after.clone()
+            } else {
+                Vec::new()
+            },
+        };
+        let planned = pipeline::plan(model, &popts, &mut print)?;
+        t_plan += t.elapsed();
+        let t = Instant::now();
+        let mut lowering = lower_variant(model, &planned, &mut report)?;
+        if let Some(b) = batch {
+            // Kernel symbols are unique per variant: `kiln_...` becomes `kiln_b<N>_...`.
+            for lk in &mut lowering.kernels {
+                let old = lk.kernel.signature.name.clone();
+                let new = old.replacen("kiln_", &format!("kiln_b{b}_"), 1);
+                lk.kernel.mlir = lk
+                    .kernel
+                    .mlir
+                    .replace(&format!("@{old}"), &format!("@{new}"));
+                lk.kernel.signature.name = new;
+            }
+        }
+        t_lower += t.elapsed();
+        kernels.extend(lowering.cpu_kernels());
+        variants.push((planned, lowering));
+    }
+    report.timings.push(("plan", t_plan));
+    report.timings.push(("lower", t_lower));
 
     let t = Instant::now();
+    let cpu = CpuOptions {
+        cpu: opts.cpu.clone(),
+        ..CpuOptions::default()
+    };
+    let library = compile_library(&kernels, &cpu)
+        .with_context(|| format!("{}: compiling the kernel library", model.display()))?;
+    report.timings.push(("llvm+link", t.elapsed()));
+
+    let mut weights = WeightsBuilder::new();
+    let mut plans = Vec::new();
+    for (planned, lowering) in &variants {
+        plans.push(exec_plan(planned, lowering, &mut weights)?);
+    }
+    let (weights, specs) = weights.finish();
+    for p in &mut plans {
+        p.weights = specs.clone();
+    }
+    let mut plan = plans.remove(0);
+    plan.variants = plans;
+    plan.validate(weights.len() as u64)
+        .map_err(|e| anyhow::anyhow!("{}: invalid execution plan: {e}", model.display()))?;
+    report.kernels = kernels.len();
+    report.variants = plan.variants.len() + 1;
+    report.arena_bytes = std::iter::once(&plan)
+        .chain(&plan.variants)
+        .map(|p| p.arena_bytes)
+        .max()
+        .unwrap_or(0);
+    report.weights_bytes = weights.len() as u64;
+    report.library_bytes = library.len() as u64;
+    let artifact = Artifact {
+        compiler_version: format!("kiln {}", env!("CARGO_PKG_VERSION")),
+        target: format!("cpu:{}", opts.cpu),
+        plan,
+        weights,
+        kernels: library,
+    };
+    Ok((artifact, report))
+}
+
+/// The graph inputs whose first dim is symbolic, with their declared shapes (symbolic dims
+/// as 1), for `--max-batch`.
+fn symbolic_batch_inputs(model: &Path) -> Result<Vec<(String, Vec<usize>)>> {
+    let g = kiln_ir::onnx::load(model)?;
+    let found: Vec<(String, Vec<usize>)> = g
+        .inputs
+        .iter()
+        .map(|&i| &g.values[i])
+        .filter(|v| matches!(v.fact.shape.dims().first(), Some(kiln_ir::Dim::Sym(_))))
+        .map(|v| {
+            let dims = v
+                .fact
+                .shape
+                .dims()
+                .iter()
+                .map(|d| d.known().unwrap_or(1))
+                .collect();
+            (v.name.clone(), dims)
+        })
+        .collect();
+    if found.is_empty() {
+        bail!(
+            "{}: --max-batch: no graph input has a symbolic first (batch) dimension",
+            model.display()
+        );
+    }
+    Ok(found)
+}
+
+/// Lowers the kernels of one planned variant; fails, listing them, if some kernels are of a
+/// kind that is not compiled yet.
+fn lower_variant(
+    model: &Path,
+    planned: &pipeline::Planned,
+    report: &mut CompileReport,
+) -> Result<kiln_codegen::cpu::lower::Lowering> {
+    let (g, p) = (&planned.graph, &planned.partition);
     let lowering = lower_partition(g, p).context("lowering kernels")?;
     let mut missing = Vec::new();
+    report.views = 0;
     for u in &lowering.unsupported {
         let k = &p.kernels[u.index];
         let ops: Vec<&str> = k.nodes.iter().map(|&n| g.nodes[n].op.op_type()).collect();
@@ -155,18 +293,17 @@ pub fn compile_with(
             missing.join("\n")
         );
     }
-    report.timings.push(("lower", t.elapsed()));
+    Ok(lowering)
+}
 
-    let t = Instant::now();
-    let cpu = CpuOptions {
-        cpu: opts.cpu.clone(),
-        ..CpuOptions::default()
-    };
-    let library = compile_library(&lowering.cpu_kernels(), &cpu)
-        .with_context(|| format!("{}: compiling the kernel library", model.display()))?;
-    report.timings.push(("llvm+link", t.elapsed()));
-
-    let mut b = PlanBuilder::new(g, mem);
+/// The execution plan of one lowered variant; its weights go to the shared `weights`.
+fn exec_plan(
+    planned: &pipeline::Planned,
+    lowering: &kiln_codegen::cpu::lower::Lowering,
+    weights: &mut WeightsBuilder,
+) -> Result<ExecPlan> {
+    let (g, mem) = (&planned.graph, &planned.memory);
+    let mut b = PlanBuilder::new(g, mem, weights);
     let mut plan = ExecPlan {
         inputs: g
             .inputs
@@ -202,24 +339,10 @@ pub fn compile_with(
             args,
             num_inputs: lk.inputs.len(),
             dims: Vec::new(),
+            tasks: sig.tasks,
         });
     }
-    let (weights, specs) = b.weights.finish();
-    plan.weights = specs;
-    plan.validate(weights.len() as u64)
-        .map_err(|e| anyhow::anyhow!("{}: invalid execution plan: {e}", model.display()))?;
-    report.kernels = plan.steps.len();
-    report.arena_bytes = plan.arena_bytes;
-    report.weights_bytes = weights.len() as u64;
-    report.library_bytes = library.len() as u64;
-    let artifact = Artifact {
-        compiler_version: format!("kiln {}", env!("CARGO_PKG_VERSION")),
-        target: format!("cpu:{}", opts.cpu),
-        plan,
-        weights,
-        kernels: library,
-    };
-    Ok((artifact, report))
+    Ok(plan)
 }
 
 /// The runtime dtype of a graph dtype.
@@ -284,16 +407,16 @@ fn io_spec(g: &Graph, v: ValueId) -> Result<IoSpec> {
 struct PlanBuilder<'a> {
     g: &'a Graph,
     mem: &'a MemoryPlan,
-    weights: WeightsBuilder,
+    weights: &'a mut WeightsBuilder,
     weight_of: HashMap<ValueId, usize>,
 }
 
 impl<'a> PlanBuilder<'a> {
-    fn new(g: &'a Graph, mem: &'a MemoryPlan) -> Self {
+    fn new(g: &'a Graph, mem: &'a MemoryPlan, weights: &'a mut WeightsBuilder) -> Self {
         Self {
             g,
             mem,
-            weights: WeightsBuilder::new(),
+            weights,
             weight_of: HashMap::new(),
         }
     }

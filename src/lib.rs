@@ -8,6 +8,7 @@
 //! # Ok::<(), anyhow::Error>(())
 //! ```
 
+pub mod bench;
 pub mod compile;
 pub mod inspect;
 pub mod io;
@@ -71,4 +72,9 @@ pub fn random_tensors(
             }
         })
         .collect()
+}
+
+/// The default thread count of `kiln run`: every core the OS gives this process.
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }

@@ -75,6 +75,10 @@ enum Cmd {
         /// or all); may be repeated.
         #[arg(long = "print-after", value_name = "STAGE")]
         print_after: Vec<String>,
+        /// Accept any batch size 1..=N at run time for inputs whose first dim is symbolic
+        /// (one static specialisation per size in the artifact).
+        #[arg(long, value_name = "N")]
+        max_batch: Option<usize>,
     },
     /// Run a compiled artifact (MODEL.kiln) with the runtime.
     Run {
@@ -99,7 +103,51 @@ enum Cmd {
         /// Run this many times and print the time per kernel, slowest first.
         #[arg(long, value_name = "N")]
         profile: Option<usize>,
+        /// Threads to run on (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
     },
+    /// Time a model with Kiln and onnxruntime side by side (interleaved rounds): p50/p90/p99/
+    /// min/mean, their ratio, a roofline line and peak memory. See `kiln::bench`.
+    Bench(BenchArgs),
+}
+
+/// Arguments of `kiln bench`.
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// The ONNX model (compiled in-process) or a compiled .kiln artifact.
+    model: PathBuf,
+    /// Fix an input's shape when compiling: NAME=1x3x224x224.
+    #[arg(long = "shape", value_name = "NAME=DIMS")]
+    shapes: Vec<String>,
+    /// Thread counts, comma-separated: one table each.
+    #[arg(long, default_value = "1", value_name = "N,N...")]
+    threads: String,
+    /// Timed runs per runtime and thread count.
+    #[arg(long, default_value_t = 200)]
+    runs: usize,
+    /// Warm-up runs per runtime and thread count.
+    #[arg(long, default_value_t = 20)]
+    warmup: usize,
+    /// Interleaved rounds the timed runs are split into.
+    #[arg(long, default_value_t = 10)]
+    rounds: usize,
+    /// Runtime to compare with: onnxruntime, or none.
+    #[arg(long, default_value = "onnxruntime")]
+    compare: String,
+    /// An input as NAME=FILE (.npy or .pb).
+    #[arg(long = "input", value_name = "NAME=FILE")]
+    inputs: Vec<String>,
+    /// Test data folder for inputs and expected outputs (default: test_data_set_0 next to
+    /// the model, if its inputs fit).
+    #[arg(long, value_name = "DIR")]
+    check: Option<PathBuf>,
+    /// Seed for random inputs.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Also write the results as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
 }
 
 fn main() {
@@ -159,7 +207,8 @@ fn run(cli: Cli) -> Result<()> {
             output,
             shapes,
             print_after,
-        } => compile(&model, &target, output, &shapes, print_after),
+            max_batch,
+        } => compile(&model, &target, output, &shapes, (print_after, max_batch)),
         Cmd::Run {
             artifact,
             inputs,
@@ -168,15 +217,43 @@ fn run(cli: Cli) -> Result<()> {
             repeat,
             seed,
             profile,
+            threads,
         } => run_artifact(
             &artifact,
             &inputs,
             check.as_deref(),
             output.as_deref(),
             (repeat, profile),
-            seed,
+            (seed, threads),
         ),
+        Cmd::Bench(a) => bench(a),
     }
+}
+
+fn bench(a: BenchArgs) -> Result<()> {
+    if !matches!(a.compare.as_str(), "onnxruntime" | "none") {
+        bail!("--compare '{}': use onnxruntime or none", a.compare);
+    }
+    let report = kiln::bench::bench(&kiln::bench::Options {
+        threads: kiln::bench::parse_threads(&a.threads)?,
+        compare: a.compare == "onnxruntime",
+        model: a.model,
+        shapes: a.shapes,
+        runs: a.runs,
+        warmup: a.warmup,
+        rounds: a.rounds,
+        inputs: a.inputs,
+        check: a.check,
+        seed: a.seed,
+    })?;
+    // an error, not a panic, if stdout is closed (kiln bench ... | head)
+    std::io::Write::write_all(&mut std::io::stdout(), report.to_string().as_bytes())?;
+    if let Some(p) = a.json {
+        let text = serde_json::to_string_pretty(&report.to_json())?;
+        kiln::io::write_atomic(&p, text.as_bytes())?;
+        println!("wrote {}", p.display());
+    }
+    Ok(())
 }
 
 fn compile(
@@ -184,7 +261,7 @@ fn compile(
     target: &str,
     output: Option<PathBuf>,
     shapes: &[String],
-    print_after: Vec<String>,
+    (print_after, max_batch): (Vec<String>, Option<usize>),
 ) -> Result<()> {
     let cpu = match target.split_once(':') {
         None if target == "cpu" => kiln::compile::CompileOptions::default().cpu,
@@ -194,6 +271,7 @@ fn compile(
     let mut opts = kiln::compile::CompileOptions {
         cpu,
         print_after,
+        max_batch,
         ..Default::default()
     };
     for s in shapes {
@@ -299,18 +377,20 @@ fn run_artifact(
     check: Option<&Path>,
     output: Option<&Path>,
     (repeat, profile): (Option<usize>, Option<usize>),
-    seed: u64,
+    (seed, threads): (u64, Option<usize>),
 ) -> Result<()> {
     use kiln::runtime::{AlignedBuf, DimSpec, Model, TensorView};
     let mut model = Model::load(path)?;
+    model.set_threads(threads.unwrap_or_else(kiln::default_threads));
     let plan = model.plan().clone();
     println!(
-        "{}: {} ({}), {} steps, arena {} bytes",
+        "{}: {} ({}), {} steps, arena {} bytes, {} thread(s)",
         path.display(),
         model.target(),
         model.compiler_version(),
         plan.steps.len(),
-        plan.arena_bytes
+        plan.arena_bytes,
+        model.threads()
     );
     // random inputs from the declared specs (symbolic dims taken as 1)
     let specs = plan.inputs.iter().map(|io| {
@@ -384,7 +464,7 @@ fn run_artifact(
     if let Some(n) = profile.filter(|&n| n > 0) {
         let mut prof = model.profile(&views, n)?;
         let total: f64 = prof.iter().map(|(_, t)| t.as_secs_f64()).sum();
-        prof.sort_by(|a, b| b.1.cmp(&a.1));
+        prof.sort_by_key(|p| std::cmp::Reverse(p.1));
         println!(
             "per-kernel time over {n} runs (total {:.3} ms per run):",
             total * 1e3 / n as f64

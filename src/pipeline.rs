@@ -23,7 +23,7 @@ pub const STAGES: &[(&str, &str)] = &[
     ),
     (
         "fold",
-        "fold BatchNormalization, constant scales and biases into Conv/Gemm",
+        "fold BatchNormalization, constant scales and biases into Conv/Gemm; pre-transpose constant Gemm weights",
     ),
     ("fusion", "partition the graph into kernels"),
     ("memory", "plan one arena for all intermediate buffers"),
@@ -116,6 +116,7 @@ pub fn plan(model: &Path, opts: &Options, mut print: impl FnMut(&str, &str)) -> 
         print("specialize", &kiln_ir::printer::to_text(&g));
     }
     kiln_passes::fold_batchnorm::fold_all(&mut g);
+    kiln_passes::prepack::pretranspose_gemm_weights(&mut g);
     kiln_ir::simplify::simplify(&mut g);
     kiln_ir::verify::verify(&g)?;
     if want("fold") {

@@ -148,3 +148,63 @@ fn cnn_zoo_models_compile_and_match_reference() {
     compile_and_check("resnet", &[]);
     compile_and_check("mobilenet", &[]);
 }
+
+#[test]
+fn max_batch_artifact_accepts_every_batch_up_to_the_bound() {
+    // gpt's input_ids is [batch, seq]: seq fixed to 16, batch 1..=2 from one artifact.
+    let dir = tmp("maxbatch");
+    let art = dir.join("gpt.kiln");
+    let model = zoo("gpt").join("model.onnx");
+    let (ok, text) = kiln(&[
+        "compile",
+        s(&model),
+        "--shape",
+        "input_ids=1x16",
+        "--max-batch",
+        "2",
+        "-o",
+        s(&art),
+    ]);
+    assert!(ok && text.contains("shape variants: 2"), "{text}");
+    // batch 2 (the test data) matches the reference ...
+    let data = zoo("gpt").join("test_data_set_0");
+    let (ok, text) = kiln(&["run", s(&art), "--check", s(&data), "--threads", "2"]);
+    assert!(ok && text.contains("OK: matches the reference"), "{text}");
+    // ... and batch 1 runs too (random inputs follow the first variant).
+    let (ok, text) = kiln(&["run", s(&art), "--seed", "3"]);
+    assert!(ok && text.contains("f32[1, 16,"), "{text}");
+    // A batch above the bound is refused with the accepted shapes.
+    let art1 = dir.join("mlp1.kiln");
+    let (ok, text) = kiln(&[
+        "compile",
+        s(&zoo("mlp").join("model.onnx")),
+        "--max-batch",
+        "1",
+        "-o",
+        s(&art1),
+    ]);
+    assert!(ok, "{text}");
+    let (ok, text) = kiln(&[
+        "run",
+        s(&art1),
+        "--check",
+        s(&zoo("mlp").join("test_data_set_0")),
+    ]);
+    assert!(
+        !ok && text.contains("axis 0 is 2") && !text.contains("panicked"),
+        "{text}"
+    );
+    // A model without a symbolic batch dim says so.
+    let (ok, text) = kiln(&[
+        "compile",
+        s(&zoo("resnet").join("model.onnx")),
+        "--max-batch",
+        "2",
+        "-o",
+        s(&dir.join("r.kiln")),
+    ]);
+    assert!(
+        !ok && text.contains("no graph input has a symbolic first"),
+        "{text}"
+    );
+}

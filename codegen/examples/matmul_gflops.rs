@@ -9,49 +9,15 @@ use kiln_codegen::cpu::{compile_library, CpuOptions};
 use kiln_runtime::kernel_lib::KernelLibrary;
 use std::time::Instant;
 
-/// Number of independent FMA chains: enough to hide 4–5 cycles of latency at 2 FMAs/cycle.
-const CHAINS: usize = 12;
-
-/// `CHAINS` independent chains of 256-bit FMAs in registers: the f32 FLOP/s one core can
-/// reach with AVX2.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[inline(never)]
-unsafe fn fma_peak_kernel(iters: u64) -> f32 {
-    use std::arch::x86_64::*;
-    let x = _mm256_set1_ps(std::hint::black_box(0.999_9));
-    let y = _mm256_set1_ps(std::hint::black_box(0.000_1));
-    let mut a = [_mm256_setzero_ps(); CHAINS];
-    for (i, v) in a.iter_mut().enumerate() {
-        *v = _mm256_set1_ps(i as f32);
-    }
-    for _ in 0..iters {
-        for v in a.iter_mut() {
-            *v = _mm256_fmadd_ps(*v, x, y);
-        }
-    }
-    let mut s = 0.0;
-    for v in a {
-        let mut out = [0f32; 8];
-        _mm256_storeu_ps(out.as_mut_ptr(), v);
-        s += out[0];
-    }
-    s
-}
+// The peak loop is shared with `kiln bench` (the `kiln` crate depends on this one, so the
+// example includes the file rather than the crate).
+#[path = "../../src/bench/peak.rs"]
+mod peak;
+use peak::CHAINS;
 
 /// Best-of-2 measured peak in GFLOP/s.
 fn measure_peak() -> f64 {
-    let iters = std::hint::black_box(5_000_000u64);
-    let mut best = 0f64;
-    for _ in 0..2 {
-        let t = Instant::now();
-        // SAFETY: the CPU supports AVX2+FMA (checked in main).
-        let s = unsafe { fma_peak_kernel(iters) };
-        let dt = t.elapsed().as_secs_f64();
-        std::hint::black_box(s);
-        best = best.max((iters * CHAINS as u64 * 16) as f64 / dt * 1e-9);
-    }
-    best
+    peak::fma_peak_gflops(5_000_000, 2).expect("AVX2 + FMA (checked in main)")
 }
 
 fn main() {

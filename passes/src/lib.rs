@@ -1,12 +1,14 @@
 //! Graph-to-graph passes over the Kiln IR: folding of inference-time normalizations into
 //! convolution weights ([`fold_batchnorm`]), partitioning into kernels ([`fusion`]), memory
-//! planning over the kernel order ([`memory`]) and specialisation of symbolic input dims
+//! planning over the kernel order ([`memory`]), compile-time weight layout changes
+//! ([`prepack`]) and specialisation of symbolic input dims
 //! ([`specialize`]). Every pass is checked against the reference interpreter.
 #![warn(missing_docs)]
 
 pub mod fold_batchnorm;
 pub mod fusion;
 pub mod memory;
+pub mod prepack;
 pub mod specialize;
 
 pub use fusion::{partition, Kernel, KernelKind, Partition};

@@ -1,7 +1,7 @@
 //! The deployable artifact: one file (conventionally `MODEL.kiln`) holding the execution plan,
 //! the weights and the kernel library of a compiled model.
 //!
-//! # Layout (format version 1)
+//! # Layout (format version 2)
 //!
 //! All integers are little-endian.
 //!
@@ -38,7 +38,7 @@ use std::path::Path;
 pub const MAGIC: [u8; 8] = *b"KILNART\0";
 
 /// The artifact format version written and read by this runtime.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 /// Section kind of the JSON execution plan.
 pub const SECTION_PLAN: u32 = 1;

@@ -8,9 +8,10 @@
 //! buffers and allocates nothing.
 
 use crate::artifact::{Artifact, ArtifactError};
-use crate::kernel_lib::{KernelFn, KernelLibError, KernelLibrary};
-use crate::plan::{BufRef, DType, DimExpr, DimSpec, ExecPlan, ALIGNMENT};
-use std::collections::HashMap;
+use crate::instance::Instance;
+use crate::kernel_lib::{KernelLibError, KernelLibrary};
+use crate::plan::{DType, ExecPlan, ALIGNMENT};
+use crate::pool::Pool;
 use std::path::Path;
 
 #[derive(Clone, Copy)]
@@ -68,7 +69,7 @@ impl AlignedBuf {
         unsafe { std::slice::from_raw_parts_mut(self.blocks.as_mut_ptr().cast(), self.len) }
     }
 
-    fn as_mut_ptr(&mut self) -> *mut u8 {
+    pub(crate) fn as_mut_ptr(&mut self) -> *mut u8 {
         self.blocks.as_mut_ptr().cast()
     }
 }
@@ -235,56 +236,37 @@ pub enum RunError {
     },
 }
 
-/// A dim of a declared shape, with symbols resolved to indices.
-#[derive(Clone, Copy, Debug)]
-enum Dim {
-    Fixed(usize),
-    Sym(usize),
-}
-
-/// A per-call pointer patch of a step's `args`.
-#[derive(Clone, Copy, Debug)]
-enum IoPatch {
-    Input(usize),
-    Output(usize),
-}
-
 /// A loaded model, ready to run. Running needs `&mut self` (the arena is reused across
 /// calls); use one `Model` per thread.
+///
+/// An artifact may hold several shape variants of the model (specialisations for each
+/// allowed batch size, see [`ExecPlan::variants`]); each call runs the first variant whose
+/// input shapes match the inputs.
 pub struct Model {
     path: String,
     artifact_info: (String, String),
-    plan: ExecPlan,
-    // Order matters for drop: the kernels (plain pointers) are unused after the library.
-    kernels: Vec<KernelFn>,
+    // Order matters for drop: the instances (kernel pointers, weight pointers) go first.
+    variants: Vec<Instance>,
+    pool: Option<Pool>,
     _library: KernelLibrary,
     _weights: AlignedBuf,
-    _arena: AlignedBuf,
-    inputs: Vec<Vec<Dim>>,
-    outputs: Vec<Vec<Dim>>,
-    sym_names: Vec<String>,
-    sym_max: Vec<Option<u64>>,
-    sym_values: Vec<i64>,
-    sym_set: Vec<bool>,
-    args: Vec<Vec<*mut u8>>,
-    arg_patches: Vec<(usize, usize, IoPatch)>,
-    dims: Vec<Vec<i64>>,
-    dim_patches: Vec<(usize, usize, usize)>,
 }
 
-// SAFETY: the raw pointers in `args` point into `_weights` and `_arena`, heap buffers owned
-// by the model that never move or reallocate; kernels are plain functions. Nothing is shared
-// between models, and running takes `&mut self`.
+// SAFETY: the raw pointers in the instances point into `_weights` and their own arenas, heap
+// buffers owned by the model that never move or reallocate; kernels are plain functions.
+// Nothing is shared between models, and running takes `&mut self`.
 unsafe impl Send for Model {}
 
 impl std::fmt::Debug for Model {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let plan = self.plan();
         f.debug_struct("Model")
             .field("path", &self.path)
             .field("compiler_version", &self.artifact_info.0)
             .field("target", &self.artifact_info.1)
-            .field("steps", &self.plan.steps.len())
-            .field("arena_bytes", &self.plan.arena_bytes)
+            .field("variants", &self.variants.len())
+            .field("steps", &plan.steps.len())
+            .field("arena_bytes", &plan.arena_bytes)
             .finish_non_exhaustive()
     }
 }
@@ -340,7 +322,7 @@ impl Model {
         let Artifact {
             compiler_version,
             target,
-            plan,
+            mut plan,
             weights,
             kernels,
         } = artifact;
@@ -359,134 +341,47 @@ impl Model {
             source,
         })?;
         drop(kernels);
-        // Resolve each distinct symbol once.
-        let mut resolved: HashMap<&str, KernelFn> = HashMap::new();
-        let mut fns = Vec::with_capacity(plan.steps.len());
-        for (step, s) in plan.steps.iter().enumerate() {
-            let f = match resolved.get(s.kernel.as_str()) {
-                Some(f) => *f,
-                None => {
-                    let f = library
-                        .kernel(&s.kernel)
-                        .map_err(|_| LoadError::MissingKernel {
-                            path: path.clone(),
-                            step,
-                            kernel: s.kernel.clone(),
-                        })?
-                        .raw();
-                    resolved.insert(&s.kernel, f);
-                    f
-                }
-            };
-            fns.push(f);
-        }
-
-        // Symbols, in order of first appearance among the inputs.
-        let mut sym_names: Vec<String> = Vec::new();
-        let sym_index =
-            |name: &str, names: &mut Vec<String>| match names.iter().position(|n| n == name) {
-                Some(i) => i,
-                None => {
-                    names.push(name.to_string());
-                    names.len() - 1
-                }
-            };
-        let resolve_shape = |shape: &[DimSpec], names: &mut Vec<String>| -> Vec<Dim> {
-            shape
-                .iter()
-                .map(|d| match d {
-                    DimSpec::Fixed(n) => Dim::Fixed(*n as usize),
-                    DimSpec::Sym(s) => Dim::Sym(sym_index(s, names)),
-                })
-                .collect()
-        };
-        let inputs: Vec<Vec<Dim>> = plan
-            .inputs
-            .iter()
-            .map(|io| resolve_shape(&io.shape, &mut sym_names))
-            .collect();
-        // `validate` guarantees outputs and steps use only symbols bound by inputs.
-        let outputs: Vec<Vec<Dim>> = plan
-            .outputs
-            .iter()
-            .map(|io| resolve_shape(&io.shape, &mut sym_names))
-            .collect();
-        let sym_max: Vec<Option<u64>> = sym_names
-            .iter()
-            .map(|n| plan.sym_bounds.iter().find(|b| &b.name == n).map(|b| b.max))
-            .collect();
-
         let mut weights_buf = AlignedBuf::from_bytes(&weights);
         drop(weights);
-        let mut arena = AlignedBuf::zeroed(plan.arena_bytes as usize);
         let wbase = weights_buf.as_mut_ptr();
-        let abase = arena.as_mut_ptr();
-        let mut args = Vec::with_capacity(plan.steps.len());
-        let mut arg_patches = Vec::new();
-        let mut dims = Vec::with_capacity(plan.steps.len());
-        let mut dim_patches = Vec::new();
-        for (si, s) in plan.steps.iter().enumerate() {
-            let a = s
-                .args
-                .iter()
-                .enumerate()
-                .map(|(ai, b)| match b {
-                    // SAFETY (both): `validate` checked the ranges lie inside the buffers.
-                    BufRef::Arena { offset, .. } => unsafe { abase.add(*offset as usize) },
-                    BufRef::Weight { index } => unsafe {
-                        wbase.add(plan.weights[*index].offset as usize)
-                    },
-                    BufRef::Input { index } => {
-                        arg_patches.push((si, ai, IoPatch::Input(*index)));
-                        std::ptr::null_mut()
-                    }
-                    BufRef::Output { index } => {
-                        arg_patches.push((si, ai, IoPatch::Output(*index)));
-                        std::ptr::null_mut()
-                    }
-                })
-                .collect();
-            args.push(a);
-            let d = s
-                .dims
-                .iter()
-                .enumerate()
-                .map(|(di, d)| match d {
-                    DimExpr::Const(c) => *c,
-                    DimExpr::Sym(name) => {
-                        let k = sym_index(name, &mut sym_names);
-                        dim_patches.push((si, di, k));
-                        0
-                    }
-                })
-                .collect();
-            dims.push(d);
+        let others = std::mem::take(&mut plan.variants);
+        let mut variants = Vec::with_capacity(1 + others.len());
+        for p in std::iter::once(plan).chain(others) {
+            variants.push(Instance::new(p, &library, wbase, &path)?);
         }
-        let n_syms = sym_names.len();
         Ok(Self {
             path,
             artifact_info: (compiler_version, target),
-            plan,
-            kernels: fns,
+            variants,
+            pool: None,
             _library: library,
             _weights: weights_buf,
-            _arena: arena,
-            inputs,
-            outputs,
-            sym_names,
-            sym_max,
-            sym_values: vec![0; n_syms],
-            sym_set: vec![false; n_syms],
-            args,
-            arg_patches,
-            dims,
-            dim_patches,
         })
     }
 
-    /// The execution plan.
+    /// Runs the kernels that split into tasks on `threads` threads (the caller's included);
+    /// 1 runs everything on the calling thread. Models start single-threaded.
+    pub fn set_threads(&mut self, threads: usize) {
+        let threads = threads.max(1);
+        if threads == self.threads() {
+            return;
+        }
+        self.pool = (threads > 1).then(|| Pool::new(threads));
+    }
+
+    /// Number of threads the model runs on (see [`Model::set_threads`]).
+    pub fn threads(&self) -> usize {
+        self.pool.as_ref().map_or(1, Pool::threads)
+    }
+
+    /// The execution plan (of the first shape variant).
     pub fn plan(&self) -> &ExecPlan {
-        &self.plan
+        &self.variants[0].plan
+    }
+
+    /// The execution plans of all shape variants, in the order they are tried.
+    pub fn plans(&self) -> impl Iterator<Item = &ExecPlan> {
+        self.variants.iter().map(|v| &v.plan)
     }
 
     /// The compiler version recorded in the artifact.
@@ -499,138 +394,50 @@ impl Model {
         &self.artifact_info.1
     }
 
-    /// Checks `inputs` against the plan and binds the symbolic dims.
-    fn bind(&mut self, inputs: &[TensorView<'_>]) -> Result<(), RunError> {
-        if inputs.len() != self.plan.inputs.len() {
-            return Err(RunError::InputCount {
-                expected: self.plan.inputs.len(),
-                got: inputs.len(),
-            });
-        }
-        self.sym_set.iter_mut().for_each(|s| *s = false);
-        for (i, (t, spec)) in inputs.iter().zip(&self.plan.inputs).enumerate() {
-            let err = |msg: String| RunError::Input {
-                index: i,
-                name: spec.name.clone(),
-                msg,
-            };
-            let shape_str = || {
-                let dims: Vec<String> = spec.shape.iter().map(|d| d.to_string()).collect();
-                format!("[{}]", dims.join(", "))
-            };
-            if t.dtype != spec.dtype {
-                return Err(err(format!(
-                    "dtype {} but the model expects {}",
-                    t.dtype, spec.dtype
-                )));
-            }
-            let decl = &self.inputs[i];
-            if t.shape.len() != decl.len() {
-                return Err(err(format!(
-                    "shape {:?} has rank {} but the model expects {} (rank {})",
-                    t.shape,
-                    t.shape.len(),
-                    shape_str(),
-                    decl.len()
-                )));
-            }
-            for (axis, (&n, d)) in t.shape.iter().zip(decl).enumerate() {
-                match *d {
-                    Dim::Fixed(m) if m != n => {
-                        return Err(err(format!(
-                            "shape {:?}: axis {axis} is {n} but the model expects {} ({})",
-                            t.shape,
-                            m,
-                            shape_str()
-                        )))
-                    }
-                    Dim::Fixed(_) => {}
-                    Dim::Sym(k) => {
-                        let name = &self.sym_names[k];
-                        let v = i64::try_from(n)
-                            .map_err(|_| err(format!("axis {axis}: size {n} too large")))?;
-                        if self.sym_set[k] {
-                            if self.sym_values[k] != v {
-                                return Err(err(format!(
-                                    "shape {:?}: axis {axis} ('{name}') is {n}, but '{name}' is \
-                                     {} from an earlier dimension",
-                                    t.shape, self.sym_values[k]
-                                )));
-                            }
-                        } else {
-                            if let Some(max) = self.sym_max[k] {
-                                if n as u64 > max {
-                                    return Err(err(format!(
-                                        "shape {:?}: axis {axis} ('{name}') is {n}, more than the \
-                                         {max} the model was compiled for",
-                                        t.shape
-                                    )));
-                                }
-                            }
-                            self.sym_values[k] = v;
-                            self.sym_set[k] = true;
-                        }
-                    }
+    /// Binds `inputs` to the first variant that accepts them and returns its index; with
+    /// several variants, an input no variant accepts gets an error listing the accepted
+    /// shapes.
+    fn select(&mut self, inputs: &[TensorView<'_>]) -> Result<usize, RunError> {
+        let mut first_err = None;
+        for (i, v) in self.variants.iter_mut().enumerate() {
+            match v.bind(inputs) {
+                Ok(()) => return Ok(i),
+                Err(e) => {
+                    first_err.get_or_insert(e);
                 }
             }
-            let bytes = t
-                .shape
-                .iter()
-                .try_fold(t.dtype.size_of(), |a, &n| a.checked_mul(n));
-            if bytes != Some(t.data.len()) {
-                return Err(err(format!(
-                    "shape {:?} of {} needs {} bytes, the data has {}",
-                    t.shape,
-                    t.dtype,
-                    bytes.map_or("too many".to_string(), |b| b.to_string()),
-                    t.data.len()
-                )));
-            }
-            // Element sizes are powers of two.
-            if (t.data.as_ptr() as usize) & (t.dtype.size_of() - 1) != 0 {
-                return Err(err(format!(
-                    "data is not aligned to {} bytes",
-                    t.dtype.size_of()
-                )));
-            }
         }
-        // Output sizes follow from the bound symbols; refuse ones that overflow `usize`.
-        for (o, (dims, spec)) in self.outputs.iter().zip(&self.plan.outputs).enumerate() {
-            let bytes = dims.iter().try_fold(spec.dtype.size_of(), |a, d| match *d {
-                Dim::Fixed(n) => a.checked_mul(n),
-                Dim::Sym(k) => a.checked_mul(self.sym_values[k] as usize),
-            });
-            if bytes.is_none() {
-                return Err(RunError::Output {
-                    index: o,
-                    name: spec.name.clone(),
-                    msg: "its size overflows for these input shapes".into(),
-                });
-            }
+        let err = first_err.expect("a model has at least one variant");
+        if self.variants.len() == 1 {
+            return Err(err);
         }
-        Ok(())
-    }
-
-    /// The shape of output `index` for the bound symbols.
-    fn output_shape(&self, index: usize) -> Vec<usize> {
-        self.outputs[index]
+        let accepted: Vec<String> = self
+            .variants
             .iter()
-            .map(|d| match *d {
-                Dim::Fixed(n) => n,
-                Dim::Sym(k) => self.sym_values[k] as usize,
+            .map(|v| {
+                let shapes: Vec<String> = v
+                    .plan
+                    .inputs
+                    .iter()
+                    .map(|io| {
+                        let d: Vec<String> = io.shape.iter().map(|d| d.to_string()).collect();
+                        format!("[{}]", d.join(", "))
+                    })
+                    .collect();
+                shapes.join(" ")
             })
-            .collect()
-    }
-
-    fn output_bytes(&self, index: usize) -> usize {
-        let n: usize = self.outputs[index]
-            .iter()
-            .map(|d| match *d {
-                Dim::Fixed(n) => n,
-                Dim::Sym(k) => self.sym_values[k] as usize,
-            })
-            .product();
-        n * self.plan.outputs[index].dtype.size_of()
+            .collect();
+        Err(match err {
+            RunError::Input { index, name, msg } => RunError::Input {
+                index,
+                name,
+                msg: format!(
+                    "{msg}; this artifact was compiled for these input shapes only: {}",
+                    accepted.join(", ")
+                ),
+            },
+            other => other,
+        })
     }
 
     /// The output shapes `inputs` would produce (checks the inputs like [`Model::run`]).
@@ -638,62 +445,24 @@ impl Model {
         &mut self,
         inputs: &[TensorView<'_>],
     ) -> Result<Vec<Vec<usize>>, RunError> {
-        self.bind(inputs)?;
-        Ok((0..self.outputs.len())
-            .map(|o| self.output_shape(o))
-            .collect())
-    }
-
-    /// Runs the kernels with the bound symbols; `out(o)` is output `o`'s buffer.
-    ///
-    /// # Safety
-    /// `bind` succeeded for `inputs`, and each `out(o)` is valid for `output_bytes(o)` bytes
-    /// of writes, aligned to the element size and disjoint from the inputs.
-    unsafe fn execute(
-        &mut self,
-        inputs: &[TensorView<'_>],
-        out: impl Fn(usize) -> *mut u8,
-        mut times: Option<&mut [std::time::Duration]>,
-    ) {
-        for &(s, a, p) in &self.arg_patches {
-            self.args[s][a] = match p {
-                IoPatch::Input(i) => inputs[i].data.as_ptr().cast_mut(),
-                IoPatch::Output(o) => out(o),
-            };
-        }
-        for &(s, d, k) in &self.dim_patches {
-            self.dims[s][d] = self.sym_values[k];
-        }
-        for (i, ((f, args), dims)) in self
-            .kernels
-            .iter()
-            .zip(&self.args)
-            .zip(&self.dims)
-            .enumerate()
-        {
-            let t = times.is_some().then(std::time::Instant::now);
-            // SAFETY: the plan was validated at load (buffers in range, inputs and weights
-            // only read), the inputs and outputs were checked by the caller; the kernels
-            // follow the uniform ABI the compiler promised for these args and dims.
-            unsafe { f(args.as_ptr(), dims.as_ptr()) };
-            if let (Some(times), Some(t)) = (times.as_deref_mut(), t) {
-                times[i] += t.elapsed();
-            }
-        }
+        let i = self.select(inputs)?;
+        let v = &self.variants[i];
+        Ok((0..v.outputs.len()).map(|o| v.output_shape(o)).collect())
     }
 
     /// Runs the model, returning freshly allocated outputs.
     pub fn run(&mut self, inputs: &[TensorView<'_>]) -> Result<Vec<Tensor>, RunError> {
-        self.bind(inputs)?;
-        let mut outs: Vec<Tensor> = (0..self.outputs.len())
-            .map(|o| Tensor::zeroed(self.plan.outputs[o].dtype, self.output_shape(o)))
+        let i = self.select(inputs)?;
+        let v = &mut self.variants[i];
+        let mut outs: Vec<Tensor> = (0..v.outputs.len())
+            .map(|o| Tensor::zeroed(v.plan.outputs[o].dtype, v.output_shape(o)))
             .collect();
         let ptrs: Vec<*mut u8> = outs
             .iter_mut()
             .map(|t| t.data.as_mut_slice().as_mut_ptr())
             .collect();
-        // SAFETY: bound above; the outputs are fresh, aligned and of the right size.
-        unsafe { self.execute(inputs, |o| ptrs[o], None) };
+        // SAFETY: bound by `select`; the outputs are fresh, aligned and of the right size.
+        unsafe { v.execute(inputs, |o| ptrs[o], None, self.pool.as_ref()) };
         Ok(outs)
     }
 
@@ -704,21 +473,21 @@ impl Model {
         inputs: &[TensorView<'_>],
         repeat: usize,
     ) -> Result<Vec<(String, std::time::Duration)>, RunError> {
-        self.bind(inputs)?;
-        let mut outs: Vec<Tensor> = (0..self.outputs.len())
-            .map(|o| Tensor::zeroed(self.plan.outputs[o].dtype, self.output_shape(o)))
+        let i = self.select(inputs)?;
+        let v = &mut self.variants[i];
+        let mut outs: Vec<Tensor> = (0..v.outputs.len())
+            .map(|o| Tensor::zeroed(v.plan.outputs[o].dtype, v.output_shape(o)))
             .collect();
         let ptrs: Vec<*mut u8> = outs
             .iter_mut()
             .map(|t| t.data.as_mut_slice().as_mut_ptr())
             .collect();
-        let mut times = vec![std::time::Duration::ZERO; self.kernels.len()];
+        let mut times = vec![std::time::Duration::ZERO; v.kernels.len()];
         for _ in 0..repeat {
             // SAFETY: as in `run`.
-            unsafe { self.execute(inputs, |o| ptrs[o], Some(&mut times)) };
+            unsafe { v.execute(inputs, |o| ptrs[o], Some(&mut times), self.pool.as_ref()) };
         }
-        Ok(self
-            .plan
+        Ok(v.plan
             .steps
             .iter()
             .zip(times)
@@ -734,26 +503,27 @@ impl Model {
         inputs: &[TensorView<'_>],
         outputs: &mut [&mut [u8]],
     ) -> Result<(), RunError> {
-        self.bind(inputs)?;
-        if outputs.len() != self.outputs.len() {
+        let i = self.select(inputs)?;
+        let v = &mut self.variants[i];
+        if outputs.len() != v.outputs.len() {
             return Err(RunError::OutputCount {
-                expected: self.outputs.len(),
+                expected: v.outputs.len(),
                 got: outputs.len(),
             });
         }
         for (o, buf) in outputs.iter().enumerate() {
-            let spec = &self.plan.outputs[o];
+            let spec = &v.plan.outputs[o];
             let err = |msg: String| RunError::Output {
                 index: o,
                 name: spec.name.clone(),
                 msg,
             };
-            let need = self.output_bytes(o);
+            let need = v.output_bytes(o);
             if buf.len() != need {
                 return Err(err(format!(
                     "buffer has {} bytes, the output (shape {:?}, {}) needs {need}",
                     buf.len(),
-                    self.output_shape(o),
+                    v.output_shape(o),
                     spec.dtype
                 )));
             }
@@ -765,9 +535,16 @@ impl Model {
             }
         }
         let base = outputs.as_mut_ptr();
-        // SAFETY: bound above; buffer sizes and alignment checked; `&mut` buffers cannot alias
-        // the shared input slices. `base.add(o)` stays within `outputs` (o < len).
-        unsafe { self.execute(inputs, |o| (*base.add(o)).as_mut_ptr(), None) };
+        // SAFETY: bound by `select`; buffer sizes and alignment checked; `&mut` buffers cannot
+        // alias the shared input slices. `base.add(o)` stays within `outputs` (o < len).
+        unsafe {
+            v.execute(
+                inputs,
+                |o| (*base.add(o)).as_mut_ptr(),
+                None,
+                self.pool.as_ref(),
+            )
+        };
         Ok(())
     }
 }

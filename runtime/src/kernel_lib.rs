@@ -92,7 +92,8 @@ impl KernelHandle<'_> {
         self.f
     }
 
-    /// Calls the kernel.
+    /// Calls the kernel on all its tasks; `dims` holds its symbolic dims (the task range
+    /// `[0, i64::MAX]` is put in front, see the ABI in `kiln_codegen::cpu::abi`).
     ///
     /// # Safety
     /// `args` must hold exactly the buffers the kernel expects, each valid for the sizes the
@@ -100,7 +101,19 @@ impl KernelHandle<'_> {
     /// inputs unless the kernel allows it), and `dims` must hold all its symbolic dims.
     pub unsafe fn call(&self, args: &[*mut u8], dims: &[i64]) {
         // SAFETY: upheld by the caller.
-        unsafe { (self.f)(args.as_ptr(), dims.as_ptr()) }
+        unsafe { self.call_tasks(args, 0, i64::MAX, dims) }
+    }
+
+    /// Calls the kernel on its tasks `begin..end` only.
+    ///
+    /// # Safety
+    /// As [`KernelHandle::call`]; calls running at the same time must have disjoint ranges.
+    pub unsafe fn call_tasks(&self, args: &[*mut u8], begin: i64, end: i64, dims: &[i64]) {
+        let mut all = Vec::with_capacity(dims.len() + 2);
+        all.extend_from_slice(&[begin, end]);
+        all.extend_from_slice(dims);
+        // SAFETY: upheld by the caller.
+        unsafe { (self.f)(args.as_ptr(), all.as_ptr()) }
     }
 }
 

@@ -4,10 +4,13 @@
 //! - [`artifact`]: the `MODEL.kiln` file format (plan + weights + kernel library).
 //! - [`executor`]: [`Model`] loads an artifact once and runs it.
 //! - [`kernel_lib`]: loading kernel shared libraries and calling kernels.
+//! - [`pool`]: the spinning fork-join pool that runs a kernel's task ranges on several cores.
 pub mod artifact;
 pub mod executor;
+mod instance;
 pub mod kernel_lib;
 pub mod plan;
+pub mod pool;
 
 pub use artifact::{Artifact, ArtifactError};
 pub use executor::{AlignedBuf, LoadError, Model, RunError, Tensor, TensorView};

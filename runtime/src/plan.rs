@@ -181,8 +181,17 @@ pub struct Step {
     /// How many of `args` are inputs (read); the rest are written and must be
     /// [`BufRef::Arena`] or [`BufRef::Output`].
     pub num_inputs: usize,
-    /// The kernel's `dims` array.
+    /// The kernel's symbolic dims (`dims[2..]` of the kernel ABI; the runtime puts the task
+    /// range in `dims[0..2]`).
     pub dims: Vec<DimExpr>,
+    /// Number of independent work items of the kernel (1: serial); with several threads the
+    /// runtime splits `0..tasks` into contiguous ranges, one per thread.
+    #[serde(default = "one")]
+    pub tasks: u64,
+}
+
+fn one() -> u64 {
+    1
 }
 
 /// The largest value a symbolic dim may take at run time.
@@ -210,6 +219,12 @@ pub struct ExecPlan {
     /// Upper bounds of symbolic dims (see the module documentation).
     #[serde(default)]
     pub sym_bounds: Vec<SymBound>,
+    /// Other shape variants of the same model (e.g. one specialisation per batch size up to
+    /// `--max-batch`), each a complete plan over the same weights blob and kernel library;
+    /// the runtime runs the first plan (this one, then these in order) whose input shapes
+    /// accept the inputs. Variants have no variants of their own.
+    #[serde(default)]
+    pub variants: Vec<ExecPlan>,
 }
 
 impl ExecPlan {
@@ -218,6 +233,23 @@ impl ExecPlan {
     /// in range, kernels writing only arena or outputs, every output written, symbolic names
     /// bound by some input. The error names the offending item.
     pub fn validate(&self, weights_len: u64) -> Result<(), String> {
+        for (k, v) in self.variants.iter().enumerate() {
+            if !v.variants.is_empty() {
+                return Err(format!("variant {k}: nested variants"));
+            }
+            v.validate(weights_len)
+                .map_err(|e| format!("variant {}: {e}", k + 1))?;
+            if v.inputs.len() != self.inputs.len() || v.outputs.len() != self.outputs.len() {
+                return Err(format!(
+                    "variant {}: {} inputs and {} outputs, the main plan has {} and {}",
+                    k + 1,
+                    v.inputs.len(),
+                    v.outputs.len(),
+                    self.inputs.len(),
+                    self.outputs.len()
+                ));
+            }
+        }
         for (i, w) in self.weights.iter().enumerate() {
             if w.offset % ALIGNMENT as u64 != 0 {
                 return Err(format!(
@@ -266,6 +298,9 @@ impl ExecPlan {
         let mut written = vec![false; self.outputs.len()];
         for (si, step) in self.steps.iter().enumerate() {
             let at = || format!("step {si} ('{}')", step.kernel);
+            if step.tasks == 0 || step.tasks > i64::MAX as u64 {
+                return Err(format!("{}: tasks {} out of range", at(), step.tasks));
+            }
             if step.num_inputs > step.args.len() {
                 return Err(format!(
                     "{}: num_inputs {} exceeds its {} args",
@@ -356,11 +391,20 @@ impl ExecPlan {
     }
 }
 
-/// Builds a weights blob: appends each weight at the next multiple of [`ALIGNMENT`].
+/// Builds a weights blob: appends each weight at the next multiple of [`ALIGNMENT`]; a weight
+/// whose bytes equal an earlier one's is stored once.
 #[derive(Debug, Default)]
 pub struct WeightsBuilder {
     blob: Vec<u8>,
     specs: Vec<WeightSpec>,
+    by_hash: std::collections::HashMap<u64, Vec<usize>>,
+}
+
+/// FNV-1a over the bytes (to find candidate duplicates; equality is checked in full).
+fn fnv1a(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 impl WeightsBuilder {
@@ -369,8 +413,19 @@ impl WeightsBuilder {
         Self::default()
     }
 
-    /// Appends a weight and returns its index (for [`BufRef::Weight`]).
+    /// Appends a weight and returns its index (for [`BufRef::Weight`]); the index of an
+    /// earlier weight with the same bytes if there is one.
     pub fn push(&mut self, name: &str, data: &[u8]) -> usize {
+        let h = fnv1a(data);
+        let candidates = self.by_hash.entry(h).or_default();
+        for &i in candidates.iter() {
+            let w = &self.specs[i];
+            let (o, n) = (w.offset as usize, w.bytes as usize);
+            if self.blob[o..o + n] == *data {
+                return i;
+            }
+        }
+        candidates.push(self.specs.len());
         let offset = self.blob.len().next_multiple_of(ALIGNMENT);
         self.blob.resize(offset, 0);
         self.blob.extend_from_slice(data);

@@ -44,6 +44,24 @@ fn add_relu_end_to_end() {
 }
 
 #[test]
+fn task_split_kernels_run_on_several_threads() {
+    // `add_f32` declares 8 tasks (one per element): with 2, 3 and 5 threads each thread runs
+    // a disjoint element range; the result must not depend on the split.
+    let (_dir, path) = saved_model(&common::add_relu_artifact(common::kernel_library()));
+    let mut model = Model::load(&path).unwrap();
+    assert_eq!(model.threads(), 1);
+    for threads in [2, 3, 5, 1] {
+        model.set_threads(threads);
+        assert_eq!(model.threads(), threads);
+        for k in 0..50 {
+            let x: Vec<f32> = (0..8).map(|i| (i as f32 - 3.5) * k as f32).collect();
+            let out = model.run(&[TensorView::from_f32(&[2, 4], &x)]).unwrap();
+            assert_eq!(out[0].as_f32().unwrap(), expected_add_relu(&x).as_slice());
+        }
+    }
+}
+
+#[test]
 fn dynamic_batch_binds_symbols() {
     let (_dir, path) = saved_model(&common::dynamic_artifact(common::kernel_library()));
     let mut model = Model::load(&path).unwrap();
@@ -158,4 +176,38 @@ fn bad_kernel_library_and_target_are_refused() {
 fn model_is_send() {
     fn is_send<T: Send>() {}
     is_send::<Model>();
+}
+
+#[test]
+fn shape_variants_are_chosen_by_input_shape() {
+    // The main plan takes x: f32[2, 4]; a variant built from the same steps takes f32[1, 4].
+    let mut a = common::add_relu_artifact(common::kernel_library());
+    let mut v = a.plan.clone();
+    for io in v.inputs.iter_mut().chain(v.outputs.iter_mut()) {
+        io.shape[0] = kiln_runtime::DimSpec::Fixed(1);
+    }
+    for s in &mut v.steps {
+        s.dims = vec![kiln_runtime::DimExpr::Const(4)];
+        s.tasks = s.tasks.min(4);
+    }
+    a.plan.variants.push(v);
+    let (_dir, path) = saved_model(&a);
+    let mut model = Model::load(&path).unwrap();
+    assert_eq!(model.plans().count(), 2);
+    let x2 = [-3.0f32, 0.5, -2.5, 3.0, 1.0, 1.0, -1.0, -20.0];
+    let out = model.run(&[TensorView::from_f32(&[2, 4], &x2)]).unwrap();
+    assert_eq!(out[0].as_f32().unwrap(), expected_add_relu(&x2).as_slice());
+    let x1 = [4.0f32, -0.5, -2.5, 3.0];
+    let out = model.run(&[TensorView::from_f32(&[1, 4], &x1)]).unwrap();
+    assert_eq!(out[0].shape, vec![1, 4]);
+    assert_eq!(out[0].as_f32().unwrap(), &expected_add_relu(&x1)[..4]);
+    let x3 = [0f32; 12];
+    let err = model
+        .run(&[TensorView::from_f32(&[3, 4], &x3)])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("compiled for these input shapes only: [2, 4], [1, 4]"),
+        "{err}"
+    );
 }

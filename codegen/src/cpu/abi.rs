@@ -9,7 +9,12 @@
 //! * `args[i]` is the base address of the i-th tensor buffer: inputs first, then outputs, in
 //!   the order the kernel's [`KernelSignature`](super::KernelSignature) lists them. Buffers are
 //!   dense, row-major (C order) and need no particular alignment beyond 4 bytes for `f32`.
-//! * `dims[j]` is the runtime value of the kernel's j-th symbolic dimension (see
+//! * `dims[0]`, `dims[1]` are the task range `[begin, end)`: a kernel that splits into
+//!   [`KernelSignature::tasks`](super::KernelSignature::tasks) `= T` independent work items
+//!   processes items `begin..end` (clamped to `0..T`), so the runtime can run disjoint ranges
+//!   on several threads at once; `[0, i64::MAX]` runs everything. Serial kernels (`T = 1`)
+//!   ignore it.
+//! * `dims[2 + j]` is the runtime value of the kernel's j-th symbolic dimension (see
 //!   [`KernelSignature::dims`](super::KernelSignature::dims)), so one compiled kernel serves
 //!   every size of a dynamic shape.
 //!
@@ -20,6 +25,10 @@
 //! lowering. The kernel body then works on memrefs like any MLIR code.
 
 use std::fmt::Write as _;
+
+/// Number of leading `dims` entries that hold the task range (`dims[0..2]`); symbolic dim
+/// `j` is `dims[TASK_DIMS + j]`.
+pub const TASK_DIMS: usize = 2;
 
 /// The size of one memref dimension in a kernel prologue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,8 +59,36 @@ impl Prologue {
         format!("%{stem}{}", self.next)
     }
 
-    /// The `i64` SSA value of `dims[i]`, loading it once.
+    /// The `i64` SSA value of symbolic dim `i` (`dims[TASK_DIMS + i]`), loading it once.
     pub fn dim_i64(&mut self, i: usize) -> String {
+        self.raw_dim_i64(TASK_DIMS + i)
+    }
+
+    /// The task range `[begin, end)` of this call as `index` SSA values, clamped to
+    /// `0..tasks` (`tasks`: an `index` SSA value or constant literal defined before the
+    /// prologue's end, e.g. from [`Prologue::const_index`]).
+    pub fn task_range(&mut self, tasks: &str) -> (String, String) {
+        let b = self.raw_dim_i64(0);
+        let e = self.raw_dim_i64(1);
+        let (bi, ei) = (self.fresh("tb"), self.fresh("te"));
+        let zero = self.const_index(0);
+        let (b1, e1, b2) = (self.fresh("tb"), self.fresh("te"), self.fresh("tb"));
+        let _ = writeln!(
+            self.text,
+            "  {bi} = arith.index_cast {b} : i64 to index\n  {ei} = arith.index_cast {e} : i64 to index\n  {b1} = arith.maxsi {bi}, {zero} : index\n  {e1} = arith.minsi {ei}, {tasks} : index\n  {b2} = arith.minsi {b1}, {e1} : index"
+        );
+        (b2, e1)
+    }
+
+    /// An `index` constant.
+    pub fn const_index(&mut self, c: i64) -> String {
+        let v = self.fresh("ci");
+        let _ = writeln!(self.text, "  {v} = arith.constant {c} : index");
+        v
+    }
+
+    /// The `i64` SSA value of `dims[i]` (raw position), loading it once.
+    fn raw_dim_i64(&mut self, i: usize) -> String {
         if self.loaded_dims.len() <= i {
             self.loaded_dims.resize(i + 1, None);
         }
@@ -97,14 +134,61 @@ impl Prologue {
     /// such as `f32`, `i64`, `i8`) and returns the SSA name of the memref (type
     /// [`memref_type_of`]`(shape.len(), elem)`).
     pub fn memref(&mut self, arg: usize, shape: &[Dim], elem: &str) -> String {
+        self.memref_impl(arg, shape, elem, None)
+    }
+
+    /// Declares rows `[begin, begin + count)` (along axis 0) of `args[arg]`, a dense
+    /// row-major buffer of shape `shape` and element type `elem`, as a memref of shape
+    /// `[count, shape[1..]]` (`begin`, `count`: `index` SSA values). Used by kernels that
+    /// split their work into row ranges ([`Prologue::task_range`]).
+    pub fn memref_rows(
+        &mut self,
+        arg: usize,
+        shape: &[Dim],
+        elem: &str,
+        begin: &str,
+        count: &str,
+    ) -> String {
+        self.memref_impl(arg, shape, elem, Some((begin, count)))
+    }
+
+    fn memref_impl(
+        &mut self,
+        arg: usize,
+        shape: &[Dim],
+        elem: &str,
+        rows: Option<(&str, &str)>,
+    ) -> String {
         let rank = shape.len();
+        assert!(rows.is_none() || rank > 0, "a row range needs rank >= 1");
         let g = self.fresh("ag");
-        let p = self.fresh("p");
+        let mut p = self.fresh("p");
         let _ = writeln!(
             self.text,
             "  {g} = llvm.getelementptr %args[{arg}] : (!llvm.ptr) -> !llvm.ptr, !llvm.ptr\n  {p} = llvm.load {g} : !llvm.ptr -> !llvm.ptr"
         );
-        let sizes: Vec<String> = shape.iter().map(|&d| self.dim_value(d)).collect();
+        let mut sizes: Vec<String> = shape.iter().map(|&d| self.dim_value(d)).collect();
+        if let Some((begin, count)) = rows {
+            // Advance the base pointer by begin * (elements per row); axis 0 becomes `count`.
+            let mut row = self.dim_value(Dim::Const(1));
+            for s in &sizes[1..] {
+                let m = self.fresh("s");
+                let _ = writeln!(self.text, "  {m} = llvm.mul {row}, {s} : i64");
+                row = m;
+            }
+            let (b, off, q, c) = (
+                self.fresh("rb"),
+                self.fresh("ro"),
+                self.fresh("p"),
+                self.fresh("rc"),
+            );
+            let _ = writeln!(
+                self.text,
+                "  {b} = arith.index_cast {begin} : index to i64\n  {off} = llvm.mul {b}, {row} : i64\n  {q} = llvm.getelementptr {p}[{off}] : (!llvm.ptr, i64) -> !llvm.ptr, {elem}\n  {c} = arith.index_cast {count} : index to i64"
+            );
+            p = q;
+            sizes[0] = c;
+        }
         // Row-major strides, innermost first.
         let mut strides = vec![String::new(); rank];
         let mut acc = self.dim_value(Dim::Const(1));

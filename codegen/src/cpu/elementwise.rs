@@ -31,6 +31,7 @@ pub fn mul_add_relu(name: &str) -> Kernel {
             inputs: 3,
             outputs: 1,
             dims: vec!["m".into(), "n".into()],
+            tasks: 1,
         },
         mlir: p.finish(name),
         pipeline: LINALG_LOOPS_PIPELINE.to_string(),

@@ -117,6 +117,7 @@ pub fn matmul(name: &str, schedule: &MatmulSchedule, epilogue: Epilogue) -> Kern
             inputs,
             outputs: 1,
             dims: vec!["M".into(), "N".into(), "K".into()],
+            tasks: 1,
         },
         mlir: p.finish(name),
         pipeline: VECTOR_PIPELINE.to_string(),

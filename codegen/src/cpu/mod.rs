@@ -27,8 +27,13 @@ pub struct KernelSignature {
     pub inputs: usize,
     /// Number of output buffers (`args[inputs..inputs + outputs]`).
     pub outputs: usize,
-    /// Names of the symbolic dimensions, in `dims[]` order.
+    /// Names of the symbolic dimensions, in `dims[]` order (after the task range, see
+    /// [`abi`]).
     pub dims: Vec<String>,
+    /// Number of independent work items the kernel splits into (1: serial). A call
+    /// processes the items `[dims[0], dims[1])` (clamped to `0..tasks`), so the runtime may
+    /// run disjoint ranges on different threads at the same time.
+    pub tasks: u64,
 }
 
 /// One kernel: its signature, its MLIR module text and the pass pipeline that lowers that

@@ -199,8 +199,15 @@ pub fn check(g: &Graph, inputs: &[Tensor]) -> Report {
             .kernel(&lk.kernel.signature.name)
             .unwrap();
         assert!(lk.kernel.signature.dims.is_empty(), "static shapes");
-        // SAFETY: buffers hold the kernel's inputs and outputs at their static shapes.
-        unsafe { kern.call(&ptrs, &[]) };
+        // A kernel split into tasks runs as three consecutive task ranges (the last one
+        // past the end), as the runtime's threads would: the result must not change.
+        let tasks = lk.kernel.signature.tasks as i64;
+        let cuts = [0, tasks / 3, 2 * tasks / 3, tasks + 5];
+        for w in cuts.windows(2) {
+            // SAFETY: buffers hold the kernel's inputs and outputs at their static shapes;
+            // the ranges are disjoint.
+            unsafe { kern.call_tasks(&ptrs, w[0], w[1], &[]) };
+        }
         for (i, (&v, w)) in lk.outputs.iter().zip(&want).enumerate() {
             let b = &bufs[lk.inputs.len() + i];
             // SAFETY: the buffer holds at least `byte_size` bytes.

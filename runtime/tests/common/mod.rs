@@ -6,32 +6,39 @@ use kiln_runtime::plan::WeightsBuilder;
 use kiln_runtime::{Artifact, BufRef, DType, DimExpr, DimSpec, ExecPlan, IoSpec, Step, SymBound};
 use std::process::Command;
 
-/// Kernels following the uniform ABI `void k(void *const *args, const int64_t *dims)`.
+/// Kernels following the uniform ABI `void k(void *const *args, const int64_t *dims)`:
+/// `dims[0..2]` is the task range, the kernel's own dims follow (`d = dims + 2`).
 const KERNELS_C: &str = r#"
 #include <stdint.h>
-/* out = a + b, dims[0] = length */
+/* out = a + b, d[0] = length; one task per element: runs elements [dims[0], dims[1]) */
 void add_f32(void *const *args, const int64_t *dims) {
+    const int64_t *d = dims + 2;
     const float *a = args[0], *b = args[1]; float *o = args[2];
-    for (int64_t i = 0; i < dims[0]; i++) o[i] = a[i] + b[i];
+    int64_t end = dims[1] < d[0] ? dims[1] : d[0];
+    for (int64_t i = dims[0] < 0 ? 0 : dims[0]; i < end; i++) o[i] = a[i] + b[i];
 }
 /* out = max(x, 0), dims[0] = length */
 void relu_f32(void *const *args, const int64_t *dims) {
+    dims += 2;
     const float *x = args[0]; float *o = args[1];
     for (int64_t i = 0; i < dims[0]; i++) o[i] = x[i] > 0.0f ? x[i] : 0.0f;
 }
 /* out = max(x, 0) on [rows, cols], dims = [rows, cols] */
 void relu2d_f32(void *const *args, const int64_t *dims) {
+    dims += 2;
     const float *x = args[0]; float *o = args[1];
     for (int64_t i = 0; i < dims[0] * dims[1]; i++) o[i] = x[i] > 0.0f ? x[i] : 0.0f;
 }
 /* out[r][c] = x[r][c] + b[c], dims = [rows, cols] */
 void add_row_bias_f32(void *const *args, const int64_t *dims) {
+    dims += 2;
     const float *x = args[0], *b = args[1]; float *o = args[2];
     for (int64_t r = 0; r < dims[0]; r++)
         for (int64_t c = 0; c < dims[1]; c++) o[r * dims[1] + c] = x[r * dims[1] + c] + b[c];
 }
 /* out[r] = number of x[r][c] > 0 (i64), dims = [rows, cols] */
 void count_pos_f32_i64(void *const *args, const int64_t *dims) {
+    dims += 2;
     const float *x = args[0]; int64_t *o = args[1];
     for (int64_t r = 0; r < dims[0]; r++) {
         int64_t n = 0;
@@ -97,6 +104,7 @@ pub fn add_relu_artifact(kernels: Vec<u8>) -> Artifact {
                 ],
                 num_inputs: 2,
                 dims: vec![DimExpr::Const(8)],
+                tasks: 8,
             },
             Step {
                 kernel: "relu_f32".into(),
@@ -109,9 +117,11 @@ pub fn add_relu_artifact(kernels: Vec<u8>) -> Artifact {
                 ],
                 num_inputs: 1,
                 dims: vec![DimExpr::Const(8)],
+                tasks: 1,
             },
         ],
         sym_bounds: vec![],
+        variants: vec![],
     };
     Artifact {
         compiler_version: "kiln-test 0.0.0".into(),
@@ -163,24 +173,28 @@ pub fn dynamic_artifact(kernels: Vec<u8>) -> Artifact {
                 ],
                 num_inputs: 2,
                 dims: vec![DimExpr::Sym("batch".into()), DimExpr::Const(3)],
+                tasks: 1,
             },
             Step {
                 kernel: "relu2d_f32".into(),
                 args: vec![h.clone(), BufRef::Output { index: 0 }],
                 num_inputs: 1,
                 dims: vec![DimExpr::Sym("batch".into()), DimExpr::Const(3)],
+                tasks: 1,
             },
             Step {
                 kernel: "count_pos_f32_i64".into(),
                 args: vec![h, BufRef::Output { index: 1 }],
                 num_inputs: 1,
                 dims: vec![DimExpr::Sym("batch".into()), DimExpr::Const(3)],
+                tasks: 1,
             },
         ],
         sym_bounds: vec![SymBound {
             name: "batch".into(),
             max: 4,
         }],
+        variants: vec![],
     };
     Artifact {
         compiler_version: "kiln-test 0.0.0".into(),

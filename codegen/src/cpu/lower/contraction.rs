@@ -17,7 +17,7 @@ use crate::cpu::abi::{Dim as PDim, Prologue};
 use crate::cpu::matmul::{matmul_memref_func, MatmulSchedule, STRIDED_2D};
 use crate::cpu::{Kernel, KernelSignature};
 use kiln_ir::ops::linalg::LinalgOp;
-use kiln_ir::{DType, Dim, Graph, Op};
+use kiln_ir::{DType, Dim, Graph, Op, ValueId};
 use kiln_passes::fusion;
 use std::fmt::Write as _;
 
@@ -116,16 +116,29 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered
         }
     };
     let a_cols = a_s[a_s.len() - 1].clone();
+    let split = row_split(g, k, batch.is_some() || ta, a_v, b_v, &y_s);
 
     let mut syms = SymDims::default();
     let mut p = Prologue::new();
+    // Row-split kernels (see `row_split`): the task range is a range of product rows, and
+    // A, the outputs and the full-size epilogue inputs are declared as those rows only.
+    let rows = split.map(|(m, _)| {
+        let tasks = p.const_index(m as i64);
+        let (b, e) = p.task_range(&tasks);
+        p.push(&format!("  %rows_n = arith.subi {e}, {b} : index"));
+        (b, "%rows_n".to_string())
+    });
+    let rows_view = |p: &mut Prologue, arg: usize, shape: &[PDim], elem: &str| match &rows {
+        Some((b, n)) => p.memref_rows(arg, shape, elem, b, n),
+        None => p.memref(arg, shape, elem),
+    };
     let mut body = Body::default();
     let mut args = Vec::new();
     let mut ins = Vec::new();
     let epi_nodes: Vec<usize> = k.nodes.iter().copied().filter(|&n| n != ci).collect();
     // A and B.
     let a_dims = [syms.dim(&a_rows)?, syms.dim(&a_cols)?];
-    let a_mem = p.memref_f32(0, &a_dims);
+    let a_mem = rows_view(&mut p, 0, &a_dims, "f32");
     let b_dims = match batch {
         Some((nb, [_, n, k])) => vec![PDim::Const((nb * k) as i64), PDim::Const(n as i64)],
         None => syms.dims(&b_s)?,
@@ -147,6 +160,28 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered
         let ty = Ty::of(g.values[v].fact.dtype)?;
         match classify_input(g, v, &y_s)? {
             InputKind::Scalar(x) => body.bind_const(v, x, ty),
+            InputKind::Buffer(dims) if split.is_some() => {
+                let (m, n) = split.unwrap_or_default();
+                let (memref, dims) = if row_vector(&dims, &y_s) {
+                    (
+                        p.memref(args.len(), &[PDim::Const(n as i64)], ty.storage()),
+                        vec![1],
+                    )
+                } else {
+                    let shape = [PDim::Const(m as i64), PDim::Const(n as i64)];
+                    (
+                        rows_view(&mut p, args.len(), &shape, ty.storage()),
+                        vec![0, 1],
+                    )
+                };
+                args.push(v);
+                ins.push(GenericInput {
+                    value: v,
+                    memref,
+                    dims,
+                    ty,
+                });
+            }
             InputKind::Buffer(dims) => {
                 let sd: Vec<Dim> = dims.iter().map(|&d| y_s[d].clone()).collect();
                 let memref = p.memref(args.len(), &syms.dims(&sd)?, ty.storage());
@@ -160,11 +195,15 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered
             }
         }
     }
-    let full = syms.dims(&y_s)?;
+    let full = match split {
+        Some((m, n)) => vec![PDim::Const(m as i64), PDim::Const(n as i64)],
+        None => syms.dims(&y_s)?,
+    };
+    let rank = full.len();
     let mut outs = Vec::new();
     for (i, &v) in k.outputs.iter().enumerate() {
         let ty = Ty::of(g.values[v].fact.dtype)?;
-        let memref = p.memref(args.len() + i, &full, ty.storage());
+        let memref = rows_view(&mut p, args.len() + i, &full, ty.storage());
         outs.push(GenericOutput {
             value: v,
             memref,
@@ -180,7 +219,7 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered
         if ta { a_dims[1] } else { a_dims[0] },
         if tb { b_dims[0] } else { b_dims[1] },
     );
-    let p2 = p.memref_f32(args.len() + pi, &[m_d, n_d]);
+    let p2 = rows_view(&mut p, args.len() + pi, &[m_d, n_d], "f32");
     let mut t = String::new();
     let operand = |p: &mut Prologue, t: &mut String, mem: &str, trans: bool, d: [PDim; 2]| {
         if !trans {
@@ -241,11 +280,11 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered
             GenericInput {
                 value: y_v,
                 memref: outs[pi].memref.clone(),
-                dims: (0..y_s.len()).collect(),
+                dims: (0..rank).collect(),
                 ty: Ty::F32,
             },
         );
-        let text = emit_generic(g, y_s.len(), &ins, &outs, body, &epi_nodes, |b| {
+        let text = emit_generic(g, rank, &ins, &outs, body, &epi_nodes, |b| {
             let (mut y, _) = b.get(y_v, g)?;
             if alpha != 1.0 {
                 let a = b.fc(alpha);
@@ -285,9 +324,65 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered
             inputs: args.len(),
             outputs: outs.len(),
             dims: syms.0,
+            tasks: split.map_or(1, |(m, _)| m as u64),
         },
         mlir,
         pipeline: GRAPH_KERNEL_PIPELINE.to_string(),
     };
     Ok((kernel, args, k.outputs.clone()))
+}
+
+/// Whether a contraction kernel can split its product rows into tasks, and then its
+/// `(rows, cols)` as a 2-D problem: a static, non-batched, non-transposed-A product whose
+/// output (all of them) and every epilogue buffer either has the output's full shape (its
+/// elements then are the same `[rows, cols]` matrix) or is a row vector over the last axis
+/// (`row_vector`). Every task is one row, so threads get balanced, contiguous row blocks.
+fn row_split(
+    g: &Graph,
+    k: &fusion::Kernel,
+    batched_or_transposed: bool,
+    a: ValueId,
+    b: ValueId,
+    y_s: &[Dim],
+) -> Option<(usize, usize)> {
+    if batched_or_transposed || y_s.len() < 2 {
+        return None;
+    }
+    let known: Vec<usize> = y_s.iter().map(Dim::known).collect::<Option<_>>()?;
+    let n = *known.last()?;
+    let m: usize = known[..known.len() - 1].iter().product();
+    if m < 2 {
+        return None;
+    }
+    for &v in &k.inputs {
+        if v == a || v == b {
+            continue;
+        }
+        match classify_input(g, v, y_s).ok()? {
+            InputKind::Scalar(_) => {}
+            InputKind::Buffer(dims) => {
+                if !row_vector(&dims, y_s) && !full_shape(&dims, y_s) {
+                    return None;
+                }
+            }
+        }
+    }
+    k.outputs
+        .iter()
+        .all(|&o| g.values[o].fact.shape.dims() == y_s)
+        .then_some((m, n))
+}
+
+/// Whether an input whose kept dims (see `classify_input`) are `dims` covers every
+/// non-unit axis of the iteration shape `y_s`.
+fn full_shape(dims: &[usize], y_s: &[Dim]) -> bool {
+    (0..y_s.len()).all(|a| y_s[a] == Dim::Known(1) || dims.contains(&a))
+}
+
+/// Whether an input whose kept dims are `dims` varies along the last axis of `y_s` only.
+fn row_vector(dims: &[usize], y_s: &[Dim]) -> bool {
+    let last = y_s.len() - 1;
+    y_s[last] != Dim::Known(1)
+        && dims.contains(&last)
+        && dims.iter().all(|&a| a == last || y_s[a] == Dim::Known(1))
 }

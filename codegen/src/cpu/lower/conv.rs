@@ -1137,6 +1137,7 @@ pub fn lower_with(
             inputs: args.len(),
             outputs: k.outputs.len(),
             dims: syms.0,
+            tasks: 1,
         },
         mlir,
         pipeline: GRAPH_KERNEL_PIPELINE.to_string(),

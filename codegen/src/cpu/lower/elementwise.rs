@@ -143,6 +143,7 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered
             inputs: arg_vals.len(),
             outputs: outs.len(),
             dims: syms.0,
+            tasks: 1,
         },
         mlir: p.finish(name),
         pipeline: GRAPH_KERNEL_PIPELINE.to_string(),

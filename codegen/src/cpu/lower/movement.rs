@@ -5,7 +5,8 @@
 //! it and stores it: `Transpose` (any permutation), `Gather` (any axis, `i64` indices,
 //! negative indices wrapped), `Split` and `Slice` (static starts and steps, offsets on the
 //! axis), `Concat` (each input stored at its offset), `Expand` (broadcast inputs read at
-//! index 0) and `Identity`-like copies. Element types: `f32`, `i64` and `bool` (bytes).
+//! index 0), `Identity`-like copies, and `Reshape`/`Flatten`/`Squeeze`/`Unsqueeze` whose
+//! result is a graph output (a flat copy; elsewhere they are zero-copy `Alias` views). Element types: `f32`, `i64` and `bool` (bytes).
 
 use super::elementwise::Body;
 use super::{Lowered, Ty, GRAPH_KERNEL_PIPELINE};
@@ -137,16 +138,34 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered
     {
         return Err("a data movement input other than data is not constant".into());
     }
+    // Reshape-like ops (a graph output, so not a zero-copy view): a flat copy.
+    let reshape_like = matches!(
+        node.op,
+        Op::Array(
+            ArrayOp::Reshape { .. }
+                | ArrayOp::Flatten { .. }
+                | ArrayOp::Squeeze { .. }
+                | ArrayOp::Unsqueeze { .. }
+        )
+    );
+    let flat = |v: ValueId| -> Result<Vec<usize>, String> {
+        let s = known(g, v)?;
+        Ok(if reshape_like {
+            vec![s.iter().product()]
+        } else {
+            s
+        })
+    };
     let mut mems = Vec::new();
     for (i, &v) in buf_inputs.iter().enumerate() {
-        let s = known(g, v)?;
+        let s = flat(v)?;
         let ty = Ty::of(g.values[v].fact.dtype)?;
         let sd: Vec<PDim> = s.iter().map(|&d| PDim::Const(d as i64)).collect();
         mems.push((p.memref(i, &sd, ty.storage()), s));
     }
     let mut outs = Vec::new();
     for (i, &v) in k.outputs.iter().enumerate() {
-        let s = known(g, v)?;
+        let s = flat(v)?;
         let sd: Vec<PDim> = s.iter().map(|&d| PDim::Const(d as i64)).collect();
         outs.push((p.memref(buf_inputs.len() + i, &sd, elem), s));
     }
@@ -266,6 +285,13 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered
                 off += s[a] as i64;
             }
         }
+        _ if reshape_like => {
+            let (dst, os) = outs[0].clone();
+            nest(&mut b, &os, |b, ivs| {
+                copy(b, (&src, ivs), (&dst, ivs), elem);
+                Ok(())
+            })?;
+        }
         Op::Array(ArrayOp::Expand) | Op::Elementwise(ElementwiseOp::Identity) => {
             let (dst, os) = outs[0].clone();
             if os.len() < rank {
@@ -303,6 +329,7 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered
             inputs: buf_inputs.len(),
             outputs: outs.len(),
             dims: vec![],
+            tasks: 1,
         },
         mlir: p.finish(name),
         pipeline: GRAPH_KERNEL_PIPELINE.to_string(),

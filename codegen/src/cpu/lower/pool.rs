@@ -99,6 +99,7 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered
             inputs: 1,
             outputs: 1,
             dims: vec![],
+            tasks: 1,
         },
         mlir: p.finish(name),
         pipeline: GRAPH_KERNEL_PIPELINE.to_string(),

@@ -425,6 +425,7 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered
             inputs: args.len(),
             outputs: outs.len(),
             dims: vec![],
+            tasks: 1,
         },
         mlir: p.finish(name),
         pipeline: GRAPH_KERNEL_PIPELINE.to_string(),

@@ -1,0 +1,393 @@
+//! One specialised execution plan, prepared for running: kernel pointers resolved, the
+//! arena allocated, each step's `args` and `dims` arrays pre-built (only input/output
+//! pointers and symbolic dims are patched per call). A [`crate::Model`] holds one instance per
+//! shape variant of its artifact and runs the one whose input shapes match.
+
+use crate::executor::{AlignedBuf, LoadError, RunError, TensorView};
+use crate::kernel_lib::{KernelFn, KernelLibrary};
+use crate::plan::{BufRef, DimExpr, DimSpec, ExecPlan};
+use crate::pool::Pool;
+use std::collections::HashMap;
+
+/// A dim of a declared shape, with symbols resolved to indices.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Dim {
+    Fixed(usize),
+    Sym(usize),
+}
+
+/// A per-call pointer patch of a step's `args`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum IoPatch {
+    Input(usize),
+    Output(usize),
+}
+
+/// The calls of one step on several threads: chunk `c` (of `threads`) is a contiguous
+/// range of the step's tasks.
+struct Split<'a> {
+    f: KernelFn,
+    args: &'a [*mut u8],
+    dims: &'a [i64],
+    tasks: i64,
+    threads: i64,
+}
+
+// SAFETY: the pointers are only passed on to the kernel, which writes disjoint task ranges.
+unsafe impl Sync for Split<'_> {}
+
+impl Split<'_> {
+    fn run(&self, c: usize) {
+        let t = c;
+        let per = (self.tasks + self.threads - 1) / self.threads;
+        let begin = (t as i64 * per).min(self.tasks);
+        let end = (begin + per).min(self.tasks);
+        if begin >= end {
+            return;
+        }
+        let mut buf = [0i64; 16];
+        let mut heap = Vec::new();
+        let d: &mut [i64] = if self.dims.len() <= buf.len() {
+            &mut buf[..self.dims.len()]
+        } else {
+            heap.extend_from_slice(self.dims);
+            &mut heap
+        };
+        d.copy_from_slice(self.dims);
+        d[0] = begin;
+        d[1] = end;
+        // SAFETY: as in `Model::execute`; ranges of different threads are disjoint.
+        unsafe { (self.f)(self.args.as_ptr(), d.as_ptr()) };
+    }
+}
+
+/// A plan ready to run (see the module doc).
+pub(crate) struct Instance {
+    pub(crate) plan: ExecPlan,
+    pub(crate) kernels: Vec<KernelFn>,
+    _arena: AlignedBuf,
+    pub(crate) inputs: Vec<Vec<Dim>>,
+    pub(crate) outputs: Vec<Vec<Dim>>,
+    sym_names: Vec<String>,
+    sym_max: Vec<Option<u64>>,
+    sym_values: Vec<i64>,
+    sym_set: Vec<bool>,
+    args: Vec<Vec<*mut u8>>,
+    arg_patches: Vec<(usize, usize, IoPatch)>,
+    dims: Vec<Vec<i64>>,
+    dim_patches: Vec<(usize, usize, usize)>,
+}
+
+impl Instance {
+    /// Prepares `plan` (already validated against the weights) with kernels from `library`
+    /// and weights at `wbase`; `path` names the artifact in errors.
+    pub(crate) fn new(
+        plan: ExecPlan,
+        library: &KernelLibrary,
+        wbase: *mut u8,
+        path: &str,
+    ) -> Result<Self, LoadError> {
+        // Resolve each distinct symbol once.
+        let mut resolved: HashMap<&str, KernelFn> = HashMap::new();
+        let mut fns = Vec::with_capacity(plan.steps.len());
+        for (step, s) in plan.steps.iter().enumerate() {
+            let f = match resolved.get(s.kernel.as_str()) {
+                Some(f) => *f,
+                None => {
+                    let f = library
+                        .kernel(&s.kernel)
+                        .map_err(|_| LoadError::MissingKernel {
+                            path: path.to_string(),
+                            step,
+                            kernel: s.kernel.clone(),
+                        })?
+                        .raw();
+                    resolved.insert(&s.kernel, f);
+                    f
+                }
+            };
+            fns.push(f);
+        }
+
+        // Symbols, in order of first appearance among the inputs.
+        let mut sym_names: Vec<String> = Vec::new();
+        let sym_index =
+            |name: &str, names: &mut Vec<String>| match names.iter().position(|n| n == name) {
+                Some(i) => i,
+                None => {
+                    names.push(name.to_string());
+                    names.len() - 1
+                }
+            };
+        let resolve_shape = |shape: &[DimSpec], names: &mut Vec<String>| -> Vec<Dim> {
+            shape
+                .iter()
+                .map(|d| match d {
+                    DimSpec::Fixed(n) => Dim::Fixed(*n as usize),
+                    DimSpec::Sym(s) => Dim::Sym(sym_index(s, names)),
+                })
+                .collect()
+        };
+        let inputs: Vec<Vec<Dim>> = plan
+            .inputs
+            .iter()
+            .map(|io| resolve_shape(&io.shape, &mut sym_names))
+            .collect();
+        // `validate` guarantees outputs and steps use only symbols bound by inputs.
+        let outputs: Vec<Vec<Dim>> = plan
+            .outputs
+            .iter()
+            .map(|io| resolve_shape(&io.shape, &mut sym_names))
+            .collect();
+        let sym_max: Vec<Option<u64>> = sym_names
+            .iter()
+            .map(|n| plan.sym_bounds.iter().find(|b| &b.name == n).map(|b| b.max))
+            .collect();
+
+        let mut arena = AlignedBuf::zeroed(plan.arena_bytes as usize);
+        let abase = arena.as_mut_ptr();
+        let mut args = Vec::with_capacity(plan.steps.len());
+        let mut arg_patches = Vec::new();
+        let mut dims = Vec::with_capacity(plan.steps.len());
+        let mut dim_patches = Vec::new();
+        for (si, s) in plan.steps.iter().enumerate() {
+            let a = s
+                .args
+                .iter()
+                .enumerate()
+                .map(|(ai, b)| match b {
+                    // SAFETY (both): `validate` checked the ranges lie inside the buffers.
+                    BufRef::Arena { offset, .. } => unsafe { abase.add(*offset as usize) },
+                    BufRef::Weight { index } => unsafe {
+                        wbase.add(plan.weights[*index].offset as usize)
+                    },
+                    BufRef::Input { index } => {
+                        arg_patches.push((si, ai, IoPatch::Input(*index)));
+                        std::ptr::null_mut()
+                    }
+                    BufRef::Output { index } => {
+                        arg_patches.push((si, ai, IoPatch::Output(*index)));
+                        std::ptr::null_mut()
+                    }
+                })
+                .collect();
+            args.push(a);
+            // ABI: dims[0..2] is the task range, then the symbolic dims.
+            let d = [0, s.tasks as i64]
+                .into_iter()
+                .chain(s.dims.iter().enumerate().map(|(di, d)| match d {
+                    DimExpr::Const(c) => *c,
+                    DimExpr::Sym(name) => {
+                        let k = sym_index(name, &mut sym_names);
+                        dim_patches.push((si, 2 + di, k));
+                        0
+                    }
+                }))
+                .collect();
+            dims.push(d);
+        }
+        let n_syms = sym_names.len();
+        Ok(Self {
+            plan,
+            kernels: fns,
+            _arena: arena,
+            inputs,
+            outputs,
+            sym_names,
+            sym_max,
+            sym_values: vec![0; n_syms],
+            sym_set: vec![false; n_syms],
+            args,
+            arg_patches,
+            dims,
+            dim_patches,
+        })
+    }
+
+    /// Checks `inputs` against the plan and binds the symbolic dims.
+    pub(crate) fn bind(&mut self, inputs: &[TensorView<'_>]) -> Result<(), RunError> {
+        if inputs.len() != self.plan.inputs.len() {
+            return Err(RunError::InputCount {
+                expected: self.plan.inputs.len(),
+                got: inputs.len(),
+            });
+        }
+        self.sym_set.iter_mut().for_each(|s| *s = false);
+        for (i, (t, spec)) in inputs.iter().zip(&self.plan.inputs).enumerate() {
+            let err = |msg: String| RunError::Input {
+                index: i,
+                name: spec.name.clone(),
+                msg,
+            };
+            let shape_str = || {
+                let dims: Vec<String> = spec.shape.iter().map(|d| d.to_string()).collect();
+                format!("[{}]", dims.join(", "))
+            };
+            if t.dtype != spec.dtype {
+                return Err(err(format!(
+                    "dtype {} but the model expects {}",
+                    t.dtype, spec.dtype
+                )));
+            }
+            let decl = &self.inputs[i];
+            if t.shape.len() != decl.len() {
+                return Err(err(format!(
+                    "shape {:?} has rank {} but the model expects {} (rank {})",
+                    t.shape,
+                    t.shape.len(),
+                    shape_str(),
+                    decl.len()
+                )));
+            }
+            for (axis, (&n, d)) in t.shape.iter().zip(decl).enumerate() {
+                match *d {
+                    Dim::Fixed(m) if m != n => {
+                        return Err(err(format!(
+                            "shape {:?}: axis {axis} is {n} but the model expects {} ({})",
+                            t.shape,
+                            m,
+                            shape_str()
+                        )))
+                    }
+                    Dim::Fixed(_) => {}
+                    Dim::Sym(k) => {
+                        let name = &self.sym_names[k];
+                        let v = i64::try_from(n)
+                            .map_err(|_| err(format!("axis {axis}: size {n} too large")))?;
+                        if self.sym_set[k] {
+                            if self.sym_values[k] != v {
+                                return Err(err(format!(
+                                    "shape {:?}: axis {axis} ('{name}') is {n}, but '{name}' is \
+                                     {} from an earlier dimension",
+                                    t.shape, self.sym_values[k]
+                                )));
+                            }
+                        } else {
+                            if let Some(max) = self.sym_max[k] {
+                                if n as u64 > max {
+                                    return Err(err(format!(
+                                        "shape {:?}: axis {axis} ('{name}') is {n}, more than the \
+                                         {max} the model was compiled for",
+                                        t.shape
+                                    )));
+                                }
+                            }
+                            self.sym_values[k] = v;
+                            self.sym_set[k] = true;
+                        }
+                    }
+                }
+            }
+            let bytes = t
+                .shape
+                .iter()
+                .try_fold(t.dtype.size_of(), |a, &n| a.checked_mul(n));
+            if bytes != Some(t.data.len()) {
+                return Err(err(format!(
+                    "shape {:?} of {} needs {} bytes, the data has {}",
+                    t.shape,
+                    t.dtype,
+                    bytes.map_or("too many".to_string(), |b| b.to_string()),
+                    t.data.len()
+                )));
+            }
+            // Element sizes are powers of two.
+            if (t.data.as_ptr() as usize) & (t.dtype.size_of() - 1) != 0 {
+                return Err(err(format!(
+                    "data is not aligned to {} bytes",
+                    t.dtype.size_of()
+                )));
+            }
+        }
+        // Output sizes follow from the bound symbols; refuse ones that overflow `usize`.
+        for (o, (dims, spec)) in self.outputs.iter().zip(&self.plan.outputs).enumerate() {
+            let bytes = dims.iter().try_fold(spec.dtype.size_of(), |a, d| match *d {
+                Dim::Fixed(n) => a.checked_mul(n),
+                Dim::Sym(k) => a.checked_mul(self.sym_values[k] as usize),
+            });
+            if bytes.is_none() {
+                return Err(RunError::Output {
+                    index: o,
+                    name: spec.name.clone(),
+                    msg: "its size overflows for these input shapes".into(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The shape of output `index` for the bound symbols.
+    pub(crate) fn output_shape(&self, index: usize) -> Vec<usize> {
+        self.outputs[index]
+            .iter()
+            .map(|d| match *d {
+                Dim::Fixed(n) => n,
+                Dim::Sym(k) => self.sym_values[k] as usize,
+            })
+            .collect()
+    }
+
+    pub(crate) fn output_bytes(&self, index: usize) -> usize {
+        let n: usize = self.outputs[index]
+            .iter()
+            .map(|d| match *d {
+                Dim::Fixed(n) => n,
+                Dim::Sym(k) => self.sym_values[k] as usize,
+            })
+            .product();
+        n * self.plan.outputs[index].dtype.size_of()
+    }
+
+    /// Runs the kernels with the bound symbols; `out(o)` is output `o`'s buffer.
+    ///
+    /// # Safety
+    /// `bind` succeeded for `inputs`, and each `out(o)` is valid for `output_bytes(o)` bytes
+    /// of writes, aligned to the element size and disjoint from the inputs.
+    pub(crate) unsafe fn execute(
+        &mut self,
+        inputs: &[TensorView<'_>],
+        out: impl Fn(usize) -> *mut u8,
+        mut times: Option<&mut [std::time::Duration]>,
+        pool: Option<&Pool>,
+    ) {
+        for &(s, a, p) in &self.arg_patches {
+            self.args[s][a] = match p {
+                IoPatch::Input(i) => inputs[i].data.as_ptr().cast_mut(),
+                IoPatch::Output(o) => out(o),
+            };
+        }
+        for &(s, d, k) in &self.dim_patches {
+            self.dims[s][d] = self.sym_values[k];
+        }
+        for (i, ((f, args), dims)) in self
+            .kernels
+            .iter()
+            .zip(&self.args)
+            .zip(&self.dims)
+            .enumerate()
+        {
+            let t = times.is_some().then(std::time::Instant::now);
+            let tasks = dims[1];
+            match pool {
+                Some(pool) if tasks > 1 => {
+                    let split = Split {
+                        f: *f,
+                        args,
+                        dims,
+                        tasks,
+                        threads: pool.threads() as i64,
+                    };
+                    pool.run(pool.threads(), &|c| split.run(c));
+                }
+                // SAFETY: the plan was validated at load (buffers in range, inputs and
+                // weights only read), the inputs and outputs were checked by the caller; the
+                // kernels follow the uniform ABI the compiler promised for these args and
+                // dims (`dims[0..2]` = all tasks).
+                _ => unsafe { f(args.as_ptr(), dims.as_ptr()) },
+            }
+            if let (Some(times), Some(t)) = (times.as_deref_mut(), t) {
+                times[i] += t.elapsed();
+            }
+        }
+    }
+}
