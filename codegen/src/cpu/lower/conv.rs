@@ -441,6 +441,14 @@ struct Direct<'a> {
     epi: &'a [Epi],
     /// The epilogue buffers, flat.
     bufs: &'a [String],
+    /// The task range `[begin, end)` (`index` values) of `tasks(..)` tasks.
+    tasks: (String, String),
+}
+
+/// The number of tasks of the direct convolution: one per (image, group, block of `mr`
+/// output channels).
+fn direct_tasks(win: &Window2, group: usize, m: usize, mr: usize) -> usize {
+    win.n * group * (m / group).div_ceil(mr)
 }
 
 /// Geometry of the direct algorithm's input copy: `Xp[c][slot][hq][wq]`, one slot per stride
@@ -570,14 +578,25 @@ pub(crate) fn emit_store(l: &mut Loops, mem: &str, val: &str, idx: &str, mask: O
     }
 }
 
-/// Copies image `n` of the 4-D input `x` into the interior of its padded, phase-split copy
-/// `xp` (laid out as [`Grid`] says; the padding is filled beforehand).
-pub(crate) fn emit_copy(l: &mut Loops, win: &Window2, grid: &Grid, x: &str, xp: &str, n: &str) {
+/// Copies channels `ch0..ch0 + nch` of image `n` of the 4-D input `x` into the interior of
+/// its padded, phase-split copy `xp` (laid out as [`Grid`] says; the padding is filled
+/// beforehand).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn emit_copy(
+    l: &mut Loops,
+    win: &Window2,
+    grid: &Grid,
+    x: &str,
+    xp: &str,
+    n: &str,
+    ch0: &str,
+    nch: usize,
+) {
     let (wq, plane, slots) = (grid.wq, grid.plane(), grid.slots());
     let zv = l.vsplat(0.0);
     let xp = xp.to_string();
-    // Copy image n into the interior of Xp.
-    let ch = l.open(win.c);
+    let i = l.open(nch);
+    let ch = l.add(ch0, &i);
     for (sr, &ph) in grid.rph.iter().enumerate() {
         for (sc, &pw) in grid.cph.iter().enumerate() {
             let slot = sr * grid.cph.len() + sc;
@@ -709,12 +728,33 @@ fn emit_direct(l: &mut Loops, d: &Direct) {
             "memref.alloc({cl}) {{alignment = 64 : i64}} : {M1}"
         ))
     });
-    let n = l.open(win.n);
+    // Tasks: (image, group, block of mr output channels), in that order. A task that starts
+    // a new (image, group), or a call, first copies that group's input channels.
+    let nob = mg.div_ceil(mr);
+    let nblk = d.group * nob;
+    let t = l.fresh("t");
+    let one = l.c(1);
+    l.line(&format!(
+        "scf.for {t} = {} to {} step {one} {{",
+        d.tasks.0, d.tasks.1
+    ));
+    let nblk_c = l.c(nblk as i64);
+    let n = l.op(&format!("arith.divui {t}, {nblk_c} : index"));
+    let blk = l.op(&format!("arith.remui {t}, {nblk_c} : index"));
+    let nob_c = l.c(nob as i64);
+    let gi = l.op(&format!("arith.divui {blk}, {nob_c} : index"));
+    let obi = l.op(&format!("arith.remui {blk}, {nob_c} : index"));
+    let ob = l.affine(&obi, mr as i64, 0);
     if !in_place {
-        emit_copy(l, win, &grid, d.x, &xp, &n);
+        let z = l.c(0);
+        let f1 = l.op(&format!("arith.cmpi eq, {t}, {} : index", d.tasks.0));
+        let f2 = l.op(&format!("arith.cmpi eq, {obi}, {z} : index"));
+        let first = l.op(&format!("arith.ori {f1}, {f2} : i1"));
+        l.line(&format!("scf.if {first} {{"));
+        let ch0 = l.affine(&gi, cg as i64, 0);
+        emit_copy(l, win, &grid, d.x, &xp, &n, &ch0, cg);
+        l.close();
     }
-    let gi = l.open(d.group);
-    let ob = l.open_range(0, mg, mr);
     let gm = l.affine(&gi, mg as i64, 0);
     let o0 = l.add(&gm, &ob);
     let ragged = mg % mr != 0;
@@ -877,9 +917,7 @@ fn emit_direct(l: &mut Loops, d: &Direct) {
             }
         }
     }
-    l.close(); // ob
-    l.close(); // gi
-    l.close(); // n
+    l.close(); // t
     if !in_place {
         l.line(&format!("memref.dealloc {xp} : {M1}"));
     }
@@ -1003,6 +1041,9 @@ pub fn lower_with(
     });
     let mut l = Loops::default();
     let mm = format!("{name}_mm");
+    // Only the fully fused direct kernel splits into tasks: a separate epilogue pass would
+    // run over the whole output in every call.
+    let mut ntasks = 1;
     if let Some((epi, bufs)) = &fused {
         // Everything in one pass: conv + bias + epilogue on the register tiles.
         let bufs: Vec<String> = bufs
@@ -1013,6 +1054,9 @@ pub fn lower_with(
             })
             .collect();
         let y = p.memref_f32(args.len(), &cdims(&[total]));
+        ntasks = direct_tasks(&win, group, m, mr);
+        let tc = p.const_index(ntasks as i64);
+        let range = p.task_range(&tc);
         emit_direct(
             &mut l,
             &Direct {
@@ -1027,6 +1071,7 @@ pub fn lower_with(
                 y: &y,
                 epi,
                 bufs: &bufs,
+                tasks: range,
             },
         );
         p.push(&l.finish());
@@ -1080,6 +1125,7 @@ pub fn lower_with(
         let out_arg = args.len() + pi;
         if direct {
             let y = p.memref_f32(out_arg, &cdims(&[total]));
+            let serial = (l.c(0), l.c(direct_tasks(&win, group, m, mr) as i64));
             emit_direct(
                 &mut l,
                 &Direct {
@@ -1094,6 +1140,7 @@ pub fn lower_with(
                     y: &y,
                     epi: &[],
                     bufs: &[],
+                    tasks: serial,
                 },
             );
         } else {
@@ -1137,7 +1184,7 @@ pub fn lower_with(
             inputs: args.len(),
             outputs: k.outputs.len(),
             dims: syms.0,
-            tasks: 1,
+            tasks: ntasks as u64,
         },
         mlir,
         pipeline: GRAPH_KERNEL_PIPELINE.to_string(),

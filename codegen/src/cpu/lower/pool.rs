@@ -47,6 +47,7 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered
     let cd = |d: &[usize]| d.iter().map(|&x| PDim::Const(x as i64)).collect::<Vec<_>>();
     let mut p = Prologue::new();
     let mut l = Loops::default();
+    let mut tasks = 1;
     match &node.op {
         Op::Nn(NnOp::MaxPool(a)) => {
             if a.with_indices {
@@ -61,7 +62,10 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered
             }
             let x = p.memref_f32(0, &cd(&xs));
             let y = p.memref_f32(1, &cd(&[ys.iter().product()]));
-            emit_maxpool(&mut l, &win, &x, &y);
+            let tc = p.const_index((win.n * win.c) as i64);
+            let range = p.task_range(&tc);
+            emit_maxpool(&mut l, &win, &x, &y, &range);
+            tasks = (win.n * win.c) as u64;
         }
         Op::Nn(NnOp::GlobalPool(kind)) => {
             if xs.len() < 3 {
@@ -99,7 +103,7 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered
             inputs: 1,
             outputs: 1,
             dims: vec![],
-            tasks: 1,
+            tasks,
         },
         mlir: p.finish(name),
         pipeline: GRAPH_KERNEL_PIPELINE.to_string(),
@@ -109,9 +113,9 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered
 
 /// A vectorised 2-D MaxPool: each image is copied into a `-inf`-padded, stride-phase-split
 /// buffer ([`Grid`]), so every tap of a run of 8 output positions is one unit-stride vector
-/// load; up to 4 vectors per channel and tap. Rows narrower than the grid go through a
+/// load; up to 4 vectors per channel and tap. Tasks: one per `(image, channel)`. Rows narrower than the grid go through a
 /// per-channel scratch whose pad columns are dropped on the way out.
-fn emit_maxpool(l: &mut Loops, win: &Window2, x: &str, y: &str) {
+fn emit_maxpool(l: &mut Loops, win: &Window2, x: &str, y: &str, tasks: &(String, String)) {
     let grid = Grid::new(win);
     let (wq, plane, slots) = (grid.wq, grid.plane(), grid.slots());
     let npos = win.oh * wq;
@@ -134,9 +138,17 @@ fn emit_maxpool(l: &mut Loops, win: &Window2, x: &str, y: &str) {
             "memref.alloc({cl}) {{alignment = 64 : i64}} : {M1}"
         ))
     });
-    let n = l.open(win.n);
-    emit_copy(l, win, &grid, x, &xp, &n);
-    let c = l.open(win.c);
+    // One task per (image, channel), which copies its own channel.
+    let t = l.fresh("t");
+    let one = l.c(1);
+    l.line(&format!(
+        "scf.for {t} = {} to {} step {one} {{",
+        tasks.0, tasks.1
+    ));
+    let cc = l.c(win.c as i64);
+    let n = l.op(&format!("arith.divui {t}, {cc} : index"));
+    let c = l.op(&format!("arith.remui {t}, {cc} : index"));
+    emit_copy(l, win, &grid, x, &xp, &n, &c, 1);
     let xc = l.affine(&c, (slots * plane) as i64, 0);
     let nc = l.affine(&n, win.c as i64, 0);
     let ncc = l.add(&nc, &c);
@@ -191,7 +203,6 @@ fn emit_maxpool(l: &mut Loops, win: &Window2, x: &str, y: &str) {
         }
         l.close();
     }
-    l.close();
     l.close();
     l.line(&format!("memref.dealloc {xp} : {M1}"));
     if let Some(yb) = yb {
