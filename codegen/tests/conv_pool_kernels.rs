@@ -411,3 +411,43 @@ fn conv_random_shapes_match_interpreter() {
         done += 1;
     }
 }
+
+/// Few output positions per channel (the dot-product form): 1–16 positions, ragged channel
+/// blocks, reduction lengths not a multiple of 8, batch 2, every epilogue.
+#[test]
+fn conv_few_positions() {
+    let tails = [
+        Tail::AddRelu,
+        Tail::Relu,
+        Tail::None,
+        Tail::Clip,
+        Tail::HardSwish,
+        Tail::ScaleAdd,
+    ];
+    // (n, c, hw, m, k, s, p)
+    type Geometry = (usize, usize, [usize; 2], usize, usize, usize, usize);
+    let cases: [Geometry; 6] = [
+        (1, 20, [2, 2], 13, 3, 1, 1),
+        (2, 9, [4, 4], 7, 3, 2, 1),
+        (1, 16, [2, 4], 32, 3, 1, 1),
+        (2, 5, [1, 1], 11, 1, 1, 0),
+        (1, 3, [3, 5], 4, 3, 1, 1),
+        (1, 8, [7, 7], 9, 3, 2, 0),
+    ];
+    for (i, &(n, c, hw, m, k, s, p)) in cases.iter().enumerate() {
+        conv_random(
+            n,
+            c,
+            hw,
+            m,
+            [k, k],
+            [s, s],
+            [p; 4],
+            [1, 1],
+            1,
+            i % 3 != 2,
+            tails[i],
+            70 + i as u64,
+        );
+    }
+}

@@ -1,16 +1,32 @@
 //! `Contraction` kernels whose contraction is a 2-D `Conv` (NCHW, f32, static shapes, any
-//! stride/padding/dilation/group), with a bias and a fused elementwise epilogue.
+//! stride/padding/dilation/group), with a bias and a fused elementwise epilogue. The
+//! algorithm and its tile sizes are a [`ConvSchedule`] (the default picks them from the
+//! shape).
 //!
-//! * `group = 1`: per batch image, the input is unfolded (im2col) into a scratch buffer
-//!   `cols[Cin·kh·kw, OH·OW]` allocated inside the kernel, then the packed matmul of
-//!   [`crate::cpu::matmul`] computes `W[Cout, Cin·kh·kw] · cols` straight into the image's
-//!   rows of the output (viewed as `[N·Cout, OH·OW]`). A 1×1 convolution with unit strides
-//!   and no padding skips the unfolding: the input image already is `cols`.
-//! * Other groups (depthwise included): a direct `scf.for` loop nest, accumulating the taps
-//!   of each output element (padding taps are skipped).
+//! * Direct convolution ([`ConvAlgo::Direct`], every group count, depthwise included): per
+//!   image, the input is copied once into a zero-padded buffer split by stride phase
+//!   (`Xp[c][row % s][col % s][hq][wq]`, see [`Grid`]; strided rows are deinterleaved with
+//!   vector shuffles), so that every tap `(ki, kj)` of a run of output positions is a
+//!   unit-stride vector load at a constant offset. The positions of an output channel are
+//!   the flattened `OH × wq` grid (`wq` = `OW` + the taps' reach); a register tile holds
+//!   `mr` output channels × `nv` vectors of 8 positions and accumulates
+//!   `Σ_{c, ki, kj} w[o, c, ki, kj] · Xp[...]` with broadcast weights and `vector.fma`. Bias
+//!   and epilogue (Relu, Clip, HardSwish, `+`/`·` a scalar or a same-shape buffer) are applied
+//!   to the accumulators before the store; when grid rows are wider than output rows, tiles
+//!   are parked in an L1-sized block buffer and written out (pad columns dropped) once the
+//!   channel block is done. A 1×1 unit-stride unpadded conv whose positions fill whole tiles
+//!   reads its input in place.
+//! * Dot-product form (`group = 1`, at most [`ConvSchedule::dot_max_positions`] output
+//!   positions, grid lanes mostly idle): patches gathered into `cols[P][K]`, lanes over the
+//!   reduction `K = C·kh·kw` (see [`emit_dot`]).
+//! * [`ConvAlgo::Im2colGemm`] (`group = 1`): im2col into `cols[Cin·kh·kw, OH·OW]` + the packed
+//!   matmul of [`crate::cpu::matmul`]; a 1×1 unit-stride unpadded conv skips the unfolding.
 //!
-//! The bias and the epilogue nodes then run as one `linalg.generic` over the output shape,
-//! in place, like [`super::contraction`] does for `MatMul`.
+//! Epilogues made of other nodes, or kernels with more than one output, run the conv (+ bias)
+//! first and then the epilogue as one `linalg.generic` over the output, in place, like
+//! [`super::contraction`] does for `MatMul`; those kernels are serial. Fused kernels split
+//! into tasks (`KernelSignature::tasks`): one per (image, group, block of `mr` output
+//! channels); each call copies the input channels it needs.
 
 use super::elementwise::InputKind;
 use super::elementwise::{classify_input, emit_generic, Body, GenericInput, GenericOutput};
@@ -258,6 +274,10 @@ pub struct ConvSchedule {
     pub nv: usize,
     /// The matmul schedule of [`ConvAlgo::Im2colGemm`].
     pub matmul: MatmulSchedule,
+    /// `group = 1` convs with a fused epilogue and at most this many output positions per
+    /// channel, whose position grid would leave ≥ 30% of the vector lanes idle, use the
+    /// dot-product form ([`ConvAlgo::Direct`] only; 0 disables it).
+    pub dot_max_positions: usize,
 }
 
 impl Default for ConvSchedule {
@@ -268,6 +288,7 @@ impl Default for ConvSchedule {
             mr: 0,
             nv: 0,
             matmul: MatmulSchedule::default(),
+            dot_max_positions: 8,
         }
     }
 }
@@ -285,7 +306,7 @@ impl ConvSchedule {
         [(8, 1), (6, 2), (4, 3), (2, 4), (1, 4)]
             .into_iter()
             .min_by_key(|&(mr, nv)| {
-                let in_place = pointwise && grid % (VW * nv) == 0;
+                let in_place = pointwise && grid.is_multiple_of(VW * nv);
                 mg.div_ceil(mr)
                     * grid.div_ceil(VW * nv)
                     * (mr * nv).max(mr + nv)
@@ -504,7 +525,7 @@ fn reads_in_place(win: &Window2, nr: usize) -> bool {
         && win.s == [1, 1]
         && win.p == [0, 0]
         && (win.oh, win.ow) == (win.h, win.w)
-        && (win.oh * win.ow) % nr == 0
+        && (win.oh * win.ow).is_multiple_of(nr)
 }
 
 /// The index range `[lo, hi)` of `q < n` with `0 <= q·s + off < size`.
@@ -683,6 +704,174 @@ pub(crate) fn emit_copy(
     l.close();
 }
 
+/// Emits the dot-product form of a `group = 1` convolution with few output positions `P`:
+/// per image, the patches are gathered into `cols[P][K8]` (`K = C·kh·kw` rounded up to 8,
+/// zero padded), then each output is `Σ_k W[o, k] · cols[p, k]` with the lanes over `k` (no
+/// idle lanes however small `P` is): register tiles of `d.mr` channels × `d.nv` positions,
+/// horizontal sums at the end, bias + epilogue on the `nv` results of a channel.
+fn emit_dot(l: &mut Loops, d: &Direct) {
+    let win = &d.win;
+    let (mr, pb) = (d.mr, d.nv);
+    let kk = win.k[0] * win.k[1];
+    let kt = win.c * kk;
+    let k8 = kt.div_ceil(VW) * VW;
+    let np = win.oh * win.ow;
+    let zv = l.vsplat(0.0);
+    let clen = l.c((np * k8) as i64);
+    let cols = l.op(&format!(
+        "memref.alloc({clen}) {{alignment = 64 : i64}} : {M1}"
+    ));
+    let i = l.open_range(0, np * k8, VW);
+    emit_store(l, &cols, &zv, &i, None);
+    l.close();
+    let nob = d.m.div_ceil(mr);
+    let t = l.fresh("t");
+    let one = l.c(1);
+    l.line(&format!(
+        "scf.for {t} = {} to {} step {one} {{",
+        d.tasks.0, d.tasks.1
+    ));
+    let nob_c = l.c(nob as i64);
+    let n = l.op(&format!("arith.divui {t}, {nob_c} : index"));
+    let obi = l.op(&format!("arith.remui {t}, {nob_c} : index"));
+    let o0 = l.affine(&obi, mr as i64, 0);
+    // Gather the patches of image n (first task of the image in this call).
+    let z = l.c(0);
+    let f1 = l.op(&format!("arith.cmpi eq, {t}, {} : index", d.tasks.0));
+    let f2 = l.op(&format!("arith.cmpi eq, {obi}, {z} : index"));
+    let first = l.op(&format!("arith.ori {f1}, {f2} : i1"));
+    l.line(&format!("scf.if {first} {{"));
+    let ch = l.open(win.c);
+    let cb = l.affine(&ch, kk as i64, 0);
+    for oh in 0..win.oh {
+        for ow in 0..win.ow {
+            for ki in 0..win.k[0] {
+                let ih = (oh * win.s[0] + ki * win.d[0]) as i64 - win.p[0];
+                if ih < 0 || ih >= win.h as i64 {
+                    continue;
+                }
+                for kj in 0..win.k[1] {
+                    let iw = (ow * win.s[1] + kj * win.d[1]) as i64 - win.p[1];
+                    if iw < 0 || iw >= win.w as i64 {
+                        continue;
+                    }
+                    let (ihc, iwc) = (l.c(ih), l.c(iw));
+                    let v = l.op(&format!(
+                        "memref.load {}[{n}, {ch}, {ihc}, {iwc}] : {M4}",
+                        d.x
+                    ));
+                    let di = l.addc(&cb, (oh * win.ow + ow) * k8 + ki * win.k[1] + kj);
+                    l.line(&format!("memref.store {v}, {cols}[{di}] : {M1}"));
+                }
+            }
+        }
+    }
+    l.close();
+    l.close();
+    let ragged = !d.m.is_multiple_of(mr);
+    let mut rows = Vec::new();
+    let mut valid = Vec::new();
+    for r in 0..mr {
+        let orow = l.addc(&o0, r);
+        rows.push(if ragged {
+            let mc = l.c(d.m as i64);
+            let ok = l.op(&format!("arith.cmpi slt, {orow}, {mc} : index"));
+            valid.push(ok.clone());
+            l.op(&format!("arith.select {ok}, {orow}, {o0} : index"))
+        } else {
+            orow
+        });
+    }
+    let kfull = kt / VW * VW;
+    for p0 in (0..np).step_by(pb) {
+        let pc = pb.min(np - p0);
+        let nacc = mr * pc;
+        let mut accs: Vec<String> = vec![zv.clone(); nacc];
+        // One k chunk of 8: `kv` the chunk start, `mask` for the ragged last chunk of W.
+        let chunk = |l: &mut Loops, kv: &str, mask: Option<&str>, accs: &mut Vec<String>| {
+            let xs: Vec<String> = (0..pc)
+                .map(|q| {
+                    let i = l.addc(kv, (p0 + q) * k8);
+                    l.op(&format!("vector.load {cols}[{i}] : {M1}, {VT}"))
+                })
+                .collect();
+            for r in 0..mr {
+                let w = match mask {
+                    None => l.op(&format!(
+                        "vector.load {}[{}, {kv}] : memref<?x?xf32>, {VT}",
+                        d.w, rows[r]
+                    )),
+                    Some(mk) => l.op(&format!(
+                        "vector.maskedload {}[{}, {kv}], {mk}, {zv} : memref<?x?xf32>, {MT}, {VT} into {VT}",
+                        d.w, rows[r]
+                    )),
+                };
+                for q in 0..pc {
+                    let a = &accs[r * pc + q];
+                    accs[r * pc + q] = l.op(&format!("vector.fma {w}, {}, {a} : {VT}", xs[q]));
+                }
+            }
+        };
+        if kfull > 0 {
+            let res = l.fresh("res");
+            let kv = l.fresh("k");
+            let it: Vec<String> = (0..nacc).map(|_| l.fresh("acc")).collect();
+            let (z, hi, st) = (l.c(0), l.c(kfull as i64), l.c(VW as i64));
+            l.line(&format!(
+                "{res}:{nacc} = scf.for {kv} = {z} to {hi} step {st} iter_args({}) -> ({}) {{",
+                it.iter()
+                    .zip(&accs)
+                    .map(|(a, b)| format!("{a} = {b}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                vec![VT; nacc].join(", ")
+            ));
+            let mut cur = it.clone();
+            chunk(l, &kv, None, &mut cur);
+            l.line(&format!(
+                "scf.yield {} : {}\n  }}",
+                cur.join(", "),
+                vec![VT; nacc].join(", ")
+            ));
+            accs = (0..nacc).map(|i| format!("{res}#{i}")).collect();
+        }
+        if kt > kfull {
+            let kv = l.c(kfull as i64);
+            let mk = l.op(&format!("vector.constant_mask [{}] : {MT}", kt - kfull));
+            chunk(l, &kv, Some(&mk), &mut accs);
+        }
+        let mk = l.op(&format!("vector.constant_mask [{pc}] : {MT}"));
+        for r in 0..mr {
+            if ragged {
+                l.line(&format!("scf.if {} {{", valid[r]));
+            }
+            let mut v = zv.clone();
+            for q in 0..pc {
+                let s = l.op(&format!(
+                    "vector.reduction <add>, {} : {VT} into f32",
+                    accs[r * pc + q]
+                ));
+                v = l.op(&format!("vector.insert {s}, {v} [{q}] : f32 into {VT}"));
+            }
+            if let Some(b) = d.bias {
+                let s = l.op(&format!("memref.load {b}[{}] : {M1}", rows[r]));
+                let bv = l.op(&format!("vector.broadcast {s} : f32 to {VT}"));
+                v = l.op(&format!("arith.addf {v}, {bv} : {VT}"));
+            }
+            let nm = l.affine(&n, d.m as i64, 0);
+            let nmo = l.add(&nm, &rows[r]);
+            let idx = l.affine(&nmo, np as i64, p0 as i64);
+            let v = emit_epi(l, d, v, &idx, Some(&mk));
+            emit_store(l, d.y, &v, &idx, Some(&mk));
+            if ragged {
+                l.close();
+            }
+        }
+    }
+    l.close();
+    l.line(&format!("memref.dealloc {cols} : {M1}"));
+}
+
 /// Emits the direct convolution (see the module doc) into `l`.
 fn emit_direct(l: &mut Loops, d: &Direct) {
     let win = &d.win;
@@ -757,7 +946,7 @@ fn emit_direct(l: &mut Loops, d: &Direct) {
     }
     let gm = l.affine(&gi, mg as i64, 0);
     let o0 = l.add(&gm, &ob);
-    let ragged = mg % mr != 0;
+    let ragged = !mg.is_multiple_of(mr);
     let mut rows = Vec::new();
     let mut valid = Vec::new();
     let mut bias = Vec::new();
@@ -1012,8 +1201,12 @@ pub fn lower_with(
         };
         sched.tile(mg, win.oh * wq, reads_in_place(&win, 1))
     };
-    let in_place = direct && reads_in_place(&win, VW * nv);
-    let fused = if direct {
+    let use_dot = direct
+        && group == 1
+        && pp <= sched.dot_max_positions
+        && (win.oh * Grid::new(&win).wq).div_ceil(VW) * VW * 10 >= pp * 13;
+    let in_place = direct && !use_dot && reads_in_place(&win, VW * nv);
+    let fused = if direct || use_dot {
         fused_epilogue(g, k, ci, y_v, &ys)
     } else {
         None
@@ -1054,10 +1247,17 @@ pub fn lower_with(
             })
             .collect();
         let y = p.memref_f32(args.len(), &cdims(&[total]));
+        let (mr, nv) = if use_dot {
+            let pb = pp.min(4);
+            (if pb == 1 { 8 } else { 12 / pb }, pb)
+        } else {
+            (mr, nv)
+        };
         ntasks = direct_tasks(&win, group, m, mr);
         let tc = p.const_index(ntasks as i64);
         let range = p.task_range(&tc);
-        emit_direct(
+        let emit = if use_dot { emit_dot } else { emit_direct };
+        emit(
             &mut l,
             &Direct {
                 win,
