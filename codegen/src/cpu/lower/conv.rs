@@ -296,7 +296,7 @@ impl Default for ConvSchedule {
 impl ConvSchedule {
     /// The register tile `(mr, nv)` for `mg` output channels per group and `grid` output
     /// positions per channel: the explicit sizes if both are set, otherwise the candidate
-    /// minimising `tiles · max(mr·nv FMAs, mr + nv loads)` per tap (padding waste included),
+    /// minimising `tiles · (mr·nv FMAs + mr + nv loads)` per tap (padding waste included),
     /// 10% less for a `pointwise` conv whose positions fill whole tiles (it reads its input
     /// in place, without the padded copy).
     pub fn tile(&self, mg: usize, grid: usize, pointwise: bool) -> (usize, usize) {
@@ -309,7 +309,7 @@ impl ConvSchedule {
                 let in_place = pointwise && grid.is_multiple_of(VW * nv);
                 mg.div_ceil(mr)
                     * grid.div_ceil(VW * nv)
-                    * (mr * nv).max(mr + nv)
+                    * (mr * nv + mr + nv)
                     * if in_place { 9 } else { 10 }
             })
             .expect("candidates")
