@@ -299,20 +299,35 @@ impl ConvSchedule {
     /// minimising `tiles · (mr·nv FMAs + mr + nv loads)` per tap (padding waste included),
     /// 10% less for a `pointwise` conv whose positions fill whole tiles (it reads its input
     /// in place, without the padded copy).
-    pub fn tile(&self, mg: usize, grid: usize, pointwise: bool) -> (usize, usize) {
+    ///
+    /// `rows × (cols + pad)` is the position grid (`pad`: the taps' reach); the third result
+    /// says whether tiling each output row on its own (no lanes on pad columns) needs fewer
+    /// tiles than tiling the flattened grid.
+    pub fn tile(
+        &self,
+        mg: usize,
+        [rows, cols, pad]: [usize; 3],
+        pointwise: bool,
+    ) -> (usize, usize, bool) {
+        let grid = rows * (cols + pad);
+        let tiles = |nv: usize| {
+            let (g, r) = (grid.div_ceil(VW * nv), rows * cols.div_ceil(VW * nv));
+            (g.min(r), r < g)
+        };
         if self.mr > 0 && self.nv > 0 {
-            return (self.mr, self.nv);
+            return (self.mr, self.nv, tiles(self.nv).1);
         }
-        [(8, 1), (6, 2), (4, 3), (2, 4), (1, 4)]
+        let (mr, nv) = [(8, 1), (6, 2), (4, 3), (4, 2), (2, 4), (1, 4)]
             .into_iter()
             .min_by_key(|&(mr, nv)| {
                 let in_place = pointwise && grid.is_multiple_of(VW * nv);
                 mg.div_ceil(mr)
-                    * grid.div_ceil(VW * nv)
+                    * tiles(nv).0
                     * (mr * nv + mr + nv)
                     * if in_place { 9 } else { 10 }
             })
-            .expect("candidates")
+            .expect("candidates");
+        (mr, nv, tiles(nv).1)
     }
 }
 
@@ -464,6 +479,9 @@ struct Direct<'a> {
     bufs: &'a [String],
     /// The task range `[begin, end)` (`index` values) of `tasks(..)` tasks.
     tasks: (String, String),
+    /// Tile each output row on its own (no lanes on the grid's pad columns) instead of the
+    /// flattened grid.
+    rows: bool,
 }
 
 /// The number of tasks of the direct convolution: one per (image, group, block of `mr`
@@ -893,7 +911,7 @@ fn emit_direct(l: &mut Loops, d: &Direct) {
     let (wq, plane, slots) = (grid.wq, grid.plane(), grid.slots());
     let npos = win.oh * wq;
     let gp = npos.div_ceil(nr) * nr;
-    let direct_store = wq == win.ow;
+    let direct_store = wq == win.ow || d.rows;
     let p_out = win.oh * win.ow;
     let zv = l.vsplat(0.0);
     // Scratch: the padded input copy (zeroed once: only its interior is rewritten per image)
@@ -973,13 +991,29 @@ fn emit_direct(l: &mut Loops, d: &Direct) {
     }
     // Tiles over the grid positions: for direct stores, the full ones first, then the last,
     // partial one with masked stores.
-    let full_end = if yb.is_some() { gp } else { npos / nr * nr };
+    // Row tiling: the tiles of each output row, skipping the grid's pad columns.
+    let (span, end) = if d.rows {
+        (win.ow, win.ow.div_ceil(nr) * nr)
+    } else {
+        (npos, gp)
+    };
+    let orow = d.rows.then(|| l.open(win.oh));
+    let full_end = if yb.is_some() { gp } else { span / nr * nr };
     let mut ranges = vec![(0, full_end, false)];
-    if full_end < gp {
-        ranges.push((full_end, gp, true));
+    if full_end < end {
+        ranges.push((full_end, end, true));
     }
     for &(lo, hi, tail) in ranges.iter().filter(|r| r.0 < r.1) {
-        let q0 = l.open_range(lo, hi, nr);
+        // `t0`: the tile's first position in the row (row tiling) or the grid; `q0`: in the grid.
+        let t0 = l.open_range(lo, hi, nr);
+        let (q0, p0) = match &orow {
+            Some(oh) => {
+                let a = l.affine(oh, wq as i64, 0);
+                let b = l.affine(oh, win.ow as i64, 0);
+                (l.add(&a, &t0), l.add(&b, &t0))
+            }
+            None => (t0.clone(), t0.clone()),
+        };
         // The tile: Σ over channels of the group and taps.
         let nacc = mr * nv;
         let res = l.fresh("res");
@@ -1045,11 +1079,12 @@ fn emit_direct(l: &mut Loops, d: &Direct) {
                         l.line(&format!("scf.if {} {{", valid[r]));
                     }
                     for v in 0..nv {
-                        let pos = l.addc(&q0, v * VW);
+                        let pos = l.addc(&p0, v * VW);
                         let idx = l.add(&ybase[r], &pos);
                         let mask = tail.then(|| {
-                            let np = l.c(npos as i64);
-                            let left = l.op(&format!("arith.subi {np}, {pos} : index"));
+                            let np = l.c(span as i64);
+                            let tv = l.addc(&t0, v * VW);
+                            let left = l.op(&format!("arith.subi {np}, {tv} : index"));
                             l.op(&format!("vector.create_mask {left} : {MT}"))
                         });
                         let mut val = acc(r, v);
@@ -1077,6 +1112,9 @@ fn emit_direct(l: &mut Loops, d: &Direct) {
                 l.close();
             }
         }
+    }
+    if orow.is_some() {
+        l.close();
     }
     if let Some(yb) = &yb {
         for r in 0..mr {
@@ -1193,13 +1231,13 @@ pub fn lower_with(
     let (kk, pp) = (cg * win.k[0] * win.k[1], win.oh * win.ow);
     let total = win.n * m * pp;
     // Register tile and whether the input is read in place.
-    let (mr, nv) = {
+    let (mr, nv, rows) = {
         let wq = if reads_in_place(&win, usize::MAX) {
             win.w
         } else {
             Grid::new(&win).wq
         };
-        sched.tile(mg, win.oh * wq, reads_in_place(&win, 1))
+        sched.tile(mg, [win.oh, win.ow, wq - win.ow], reads_in_place(&win, 1))
     };
     let use_dot = direct
         && group == 1
@@ -1272,6 +1310,7 @@ pub fn lower_with(
                 epi,
                 bufs: &bufs,
                 tasks: range,
+                rows,
             },
         );
         p.push(&l.finish());
@@ -1341,6 +1380,7 @@ pub fn lower_with(
                     epi: &[],
                     bufs: &[],
                     tasks: serial,
+                    rows,
                 },
             );
         } else {
