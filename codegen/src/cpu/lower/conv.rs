@@ -321,10 +321,7 @@ impl ConvSchedule {
             .into_iter()
             .min_by_key(|&(mr, nv)| {
                 let in_place = pointwise && grid.is_multiple_of(VW * nv);
-                mg.div_ceil(mr)
-                    * tiles(nv).0
-                    * (mr * nv + mr + nv)
-                    * if in_place { 9 } else { 10 }
+                mg.div_ceil(mr) * tiles(nv).0 * (mr * nv + mr + nv) * if in_place { 9 } else { 10 }
             })
             .expect("candidates");
         (mr, nv, tiles(nv).1)
