@@ -85,12 +85,7 @@ fn run_case(dir: &Path, scratch: &Path) -> (Outcome, String) {
         return (Outcome::Skipped, String::new());
     };
     let mut sets: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.path())
-                .filter(|p| p.is_dir())
-                .collect()
-        })
+        .map(|d| d.flatten().map(|e| e.path()).filter(|p| p.is_dir()).collect())
         .unwrap_or_default();
     sets.sort();
     let mut cases = Vec::new();
@@ -248,12 +243,7 @@ fn node_tests_through_the_artifact_path() {
     );
 }
 
-fn write_report(
-    results: &[(String, String, Outcome, String)],
-    pass: usize,
-    fail: usize,
-    nc: usize,
-) {
+fn write_report(results: &[(String, String, Outcome, String)], pass: usize, fail: usize, nc: usize) {
     let mut per_op: BTreeMap<&str, [usize; 3]> = BTreeMap::new();
     let mut reasons: BTreeMap<&str, usize> = BTreeMap::new();
     for (_, op, o, reason) in results {
@@ -302,5 +292,6 @@ fn write_report(
             let _ = writeln!(md, "- `{name}`: {reason}");
         }
     }
-    kiln::io::write_atomic(&repo().join("docs/conformance_artifact.md"), md.as_bytes()).unwrap();
+    kiln::io::write_atomic(&repo().join("docs/conformance_artifact.md"), md.as_bytes())
+        .unwrap();
 }
