@@ -252,3 +252,202 @@ fn cnn_zoo_models_lower_completely() {
         );
     }
 }
+
+/// The fused epilogue of a random Conv case.
+#[derive(Debug, Clone, Copy)]
+enum Tail {
+    None,
+    Relu,
+    AddRelu,
+    Clip,
+    HardSwish,
+    ScaleAdd,
+}
+
+/// A Conv with arbitrary (asymmetric) pads and `tail`, checked against the interpreter.
+#[allow(clippy::too_many_arguments)]
+fn conv_random(
+    n: usize,
+    c: usize,
+    hw: [usize; 2],
+    m: usize,
+    k: [usize; 2],
+    s: [usize; 2],
+    pads: [usize; 4],
+    d: [usize; 2],
+    group: usize,
+    bias: bool,
+    tail: Tail,
+    seed: u64,
+) {
+    let mut b = Builder::new("convr");
+    let x = b.input("x", DType::F32, &[n, c, hw[0], hw[1]]);
+    let w = rand_const(&mut b, "w", &[m, c / group, k[0], k[1]], seed);
+    let mut ins = vec![Some(x), Some(w)];
+    if bias {
+        ins.push(Some(rand_const(&mut b, "b", &[m], seed + 1)));
+    }
+    let conv = b.node(
+        Op::Nn(NnOp::Conv(ConvAttrs {
+            window: WindowAttrs {
+                auto_pad: AutoPad::NotSet,
+                kernel_shape: None,
+                strides: Some(s.to_vec()),
+                dilations: Some(d.to_vec()),
+                pads: Some(pads.to_vec()),
+            },
+            group,
+        })),
+        &ins,
+    );
+    b.g.infer().expect("infer");
+    let shape = b.g.values[conv].fact.shape.as_known().unwrap();
+    let y = match tail {
+        Tail::None => conv,
+        Tail::Relu => b.unary(UnaryKind::Relu, conv),
+        Tail::AddRelu => {
+            let r = b.input("r", DType::F32, &shape);
+            let a = b.binary(BinaryKind::Add, conv, r);
+            b.unary(UnaryKind::Relu, a)
+        }
+        Tail::Clip => {
+            let lo = b.konst("lo", Tensor::scalar(-0.5f32));
+            let hi = b.konst("hi", Tensor::scalar(0.75f32));
+            b.node(
+                Op::Elementwise(ElementwiseOp::Clip(ClipBounds::Inputs)),
+                &[Some(conv), Some(lo), Some(hi)],
+            )
+        }
+        Tail::HardSwish => b.unary(UnaryKind::HardSwish, conv),
+        Tail::ScaleAdd => {
+            let sc = b.konst("sc", Tensor::scalar(1.5f32));
+            let r = b.input("r", DType::F32, &shape);
+            let t = b.binary(BinaryKind::Mul, sc, conv);
+            b.binary(BinaryKind::Add, r, t)
+        }
+    };
+    let g = b.finish(&[y]);
+    let rep = check(&g, &random_inputs(&g, seed));
+    assert!(
+        rep.lowering.unsupported.is_empty(),
+        "{:?}",
+        rep.lowering.unsupported
+    );
+    assert_eq!(count(&rep, KernelKind::Contraction), (1, 1));
+}
+
+/// Property test: random Conv geometries (batch 1–2, kernels 1–7, strides 1–3, asymmetric
+/// pads, dilation, groups incl. depthwise, odd sizes) with every fused epilogue, against the
+/// reference interpreter. `KILN_CONV_CASES` sets the number of cases (default 40).
+#[test]
+fn conv_random_shapes_match_interpreter() {
+    use rand::Rng;
+    let cases: usize = std::env::var("KILN_CONV_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(40);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0xC0417);
+    let tails = [
+        Tail::None,
+        Tail::Relu,
+        Tail::AddRelu,
+        Tail::Clip,
+        Tail::HardSwish,
+        Tail::ScaleAdd,
+    ];
+    let mut done = 0;
+    while done < cases {
+        let k = [
+            [1, 1, 2, 3, 3, 5, 7][rng.random_range(0..7)],
+            [1, 1, 2, 3, 3, 5, 7][rng.random_range(0..7)],
+        ];
+        let s = [rng.random_range(1..=3), rng.random_range(1..=3)];
+        let d = [
+            if rng.random_bool(0.2) { 2 } else { 1 },
+            if rng.random_bool(0.2) { 2 } else { 1 },
+        ];
+        let pads = [
+            rng.random_range(0..k[0]),
+            rng.random_range(0..k[1]),
+            rng.random_range(0..k[0]),
+            rng.random_range(0..k[1]),
+        ];
+        let hw = [rng.random_range(1..24), rng.random_range(1..40)];
+        let ext = |i: usize| (k[i] - 1) * d[i] + 1;
+        if hw[0] + pads[0] + pads[2] < ext(0) || hw[1] + pads[1] + pads[3] < ext(1) {
+            continue;
+        }
+        let group = [1, 1, 1, 2, 3, 0][rng.random_range(0..6)];
+        let (c, m, group) = if group == 0 {
+            let c = rng.random_range(1..20);
+            (c, c, c)
+        } else {
+            (
+                group * rng.random_range(1..7),
+                group * rng.random_range(1..12),
+                group,
+            )
+        };
+        let n = rng.random_range(1..=2);
+        let tail = tails[rng.random_range(0..tails.len())];
+        let bias = rng.random_bool(0.7);
+        eprintln!(
+            "case {done}: n{n} c{c} hw{hw:?} m{m} k{k:?} s{s:?} p{pads:?} d{d:?} g{group} bias {bias} {tail:?}"
+        );
+        conv_random(
+            n,
+            c,
+            hw,
+            m,
+            k,
+            s,
+            pads,
+            d,
+            group,
+            bias,
+            tail,
+            1000 + done as u64,
+        );
+        done += 1;
+    }
+}
+
+/// Few output positions per channel (the dot-product form): 1–16 positions, ragged channel
+/// blocks, reduction lengths not a multiple of 8, batch 2, every epilogue.
+#[test]
+fn conv_few_positions() {
+    let tails = [
+        Tail::AddRelu,
+        Tail::Relu,
+        Tail::None,
+        Tail::Clip,
+        Tail::HardSwish,
+        Tail::ScaleAdd,
+    ];
+    // (n, c, hw, m, k, s, p)
+    type Geometry = (usize, usize, [usize; 2], usize, usize, usize, usize);
+    let cases: [Geometry; 6] = [
+        (1, 20, [2, 2], 13, 3, 1, 1),
+        (2, 9, [4, 4], 7, 3, 2, 1),
+        (1, 16, [2, 4], 32, 3, 1, 1),
+        (2, 5, [1, 1], 11, 1, 1, 0),
+        (1, 3, [3, 5], 4, 3, 1, 1),
+        (1, 8, [7, 7], 9, 3, 2, 0),
+    ];
+    for (i, &(n, c, hw, m, k, s, p)) in cases.iter().enumerate() {
+        conv_random(
+            n,
+            c,
+            hw,
+            m,
+            [k, k],
+            [s, s],
+            [p; 4],
+            [1, 1],
+            1,
+            i % 3 != 2,
+            tails[i],
+            70 + i as u64,
+        );
+    }
+}

@@ -1,16 +1,32 @@
 //! `Contraction` kernels whose contraction is a 2-D `Conv` (NCHW, f32, static shapes, any
-//! stride/padding/dilation/group), with a bias and a fused elementwise epilogue.
+//! stride/padding/dilation/group), with a bias and a fused elementwise epilogue. The
+//! algorithm and its tile sizes are a [`ConvSchedule`] (the default picks them from the
+//! shape).
 //!
-//! * `group = 1`: per batch image, the input is unfolded (im2col) into a scratch buffer
-//!   `cols[Cin·kh·kw, OH·OW]` allocated inside the kernel, then the packed matmul of
-//!   [`crate::cpu::matmul`] computes `W[Cout, Cin·kh·kw] · cols` straight into the image's
-//!   rows of the output (viewed as `[N·Cout, OH·OW]`). A 1×1 convolution with unit strides
-//!   and no padding skips the unfolding: the input image already is `cols`.
-//! * Other groups (depthwise included): a direct `scf.for` loop nest, accumulating the taps
-//!   of each output element (padding taps are skipped).
+//! * Direct convolution ([`ConvAlgo::Direct`], every group count, depthwise included): per
+//!   image, the input is copied once into a zero-padded buffer split by stride phase
+//!   (`Xp[c][row % s][col % s][hq][wq]`, see [`Grid`]; strided rows are deinterleaved with
+//!   vector shuffles), so that every tap `(ki, kj)` of a run of output positions is a
+//!   unit-stride vector load at a constant offset. The positions of an output channel are
+//!   the flattened `OH × wq` grid (`wq` = `OW` + the taps' reach); a register tile holds
+//!   `mr` output channels × `nv` vectors of 8 positions and accumulates
+//!   `Σ_{c, ki, kj} w[o, c, ki, kj] · Xp[...]` with broadcast weights and `vector.fma`. Bias
+//!   and epilogue (Relu, Clip, HardSwish, `+`/`·` a scalar or a same-shape buffer) are applied
+//!   to the accumulators before the store; when grid rows are wider than output rows, tiles
+//!   are parked in an L1-sized block buffer and written out (pad columns dropped) once the
+//!   channel block is done. A 1×1 unit-stride unpadded conv whose positions fill whole tiles
+//!   reads its input in place.
+//! * Dot-product form (`group = 1`, at most [`ConvSchedule::dot_max_positions`] output
+//!   positions, grid lanes mostly idle): patches gathered into `cols[P][K]`, lanes over the
+//!   reduction `K = C·kh·kw` (see [`emit_dot`]).
+//! * [`ConvAlgo::Im2colGemm`] (`group = 1`): im2col into `cols[Cin·kh·kw, OH·OW]` + the packed
+//!   matmul of [`crate::cpu::matmul`]; a 1×1 unit-stride unpadded conv skips the unfolding.
 //!
-//! The bias and the epilogue nodes then run as one `linalg.generic` over the output shape,
-//! in place, like [`super::contraction`] does for `MatMul`.
+//! Epilogues made of other nodes, or kernels with more than one output, run the conv (+ bias)
+//! first and then the epilogue as one `linalg.generic` over the output, in place, like
+//! [`super::contraction`] does for `MatMul`; those kernels are serial. Fused kernels split
+//! into tasks (`KernelSignature::tasks`): one per (image, group, block of `mr` output
+//! channels); each call copies the input channels it needs.
 
 use super::elementwise::InputKind;
 use super::elementwise::{classify_input, emit_generic, Body, GenericInput, GenericOutput};
@@ -18,6 +34,7 @@ use super::{Lowered, SymDims, Ty, GRAPH_KERNEL_PIPELINE};
 use crate::cpu::abi::{Dim as PDim, Prologue};
 use crate::cpu::matmul::{matmul_memref_func, MatmulSchedule, STRIDED_2D};
 use crate::cpu::{Kernel, KernelSignature};
+use kiln_ir::ops::elementwise::{BinaryKind, ClipBounds, ElementwiseOp, UnaryKind};
 use kiln_ir::ops::nn::NnOp;
 use kiln_ir::{DType, Dim, Graph, Op, ValueId};
 use kiln_passes::fusion;
@@ -222,8 +239,930 @@ fn cdims(d: &[usize]) -> Vec<PDim> {
     d.iter().map(|&x| PDim::Const(x as i64)).collect()
 }
 
-/// Lowers a `Contraction` kernel whose contraction is a `Conv` (see the module doc).
+/// f32 lanes per vector (AVX2).
+pub(crate) const VW: usize = 8;
+/// The vector type of one register of output positions.
+pub(crate) const VT: &str = "vector<8xf32>";
+/// The mask type of [`VT`].
+pub(crate) const MT: &str = "vector<8xi1>";
+/// A flat f32 buffer.
+pub(crate) const M1: &str = "memref<?xf32>";
+/// A 4-D f32 buffer.
+pub(crate) const M4: &str = "memref<?x?x?x?xf32>";
+
+/// How a `group = 1` convolution is computed (grouped ones always use [`ConvAlgo::Direct`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConvAlgo {
+    /// Register-tiled direct convolution on a zero-padded, stride-phase-split copy of the
+    /// input, with bias and epilogue applied to the accumulators (see the module doc).
+    Direct,
+    /// im2col into a scratch buffer, then the packed matmul of [`crate::cpu::matmul`]; bias
+    /// and epilogue run as a separate pass over the output.
+    Im2colGemm,
+}
+
+/// The schedule of a Conv kernel; the default picks everything from the shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvSchedule {
+    /// The algorithm of `group = 1` convolutions.
+    pub algo: ConvAlgo,
+    /// Output channels per register tile of [`ConvAlgo::Direct`] (0: chosen by
+    /// [`ConvSchedule::tile`]).
+    pub mr: usize,
+    /// 8-float vectors of output positions per register tile (0: chosen by
+    /// [`ConvSchedule::tile`]); `mr·nv + nv + 1` should not exceed the 16 AVX2 registers.
+    pub nv: usize,
+    /// The matmul schedule of [`ConvAlgo::Im2colGemm`].
+    pub matmul: MatmulSchedule,
+    /// `group = 1` convs with a fused epilogue and at most this many output positions per
+    /// channel, whose position grid would leave ≥ 30% of the vector lanes idle, use the
+    /// dot-product form ([`ConvAlgo::Direct`] only; 0 disables it).
+    pub dot_max_positions: usize,
+}
+
+impl Default for ConvSchedule {
+    /// Direct convolution, register tile chosen from the shape.
+    fn default() -> Self {
+        Self {
+            algo: ConvAlgo::Direct,
+            mr: 0,
+            nv: 0,
+            matmul: MatmulSchedule::default(),
+            dot_max_positions: 8,
+        }
+    }
+}
+
+impl ConvSchedule {
+    /// The register tile `(mr, nv)` for `mg` output channels per group and `grid` output
+    /// positions per channel: the explicit sizes if both are set, otherwise the candidate
+    /// minimising `tiles · (mr·nv FMAs + mr + nv loads)` per tap (padding waste included),
+    /// 10% less for a `pointwise` conv whose positions fill whole tiles (it reads its input
+    /// in place, without the padded copy).
+    ///
+    /// `rows × (cols + pad)` is the position grid (`pad`: the taps' reach); the third result
+    /// says whether tiling each output row on its own (no lanes on pad columns) needs fewer
+    /// tiles than tiling the flattened grid.
+    pub fn tile(
+        &self,
+        mg: usize,
+        [rows, cols, pad]: [usize; 3],
+        pointwise: bool,
+    ) -> (usize, usize, bool) {
+        let grid = rows * (cols + pad);
+        let tiles = |nv: usize| {
+            let (g, r) = (grid.div_ceil(VW * nv), rows * cols.div_ceil(VW * nv));
+            (g.min(r), r < g)
+        };
+        if self.mr > 0 && self.nv > 0 {
+            return (self.mr, self.nv, tiles(self.nv).1);
+        }
+        let (mr, nv) = [(8, 1), (6, 2), (4, 3), (4, 2), (2, 4), (1, 4)]
+            .into_iter()
+            .min_by_key(|&(mr, nv)| {
+                let in_place = pointwise && grid.is_multiple_of(VW * nv);
+                mg.div_ceil(mr) * tiles(nv).0 * (mr * nv + mr + nv) * if in_place { 9 } else { 10 }
+            })
+            .expect("candidates");
+        (mr, nv, tiles(nv).1)
+    }
+}
+
+/// One elementwise step of a fused Conv epilogue, applied to 8-lane vectors.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Epi {
+    Relu,
+    Clip(Option<f32>, Option<f32>),
+    HardSwish,
+    /// `+ buffer` (index into the epilogue buffers, each of the output's shape).
+    AddBuf(usize),
+    /// `· buffer`.
+    MulBuf(usize),
+    AddConst(f32),
+    MulConst(f32),
+}
+
+/// The epilogue of a Conv kernel as a chain of [`Epi`] steps and the full-shape buffers they
+/// read, when every node is such a step applied to the previous value and only the last value
+/// leaves the kernel; `None` otherwise (the generic epilogue pass then runs).
+fn fused_epilogue(
+    g: &Graph,
+    k: &fusion::Kernel,
+    ci: usize,
+    y_v: ValueId,
+    y_s: &[usize],
+) -> Option<(Vec<Epi>, Vec<ValueId>)> {
+    let scalar = |v: ValueId| -> Option<f32> {
+        g.const_value(v)
+            .filter(|t| t.len() == 1)
+            .map(|t| t.to_f64_vec()[0] as f32)
+    };
+    let mut cur = y_v;
+    let mut ops = Vec::new();
+    let mut bufs: Vec<ValueId> = Vec::new();
+    for &n in k.nodes.iter().filter(|&&n| n != ci) {
+        let node = &g.nodes[n];
+        if node.outputs.len() != 1 || g.values[node.outputs[0]].fact.dtype != DType::F32 {
+            return None;
+        }
+        let pos = node.inputs.iter().position(|&i| i == Some(cur))?;
+        let others: Vec<Option<ValueId>> = node
+            .inputs
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| i != pos)
+            .map(|(_, &v)| v)
+            .collect();
+        let Op::Elementwise(e) = &node.op else {
+            return None;
+        };
+        let op = match e {
+            ElementwiseOp::Unary(UnaryKind::Relu) if others.is_empty() => Epi::Relu,
+            ElementwiseOp::Unary(UnaryKind::HardSwish) if others.is_empty() => Epi::HardSwish,
+            ElementwiseOp::Clip(ClipBounds::Attrs { min, max }) if others.is_empty() => {
+                Epi::Clip(*min, *max)
+            }
+            ElementwiseOp::Clip(ClipBounds::Inputs) if pos == 0 => {
+                let b = |i: usize| -> Option<Option<f32>> {
+                    match node.inputs.get(i).copied().flatten() {
+                        None => Some(None),
+                        Some(v) => scalar(v).map(Some),
+                    }
+                };
+                Epi::Clip(b(1)?, b(2)?)
+            }
+            ElementwiseOp::Binary(kind @ (BinaryKind::Add | BinaryKind::Mul)) => {
+                let [Some(o)] = others[..] else {
+                    return None;
+                };
+                let add = *kind == BinaryKind::Add;
+                if let Some(x) = scalar(o) {
+                    if add {
+                        Epi::AddConst(x)
+                    } else {
+                        Epi::MulConst(x)
+                    }
+                } else {
+                    let f = &g.values[o].fact;
+                    if f.dtype != DType::F32 || f.shape.as_known().as_deref() != Some(y_s) {
+                        return None;
+                    }
+                    let i = bufs.iter().position(|&b| b == o).unwrap_or_else(|| {
+                        bufs.push(o);
+                        bufs.len() - 1
+                    });
+                    if add {
+                        Epi::AddBuf(i)
+                    } else {
+                        Epi::MulBuf(i)
+                    }
+                }
+            }
+            _ => return None,
+        };
+        ops.push(op);
+        cur = node.outputs[0];
+    }
+    (k.outputs == [cur]).then_some((ops, bufs))
+}
+
+impl Loops {
+    /// Opens `scf.for %i = lo to hi step step` and returns `%i`.
+    pub(crate) fn open_range(&mut self, lo: usize, hi: usize, step: usize) -> String {
+        let (a, b, s) = (self.c(lo as i64), self.c(hi as i64), self.c(step as i64));
+        let i = self.fresh("i");
+        self.line(&format!("scf.for {i} = {a} to {b} step {s} {{"));
+        i
+    }
+
+    /// A hoisted 8-lane splat of `x`.
+    pub(crate) fn vsplat(&mut self, x: f32) -> String {
+        let key = format!("splat:{:08X}", x.to_bits());
+        if let Some(v) = self.cache.get(&key) {
+            return v.clone();
+        }
+        let s = self.f(x);
+        self.next += 1;
+        let v = format!("%lp_k{}", self.next);
+        let _ = writeln!(self.consts, "  {v} = vector.broadcast {s} : f32 to {VT}");
+        self.cache.insert(key, v.clone());
+        v
+    }
+
+    /// `a + b` for an `index` value `a` and a constant `b`.
+    pub(crate) fn addc(&mut self, a: &str, b: usize) -> String {
+        self.affine(a, 1, b as i64)
+    }
+}
+
+/// Operands of [`emit_direct`].
+struct Direct<'a> {
+    win: Window2,
+    group: usize,
+    /// Output channels.
+    m: usize,
+    /// Register tile (see [`ConvSchedule::tile`]).
+    mr: usize,
+    nv: usize,
+    /// The input: `memref<?xf32>` when read in place (pointwise), else 4-D.
+    x: &'a str,
+    /// The filter as `memref<?x?xf32>` `[M, C/group·kh·kw]`.
+    w: &'a str,
+    bias: Option<&'a str>,
+    /// The output, flat.
+    y: &'a str,
+    epi: &'a [Epi],
+    /// The epilogue buffers, flat.
+    bufs: &'a [String],
+    /// The task range `[begin, end)` (`index` values) of `tasks(..)` tasks.
+    tasks: (String, String),
+    /// Tile each output row on its own (no lanes on the grid's pad columns) instead of the
+    /// flattened grid.
+    rows: bool,
+}
+
+/// The number of tasks of the direct convolution: one per (image, group, block of `mr`
+/// output channels).
+fn direct_tasks(win: &Window2, group: usize, m: usize, mr: usize) -> usize {
+    win.n * group * (m / group).div_ceil(mr)
+}
+
+/// Geometry of the direct algorithm's input copy: `Xp[c][slot][hq][wq]`, one slot per stride
+/// phase `(row % s, col % s)` that a tap reads, so every tap reads unit-stride runs.
+pub(crate) struct Grid {
+    /// The row phases read (`ki·d % s`), one slot row each.
+    pub(crate) rph: Vec<usize>,
+    /// The column phases read.
+    pub(crate) cph: Vec<usize>,
+    /// Rows and columns of one phase plane (output size + the taps' reach).
+    pub(crate) hq: usize,
+    /// Columns of one phase plane.
+    pub(crate) wq: usize,
+}
+
+impl Grid {
+    /// The grid of `win`.
+    pub(crate) fn new(win: &Window2) -> Grid {
+        let ph = |k: usize, d: usize, s: usize| {
+            let mut v: Vec<usize> = (0..k).map(|i| i * d % s).collect();
+            v.sort_unstable();
+            v.dedup();
+            v
+        };
+        Grid {
+            rph: ph(win.k[0], win.d[0], win.s[0]),
+            cph: ph(win.k[1], win.d[1], win.s[1]),
+            hq: win.oh + (win.k[0] - 1) * win.d[0] / win.s[0],
+            wq: win.ow + (win.k[1] - 1) * win.d[1] / win.s[1],
+        }
+    }
+    /// Phase planes per channel.
+    pub(crate) fn slots(&self) -> usize {
+        self.rph.len() * self.cph.len()
+    }
+    /// Floats per phase plane.
+    pub(crate) fn plane(&self) -> usize {
+        self.hq * self.wq
+    }
+    /// The offset of tap `(ki, kj)` from the output position in its channel's `Xp` block.
+    pub(crate) fn tap(&self, win: &Window2, ki: usize, kj: usize) -> usize {
+        let (r, c) = (ki * win.d[0], kj * win.d[1]);
+        let sr = self.rph.iter().position(|&p| p == r % win.s[0]).unwrap();
+        let sc = self.cph.iter().position(|&p| p == c % win.s[1]).unwrap();
+        (sr * self.cph.len() + sc) * self.plane() + r / win.s[0] * self.wq + c / win.s[1]
+    }
+}
+
+/// Whether a 1×1, unit-stride, unpadded Conv whose positions fill whole register tiles can
+/// read its input in place.
+fn reads_in_place(win: &Window2, nr: usize) -> bool {
+    win.k == [1, 1]
+        && win.s == [1, 1]
+        && win.p == [0, 0]
+        && (win.oh, win.ow) == (win.h, win.w)
+        && (win.oh * win.ow).is_multiple_of(nr)
+}
+
+/// The index range `[lo, hi)` of `q < n` with `0 <= q·s + off < size`.
+fn valid_range(n: usize, s: usize, off: i64, size: usize) -> (usize, usize) {
+    let s = s as i64;
+    let lo = if off >= 0 { 0 } else { (-off + s - 1) / s };
+    let hi = ((size as i64 - 1 - off).div_euclid(s) + 1).clamp(0, n as i64);
+    (lo as usize, hi.max(lo) as usize)
+}
+
+/// Applies the epilogue steps to `val` at flat output index `idx` (`mask`: the valid lanes).
+fn emit_epi(l: &mut Loops, d: &Direct, mut val: String, idx: &str, mask: Option<&str>) -> String {
+    let z = l.vsplat(0.0);
+    for op in d.epi {
+        val = match *op {
+            Epi::Relu => l.op(&format!("arith.maximumf {val}, {z} : {VT}")),
+            Epi::Clip(lo, hi) => {
+                if let Some(lo) = lo {
+                    let c = l.vsplat(lo);
+                    val = l.op(&format!("arith.maximumf {val}, {c} : {VT}"));
+                }
+                if let Some(hi) = hi {
+                    let c = l.vsplat(hi);
+                    val = l.op(&format!("arith.minimumf {val}, {c} : {VT}"));
+                }
+                val
+            }
+            Epi::HardSwish => {
+                let (s, h, one) = (l.vsplat(1.0 / 6.0), l.vsplat(0.5), l.vsplat(1.0));
+                let t = l.op(&format!("math.fma {val}, {s}, {h} : {VT}"));
+                let t = l.op(&format!("arith.maximumf {t}, {z} : {VT}"));
+                let t = l.op(&format!("arith.minimumf {t}, {one} : {VT}"));
+                l.op(&format!("arith.mulf {val}, {t} : {VT}"))
+            }
+            Epi::AddConst(x) | Epi::MulConst(x) => {
+                let c = l.vsplat(x);
+                let f = if matches!(op, Epi::AddConst(_)) {
+                    "addf"
+                } else {
+                    "mulf"
+                };
+                l.op(&format!("arith.{f} {val}, {c} : {VT}"))
+            }
+            Epi::AddBuf(i) | Epi::MulBuf(i) => {
+                let b = &d.bufs[i];
+                let r = match mask {
+                    None => l.op(&format!("vector.load {b}[{idx}] : {M1}, {VT}")),
+                    Some(mk) => l.op(&format!(
+                        "vector.maskedload {b}[{idx}], {mk}, {z} : {M1}, {MT}, {VT} into {VT}"
+                    )),
+                };
+                let f = if matches!(op, Epi::AddBuf(_)) {
+                    "addf"
+                } else {
+                    "mulf"
+                };
+                l.op(&format!("arith.{f} {val}, {r} : {VT}"))
+            }
+        };
+    }
+    val
+}
+
+/// Stores `val` at flat index `idx` of `mem` (masked when `mask` is set).
+pub(crate) fn emit_store(l: &mut Loops, mem: &str, val: &str, idx: &str, mask: Option<&str>) {
+    match mask {
+        None => l.line(&format!("vector.store {val}, {mem}[{idx}] : {M1}, {VT}")),
+        Some(mk) => l.line(&format!(
+            "vector.maskedstore {mem}[{idx}], {mk}, {val} : {M1}, {MT}, {VT}"
+        )),
+    }
+}
+
+/// Copies channels `ch0..ch0 + nch` of image `n` of the 4-D input `x` into the interior of
+/// its padded, phase-split copy `xp` (laid out as [`Grid`] says; the padding is filled
+/// beforehand).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn emit_copy(
+    l: &mut Loops,
+    win: &Window2,
+    grid: &Grid,
+    x: &str,
+    xp: &str,
+    n: &str,
+    ch0: &str,
+    nch: usize,
+) {
+    let (wq, plane, slots) = (grid.wq, grid.plane(), grid.slots());
+    let zv = l.vsplat(0.0);
+    let xp = xp.to_string();
+    let i = l.open(nch);
+    let ch = l.add(ch0, &i);
+    for (sr, &ph) in grid.rph.iter().enumerate() {
+        for (sc, &pw) in grid.cph.iter().enumerate() {
+            let slot = sr * grid.cph.len() + sc;
+            let (iq_lo, iq_hi) = valid_range(grid.hq, win.s[0], ph as i64 - win.p[0], win.h);
+            let (jq_lo, jq_hi) = valid_range(grid.wq, win.s[1], pw as i64 - win.p[1], win.w);
+            if iq_lo >= iq_hi || jq_lo >= jq_hi {
+                continue;
+            }
+            let iq = l.open_range(iq_lo, iq_hi, 1);
+            let ih = l.affine(&iq, win.s[0] as i64, ph as i64 - win.p[0]);
+            let cb = l.affine(&ch, (slots * plane) as i64, (slot * plane) as i64);
+            let rb = l.affine(&iq, wq as i64, 0);
+            let dst = l.add(&cb, &rb);
+            if win.s[1] == 1 {
+                let iw0 = jq_lo as i64 + pw as i64 - win.p[1];
+                let len = jq_hi - jq_lo;
+                let n8 = len / VW * VW;
+                if n8 > 0 {
+                    let t = l.open_range(0, n8, VW);
+                    let iw = l.affine(&t, 1, iw0);
+                    let dj = l.add(&dst, &t);
+                    let di = l.addc(&dj, jq_lo);
+                    let v = l.op(&format!(
+                        "vector.load {}[{n}, {ch}, {ih}, {iw}] : {M4}, {VT}",
+                        x
+                    ));
+                    emit_store(l, &xp, &v, &di, None);
+                    l.close();
+                }
+                if len > n8 {
+                    let mk = l.op(&format!("vector.constant_mask [{}] : {MT}", len - n8));
+                    let iw = l.c(iw0 + n8 as i64);
+                    let di = l.addc(&dst, jq_lo + n8);
+                    let v = l.op(&format!(
+                        "vector.maskedload {}[{n}, {ch}, {ih}, {iw}], {mk}, {zv} : {M4}, {MT}, {VT} into {VT}",
+                        x
+                    ));
+                    emit_store(l, &xp, &v, &di, Some(&mk));
+                }
+            } else {
+                // Stride 2: 16 contiguous input floats → 8 of this phase (deinterleave);
+                // the rest, and other strides, element by element.
+                let mut jq_v = jq_lo;
+                if win.s[1] == 2 {
+                    let iw0 = jq_lo as i64 * 2 + pw as i64 - win.p[1];
+                    let len = jq_hi - jq_lo;
+                    let nch = (0..len / VW)
+                        .take_while(|&j| iw0 + 16 * j as i64 + 16 <= win.w as i64)
+                        .count();
+                    if nch > 0 {
+                        let t = l.open_range(0, nch * VW, VW);
+                        let iw = l.affine(&t, 2, iw0);
+                        let iw8 = l.addc(&iw, VW);
+                        let a = l.op(&format!(
+                            "vector.load {}[{n}, {ch}, {ih}, {iw}] : {M4}, {VT}",
+                            x
+                        ));
+                        let b = l.op(&format!(
+                            "vector.load {}[{n}, {ch}, {ih}, {iw8}] : {M4}, {VT}",
+                            x
+                        ));
+                        let e = l.op(&format!(
+                            "vector.shuffle {a}, {b} [0, 2, 4, 6, 8, 10, 12, 14] : {VT}, {VT}"
+                        ));
+                        let dj = l.add(&dst, &t);
+                        let di = l.addc(&dj, jq_lo);
+                        emit_store(l, &xp, &e, &di, None);
+                        l.close();
+                    }
+                    jq_v = jq_lo + nch * VW;
+                }
+                if jq_v < jq_hi {
+                    let jq = l.open_range(jq_v, jq_hi, 1);
+                    let iw = l.affine(&jq, win.s[1] as i64, pw as i64 - win.p[1]);
+                    let di = l.add(&dst, &jq);
+                    let v = l.op(&format!("memref.load {}[{n}, {ch}, {ih}, {iw}] : {M4}", x));
+                    l.line(&format!("memref.store {v}, {xp}[{di}] : {M1}"));
+                    l.close();
+                }
+            }
+            l.close();
+        }
+    }
+    l.close();
+}
+
+/// Emits the dot-product form of a `group = 1` convolution with few output positions `P`:
+/// per image, the patches are gathered into `cols[P][K8]` (`K = C·kh·kw` rounded up to 8,
+/// zero padded), then each output is `Σ_k W[o, k] · cols[p, k]` with the lanes over `k` (no
+/// idle lanes however small `P` is): register tiles of `d.mr` channels × `d.nv` positions,
+/// horizontal sums at the end, bias + epilogue on the `nv` results of a channel.
+fn emit_dot(l: &mut Loops, d: &Direct) {
+    let win = &d.win;
+    let (mr, pb) = (d.mr, d.nv);
+    let kk = win.k[0] * win.k[1];
+    let kt = win.c * kk;
+    let k8 = kt.div_ceil(VW) * VW;
+    let np = win.oh * win.ow;
+    let zv = l.vsplat(0.0);
+    let clen = l.c((np * k8) as i64);
+    let cols = l.op(&format!(
+        "memref.alloc({clen}) {{alignment = 64 : i64}} : {M1}"
+    ));
+    let i = l.open_range(0, np * k8, VW);
+    emit_store(l, &cols, &zv, &i, None);
+    l.close();
+    let nob = d.m.div_ceil(mr);
+    let t = l.fresh("t");
+    let one = l.c(1);
+    l.line(&format!(
+        "scf.for {t} = {} to {} step {one} {{",
+        d.tasks.0, d.tasks.1
+    ));
+    let nob_c = l.c(nob as i64);
+    let n = l.op(&format!("arith.divui {t}, {nob_c} : index"));
+    let obi = l.op(&format!("arith.remui {t}, {nob_c} : index"));
+    let o0 = l.affine(&obi, mr as i64, 0);
+    // Gather the patches of image n (first task of the image in this call).
+    let z = l.c(0);
+    let f1 = l.op(&format!("arith.cmpi eq, {t}, {} : index", d.tasks.0));
+    let f2 = l.op(&format!("arith.cmpi eq, {obi}, {z} : index"));
+    let first = l.op(&format!("arith.ori {f1}, {f2} : i1"));
+    l.line(&format!("scf.if {first} {{"));
+    let ch = l.open(win.c);
+    let cb = l.affine(&ch, kk as i64, 0);
+    for oh in 0..win.oh {
+        for ow in 0..win.ow {
+            for ki in 0..win.k[0] {
+                let ih = (oh * win.s[0] + ki * win.d[0]) as i64 - win.p[0];
+                if ih < 0 || ih >= win.h as i64 {
+                    continue;
+                }
+                for kj in 0..win.k[1] {
+                    let iw = (ow * win.s[1] + kj * win.d[1]) as i64 - win.p[1];
+                    if iw < 0 || iw >= win.w as i64 {
+                        continue;
+                    }
+                    let (ihc, iwc) = (l.c(ih), l.c(iw));
+                    let v = l.op(&format!(
+                        "memref.load {}[{n}, {ch}, {ihc}, {iwc}] : {M4}",
+                        d.x
+                    ));
+                    let di = l.addc(&cb, (oh * win.ow + ow) * k8 + ki * win.k[1] + kj);
+                    l.line(&format!("memref.store {v}, {cols}[{di}] : {M1}"));
+                }
+            }
+        }
+    }
+    l.close();
+    l.close();
+    let ragged = !d.m.is_multiple_of(mr);
+    let mut rows = Vec::new();
+    let mut valid = Vec::new();
+    for r in 0..mr {
+        let orow = l.addc(&o0, r);
+        rows.push(if ragged {
+            let mc = l.c(d.m as i64);
+            let ok = l.op(&format!("arith.cmpi slt, {orow}, {mc} : index"));
+            valid.push(ok.clone());
+            l.op(&format!("arith.select {ok}, {orow}, {o0} : index"))
+        } else {
+            orow
+        });
+    }
+    let kfull = kt / VW * VW;
+    for p0 in (0..np).step_by(pb) {
+        let pc = pb.min(np - p0);
+        let nacc = mr * pc;
+        let mut accs: Vec<String> = vec![zv.clone(); nacc];
+        // One k chunk of 8: `kv` the chunk start, `mask` for the ragged last chunk of W.
+        let chunk = |l: &mut Loops, kv: &str, mask: Option<&str>, accs: &mut Vec<String>| {
+            let xs: Vec<String> = (0..pc)
+                .map(|q| {
+                    let i = l.addc(kv, (p0 + q) * k8);
+                    l.op(&format!("vector.load {cols}[{i}] : {M1}, {VT}"))
+                })
+                .collect();
+            for r in 0..mr {
+                let w = match mask {
+                    None => l.op(&format!(
+                        "vector.load {}[{}, {kv}] : memref<?x?xf32>, {VT}",
+                        d.w, rows[r]
+                    )),
+                    Some(mk) => l.op(&format!(
+                        "vector.maskedload {}[{}, {kv}], {mk}, {zv} : memref<?x?xf32>, {MT}, {VT} into {VT}",
+                        d.w, rows[r]
+                    )),
+                };
+                for q in 0..pc {
+                    let a = &accs[r * pc + q];
+                    accs[r * pc + q] = l.op(&format!("vector.fma {w}, {}, {a} : {VT}", xs[q]));
+                }
+            }
+        };
+        if kfull > 0 {
+            let res = l.fresh("res");
+            let kv = l.fresh("k");
+            let it: Vec<String> = (0..nacc).map(|_| l.fresh("acc")).collect();
+            let (z, hi, st) = (l.c(0), l.c(kfull as i64), l.c(VW as i64));
+            l.line(&format!(
+                "{res}:{nacc} = scf.for {kv} = {z} to {hi} step {st} iter_args({}) -> ({}) {{",
+                it.iter()
+                    .zip(&accs)
+                    .map(|(a, b)| format!("{a} = {b}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                vec![VT; nacc].join(", ")
+            ));
+            let mut cur = it.clone();
+            chunk(l, &kv, None, &mut cur);
+            l.line(&format!(
+                "scf.yield {} : {}\n  }}",
+                cur.join(", "),
+                vec![VT; nacc].join(", ")
+            ));
+            accs = (0..nacc).map(|i| format!("{res}#{i}")).collect();
+        }
+        if kt > kfull {
+            let kv = l.c(kfull as i64);
+            let mk = l.op(&format!("vector.constant_mask [{}] : {MT}", kt - kfull));
+            chunk(l, &kv, Some(&mk), &mut accs);
+        }
+        let mk = l.op(&format!("vector.constant_mask [{pc}] : {MT}"));
+        for r in 0..mr {
+            if ragged {
+                l.line(&format!("scf.if {} {{", valid[r]));
+            }
+            let mut v = zv.clone();
+            for q in 0..pc {
+                let s = l.op(&format!(
+                    "vector.reduction <add>, {} : {VT} into f32",
+                    accs[r * pc + q]
+                ));
+                v = l.op(&format!("vector.insert {s}, {v} [{q}] : f32 into {VT}"));
+            }
+            if let Some(b) = d.bias {
+                let s = l.op(&format!("memref.load {b}[{}] : {M1}", rows[r]));
+                let bv = l.op(&format!("vector.broadcast {s} : f32 to {VT}"));
+                v = l.op(&format!("arith.addf {v}, {bv} : {VT}"));
+            }
+            let nm = l.affine(&n, d.m as i64, 0);
+            let nmo = l.add(&nm, &rows[r]);
+            let idx = l.affine(&nmo, np as i64, p0 as i64);
+            let v = emit_epi(l, d, v, &idx, Some(&mk));
+            emit_store(l, d.y, &v, &idx, Some(&mk));
+            if ragged {
+                l.close();
+            }
+        }
+    }
+    l.close();
+    l.line(&format!("memref.dealloc {cols} : {M1}"));
+}
+
+/// Emits the direct convolution (see the module doc) into `l`.
+fn emit_direct(l: &mut Loops, d: &Direct) {
+    let win = &d.win;
+    let (mr, nv) = (d.mr, d.nv);
+    let nr = VW * nv;
+    let (cg, mg) = (win.c / d.group, d.m / d.group);
+    let kk = win.k[0] * win.k[1];
+    let in_place = reads_in_place(win, nr);
+    let grid = if in_place {
+        Grid {
+            rph: vec![0],
+            cph: vec![0],
+            hq: win.h,
+            wq: win.w,
+        }
+    } else {
+        Grid::new(win)
+    };
+    let (wq, plane, slots) = (grid.wq, grid.plane(), grid.slots());
+    let npos = win.oh * wq;
+    let gp = npos.div_ceil(nr) * nr;
+    let direct_store = wq == win.ow || d.rows;
+    let p_out = win.oh * win.ow;
+    let zv = l.vsplat(0.0);
+    // Scratch: the padded input copy (zeroed once: only its interior is rewritten per image)
+    // and, when output rows are narrower than grid rows, the block of raw tiles.
+    let xp = if in_place {
+        d.x.to_string()
+    } else {
+        let len = (win.c * slots * plane + nr + wq + VW).div_ceil(VW) * VW;
+        let cl = l.c(len as i64);
+        let xp = l.op(&format!(
+            "memref.alloc({cl}) {{alignment = 64 : i64}} : {M1}"
+        ));
+        let i = l.open_range(0, len, VW);
+        emit_store(l, &xp, &zv, &i, None);
+        l.close();
+        xp
+    };
+    let yb = (!direct_store).then(|| {
+        let cl = l.c((mr * gp + 2 * VW) as i64);
+        l.op(&format!(
+            "memref.alloc({cl}) {{alignment = 64 : i64}} : {M1}"
+        ))
+    });
+    // Tasks: (image, group, block of mr output channels), in that order. A task that starts
+    // a new (image, group), or a call, first copies that group's input channels.
+    let nob = mg.div_ceil(mr);
+    let nblk = d.group * nob;
+    let t = l.fresh("t");
+    let one = l.c(1);
+    l.line(&format!(
+        "scf.for {t} = {} to {} step {one} {{",
+        d.tasks.0, d.tasks.1
+    ));
+    let nblk_c = l.c(nblk as i64);
+    let n = l.op(&format!("arith.divui {t}, {nblk_c} : index"));
+    let blk = l.op(&format!("arith.remui {t}, {nblk_c} : index"));
+    let nob_c = l.c(nob as i64);
+    let gi = l.op(&format!("arith.divui {blk}, {nob_c} : index"));
+    let obi = l.op(&format!("arith.remui {blk}, {nob_c} : index"));
+    let ob = l.affine(&obi, mr as i64, 0);
+    if !in_place {
+        let z = l.c(0);
+        let f1 = l.op(&format!("arith.cmpi eq, {t}, {} : index", d.tasks.0));
+        let f2 = l.op(&format!("arith.cmpi eq, {obi}, {z} : index"));
+        let first = l.op(&format!("arith.ori {f1}, {f2} : i1"));
+        l.line(&format!("scf.if {first} {{"));
+        let ch0 = l.affine(&gi, cg as i64, 0);
+        emit_copy(l, win, &grid, d.x, &xp, &n, &ch0, cg);
+        l.close();
+    }
+    let gm = l.affine(&gi, mg as i64, 0);
+    let o0 = l.add(&gm, &ob);
+    let ragged = !mg.is_multiple_of(mr);
+    let mut rows = Vec::new();
+    let mut valid = Vec::new();
+    let mut bias = Vec::new();
+    let mut ybase = Vec::new();
+    for r in 0..mr {
+        let orow = l.addc(&o0, r);
+        let row = if ragged {
+            let obr = l.addc(&ob, r);
+            let mgc = l.c(mg as i64);
+            let ok = l.op(&format!("arith.cmpi slt, {obr}, {mgc} : index"));
+            valid.push(ok.clone());
+            l.op(&format!("arith.select {ok}, {orow}, {o0} : index"))
+        } else {
+            orow
+        };
+        bias.push(d.bias.map(|b| {
+            let s = l.op(&format!("memref.load {b}[{row}] : {M1}"));
+            l.op(&format!("vector.broadcast {s} : f32 to {VT}"))
+        }));
+        let nm = l.affine(&n, d.m as i64, 0);
+        let nmo = l.add(&nm, &row);
+        ybase.push(l.affine(&nmo, p_out as i64, 0));
+        rows.push(row);
+    }
+    // Tiles over the grid positions: for direct stores, the full ones first, then the last,
+    // partial one with masked stores.
+    // Row tiling: the tiles of each output row, skipping the grid's pad columns.
+    let (span, end) = if d.rows {
+        (win.ow, win.ow.div_ceil(nr) * nr)
+    } else {
+        (npos, gp)
+    };
+    let orow = d.rows.then(|| l.open(win.oh));
+    let full_end = if yb.is_some() { gp } else { span / nr * nr };
+    let mut ranges = vec![(0, full_end, false)];
+    if full_end < end {
+        ranges.push((full_end, end, true));
+    }
+    for &(lo, hi, tail) in ranges.iter().filter(|r| r.0 < r.1) {
+        // `t0`: the tile's first position in the row (row tiling) or the grid; `q0`: in the grid.
+        let t0 = l.open_range(lo, hi, nr);
+        let (q0, p0) = match &orow {
+            Some(oh) => {
+                let a = l.affine(oh, wq as i64, 0);
+                let b = l.affine(oh, win.ow as i64, 0);
+                (l.add(&a, &t0), l.add(&b, &t0))
+            }
+            None => (t0.clone(), t0.clone()),
+        };
+        // The tile: Σ over channels of the group and taps.
+        let nacc = mr * nv;
+        let res = l.fresh("res");
+        let c = l.fresh("c");
+        let accs: Vec<String> = (0..nacc).map(|_| l.fresh("acc")).collect();
+        let (z, one, cgc) = (l.c(0), l.c(1), l.c(cg as i64));
+        l.line(&format!(
+            "{res}:{nacc} = scf.for {c} = {z} to {cgc} step {one} iter_args({}) -> ({}) {{",
+            accs.iter()
+                .map(|a| format!("{a} = {zv}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            vec![VT; nacc].join(", ")
+        ));
+        let gcg = l.affine(&gi, cg as i64, 0);
+        let chn = l.add(&gcg, &c);
+        let xb = if in_place {
+            let nc = l.affine(&n, win.c as i64, 0);
+            let t = l.add(&nc, &chn);
+            let t = l.affine(&t, plane as i64, 0);
+            l.add(&t, &q0)
+        } else {
+            let t = l.affine(&chn, (slots * plane) as i64, 0);
+            l.add(&t, &q0)
+        };
+        let wc = l.affine(&c, kk as i64, 0);
+        let mut cur = accs.clone();
+        for ki in 0..win.k[0] {
+            for kj in 0..win.k[1] {
+                let t = ki * win.k[1] + kj;
+                let off = grid.tap(win, ki, kj);
+                let xs: Vec<String> = (0..nv)
+                    .map(|v| {
+                        let i = l.addc(&xb, off + v * VW);
+                        l.op(&format!("vector.load {xp}[{i}] : {M1}, {VT}"))
+                    })
+                    .collect();
+                let wcol = l.addc(&wc, t);
+                for r in 0..mr {
+                    let s = l.op(&format!(
+                        "memref.load {}[{}, {wcol}] : memref<?x?xf32>",
+                        d.w, rows[r]
+                    ));
+                    let b = l.op(&format!("vector.broadcast {s} : f32 to {VT}"));
+                    for v in 0..nv {
+                        let a = &cur[r * nv + v];
+                        cur[r * nv + v] = l.op(&format!("vector.fma {b}, {}, {a} : {VT}", xs[v]));
+                    }
+                }
+            }
+        }
+        l.line(&format!(
+            "scf.yield {} : {}\n  }}",
+            cur.join(", "),
+            vec![VT; nacc].join(", ")
+        ));
+        let acc = |r: usize, v: usize| format!("{res}#{}", r * nv + v);
+        match &yb {
+            None => {
+                // Grid rows are output rows: bias + epilogue on the accumulators, then store.
+                for r in 0..mr {
+                    if ragged {
+                        l.line(&format!("scf.if {} {{", valid[r]));
+                    }
+                    for v in 0..nv {
+                        let pos = l.addc(&p0, v * VW);
+                        let idx = l.add(&ybase[r], &pos);
+                        let mask = tail.then(|| {
+                            let np = l.c(span as i64);
+                            let tv = l.addc(&t0, v * VW);
+                            let left = l.op(&format!("arith.subi {np}, {tv} : index"));
+                            l.op(&format!("vector.create_mask {left} : {MT}"))
+                        });
+                        let mut val = acc(r, v);
+                        if let Some(b) = &bias[r] {
+                            val = l.op(&format!("arith.addf {val}, {b} : {VT}"));
+                        }
+                        let val = emit_epi(l, d, val, &idx, mask.as_deref());
+                        emit_store(l, d.y, &val, &idx, mask.as_deref());
+                    }
+                    if ragged {
+                        l.close();
+                    }
+                }
+                l.close();
+            }
+            Some(yb) => {
+                // Park the tiles; once the block is done, drop the pad columns of each row while
+                // applying bias + epilogue (the block is still in L1).
+                for r in 0..mr {
+                    for v in 0..nv {
+                        let i = l.addc(&q0, r * gp + v * VW);
+                        emit_store(l, yb, &acc(r, v), &i, None);
+                    }
+                }
+                l.close();
+            }
+        }
+    }
+    if orow.is_some() {
+        l.close();
+    }
+    if let Some(yb) = &yb {
+        for r in 0..mr {
+            if ragged {
+                l.line(&format!("scf.if {} {{", valid[r]));
+            }
+            let oh = l.open(win.oh);
+            let src0 = l.affine(&oh, wq as i64, (r * gp) as i64);
+            let dr = l.affine(&oh, win.ow as i64, 0);
+            let dst0 = l.add(&ybase[r], &dr);
+            for j in 0..win.ow.div_ceil(VW) {
+                let si = l.addc(&src0, j * VW);
+                let di = l.addc(&dst0, j * VW);
+                let left = win.ow - j * VW;
+                let mask =
+                    (left < VW).then(|| l.op(&format!("vector.constant_mask [{left}] : {MT}")));
+                let mut val = l.op(&format!("vector.load {yb}[{si}] : {M1}, {VT}"));
+                if let Some(b) = &bias[r] {
+                    val = l.op(&format!("arith.addf {val}, {b} : {VT}"));
+                }
+                let val = emit_epi(l, d, val, &di, mask.as_deref());
+                emit_store(l, d.y, &val, &di, mask.as_deref());
+            }
+            l.close();
+            if ragged {
+                l.close();
+            }
+        }
+    }
+    l.close(); // t
+    if !in_place {
+        l.line(&format!("memref.dealloc {xp} : {M1}"));
+    }
+    if let Some(yb) = yb {
+        l.line(&format!("memref.dealloc {yb} : {M1}"));
+    }
+}
+
+/// Lowers a `Contraction` kernel whose contraction is a `Conv` (see the module doc) with the
+/// default [`ConvSchedule`].
 pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered, String> {
+    lower_with(g, k, name, &ConvSchedule::default())
+}
+
+/// Lowers a `Contraction` kernel whose contraction is a `Conv` with schedule `sched`.
+pub fn lower_with(
+    g: &Graph,
+    k: &fusion::Kernel,
+    name: &str,
+    sched: &ConvSchedule,
+) -> Result<Lowered, String> {
     let ci = k
         .nodes
         .iter()
@@ -274,220 +1213,298 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered
         }
     }
     let epi_nodes: Vec<usize> = k.nodes.iter().copied().filter(|&n| n != ci).collect();
+    for &n in &epi_nodes {
+        let ins = &g.nodes[n].inputs;
+        if [x_v, w_v]
+            .into_iter()
+            .chain(b_v)
+            .any(|v| ins.contains(&Some(v)))
+        {
+            return Err("a Conv operand is also used by the epilogue".into());
+        }
+    }
+    let direct = group > 1 || sched.algo == ConvAlgo::Direct;
+    let (cg, mg) = (win.c / group, m / group);
+    let (kk, pp) = (cg * win.k[0] * win.k[1], win.oh * win.ow);
+    let total = win.n * m * pp;
+    // Register tile and whether the input is read in place.
+    let (mr, nv, rows) = {
+        let wq = if reads_in_place(&win, usize::MAX) {
+            win.w
+        } else {
+            Grid::new(&win).wq
+        };
+        sched.tile(mg, [win.oh, win.ow, wq - win.ow], reads_in_place(&win, 1))
+    };
+    let use_dot = direct
+        && group == 1
+        && pp <= sched.dot_max_positions
+        && (win.oh * Grid::new(&win).wq).div_ceil(VW) * VW * 10 >= pp * 13;
+    let in_place = direct && !use_dot && reads_in_place(&win, VW * nv);
+    let fused = if direct || use_dot {
+        fused_epilogue(g, k, ci, y_v, &ys)
+    } else {
+        None
+    };
     let mut syms = SymDims::default();
     let mut p = Prologue::new();
-    let mut body = Body::default();
     let mut args = vec![x_v, w_v];
-    let mut ins = Vec::new();
-    let (kk, pp) = (win.c / group * win.k[0] * win.k[1], win.oh * win.ow);
-    let pointwise = group == 1
+    let pointwise_gemm = !direct
         && win.k == [1, 1]
         && win.s == [1, 1]
         && win.p == [0, 0]
         && (win.oh, win.ow) == (win.h, win.w);
-    let (x_mem, w_mem) = if group == 1 {
-        let x = if pointwise {
-            p.memref_f32(0, &cdims(&[win.n * win.c, win.h * win.w]))
-        } else {
-            p.memref_f32(0, &cdims(&xs))
-        };
-        (x, p.memref_f32(1, &cdims(&[m, kk])))
+    let x_mem = if in_place {
+        p.memref_f32(0, &cdims(&[win.n * win.c * win.h * win.w]))
+    } else if pointwise_gemm {
+        p.memref_f32(0, &cdims(&[win.n * win.c, win.h * win.w]))
     } else {
-        (p.memref_f32(0, &cdims(&xs)), p.memref_f32(1, &cdims(&ws)))
+        p.memref_f32(0, &cdims(&xs))
     };
-    if let Some(b) = b_v {
+    let w_mem = p.memref_f32(1, &cdims(&[m, kk]));
+    let b_mem = b_v.map(|b| {
         let memref = p.memref_f32(args.len(), &cdims(&[m]));
         args.push(b);
-        ins.push(GenericInput {
-            value: b,
-            memref,
-            dims: vec![1],
-            ty: Ty::F32,
-        });
-    }
-    for &v in &k.inputs {
-        if v == x_v || v == w_v || Some(v) == b_v {
-            let used = epi_nodes
-                .iter()
-                .any(|&n| g.nodes[n].inputs.contains(&Some(v)));
-            if used {
-                return Err("a Conv operand is also used by the epilogue".into());
-            }
-            continue;
-        }
-        let ty = Ty::of(g.values[v].fact.dtype)?;
-        match classify_input(g, v, &y_s)? {
-            InputKind::Scalar(x) => body.bind_const(v, x, ty),
-            InputKind::Buffer(dims) => {
-                let sd: Vec<Dim> = dims.iter().map(|&d| y_s[d].clone()).collect();
-                let memref = p.memref(args.len(), &syms.dims(&sd)?, ty.storage());
-                args.push(v);
-                ins.push(GenericInput {
-                    value: v,
-                    memref,
-                    dims,
-                    ty,
-                });
-            }
-        }
-    }
-    let full = syms.dims(&y_s)?;
-    let mut outs = Vec::new();
-    for (i, &v) in k.outputs.iter().enumerate() {
-        let ty = Ty::of(g.values[v].fact.dtype)?;
-        let memref = p.memref(args.len() + i, &full, ty.storage());
-        outs.push(GenericOutput {
-            value: v,
-            memref,
-            ty,
-        });
-    }
-    let pi = outs
-        .iter()
-        .position(|o| o.ty == Ty::F32)
-        .ok_or("no f32 output to hold the convolution")?;
-    let out_arg = args.len() + pi;
-    let mm = format!("{name}_mm");
+        memref
+    });
     let mut l = Loops::default();
-    if group == 1 {
-        let y2 = p.memref_f32(out_arg, &cdims(&[win.n * m, pp]));
-        let st = STRIDED_2D;
-        let dyn2 = "memref<?x?xf32>";
-        let wc = l.op(&format!("memref.cast {w_mem} : {dyn2} to {st}"));
-        let cols = if pointwise {
-            None
+    let mm = format!("{name}_mm");
+    // Only the fully fused direct kernel splits into tasks: a separate epilogue pass would
+    // run over the whole output in every call.
+    let mut ntasks = 1;
+    if let Some((epi, bufs)) = &fused {
+        // Everything in one pass: conv + bias + epilogue on the register tiles.
+        let bufs: Vec<String> = bufs
+            .iter()
+            .map(|&v| {
+                args.push(v);
+                p.memref_f32(args.len() - 1, &cdims(&[total]))
+            })
+            .collect();
+        let y = p.memref_f32(args.len(), &cdims(&[total]));
+        let (mr, nv) = if use_dot {
+            let pb = pp.min(4);
+            (if pb == 1 { 8 } else { 12 / pb }, pb)
         } else {
-            let (ck, cp) = (l.c(kk as i64), l.c(pp as i64));
-            let c = l.op(&format!(
-                "memref.alloc({ck}, {cp}) {{alignment = 64 : i64}} : {dyn2}"
-            ));
-            let cc = l.op(&format!("memref.cast {c} : {dyn2} to {st}"));
-            Some((c, cc))
+            (mr, nv)
         };
-        let n = l.open(win.n);
-        let xcols = match &cols {
-            None => {
-                let r = l.affine(&n, win.c as i64, 0);
-                let (cc, cp) = (l.c(win.c as i64), l.c(pp as i64));
-                l.op(&format!(
-                    "memref.subview {x_mem}[{r}, 0] [{cc}, {cp}] [1, 1] : {dyn2} to {st}"
-                ))
-            }
-            Some((c, cc)) => {
-                // im2col: cols[(ci·kh + ki)·kw + kj, oh·OW + ow] = x[n, ci, ih, iw] or 0.
-                let ch = l.open(win.c);
-                let ki = l.open(win.k[0]);
-                let kj = l.open(win.k[1]);
-                let r0 = l.affine(&ch, win.k[0] as i64, 0);
-                let r1 = l.add(&r0, &ki);
-                let r2 = l.affine(&r1, win.k[1] as i64, 0);
-                let row = l.add(&r2, &kj);
-                let oh = l.open(win.oh);
-                let (ih, okh) = win.tap(&mut l, 0, &oh, &ki);
-                let cb = l.affine(&oh, win.ow as i64, 0);
-                let ow = l.open(win.ow);
-                let (iw, okw) = win.tap(&mut l, 1, &ow, &kj);
-                let ok = l.op(&format!("arith.andi {okh}, {okw} : i1"));
-                let zero = l.f(0.0);
-                let v = l.fresh("x");
-                let ld = l.fresh("x");
-                l.line(&format!(
-                    "{v} = scf.if {ok} -> (f32) {{\n    {ld} = memref.load {x_mem}[{n}, {ch}, {ih}, {iw}] : memref<?x?x?x?xf32>\n    scf.yield {ld} : f32\n  }} else {{\n    scf.yield {zero} : f32\n  }}"
-                ));
-                let col = l.add(&cb, &ow);
-                l.line(&format!("memref.store {v}, {c}[{row}, {col}] : {dyn2}"));
-                for _ in 0..5 {
-                    l.close();
-                }
-                cc.clone()
-            }
-        };
-        let r = l.affine(&n, m as i64, 0);
-        let (cm, cp) = (l.c(m as i64), l.c(pp as i64));
-        let yv = l.op(&format!(
-            "memref.subview {y2}[{r}, 0] [{cm}, {cp}] [1, 1] : {dyn2} to {st}"
-        ));
-        l.line(&format!(
-            "func.call @{mm}({wc}, {xcols}, {yv}) : ({st}, {st}, {st}) -> ()"
-        ));
-        l.close();
-        if let Some((c, _)) = cols {
-            l.line(&format!("memref.dealloc {c} : {dyn2}"));
-        }
-    } else {
-        // Direct loop nest: y[n, o, oh, ow] = Σ x[n, g·cg + c, ih, iw] · w[o, c, ki, kj].
-        let y = &outs[pi].memref;
-        let t4 = "memref<?x?x?x?xf32>";
-        let (cg, mg) = (win.c / group, m / group);
-        let n = l.open(win.n);
-        let o = l.open(m);
-        let mgc = l.c(mg as i64);
-        let gi = l.op(&format!("arith.divui {o}, {mgc} : index"));
-        let base = l.affine(&gi, cg as i64, 0);
-        let oh = l.open(win.oh);
-        let ow = l.open(win.ow);
-        let zero = l.f(0.0);
-        let (c, a0, r0) = l.open_acc(cg, &zero);
-        let ch = l.add(&base, &c);
-        let (ki, a1, r1) = l.open_acc(win.k[0], &a0);
-        let (ih, okh) = win.tap(&mut l, 0, &oh, &ki);
-        let (kj, a2, r2) = l.open_acc(win.k[1], &a1);
-        let (iw, okw) = win.tap(&mut l, 1, &ow, &kj);
-        let ok = l.op(&format!("arith.andi {okh}, {okw} : i1"));
-        let (v, xv, wv, s) = (l.fresh("x"), l.fresh("x"), l.fresh("x"), l.fresh("x"));
-        l.line(&format!(
-            "{v} = scf.if {ok} -> (f32) {{\n    {xv} = memref.load {x_mem}[{n}, {ch}, {ih}, {iw}] : {t4}\n    {wv} = memref.load {w_mem}[{o}, {c}, {ki}, {kj}] : {t4}\n    {s} = math.fma {xv}, {wv}, {a2} : f32\n    scf.yield {s} : f32\n  }} else {{\n    scf.yield {a2} : f32\n  }}"
-        ));
-        l.close_acc(&v);
-        l.close_acc(&r2);
-        l.close_acc(&r1);
-        l.line(&format!(
-            "memref.store {r0}, {y}[{n}, {o}, {oh}, {ow}] : {t4}"
-        ));
-        for _ in 0..4 {
-            l.close();
-        }
-    }
-    let mut t = l.finish();
-    let need_generic = !epi_nodes.is_empty() || b_v.is_some() || outs.len() > 1;
-    if need_generic {
-        ins.insert(
-            0,
-            GenericInput {
-                value: y_v,
-                memref: outs[pi].memref.clone(),
-                dims: (0..y_s.len()).collect(),
-                ty: Ty::F32,
+        ntasks = direct_tasks(&win, group, m, mr);
+        let tc = p.const_index(ntasks as i64);
+        let range = p.task_range(&tc);
+        let emit = if use_dot { emit_dot } else { emit_direct };
+        emit(
+            &mut l,
+            &Direct {
+                win,
+                group,
+                m,
+                mr,
+                nv,
+                x: &x_mem,
+                w: &w_mem,
+                bias: b_mem.as_deref(),
+                y: &y,
+                epi,
+                bufs: &bufs,
+                tasks: range,
+                rows,
             },
         );
-        let text = emit_generic(g, y_s.len(), &ins, &outs, body, &epi_nodes, |b| {
-            let (mut y, _) = b.get(y_v, g)?;
-            if let Some(bv) = b_v {
-                let (bias, _) = b.get(bv, g)?;
-                y = b.f2("addf", &y, &bias);
+        p.push(&l.finish());
+    } else {
+        // The conv (+ bias when direct) into the output, then the epilogue as a generic pass.
+        let mut body = Body::default();
+        let mut ins = Vec::new();
+        if let (Some(b), Some(memref), false) = (b_v, &b_mem, direct) {
+            ins.push(GenericInput {
+                value: b,
+                memref: memref.clone(),
+                dims: vec![1],
+                ty: Ty::F32,
+            });
+        }
+        for &v in &k.inputs {
+            if v == x_v || v == w_v || Some(v) == b_v {
+                continue;
             }
-            b.vals.insert(y_v, (y, Ty::F32));
-            Ok(())
-        })?;
-        t.push_str(&text);
-    } else if k.outputs != [y_v] {
-        return Err("Conv output is not the kernel output".into());
+            let ty = Ty::of(g.values[v].fact.dtype)?;
+            match classify_input(g, v, &y_s)? {
+                InputKind::Scalar(x) => body.bind_const(v, x, ty),
+                InputKind::Buffer(dims) => {
+                    let sd: Vec<Dim> = dims.iter().map(|&d| y_s[d].clone()).collect();
+                    let memref = p.memref(args.len(), &syms.dims(&sd)?, ty.storage());
+                    args.push(v);
+                    ins.push(GenericInput {
+                        value: v,
+                        memref,
+                        dims,
+                        ty,
+                    });
+                }
+            }
+        }
+        let full = syms.dims(&y_s)?;
+        let mut outs = Vec::new();
+        for (i, &v) in k.outputs.iter().enumerate() {
+            let ty = Ty::of(g.values[v].fact.dtype)?;
+            let memref = p.memref(args.len() + i, &full, ty.storage());
+            outs.push(GenericOutput {
+                value: v,
+                memref,
+                ty,
+            });
+        }
+        let pi = outs
+            .iter()
+            .position(|o| o.ty == Ty::F32)
+            .ok_or("no f32 output to hold the convolution")?;
+        let out_arg = args.len() + pi;
+        if direct {
+            let y = p.memref_f32(out_arg, &cdims(&[total]));
+            let serial = (l.c(0), l.c(direct_tasks(&win, group, m, mr) as i64));
+            emit_direct(
+                &mut l,
+                &Direct {
+                    win,
+                    group,
+                    m,
+                    mr,
+                    nv,
+                    x: &x_mem,
+                    w: &w_mem,
+                    bias: b_mem.as_deref(),
+                    y: &y,
+                    epi: &[],
+                    bufs: &[],
+                    tasks: serial,
+                    rows,
+                },
+            );
+        } else {
+            let y2 = p.memref_f32(out_arg, &cdims(&[win.n * m, pp]));
+            emit_im2col_gemm(&mut l, &win, m, &x_mem, &w_mem, &y2, pointwise_gemm, &mm);
+        }
+        let mut t = l.finish();
+        let need_generic = !epi_nodes.is_empty() || (b_v.is_some() && !direct) || outs.len() > 1;
+        if need_generic {
+            ins.insert(
+                0,
+                GenericInput {
+                    value: y_v,
+                    memref: outs[pi].memref.clone(),
+                    dims: (0..y_s.len()).collect(),
+                    ty: Ty::F32,
+                },
+            );
+            let text = emit_generic(g, y_s.len(), &ins, &outs, body, &epi_nodes, |b| {
+                let (mut y, _) = b.get(y_v, g)?;
+                if let (Some(bv), false) = (b_v, direct) {
+                    let (bias, _) = b.get(bv, g)?;
+                    y = b.f2("addf", &y, &bias);
+                }
+                b.vals.insert(y_v, (y, Ty::F32));
+                Ok(())
+            })?;
+            t.push_str(&text);
+        } else if k.outputs != [y_v] {
+            return Err("Conv output is not the kernel output".into());
+        }
+        p.push(&t);
     }
-    p.push(&t);
     let mut mlir = p.finish(name);
-    if group == 1 {
-        mlir.push_str(&matmul_memref_func(&mm, &MatmulSchedule::default()));
+    if !direct {
+        mlir.push_str(&matmul_memref_func(&mm, &sched.matmul));
     }
     let kernel = Kernel {
         signature: KernelSignature {
             name: name.to_string(),
             inputs: args.len(),
-            outputs: outs.len(),
+            outputs: k.outputs.len(),
             dims: syms.0,
-            tasks: 1,
+            tasks: ntasks as u64,
         },
         mlir,
         pipeline: GRAPH_KERNEL_PIPELINE.to_string(),
     };
     Ok((kernel, args, k.outputs.clone()))
+}
+
+/// Emits im2col into a scratch buffer + a call of the packed matmul `@mm` per batch image,
+/// writing `W · cols` into `y2` (`[N·M, OH·OW]`). `x` is `[N·C, H·W]` when `pointwise` (the
+/// image is its own `cols`), else 4-D.
+#[allow(clippy::too_many_arguments)]
+fn emit_im2col_gemm(
+    l: &mut Loops,
+    win: &Window2,
+    m: usize,
+    x_mem: &str,
+    w_mem: &str,
+    y2: &str,
+    pointwise: bool,
+    mm: &str,
+) {
+    let (kk, pp) = (win.c * win.k[0] * win.k[1], win.oh * win.ow);
+    let st = STRIDED_2D;
+    let dyn2 = "memref<?x?xf32>";
+    let wc = l.op(&format!("memref.cast {w_mem} : {dyn2} to {st}"));
+    let cols = if pointwise {
+        None
+    } else {
+        let (ck, cp) = (l.c(kk as i64), l.c(pp as i64));
+        let c = l.op(&format!(
+            "memref.alloc({ck}, {cp}) {{alignment = 64 : i64}} : {dyn2}"
+        ));
+        let cc = l.op(&format!("memref.cast {c} : {dyn2} to {st}"));
+        Some((c, cc))
+    };
+    let n = l.open(win.n);
+    let xcols = match &cols {
+        None => {
+            let r = l.affine(&n, win.c as i64, 0);
+            let (cc, cp) = (l.c(win.c as i64), l.c(pp as i64));
+            l.op(&format!(
+                "memref.subview {x_mem}[{r}, 0] [{cc}, {cp}] [1, 1] : {dyn2} to {st}"
+            ))
+        }
+        Some((c, cc)) => {
+            // im2col: cols[(ci·kh + ki)·kw + kj, oh·OW + ow] = x[n, ci, ih, iw] or 0.
+            let ch = l.open(win.c);
+            let ki = l.open(win.k[0]);
+            let kj = l.open(win.k[1]);
+            let r0 = l.affine(&ch, win.k[0] as i64, 0);
+            let r1 = l.add(&r0, &ki);
+            let r2 = l.affine(&r1, win.k[1] as i64, 0);
+            let row = l.add(&r2, &kj);
+            let oh = l.open(win.oh);
+            let (ih, okh) = win.tap(l, 0, &oh, &ki);
+            let cb = l.affine(&oh, win.ow as i64, 0);
+            let ow = l.open(win.ow);
+            let (iw, okw) = win.tap(l, 1, &ow, &kj);
+            let ok = l.op(&format!("arith.andi {okh}, {okw} : i1"));
+            let zero = l.f(0.0);
+            let v = l.fresh("x");
+            let ld = l.fresh("x");
+            l.line(&format!(
+                "{v} = scf.if {ok} -> (f32) {{\n    {ld} = memref.load {x_mem}[{n}, {ch}, {ih}, {iw}] : memref<?x?x?x?xf32>\n    scf.yield {ld} : f32\n  }} else {{\n    scf.yield {zero} : f32\n  }}"
+            ));
+            let col = l.add(&cb, &ow);
+            l.line(&format!("memref.store {v}, {c}[{row}, {col}] : {dyn2}"));
+            for _ in 0..5 {
+                l.close();
+            }
+            cc.clone()
+        }
+    };
+    let r = l.affine(&n, m as i64, 0);
+    let (cm, cp) = (l.c(m as i64), l.c(pp as i64));
+    let yv = l.op(&format!(
+        "memref.subview {y2}[{r}, 0] [{cm}, {cp}] [1, 1] : {dyn2} to {st}"
+    ));
+    l.line(&format!(
+        "func.call @{mm}({wc}, {xcols}, {yv}) : ({st}, {st}, {st}) -> ()"
+    ));
+    l.close();
+    if let Some((c, _)) = cols {
+        l.line(&format!("memref.dealloc {c} : {dyn2}"));
+    }
 }

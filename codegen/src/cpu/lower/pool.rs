@@ -1,11 +1,13 @@
 //! Pooling kernels as `scf.for` loop nests over static NCHW f32 buffers:
 //!
 //! * an `Opaque` kernel made of one 2-D `MaxPool` (kernel, strides, pads, dilations,
-//!   `ceil_mode`; no `Indices` output): the maximum of the window taps inside the input;
+//!   `ceil_mode`; no `Indices` output): the maximum of the window taps inside the input,
+//!   vectorised over output positions on a `-inf`-padded, stride-phase-split copy of the
+//!   input (see [`emit_maxpool`]);
 //! * a `Reduction` kernel made of one `GlobalAveragePool` or `GlobalMaxPool` (any rank ≥ 3):
 //!   the mean (maximum) of each `[n, c]` plane.
 
-use super::conv::{known, Loops, Window2};
+use super::conv::{emit_copy, emit_store, known, Grid, Loops, Window2, M1, MT, VT, VW};
 use super::{Lowered, GRAPH_KERNEL_PIPELINE};
 use crate::cpu::abi::{Dim as PDim, Prologue};
 use crate::cpu::{Kernel, KernelSignature};
@@ -45,6 +47,7 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered
     let cd = |d: &[usize]| d.iter().map(|&x| PDim::Const(x as i64)).collect::<Vec<_>>();
     let mut p = Prologue::new();
     let mut l = Loops::default();
+    let mut tasks = 1;
     match &node.op {
         Op::Nn(NnOp::MaxPool(a)) => {
             if a.with_indices {
@@ -58,30 +61,11 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered
                 return Err("MaxPool shapes do not match".into());
             }
             let x = p.memref_f32(0, &cd(&xs));
-            let y = p.memref_f32(1, &cd(&ys));
-            let t4 = "memref<?x?x?x?xf32>";
-            let n = l.open(win.n);
-            let c = l.open(win.c);
-            let oh = l.open(win.oh);
-            let ow = l.open(win.ow);
-            let ninf = l.f(f32::NEG_INFINITY);
-            let (ki, a0, r0) = l.open_acc(win.k[0], &ninf);
-            let (ih, okh) = win.tap(&mut l, 0, &oh, &ki);
-            let (kj, a1, r1) = l.open_acc(win.k[1], &a0);
-            let (iw, okw) = win.tap(&mut l, 1, &ow, &kj);
-            let ok = l.op(&format!("arith.andi {okh}, {okw} : i1"));
-            let (v, xv, m) = (l.fresh("x"), l.fresh("x"), l.fresh("x"));
-            l.line(&format!(
-                "{v} = scf.if {ok} -> (f32) {{\n    {xv} = memref.load {x}[{n}, {c}, {ih}, {iw}] : {t4}\n    {m} = arith.maximumf {xv}, {a1} : f32\n    scf.yield {m} : f32\n  }} else {{\n    scf.yield {a1} : f32\n  }}"
-            ));
-            l.close_acc(&v);
-            l.close_acc(&r1);
-            l.line(&format!(
-                "memref.store {r0}, {y}[{n}, {c}, {oh}, {ow}] : {t4}"
-            ));
-            for _ in 0..4 {
-                l.close();
-            }
+            let y = p.memref_f32(1, &cd(&[ys.iter().product()]));
+            let tc = p.const_index((win.n * win.c) as i64);
+            let range = p.task_range(&tc);
+            emit_maxpool(&mut l, &win, &x, &y, &range);
+            tasks = (win.n * win.c) as u64;
         }
         Op::Nn(NnOp::GlobalPool(kind)) => {
             if xs.len() < 3 {
@@ -119,10 +103,109 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered
             inputs: 1,
             outputs: 1,
             dims: vec![],
-            tasks: 1,
+            tasks,
         },
         mlir: p.finish(name),
         pipeline: GRAPH_KERNEL_PIPELINE.to_string(),
     };
     Ok((kernel, vec![x_v], vec![y_v]))
+}
+
+/// A vectorised 2-D MaxPool: each image is copied into a `-inf`-padded, stride-phase-split
+/// buffer ([`Grid`]), so every tap of a run of 8 output positions is one unit-stride vector
+/// load; up to 4 vectors per channel and tap. Tasks: one per `(image, channel)`. Rows narrower than the grid go through a
+/// per-channel scratch whose pad columns are dropped on the way out.
+fn emit_maxpool(l: &mut Loops, win: &Window2, x: &str, y: &str, tasks: &(String, String)) {
+    let grid = Grid::new(win);
+    let (wq, plane, slots) = (grid.wq, grid.plane(), grid.slots());
+    let npos = win.oh * wq;
+    let nv = npos.div_ceil(VW).clamp(1, 4);
+    let nr = nv * VW;
+    let gp = npos.div_ceil(nr) * nr;
+    let direct = wq == win.ow;
+    let ninf = l.vsplat(f32::NEG_INFINITY);
+    let len = (win.c * slots * plane + nr + wq + VW).div_ceil(VW) * VW;
+    let cl = l.c(len as i64);
+    let xp = l.op(&format!(
+        "memref.alloc({cl}) {{alignment = 64 : i64}} : {M1}"
+    ));
+    let i = l.open_range(0, len, VW);
+    emit_store(l, &xp, &ninf, &i, None);
+    l.close();
+    let yb = (!direct).then(|| {
+        let cl = l.c((gp + 2 * VW) as i64);
+        l.op(&format!(
+            "memref.alloc({cl}) {{alignment = 64 : i64}} : {M1}"
+        ))
+    });
+    // One task per (image, channel), which copies its own channel.
+    let t = l.fresh("t");
+    let one = l.c(1);
+    l.line(&format!(
+        "scf.for {t} = {} to {} step {one} {{",
+        tasks.0, tasks.1
+    ));
+    let cc = l.c(win.c as i64);
+    let n = l.op(&format!("arith.divui {t}, {cc} : index"));
+    let c = l.op(&format!("arith.remui {t}, {cc} : index"));
+    emit_copy(l, win, &grid, x, &xp, &n, &c, 1);
+    let xc = l.affine(&c, (slots * plane) as i64, 0);
+    let nc = l.affine(&n, win.c as i64, 0);
+    let ncc = l.add(&nc, &c);
+    let ybase = l.affine(&ncc, (win.oh * win.ow) as i64, 0);
+    let full_end = if direct { npos / nr * nr } else { gp };
+    for (lo, hi, tail) in [(0, full_end, false), (full_end, gp, true)] {
+        if lo >= hi {
+            continue;
+        }
+        let q0 = l.open_range(lo, hi, nr);
+        let xb = l.add(&xc, &q0);
+        let mut acc = vec![ninf.clone(); nv];
+        for ki in 0..win.k[0] {
+            for kj in 0..win.k[1] {
+                let off = grid.tap(win, ki, kj);
+                for (v, a) in acc.iter_mut().enumerate() {
+                    let i = l.addc(&xb, off + v * VW);
+                    let t = l.op(&format!("vector.load {xp}[{i}] : {M1}, {VT}"));
+                    *a = l.op(&format!("arith.maximumf {a}, {t} : {VT}"));
+                }
+            }
+        }
+        for (v, a) in acc.iter().enumerate() {
+            let pos = l.addc(&q0, v * VW);
+            match &yb {
+                None => {
+                    let idx = l.add(&ybase, &pos);
+                    let mask = tail.then(|| {
+                        let np = l.c(npos as i64);
+                        let left = l.op(&format!("arith.subi {np}, {pos} : index"));
+                        l.op(&format!("vector.create_mask {left} : {MT}"))
+                    });
+                    emit_store(l, y, a, &idx, mask.as_deref());
+                }
+                Some(yb) => emit_store(l, yb, a, &pos, None),
+            }
+        }
+        l.close();
+    }
+    if let Some(yb) = &yb {
+        let oh = l.open(win.oh);
+        let src0 = l.affine(&oh, wq as i64, 0);
+        let dr = l.affine(&oh, win.ow as i64, 0);
+        let dst0 = l.add(&ybase, &dr);
+        for j in 0..win.ow.div_ceil(VW) {
+            let si = l.addc(&src0, j * VW);
+            let di = l.addc(&dst0, j * VW);
+            let left = win.ow - j * VW;
+            let mask = (left < VW).then(|| l.op(&format!("vector.constant_mask [{left}] : {MT}")));
+            let v = l.op(&format!("vector.load {yb}[{si}] : {M1}, {VT}"));
+            emit_store(l, y, &v, &di, mask.as_deref());
+        }
+        l.close();
+    }
+    l.close();
+    l.line(&format!("memref.dealloc {xp} : {M1}"));
+    if let Some(yb) = yb {
+        l.line(&format!("memref.dealloc {yb} : {M1}"));
+    }
 }
