@@ -4,8 +4,11 @@
 //! - [`artifact`]: the `MODEL.kiln` file format (plan + weights + kernel library).
 //! - [`executor`]: [`Model`] loads an artifact once and runs it.
 //! - [`kernel_lib`]: loading kernel shared libraries and calling kernels.
+//! - `cuda` (feature `cuda`): loading PTX and launching kernels on NVIDIA GPUs.
 //! - [`pool`]: the spinning fork-join pool that runs a kernel's task ranges on several cores.
 pub mod artifact;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod executor;
 mod instance;
 pub mod kernel_lib;
