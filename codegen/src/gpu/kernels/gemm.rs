@@ -65,7 +65,7 @@ impl GpuGemmSchedule {
         if [self.bm, self.bn, self.bk, self.tm, self.tn].contains(&0) {
             return bad("tile sizes must be positive");
         }
-        if self.bm % self.tm != 0 || self.bn % self.tn != 0 {
+        if !self.bm.is_multiple_of(self.tm) || !self.bn.is_multiple_of(self.tn) {
             return bad("tm must divide bm and tn must divide bn");
         }
         if self.threads() > 1024 {
