@@ -98,6 +98,10 @@ fn every_kernel_assembles_and_fits_every_sku() {
                 .unwrap_or_else(|e| panic!("{} for {}: {e}", k.name, sku.name));
             let file = dir.path().join(format!("{}_{}.ptx", k.name, sku.name));
             std::fs::write(&file, &ptx.text).unwrap();
+            if k.requires.iter().any(|r| r == "mma.sync.f16") {
+                let mma = "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32";
+                assert!(ptx.text.contains(mma), "{}: no {mma}", k.name);
+            }
             let out = Command::new(&ptxas)
                 .args(["-v", &format!("-arch={}", sku.arch), "-o"])
                 .arg(dir.path().join("out.cubin"))

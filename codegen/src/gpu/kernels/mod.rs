@@ -2,10 +2,12 @@
 //!
 //! * [`elementwise`]: fused `y = relu(x * a + b)` with a grid-stride loop.
 //! * [`gemm`]: tiled f32 GEMM staged through shared memory, parametric [`gemm::GpuGemmSchedule`].
+//! * [`gemm_f16`]: f16 GEMM on tensor cores (`nvgpu.mma.sync` m16n8k16, sm_80+).
 //! * [`softmax`]: row softmax, one warp per row, `gpu.shuffle` reductions.
 
 pub mod elementwise;
 pub mod gemm;
+pub mod gemm_f16;
 pub mod softmax;
 
 use super::GpuKernel;
@@ -17,6 +19,7 @@ pub fn all_default() -> Result<Vec<GpuKernel>, super::GpuError> {
         elementwise::mul_add_relu("kiln_ew_mul_add_relu"),
         gemm::gemm_f32("kiln_gemm_f32", &gemm::GpuGemmSchedule::default())?,
         softmax::row_softmax("kiln_softmax_rows", 4),
+        gemm_f16::gemm_f16_mma("kiln_gemm_f16_mma"),
     ])
 }
 
