@@ -5,9 +5,11 @@
 //! [`mlir::run_pipeline`] (parse MLIR text, run a named pass pipeline) and
 //! [`llvm::emit_object`] (LLVM IR text → optimised object code for a named CPU), and the
 //! CPU kernel path built on them, [`cpu`]: MLIR kernels → LLVM IR → object code → one
-//! shared library with a uniform C ABI.
+//! shared library with a uniform C ABI; and the CUDA path, [`gpu`]: MLIR kernels in a
+//! `gpu.module` → PTX per SKU of a device database.
 
 pub mod cpu;
+pub mod gpu;
 pub mod llvm;
 pub mod mlir;
 

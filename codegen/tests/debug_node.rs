@@ -21,7 +21,10 @@ fn debug_model_kernels() {
     let mut g = g;
     kiln_passes::specialize::specialize_inputs(
         &mut g,
-        &inputs.iter().map(|t| t.shape().to_vec()).collect::<Vec<_>>(),
+        &inputs
+            .iter()
+            .map(|t| t.shape().to_vec())
+            .collect::<Vec<_>>(),
     )
     .unwrap();
     kiln_passes::fold_batchnorm::fold_all(&mut g);

@@ -5,8 +5,11 @@
 //! - [`executor`]: [`Model`] loads an artifact once and runs it.
 //! - [`kernel_lib`]: loading kernel shared libraries and calling kernels.
 //! - `reference`: steps without compiled code, run by the reference interpreter.
+//! - `cuda` (feature `cuda`): loading PTX and launching kernels on NVIDIA GPUs.
 //! - [`pool`]: the spinning fork-join pool that runs a kernel's task ranges on several cores.
 pub mod artifact;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod executor;
 mod instance;
 pub mod kernel_lib;

@@ -1,0 +1,236 @@
+//! PTX validation without a GPU: every GPU kernel is generated for every SKU of the device
+//! database and assembled with `ptxas -arch=sm_XX -v`; the registers and shared memory
+//! `ptxas` reports must fit the SKU's limits.
+//!
+//! `ptxas` is found at `$KILN_PTXAS`, else `.venv/lib/python3*/site-packages/nvidia/*/bin/ptxas`
+//! in the repository, else on `PATH`; without one the test prints `SKIPPED` and passes.
+//!
+//! Also keeps the PTX fixtures the CUDA runtime test loads (`runtime/tests/ptx/`) in sync
+//! with the code generator (`KILN_UPDATE_PTX=1` rewrites them).
+
+use kiln_codegen::gpu::kernels::{all_default, elementwise, gemm};
+use kiln_codegen::gpu::pipeline::venv_nvidia_dirs;
+use kiln_codegen::gpu::{compile_kernel, DeviceDb};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn find_ptxas() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("KILN_PTXAS") {
+        return Some(PathBuf::from(p));
+    }
+    if let Some(p) = venv_nvidia_dirs(&repo())
+        .into_iter()
+        .map(|d| d.join("bin/ptxas"))
+        .find(|p| p.is_file())
+    {
+        return Some(p);
+    }
+    let ok = Command::new("ptxas")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    ok.then(|| PathBuf::from("ptxas"))
+}
+
+/// What `ptxas -v` says about one entry.
+#[derive(Debug, Default)]
+struct Usage {
+    registers: u32,
+    smem: u32,
+    spill_bytes: u32,
+    stack: u32,
+}
+
+fn number_before(line: &str, unit: &str) -> Option<u32> {
+    let i = line.find(unit)?;
+    line[..i].split_whitespace().last()?.parse().ok()
+}
+
+fn parse_ptxas_v(out: &str, entry: &str) -> Option<Usage> {
+    let mut u = Usage::default();
+    let mut seen = false;
+    let mut inside = false;
+    for line in out.lines() {
+        if line.contains("Compiling entry function") || line.contains("Function properties for") {
+            inside = line.contains(&format!("'{entry}'")) || line.ends_with(&format!(" {entry}"));
+        }
+        if !inside {
+            continue;
+        }
+        if line.contains("bytes stack frame") {
+            u.stack = number_before(line, "bytes stack frame")?;
+            u.spill_bytes = number_before(line, "bytes spill stores")?
+                + number_before(line, "bytes spill loads")?;
+        }
+        if line.contains("Used ") && line.contains(" registers") {
+            u.registers = number_before(line, "registers")?;
+            u.smem = number_before(line, "bytes smem").unwrap_or(0);
+            seen = true;
+        }
+    }
+    seen.then_some(u)
+}
+
+#[test]
+fn every_kernel_assembles_and_fits_every_sku() {
+    let Some(ptxas) = find_ptxas() else {
+        println!("SKIPPED: no ptxas (set KILN_PTXAS or run scripts/setup.sh)");
+        return;
+    };
+    let db = DeviceDb::builtin().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kernels = all_default().unwrap();
+    println!("ptxas: {}", ptxas.display());
+    println!(
+        "{:<22} {:<10} {:<6} {:>5} {:>8} {:>7} {:>6}",
+        "kernel", "sku", "arch", "regs", "smem B", "threads", "spill"
+    );
+    for sku in db.skus() {
+        for k in &kernels {
+            let ptx = compile_kernel(k, sku)
+                .unwrap_or_else(|e| panic!("{} for {}: {e}", k.name, sku.name));
+            let file = dir.path().join(format!("{}_{}.ptx", k.name, sku.name));
+            std::fs::write(&file, &ptx.text).unwrap();
+            if k.requires.iter().any(|r| r == "mma.sync.f16") {
+                let mma = "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32";
+                assert!(ptx.text.contains(mma), "{}: no {mma}", k.name);
+            }
+            let out = Command::new(&ptxas)
+                .args(["-v", &format!("-arch={}", sku.arch), "-o"])
+                .arg(dir.path().join("out.cubin"))
+                .arg(&file)
+                .output()
+                .expect("run ptxas");
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(
+                out.status.success(),
+                "ptxas failed on {} for {}:\n{text}",
+                k.name,
+                sku.name
+            );
+            let u = parse_ptxas_v(&text, &k.name)
+                .unwrap_or_else(|| panic!("cannot parse ptxas -v:\n{text}"));
+            println!(
+                "{:<22} {:<10} {:<6} {:>5} {:>8} {:>7} {:>6}",
+                k.name,
+                sku.name,
+                sku.arch,
+                u.registers,
+                u.smem,
+                k.threads(),
+                u.spill_bytes
+            );
+            let ctx = format!("{} on {}: {u:?}", k.name, sku.name);
+            assert!(
+                u.registers > 0 && u.registers <= sku.max_registers_per_thread,
+                "{ctx}"
+            );
+            assert!(
+                u.registers * k.threads() <= sku.registers_per_block,
+                "{ctx}: registers per block"
+            );
+            assert!(
+                u.smem <= sku.shared_mem_per_block,
+                "{ctx}: shared memory per block"
+            );
+            assert_eq!(
+                u.smem, k.shared_bytes,
+                "{ctx}: declared static shared memory"
+            );
+            assert_eq!((u.spill_bytes, u.stack), (0, 0), "{ctx}: spills");
+        }
+    }
+}
+
+#[test]
+fn larger_gemm_schedules_fit_too() {
+    let Some(ptxas) = find_ptxas() else {
+        println!("SKIPPED: no ptxas");
+        return;
+    };
+    let db = DeviceDb::builtin().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let s = gemm::GpuGemmSchedule {
+        bm: 128,
+        bn: 128,
+        bk: 8,
+        tm: 8,
+        tn: 8,
+    };
+    let k = gemm::gemm_f32("kiln_gemm_f32_128", &s).unwrap();
+    for arch in ["sm_80", "sm_90"] {
+        let sku = db.parse_target(&format!("cuda:{arch}")).unwrap();
+        let ptx = compile_kernel(&k, sku).unwrap();
+        let file = dir.path().join("g.ptx");
+        std::fs::write(&file, &ptx.text).unwrap();
+        let out = Command::new(&ptxas)
+            .args(["-v", &format!("-arch={arch}"), "-o", "/dev/null"])
+            .arg(&file)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(out.status.success(), "{text}");
+        let u = parse_ptxas_v(&text, &k.name).unwrap();
+        println!("{} {arch}: {u:?}", k.name);
+        assert!(u.registers * k.threads() <= sku.registers_per_block && u.smem == s.shared_bytes());
+    }
+}
+
+/// The PTX the CUDA runtime test (`runtime/tests/cuda.rs`) loads, for sm_80 (which the
+/// driver JIT-compiles for any newer GPU).
+fn runtime_fixtures() -> Vec<(&'static str, String)> {
+    let sku = DeviceDb::builtin()
+        .unwrap()
+        .parse_target("cuda:sm_80")
+        .unwrap();
+    let ew = elementwise::mul_add_relu("kiln_ew_mul_add_relu");
+    let gm = gemm::gemm_f32("kiln_gemm_f32", &gemm::GpuGemmSchedule::default()).unwrap();
+    vec![
+        (
+            "elementwise.sm_80.ptx",
+            compile_kernel(&ew, sku).unwrap().text,
+        ),
+        ("gemm_f32.sm_80.ptx", compile_kernel(&gm, sku).unwrap().text),
+    ]
+}
+
+#[test]
+fn runtime_ptx_fixtures_are_current() {
+    let dir = repo().join("runtime/tests/ptx");
+    let update = std::env::var_os("KILN_UPDATE_PTX").is_some();
+    for (name, text) in runtime_fixtures() {
+        let path = dir.join(name);
+        if update {
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(&path, &text).unwrap();
+            continue;
+        }
+        let old = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            old == text,
+            "{} is stale: rerun with KILN_UPDATE_PTX=1",
+            path.display()
+        );
+    }
+}
+
+#[test]
+fn ptxas_output_parser() {
+    let out = "ptxas info    : 0 bytes gmem\nptxas info    : Compiling entry function 'k' for 'sm_90'\n\
+               ptxas info    : Function properties for k\n    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n\
+               ptxas info    : Used 40 registers, used 1 barriers, 8192 bytes smem, 400 bytes cmem[0]\n";
+    let u = parse_ptxas_v(out, "k").unwrap();
+    assert_eq!((u.registers, u.smem, u.spill_bytes), (40, 8192, 0));
+    assert!(parse_ptxas_v(out, "other").is_none());
+}
