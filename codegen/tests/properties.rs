@@ -1,0 +1,152 @@
+//! Property tests: random shapes (and attributes) for the MatMul, Gemm, Softmax and
+//! LayerNormalization kernels, each compiled and checked against the reference interpreter
+//! by the shared harness (which also runs every task-split kernel as three task ranges).
+//! Conv has its own random-shape test in `conv_pool_kernels.rs`.
+//!
+//! Each case compiles a kernel with LLVM, so the case counts are small; raise them with
+//! `PROPTEST_CASES=N`.
+
+use kiln_ir::ops::elementwise::{BinaryKind, UnaryKind};
+use kiln_ir::ops::linalg::{Gemm, LinalgOp};
+use kiln_ir::ops::nn::{LayerNormAttrs, NnOp, SoftmaxAttrs};
+use kiln_ir::{DType, Op};
+use kiln_passes::fusion::KernelKind;
+use proptest::prelude::*;
+use rand::SeedableRng;
+
+mod common;
+use common::*;
+
+fn cases() -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(12)
+}
+
+/// Every kernel of `kind` lowered (and, by `check`, matching the interpreter).
+fn all_lowered(r: &Report, kind: KernelKind) {
+    let (l, t) = count(r, kind);
+    assert!(t > 0, "no {kind:?} kernel");
+    assert_eq!(l, t, "{kind:?}: {:?}", r.lowering.unsupported);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases(), ..ProptestConfig::default() })]
+
+    /// `relu?(A·B + bias?)` with A of rank 2 or 3 and random M, K, N.
+    #[test]
+    fn matmul_random_shapes(
+        batch in 0usize..3,
+        m in 1usize..40,
+        k in 1usize..70,
+        n in 1usize..50,
+        bias in any::<bool>(),
+        relu in any::<bool>(),
+        seed in any::<u64>(),
+    ) {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut b = Builder::new("mm");
+        let a_shape: Vec<usize> = if batch == 0 { vec![m, k] } else { vec![batch, m, k] };
+        let x = b.input("x", DType::F32, &a_shape);
+        let w = b.konst("w", random_tensor(DType::F32, &[k, n], &mut rng));
+        let mut y = b.node(Op::Linalg(LinalgOp::MatMul), &[Some(x), Some(w)]);
+        if bias {
+            let c = b.konst("c", random_tensor(DType::F32, &[n], &mut rng));
+            y = b.binary(BinaryKind::Add, y, c);
+        }
+        if relu {
+            y = b.unary(UnaryKind::Relu, y);
+        }
+        let g = b.finish(&[y]);
+        let r = check(&g, &random_inputs(&g, seed));
+        all_lowered(&r, KernelKind::Contraction);
+    }
+
+    /// Gemm with random transposes, alpha, beta and C broadcast.
+    #[test]
+    fn gemm_random_attributes(
+        m in 1usize..30,
+        k in 1usize..40,
+        n in 1usize..40,
+        trans_a in any::<bool>(),
+        trans_b in any::<bool>(),
+        alpha in -2.0f32..2.0,
+        beta in -2.0f32..2.0,
+        c_kind in 0usize..3,
+        seed in any::<u64>(),
+    ) {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut b = Builder::new("gemm");
+        let a_shape = if trans_a { [k, m] } else { [m, k] };
+        let b_shape = if trans_b { [n, k] } else { [k, n] };
+        let x = b.input("x", DType::F32, &a_shape);
+        let w = b.konst("w", random_tensor(DType::F32, &b_shape, &mut rng));
+        let mut inputs = vec![Some(x), Some(w)];
+        match c_kind {
+            1 => inputs.push(Some(b.konst("c", random_tensor(DType::F32, &[n], &mut rng)))),
+            2 => inputs.push(Some(b.konst("c", random_tensor(DType::F32, &[m, n], &mut rng)))),
+            _ => {}
+        }
+        let y = b.node(
+            Op::Linalg(LinalgOp::Gemm(Gemm { alpha, beta, trans_a, trans_b })),
+            &inputs,
+        );
+        let g = b.finish(&[y]);
+        let r = check(&g, &random_inputs(&g, seed));
+        all_lowered(&r, KernelKind::Contraction);
+    }
+
+    /// Softmax / LogSoftmax over the last axis of a random rank-1..4 shape.
+    #[test]
+    fn softmax_random_shapes(
+        dims in proptest::collection::vec(1usize..6, 0..3),
+        last in 1usize..80,
+        log in any::<bool>(),
+        seed in any::<u64>(),
+    ) {
+        let mut shape = dims;
+        shape.push(last);
+        let mut b = Builder::new("softmax");
+        let x = b.input("x", DType::F32, &shape);
+        let a = SoftmaxAttrs { axis: -1, coerce_2d: false };
+        let op = if log { Op::Nn(NnOp::LogSoftmax(a)) } else { Op::Nn(NnOp::Softmax(a)) };
+        let y = b.node(op, &[Some(x)]);
+        let g = b.finish(&[y]);
+        let r = check(&g, &random_inputs(&g, seed));
+        all_lowered(&r, KernelKind::Reduction);
+    }
+
+    /// LayerNormalization over the last axis with random scale, bias and epsilon.
+    #[test]
+    fn layer_norm_random_shapes(
+        dims in proptest::collection::vec(1usize..6, 0..3),
+        last in 1usize..80,
+        epsilon in 1e-6f32..1e-2,
+        with_bias in any::<bool>(),
+        seed in any::<u64>(),
+    ) {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut shape = dims;
+        shape.push(last);
+        let mut b = Builder::new("ln");
+        let x = b.input("x", DType::F32, &shape);
+        let scale = b.konst("scale", random_tensor(DType::F32, &[last], &mut rng));
+        let mut inputs = vec![Some(x), Some(scale)];
+        if with_bias {
+            inputs.push(Some(b.konst("bias", random_tensor(DType::F32, &[last], &mut rng))));
+        }
+        let y = b.node(
+            Op::Nn(NnOp::LayerNormalization(LayerNormAttrs {
+                axis: -1,
+                epsilon,
+                stash_type: DType::F32,
+                num_outputs: 1,
+            })),
+            &inputs,
+        );
+        let g = b.finish(&[y]);
+        let r = check(&g, &random_inputs(&g, seed));
+        all_lowered(&r, KernelKind::Reduction);
+    }
+}
