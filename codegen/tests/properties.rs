@@ -150,3 +150,35 @@ proptest! {
         all_lowered(&r, KernelKind::Reduction);
     }
 }
+
+/// Products above the task-split threshold are split into row tasks (the harness runs them
+/// as three task ranges); rank-3 A with a fused bias + GELU epilogue and a residual.
+#[test]
+fn large_matmul_splits_into_row_tasks() {
+    use kiln_ir::ops::elementwise::GeluApprox;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let mut b = Builder::new("mm_split");
+    let x = b.input("x", DType::F32, &[2, 37, 96]);
+    let res = b.input("res", DType::F32, &[2, 37, 130]);
+    let w = b.konst("w", random_tensor(DType::F32, &[96, 130], &mut rng));
+    let c = b.konst("c", random_tensor(DType::F32, &[130], &mut rng));
+    let mm = b.node(Op::Linalg(LinalgOp::MatMul), &[Some(x), Some(w)]);
+    let a = b.binary(BinaryKind::Add, mm, c);
+    let gl = b.unary(
+        UnaryKind::Gelu {
+            approximate: GeluApprox::Tanh,
+        },
+        a,
+    );
+    let y = b.binary(BinaryKind::Add, gl, res);
+    let g = b.finish(&[y]);
+    let r = check(&g, &random_inputs(&g, 3));
+    all_lowered(&r, KernelKind::Contraction);
+    let tasks: Vec<u64> = r
+        .lowering
+        .kernels
+        .iter()
+        .map(|k| k.kernel.signature.tasks)
+        .collect();
+    assert_eq!(tasks, vec![74], "one task per product row");
+}

@@ -116,7 +116,14 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered
         }
     };
     let a_cols = a_s[a_s.len() - 1].clone();
-    let split = row_split(g, k, batch.is_some() || ta, a_v, b_v, &y_s);
+    // Split into row tasks only when the product is big enough to pay for waking a thread
+    // (a few microseconds of work).
+    let macs = match (a_cols.known(), y_s.iter().map(Dim::known).product::<Option<usize>>()) {
+        (Some(kd), Some(mn)) => kd * mn,
+        _ => 0,
+    };
+    let split = row_split(g, k, batch.is_some() || ta, a_v, b_v, &y_s)
+        .filter(|_| macs >= MIN_SPLIT_MACS);
 
     let mut syms = SymDims::default();
     let mut p = Prologue::new();
@@ -331,6 +338,9 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered
     };
     Ok((kernel, args, k.outputs.clone()))
 }
+
+/// Smallest product (multiply-adds) split into row tasks: a few µs of one core's work.
+pub(crate) const MIN_SPLIT_MACS: usize = 1 << 18;
 
 /// Whether a contraction kernel can split its product rows into tasks, and then its
 /// `(rows, cols)` as a 2-D problem: a static, non-batched, non-transposed-A product whose
