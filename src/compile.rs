@@ -496,7 +496,61 @@ fn exec_plan(
             reference: None,
         });
     }
+    // Graph outputs no step writes (a constant, or an input passed through): a copy step.
+    for (oi, &o) in g.outputs.iter().enumerate() {
+        let written = plan.steps.iter().any(|s| {
+            s.args[s.num_inputs..]
+                .iter()
+                .any(|a| matches!(a, BufRef::Output { index } if *index == oi))
+        });
+        if written {
+            continue;
+        }
+        let src = match (g.const_value(o), g.inputs.iter().position(|&i| i == o)) {
+            (Some(t), _) => {
+                let bytes = kiln_ir::onnx::tensor_proto::to_raw(t);
+                BufRef::Weight {
+                    index: b.weights.push(&g.values[o].name, &bytes),
+                }
+            }
+            (None, Some(index)) => BufRef::Input { index },
+            (None, None) => continue, // `validate` reports it
+        };
+        plan.steps.push(Step {
+            kernel: format!("ref_copy_output_{oi}"),
+            args: vec![src, BufRef::Output { index: oi }],
+            num_inputs: 1,
+            dims: Vec::new(),
+            tasks: 1,
+            reference: Some(copy_graph_json(g, o)?),
+        });
+    }
     Ok(plan)
+}
+
+/// A reference graph copying value `v` (its dtype and shape, no constant value) to its
+/// output: `Identity`.
+fn copy_graph_json(g: &Graph, v: ValueId) -> Result<String> {
+    use kiln_ir::ops::elementwise::ElementwiseOp;
+    use kiln_ir::{Fact, Node, Op};
+    let val = &g.values[v];
+    let mut mg = Graph {
+        name: format!("copy_{}", val.name),
+        opset: g.opset,
+        ..Default::default()
+    };
+    let fact = || Fact::new(val.fact.dtype, val.fact.shape.clone());
+    let x = mg.add_value(format!("{}_in", val.name), fact());
+    let y = mg.add_value(val.name.clone(), fact());
+    mg.inputs.push(x);
+    mg.outputs.push(y);
+    mg.nodes.push(Node {
+        name: "copy".into(),
+        op: Op::Elementwise(ElementwiseOp::Identity),
+        inputs: vec![Some(x)],
+        outputs: vec![y],
+    });
+    Ok(serde_json::to_string(&mg)?)
 }
 
 /// The runtime dtype of a graph dtype.
@@ -516,7 +570,16 @@ pub fn runtime_dtype(d: kiln_ir::DType) -> Result<DType> {
         I::U32 => DType::U32,
         I::U64 => DType::U64,
         I::Bool => DType::Bool,
-        other => bail!("dtype {other} cannot cross the runtime boundary"),
+        I::F8E4M3FN => DType::F8E4M3FN,
+        I::F8E4M3FNUZ => DType::F8E4M3FNUZ,
+        I::F8E5M2 => DType::F8E5M2,
+        I::F8E5M2FNUZ => DType::F8E5M2FNUZ,
+        I::F8E8M0 => DType::F8E8M0,
+        I::F4E2M1 => DType::F4E2M1,
+        I::I4 => DType::I4,
+        I::U4 => DType::U4,
+        I::I2 => DType::I2,
+        I::U2 => DType::U2,
     })
 }
 
@@ -537,6 +600,16 @@ pub fn graph_dtype(d: DType) -> kiln_ir::DType {
         DType::U32 => I::U32,
         DType::U64 => I::U64,
         DType::Bool => I::Bool,
+        DType::F8E4M3FN => I::F8E4M3FN,
+        DType::F8E4M3FNUZ => I::F8E4M3FNUZ,
+        DType::F8E5M2 => I::F8E5M2,
+        DType::F8E5M2FNUZ => I::F8E5M2FNUZ,
+        DType::F8E8M0 => I::F8E8M0,
+        DType::F4E2M1 => I::F4E2M1,
+        DType::I4 => I::I4,
+        DType::U4 => I::U4,
+        DType::I2 => I::I2,
+        DType::U2 => I::U2,
     }
 }
 
@@ -544,10 +617,19 @@ pub fn graph_dtype(d: DType) -> kiln_ir::DType {
 fn io_spec(g: &Graph, v: ValueId) -> Result<IoSpec> {
     let val = &g.values[v];
     let shape = val.fact.shape.as_known().with_context(|| {
-        format!(
-            "'{}' has shape {} after specialisation; give it with --shape",
-            val.name, val.fact.shape
-        )
+        if g.inputs.contains(&v) {
+            format!(
+                "input '{}' has shape {} after specialisation; give it with --shape",
+                val.name, val.fact.shape
+            )
+        } else {
+            format!(
+                "output '{}' has shape {}: it depends on the values of inputs (e.g. a shape, \
+                 axes or k input), which a static-shape compile cannot handle yet; make such \
+                 inputs initializers of the model",
+                val.name, val.fact.shape
+            )
+        }
     })?;
     Ok(IoSpec {
         name: val.name.clone(),

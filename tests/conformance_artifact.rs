@@ -162,6 +162,10 @@ fn run_case(dir: &Path, scratch: &Path) -> (Outcome, String) {
 
 /// A short, groupable reason from a compile error: the last line without kernel names.
 fn reason_of(msg: &str) -> String {
+    if msg.contains("depends on the values of inputs") || msg.contains("specialise symbolic dims") {
+        return "a shape depends on input values (data-dependent shape; static compile only)"
+            .into();
+    }
     let line = msg
         .lines()
         .rev()

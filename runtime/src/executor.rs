@@ -125,7 +125,7 @@ impl Tensor {
         let n: usize = shape.iter().product();
         Self {
             dtype,
-            data: AlignedBuf::zeroed(n * dtype.size_of()),
+            data: AlignedBuf::zeroed(dtype.bytes_for(n).expect("tensor size overflows")),
             shape,
         }
     }

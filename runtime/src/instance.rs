@@ -301,7 +301,8 @@ impl Instance {
             let bytes = t
                 .shape
                 .iter()
-                .try_fold(t.dtype.size_of(), |a, &n| a.checked_mul(n));
+                .try_fold(1usize, |a, &n| a.checked_mul(n))
+                .and_then(|n| t.dtype.bytes_for(n));
             if bytes != Some(t.data.len()) {
                 return Err(err(format!(
                     "shape {:?} of {} needs {} bytes, the data has {}",
@@ -321,10 +322,13 @@ impl Instance {
         }
         // Output sizes follow from the bound symbols; refuse ones that overflow `usize`.
         for (o, (dims, spec)) in self.outputs.iter().zip(&self.plan.outputs).enumerate() {
-            let bytes = dims.iter().try_fold(spec.dtype.size_of(), |a, d| match *d {
-                Dim::Fixed(n) => a.checked_mul(n),
-                Dim::Sym(k) => a.checked_mul(self.sym_values[k] as usize),
-            });
+            let bytes = dims
+                .iter()
+                .try_fold(1usize, |a, d| match *d {
+                    Dim::Fixed(n) => a.checked_mul(n),
+                    Dim::Sym(k) => a.checked_mul(self.sym_values[k] as usize),
+                })
+                .and_then(|n| spec.dtype.bytes_for(n));
             if bytes.is_none() {
                 return Err(RunError::Output {
                     index: o,
@@ -355,7 +359,10 @@ impl Instance {
                 Dim::Sym(k) => self.sym_values[k] as usize,
             })
             .product();
-        n * self.plan.outputs[index].dtype.size_of()
+        self.plan.outputs[index]
+            .dtype
+            .bytes_for(n)
+            .expect("checked by bind")
     }
 
     /// Runs the kernels with the bound symbols; `out(o)` is output `o`'s buffer.

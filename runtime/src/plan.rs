@@ -56,17 +56,58 @@ pub enum DType {
     U64,
     /// Boolean, one byte per element (0 or 1).
     Bool,
+    /// 8-bit float E4M3 (finite, no negative zero NaN; ONNX `FLOAT8E4M3FN`).
+    F8E4M3FN,
+    /// 8-bit float E4M3 (ONNX `FLOAT8E4M3FNUZ`).
+    F8E4M3FNUZ,
+    /// 8-bit float E5M2 (ONNX `FLOAT8E5M2`).
+    F8E5M2,
+    /// 8-bit float E5M2 (ONNX `FLOAT8E5M2FNUZ`).
+    F8E5M2FNUZ,
+    /// 8-bit exponent-only scale (ONNX `FLOAT8E8M0`).
+    F8E8M0,
+    /// 4-bit float E2M1, two per byte, low nibble first (ONNX `FLOAT4E2M1`).
+    F4E2M1,
+    /// Signed 4-bit integer, two per byte, low nibble first.
+    I4,
+    /// Unsigned 4-bit integer, two per byte, low nibble first.
+    U4,
+    /// Signed 2-bit integer, four per byte, lowest bits first.
+    I2,
+    /// Unsigned 2-bit integer, four per byte, lowest bits first.
+    U2,
 }
 
 impl DType {
-    /// Size of one element in bytes (also its required alignment).
+    /// Size of one element in bytes, rounded up to at least 1 (also the required alignment
+    /// of a buffer). Packed sub-byte types use [`DType::bytes_for`] for buffer sizes.
     pub fn size_of(self) -> usize {
+        self.bits().div_ceil(8)
+    }
+
+    /// Bits per element.
+    pub fn bits(self) -> usize {
         match self {
-            DType::I8 | DType::U8 | DType::Bool => 1,
-            DType::F16 | DType::BF16 | DType::I16 | DType::U16 => 2,
-            DType::F32 | DType::I32 | DType::U32 => 4,
-            DType::F64 | DType::I64 | DType::U64 => 8,
+            DType::I2 | DType::U2 => 2,
+            DType::F4E2M1 | DType::I4 | DType::U4 => 4,
+            DType::I8
+            | DType::U8
+            | DType::Bool
+            | DType::F8E4M3FN
+            | DType::F8E4M3FNUZ
+            | DType::F8E5M2
+            | DType::F8E5M2FNUZ
+            | DType::F8E8M0 => 8,
+            DType::F16 | DType::BF16 | DType::I16 | DType::U16 => 16,
+            DType::F32 | DType::I32 | DType::U32 => 32,
+            DType::F64 | DType::I64 | DType::U64 => 64,
         }
+    }
+
+    /// Bytes of a dense buffer of `numel` elements (sub-byte types packed, as in ONNX's
+    /// `raw_data`); `None` on overflow.
+    pub fn bytes_for(self, numel: usize) -> Option<usize> {
+        numel.checked_mul(self.bits()).map(|b| b.div_ceil(8))
     }
 
     /// The lowercase name used in plans and error messages (`f32`, `i64`, ...).
@@ -85,6 +126,16 @@ impl DType {
             DType::U32 => "u32",
             DType::U64 => "u64",
             DType::Bool => "bool",
+            DType::F8E4M3FN => "f8e4m3fn",
+            DType::F8E4M3FNUZ => "f8e4m3fnuz",
+            DType::F8E5M2 => "f8e5m2",
+            DType::F8E5M2FNUZ => "f8e5m2fnuz",
+            DType::F8E8M0 => "f8e8m0",
+            DType::F4E2M1 => "f4e2m1",
+            DType::I4 => "i4",
+            DType::U4 => "u4",
+            DType::I2 => "i2",
+            DType::U2 => "u2",
         }
     }
 }

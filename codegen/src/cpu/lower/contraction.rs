@@ -118,12 +118,15 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered
     let a_cols = a_s[a_s.len() - 1].clone();
     // Split into row tasks only when the product is big enough to pay for waking a thread
     // (a few microseconds of work).
-    let macs = match (a_cols.known(), y_s.iter().map(Dim::known).product::<Option<usize>>()) {
+    let macs = match (
+        a_cols.known(),
+        y_s.iter().map(Dim::known).product::<Option<usize>>(),
+    ) {
         (Some(kd), Some(mn)) => kd * mn,
         _ => 0,
     };
-    let split = row_split(g, k, batch.is_some() || ta, a_v, b_v, &y_s)
-        .filter(|_| macs >= MIN_SPLIT_MACS);
+    let split =
+        row_split(g, k, batch.is_some() || ta, a_v, b_v, &y_s).filter(|_| macs >= MIN_SPLIT_MACS);
 
     let mut syms = SymDims::default();
     let mut p = Prologue::new();
