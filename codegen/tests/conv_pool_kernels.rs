@@ -550,3 +550,63 @@ fn conv_channel_form_random_shapes() {
         done += 1;
     }
 }
+
+/// Property test of Winograd F(2×2, 3×3), forced on random 3×3 stride-1 `group = 1` convs:
+/// odd and even output sizes (partial 2×2 tiles), 1–20 channels in and out (ragged channel
+/// blocks), asymmetric pads, batch 1–2, every fused epilogue. `KILN_CONV_CASES` sets the
+/// number of cases (default 40).
+#[test]
+fn conv_winograd_random_shapes() {
+    use rand::Rng;
+    let cases: usize = std::env::var("KILN_CONV_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(40);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x3163);
+    let tails = [
+        Tail::None,
+        Tail::Relu,
+        Tail::AddRelu,
+        Tail::Clip,
+        Tail::HardSwish,
+        Tail::ScaleAdd,
+    ];
+    let sched = ConvSchedule {
+        chan_max_positions: 0,
+        winograd_min_channels: 1,
+        winograd_min_positions: 0,
+        ..ConvSchedule::default()
+    };
+    for done in 0..cases {
+        let pads = [
+            rng.random_range(0..3),
+            rng.random_range(0..3),
+            rng.random_range(0..3),
+            rng.random_range(0..3),
+        ];
+        let hw = [rng.random_range(1..20), rng.random_range(1..30)];
+        if hw[0] + pads[0] + pads[2] < 3 || hw[1] + pads[1] + pads[3] < 3 {
+            continue;
+        }
+        let (c, m) = (rng.random_range(1..20), rng.random_range(1..20));
+        let n = rng.random_range(1..=2);
+        let tail = tails[rng.random_range(0..tails.len())];
+        let bias = rng.random_bool(0.7);
+        eprintln!("case {done}: n{n} c{c} hw{hw:?} m{m} p{pads:?} bias {bias} {tail:?}");
+        conv_random_with(
+            &sched,
+            n,
+            c,
+            hw,
+            m,
+            [3, 3],
+            [1, 1],
+            pads,
+            [1, 1],
+            1,
+            bias,
+            tail,
+            9000 + done as u64,
+        );
+    }
+}

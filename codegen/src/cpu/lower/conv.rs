@@ -292,6 +292,12 @@ pub struct ConvSchedule {
     /// every lane used the direct form wins: 3×3 32→32 at 8×8 13 vs 25, 1×1 16→32 s2 at
     /// 8×8 0.8 vs 1.6, 1×1 32→64 s2 at 4×4 0.8 vs 1.2.
     pub chan_below_lane_use_pct: usize,
+    /// `group = 1` 3×3 stride-1 convs with a fused epilogue, at least this many input and
+    /// output channels and at least [`ConvSchedule::winograd_min_positions`] output positions
+    /// use Winograd F(2×2, 3×3) ([`emit_winograd`]; 0 disables it).
+    pub winograd_min_channels: usize,
+    /// See [`ConvSchedule::winograd_min_channels`].
+    pub winograd_min_positions: usize,
 }
 
 impl Default for ConvSchedule {
@@ -305,6 +311,8 @@ impl Default for ConvSchedule {
             dot_max_positions: 8,
             chan_max_positions: 64,
             chan_below_lane_use_pct: 80,
+            winograd_min_channels: 16,
+            winograd_min_positions: 64,
         }
     }
 }
@@ -1099,6 +1107,257 @@ fn emit_chan(l: &mut Loops, d: &Direct) {
     l.close();
 }
 
+/// The Winograd F(2×2, 3×3) filter `U = G·g·Gᵀ`, computed at compile time and packed in the
+/// order [`emit_winograd`] reads it: `U[ξ][ob][c][mr]` (`ξ` the 16 points of the 4×4
+/// transform, blocks of `mr` output channels, the last one zero-padded).
+pub fn pack_winograd_filter(w: &[f32], m: usize, c: usize, mr: usize) -> Vec<f32> {
+    let nob = m.div_ceil(mr);
+    let gm = [
+        [1.0, 0.0, 0.0],
+        [0.5, 0.5, 0.5],
+        [0.5, -0.5, 0.5],
+        [0.0, 0.0, 1.0],
+    ];
+    let mut out = vec![0f32; 16 * nob * c * mr];
+    for o in 0..m {
+        for ci in 0..c {
+            let g = |i: usize, j: usize| w[(o * c + ci) * 9 + i * 3 + j] as f64;
+            let mut t = [[0f64; 3]; 4];
+            for (i, row) in t.iter_mut().enumerate() {
+                for (j, x) in row.iter_mut().enumerate() {
+                    *x = (0..3).map(|k| gm[i][k] * g(k, j)).sum();
+                }
+            }
+            for i in 0..4 {
+                for j in 0..4 {
+                    let u: f64 = (0..3).map(|k| t[i][k] * gm[j][k]).sum();
+                    out[(((i * 4 + j) * nob + o / mr) * c + ci) * mr + o % mr] = u as f32;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Whether a Conv can use Winograd F(2×2, 3×3): `group = 1`, 3×3, stride 1, dilation 1.
+fn winograd_fits(win: &Window2, group: usize) -> bool {
+    group == 1 && win.k == [3, 3] && win.s == [1, 1] && win.d == [1, 1]
+}
+
+/// Emits Winograd F(2×2, 3×3) (3×3, stride 1): per image, the input goes into the padded,
+/// phase-split copy of [`Grid`] for the 4×4 input tiles seen as a stride-2 window (so the 16
+/// elements of the tiles of a run of 8 tile positions are 16 unit-stride vector loads), the
+/// input transform `V = Bᵀ·d·B` runs on those vectors into `V[ξ][c][tiles]`, the 16 products
+/// `M[ξ] = U[ξ]·V[ξ]` use the direct form's register tile (`d.mr` channels × `d.nv` vectors
+/// of tiles, `U` packed by [`pack_winograd_filter`], broadcasts sequential), and the output
+/// transform `Y = Aᵀ·m·A` per channel parks the four 2×2 phases, which are interleaved into
+/// output rows with bias + epilogue on the way out. 2.25× fewer FMAs than direct, plus the
+/// transforms; one task per image.
+fn emit_winograd(l: &mut Loops, d: &Direct) {
+    let win = &d.win;
+    let (mr, nv) = (d.mr, d.nv);
+    let nr = VW * nv;
+    let (th, tw) = (win.oh.div_ceil(2), win.ow.div_ceil(2));
+    let twin = Window2 {
+        oh: th,
+        ow: tw,
+        k: [4, 4],
+        s: [2, 2],
+        d: [1, 1],
+        ..*win
+    };
+    let grid = Grid::new(&twin);
+    let (wq, plane, slots) = (grid.wq, grid.plane(), grid.slots());
+    let gp = (th * wq).div_ceil(nr) * nr;
+    let (c, m) = (win.c, d.m);
+    let nob = m.div_ceil(mr);
+    let mm = nob * mr;
+    let np = win.oh * win.ow;
+    let zv = l.vsplat(0.0);
+    let alloc = |l: &mut Loops, len: usize| {
+        let cl = l.c(len as i64);
+        l.op(&format!(
+            "memref.alloc({cl}) {{alignment = 64 : i64}} : {M1}"
+        ))
+    };
+    let xlen = (c * slots * plane + gp + 2 * wq + 2 * VW).div_ceil(VW) * VW;
+    let xp = alloc(l, xlen);
+    let i = l.open_range(0, xlen, VW);
+    emit_store(l, &xp, &zv, &i, None);
+    l.close();
+    let vb = alloc(l, 16 * c * gp);
+    let mb = alloc(l, 16 * mm * gp);
+    let yg = alloc(l, 4 * gp + 2 * VW);
+    let n = l.fresh("n");
+    let one = l.c(1);
+    l.line(&format!(
+        "scf.for {n} = {} to {} step {one} {{",
+        d.tasks.0, d.tasks.1
+    ));
+    let c0 = l.c(0);
+    emit_copy(l, &twin, &grid, d.x, &xp, &n, &c0, c);
+    // Input transform.
+    let ci = l.open(c);
+    let xb = l.affine(&ci, (slots * plane) as i64, 0);
+    let g = l.open_range(0, gp, VW);
+    let xg = l.add(&xb, &g);
+    let mut dv = vec![vec![String::new(); 4]; 4];
+    for (r, row) in dv.iter_mut().enumerate() {
+        for (s, x) in row.iter_mut().enumerate() {
+            let i = l.addc(&xg, grid.tap(&twin, r, s));
+            *x = l.op(&format!("vector.load {xp}[{i}] : {M1}, {VT}"));
+        }
+    }
+    let add = |l: &mut Loops, a: &str, b: &str| l.op(&format!("arith.addf {a}, {b} : {VT}"));
+    let sub = |l: &mut Loops, a: &str, b: &str| l.op(&format!("arith.subf {a}, {b} : {VT}"));
+    let mut t = vec![vec![String::new(); 4]; 4];
+    for j in 0..4 {
+        t[0][j] = sub(l, &dv[0][j], &dv[2][j]);
+        t[1][j] = add(l, &dv[1][j], &dv[2][j]);
+        t[2][j] = sub(l, &dv[2][j], &dv[1][j]);
+        t[3][j] = sub(l, &dv[1][j], &dv[3][j]);
+    }
+    for (i, ti) in t.iter().enumerate() {
+        let v = [
+            sub(l, &ti[0], &ti[2]),
+            add(l, &ti[1], &ti[2]),
+            sub(l, &ti[2], &ti[1]),
+            sub(l, &ti[1], &ti[3]),
+        ];
+        for (j, v) in v.iter().enumerate() {
+            let base = l.affine(&ci, gp as i64, ((i * 4 + j) * c * gp) as i64);
+            let idx = l.add(&base, &g);
+            emit_store(l, &vb, v, &idx, None);
+        }
+    }
+    l.close();
+    l.close();
+    // The 16 products M[ξ] = U[ξ] · V[ξ].
+    let xi = l.open(16);
+    let ob = l.open(nob);
+    let g0 = l.open_range(0, gp, nr);
+    let nacc = mr * nv;
+    let res = l.fresh("res");
+    let cc = l.fresh("c");
+    let accs: Vec<String> = (0..nacc).map(|_| l.fresh("acc")).collect();
+    let ch = l.c(c as i64);
+    l.line(&format!(
+        "{res}:{nacc} = scf.for {cc} = {c0} to {ch} step {one} iter_args({}) -> ({}) {{",
+        accs.iter()
+            .map(|a| format!("{a} = {zv}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        vec![VT; nacc].join(", ")
+    ));
+    let xc = l.affine(&xi, c as i64, 0);
+    let xcc = l.add(&xc, &cc);
+    let vrow = l.affine(&xcc, gp as i64, 0);
+    let vbase = l.add(&vrow, &g0);
+    let xs: Vec<String> = (0..nv)
+        .map(|v| {
+            let i = l.addc(&vbase, v * VW);
+            l.op(&format!("vector.load {vb}[{i}] : {M1}, {VT}"))
+        })
+        .collect();
+    let xo = l.affine(&xi, nob as i64, 0);
+    let xob = l.add(&xo, &ob);
+    let ub0 = l.affine(&xob, c as i64, 0);
+    let ub1 = l.add(&ub0, &cc);
+    let ub = l.affine(&ub1, mr as i64, 0);
+    let mut cur = accs.clone();
+    for r in 0..mr {
+        let i = l.addc(&ub, r);
+        let s = l.op(&format!("memref.load {}[{i}] : {M1}", d.w));
+        let b = l.op(&format!("vector.broadcast {s} : f32 to {VT}"));
+        for v in 0..nv {
+            let a = &cur[r * nv + v];
+            cur[r * nv + v] = l.op(&format!("vector.fma {b}, {}, {a} : {VT}", xs[v]));
+        }
+    }
+    l.line(&format!(
+        "scf.yield {} : {}\n  }}",
+        cur.join(", "),
+        vec![VT; nacc].join(", ")
+    ));
+    let xm = l.affine(&xi, mm as i64, 0);
+    let obm = l.affine(&ob, mr as i64, 0);
+    let row0 = l.add(&xm, &obm);
+    for r in 0..mr {
+        let row = l.addc(&row0, r);
+        let rb = l.affine(&row, gp as i64, 0);
+        let base = l.add(&rb, &g0);
+        for v in 0..nv {
+            let i = l.addc(&base, v * VW);
+            emit_store(l, &mb, &format!("{res}#{}", r * nv + v), &i, None);
+        }
+    }
+    l.close();
+    l.close();
+    l.close();
+    // Output transform per channel, then the 2×2 phases interleaved into output rows.
+    let o = l.open(m);
+    let g = l.open_range(0, gp, VW);
+    let mut mv = vec![vec![String::new(); 4]; 4];
+    for (i, row) in mv.iter_mut().enumerate() {
+        for (j, x) in row.iter_mut().enumerate() {
+            let b = l.affine(&o, gp as i64, ((i * 4 + j) * mm * gp) as i64);
+            let idx = l.add(&b, &g);
+            *x = l.op(&format!("vector.load {mb}[{idx}] : {M1}, {VT}"));
+        }
+    }
+    let mut sv = vec![vec![String::new(); 4]; 2];
+    for j in 0..4 {
+        let a = add(l, &mv[0][j], &mv[1][j]);
+        sv[0][j] = add(l, &a, &mv[2][j]);
+        let b = sub(l, &mv[1][j], &mv[2][j]);
+        sv[1][j] = sub(l, &b, &mv[3][j]);
+    }
+    for (a, srow) in sv.iter().enumerate() {
+        let y0 = add(l, &srow[0], &srow[1]);
+        let y0 = add(l, &y0, &srow[2]);
+        let y1 = sub(l, &srow[1], &srow[2]);
+        let y1 = sub(l, &y1, &srow[3]);
+        for (b, y) in [y0, y1].iter().enumerate() {
+            let idx = l.addc(&g, (a * 2 + b) * gp);
+            emit_store(l, &yg, y, &idx, None);
+        }
+    }
+    l.close();
+    let bias = d.bias.map(|b| {
+        let s = l.op(&format!("memref.load {b}[{o}] : {M1}"));
+        l.op(&format!("vector.broadcast {s} : f32 to {VT}"))
+    });
+    let nm = l.affine(&n, m as i64, 0);
+    let nmo = l.add(&nm, &o);
+    let ybase = l.affine(&nmo, np as i64, 0);
+    for oy in 0..win.oh {
+        let (ti, a) = (oy / 2, oy % 2);
+        for j in 0..win.ow.div_ceil(VW) {
+            let src = ti * wq + 4 * j;
+            let i0 = l.c(((a * 2) * gp + src) as i64);
+            let i1 = l.c(((a * 2 + 1) * gp + src) as i64);
+            let y0 = l.op(&format!("vector.load {yg}[{i0}] : {M1}, {VT}"));
+            let y1 = l.op(&format!("vector.load {yg}[{i1}] : {M1}, {VT}"));
+            let mut val = l.op(&format!(
+                "vector.shuffle {y0}, {y1} [0, 8, 1, 9, 2, 10, 3, 11] : {VT}, {VT}"
+            ));
+            if let Some(b) = &bias {
+                val = l.op(&format!("arith.addf {val}, {b} : {VT}"));
+            }
+            let idx = l.addc(&ybase, oy * win.ow + j * VW);
+            let left = win.ow - j * VW;
+            let mask = (left < VW).then(|| l.op(&format!("vector.constant_mask [{left}] : {MT}")));
+            let val = emit_epi(l, d, val, &idx, mask.as_deref());
+            emit_store(l, d.y, &val, &idx, mask.as_deref());
+        }
+    }
+    l.close();
+    l.close();
+    for b in [xp, vb, mb, yg] {
+        l.line(&format!("memref.dealloc {b} : {M1}"));
+    }
+}
+
 /// Emits the direct convolution (see the module doc) into `l`.
 fn emit_direct(l: &mut Loops, d: &Direct) {
     let win = &d.win;
@@ -1465,15 +1724,28 @@ pub fn lower_with(
         && m >= VW
         && pp <= sched.chan_max_positions
         && lane_use < sched.chan_below_lane_use_pct;
+    let use_wino = direct
+        && !use_chan
+        && winograd_fits(&win, group)
+        && fused.is_some()
+        && w_data.is_some()
+        && sched.winograd_min_channels > 0
+        && win.c.min(m) >= sched.winograd_min_channels
+        && pp >= sched.winograd_min_positions;
     let use_dot = direct
         && !use_chan
+        && !use_wino
         && group == 1
         && pp <= sched.dot_max_positions
         && (win.oh * Grid::new(&win).wq).div_ceil(VW) * VW * 10 >= pp * 13;
-    let in_place = direct && !use_dot && !use_chan && reads_in_place(&win, VW * nv);
+    let in_place = direct && !use_dot && !use_chan && !use_wino && reads_in_place(&win, VW * nv);
     let mut syms = SymDims::default();
     let mut p = Prologue::new();
-    let mut args = if use_chan { vec![x_v] } else { vec![x_v, w_v] };
+    let mut args = if use_chan || use_wino {
+        vec![x_v]
+    } else {
+        vec![x_v, w_v]
+    };
     let mut consts = Vec::new();
     let pointwise_gemm = !direct
         && win.k == [1, 1]
@@ -1487,7 +1759,7 @@ pub fn lower_with(
     } else {
         p.memref_f32(0, &cdims(&xs))
     };
-    let w_mem = if use_chan {
+    let w_mem = if use_chan || use_wino {
         String::new()
     } else {
         p.memref_f32(1, &cdims(&[m, kk]))
@@ -1511,7 +1783,11 @@ pub fn lower_with(
                 p.memref_f32(args.len() - 1, &cdims(&[total]))
             })
             .collect();
-        let (mr, nv) = if use_chan {
+        let (mr, nv) = if use_wino {
+            let (th, tw) = (win.oh.div_ceil(2), win.ow.div_ceil(2));
+            let (mr, nv, _) = sched.tile(m, [th, tw, 1], false);
+            (mr, nv)
+        } else if use_chan {
             chan_tile(m, pp)
         } else if use_dot {
             let pb = pp.min(4);
@@ -1530,17 +1806,31 @@ pub fn lower_with(
                 });
                 p.memref_f32(args.len(), &cdims(&[len]))
             }
+            Some(w) if use_wino => {
+                let w: Vec<f32> = w.iter().map(|&x| x as f32).collect();
+                let packed = pack_winograd_filter(&w, m, win.c, mr);
+                let len = packed.len();
+                consts.push(DerivedConst {
+                    name: format!("{}.wino{mr}", g.values[w_v].name),
+                    tensor: kiln_ir::Tensor::from_vec(&[len], packed),
+                });
+                p.memref_f32(args.len(), &cdims(&[len]))
+            }
             _ => w_mem,
         };
         let y = p.memref_f32(args.len() + consts.len(), &cdims(&[total]));
-        ntasks = if use_chan {
+        ntasks = if use_wino {
+            win.n
+        } else if use_chan {
             win.n * m.div_ceil(VW * mr)
         } else {
             direct_tasks(&win, group, m, mr)
         };
         let tc = p.const_index(ntasks as i64);
         let range = p.task_range(&tc);
-        let emit = if use_chan {
+        let emit = if use_wino {
+            emit_winograd
+        } else if use_chan {
             emit_chan
         } else if use_dot {
             emit_dot
