@@ -503,6 +503,25 @@ struct Direct<'a> {
     /// Tile each output row on its own (no lanes on the grid's pad columns) instead of the
     /// flattened grid.
     rows: bool,
+    /// `w` is the flat filter packed by [`pack_direct_filter`] (else `[M, C/group·kh·kw]`).
+    packed: bool,
+}
+
+/// The direct form's filter packed at compile time in the order [`emit_direct`] reads it:
+/// `Wp[g][ob][c][ki][kj][mr]` (group, block of `mr` output channels of the group, the last
+/// one zero-padded), so the `mr` broadcasts of a tap read `mr` consecutive floats.
+pub fn pack_direct_filter(w: &[f32], m: usize, group: usize, ck: usize, mr: usize) -> Vec<f32> {
+    let mg = m / group;
+    let nob = mg.div_ceil(mr);
+    let mut out = vec![0f32; group * nob * ck * mr];
+    for o in 0..m {
+        let (g, og) = (o / mg, o % mg);
+        let blk = g * nob + og / mr;
+        for k in 0..ck {
+            out[(blk * ck + k) * mr + og % mr] = w[o * ck + k];
+        }
+    }
+    out
 }
 
 /// The number of tasks of the direct convolution: one per (image, group, block of `mr`
@@ -1508,6 +1527,12 @@ fn emit_direct(l: &mut Loops, d: &Direct) {
             l.add(&t, &q0)
         };
         let wc = l.affine(&c, kk as i64, 0);
+        // Packed filter: the block's taps of channel `c` start at `((blk·cg + c)·kk)·mr`.
+        let wpk = d.packed.then(|| {
+            let b = l.affine(&blk, cg as i64, 0);
+            let bc = l.add(&b, &c);
+            l.affine(&bc, (kk * mr) as i64, 0)
+        });
         let mut cur = accs.clone();
         for ki in 0..win.k[0] {
             for kj in 0..win.k[1] {
@@ -1521,10 +1546,16 @@ fn emit_direct(l: &mut Loops, d: &Direct) {
                     .collect();
                 let wcol = l.addc(&wc, t);
                 for r in 0..mr {
-                    let s = l.op(&format!(
-                        "memref.load {}[{}, {wcol}] : memref<?x?xf32>",
-                        d.w, rows[r]
-                    ));
+                    let s = match &wpk {
+                        Some(wb) => {
+                            let i = l.addc(wb, t * mr + r);
+                            l.op(&format!("memref.load {}[{i}] : {M1}", d.w))
+                        }
+                        None => l.op(&format!(
+                            "memref.load {}[{}, {wcol}] : memref<?x?xf32>",
+                            d.w, rows[r]
+                        )),
+                    };
                     let b = l.op(&format!("vector.broadcast {s} : f32 to {VT}"));
                     for v in 0..nv {
                         let a = &cur[r * nv + v];
@@ -1739,9 +1770,12 @@ pub fn lower_with(
         && pp <= sched.dot_max_positions
         && (win.oh * Grid::new(&win).wq).div_ceil(VW) * VW * 10 >= pp * 13;
     let in_place = direct && !use_dot && !use_chan && !use_wino && reads_in_place(&win, VW * nv);
+    // The fused direct form reads its filter packed (see `pack_direct_filter`).
+    let pack_direct =
+        direct && !use_dot && !use_chan && !use_wino && fused.is_some() && w_data.is_some();
     let mut syms = SymDims::default();
     let mut p = Prologue::new();
-    let mut args = if use_chan || use_wino {
+    let mut args = if use_chan || use_wino || pack_direct {
         vec![x_v]
     } else {
         vec![x_v, w_v]
@@ -1759,7 +1793,7 @@ pub fn lower_with(
     } else {
         p.memref_f32(0, &cdims(&xs))
     };
-    let w_mem = if use_chan || use_wino {
+    let w_mem = if use_chan || use_wino || pack_direct {
         String::new()
     } else {
         p.memref_f32(1, &cdims(&[m, kk]))
@@ -1802,6 +1836,17 @@ pub fn lower_with(
                 let len = packed.len();
                 consts.push(DerivedConst {
                     name: format!("{}.chan{mr}", g.values[w_v].name),
+                    tensor: kiln_ir::Tensor::from_vec(&[len], packed),
+                });
+                p.memref_f32(args.len(), &cdims(&[len]))
+            }
+            Some(w) if pack_direct => {
+                let w: Vec<f32> = w.iter().map(|&x| x as f32).collect();
+                let ck = win.c / group * win.k[0] * win.k[1];
+                let packed = pack_direct_filter(&w, m, group, ck, mr);
+                let len = packed.len();
+                consts.push(DerivedConst {
+                    name: format!("{}.direct{mr}", g.values[w_v].name),
                     tensor: kiln_ir::Tensor::from_vec(&[len], packed),
                 });
                 p.memref_f32(args.len(), &cdims(&[len]))
@@ -1853,6 +1898,7 @@ pub fn lower_with(
                 bufs: &bufs,
                 tasks: range,
                 rows,
+                packed: pack_direct,
             },
         );
         p.push(&l.finish());
@@ -1923,6 +1969,7 @@ pub fn lower_with(
                     bufs: &[],
                     tasks: serial,
                     rows,
+                    packed: false,
                 },
             );
         } else {
