@@ -975,16 +975,34 @@ pub fn pack_chan_filter(w: &[f32], m: usize, c: usize, kk: usize, mo: usize) -> 
     out
 }
 
-/// The channel-vector form's register tile `(mo, pr)` for `m` output channels and `np`
-/// output positions: `mo` vectors of 8 output channels × `pr` positions, the candidate
-/// minimising `blocks · tiles · (mo·pc FMAs + mo + pc loads)` per tap (`pc` = positions
-/// actually in a tile, idle channels of a ragged last block included).
-pub fn chan_tile(m: usize, np: usize) -> (usize, usize) {
+/// The channel-vector form's register tile `(mo, pr)` for `m` output channels over the
+/// window `win`: `mo` vectors of 8 output channels × `pr` positions, the candidate with the
+/// fewest estimated cycles, `blocks · Σ_tiles Σ_taps max(mo·v FMAs, mo + v loads)` (`v`: the
+/// tile's positions whose tap is inside the input; two FMAs and two loads per cycle; idle
+/// channels of a ragged last block included).
+pub(crate) fn chan_tile(win: &Window2, m: usize) -> (usize, usize) {
+    let np = win.oh * win.ow;
+    let inside = |p: usize, ki: usize, kj: usize| {
+        let (oh, ow) = (p / win.ow, p % win.ow);
+        let ih = (oh * win.s[0] + ki * win.d[0]) as i64 - win.p[0];
+        let iw = (ow * win.s[1] + kj * win.d[1]) as i64 - win.p[1];
+        ih >= 0 && ih < win.h as i64 && iw >= 0 && iw < win.w as i64
+    };
     [(3, 4), (2, 6), (1, 12), (4, 2), (2, 4)]
         .into_iter()
         .min_by_key(|&(mo, pr)| {
-            let pc = pr.min(np);
-            m.div_ceil(VW * mo) * np.div_ceil(pr) * (mo * pc + mo + pc)
+            let mut per_block = 0;
+            for p0 in (0..np).step_by(pr) {
+                for ki in 0..win.k[0] {
+                    for kj in 0..win.k[1] {
+                        let v = (p0..np.min(p0 + pr)).filter(|&p| inside(p, ki, kj)).count();
+                        if v > 0 {
+                            per_block += (mo * v).max(mo + v);
+                        }
+                    }
+                }
+            }
+            m.div_ceil(VW * mo) * per_block
         })
         .expect("candidates")
 }
@@ -1850,7 +1868,7 @@ pub fn lower_with(
             let (mr, nv, _) = sched.tile(m, [th, tw, 1], false);
             (mr, nv)
         } else if use_chan {
-            chan_tile(m, pp)
+            chan_tile(&win, m)
         } else if use_dot {
             let pb = pp.min(4);
             (if pb == 1 { 8 } else { 12 / pb }, pb)
