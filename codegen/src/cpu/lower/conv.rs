@@ -298,11 +298,11 @@ pub struct ConvSchedule {
     /// ... and whose direct register tiles would use fewer than this percentage of their
     /// lanes (padding columns, partial vectors); 101 forces the channel-vector form.
     ///
-    /// Measured (resnet zoo model, 1 thread, AMD EPYC, µs direct or dot → channel form):
-    /// 3×3 128→128 at 2×2 27 → 7.7, 64→128 s2 at 2×2 12 → 5.4, 3×3 64→64 at 4×4
-    /// 19.7 → 11, 32→64 s2 at 4×4 9.5 → 6.3, 1×1 64→128 s2 at 2×2 2.2 → 0.9; but with
-    /// every lane used the direct form wins: 3×3 32→32 at 8×8 13 vs 25, 1×1 16→32 s2 at
-    /// 8×8 0.8 vs 1.6, 1×1 32→64 s2 at 4×4 0.8 vs 1.2.
+    /// Measured (resnet zoo model, 1 thread, AMD EPYC, best of 6 profiles, µs direct or dot
+    /// → channel form): 3×3 128→128 at 2×2 18.8 → 7.5, 3×3 64→128 s2 at 2×2 10.5 → 5.3,
+    /// 3×3 64→64 at 4×4 17.8 → 9.4, 3×3 32→64 s2 at 4×4 9.5 → 5.3, 1×1 64→128 s2 at 2×2
+    /// 2.1 → 0.9; but with every lane used the direct form wins: 3×3 32→32 at 8×8 13 vs 25,
+    /// 1×1 16→32 s2 at 8×8 0.8 vs 1.6, 1×1 32→64 s2 at 4×4 0.8 vs 1.2.
     pub chan_below_lane_use_pct: usize,
     /// `group = 1` 3×3 stride-1 convs with a fused epilogue, at least this many input and
     /// output channels and at least [`ConvSchedule::winograd_min_positions`] output positions
