@@ -480,17 +480,21 @@ fn exec_plan(
                 sig.dims
             );
         }
-        let args = lk
+        // args = inputs ++ derived constants ++ outputs (see `kiln_codegen::cpu::lower`).
+        let mut args = lk
             .inputs
             .iter()
-            .chain(&lk.outputs)
             .map(|&v| b.buf(v))
             .collect::<Result<Vec<_>>>()
             .with_context(|| format!("kernel '{}'", sig.name))?;
+        args.extend(lk.consts.iter().map(|c| b.derived(c)));
+        for &v in &lk.outputs {
+            args.push(b.buf(v).with_context(|| format!("kernel '{}'", sig.name))?);
+        }
         plan.steps.push(Step {
             kernel: sig.name.clone(),
             args,
-            num_inputs: lk.inputs.len(),
+            num_inputs: lk.inputs.len() + lk.consts.len(),
             dims: Vec::new(),
             tasks: sig.tasks,
             reference: None,
@@ -645,6 +649,8 @@ struct PlanBuilder<'a> {
     mem: &'a MemoryPlan,
     weights: &'a mut WeightsBuilder,
     weight_of: HashMap<ValueId, usize>,
+    /// Derived constants already stored, by name.
+    derived_of: HashMap<String, usize>,
 }
 
 impl<'a> PlanBuilder<'a> {
@@ -654,7 +660,22 @@ impl<'a> PlanBuilder<'a> {
             mem,
             weights,
             weight_of: HashMap::new(),
+            derived_of: HashMap::new(),
         }
+    }
+
+    /// The weight holding a kernel's derived constant (stored once per name).
+    fn derived(&mut self, c: &kiln_codegen::cpu::lower::DerivedConst) -> BufRef {
+        let index = match self.derived_of.get(&c.name) {
+            Some(&i) => i,
+            None => {
+                let bytes = kiln_ir::onnx::tensor_proto::to_raw(&c.tensor);
+                let i = self.weights.push(&c.name, &bytes);
+                self.derived_of.insert(c.name.clone(), i);
+                i
+            }
+        };
+        BufRef::Weight { index }
     }
 
     /// The buffer holding value `v` (a view is resolved to the storage it views).

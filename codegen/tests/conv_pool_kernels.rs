@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+use kiln_codegen::cpu::lower::conv::ConvSchedule;
 use kiln_ir::ops::elementwise::{BinaryKind, ClipBounds, ElementwiseOp, UnaryKind};
 use kiln_ir::ops::nn::{AutoPad, ConvAttrs, MaxPoolAttrs, NnOp, PoolKind, WindowAttrs};
 use kiln_ir::{DType, Op, Tensor, ValueId};
@@ -280,6 +281,27 @@ fn conv_random(
     tail: Tail,
     seed: u64,
 ) {
+    let sched = ConvSchedule::default();
+    conv_random_with(&sched, n, c, hw, m, k, s, pads, d, group, bias, tail, seed);
+}
+
+/// [`conv_random`] with the Conv schedule `sched`.
+#[allow(clippy::too_many_arguments)]
+fn conv_random_with(
+    sched: &ConvSchedule,
+    n: usize,
+    c: usize,
+    hw: [usize; 2],
+    m: usize,
+    k: [usize; 2],
+    s: [usize; 2],
+    pads: [usize; 4],
+    d: [usize; 2],
+    group: usize,
+    bias: bool,
+    tail: Tail,
+    seed: u64,
+) {
     let mut b = Builder::new("convr");
     let x = b.input("x", DType::F32, &[n, c, hw[0], hw[1]]);
     let w = rand_const(&mut b, "w", &[m, c / group, k[0], k[1]], seed);
@@ -327,7 +349,7 @@ fn conv_random(
         }
     };
     let g = b.finish(&[y]);
-    let rep = check(&g, &random_inputs(&g, seed));
+    let rep = check_with(&g, &random_inputs(&g, seed), sched);
     assert!(
         rep.lowering.unsupported.is_empty(),
         "{:?}",
@@ -448,6 +470,143 @@ fn conv_few_positions() {
             i % 3 != 2,
             tails[i],
             70 + i as u64,
+        );
+    }
+}
+
+/// Property test of the channel-vector form (lanes over output channels, packed filter):
+/// random `group = 1` convs with 1–64 output positions and 8–40 output channels (ragged
+/// channel blocks), kernels 1–5, strides 1–2, asymmetric pads, dilation, batch 1–2, every
+/// fused epilogue. `KILN_CONV_CASES` sets the number of cases (default 40).
+#[test]
+fn conv_channel_form_random_shapes() {
+    use rand::Rng;
+    let cases: usize = std::env::var("KILN_CONV_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(40);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0xC4A7);
+    let tails = [
+        Tail::None,
+        Tail::Relu,
+        Tail::AddRelu,
+        Tail::Clip,
+        Tail::HardSwish,
+        Tail::ScaleAdd,
+    ];
+    let mut done = 0;
+    while done < cases {
+        let k = [
+            [1, 2, 3, 3, 5][rng.random_range(0..5)],
+            [1, 2, 3, 3, 5][rng.random_range(0..5)],
+        ];
+        let s = [rng.random_range(1..=2), rng.random_range(1..=2)];
+        let d = [
+            if rng.random_bool(0.2) { 2 } else { 1 },
+            if rng.random_bool(0.2) { 2 } else { 1 },
+        ];
+        let pads = [
+            rng.random_range(0..k[0]),
+            rng.random_range(0..k[1]),
+            rng.random_range(0..k[0]),
+            rng.random_range(0..k[1]),
+        ];
+        let hw = [rng.random_range(1..12), rng.random_range(1..12)];
+        let ext = |i: usize| (k[i] - 1) * d[i] + 1;
+        if hw[0] + pads[0] + pads[2] < ext(0) || hw[1] + pads[1] + pads[3] < ext(1) {
+            continue;
+        }
+        let oh = (hw[0] + pads[0] + pads[2] - ext(0)) / s[0] + 1;
+        let ow = (hw[1] + pads[1] + pads[3] - ext(1)) / s[1] + 1;
+        if oh * ow > 64 {
+            continue;
+        }
+        let (c, m) = (rng.random_range(1..24), rng.random_range(8..=40));
+        let n = rng.random_range(1..=2);
+        let tail = tails[rng.random_range(0..tails.len())];
+        let bias = rng.random_bool(0.7);
+        eprintln!(
+            "case {done}: n{n} c{c} hw{hw:?} m{m} k{k:?} s{s:?} p{pads:?} d{d:?} bias {bias} {tail:?}"
+        );
+        let sched = ConvSchedule {
+            chan_below_lane_use_pct: 101,
+            ..ConvSchedule::default()
+        };
+        conv_random_with(
+            &sched,
+            n,
+            c,
+            hw,
+            m,
+            k,
+            s,
+            pads,
+            d,
+            1,
+            bias,
+            tail,
+            5000 + done as u64,
+        );
+        done += 1;
+    }
+}
+
+/// Property test of Winograd F(2×2, 3×3), forced on random 3×3 stride-1 `group = 1` convs:
+/// odd and even output sizes (partial 2×2 tiles), 1–20 channels in and out (ragged channel
+/// blocks), asymmetric pads, batch 1–2, every fused epilogue. `KILN_CONV_CASES` sets the
+/// number of cases (default 40).
+#[test]
+fn conv_winograd_random_shapes() {
+    use rand::Rng;
+    let cases: usize = std::env::var("KILN_CONV_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(40);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x3163);
+    let tails = [
+        Tail::None,
+        Tail::Relu,
+        Tail::AddRelu,
+        Tail::Clip,
+        Tail::HardSwish,
+        Tail::ScaleAdd,
+    ];
+    let sched = ConvSchedule {
+        chan_max_positions: 0,
+        winograd_min_channels: 1,
+        winograd_min_positions: 0,
+        ..ConvSchedule::default()
+    };
+    for done in 0..cases {
+        let pads = [
+            rng.random_range(0..3),
+            rng.random_range(0..3),
+            rng.random_range(0..3),
+            rng.random_range(0..3),
+        ];
+        let hw = [rng.random_range(1..20), rng.random_range(1..30)];
+        if hw[0] + pads[0] + pads[2] < 3 || hw[1] + pads[1] + pads[3] < 3 {
+            continue;
+        }
+        let (c, m) = (rng.random_range(1..20), rng.random_range(1..20));
+        let n = rng.random_range(1..=2);
+        let tail = tails[rng.random_range(0..tails.len())];
+        let bias = rng.random_bool(0.7);
+        eprintln!("case {done}: n{n} c{c} hw{hw:?} m{m} p{pads:?} bias {bias} {tail:?}");
+        conv_random_with(
+            &sched,
+            n,
+            c,
+            hw,
+            m,
+            [3, 3],
+            [1, 1],
+            pads,
+            [1, 1],
+            1,
+            bias,
+            tail,
+            9000 + done as u64,
         );
     }
 }

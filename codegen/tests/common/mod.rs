@@ -3,7 +3,7 @@
 
 #![allow(dead_code)]
 
-use kiln_codegen::cpu::lower::{lower_partition, Lowering};
+use kiln_codegen::cpu::lower::Lowering;
 use kiln_codegen::cpu::{compile_library, CpuOptions};
 use kiln_ir::onnx::tensor_proto::{from_raw, to_raw};
 use kiln_ir::ops::elementwise::{BinaryKind, ElementwiseOp, UnaryKind};
@@ -128,9 +128,18 @@ pub struct Report {
 /// interpreter computes for its inputs (running the graph kernel by kernel), comparing its
 /// outputs with the interpreter's.
 pub fn check(g: &Graph, inputs: &[Tensor]) -> Report {
+    check_with(g, inputs, &Default::default())
+}
+
+/// [`check`] with the Conv schedule `conv`.
+pub fn check_with(
+    g: &Graph,
+    inputs: &[Tensor],
+    conv: &kiln_codegen::cpu::lower::conv::ConvSchedule,
+) -> Report {
     let p = kiln_passes::partition(g);
     p.verify(g).unwrap();
-    let lowering = lower_partition(g, &p).unwrap();
+    let lowering = kiln_codegen::cpu::lower::lower_partition_with(g, &p, conv).unwrap();
     let lib = if lowering.kernels.is_empty() {
         None
     } else {
@@ -188,6 +197,7 @@ pub fn check(g: &Graph, inputs: &[Tensor]) -> Report {
             .inputs
             .iter()
             .map(|&v| buffer(&to_raw(&value(&env, v))))
+            .chain(lk.consts.iter().map(|c| buffer(&to_raw(&c.tensor))))
             .collect();
         for t in &want {
             bufs.push(buffer(&vec![0xA5u8; t.byte_size()]));
@@ -209,7 +219,7 @@ pub fn check(g: &Graph, inputs: &[Tensor]) -> Report {
             unsafe { kern.call_tasks(&ptrs, w[0], w[1], &[]) };
         }
         for (i, (&v, w)) in lk.outputs.iter().zip(&want).enumerate() {
-            let b = &bufs[lk.inputs.len() + i];
+            let b = &bufs[lk.inputs.len() + lk.consts.len() + i];
             // SAFETY: the buffer holds at least `byte_size` bytes.
             let bytes =
                 unsafe { std::slice::from_raw_parts(b.as_ptr() as *const u8, w.byte_size()) };

@@ -12,15 +12,27 @@
 //!   `mr` output channels × `nv` vectors of 8 positions and accumulates
 //!   `Σ_{c, ki, kj} w[o, c, ki, kj] · Xp[...]` with broadcast weights and `vector.fma`. Bias
 //!   and epilogue (Relu, Clip, HardSwish, `+`/`·` a scalar or a same-shape buffer) are applied
-//!   to the accumulators before the store; when grid rows are wider than output rows, tiles
-//!   are parked in an L1-sized block buffer and written out (pad columns dropped) once the
-//!   channel block is done. A 1×1 unit-stride unpadded conv whose positions fill whole tiles
+//!   to the accumulators before the store (the filter is read packed by
+//!   [`pack_direct_filter`] when the kernel is fully fused); when grid rows are wider than
+//!   output rows, tiles are parked in an L1-sized block buffer and written out (pad columns
+//!   dropped) once the channel block is done. A 1×1 unit-stride unpadded conv whose positions fill whole tiles
 //!   reads its input in place.
+//! * Channel-vector form (`group = 1`, few output positions whose direct tiles would leave
+//!   lanes idle: 2×2, 4×4 outputs, see [`ConvSchedule::chan_max_positions`]): lanes over 8
+//!   output channels, positions in registers, padding taps skipped at compile time (see
+//!   [`emit_chan`]); the filter is packed at compile time ([`pack_chan_filter`]).
+//! * Winograd F(2×2, 3×3) (`group = 1`, 3×3 stride 1, enough channels and positions, see
+//!   [`ConvSchedule::winograd_min_channels`]): filter transformed at compile time
+//!   ([`pack_winograd_filter`]), input/output transforms on 8-tile vectors, the 16 products
+//!   with the direct form's register tile (see [`emit_winograd`]).
 //! * Dot-product form (`group = 1`, at most [`ConvSchedule::dot_max_positions`] output
-//!   positions, grid lanes mostly idle): patches gathered into `cols[P][K]`, lanes over the
+//!   positions, grid lanes mostly idle, where the channel-vector form does not apply): patches gathered into `cols[P][K]`, lanes over the
 //!   reduction `K = C·kh·kw` (see [`emit_dot`]).
 //! * [`ConvAlgo::Im2colGemm`] (`group = 1`): im2col into `cols[Cin·kh·kw, OH·OW]` + the packed
 //!   matmul of [`crate::cpu::matmul`]; a 1×1 unit-stride unpadded conv skips the unfolding.
+//!
+//! Filters repacked or transformed at compile time are the kernel's derived constants
+//! ([`super::DerivedConst`], passed after its inputs; the graph filter is then not an input).
 //!
 //! Epilogues made of other nodes, or kernels with more than one output, run the conv (+ bias)
 //! first and then the epilogue as one `linalg.generic` over the output, in place, like
@@ -30,7 +42,7 @@
 
 use super::elementwise::InputKind;
 use super::elementwise::{classify_input, emit_generic, Body, GenericInput, GenericOutput};
-use super::{Lowered, SymDims, Ty, GRAPH_KERNEL_PIPELINE};
+use super::{DerivedConst, Lowered, SymDims, Ty, GRAPH_KERNEL_PIPELINE};
 use crate::cpu::abi::{Dim as PDim, Prologue};
 use crate::cpu::matmul::{matmul_memref_func, MatmulSchedule, STRIDED_2D};
 use crate::cpu::{Kernel, KernelSignature};
@@ -278,6 +290,30 @@ pub struct ConvSchedule {
     /// channel, whose position grid would leave ≥ 30% of the vector lanes idle, use the
     /// dot-product form ([`ConvAlgo::Direct`] only; 0 disables it).
     pub dot_max_positions: usize,
+    /// `group = 1` convs with a fused epilogue, at least 8 output channels and at most this
+    /// many output positions per channel use the channel-vector form ([`emit_chan`]; lanes
+    /// over output channels, filter packed at compile time; [`ConvAlgo::Direct`] only; 0
+    /// disables it).
+    pub chan_max_positions: usize,
+    /// ... and whose direct register tiles would use fewer than this percentage of their
+    /// lanes (padding columns, partial vectors); 101 forces the channel-vector form.
+    ///
+    /// Measured (resnet zoo model, 1 thread, AMD EPYC, best of 6 profiles, µs direct or dot
+    /// → channel form): 3×3 128→128 at 2×2 18.8 → 7.5, 3×3 64→128 s2 at 2×2 10.5 → 5.3,
+    /// 3×3 64→64 at 4×4 17.8 → 9.4, 3×3 32→64 s2 at 4×4 9.5 → 5.3, 1×1 64→128 s2 at 2×2
+    /// 2.1 → 0.9; but with every lane used the direct form wins: 3×3 32→32 at 8×8 13 vs 25,
+    /// 1×1 16→32 s2 at 8×8 0.8 vs 1.6, 1×1 32→64 s2 at 4×4 0.8 vs 1.2.
+    pub chan_below_lane_use_pct: usize,
+    /// `group = 1` 3×3 stride-1 convs with a fused epilogue, at least this many input and
+    /// output channels and at least [`ConvSchedule::winograd_min_positions`] output positions
+    /// use Winograd F(2×2, 3×3) ([`emit_winograd`]; 0 disables it).
+    pub winograd_min_channels: usize,
+    /// See [`ConvSchedule::winograd_min_channels`].
+    ///
+    /// Measured (resnet zoo model, 1 thread, AMD EPYC, µs direct → Winograd): 3×3 16→16 at
+    /// 16×16 11.4 → 8.5 (twice), 3×3 32→32 at 8×8 13.0 → 9.2. At 4×4 outputs the 2×2 tile
+    /// grid leaves half the lanes idle and the channel-vector form is used instead.
+    pub winograd_min_positions: usize,
 }
 
 impl Default for ConvSchedule {
@@ -289,6 +325,10 @@ impl Default for ConvSchedule {
             nv: 0,
             matmul: MatmulSchedule::default(),
             dot_max_positions: 8,
+            chan_max_positions: 64,
+            chan_below_lane_use_pct: 80,
+            winograd_min_channels: 16,
+            winograd_min_positions: 64,
         }
     }
 }
@@ -479,6 +519,25 @@ struct Direct<'a> {
     /// Tile each output row on its own (no lanes on the grid's pad columns) instead of the
     /// flattened grid.
     rows: bool,
+    /// `w` is the flat filter packed by [`pack_direct_filter`] (else `[M, C/group·kh·kw]`).
+    packed: bool,
+}
+
+/// The direct form's filter packed at compile time in the order [`emit_direct`] reads it:
+/// `Wp[g][ob][c][ki][kj][mr]` (group, block of `mr` output channels of the group, the last
+/// one zero-padded), so the `mr` broadcasts of a tap read `mr` consecutive floats.
+pub fn pack_direct_filter(w: &[f32], m: usize, group: usize, ck: usize, mr: usize) -> Vec<f32> {
+    let mg = m / group;
+    let nob = mg.div_ceil(mr);
+    let mut out = vec![0f32; group * nob * ck * mr];
+    for o in 0..m {
+        let (g, og) = (o / mg, o % mg);
+        let blk = g * nob + og / mr;
+        for k in 0..ck {
+            out[(blk * ck + k) * mr + og % mr] = w[o * ck + k];
+        }
+    }
+    out
 }
 
 /// The number of tasks of the direct convolution: one per (image, group, block of `mr`
@@ -552,7 +611,24 @@ fn valid_range(n: usize, s: usize, off: i64, size: usize) -> (usize, usize) {
 }
 
 /// Applies the epilogue steps to `val` at flat output index `idx` (`mask`: the valid lanes).
-fn emit_epi(l: &mut Loops, d: &Direct, mut val: String, idx: &str, mask: Option<&str>) -> String {
+fn emit_epi(l: &mut Loops, d: &Direct, val: String, idx: &str, mask: Option<&str>) -> String {
+    let z = l.vsplat(0.0);
+    emit_epi_with(l, d, val, &mut |l: &mut Loops, b: &str| match mask {
+        None => l.op(&format!("vector.load {b}[{idx}] : {M1}, {VT}")),
+        Some(mk) => l.op(&format!(
+            "vector.maskedload {b}[{idx}], {mk}, {z} : {M1}, {MT}, {VT} into {VT}"
+        )),
+    })
+}
+
+/// Applies the epilogue steps to `val`; `load(l, buf)` loads the lanes of an epilogue buffer
+/// that `val` holds.
+fn emit_epi_with(
+    l: &mut Loops,
+    d: &Direct,
+    mut val: String,
+    load: &mut dyn FnMut(&mut Loops, &str) -> String,
+) -> String {
     let z = l.vsplat(0.0);
     for op in d.epi {
         val = match *op {
@@ -585,13 +661,7 @@ fn emit_epi(l: &mut Loops, d: &Direct, mut val: String, idx: &str, mask: Option<
                 l.op(&format!("arith.{f} {val}, {c} : {VT}"))
             }
             Epi::AddBuf(i) | Epi::MulBuf(i) => {
-                let b = &d.bufs[i];
-                let r = match mask {
-                    None => l.op(&format!("vector.load {b}[{idx}] : {M1}, {VT}")),
-                    Some(mk) => l.op(&format!(
-                        "vector.maskedload {b}[{idx}], {mk}, {z} : {M1}, {MT}, {VT} into {VT}"
-                    )),
-                };
+                let r = load(l, &d.bufs[i]);
                 let f = if matches!(op, Epi::AddBuf(_)) {
                     "addf"
                 } else {
@@ -887,6 +957,472 @@ fn emit_dot(l: &mut Loops, d: &Direct) {
     l.line(&format!("memref.dealloc {cols} : {M1}"));
 }
 
+/// The channel-vector form's filter, packed at compile time in the order [`emit_chan`] reads
+/// it: `Wp[ob][c][ki][kj][mb]` for blocks of `mb = 8·mo` output channels (the last block
+/// zero-padded), so the `mo` vectors of one tap are one sequential 32·mo-byte read.
+pub fn pack_chan_filter(w: &[f32], m: usize, c: usize, kk: usize, mo: usize) -> Vec<f32> {
+    let mb = VW * mo;
+    let nob = m.div_ceil(mb);
+    let mut out = vec![0f32; nob * c * kk * mb];
+    for o in 0..m {
+        let (ob, lane) = (o / mb, o % mb);
+        for ci in 0..c {
+            for t in 0..kk {
+                out[((ob * c + ci) * kk + t) * mb + lane] = w[(o * c + ci) * kk + t];
+            }
+        }
+    }
+    out
+}
+
+/// The channel-vector form's register tile `(mo, pr)` for `m` output channels over the
+/// window `win`: `mo` vectors of 8 output channels × `pr` positions, the candidate with the
+/// fewest estimated cycles, `blocks · Σ_tiles Σ_taps max(mo·v FMAs, mo + v loads)` (`v`: the
+/// tile's positions whose tap is inside the input; two FMAs and two loads per cycle; idle
+/// channels of a ragged last block included).
+pub(crate) fn chan_tile(win: &Window2, m: usize) -> (usize, usize) {
+    let np = win.oh * win.ow;
+    let inside = |p: usize, ki: usize, kj: usize| {
+        let (oh, ow) = (p / win.ow, p % win.ow);
+        let ih = (oh * win.s[0] + ki * win.d[0]) as i64 - win.p[0];
+        let iw = (ow * win.s[1] + kj * win.d[1]) as i64 - win.p[1];
+        ih >= 0 && ih < win.h as i64 && iw >= 0 && iw < win.w as i64
+    };
+    [(3, 4), (2, 6), (1, 12), (4, 2), (2, 4)]
+        .into_iter()
+        .min_by_key(|&(mo, pr)| {
+            let mut per_block = 0;
+            for p0 in (0..np).step_by(pr) {
+                for ki in 0..win.k[0] {
+                    for kj in 0..win.k[1] {
+                        let v = (p0..np.min(p0 + pr)).filter(|&p| inside(p, ki, kj)).count();
+                        if v > 0 {
+                            per_block += (mo * v).max(mo + v);
+                        }
+                    }
+                }
+            }
+            m.div_ceil(VW * mo) * per_block
+        })
+        .expect("candidates")
+}
+
+/// Emits the channel-vector form of a `group = 1` convolution with few output positions
+/// (4×4, 8×8 outputs, where a grid of 8-position vectors leaves lanes idle): the lanes run
+/// over output channels instead. A register tile holds `d.mr` vectors of 8 output channels ×
+/// `d.nv` output positions; per input channel and tap it loads the `mr` filter vectors
+/// (`d.w` is packed by [`pack_chan_filter`], one sequential read) and, for every position of
+/// the tile whose tap falls inside the input (known at compile time: padding taps cost
+/// nothing), broadcasts one input element from the unpadded NCHW input `d.x` (flat) and
+/// issues `mr` FMAs. Bias (a vector load), the epilogue (buffers gathered) and the store
+/// (a scatter over channels, stride `OH·OW`) run on the accumulators. One task per (image,
+/// block of `8·mr` channels).
+fn emit_chan(l: &mut Loops, d: &Direct) {
+    let win = &d.win;
+    let (mo, pr) = (d.mr, d.nv);
+    let mb = VW * mo;
+    let kk = win.k[0] * win.k[1];
+    let np = win.oh * win.ow;
+    let hw = win.h * win.w;
+    let nob = d.m.div_ceil(mb);
+    let ragged = !d.m.is_multiple_of(mb);
+    let zv = l.vsplat(0.0);
+    let vi = "vector<8xi32>";
+    let t = l.fresh("t");
+    let one = l.c(1);
+    l.line(&format!(
+        "scf.for {t} = {} to {} step {one} {{",
+        d.tasks.0, d.tasks.1
+    ));
+    let nob_c = l.c(nob as i64);
+    let n = l.op(&format!("arith.divui {t}, {nob_c} : index"));
+    let obi = l.op(&format!("arith.remui {t}, {nob_c} : index"));
+    let o0 = l.affine(&obi, mb as i64, 0);
+    let full = l.op(&format!("vector.constant_mask [8] : {MT}"));
+    let lanes = l.konst(
+        &format!(
+            "dense<[{}]>",
+            (0..VW)
+                .map(|i| (i * np).to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        vi,
+    );
+    let (mut masks, mut biases, mut yidx) = (Vec::new(), Vec::new(), Vec::new());
+    for j in 0..mo {
+        let o = l.addc(&o0, j * VW);
+        let mask = if ragged {
+            let (mc, z) = (l.c(d.m as i64), l.c(0));
+            let left = l.op(&format!("arith.subi {mc}, {o} : index"));
+            let left = l.op(&format!("arith.maxsi {left}, {z} : index"));
+            l.op(&format!("vector.create_mask {left} : {MT}"))
+        } else {
+            full.clone()
+        };
+        biases.push(d.bias.map(|b| {
+            l.op(&format!(
+                "vector.maskedload {b}[{o}], {mask}, {zv} : {M1}, {MT}, {VT} into {VT}"
+            ))
+        }));
+        // Flat output index of (n, o + lane, 0) as 8 × i32.
+        let nm = l.affine(&n, d.m as i64, 0);
+        let no = l.add(&nm, &o);
+        let base = l.affine(&no, np as i64, 0);
+        let b32 = l.op(&format!("arith.index_cast {base} : index to i32"));
+        let bv = l.op(&format!("vector.broadcast {b32} : i32 to {vi}"));
+        yidx.push(l.op(&format!("arith.addi {bv}, {lanes} : {vi}")));
+        masks.push(mask);
+    }
+    let nc = l.affine(&n, (win.c * hw) as i64, 0);
+    let wob = l.affine(&obi, (win.c * kk * mb) as i64, 0);
+    for p0 in (0..np).step_by(pr) {
+        let pc = pr.min(np - p0);
+        let nacc = mo * pc;
+        let res = l.fresh("res");
+        let c = l.fresh("c");
+        let accs: Vec<String> = (0..nacc).map(|_| l.fresh("acc")).collect();
+        let (z, one, cc) = (l.c(0), l.c(1), l.c(win.c as i64));
+        l.line(&format!(
+            "{res}:{nacc} = scf.for {c} = {z} to {cc} step {one} iter_args({}) -> ({}) {{",
+            accs.iter()
+                .map(|a| format!("{a} = {zv}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            vec![VT; nacc].join(", ")
+        ));
+        let xc = l.affine(&c, hw as i64, 0);
+        let xb = l.add(&nc, &xc);
+        let wc = l.affine(&c, (kk * mb) as i64, 0);
+        let wb = l.add(&wob, &wc);
+        let mut cur = accs.clone();
+        for ki in 0..win.k[0] {
+            for kj in 0..win.k[1] {
+                // (tile position, input offset) of the positions whose tap is inside.
+                let valid: Vec<(usize, usize)> = (0..pc)
+                    .filter_map(|q| {
+                        let p = p0 + q;
+                        let (oh, ow) = (p / win.ow, p % win.ow);
+                        let ih = (oh * win.s[0] + ki * win.d[0]) as i64 - win.p[0];
+                        let iw = (ow * win.s[1] + kj * win.d[1]) as i64 - win.p[1];
+                        (ih >= 0 && ih < win.h as i64 && iw >= 0 && iw < win.w as i64)
+                            .then_some((q, ih as usize * win.w + iw as usize))
+                    })
+                    .collect();
+                if valid.is_empty() {
+                    continue;
+                }
+                let tap = ki * win.k[1] + kj;
+                let ws: Vec<String> = (0..mo)
+                    .map(|j| {
+                        let i = l.addc(&wb, tap * mb + j * VW);
+                        l.op(&format!("vector.load {}[{i}] : {M1}, {VT}", d.w))
+                    })
+                    .collect();
+                for (q, off) in valid {
+                    let i = l.addc(&xb, off);
+                    let s = l.op(&format!("memref.load {}[{i}] : {M1}", d.x));
+                    let b = l.op(&format!("vector.broadcast {s} : f32 to {VT}"));
+                    for j in 0..mo {
+                        let a = &cur[j * pc + q];
+                        cur[j * pc + q] = l.op(&format!("vector.fma {}, {b}, {a} : {VT}", ws[j]));
+                    }
+                }
+            }
+        }
+        l.line(&format!(
+            "scf.yield {} : {}\n  }}",
+            cur.join(", "),
+            vec![VT; nacc].join(", ")
+        ));
+        let z = l.c(0);
+        for j in 0..mo {
+            for q in 0..pc {
+                let mut val = format!("{res}#{}", j * pc + q);
+                if let Some(b) = &biases[j] {
+                    val = l.op(&format!("arith.addf {val}, {b} : {VT}"));
+                }
+                let pv = l.konst(&format!("dense<{}>", p0 + q), vi);
+                let idx = l.op(&format!("arith.addi {}, {pv} : {vi}", yidx[j]));
+                let mk = masks[j].clone();
+                let val = emit_epi_with(l, d, val, &mut |l: &mut Loops, b: &str| {
+                    l.op(&format!(
+                        "vector.gather {b}[{z}][{idx}], {mk}, {zv} : {M1}, {vi}, {MT}, {VT} into {VT}"
+                    ))
+                });
+                l.line(&format!(
+                    "vector.scatter {}[{z}][{idx}], {}, {val} : {M1}, {vi}, {MT}, {VT}",
+                    d.y, masks[j]
+                ));
+            }
+        }
+    }
+    l.close();
+}
+
+/// The Winograd F(2×2, 3×3) filter `U = G·g·Gᵀ`, computed at compile time and packed in the
+/// order [`emit_winograd`] reads it: `U[ξ][ob][c][mr]` (`ξ` the 16 points of the 4×4
+/// transform, blocks of `mr` output channels, the last one zero-padded).
+pub fn pack_winograd_filter(w: &[f32], m: usize, c: usize, mr: usize) -> Vec<f32> {
+    let nob = m.div_ceil(mr);
+    let gm = [
+        [1.0, 0.0, 0.0],
+        [0.5, 0.5, 0.5],
+        [0.5, -0.5, 0.5],
+        [0.0, 0.0, 1.0],
+    ];
+    let mut out = vec![0f32; 16 * nob * c * mr];
+    for o in 0..m {
+        for ci in 0..c {
+            let g = |i: usize, j: usize| w[(o * c + ci) * 9 + i * 3 + j] as f64;
+            let mut t = [[0f64; 3]; 4];
+            for (i, row) in t.iter_mut().enumerate() {
+                for (j, x) in row.iter_mut().enumerate() {
+                    *x = (0..3).map(|k| gm[i][k] * g(k, j)).sum();
+                }
+            }
+            for i in 0..4 {
+                for j in 0..4 {
+                    let u: f64 = (0..3).map(|k| t[i][k] * gm[j][k]).sum();
+                    out[(((i * 4 + j) * nob + o / mr) * c + ci) * mr + o % mr] = u as f32;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Whether a Conv can use Winograd F(2×2, 3×3): `group = 1`, 3×3, stride 1, dilation 1.
+fn winograd_fits(win: &Window2, group: usize) -> bool {
+    group == 1 && win.k == [3, 3] && win.s == [1, 1] && win.d == [1, 1]
+}
+
+/// Emits Winograd F(2×2, 3×3) (3×3, stride 1): per image, the input goes into the padded,
+/// phase-split copy of [`Grid`] for the 4×4 input tiles seen as a stride-2 window (so the 16
+/// elements of the tiles of a run of 8 tile positions are 16 unit-stride vector loads), the
+/// input transform `V = Bᵀ·d·B` runs on those vectors into `V[ξ][c][tiles]`, the 16 products
+/// `M[ξ] = U[ξ]·V[ξ]` use the direct form's register tile (`d.mr` channels × `d.nv` vectors
+/// of tiles, `U` packed by [`pack_winograd_filter`], broadcasts sequential), and the output
+/// transform `Y = Aᵀ·m·A` per channel parks the four 2×2 phases, which are interleaved into
+/// output rows with bias + epilogue on the way out. 2.25× fewer FMAs than direct, plus the
+/// transforms; one task per (image, block of `mr` output channels), the first of an image in
+/// a call transforming its input.
+fn emit_winograd(l: &mut Loops, d: &Direct) {
+    let win = &d.win;
+    let (mr, nv) = (d.mr, d.nv);
+    let nr = VW * nv;
+    let (th, tw) = (win.oh.div_ceil(2), win.ow.div_ceil(2));
+    let twin = Window2 {
+        oh: th,
+        ow: tw,
+        k: [4, 4],
+        s: [2, 2],
+        d: [1, 1],
+        ..*win
+    };
+    let grid = Grid::new(&twin);
+    let (wq, plane, slots) = (grid.wq, grid.plane(), grid.slots());
+    let gp = (th * wq).div_ceil(nr) * nr;
+    let (c, m) = (win.c, d.m);
+    let nob = m.div_ceil(mr);
+    let np = win.oh * win.ow;
+    let zv = l.vsplat(0.0);
+    let alloc = |l: &mut Loops, len: usize| {
+        let cl = l.c(len as i64);
+        l.op(&format!(
+            "memref.alloc({cl}) {{alignment = 64 : i64}} : {M1}"
+        ))
+    };
+    let xlen = (c * slots * plane + gp + 2 * wq + 2 * VW).div_ceil(VW) * VW;
+    let xp = alloc(l, xlen);
+    let i = l.open_range(0, xlen, VW);
+    emit_store(l, &xp, &zv, &i, None);
+    l.close();
+    let vb = alloc(l, 16 * c * gp);
+    let mb = alloc(l, 16 * mr * gp);
+    let yg = alloc(l, 4 * gp + 2 * VW);
+    // Tasks: (image, block of mr output channels); the first task of an image in a call
+    // copies and transforms its input.
+    let t = l.fresh("t");
+    let one = l.c(1);
+    l.line(&format!(
+        "scf.for {t} = {} to {} step {one} {{",
+        d.tasks.0, d.tasks.1
+    ));
+    let nob_c = l.c(nob as i64);
+    let n = l.op(&format!("arith.divui {t}, {nob_c} : index"));
+    let ob = l.op(&format!("arith.remui {t}, {nob_c} : index"));
+    let c0 = l.c(0);
+    let f1 = l.op(&format!("arith.cmpi eq, {t}, {} : index", d.tasks.0));
+    let f2 = l.op(&format!("arith.cmpi eq, {ob}, {c0} : index"));
+    let first = l.op(&format!("arith.ori {f1}, {f2} : i1"));
+    l.line(&format!("scf.if {first} {{"));
+    emit_copy(l, &twin, &grid, d.x, &xp, &n, &c0, c);
+    // Input transform.
+    let ci = l.open(c);
+    let xb = l.affine(&ci, (slots * plane) as i64, 0);
+    let g = l.open_range(0, gp, VW);
+    let xg = l.add(&xb, &g);
+    let mut dv = vec![vec![String::new(); 4]; 4];
+    for (r, row) in dv.iter_mut().enumerate() {
+        for (s, x) in row.iter_mut().enumerate() {
+            let i = l.addc(&xg, grid.tap(&twin, r, s));
+            *x = l.op(&format!("vector.load {xp}[{i}] : {M1}, {VT}"));
+        }
+    }
+    let add = |l: &mut Loops, a: &str, b: &str| l.op(&format!("arith.addf {a}, {b} : {VT}"));
+    let sub = |l: &mut Loops, a: &str, b: &str| l.op(&format!("arith.subf {a}, {b} : {VT}"));
+    let mut t = vec![vec![String::new(); 4]; 4];
+    for j in 0..4 {
+        t[0][j] = sub(l, &dv[0][j], &dv[2][j]);
+        t[1][j] = add(l, &dv[1][j], &dv[2][j]);
+        t[2][j] = sub(l, &dv[2][j], &dv[1][j]);
+        t[3][j] = sub(l, &dv[1][j], &dv[3][j]);
+    }
+    for (i, ti) in t.iter().enumerate() {
+        let v = [
+            sub(l, &ti[0], &ti[2]),
+            add(l, &ti[1], &ti[2]),
+            sub(l, &ti[2], &ti[1]),
+            sub(l, &ti[1], &ti[3]),
+        ];
+        for (j, v) in v.iter().enumerate() {
+            let base = l.affine(&ci, gp as i64, ((i * 4 + j) * c * gp) as i64);
+            let idx = l.add(&base, &g);
+            emit_store(l, &vb, v, &idx, None);
+        }
+    }
+    l.close();
+    l.close();
+    l.close();
+    // The 16 products M[ξ] = U[ξ] · V[ξ] for this block: `M[ξ][r][tiles]`.
+    let xi = l.open(16);
+    let g0 = l.open_range(0, gp, nr);
+    let nacc = mr * nv;
+    let res = l.fresh("res");
+    let cc = l.fresh("c");
+    let accs: Vec<String> = (0..nacc).map(|_| l.fresh("acc")).collect();
+    let ch = l.c(c as i64);
+    l.line(&format!(
+        "{res}:{nacc} = scf.for {cc} = {c0} to {ch} step {one} iter_args({}) -> ({}) {{",
+        accs.iter()
+            .map(|a| format!("{a} = {zv}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        vec![VT; nacc].join(", ")
+    ));
+    let xc = l.affine(&xi, c as i64, 0);
+    let xcc = l.add(&xc, &cc);
+    let vrow = l.affine(&xcc, gp as i64, 0);
+    let vbase = l.add(&vrow, &g0);
+    let xs: Vec<String> = (0..nv)
+        .map(|v| {
+            let i = l.addc(&vbase, v * VW);
+            l.op(&format!("vector.load {vb}[{i}] : {M1}, {VT}"))
+        })
+        .collect();
+    let xo = l.affine(&xi, nob as i64, 0);
+    let xob = l.add(&xo, &ob);
+    let ub0 = l.affine(&xob, c as i64, 0);
+    let ub1 = l.add(&ub0, &cc);
+    let ub = l.affine(&ub1, mr as i64, 0);
+    let mut cur = accs.clone();
+    for r in 0..mr {
+        let i = l.addc(&ub, r);
+        let s = l.op(&format!("memref.load {}[{i}] : {M1}", d.w));
+        let b = l.op(&format!("vector.broadcast {s} : f32 to {VT}"));
+        for v in 0..nv {
+            let a = &cur[r * nv + v];
+            cur[r * nv + v] = l.op(&format!("vector.fma {b}, {}, {a} : {VT}", xs[v]));
+        }
+    }
+    l.line(&format!(
+        "scf.yield {} : {}\n  }}",
+        cur.join(", "),
+        vec![VT; nacc].join(", ")
+    ));
+    let row0 = l.affine(&xi, mr as i64, 0);
+    for r in 0..mr {
+        let row = l.addc(&row0, r);
+        let rb = l.affine(&row, gp as i64, 0);
+        let base = l.add(&rb, &g0);
+        for v in 0..nv {
+            let i = l.addc(&base, v * VW);
+            emit_store(l, &mb, &format!("{res}#{}", r * nv + v), &i, None);
+        }
+    }
+    l.close();
+    l.close();
+    // Output transform per channel, then the 2×2 phases interleaved into output rows.
+    let o0 = l.affine(&ob, mr as i64, 0);
+    let (mc, mrc) = (l.c(m as i64), l.c(mr as i64));
+    let oe = l.op(&format!("arith.addi {o0}, {mrc} : index"));
+    let oe = l.op(&format!("arith.minui {oe}, {mc} : index"));
+    let o = l.fresh("o");
+    l.line(&format!("scf.for {o} = {o0} to {oe} step {one} {{"));
+    let r = l.op(&format!("arith.subi {o}, {o0} : index"));
+    let g = l.open_range(0, gp, VW);
+    let mut mv = vec![vec![String::new(); 4]; 4];
+    for (i, row) in mv.iter_mut().enumerate() {
+        for (j, x) in row.iter_mut().enumerate() {
+            let b = l.affine(&r, gp as i64, ((i * 4 + j) * mr * gp) as i64);
+            let idx = l.add(&b, &g);
+            *x = l.op(&format!("vector.load {mb}[{idx}] : {M1}, {VT}"));
+        }
+    }
+    let mut sv = vec![vec![String::new(); 4]; 2];
+    for j in 0..4 {
+        let a = add(l, &mv[0][j], &mv[1][j]);
+        sv[0][j] = add(l, &a, &mv[2][j]);
+        let b = sub(l, &mv[1][j], &mv[2][j]);
+        sv[1][j] = sub(l, &b, &mv[3][j]);
+    }
+    for (a, srow) in sv.iter().enumerate() {
+        let y0 = add(l, &srow[0], &srow[1]);
+        let y0 = add(l, &y0, &srow[2]);
+        let y1 = sub(l, &srow[1], &srow[2]);
+        let y1 = sub(l, &y1, &srow[3]);
+        for (b, y) in [y0, y1].iter().enumerate() {
+            let idx = l.addc(&g, (a * 2 + b) * gp);
+            emit_store(l, &yg, y, &idx, None);
+        }
+    }
+    l.close();
+    let bias = d.bias.map(|b| {
+        let s = l.op(&format!("memref.load {b}[{o}] : {M1}"));
+        l.op(&format!("vector.broadcast {s} : f32 to {VT}"))
+    });
+    let nm = l.affine(&n, m as i64, 0);
+    let nmo = l.add(&nm, &o);
+    let ybase = l.affine(&nmo, np as i64, 0);
+    for oy in 0..win.oh {
+        let (ti, a) = (oy / 2, oy % 2);
+        for j in 0..win.ow.div_ceil(VW) {
+            let src = ti * wq + 4 * j;
+            let i0 = l.c(((a * 2) * gp + src) as i64);
+            let i1 = l.c(((a * 2 + 1) * gp + src) as i64);
+            let y0 = l.op(&format!("vector.load {yg}[{i0}] : {M1}, {VT}"));
+            let y1 = l.op(&format!("vector.load {yg}[{i1}] : {M1}, {VT}"));
+            let mut val = l.op(&format!(
+                "vector.shuffle {y0}, {y1} [0, 8, 1, 9, 2, 10, 3, 11] : {VT}, {VT}"
+            ));
+            if let Some(b) = &bias {
+                val = l.op(&format!("arith.addf {val}, {b} : {VT}"));
+            }
+            let idx = l.addc(&ybase, oy * win.ow + j * VW);
+            let left = win.ow - j * VW;
+            let mask = (left < VW).then(|| l.op(&format!("vector.constant_mask [{left}] : {MT}")));
+            let val = emit_epi(l, d, val, &idx, mask.as_deref());
+            emit_store(l, d.y, &val, &idx, mask.as_deref());
+        }
+    }
+    l.close();
+    l.close();
+    for b in [xp, vb, mb, yg] {
+        l.line(&format!("memref.dealloc {b} : {M1}"));
+    }
+}
+
 /// Emits the direct convolution (see the module doc) into `l`.
 fn emit_direct(l: &mut Loops, d: &Direct) {
     let win = &d.win;
@@ -1037,6 +1573,12 @@ fn emit_direct(l: &mut Loops, d: &Direct) {
             l.add(&t, &q0)
         };
         let wc = l.affine(&c, kk as i64, 0);
+        // Packed filter: the block's taps of channel `c` start at `((blk·cg + c)·kk)·mr`.
+        let wpk = d.packed.then(|| {
+            let b = l.affine(&blk, cg as i64, 0);
+            let bc = l.add(&b, &c);
+            l.affine(&bc, (kk * mr) as i64, 0)
+        });
         let mut cur = accs.clone();
         for ki in 0..win.k[0] {
             for kj in 0..win.k[1] {
@@ -1050,10 +1592,16 @@ fn emit_direct(l: &mut Loops, d: &Direct) {
                     .collect();
                 let wcol = l.addc(&wc, t);
                 for r in 0..mr {
-                    let s = l.op(&format!(
-                        "memref.load {}[{}, {wcol}] : memref<?x?xf32>",
-                        d.w, rows[r]
-                    ));
+                    let s = match &wpk {
+                        Some(wb) => {
+                            let i = l.addc(wb, t * mr + r);
+                            l.op(&format!("memref.load {}[{i}] : {M1}", d.w))
+                        }
+                        None => l.op(&format!(
+                            "memref.load {}[{}, {wcol}] : memref<?x?xf32>",
+                            d.w, rows[r]
+                        )),
+                    };
                     let b = l.op(&format!("vector.broadcast {s} : f32 to {VT}"));
                     for v in 0..nv {
                         let a = &cur[r * nv + v];
@@ -1150,19 +1698,14 @@ fn emit_direct(l: &mut Loops, d: &Direct) {
     }
 }
 
-/// Lowers a `Contraction` kernel whose contraction is a `Conv` (see the module doc) with the
-/// default [`ConvSchedule`].
-pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered, String> {
-    lower_with(g, k, name, &ConvSchedule::default())
-}
-
-/// Lowers a `Contraction` kernel whose contraction is a `Conv` with schedule `sched`.
+/// Lowers a `Contraction` kernel whose contraction is a `Conv` with schedule `sched`; the
+/// second result are the kernel's derived constants (passed after its inputs).
 pub fn lower_with(
     g: &Graph,
     k: &fusion::Kernel,
     name: &str,
     sched: &ConvSchedule,
-) -> Result<Lowered, String> {
+) -> Result<(Lowered, Vec<DerivedConst>), String> {
     let ci = k
         .nodes
         .iter()
@@ -1228,40 +1771,79 @@ pub fn lower_with(
     let (kk, pp) = (cg * win.k[0] * win.k[1], win.oh * win.ow);
     let total = win.n * m * pp;
     // Register tile and whether the input is read in place.
-    let (mr, nv, rows) = {
-        let wq = if reads_in_place(&win, usize::MAX) {
-            win.w
-        } else {
-            Grid::new(&win).wq
-        };
-        sched.tile(mg, [win.oh, win.ow, wq - win.ow], reads_in_place(&win, 1))
+    let wq = if reads_in_place(&win, usize::MAX) {
+        win.w
+    } else {
+        Grid::new(&win).wq
     };
-    let use_dot = direct
-        && group == 1
-        && pp <= sched.dot_max_positions
-        && (win.oh * Grid::new(&win).wq).div_ceil(VW) * VW * 10 >= pp * 13;
-    let in_place = direct && !use_dot && reads_in_place(&win, VW * nv);
-    let fused = if direct || use_dot {
+    let (mr, nv, rows) = sched.tile(mg, [win.oh, win.ow, wq - win.ow], reads_in_place(&win, 1));
+    // Lanes of the direct form's tiles that hold output positions, in percent.
+    let lane_use = {
+        let nr = VW * nv;
+        let lanes = if rows {
+            win.oh * win.ow.div_ceil(nr) * nr
+        } else {
+            (win.oh * wq).div_ceil(nr) * nr
+        };
+        pp * 100 / lanes.max(1)
+    };
+    let fused = if direct {
         fused_epilogue(g, k, ci, y_v, &ys)
     } else {
         None
     };
+    // The channel-vector form needs the filter's data to pack it.
+    let w_data = g.const_value(w_v).map(|t| t.to_f64_vec());
+    let use_chan = direct
+        && group == 1
+        && fused.is_some()
+        && w_data.is_some()
+        && m >= VW
+        && pp <= sched.chan_max_positions
+        && lane_use < sched.chan_below_lane_use_pct;
+    let use_wino = direct
+        && !use_chan
+        && winograd_fits(&win, group)
+        && fused.is_some()
+        && w_data.is_some()
+        && sched.winograd_min_channels > 0
+        && win.c.min(m) >= sched.winograd_min_channels
+        && pp >= sched.winograd_min_positions;
+    let use_dot = direct
+        && !use_chan
+        && !use_wino
+        && group == 1
+        && pp <= sched.dot_max_positions
+        && (win.oh * Grid::new(&win).wq).div_ceil(VW) * VW * 10 >= pp * 13;
+    let in_place = direct && !use_dot && !use_chan && !use_wino && reads_in_place(&win, VW * nv);
+    // The fused direct form reads its filter packed (see `pack_direct_filter`).
+    let pack_direct =
+        direct && !use_dot && !use_chan && !use_wino && fused.is_some() && w_data.is_some();
     let mut syms = SymDims::default();
     let mut p = Prologue::new();
-    let mut args = vec![x_v, w_v];
+    let mut args = if use_chan || use_wino || pack_direct {
+        vec![x_v]
+    } else {
+        vec![x_v, w_v]
+    };
+    let mut consts = Vec::new();
     let pointwise_gemm = !direct
         && win.k == [1, 1]
         && win.s == [1, 1]
         && win.p == [0, 0]
         && (win.oh, win.ow) == (win.h, win.w);
-    let x_mem = if in_place {
+    let x_mem = if in_place || use_chan {
         p.memref_f32(0, &cdims(&[win.n * win.c * win.h * win.w]))
     } else if pointwise_gemm {
         p.memref_f32(0, &cdims(&[win.n * win.c, win.h * win.w]))
     } else {
         p.memref_f32(0, &cdims(&xs))
     };
-    let w_mem = p.memref_f32(1, &cdims(&[m, kk]));
+    let w_mem = if use_chan || use_wino || pack_direct {
+        String::new()
+    } else {
+        p.memref_f32(1, &cdims(&[m, kk]))
+    };
     let b_mem = b_v.map(|b| {
         let memref = p.memref_f32(args.len(), &cdims(&[m]));
         args.push(b);
@@ -1281,17 +1863,71 @@ pub fn lower_with(
                 p.memref_f32(args.len() - 1, &cdims(&[total]))
             })
             .collect();
-        let y = p.memref_f32(args.len(), &cdims(&[total]));
-        let (mr, nv) = if use_dot {
+        let (mr, nv) = if use_wino {
+            let (th, tw) = (win.oh.div_ceil(2), win.ow.div_ceil(2));
+            let (mr, nv, _) = sched.tile(m, [th, tw, 1], false);
+            (mr, nv)
+        } else if use_chan {
+            chan_tile(&win, m)
+        } else if use_dot {
             let pb = pp.min(4);
             (if pb == 1 { 8 } else { 12 / pb }, pb)
         } else {
             (mr, nv)
         };
-        ntasks = direct_tasks(&win, group, m, mr);
+        let w_mem = match &w_data {
+            Some(w) if use_chan => {
+                let w: Vec<f32> = w.iter().map(|&x| x as f32).collect();
+                let packed = pack_chan_filter(&w, m, win.c, win.k[0] * win.k[1], mr);
+                let len = packed.len();
+                consts.push(DerivedConst {
+                    name: format!("{}.chan{mr}", g.values[w_v].name),
+                    tensor: kiln_ir::Tensor::from_vec(&[len], packed),
+                });
+                p.memref_f32(args.len(), &cdims(&[len]))
+            }
+            Some(w) if pack_direct => {
+                let w: Vec<f32> = w.iter().map(|&x| x as f32).collect();
+                let ck = win.c / group * win.k[0] * win.k[1];
+                let packed = pack_direct_filter(&w, m, group, ck, mr);
+                let len = packed.len();
+                consts.push(DerivedConst {
+                    name: format!("{}.direct{mr}", g.values[w_v].name),
+                    tensor: kiln_ir::Tensor::from_vec(&[len], packed),
+                });
+                p.memref_f32(args.len(), &cdims(&[len]))
+            }
+            Some(w) if use_wino => {
+                let w: Vec<f32> = w.iter().map(|&x| x as f32).collect();
+                let packed = pack_winograd_filter(&w, m, win.c, mr);
+                let len = packed.len();
+                consts.push(DerivedConst {
+                    name: format!("{}.wino{mr}", g.values[w_v].name),
+                    tensor: kiln_ir::Tensor::from_vec(&[len], packed),
+                });
+                p.memref_f32(args.len(), &cdims(&[len]))
+            }
+            _ => w_mem,
+        };
+        let y = p.memref_f32(args.len() + consts.len(), &cdims(&[total]));
+        ntasks = if use_wino {
+            win.n * m.div_ceil(mr)
+        } else if use_chan {
+            win.n * m.div_ceil(VW * mr)
+        } else {
+            direct_tasks(&win, group, m, mr)
+        };
         let tc = p.const_index(ntasks as i64);
         let range = p.task_range(&tc);
-        let emit = if use_dot { emit_dot } else { emit_direct };
+        let emit = if use_wino {
+            emit_winograd
+        } else if use_chan {
+            emit_chan
+        } else if use_dot {
+            emit_dot
+        } else {
+            emit_direct
+        };
         emit(
             &mut l,
             &Direct {
@@ -1308,6 +1944,7 @@ pub fn lower_with(
                 bufs: &bufs,
                 tasks: range,
                 rows,
+                packed: pack_direct,
             },
         );
         p.push(&l.finish());
@@ -1378,6 +2015,7 @@ pub fn lower_with(
                     bufs: &[],
                     tasks: serial,
                     rows,
+                    packed: false,
                 },
             );
         } else {
@@ -1418,7 +2056,7 @@ pub fn lower_with(
     let kernel = Kernel {
         signature: KernelSignature {
             name: name.to_string(),
-            inputs: args.len(),
+            inputs: args.len() + consts.len(),
             outputs: k.outputs.len(),
             dims: syms.0,
             tasks: ntasks as u64,
@@ -1426,7 +2064,7 @@ pub fn lower_with(
         mlir,
         pipeline: GRAPH_KERNEL_PIPELINE.to_string(),
     };
-    Ok((kernel, args, k.outputs.clone()))
+    Ok(((kernel, args, k.outputs.clone()), consts))
 }
 
 /// Emits im2col into a scratch buffer + a call of the packed matmul `@mm` per batch image,

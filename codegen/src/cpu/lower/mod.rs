@@ -23,6 +23,11 @@
 //! `dims` are the values of the symbolic dims named in the signature (none once the graph is
 //! specialised to static shapes).
 //!
+//! A kernel may also read *derived constants* ([`LoweredKernel::consts`]): buffers computed at
+//! compile time from graph constants (for instance a Conv filter repacked in the order its
+//! micro-kernel reads it). They are passed between the inputs and the outputs
+//! (`args = inputs ++ consts ++ outputs`); the compiler stores them as weights.
+//!
 //! `exp`, `log`, `log1p`, `tanh`, `erf` and `sigmoid` are emitted as `arith` polynomial /
 //! rational approximations ([`fastmath`]) that LLVM vectorises; the remaining math functions
 //! lower through `convert-math-to-llvm` (LLVM intrinsics) and `convert-math-to-libm`
@@ -55,8 +60,21 @@ pub struct LoweredKernel {
     /// The graph values passed as input buffers, in `args` order (a subset of the partition
     /// kernel's inputs: scalar constants are inlined).
     pub inputs: Vec<ValueId>,
-    /// The graph values written as output buffers, after the inputs in `args`.
+    /// Constants derived at compile time (name, data), passed after the inputs in `args`.
+    pub consts: Vec<DerivedConst>,
+    /// The graph values written as output buffers, after the inputs and the derived constants
+    /// in `args`.
     pub outputs: Vec<ValueId>,
+}
+
+/// A constant buffer a kernel derives at compile time from graph constants (see the module
+/// doc): the compiler stores it as a weight and passes it in `args` after the inputs.
+#[derive(Debug, Clone)]
+pub struct DerivedConst {
+    /// A name for the weight (unique per content: equal names are stored once).
+    pub name: String,
+    /// The data, dense and row-major.
+    pub tensor: kiln_ir::Tensor,
 }
 
 /// A partition kernel that was not lowered, and why.
@@ -89,6 +107,15 @@ impl Lowering {
 /// are not a matter of support (none so far: lowering only produces MLIR text, which
 /// [`super::compile_library`] compiles).
 pub fn lower_partition(g: &Graph, p: &Partition) -> Result<Lowering, CodegenError> {
+    lower_partition_with(g, p, &conv::ConvSchedule::default())
+}
+
+/// [`lower_partition`] with the schedule `conv_sched` for every Conv kernel.
+pub fn lower_partition_with(
+    g: &Graph,
+    p: &Partition,
+    conv_sched: &conv::ConvSchedule,
+) -> Result<Lowering, CodegenError> {
     let mut out = Lowering::default();
     for (index, k) in p.kernels.iter().enumerate() {
         // `kiln_<kernel>_<op>_<op>...`: readable in profiles and `nm` (at most 4 op names).
@@ -102,7 +129,22 @@ pub fn lower_partition(g: &Graph, p: &Partition) -> Result<Lowering, CodegenErro
         let name = format!("kiln_{}_{}", k.name, ops.join("_"));
         let r = match k.kind {
             KernelKind::Elementwise => elementwise::lower(g, k, &name),
-            KernelKind::Contraction if conv::is_conv(g, k) => conv::lower(g, k, &name),
+            KernelKind::Contraction if conv::is_conv(g, k) => {
+                match conv::lower_with(g, k, &name, conv_sched) {
+                    Ok((lowered, consts)) => {
+                        let (kernel, inputs, outputs) = lowered;
+                        out.kernels.push(LoweredKernel {
+                            index,
+                            kernel,
+                            inputs,
+                            consts,
+                            outputs,
+                        });
+                        continue;
+                    }
+                    Err(e) => Err(e),
+                }
+            }
             KernelKind::Contraction => contraction::lower(g, k, &name),
             KernelKind::Opaque | KernelKind::Reduction if pool::handles(g, k) => {
                 pool::lower(g, k, &name)
@@ -116,6 +158,7 @@ pub fn lower_partition(g: &Graph, p: &Partition) -> Result<Lowering, CodegenErro
                 index,
                 kernel,
                 inputs,
+                consts: Vec::new(),
                 outputs,
             }),
             Err(reason) => out.unsupported.push(Unsupported { index, reason }),
