@@ -5,7 +5,10 @@
 //! use kiln::{Compiler, Session, TensorView};
 //!
 //! // Compile an ONNX model (a path, ONNX bytes, or an `ir::Graph`) for this CPU.
-//! let artifact = Compiler::new().target("cpu")?.compile("tests/zoo/mlp/model.onnx")?;
+//! let artifact = Compiler::new()
+//!     .target("cpu")?
+//!     .shape("input", [2, 32]) // the batch dim is symbolic; fix it to 2
+//!     .compile("tests/zoo/mlp/model.onnx")?;
 //! let dir = std::env::temp_dir().join(format!("kiln-doc-{}", std::process::id()));
 //! std::fs::create_dir_all(&dir)?;
 //! artifact.save(dir.join("mlp.kiln"))?;

@@ -29,6 +29,7 @@ fn compile_save_load_run_mlp() {
     let art = Compiler::new()
         .target("cpu")
         .unwrap()
+        .shape("input", shape.clone())
         .compile(&mlp())
         .unwrap();
     assert!(art.report().unwrap().kernels > 0);
