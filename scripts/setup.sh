@@ -21,7 +21,7 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 test -x /usr/lib/llvm-22/bin/llvm-config || { echo "setup: LLVM 22 not found under /usr/lib/llvm-22" >&2; exit 1; }
 
-PY_REQS="onnx==1.23.2 onnxruntime==1.32.0 numpy nvidia-cuda-nvcc"
+PY_REQS="onnx==1.23.2 onnxruntime==1.32.0 numpy nvidia-cuda-nvcc maturin pytest"
 if [ ! -f .venv/.kiln-ok ] || [ "$(cat .venv/.kiln-ok)" != "$PY_REQS" ]; then
   echo "setup: creating .venv ($PY_REQS)"
   python3 -m venv .venv

@@ -1,6 +1,6 @@
 //! `kiln bench`: Kiln's and onnxruntime's latency, side by side, from one run.
 //!
-//! [`bench`] compiles an ONNX model in-process (or takes an already compiled `.kiln`), loads
+//! [`bench()`] compiles an ONNX model in-process (or takes an already compiled `.kiln`), loads
 //! it with [`kiln_runtime::Model`] and times it; for the comparison it starts the Python
 //! onnxruntime worker `scripts/ort_bench.py` (embedded in this crate, written to a scratch
 //! folder) once per thread count and alternates rounds: Kiln runs K times, then onnxruntime
@@ -38,7 +38,7 @@ use std::time::Instant;
 /// The onnxruntime worker, written next to the inputs at run time.
 const ORT_WORKER: &str = include_str!("../scripts/ort_bench.py");
 
-/// Options of [`bench`].
+/// Options of [`bench()`].
 #[derive(Clone, Debug)]
 pub struct Options {
     /// The model: an ONNX file (compiled in-process) or a compiled `.kiln` artifact.
@@ -346,7 +346,7 @@ pub struct ThreadResult {
     pub mem_exact: bool,
 }
 
-/// Everything [`bench`] measured; `Display` prints the tables, [`Report::to_json`] the
+/// Everything [`bench()`] measured; `Display` prints the tables, [`Report::to_json`] the
 /// same as JSON.
 #[derive(Clone, Debug, Default)]
 pub struct Report {

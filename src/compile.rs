@@ -149,8 +149,21 @@ pub fn compile(model: &Path, opts: &CompileOptions) -> Result<(Artifact, Compile
 pub fn compile_with(
     model: &Path,
     opts: &CompileOptions,
+    print: impl FnMut(&str, &str),
+) -> Result<(Artifact, CompileReport)> {
+    let g = kiln_ir::onnx::load(model)?;
+    compile_graph(&g, &model.display().to_string(), opts, print)
+}
+
+/// Compiles an imported graph (see [`kiln_ir::onnx::load`], [`kiln_ir::onnx::load_bytes`])
+/// to a CPU artifact, like [`compile_with`]; `name` names the model in errors.
+pub fn compile_graph(
+    graph: &Graph,
+    name: &str,
+    opts: &CompileOptions,
     mut print: impl FnMut(&str, &str),
 ) -> Result<(Artifact, CompileReport)> {
+    let model = Path::new(name);
     let mut report = CompileReport::default();
     // One static specialisation per batch size with --max-batch, else one.
     let batches: Vec<Option<usize>> = match opts.max_batch {
@@ -159,7 +172,7 @@ pub fn compile_with(
         Some(n) => (1..=n).map(Some).collect(),
     };
     let batch_inputs = match opts.max_batch {
-        Some(_) => symbolic_batch_inputs(model)?,
+        Some(_) => symbolic_batch_inputs(graph, model)?,
         None => Vec::new(),
     };
     let mut variants = Vec::new();
@@ -184,7 +197,7 @@ pub fn compile_with(
             },
             opt_level: opts.opt_level,
         };
-        let planned = pipeline::plan(model, &popts, &mut print)?;
+        let planned = pipeline::plan_graph(graph.clone(), &popts, &mut print)?;
         t_plan += t.elapsed();
         let t = Instant::now();
         let (mut lowering, refs) = lower_variant(model, &planned, opts, &mut report)?;
@@ -250,8 +263,7 @@ pub fn compile_with(
 
 /// The graph inputs whose first dim is symbolic, with their declared shapes (symbolic dims
 /// as 1), for `--max-batch`.
-fn symbolic_batch_inputs(model: &Path) -> Result<Vec<(String, Vec<usize>)>> {
-    let g = kiln_ir::onnx::load(model)?;
+fn symbolic_batch_inputs(g: &Graph, model: &Path) -> Result<Vec<(String, Vec<usize>)>> {
     let found: Vec<(String, Vec<usize>)> = g
         .inputs
         .iter()

@@ -235,14 +235,23 @@ fn run(cli: Cli) -> Result<()> {
             if explain {
                 print_after.push("eqsat".into());
             }
-            let opts = kiln::compile::CompileOptions {
-                print_after,
-                max_batch,
-                opt_level,
-                reference_kernels: !no_reference_kernels,
-                ..Default::default()
-            };
-            compile(&model, &target, output, &shapes, opts, explain)
+            let mut compiler = kiln::Compiler::new()
+                .target(&target)
+                .with_context(|| format!("--target '{target}'"))?
+                .reference_kernels(!no_reference_kernels);
+            if let Some(n) = max_batch {
+                compiler = compiler.max_batch(n);
+            }
+            if let Some(o) = opt_level {
+                compiler = compiler.opt_level(o);
+            }
+            for stage in print_after {
+                compiler = compiler.print_after(stage);
+            }
+            for s in &shapes {
+                compiler = compiler.shape_spec(s)?;
+            }
+            compile(&model, output, &compiler, explain)
         }
         Cmd::Run {
             artifact,
@@ -293,23 +302,11 @@ fn bench(a: BenchArgs) -> Result<()> {
 
 fn compile(
     model: &Path,
-    target: &str,
     output: Option<PathBuf>,
-    shapes: &[String],
-    mut opts: kiln::compile::CompileOptions,
+    compiler: &kiln::Compiler,
     explain: bool,
 ) -> Result<()> {
-    let cpu = match target.split_once(':') {
-        None if target == "cpu" => kiln::compile::CompileOptions::default().cpu,
-        Some(("cpu", cpu)) if !cpu.is_empty() => cpu.to_string(),
-        _ => bail!("--target '{target}': only CPU targets compile so far (cpu or cpu:NAME)"),
-    };
-    opts.cpu = cpu;
-    for s in shapes {
-        let (name, dims) = kiln::pipeline::parse_shape(s)?;
-        opts.shapes.insert(name, dims);
-    }
-    let (artifact, mut report) = kiln::compile::compile_with(model, &opts, |stage, text| {
+    let artifact = compiler.compile_with_ir(model, |stage, text| {
         if explain && stage == "eqsat" {
             print!(
                 "{}",
@@ -322,14 +319,13 @@ fn compile(
     let out = output.unwrap_or_else(|| model.with_extension("kiln"));
     let t0 = std::time::Instant::now();
     artifact.save(&out)?;
+    let mut report = artifact.report().cloned().unwrap_or_default();
     report.timings.push(("write", t0.elapsed()));
     println!("{report}");
-    println!("wrote {} ({})", out.display(), artifact.target);
+    println!("wrote {} ({})", out.display(), artifact.target());
     Ok(())
 }
 
-/// Takes inputs from `DIR/input_K.pb` (checking their count against `n_inputs`) and returns
-/// them with the expected outputs `DIR/output_K.pb`.
 fn load_check_dir(dir: &Path, n_inputs: usize) -> Result<(Vec<Tensor>, Vec<Tensor>)> {
     let ins = load_pbs(dir, "input")?;
     if ins.len() != n_inputs {
@@ -434,8 +430,9 @@ fn run_artifact(
     (repeat, profile): (Option<usize>, Option<usize>),
     (seed, threads): (u64, Option<usize>),
 ) -> Result<()> {
-    use kiln::runtime::{AlignedBuf, DimSpec, Model, TensorView};
-    let mut model = Model::load(path)?;
+    use kiln::runtime::{AlignedBuf, DimSpec};
+    use kiln::{Session, TensorView};
+    let mut model = Session::load(path)?;
     model.set_threads(threads.unwrap_or_else(kiln::default_threads));
     let plan = model.plan().clone();
     println!(

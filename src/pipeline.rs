@@ -106,10 +106,20 @@ fn check_stage_names(names: &[String]) -> Result<()> {
 
 /// Runs the graph-level stages on a model file, calling `print(stage, text)` after each stage
 /// named in `opts.print_after`.
-pub fn plan(model: &Path, opts: &Options, mut print: impl FnMut(&str, &str)) -> Result<Planned> {
+pub fn plan(model: &Path, opts: &Options, print: impl FnMut(&str, &str)) -> Result<Planned> {
+    check_stage_names(&opts.print_after)?;
+    plan_graph(kiln_ir::onnx::load(model)?, opts, print)
+}
+
+/// Runs the graph-level stages on an imported graph (the result of the `import` stage, e.g.
+/// [`kiln_ir::onnx::load`] or a graph built in code), like [`plan`].
+pub fn plan_graph(
+    mut g: Graph,
+    opts: &Options,
+    mut print: impl FnMut(&str, &str),
+) -> Result<Planned> {
     check_stage_names(&opts.print_after)?;
     let want = |s: &str| opts.print_after.iter().any(|p| p == s || p == "all");
-    let mut g = kiln_ir::onnx::load(model)?;
     if want("import") {
         print("import", &kiln_ir::printer::to_text(&g));
     }
