@@ -95,8 +95,12 @@ enum Cmd {
     },
     /// Run a compiled artifact (MODEL.kiln) with the runtime.
     Run {
-        /// The artifact.
+        /// The artifact (MODEL.kiln), or an ONNX model, compiled in-process first.
         artifact: PathBuf,
+        /// For an ONNX model: fix an input's shape, NAME=DIMS (default: the shapes of the
+        /// --check inputs, else symbolic dims as 1).
+        #[arg(long = "shape", value_name = "NAME=DIMS")]
+        shapes: Vec<String>,
         /// An input as NAME=FILE (.npy or .pb); inputs not given are random.
         #[arg(long = "input", value_name = "NAME=FILE")]
         inputs: Vec<String>,
@@ -255,6 +259,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Run {
             artifact,
+            shapes,
             inputs,
             check,
             output,
@@ -264,6 +269,7 @@ fn run(cli: Cli) -> Result<()> {
             threads,
         } => run_artifact(
             &artifact,
+            &shapes,
             &inputs,
             check.as_deref(),
             output.as_deref(),
@@ -424,6 +430,7 @@ fn check_outputs(named: &[(String, Tensor)], expected: &[Tensor]) -> Result<()> 
 
 fn run_artifact(
     path: &Path,
+    shapes: &[String],
     given: &[String],
     check: Option<&Path>,
     output: Option<&Path>,
@@ -432,7 +439,33 @@ fn run_artifact(
 ) -> Result<()> {
     use kiln::runtime::{AlignedBuf, DimSpec};
     use kiln::{Session, TensorView};
-    let mut model = Session::load(path)?;
+    let mut model = if path.extension().is_some_and(|e| e == "onnx") {
+        // An ONNX model: compile it in-process (shapes from --shape, else the --check inputs).
+        let mut c = kiln::Compiler::new();
+        for s in shapes {
+            c = c.shape_spec(s)?;
+        }
+        if let (Some(dir), true) = (check, shapes.is_empty()) {
+            let g = kiln::load_model(path)?;
+            let (ins, _) = load_check_dir(dir, g.inputs.len())?;
+            for (&v, t) in g.inputs.iter().zip(&ins) {
+                c = c.shape(g.values[v].name.clone(), t.shape().to_vec());
+            }
+        }
+        let t0 = std::time::Instant::now();
+        let art = c.compile(path)?;
+        println!(
+            "compiled {} in {:.0} ms",
+            path.display(),
+            t0.elapsed().as_secs_f64() * 1e3
+        );
+        Session::new(&art)?
+    } else {
+        if !shapes.is_empty() {
+            bail!("--shape applies to ONNX models; an artifact's shapes are fixed when compiling");
+        }
+        Session::load(path)?
+    };
     model.set_threads(threads.unwrap_or_else(kiln::default_threads));
     let plan = model.plan().clone();
     println!(

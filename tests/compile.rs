@@ -225,3 +225,27 @@ fn max_batch_artifact_accepts_every_batch_up_to_the_bound() {
         "{text}"
     );
 }
+
+#[test]
+fn run_accepts_an_onnx_model_directly() {
+    // Compiled in-process with the --check inputs' shapes (bert's dims are symbolic).
+    let (ok, text) = kiln(&[
+        "run",
+        s(&zoo("bert").join("model.onnx")),
+        "--check",
+        s(&zoo("bert").join("test_data_set_0")),
+        "--threads",
+        "1",
+    ]);
+    assert!(
+        ok && text.contains("compiled") && text.contains("OK: matches the reference"),
+        "{text}"
+    );
+    let (ok, text) = kiln(&[
+        "run",
+        s(&zoo("mlp").join("model.onnx")),
+        "--shape",
+        "input=3x32",
+    ]);
+    assert!(ok && text.contains("f32[3, 10]"), "{text}");
+}

@@ -36,6 +36,26 @@ typedef enum KilnDType {
   KILN_D_TYPE_U64 = 11,
   // Boolean, one byte.
   KILN_D_TYPE_BOOL = 12,
+  // 8-bit float E4M3FN.
+  KILN_D_TYPE_F8E4M3FN = 13,
+  // 8-bit float E4M3FNUZ.
+  KILN_D_TYPE_F8E4M3FNUZ = 14,
+  // 8-bit float E5M2.
+  KILN_D_TYPE_F8E5M2 = 15,
+  // 8-bit float E5M2FNUZ.
+  KILN_D_TYPE_F8E5M2FNUZ = 16,
+  // 8-bit exponent-only E8M0.
+  KILN_D_TYPE_F8E8M0 = 17,
+  // 4-bit float E2M1, two per byte (low nibble first).
+  KILN_D_TYPE_F4E2M1 = 18,
+  // Signed 4-bit integer, two per byte (low nibble first).
+  KILN_D_TYPE_I4 = 19,
+  // Unsigned 4-bit integer, two per byte (low nibble first).
+  KILN_D_TYPE_U4 = 20,
+  // Signed 2-bit integer, four per byte (lowest bits first).
+  KILN_D_TYPE_I2 = 21,
+  // Unsigned 2-bit integer, four per byte (lowest bits first).
+  KILN_D_TYPE_U2 = 22,
 } KilnDType;
 
 // A compiled model (opaque).

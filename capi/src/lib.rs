@@ -43,6 +43,26 @@ pub enum KilnDType {
     U64 = 11,
     /// Boolean, one byte.
     Bool = 12,
+    /// 8-bit float E4M3FN.
+    F8e4m3fn = 13,
+    /// 8-bit float E4M3FNUZ.
+    F8e4m3fnuz = 14,
+    /// 8-bit float E5M2.
+    F8e5m2 = 15,
+    /// 8-bit float E5M2FNUZ.
+    F8e5m2fnuz = 16,
+    /// 8-bit exponent-only E8M0.
+    F8e8m0 = 17,
+    /// 4-bit float E2M1, two per byte (low nibble first).
+    F4e2m1 = 18,
+    /// Signed 4-bit integer, two per byte (low nibble first).
+    I4 = 19,
+    /// Unsigned 4-bit integer, two per byte (low nibble first).
+    U4 = 20,
+    /// Signed 2-bit integer, four per byte (lowest bits first).
+    I2 = 21,
+    /// Unsigned 2-bit integer, four per byte (lowest bits first).
+    U2 = 22,
 }
 
 impl KilnDType {
@@ -61,6 +81,16 @@ impl KilnDType {
             KilnDType::U32 => DType::U32,
             KilnDType::U64 => DType::U64,
             KilnDType::Bool => DType::Bool,
+            KilnDType::F8e4m3fn => DType::F8E4M3FN,
+            KilnDType::F8e4m3fnuz => DType::F8E4M3FNUZ,
+            KilnDType::F8e5m2 => DType::F8E5M2,
+            KilnDType::F8e5m2fnuz => DType::F8E5M2FNUZ,
+            KilnDType::F8e8m0 => DType::F8E8M0,
+            KilnDType::F4e2m1 => DType::F4E2M1,
+            KilnDType::I4 => DType::I4,
+            KilnDType::U4 => DType::U4,
+            KilnDType::I2 => DType::I2,
+            KilnDType::U2 => DType::U2,
         }
     }
 
@@ -79,6 +109,16 @@ impl KilnDType {
             DType::U32 => KilnDType::U32,
             DType::U64 => KilnDType::U64,
             DType::Bool => KilnDType::Bool,
+            DType::F8E4M3FN => KilnDType::F8e4m3fn,
+            DType::F8E4M3FNUZ => KilnDType::F8e4m3fnuz,
+            DType::F8E5M2 => KilnDType::F8e5m2,
+            DType::F8E5M2FNUZ => KilnDType::F8e5m2fnuz,
+            DType::F8E8M0 => KilnDType::F8e8m0,
+            DType::F4E2M1 => KilnDType::F4e2m1,
+            DType::I4 => KilnDType::I4,
+            DType::U4 => KilnDType::U4,
+            DType::I2 => KilnDType::I2,
+            DType::U2 => KilnDType::U2,
         }
     }
 }

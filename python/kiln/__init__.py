@@ -26,12 +26,26 @@ class Session:
         self._run = self._s.run_arrays
 
     def run(self, inputs):
+        """Runs the model. Inputs: numpy arrays, or any CPU tensor implementing the DLPack
+        protocol (`__dlpack__`, e.g. torch tensors), taken without a copy when contiguous.
+        Outputs are numpy arrays, which implement DLPack too (`torch.from_dlpack(out)`
+        shares their memory)."""
         if isinstance(inputs, dict):
             try:
                 inputs = [inputs[n] for n in self.input_names]
             except KeyError as e:
                 raise ValueError(f"missing input {e}; the model takes {self.input_names}") from None
-        return self._run([_np.ascontiguousarray(x) for x in inputs])
+        return self._run([_np.ascontiguousarray(_as_numpy(x)) for x in inputs])
+
+
+def _as_numpy(x):
+    """A numpy view of `x`: numpy arrays as they are, DLPack producers through
+    `numpy.from_dlpack` (zero-copy), anything else through `numpy.asarray`."""
+    if isinstance(x, _np.ndarray):
+        return x
+    if hasattr(x, "__dlpack__"):
+        return _np.from_dlpack(x)
+    return _np.asarray(x)
 
 
 def load(artifact, threads=1):

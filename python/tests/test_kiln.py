@@ -91,6 +91,31 @@ def test_threads_and_errors(tmp_path):
         kiln.compile(model, target="gpu")
 
 
+class DLPackOnly:
+    """A foreign tensor type that only speaks DLPack (as a torch or JAX CPU tensor would)."""
+
+    def __init__(self, a):
+        self._a = a
+
+    def __dlpack__(self, **kwargs):
+        return self._a.__dlpack__(**kwargs)
+
+    def __dlpack_device__(self):
+        return self._a.__dlpack_device__()
+
+
+def test_dlpack_in_and_out():
+    model, inputs = zoo_case("mlp")
+    (name, x), = inputs.items()
+    sess = kiln.load(kiln.compile(model, shapes={name: list(x.shape)}))
+    want = sess.run([x])[0]
+    # input through DLPack (zero-copy view), output exported through DLPack without a copy
+    got = sess.run({name: DLPackOnly(x)})[0]
+    assert np.array_equal(got, want)
+    view = np.from_dlpack(got)
+    assert np.shares_memory(view, got)
+
+
 def test_compile_torch():
     torch = pytest.importorskip("torch")
     m = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.ReLU())
