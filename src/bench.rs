@@ -35,6 +35,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Instant;
 
+/// Pause before each runtime's round (see `run_bench`), so that spinning threads of the
+/// previous round have parked.
+const ROUND_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// The onnxruntime worker, written next to the inputs at run time.
 const ORT_WORKER: &str = include_str!("../scripts/ort_bench.py");
 
@@ -990,6 +994,10 @@ pub fn bench(opts: &Options) -> Result<Report> {
             if let Some(p) = peak::fma_peak_gflops(2_000_000, 1) {
                 report.peak_gflops = Some(report.peak_gflops.unwrap_or(0.0).max(p));
             }
+            // Let the other runtime's spinning threads go idle first (both runtimes' thread
+            // pools spin for a while after their last job; on a 2-core machine a spinning
+            // worker of one would steal the core the other's second thread needs).
+            std::thread::sleep(ROUND_PAUSE);
             for _ in 0..per_round {
                 let t = Instant::now();
                 let outs = model.run(&views)?;
@@ -997,6 +1005,7 @@ pub fn bench(opts: &Options) -> Result<Report> {
                 drop(outs);
             }
             if let (Some(w), None) = (worker.as_mut(), &ort_err) {
+                std::thread::sleep(ROUND_PAUSE);
                 match w.run(per_round) {
                     Ok(t) => ort_times.extend(t),
                     Err(e) => ort_err = Some(e),
