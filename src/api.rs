@@ -161,7 +161,7 @@ impl Compiler {
         Ok(self)
     }
 
-    /// Optimisation level: 0 (no equality saturation), 1, 2 (default).
+    /// Optimisation level: 0 (no equality saturation), 1, 2 (default), 3 (longer search).
     pub fn opt_level(mut self, level: u8) -> Self {
         self.opts.opt_level = Some(level);
         self

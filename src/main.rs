@@ -38,7 +38,7 @@ enum Cmd {
         /// or all); may be repeated.
         #[arg(long = "print-after", value_name = "STAGE")]
         print_after: Vec<String>,
-        /// Optimisation level: -O0 (no eqsat), -O1, -O2 (default).
+        /// Optimisation level: -O0 (no eqsat), -O1, -O2 (default), -O3 (longer search).
         #[arg(short = 'O', value_name = "LEVEL")]
         opt_level: Option<u8>,
     },
@@ -85,7 +85,7 @@ enum Cmd {
         /// Explain a stage: `rewrites` prints the eqsat report (rules applied, cost).
         #[arg(long, value_name = "WHAT")]
         explain: Option<String>,
-        /// Optimisation level: -O0 (no eqsat), -O1, -O2 (default).
+        /// Optimisation level: -O0 (no eqsat), -O1, -O2 (default), -O3 (longer search).
         #[arg(short = 'O', value_name = "LEVEL")]
         opt_level: Option<u8>,
         /// Fail instead of running kernels that have no compiled code yet on the reference

@@ -40,7 +40,7 @@ pub struct Options {
     pub shapes: HashMap<String, Vec<usize>>,
     /// Stages after which to print the IR (`all` for every stage).
     pub print_after: Vec<String>,
-    /// Optimisation level (`-O0` ... `-O2`; `None` is the default, `-O2`).
+    /// Optimisation level (`-O0` ... `-O3`; `None` is the default, `-O2`).
     pub opt_level: Option<u8>,
 }
 
@@ -48,8 +48,8 @@ pub struct Options {
 pub const EQSAT_IR: &str = "// eqsat result IR:\n";
 
 /// The eqsat options of an optimisation level: `None` (no eqsat) at `-O0`, greedy
-/// extraction with few iterations at `-O1`, the default options (DAG-aware extraction) from
-/// `-O2` on.
+/// extraction with few iterations at `-O1`, the default options (DAG-aware extraction) at
+/// `-O2`, a longer search (more iterations, e-nodes and time) at `-O3` and above.
 pub fn eqsat_options(opt_level: u8) -> Option<kiln_passes::eqsat::EqsatOptions> {
     use kiln_passes::eqsat::{EqsatOptions, ExtractorKind};
     match opt_level {
@@ -59,7 +59,15 @@ pub fn eqsat_options(opt_level: u8) -> Option<kiln_passes::eqsat::EqsatOptions> 
             extractor: ExtractorKind::Greedy,
             ..Default::default()
         }),
-        _ => Some(EqsatOptions::default()),
+        2 => Some(EqsatOptions::default()),
+        // -O3: a longer search (more iterations, nodes and time)
+        _ => Some(EqsatOptions {
+            iter_limit: 16,
+            node_limit: 60_000,
+            time_limit: std::time::Duration::from_secs(8),
+            extract_time_limit: std::time::Duration::from_secs(3),
+            ..Default::default()
+        }),
     }
 }
 
