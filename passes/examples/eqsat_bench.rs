@@ -163,7 +163,7 @@ impl B {
 }
 
 /// Transformer layers (BERT-base: post-LN, GELU; `causal`: GPT-2 style pre-LN with a mask).
-fn transformer(
+pub fn transformer(
     name: &str,
     layers: usize,
     seq: usize,
@@ -218,7 +218,7 @@ fn transformer(
     b.finish(&[x])
 }
 
-fn nasrnn(steps: usize, hidden: usize) -> Graph {
+pub fn nasrnn(steps: usize, hidden: usize) -> Graph {
     let mut b = B::new("nasrnn");
     let mut h = b.input(&[1, hidden]);
     for _ in 0..steps {
@@ -256,7 +256,7 @@ fn sep(b: &mut B, x: usize, k: usize) -> usize {
     b.conv(d, c, (1, 1), 1, (0, 0), 1, false)
 }
 
-fn nasnet(cells: usize, c: usize, hw: usize) -> Graph {
+pub fn nasnet(cells: usize, c: usize, hw: usize) -> Graph {
     let mut b = B::new("nasnet-a");
     let img = b.input(&[1, 3, 224, 224]);
     let s = b.conv(img, c, (3, 3), 2, (1, 1), 1, true);
@@ -286,7 +286,7 @@ fn nasnet(cells: usize, c: usize, hw: usize) -> Graph {
     b.finish(&[cur])
 }
 
-fn inception_v3() -> Graph {
+pub fn inception_v3() -> Graph {
     let mut b = B::new("inception-v3");
     let x = b.input(&[1, 3, 299, 299]);
     let cv =
@@ -367,7 +367,7 @@ fn inception_v3() -> Graph {
     b.finish(&[y])
 }
 
-fn squeezenet() -> Graph {
+pub fn squeezenet() -> Graph {
     let mut b = B::new("squeezenet");
     let x = b.input(&[1, 3, 224, 224]);
     let mut x = b.conv(x, 64, (3, 3), 2, (0, 0), 1, true);
@@ -398,7 +398,7 @@ fn squeezenet() -> Graph {
     b.finish(&[y])
 }
 
-fn resnext50() -> Graph {
+pub fn resnext50() -> Graph {
     let mut b = B::new("resnext-50");
     let x = b.input(&[1, 3, 224, 224]);
     let mut x = b.conv(x, 64, (7, 7), 2, (3, 3), 1, true);
@@ -432,7 +432,7 @@ fn resnext50() -> Graph {
     b.finish(&[y])
 }
 
-fn vgg19() -> Graph {
+pub fn vgg19() -> Graph {
     let mut b = B::new("vgg-19");
     let mut x = b.input(&[1, 3, 224, 224]);
     for (n, c) in [(2, 64), (2, 128), (4, 256), (4, 512), (4, 512)] {

@@ -1,0 +1,110 @@
+//! Measured end-to-end CPU speed-up of equality saturation on tensat's evaluation graphs
+//! (built by `passes/examples/eqsat_bench.rs`): each graph, with its weights made constants
+//! (random values, so that weight-only sub-graphs such as concatenated MatMul weights fold
+//! at compile time), is compiled at `-O0` (no eqsat) and `-O2`, and both artifacts are timed
+//! on one thread, interleaved (median of rounds).
+//!
+//! `cargo run --release --example eqsat_speedup [MODEL...]` (models: squeezenet, vgg19,
+//! resnext50, nasrnn, nasnet, inception, bert, gpt2; the big ones take minutes to compile).
+
+#[allow(dead_code, clippy::all)]
+#[path = "../passes/examples/eqsat_bench.rs"]
+mod tensat_graphs;
+
+use kiln::ir::{Graph, Tensor};
+use kiln::{Compiler, Session, TensorView};
+use rand::{Rng, SeedableRng};
+use std::time::Instant;
+
+/// Makes every graph input but the first a constant with random values (the weights).
+fn weights_to_constants(g: &mut Graph, rng: &mut impl Rng) {
+    g.infer().expect("the benchmark graphs infer");
+    for v in g.inputs[1..].to_vec() {
+        let shape = g.values[v].fact.shape.as_known().expect("static weights");
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = (0..n).map(|_| rng.random_range(-0.05..0.05)).collect();
+        g.set_const(v, Tensor::from_vec(&shape, data));
+    }
+    g.inputs.truncate(1);
+}
+
+/// Median seconds per run of `s` on `x`, over `rounds` rounds of `per` runs.
+fn time(s: &Session, x: &[f32], shape: &[usize], per: usize) -> f64 {
+    let v = [TensorView::from_f32(shape, x)];
+    let t = Instant::now();
+    for _ in 0..per {
+        s.run(&v).expect("run");
+    }
+    t.elapsed().as_secs_f64() / per as f64
+}
+
+fn main() {
+    let only: Vec<String> = std::env::args().skip(1).collect();
+    type Build = fn() -> Graph;
+    let models: Vec<(&str, &str, Build)> = vec![
+        ("squeezenet", "24.5%", tensat_graphs::squeezenet),
+        ("vgg19", "8.9%", tensat_graphs::vgg19),
+        ("resnext50", "8.8%", tensat_graphs::resnext50),
+        ("nasrnn", "68.9%", || tensat_graphs::nasrnn(5, 512)),
+        ("nasnet", "7.3%", || tensat_graphs::nasnet(6, 128, 28)),
+        ("inception", "10.0%", tensat_graphs::inception_v3),
+        ("bert", "9.2%", || {
+            tensat_graphs::transformer("bert-base", 12, 128, 768, 12, false)
+        }),
+        ("gpt2", "-", || {
+            tensat_graphs::transformer("gpt2-blocks", 12, 128, 768, 12, true)
+        }),
+    ];
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    println!("| model | -O0 ms | -O2 ms | measured speed-up | eqsat report (-O2) | tensat speed-up (GPU) |");
+    println!("|---|---|---|---|---|---|");
+    for (name, tensat, build) in models {
+        if !only.is_empty() && !only.iter().any(|o| o == name) {
+            continue;
+        }
+        let mut g = build();
+        weights_to_constants(&mut g, &mut rng);
+        let shape = g.values[g.inputs[0]].fact.shape.as_known().unwrap();
+        let n: usize = shape.iter().product();
+        let x: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let mut arts = Vec::new();
+        let mut applied = String::new();
+        for level in [0u8, 2] {
+            let mut report = String::new();
+            let art = Compiler::new()
+                .opt_level(level)
+                .print_after("eqsat")
+                .compile_with_ir(&g, |_, text| report.push_str(text))
+                .unwrap_or_else(|e| panic!("{name} -O{level}: {e}"));
+            if level == 2 {
+                // "rules applied (N of M):" and "... (G% less), ..., kept K" of the report
+                let text = report.split(kiln::pipeline::EQSAT_IR).next().unwrap_or("");
+                applied = text
+                    .lines()
+                    .filter(|l| l.starts_with("rules applied") || l.starts_with("cost"))
+                    .map(|l| l.trim_end_matches(':').to_string())
+                    .collect::<Vec<_>>()
+                    .join("; ");
+            }
+            arts.push(Session::new(&art).expect("load"));
+        }
+        // warm up, then interleave rounds and keep the median
+        let per = 5;
+        let (mut t0, mut t2) = (Vec::new(), Vec::new());
+        time(&arts[0], &x, &shape, 1);
+        time(&arts[1], &x, &shape, 1);
+        for _ in 0..5 {
+            t0.push(time(&arts[0], &x, &shape, per));
+            t2.push(time(&arts[1], &x, &shape, per));
+        }
+        t0.sort_by(f64::total_cmp);
+        t2.sort_by(f64::total_cmp);
+        let (a, b) = (t0[t0.len() / 2], t2[t2.len() / 2]);
+        println!(
+            "| {name} | {:.2} | {:.2} | {:+.1}% | {applied} | {tensat} |",
+            a * 1e3,
+            b * 1e3,
+            100.0 * (a / b - 1.0)
+        );
+    }
+}
