@@ -19,7 +19,8 @@ use std::time::Instant;
 /// Makes every graph input but the first a constant with random values (the weights).
 fn weights_to_constants(g: &mut Graph, rng: &mut impl Rng) {
     g.infer().expect("the benchmark graphs infer");
-    for v in g.inputs[1..].to_vec() {
+    let weights: Vec<usize> = g.inputs[1..].to_vec();
+    for v in weights {
         let shape = g.values[v].fact.shape.as_known().expect("static weights");
         let n: usize = shape.iter().product();
         let data: Vec<f32> = (0..n).map(|_| rng.random_range(-0.05..0.05)).collect();
