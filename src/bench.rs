@@ -701,18 +701,6 @@ impl Drop for Scratch {
     }
 }
 
-fn read_test_data(dir: &Path, prefix: &str) -> Result<Vec<Tensor>> {
-    let mut v = Vec::new();
-    for k in 0.. {
-        let p = dir.join(format!("{prefix}_{k}.pb"));
-        if !p.exists() {
-            break;
-        }
-        v.push(crate::io::read_tensor(&p)?);
-    }
-    Ok(v)
-}
-
 /// Runs the benchmark described in the module doc and returns what it measured. Fails
 /// (never panics) on a missing or uncompilable model or bad inputs; an unavailable
 /// onnxruntime only adds a note.
@@ -752,7 +740,7 @@ pub fn bench(opts: &Options) -> Result<Report> {
         .clone()
         .or(default_dir.filter(|d| d.join("input_0.pb").is_file()));
     let data_inputs = match &data_dir {
-        Some(d) => Some(read_test_data(d, "input")?),
+        Some(d) => Some(crate::io::read_test_set(d, "input")?),
         None => None,
     };
 
@@ -839,7 +827,7 @@ pub fn bench(opts: &Options) -> Result<Report> {
                 .all(|(t, s)| t.shape() == s.as_slice());
         if fits {
             inputs = ins;
-            expected = Some(read_test_data(&dir, "output")?);
+            expected = Some(crate::io::read_test_set(&dir, "output")?);
             report.inputs_from = dir.display().to_string();
         } else if opts.check.is_some() {
             bail!(

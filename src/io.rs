@@ -115,3 +115,17 @@ pub fn write_tensors(path: &Path, named: &[(String, Tensor)]) -> Result<()> {
     };
     write_atomic(path, &bytes)
 }
+
+/// The tensors `DIR/PREFIX_0.pb`, `DIR/PREFIX_1.pb`, ... of an ONNX test data folder, in
+/// order, up to the first missing index.
+pub fn read_test_set(dir: &Path, prefix: &str) -> Result<Vec<Tensor>> {
+    let mut v = Vec::new();
+    for k in 0.. {
+        let p = dir.join(format!("{prefix}_{k}.pb"));
+        if !p.exists() {
+            break;
+        }
+        v.push(read_tensor(&p)?);
+    }
+    Ok(v)
+}

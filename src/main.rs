@@ -333,7 +333,7 @@ fn compile(
 }
 
 fn load_check_dir(dir: &Path, n_inputs: usize) -> Result<(Vec<Tensor>, Vec<Tensor>)> {
-    let ins = load_pbs(dir, "input")?;
+    let ins = kiln::io::read_test_set(dir, "input")?;
     if ins.len() != n_inputs {
         bail!(
             "{}: {} input files but the model has {} inputs",
@@ -342,7 +342,7 @@ fn load_check_dir(dir: &Path, n_inputs: usize) -> Result<(Vec<Tensor>, Vec<Tenso
             n_inputs
         );
     }
-    Ok((ins, load_pbs(dir, "output")?))
+    Ok((ins, kiln::io::read_test_set(dir, "output")?))
 }
 
 /// Replaces the inputs named in `NAME=FILE` specs.
@@ -571,18 +571,6 @@ fn run_artifact(
         println!("wrote {}", out.display());
     }
     Ok(())
-}
-
-fn load_pbs(dir: &Path, prefix: &str) -> Result<Vec<Tensor>> {
-    let mut v = Vec::new();
-    for k in 0.. {
-        let p = dir.join(format!("{prefix}_{k}.pb"));
-        if !p.exists() {
-            break;
-        }
-        v.push(kiln::io::read_tensor(&p)?);
-    }
-    Ok(v)
 }
 
 fn eval(
