@@ -840,15 +840,7 @@ pub fn bench(opts: &Options) -> Result<Report> {
                 &format!(" ({} does not match the compiled shapes)", dir.display());
         }
     }
-    for spec in &opts.inputs {
-        let (name, file) = spec
-            .split_once('=')
-            .with_context(|| format!("--input '{spec}': expected NAME=FILE"))?;
-        let pos = names
-            .iter()
-            .position(|n| n == name)
-            .with_context(|| format!("--input '{spec}': the model has no input named '{name}'"))?;
-        inputs[pos] = crate::io::read_tensor(Path::new(file))?;
+    for (name, file) in crate::io::replace_named_inputs(&names, &mut inputs, &opts.inputs)? {
         report.inputs_from += &format!(", {name} from {file}");
         expected = None;
     }

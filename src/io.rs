@@ -129,3 +129,25 @@ pub fn read_test_set(dir: &Path, prefix: &str) -> Result<Vec<Tensor>> {
     }
     Ok(v)
 }
+
+/// Replaces, in `inputs` (named `names`, in order), the inputs given as `NAME=FILE` specs
+/// (`.npy` or `.pb` files); returns the `(name, file)` pairs replaced, in spec order.
+pub fn replace_named_inputs<'s>(
+    names: &[String],
+    inputs: &mut [Tensor],
+    specs: &'s [String],
+) -> Result<Vec<(&'s str, &'s str)>> {
+    let mut done = Vec::new();
+    for spec in specs {
+        let (name, file) = spec
+            .split_once('=')
+            .with_context(|| format!("--input '{spec}': expected NAME=FILE"))?;
+        let pos = names
+            .iter()
+            .position(|n| n == name)
+            .with_context(|| format!("--input '{spec}': the model has no input named '{name}'"))?;
+        inputs[pos] = read_tensor(Path::new(file))?;
+        done.push((name, file));
+    }
+    Ok(done)
+}

@@ -345,21 +345,6 @@ fn load_check_dir(dir: &Path, n_inputs: usize) -> Result<(Vec<Tensor>, Vec<Tenso
     Ok((ins, kiln::io::read_test_set(dir, "output")?))
 }
 
-/// Replaces the inputs named in `NAME=FILE` specs.
-fn set_inputs(names: &[String], inputs: &mut [Tensor], given: &[String]) -> Result<()> {
-    for spec in given {
-        let (name, file) = spec
-            .split_once('=')
-            .with_context(|| format!("--input '{spec}': expected NAME=FILE"))?;
-        let pos = names
-            .iter()
-            .position(|n| n == name)
-            .with_context(|| format!("--input '{spec}': the model has no input named '{name}'"))?;
-        inputs[pos] = kiln::io::read_tensor(Path::new(file))?;
-    }
-    Ok(())
-}
-
 /// Prints each output's dtype, shape and range.
 fn print_outputs(named: &[(String, Tensor)]) {
     for (name, t) in named {
@@ -497,7 +482,7 @@ fn run_artifact(
         expected = Some(outs);
     }
     let names: Vec<String> = plan.inputs.iter().map(|io| io.name.clone()).collect();
-    set_inputs(&names, &mut inputs, given)?;
+    kiln::io::replace_named_inputs(&names, &mut inputs, given)?;
     // native-endian, aligned copies for the runtime
     let bufs: Vec<(kiln::runtime::DType, AlignedBuf)> = inputs
         .iter()
@@ -589,7 +574,7 @@ fn eval(
         expected = Some(outs);
     }
     let names: Vec<String> = g.inputs.iter().map(|&i| g.values[i].name.clone()).collect();
-    set_inputs(&names, &mut inputs, given)?;
+    kiln::io::replace_named_inputs(&names, &mut inputs, given)?;
     let t0 = std::time::Instant::now();
     let outs = interp::run(&g, &inputs)?;
     let dt = t0.elapsed();

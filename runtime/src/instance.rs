@@ -38,8 +38,7 @@ struct Split<'a> {
 unsafe impl Sync for Split<'_> {}
 
 impl Split<'_> {
-    fn run(&self, c: usize) {
-        let t = c;
+    fn run(&self, t: usize) {
         let per = (self.tasks + self.threads - 1) / self.threads;
         let begin = (t as i64 * per).min(self.tasks);
         let end = (begin + per).min(self.tasks);
