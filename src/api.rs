@@ -201,6 +201,24 @@ impl Compiler {
         self
     }
 
+    /// Uses the best schedules recorded in the tuning database at `path` (written by
+    /// `kiln tune`) for this compiler's target; call after [`Compiler::target`]. Kernels with
+    /// no record keep their default schedule; the report says how many had one.
+    pub fn tuning_db(mut self, path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        if !path.exists() {
+            return Err(Error::InvalidArgument(format!(
+                "tuning database {} does not exist (kiln tune writes it)",
+                path.display()
+            )));
+        }
+        let target = crate::tune::cpu_target(&self.opts.cpu);
+        let map = crate::tune::load_schedules(path, &target)
+            .map_err(|e| Error::InvalidArgument(format!("{e:#}")))?;
+        self.opts.schedules = std::sync::Arc::new(map);
+        Ok(self)
+    }
+
     /// The settings as the lower-level [`CompileOptions`].
     pub fn options(&self) -> &CompileOptions {
         &self.opts

@@ -67,6 +67,8 @@ pub struct Options {
     /// Compare with onnxruntime (needs the ONNX model: the model itself, or `MODEL.onnx`
     /// next to a `.kiln`).
     pub compare: bool,
+    /// Compile with the best schedules of this tuning database (`kiln tune`).
+    pub db: Option<PathBuf>,
 }
 
 impl Default for Options {
@@ -82,6 +84,7 @@ impl Default for Options {
             check: None,
             seed: 0,
             compare: true,
+            db: None,
         }
     }
 }
@@ -781,6 +784,10 @@ pub fn bench(opts: &Options) -> Result<Report> {
                         .or_insert_with(|| t.shape().to_vec());
                 }
             }
+        }
+        if let Some(db) = &opts.db {
+            let target = crate::tune::cpu_target(&copts.cpu);
+            copts.schedules = std::sync::Arc::new(crate::tune::load_schedules(db, &target)?);
         }
         let t0 = Instant::now();
         let (artifact, _) = crate::compile::compile_with(model_path, &copts, |_, _| {})

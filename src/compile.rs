@@ -20,7 +20,8 @@
 
 use crate::pipeline;
 use anyhow::{bail, Context, Result};
-use kiln_codegen::cpu::lower::lower_partition;
+use kiln_codegen::cpu::lower::conv::ConvSchedule;
+use kiln_codegen::cpu::lower::{lower_partition_tuned, tuning};
 use kiln_codegen::cpu::{compile_library, CpuOptions};
 use kiln_ir::{Graph, ValueId};
 use kiln_passes::fusion::KernelKind;
@@ -54,6 +55,9 @@ pub struct CompileOptions {
     /// Kernels with no code generator yet run on the runtime's reference interpreter
     /// (default); off (`--no-reference-kernels`), such kernels fail the compile.
     pub reference_kernels: bool,
+    /// Tuned schedules by workload fingerprint (`kiln compile --db`, see [`crate::tune`]);
+    /// tunable kernels not in the map keep their default schedule.
+    pub schedules: std::sync::Arc<HashMap<String, kiln_tune::Config>>,
 }
 
 impl Default for CompileOptions {
@@ -65,6 +69,7 @@ impl Default for CompileOptions {
             max_batch: None,
             opt_level: None,
             reference_kernels: true,
+            schedules: Default::default(),
         }
     }
 }
@@ -78,6 +83,10 @@ pub struct CompileReport {
     pub views: usize,
     /// Number of shape variants (1 without `--max-batch`).
     pub variants: usize,
+    /// Tunable kernels (MatMul/Gemm/Conv), over all variants.
+    pub tunable: usize,
+    /// Of those, how many were lowered with a tuned schedule (`--db`).
+    pub tuned: usize,
     /// Kernels without compiled code, run by the reference interpreter (one line each:
     /// kernel, kind, ops, why), over all variants.
     pub reference: Vec<String>,
@@ -115,6 +124,13 @@ impl fmt::Display for CompileReport {
                 f,
                 "shape variants: {} (batch 1..={})",
                 self.variants, self.variants
+            )?;
+        }
+        if self.tuned > 0 {
+            writeln!(
+                f,
+                "tuned schedules: {} of {} tunable kernels",
+                self.tuned, self.tunable
             )?;
         }
         writeln!(f, "arena: {} bytes (largest variant)", self.arena_bytes)?;
@@ -310,6 +326,25 @@ const EMBED_CONST_BYTES: usize = 4096;
 
 /// The reference step of partition kernel `index` (see [`RefStep`]).
 fn reference_step(g: &Graph, k: &kiln_passes::Kernel, index: usize) -> Result<RefStep> {
+    let (mg, inputs, ops) = kernel_graph(g, k, EMBED_CONST_BYTES)?;
+    Ok(RefStep {
+        index,
+        name: format!("ref_{}_{}", k.name, ops.join("_")),
+        inputs,
+        outputs: k.outputs.clone(),
+        json: serde_json::to_string(&mg)?,
+    })
+}
+
+/// Partition kernel `k` of `g` as a standalone graph: its nodes, its outputs as graph
+/// outputs, constants up to `embed_limit` bytes embedded, every other input a graph input.
+/// Also returns the original values of those graph inputs and the kernel's first (at most
+/// 4) op names.
+pub(crate) fn kernel_graph(
+    g: &Graph,
+    k: &kiln_passes::Kernel,
+    embed_limit: usize,
+) -> Result<(Graph, Vec<ValueId>, Vec<String>)> {
     use kiln_ir::{Fact, Node};
     let mut mg = Graph {
         name: k.name.clone(),
@@ -335,10 +370,7 @@ fn reference_step(g: &Graph, k: &kiln_passes::Kernel, index: usize) -> Result<Re
                 continue;
             }
             let val = &g.values[v];
-            let id = match g
-                .const_value(v)
-                .filter(|t| t.byte_size() <= EMBED_CONST_BYTES)
-            {
+            let id = match g.const_value(v).filter(|t| t.byte_size() <= embed_limit) {
                 Some(t) => mg.add_const(val.name.clone(), t.clone()),
                 None => {
                     let id = mg.add_value(
@@ -368,14 +400,8 @@ fn reference_step(g: &Graph, k: &kiln_passes::Kernel, index: usize) -> Result<Re
         });
     }
     mg.outputs = k.outputs.iter().map(|o| map[o]).collect();
-    kiln_ir::verify::verify(&mg).with_context(|| format!("reference kernel {}", k.name))?;
-    Ok(RefStep {
-        index,
-        name: format!("ref_{}_{}", k.name, ops.join("_")),
-        inputs,
-        outputs: k.outputs.clone(),
-        json: serde_json::to_string(&mg)?,
-    })
+    kiln_ir::verify::verify(&mg).with_context(|| format!("kernel {} as a graph", k.name))?;
+    Ok((mg, inputs, ops))
 }
 
 /// Lowers the kernels of one planned variant. Kernels of a kind or dtype that is not
@@ -388,7 +414,14 @@ fn lower_variant(
     report: &mut CompileReport,
 ) -> Result<(kiln_codegen::cpu::lower::Lowering, Vec<RefStep>)> {
     let (g, p) = (&planned.graph, &planned.partition);
-    let lowering = lower_partition(g, p).context("lowering kernels")?;
+    let lowering = lower_partition_tuned(g, p, &ConvSchedule::default(), &*opts.schedules)
+        .context("lowering kernels")?;
+    report.tuned += lowering.tuned;
+    report.tunable += p
+        .kernels
+        .iter()
+        .filter(|k| tuning::tunable(g, k).is_some())
+        .count();
     let mut missing = Vec::new();
     let mut refs = Vec::new();
     report.views = 0;

@@ -151,3 +151,46 @@ pub fn replace_named_inputs<'s>(
     }
     Ok(done)
 }
+
+/// Native-endian, aligned runtime copies of `tensors` (graph tensors) with their runtime
+/// dtypes; `names` name the inputs in errors.
+pub fn runtime_buffers(
+    tensors: &[Tensor],
+    names: &[String],
+) -> Result<Vec<(kiln_runtime::DType, kiln_runtime::AlignedBuf)>> {
+    tensors
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let name = names.get(i).map(String::as_str).unwrap_or("?");
+            let dt = crate::compile::runtime_dtype(t.dtype())
+                .with_context(|| format!("input '{name}'"))?;
+            Ok((
+                dt,
+                kiln_runtime::AlignedBuf::from_bytes(&kiln_ir::onnx::tensor_proto::to_raw(t)),
+            ))
+        })
+        .collect()
+}
+
+/// Runtime views of `tensors` over their [`runtime_buffers`].
+pub fn tensor_views<'a>(
+    tensors: &'a [Tensor],
+    bufs: &'a [(kiln_runtime::DType, kiln_runtime::AlignedBuf)],
+) -> Vec<kiln_runtime::TensorView<'a>> {
+    tensors
+        .iter()
+        .zip(bufs)
+        .map(|(t, (dt, b))| kiln_runtime::TensorView::new(*dt, t.shape(), b.as_slice()))
+        .collect()
+}
+
+/// A runtime output as a graph tensor (for comparisons and `.npz` files).
+pub fn graph_tensor(t: &kiln_runtime::Tensor) -> Result<Tensor> {
+    kiln_ir::onnx::tensor_proto::from_raw(
+        crate::compile::graph_dtype(t.dtype),
+        &t.shape,
+        t.data.as_slice(),
+    )
+    .map_err(anyhow::Error::msg)
+}

@@ -30,6 +30,7 @@ pub mod compile;
 pub mod inspect;
 pub mod io;
 pub mod pipeline;
+pub mod tune;
 
 pub use api::{
     bytes_of, bytes_of_mut, Artifact, Compiler, DType, Error, ModelSource, Pod, Session, Tensor,

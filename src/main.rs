@@ -92,6 +92,51 @@ enum Cmd {
         /// interpreter.
         #[arg(long)]
         no_reference_kernels: bool,
+        /// Use the best schedules of this tuning database (written by `kiln tune`).
+        #[arg(long, value_name = "FILE")]
+        db: Option<PathBuf>,
+    },
+    /// Autotune the model's MatMul/Gemm/Conv kernels on this machine, recording every
+    /// measurement in a tuning database (stop and resume at will; `kiln compile --db` uses it).
+    Tune {
+        /// The ONNX model.
+        model: PathBuf,
+        /// Target: cpu (x86-64-v3), cpu:NAME.
+        #[arg(long, default_value = "cpu")]
+        target: String,
+        /// Measurements to make in this run, over all kernels.
+        #[arg(long, default_value_t = 200)]
+        trials: usize,
+        /// The tuning database (created if missing).
+        #[arg(long, default_value = "tuning.db")]
+        db: PathBuf,
+        /// Fix an input's shape: NAME=DIMS.
+        #[arg(long = "shape", value_name = "NAME=DIMS")]
+        shapes: Vec<String>,
+        /// Optimisation level of the graph passes (as for compile).
+        #[arg(short = 'O', value_name = "LEVEL")]
+        opt_level: Option<u8>,
+        /// Threads each kernel runs on while measured.
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+        /// Seconds after which a candidate's compilation or run counts as hung.
+        #[arg(long, default_value_t = 60.0)]
+        timeout: f64,
+        /// Minimum measuring time per candidate, in seconds.
+        #[arg(long, default_value_t = 0.05)]
+        min_time: f64,
+    },
+    /// Tuning database records: export as JSON lines, import them on another machine.
+    Db {
+        #[command(subcommand)]
+        action: DbAction,
+    },
+    /// (internal) compiles or measures one tuning candidate; used by `kiln tune`.
+    #[command(hide = true)]
+    TuneWorker {
+        /// Worker arguments.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
     /// Run a compiled artifact (MODEL.kiln) with the runtime.
     Run {
@@ -127,6 +172,28 @@ enum Cmd {
     /// Time a model with Kiln and onnxruntime side by side (interleaved rounds): p50/p90/p99/
     /// min/mean, their ratio, a roofline line and peak memory. See `kiln::bench`.
     Bench(BenchArgs),
+}
+
+/// `kiln db` actions.
+#[derive(Subcommand)]
+enum DbAction {
+    /// Write every record as one JSON object per line.
+    Export {
+        /// The tuning database.
+        #[arg(long, default_value = "tuning.db")]
+        db: PathBuf,
+        /// The JSON-lines file to write.
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+    /// Add the records of a JSON-lines file (records already present are skipped).
+    Import {
+        /// The JSON-lines file.
+        input: PathBuf,
+        /// The tuning database (created if missing).
+        #[arg(long, default_value = "tuning.db")]
+        db: PathBuf,
+    },
 }
 
 /// Arguments of `kiln bench`.
@@ -165,6 +232,9 @@ struct BenchArgs {
     /// Also write the results as JSON to this file.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
+    /// Compile with the best schedules of this tuning database (written by `kiln tune`).
+    #[arg(long, value_name = "FILE")]
+    db: Option<PathBuf>,
 }
 
 fn main() {
@@ -230,6 +300,7 @@ fn run(cli: Cli) -> Result<()> {
             explain,
             opt_level,
             no_reference_kernels,
+            db,
         } => {
             let explain = match explain.as_deref() {
                 None => false,
@@ -243,6 +314,9 @@ fn run(cli: Cli) -> Result<()> {
                 .target(&target)
                 .with_context(|| format!("--target '{target}'"))?
                 .reference_kernels(!no_reference_kernels);
+            if let Some(db) = &db {
+                compiler = compiler.tuning_db(db)?;
+            }
             if let Some(n) = max_batch {
                 compiler = compiler.max_batch(n);
             }
@@ -277,7 +351,135 @@ fn run(cli: Cli) -> Result<()> {
             (seed, threads),
         ),
         Cmd::Bench(a) => bench(a),
+        Cmd::Tune {
+            model,
+            target,
+            trials,
+            db,
+            shapes,
+            opt_level,
+            threads,
+            timeout,
+            min_time,
+        } => {
+            let mut compiler = kiln::Compiler::new()
+                .target(&target)
+                .with_context(|| format!("--target '{target}'"))?;
+            if let Some(o) = opt_level {
+                compiler = compiler.opt_level(o);
+            }
+            for s in &shapes {
+                compiler = compiler.shape_spec(s)?;
+            }
+            tune(
+                &model,
+                compiler.options().clone(),
+                trials,
+                db,
+                threads,
+                timeout,
+                min_time,
+            )
+        }
+        Cmd::Db { action } => match action {
+            DbAction::Export { db, output } => {
+                let d = kiln::tune::open_existing_db(&db)?;
+                let mut buf = Vec::new();
+                let n = d.export_jsonl(&mut buf, &output.display().to_string())?;
+                kiln::io::write_atomic(&output, &buf)?;
+                println!("exported {n} records to {}", output.display());
+                Ok(())
+            }
+            DbAction::Import { input, db } => {
+                let mut d = kiln_tune::TuningDb::open(&db)?;
+                let f = std::fs::File::open(&input)
+                    .with_context(|| format!("opening {}", input.display()))?;
+                let (read, added) = d.import_jsonl(
+                    &mut std::io::BufReader::new(f),
+                    &input.display().to_string(),
+                )?;
+                println!(
+                    "{}: {read} records read, {added} added to {} ({} already there)",
+                    input.display(),
+                    db.display(),
+                    read - added
+                );
+                Ok(())
+            }
+        },
+        Cmd::TuneWorker { args } => {
+            let outcome = kiln::tune::worker_main(&args)?;
+            println!("{}", serde_json::to_string(&outcome)?);
+            Ok(())
+        }
     }
+}
+
+fn tune(
+    model: &Path,
+    compile: kiln::compile::CompileOptions,
+    trials: usize,
+    db: PathBuf,
+    threads: usize,
+    timeout: f64,
+    min_time: f64,
+) -> Result<()> {
+    if !(timeout > 0.0 && timeout.is_finite()) {
+        bail!("--timeout must be a positive number of seconds");
+    }
+    let settings = kiln::tune::TuneSettings {
+        compile,
+        db: db.clone(),
+        trials,
+        threads: threads.max(1),
+        timeout: std::time::Duration::from_secs_f64(timeout),
+        min_time,
+        exe: std::env::current_exe().context("locating the kiln executable")?,
+        progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    };
+    let t0 = std::time::Instant::now();
+    let tasks = kiln::tune::tune_model(model, &settings)?;
+    println!(
+        "{:>10} {:>10} {:>8} {:>6}  kernel (x occurrences)",
+        "default us", "tuned us", "speed-up", "trials"
+    );
+    let (mut before, mut after) = (0.0, 0.0);
+    for t in &tasks {
+        let d = t.default_seconds;
+        let b = t.best.as_ref().map(|(_, s)| *s);
+        if let (Some(d), Some(b)) = (d, b) {
+            before += d * t.occurrences as f64;
+            after += b.min(d) * t.occurrences as f64;
+        }
+        let us = |x: Option<f64>| x.map(|s| format!("{:.1}", s * 1e6)).unwrap_or("-".into());
+        let desc: String = t.workload.chars().take(90).collect();
+        println!(
+            "{:>10} {:>10} {:>7.2}x {:>6}  {desc} (x{})",
+            us(d),
+            us(b),
+            match (d, b) {
+                (Some(d), Some(b)) => d / b,
+                _ => f64::NAN,
+            },
+            t.measured,
+            t.occurrences
+        );
+    }
+    println!(
+        "sum over kernels: default {:.1} us, tuned {:.1} us ({:.2}x); {} trials in {:.0} s; \
+         database {}",
+        before * 1e6,
+        after * 1e6,
+        if after > 0.0 {
+            before / after
+        } else {
+            f64::NAN
+        },
+        tasks.iter().map(|t| t.measured).sum::<usize>(),
+        t0.elapsed().as_secs_f64(),
+        db.display()
+    );
+    Ok(())
 }
 
 fn bench(a: BenchArgs) -> Result<()> {
@@ -295,6 +497,7 @@ fn bench(a: BenchArgs) -> Result<()> {
         inputs: a.inputs,
         check: a.check,
         seed: a.seed,
+        db: a.db,
     })?;
     // an error, not a panic, if stdout is closed (kiln bench ... | head)
     std::io::Write::write_all(&mut std::io::stdout(), report.to_string().as_bytes())?;

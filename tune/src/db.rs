@@ -364,6 +364,28 @@ impl TuningDb {
             .pop())
     }
 
+    /// The fastest correct record of every workload on `target` by `kiln_version`, by
+    /// workload fingerprint (what `kiln compile --db` uses).
+    pub fn best_all(
+        &self,
+        target: &str,
+        kiln_version: &str,
+    ) -> Result<std::collections::HashMap<String, Record>, DbError> {
+        let mut out = std::collections::HashMap::new();
+        for r in self.query(
+            &format!(
+                "SELECT {} FROM measurements WHERE target = ?1 AND kiln_version = ?2 \
+                 AND status = 'ok' ORDER BY seconds DESC, id DESC",
+                Self::COLUMNS
+            ),
+            &[&target, &kiln_version],
+        )? {
+            // Ascending speed: the fastest is inserted last and wins.
+            out.insert(r.workload.clone(), r);
+        }
+        Ok(out)
+    }
+
     /// Number of records.
     pub fn len(&self) -> Result<u64, DbError> {
         self.conn

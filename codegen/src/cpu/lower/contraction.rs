@@ -21,8 +21,13 @@ use kiln_ir::{DType, Dim, Graph, Op, ValueId};
 use kiln_passes::fusion;
 use std::fmt::Write as _;
 
-/// Lowers a `Contraction` kernel.
-pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered, String> {
+/// Lowers a `Contraction` kernel with the matmul schedule `sched`.
+pub(crate) fn lower(
+    g: &Graph,
+    k: &fusion::Kernel,
+    name: &str,
+    sched: &MatmulSchedule,
+) -> Result<Lowered, String> {
     let ci = k
         .nodes
         .iter()
@@ -327,7 +332,7 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered
     }
     p.push(&t);
     let mut mlir = p.finish(name);
-    mlir.push_str(&matmul_memref_func(&mm, &MatmulSchedule::default()));
+    mlir.push_str(&matmul_memref_func(&mm, sched));
     let kernel = Kernel {
         signature: KernelSignature {
             name: name.to_string(),

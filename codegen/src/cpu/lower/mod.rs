@@ -40,6 +40,7 @@ pub mod fastmath;
 pub mod movement;
 pub mod pool;
 pub mod reduction;
+pub mod tuning;
 
 use super::Kernel;
 use crate::CodegenError;
@@ -93,6 +94,8 @@ pub struct Lowering {
     pub kernels: Vec<LoweredKernel>,
     /// The kernels that were not, in partition order.
     pub unsupported: Vec<Unsupported>,
+    /// How many kernels were lowered with a tuned schedule.
+    pub tuned: usize,
 }
 
 impl Lowering {
@@ -116,8 +119,29 @@ pub fn lower_partition_with(
     p: &Partition,
     conv_sched: &conv::ConvSchedule,
 ) -> Result<Lowering, CodegenError> {
+    lower_partition_tuned(g, p, conv_sched, &tuning::Defaults)
+}
+
+/// [`lower_partition_with`], where each tunable kernel ([`tuning::tunable`]) for which
+/// `tuned` has a schedule is lowered with it (counted in [`Lowering::tuned`]).
+pub fn lower_partition_tuned(
+    g: &Graph,
+    p: &Partition,
+    conv_sched: &conv::ConvSchedule,
+    tuned: &dyn tuning::ScheduleSource,
+) -> Result<Lowering, CodegenError> {
     let mut out = Lowering::default();
     for (index, k) in p.kernels.iter().enumerate() {
+        let config = tuning::tunable(g, k).and_then(|t| tuned.schedule(&t.workload));
+        out.tuned += config.is_some() as usize;
+        let conv_sched = &match &config {
+            Some(c) => tuning::conv_schedule(c, conv_sched),
+            None => *conv_sched,
+        };
+        let mm_sched = config
+            .as_ref()
+            .map(tuning::matmul_schedule)
+            .unwrap_or_default();
         // `kiln_<kernel>_<op>_<op>...`: readable in profiles and `nm` (at most 4 op names).
         let mut ops: Vec<String> = Vec::new();
         for &n in &k.nodes {
@@ -145,7 +169,7 @@ pub fn lower_partition_with(
                     Err(e) => Err(e),
                 }
             }
-            KernelKind::Contraction => contraction::lower(g, k, &name),
+            KernelKind::Contraction => contraction::lower(g, k, &name, &mm_sched),
             KernelKind::Opaque | KernelKind::Reduction if pool::handles(g, k) => {
                 pool::lower(g, k, &name)
             }

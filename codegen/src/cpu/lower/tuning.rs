@@ -1,0 +1,315 @@
+//! What the autotuner may change in the CPU kernels: the tunable kernels of a partition,
+//! their workloads, search spaces and defaults, and the schedules they are lowered with.
+//!
+//! Two templates are tunable: `matmul` (MatMul/Gemm contractions: the packed matmul's
+//! register tile `mr × nr` and cache blocks `mc`, `kc`, `nc` of [`MatmulSchedule`]) and
+//! `conv2d` (the algorithm form — direct, Winograd, channel-vector, dot-product, im2col — and
+//! the direct form's register tile of [`ConvSchedule`]). A [`ScheduleSource`] (the tuning
+//! database, or a single candidate while tuning) gives the schedule per workload; kernels it
+//! has nothing for keep the defaults.
+
+use super::conv::{ConvAlgo, ConvSchedule};
+use crate::cpu::matmul::MatmulSchedule;
+use kiln_ir::ops::linalg::LinalgOp;
+use kiln_ir::ops::nn::NnOp;
+use kiln_ir::{Graph, Op};
+use kiln_passes::fusion::{self, KernelKind};
+use kiln_tune::{Config, Param, Space, Workload};
+
+/// AVX2 vector registers (the register-tile validity bound).
+pub const VECTOR_REGISTERS: i64 = 16;
+
+/// Where lowering gets a tuned schedule for a workload.
+pub trait ScheduleSource {
+    /// The schedule for `workload`, if one is known.
+    fn schedule(&self, workload: &Workload) -> Option<Config>;
+}
+
+/// No tuned schedules: every kernel keeps its default.
+pub struct Defaults;
+
+impl ScheduleSource for Defaults {
+    fn schedule(&self, _: &Workload) -> Option<Config> {
+        None
+    }
+}
+
+impl ScheduleSource for std::collections::HashMap<String, Config> {
+    /// Looks the workload up by fingerprint.
+    fn schedule(&self, workload: &Workload) -> Option<Config> {
+        self.get(&workload.fingerprint()).cloned()
+    }
+}
+
+/// A kernel of a partition that the tuner can schedule.
+#[derive(Debug, Clone)]
+pub struct Tunable {
+    /// The workload (template kind, canonical description, features).
+    pub workload: Workload,
+    /// Its schedule parameters.
+    pub space: Space,
+    /// The schedule used without tuning.
+    pub default: Config,
+    /// A short human-readable name (`conv 3x3/s1 16->16 @16x16`, `matmul 1x64x32`).
+    pub label: String,
+    /// Multiply-accumulates of one call (to weigh tasks).
+    pub macs: u64,
+}
+
+impl Tunable {
+    /// Whether `c` can be compiled: in the space, and its register tile fits the
+    /// [`VECTOR_REGISTERS`] (accumulators + one row of B vectors + one broadcast).
+    pub fn check(&self, c: &Config) -> Result<(), String> {
+        if !self.space.contains(c) {
+            return Err(format!("{c} is not in the space of {}", self.workload.kind));
+        }
+        match self.workload.kind.as_str() {
+            "matmul" => {
+                let (mr, nv) = (c.get_or("mr", 6), c.get_or("nr", 16) / 8);
+                let regs = mr * nv + nv + 1;
+                if regs > VECTOR_REGISTERS {
+                    return Err(format!(
+                        "register tile needs {regs} of {VECTOR_REGISTERS} registers"
+                    ));
+                }
+            }
+            "conv2d" => {
+                let (mr, nv) = (c.get_or("mr", 0), c.get_or("nv", 0));
+                if (mr == 0) != (nv == 0) {
+                    return Err("mr and nv are both automatic or both set".into());
+                }
+                if mr * nv + nv + 1 > VECTOR_REGISTERS {
+                    return Err(format!("register tile {mr}x{nv} exceeds the registers"));
+                }
+                let f = self.workload.features.as_slice();
+                // features: [n, c, h, w, m, kh, kw, stride, group, positions] as log2(1+x)
+                let raw = |i: usize| (f[i].exp2() - 1.0).round() as i64;
+                let (kh, kw, stride, group) = (raw(5), raw(6), raw(7), raw(8));
+                let form = c.get_or("form", 0);
+                if group != 1 && form != 0 && form != 1 {
+                    return Err("grouped convs have the direct form only".into());
+                }
+                if form == 2 && !(kh == 3 && kw == 3 && stride == 1) {
+                    return Err("Winograd needs a 3x3 stride-1 conv".into());
+                }
+                if form == 3 && raw(4) < 8 {
+                    return Err("the channel-vector form needs 8 output channels".into());
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+fn lg(x: usize) -> f32 {
+    (1.0 + x as f32).log2()
+}
+
+/// A canonical description of a kernel's nodes: op (with attributes), input shapes, whether
+/// each input is constant — everything that changes the generated code except the schedule.
+fn describe(g: &Graph, k: &fusion::Kernel) -> String {
+    let mut parts = Vec::new();
+    for &n in &k.nodes {
+        let node = &g.nodes[n];
+        let ins: Vec<String> = node
+            .inputs
+            .iter()
+            .map(|v| match v {
+                Some(v) => {
+                    let f = &g.values[*v].fact;
+                    let c = if f.value.is_some() { "c" } else { "" };
+                    format!("{}{}{c}", f.dtype.name(), f.shape)
+                }
+                None => "-".into(),
+            })
+            .collect();
+        parts.push(format!("{:?}({})", node.op, ins.join(",")));
+    }
+    parts.join(";")
+}
+
+/// The tunable kernel `k` of `g`, if its template is tunable (f32 MatMul/Gemm/Conv with
+/// static shapes).
+pub fn tunable(g: &Graph, k: &fusion::Kernel) -> Option<Tunable> {
+    if k.kind != KernelKind::Contraction {
+        return None;
+    }
+    let known = |v: usize| -> Option<Vec<usize>> {
+        g.values[v]
+            .fact
+            .shape
+            .dims()
+            .iter()
+            .map(|d| d.known())
+            .collect()
+    };
+    for &n in &k.nodes {
+        let node = &g.nodes[n];
+        match &node.op {
+            Op::Nn(NnOp::Conv(attrs)) => {
+                let x = known(node.inputs[0]?)?;
+                let w = known(node.inputs[1]?)?;
+                let y = known(node.outputs[0])?;
+                if x.len() != 4 || w.len() != 4 || y.len() != 4 {
+                    return None;
+                }
+                let stride = attrs
+                    .window
+                    .strides
+                    .as_ref()
+                    .and_then(|s| s.first().copied())
+                    .unwrap_or(1);
+                let features = vec![
+                    lg(x[0]),
+                    lg(x[1]),
+                    lg(x[2]),
+                    lg(x[3]),
+                    lg(w[0]),
+                    lg(w[2]),
+                    lg(w[3]),
+                    lg(stride),
+                    lg(attrs.group),
+                    lg(y[2] * y[3]),
+                ];
+                let macs = (y.iter().product::<usize>() * w[1] * w[2] * w[3]) as u64;
+                let label = format!(
+                    "conv {}x{}/s{stride} {}->{} @{}x{}{}{}",
+                    w[2],
+                    w[3],
+                    x[1],
+                    w[0],
+                    y[2],
+                    y[3],
+                    if attrs.group > 1 {
+                        format!(" g{}", attrs.group)
+                    } else {
+                        String::new()
+                    },
+                    epilogue(g, k, n)
+                );
+                return Some(Tunable {
+                    workload: Workload::new(
+                        "conv2d",
+                        &format!("conv2d {}", describe(g, k)),
+                        features,
+                    ),
+                    space: conv_space(),
+                    default: Config::from_pairs(&[("form", 0), ("mr", 0), ("nv", 0)]),
+                    label,
+                    macs,
+                });
+            }
+            Op::Linalg(LinalgOp::MatMul | LinalgOp::Gemm(_)) => {
+                let a = known(node.inputs[0]?)?;
+                let y = known(node.outputs[0])?;
+                let (m, nn) = (y[..y.len() - 1].iter().product::<usize>(), *y.last()?);
+                let kk = match &node.op {
+                    Op::Linalg(LinalgOp::Gemm(gm)) if gm.trans_a => a[0],
+                    _ => *a.last()?,
+                };
+                let features = vec![lg(m), lg(nn), lg(kk)];
+                let d = MatmulSchedule::default();
+                return Some(Tunable {
+                    workload: Workload::new(
+                        "matmul",
+                        &format!("matmul {}", describe(g, k)),
+                        features,
+                    ),
+                    space: matmul_space(),
+                    default: Config::from_pairs(&[
+                        ("mr", d.mr as i64),
+                        ("nr", d.nr as i64),
+                        ("mc", d.mc as i64),
+                        ("kc", d.kc as i64),
+                        ("nc", d.nc as i64),
+                    ]),
+                    label: format!("{} {m}x{nn}x{kk}{}", node.op.op_type(), epilogue(g, k, n)),
+                    macs: (m * nn * kk) as u64,
+                });
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// ` +op+op` for the epilogue nodes of `k` (all but the contraction node `main`).
+fn epilogue(g: &Graph, k: &fusion::Kernel, main: usize) -> String {
+    k.nodes
+        .iter()
+        .filter(|&&n| n != main)
+        .map(|&n| format!("+{}", g.nodes[n].op.op_type()))
+        .collect()
+}
+
+/// The `matmul` template's space.
+pub fn matmul_space() -> Space {
+    Space::new(vec![
+        Param::new("mr", &[1, 2, 3, 4, 5, 6, 7, 8]),
+        Param::new("nr", &[8, 16, 24, 32]),
+        Param::new("mc", &[24, 48, 96, 192, 384]),
+        Param::new("kc", &[64, 128, 256, 512]),
+        Param::new("nc", &[256, 512, 1024, 2048, 4096]),
+    ])
+}
+
+/// The `conv2d` template's space (`form`: 0 automatic, 1 direct, 2 Winograd, 3
+/// channel-vector, 4 dot-product, 5 im2col + matmul; `mr`/`nv` 0: automatic).
+pub fn conv_space() -> Space {
+    Space::new(vec![
+        Param::new("form", &[0, 1, 2, 3, 4, 5]),
+        Param::new("mr", &[0, 1, 2, 4, 6, 8]),
+        Param::new("nv", &[0, 1, 2, 3, 4]),
+    ])
+}
+
+/// The matmul schedule of a `matmul` config (missing parameters keep the default).
+pub fn matmul_schedule(c: &Config) -> MatmulSchedule {
+    let d = MatmulSchedule::default();
+    let get = |k: &str, v: usize| c.get(k).map(|x| x.max(1) as usize).unwrap_or(v);
+    MatmulSchedule {
+        mr: get("mr", d.mr),
+        nr: get("nr", d.nr),
+        mc: get("mc", d.mc),
+        kc: get("kc", d.kc),
+        nc: get("nc", d.nc),
+        vector_width: d.vector_width,
+    }
+}
+
+/// The conv schedule of a `conv2d` config, starting from `base` (the partition's default).
+pub fn conv_schedule(c: &Config, base: &ConvSchedule) -> ConvSchedule {
+    let mut s = *base;
+    s.mr = c.get_or("mr", 0).max(0) as usize;
+    s.nv = c.get_or("nv", 0).max(0) as usize;
+    let off = |s: &mut ConvSchedule| {
+        s.winograd_min_channels = 0;
+        s.chan_max_positions = 0;
+        s.dot_max_positions = 0;
+        s.algo = ConvAlgo::Direct;
+    };
+    match c.get_or("form", 0) {
+        1 => off(&mut s),
+        2 => {
+            off(&mut s);
+            s.winograd_min_channels = 1;
+            s.winograd_min_positions = 1;
+        }
+        3 => {
+            off(&mut s);
+            s.chan_max_positions = usize::MAX;
+            s.chan_below_lane_use_pct = 101;
+        }
+        4 => {
+            off(&mut s);
+            s.dot_max_positions = usize::MAX;
+        }
+        5 => {
+            off(&mut s);
+            s.algo = ConvAlgo::Im2colGemm;
+        }
+        _ => {}
+    }
+    s
+}
