@@ -213,9 +213,9 @@ impl Compiler {
             )));
         }
         let target = crate::tune::cpu_target(&self.opts.cpu);
-        let map = crate::tune::load_schedules(path, &target)
-            .map_err(|e| Error::InvalidArgument(format!("{e:#}")))?;
-        self.opts.schedules = std::sync::Arc::new(map);
+        crate::tune::load_schedules(path, &target)
+            .map_err(|e| Error::InvalidArgument(format!("{e:#}")))?
+            .apply(&mut self.opts);
         Ok(self)
     }
 

@@ -787,7 +787,7 @@ pub fn bench(opts: &Options) -> Result<Report> {
         }
         if let Some(db) = &opts.db {
             let target = crate::tune::cpu_target(&copts.cpu);
-            copts.schedules = std::sync::Arc::new(crate::tune::load_schedules(db, &target)?);
+            crate::tune::load_schedules(db, &target)?.apply(&mut copts);
         }
         let t0 = Instant::now();
         let (artifact, _) = crate::compile::compile_with(model_path, &copts, |_, _| {})

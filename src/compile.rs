@@ -58,6 +58,9 @@ pub struct CompileOptions {
     /// Tuned schedules by workload fingerprint (`kiln compile --db`, see [`crate::tune`]);
     /// tunable kernels not in the map keep their default schedule.
     pub schedules: std::sync::Arc<HashMap<String, kiln_tune::Config>>,
+    /// Measured op times from the same database, for the eqsat cost model (µs by op
+    /// signature, see [`kiln_passes::eqsat::cost::measured_table`]).
+    pub measured_us: std::sync::Arc<HashMap<String, f64>>,
 }
 
 impl Default for CompileOptions {
@@ -70,6 +73,7 @@ impl Default for CompileOptions {
             opt_level: None,
             reference_kernels: true,
             schedules: Default::default(),
+            measured_us: Default::default(),
         }
     }
 }
@@ -212,6 +216,7 @@ pub fn compile_graph(
                 Vec::new()
             },
             opt_level: opts.opt_level,
+            measured_us: opts.measured_us.clone(),
         };
         let planned = pipeline::plan_graph(graph.clone(), &popts, &mut print)?;
         t_plan += t.elapsed();

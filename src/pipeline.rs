@@ -42,6 +42,9 @@ pub struct Options {
     pub print_after: Vec<String>,
     /// Optimisation level (`-O0` ... `-O3`; `None` is the default, `-O2`).
     pub opt_level: Option<u8>,
+    /// Measured op times for the eqsat cost model (µs by op signature; from the tuning
+    /// database, see [`kiln_passes::eqsat::cost::measured_table`]).
+    pub measured_us: std::sync::Arc<HashMap<String, f64>>,
 }
 
 /// Separates the eqsat report from the IR in the text printed after the `eqsat` stage.
@@ -168,7 +171,8 @@ pub fn plan_graph(
         print("fold", &kiln_ir::printer::to_text(&g));
     }
     let mut eqsat = None;
-    if let Some(eo) = eqsat_options(opts.opt_level.unwrap_or(2)) {
+    if let Some(mut eo) = eqsat_options(opts.opt_level.unwrap_or(2)) {
+        eo.measured_us = opts.measured_us.clone();
         let (g2, report) = kiln_passes::eqsat::optimize(&g, &eo).context("eqsat")?;
         g = g2;
         if want("eqsat") {

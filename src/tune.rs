@@ -77,6 +77,7 @@ pub fn model_tasks(model: &Path, opts: &CompileOptions) -> Result<Vec<ModelTask>
         shapes: opts.shapes.clone(),
         print_after: Vec::new(),
         opt_level: opts.opt_level,
+        measured_us: opts.measured_us.clone(),
     };
     let planned = pipeline::plan_graph(g, &popts, |_, _| {})?;
     let (g, p) = (&planned.graph, &planned.partition);
@@ -461,14 +462,37 @@ fn measure(g: &Graph, artifact: &Path, threads: usize, min_time: f64) -> Result<
     })
 }
 
-/// The tuned schedules for `target` in the database at `db`, by workload fingerprint.
-pub fn load_schedules(db: &Path, target: &str) -> Result<HashMap<String, Config>> {
+/// The tuned schedules for `target` in the database at `db`, by workload fingerprint, and
+/// the measured op times for the eqsat cost model (see
+/// [`kiln_passes::eqsat::cost::measured_table`]).
+pub fn load_schedules(db: &Path, target: &str) -> Result<TunedSchedules> {
     let db = TuningDb::open(db)?;
-    Ok(db
-        .best_all(target, KILN_VERSION)?
-        .into_iter()
-        .map(|(k, r)| (k, r.config))
-        .collect())
+    let best = db.best_all(target, KILN_VERSION)?;
+    let measured = kiln_passes::eqsat::cost::measured_table(
+        best.values()
+            .filter_map(|r| Some((r.description.as_str(), r.outcome.seconds()?))),
+    );
+    Ok(TunedSchedules {
+        schedules: best.into_iter().map(|(k, r)| (k, r.config)).collect(),
+        measured_us: measured,
+    })
+}
+
+/// What a tuning database gives the compiler (see [`load_schedules`]).
+#[derive(Debug, Clone, Default)]
+pub struct TunedSchedules {
+    /// Best schedule by workload fingerprint.
+    pub schedules: HashMap<String, Config>,
+    /// Measured µs by op signature.
+    pub measured_us: HashMap<String, f64>,
+}
+
+impl TunedSchedules {
+    /// Sets these as `opts`' schedules and measured times.
+    pub fn apply(self, opts: &mut CompileOptions) {
+        opts.schedules = Arc::new(self.schedules);
+        opts.measured_us = Arc::new(self.measured_us);
+    }
 }
 
 /// Settings of [`tune_model`] (`kiln tune`).

@@ -317,3 +317,21 @@ impl Op {
         dispatch!(self, o => format!("{o:?}"))
     }
 }
+
+/// A canonical text naming an op application: the op with its attributes, and each input's
+/// dtype and shape (`c` after a constant input; `-` for an omitted optional input). Two
+/// applications with the same signature compute the same function of their non-constant
+/// inputs' shapes, so measured kernel times are keyed by it (tuning database, cost models).
+pub fn op_signature(op: &Op, inputs: &[Option<&Fact>]) -> String {
+    let ins: Vec<String> = inputs
+        .iter()
+        .map(|f| match f {
+            Some(f) => {
+                let c = if f.value.is_some() { "c" } else { "" };
+                format!("{}{}{c}", f.dtype.name(), f.shape)
+            }
+            None => "-".into(),
+        })
+        .collect();
+    format!("{op:?}({})", ins.join(","))
+}

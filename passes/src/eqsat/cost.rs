@@ -189,3 +189,101 @@ pub fn graph_cost(g: &Graph, model: &dyn CostModel) -> f64 {
         })
         .sum()
 }
+
+/// Measured kernel times where known, a base model elsewhere: an op whose
+/// [`kiln_ir::ops::op_signature`] has a measured time (from the tuning database: the best
+/// time of a tuned kernel whose contraction is this op, epilogue included) costs that time;
+/// every other op, and fused ops, cost what `base` says.
+#[derive(Clone, Debug)]
+pub struct Measured<M> {
+    /// The model for ops without a measurement.
+    pub base: M,
+    /// Measured microseconds by op signature.
+    pub times_us: std::sync::Arc<std::collections::HashMap<String, f64>>,
+}
+
+impl<M: CostModel> CostModel for Measured<M> {
+    fn op_cost(&self, op: &Op, inputs: &[Option<&Fact>], outputs: &[Fact], fused: bool) -> f64 {
+        if !fused && !self.times_us.is_empty() {
+            if let Some(t) = self.times_us.get(&kiln_ir::ops::op_signature(op, inputs)) {
+                return *t;
+            }
+        }
+        self.base.op_cost(op, inputs, outputs, fused)
+    }
+
+    fn name(&self) -> String {
+        format!(
+            "{} + {} measured op times",
+            self.base.name(),
+            self.times_us.len()
+        )
+    }
+}
+
+/// The measured-time table of [`Measured`] from tuning records: `(kernel description,
+/// seconds)` pairs, where a description is `KIND SIG;SIG;...` (the node signatures of a
+/// tuned kernel); each contraction signature (`Linalg(...)`, `Nn(Conv(...))`) gets the best
+/// time of the kernels containing it.
+pub fn measured_table<'a>(
+    records: impl IntoIterator<Item = (&'a str, f64)>,
+) -> std::collections::HashMap<String, f64> {
+    let mut out: std::collections::HashMap<String, f64> = std::collections::HashMap::new();
+    for (desc, seconds) in records {
+        let body = desc.split_once(' ').map(|(_, b)| b).unwrap_or(desc);
+        for sig in body.split(';') {
+            if sig.starts_with("Linalg(") || sig.starts_with("Nn(Conv(") {
+                let us = seconds * 1e6;
+                let e = out.entry(sig.to_string()).or_insert(us);
+                *e = e.min(us);
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_ir::ops::op_signature;
+    use kiln_ir::{DType, Shape};
+
+    #[test]
+    fn measured_times_replace_the_estimate_of_matching_ops_only() {
+        let a = Fact::new(DType::F32, Shape::known(&[4, 8]));
+        let b = Fact::new(DType::F32, Shape::known(&[8, 16]));
+        let y = Fact::new(DType::F32, Shape::known(&[4, 16]));
+        let mm = Op::Linalg(LinalgOp::MatMul);
+        let sig = op_signature(&mm, &[Some(&a), Some(&b)]);
+        assert_eq!(sig, "Linalg(MatMul)(f32[4,8],f32[8,16])");
+        let table = measured_table([
+            (
+                format!("matmul {sig};Elementwise(Unary(Relu))(f32[4,16])").as_str(),
+                3e-6,
+            ),
+            (format!("matmul {sig}").as_str(), 5e-6),
+        ]);
+        assert_eq!(table.len(), 1);
+        assert!(
+            (table[&sig] - 3.0).abs() < 1e-9,
+            "the best time wins: {table:?}"
+        );
+        let m = Measured {
+            base: Analytical::default(),
+            times_us: std::sync::Arc::new(table),
+        };
+        let base = Analytical::default();
+        assert_eq!(
+            m.op_cost(&mm, &[Some(&a), Some(&b)], std::slice::from_ref(&y), false),
+            3.0
+        );
+        // Other shapes, and fused ops, keep the analytical estimate.
+        let b2 = Fact::new(DType::F32, Shape::known(&[8, 32]));
+        let y2 = Fact::new(DType::F32, Shape::known(&[4, 32]));
+        assert_eq!(
+            m.op_cost(&mm, &[Some(&a), Some(&b2)], std::slice::from_ref(&y2), false),
+            base.op_cost(&mm, &[Some(&a), Some(&b2)], &[y2], false)
+        );
+        assert!(m.name().contains("1 measured"), "{}", m.name());
+    }
+}

@@ -39,7 +39,7 @@ pub mod extract;
 pub mod language;
 pub mod rules;
 
-use cost::{graph_cost, Analytical, CostModel, Device};
+use cost::{graph_cost, Analytical, CostModel, Device, Measured};
 use egg::Runner;
 use kiln_ir::{Graph, Result};
 use std::collections::BTreeMap;
@@ -74,6 +74,9 @@ pub struct EqsatOptions {
     pub device: Device,
     /// Only rules whose name is in this list (all rules if `None`).
     pub rules: Option<Vec<String>>,
+    /// Measured op times (µs by [`kiln_ir::ops::op_signature`], see
+    /// [`cost::measured_table`]) that replace the analytical estimate where present.
+    pub measured_us: std::sync::Arc<std::collections::HashMap<String, f64>>,
 }
 
 impl Default for EqsatOptions {
@@ -87,6 +90,7 @@ impl Default for EqsatOptions {
             extractor: ExtractorKind::Dag,
             device: Device::cpu(),
             rules: None,
+            measured_us: Default::default(),
         }
     }
 }
@@ -174,8 +178,11 @@ impl fmt::Display for EqsatReport {
 /// graph that does not verify.
 pub fn optimize(g: &Graph, opts: &EqsatOptions) -> Result<(Graph, EqsatReport)> {
     kiln_ir::verify::verify(g)?;
-    let model = Analytical {
-        device: opts.device.clone(),
+    let model = Measured {
+        base: Analytical {
+            device: opts.device.clone(),
+        },
+        times_us: opts.measured_us.clone(),
     };
     let mut rep = EqsatReport {
         cost_before: graph_cost(g, &model),

@@ -12,6 +12,7 @@ use super::conv::{ConvAlgo, ConvSchedule};
 use crate::cpu::matmul::MatmulSchedule;
 use kiln_ir::ops::linalg::LinalgOp;
 use kiln_ir::ops::nn::NnOp;
+use kiln_ir::ops::op_signature;
 use kiln_ir::{Graph, Op};
 use kiln_passes::fusion::{self, KernelKind};
 use kiln_tune::{Config, Param, Space, Workload};
@@ -106,27 +107,24 @@ fn lg(x: usize) -> f32 {
     (1.0 + x as f32).log2()
 }
 
-/// A canonical description of a kernel's nodes: op (with attributes), input shapes, whether
-/// each input is constant — everything that changes the generated code except the schedule.
+/// A canonical description of a kernel's nodes ([`kiln_ir::ops::op_signature`] of each,
+/// joined by `;`): everything that changes the generated code except the schedule. The
+/// first segment is the contraction's own signature, which the measured eqsat cost model
+/// looks up.
 fn describe(g: &Graph, k: &fusion::Kernel) -> String {
-    let mut parts = Vec::new();
-    for &n in &k.nodes {
-        let node = &g.nodes[n];
-        let ins: Vec<String> = node
-            .inputs
-            .iter()
-            .map(|v| match v {
-                Some(v) => {
-                    let f = &g.values[*v].fact;
-                    let c = if f.value.is_some() { "c" } else { "" };
-                    format!("{}{}{c}", f.dtype.name(), f.shape)
-                }
-                None => "-".into(),
-            })
-            .collect();
-        parts.push(format!("{:?}({})", node.op, ins.join(",")));
-    }
-    parts.join(";")
+    k.nodes
+        .iter()
+        .map(|&n| {
+            let node = &g.nodes[n];
+            let ins: Vec<Option<&kiln_ir::Fact>> = node
+                .inputs
+                .iter()
+                .map(|v| v.map(|v| &g.values[v].fact))
+                .collect();
+            op_signature(&node.op, &ins)
+        })
+        .collect::<Vec<_>>()
+        .join(";")
 }
 
 /// The tunable kernel `k` of `g`, if its template is tunable (f32 MatMul/Gemm/Conv with
