@@ -142,7 +142,7 @@ fn concurrent_runs_from_eight_threads() {
 /// `z` (static, from the prefix), `y` and `nz` (data-dependent shapes).
 fn dynamic_graph() -> kiln::ir::Graph {
     use kiln::ir::ops::array::{ArrayOp, IntsArg};
-    use kiln::ir::ops::elementwise::ElementwiseOp;
+    use kiln::ir::ops::elementwise::{ElementwiseOp, UnaryKind};
     use kiln::ir::ops::linalg::LinalgOp;
     use kiln::ir::{DType, Fact, Graph, Node, Op, Shape, Tensor};
     let mut g = Graph {
@@ -171,8 +171,18 @@ fn dynamic_graph() -> kiln::ir::Graph {
     };
     g.nodes = vec![
         node("mm", Op::Linalg(LinalgOp::MatMul), vec![x, w], m),
-        node("relu", Op::Elementwise(ElementwiseOp::Relu), vec![m], r),
-        node("sig", Op::Elementwise(ElementwiseOp::Sigmoid), vec![m], z),
+        node(
+            "relu",
+            Op::Elementwise(ElementwiseOp::Unary(UnaryKind::Relu)),
+            vec![m],
+            r,
+        ),
+        node(
+            "sig",
+            Op::Elementwise(ElementwiseOp::Unary(UnaryKind::Sigmoid)),
+            vec![m],
+            z,
+        ),
         node(
             "reshape",
             Op::Array(ArrayOp::Reshape {
@@ -195,7 +205,7 @@ fn dynamic_graph() -> kiln::ir::Graph {
 #[test]
 fn dynamic_tail_runs_with_run_time_shapes() {
     use kiln::ir::Tensor;
-    use kiln::runtime::DimSpec;
+    use kiln::runtime::{BufRef, DimSpec};
     let g = dynamic_graph();
     let art = Compiler::new().compile(&g).unwrap();
     let report = art.report().unwrap();
@@ -207,7 +217,14 @@ fn dynamic_tail_runs_with_run_time_shapes() {
     assert!(report.kernels >= 1, "the prefix is compiled: {report}");
     assert!(report.to_string().contains("dynamic tail"), "{report}");
     let plan = &art.as_runtime().plan;
-    assert!(plan.tail.is_some());
+    // The tail reads `r` (computed by the prefix, placed after the arena) and output `z`.
+    let t = plan.tail.as_ref().unwrap();
+    assert!(
+        t.inputs.iter().any(|b| matches!(b, BufRef::Arena { .. })),
+        "{t:?}"
+    );
+    assert!(t.inputs.contains(&BufRef::Output { index: 0 }), "{t:?}");
+    assert_eq!(t.outputs, vec![1, 2]);
     assert_eq!(plan.outputs[1].shape, vec![DimSpec::Dynamic; 2]);
     assert_eq!(
         plan.outputs[2].shape,
