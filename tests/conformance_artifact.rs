@@ -309,7 +309,9 @@ fn write_report(results: &[(String, String, Outcome, String)], counts: [usize; 4
          **{pass} / {required} pass** through the artifact path: **{native}** with every \
          kernel compiled to code, {pass_ref} with some kernels as *reference steps* (no code \
          generator for that op or dtype yet: the runtime evaluates them with the reference \
-         interpreter, see `runtime/src/reference.rs`); {fail} give a wrong answer; {nc} are \
+         interpreter, see `runtime/src/reference.rs`) or a *dynamic tail* (shapes that depend \
+         on input values: those nodes run on the interpreter at run-time shapes); {fail} give \
+         a wrong answer; {nc} are \
          refused by the compiler with a clear error (listed below by reason).\n"
     );
     let _ = writeln!(md, "## Per op (first op of the test model)\n");
