@@ -308,7 +308,8 @@ pub struct Step {
     #[serde(default = "one")]
     pub tasks: u64,
     /// A step with no compiled kernel: its nodes as a static-shape `kiln_ir::Graph` (JSON)
-    /// run by the reference interpreter (the runtime's `reference` module); `kernel` is then only a label.
+    /// run by the reference interpreter (the runtime's `reference` module); `kernel` is then
+    /// only a label.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reference: Option<String>,
 }
