@@ -811,7 +811,7 @@ pub fn bench(opts: &Options) -> Result<Report> {
                 .iter()
                 .map(|d| match d {
                     DimSpec::Fixed(n) => *n as usize,
-                    DimSpec::Sym(_) => 1,
+                    DimSpec::Sym(_) | DimSpec::Dynamic => 1,
                 })
                 .collect()
         })

@@ -10,6 +10,14 @@
 //! views) need no code: their output shares the storage of the value they view (the memory
 //! plan's `alias_of`).
 //!
+//! A model whose shapes depend on input *values* (e.g. a `Reshape` whose shape is a graph
+//! input, `NonZero`, `TopK` with a `k` input) is split after specialisation
+//! ([`crate::dynamic_tail`]): its static-shape prefix is compiled as above, the rest becomes
+//! the plan's *dynamic tail* ([`kiln_runtime::DynamicTail`]), a small graph the runtime runs
+//! with the reference interpreter at run-time shapes. `kiln compile` reports it like reference
+//! steps; `--no-reference-kernels` refuses it. Its outputs' unknown dims are
+//! [`DimSpec::Dynamic`].
+//!
 //! The execution plan is built from the compiler's own types:
 //! - graph inputs and outputs → [`IoSpec`]s with the static shapes after specialisation;
 //! - every constant read by a lowered kernel → one weight (raw little-endian bytes),
@@ -27,6 +35,7 @@ use kiln_ir::{Graph, ValueId};
 use kiln_passes::fusion::KernelKind;
 use kiln_passes::MemoryPlan;
 use kiln_runtime::plan::WeightsBuilder;
+use kiln_runtime::plan::ALIGNMENT;
 use kiln_runtime::{Artifact, BufRef, DType, DimSpec, ExecPlan, IoSpec, Step};
 use std::collections::HashMap;
 use std::fmt;
@@ -94,6 +103,10 @@ pub struct CompileReport {
     /// Kernels without compiled code, run by the reference interpreter (one line each:
     /// kernel, kind, ops, why), over all variants.
     pub reference: Vec<String>,
+    /// The dynamic tail (nodes whose shapes depend on input values, run by the reference
+    /// interpreter at run-time shapes): one line (nodes, ops, outputs); `None` if the model
+    /// has static shapes.
+    pub dynamic_tail: Option<String>,
     /// Arena size in bytes.
     pub arena_bytes: u64,
     /// Weights blob size in bytes (64-byte aligned weights).
@@ -122,6 +135,13 @@ impl fmt::Display for CompileReport {
             for r in &self.reference {
                 writeln!(f, "{r}")?;
             }
+        }
+        if let Some(t) = &self.dynamic_tail {
+            writeln!(
+                f,
+                "warning: shapes depend on input values; a dynamic tail runs on the reference \
+                 interpreter (slow):\n  {t}"
+            )?;
         }
         if self.variants > 1 {
             writeln!(
@@ -222,6 +242,7 @@ pub fn compile_graph(
         t_plan += t.elapsed();
         let t = Instant::now();
         let (mut lowering, refs) = lower_variant(model, &planned, opts, &mut report)?;
+        let tail = tail_step(model, &planned, opts, &mut report)?;
         if let Some(b) = batch {
             // Kernel symbols are unique per variant: `kiln_...` becomes `kiln_b<N>_...`.
             for lk in &mut lowering.kernels {
@@ -236,7 +257,7 @@ pub fn compile_graph(
         }
         t_lower += t.elapsed();
         kernels.extend(lowering.cpu_kernels());
-        variants.push((planned, lowering, refs));
+        variants.push((planned, lowering, refs, tail));
     }
     report.timings.push(("plan", t_plan));
     report.timings.push(("lower", t_lower));
@@ -252,8 +273,14 @@ pub fn compile_graph(
 
     let mut weights = WeightsBuilder::new();
     let mut plans = Vec::new();
-    for (planned, lowering, refs) in &variants {
-        plans.push(exec_plan(planned, lowering, refs, &mut weights)?);
+    for (planned, lowering, refs, tail) in &variants {
+        plans.push(exec_plan(
+            planned,
+            lowering,
+            refs,
+            tail.as_ref(),
+            &mut weights,
+        )?);
     }
     let (weights, specs) = weights.finish();
     for p in &mut plans {
@@ -409,6 +436,48 @@ pub(crate) fn kernel_graph(
     Ok((mg, inputs, ops))
 }
 
+/// The dynamic tail of one planned variant as a reference graph (see
+/// [`crate::dynamic_tail`]); refused with `--no-reference-kernels`.
+fn tail_step(
+    model: &Path,
+    planned: &pipeline::Planned,
+    opts: &CompileOptions,
+    report: &mut CompileReport,
+) -> Result<Option<RefStep>> {
+    let Some(split) = &planned.tail else {
+        return Ok(None);
+    };
+    let line = format!(
+        "{} node(s) ({}) computing output(s) {}",
+        split.tail_nodes.len(),
+        split.ops().join(", "),
+        split.output_names().join(", ")
+    );
+    if !opts.reference_kernels {
+        bail!(
+            "{}: shapes depend on the values of inputs (e.g. a shape, axes or k input), so a \
+             dynamic tail of {line} would run on the reference interpreter, which \
+             --no-reference-kernels forbids; make such inputs initializers of the model",
+            model.display()
+        );
+    }
+    let full = &split.full;
+    let k = kiln_passes::Kernel {
+        name: "tail".into(),
+        kind: KernelKind::Opaque,
+        nodes: split.tail_nodes.clone(),
+        inputs: Vec::new(),
+        outputs: split
+            .tail_outputs
+            .iter()
+            .map(|&i| full.outputs[i])
+            .collect(),
+    };
+    let step = reference_step(full, &k, 0).context("dynamic tail")?;
+    report.dynamic_tail = Some(line);
+    Ok(Some(step))
+}
+
 /// Lowers the kernels of one planned variant. Kernels of a kind or dtype that is not
 /// compiled yet become reference steps when `opts.reference_kernels` is on; otherwise the
 /// compile fails, listing them.
@@ -465,26 +534,77 @@ fn lower_variant(
 }
 
 /// The execution plan of one lowered variant; its weights go to the shared `weights`.
+///
+/// With a dynamic tail (`tail`, see [`crate::dynamic_tail`]) the planned graph is the static
+/// prefix: its first outputs are model outputs (plan outputs by
+/// [`DynamicSplit::prefix_outputs`](crate::dynamic_tail::DynamicSplit::prefix_outputs)), the
+/// others boundary values the tail reads, stored after the memory plan's arena.
 fn exec_plan(
     planned: &pipeline::Planned,
     lowering: &kiln_codegen::cpu::lower::Lowering,
     refs: &[RefStep],
+    tail: Option<&RefStep>,
     weights: &mut WeightsBuilder,
 ) -> Result<ExecPlan> {
     let (g, mem) = (&planned.graph, &planned.memory);
+    let split = planned.tail.as_ref().filter(|_| tail.is_some());
     let mut b = PlanBuilder::new(g, mem, weights);
+    let mut arena_bytes = mem.arena_bytes as u64;
+    let outputs = match split {
+        None => g
+            .outputs
+            .iter()
+            .map(|&v| io_spec(g, v))
+            .collect::<Result<_>>()?,
+        Some(split) => {
+            let full = &split.full;
+            b.n_model = split.prefix_outputs.len();
+            b.out_refs = split
+                .prefix_outputs
+                .iter()
+                .map(|&index| BufRef::Output { index })
+                .collect();
+            for &w in &g.outputs[b.n_model..] {
+                let r = if let Some(index) = g.inputs.iter().position(|&i| i == w) {
+                    BufRef::Input { index }
+                } else if let Some(t) = g.const_value(w) {
+                    let bytes = kiln_ir::onnx::tensor_proto::to_raw(t);
+                    BufRef::Weight {
+                        index: b.weights.push(&g.values[w].name, &bytes),
+                    }
+                } else {
+                    let val = &g.values[w];
+                    let bytes = val
+                        .fact
+                        .shape
+                        .numel()
+                        .and_then(|n| runtime_dtype(val.fact.dtype).ok()?.bytes_for(n))
+                        .with_context(|| format!("boundary value '{}': size", val.name))?
+                        as u64;
+                    let offset = arena_bytes.next_multiple_of(ALIGNMENT as u64);
+                    arena_bytes = offset + bytes;
+                    BufRef::Arena { offset, bytes }
+                };
+                b.out_refs.push(r);
+            }
+            full.outputs
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| match split.tail_outputs.contains(&i) {
+                    true => dynamic_io_spec(full, v),
+                    false => io_spec(full, v),
+                })
+                .collect::<Result<_>>()?
+        }
+    };
     let mut plan = ExecPlan {
         inputs: g
             .inputs
             .iter()
             .map(|&v| io_spec(g, v))
             .collect::<Result<_>>()?,
-        outputs: g
-            .outputs
-            .iter()
-            .map(|&v| io_spec(g, v))
-            .collect::<Result<_>>()?,
-        arena_bytes: mem.arena_bytes as u64,
+        outputs,
+        arena_bytes,
         ..ExecPlan::default()
     };
     // Compiled and reference steps, in partition order.
@@ -551,7 +671,10 @@ fn exec_plan(
         });
     }
     // Graph outputs no step writes (a constant, or an input passed through): a copy step.
-    for (oi, &o) in g.outputs.iter().enumerate() {
+    for (pos, &o) in g.outputs[..b.n_model].iter().enumerate() {
+        let BufRef::Output { index: oi } = b.out_refs[pos] else {
+            continue;
+        };
         let written = plan.steps.iter().any(|s| {
             s.args[s.num_inputs..]
                 .iter()
@@ -579,7 +702,48 @@ fn exec_plan(
             reference: Some(copy_graph_json(g, o)?),
         });
     }
+    if let (Some(split), Some(t)) = (split, tail) {
+        plan.tail = Some(tail_buffers(&mut b, split, t)?);
+    }
     Ok(plan)
+}
+
+/// The plan's [`kiln_runtime::DynamicTail`]: the tail graph with each of its inputs resolved to
+/// the buffer holding it (graph input, weight, model output, or boundary buffer).
+fn tail_buffers(
+    b: &mut PlanBuilder<'_>,
+    split: &crate::dynamic_tail::DynamicSplit,
+    tail: &RefStep,
+) -> Result<kiln_runtime::DynamicTail> {
+    let (full, g) = (&split.full, b.g);
+    let mut inputs = Vec::new();
+    for &v in &tail.inputs {
+        let name = &full.values[v].name;
+        let r = if let Some(index) = full.inputs.iter().position(|&i| i == v) {
+            BufRef::Input { index }
+        } else if let Some(t) = full.const_value(v) {
+            let bytes = kiln_ir::onnx::tensor_proto::to_raw(t);
+            BufRef::Weight {
+                index: b.weights.push(name, &bytes),
+            }
+        } else if let Some(p) = split
+            .prefix_outputs
+            .iter()
+            .position(|&i| full.outputs[i] == v)
+        {
+            b.buf(g.outputs[p])?
+        } else if let Some(k) = split.boundary.iter().position(|&x| x == v) {
+            b.buf(g.outputs[b.n_model + k])?
+        } else {
+            bail!("dynamic tail: input '{name}' is not computed by the static prefix");
+        };
+        inputs.push(r);
+    }
+    Ok(kiln_runtime::DynamicTail {
+        graph: tail.json.clone(),
+        inputs,
+        outputs: split.tail_outputs.clone(),
+    })
 }
 
 /// A reference graph copying value `v` (its dtype and shape, no constant value) to its
@@ -609,62 +773,32 @@ fn copy_graph_json(g: &Graph, v: ValueId) -> Result<String> {
 
 /// The runtime dtype of a graph dtype.
 pub fn runtime_dtype(d: kiln_ir::DType) -> Result<DType> {
-    use kiln_ir::DType as I;
-    Ok(match d {
-        I::F32 => DType::F32,
-        I::F16 => DType::F16,
-        I::BF16 => DType::BF16,
-        I::F64 => DType::F64,
-        I::I8 => DType::I8,
-        I::I16 => DType::I16,
-        I::I32 => DType::I32,
-        I::I64 => DType::I64,
-        I::U8 => DType::U8,
-        I::U16 => DType::U16,
-        I::U32 => DType::U32,
-        I::U64 => DType::U64,
-        I::Bool => DType::Bool,
-        I::F8E4M3FN => DType::F8E4M3FN,
-        I::F8E4M3FNUZ => DType::F8E4M3FNUZ,
-        I::F8E5M2 => DType::F8E5M2,
-        I::F8E5M2FNUZ => DType::F8E5M2FNUZ,
-        I::F8E8M0 => DType::F8E8M0,
-        I::F4E2M1 => DType::F4E2M1,
-        I::I4 => DType::I4,
-        I::U4 => DType::U4,
-        I::I2 => DType::I2,
-        I::U2 => DType::U2,
-    })
+    Ok(DType::from_ir(d))
 }
 
 /// The graph dtype of a runtime dtype.
 pub fn graph_dtype(d: DType) -> kiln_ir::DType {
-    use kiln_ir::DType as I;
-    match d {
-        DType::F32 => I::F32,
-        DType::F16 => I::F16,
-        DType::BF16 => I::BF16,
-        DType::F64 => I::F64,
-        DType::I8 => I::I8,
-        DType::I16 => I::I16,
-        DType::I32 => I::I32,
-        DType::I64 => I::I64,
-        DType::U8 => I::U8,
-        DType::U16 => I::U16,
-        DType::U32 => I::U32,
-        DType::U64 => I::U64,
-        DType::Bool => I::Bool,
-        DType::F8E4M3FN => I::F8E4M3FN,
-        DType::F8E4M3FNUZ => I::F8E4M3FNUZ,
-        DType::F8E5M2 => I::F8E5M2,
-        DType::F8E5M2FNUZ => I::F8E5M2FNUZ,
-        DType::F8E8M0 => I::F8E8M0,
-        DType::F4E2M1 => I::F4E2M1,
-        DType::I4 => I::I4,
-        DType::U4 => I::U4,
-        DType::I2 => I::I2,
-        DType::U2 => I::U2,
-    }
+    d.to_ir()
+}
+
+/// The I/O spec of a graph output computed by the dynamic tail: unknown dims are
+/// [`DimSpec::Dynamic`].
+fn dynamic_io_spec(g: &Graph, v: ValueId) -> Result<IoSpec> {
+    let val = &g.values[v];
+    Ok(IoSpec {
+        name: val.name.clone(),
+        dtype: runtime_dtype(val.fact.dtype)?,
+        shape: val
+            .fact
+            .shape
+            .dims()
+            .iter()
+            .map(|d| {
+                d.known()
+                    .map_or(DimSpec::Dynamic, |n| DimSpec::Fixed(n as u64))
+            })
+            .collect(),
+    })
 }
 
 /// The static I/O spec of a graph input or output.
@@ -701,6 +835,11 @@ struct PlanBuilder<'a> {
     weight_of: HashMap<ValueId, usize>,
     /// Derived constants already stored, by name.
     derived_of: HashMap<String, usize>,
+    /// How many of the graph's outputs are model outputs (the others are boundary values of
+    /// a static prefix, see [`exec_plan`]).
+    n_model: usize,
+    /// The buffer of each graph output.
+    out_refs: Vec<BufRef>,
 }
 
 impl<'a> PlanBuilder<'a> {
@@ -711,6 +850,10 @@ impl<'a> PlanBuilder<'a> {
             weights,
             weight_of: HashMap::new(),
             derived_of: HashMap::new(),
+            n_model: g.outputs.len(),
+            out_refs: (0..g.outputs.len())
+                .map(|index| BufRef::Output { index })
+                .collect(),
         }
     }
 
@@ -731,12 +874,18 @@ impl<'a> PlanBuilder<'a> {
     /// The buffer holding value `v` (a view is resolved to the storage it views).
     fn buf(&mut self, v: ValueId) -> Result<BufRef> {
         let g = self.g;
+        // A boundary value has its own buffer, even when it is a view.
+        if let Some(pos) = g.outputs.iter().position(|&o| o == v) {
+            if pos >= self.n_model {
+                return Ok(self.out_refs[pos].clone());
+            }
+        }
         let root = self.mem.alias_of[v].unwrap_or(v);
         if let Some(index) = g.inputs.iter().position(|&i| i == root) {
             return Ok(BufRef::Input { index });
         }
-        if let Some(index) = g.outputs.iter().position(|&o| o == root) {
-            return Ok(BufRef::Output { index });
+        if let Some(pos) = g.outputs.iter().position(|&o| o == root) {
+            return Ok(self.out_refs[pos].clone());
         }
         if let Some(t) = g.const_value(root) {
             let index = match self.weight_of.get(&root) {

@@ -27,6 +27,7 @@
 pub mod api;
 pub mod bench;
 pub mod compile;
+pub mod dynamic_tail;
 pub mod inspect;
 pub mod io;
 pub mod pipeline;

@@ -672,7 +672,7 @@ fn run_artifact(
             .iter()
             .map(|d| match d {
                 DimSpec::Fixed(n) => *n as usize,
-                DimSpec::Sym(_) => 1,
+                DimSpec::Sym(_) | DimSpec::Dynamic => 1,
             })
             .collect();
         (kiln::compile::graph_dtype(io.dtype), shape)

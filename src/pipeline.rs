@@ -19,7 +19,7 @@ pub const STAGES: &[(&str, &str)] = &[
     ),
     (
         "specialize",
-        "fix symbolic input dims to concrete sizes and re-infer",
+        "fix symbolic input dims to concrete sizes and re-infer; split off the nodes whose shapes depend on input values (dynamic tail)",
     ),
     (
         "fold",
@@ -74,7 +74,8 @@ pub fn eqsat_options(opt_level: u8) -> Option<kiln_passes::eqsat::EqsatOptions> 
     }
 }
 
-/// The result of the graph-level pipeline: the optimised graph, its kernels and memory plan.
+/// The result of the graph-level pipeline: the optimised graph, its kernels and memory plan
+/// (and, for a model with data-dependent shapes, its dynamic tail).
 #[derive(Debug)]
 pub struct Planned {
     /// The graph after all graph passes.
@@ -85,6 +86,9 @@ pub struct Planned {
     pub memory: MemoryPlan,
     /// What the eqsat stage did (`None` at `-O0`).
     pub eqsat: Option<kiln_passes::eqsat::EqsatReport>,
+    /// The nodes whose shapes depend on input values, split off after `specialize`; `graph`
+    /// is then only the static prefix (see [`crate::dynamic_tail`]).
+    pub tail: Option<crate::dynamic_tail::DynamicSplit>,
 }
 
 /// Parses `name=1x3x224x224`.
@@ -163,6 +167,15 @@ pub fn plan_graph(
     if want("specialize") {
         print("specialize", &kiln_ir::printer::to_text(&g));
     }
+    // Shapes that still depend on input values: compile the static prefix, keep the rest
+    // as a dynamic tail (see `crate::dynamic_tail`).
+    let tail = match crate::dynamic_tail::split(&g)? {
+        Some((prefix, split)) => {
+            g = prefix;
+            Some(split)
+        }
+        None => None,
+    };
     kiln_passes::fold_batchnorm::fold_all(&mut g);
     kiln_passes::prepack::pretranspose_gemm_weights(&mut g);
     kiln_ir::simplify::simplify(&mut g);
@@ -206,5 +219,6 @@ pub fn plan_graph(
         partition,
         memory,
         eqsat,
+        tail,
     })
 }

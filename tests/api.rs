@@ -136,3 +136,169 @@ fn concurrent_runs_from_eight_threads() {
     }
     assert!((1..=8).contains(&s.instances()), "{}", s.instances());
 }
+
+/// A graph with a static prefix compiled to code (MatMul, Relu, Sigmoid) feeding a dynamic
+/// tail: a Reshape whose shape is a graph input, and a NonZero of a model output. Outputs:
+/// `z` (static, from the prefix), `y` and `nz` (data-dependent shapes).
+fn dynamic_graph() -> kiln::ir::Graph {
+    use kiln::ir::ops::array::{ArrayOp, IntsArg};
+    use kiln::ir::ops::elementwise::{ElementwiseOp, UnaryKind};
+    use kiln::ir::ops::linalg::LinalgOp;
+    use kiln::ir::{DType, Fact, Graph, Node, Op, Shape, Tensor};
+    let mut g = Graph {
+        name: "dyn".into(),
+        opset: 17,
+        ..Default::default()
+    };
+    let x = g.add_value("x", Fact::new(DType::F32, Shape::known(&[2, 4])));
+    let s = g.add_value("s", Fact::new(DType::I64, Shape::known(&[2])));
+    g.inputs = vec![x, s];
+    let wv: Vec<f32> = (0..12).map(|i| (i as f32 - 5.0) * 0.25).collect();
+    let w = g.add_const("w", Tensor::from_vec(&[4, 3], wv));
+    let f = || Fact::new(DType::F32, Shape::unknown(0));
+    let (m, r, z, y) = (
+        g.add_value("m", f()),
+        g.add_value("r", f()),
+        g.add_value("z", f()),
+        g.add_value("y", f()),
+    );
+    let nz = g.add_value("nz", Fact::new(DType::I64, Shape::unknown(0)));
+    let node = |name: &str, op: Op, inputs: Vec<usize>, out: usize| Node {
+        name: name.into(),
+        op,
+        inputs: inputs.into_iter().map(Some).collect(),
+        outputs: vec![out],
+    };
+    g.nodes = vec![
+        node("mm", Op::Linalg(LinalgOp::MatMul), vec![x, w], m),
+        node(
+            "relu",
+            Op::Elementwise(ElementwiseOp::Unary(UnaryKind::Relu)),
+            vec![m],
+            r,
+        ),
+        node(
+            "sig",
+            Op::Elementwise(ElementwiseOp::Unary(UnaryKind::Sigmoid)),
+            vec![m],
+            z,
+        ),
+        node(
+            "reshape",
+            Op::Array(ArrayOp::Reshape {
+                shape: IntsArg::Input(1),
+                allowzero: false,
+            }),
+            vec![r, s],
+            y,
+        ),
+        node("nonzero", Op::Array(ArrayOp::NonZero), vec![z], nz),
+    ];
+    g.outputs = vec![z, y, nz];
+    g.infer().unwrap();
+    g
+}
+
+/// Data-dependent output shapes go through the artifact path: compiled, saved, loaded, run
+/// with two different shape inputs, each output equal to the reference interpreter's;
+/// `run_into` and `output_shapes` refuse the dynamic outputs with a clear error.
+#[test]
+fn dynamic_tail_runs_with_run_time_shapes() {
+    use kiln::ir::Tensor;
+    use kiln::runtime::{BufRef, DimSpec};
+    let g = dynamic_graph();
+    let art = Compiler::new().compile(&g).unwrap();
+    let report = art.report().unwrap();
+    let tail = report.dynamic_tail.as_deref().unwrap();
+    assert!(
+        tail.contains("Reshape") && tail.contains("NonZero"),
+        "{tail}"
+    );
+    assert!(report.kernels >= 1, "the prefix is compiled: {report}");
+    assert!(report.to_string().contains("dynamic tail"), "{report}");
+    let plan = &art.as_runtime().plan;
+    // The tail reads `r` (computed by the prefix, placed after the arena) and output `z`.
+    let t = plan.tail.as_ref().unwrap();
+    assert!(
+        t.inputs.iter().any(|b| matches!(b, BufRef::Arena { .. })),
+        "{t:?}"
+    );
+    assert!(t.inputs.contains(&BufRef::Output { index: 0 }), "{t:?}");
+    assert_eq!(t.outputs, vec![1, 2]);
+    assert_eq!(plan.outputs[1].shape, vec![DimSpec::Dynamic; 2]);
+    assert_eq!(
+        plan.outputs[2].shape,
+        vec![DimSpec::Fixed(2), DimSpec::Dynamic]
+    );
+    // Through the file format.
+    let path = std::env::temp_dir().join(format!("kiln-dyn-{}.kiln", std::process::id()));
+    art.save(&path).unwrap();
+    let loaded = Artifact::load(&path).unwrap();
+    let _ = std::fs::remove_file(&path);
+    let session = Session::new(&loaded).unwrap();
+    let x: Vec<f32> = (0..8).map(|i| (i as f32 - 3.5) * 0.5).collect();
+    for shape in [[3i64, 2], [1, -1]] {
+        let want = kiln::ir::interp::run(
+            &g,
+            &[
+                Tensor::from_vec(&[2, 4], x.clone()),
+                Tensor::from_vec(&[2], shape.to_vec()),
+            ],
+        )
+        .unwrap();
+        let ins = [
+            TensorView::from_f32(&[2, 4], &x),
+            TensorView::from_i64(&[2], &shape),
+        ];
+        let outs = session.run(&ins).unwrap();
+        assert_eq!(outs.len(), 3);
+        for (o, w) in outs.iter().zip(&want) {
+            assert_eq!(o.shape, w.shape(), "shape {shape:?}");
+            let got = kiln::ir::onnx::tensor_proto::from_raw(
+                kiln::compile::graph_dtype(o.dtype),
+                &o.shape,
+                o.data.as_slice(),
+            )
+            .unwrap();
+            got.check_close(w, 1e-5, 1e-6).unwrap();
+        }
+        // `run_into` and `output_shapes` cannot serve a data-dependent shape.
+        let (mut a, mut b, mut c) = ([0f32; 6], [0f32; 6], [0i64; 12]);
+        let e = session
+            .run_into(
+                &ins,
+                &mut [
+                    kiln::bytes_of_mut(&mut a),
+                    kiln::bytes_of_mut(&mut b),
+                    kiln::bytes_of_mut(&mut c),
+                ],
+            )
+            .unwrap_err();
+        assert!(matches!(e, Error::Run(_)), "{e}");
+        assert!(
+            e.to_string()
+                .contains("output 1 'y' has a data-dependent shape; use run"),
+            "{e}"
+        );
+        let e = session.output_shapes(&ins).unwrap_err();
+        assert!(e.to_string().contains("data-dependent shape"), "{e}");
+    }
+    // A shape that does not fit the data is the interpreter's error, not a panic.
+    let bad = [4i64, 4];
+    let e = session
+        .run(&[
+            TensorView::from_f32(&[2, 4], &x),
+            TensorView::from_i64(&[2], &bad),
+        ])
+        .unwrap_err();
+    assert!(e.to_string().contains("dynamic tail"), "{e}");
+    // Without reference kernels the tail is refused, naming it.
+    let e = Compiler::new()
+        .reference_kernels(false)
+        .compile(&g)
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("dynamic tail") && e.to_string().contains("Reshape"),
+        "{e}"
+    );
+}

@@ -249,3 +249,37 @@ fn run_accepts_an_onnx_model_directly() {
     ]);
     assert!(ok && text.contains("f32[3, 10]"), "{text}");
 }
+
+#[test]
+fn data_dependent_shapes_compile_to_a_dynamic_tail() {
+    // NonZero's output shape depends on its input's values; Reshape's on its shape input.
+    for name in ["test_nonzero_example", "test_reshape_reduced_dims"] {
+        let case = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join(".data/node")
+            .join(name);
+        let dir = tmp(name);
+        let art = dir.join("m.kiln");
+        let model = case.join("model.onnx");
+        let (ok, text) = kiln(&[
+            "compile",
+            s(&model),
+            "--no-reference-kernels",
+            "-o",
+            s(&art),
+        ]);
+        assert!(
+            !ok && text.contains("dynamic tail") && text.contains("--no-reference-kernels"),
+            "{text}"
+        );
+        let (ok, text) = kiln(&["compile", s(&model), "-o", s(&art)]);
+        assert!(
+            ok && text.contains("a dynamic tail runs on the reference interpreter"),
+            "{text}"
+        );
+        let (ok, text) = kiln(&["run", s(&art), "--check", s(&case.join("test_data_set_0"))]);
+        assert!(
+            ok && text.contains("OK: matches the reference"),
+            "{name}: {text}"
+        );
+    }
+}

@@ -3,7 +3,8 @@
 //! runtime and run on the test's inputs, and its outputs are compared with the expected ones.
 //!
 //! Outcomes: `pass` (every kernel compiled to code); `pass (reference steps)` (some kernels
-//! have no code generator yet and ran as reference steps on the runtime's interpreter);
+//! have no code generator yet and ran as reference steps on the runtime's interpreter, or
+//! shapes depend on input values and a dynamic tail ran on it);
 //! `fail` (the runtime refused the inputs or the outputs differ: a wrong answer, never
 //! acceptable); `not compiled` (the compiler refused the model with a clear error, e.g. an
 //! output shape that depends on input values).
@@ -144,7 +145,8 @@ fn run_case(dir: &Path, scratch: &Path) -> (Outcome, String) {
             Ok(m) => m,
             Err(e) => return (Outcome::Fail, format!("load: {e}")),
         };
-        if model.plan().steps.iter().any(|s| s.reference.is_some()) {
+        let plan = model.plan();
+        if plan.steps.iter().any(|s| s.reference.is_some()) || plan.tail.is_some() {
             outcome = Outcome::PassReference;
         }
         let outs = match run_artifact(&mut model, &inputs) {
@@ -307,7 +309,9 @@ fn write_report(results: &[(String, String, Outcome, String)], counts: [usize; 4
          **{pass} / {required} pass** through the artifact path: **{native}** with every \
          kernel compiled to code, {pass_ref} with some kernels as *reference steps* (no code \
          generator for that op or dtype yet: the runtime evaluates them with the reference \
-         interpreter, see `runtime/src/reference.rs`); {fail} give a wrong answer; {nc} are \
+         interpreter, see `runtime/src/reference.rs`) or a *dynamic tail* (shapes that depend \
+         on input values: those nodes run on the interpreter at run-time shapes); {fail} give \
+         a wrong answer; {nc} are \
          refused by the compiler with a clear error (listed below by reason).\n"
     );
     let _ = writeln!(md, "## Per op (first op of the test model)\n");

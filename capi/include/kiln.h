@@ -185,7 +185,9 @@ const char *kiln_session_output_name(const struct KilnSession *session, uintptr_
 enum KilnDType kiln_session_output_dtype(const struct KilnSession *session, uintptr_t index);
 
 // Writes the shape of output `index` for these inputs into `dims` (room for `max_rank`
-// entries) and its rank into `*rank`. Returns 0, or -1 on failure.
+// entries) and its rank into `*rank`. Returns 0, or -1 on failure (also for a model with an
+// output whose shape depends on the input values: "... has a data-dependent shape; use run",
+// which the C API does not offer yet).
 //
 // # Safety
 // `inputs` points to `n_inputs` valid tensors; `dims` to `max_rank` writable entries;
@@ -200,7 +202,9 @@ int kiln_session_output_shape(const struct KilnSession *session,
 
 // Runs the model: `inputs` in model input order, output `o` written into `outputs[o]`
 // (exactly its size in bytes, aligned to its element size). Allocates nothing once the
-// session has an idle instance. Thread-safe. Returns 0, or -1 on failure.
+// session has an idle instance. Thread-safe. Returns 0, or -1 on failure (a model with an
+// output whose shape depends on the input values is refused, see
+// `kiln_session_output_shape`).
 //
 // # Safety
 // `inputs` points to `n_inputs` valid tensors, `outputs` to `n_outputs` writable buffers

@@ -206,6 +206,36 @@ impl Session {
             let (ptr, nbytes) = raw(a);
             meta.push((d, a.shape().to_vec(), ptr, nbytes));
         }
+        let dynamic = self
+            .0
+            .outputs()
+            .iter()
+            .any(|io| io.shape.contains(&kiln::runtime::DimSpec::Dynamic));
+        if dynamic {
+            // Output shapes depend on the input values: run, then copy into new arrays.
+            let r = py.allow_threads(|| self.0.run(&views(&meta)));
+            return r
+                .map_err(err)?
+                .iter()
+                .map(|t| {
+                    let a = alloc(py, t.dtype, &t.shape)?;
+                    let (p, n) = raw(&a);
+                    if n != t.data.len() {
+                        return Err(KilnError::new_err(format!(
+                            "output of shape {:?}: {} bytes, the array has {n}",
+                            t.shape,
+                            t.data.len()
+                        )));
+                    }
+                    if n > 0 {
+                        // SAFETY: a fresh array of exactly `n` bytes, not shared yet.
+                        unsafe { std::slice::from_raw_parts_mut(p as *mut u8, n) }
+                            .copy_from_slice(t.data.as_slice());
+                    }
+                    Ok(a)
+                })
+                .collect();
+        }
         let shapes = self.0.output_shapes(&views(&meta)).map_err(err)?;
         let outs: Vec<Bound<'py, PyUntypedArray>> = shapes
             .iter()

@@ -123,3 +123,21 @@ def test_compile_torch():
     art = kiln.compile_torch(m, (x,))
     y = kiln.load(art).run([x.numpy()])[0]
     np.testing.assert_allclose(y, m(x).detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_data_dependent_output_shapes():
+    """A Reshape whose shape is an input: the output shape is known only after running."""
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 6])
+    s = helper.make_tensor_value_info("s", TensorProto.INT64, [2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Reshape", ["r", "s"], ["y"])],
+        "dyn", [x, s], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    sess = kiln.load(kiln.compile(model.SerializeToString()))
+    xv = np.arange(12, dtype=np.float32).reshape(2, 6) - 6
+    for shape in ([3, 4], [12, 1], [-1, 6]):
+        (out,) = sess.run({"x": xv, "s": np.array(shape, dtype=np.int64)})
+        np.testing.assert_array_equal(out, np.maximum(xv, 0).reshape(shape))

@@ -12,6 +12,7 @@ use crate::instance::Instance;
 use crate::kernel_lib::{KernelLibError, KernelLibrary};
 use crate::plan::{DType, ExecPlan, ALIGNMENT};
 use crate::pool::Pool;
+use kiln_ir::onnx::tensor_proto::to_raw;
 use std::path::Path;
 
 #[derive(Clone, Copy)]
@@ -234,6 +235,22 @@ pub enum RunError {
         /// What went wrong.
         msg: String,
     },
+    /// The dynamic tail (the nodes whose shapes depend on input values, run by the
+    /// reference interpreter) failed.
+    #[error("dynamic tail (reference interpreter): {msg}")]
+    Tail {
+        /// What went wrong.
+        msg: String,
+    },
+    /// The shape of an output depends on the input values, so it is known only after
+    /// running: [`Model::run_into`] and [`Model::output_shapes`] cannot serve it.
+    #[error("output {index} '{name}' has a data-dependent shape; use run")]
+    DynamicShape {
+        /// Its position.
+        index: usize,
+        /// Its name.
+        name: String,
+    },
     /// An output buffer does not fit its output.
     #[error("output {index} '{name}': {msg}")]
     Output {
@@ -451,28 +468,59 @@ impl Model {
     }
 
     /// The output shapes `inputs` would produce (checks the inputs like [`Model::run`]).
+    /// Fails with [`RunError::DynamicShape`] if an output's shape depends on the input values
+    /// (a [`crate::DimSpec::Dynamic`] dim): only [`Model::run`] can tell it.
     pub fn output_shapes(
         &mut self,
         inputs: &[TensorView<'_>],
     ) -> Result<Vec<Vec<usize>>, RunError> {
         let i = self.select(inputs)?;
         let v = &self.variants[i];
+        Self::refuse_dynamic(v)?;
         Ok((0..v.outputs.len()).map(|o| v.output_shape(o)).collect())
     }
 
-    /// Runs the model, returning freshly allocated outputs.
+    /// The first output of `v` with a data-dependent shape, as an error.
+    fn refuse_dynamic(v: &Instance) -> Result<(), RunError> {
+        match (0..v.outputs.len()).find(|&o| v.output_is_dynamic(o)) {
+            Some(index) => Err(RunError::DynamicShape {
+                index,
+                name: v.plan.outputs[index].name.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Runs the model, returning freshly allocated outputs (with their run-time shapes, also
+    /// for outputs whose shape depends on the input values).
     pub fn run(&mut self, inputs: &[TensorView<'_>]) -> Result<Vec<Tensor>, RunError> {
         let i = self.select(inputs)?;
         let v = &mut self.variants[i];
+        // Outputs of the dynamic tail are allocated once their shape is known.
         let mut outs: Vec<Tensor> = (0..v.outputs.len())
-            .map(|o| Tensor::zeroed(v.plan.outputs[o].dtype, v.output_shape(o)))
+            .map(|o| {
+                let dtype = v.plan.outputs[o].dtype;
+                match v.output_from_tail(o) {
+                    true => Tensor::zeroed(dtype, vec![0]),
+                    false => Tensor::zeroed(dtype, v.output_shape(o)),
+                }
+            })
             .collect();
         let ptrs: Vec<*mut u8> = outs
             .iter_mut()
             .map(|t| t.data.as_mut_slice().as_mut_ptr())
             .collect();
-        // SAFETY: bound by `select`; the outputs are fresh, aligned and of the right size.
+        // SAFETY: bound by `select`; the outputs are fresh, aligned and of the right size
+        // (no step writes a tail output).
         unsafe { v.execute(inputs, |o| ptrs[o], None, self.pool.as_ref()) }?;
+        // SAFETY: `execute` succeeded with these inputs and outputs.
+        for (o, t) in unsafe { v.run_tail(inputs, |o| ptrs[o]) }? {
+            outs[o] = Tensor {
+                dtype: v.plan.outputs[o].dtype,
+                shape: t.shape().to_vec(),
+                data: AlignedBuf::from_bytes(&to_raw(&t)),
+            };
+        }
         Ok(outs)
     }
 
@@ -485,6 +533,7 @@ impl Model {
     ) -> Result<Vec<(String, std::time::Duration)>, RunError> {
         let i = self.select(inputs)?;
         let v = &mut self.variants[i];
+        // Tail outputs (output_shape 0 where data-dependent) are not written by the steps.
         let mut outs: Vec<Tensor> = (0..v.outputs.len())
             .map(|o| Tensor::zeroed(v.plan.outputs[o].dtype, v.output_shape(o)))
             .collect();
@@ -493,21 +542,32 @@ impl Model {
             .map(|t| t.data.as_mut_slice().as_mut_ptr())
             .collect();
         let mut times = vec![std::time::Duration::ZERO; v.kernels.len()];
+        let mut tail_time = std::time::Duration::ZERO;
         for _ in 0..repeat {
             // SAFETY: as in `run`.
             unsafe { v.execute(inputs, |o| ptrs[o], Some(&mut times), self.pool.as_ref()) }?;
+            let t = std::time::Instant::now();
+            // SAFETY: as in `run`.
+            unsafe { v.run_tail(inputs, |o| ptrs[o]) }?;
+            tail_time += t.elapsed();
         }
-        Ok(v.plan
+        let mut prof: Vec<(String, std::time::Duration)> = v
+            .plan
             .steps
             .iter()
             .zip(times)
             .map(|(s, t)| (s.kernel.clone(), t))
-            .collect())
+            .collect();
+        if v.plan.tail.is_some() {
+            prof.push(("dynamic_tail".into(), tail_time));
+        }
+        Ok(prof)
     }
 
     /// Runs the model, writing output `o` into `outputs[o]`, which must have exactly its size
     /// in bytes (see [`Model::output_shapes`]) and be aligned to its element size. Allocates
-    /// nothing.
+    /// nothing (except in a dynamic tail). Fails with [`RunError::DynamicShape`] if an
+    /// output's shape depends on the input values: use [`Model::run`].
     pub fn run_into(
         &mut self,
         inputs: &[TensorView<'_>],
@@ -521,6 +581,7 @@ impl Model {
                 got: outputs.len(),
             });
         }
+        Self::refuse_dynamic(v)?;
         for (o, buf) in outputs.iter().enumerate() {
             let spec = &v.plan.outputs[o];
             let err = |msg: String| RunError::Output {
@@ -554,6 +615,25 @@ impl Model {
                 None,
                 self.pool.as_ref(),
             )
+        }?;
+        // Tail outputs of static shape: computed by the interpreter, copied in.
+        // SAFETY: as for `execute`.
+        let tail = unsafe { v.run_tail(inputs, |o| (*base.add(o)).as_mut_ptr()) }?;
+        for (o, t) in tail {
+            let raw = to_raw(&t);
+            if t.shape() != v.output_shape(o).as_slice() || raw.len() != outputs[o].len() {
+                return Err(RunError::Output {
+                    index: o,
+                    name: v.plan.outputs[o].name.clone(),
+                    msg: format!(
+                        "the dynamic tail computed shape {:?}, the plan declares {:?}",
+                        t.shape(),
+                        v.output_shape(o)
+                    ),
+                });
+            }
+            outputs[o].copy_from_slice(&raw);
         }
+        Ok(())
     }
 }

@@ -7,7 +7,7 @@ use crate::executor::{AlignedBuf, LoadError, RunError, TensorView};
 use crate::kernel_lib::{KernelFn, KernelLibrary};
 use crate::plan::{BufRef, DimExpr, DimSpec, ExecPlan};
 use crate::pool::Pool;
-use crate::reference::RefKernel;
+use crate::reference::{RefKernel, RefTail};
 use std::collections::HashMap;
 
 /// A dim of a declared shape, with symbols resolved to indices.
@@ -15,6 +15,8 @@ use std::collections::HashMap;
 pub(crate) enum Dim {
     Fixed(usize),
     Sym(usize),
+    /// Known only after running (an output of the dynamic tail).
+    Dynamic,
 }
 
 /// A per-call pointer patch of a step's `args`.
@@ -84,6 +86,11 @@ pub(crate) struct Instance {
     arg_patches: Vec<(usize, usize, IoPatch)>,
     dims: Vec<Vec<i64>>,
     dim_patches: Vec<(usize, usize, usize)>,
+    /// The dynamic tail, run after the steps ([`Instance::run_tail`]).
+    tail: Option<RefTail>,
+    /// Arena and weights base addresses (for the tail's buffers).
+    arena_base: *mut u8,
+    weights_base: *mut u8,
 }
 
 impl Instance {
@@ -144,6 +151,7 @@ impl Instance {
                 .map(|d| match d {
                     DimSpec::Fixed(n) => Dim::Fixed(*n as usize),
                     DimSpec::Sym(s) => Dim::Sym(sym_index(s, names)),
+                    DimSpec::Dynamic => Dim::Dynamic,
                 })
                 .collect()
         };
@@ -206,6 +214,16 @@ impl Instance {
             dims.push(d);
         }
         let n_syms = sym_names.len();
+        let tail = match &plan.tail {
+            Some(t) => Some(RefTail::parse(&plan, t).map_err(|msg| {
+                LoadError::Artifact(crate::ArtifactError::Malformed {
+                    path: path.to_string(),
+                    field: "plan.tail".into(),
+                    msg,
+                })
+            })?),
+            None => None,
+        };
         Ok(Self {
             plan,
             kernels: fns,
@@ -220,6 +238,9 @@ impl Instance {
             arg_patches,
             dims,
             dim_patches,
+            tail,
+            arena_base: abase,
+            weights_base: wbase,
         })
     }
 
@@ -269,6 +290,8 @@ impl Instance {
                         )))
                     }
                     Dim::Fixed(_) => {}
+                    // `validate` refuses data-dependent dims in inputs.
+                    Dim::Dynamic => return Err(err("declares a data-dependent dim".into())),
                     Dim::Sym(k) => {
                         let name = &self.sym_names[k];
                         let v = i64::try_from(n)
@@ -321,11 +344,15 @@ impl Instance {
         }
         // Output sizes follow from the bound symbols; refuse ones that overflow `usize`.
         for (o, (dims, spec)) in self.outputs.iter().zip(&self.plan.outputs).enumerate() {
+            if dims.iter().any(|d| matches!(d, Dim::Dynamic)) {
+                continue; // sized by the tail at run time
+            }
             let bytes = dims
                 .iter()
                 .try_fold(1usize, |a, d| match *d {
                     Dim::Fixed(n) => a.checked_mul(n),
                     Dim::Sym(k) => a.checked_mul(self.sym_values[k] as usize),
+                    Dim::Dynamic => None,
                 })
                 .and_then(|n| spec.dtype.bytes_for(n));
             if bytes.is_none() {
@@ -339,29 +366,69 @@ impl Instance {
         Ok(())
     }
 
-    /// The shape of output `index` for the bound symbols.
+    /// Whether output `index` has a data-dependent dim (known only after running).
+    pub(crate) fn output_is_dynamic(&self, index: usize) -> bool {
+        self.outputs[index]
+            .iter()
+            .any(|d| matches!(d, Dim::Dynamic))
+    }
+
+    /// Whether output `index` is computed by the dynamic tail (no step writes it).
+    pub(crate) fn output_from_tail(&self, index: usize) -> bool {
+        self.plan
+            .tail
+            .as_ref()
+            .is_some_and(|t| t.outputs.contains(&index))
+    }
+
+    /// The shape of output `index` for the bound symbols; a data-dependent dim
+    /// ([`Dim::Dynamic`]) counts as 0 (see [`Instance::output_is_dynamic`]).
     pub(crate) fn output_shape(&self, index: usize) -> Vec<usize> {
         self.outputs[index]
             .iter()
             .map(|d| match *d {
                 Dim::Fixed(n) => n,
                 Dim::Sym(k) => self.sym_values[k] as usize,
+                Dim::Dynamic => 0,
             })
             .collect()
     }
 
     pub(crate) fn output_bytes(&self, index: usize) -> usize {
-        let n: usize = self.outputs[index]
-            .iter()
-            .map(|d| match *d {
-                Dim::Fixed(n) => n,
-                Dim::Sym(k) => self.sym_values[k] as usize,
-            })
-            .product();
+        let n: usize = self.output_shape(index).iter().product();
         self.plan.outputs[index]
             .dtype
             .bytes_for(n)
             .expect("checked by bind")
+    }
+
+    /// Runs the dynamic tail (if any) after [`Instance::execute`] and returns the outputs it
+    /// computes (plan output index, tensor with its run-time shape).
+    ///
+    /// # Safety
+    /// `execute` succeeded with the same `inputs` and `out`.
+    pub(crate) unsafe fn run_tail(
+        &self,
+        inputs: &[TensorView<'_>],
+        out: impl Fn(usize) -> *mut u8,
+    ) -> Result<Vec<(usize, kiln_ir::Tensor)>, RunError> {
+        let Some(tail) = &self.tail else {
+            return Ok(Vec::new());
+        };
+        let buf = |b: &BufRef| -> *const u8 {
+            match b {
+                BufRef::Input { index } => inputs[*index].data.as_ptr(),
+                BufRef::Output { index } => out(*index),
+                // SAFETY (both): `validate` checked the ranges lie inside the buffers.
+                BufRef::Arena { offset, .. } => unsafe { self.arena_base.add(*offset as usize) },
+                BufRef::Weight { index } => unsafe {
+                    self.weights_base
+                        .add(self.plan.weights[*index].offset as usize)
+                },
+            }
+        };
+        // SAFETY: buffer sizes were checked against the plan at load; the steps ran.
+        unsafe { tail.run(buf) }.map_err(|msg| RunError::Tail { msg })
     }
 
     /// Runs the kernels with the bound symbols; `out(o)` is output `o`'s buffer.

@@ -19,4 +19,6 @@ mod reference;
 
 pub use artifact::{Artifact, ArtifactError};
 pub use executor::{AlignedBuf, LoadError, Model, RunError, Tensor, TensorView};
-pub use plan::{BufRef, DType, DimExpr, DimSpec, ExecPlan, IoSpec, Step, SymBound, WeightSpec};
+pub use plan::{
+    BufRef, DType, DimExpr, DimSpec, DynamicTail, ExecPlan, IoSpec, Step, SymBound, WeightSpec,
+};

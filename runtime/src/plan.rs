@@ -140,6 +140,68 @@ impl DType {
     }
 }
 
+impl DType {
+    /// The runtime dtype of a graph (`kiln_ir`) dtype.
+    pub fn from_ir(d: kiln_ir::DType) -> DType {
+        use kiln_ir::DType as I;
+        match d {
+            I::F32 => DType::F32,
+            I::F16 => DType::F16,
+            I::BF16 => DType::BF16,
+            I::F64 => DType::F64,
+            I::I8 => DType::I8,
+            I::I16 => DType::I16,
+            I::I32 => DType::I32,
+            I::I64 => DType::I64,
+            I::U8 => DType::U8,
+            I::U16 => DType::U16,
+            I::U32 => DType::U32,
+            I::U64 => DType::U64,
+            I::Bool => DType::Bool,
+            I::F8E4M3FN => DType::F8E4M3FN,
+            I::F8E4M3FNUZ => DType::F8E4M3FNUZ,
+            I::F8E5M2 => DType::F8E5M2,
+            I::F8E5M2FNUZ => DType::F8E5M2FNUZ,
+            I::F8E8M0 => DType::F8E8M0,
+            I::F4E2M1 => DType::F4E2M1,
+            I::I4 => DType::I4,
+            I::U4 => DType::U4,
+            I::I2 => DType::I2,
+            I::U2 => DType::U2,
+        }
+    }
+
+    /// The graph (`kiln_ir`) dtype of this runtime dtype.
+    pub fn to_ir(self) -> kiln_ir::DType {
+        use kiln_ir::DType as I;
+        match self {
+            DType::F32 => I::F32,
+            DType::F16 => I::F16,
+            DType::BF16 => I::BF16,
+            DType::F64 => I::F64,
+            DType::I8 => I::I8,
+            DType::I16 => I::I16,
+            DType::I32 => I::I32,
+            DType::I64 => I::I64,
+            DType::U8 => I::U8,
+            DType::U16 => I::U16,
+            DType::U32 => I::U32,
+            DType::U64 => I::U64,
+            DType::Bool => I::Bool,
+            DType::F8E4M3FN => I::F8E4M3FN,
+            DType::F8E4M3FNUZ => I::F8E4M3FNUZ,
+            DType::F8E5M2 => I::F8E5M2,
+            DType::F8E5M2FNUZ => I::F8E5M2FNUZ,
+            DType::F8E8M0 => I::F8E8M0,
+            DType::F4E2M1 => I::F4E2M1,
+            DType::I4 => I::I4,
+            DType::U4 => I::U4,
+            DType::I2 => I::I2,
+            DType::U2 => I::U2,
+        }
+    }
+}
+
 impl fmt::Display for DType {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
@@ -153,6 +215,11 @@ pub enum DimSpec {
     Fixed(u64),
     /// A size known at run time, named (e.g. `batch`); bound from the inputs' shapes.
     Sym(String),
+    /// A size known only after running: it depends on the *values* of the inputs (an output
+    /// of the [`ExecPlan::tail`], e.g. of `NonZero` or of a `Reshape` whose shape is an
+    /// input). Only outputs have such dims; `Model::run` returns them with their run-time
+    /// shapes, `Model::run_into` and `Model::output_shapes` refuse them.
+    Dynamic,
 }
 
 impl fmt::Display for DimSpec {
@@ -160,6 +227,7 @@ impl fmt::Display for DimSpec {
         match self {
             DimSpec::Fixed(n) => write!(f, "{n}"),
             DimSpec::Sym(s) => f.write_str(s),
+            DimSpec::Dynamic => f.write_str("?"),
         }
     }
 }
@@ -240,13 +308,31 @@ pub struct Step {
     #[serde(default = "one")]
     pub tasks: u64,
     /// A step with no compiled kernel: its nodes as a static-shape `kiln_ir::Graph` (JSON)
-    /// run by the reference interpreter ([`crate::reference`]); `kernel` is then only a label.
+    /// run by the reference interpreter (the runtime's `reference` module); `kernel` is then
+    /// only a label.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reference: Option<String>,
 }
 
 fn one() -> u64 {
     1
+}
+
+/// The nodes of a model whose shapes depend on input values (the *dynamic tail*), run after
+/// the steps by the reference interpreter with run-time shapes (see `crate::reference`).
+///
+/// The compiler compiles the largest static-shape prefix of the model to steps; the tail
+/// reads graph inputs, weights, model outputs and arena values written by the steps, and
+/// computes the model outputs listed in `outputs` (which no step writes).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DynamicTail {
+    /// The tail as a `kiln_ir::Graph` (JSON): static-shape inputs, outputs of any shape.
+    pub graph: String,
+    /// The buffer of each graph input, in order (read-only; [`BufRef::Output`] only for
+    /// outputs the steps write).
+    pub inputs: Vec<BufRef>,
+    /// For each graph output, in order, the index in [`ExecPlan::outputs`] it is.
+    pub outputs: Vec<usize>,
 }
 
 /// The largest value a symbolic dim may take at run time.
@@ -280,6 +366,11 @@ pub struct ExecPlan {
     /// accept the inputs. Variants have no variants of their own.
     #[serde(default)]
     pub variants: Vec<ExecPlan>,
+    /// The part of the model whose shapes depend on input values, run after the steps (see
+    /// [`DynamicTail`]); `None` for a model with static shapes. Plans written before this
+    /// field existed have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tail: Option<DynamicTail>,
 }
 
 impl ExecPlan {
@@ -340,6 +431,14 @@ impl ExecPlan {
                         ));
                     }
                 }
+            }
+        }
+        for io in &self.inputs {
+            if io.shape.contains(&DimSpec::Dynamic) {
+                return Err(format!(
+                    "input '{}': a data-dependent dim is only allowed in outputs",
+                    io.name
+                ));
             }
         }
         for b in &self.sym_bounds {
@@ -439,11 +538,63 @@ impl ExecPlan {
                 }
             }
         }
+        if let Some(t) = &self.tail {
+            self.validate_tail(t, &mut written)?;
+        }
+        for (o, io) in self.outputs.iter().enumerate() {
+            let tail_out = self.tail.as_ref().is_some_and(|t| t.outputs.contains(&o));
+            if io.shape.contains(&DimSpec::Dynamic) && !tail_out {
+                return Err(format!(
+                    "output '{}' has a data-dependent dim but the dynamic tail does not \
+                     compute it",
+                    io.name
+                ));
+            }
+        }
         if let Some(i) = written.iter().position(|w| !w) {
             return Err(format!(
                 "output '{}' is never written by any step",
                 self.outputs[i].name
             ));
+        }
+        Ok(())
+    }
+}
+
+impl ExecPlan {
+    /// Checks the dynamic tail's buffers: indices in range, outputs distinct and written by
+    /// no step (marked in `written`), inputs read only what exists before the tail runs.
+    fn validate_tail(&self, t: &DynamicTail, written: &mut [bool]) -> Result<(), String> {
+        let steps_wrote = written.to_vec();
+        for &o in &t.outputs {
+            let Some(w) = written.get_mut(o) else {
+                return Err(format!(
+                    "tail: output {o} out of range ({} outputs)",
+                    self.outputs.len()
+                ));
+            };
+            if *w {
+                return Err(format!(
+                    "tail: output '{}' is written twice (by a step or the tail)",
+                    self.outputs[o].name
+                ));
+            }
+            *w = true;
+        }
+        for (i, b) in t.inputs.iter().enumerate() {
+            let ok = match b {
+                BufRef::Arena { offset, bytes } => offset
+                    .checked_add(*bytes)
+                    .is_some_and(|end| end <= self.arena_bytes),
+                BufRef::Weight { index } => *index < self.weights.len(),
+                BufRef::Input { index } => *index < self.inputs.len(),
+                BufRef::Output { index } => steps_wrote.get(*index).copied().unwrap_or(false),
+            };
+            if !ok {
+                return Err(format!(
+                    "tail: input {i}: {b:?} is out of range or not written by a step"
+                ));
+            }
         }
         Ok(())
     }

@@ -7,8 +7,12 @@
 //! their buffers, the graph is evaluated with [`kiln_ir::interp::run`] (the semantics every
 //! compiled kernel is tested against), and the outputs are encoded into their buffers. This is
 //! correct but slow; `kiln compile` reports every such step.
+//!
+//! The *dynamic tail* of a plan ([`crate::plan::DynamicTail`]: the nodes whose shapes depend
+//! on input values) runs the same way after the steps ([`RefTail`]), except that its outputs
+//! get their run-time shapes and are returned as new tensors.
 
-use crate::plan::{BufRef, ExecPlan, Step};
+use crate::plan::{BufRef, DimSpec, DynamicTail, ExecPlan, Step};
 use kiln_ir::onnx::tensor_proto::{from_raw, to_raw};
 use kiln_ir::{DType, Graph, Tensor};
 
@@ -27,7 +31,7 @@ fn buf_bytes(plan: &ExecPlan, b: &BufRef) -> Option<u64> {
             .iter()
             .try_fold(io.dtype.size_of() as u64, |a, d| match d {
                 crate::DimSpec::Fixed(n) => a.checked_mul(*n),
-                crate::DimSpec::Sym(_) => None,
+                crate::DimSpec::Sym(_) | crate::DimSpec::Dynamic => None,
             })
     };
     match b {
@@ -120,5 +124,104 @@ impl RefKernel {
             unsafe { std::ptr::copy_nonoverlapping(raw.as_ptr(), *p, *bytes) };
         }
         Ok(())
+    }
+}
+
+/// A parsed dynamic tail (see the module doc).
+#[derive(Debug)]
+pub(crate) struct RefTail {
+    graph: Graph,
+    /// Buffer, dtype, shape and byte size of each graph input.
+    inputs: Vec<(BufRef, DType, Vec<usize>, usize)>,
+    /// The plan output each graph output is.
+    outputs: Vec<usize>,
+}
+
+impl RefTail {
+    /// Parses and checks `tail` against `plan`: as many graph inputs as buffers, static input
+    /// shapes that fit their buffers, outputs of the plan outputs' dtypes and ranks, with
+    /// every statically known dim of the plan matching the graph.
+    pub(crate) fn parse(plan: &ExecPlan, tail: &DynamicTail) -> Result<Self, String> {
+        let graph: Graph =
+            serde_json::from_str(&tail.graph).map_err(|e| format!("tail graph: {e}"))?;
+        if graph.inputs.len() != tail.inputs.len() || graph.outputs.len() != tail.outputs.len() {
+            return Err(format!(
+                "tail graph has {} inputs and {} outputs, the plan gives {} and {}",
+                graph.inputs.len(),
+                graph.outputs.len(),
+                tail.inputs.len(),
+                tail.outputs.len()
+            ));
+        }
+        let value = |v: usize| {
+            graph
+                .values
+                .get(v)
+                .ok_or_else(|| format!("tail graph: value {v} out of range"))
+        };
+        let mut inputs = Vec::new();
+        for (&v, b) in graph.inputs.iter().zip(&tail.inputs) {
+            let val = value(v)?;
+            let shape =
+                val.fact.shape.as_known().ok_or_else(|| {
+                    format!("tail graph: input '{}' has a symbolic shape", val.name)
+                })?;
+            let numel = shape
+                .iter()
+                .try_fold(1usize, |a, &d| a.checked_mul(d))
+                .filter(|&n| n <= 1 << 34)
+                .ok_or("tail graph: buffer size overflows")?;
+            let bytes = to_raw(&Tensor::zeros(val.fact.dtype, &[numel])).len();
+            let have = buf_bytes(plan, b).unwrap_or(0);
+            if (bytes as u64) > have {
+                return Err(format!(
+                    "tail graph: input '{}' needs {bytes} bytes, its buffer has {have}",
+                    val.name
+                ));
+            }
+            inputs.push((b.clone(), val.fact.dtype, shape, bytes));
+        }
+        for (&v, &o) in graph.outputs.iter().zip(&tail.outputs) {
+            let (val, spec) = (value(v)?, &plan.outputs[o]);
+            let dims = val.fact.shape.dims();
+            let agree = crate::DType::from_ir(val.fact.dtype) == spec.dtype
+                && dims.len() == spec.shape.len()
+                && dims.iter().zip(&spec.shape).all(|(d, s)| match s {
+                    DimSpec::Fixed(n) => d.known().is_none_or(|k| k as u64 == *n),
+                    DimSpec::Sym(_) | DimSpec::Dynamic => true,
+                });
+            if !agree {
+                return Err(format!(
+                    "tail graph: output '{}' ({} {}) does not match plan output '{}'",
+                    val.name, val.fact.dtype, val.fact.shape, spec.name
+                ));
+            }
+        }
+        kiln_ir::verify::verify(&graph).map_err(|e| format!("tail graph: {e}"))?;
+        Ok(Self {
+            graph,
+            inputs,
+            outputs: tail.outputs.clone(),
+        })
+    }
+
+    /// Runs the tail and returns each computed plan output (index, tensor). `buf(b)` is the
+    /// address of buffer `b`.
+    ///
+    /// # Safety
+    /// `buf(b)` is valid for reads of the input's byte size (checked against the plan at
+    /// load) and the steps have written it.
+    pub(crate) unsafe fn run(
+        &self,
+        buf: impl Fn(&BufRef) -> *const u8,
+    ) -> Result<Vec<(usize, Tensor)>, String> {
+        let mut inputs = Vec::with_capacity(self.inputs.len());
+        for (b, dtype, shape, bytes) in &self.inputs {
+            // SAFETY: see the function's contract.
+            let raw = unsafe { std::slice::from_raw_parts(buf(b), *bytes) };
+            inputs.push(from_raw(*dtype, shape, raw)?);
+        }
+        let outs = kiln_ir::interp::run(&self.graph, &inputs).map_err(|e| e.to_string())?;
+        Ok(self.outputs.iter().copied().zip(outs).collect())
     }
 }

@@ -211,3 +211,131 @@ fn shape_variants_are_chosen_by_input_shape() {
         "{err}"
     );
 }
+
+/// `add_relu_artifact` plus a dynamic tail `nz = NonZero(y)` (a graph run by the reference
+/// interpreter after the steps) reading the model output `y`.
+fn add_relu_nonzero_artifact() -> Artifact {
+    use kiln_ir::ops::array::ArrayOp;
+    use kiln_ir::{Fact, Graph, Node, Op, Shape};
+    let mut a = common::add_relu_artifact(common::kernel_library());
+    let mut g = Graph {
+        name: "tail".into(),
+        opset: 17,
+        ..Default::default()
+    };
+    let y = g.add_value("y", Fact::new(kiln_ir::DType::F32, Shape::known(&[2, 4])));
+    let nz = g.add_value("nz", Fact::new(kiln_ir::DType::I64, Shape::unknown(2)));
+    g.inputs = vec![y];
+    g.outputs = vec![nz];
+    g.nodes.push(Node {
+        name: "nonzero".into(),
+        op: Op::Array(ArrayOp::NonZero),
+        inputs: vec![Some(y)],
+        outputs: vec![nz],
+    });
+    g.infer().unwrap();
+    a.plan.outputs.push(kiln_runtime::IoSpec {
+        name: "nz".into(),
+        dtype: DType::I64,
+        shape: vec![
+            kiln_runtime::DimSpec::Fixed(2),
+            kiln_runtime::DimSpec::Dynamic,
+        ],
+    });
+    a.plan.tail = Some(kiln_runtime::DynamicTail {
+        graph: serde_json::to_string(&g).unwrap(),
+        inputs: vec![kiln_runtime::BufRef::Output { index: 0 }],
+        outputs: vec![1],
+    });
+    a
+}
+
+#[test]
+fn dynamic_tail_outputs_have_run_time_shapes() {
+    let a = add_relu_nonzero_artifact();
+    let (_dir, path) = saved_model(&a);
+    let mut model = Model::load(&path).unwrap();
+    for x in [
+        [-3.0f32, 0.5, -2.5, 3.0, 1.0, 1.0, -1.0, -20.0],
+        [9.0f32, 9.0, 9.0, 9.0, 9.0, 9.0, 9.0, 9.0],
+    ] {
+        let out = model.run(&[TensorView::from_f32(&[2, 4], &x)]).unwrap();
+        let y = expected_add_relu(&x);
+        assert_eq!(out[0].as_f32().unwrap(), y.as_slice());
+        let (rows, cols): (Vec<i64>, Vec<i64>) = (0..8)
+            .filter(|&i| y[i] != 0.0)
+            .map(|i| (i as i64 / 4, i as i64 % 4))
+            .unzip();
+        assert_eq!(out[1].shape, vec![2, rows.len()]);
+        let want: Vec<i64> = rows.into_iter().chain(cols).collect();
+        assert_eq!(out[1].as_i64().unwrap(), want.as_slice());
+        let mut y_buf = [0f32; 8];
+        let mut nz_buf = [0i64; 16];
+        let bytes = |p: *mut u8, n: usize| unsafe { std::slice::from_raw_parts_mut(p, n) };
+        let err = model
+            .run_into(
+                &[TensorView::from_f32(&[2, 4], &x)],
+                &mut [
+                    bytes(y_buf.as_mut_ptr().cast(), 32),
+                    bytes(nz_buf.as_mut_ptr().cast(), 128),
+                ],
+            )
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "output 1 'nz' has a data-dependent shape; use run"
+        );
+        assert!(matches!(err, RunError::DynamicShape { index: 1, .. }));
+        let err = model
+            .output_shapes(&[TensorView::from_f32(&[2, 4], &x)])
+            .unwrap_err();
+        assert!(matches!(err, RunError::DynamicShape { .. }), "{err}");
+    }
+    let prof = model
+        .profile(&[TensorView::from_f32(&[2, 4], &[1.0; 8])], 2)
+        .unwrap();
+    assert_eq!(prof.last().unwrap().0, "dynamic_tail");
+}
+
+#[test]
+fn invalid_dynamic_tails_are_refused() {
+    use kiln_runtime::{BufRef, DimSpec};
+    let base = add_relu_nonzero_artifact();
+    assert_eq!(base.plan.validate(base.weights.len() as u64), Ok(()));
+    // Plans written before the field existed load without a tail.
+    let mut json: serde_json::Value = serde_json::to_value(&base.plan).unwrap();
+    json.as_object_mut().unwrap().remove("tail");
+    let old: kiln_runtime::ExecPlan = serde_json::from_value(json).unwrap();
+    assert!(old.tail.is_none());
+    let check = |f: &dyn Fn(&mut kiln_runtime::ExecPlan), want: &str| {
+        let mut p = base.plan.clone();
+        f(&mut p);
+        let e = p.validate(base.weights.len() as u64).unwrap_err();
+        assert!(e.contains(want), "{e}");
+    };
+    // The tail writes an output a step writes too.
+    check(
+        &|p| p.tail.as_mut().unwrap().outputs = vec![0],
+        "written twice",
+    );
+    check(
+        &|p| p.tail.as_mut().unwrap().outputs = vec![5],
+        "out of range",
+    );
+    // The tail reads its own output.
+    check(
+        &|p| p.tail.as_mut().unwrap().inputs = vec![BufRef::Output { index: 1 }],
+        "not written by a step",
+    );
+    // A data-dependent dim on an output no tail computes, or on an input.
+    check(&|p| p.tail = None, "does not compute it");
+    check(
+        &|p| p.inputs[0].shape[0] = DimSpec::Dynamic,
+        "only allowed in outputs",
+    );
+    // A tail graph whose output does not match the plan is refused at load.
+    let mut a = add_relu_nonzero_artifact();
+    a.plan.outputs[1].dtype = DType::F32;
+    let err = Model::from_artifact(a, "bad").unwrap_err();
+    assert!(err.to_string().contains("plan.tail"), "{err}");
+}

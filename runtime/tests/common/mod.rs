@@ -124,6 +124,7 @@ pub fn add_relu_artifact(kernels: Vec<u8>) -> Artifact {
         ],
         sym_bounds: vec![],
         variants: vec![],
+        tail: None,
     };
     Artifact {
         compiler_version: "kiln-test 0.0.0".into(),
@@ -200,6 +201,7 @@ pub fn dynamic_artifact(kernels: Vec<u8>) -> Artifact {
             max: 4,
         }],
         variants: vec![],
+        tail: None,
     };
     Artifact {
         compiler_version: "kiln-test 0.0.0".into(),
