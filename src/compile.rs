@@ -477,6 +477,7 @@ fn exec_plan(
                 num_inputs: r.inputs.len(),
                 dims: Vec::new(),
                 tasks: 1,
+                scratch_bytes: 0,
                 reference: Some(r.json.clone()),
             });
             continue;
