@@ -366,13 +366,12 @@ impl Model {
             .map(|v| max_scratch_bytes(&v.plan))
             .max()
             .unwrap_or(0);
-        let scratch = ScratchSlots::new(scratch_bytes, 1).map_err(|msg| {
-            ArtifactError::Malformed {
+        let scratch =
+            ScratchSlots::new(scratch_bytes, 1).map_err(|msg| ArtifactError::Malformed {
                 path: path.clone(),
                 field: "plan.steps[].scratch_bytes".into(),
                 msg,
-            }
-        })?;
+            })?;
         Ok(Self {
             path,
             artifact_info: (compiler_version, target),
@@ -518,7 +517,15 @@ impl Model {
         let mut times = vec![std::time::Duration::ZERO; v.kernels.len()];
         for _ in 0..repeat {
             // SAFETY: as in `run`.
-            unsafe { v.execute(inputs, |o| ptrs[o], Some(&mut times), self.pool.as_ref(), &self.scratch) }?;
+            unsafe {
+                v.execute(
+                    inputs,
+                    |o| ptrs[o],
+                    Some(&mut times),
+                    self.pool.as_ref(),
+                    &self.scratch,
+                )
+            }?;
         }
         Ok(v.plan
             .steps

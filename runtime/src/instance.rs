@@ -80,12 +80,14 @@ impl ScratchSlots {
     /// if the memory cannot be had.
     pub(crate) fn new(bytes: u64, slots: usize) -> Result<Self, String> {
         let slots = slots.max(1);
-        let too_big = || format!("{slots} kernel scratch buffers of {bytes} bytes do not fit in memory");
+        let too_big =
+            || format!("{slots} kernel scratch buffers of {bytes} bytes do not fit in memory");
         let a = ALIGNMENT as u64;
         // At least one aligned block, so every slot pointer is distinct and dereferenceable.
         let slot_bytes = usize::try_from(bytes.div_ceil(a).max(1) * a).map_err(|_| too_big())?;
         let total = slot_bytes.checked_mul(slots).ok_or_else(too_big)?;
-        let layout = std::alloc::Layout::from_size_align(total, ALIGNMENT).map_err(|_| too_big())?;
+        let layout =
+            std::alloc::Layout::from_size_align(total, ALIGNMENT).map_err(|_| too_big())?;
         // SAFETY: `layout` has a non-zero size.
         let ptr = std::ptr::NonNull::new(unsafe { std::alloc::alloc_zeroed(layout) })
             .ok_or_else(too_big)?;

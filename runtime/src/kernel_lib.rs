@@ -125,7 +125,7 @@ impl KernelHandle<'_> {
         scratch: &mut [u8],
     ) {
         assert!(
-            scratch.as_ptr() as usize % crate::plan::ALIGNMENT == 0,
+            (scratch.as_ptr() as usize).is_multiple_of(crate::plan::ALIGNMENT),
             "kernel scratch must be {}-byte aligned",
             crate::plan::ALIGNMENT
         );

@@ -93,7 +93,9 @@ fn huge_scratch_is_refused_at_load() {
     // `save` refuses the plan too; the model refuses it however it gets it.
     let dir = tempfile::tempdir().unwrap();
     assert!(a.save(&dir.path().join("MODEL.kiln")).is_err());
-    let msg = Model::from_artifact(a, "MODEL.kiln").unwrap_err().to_string();
+    let msg = Model::from_artifact(a, "MODEL.kiln")
+        .unwrap_err()
+        .to_string();
     assert!(
         msg.contains("step 1") && msg.contains("scratch_bytes") && msg.contains("MODEL.kiln"),
         "{msg}"
