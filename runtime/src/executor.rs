@@ -265,8 +265,9 @@ pub struct Model {
 }
 
 // SAFETY: the raw pointers in the instances point into `_weights` and their own arenas, heap
-// buffers owned by the model that never move or reallocate; kernels are plain functions.
-// Nothing is shared between models, and running takes `&mut self`.
+// buffers owned by the model that never move or reallocate (so does `scratch`, replaced only
+// by `set_threads(&mut self)`); kernels are plain functions. Nothing is shared between
+// models, and running takes `&mut self`.
 unsafe impl Send for Model {}
 
 impl std::fmt::Debug for Model {
