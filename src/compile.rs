@@ -635,6 +635,7 @@ fn exec_plan(
                 num_inputs: r.inputs.len(),
                 dims: Vec::new(),
                 tasks: 1,
+                scratch_bytes: 0,
                 reference: Some(r.json.clone()),
             });
             continue;
@@ -667,6 +668,7 @@ fn exec_plan(
             num_inputs: lk.inputs.len() + lk.consts.len(),
             dims: Vec::new(),
             tasks: sig.tasks,
+            scratch_bytes: sig.scratch_bytes,
             reference: None,
         });
     }
@@ -699,6 +701,7 @@ fn exec_plan(
             num_inputs: 1,
             dims: Vec::new(),
             tasks: 1,
+            scratch_bytes: 0,
             reference: Some(copy_graph_json(g, o)?),
         });
     }

@@ -4,7 +4,7 @@
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use kiln_codegen::cpu::matmul::{matmul, Epilogue, MatmulSchedule};
 use kiln_codegen::cpu::{compile_library, CpuOptions};
-use kiln_runtime::kernel_lib::KernelLibrary;
+use kiln_runtime::kernel_lib::{scratch_buffer, KernelLibrary};
 
 fn bench_matmul(c: &mut Criterion) {
     let kernels = [
@@ -16,6 +16,8 @@ fn bench_matmul(c: &mut Criterion) {
         ),
     ];
     let so = compile_library(&kernels, &CpuOptions::default()).expect("compile");
+    let scratch_bytes = kernels.iter().map(|k| k.signature.scratch_bytes).max();
+    let mut scratch = scratch_buffer(scratch_bytes.unwrap_or(0));
     let lib = KernelLibrary::from_bytes(&so).expect("load");
     let mut group = c.benchmark_group("matmul_f32");
     group.sample_size(10);
@@ -34,7 +36,7 @@ fn bench_matmul(c: &mut Criterion) {
                 out.as_mut_ptr() as *mut u8,
             ];
             // SAFETY: all buffers are n×n.
-            bch.iter(|| unsafe { k.call(&args, &dims) })
+            bch.iter(|| unsafe { k.call(&args, &dims, scratch.as_mut_slice()) })
         });
         let k = lib.kernel("mm_bias_relu").expect("kernel");
         group.bench_function(format!("{n}x{n}x{n}_bias_relu"), |bch| {
@@ -45,7 +47,7 @@ fn bench_matmul(c: &mut Criterion) {
                 out.as_mut_ptr() as *mut u8,
             ];
             // SAFETY: a, b, out are n×n, bias has n elements.
-            bch.iter(|| unsafe { k.call(&args, &dims) })
+            bch.iter(|| unsafe { k.call(&args, &dims, scratch.as_mut_slice()) })
         });
     }
     group.finish();

@@ -6,7 +6,7 @@
 
 use kiln_codegen::cpu::matmul::{matmul, Epilogue, MatmulSchedule};
 use kiln_codegen::cpu::{compile_library, CpuOptions};
-use kiln_runtime::kernel_lib::KernelLibrary;
+use kiln_runtime::kernel_lib::{scratch_buffer, KernelLibrary};
 use std::time::Instant;
 
 // The peak loop is shared with `kiln bench` (the `kiln` crate depends on this one, so the
@@ -82,6 +82,8 @@ fn main() {
         t.elapsed().as_secs_f64()
     );
     let lib = KernelLibrary::from_bytes(&so).expect("load");
+    let scratch_bytes = kernels.iter().map(|k| k.signature.scratch_bytes).max();
+    let mut scratch = scratch_buffer(scratch_bytes.unwrap_or(0));
 
     let a: Vec<f32> = (0..n * n).map(|i| ((i % 7) as f32 - 3.0) * 0.1).collect();
     let b: Vec<f32> = (0..n * n).map(|i| ((i % 5) as f32 - 2.0) * 0.2).collect();
@@ -106,7 +108,7 @@ fn main() {
             peak = peak.max(measure_peak());
             let t = Instant::now();
             // SAFETY: a, b, c are n×n.
-            unsafe { k.call(&args, &dims) };
+            unsafe { k.call(&args, &dims, scratch.as_mut_slice()) };
             *t_best = t_best.min(t.elapsed().as_secs_f64());
         }
     }

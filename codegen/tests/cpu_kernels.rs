@@ -2,7 +2,8 @@
 
 use kiln_codegen::cpu::matmul::{matmul, Epilogue, MatmulSchedule};
 use kiln_codegen::cpu::{compile_library, elementwise, CpuOptions};
-use kiln_runtime::kernel_lib::KernelLibrary;
+use kiln_runtime::kernel_lib::{scratch_buffer, KernelLibrary};
+use kiln_runtime::AlignedBuf;
 use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
 use std::sync::OnceLock;
@@ -23,8 +24,9 @@ fn small_schedule() -> MatmulSchedule {
     }
 }
 
-fn library() -> &'static KernelLibrary {
-    static LIB: OnceLock<KernelLibrary> = OnceLock::new();
+/// The test kernels and the largest scratch size any of them declares.
+fn library_and_scratch() -> &'static (KernelLibrary, u64) {
+    static LIB: OnceLock<(KernelLibrary, u64)> = OnceLock::new();
     LIB.get_or_init(|| {
         let kernels = [
             elementwise::mul_add_relu("ew_mul_add_relu"),
@@ -33,8 +35,24 @@ fn library() -> &'static KernelLibrary {
             matmul("mm_small_bias_relu", &small_schedule(), Epilogue::BiasRelu),
         ];
         let so = compile_library(&kernels, &CpuOptions::default()).expect("compile");
-        KernelLibrary::from_bytes(&so).expect("load")
+        let scratch = kernels.iter().map(|k| k.signature.scratch_bytes).max();
+        (
+            KernelLibrary::from_bytes(&so).expect("load"),
+            scratch.unwrap_or(0),
+        )
     })
+}
+
+fn library() -> &'static KernelLibrary {
+    &library_and_scratch().0
+}
+
+/// A scratch buffer for any test kernel, full of garbage (NaN bit patterns): kernels must not
+/// rely on its contents.
+fn scratch() -> AlignedBuf {
+    let mut s = scratch_buffer(library_and_scratch().1);
+    s.as_mut_slice().fill(0xFF);
+    s
 }
 
 fn reference_matmul(a: &[f32], b: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
@@ -74,7 +92,13 @@ fn run_matmul(name: &str, m: usize, n: usize, k: usize, bias: bool, seed: u64) {
     }
     args.push(c.as_mut_ptr() as *mut u8);
     // SAFETY: buffers sized for dims [m, n, k].
-    unsafe { kern.call(&args, &[m as i64, n as i64, k as i64]) };
+    unsafe {
+        kern.call(
+            &args,
+            &[m as i64, n as i64, k as i64],
+            scratch().as_mut_slice(),
+        )
+    };
     let mut want = reference_matmul(&a, &b, m, n, k);
     if bias {
         for i in 0..m {
@@ -102,7 +126,7 @@ fn elementwise_mul_add_relu() {
             y.as_mut_ptr() as *mut u8,
         ];
         // SAFETY: buffers sized for dims [m, n].
-        unsafe { kern.call(&args, &[m as i64, n as i64]) };
+        unsafe { kern.call(&args, &[m as i64, n as i64], scratch().as_mut_slice()) };
         let want: Vec<f32> = (0..m * n)
             .map(|i| a[i].mul_add(b[i], c[i % n]).max(0.0))
             .collect();
@@ -158,7 +182,13 @@ fn matmul_matches_ir_reference() {
         c.as_mut_ptr() as *mut u8,
     ];
     // SAFETY: buffers sized for dims [m, n, k].
-    unsafe { kern.call(&args, &[m as i64, n as i64, k as i64]) };
+    unsafe {
+        kern.call(
+            &args,
+            &[m as i64, n as i64, k as i64],
+            scratch().as_mut_slice(),
+        )
+    };
     let ta = Tensor::from_vec(&[m, k], a);
     let tb = Tensor::from_vec(&[k, n], b);
     let want = LinalgOp::MatMul.eval(&[Some(&ta), Some(&tb)]).unwrap();

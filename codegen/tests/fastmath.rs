@@ -11,7 +11,7 @@ use kiln_ir::ops::nn::{LayerNormAttrs, NnOp, SoftmaxAttrs};
 use kiln_ir::ops::reduce::{ReduceAxes, ReduceKind, ReduceOp};
 use kiln_ir::{DType, Graph, Op, Tensor};
 use kiln_passes::fusion::KernelKind;
-use kiln_runtime::kernel_lib::KernelLibrary;
+use kiln_runtime::kernel_lib::{scratch_buffer, KernelLibrary};
 
 mod common;
 use common::*;
@@ -35,7 +35,13 @@ fn run_unary(g: &Graph, xs: &[f32]) -> Vec<f32> {
     let mut y = vec![0f32; xs.len()];
     let ptrs = [x.as_mut_ptr() as *mut u8, y.as_mut_ptr() as *mut u8];
     // SAFETY: both buffers hold `xs.len()` f32s, the kernel's static shape.
-    unsafe { kern.call(&ptrs, &[]) };
+    unsafe {
+        kern.call(
+            &ptrs,
+            &[],
+            scratch_buffer(k.signature.scratch_bytes).as_mut_slice(),
+        )
+    };
     y
 }
 
@@ -396,13 +402,25 @@ fn in_place_elementwise_kernels_match() {
         want.as_mut_ptr() as *mut u8,
     ];
     // SAFETY: three buffers of the kernel's static shape.
-    unsafe { kern.call(&ptrs, &[]) };
+    unsafe {
+        kern.call(
+            &ptrs,
+            &[],
+            scratch_buffer(k.signature.scratch_bytes).as_mut_slice(),
+        )
+    };
     for alias in [0, 1] {
         let (mut x1, mut z1) = (xs.clone(), zs.clone());
         let (px, pz) = (x1.as_mut_ptr() as *mut u8, z1.as_mut_ptr() as *mut u8);
         let out = if alias == 0 { px } else { pz };
         // SAFETY: as above; the output shares an input's buffer, read before written per element.
-        unsafe { kern.call(&[px, pz, out], &[]) };
+        unsafe {
+            kern.call(
+                &[px, pz, out],
+                &[],
+                scratch_buffer(k.signature.scratch_bytes).as_mut_slice(),
+            )
+        };
         let got = if alias == 0 { &x1 } else { &z1 };
         assert_eq!(got, &want, "output in input {alias}'s buffer");
     }

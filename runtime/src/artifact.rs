@@ -1,7 +1,7 @@
 //! The deployable artifact: one file (conventionally `MODEL.kiln`) holding the execution plan,
 //! the weights and the kernel library of a compiled model.
 //!
-//! # Layout (format version 2)
+//! # Layout (format version 3)
 //!
 //! All integers are little-endian.
 //!
@@ -37,8 +37,10 @@ use std::path::Path;
 /// The 8 bytes every artifact starts with.
 pub const MAGIC: [u8; 8] = *b"KILNART\0";
 
-/// The artifact format version written and read by this runtime.
-pub const FORMAT_VERSION: u32 = 2;
+/// The artifact format version written and read by this runtime. Version 3: kernels take a
+/// third ABI argument, their scratch memory (`Step::scratch_bytes`); version-2 libraries
+/// have the two-argument ABI and would allocate per call.
+pub const FORMAT_VERSION: u32 = 3;
 
 /// Section kind of the JSON execution plan.
 pub const SECTION_PLAN: u32 = 1;

@@ -8,7 +8,7 @@
 //! buffers and allocates nothing.
 
 use crate::artifact::{Artifact, ArtifactError};
-use crate::instance::Instance;
+use crate::instance::{max_scratch_bytes, Instance, ScratchSlots};
 use crate::kernel_lib::{KernelLibError, KernelLibrary};
 use crate::plan::{DType, ExecPlan, ALIGNMENT};
 use crate::pool::Pool;
@@ -275,13 +275,16 @@ pub struct Model {
     // Order matters for drop: the instances (kernel pointers, weight pointers) go first.
     variants: Vec<Instance>,
     pool: Option<Pool>,
+    /// Kernel scratch, one slot per thread, shared by the variants (they never run at once).
+    scratch: ScratchSlots,
     _library: KernelLibrary,
     _weights: AlignedBuf,
 }
 
 // SAFETY: the raw pointers in the instances point into `_weights` and their own arenas, heap
-// buffers owned by the model that never move or reallocate; kernels are plain functions.
-// Nothing is shared between models, and running takes `&mut self`.
+// buffers owned by the model that never move or reallocate (so does `scratch`, replaced only
+// by `set_threads(&mut self)`); kernels are plain functions. Nothing is shared between
+// models, and running takes `&mut self`.
 unsafe impl Send for Model {}
 
 impl std::fmt::Debug for Model {
@@ -376,11 +379,23 @@ impl Model {
         for p in std::iter::once(plan).chain(others) {
             variants.push(Instance::new(p, &library, wbase, &path)?);
         }
+        let scratch_bytes = variants
+            .iter()
+            .map(|v| max_scratch_bytes(&v.plan))
+            .max()
+            .unwrap_or(0);
+        let scratch =
+            ScratchSlots::new(scratch_bytes, 1).map_err(|msg| ArtifactError::Malformed {
+                path: path.clone(),
+                field: "plan.steps[].scratch_bytes".into(),
+                msg,
+            })?;
         Ok(Self {
             path,
             artifact_info: (compiler_version, target),
             variants,
             pool: None,
+            scratch,
             _library: library,
             _weights: weights_buf,
         })
@@ -394,6 +409,14 @@ impl Model {
             return;
         }
         self.pool = (threads > 1).then(|| Pool::new(threads));
+        // One scratch slot per thread, allocated here, not per call. Should that fail, the
+        // old slots stay and split steps run on as many chunks as there are slots.
+        if self.scratch.slots() < threads {
+            let bytes = self.scratch.slot_bytes() as u64;
+            if let Ok(s) = ScratchSlots::new(bytes, threads) {
+                self.scratch = s;
+            }
+        }
     }
 
     /// Number of threads the model runs on (see [`Model::set_threads`]).
@@ -512,7 +535,7 @@ impl Model {
             .collect();
         // SAFETY: bound by `select`; the outputs are fresh, aligned and of the right size
         // (no step writes a tail output).
-        unsafe { v.execute(inputs, |o| ptrs[o], None, self.pool.as_ref()) }?;
+        unsafe { v.execute(inputs, |o| ptrs[o], None, self.pool.as_ref(), &self.scratch) }?;
         // SAFETY: `execute` succeeded with these inputs and outputs.
         for (o, t) in unsafe { v.run_tail(inputs, |o| ptrs[o]) }? {
             outs[o] = Tensor {
@@ -545,7 +568,15 @@ impl Model {
         let mut tail_time = std::time::Duration::ZERO;
         for _ in 0..repeat {
             // SAFETY: as in `run`.
-            unsafe { v.execute(inputs, |o| ptrs[o], Some(&mut times), self.pool.as_ref()) }?;
+            unsafe {
+                v.execute(
+                    inputs,
+                    |o| ptrs[o],
+                    Some(&mut times),
+                    self.pool.as_ref(),
+                    &self.scratch,
+                )
+            }?;
             let t = std::time::Instant::now();
             // SAFETY: as in `run`.
             unsafe { v.run_tail(inputs, |o| ptrs[o]) }?;
@@ -614,6 +645,7 @@ impl Model {
                 |o| (*base.add(o)).as_mut_ptr(),
                 None,
                 self.pool.as_ref(),
+                &self.scratch,
             )
         }?;
         // Tail outputs of static shape: computed by the interpreter, copied in.

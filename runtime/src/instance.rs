@@ -5,7 +5,7 @@
 
 use crate::executor::{AlignedBuf, LoadError, RunError, TensorView};
 use crate::kernel_lib::{KernelFn, KernelLibrary};
-use crate::plan::{BufRef, DimExpr, DimSpec, ExecPlan};
+use crate::plan::{BufRef, DimExpr, DimSpec, ExecPlan, ALIGNMENT};
 use crate::pool::Pool;
 use crate::reference::{RefKernel, RefTail};
 use std::collections::HashMap;
@@ -34,6 +34,8 @@ struct Split<'a> {
     dims: &'a [i64],
     tasks: i64,
     threads: i64,
+    /// Chunk `c` uses scratch slot `c` (`threads` <= the slots).
+    scratch: &'a ScratchSlots,
 }
 
 // SAFETY: the pointers are only passed on to the kernel, which writes disjoint task ranges.
@@ -58,9 +60,80 @@ impl Split<'_> {
         d.copy_from_slice(self.dims);
         d[0] = begin;
         d[1] = end;
-        // SAFETY: as in `Model::execute`; ranges of different threads are disjoint.
-        unsafe { (self.f)(self.args.as_ptr(), d.as_ptr()) };
+        // SAFETY: as in `Model::execute`; ranges of different threads are disjoint, and so
+        // are their scratch slots (one per chunk).
+        unsafe { (self.f)(self.args.as_ptr(), d.as_ptr(), self.scratch.slot(t)) };
     }
+}
+
+/// Kernel scratch memory (see the ABI in `kiln_codegen::cpu::abi`): `slots` zeroed,
+/// 64-byte-aligned buffers of `slot_bytes` each in one allocation, made at load or by
+/// `Model::set_threads`, never per call. A call on one thread, or chunk `c` of a split step,
+/// passes slot 0, or slot `c`, to the kernel.
+pub(crate) struct ScratchSlots {
+    ptr: std::ptr::NonNull<u8>,
+    layout: std::alloc::Layout,
+    slot_bytes: usize,
+    slots: usize,
+}
+
+impl ScratchSlots {
+    /// `slots` (at least 1) buffers of at least `bytes` bytes each; an error (not an abort)
+    /// if the memory cannot be had.
+    pub(crate) fn new(bytes: u64, slots: usize) -> Result<Self, String> {
+        let slots = slots.max(1);
+        let too_big =
+            || format!("{slots} kernel scratch buffers of {bytes} bytes do not fit in memory");
+        let a = ALIGNMENT as u64;
+        // At least one aligned block, so every slot pointer is distinct and dereferenceable.
+        let slot_bytes = usize::try_from(bytes.div_ceil(a).max(1) * a).map_err(|_| too_big())?;
+        let total = slot_bytes.checked_mul(slots).ok_or_else(too_big)?;
+        let layout =
+            std::alloc::Layout::from_size_align(total, ALIGNMENT).map_err(|_| too_big())?;
+        // SAFETY: `layout` has a non-zero size.
+        let ptr = std::ptr::NonNull::new(unsafe { std::alloc::alloc_zeroed(layout) })
+            .ok_or_else(too_big)?;
+        Ok(Self {
+            ptr,
+            layout,
+            slot_bytes,
+            slots,
+        })
+    }
+
+    /// Number of slots.
+    pub(crate) fn slots(&self) -> usize {
+        self.slots
+    }
+
+    /// Bytes per slot.
+    pub(crate) fn slot_bytes(&self) -> usize {
+        self.slot_bytes
+    }
+
+    /// Slot `i` (`i < slots`).
+    pub(crate) fn slot(&self, i: usize) -> *mut u8 {
+        assert!(i < self.slots, "scratch slot {i} of {}", self.slots);
+        // SAFETY: in bounds of the allocation.
+        unsafe { self.ptr.as_ptr().add(i * self.slot_bytes) }
+    }
+}
+
+impl Drop for ScratchSlots {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+    }
+}
+
+/// The largest [`crate::Step::scratch_bytes`] of the compiled steps of `plan`.
+pub(crate) fn max_scratch_bytes(plan: &ExecPlan) -> u64 {
+    plan.steps
+        .iter()
+        .filter(|s| s.reference.is_none())
+        .map(|s| s.scratch_bytes)
+        .max()
+        .unwrap_or(0)
 }
 
 /// What a step runs.
@@ -444,7 +517,13 @@ impl Instance {
         out: impl Fn(usize) -> *mut u8,
         mut times: Option<&mut [std::time::Duration]>,
         pool: Option<&Pool>,
+        scratch: &ScratchSlots,
     ) -> Result<(), RunError> {
+        debug_assert!(
+            (self.plan.steps.iter())
+                .all(|s| s.reference.is_some() || s.scratch_bytes as usize <= scratch.slot_bytes()),
+            "scratch slots smaller than a step's scratch"
+        );
         for &(s, a, p) in &self.arg_patches {
             self.args[s][a] = match p {
                 IoPatch::Input(i) => inputs[i].data.as_ptr().cast_mut(),
@@ -478,22 +557,26 @@ impl Instance {
                     continue;
                 }
             };
+            // One chunk per scratch slot at most (`Model::set_threads` makes one per thread).
+            let chunks = pool.map_or(1, |p| p.threads().min(scratch.slots()));
             match pool {
-                Some(pool) if tasks > 1 => {
+                Some(pool) if tasks > 1 && chunks > 1 => {
                     let split = Split {
                         f: *f,
                         args,
                         dims,
                         tasks,
-                        threads: pool.threads() as i64,
+                        threads: chunks as i64,
+                        scratch,
                     };
-                    pool.run(pool.threads(), &|c| split.run(c));
+                    pool.run(chunks, &|c| split.run(c));
                 }
                 // SAFETY: the plan was validated at load (buffers in range, inputs and
                 // weights only read), the inputs and outputs were checked by the caller; the
                 // kernels follow the uniform ABI the compiler promised for these args and
-                // dims (`dims[0..2]` = all tasks).
-                _ => unsafe { f(args.as_ptr(), dims.as_ptr()) },
+                // dims (`dims[0..2]` = all tasks), with a scratch slot of at least the
+                // step's `scratch_bytes` (the model sizes its slots for every step).
+                _ => unsafe { f(args.as_ptr(), dims.as_ptr(), scratch.slot(0)) },
             }
             if let (Some(times), Some(t)) = (times.as_deref_mut(), t) {
                 times[i] += t.elapsed();

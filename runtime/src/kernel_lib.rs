@@ -4,17 +4,19 @@
 //! Every kernel has the uniform C signature
 //!
 //! ```c
-//! void kernel_name(void *const *args, const int64_t *dims);
+//! void kernel_name(void *const *args, const int64_t *dims, void *scratch);
 //! ```
 //!
 //! where `args` holds one base pointer per tensor buffer (inputs, then outputs; dense,
-//! row-major) and `dims` the runtime values of the kernel's symbolic dimensions.
+//! row-major), `dims` the task range and the runtime values of the kernel's symbolic
+//! dimensions, and `scratch` a caller-owned, 64-byte-aligned buffer of the kernel's declared
+//! scratch size ([`crate::Step::scratch_bytes`]), private to the call, with any contents.
 
 use std::marker::PhantomData;
 use std::path::Path;
 
 /// The uniform kernel entry point.
-pub type KernelFn = unsafe extern "C" fn(args: *const *mut u8, dims: *const i64);
+pub type KernelFn = unsafe extern "C" fn(args: *const *mut u8, dims: *const i64, scratch: *mut u8);
 
 /// Why a kernel library could not be loaded or a kernel not found.
 #[derive(Debug, thiserror::Error)]
@@ -93,28 +95,52 @@ impl KernelHandle<'_> {
     }
 
     /// Calls the kernel on all its tasks; `dims` holds its symbolic dims (the task range
-    /// `[0, i64::MAX]` is put in front, see the ABI in `kiln_codegen::cpu::abi`).
+    /// `[0, i64::MAX]` is put in front, see the ABI in `kiln_codegen::cpu::abi`) and
+    /// `scratch` is its scratch memory (see [`scratch_buffer`]).
     ///
     /// # Safety
     /// `args` must hold exactly the buffers the kernel expects, each valid for the sizes the
     /// kernel derives from `dims` (inputs readable, outputs writable, outputs not aliasing
-    /// inputs unless the kernel allows it), and `dims` must hold all its symbolic dims.
-    pub unsafe fn call(&self, args: &[*mut u8], dims: &[i64]) {
+    /// inputs unless the kernel allows it), `dims` must hold all its symbolic dims, and
+    /// `scratch` must be at least the kernel's declared scratch size.
+    pub unsafe fn call(&self, args: &[*mut u8], dims: &[i64], scratch: &mut [u8]) {
         // SAFETY: upheld by the caller.
-        unsafe { self.call_tasks(args, 0, i64::MAX, dims) }
+        unsafe { self.call_tasks(args, 0, i64::MAX, dims, scratch) }
     }
 
     /// Calls the kernel on its tasks `begin..end` only.
     ///
     /// # Safety
-    /// As [`KernelHandle::call`]; calls running at the same time must have disjoint ranges.
-    pub unsafe fn call_tasks(&self, args: &[*mut u8], begin: i64, end: i64, dims: &[i64]) {
+    /// As [`KernelHandle::call`]; calls running at the same time must have disjoint ranges
+    /// (and their own `scratch`).
+    ///
+    /// # Panics
+    /// If `scratch` is not 64-byte aligned.
+    pub unsafe fn call_tasks(
+        &self,
+        args: &[*mut u8],
+        begin: i64,
+        end: i64,
+        dims: &[i64],
+        scratch: &mut [u8],
+    ) {
+        assert!(
+            (scratch.as_ptr() as usize).is_multiple_of(crate::plan::ALIGNMENT),
+            "kernel scratch must be {}-byte aligned",
+            crate::plan::ALIGNMENT
+        );
         let mut all = Vec::with_capacity(dims.len() + 2);
         all.extend_from_slice(&[begin, end]);
         all.extend_from_slice(dims);
         // SAFETY: upheld by the caller.
-        unsafe { (self.f)(args.as_ptr(), all.as_ptr()) }
+        unsafe { (self.f)(args.as_ptr(), all.as_ptr(), scratch.as_mut_ptr()) }
     }
+}
+
+/// A zeroed, 64-byte-aligned scratch buffer of `bytes` bytes for [`KernelHandle::call`]
+/// (the kernel's `KernelSignature::scratch_bytes`).
+pub fn scratch_buffer(bytes: u64) -> crate::AlignedBuf {
+    crate::AlignedBuf::zeroed(bytes as usize)
 }
 
 #[cfg(test)]

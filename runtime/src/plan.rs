@@ -10,9 +10,10 @@
 //!   intermediate value lives at a fixed byte range of one 64-byte-aligned arena
 //!   ([`BufRef::Arena`], offsets from the memory plan).
 //! - The [`Step`]s run in order. Each calls one kernel through the uniform ABI
-//!   `void k(void *const *args, const int64_t *dims)`: `args` are the step's [`BufRef`]s
-//!   resolved to pointers (the first [`Step::num_inputs`] are read, the rest written), `dims`
-//!   the step's [`DimExpr`]s evaluated for this call.
+//!   `void k(void *const *args, const int64_t *dims, void *scratch)`: `args` are the step's
+//!   [`BufRef`]s resolved to pointers (the first [`Step::num_inputs`] are read, the rest
+//!   written), `dims` the step's [`DimExpr`]s evaluated for this call, `scratch` a private
+//!   buffer of at least [`Step::scratch_bytes`] bytes per thread, allocated once at load.
 //! - Symbolic input dims ([`DimSpec::Sym`]) are bound from the shapes of the actual inputs;
 //!   the same name must have the same value everywhere. Output shapes and step dims may use
 //!   only names that some input binds. Because the arena is sized once, a symbol on which an
@@ -25,6 +26,10 @@ use std::fmt;
 
 /// Alignment, in bytes, of the arena, of the weights blob and of every weight in it.
 pub const ALIGNMENT: usize = 64;
+
+/// The largest [`Step::scratch_bytes`] a plan may ask for (1 GiB; the runtime allocates it
+/// once per thread).
+pub const MAX_SCRATCH_BYTES: u64 = 1 << 30;
 
 /// Element type of a tensor crossing the runtime boundary.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -307,6 +312,11 @@ pub struct Step {
     /// runtime splits `0..tasks` into contiguous ranges, one per thread.
     #[serde(default = "one")]
     pub tasks: u64,
+    /// Bytes of scratch memory one call of the kernel needs (its temporary buffers; the
+    /// runtime passes each thread its own 64-byte-aligned buffer, at most
+    /// [`MAX_SCRATCH_BYTES`]).
+    #[serde(default)]
+    pub scratch_bytes: u64,
     /// A step with no compiled kernel: its nodes as a static-shape `kiln_ir::Graph` (JSON)
     /// run by the reference interpreter (the runtime's `reference` module); `kernel` is then
     /// only a label.
@@ -454,6 +464,13 @@ impl ExecPlan {
             let at = || format!("step {si} ('{}')", step.kernel);
             if step.tasks == 0 || step.tasks > i64::MAX as u64 {
                 return Err(format!("{}: tasks {} out of range", at(), step.tasks));
+            }
+            if step.scratch_bytes > MAX_SCRATCH_BYTES {
+                return Err(format!(
+                    "{}: scratch_bytes {} exceeds the {MAX_SCRATCH_BYTES}-byte limit",
+                    at(),
+                    step.scratch_bytes
+                ));
             }
             if step.reference.is_some() && (step.tasks != 1 || !step.dims.is_empty()) {
                 return Err(format!("{}: a reference step has no tasks or dims", at()));

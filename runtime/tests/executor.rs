@@ -62,6 +62,47 @@ fn task_split_kernels_run_on_several_threads() {
 }
 
 #[test]
+fn kernels_get_a_private_aligned_scratch_per_thread() {
+    // `add_via_scratch_f32` writes its whole declared scratch (4 KiB) with a pattern of its
+    // task range and checks it after a pause: an unaligned, too small (out of bounds) or
+    // shared slot gives NaNs. The pattern must survive on 1..5 threads, across runs and
+    // after `set_threads` reallocates the slots.
+    let mut a = common::add_relu_artifact(common::kernel_library());
+    a.plan.steps[0].kernel = "add_via_scratch_f32".into();
+    a.plan.steps[0].scratch_bytes = 4096;
+    let (_dir, path) = saved_model(&a);
+    let mut model = Model::load(&path).unwrap();
+    for threads in [1, 2, 5, 3, 1] {
+        model.set_threads(threads);
+        for k in 0..20 {
+            let x: Vec<f32> = (0..8).map(|i| (i as f32 - 3.5) * k as f32).collect();
+            let out = model.run(&[TensorView::from_f32(&[2, 4], &x)]).unwrap();
+            assert_eq!(
+                out[0].as_f32().unwrap(),
+                expected_add_relu(&x).as_slice(),
+                "{threads} threads"
+            );
+        }
+    }
+}
+
+#[test]
+fn huge_scratch_is_refused_at_load() {
+    let mut a = common::add_relu_artifact(common::kernel_library());
+    a.plan.steps[1].scratch_bytes = u64::MAX / 2;
+    // `save` refuses the plan too; the model refuses it however it gets it.
+    let dir = tempfile::tempdir().unwrap();
+    assert!(a.save(&dir.path().join("MODEL.kiln")).is_err());
+    let msg = Model::from_artifact(a, "MODEL.kiln")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("step 1") && msg.contains("scratch_bytes") && msg.contains("MODEL.kiln"),
+        "{msg}"
+    );
+}
+
+#[test]
 fn dynamic_batch_binds_symbols() {
     let (_dir, path) = saved_model(&common::dynamic_artifact(common::kernel_library()));
     let mut model = Model::load(&path).unwrap();

@@ -3,7 +3,7 @@
 //! Every CPU kernel Kiln emits is a C function
 //!
 //! ```c
-//! void kernel_name(void *const *args, const int64_t *dims);
+//! void kernel_name(void *const *args, const int64_t *dims, void *scratch);
 //! ```
 //!
 //! * `args[i]` is the base address of the i-th tensor buffer: inputs first, then outputs, in
@@ -17,8 +17,14 @@
 //! * `dims[2 + j]` is the runtime value of the kernel's j-th symbolic dimension (see
 //!   [`KernelSignature::dims`](super::KernelSignature::dims)), so one compiled kernel serves
 //!   every size of a dynamic shape.
+//! * `scratch` points to [`KernelSignature::scratch_bytes`](super::KernelSignature::scratch_bytes)
+//!   bytes, 64-byte aligned, owned by the caller and private to this call (one buffer per
+//!   thread: calls running at the same time get different ones). Its contents are garbage on
+//!   entry. Kernels take their temporary buffers (packed panels, padded copies) from it
+//!   ([`Scratch`]) instead of allocating, so a call allocates nothing.
 //!
-//! Inside MLIR the function is `func.func @name(%args: !llvm.ptr, %dims: !llvm.ptr)`; its
+//! Inside MLIR the function is
+//! `func.func @name(%args: !llvm.ptr, %dims: !llvm.ptr, %scratch: !llvm.ptr)`; its
 //! prologue (built here) loads the pointers and dims and assembles ordinary dynamic memref
 //! descriptors (`memref<?x?xf32>`) with `llvm.insertvalue` +
 //! `builtin.unrealized_conversion_cast`, which `reconcile-unrealized-casts` removes after
@@ -46,6 +52,7 @@ pub struct Prologue {
     text: String,
     next: usize,
     loaded_dims: Vec<Option<String>>,
+    scratch: Scratch,
 }
 
 impl Prologue {
@@ -240,13 +247,92 @@ impl Prologue {
         }
     }
 
-    /// Wraps the body into `func.func @name(%args: !llvm.ptr, %dims: !llvm.ptr)`, adding the
+    /// A dense row-major buffer of static `shape` and element type `elem` (`elem_bytes`
+    /// bytes each) in the kernel's scratch memory (see [`Scratch`]), defined in the
+    /// prologue; returns the SSA name of the memref (type [`memref_type_of`]).
+    pub fn scratch(&mut self, shape: &[usize], elem: &str, elem_bytes: usize) -> String {
+        let (text, m) = self.scratch.view(shape, elem, elem_bytes);
+        self.text.push_str(&text);
+        m
+    }
+
+    /// Scratch bytes one call needs for the buffers taken with [`Prologue::scratch`].
+    pub fn scratch_bytes(&self) -> u64 {
+        self.scratch.bytes()
+    }
+
+    /// Wraps the body into
+    /// `func.func @name(%args: !llvm.ptr, %dims: !llvm.ptr, %scratch: !llvm.ptr)`, adding the
     /// final `return`.
     pub fn finish(self, name: &str) -> String {
         format!(
-            "func.func @{name}(%args: !llvm.ptr, %dims: !llvm.ptr) {{\n{}  return\n}}\n",
+            "func.func @{name}(%args: !llvm.ptr, %dims: !llvm.ptr, %scratch: !llvm.ptr) {{\n{}  return\n}}\n",
             self.text
         )
+    }
+}
+
+/// Alignment of every scratch sub-buffer, in bytes (the runtime aligns the scratch base to
+/// it too).
+pub const SCRATCH_ALIGN: u64 = 64;
+
+/// The layout of a kernel's scratch memory: sub-buffers at increasing 64-byte-aligned
+/// offsets from the `%scratch` argument, live for the whole call. One allocator per kernel
+/// (two would hand out overlapping offsets and clashing SSA names).
+#[derive(Debug, Default, Clone)]
+pub struct Scratch {
+    bytes: u64,
+    next: usize,
+}
+
+impl Scratch {
+    /// A new, empty layout.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Reserves a dense row-major buffer of static `shape` of `elem` (`elem_bytes` bytes
+    /// each) and returns `(lines, memref)`: MLIR lines defining the memref view (valid
+    /// anywhere in the kernel function, they only read `%scratch`) and its SSA name, of
+    /// type [`memref_type_of`]`(shape.len(), elem)`.
+    pub fn view(&mut self, shape: &[usize], elem: &str, elem_bytes: usize) -> (String, String) {
+        let len = shape.iter().product::<usize>() as u64 * elem_bytes as u64;
+        let offset = self.bytes;
+        self.bytes = (offset + len).div_ceil(SCRATCH_ALIGN) * SCRATCH_ALIGN;
+        self.next += 1;
+        let v = format!("%scr{}", self.next);
+        let mut t = String::new();
+        let rank = shape.len();
+        let st = descriptor_type(rank);
+        let _ = writeln!(
+            t,
+            "  {v}_p = llvm.getelementptr %scratch[{offset}] : (!llvm.ptr) -> !llvm.ptr, i8\n  {v}_z = llvm.mlir.constant(0 : i64) : i64\n  {v}_d = llvm.mlir.poison : {st}\n  {v}_d0 = llvm.insertvalue {v}_p, {v}_d[0] : {st}\n  {v}_d1 = llvm.insertvalue {v}_p, {v}_d0[1] : {st}\n  {v}_d2 = llvm.insertvalue {v}_z, {v}_d1[2] : {st}"
+        );
+        let mut cur = format!("{v}_d2");
+        let mut stride = 1usize;
+        let mut strides = vec![0usize; rank];
+        for i in (0..rank).rev() {
+            strides[i] = stride;
+            stride *= shape[i];
+        }
+        for (i, (&n, &s)) in shape.iter().zip(&strides).enumerate() {
+            let _ = writeln!(
+                t,
+                "  {v}_n{i} = llvm.mlir.constant({n} : i64) : i64\n  {v}_s{i} = llvm.mlir.constant({s} : i64) : i64\n  {v}_e{i} = llvm.insertvalue {v}_n{i}, {cur}[3, {i}] : {st}\n  {v}_f{i} = llvm.insertvalue {v}_s{i}, {v}_e{i}[4, {i}] : {st}"
+            );
+            cur = format!("{v}_f{i}");
+        }
+        let _ = writeln!(
+            t,
+            "  {v} = builtin.unrealized_conversion_cast {cur} : {st} to {}",
+            memref_type_of(rank, elem)
+        );
+        (t, v)
+    }
+
+    /// Bytes one call needs (a multiple of [`SCRATCH_ALIGN`]).
+    pub fn bytes(&self) -> u64 {
+        self.bytes
     }
 }
 

@@ -32,6 +32,7 @@ pub fn mul_add_relu(name: &str) -> Kernel {
             outputs: 1,
             dims: vec!["m".into(), "n".into()],
             tasks: 1,
+            scratch_bytes: 0,
         },
         mlir: p.finish(name),
         pipeline: LINALG_LOOPS_PIPELINE.to_string(),

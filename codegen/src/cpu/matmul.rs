@@ -106,7 +106,11 @@ pub fn matmul(name: &str, schedule: &MatmulSchedule, epilogue: Epilogue) -> Kern
     let m = p.dim_index(0);
     let n = p.dim_index(1);
     let k = p.dim_index(2);
-    p.push(&body(&s, &a, &b, bias.as_deref(), &c, &m, &n, &k));
+    // M, N, K are runtime values: the packed panels take the schedule's full block sizes.
+    let (ap_len, bp_len) = packed_lens(&s, None, None, None);
+    let ap = p.scratch(&[ap_len], "f32", 4);
+    let bp = p.scratch(&[bp_len], "f32", 4);
+    p.push(&body(&s, &a, &b, bias.as_deref(), &c, &m, &n, &k, &ap, &bp));
     let mut inputs = 2;
     if bias_relu {
         inputs += 1;
@@ -118,6 +122,7 @@ pub fn matmul(name: &str, schedule: &MatmulSchedule, epilogue: Epilogue) -> Kern
             outputs: 1,
             dims: vec!["M".into(), "N".into(), "K".into()],
             tasks: 1,
+            scratch_bytes: p.scratch_bytes(),
         },
         mlir: p.finish(name),
         pipeline: VECTOR_PIPELINE.to_string(),
@@ -128,20 +133,45 @@ pub fn matmul(name: &str, schedule: &MatmulSchedule, epilogue: Epilogue) -> Kern
 /// `memref.cast` to it, and so do row-block subviews).
 pub const STRIDED_2D: &str = "memref<?x?xf32, strided<[?, 1], offset: ?>>";
 
-/// A private helper `func.func private @name(%A, %B, %C)` on [`STRIDED_2D`] operands
-/// computing `C = A·B` with `schedule` (sizes read from the memrefs), for kernels that call a
-/// matmul from their own body (graph contraction kernels with a general epilogue).
+/// The lengths (f32 elements) of the packed A and B panel buffers the matmul with schedule
+/// `s` needs for an `M×K · K×N` product; a size not known at compile time (`None`) takes
+/// the schedule's full block (`mc×kc`, `kc×nc`), an upper bound for every size.
+pub fn packed_lens(
+    s: &MatmulSchedule,
+    m: Option<usize>,
+    n: Option<usize>,
+    k: Option<usize>,
+) -> (usize, usize) {
+    let s = s.normalized();
+    let kc = k.map_or(s.kc, |k| k.min(s.kc));
+    let mc = m.map_or(s.mc, |m| m.div_ceil(s.mr) * s.mr).min(s.mc);
+    let nc = n.map_or(s.nc, |n| n.div_ceil(s.nr) * s.nr).min(s.nc);
+    (mc * kc, nc * kc)
+}
+
+/// The operand types of [`matmul_memref_func`] after `A`, `B`, `C`: the packed A and B panel
+/// buffers (at least [`packed_lens`] elements).
+pub const PACKED_1D: &str = "memref<?xf32>";
+
+/// A private helper `func.func private @name(%A, %B, %C, %AP, %BP)` computing `C = A·B` with
+/// `schedule` on [`STRIDED_2D`] operands (sizes read from the memrefs), packing into the
+/// caller's [`PACKED_1D`] buffers `%AP`, `%BP` (sized with [`packed_lens`], typically views
+/// of the kernel's scratch), for kernels that call a matmul from their own body (graph
+/// contraction kernels with a general epilogue).
 pub fn matmul_memref_func(name: &str, schedule: &MatmulSchedule) -> String {
     let s = schedule.normalized();
     let t = STRIDED_2D;
+    let pt = PACKED_1D;
     format!(
-        "func.func private @{name}(%A: {t}, %B: {t}, %C: {t}) {{\n  %mm_i0 = arith.constant 0 : index\n  %mm_i1 = arith.constant 1 : index\n  %mm_m = memref.dim %A, %mm_i0 : {t}\n  %mm_k = memref.dim %A, %mm_i1 : {t}\n  %mm_n = memref.dim %B, %mm_i1 : {t}\n{}  return\n}}\n",
-        body(&s, "%A", "%B", None, "%C", "%mm_m", "%mm_n", "%mm_k").replace("memref<?x?xf32>", t)
+        "func.func private @{name}(%A: {t}, %B: {t}, %C: {t}, %AP: {pt}, %BP: {pt}) {{\n  %mm_i0 = arith.constant 0 : index\n  %mm_i1 = arith.constant 1 : index\n  %mm_m = memref.dim %A, %mm_i0 : {t}\n  %mm_k = memref.dim %A, %mm_i1 : {t}\n  %mm_n = memref.dim %B, %mm_i1 : {t}\n{}  return\n}}\n",
+        body(&s, "%A", "%B", None, "%C", "%mm_m", "%mm_n", "%mm_k", "%AP", "%BP")
+            .replace("memref<?x?xf32>", t)
     )
 }
 
 /// The kernel body (after the memrefs and sizes are available): `a`, `b`, `c` (and `bias`) are
-/// SSA names of `memref<?x?xf32>` (`memref<?xf32>`) values, `m`, `n`, `k` of `index` values.
+/// SSA names of `memref<?x?xf32>` (`memref<?xf32>`) values, `m`, `n`, `k` of `index` values,
+/// `ap`, `bp` of the `memref<?xf32>` packed-panel buffers (at least [`packed_lens`] long).
 /// The body defines SSA names starting with `%c`, `%a`, `%b`, ... and must not share a region
 /// with other code using those names.
 #[allow(clippy::too_many_arguments)]
@@ -154,6 +184,8 @@ fn body(
     m: &str,
     n: &str,
     k: &str,
+    ap: &str,
+    bp: &str,
 ) -> String {
     let (mr, nr, vw) = (s.mr, s.nr, s.vector_width);
     let nv = nr / vw;
@@ -162,8 +194,7 @@ fn body(
     let bias_relu = bias.is_some();
     let mut t = String::new();
     let w = &mut t;
-    // Packed buffers sized for this call's shape (at most mc×kc and kc×nc), so small
-    // problems do not pay for (and page-fault in) full-size blocks.
+    // The packed buffers come from the caller (scratch memory): at most mc×kc and kc×nc.
     let ap_len = "?";
     let bp_len = "?";
     let _ = writeln!(
@@ -177,21 +208,6 @@ fn body(
   %cnc = arith.constant {nc} : index
   %zf = arith.constant 0.0 : f32
   %zv = arith.constant dense<0.0> : {vt}
-  %kcap = arith.minsi %ckc, {k} : index
-  %mup0 = arith.addi {m}, %cmr : index
-  %mup1 = arith.subi %mup0, %c1 : index
-  %mup2 = arith.divui %mup1, %cmr : index
-  %mup = arith.muli %mup2, %cmr : index
-  %mcap = arith.minsi %cmc, %mup : index
-  %nup0 = arith.addi {n}, %cnr : index
-  %nup1 = arith.subi %nup0, %c1 : index
-  %nup2 = arith.divui %nup1, %cnr : index
-  %nup = arith.muli %nup2, %cnr : index
-  %ncap = arith.minsi %cnc, %nup : index
-  %aplen = arith.muli %mcap, %kcap : index
-  %bplen = arith.muli %ncap, %kcap : index
-  %ap = memref.alloc(%aplen) {{alignment = 64 : i64}} : memref<{ap_len}xf32>
-  %bp = memref.alloc(%bplen) {{alignment = 64 : i64}} : memref<{bp_len}xf32>
   scf.for %jc = %c0 to {n} step %cnc {{
     %nrem = arith.subi {n}, %jc : index
     %nc = arith.minsi %cnc, %nrem : index
@@ -229,7 +245,7 @@ fn body(
             w,
             r#"          %bx{v} = vector.maskedload {b}[%brow, %bcol{v}], %bm{v}, %zv : memref<?x?xf32>, {mt}, {vt} into {vt}
           %bd{v} = arith.addi %bdst, %cv{v} : index
-          vector.store %bx{v}, %bp[%bd{v}] : memref<{bp_len}xf32>, {vt}"#
+          vector.store %bx{v}, {bp}[%bd{v}] : memref<{bp_len}xf32>, {vt}"#
         );
     }
     let _ = writeln!(
@@ -266,7 +282,7 @@ fn body(
             r#"            %ax{r} = memref.load {a}[%ar{r}, %acol] : memref<?x?xf32>
             %ay{r} = arith.select %av{r}, %ax{r}, %zf : f32
             %ad{r} = arith.addi %ak2, %cr{r} : index
-            memref.store %ay{r}, %ap[%ad{r}] : memref<{ap_len}xf32>"#
+            memref.store %ay{r}, {ap}[%ad{r}] : memref<{ap_len}xf32>"#
         );
     }
     let _ = writeln!(w, "          }}");
@@ -301,7 +317,7 @@ fn body(
         let _ = writeln!(
             w,
             r#"              %bi{v} = arith.addi %bo2, %cv{v} : index
-              %bv{v} = vector.load %bp[%bi{v}] : memref<{bp_len}xf32>, {vt}"#
+              %bv{v} = vector.load {bp}[%bi{v}] : memref<{bp_len}xf32>, {vt}"#
         );
     }
     let mut outs = Vec::new();
@@ -309,7 +325,7 @@ fn body(
         let _ = writeln!(
             w,
             r#"              %ai{r} = arith.addi %ao2, %cr{r} : index
-              %as{r} = memref.load %ap[%ai{r}] : memref<{ap_len}xf32>
+              %as{r} = memref.load {ap}[%ai{r}] : memref<{ap_len}xf32>
               %ab{r} = vector.broadcast %as{r} : f32 to {vt}"#
         );
         for v in 0..nv {
@@ -438,9 +454,7 @@ fn body(
         memref.store %zval, {c}[%zi, %zj] : memref<?x?xf32>
       }}
     }}
-  }}
-  memref.dealloc %ap : memref<{ap_len}xf32>
-  memref.dealloc %bp : memref<{bp_len}xf32>"#
+  }}"#
     );
     // Index constants used above.
     let mut consts = String::new();

@@ -2,7 +2,8 @@
 //! to the LLVM dialect, translated to LLVM IR, optimised at O3 for a named CPU, and linked
 //! into one shared library (`.so`) that `kiln_runtime::kernel_lib` loads without LLVM.
 //!
-//! * [`abi`]: the uniform `void kernel(void *const *args, const int64_t *dims)` ABI.
+//! * [`abi`]: the uniform `void kernel(void *const *args, const int64_t *dims, void *scratch)`
+//!   ABI.
 //! * [`elementwise`]: elementwise kernels (`linalg.generic`).
 //! * [`matmul`]: f32 matmul with a parametric [`matmul::MatmulSchedule`].
 //! * [`pipeline`]: MLIR → LLVM IR → object code.
@@ -34,6 +35,10 @@ pub struct KernelSignature {
     /// processes the items `[dims[0], dims[1])` (clamped to `0..tasks`), so the runtime may
     /// run disjoint ranges on different threads at the same time.
     pub tasks: u64,
+    /// Bytes of scratch memory one call (one task range, on one thread) needs, known at
+    /// compile time (see [`abi`]): the caller passes a private, 64-byte-aligned buffer of at
+    /// least this size.
+    pub scratch_bytes: u64,
 }
 
 /// One kernel: its signature, its MLIR module text and the pass pipeline that lowers that

@@ -89,7 +89,13 @@ mod tests {
     fn matmul_llvm_ir_uses_fma_and_the_uniform_abi() {
         let k = matmul("mm", &MatmulSchedule::default(), Epilogue::BiasRelu);
         let ir = super::kernel_llvm_ir(&k).unwrap();
-        assert!(ir.contains("define void @mm(ptr %0, ptr %1)"), "{ir}");
+        assert!(
+            ir.contains("define void @mm(ptr %0, ptr %1, ptr %2)"),
+            "{ir}"
+        );
+        // The packed panels live in the caller's scratch memory (the third argument).
+        assert!(!ir.contains("@malloc") && !ir.contains("@free"), "{ir}");
+        assert!(k.signature.scratch_bytes > 0);
         // `vector.fma` lowers to `llvm.fmuladd`, which the x86 back end emits as `vfmadd`.
         assert!(ir.contains("@llvm.fmuladd.v8f32"), "{ir}");
     }
@@ -97,7 +103,10 @@ mod tests {
     #[test]
     fn elementwise_llvm_ir_allows_contraction() {
         let ir = super::kernel_llvm_ir(&mul_add_relu("ew")).unwrap();
-        assert!(ir.contains("define void @ew(ptr %0, ptr %1)"), "{ir}");
+        assert!(
+            ir.contains("define void @ew(ptr %0, ptr %1, ptr %2)"),
+            "{ir}"
+        );
         assert!(ir.contains("fmul contract"), "{ir}");
     }
 

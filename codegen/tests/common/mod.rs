@@ -9,7 +9,7 @@ use kiln_ir::onnx::tensor_proto::{from_raw, to_raw};
 use kiln_ir::ops::elementwise::{BinaryKind, ElementwiseOp, UnaryKind};
 use kiln_ir::{DType, Fact, Graph, IrError, Node, Op, Shape, Tensor, ValueId};
 use kiln_passes::fusion::{KernelKind, Partition};
-use kiln_runtime::kernel_lib::KernelLibrary;
+use kiln_runtime::kernel_lib::{scratch_buffer, KernelLibrary};
 use rand::{Rng, SeedableRng};
 
 /// A graph under construction.
@@ -213,10 +213,20 @@ pub fn check_with(
         // past the end), as the runtime's threads would: the result must not change.
         let tasks = lk.kernel.signature.tasks as i64;
         let cuts = [0, tasks / 3, 2 * tasks / 3, tasks + 5];
+        // Scratch full of garbage (NaN bit patterns; the kernel must not rely on its
+        // contents) followed by a guard block the kernel must not touch.
+        let sb = lk.kernel.signature.scratch_bytes as usize;
+        let mut scratch = scratch_buffer((sb + 64) as u64);
         for w in cuts.windows(2) {
+            scratch.as_mut_slice().fill(0xFF);
             // SAFETY: buffers hold the kernel's inputs and outputs at their static shapes;
-            // the ranges are disjoint.
-            unsafe { kern.call_tasks(&ptrs, w[0], w[1], &[]) };
+            // the ranges are disjoint; the scratch has the declared size.
+            unsafe { kern.call_tasks(&ptrs, w[0], w[1], &[], scratch.as_mut_slice()) };
+            assert!(
+                scratch.as_slice()[sb..].iter().all(|&b| b == 0xFF),
+                "kernel {} wrote past its {sb} scratch bytes",
+                lk.kernel.signature.name
+            );
         }
         for (i, (&v, w)) in lk.outputs.iter().zip(&want).enumerate() {
             let b = &bufs[lk.inputs.len() + lk.consts.len() + i];

@@ -6,38 +6,58 @@ use kiln_runtime::plan::WeightsBuilder;
 use kiln_runtime::{Artifact, BufRef, DType, DimExpr, DimSpec, ExecPlan, IoSpec, Step, SymBound};
 use std::process::Command;
 
-/// Kernels following the uniform ABI `void k(void *const *args, const int64_t *dims)`:
-/// `dims[0..2]` is the task range, the kernel's own dims follow (`d = dims + 2`).
+/// Kernels following the uniform ABI
+/// `void k(void *const *args, const int64_t *dims, void *scratch)`: `dims[0..2]` is the task
+/// range, the kernel's own dims follow (`d = dims + 2`); `scratch` is per-call memory.
 const KERNELS_C: &str = r#"
 #include <stdint.h>
+#include <stddef.h>
 /* out = a + b, d[0] = length; one task per element: runs elements [dims[0], dims[1]) */
-void add_f32(void *const *args, const int64_t *dims) {
+void add_f32(void *const *args, const int64_t *dims, void *scratch) {
     const int64_t *d = dims + 2;
     const float *a = args[0], *b = args[1]; float *o = args[2];
     int64_t end = dims[1] < d[0] ? dims[1] : d[0];
     for (int64_t i = dims[0] < 0 ? 0 : dims[0]; i < end; i++) o[i] = a[i] + b[i];
 }
+/* out = a + b like add_f32, through its scratch memory (SCRATCH_FLOATS floats, 64-byte
+   aligned): fills it with its task range, waits, and checks nobody else wrote it; a
+   misaligned or shared scratch makes the outputs NaN. */
+#define SCRATCH_FLOATS 1024
+void add_via_scratch_f32(void *const *args, const int64_t *dims, void *scratch) {
+    const int64_t *d = dims + 2;
+    const float *a = args[0], *b = args[1]; float *o = args[2];
+    volatile float *s = scratch;
+    int ok = ((uintptr_t)scratch % 64) == 0;
+    int64_t begin = dims[0] < 0 ? 0 : dims[0];
+    int64_t end = dims[1] < d[0] ? dims[1] : d[0];
+    for (int r = 0; r < 50; r++) {
+        for (int i = 0; i < SCRATCH_FLOATS; i++) s[i] = (float)(begin * 1000 + i + r);
+        for (volatile int spin = 0; spin < 2000; spin++) {}
+        for (int i = 0; i < SCRATCH_FLOATS; i++) ok &= s[i] == (float)(begin * 1000 + i + r);
+    }
+    for (int64_t i = begin; i < end; i++) o[i] = ok ? a[i] + b[i] : 0.0f / 0.0f;
+}
 /* out = max(x, 0), dims[0] = length */
-void relu_f32(void *const *args, const int64_t *dims) {
+void relu_f32(void *const *args, const int64_t *dims, void *scratch) {
     dims += 2;
     const float *x = args[0]; float *o = args[1];
     for (int64_t i = 0; i < dims[0]; i++) o[i] = x[i] > 0.0f ? x[i] : 0.0f;
 }
 /* out = max(x, 0) on [rows, cols], dims = [rows, cols] */
-void relu2d_f32(void *const *args, const int64_t *dims) {
+void relu2d_f32(void *const *args, const int64_t *dims, void *scratch) {
     dims += 2;
     const float *x = args[0]; float *o = args[1];
     for (int64_t i = 0; i < dims[0] * dims[1]; i++) o[i] = x[i] > 0.0f ? x[i] : 0.0f;
 }
 /* out[r][c] = x[r][c] + b[c], dims = [rows, cols] */
-void add_row_bias_f32(void *const *args, const int64_t *dims) {
+void add_row_bias_f32(void *const *args, const int64_t *dims, void *scratch) {
     dims += 2;
     const float *x = args[0], *b = args[1]; float *o = args[2];
     for (int64_t r = 0; r < dims[0]; r++)
         for (int64_t c = 0; c < dims[1]; c++) o[r * dims[1] + c] = x[r * dims[1] + c] + b[c];
 }
 /* out[r] = number of x[r][c] > 0 (i64), dims = [rows, cols] */
-void count_pos_f32_i64(void *const *args, const int64_t *dims) {
+void count_pos_f32_i64(void *const *args, const int64_t *dims, void *scratch) {
     dims += 2;
     const float *x = args[0]; int64_t *o = args[1];
     for (int64_t r = 0; r < dims[0]; r++) {
@@ -105,6 +125,7 @@ pub fn add_relu_artifact(kernels: Vec<u8>) -> Artifact {
                 num_inputs: 2,
                 dims: vec![DimExpr::Const(8)],
                 tasks: 8,
+                scratch_bytes: 0,
                 reference: None,
             },
             Step {
@@ -119,6 +140,7 @@ pub fn add_relu_artifact(kernels: Vec<u8>) -> Artifact {
                 num_inputs: 1,
                 dims: vec![DimExpr::Const(8)],
                 tasks: 1,
+                scratch_bytes: 0,
                 reference: None,
             },
         ],
@@ -177,6 +199,7 @@ pub fn dynamic_artifact(kernels: Vec<u8>) -> Artifact {
                 num_inputs: 2,
                 dims: vec![DimExpr::Sym("batch".into()), DimExpr::Const(3)],
                 tasks: 1,
+                scratch_bytes: 0,
                 reference: None,
             },
             Step {
@@ -185,6 +208,7 @@ pub fn dynamic_artifact(kernels: Vec<u8>) -> Artifact {
                 num_inputs: 1,
                 dims: vec![DimExpr::Sym("batch".into()), DimExpr::Const(3)],
                 tasks: 1,
+                scratch_bytes: 0,
                 reference: None,
             },
             Step {
@@ -193,6 +217,7 @@ pub fn dynamic_artifact(kernels: Vec<u8>) -> Artifact {
                 num_inputs: 1,
                 dims: vec![DimExpr::Sym("batch".into()), DimExpr::Const(3)],
                 tasks: 1,
+                scratch_bytes: 0,
                 reference: None,
             },
         ],

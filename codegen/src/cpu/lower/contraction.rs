@@ -14,7 +14,7 @@ use super::elementwise::InputKind;
 use super::elementwise::{classify_input, emit_generic, Body, GenericInput, GenericOutput};
 use super::{Lowered, SymDims, Ty, GRAPH_KERNEL_PIPELINE};
 use crate::cpu::abi::{Dim as PDim, Prologue};
-use crate::cpu::matmul::{matmul_memref_func, MatmulSchedule, STRIDED_2D};
+use crate::cpu::matmul::{matmul_memref_func, packed_lens, MatmulSchedule, PACKED_1D, STRIDED_2D};
 use crate::cpu::{Kernel, KernelSignature};
 use kiln_ir::ops::linalg::LinalgOp;
 use kiln_ir::{DType, Dim, Graph, Op, ValueId};
@@ -236,7 +236,12 @@ pub(crate) fn lower(
     );
     let p2 = rows_view(&mut p, args.len() + pi, &[m_d, n_d], "f32");
     let mut t = String::new();
-    let operand = |p: &mut Prologue, t: &mut String, mem: &str, trans: bool, d: [PDim; 2]| {
+    let operand = |p: &mut Prologue,
+                   t: &mut String,
+                   heap: &mut Vec<String>,
+                   mem: &str,
+                   trans: bool,
+                   d: [PDim; 2]| {
         if !trans {
             return mem.to_string();
         }
@@ -248,24 +253,54 @@ pub(crate) fn lower(
                 v
             }
         };
-        let r = idx(p, t, d[1]);
-        let c = idx(p, t, d[0]);
-        let tv = format!("%tr{}", t.len());
+        let tv = if let [PDim::Const(r), PDim::Const(c)] = [d[1], d[0]] {
+            // Static: the transposed copy lives in the kernel's scratch memory.
+            p.scratch(&[r as usize, c as usize], "f32", 4)
+        } else {
+            // A symbolic size has no bound here: this copy stays a heap allocation per call.
+            let r = idx(p, t, d[1]);
+            let c = idx(p, t, d[0]);
+            let tv = format!("%tr{}", t.len());
+            let _ = writeln!(
+                t,
+                "  {tv} = memref.alloc({r}, {c}) {{alignment = 64 : i64}} : memref<?x?xf32>"
+            );
+            heap.push(tv.clone());
+            tv
+        };
         let _ = writeln!(
             t,
-            "  {tv} = memref.alloc({r}, {c}) {{alignment = 64 : i64}} : memref<?x?xf32>\n  linalg.transpose ins({mem} : memref<?x?xf32>) outs({tv} : memref<?x?xf32>) permutation = [1, 0]"
+            "  linalg.transpose ins({mem} : memref<?x?xf32>) outs({tv} : memref<?x?xf32>) permutation = [1, 0]"
         );
         tv
     };
-    let a2 = operand(&mut p, &mut t, &a_mem, ta, a_dims);
+    let mut heap = Vec::new();
+    let a2 = operand(&mut p, &mut t, &mut heap, &a_mem, ta, a_dims);
     let b_pair = [b_dims[0], b_dims[1]];
-    let b2 = operand(&mut p, &mut t, &b_mem, tb, b_pair);
+    let b2 = operand(&mut p, &mut t, &mut heap, &b_mem, tb, b_pair);
+    // The packed panels of the matmul, in scratch memory (sized for the per-call product).
+    let known = |d: PDim| match d {
+        PDim::Const(c) => Some(c as usize),
+        PDim::Sym(_) => None,
+    };
+    let k_d = if ta { a_dims[0] } else { a_dims[1] };
+    let (ap_len, bp_len) = match batch {
+        Some((_, [m, n, k])) => packed_lens(&MatmulSchedule::default(), Some(m), Some(n), Some(k)),
+        None => packed_lens(
+            &MatmulSchedule::default(),
+            known(m_d),
+            known(n_d),
+            known(k_d),
+        ),
+    };
+    let ap = p.scratch(&[ap_len], "f32", 4);
+    let bp = p.scratch(&[bp_len], "f32", 4);
     let mm = format!("{name}_mm");
     let st = STRIDED_2D;
     let call = |t: &mut String, a: &str, b: &str, c: &str| {
         let _ = writeln!(
             t,
-            "  func.call @{mm}({a}, {b}, {c}) : ({st}, {st}, {st}) -> ()"
+            "  func.call @{mm}({a}, {b}, {c}, {ap}, {bp}) : ({st}, {st}, {st}, {PACKED_1D}, {PACKED_1D}) -> ()"
         );
     };
     let mut casts = Vec::new();
@@ -325,12 +360,11 @@ pub(crate) fn lower(
     } else if k.outputs != [y_v] {
         return Err("contraction output is not the kernel output".into());
     }
-    for (v, trans) in [(&a2, ta), (&b2, tb)] {
-        if trans {
-            let _ = writeln!(t, "  memref.dealloc {v} : memref<?x?xf32>");
-        }
+    for v in &heap {
+        let _ = writeln!(t, "  memref.dealloc {v} : memref<?x?xf32>");
     }
     p.push(&t);
+    let p_scratch = p.scratch_bytes();
     let mut mlir = p.finish(name);
     mlir.push_str(&matmul_memref_func(&mm, sched));
     let kernel = Kernel {
@@ -340,6 +374,7 @@ pub(crate) fn lower(
             outputs: outs.len(),
             dims: syms.0,
             tasks: split.map_or(1, |(m, _)| m as u64),
+            scratch_bytes: p_scratch,
         },
         mlir,
         pipeline: GRAPH_KERNEL_PIPELINE.to_string(),

@@ -43,8 +43,8 @@
 use super::elementwise::InputKind;
 use super::elementwise::{classify_input, emit_generic, Body, GenericInput, GenericOutput};
 use super::{DerivedConst, Lowered, SymDims, Ty, GRAPH_KERNEL_PIPELINE};
-use crate::cpu::abi::{Dim as PDim, Prologue};
-use crate::cpu::matmul::{matmul_memref_func, MatmulSchedule, STRIDED_2D};
+use crate::cpu::abi::{Dim as PDim, Prologue, Scratch};
+use crate::cpu::matmul::{matmul_memref_func, packed_lens, MatmulSchedule, PACKED_1D, STRIDED_2D};
 use crate::cpu::{Kernel, KernelSignature};
 use kiln_ir::ops::elementwise::{BinaryKind, ClipBounds, ElementwiseOp, UnaryKind};
 use kiln_ir::ops::nn::NnOp;
@@ -62,6 +62,8 @@ pub(crate) struct Loops {
     /// The loop nest.
     pub(crate) text: String,
     next: usize,
+    /// The kernel's scratch buffers (views defined with the constants).
+    scratch: Scratch,
 }
 
 impl Loops {
@@ -162,6 +164,20 @@ impl Loops {
         let lo = self.op(&format!("arith.cmpi sge, {v}, {z} : index"));
         let up = self.op(&format!("arith.cmpi slt, {v}, {hi} : index"));
         self.op(&format!("arith.andi {lo}, {up} : i1"))
+    }
+
+    /// A `memref<?xf32>` of `len` elements in the kernel's scratch memory (see
+    /// [`crate::cpu::abi`]), defined with the hoisted constants; its contents are garbage on
+    /// entry. Kernels built with `Loops` take every temporary buffer from here.
+    pub(crate) fn scratch(&mut self, len: usize) -> String {
+        let (text, m) = self.scratch.view(&[len], "f32", 4);
+        self.consts.push_str(&text);
+        m
+    }
+
+    /// Scratch bytes one call needs for the buffers of [`Loops::scratch`].
+    pub(crate) fn scratch_bytes(&self) -> u64 {
+        self.scratch.bytes()
     }
 
     /// The constants followed by the loop nest.
@@ -802,10 +818,7 @@ fn emit_dot(l: &mut Loops, d: &Direct) {
     let k8 = kt.div_ceil(VW) * VW;
     let np = win.oh * win.ow;
     let zv = l.vsplat(0.0);
-    let clen = l.c((np * k8) as i64);
-    let cols = l.op(&format!(
-        "memref.alloc({clen}) {{alignment = 64 : i64}} : {M1}"
-    ));
+    let cols = l.scratch(np * k8);
     let i = l.open_range(0, np * k8, VW);
     emit_store(l, &cols, &zv, &i, None);
     l.close();
@@ -954,7 +967,6 @@ fn emit_dot(l: &mut Loops, d: &Direct) {
         }
     }
     l.close();
-    l.line(&format!("memref.dealloc {cols} : {M1}"));
 }
 
 /// The channel-vector form's filter, packed at compile time in the order [`emit_chan`] reads
@@ -1227,12 +1239,7 @@ fn emit_winograd(l: &mut Loops, d: &Direct) {
     let nob = m.div_ceil(mr);
     let np = win.oh * win.ow;
     let zv = l.vsplat(0.0);
-    let alloc = |l: &mut Loops, len: usize| {
-        let cl = l.c(len as i64);
-        l.op(&format!(
-            "memref.alloc({cl}) {{alignment = 64 : i64}} : {M1}"
-        ))
-    };
+    let alloc = |l: &mut Loops, len: usize| l.scratch(len);
     let xlen = (c * slots * plane + gp + 2 * wq + 2 * VW).div_ceil(VW) * VW;
     let xp = alloc(l, xlen);
     let i = l.open_range(0, xlen, VW);
@@ -1418,9 +1425,6 @@ fn emit_winograd(l: &mut Loops, d: &Direct) {
     }
     l.close();
     l.close();
-    for b in [xp, vb, mb, yg] {
-        l.line(&format!("memref.dealloc {b} : {M1}"));
-    }
 }
 
 /// Emits the direct convolution (see the module doc) into `l`.
@@ -1453,21 +1457,13 @@ fn emit_direct(l: &mut Loops, d: &Direct) {
         d.x.to_string()
     } else {
         let len = (win.c * slots * plane + nr + wq + VW).div_ceil(VW) * VW;
-        let cl = l.c(len as i64);
-        let xp = l.op(&format!(
-            "memref.alloc({cl}) {{alignment = 64 : i64}} : {M1}"
-        ));
+        let xp = l.scratch(len);
         let i = l.open_range(0, len, VW);
         emit_store(l, &xp, &zv, &i, None);
         l.close();
         xp
     };
-    let yb = (!direct_store).then(|| {
-        let cl = l.c((mr * gp + 2 * VW) as i64);
-        l.op(&format!(
-            "memref.alloc({cl}) {{alignment = 64 : i64}} : {M1}"
-        ))
-    });
+    let yb = (!direct_store).then(|| l.scratch(mr * gp + 2 * VW));
     // Tasks: (image, group, block of mr output channels), in that order. A task that starts
     // a new (image, group), or a call, first copies that group's input channels.
     let nob = mg.div_ceil(mr);
@@ -1690,12 +1686,6 @@ fn emit_direct(l: &mut Loops, d: &Direct) {
         }
     }
     l.close(); // t
-    if !in_place {
-        l.line(&format!("memref.dealloc {xp} : {M1}"));
-    }
-    if let Some(yb) = yb {
-        l.line(&format!("memref.dealloc {yb} : {M1}"));
-    }
 }
 
 /// Lowers a `Contraction` kernel whose contraction is a `Conv` with schedule `sched`; the
@@ -1850,6 +1840,7 @@ pub fn lower_with(
         memref
     });
     let mut l = Loops::default();
+    let scratch_bytes;
     let mm = format!("{name}_mm");
     // Only the fully fused direct kernel splits into tasks: a separate epilogue pass would
     // run over the whole output in every call.
@@ -1947,6 +1938,7 @@ pub fn lower_with(
                 packed: pack_direct,
             },
         );
+        scratch_bytes = l.scratch_bytes();
         p.push(&l.finish());
     } else {
         // The conv (+ bias when direct) into the output, then the epilogue as a generic pass.
@@ -2020,8 +2012,19 @@ pub fn lower_with(
             );
         } else {
             let y2 = p.memref_f32(out_arg, &cdims(&[win.n * m, pp]));
-            emit_im2col_gemm(&mut l, &win, m, &x_mem, &w_mem, &y2, pointwise_gemm, &mm);
+            emit_im2col_gemm(
+                &mut l,
+                &win,
+                m,
+                &x_mem,
+                &w_mem,
+                &y2,
+                pointwise_gemm,
+                &mm,
+                &sched.matmul,
+            );
         }
+        scratch_bytes = l.scratch_bytes();
         let mut t = l.finish();
         let need_generic = !epi_nodes.is_empty() || (b_v.is_some() && !direct) || outs.len() > 1;
         if need_generic {
@@ -2060,6 +2063,8 @@ pub fn lower_with(
             outputs: k.outputs.len(),
             dims: syms.0,
             tasks: ntasks as u64,
+            // Every scratch buffer comes from `l` (the prologue takes none).
+            scratch_bytes,
         },
         mlir,
         pipeline: GRAPH_KERNEL_PIPELINE.to_string(),
@@ -2080,18 +2085,20 @@ fn emit_im2col_gemm(
     y2: &str,
     pointwise: bool,
     mm: &str,
+    sched: &MatmulSchedule,
 ) {
     let (kk, pp) = (win.c * win.k[0] * win.k[1], win.oh * win.ow);
+    // The matmul's packed panels (W[m, kk] · cols[kk, pp] per image).
+    let (ap_len, bp_len) = packed_lens(sched, Some(m), Some(pp), Some(kk));
+    let (ap, bp) = (l.scratch(ap_len), l.scratch(bp_len));
     let st = STRIDED_2D;
     let dyn2 = "memref<?x?xf32>";
     let wc = l.op(&format!("memref.cast {w_mem} : {dyn2} to {st}"));
     let cols = if pointwise {
         None
     } else {
-        let (ck, cp) = (l.c(kk as i64), l.c(pp as i64));
-        let c = l.op(&format!(
-            "memref.alloc({ck}, {cp}) {{alignment = 64 : i64}} : {dyn2}"
-        ));
+        let (text, c) = l.scratch.view(&[kk, pp], "f32", 4);
+        l.consts.push_str(&text);
         let cc = l.op(&format!("memref.cast {c} : {dyn2} to {st}"));
         Some((c, cc))
     };
@@ -2139,10 +2146,7 @@ fn emit_im2col_gemm(
         "memref.subview {y2}[{r}, 0] [{cm}, {cp}] [1, 1] : {dyn2} to {st}"
     ));
     l.line(&format!(
-        "func.call @{mm}({wc}, {xcols}, {yv}) : ({st}, {st}, {st}) -> ()"
+        "func.call @{mm}({wc}, {xcols}, {yv}, {ap}, {bp}) : ({st}, {st}, {st}, {PACKED_1D}, {PACKED_1D}) -> ()"
     ));
     l.close();
-    if let Some((c, _)) = cols {
-        l.line(&format!("memref.dealloc {c} : {dyn2}"));
-    }
 }

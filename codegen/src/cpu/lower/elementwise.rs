@@ -186,6 +186,7 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered
             outputs: outs.len(),
             dims: syms.0,
             tasks: 1,
+            scratch_bytes: 0,
         },
         mlir: p.finish(name),
         pipeline: GRAPH_KERNEL_PIPELINE.to_string(),

@@ -96,6 +96,7 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered
         }
         other => return Err(format!("{} is not lowered yet", other.op_type())),
     }
+    let scratch_bytes = l.scratch_bytes();
     p.push(&l.finish());
     let kernel = Kernel {
         signature: KernelSignature {
@@ -104,6 +105,7 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered
             outputs: 1,
             dims: vec![],
             tasks,
+            scratch_bytes,
         },
         mlir: p.finish(name),
         pipeline: GRAPH_KERNEL_PIPELINE.to_string(),
@@ -125,19 +127,11 @@ fn emit_maxpool(l: &mut Loops, win: &Window2, x: &str, y: &str, tasks: &(String,
     let direct = wq == win.ow;
     let ninf = l.vsplat(f32::NEG_INFINITY);
     let len = (win.c * slots * plane + nr + wq + VW).div_ceil(VW) * VW;
-    let cl = l.c(len as i64);
-    let xp = l.op(&format!(
-        "memref.alloc({cl}) {{alignment = 64 : i64}} : {M1}"
-    ));
+    let xp = l.scratch(len);
     let i = l.open_range(0, len, VW);
     emit_store(l, &xp, &ninf, &i, None);
     l.close();
-    let yb = (!direct).then(|| {
-        let cl = l.c((gp + 2 * VW) as i64);
-        l.op(&format!(
-            "memref.alloc({cl}) {{alignment = 64 : i64}} : {M1}"
-        ))
-    });
+    let yb = (!direct).then(|| l.scratch(gp + 2 * VW));
     // One task per (image, channel), which copies its own channel.
     let t = l.fresh("t");
     let one = l.c(1);
@@ -204,8 +198,4 @@ fn emit_maxpool(l: &mut Loops, win: &Window2, x: &str, y: &str, tasks: &(String,
         l.close();
     }
     l.close();
-    l.line(&format!("memref.dealloc {xp} : {M1}"));
-    if let Some(yb) = yb {
-        l.line(&format!("memref.dealloc {yb} : {M1}"));
-    }
 }

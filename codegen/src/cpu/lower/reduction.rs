@@ -440,6 +440,7 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered
             outputs: outs.len(),
             dims: vec![],
             tasks: 1,
+            scratch_bytes: 0,
         },
         mlir: p.finish(name),
         pipeline: GRAPH_KERNEL_PIPELINE.to_string(),
