@@ -457,18 +457,21 @@ impl Instance {
     /// The shape of output `index` for the bound symbols; a data-dependent dim
     /// ([`Dim::Dynamic`]) counts as 0 (see [`Instance::output_is_dynamic`]).
     pub(crate) fn output_shape(&self, index: usize) -> Vec<usize> {
-        self.outputs[index]
-            .iter()
-            .map(|d| match *d {
-                Dim::Fixed(n) => n,
-                Dim::Sym(k) => self.sym_values[k] as usize,
-                Dim::Dynamic => 0,
-            })
-            .collect()
+        self.output_dims(index).collect()
     }
 
+    /// The dims of output `index` for the bound symbols (0 for data-dependent dims).
+    fn output_dims(&self, index: usize) -> impl Iterator<Item = usize> + '_ {
+        self.outputs[index].iter().map(|d| match *d {
+            Dim::Fixed(n) => n,
+            Dim::Sym(k) => self.sym_values[k] as usize,
+            Dim::Dynamic => 0,
+        })
+    }
+
+    /// Byte size of output `index` for the bound symbols (no allocation: `run_into` calls it).
     pub(crate) fn output_bytes(&self, index: usize) -> usize {
-        let n: usize = self.output_shape(index).iter().product();
+        let n: usize = self.output_dims(index).product();
         self.plan.outputs[index]
             .dtype
             .bytes_for(n)
