@@ -610,3 +610,59 @@ fn conv_winograd_random_shapes() {
         );
     }
 }
+
+/// The tasks a fused Conv(+bias)+Relu kernel declares for threads, after checking it against
+/// the interpreter (the harness runs a split kernel as three task ranges).
+#[allow(clippy::too_many_arguments)]
+fn conv_relu_tasks(
+    c: usize,
+    hw: usize,
+    m: usize,
+    k: usize,
+    s: usize,
+    p: usize,
+    group: usize,
+    seed: u64,
+) -> u64 {
+    let mut b = Builder::new("conv_split");
+    let x = b.input("x", DType::F32, &[1, c, hw, hw]);
+    let w = rand_const(&mut b, "w", &[m, c / group, k, k], seed);
+    let bias = rand_const(&mut b, "b", &[m], seed + 1);
+    let conv = b.node(
+        Op::Nn(NnOp::Conv(ConvAttrs {
+            window: window(Some([k, k]), s, p, 1),
+            group,
+        })),
+        &[Some(x), Some(w), Some(bias)],
+    );
+    let y = b.unary(UnaryKind::Relu, conv);
+    let g = b.finish(&[y]);
+    let rep = check(&g, &random_inputs(&g, seed));
+    assert!(
+        rep.lowering.unsupported.is_empty(),
+        "{:?}",
+        rep.lowering.unsupported
+    );
+    let tasks: Vec<u64> = rep
+        .lowering
+        .kernels
+        .iter()
+        .map(|k| k.kernel.signature.tasks)
+        .collect();
+    assert_eq!(tasks.len(), 1, "one kernel");
+    tasks[0]
+}
+
+/// Only convolutions with enough multiply-adds per activation element declare tasks for
+/// threads (`conv::MIN_SPLIT_MACS_PER_ELEMENT`): MobileNet's pointwise (16→64, 32×32: 13 MACs
+/// per element) and depthwise layers run in one call, ResNet's stem (7×7/2, 84) and 3×3
+/// layers (72) are split, and both give the interpreter's result.
+#[test]
+fn conv_splits_only_dense_layers() {
+    assert_eq!(conv_relu_tasks(16, 32, 64, 1, 1, 0, 1, 1), 1, "pointwise");
+    assert_eq!(conv_relu_tasks(64, 32, 64, 3, 2, 1, 64, 2), 1, "depthwise");
+    assert_eq!(conv_relu_tasks(96, 16, 24, 1, 1, 0, 1, 3), 1, "projection");
+    assert!(conv_relu_tasks(3, 64, 16, 7, 2, 3, 1, 4) > 1, "stem");
+    assert!(conv_relu_tasks(16, 16, 16, 3, 1, 1, 1, 5) > 1, "3x3");
+    assert!(conv_relu_tasks(32, 8, 32, 3, 1, 1, 1, 6) > 1, "3x3, 8x8");
+}
