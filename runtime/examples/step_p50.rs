@@ -1,11 +1,11 @@
 //! Per-step latency distribution of a compiled artifact: runs it `N` times at `T` threads
-//! (inputs all 0.5, f32 models only) and prints each step's p50 and min (µs), and the p50 of
+//! (f32 inputs all 0.5, others all zero) and prints each step's p50 and min (µs), and the p50 of
 //! whole runs. `kiln run --profile` prints means, which a few descheduled runs on a shared
 //! machine dominate.
 //!
 //! `cargo run --release -p kiln-runtime --example step_p50 MODEL.kiln [THREADS] [RUNS]`
 
-use kiln_runtime::{DimSpec, Model, TensorView};
+use kiln_runtime::{DType, DimSpec, Model, TensorView};
 use std::time::Duration;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -31,14 +31,23 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .collect()
         })
         .collect();
-    let data: Vec<Vec<f32>> = shapes
+    let dtypes: Vec<DType> = model.plan().inputs.iter().map(|i| i.dtype).collect();
+    let data: Vec<Vec<u8>> = shapes
         .iter()
-        .map(|s| vec![0.5; s.iter().product()])
+        .zip(&dtypes)
+        .map(|(s, &dt)| {
+            let n: usize = s.iter().product();
+            match dt {
+                DType::F32 => 0.5f32.to_ne_bytes().repeat(n),
+                _ => vec![0; n * dt.size_of()],
+            }
+        })
         .collect();
     let views: Vec<TensorView> = shapes
         .iter()
         .zip(&data)
-        .map(|(s, d)| TensorView::from_f32(s, d))
+        .zip(&dtypes)
+        .map(|((s, d), &dt)| TensorView::new(dt, s, d))
         .collect();
     model.profile(&views, 50)?;
     let mut per_step: Vec<Vec<Duration>> = Vec::new();

@@ -12,7 +12,9 @@ use crate::instance::Instance;
 use crate::kernel_lib::{KernelLibError, KernelLibrary};
 use crate::plan::{DType, ExecPlan, ALIGNMENT};
 use crate::pool::Pool;
+use crate::split_choice::SplitChoice;
 use std::path::Path;
+use std::time::Instant;
 
 #[derive(Clone, Copy)]
 #[repr(C, align(64))]
@@ -258,6 +260,8 @@ pub struct Model {
     // Order matters for drop: the instances (kernel pointers, weight pointers) go first.
     variants: Vec<Instance>,
     pool: Option<Pool>,
+    /// Whether runs use `pool` (timed both ways every so often).
+    split: SplitChoice,
     _library: KernelLibrary,
     _weights: AlignedBuf,
 }
@@ -364,6 +368,7 @@ impl Model {
             artifact_info: (compiler_version, target),
             variants,
             pool: None,
+            split: SplitChoice::default(),
             _library: library,
             _weights: weights_buf,
         })
@@ -377,6 +382,14 @@ impl Model {
             return;
         }
         self.pool = (threads > 1).then(|| Pool::new(threads));
+        self.split = SplitChoice::default();
+    }
+
+    /// Whether runs currently split steps over the threads of [`Model::set_threads`]: with
+    /// several threads the model times runs with and without splitting every
+    /// [`crate::split_choice::PERIOD`] runs and keeps the faster way.
+    pub fn splits_steps(&self) -> bool {
+        self.pool.is_some() && self.split.pool_chosen()
     }
 
     /// Number of threads the model runs on (see [`Model::set_threads`]).
@@ -471,8 +484,13 @@ impl Model {
             .iter_mut()
             .map(|t| t.data.as_mut_slice().as_mut_ptr())
             .collect();
+        let pool = self.pool.as_ref().filter(|_| self.split.use_pool());
+        let t = Instant::now();
         // SAFETY: bound by `select`; the outputs are fresh, aligned and of the right size.
-        unsafe { v.execute(inputs, |o| ptrs[o], None, self.pool.as_ref()) }?;
+        unsafe { v.execute(inputs, |o| ptrs[o], None, pool) }?;
+        if self.pool.is_some() {
+            self.split.record(t.elapsed());
+        }
         Ok(outs)
     }
 
@@ -545,15 +563,14 @@ impl Model {
             }
         }
         let base = outputs.as_mut_ptr();
+        let pool = self.pool.as_ref().filter(|_| self.split.use_pool());
+        let t = Instant::now();
         // SAFETY: bound by `select`; buffer sizes and alignment checked; `&mut` buffers cannot
         // alias the shared input slices. `base.add(o)` stays within `outputs` (o < len).
-        unsafe {
-            v.execute(
-                inputs,
-                |o| (*base.add(o)).as_mut_ptr(),
-                None,
-                self.pool.as_ref(),
-            )
+        unsafe { v.execute(inputs, |o| (*base.add(o)).as_mut_ptr(), None, pool) }?;
+        if self.pool.is_some() {
+            self.split.record(t.elapsed());
         }
+        Ok(())
     }
 }

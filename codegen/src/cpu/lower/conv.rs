@@ -36,10 +36,9 @@
 //!
 //! Epilogues made of other nodes, or kernels with more than one output, run the conv (+ bias)
 //! first and then the epilogue as one `linalg.generic` over the output, in place, like
-//! [`super::contraction`] does for `MatMul`; those kernels are serial. Fused kernels with
-//! enough work per activation element (see [`MIN_SPLIT_MACS_PER_ELEMENT`]) split into tasks
-//! (`KernelSignature::tasks`): one per (image, group, block of `mr` output channels); each
-//! call copies the input channels it needs.
+//! [`super::contraction`] does for `MatMul`; those kernels are serial. Fused kernels split
+//! into tasks (`KernelSignature::tasks`): one per (image, group, block of `mr` output
+//! channels); each call copies the input channels it needs.
 
 use super::elementwise::InputKind;
 use super::elementwise::{classify_input, emit_generic, Body, GenericInput, GenericOutput};
@@ -539,28 +538,6 @@ pub fn pack_direct_filter(w: &[f32], m: usize, group: usize, ck: usize, mr: usiz
         }
     }
     out
-}
-
-/// Smallest convolution (multiply-adds) split into tasks for threads.
-pub(crate) const MIN_SPLIT_MACS: usize = super::contraction::MIN_SPLIT_MACS;
-
-/// Smallest multiply-adds per activation element (input + output) of a convolution split
-/// into tasks. A split step's threads each read the whole input (channel blocks) and write
-/// part of the output, so about half of both crosses between cores' caches, here or in the
-/// next step; on the 2-core development machine (a cache line takes ~180 ns from one core
-/// to the other) that costs more than half the compute below ~25 MACs per element
-/// (MobileNet's pointwise and depthwise layers: 1–26), while ResNet's 3×3 layers (48–576)
-/// gain (see docs/performance.md).
-pub(crate) const MIN_SPLIT_MACS_PER_ELEMENT: usize = 32;
-
-/// Whether a fused convolution kernel declares its tasks, so that the runtime may split it
-/// across threads: enough work in all and per activation element (see
-/// [`MIN_SPLIT_MACS_PER_ELEMENT`]).
-fn splits(win: &Window2, group: usize, m: usize) -> bool {
-    let out = win.n * m * win.oh * win.ow;
-    let macs = out * (win.c / group) * win.k[0] * win.k[1];
-    let elements = win.n * win.c * win.h * win.w + out;
-    macs >= MIN_SPLIT_MACS && macs >= MIN_SPLIT_MACS_PER_ELEMENT * elements
 }
 
 /// The number of tasks of the direct convolution: one per (image, group, block of `mr`
@@ -1940,16 +1917,8 @@ pub fn lower_with(
         } else {
             direct_tasks(&win, group, m, mr)
         };
-        let range = if splits(&win, group, m) {
-            let tc = p.const_index(ntasks as i64);
-            p.task_range(&tc)
-        } else {
-            // Too little work per activation to pay for sharing it between cores: one call
-            // runs every task.
-            let all = (l.c(0), l.c(ntasks as i64));
-            ntasks = 1;
-            all
-        };
+        let tc = p.const_index(ntasks as i64);
+        let range = p.task_range(&tc);
         let emit = if use_wino {
             emit_winograd
         } else if use_chan {

@@ -1,0 +1,137 @@
+//! Whether a model's task-split steps run on the thread pool at all, decided by timing whole
+//! runs both ways.
+//!
+//! Splitting a step over cores pays only when the compute it shares outweighs the fork-join
+//! and, above all, the cache lines that then cross between the cores (each thread reads the
+//! step's whole input, half of it written by the other core; the next steps read the other
+//! half of its output). That crossing cost is a property of the machine at run time: on the
+//! 2-core development VM the same pair of vCPUs measured a 64 ns and a 360 ns cache-line round
+//! trip an hour apart, and MobileNet at 2 threads ran 0.12 ms (split) or 0.27 ms (split, slow
+//! crossing) against 0.155 ms on one thread. No compile-time threshold is right for both, so
+//! every [`PERIOD`] runs the model times [`SAMPLES`] runs with the pool and as many without
+//! (each block after [`SKIP`] untimed runs, so that data the other way left in the other
+//! core's cache does not count against this one), and keeps the way whose median run was
+//! faster until the next calibration.
+
+use std::time::Duration;
+
+/// Runs per calibration period (the calibration's runs included).
+pub const PERIOD: u32 = 1024;
+
+/// Timed runs per way (pool, no pool) in each calibration; the median of each is compared.
+pub const SAMPLES: usize = 8;
+
+/// Untimed runs before each way's timed block.
+pub const SKIP: u32 = 2;
+
+/// The choice and its calibration state (see the module doc).
+#[derive(Debug, Clone)]
+pub(crate) struct SplitChoice {
+    /// Runs into the current period.
+    run: u32,
+    /// Run times with and without the pool in this period's calibration.
+    times: [[Duration; SAMPLES]; 2],
+    /// Use the pool outside calibration.
+    pool: bool,
+}
+
+impl Default for SplitChoice {
+    fn default() -> Self {
+        Self {
+            run: 0,
+            times: [[Duration::ZERO; SAMPLES]; 2],
+            pool: true,
+        }
+    }
+}
+
+impl SplitChoice {
+    /// Whether the next run uses the pool.
+    pub(crate) fn use_pool(&self) -> bool {
+        match self.slot() {
+            Some((way, _)) => way == 0,
+            None => self.pool,
+        }
+    }
+
+    /// Records the time of the run that [`SplitChoice::use_pool`] was asked about.
+    pub(crate) fn record(&mut self, elapsed: Duration) {
+        if let Some((way, Some(i))) = self.slot() {
+            self.times[way][i] = elapsed;
+            if way == 1 && i == SAMPLES - 1 {
+                let [mut with, mut without] = self.times;
+                with.sort_unstable();
+                without.sort_unstable();
+                self.pool = with[SAMPLES / 2] <= without[SAMPLES / 2];
+            }
+        }
+        self.run = (self.run + 1) % PERIOD;
+    }
+
+    /// Whether the pool is used outside calibration (the last calibration's result).
+    pub(crate) fn pool_chosen(&self) -> bool {
+        self.pool
+    }
+
+    /// During calibration: (way: 0 = pool, 1 = no pool, sample index or `None` for an
+    /// untimed run) of the current run.
+    fn slot(&self) -> Option<(usize, Option<usize>)> {
+        let block = SKIP as usize + SAMPLES;
+        let r = self.run as usize;
+        (r < 2 * block).then(|| (r / block, (r % block).checked_sub(SKIP as usize)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs `n` runs where a run with the pool takes `with` µs and one without `without`.
+    fn feed(c: &mut SplitChoice, n: u32, with: u64, without: u64) -> (u32, u32) {
+        let (mut pooled, mut serial) = (0, 0);
+        for _ in 0..n {
+            let p = c.use_pool();
+            if p {
+                pooled += 1;
+            } else {
+                serial += 1;
+            }
+            c.record(Duration::from_micros(if p { with } else { without }));
+        }
+        (pooled, serial)
+    }
+
+    #[test]
+    fn picks_the_faster_way_and_recalibrates() {
+        let mut c = SplitChoice::default();
+        assert!(c.use_pool(), "starts with the pool");
+        // Pool slower: after the calibration, only the period's calibration runs use it.
+        let (pooled, serial) = feed(&mut c, PERIOD, 270, 155);
+        assert!(!c.pool_chosen());
+        assert_eq!(pooled, SKIP + SAMPLES as u32);
+        assert_eq!(serial, PERIOD - pooled);
+        // The machine changes: the next period's calibration switches back to the pool.
+        let (pooled, serial) = feed(&mut c, PERIOD, 120, 155);
+        assert!(c.pool_chosen());
+        assert_eq!(serial, SKIP + SAMPLES as u32);
+        assert_eq!(pooled, PERIOD - serial);
+    }
+
+    #[test]
+    fn a_few_outliers_do_not_decide() {
+        let mut c = SplitChoice::default();
+        let mut k = 0u64;
+        for _ in 0..PERIOD {
+            let p = c.use_pool();
+            k += 1;
+            // Every third pooled run is descheduled (10 ms); the median is still faster.
+            let t = match (p, k % 3) {
+                (true, 0) => 10_000,
+                (true, _) => 100,
+                (false, _) => 150,
+            };
+            c.record(Duration::from_micros(t));
+        }
+        assert!(c.pool_chosen());
+    }
+}
