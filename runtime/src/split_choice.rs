@@ -11,15 +11,18 @@
 //! every [`PERIOD`] runs the model times [`SAMPLES`] runs with the pool and as many without
 //! (each block after [`SKIP`] untimed runs, so that data the other way left in the other
 //! core's cache does not count against this one), and keeps the way whose median run was
-//! faster until the next calibration.
+//! faster (by [`MARGIN`] for the pool) until the next calibration.
 
 use std::time::Duration;
 
 /// Runs per calibration period (the calibration's runs included).
-pub const PERIOD: u32 = 1024;
+pub const PERIOD: u32 = 256;
 
 /// Timed runs per way (pool, no pool) in each calibration; the median of each is compared.
 pub const SAMPLES: usize = 8;
+
+/// The pool is kept only if its median run is at least this factor faster.
+pub const MARGIN: f64 = 1.03;
 
 /// Untimed runs before each way's timed block.
 pub const SKIP: u32 = 2;
@@ -62,7 +65,9 @@ impl SplitChoice {
                 let [mut with, mut without] = self.times;
                 with.sort_unstable();
                 without.sort_unstable();
-                self.pool = with[SAMPLES / 2] <= without[SAMPLES / 2];
+                // Splitting must win clearly: its time varies more (see the module doc).
+                self.pool =
+                    with[SAMPLES / 2].as_secs_f64() * MARGIN < without[SAMPLES / 2].as_secs_f64();
             }
         }
         self.run = (self.run + 1) % PERIOD;
