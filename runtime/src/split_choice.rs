@@ -16,10 +16,10 @@
 use std::time::Duration;
 
 /// Runs per calibration period (the calibration's runs included).
-pub const PERIOD: u32 = 256;
+pub const PERIOD: u32 = 512;
 
 /// Timed runs per way (pool, no pool) in each calibration; the median of each is compared.
-pub const SAMPLES: usize = 8;
+pub const SAMPLES: usize = 16;
 
 /// The pool is kept only if its median run is at least this factor faster.
 pub const MARGIN: f64 = 1.03;
