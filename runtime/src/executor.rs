@@ -484,12 +484,12 @@ impl Model {
             .iter_mut()
             .map(|t| t.data.as_mut_slice().as_mut_ptr())
             .collect();
-        let pool = self.pool.as_ref().filter(|_| self.split.use_pool());
         let t = Instant::now();
+        let pool = self.pool.as_ref().filter(|_| self.split.begin(t));
         // SAFETY: bound by `select`; the outputs are fresh, aligned and of the right size.
         unsafe { v.execute(inputs, |o| ptrs[o], None, pool) }?;
         if self.pool.is_some() {
-            self.split.record(t.elapsed());
+            self.split.record(t, Instant::now());
         }
         Ok(outs)
     }
@@ -563,13 +563,13 @@ impl Model {
             }
         }
         let base = outputs.as_mut_ptr();
-        let pool = self.pool.as_ref().filter(|_| self.split.use_pool());
         let t = Instant::now();
+        let pool = self.pool.as_ref().filter(|_| self.split.begin(t));
         // SAFETY: bound by `select`; buffer sizes and alignment checked; `&mut` buffers cannot
         // alias the shared input slices. `base.add(o)` stays within `outputs` (o < len).
         unsafe { v.execute(inputs, |o| (*base.add(o)).as_mut_ptr(), None, pool) }?;
         if self.pool.is_some() {
-            self.split.record(t.elapsed());
+            self.split.record(t, Instant::now());
         }
         Ok(())
     }

@@ -11,21 +11,26 @@
 //! every [`PERIOD`] runs the model times [`SAMPLES`] runs with the pool and as many without
 //! (each block after [`SKIP`] untimed runs, so that data the other way left in the other
 //! core's cache does not count against this one), and keeps the way whose median run was
-//! faster (by [`MARGIN`] for the pool) until the next calibration.
+//! faster (by [`MARGIN`] for the pool) until the next calibration, which also starts after an
+//! idle gap of [`IDLE_RECALIBRATE`].
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Runs per calibration period (the calibration's runs included).
 pub const PERIOD: u32 = 512;
 
 /// Timed runs per way (pool, no pool) in each calibration; the median of each is compared.
-pub const SAMPLES: usize = 16;
+pub const SAMPLES: usize = 8;
 
 /// The pool is kept only if its median run is at least this factor faster.
 pub const MARGIN: f64 = 1.03;
 
 /// Untimed runs before each way's timed block.
 pub const SKIP: u32 = 2;
+
+/// An idle gap between runs after which the next run starts a new calibration: the machine
+/// may have changed meanwhile (and the worker has parked).
+pub const IDLE_RECALIBRATE: Duration = Duration::from_millis(20);
 
 /// The choice and its calibration state (see the module doc).
 #[derive(Debug, Clone)]
@@ -36,6 +41,8 @@ pub(crate) struct SplitChoice {
     times: [[Duration; SAMPLES]; 2],
     /// Use the pool outside calibration.
     pool: bool,
+    /// When the last recorded run ended.
+    last_end: Option<Instant>,
 }
 
 impl Default for SplitChoice {
@@ -44,23 +51,30 @@ impl Default for SplitChoice {
             run: 0,
             times: [[Duration::ZERO; SAMPLES]; 2],
             pool: true,
+            last_end: None,
         }
     }
 }
 
 impl SplitChoice {
-    /// Whether the next run uses the pool.
-    pub(crate) fn use_pool(&self) -> bool {
+    /// Whether the run starting `now` uses the pool.
+    pub(crate) fn begin(&mut self, now: Instant) -> bool {
+        if self
+            .last_end
+            .is_some_and(|e| now.saturating_duration_since(e) >= IDLE_RECALIBRATE)
+        {
+            self.run = 0;
+        }
         match self.slot() {
             Some((way, _)) => way == 0,
             None => self.pool,
         }
     }
 
-    /// Records the time of the run that [`SplitChoice::use_pool`] was asked about.
-    pub(crate) fn record(&mut self, elapsed: Duration) {
+    /// Records the run that [`SplitChoice::begin`] started at `start`, ended at `end`.
+    pub(crate) fn record(&mut self, start: Instant, end: Instant) {
         if let Some((way, Some(i))) = self.slot() {
-            self.times[way][i] = elapsed;
+            self.times[way][i] = end.saturating_duration_since(start);
             if way == 1 && i == SAMPLES - 1 {
                 let [mut with, mut without] = self.times;
                 with.sort_unstable();
@@ -71,6 +85,7 @@ impl SplitChoice {
             }
         }
         self.run = (self.run + 1) % PERIOD;
+        self.last_end = Some(end);
     }
 
     /// Whether the pool is used outside calibration (the last calibration's result).
@@ -91,17 +106,20 @@ impl SplitChoice {
 mod tests {
     use super::*;
 
-    /// Runs `n` runs where a run with the pool takes `with` µs and one without `without`.
-    fn feed(c: &mut SplitChoice, n: u32, with: u64, without: u64) -> (u32, u32) {
+    /// Runs `n` back-to-back runs where a run with the pool takes `with` µs and one without
+    /// `without`, from `*t` on; returns (runs with, runs without).
+    fn feed(c: &mut SplitChoice, t: &mut Instant, n: u32, with: u64, without: u64) -> (u32, u32) {
         let (mut pooled, mut serial) = (0, 0);
         for _ in 0..n {
-            let p = c.use_pool();
+            let p = c.begin(*t);
             if p {
                 pooled += 1;
             } else {
                 serial += 1;
             }
-            c.record(Duration::from_micros(if p { with } else { without }));
+            let end = *t + Duration::from_micros(if p { with } else { without });
+            c.record(*t, end);
+            *t = end;
         }
         (pooled, serial)
     }
@@ -109,33 +127,43 @@ mod tests {
     #[test]
     fn picks_the_faster_way_and_recalibrates() {
         let mut c = SplitChoice::default();
-        assert!(c.use_pool(), "starts with the pool");
+        let mut t = Instant::now();
         // Pool slower: after the calibration, only the period's calibration runs use it.
-        let (pooled, serial) = feed(&mut c, PERIOD, 270, 155);
+        let (pooled, serial) = feed(&mut c, &mut t, PERIOD, 270, 155);
         assert!(!c.pool_chosen());
         assert_eq!(pooled, SKIP + SAMPLES as u32);
         assert_eq!(serial, PERIOD - pooled);
         // The machine changes: the next period's calibration switches back to the pool.
-        let (pooled, serial) = feed(&mut c, PERIOD, 120, 155);
+        let (pooled, serial) = feed(&mut c, &mut t, PERIOD, 120, 155);
         assert!(c.pool_chosen());
         assert_eq!(serial, SKIP + SAMPLES as u32);
         assert_eq!(pooled, PERIOD - serial);
+        // Half a period on, after an idle gap, the machine is slow again: recalibrated at once.
+        feed(&mut c, &mut t, PERIOD / 2, 120, 155);
+        t += IDLE_RECALIBRATE;
+        let (pooled, serial) = feed(&mut c, &mut t, 3 * SAMPLES as u32, 270, 155);
+        assert!(!c.pool_chosen());
+        assert_eq!(pooled, SKIP + SAMPLES as u32);
+        assert_eq!(serial, 3 * SAMPLES as u32 - pooled);
     }
 
     #[test]
     fn a_few_outliers_do_not_decide() {
         let mut c = SplitChoice::default();
+        let mut t = Instant::now();
         let mut k = 0u64;
         for _ in 0..PERIOD {
-            let p = c.use_pool();
+            let p = c.begin(t);
             k += 1;
             // Every third pooled run is descheduled (10 ms); the median is still faster.
-            let t = match (p, k % 3) {
+            let us = match (p, k % 3) {
                 (true, 0) => 10_000,
                 (true, _) => 100,
                 (false, _) => 150,
             };
-            c.record(Duration::from_micros(t));
+            let end = t + Duration::from_micros(us);
+            c.record(t, end);
+            t = end;
         }
         assert!(c.pool_chosen());
     }
