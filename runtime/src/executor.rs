@@ -13,7 +13,9 @@ use crate::kernel_lib::{KernelLibError, KernelLibrary};
 use crate::plan::{DType, ExecPlan, ALIGNMENT};
 use crate::pool::Pool;
 use kiln_ir::onnx::tensor_proto::to_raw;
+use crate::split_choice::SplitChoice;
 use std::path::Path;
+use std::time::Instant;
 
 #[derive(Clone, Copy)]
 #[repr(C, align(64))]
@@ -277,6 +279,8 @@ pub struct Model {
     pool: Option<Pool>,
     /// Kernel scratch, one slot per thread, shared by the variants (they never run at once).
     scratch: ScratchSlots,
+    /// Whether runs use `pool` (timed both ways every so often).
+    split: SplitChoice,
     _library: KernelLibrary,
     _weights: AlignedBuf,
 }
@@ -396,6 +400,7 @@ impl Model {
             variants,
             pool: None,
             scratch,
+            split: SplitChoice::default(),
             _library: library,
             _weights: weights_buf,
         })
@@ -417,6 +422,14 @@ impl Model {
                 self.scratch = s;
             }
         }
+        self.split = SplitChoice::default();
+    }
+
+    /// Whether runs currently split steps over the threads of [`Model::set_threads`]: with
+    /// several threads the model times runs with and without splitting every
+    /// [`crate::split_choice::PERIOD`] runs and keeps the faster way.
+    pub fn splits_steps(&self) -> bool {
+        self.pool.is_some() && self.split.pool_chosen()
     }
 
     /// Number of threads the model runs on (see [`Model::set_threads`]).
@@ -533,9 +546,14 @@ impl Model {
             .iter_mut()
             .map(|t| t.data.as_mut_slice().as_mut_ptr())
             .collect();
+        let t = Instant::now();
+        let pool = self.pool.as_ref().filter(|_| self.split.begin(t));
         // SAFETY: bound by `select`; the outputs are fresh, aligned and of the right size
         // (no step writes a tail output).
-        unsafe { v.execute(inputs, |o| ptrs[o], None, self.pool.as_ref(), &self.scratch) }?;
+        unsafe { v.execute(inputs, |o| ptrs[o], None, pool, &self.scratch) }?;
+        if self.pool.is_some() {
+            self.split.record(t, Instant::now());
+        }
         // SAFETY: `execute` succeeded with these inputs and outputs.
         for (o, t) in unsafe { v.run_tail(inputs, |o| ptrs[o]) }? {
             outs[o] = Tensor {
@@ -637,6 +655,8 @@ impl Model {
             }
         }
         let base = outputs.as_mut_ptr();
+        let t = Instant::now();
+        let pool = self.pool.as_ref().filter(|_| self.split.begin(t));
         // SAFETY: bound by `select`; buffer sizes and alignment checked; `&mut` buffers cannot
         // alias the shared input slices. `base.add(o)` stays within `outputs` (o < len).
         unsafe {
@@ -644,10 +664,13 @@ impl Model {
                 inputs,
                 |o| (*base.add(o)).as_mut_ptr(),
                 None,
-                self.pool.as_ref(),
+                pool,
                 &self.scratch,
             )
         }?;
+        if self.pool.is_some() {
+            self.split.record(t, Instant::now());
+        }
         // Tail outputs of static shape: computed by the interpreter, copied in.
         // SAFETY: as for `execute`.
         let tail = unsafe { v.run_tail(inputs, |o| (*base.add(o)).as_mut_ptr()) }?;

@@ -7,6 +7,7 @@
 //! - `reference`: steps without compiled code, run by the reference interpreter.
 //! - `cuda` (feature `cuda`): loading PTX and launching kernels on NVIDIA GPUs.
 //! - [`pool`]: the spinning fork-join pool that runs a kernel's task ranges on several cores.
+//! - [`split_choice`]: whether splitting steps over the pool pays on this machine now (timed).
 pub mod artifact;
 #[cfg(feature = "cuda")]
 pub mod cuda;
@@ -16,6 +17,7 @@ pub mod kernel_lib;
 pub mod plan;
 pub mod pool;
 mod reference;
+pub mod split_choice;
 
 pub use artifact::{Artifact, ArtifactError};
 pub use executor::{AlignedBuf, LoadError, Model, RunError, Tensor, TensorView};
