@@ -11,7 +11,8 @@ use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
 use std::sync::OnceLock;
 
-const LOWERINGS: [(MatmulLowering, &str); 2] = [
+const LOWERINGS: [(MatmulLowering, &str); 3] = [
+    (MatmulLowering::TransformNoPack, "np"),
     (MatmulLowering::Transform, "xf"),
     (MatmulLowering::TransformUkernel, "uk"),
 ];

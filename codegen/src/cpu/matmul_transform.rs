@@ -44,29 +44,46 @@ pub enum MatmulLowering {
     /// Kiln's BLIS-style generator ([`super::matmul`]): packing + 6×16 FMA micro-kernel.
     #[default]
     Generator,
-    /// `linalg.matmul` tiled, vectorized and lowered to FMAs by a transform-dialect script.
+    /// `linalg.matmul` tiled, packed (`structured.pad` + `hoist_pad`), vectorized and
+    /// lowered to FMAs by a transform-dialect script.
     Transform,
-    /// The transform-dialect cache/register tiling, each mr×nr×kc tile a call of Kiln's
-    /// register-blocked micro-kernel (IREE-style ukernel).
+    /// Like [`MatmulLowering::Transform`] without packing: operands read in place, edge
+    /// tiles split off by `loop.peel`.
+    TransformNoPack,
+    /// The transform-dialect cache/register tiling and packing, each packed mr×nr×kc tile a
+    /// call of Kiln's register-blocked micro-kernel (IREE-style ukernel).
     TransformUkernel,
 }
 
 /// Attribute marking the `linalg.matmul` the transform script schedules.
 const MARK: &str = "__kiln_xform__";
 
-/// The lowering passes after bufferization (same as graph kernels).
-const TAIL: &str = "func.func(convert-linalg-to-loops),convert-vector-to-scf,convert-scf-to-cf,expand-strided-metadata,lower-affine,convert-math-to-llvm,convert-math-to-libm,convert-vector-to-llvm,finalize-memref-to-llvm,convert-to-llvm,reconcile-unrealized-casts";
+/// The lowering passes after bufferization (those of graph kernels, but multi-dimensional
+/// vector transfers, such as the packing copies, are unrolled into 1-D ones rather than
+/// staged through a stack buffer).
+const TAIL: &str = "func.func(convert-linalg-to-loops),convert-vector-to-scf{full-unroll=true target-rank=1},convert-scf-to-cf,expand-strided-metadata,lower-affine,convert-math-to-llvm,convert-math-to-libm,convert-vector-to-llvm,finalize-memref-to-llvm,convert-to-llvm,reconcile-unrealized-casts";
+
+/// Hoists the buffers bufferization allocates (the packed blocks) out of the loops and frees
+/// them. scratch: these are `memref.alloc`s for now.
+const DEALLOC: &str = "func.func(buffer-hoisting,buffer-loop-hoisting),buffer-deallocation-pipeline,convert-bufferization-to-memref";
 
 /// The pass pipeline of a kernel containing a matmul lowered with `lowering`
 /// ([`MatmulLowering::Generator`] gives the graph-kernel pipeline).
 pub fn pipeline(lowering: MatmulLowering) -> String {
     match lowering {
         MatmulLowering::Generator => format!("builtin.module({TAIL})"),
-        MatmulLowering::Transform => format!(
+        MatmulLowering::TransformNoPack => format!(
             "builtin.module(transform-interpreter,canonicalize,one-shot-bufferize,cse,canonicalize,symbol-dce,{TAIL})"
         ),
+        // The packed buffers (static size) are hoisted to the function entry and freed at its
+        // end by the buffer deallocation pipeline.
+        // These scripts bufferize themselves (with `linalg.copy` as the copy op, so the
+        // packing copies become loops rather than calls of MLIR's `memrefCopy` runtime).
+        MatmulLowering::Transform => format!(
+            "builtin.module(transform-interpreter,canonicalize,cse,canonicalize,symbol-dce,{DEALLOC},{TAIL})"
+        ),
         MatmulLowering::TransformUkernel => format!(
-            "builtin.module(transform-interpreter,canonicalize,one-shot-bufferize{{bufferize-function-boundaries}},inline,cse,canonicalize,symbol-dce,{TAIL})"
+            "builtin.module(transform-interpreter,canonicalize,inline,cse,canonicalize,symbol-dce,{DEALLOC},{TAIL})"
         ),
     }
 }
@@ -139,10 +156,18 @@ fn support(name: &str, s: &MatmulSchedule) -> String {
         // updates the C tile's buffer in place (bufferized across the function boundary,
         // then inlined by `inline`, which leaves the `no_inline` micro-kernel call).
         let d = "memref<?x?xf32, strided<[?, ?], offset: ?>>";
-        let tt = "tensor<?x?xf32>";
+        let (mr, nr, kc) = (s.mr, s.nr, s.kc);
+        let (ta, tb, tc) = (
+            format!("tensor<{mr}x{kc}xf32>"),
+            format!("tensor<{kc}x{nr}xf32>"),
+            "tensor<?x?xf32>",
+        );
+        let sd = |shape: &str| format!("memref<{shape}xf32, strided<[?, ?], offset: ?>>");
+        let (ma, mb) = (sd(&format!("{mr}x{kc}")), sd(&format!("{kc}x{nr}")));
+        // A and B: the packed, zero-padded panels; C: the (possibly partial) tile of C.
         let _ = writeln!(
             t,
-            "func.func private @{uk}_t(%a: {tt}, %b: {tt}, %c: {tt} {{bufferization.writable = true}}) -> {tt} {{\n  %am = bufferization.to_buffer %a read_only : {tt} to {d}\n  %bm = bufferization.to_buffer %b read_only : {tt} to {d}\n  %cm = bufferization.to_buffer %c : {tt} to {d}\n  func.call @{uk}(%am, %bm, %cm) {{no_inline}} : ({d}, {d}, {d}) -> ()\n  %r = bufferization.to_tensor %cm restrict writable : {d} to {tt}\n  return %r : {tt}\n}}"
+            "func.func private @{uk}_t(%a: {ta}, %b: {tb}, %c: {tc} {{bufferization.writable = true}}) -> {tc} {{\n  %am = bufferization.to_buffer %a read_only : {ta} to {ma}\n  %bm = bufferization.to_buffer %b read_only : {tb} to {mb}\n  %cm = bufferization.to_buffer %c : {tc} to {d}\n  %ad = memref.cast %am : {ma} to {d}\n  %bd = memref.cast %bm : {mb} to {d}\n  func.call @{uk}(%ad, %bd, %cm) {{no_inline}} : ({d}, {d}, {d}) -> ()\n  %r = bufferization.to_tensor %cm restrict writable : {d} to {tc}\n  return %r : {tc}\n}}"
         );
     }
     let _ = write!(
@@ -205,8 +230,14 @@ pub fn transform_script(s: &MatmulSchedule, uk: &str) -> String {
     let (mr, nr, mc, kc, nc) = (s.mr, s.nr, s.mc, s.kc, s.nc);
     let any = "!transform.any_op";
     let fo = "!transform.op<\"scf.for\">";
+    let packed = s.lowering != MatmulLowering::TransformNoPack;
     let mut t = format!(
-        "  transform.named_sequence private @__transform_main(%root: {any} {{transform.readonly}}) {{\n"
+        "  transform.named_sequence private @__transform_main(%root: {any} {{{}}}) {{\n",
+        if packed {
+            "transform.consumed"
+        } else {
+            "transform.readonly"
+        }
     );
     let w = &mut t;
     let _ = writeln!(
@@ -216,22 +247,48 @@ pub fn transform_script(s: &MatmulSchedule, uk: &str) -> String {
     %t1, %l1:2 = transform.structured.tile_using_for %mm tile_sizes [0, {nc}, {kc}] : ({any}) -> ({any}, {any}, {any})
     %t2, %l2 = transform.structured.tile_using_for %t1 tile_sizes [{mc}, 0, 0] : ({any}) -> ({any}, {any})"#
     );
-    if s.lowering == MatmulLowering::TransformUkernel {
+    if packed {
+        // Register tiles (jr outer, ir inner), padded to a static mr×nr×kc with zeros; the
+        // A and B pads hoisted out of the ir and jr loops become the packed blocks: A as
+        // mc/mr panels of mr×kc, B as nc/nr panels of kc×nr, packed once per ic block.
         let _ = writeln!(
             w,
             r#"    %t3, %l3:2 = transform.structured.tile_using_for %t2 tile_sizes [{mr}, {nr}, 0] interchange = [1, 0, 2] : ({any}) -> ({any}, {any}, {any})
-    %ins = transform.get_operand %t3[0, 1, 2] : ({any}) -> !transform.any_value
-    %out = transform.get_result %t3[0] : ({any}) -> !transform.any_value
-    %call = transform.func.cast_and_call @{uk}_t(%ins) -> %out before %t3 : ({any}, !transform.any_value, !transform.any_value) -> {any}
+    %p, %pads, %cb = transform.structured.pad %t3 {{padding_values = [0.0 : f32, 0.0 : f32, 0.0 : f32], padding_dimensions = [0, 1, 2], nofold_flags = [1, 1, 0], copy_back_op = "none"}} : ({any}) -> ({any}, {any}, {any})
+    %pa = transform.get_producer_of_operand %p[0] : ({any}) -> {any}
+    %pb = transform.get_producer_of_operand %p[1] : ({any}) -> {any}
+    %ha = transform.structured.hoist_pad %pa by 2 loops : ({any}) -> {any}
+    %hb = transform.structured.hoist_pad %pb by 2 loops : ({any}) -> {any}
+    %tile = transform.structured.match ops{{["linalg.matmul"]}} in %f : ({any}) -> {any}"#
+        );
+    }
+    if s.lowering == MatmulLowering::TransformUkernel {
+        let _ = writeln!(
+            w,
+            r#"    %abp = transform.get_operand %tile[0, 1] : ({any}) -> !transform.any_value
+    %cpad = transform.get_producer_of_operand %tile[2] : ({any}) -> {any}
+    %ctile = transform.get_operand %cpad[0] : ({any}) -> !transform.any_value
+    %ins = transform.merge_handles %abp, %ctile : !transform.any_value
+    %unpad = transform.get_consumers_of_result %tile[0] : ({any}) -> {any}
+    %out = transform.get_result %unpad[0] : ({any}) -> !transform.any_value
+    %call = transform.func.cast_and_call @{uk}_t(%ins) -> %out before %tile : ({any}, !transform.any_value, !transform.any_value) -> {any}
     transform.apply_dce to %f : {any}
+    %fv = transform.structured.vectorize_children_and_apply_patterns %f : ({any}) -> {any}
+    %bz = transform.bufferization.one_shot_bufferize %root {{bufferize_function_boundaries = true, memcpy_op = "linalg.copy"}} : ({any}) -> {any}
     transform.yield
   }}"#
         );
         return t;
     }
-    let _ = writeln!(
-        w,
-        r#"    %t3, %ln = transform.structured.tile_using_for %t2 tile_sizes [0, {nr}, 0] : ({any}) -> ({any}, {fo})
+    if s.lowering == MatmulLowering::Transform {
+        let _ = writeln!(
+            w,
+            r#"    %t5, %lk = transform.structured.tile_using_for %tile tile_sizes [0, 0, 1] : ({any}) -> ({any}, {any})"#
+        );
+    } else {
+        let _ = writeln!(
+            w,
+            r#"    %t3, %ln = transform.structured.tile_using_for %t2 tile_sizes [0, {nr}, 0] : ({any}) -> ({any}, {fo})
     %main_n, %rem_n = transform.loop.peel %ln : ({fo}) -> ({fo}, {fo})
     %mm_n = transform.structured.match ops{{["linalg.matmul"]}} in %main_n : ({fo}) -> {any}
     %t4, %lm = transform.structured.tile_using_for %mm_n tile_sizes [{mr}, 0, 0] : ({any}) -> ({any}, {fo})
@@ -240,8 +297,12 @@ pub fn transform_script(s: &MatmulSchedule, uk: &str) -> String {
     %t5, %lk = transform.structured.tile_using_for %full tile_sizes [0, 0, 1] : ({any}) -> ({any}, {any})
     %edge = transform.structured.match ops{{["linalg.matmul"]}} in %rem_m : ({fo}) -> {any}
     %t6, %lr = transform.structured.tile_using_for %edge tile_sizes [1, 0, 0] : ({any}) -> ({any}, {any})
-    %t7, %lk2 = transform.structured.tile_using_for %t6 tile_sizes [0, 0, 1] : ({any}) -> ({any}, {any})
-    %fv = transform.structured.vectorize_children_and_apply_patterns %f : ({any}) -> {any}
+    %t7, %lk2 = transform.structured.tile_using_for %t6 tile_sizes [0, 0, 1] : ({any}) -> ({any}, {any})"#
+        );
+    }
+    let _ = writeln!(
+        w,
+        r#"    %fv = transform.structured.vectorize_children_and_apply_patterns %f : ({any}) -> {any}
     transform.apply_patterns to %fv {{
       transform.apply_patterns.canonicalization
       transform.apply_patterns.tensor.fold_tensor_subset_ops_into_vector_transfers
@@ -253,10 +314,16 @@ pub fn transform_script(s: &MatmulSchedule, uk: &str) -> String {
       transform.apply_patterns.vector.transfer_permutation_patterns
       transform.apply_patterns.vector.lower_outerproduct
       transform.apply_patterns.canonicalization
-    }} : {any}
-    transform.yield
-  }}"#
+    }} : {any}"#
     );
+    if packed {
+        let _ = write!(
+            t,
+            r#"    %bz = transform.bufferization.one_shot_bufferize %root {{memcpy_op = "linalg.copy"}} : ({any}) -> {any}"#
+        );
+        t.push('\n');
+    }
+    t.push_str("    transform.yield\n  }\n");
     t
 }
 
@@ -431,5 +498,30 @@ mod tests {
         let ir = kernel_llvm_ir(&k).unwrap_or_else(|e| panic!("{e}\n{}", k.mlir));
         assert!(ir.contains("define void @mmu(ptr %0, ptr %1)"), "{ir}");
         assert!(ir.contains("call void @mmu_uk("), "{ir}");
+    }
+}
+#[cfg(test)]
+mod dump {
+    #[test]
+    #[ignore]
+    fn dump_modules() {
+        use super::*;
+        for (l, tag) in [
+            (MatmulLowering::Transform, "xf"),
+            (MatmulLowering::TransformUkernel, "uk"),
+            (MatmulLowering::TransformNoPack, "np"),
+        ] {
+            let s = MatmulSchedule {
+                lowering: l,
+                ..MatmulSchedule::default()
+            };
+            let k = matmul_kernel(tag, &s, Epilogue::None);
+            std::fs::write(
+                format!("/tmp/xf/k_{tag}.mlir"),
+                crate::cpu::pipeline::module_text(&k),
+            )
+            .unwrap();
+            std::fs::write(format!("/tmp/xf/k_{tag}.pipe"), &k.pipeline).unwrap();
+        }
     }
 }
