@@ -64,16 +64,17 @@ const MARK: &str = "__kiln_xform__";
 const TAIL: &str = "func.func(convert-linalg-to-loops),convert-vector-to-scf{full-unroll=true target-rank=1},convert-scf-to-cf,expand-strided-metadata,lower-affine,convert-math-to-llvm,convert-math-to-libm,convert-vector-to-llvm,finalize-memref-to-llvm,convert-to-llvm,reconcile-unrealized-casts";
 
 /// Hoists the buffers bufferization allocates (the packed blocks) out of the loops and frees
-/// them. scratch: these are `memref.alloc`s for now.
+/// them (also a graph kernel's other temporaries, which must then have no explicit
+/// `memref.dealloc`). scratch: these are `memref.alloc`s for now.
 const DEALLOC: &str = "func.func(buffer-hoisting,buffer-loop-hoisting),buffer-deallocation-pipeline,convert-bufferization-to-memref";
 
 /// The pass pipeline of a kernel containing a matmul lowered with `lowering`
 /// ([`MatmulLowering::Generator`] gives the graph-kernel pipeline).
 pub fn pipeline(lowering: MatmulLowering) -> String {
     match lowering {
-        MatmulLowering::Generator => format!("builtin.module({TAIL})"),
+        MatmulLowering::Generator => super::lower::GRAPH_KERNEL_PIPELINE.to_string(),
         MatmulLowering::TransformNoPack => format!(
-            "builtin.module(transform-interpreter,canonicalize,one-shot-bufferize,cse,canonicalize,symbol-dce,{TAIL})"
+            "builtin.module(transform-interpreter,canonicalize,one-shot-bufferize,cse,canonicalize,symbol-dce,{DEALLOC},{TAIL})"
         ),
         // The packed buffers (static size) are hoisted to the function entry and freed at its
         // end by the buffer deallocation pipeline.

@@ -12,17 +12,24 @@
 
 use super::elementwise::InputKind;
 use super::elementwise::{classify_input, emit_generic, Body, GenericInput, GenericOutput};
-use super::{Lowered, SymDims, Ty, GRAPH_KERNEL_PIPELINE};
+use super::{Lowered, SymDims, Ty};
 use crate::cpu::abi::{Dim as PDim, Prologue};
-use crate::cpu::matmul::{matmul_memref_func, MatmulSchedule, STRIDED_2D};
+use crate::cpu::matmul::{MatmulLowering, MatmulSchedule, STRIDED_2D};
+use crate::cpu::matmul_transform;
 use crate::cpu::{Kernel, KernelSignature};
 use kiln_ir::ops::linalg::LinalgOp;
 use kiln_ir::{DType, Dim, Graph, Op, ValueId};
 use kiln_passes::fusion;
 use std::fmt::Write as _;
 
-/// Lowers a `Contraction` kernel.
-pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered, String> {
+/// Lowers a `Contraction` kernel; its product is computed as `sched` says (tile sizes and
+/// [`MatmulLowering`](crate::cpu::matmul::MatmulLowering)).
+pub(crate) fn lower(
+    g: &Graph,
+    k: &fusion::Kernel,
+    name: &str,
+    sched: &MatmulSchedule,
+) -> Result<Lowered, String> {
     let ci = k
         .nodes
         .iter()
@@ -320,14 +327,17 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered
     } else if k.outputs != [y_v] {
         return Err("contraction output is not the kernel output".into());
     }
+    // Transform lowerings free every buffer with MLIR's deallocation pipeline, which wants
+    // no explicit deallocs.
+    let explicit_dealloc = sched.lowering == MatmulLowering::Generator;
     for (v, trans) in [(&a2, ta), (&b2, tb)] {
-        if trans {
+        if trans && explicit_dealloc {
             let _ = writeln!(t, "  memref.dealloc {v} : memref<?x?xf32>");
         }
     }
     p.push(&t);
     let mut mlir = p.finish(name);
-    mlir.push_str(&matmul_memref_func(&mm, &MatmulSchedule::default()));
+    mlir.push_str(&matmul_transform::matmul_memref_func(&mm, sched));
     let kernel = Kernel {
         signature: KernelSignature {
             name: name.to_string(),
@@ -337,7 +347,7 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered
             tasks: split.map_or(1, |(m, _)| m as u64),
         },
         mlir,
-        pipeline: GRAPH_KERNEL_PIPELINE.to_string(),
+        pipeline: matmul_transform::pipeline(sched.lowering),
     };
     Ok((kernel, args, k.outputs.clone()))
 }

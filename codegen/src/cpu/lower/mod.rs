@@ -110,7 +110,9 @@ pub fn lower_partition(g: &Graph, p: &Partition) -> Result<Lowering, CodegenErro
     lower_partition_with(g, p, &conv::ConvSchedule::default())
 }
 
-/// [`lower_partition`] with the schedule `conv_sched` for every Conv kernel.
+/// [`lower_partition`] with the schedule `conv_sched` for every Conv kernel; MatMul/Gemm
+/// kernels use its `matmul` schedule (tile sizes and
+/// [`MatmulLowering`](crate::cpu::matmul::MatmulLowering), so a tuner can pick them).
 pub fn lower_partition_with(
     g: &Graph,
     p: &Partition,
@@ -145,7 +147,7 @@ pub fn lower_partition_with(
                     Err(e) => Err(e),
                 }
             }
-            KernelKind::Contraction => contraction::lower(g, k, &name),
+            KernelKind::Contraction => contraction::lower(g, k, &name, &conv_sched.matmul),
             KernelKind::Opaque | KernelKind::Reduction if pool::handles(g, k) => {
                 pool::lower(g, k, &name)
             }
