@@ -7,31 +7,36 @@
 //! [`MatmulSchedule`], so they stay autotuner parameters:
 //!
 //! ```text
-//! tile_using_for [0, nc, kc]          jc, pc loops (B block kc×nc)
-//! tile_using_for [mc, 0, 0]           ic loop     (A block mc×kc)
-//! MatmulLowering::Transform:
-//!   tile [0, nr, 0] + loop.peel        jr loop, full nr-wide tiles separated from the edge
-//!   tile [mr, 0, 0] + loop.peel        ir loop, full mr×nr tiles (static shapes)
-//!   tile [0, 0, 1]                     k loop of the full tiles; edge rows tiled [1, 0, 0]
-//!   vectorize_children_and_apply_patterns, hoist_loop_invariant_subsets (C tile in
+//! tile_using_for [0, nc, kc]           jc, pc loops (B block kc×nc)
+//! tile_using_for [mc, 0, 0]            ic loop     (A block mc×kc)
+//! Transform, TransformUkernel (packed):
+//!   tile [mr, nr, 0], interchange       jr, ir loops: mr×nr×kc register tiles
+//!   structured.pad (zeros, static)      every tile padded to a static mr×nr×kc
+//!   hoist_pad A by 2, B by 2 loops      the pads become the packed blocks, built per ic
+//!                                       block: A as mc/mr panels mr×kc, B as nc/nr panels
+//!                                       kc×nr (BLIS packing, zero-padded edges)
+//! Transform:
+//!   tile [0, 0, 1]                      k loop of the tile
+//!   vectorize_children_and_apply_patterns, loop.hoist_loop_invariant_subsets (C tile in
 //!   registers across k), lower_contraction(outerproduct) + lower_outerproduct -> vector.fma
-//! MatmulLowering::TransformUkernel:
-//!   tile [mr, nr, 0] (jr outer)        every mr×nr×kc tile is replaced
-//!   func.cast_and_call + apply_dce      (`transform.func.cast_and_call`) by a call of
-//!                                       `<kernel>_uk_t` (tensors), a wrapper calling Kiln's
-//!                                       register-blocked micro-kernel `<kernel>_uk` on the
-//!                                       tile's buffers
+//! TransformUkernel:
+//!   func.cast_and_call + apply_dce      each packed tile becomes a call of `<kernel>_uk_t`
+//!                                       (tensors), a wrapper calling Kiln's register-blocked
+//!                                       micro-kernel `<kernel>_uk` on the panels' buffers
+//! one_shot_bufferize {memcpy_op = "linalg.copy"}   (packing copies become loops)
+//! TransformNoPack: tile [0, nr, 0] + loop.peel, tile [mr, 0, 0] + loop.peel, tile [0, 0, 1],
+//!   vectorize, hoist, lower as above; operands read in place; edge rows one vectorized row
+//!   at a time, edge columns scalar loops; bufferized by the `one-shot-bufferize` pass.
 //! ```
 //!
-//! then `one-shot-bufferize` writes every tile in place into `C` (the ukernel variant
-//! bufferizes across function boundaries and inlines the wrapper; `convert-linalg-to-std`'s
-//! `library_call` route does not work here: it is a full conversion that rejects the LLVM
-//! dialect ops of the ABI prologue). `C` is zeroed first and the
-//! optional [`Epilogue::BiasRelu`] runs as a vectorized pass over `C` afterwards (not fused
-//! into the register tile as in [`super::matmul`]). No packing: operands are read in place.
-//! Edge tiles: the pure-transform variant runs partial-width column tiles as scalar loops
-//! (`convert-linalg-to-loops`), partial-height row tiles one vectorized row at a time; the
-//! micro-kernel handles partial tiles with masks.
+//! The packed buffers are `memref.alloc`s hoisted to the function entry and freed by MLIR's
+//! buffer deallocation pipeline. The ukernel wrapper is bufferized across the function
+//! boundary and inlined; the micro-kernel call is `no_inline` (LLVM may still inline it).
+//! `convert-linalg-to-std`'s `library_call` route does not work for the call: it is a full
+//! conversion that rejects the LLVM dialect ops of the ABI prologue. `C` is zeroed first and
+//! the optional [`Epilogue::BiasRelu`] runs as a vectorized pass over `C` afterwards (not
+//! fused into the register tile as in [`super::matmul`]). Measurements: docs/performance.md,
+//! "MatMul: transform dialect vs micro-kernel".
 
 use super::abi::{Dim, Prologue};
 use super::matmul::{matmul, Epilogue, MatmulSchedule, STRIDED_2D};
@@ -328,9 +333,10 @@ pub fn transform_script(s: &MatmulSchedule, uk: &str) -> String {
     t
 }
 
-/// Kiln's register-blocked micro-kernel as a function on one mr×nr×kc tile:
-/// `C[m×n] += A[m×kc]·B[kc×n]` with `m ≤ mr`, `n ≤ nr` read from the operands (the ABI
-/// the layout a bufferized function boundary gives: fully dynamic strided memrefs). mr×(nr/vw)
+/// Kiln's register-blocked micro-kernel (the same scheme as [`super::matmul`]'s, on an
+/// A panel mr×kc and a B panel kc×nr instead of its packed layout) as a function on one
+/// tile: `C[m×n] += A[m×kc]·B[kc×n]` with `m ≤ mr`, `n ≤ nr` read from the operands (fully
+/// dynamic strided memrefs, the layout of a bufferized function boundary). mr×(nr/vw)
 /// vector accumulators, per k: nr/vw loads of B, mr broadcasts of A, `vector.fma`; full
 /// tiles use plain loads/stores, partial ones masks.
 fn ukernel(name: &str, s: &MatmulSchedule) -> String {
@@ -499,30 +505,5 @@ mod tests {
         let ir = kernel_llvm_ir(&k).unwrap_or_else(|e| panic!("{e}\n{}", k.mlir));
         assert!(ir.contains("define void @mmu(ptr %0, ptr %1)"), "{ir}");
         assert!(ir.contains("call void @mmu_uk("), "{ir}");
-    }
-}
-#[cfg(test)]
-mod dump {
-    #[test]
-    #[ignore]
-    fn dump_modules() {
-        use super::*;
-        for (l, tag) in [
-            (MatmulLowering::Transform, "xf"),
-            (MatmulLowering::TransformUkernel, "uk"),
-            (MatmulLowering::TransformNoPack, "np"),
-        ] {
-            let s = MatmulSchedule {
-                lowering: l,
-                ..MatmulSchedule::default()
-            };
-            let k = matmul_kernel(tag, &s, Epilogue::None);
-            std::fs::write(
-                format!("/tmp/xf/k_{tag}.mlir"),
-                crate::cpu::pipeline::module_text(&k),
-            )
-            .unwrap();
-            std::fs::write(format!("/tmp/xf/k_{tag}.pipe"), &k.pipeline).unwrap();
-        }
     }
 }
