@@ -21,6 +21,7 @@ fn small_schedule() -> MatmulSchedule {
         kc: 7,
         nc: 32,
         vector_width: 8,
+        ..MatmulSchedule::default()
     }
 }
 

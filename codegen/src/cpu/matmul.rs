@@ -23,6 +23,7 @@
 //! compiled kernel serves every `M, N, K`.
 
 use super::abi::{Dim, Prologue};
+pub use super::matmul_transform::MatmulLowering;
 use super::{Kernel, KernelSignature};
 use std::fmt::Write as _;
 
@@ -41,6 +42,8 @@ pub struct MatmulSchedule {
     pub nc: usize,
     /// f32 lanes per vector (8 for AVX2).
     pub vector_width: usize,
+    /// Which code generator lowers the matmul (see [`super::matmul_transform`]).
+    pub lowering: MatmulLowering,
 }
 
 impl Default for MatmulSchedule {
@@ -56,6 +59,7 @@ impl Default for MatmulSchedule {
             kc: 256,
             nc: 1024,
             vector_width: 8,
+            lowering: MatmulLowering::default(),
         }
     }
 }
@@ -78,6 +82,7 @@ impl MatmulSchedule {
             kc: self.kc,
             nc: self.nc.div_ceil(nr) * nr,
             vector_width: vw,
+            lowering: self.lowering,
         }
     }
 }

@@ -6,6 +6,8 @@
 //!   ABI.
 //! * [`elementwise`]: elementwise kernels (`linalg.generic`).
 //! * [`matmul`]: f32 matmul with a parametric [`matmul::MatmulSchedule`].
+//! * [`matmul_transform`]: the same matmul scheduled by MLIR's transform dialect (optionally
+//!   calling a micro-kernel), chosen by [`matmul::MatmulSchedule::lowering`].
 //! * [`pipeline`]: MLIR → LLVM IR → object code.
 //! * [`link`]: objects → shared library.
 //! * [`lower`]: fusion kernels of a graph → kernels (`lower_partition`).
@@ -15,6 +17,7 @@ pub mod elementwise;
 pub mod link;
 pub mod lower;
 pub mod matmul;
+pub mod matmul_transform;
 pub mod pipeline;
 
 use crate::CodegenError;

@@ -12,16 +12,18 @@
 
 use super::elementwise::InputKind;
 use super::elementwise::{classify_input, emit_generic, Body, GenericInput, GenericOutput};
-use super::{Lowered, SymDims, Ty, GRAPH_KERNEL_PIPELINE};
+use super::{Lowered, SymDims, Ty};
 use crate::cpu::abi::{Dim as PDim, Prologue};
-use crate::cpu::matmul::{matmul_memref_func, packed_lens, MatmulSchedule, PACKED_1D, STRIDED_2D};
+use crate::cpu::matmul::{packed_lens, MatmulLowering, MatmulSchedule, PACKED_1D, STRIDED_2D};
+use crate::cpu::matmul_transform;
 use crate::cpu::{Kernel, KernelSignature};
 use kiln_ir::ops::linalg::LinalgOp;
 use kiln_ir::{DType, Dim, Graph, Op, ValueId};
 use kiln_passes::fusion;
 use std::fmt::Write as _;
 
-/// Lowers a `Contraction` kernel with the matmul schedule `sched`.
+/// Lowers a `Contraction` kernel; its product is computed as `sched` says (tile sizes and
+/// [`MatmulLowering`](crate::cpu::matmul::MatmulLowering)).
 pub(crate) fn lower(
     g: &Graph,
     k: &fusion::Kernel,
@@ -285,13 +287,8 @@ pub(crate) fn lower(
     };
     let k_d = if ta { a_dims[0] } else { a_dims[1] };
     let (ap_len, bp_len) = match batch {
-        Some((_, [m, n, k])) => packed_lens(&MatmulSchedule::default(), Some(m), Some(n), Some(k)),
-        None => packed_lens(
-            &MatmulSchedule::default(),
-            known(m_d),
-            known(n_d),
-            known(k_d),
-        ),
+        Some((_, [m, n, k])) => packed_lens(sched, Some(m), Some(n), Some(k)),
+        None => packed_lens(sched, known(m_d), known(n_d), known(k_d)),
     };
     let ap = p.scratch(&[ap_len], "f32", 4);
     let bp = p.scratch(&[bp_len], "f32", 4);
@@ -360,13 +357,16 @@ pub(crate) fn lower(
     } else if k.outputs != [y_v] {
         return Err("contraction output is not the kernel output".into());
     }
-    for v in &heap {
+    // Transform lowerings free every buffer with MLIR's deallocation pipeline, which wants
+    // no explicit deallocs.
+    let explicit_dealloc = sched.lowering == MatmulLowering::Generator;
+    for v in heap.iter().filter(|_| explicit_dealloc) {
         let _ = writeln!(t, "  memref.dealloc {v} : memref<?x?xf32>");
     }
     p.push(&t);
     let p_scratch = p.scratch_bytes();
     let mut mlir = p.finish(name);
-    mlir.push_str(&matmul_memref_func(&mm, sched));
+    mlir.push_str(&matmul_transform::matmul_memref_func(&mm, sched));
     let kernel = Kernel {
         signature: KernelSignature {
             name: name.to_string(),
@@ -377,7 +377,7 @@ pub(crate) fn lower(
             scratch_bytes: p_scratch,
         },
         mlir,
-        pipeline: GRAPH_KERNEL_PIPELINE.to_string(),
+        pipeline: matmul_transform::pipeline(sched.lowering),
     };
     Ok((kernel, args, k.outputs.clone()))
 }

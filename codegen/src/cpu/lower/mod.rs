@@ -113,7 +113,9 @@ pub fn lower_partition(g: &Graph, p: &Partition) -> Result<Lowering, CodegenErro
     lower_partition_with(g, p, &conv::ConvSchedule::default())
 }
 
-/// [`lower_partition`] with the schedule `conv_sched` for every Conv kernel.
+/// [`lower_partition`] with the schedule `conv_sched` for every Conv kernel; MatMul/Gemm
+/// kernels use its `matmul` schedule (tile sizes and
+/// [`MatmulLowering`](crate::cpu::matmul::MatmulLowering), so a tuner can pick them).
 pub fn lower_partition_with(
     g: &Graph,
     p: &Partition,
@@ -141,7 +143,7 @@ pub fn lower_partition_tuned(
         let mm_sched = config
             .as_ref()
             .map(tuning::matmul_schedule)
-            .unwrap_or_default();
+            .unwrap_or(conv_sched.matmul);
         // `kiln_<kernel>_<op>_<op>...`: readable in profiles and `nm` (at most 4 op names).
         let mut ops: Vec<String> = Vec::new();
         for &n in &k.nodes {

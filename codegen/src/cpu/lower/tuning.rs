@@ -273,6 +273,7 @@ pub fn matmul_schedule(c: &Config) -> MatmulSchedule {
         kc: get("kc", d.kc),
         nc: get("nc", d.nc),
         vector_width: d.vector_width,
+        lowering: d.lowering,
     }
 }
 
