@@ -200,7 +200,12 @@ pub fn tunable(g: &Graph, k: &fusion::Kernel) -> Option<Tunable> {
             }
             Op::Linalg(LinalgOp::MatMul | LinalgOp::Gemm(_)) => {
                 let a = known(node.inputs[0]?)?;
+                let b = known(node.inputs[1]?)?;
                 let y = known(node.outputs[0])?;
+                // Only what the packed matmul computes: 2-D (or batched) operands.
+                if a.len() < 2 || b.len() < 2 || y.len() < 2 {
+                    return None;
+                }
                 let (m, nn) = (y[..y.len() - 1].iter().product::<usize>(), *y.last()?);
                 let kk = match &node.op {
                     Op::Linalg(LinalgOp::Gemm(gm)) if gm.trans_a => a[0],
@@ -311,4 +316,56 @@ pub fn conv_schedule(c: &Config, base: &ConvSchedule) -> ConvSchedule {
         _ => {}
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_ir::{DType, Fact, Node, Shape};
+
+    fn matmul_graph(a: &[usize], b: &[usize], y: &[usize]) -> (Graph, fusion::Kernel) {
+        let mut g = Graph::default();
+        let f = |s: &[usize]| Fact::new(DType::F32, Shape::known(s));
+        let (va, vb, vy) = (
+            g.add_value("a", f(a)),
+            g.add_value("b", f(b)),
+            g.add_value("y", f(y)),
+        );
+        g.inputs = vec![va, vb];
+        g.outputs = vec![vy];
+        g.nodes.push(Node {
+            name: "mm".into(),
+            op: Op::Linalg(LinalgOp::MatMul),
+            inputs: vec![Some(va), Some(vb)],
+            outputs: vec![vy],
+        });
+        let k = fusion::Kernel {
+            name: "k0".into(),
+            kind: KernelKind::Contraction,
+            nodes: vec![0],
+            inputs: vec![va, vb],
+            outputs: vec![vy],
+        };
+        (g, k)
+    }
+
+    #[test]
+    fn matmul_workloads_spaces_and_validity() {
+        let (g, k) = matmul_graph(&[4, 8], &[8, 16], &[4, 16]);
+        let t = tunable(&g, &k).expect("a 2-D MatMul is tunable");
+        assert_eq!(t.workload.kind, "matmul");
+        assert_eq!(t.label, "MatMul 4x16x8");
+        assert_eq!(t.macs, 4 * 16 * 8);
+        assert!(t.check(&t.default).is_ok());
+        let spill =
+            Config::from_pairs(&[("mr", 8), ("nr", 32), ("mc", 96), ("kc", 256), ("nc", 1024)]);
+        assert!(t.check(&spill).unwrap_err().contains("registers"));
+        let s = matmul_schedule(&Config::from_pairs(&[("mr", 4), ("kc", 128)]));
+        assert_eq!((s.mr, s.nr, s.kc), (4, 16, 128));
+        // 1-D operands (vector products) are not the packed matmul's: not tunable, no panic.
+        let (g, k) = matmul_graph(&[8], &[8], &[]);
+        assert!(tunable(&g, &k).is_none());
+        let (g, k) = matmul_graph(&[4, 8], &[8], &[4]);
+        assert!(tunable(&g, &k).is_none());
+    }
 }
