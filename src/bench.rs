@@ -163,15 +163,7 @@ impl FlopCount {
 }
 
 fn known_dims(g: &Graph, v: Option<ValueId>) -> Option<Vec<usize>> {
-    let v = v?;
-    g.values
-        .get(v)?
-        .fact
-        .shape
-        .dims()
-        .iter()
-        .map(|d| d.known())
-        .collect()
+    g.values.get(v?)?.fact.shape.as_known()
 }
 
 fn numel(g: &Graph, v: Option<ValueId>) -> u64 {

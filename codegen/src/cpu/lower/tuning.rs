@@ -133,15 +133,7 @@ pub fn tunable(g: &Graph, k: &fusion::Kernel) -> Option<Tunable> {
     if k.kind != KernelKind::Contraction {
         return None;
     }
-    let known = |v: usize| -> Option<Vec<usize>> {
-        g.values[v]
-            .fact
-            .shape
-            .dims()
-            .iter()
-            .map(|d| d.known())
-            .collect()
-    };
+    let known = |v: usize| g.values[v].fact.shape.as_known();
     for &n in &k.nodes {
         let node = &g.nodes[n];
         match &node.op {
