@@ -8,9 +8,9 @@
 //! 2-core development VM the same pair of vCPUs measured a 64 ns and a 360 ns cache-line round
 //! trip an hour apart, and MobileNet at 2 threads ran 0.12 ms (split) or 0.27 ms (split, slow
 //! crossing) against 0.155 ms on one thread. No compile-time threshold is right for both, so
-//! every [`PERIOD`] runs the model times [`SAMPLES`] runs with the pool and as many without
-//! (each block after [`SKIP`] untimed runs, so that data the other way left in the other
-//! core's cache does not count against this one), and keeps the way whose median run was
+//! every [`PERIOD`] runs the model times [`SAMPLES`] runs with the pool and as many without,
+//! in four blocks ordered pool, serial, serial, pool (each after [`SKIP`] untimed runs, so
+//! that data the other way left in the other core's cache does not count against this one), and keeps the way whose median run was
 //! faster (the pool unless slower by more than [`MARGIN`]) until the next calibration, which also starts
 //! [`SETTLE`] runs after an idle gap of [`IDLE_RECALIBRATE`].
 
@@ -35,6 +35,14 @@ pub const IDLE_RECALIBRATE: Duration = Duration::from_millis(20);
 /// Runs after an idle gap before the new calibration starts (they use the last choice).
 pub const SETTLE: u32 = 10;
 
+/// After an idle gap, calibrations repeat this many runs apart, [`RECHECKS`] times, before
+/// going back to every [`PERIOD`]: a choice made while the machine is still waking up (the
+/// worker parked, caches cold — slow for a few milliseconds) must not stick for a period.
+pub const RECHECK_AFTER: u32 = 48;
+
+/// See [`RECHECK_AFTER`].
+pub const RECHECKS: u8 = 3;
+
 /// The choice and its calibration state (see the module doc).
 #[derive(Debug, Clone)]
 pub(crate) struct SplitChoice {
@@ -46,6 +54,8 @@ pub(crate) struct SplitChoice {
     pool: bool,
     /// When the last recorded run ended.
     last_end: Option<Instant>,
+    /// Early calibrations still due after an idle gap (see [`RECHECK_AFTER`]).
+    rechecks: u8,
 }
 
 impl Default for SplitChoice {
@@ -55,6 +65,7 @@ impl Default for SplitChoice {
             times: [[Duration::ZERO; SAMPLES]; 2],
             pool: true,
             last_end: None,
+            rechecks: 0,
         }
     }
 }
@@ -68,6 +79,7 @@ impl SplitChoice {
         {
             // Recalibrate once the caches and the worker's core are warm again.
             self.run = PERIOD - SETTLE;
+            self.rechecks = RECHECKS;
         }
         match self.slot() {
             Some((way, _)) => way == 0,
@@ -79,31 +91,44 @@ impl SplitChoice {
     pub(crate) fn record(&mut self, start: Instant, end: Instant) {
         if let Some((way, Some(i))) = self.slot() {
             self.times[way][i] = end.saturating_duration_since(start);
-            if way == 1 && i == SAMPLES - 1 {
+            if self.run as usize == 4 * Self::BLOCK - 1 {
                 let [mut with, mut without] = self.times;
                 with.sort_unstable();
                 without.sort_unstable();
-                // Splitting is dropped only when it loses clearly: where it pays it gains far
-                // more (ResNet: 0.072 against 0.118 ms) than it loses in a slow phase (0.132).
                 self.pool =
                     with[SAMPLES / 2].as_secs_f64() <= without[SAMPLES / 2].as_secs_f64() * MARGIN;
+                if self.rechecks > 0 {
+                    self.rechecks -= 1;
+                    self.run = PERIOD - RECHECK_AFTER - 1;
+                }
             }
         }
         self.run = (self.run + 1) % PERIOD;
         self.last_end = Some(end);
     }
 
-    /// Whether the pool is used outside calibration (the last calibration's result).
     pub(crate) fn pool_chosen(&self) -> bool {
         self.pool
     }
 
     /// During calibration: (way: 0 = pool, 1 = no pool, sample index or `None` for an
     /// untimed run) of the current run.
+    /// Runs per calibration block: [`SKIP`] untimed, then half the [`SAMPLES`] of one way.
+    const BLOCK: usize = SKIP as usize + SAMPLES / 2;
+
+    /// During a calibration, the way of this run (0 pool, 1 no pool) and its sample index
+    /// (`None` for the untimed runs). The blocks go pool, serial, serial, pool (ABBA), so a
+    /// transient that fades or grows over the calibration (after an idle gap the worker is
+    /// parked and the caches are cold) weighs on both ways alike.
     fn slot(&self) -> Option<(usize, Option<usize>)> {
-        let block = SKIP as usize + SAMPLES;
         let r = self.run as usize;
-        (r < 2 * block).then(|| (r / block, (r % block).checked_sub(SKIP as usize)))
+        let b = r / Self::BLOCK;
+        if b >= 4 {
+            return None;
+        }
+        let (way, half) = [(0, 0), (1, 0), (1, 1), (0, 1)][b];
+        let i = (r % Self::BLOCK).checked_sub(SKIP as usize);
+        Some((way, i.map(|i| half * (SAMPLES / 2) + i)))
     }
 }
 
@@ -136,12 +161,12 @@ mod tests {
         // Pool slower: after the calibration, only the period's calibration runs use it.
         let (pooled, serial) = feed(&mut c, &mut t, PERIOD, 270, 155);
         assert!(!c.pool_chosen());
-        assert_eq!(pooled, SKIP + SAMPLES as u32);
+        assert_eq!(pooled, 2 * SKIP + SAMPLES as u32);
         assert_eq!(serial, PERIOD - pooled);
         // The machine changes: the next period's calibration switches back to the pool.
         let (pooled, serial) = feed(&mut c, &mut t, PERIOD, 120, 155);
         assert!(c.pool_chosen());
-        assert_eq!(serial, SKIP + SAMPLES as u32);
+        assert_eq!(serial, 2 * SKIP + SAMPLES as u32);
         assert_eq!(pooled, PERIOD - serial);
         // Half a period on, after an idle gap, the machine is slow again: recalibrated at once.
         feed(&mut c, &mut t, PERIOD / 2, 120, 155);
@@ -149,7 +174,7 @@ mod tests {
         let n = SETTLE + 3 * SAMPLES as u32;
         let (pooled, serial) = feed(&mut c, &mut t, n, 270, 155);
         assert!(!c.pool_chosen());
-        assert_eq!(pooled, SETTLE + SKIP + SAMPLES as u32);
+        assert_eq!(pooled, SETTLE + 2 * SKIP + SAMPLES as u32);
         assert_eq!(serial, n - pooled);
     }
 
@@ -161,8 +186,8 @@ mod tests {
         for _ in 0..PERIOD {
             let p = c.begin(t);
             k += 1;
-            // Every third pooled run is descheduled (10 ms); the median is still faster.
-            let us = match (p, k % 3) {
+            // Every fourth run, if pooled, is descheduled (10 ms); the median is still faster.
+            let us = match (p, k % 4) {
                 (true, 0) => 10_000,
                 (true, _) => 100,
                 (false, _) => 150,
@@ -171,6 +196,23 @@ mod tests {
             c.record(t, end);
             t = end;
         }
+        assert!(c.pool_chosen());
+    }
+
+    #[test]
+    fn a_slow_start_after_an_idle_gap_is_rechecked_soon() {
+        let mut c = SplitChoice::default();
+        let mut t = Instant::now();
+        feed(&mut c, &mut t, PERIOD, 100, 150);
+        assert!(c.pool_chosen());
+        // After a pause the pool is slow for a while (worker parked, caches cold)...
+        t += IDLE_RECALIBRATE;
+        let calib = 4 * SplitChoice::BLOCK as u32;
+        feed(&mut c, &mut t, SETTLE + calib, 300, 150);
+        assert!(!c.pool_chosen());
+        // ... then fast again: a recheck RECHECK_AFTER runs later picks the pool back up,
+        // long before the next period.
+        feed(&mut c, &mut t, RECHECK_AFTER + calib, 100, 150);
         assert!(c.pool_chosen());
     }
 }
