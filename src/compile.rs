@@ -100,6 +100,8 @@ pub struct CompileReport {
     pub tunable: usize,
     /// Of those, how many were lowered with a tuned schedule (`--db`).
     pub tuned: usize,
+    /// Tuned schedules the compiler was given (`--db`), for any workload.
+    pub schedules_given: usize,
     /// Kernels without compiled code, run by the reference interpreter (one line each:
     /// kernel, kind, ops, why), over all variants.
     pub reference: Vec<String>,
@@ -150,7 +152,7 @@ impl fmt::Display for CompileReport {
                 self.variants, self.variants
             )?;
         }
-        if self.tuned > 0 {
+        if self.schedules_given > 0 {
             writeln!(
                 f,
                 "tuned schedules: {} of {} tunable kernels",
@@ -491,6 +493,7 @@ fn lower_variant(
     let lowering = lower_partition_tuned(g, p, &ConvSchedule::default(), &*opts.schedules)
         .context("lowering kernels")?;
     report.tuned += lowering.tuned;
+    report.schedules_given = opts.schedules.len();
     report.tunable += p
         .kernels
         .iter()

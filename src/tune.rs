@@ -462,18 +462,49 @@ fn measure(g: &Graph, artifact: &Path, threads: usize, min_time: f64) -> Result<
     })
 }
 
-/// The tuned schedules for `target` in the database at `db`, by workload fingerprint, and
-/// the measured op times for the eqsat cost model (see
-/// [`kiln_passes::eqsat::cost::measured_table`]).
+/// A tuned schedule replaces the default only if it measured at least this much faster
+/// (kernel timings at the microsecond scale have a few percent of noise; a "winner" within
+/// it may well be slower in the model).
+pub const MIN_GAIN: f64 = 0.03;
+
+/// The tuned schedules for `target` in the database at `db`, by workload fingerprint — the
+/// fastest record of each workload, where it beats the default schedule's fastest record by
+/// [`MIN_GAIN`] (or the default was never measured) — and the measured op times for the
+/// eqsat cost model (see [`kiln_passes::eqsat::cost::measured_table`]).
 pub fn load_schedules(db: &Path, target: &str) -> Result<TunedSchedules> {
     let db = TuningDb::open(db)?;
-    let best = db.best_all(target, KILN_VERSION)?;
+    // (best record, fastest default) per workload
+    let mut per: HashMap<String, (kiln_tune::Record, Option<f64>)> = HashMap::new();
+    for r in db.ok_records(target, KILN_VERSION)? {
+        let Some(s) = r.outcome.seconds() else {
+            continue;
+        };
+        let is_default =
+            kiln_codegen::cpu::lower::tuning::default_config(&r.kind).as_ref() == Some(&r.config);
+        let e = per
+            .entry(r.workload.clone())
+            .or_insert_with(|| (r.clone(), None));
+        if is_default {
+            e.1 = Some(e.1.map_or(s, |d: f64| d.min(s)));
+        }
+        if s < e.0.outcome.seconds().unwrap_or(f64::INFINITY) {
+            e.0 = r;
+        }
+    }
     let measured = kiln_passes::eqsat::cost::measured_table(
-        best.values()
-            .filter_map(|r| Some((r.description.as_str(), r.outcome.seconds()?))),
+        per.values()
+            .filter_map(|(r, _)| Some((r.description.as_str(), r.outcome.seconds()?))),
     );
+    let schedules = per
+        .into_iter()
+        .filter(|(_, (best, default))| {
+            let b = best.outcome.seconds().unwrap_or(f64::INFINITY);
+            default.is_none_or(|d| b <= d * (1.0 - MIN_GAIN))
+        })
+        .map(|(k, (best, _))| (k, best.config))
+        .collect();
     Ok(TunedSchedules {
-        schedules: best.into_iter().map(|(k, r)| (k, r.config)).collect(),
+        schedules,
         measured_us: measured,
     })
 }

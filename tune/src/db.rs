@@ -364,26 +364,17 @@ impl TuningDb {
             .pop())
     }
 
-    /// The fastest correct record of every workload on `target` by `kiln_version`, by
-    /// workload fingerprint (what `kiln compile --db` uses).
-    pub fn best_all(
-        &self,
-        target: &str,
-        kiln_version: &str,
-    ) -> Result<std::collections::HashMap<String, Record>, DbError> {
-        let mut out = std::collections::HashMap::new();
-        for r in self.query(
+    /// Every correct record of `target` by `kiln_version` (for callers that choose among
+    /// them themselves, e.g. with a margin over the default schedule).
+    pub fn ok_records(&self, target: &str, kiln_version: &str) -> Result<Vec<Record>, DbError> {
+        self.query(
             &format!(
                 "SELECT {} FROM measurements WHERE target = ?1 AND kiln_version = ?2 \
-                 AND status = 'ok' ORDER BY seconds DESC, id DESC",
+                 AND status = 'ok' ORDER BY id",
                 Self::COLUMNS
             ),
             &[&target, &kiln_version],
-        )? {
-            // Ascending speed: the fastest is inserted last and wins.
-            out.insert(r.workload.clone(), r);
-        }
-        Ok(out)
+        )
     }
 
     /// Number of records.

@@ -20,6 +20,13 @@ use kiln_tune::{Config, Param, Space, Workload};
 /// AVX2 vector registers (the register-tile validity bound).
 pub const VECTOR_REGISTERS: i64 = 16;
 
+/// Largest output grid (positions per channel) the tuner tries the channel-vector form on
+/// (the default schedule uses it up to 64).
+pub const CHAN_MAX_POSITIONS: i64 = 256;
+
+/// Largest output grid the tuner tries the dot-product form on (the default: 8).
+pub const DOT_MAX_POSITIONS: i64 = 64;
+
 /// Where lowering gets a tuned schedule for a workload.
 pub trait ScheduleSource {
     /// The schedule for `workload`, if one is known.
@@ -95,6 +102,19 @@ impl Tunable {
                 }
                 if form == 3 && raw(4) < 8 {
                     return Err("the channel-vector form needs 8 output channels".into());
+                }
+                // The channel-vector and dot-product forms unroll over output positions:
+                // beyond these sizes their code (and compile time) explodes.
+                let positions = raw(9);
+                if form == 3 && positions > CHAN_MAX_POSITIONS {
+                    return Err(format!(
+                        "the channel-vector form is for at most {CHAN_MAX_POSITIONS} output positions"
+                    ));
+                }
+                if form == 4 && positions > DOT_MAX_POSITIONS {
+                    return Err(format!(
+                        "the dot-product form is for at most {DOT_MAX_POSITIONS} output positions"
+                    ));
                 }
             }
             _ => {}
@@ -185,7 +205,7 @@ pub fn tunable(g: &Graph, k: &fusion::Kernel) -> Option<Tunable> {
                         features,
                     ),
                     space: conv_space(),
-                    default: Config::from_pairs(&[("form", 0), ("mr", 0), ("nv", 0)]),
+                    default: default_config("conv2d").expect("a known template"),
                     label,
                     macs,
                 });
@@ -204,7 +224,6 @@ pub fn tunable(g: &Graph, k: &fusion::Kernel) -> Option<Tunable> {
                     _ => *a.last()?,
                 };
                 let features = vec![lg(m), lg(nn), lg(kk)];
-                let d = MatmulSchedule::default();
                 return Some(Tunable {
                     workload: Workload::new(
                         "matmul",
@@ -212,13 +231,7 @@ pub fn tunable(g: &Graph, k: &fusion::Kernel) -> Option<Tunable> {
                         features,
                     ),
                     space: matmul_space(),
-                    default: Config::from_pairs(&[
-                        ("mr", d.mr as i64),
-                        ("nr", d.nr as i64),
-                        ("mc", d.mc as i64),
-                        ("kc", d.kc as i64),
-                        ("nc", d.nc as i64),
-                    ]),
+                    default: default_config("matmul").expect("a known template"),
                     label: format!("{} {m}x{nn}x{kk}{}", node.op.op_type(), epilogue(g, k, n)),
                     macs: (m * nn * kk) as u64,
                 });
@@ -236,6 +249,22 @@ fn epilogue(g: &Graph, k: &fusion::Kernel, main: usize) -> String {
         .filter(|&&n| n != main)
         .map(|&n| format!("+{}", g.nodes[n].op.op_type()))
         .collect()
+}
+
+/// The schedule a template's kernels get without tuning, as a config.
+pub fn default_config(kind: &str) -> Option<Config> {
+    let d = MatmulSchedule::default();
+    match kind {
+        "matmul" => Some(Config::from_pairs(&[
+            ("mr", d.mr as i64),
+            ("nr", d.nr as i64),
+            ("mc", d.mc as i64),
+            ("kc", d.kc as i64),
+            ("nc", d.nc as i64),
+        ])),
+        "conv2d" => Some(Config::from_pairs(&[("form", 0), ("mr", 0), ("nv", 0)])),
+        _ => None,
+    }
 }
 
 /// The `matmul` template's space.
