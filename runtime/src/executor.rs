@@ -12,8 +12,8 @@ use crate::instance::{max_scratch_bytes, Instance, ScratchSlots};
 use crate::kernel_lib::{KernelLibError, KernelLibrary};
 use crate::plan::{DType, ExecPlan, ALIGNMENT};
 use crate::pool::Pool;
-use kiln_ir::onnx::tensor_proto::to_raw;
 use crate::split_choice::SplitChoice;
+use kiln_ir::onnx::tensor_proto::to_raw;
 use std::path::Path;
 use std::time::Instant;
 

@@ -496,7 +496,10 @@ mod tests {
             Epilogue::BiasRelu,
         );
         let ir = kernel_llvm_ir(&k).unwrap_or_else(|e| panic!("{e}\n{}", k.mlir));
-        assert!(ir.contains("define void @mmx(ptr %0, ptr %1, ptr %2)"), "{ir}");
+        assert!(
+            ir.contains("define void @mmx(ptr %0, ptr %1, ptr %2)"),
+            "{ir}"
+        );
         assert!(ir.contains("@llvm.fmuladd.v"), "{ir}");
     }
 
@@ -508,7 +511,10 @@ mod tests {
             Epilogue::None,
         );
         let ir = kernel_llvm_ir(&k).unwrap_or_else(|e| panic!("{e}\n{}", k.mlir));
-        assert!(ir.contains("define void @mmu(ptr %0, ptr %1, ptr %2)"), "{ir}");
+        assert!(
+            ir.contains("define void @mmu(ptr %0, ptr %1, ptr %2)"),
+            "{ir}"
+        );
         assert!(ir.contains("call void @mmu_uk("), "{ir}");
     }
 }

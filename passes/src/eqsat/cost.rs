@@ -281,7 +281,12 @@ mod tests {
         let b2 = Fact::new(DType::F32, Shape::known(&[8, 32]));
         let y2 = Fact::new(DType::F32, Shape::known(&[4, 32]));
         assert_eq!(
-            m.op_cost(&mm, &[Some(&a), Some(&b2)], std::slice::from_ref(&y2), false),
+            m.op_cost(
+                &mm,
+                &[Some(&a), Some(&b2)],
+                std::slice::from_ref(&y2),
+                false
+            ),
             base.op_cost(&mm, &[Some(&a), Some(&b2)], &[y2], false)
         );
         assert!(m.name().contains("1 measured"), "{}", m.name());
