@@ -126,8 +126,8 @@ pub struct WorkerMeasurer {
     pub timeout: Duration,
     /// Minimum measuring time per candidate, in seconds.
     pub min_time: f64,
-    /// Candidates compiled at once.
-    pub parallel_compiles: usize,
+    /// Compiles candidates in parallel (one thread per core).
+    compile_pool: rayon::ThreadPool,
     dir: tempfile::TempDir,
 }
 
@@ -140,9 +140,9 @@ impl WorkerMeasurer {
             threads,
             timeout: Duration::from_secs(60),
             min_time: 0.05,
-            parallel_compiles: std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1),
+            compile_pool: rayon::ThreadPoolBuilder::new()
+                .build()
+                .context("starting the compile threads")?,
             dir: tempfile::tempdir().context("creating a scratch directory for candidates")?,
         })
     }
@@ -160,10 +160,8 @@ impl WorkerMeasurer {
 
     fn measure_task(&self, task: &ModelTask, configs: &[Config]) -> Result<Vec<Outcome>> {
         let graph = self.graph_file(task, &task.graph)?;
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(self.parallel_compiles.max(1))
-            .build()?;
-        let compiled: Vec<Result<PathBuf, Outcome>> = pool.install(|| {
+        let workload = task.workload().fingerprint();
+        let compiled: Vec<Result<PathBuf, Outcome>> = self.compile_pool.install(|| {
             configs
                 .par_iter()
                 .enumerate()
@@ -175,7 +173,7 @@ impl WorkerMeasurer {
                         .arg(&graph)
                         .arg(serde_json::to_string(c).expect("config serializes"))
                         .arg(&out)
-                        .args(["--cpu", &self.cpu]);
+                        .args(["--cpu", &self.cpu, "--workload", &workload]);
                     match run_child(cmd, self.timeout) {
                         Outcome::Ok { .. } => Ok(out),
                         other => Err(other),
@@ -305,7 +303,7 @@ fn run_child(mut cmd: Command, timeout: Duration) -> Outcome {
     }
 }
 
-/// `kiln tune-worker compile GRAPH CONFIG OUT --cpu CPU` and
+/// `kiln tune-worker compile GRAPH CONFIG OUT --cpu CPU --workload FINGERPRINT` and
 /// `kiln tune-worker measure GRAPH ARTIFACT --threads N --min-time S`: prints one
 /// [`Outcome`] as JSON (compile: `ok` with the compile time; measure: the median latency, or
 /// `wrong` if the outputs differ from the reference interpreter's).
@@ -326,9 +324,9 @@ pub fn worker_main(args: &[String]) -> Result<Outcome> {
             let config: Config = serde_json::from_str(config).context("bad config")?;
             inject_fault(&config);
             let t0 = Instant::now();
-            let k = tasks_of_graph(&g)?;
+            let workload = flag("--workload").context("--workload FINGERPRINT is required")?;
             let mut schedules = HashMap::new();
-            schedules.insert(k.fingerprint(), config);
+            schedules.insert(workload.to_string(), config);
             let opts = CompileOptions {
                 cpu: flag("--cpu").unwrap_or("x86-64-v3").to_string(),
                 opt_level: Some(0),
@@ -363,7 +361,7 @@ pub fn worker_main(args: &[String]) -> Result<Outcome> {
             measure(&g, Path::new(artifact), threads, min_time)
         }
         _ => bail!(
-            "usage: kiln tune-worker compile GRAPH CONFIG OUT --cpu CPU | \
+            "usage: kiln tune-worker compile GRAPH CONFIG OUT --cpu CPU --workload FP | \
              measure GRAPH ARTIFACT --threads N --min-time S"
         ),
     }
@@ -391,31 +389,6 @@ fn inject_fault(config: &Config) {
             std::thread::sleep(Duration::from_secs(3600));
         },
         _ => {}
-    }
-}
-
-/// The workload of the one tunable kernel of a standalone kernel graph.
-fn tasks_of_graph(g: &Graph) -> Result<Workload> {
-    let planned = pipeline::plan_graph(
-        g.clone(),
-        &pipeline::Options {
-            opt_level: Some(0),
-            ..Default::default()
-        },
-        |_, _| {},
-    )?;
-    let found: Vec<Tunable> = planned
-        .partition
-        .kernels
-        .iter()
-        .filter_map(|k| tunable(&planned.graph, k))
-        .collect();
-    match found.as_slice() {
-        [t] => Ok(t.workload.clone()),
-        other => bail!(
-            "the kernel graph has {} tunable kernels, not 1",
-            other.len()
-        ),
     }
 }
 

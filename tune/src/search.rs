@@ -93,7 +93,6 @@ pub struct Tuner<'a> {
     target: String,
     kiln_version: String,
     models: HashMap<String, (Box<dyn CostModel>, Vec<Sample>)>,
-    transfer_loaded: HashSet<String>,
 }
 
 impl<'a> Tuner<'a> {
@@ -104,7 +103,6 @@ impl<'a> Tuner<'a> {
             target: target.to_string(),
             kiln_version: kiln_version.to_string(),
             models: HashMap::new(),
-            transfer_loaded: HashSet::new(),
         }
     }
 
@@ -122,7 +120,7 @@ impl<'a> Tuner<'a> {
         task: &dyn Task,
     ) -> Result<&mut (Box<dyn CostModel>, Vec<Sample>), DbError> {
         let kind = task.workload().kind.clone();
-        if self.transfer_loaded.insert(kind.clone()) {
+        if !self.models.contains_key(&kind) {
             let samples: Vec<Sample> = self
                 .db
                 .ok_elsewhere(&kind, &self.target, &self.kiln_version)?
@@ -138,17 +136,11 @@ impl<'a> Tuner<'a> {
                     })
                 })
                 .collect();
-            let (m, s) = self
-                .models
-                .entry(kind.clone())
-                .or_insert_with(|| (Box::new(GbtModel::default()), Vec::new()));
-            s.extend(samples);
-            m.fit(s);
+            let mut m: Box<dyn CostModel> = Box::<GbtModel>::default();
+            m.fit(&samples);
+            self.models.insert(kind.clone(), (m, samples));
         }
-        Ok(self
-            .models
-            .entry(kind)
-            .or_insert_with(|| (Box::new(GbtModel::default()), Vec::new())))
+        Ok(self.models.get_mut(&kind).expect("inserted above"))
     }
 
     /// Tunes one task: measures up to `opts.trials` new candidates (the default schedule
