@@ -33,7 +33,7 @@ fn main() {
     for work in [0.0, 1.0, 2.0, 5.0, 10.0] {
         // Two chunks of `work` µs each: ideal `work` on two threads, `2 × work` on one.
         let by_worker = AtomicUsize::new(0);
-        let job = |_i: usize| {
+        let job = |_i: usize, _t: usize| {
             spin_for(work);
             if std::thread::current().id() != main_id {
                 by_worker.fetch_add(1, Ordering::Relaxed);

@@ -26,15 +26,15 @@ pub(crate) enum IoPatch {
     Output(usize),
 }
 
-/// The calls of one step on several threads: chunk `c` (of `threads`) is a contiguous
-/// range of the step's tasks.
+/// The calls of one step on several threads: chunk `c` (of `chunks`) is a contiguous
+/// range of the step's tasks; whichever thread runs it passes its own scratch slot.
 struct Split<'a> {
     f: KernelFn,
     args: &'a [*mut u8],
     dims: &'a [i64],
     tasks: i64,
-    threads: i64,
-    /// Chunk `c` uses scratch slot `c` (`threads` <= the slots).
+    chunks: i64,
+    /// Thread `t` of the pool uses scratch slot `t` (the pool's threads <= the slots).
     scratch: &'a ScratchSlots,
 }
 
@@ -42,10 +42,8 @@ struct Split<'a> {
 unsafe impl Sync for Split<'_> {}
 
 impl Split<'_> {
-    fn run(&self, t: usize) {
-        let per = (self.tasks + self.threads - 1) / self.threads;
-        let begin = (t as i64 * per).min(self.tasks);
-        let end = (begin + per).min(self.tasks);
+    fn run(&self, c: usize, thread: usize) {
+        let (begin, end) = chunk_range(self.tasks, self.chunks, c as i64);
         if begin >= end {
             return;
         }
@@ -60,10 +58,23 @@ impl Split<'_> {
         d.copy_from_slice(self.dims);
         d[0] = begin;
         d[1] = end;
-        // SAFETY: as in `Model::execute`; ranges of different threads are disjoint, and so
-        // are their scratch slots (one per chunk).
-        unsafe { (self.f)(self.args.as_ptr(), d.as_ptr(), self.scratch.slot(t)) };
+        // SAFETY: as in `Model::execute`; the ranges of different chunks are disjoint, and
+        // threads running at the same time use different scratch slots.
+        unsafe { (self.f)(self.args.as_ptr(), d.as_ptr(), self.scratch.slot(thread)) };
     }
+}
+
+/// Chunks a step of `tasks` tasks is split into on `threads` threads: one per thread, at
+/// most one per task. (Finer chunks, so that a late or slow thread would take fewer, measured
+/// slower on the zoo: every call of a conv kernel repeats its input copy or transform.)
+fn chunk_count(tasks: i64, threads: i64) -> i64 {
+    tasks.min(threads)
+}
+
+/// Task range `[begin, end)` of chunk `c` when `tasks` tasks are cut into `chunks` nearly
+/// equal contiguous chunks.
+fn chunk_range(tasks: i64, chunks: i64, c: i64) -> (i64, i64) {
+    (tasks * c / chunks, tasks * (c + 1) / chunks)
 }
 
 /// Kernel scratch memory (see the ABI in `kiln_codegen::cpu::abi`): `slots` zeroed,
@@ -560,19 +571,21 @@ impl Instance {
                     continue;
                 }
             };
-            // One chunk per scratch slot at most (`Model::set_threads` makes one per thread).
-            let chunks = pool.map_or(1, |p| p.threads().min(scratch.slots()));
+            let threads = pool.map_or(1, |p| p.threads());
             match pool {
-                Some(pool) if tasks > 1 && chunks > 1 => {
+                // Every thread of the pool needs its own scratch slot (`Model::set_threads`
+                // makes one per thread; should that have failed, steps run unsplit).
+                Some(pool) if tasks > 1 && threads > 1 && scratch.slots() >= threads => {
+                    let chunks = chunk_count(tasks, threads as i64);
                     let split = Split {
                         f: *f,
                         args,
                         dims,
                         tasks,
-                        threads: chunks as i64,
+                        chunks,
                         scratch,
                     };
-                    pool.run(chunks, &|c| split.run(c));
+                    pool.run(chunks as usize, &|c, t| split.run(c, t));
                 }
                 // SAFETY: the plan was validated at load (buffers in range, inputs and
                 // weights only read), the inputs and outputs were checked by the caller; the

@@ -12,6 +12,7 @@ pub mod artifact;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod executor;
+mod affinity;
 mod instance;
 pub mod kernel_lib;
 pub mod plan;

@@ -7,8 +7,11 @@
 //! atomically, and the caller closes the job to latecomers before waiting). Kernels are
 //! short (microseconds), so workers spin on the job word for a while after each job
 //! ([`SPIN`] spins, then [`YIELDS`] yields) before parking on a condition variable.
-//! Running a job allocates nothing.
+//! Running a job allocates nothing. Workers are pinned to CPUs other than the creating
+//! thread's (see `affinity.rs` for the measurement behind it), so that after an idle period
+//! the OS does not wake a worker on the caller's CPU, behind the caller.
 
+use crate::affinity::{self, Placement};
 use std::cell::UnsafeCell;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -22,7 +25,7 @@ pub const SPIN: u32 = 2_000;
 /// Yields a worker makes (after spinning) before it parks until the next job.
 pub const YIELDS: u32 = 2_000;
 
-type Job = *const (dyn Fn(usize) + Sync);
+type Job = *const (dyn Fn(usize, usize) + Sync);
 
 /// `state` layout: job epoch in the high bits, a "closed" bit, and the count of workers that
 /// joined the job in the low bits.
@@ -57,6 +60,7 @@ unsafe impl Send for Shared {}
 pub struct Pool {
     shared: Arc<Shared>,
     workers: Vec<JoinHandle<()>>,
+    placement: Placement,
 }
 
 impl std::fmt::Debug for Pool {
@@ -67,7 +71,8 @@ impl std::fmt::Debug for Pool {
 
 impl Pool {
     /// A pool running jobs on `threads` threads in all: the caller plus `threads - 1`
-    /// workers (`threads` is at least 1).
+    /// workers (`threads` is at least 1), each worker pinned to its own CPU other than the
+    /// creator's when there are enough (see `affinity.rs`).
     pub fn new(threads: usize) -> Self {
         let shared = Arc::new(Shared {
             state: AtomicU64::new(CLOSED),
@@ -80,16 +85,22 @@ impl Pool {
             lock: Mutex::new(()),
             wake: Condvar::new(),
         });
+        let placement = Placement::new(threads.max(1) - 1);
         let workers = (1..threads.max(1))
             .map(|tid| {
                 let s = Arc::clone(&shared);
+                let cpu = placement.worker(tid - 1);
                 std::thread::Builder::new()
                     .name(format!("kiln-worker-{tid}"))
-                    .spawn(move || worker(&s))
+                    .spawn(move || worker(&s, tid, cpu))
                     .expect("spawning a kiln worker thread")
             })
             .collect();
-        Self { shared, workers }
+        Self {
+            shared,
+            workers,
+            placement,
+        }
     }
 
     /// Number of threads a job may run on (workers + the caller).
@@ -97,19 +108,21 @@ impl Pool {
         self.workers.len() + 1
     }
 
-    /// Calls `f(i)` once for every `i` in `0..chunks`, on the calling thread and on the
-    /// workers that join in time, and returns when all calls have returned.
-    pub fn run(&self, chunks: usize, f: &(dyn Fn(usize) + Sync)) {
+    /// Calls `f(i, thread)` once for every chunk `i` in `0..chunks`, on the calling thread
+    /// (`thread` 0) and on the workers that join in time (`thread` 1.., each its own), and
+    /// returns when all calls have returned.
+    pub fn run(&self, chunks: usize, f: &(dyn Fn(usize, usize) + Sync)) {
         let s = &*self.shared;
         if self.workers.is_empty() || chunks <= 1 {
-            (0..chunks).for_each(f);
+            (0..chunks).for_each(|i| f(i, 0));
             return;
         }
+        let _off_worker_cpus = self.placement.caller_guard();
         // SAFETY: the previous job is closed and every worker that joined it is done, so no
         // worker reads `job`; the pointer stays valid until this function returns, after
         // every worker that joins this job is done with it.
         unsafe {
-            let erased: Job = std::mem::transmute::<&(dyn Fn(usize) + Sync), Job>(f);
+            let erased: Job = std::mem::transmute::<&(dyn Fn(usize, usize) + Sync), Job>(f);
             *s.job.get() = Some(erased);
         }
         s.chunks.store(chunks, Ordering::Relaxed);
@@ -121,7 +134,7 @@ impl Pool {
             let _g = s.lock.lock().unwrap_or_else(|e| e.into_inner());
             s.wake.notify_all();
         }
-        claim_all(s, f);
+        claim_all(s, f, 0);
         // Close the job to latecomers, then wait for those who joined.
         let joined = s.state.fetch_or(CLOSED, Ordering::AcqRel) & (CLOSED - 1);
         let mut spins = 0u32;
@@ -137,14 +150,14 @@ impl Pool {
 }
 
 /// Runs chunks claimed from the shared counter until none is left.
-fn claim_all(s: &Shared, f: &(dyn Fn(usize) + Sync)) {
+fn claim_all(s: &Shared, f: &(dyn Fn(usize, usize) + Sync), thread: usize) {
     let n = s.chunks.load(Ordering::Relaxed);
     loop {
         let i = s.next.fetch_add(1, Ordering::Relaxed);
         if i >= n {
             return;
         }
-        f(i);
+        f(i, thread);
     }
 }
 
@@ -165,7 +178,11 @@ impl Drop for Pool {
     }
 }
 
-fn worker(s: &Shared) {
+fn worker(s: &Shared, thread: usize, cpu: Option<usize>) {
+    if let Some(cpu) = cpu {
+        // Best effort: if the CPU cannot be set, the worker runs unpinned.
+        let _ = affinity::pin_current_thread(cpu);
+    }
     let mut seen = 0u64;
     loop {
         // Wait for a new epoch: spin, yield, then park.
@@ -218,7 +235,7 @@ fn worker(s: &Shared) {
         // SAFETY: joined an open job: `job` was stored before its epoch was published and
         // stays valid until `run` sees our `done` increment.
         if let Some(job) = unsafe { *s.job.get() } {
-            claim_all(s, unsafe { &*job });
+            claim_all(s, unsafe { &*job }, thread);
         }
         s.done.fetch_add(1, Ordering::Release);
     }
@@ -235,7 +252,7 @@ mod tests {
             for chunks in [0, 1, 2, 7] {
                 let hits: Vec<AtomicUsize> = (0..chunks).map(|_| AtomicUsize::new(0)).collect();
                 for _ in 0..1000 {
-                    pool.run(chunks, &|i| {
+                    pool.run(chunks, &|i, _| {
                         hits[i].fetch_add(1, Ordering::Relaxed);
                     });
                 }
@@ -251,7 +268,8 @@ mod tests {
         let pool = Pool::new(2);
         let n = AtomicUsize::new(0);
         let seen = Mutex::new(std::collections::HashSet::new());
-        let job = |_| {
+        let job = |_, t: usize| {
+            assert!(t < 2);
             n.fetch_add(1, Ordering::Relaxed);
             seen.lock().unwrap().insert(std::thread::current().id());
             std::thread::sleep(std::time::Duration::from_millis(20));
