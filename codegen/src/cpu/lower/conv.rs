@@ -702,7 +702,8 @@ pub(crate) fn emit_store(l: &mut Loops, mem: &str, val: &str, idx: &str, mask: O
 
 /// Copies channels `ch0..ch0 + nch` of image `n` of the 4-D input `x` into the interior of
 /// its padded, phase-split copy `xp` (laid out as [`Grid`] says; the padding is filled
-/// beforehand).
+/// beforehand): at channel `ch` of `xp`, or at `ch - ch0` when `local` (a copy that holds only
+/// those channels, so a call fills the padding of only that many planes).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn emit_copy(
     l: &mut Loops,
@@ -713,6 +714,7 @@ pub(crate) fn emit_copy(
     n: &str,
     ch0: &str,
     nch: usize,
+    local: bool,
 ) {
     let (wq, plane, slots) = (grid.wq, grid.plane(), grid.slots());
     let zv = l.vsplat(0.0);
@@ -729,7 +731,8 @@ pub(crate) fn emit_copy(
             }
             let iq = l.open_range(iq_lo, iq_hi, 1);
             let ih = l.affine(&iq, win.s[0] as i64, ph as i64 - win.p[0]);
-            let cb = l.affine(&ch, (slots * plane) as i64, (slot * plane) as i64);
+            let dch = if local { &i } else { &ch };
+            let cb = l.affine(dch, (slots * plane) as i64, (slot * plane) as i64);
             let rb = l.affine(&iq, wq as i64, 0);
             let dst = l.add(&cb, &rb);
             if win.s[1] == 1 {
@@ -1264,7 +1267,7 @@ fn emit_winograd(l: &mut Loops, d: &Direct) {
     let f2 = l.op(&format!("arith.cmpi eq, {ob}, {c0} : index"));
     let first = l.op(&format!("arith.ori {f1}, {f2} : i1"));
     l.line(&format!("scf.if {first} {{"));
-    emit_copy(l, &twin, &grid, d.x, &xp, &n, &c0, c);
+    emit_copy(l, &twin, &grid, d.x, &xp, &n, &c0, c, false);
     // Input transform.
     let ci = l.open(c);
     let xb = l.affine(&ci, (slots * plane) as i64, 0);
@@ -1451,12 +1454,13 @@ fn emit_direct(l: &mut Loops, d: &Direct) {
     let direct_store = wq == win.ow || d.rows;
     let p_out = win.oh * win.ow;
     let zv = l.vsplat(0.0);
-    // Scratch: the padded input copy (zeroed once: only its interior is rewritten per image)
-    // and, when output rows are narrower than grid rows, the block of raw tiles.
+    // Scratch: the padded copy of one group's input channels (zeroed once per call: only its
+    // interior is rewritten per (image, group)) and, when output rows are narrower than grid
+    // rows, the block of raw tiles.
     let xp = if in_place {
         d.x.to_string()
     } else {
-        let len = (win.c * slots * plane + nr + wq + VW).div_ceil(VW) * VW;
+        let len = (cg * slots * plane + nr + wq + VW).div_ceil(VW) * VW;
         let xp = l.scratch(len);
         let i = l.open_range(0, len, VW);
         emit_store(l, &xp, &zv, &i, None);
@@ -1488,7 +1492,7 @@ fn emit_direct(l: &mut Loops, d: &Direct) {
         let first = l.op(&format!("arith.ori {f1}, {f2} : i1"));
         l.line(&format!("scf.if {first} {{"));
         let ch0 = l.affine(&gi, cg as i64, 0);
-        emit_copy(l, win, &grid, d.x, &xp, &n, &ch0, cg);
+        emit_copy(l, win, &grid, d.x, &xp, &n, &ch0, cg, true);
         l.close();
     }
     let gm = l.affine(&gi, mg as i64, 0);
@@ -1565,7 +1569,7 @@ fn emit_direct(l: &mut Loops, d: &Direct) {
             let t = l.affine(&t, plane as i64, 0);
             l.add(&t, &q0)
         } else {
-            let t = l.affine(&chn, (slots * plane) as i64, 0);
+            let t = l.affine(&c, (slots * plane) as i64, 0);
             l.add(&t, &q0)
         };
         let wc = l.affine(&c, kk as i64, 0);

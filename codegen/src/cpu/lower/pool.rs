@@ -126,7 +126,8 @@ fn emit_maxpool(l: &mut Loops, win: &Window2, x: &str, y: &str, tasks: &(String,
     let gp = npos.div_ceil(nr) * nr;
     let direct = wq == win.ow;
     let ninf = l.vsplat(f32::NEG_INFINITY);
-    let len = (win.c * slots * plane + nr + wq + VW).div_ceil(VW) * VW;
+    // One channel's padded copy: filled with -inf once per call, its interior rewritten per task.
+    let len = (slots * plane + nr + wq + VW).div_ceil(VW) * VW;
     let xp = l.scratch(len);
     let i = l.open_range(0, len, VW);
     emit_store(l, &xp, &ninf, &i, None);
@@ -142,8 +143,8 @@ fn emit_maxpool(l: &mut Loops, win: &Window2, x: &str, y: &str, tasks: &(String,
     let cc = l.c(win.c as i64);
     let n = l.op(&format!("arith.divui {t}, {cc} : index"));
     let c = l.op(&format!("arith.remui {t}, {cc} : index"));
-    emit_copy(l, win, &grid, x, &xp, &n, &c, 1);
-    let xc = l.affine(&c, (slots * plane) as i64, 0);
+    emit_copy(l, win, &grid, x, &xp, &n, &c, 1, true);
+    let xc = l.c(0);
     let nc = l.affine(&n, win.c as i64, 0);
     let ncc = l.add(&nc, &c);
     let ybase = l.affine(&ncc, (win.oh * win.ow) as i64, 0);
