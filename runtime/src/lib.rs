@@ -8,11 +8,11 @@
 //! - `cuda` (feature `cuda`): loading PTX and launching kernels on NVIDIA GPUs.
 //! - [`pool`]: the spinning fork-join pool that runs a kernel's task ranges on several cores.
 //! - [`split_choice`]: whether splitting steps over the pool pays on this machine now (timed).
+mod affinity;
 pub mod artifact;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod executor;
-mod affinity;
 mod instance;
 pub mod kernel_lib;
 pub mod plan;
