@@ -147,11 +147,15 @@ fn compile_and_check(name: &str, shapes: &[&str]) {
     let (ok, text) = kiln(&args);
     assert!(ok, "{name}: {text}");
     let data = zoo(name).join("test_data_set_0");
-    let (ok, text) = kiln(&["run", s(&art), "--check", s(&data)]);
-    assert!(
-        ok && text.contains("OK: matches the reference"),
-        "{name}: {text}"
-    );
+    // One thread, and split steps over 2 and 3 threads (the first runs use the pool; conv
+    // tasks are bands of rows × channel blocks that chunks cut anywhere).
+    for threads in ["1", "2", "3"] {
+        let (ok, text) = kiln(&["run", s(&art), "--check", s(&data), "--threads", threads]);
+        assert!(
+            ok && text.contains("OK: matches the reference"),
+            "{name} at {threads} threads: {text}"
+        );
+    }
 }
 
 #[test]

@@ -143,7 +143,7 @@ fn emit_maxpool(l: &mut Loops, win: &Window2, x: &str, y: &str, tasks: &(String,
     let cc = l.c(win.c as i64);
     let n = l.op(&format!("arith.divui {t}, {cc} : index"));
     let c = l.op(&format!("arith.remui {t}, {cc} : index"));
-    emit_copy(l, win, &grid, x, &xp, &n, &c, 1, true);
+    emit_copy(l, win, &grid, x, &xp, &n, &c, 1, true, None);
     let xc = l.c(0);
     let nc = l.affine(&n, win.c as i64, 0);
     let ncc = l.add(&nc, &c);
