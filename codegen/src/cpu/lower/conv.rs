@@ -589,12 +589,11 @@ fn direct_tasks(win: &Window2, group: usize, m: usize, mr: usize, row_block: usi
 /// the whole input, half of it from the other core's cache: MobileNet's 16→64 pointwise conv
 /// took 21.7 µs on 2 threads in the model vs 13.7 µs alone). Up to 4 blocks of ≥ 2 rows;
 /// tiles over the flattened grid that store straight to the output (`aligned`) need blocks
-/// that are whole tiles (`R·wq` a multiple of `nr`); the others pay partial tiles at band
-/// edges, so their bands are kept only when that adds at most 10% tiles. Returns `win.oh`
-/// (one block) when no such block exists.
+/// that are whole tiles (`R·wq` a multiple of `nr`); the others compute every tile that
+/// overlaps their band (the one straddling two bands twice), so their bands are kept only
+/// when that adds at most 10% tiles (12.5% measured slower on MobileNet). Returns `win.oh` (one block) when no such block exists.
 fn row_block(win: &Window2, wq: usize, nr: usize, aligned: bool) -> usize {
-    let tiles = |rows: usize| (rows * wq).div_ceil(nr);
-    let whole = tiles(win.oh);
+    let whole = (win.oh * wq).div_ceil(nr);
     for target in [4, 2] {
         if win.oh < 2 * target {
             continue;
@@ -603,21 +602,17 @@ fn row_block(win: &Window2, wq: usize, nr: usize, aligned: bool) -> usize {
         if aligned {
             let step = nr / gcd(wq, nr);
             r = r.div_ceil(step) * step;
-        } else {
-            // A band's last tile may run up to `nr` positions into the next band (into rows
-            // it discards): the last band must be at least that long to stay in the grid.
-            r = r.max(nr.div_ceil(wq));
         }
         if r >= win.oh {
             continue;
         }
-        let nb = win.oh.div_ceil(r);
-        let last = win.oh - (nb - 1) * r;
-        if !aligned && last < nr.div_ceil(wq) {
-            continue;
-        }
-        // Bands that do not start on a tile boundary cost partial tiles: at most 10% more.
-        let banded = (nb - 1) * tiles(r) + tiles(last);
+        // The tiles each band computes (those that overlap it): at most 10% more in all.
+        let banded: usize = (0..win.oh.div_ceil(r))
+            .map(|b| {
+                let (lo, hi) = (b * r * wq, ((b + 1) * r).min(win.oh) * wq);
+                hi.div_ceil(nr) - lo / nr
+            })
+            .sum();
         if banded * 10 <= whole * 11 {
             return r;
         }
@@ -1535,24 +1530,21 @@ fn emit_direct(l: &mut Loops, d: &Direct) {
     let direct_store = wq == win.ow || d.rows;
     let p_out = win.oh * win.ow;
     let zv = l.vsplat(0.0);
-    // With row bands, a band's tiles start anywhere: the last one may end up to `nr`
-    // positions past the grid.
     let nb = win.oh.div_ceil(d.row_block);
-    let band_slack = if nb > 1 { nr } else { 0 };
     // Scratch: the padded copy of one group's input channels (zeroed once per call: only its
     // interior is rewritten per (image, group)) and, when output rows are narrower than grid
     // rows, the block of raw tiles.
     let xp = if in_place {
         d.x.to_string()
     } else {
-        let len = (cg * slots * plane + nr + band_slack + wq + VW).div_ceil(VW) * VW;
+        let len = (cg * slots * plane + nr + wq + VW).div_ceil(VW) * VW;
         let xp = l.scratch(len);
         let i = l.open_range(0, len, VW);
         emit_store(l, &xp, &zv, &i, None);
         l.close();
         xp
     };
-    let yb = (!direct_store).then(|| l.scratch(mr * gp + band_slack + 2 * VW));
+    let yb = (!direct_store).then(|| l.scratch(mr * gp + 2 * VW));
     // Tasks: (image, block of output rows, group, block of mr output channels), in that
     // order. A task that starts a new (image, row block, group), or a call, first copies that
     // group's input channels (the rows its output rows read).
@@ -1584,6 +1576,22 @@ fn emit_direct(l: &mut Loops, d: &Direct) {
     let gi = l.op(&format!("arith.divui {blk}, {nob_c} : index"));
     let obi = l.op(&format!("arith.remui {blk}, {nob_c} : index"));
     let ob = l.affine(&obi, mr as i64, 0);
+    // Flat tiling: the tiles of the band's positions `[r0·wq, r1·wq)` (whole tiles of the
+    // grid: bands that store straight to the output are whole tiles; the others take the
+    // tiles that overlap them, into their own buffer), the last band's up to the end.
+    let flat_band = band.as_ref().filter(|_| !d.rows).map(|(r0, r1, last)| {
+        let mut lo = l.affine(r0, wq as i64, 0);
+        let mut hi = l.affine(r1, wq as i64, 0);
+        if !direct_store {
+            let nr_c = l.c(nr as i64);
+            let q = l.op(&format!("arith.divui {lo}, {nr_c} : index"));
+            lo = l.affine(&q, nr as i64, 0);
+            let h = l.affine(&hi, 1, nr as i64 - 1);
+            let q = l.op(&format!("arith.divui {h}, {nr_c} : index"));
+            hi = l.affine(&q, nr as i64, 0);
+        }
+        (lo, hi, last.clone())
+    });
     if !in_place {
         let z = l.c(0);
         let f1 = l.op(&format!("arith.cmpi eq, {t}, {} : index", d.tasks.0));
@@ -1591,10 +1599,22 @@ fn emit_direct(l: &mut Loops, d: &Direct) {
         let first = l.op(&format!("arith.ori {f1}, {f2} : i1"));
         l.line(&format!("scf.if {first} {{"));
         let ch0 = l.affine(&gi, cg as i64, 0);
-        // Grid rows read by output rows [r0, r1): up to r1 - 1 + the taps' reach.
-        let rows = band.as_ref().map(|(r0, r1, _)| {
-            let hi = l.affine(r1, 1, (grid.hq - win.oh) as i64);
-            (r0.clone(), hi)
+        // Grid rows read by the band's tiles: from the first tile's row to the last tile's
+        // row plus the taps' reach.
+        let rows = band.as_ref().map(|(r0, r1, _)| match &flat_band {
+            None => {
+                let hi = l.affine(r1, 1, (grid.hq - win.oh) as i64);
+                (r0.clone(), hi)
+            }
+            Some((lo, hi, _)) => {
+                let wq_c = l.c(wq as i64);
+                let q0 = l.op(&format!("arith.divui {lo}, {wq_c} : index"));
+                let h = l.affine(hi, 1, wq as i64 - 1);
+                let q1 = l.op(&format!("arith.divui {h}, {wq_c} : index"));
+                let q1 = l.affine(&q1, 1, (grid.hq - win.oh) as i64);
+                let hq = l.c(grid.hq as i64);
+                (q0, l.min(&q1, &hq))
+            }
         });
         let rows = rows.as_ref().map(|(a, b)| (a.as_str(), b.as_str()));
         emit_copy(l, win, &grid, d.x, &xp, &n, &ch0, cg, true, rows);
@@ -1640,11 +1660,7 @@ fn emit_direct(l: &mut Loops, d: &Direct) {
         Some((r0, r1, _)) => l.open_dyn(r0, r1, 1),
     });
     // Flat tiling: the band's positions `[r0·wq, r1·wq)`, the last band's up to the end.
-    let flat_band = band.as_ref().filter(|_| !d.rows).map(|(r0, r1, last)| {
-        let lo = l.affine(r0, wq as i64, 0);
-        let hi = l.affine(r1, wq as i64, 0);
-        (lo, hi, last.clone())
-    });
+
     let full_end = if yb.is_some() { gp } else { span / nr * nr };
     let mut ranges = vec![(0, full_end, false)];
     if full_end < end {
