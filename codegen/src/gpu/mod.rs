@@ -62,6 +62,8 @@ pub enum Elem {
     F32,
     /// 16-bit IEEE float.
     F16,
+    /// bfloat16.
+    BF16,
 }
 
 impl Elem {
@@ -70,6 +72,7 @@ impl Elem {
         match self {
             Elem::F32 => "f32",
             Elem::F16 => "f16",
+            Elem::BF16 => "bf16",
         }
     }
 }

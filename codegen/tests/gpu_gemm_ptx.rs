@@ -1,0 +1,338 @@
+//! PTX validation of the tensor-core GEMMs (`gpu::kernels::gemm_mma`) without a GPU: a
+//! representative set of (input, output, epilogue, schedule) combinations × every SKU of
+//! the device database, lowered through MLIR and assembled with `ptxas -arch=sm_XX -v`.
+//! Checks: the PTX contains `mma.sync` (of the right type), `cp.async`, `ldmatrix` and the
+//! `cp.async.wait_group` of the pipeline; `ptxas` reports no spills, registers within the
+//! SKU's limits and no static shared memory beyond MLIR's 1-byte dynamic-shared marker
+//! (the stages live in dynamic shared memory, checked against the opt-in limit).
+//!
+//! Also keeps the GEMM PTX fixtures of `runtime/tests/cuda.rs` current (`KILN_UPDATE_PTX=1`
+//! rewrites them). Skips (visibly) without `ptxas` (same lookup as `gpu_ptx.rs`).
+
+use kiln_codegen::gpu::kernels::epilogue::{Activation, Epilogue, Residual};
+use kiln_codegen::gpu::kernels::gemm_mma::{
+    gemm_mma, kernel_name, MmaGemm, MmaInput, MmaOutput, MmaSchedule,
+};
+use kiln_codegen::gpu::pipeline::venv_nvidia_dirs;
+use kiln_codegen::gpu::{compile_kernel, DeviceDb};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn find_ptxas() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("KILN_PTXAS") {
+        return Some(PathBuf::from(p));
+    }
+    if let Some(p) = venv_nvidia_dirs(&repo())
+        .into_iter()
+        .map(|d| d.join("bin/ptxas"))
+        .find(|p| p.is_file())
+    {
+        return Some(p);
+    }
+    let ok = Command::new("ptxas")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    ok.then(|| PathBuf::from("ptxas"))
+}
+
+/// `(registers, static smem bytes, spill bytes + stack bytes)` from `ptxas -v`.
+fn usage(out: &str) -> Option<(u32, u32, u32)> {
+    let before = |line: &str, unit: &str| -> Option<u32> {
+        let i = line.find(unit)?;
+        line[..i].split_whitespace().last()?.parse().ok()
+    };
+    let mut spill = 0;
+    let mut regs = None;
+    for line in out.lines() {
+        if line.contains("bytes stack frame") {
+            spill = before(line, "bytes stack frame")?
+                + before(line, "bytes spill stores")?
+                + before(line, "bytes spill loads")?;
+        }
+        if line.contains("Used ") && line.contains(" registers") {
+            regs = Some((
+                before(line, "registers")?,
+                before(line, "bytes smem").unwrap_or(0),
+            ));
+        }
+    }
+    regs.map(|(r, s)| (r, s, spill))
+}
+
+fn ep(bias: bool, activation: Activation, residual: Residual) -> Epilogue {
+    Epilogue {
+        bias,
+        activation,
+        residual,
+    }
+}
+
+/// The combinations validated for every SKU.
+fn representative() -> Vec<MmaGemm> {
+    let d = MmaSchedule::default();
+    let small = MmaSchedule {
+        bm: 64,
+        bn: 64,
+        bk: 32,
+        wm: 2,
+        wn: 2,
+        stages: 4,
+        ..d
+    };
+    let wide = MmaSchedule {
+        bm: 128,
+        bn: 256,
+        bk: 32,
+        wm: 2,
+        wn: 4,
+        stages: 3,
+        ..d
+    };
+    let deep = MmaSchedule {
+        bm: 64,
+        bn: 128,
+        bk: 64,
+        wm: 2,
+        wn: 2,
+        stages: 5,
+        vec_bytes: 8,
+        pad_bytes: 0,
+        ..d
+    };
+    let split = MmaSchedule {
+        split_k: 4,
+        vec_bytes: 8,
+        ..small
+    };
+    use Activation::*;
+    use MmaInput::*;
+    use MmaOutput as O;
+    let cases = [
+        (F16, O::F32, Epilogue::none(), d),
+        (F16, O::F16, ep(true, Relu, Residual::None), d),
+        (
+            F16,
+            O::F32,
+            ep(true, GeluTanh, Residual::AfterActivation),
+            wide,
+        ),
+        (
+            F16,
+            O::F16,
+            ep(true, Silu, Residual::BeforeActivation),
+            small,
+        ),
+        (F16, O::F32, ep(false, Sigmoid, Residual::None), deep),
+        (
+            F16,
+            O::F32,
+            ep(true, None, Residual::AfterActivation),
+            split,
+        ),
+        (
+            BF16,
+            O::BF16,
+            ep(true, GeluTanh, Residual::AfterActivation),
+            d,
+        ),
+        (BF16, O::F32, Epilogue::none(), small),
+        (TF32, O::F32, ep(true, Relu, Residual::None), d),
+        (TF32, O::F32, Epilogue::none(), split),
+    ];
+    cases
+        .iter()
+        .map(|(i, o, e, s)| gemm_mma(&kernel_name(*i, *o, s, e), *i, *o, e, s).unwrap())
+        .collect()
+}
+
+#[test]
+fn mma_gemms_assemble_and_fit_every_sku() {
+    let Some(ptxas) = find_ptxas() else {
+        println!("SKIPPED: no ptxas (set KILN_PTXAS or run scripts/setup.sh)");
+        return;
+    };
+    let db = DeviceDb::builtin().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kernels = representative();
+    println!(
+        "{:<62} {:<10} {:>5} {:>7} {:>7} {:>5}",
+        "kernel", "sku", "regs", "dyn smem", "threads", "spill"
+    );
+    let mut refused = 0;
+    for sku in db.skus() {
+        for g in &kernels {
+            let k = &g.kernel;
+            if let Err(e) = g.schedule.validate(g.input, sku) {
+                // E.g. 104 KiB of tf32 stages on sm_86 (99 KiB opt-in): refused, not built.
+                println!("{:<62} {:<10} refused: {e}", k.name, sku.name);
+                refused += 1;
+                continue;
+            }
+            let ptx = compile_kernel(k, sku)
+                .unwrap_or_else(|e| panic!("{} for {}: {e}", k.name, sku.name));
+            for needle in [
+                g.input.ptx_mma(),
+                "cp.async.cg.shared.global",
+                "cp.async.commit_group",
+                "cp.async.wait_group",
+                "ldmatrix.sync.aligned.m8n8.x4",
+            ] {
+                let needle = if g.schedule.vec_bytes != 16 && needle.starts_with("cp.async.cg") {
+                    "cp.async.ca.shared.global"
+                } else {
+                    needle
+                };
+                assert!(ptx.text.contains(needle), "{}: no {needle}", k.name);
+            }
+            if g.input != MmaInput::TF32 {
+                assert!(ptx.text.contains("ldmatrix.sync.aligned.m8n8.x4.trans"));
+            }
+            if g.schedule.split_k > 1 {
+                assert!(ptx.text.contains("atom.global.add.f32"), "{}", k.name);
+            }
+            let file = dir.path().join(format!("{}_{}.ptx", k.name, sku.name));
+            std::fs::write(&file, &ptx.text).unwrap();
+            let out = Command::new(&ptxas)
+                .args(["-v", &format!("-arch={}", sku.arch), "-o"])
+                .arg(dir.path().join("out.cubin"))
+                .arg(&file)
+                .output()
+                .expect("run ptxas");
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(
+                out.status.success(),
+                "ptxas: {} on {}:\n{text}",
+                k.name,
+                sku.name
+            );
+            let (regs, smem, spill) =
+                usage(&text).unwrap_or_else(|| panic!("cannot parse ptxas -v:\n{text}"));
+            println!(
+                "{:<62} {:<10} {:>5} {:>7} {:>7} {:>5}",
+                k.name,
+                sku.name,
+                regs,
+                g.dynamic_shared,
+                k.threads(),
+                spill
+            );
+            let ctx = format!("{} on {}", k.name, sku.name);
+            assert!(
+                regs <= sku.max_registers_per_thread,
+                "{ctx}: {regs} registers"
+            );
+            assert!(
+                regs * k.threads() <= sku.registers_per_block,
+                "{ctx}: registers"
+            );
+            assert!(smem <= 16, "{ctx}: {smem} B static shared memory");
+            assert!(
+                g.dynamic_shared + smem <= sku.shared_mem_per_block_optin,
+                "{ctx}: shared memory"
+            );
+            assert_eq!(spill, 0, "{ctx}: spills");
+        }
+    }
+    // Only the two > 99 KiB schedules, on the four sm_86/sm_89 SKUs.
+    assert_eq!(refused, 8, "combinations refused");
+}
+
+/// The GEMMs `runtime/tests/cuda.rs` runs, for sm_80 (JIT-compiled by the driver for newer
+/// GPUs). The names there must match these.
+fn runtime_fixtures() -> Vec<(String, String)> {
+    let sku = DeviceDb::builtin()
+        .unwrap()
+        .parse_target("cuda:sm_80")
+        .unwrap();
+    let d = MmaSchedule::default();
+    let small = MmaSchedule {
+        bm: 64,
+        bn: 64,
+        bk: 32,
+        wm: 2,
+        wn: 2,
+        stages: 4,
+        ..d
+    };
+    let split = MmaSchedule {
+        split_k: 3,
+        vec_bytes: 8,
+        ..small
+    };
+    use Activation::*;
+    use MmaInput::*;
+    use MmaOutput as O;
+    let cases = [
+        ("mma_f16_f32", F16, O::F32, Epilogue::none(), d),
+        (
+            "mma_f16_f16_epi",
+            F16,
+            O::F16,
+            ep(true, Silu, Residual::BeforeActivation),
+            small,
+        ),
+        (
+            "mma_bf16_bf16_epi",
+            BF16,
+            O::BF16,
+            ep(true, GeluTanh, Residual::AfterActivation),
+            d,
+        ),
+        (
+            "mma_tf32_f32_relu",
+            TF32,
+            O::F32,
+            ep(true, Relu, Residual::None),
+            small,
+        ),
+        (
+            "mma_f16_f32_splitk",
+            F16,
+            O::F32,
+            ep(true, None, Residual::AfterActivation),
+            split,
+        ),
+    ];
+    cases
+        .iter()
+        .map(|(file, i, o, e, s)| {
+            let g = gemm_mma(&format!("kiln_{file}"), *i, *o, e, s).unwrap();
+            (
+                format!("gemm_{file}.sm_80.ptx"),
+                compile_kernel(&g.kernel, sku).unwrap().text,
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn runtime_gemm_ptx_fixtures_are_current() {
+    let dir = repo().join("runtime/tests/ptx");
+    let update = std::env::var_os("KILN_UPDATE_PTX").is_some();
+    for (name, text) in runtime_fixtures() {
+        let path = dir.join(&name);
+        if update {
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(&path, &text).unwrap();
+            continue;
+        }
+        let old = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            old == text,
+            "{} is stale: rerun with KILN_UPDATE_PTX=1",
+            path.display()
+        );
+    }
+}
