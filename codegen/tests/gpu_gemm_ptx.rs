@@ -249,8 +249,24 @@ fn mma_gemms_assemble_and_fit_every_sku() {
     assert_eq!(refused, 8, "combinations refused");
 }
 
-/// The GEMMs `runtime/tests/cuda.rs` runs, for sm_80 (JIT-compiled by the driver for newer
-/// GPUs). The names there must match these.
+/// Launch geometry of a fixture, one manifest line: `file entry bm bn threads dyn_smem
+/// split_k`.
+fn manifest_line(file: &str, g: &MmaGemm) -> String {
+    let s = &g.schedule;
+    format!(
+        "{file} {} {} {} {} {} {}\n",
+        g.kernel.name,
+        s.bm,
+        s.bn,
+        s.threads(),
+        g.dynamic_shared,
+        s.split_k
+    )
+}
+
+/// The GEMMs `runtime/tests/cuda.rs` runs (`gemm_mma.manifest`) and the ones
+/// `runtime/examples/gemm_bench.rs` times (`gemm_bench.manifest`, f16 → f16), as PTX for
+/// sm_80 (JIT-compiled by the driver for newer GPUs). The entry names there must match.
 fn runtime_fixtures() -> Vec<(String, String)> {
     let sku = DeviceDb::builtin()
         .unwrap()
@@ -274,7 +290,7 @@ fn runtime_fixtures() -> Vec<(String, String)> {
     use Activation::*;
     use MmaInput::*;
     use MmaOutput as O;
-    let cases = [
+    let tests = [
         ("mma_f16_f32", F16, O::F32, Epilogue::none(), d),
         (
             "mma_f16_f16_epi",
@@ -305,16 +321,37 @@ fn runtime_fixtures() -> Vec<(String, String)> {
             split,
         ),
     ];
-    cases
-        .iter()
-        .map(|(file, i, o, e, s)| {
-            let g = gemm_mma(&format!("kiln_{file}"), *i, *o, e, s).unwrap();
-            (
-                format!("gemm_{file}.sm_80.ptx"),
-                compile_kernel(&g.kernel, sku).unwrap().text,
-            )
-        })
-        .collect()
+    let bench = [
+        d,
+        MmaSchedule { bn: 256, ..d },
+        MmaSchedule {
+            bm: 256,
+            wm: 4,
+            wn: 2,
+            ..d
+        },
+        MmaSchedule { stages: 4, ..d },
+    ];
+    let mut out = Vec::new();
+    let mut manifest = String::new();
+    for (file, i, o, e, s) in tests {
+        let g = gemm_mma(&format!("kiln_{file}"), i, o, &e, &s).unwrap();
+        let file = format!("gemm_{file}.sm_80.ptx");
+        manifest.push_str(&manifest_line(&file, &g));
+        out.push((file, compile_kernel(&g.kernel, sku).unwrap().text));
+    }
+    out.push(("gemm_mma.manifest".into(), manifest));
+    let mut manifest = String::new();
+    for s in bench {
+        let e = Epilogue::none();
+        let name = kernel_name(F16, O::F16, &s, &e);
+        let g = gemm_mma(&name, F16, O::F16, &e, &s).unwrap();
+        let file = format!("bench_{}.sm_80.ptx", name.trim_start_matches("kiln_gemm_mma_"));
+        manifest.push_str(&manifest_line(&file, &g));
+        out.push((file, compile_kernel(&g.kernel, sku).unwrap().text));
+    }
+    out.push(("gemm_bench.manifest".into(), manifest));
+    out
 }
 
 #[test]

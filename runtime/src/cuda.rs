@@ -80,9 +80,24 @@ impl<T> DeviceBuffer<T> {
     }
 }
 
+impl<T> DeviceBuffer<T> {
+    /// The underlying `cudarc` slice (for libraries such as cuBLAS).
+    pub fn slice(&self) -> &CudaSlice<T> {
+        &self.slice
+    }
+}
+
 impl DeviceBuffer<f32> {
     /// The buffer as a kernel argument.
     pub fn raw(&self) -> &CudaSlice<f32> {
+        &self.slice
+    }
+}
+
+impl DeviceBuffer<u16> {
+    /// A buffer of 16-bit floats (f16 or bf16 bit patterns) as a kernel argument
+    /// ([`KernelArg::Half`]).
+    pub fn raw16(&self) -> &CudaSlice<u16> {
         &self.slice
     }
 }
@@ -96,6 +111,9 @@ pub enum KernelArg<'a> {
     F32(f32),
     /// An `index` scalar (`i64`).
     Index(i64),
+    /// A `memref<?xf16>` or `memref<?xbf16>` parameter (the bit patterns as `u16`): passed
+    /// as `(ptr, ptr, 0, len, 1)`.
+    Half(&'a CudaSlice<u16>),
 }
 
 /// A kernel loaded from PTX.
@@ -190,8 +208,14 @@ impl CudaDevice {
         self.stream.synchronize().map_err(driver)
     }
 
+    /// The device's stream (for events and libraries such as cuBLAS).
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
     /// Queues `kernel` on the device's stream with `grid` blocks of `block` threads and
-    /// `dynamic_shared` bytes of dynamic shared memory.
+    /// `dynamic_shared` bytes of dynamic shared memory (above 48 KiB the function's
+    /// `MAX_DYNAMIC_SHARED_SIZE_BYTES` attribute is raised first).
     ///
     /// # Safety
     /// `args` must match the kernel's parameters in number, order and type, and the sizes
@@ -219,9 +243,31 @@ impl CudaDevice {
                         .map_err(|_| CudaError::Launch("buffer too large".into()))?;
                     ints.extend([0, len, 1]);
                 }
+                KernelArg::Half(s) => {
+                    let len = i64::try_from(s.len())
+                        .map_err(|_| CudaError::Launch("buffer too large".into()))?;
+                    ints.extend([0, len, 1]);
+                }
                 KernelArg::F32(v) => floats.push(v),
                 KernelArg::Index(v) => ints.push(v),
             }
+        }
+        if dynamic_shared > 48 * 1024 {
+            // Above 48 KiB, dynamic shared memory must be opted into per function.
+            let bytes = i32::try_from(dynamic_shared)
+                .map_err(|_| CudaError::Launch(format!("{dynamic_shared} B of shared memory")))?;
+            kernel
+                .func
+                .set_attribute(
+                    cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    bytes,
+                )
+                .map_err(|e| {
+                    CudaError::Launch(format!(
+                        "'{}': {dynamic_shared} B of dynamic shared memory refused: {e}",
+                        kernel.name
+                    ))
+                })?;
         }
         let mut b = self.stream.launch_builder(&kernel.func);
         let (mut ii, mut fi) = (ints.iter(), floats.iter());
@@ -229,6 +275,12 @@ impl CudaDevice {
         for a in args {
             match a {
                 KernelArg::Buffer(s) => {
+                    b.arg(*s).arg(*s);
+                    for _ in 0..3 {
+                        b.arg(ii.next().ok_or_else(missing)?);
+                    }
+                }
+                KernelArg::Half(s) => {
                     b.arg(*s).arg(*s);
                     for _ in 0..3 {
                         b.arg(ii.next().ok_or_else(missing)?);
