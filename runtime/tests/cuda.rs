@@ -192,7 +192,7 @@ impl Ty {
         }
     }
 
-    fn from_bits(self, v: &[u16]) -> Vec<f32> {
+    fn decode(self, v: &[u16]) -> Vec<f32> {
         match self {
             Ty::F16 => v
                 .iter()
@@ -231,7 +231,7 @@ impl Buf {
     fn get(&self, dev: &CudaDevice, ty: Ty) -> Vec<f32> {
         match self {
             Buf::F32(b) => dev.download(b).unwrap(),
-            Buf::Half(b) => ty.from_bits(&dev.download(b).unwrap()),
+            Buf::Half(b) => ty.decode(&dev.download(b).unwrap()),
         }
     }
 }

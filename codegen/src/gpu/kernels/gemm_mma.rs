@@ -806,18 +806,18 @@ pub fn gemm_mma(
                 }
             })
             .collect();
-        for mt in 0..mt_n as usize {
-            for nt in 0..nt_n as usize {
+        for (mt, a_op) in a_ops.iter().enumerate() {
+            for (nt, b_op) in b_ops.iter().enumerate() {
                 let ai = mt * nt_n as usize + nt;
                 let acc = accs[ai].clone();
                 let d = match input {
                     MmaInput::F16 => g.op(&format!(
                         "nvgpu.mma.sync({}, {}, {acc}) {{mmaShape = [16, 8, 16]}} : (vector<4x2xf16>, vector<2x2xf16>, {acc_ty}) -> {acc_ty}",
-                        a_ops[mt][0], b_ops[nt]
+                        a_op[0], b_op
                     )),
                     MmaInput::TF32 => g.op(&format!(
                         "nvgpu.mma.sync({}, {}, {acc}) {{mmaShape = [16, 8, 8], tf32Enabled}} : (vector<4x1xf32>, vector<2x1xf32>, {acc_ty}) -> {acc_ty}",
-                        a_ops[mt][0], b_ops[nt]
+                        a_op[0], b_op
                     )),
                     MmaInput::BF16 => {
                         let cs: Vec<String> = (0..4)
@@ -832,8 +832,8 @@ pub fn gemm_mma(
                         let st = "!llvm.struct<(f32, f32, f32, f32)>";
                         let r = g.op(&format!(
                             "nvvm.mma.sync A[{}] B[{}] C[{}] {{layoutA = #nvvm.mma_layout<row>, layoutB = #nvvm.mma_layout<col>, multiplicandAPtxType = #nvvm.mma_type<bf16>, multiplicandBPtxType = #nvvm.mma_type<bf16>, shape = #nvvm.shape<m = 16, n = 8, k = 16>}} : (i32, i32, f32) -> {st}",
-                            a_ops[mt].join(", "),
-                            b_ops[nt],
+                            a_op.join(", "),
+                            b_op,
                             cs.join(", ")
                         ));
                         let mut v = "%zacc".to_string();
