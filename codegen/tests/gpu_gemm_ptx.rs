@@ -2,9 +2,10 @@
 //! representative set of (input, output, epilogue, schedule) combinations × every SKU of
 //! the device database, lowered through MLIR and assembled with `ptxas -arch=sm_XX -v`.
 //! Checks: the PTX contains `mma.sync` (of the right type), `cp.async`, `ldmatrix` and the
-//! `cp.async.wait_group` of the pipeline; `ptxas` reports no spills, registers within the
-//! SKU's limits and no static shared memory beyond MLIR's 1-byte dynamic-shared marker
-//! (the stages live in dynamic shared memory, checked against the opt-in limit).
+//! `cp.async.wait_group` of the pipeline and declares `.extern .shared` dynamic shared
+//! memory; `ptxas` reports no spills, registers within the SKU's limits and no static
+//! shared memory (the stages live in dynamic shared memory, checked against the opt-in
+//! limit; the wgmma kernels have only their mbarriers, 8 bytes per stage, static).
 //!
 //! Also keeps the GEMM PTX fixtures of `runtime/tests/cuda.rs` current (`KILN_UPDATE_PTX=1`
 //! rewrites them). Skips (visibly) without `ptxas` (same lookup as `gpu_ptx.rs`).
@@ -13,6 +14,7 @@ use kiln_codegen::gpu::kernels::epilogue::{Activation, Epilogue, Residual};
 use kiln_codegen::gpu::kernels::gemm_mma::{
     gemm_mma, kernel_name, MmaGemm, MmaInput, MmaOutput, MmaSchedule,
 };
+use kiln_codegen::gpu::kernels::gemm_wgmma::{gemm_wgmma, WgmmaSchedule};
 use kiln_codegen::gpu::pipeline::venv_nvidia_dirs;
 use kiln_codegen::gpu::{compile_kernel, DeviceDb};
 use std::path::{Path, PathBuf};
@@ -237,7 +239,10 @@ fn mma_gemms_assemble_and_fit_every_sku() {
                 regs * k.threads() <= sku.registers_per_block,
                 "{ctx}: registers"
             );
-            assert!(smem <= 16, "{ctx}: {smem} B static shared memory");
+            assert_eq!(smem, 0, "{ctx}: static shared memory");
+            assert!(ptx
+                .text
+                .contains(".extern .shared .align 16 .b8 kiln_dynamic_smem[]"));
             assert!(
                 g.dynamic_shared + smem <= sku.shared_mem_per_block_optin,
                 "{ctx}: shared memory"
@@ -247,6 +252,90 @@ fn mma_gemms_assemble_and_fit_every_sku() {
     }
     // Only the two > 99 KiB schedules, on the four sm_86/sm_89 SKUs.
     assert_eq!(refused, 8, "combinations refused");
+}
+
+/// The sm_90 warpgroup GEMMs: assembled for `sm_90a` on every SKU with `wgmma`, refused
+/// on the others; the PTX must hold `wgmma.mma_async`, TMA loads and mbarrier waits.
+#[test]
+fn wgmma_gemms_assemble_for_sm_90a() {
+    let Some(ptxas) = find_ptxas() else {
+        println!("SKIPPED: no ptxas");
+        return;
+    };
+    let db = DeviceDb::builtin().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    use Activation::*;
+    let cases = [
+        (
+            MmaInput::F16,
+            MmaOutput::F32,
+            Epilogue::none(),
+            WgmmaSchedule::default(),
+        ),
+        (
+            MmaInput::BF16,
+            MmaOutput::BF16,
+            ep(true, GeluTanh, Residual::AfterActivation),
+            WgmmaSchedule { bn: 64, stages: 3 },
+        ),
+        (
+            MmaInput::F16,
+            MmaOutput::F16,
+            ep(true, Relu, Residual::BeforeActivation),
+            WgmmaSchedule { bn: 128, stages: 6 },
+        ),
+    ];
+    let mut built = 0;
+    for sku in db.skus() {
+        for (i, (input, output, e, s)) in cases.iter().enumerate() {
+            let g = gemm_wgmma(&format!("kiln_wgmma_{i}"), *input, *output, e, s).unwrap();
+            if !sku.has("wgmma") {
+                assert!(s.validate(sku).is_err() && compile_kernel(&g.kernel, sku).is_err());
+                continue;
+            }
+            s.validate(sku).unwrap();
+            let ptx = compile_kernel(&g.kernel, sku).unwrap();
+            let mma = format!(
+                "wgmma.mma_async.sync.aligned.m64n{}k16.f32.{}.{}",
+                s.bn,
+                input.mlir(),
+                input.mlir()
+            );
+            for needle in [
+                mma.as_str(),
+                "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes",
+                "mbarrier.try_wait.parity.shared.b64",
+                "wgmma.wait_group.sync.aligned",
+            ] {
+                assert!(ptx.text.contains(needle), "{}: no {needle}", g.kernel.name);
+            }
+            let file = dir.path().join(format!("w{i}_{}.ptx", sku.name));
+            std::fs::write(&file, &ptx.text).unwrap();
+            let out = Command::new(&ptxas)
+                .args(["-v", &format!("-arch={}", ptx.arch), "-o"])
+                .arg(dir.path().join("w.cubin"))
+                .arg(&file)
+                .output()
+                .expect("run ptxas");
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(out.status.success(), "ptxas: {}:\n{text}", g.kernel.name);
+            let (regs, smem, spill) = usage(&text).unwrap();
+            println!(
+                "{:<16} {:<10} {:<7} regs {regs:>3} smem {:>6}+{smem} spill {spill} ({s:?})",
+                g.kernel.name, sku.name, ptx.arch, g.dynamic_shared
+            );
+            assert!(regs <= sku.max_registers_per_thread && spill == 0);
+            // Static shared memory: only the mbarriers (8 bytes each, padded).
+            assert!((8 * s.stages..=8 * s.stages + 16).contains(&smem), "{smem} B static");
+            assert!(regs * 128 <= sku.registers_per_block);
+            built += 1;
+        }
+    }
+    assert_eq!(built, 9, "three kernels on the three sm_90 SKUs");
 }
 
 /// Launch geometry of a fixture, one manifest line: `file entry bm bn threads dyn_smem
@@ -346,7 +435,10 @@ fn runtime_fixtures() -> Vec<(String, String)> {
         let e = Epilogue::none();
         let name = kernel_name(F16, O::F16, &s, &e);
         let g = gemm_mma(&name, F16, O::F16, &e, &s).unwrap();
-        let file = format!("bench_{}.sm_80.ptx", name.trim_start_matches("kiln_gemm_mma_"));
+        let file = format!(
+            "bench_{}.sm_80.ptx",
+            name.trim_start_matches("kiln_gemm_mma_")
+        );
         manifest.push_str(&manifest_line(&file, &g));
         out.push((file, compile_kernel(&g.kernel, sku).unwrap().text));
     }

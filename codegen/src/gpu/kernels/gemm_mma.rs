@@ -444,6 +444,18 @@ pub fn kernel_name(input: MmaInput, output: MmaOutput, s: &MmaSchedule, e: &Epil
     )
 }
 
+/// The `gpu.module`-level declaration of the dynamic shared memory the kernels view as
+/// their stage buffers: an external, zero-sized `workgroup` global, which the NVPTX back
+/// end emits as `.extern .shared .align 16 .b8 kiln_dynamic_smem[];` (PTX's dynamic shared
+/// memory). (`gpu.dynamic_shared_memory` lowers to an *internal* global that LLVM 22
+/// demotes to a 1-byte static `.shared` variable, whose address need not be the start of
+/// the dynamic region once the kernel has other static shared memory, e.g. mbarriers.)
+pub fn dynamic_smem_decl() -> String {
+    "  memref.global @kiln_dynamic_smem : memref<0xi8, #gpu.address_space<workgroup>> \
+     {alignment = 16 : i64}\n"
+        .to_string()
+}
+
 /// MLIR text builder: fresh `%tN` names, index constants hoisted to the function entry.
 struct Gen {
     body: String,
@@ -566,14 +578,14 @@ pub fn gemm_mma(
     let kend0 = g.ixc("muli", &kte, u64::from(s.bk));
     let kend = g.ix("minui", &kend0, "%K");
     g.line(&format!(
-        "%smem = gpu.dynamic_shared_memory : memref<?xi8, {ws}>"
+        "%smem = memref.get_global @kiln_dynamic_smem : memref<0xi8, {ws}>"
     ));
     let cab = g.c(u64::from(a_bytes));
     g.line(&format!(
-        "%As = memref.view %smem[%c0][] : memref<?xi8, {ws}> to {a_sh}"
+        "%As = memref.view %smem[%c0][] : memref<0xi8, {ws}> to {a_sh}"
     ));
     g.line(&format!(
-        "%Bs = memref.view %smem[{cab}][] : memref<?xi8, {ws}> to {b_sh}"
+        "%Bs = memref.view %smem[{cab}][] : memref<0xi8, {ws}> to {b_sh}"
     ));
     let warp = g.ixc("divui", "%tid", 32);
     let lane = g.ixc("remui", "%tid", 32);
@@ -980,7 +992,8 @@ pub fn gemm_mma(
         sig.push_str(", %beta: f32");
     }
     let mut text = format!(
-        "  gpu.func @{name}({sig}) kernel attributes {{known_block_size = array<i32: {threads}, 1, 1>}} {{\n"
+        "{}  gpu.func @{name}({sig}) kernel attributes {{known_block_size = array<i32: {threads}, 1, 1>}} {{\n",
+        dynamic_smem_decl()
     );
     for c in &g.consts {
         let _ = writeln!(text, "    %c{c} = arith.constant {c} : index");
@@ -1240,7 +1253,8 @@ mod tests {
             .map(|p| match p {
                 KernelParam::Buffer { name, .. }
                 | KernelParam::F32(name)
-                | KernelParam::Index(name) => name.clone(),
+                | KernelParam::Index(name)
+                | KernelParam::TensorMap(name) => name.clone(),
             })
             .collect();
         assert_eq!(

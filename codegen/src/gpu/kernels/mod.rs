@@ -7,6 +7,7 @@
 //! * [`gemm_mma`]: tensor-core GEMM for sm_80+ (f16/bf16/tf32, `cp.async` pipeline,
 //!   `ldmatrix`, several `mma.sync` tiles per warp, batched, split-K) with fused
 //!   [`epilogue`]s (bias, relu/gelu/sigmoid/silu, residual, alpha/beta).
+//! * [`gemm_wgmma`]: sm_90 GEMM with `wgmma` on TMA-loaded, mbarrier-pipelined shared memory.
 
 pub mod elementwise;
 pub mod gemm;
@@ -15,6 +16,7 @@ pub mod softmax;
 
 pub mod epilogue;
 pub mod gemm_mma;
+pub mod gemm_wgmma;
 
 use super::GpuKernel;
 
