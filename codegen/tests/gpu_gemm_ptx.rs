@@ -330,7 +330,10 @@ fn wgmma_gemms_assemble_for_sm_90a() {
             );
             assert!(regs <= sku.max_registers_per_thread && spill == 0);
             // Static shared memory: only the mbarriers (8 bytes each, padded).
-            assert!((8 * s.stages..=8 * s.stages + 16).contains(&smem), "{smem} B static");
+            assert!(
+                (8 * s.stages..=8 * s.stages + 16).contains(&smem),
+                "{smem} B static"
+            );
             assert!(regs * 128 <= sku.registers_per_block);
             built += 1;
         }
@@ -443,6 +446,54 @@ fn runtime_fixtures() -> Vec<(String, String)> {
         out.push((file, compile_kernel(&g.kernel, sku).unwrap().text));
     }
     out.push(("gemm_bench.manifest".into(), manifest));
+    // sm_90a warpgroup GEMMs: `file entry bn threads dyn_smem`; `bench_` ones are timed.
+    let h100 = DeviceDb::builtin()
+        .unwrap()
+        .parse_target("cuda:sm_90")
+        .unwrap()
+        .clone();
+    let mut manifest = String::new();
+    let wg = [
+        (
+            "gemm_wgmma_f16_f32",
+            F16,
+            O::F32,
+            Epilogue::none(),
+            WgmmaSchedule::default(),
+        ),
+        (
+            "gemm_wgmma_bf16_bf16_epi",
+            BF16,
+            O::BF16,
+            ep(true, GeluTanh, Residual::AfterActivation),
+            WgmmaSchedule { bn: 64, stages: 3 },
+        ),
+        (
+            "bench_wgmma_f16_f16_bn128_s4",
+            F16,
+            O::F16,
+            Epilogue::none(),
+            WgmmaSchedule::default(),
+        ),
+        (
+            "bench_wgmma_f16_f16_bn128_s6",
+            F16,
+            O::F16,
+            Epilogue::none(),
+            WgmmaSchedule { bn: 128, stages: 6 },
+        ),
+    ];
+    for (file, i, o, e, s) in wg {
+        let g = gemm_wgmma(&format!("kiln_{file}"), i, o, &e, &s).unwrap();
+        let ptx = compile_kernel(&g.kernel, &h100).unwrap();
+        let file = format!("{file}.{}.ptx", ptx.arch);
+        manifest.push_str(&format!(
+            "{file} {} {} 128 {}\n",
+            g.kernel.name, s.bn, g.dynamic_shared
+        ));
+        out.push((file, ptx.text));
+    }
+    out.push(("gemm_wgmma.manifest".into(), manifest));
     out
 }
 

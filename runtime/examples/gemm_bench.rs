@@ -1,6 +1,7 @@
-//! f16 GEMM benchmark: Kiln's tensor-core kernels (`gemm_mma`, a few schedules; PTX
-//! fixtures listed in `tests/ptx/gemm_bench.manifest`, written by
-//! `codegen/tests/gpu_gemm_ptx.rs`) against cuBLAS (`cublasGemmEx`, f16 in/out, f32
+//! f16 GEMM benchmark: Kiln's tensor-core kernels (`gemm_mma`, a few schedules, and on
+//! sm_90 the TMA + `wgmma` kernel `gemm_wgmma`; PTX fixtures listed in
+//! `tests/ptx/gemm_bench.manifest` and the `bench_` lines of `gemm_wgmma.manifest`, written
+//! by `codegen/tests/gpu_gemm_ptx.rs`) against cuBLAS (`cublasGemmEx`, f16 in/out, f32
 //! compute) on the same inputs, timed with CUDA events (warm-up, then the median of the
 //! timed runs). Prints TFLOP/s, the ratio to cuBLAS and the largest difference between
 //! each kernel's output and cuBLAS's.
@@ -216,13 +217,7 @@ fn run(m: usize, n: usize, k: usize, runs: usize) -> Result<(), String> {
             continue;
         }
         let out = dev.download(&c).map_err(e)?;
-        let diff = out
-            .iter()
-            .zip(&reference)
-            .map(|(&x, &y)| {
-                (half::f16::from_bits(x).to_f32() - half::f16::from_bits(y).to_f32()).abs()
-            })
-            .fold(0.0f32, f32::max);
+        let diff = max_diff(&out, &reference);
         let name = entry.trim_start_matches("kiln_gemm_mma_");
         println!(
             "{:<58} {:>9.3} {:>8.1} {:>7.2} {:>10.2e}",
@@ -233,5 +228,74 @@ fn run(m: usize, n: usize, k: usize, runs: usize) -> Result<(), String> {
             diff
         );
     }
+    // sm_90a warpgroup kernels (TMA + wgmma), only on sm_90.
+    let arch = dev.arch().unwrap_or_default();
+    let manifest = std::fs::read_to_string(dir.join("gemm_wgmma.manifest"))
+        .map_err(|e| format!("tests/ptx/gemm_wgmma.manifest: {e}"))?;
+    for line in manifest.lines().filter(|l| l.starts_with("bench_")) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let [file, entry, bn, threads, smem] = f[..] else {
+            return Err(format!("bad manifest line '{line}'"));
+        };
+        if arch != "sm_90" {
+            println!("{entry:<58} skipped: needs sm_90 (this is {arch})");
+            continue;
+        }
+        let num = |s: &str| -> Result<u32, String> {
+            s.parse()
+                .map_err(|_| format!("bad number '{s}' in manifest line '{line}'"))
+        };
+        let (bn, threads, smem) = (num(bn)?, num(threads)?, num(smem)?);
+        let ptx = std::fs::read_to_string(dir.join(file)).map_err(|e| format!("{file}: {e}"))?;
+        let kern = dev.load_ptx(&ptx, entry).map_err(e)?;
+        let (m6, n6, k6) = (m as u64, n as u64, k as u64);
+        let f16 = kiln_runtime::cuda::Elem16::F16;
+        let tma = dev
+            .tensor_map_2d(&a, f16, [k6, m6], 2 * k6, [64, 128])
+            .map_err(e)?;
+        let tmb = dev
+            .tensor_map_2d(&b, f16, [n6, k6], 2 * n6, [64, 64])
+            .map_err(e)?;
+        let args = [
+            KernelArg::TensorMap(tma.slice()),
+            KernelArg::TensorMap(tmb.slice()),
+            KernelArg::Half(c.raw16()),
+            KernelArg::Index(m as i64),
+            KernelArg::Index(n as i64),
+            KernelArg::Index(k as i64),
+            KernelArg::F32(1.0),
+        ];
+        let grid = [(n as u32).div_ceil(bn), (m as u32).div_ceil(128), 1];
+        let mut failed = None;
+        let ms = time(&dev, 3, runs, || {
+            // SAFETY: the arguments follow `gemm_wgmma`'s parameters (no bias, no
+            // residual); the tensor maps describe A and B; C holds M·N f16 values.
+            if let Err(err) = unsafe { dev.launch(&kern, grid, [threads, 1, 1], smem, &args) } {
+                failed = Some(err.to_string());
+            }
+        })?;
+        if let Some(err) = failed {
+            println!("{entry:<58} launch failed: {err}");
+            continue;
+        }
+        let out = dev.download(&c).map_err(e)?;
+        let diff = max_diff(&out, &reference);
+        println!(
+            "{:<58} {:>9.3} {:>8.1} {:>7.2} {:>10.2e}",
+            entry.trim_start_matches("kiln_bench_"),
+            ms,
+            tflops(ms),
+            t_blas / ms,
+            diff
+        );
+    }
     Ok(())
+}
+
+/// Largest absolute difference between two f16 tensors.
+fn max_diff(x: &[u16], y: &[u16]) -> f32 {
+    x.iter()
+        .zip(y)
+        .map(|(&p, &q)| (half::f16::from_bits(p).to_f32() - half::f16::from_bits(q).to_f32()).abs())
+        .fold(0.0f32, f32::max)
 }

@@ -476,3 +476,154 @@ fn mma_split_k_gemm_matches_cpu() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// sm_90a warpgroup GEMMs (`gemm_wgmma`): TMA descriptors encoded here the way
+// `WgmmaGemm::tensor_maps` describes (A: dims [K, M], box [64, 128]; B: dims [N, K],
+// box [64, 64]); fixtures and geometry from `tests/ptx/gemm_wgmma.manifest`.
+
+const WGMMA_MANIFEST: &str = include_str!("ptx/gemm_wgmma.manifest");
+
+/// Runs one wgmma fixture on `m × n × k` against the CPU reference (sm_90 only).
+fn run_wgmma(
+    dev: &CudaDevice,
+    entry: &str,
+    tin: Ty,
+    tout: Ty,
+    epi: Epi,
+    dims: (usize, usize, usize),
+) {
+    use kiln_runtime::cuda::Elem16;
+    let line = WGMMA_MANIFEST
+        .lines()
+        .find(|l| l.split_whitespace().nth(1) == Some(entry))
+        .unwrap_or_else(|| panic!("{entry} not in gemm_wgmma.manifest"));
+    let f: Vec<&str> = line.split_whitespace().collect();
+    let (bn, threads, smem): (u32, u32, u32) = (
+        f[2].parse().unwrap(),
+        f[3].parse().unwrap(),
+        f[4].parse().unwrap(),
+    );
+    let ptx = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/ptx")
+            .join(f[0]),
+    )
+    .unwrap();
+    let kern = dev.load_ptx(&ptx, entry).unwrap();
+    let (m, n, k) = dims;
+    let a: Vec<f32> = values(m * k, 21).iter().map(|&v| tin.round(v)).collect();
+    let b: Vec<f32> = values(k * n, 22).iter().map(|&v| tin.round(v)).collect();
+    let bias = values(n, 23);
+    let r: Vec<f32> = values(m * n, 24).iter().map(|&v| tout.round(v)).collect();
+    let (alpha, beta) = (1.25f32, -0.5f32);
+    let e16 = if tin == Ty::BF16 {
+        Elem16::BF16
+    } else {
+        Elem16::F16
+    };
+    let ad = dev.upload(&tin.bits(&a)).unwrap();
+    let bd = dev.upload(&tin.bits(&b)).unwrap();
+    let (m6, n6, k6) = (m as u64, n as u64, k as u64);
+    let tma = dev
+        .tensor_map_2d(&ad, e16, [k6, m6], 2 * k6, [64, 128])
+        .unwrap();
+    let tmb = dev
+        .tensor_map_2d(&bd, e16, [n6, k6], 2 * n6, [64, 64])
+        .unwrap();
+    let cd = Buf::new(dev, tout, &vec![0.0; m * n]);
+    let biasd = dev.upload(&bias).unwrap();
+    let rd = Buf::new(dev, tout, &r);
+    let mut args = vec![
+        KernelArg::TensorMap(tma.slice()),
+        KernelArg::TensorMap(tmb.slice()),
+        cd.arg(),
+    ];
+    if epi.bias {
+        args.push(KernelArg::Buffer(biasd.raw()));
+    }
+    if epi.residual > 0 {
+        args.push(rd.arg());
+    }
+    for v in [m, n, k] {
+        args.push(KernelArg::Index(v as i64));
+    }
+    args.push(KernelArg::F32(alpha));
+    if epi.residual > 0 {
+        args.push(KernelArg::F32(beta));
+    }
+    let grid = [(n as u32).div_ceil(bn), (m as u32).div_ceil(128), 1];
+    // SAFETY: the arguments follow `gemm_wgmma`'s parameter list for this fixture; the
+    // tensor maps describe A (M·K) and B (K·N) exactly; C and R hold M·N values.
+    unsafe {
+        dev.launch(&kern, grid, [threads, 1, 1], smem, &args)
+            .unwrap()
+    };
+    let c = cd.get(dev, tout);
+    for i in 0..m {
+        for j in 0..n {
+            let acc: f32 = (0..k).map(|p| a[i * k + p] * b[p * n + j]).sum();
+            let ix = i * n + j;
+            let mut y = alpha * acc;
+            if epi.bias {
+                y += bias[j];
+            }
+            if epi.residual == 1 {
+                y += beta * r[ix];
+            }
+            y = (epi.act)(y);
+            if epi.residual == 2 {
+                y += beta * r[ix];
+            }
+            let err = (c[ix] - y).abs() / y.abs().max(1.0);
+            assert!(
+                err <= 1e-2,
+                "{entry} {m}x{n}x{k}: C[{i},{j}] = {}, want {y}",
+                c[ix]
+            );
+        }
+    }
+    println!("{entry} {m}x{n}x{k}: ok");
+}
+
+#[test]
+fn wgmma_gemms_match_cpu_on_sm_90() {
+    let Some(dev) = device("wgmma") else { return };
+    if dev.arch().unwrap_or_default() != "sm_90" {
+        println!("SKIPPED: wgmma needs sm_90 (this is {:?})", dev.arch());
+        return;
+    }
+    let plain = Epi {
+        bias: false,
+        act: |x| x,
+        residual: 0,
+    };
+    let epi = Epi {
+        bias: true,
+        act: gelu_tanh,
+        residual: 2,
+    };
+    for dims in [
+        (128, 128, 64),
+        (67, 136, 72),
+        (256, 256, 512),
+        (300, 200, 1000),
+    ] {
+        run_wgmma(
+            &dev,
+            "kiln_gemm_wgmma_f16_f32",
+            Ty::F16,
+            Ty::F32,
+            plain,
+            dims,
+        );
+        run_wgmma(
+            &dev,
+            "kiln_gemm_wgmma_bf16_bf16_epi",
+            Ty::BF16,
+            Ty::BF16,
+            epi,
+            dims,
+        );
+    }
+}

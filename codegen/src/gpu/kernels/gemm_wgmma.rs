@@ -157,7 +157,7 @@ impl WgmmaGemm {
 
     /// Whether TMA can describe the operands: `K` and `N` multiples of 8 (16-byte rows).
     pub fn supports(&self, n: u64, k: u64) -> bool {
-        n % 8 == 0 && k % 8 == 0 && n > 0 && k > 0
+        n.is_multiple_of(8) && k.is_multiple_of(8) && n > 0 && k > 0
     }
 }
 
