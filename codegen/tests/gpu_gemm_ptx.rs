@@ -248,6 +248,12 @@ fn mma_gemms_assemble_and_fit_every_sku() {
                 "{ctx}: shared memory"
             );
             assert_eq!(spill, 0, "{ctx}: spills");
+            // The schedule's estimate (what `validate` checks) tracks ptxas.
+            let est = g.schedule.registers_estimate(g.input);
+            assert!(
+                regs * 4 <= est * 5 + 64 && regs * 5 + 64 >= est * 4,
+                "{ctx}: {regs} registers, estimated {est}"
+            );
         }
     }
     // Only the two > 99 KiB schedules, on the four sm_86/sm_89 SKUs.
