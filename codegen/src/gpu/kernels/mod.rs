@@ -8,6 +8,7 @@
 //!   `ldmatrix`, several `mma.sync` tiles per warp, batched, split-K) with fused
 //!   [`epilogue`]s (bias, relu/gelu/sigmoid/silu, residual, alpha/beta).
 //! * [`gemm_wgmma`]: sm_90 GEMM with `wgmma` on TMA-loaded, mbarrier-pipelined shared memory.
+//! * [`gemm_select`]: picks the wgmma kernel where the SKU has `wgmma`, else `mma.sync`.
 
 pub mod elementwise;
 pub mod gemm;
@@ -16,6 +17,7 @@ pub mod softmax;
 
 pub mod epilogue;
 pub mod gemm_mma;
+pub mod gemm_select;
 pub mod gemm_wgmma;
 
 use super::GpuKernel;
