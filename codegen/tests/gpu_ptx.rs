@@ -144,10 +144,8 @@ fn every_kernel_assembles_and_fits_every_sku() {
                 u.smem <= sku.shared_mem_per_block,
                 "{ctx}: shared memory per block"
             );
-            // `gpu.dynamic_shared_memory` leaves a demoted 1-byte `.shared` marker symbol.
-            let dyn_marker = ptx.text.contains("__dynamic_shmem__") && u.smem <= 16;
-            assert!(
-                u.smem == k.shared_bytes || (k.shared_bytes == 0 && dyn_marker),
+            assert_eq!(
+                u.smem, k.shared_bytes,
                 "{ctx}: declared static shared memory"
             );
             assert_eq!((u.spill_bytes, u.stack), (0, 0), "{ctx}: spills");
