@@ -80,9 +80,24 @@ impl<T> DeviceBuffer<T> {
     }
 }
 
+impl<T> DeviceBuffer<T> {
+    /// The underlying `cudarc` slice (for libraries such as cuBLAS).
+    pub fn slice(&self) -> &CudaSlice<T> {
+        &self.slice
+    }
+}
+
 impl DeviceBuffer<f32> {
     /// The buffer as a kernel argument.
     pub fn raw(&self) -> &CudaSlice<f32> {
+        &self.slice
+    }
+}
+
+impl DeviceBuffer<u16> {
+    /// A buffer of 16-bit floats (f16 or bf16 bit patterns) as a kernel argument
+    /// ([`KernelArg::Half`]).
+    pub fn raw16(&self) -> &CudaSlice<u16> {
         &self.slice
     }
 }
@@ -96,6 +111,21 @@ pub enum KernelArg<'a> {
     F32(f32),
     /// An `index` scalar (`i64`).
     Index(i64),
+    /// A `memref<?xf16>` or `memref<?xbf16>` parameter (the bit patterns as `u16`): passed
+    /// as `(ptr, ptr, 0, len, 1)`.
+    Half(&'a CudaSlice<u16>),
+    /// A TMA descriptor parameter: the device address of a `CUtensorMap`
+    /// ([`CudaDevice::tensor_map_2d`]), one 64-bit value.
+    TensorMap(&'a CudaSlice<u8>),
+}
+
+/// The element type of a 16-bit tensor described by a TMA descriptor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Elem16 {
+    /// IEEE half.
+    F16,
+    /// bfloat16.
+    BF16,
 }
 
 /// A kernel loaded from PTX.
@@ -190,8 +220,68 @@ impl CudaDevice {
         self.stream.synchronize().map_err(driver)
     }
 
+    /// Encodes a rank-2 TMA descriptor for the 16-bit row-major tensor in `buf` (tiled,
+    /// 128-byte swizzle, no interleave, no L2 promotion, zero fill out of bounds: what
+    /// `kiln_codegen::gpu::kernels::gemm_wgmma` expects) and copies it to device memory.
+    /// `dims` and `box_dims` are innermost first; `row_bytes` is the outer dimension's
+    /// stride. Bad geometry (unaligned stride, box too large, ...) is an error.
+    pub fn tensor_map_2d(
+        &self,
+        buf: &DeviceBuffer<u16>,
+        elem: Elem16,
+        dims: [u64; 2],
+        row_bytes: u64,
+        box_dims: [u32; 2],
+    ) -> Result<DeviceBuffer<u8>, CudaError> {
+        use cudarc::driver::sys;
+        use cudarc::driver::DevicePtr;
+        if dims[0] * dims[1] > buf.len() as u64 || !row_bytes.is_multiple_of(16) {
+            return Err(CudaError::Launch(format!(
+                "tensor map {dims:?} (row {row_bytes} B) does not fit a buffer of {} \
+                 elements with 16-byte-aligned rows",
+                buf.len()
+            )));
+        }
+        let mut map = sys::CUtensorMap { opaque: [0; 16] };
+        let (ptr, _guard) = buf.slice.device_ptr(&self.stream);
+        let dtype = match elem {
+            Elem16::F16 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+            Elem16::BF16 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+        };
+        let strides = [row_bytes];
+        let elem_strides = [1u32, 1];
+        // SAFETY: `map` is a properly aligned CUtensorMap; the arrays have the lengths rank 2
+        // requires (dims 2, strides 1, box 2, element strides 2) and outlive the call.
+        let r = unsafe {
+            sys::cuTensorMapEncodeTiled(
+                &mut map,
+                dtype,
+                2,
+                ptr as *mut std::ffi::c_void,
+                dims.as_ptr(),
+                strides.as_ptr(),
+                box_dims.as_ptr(),
+                elem_strides.as_ptr(),
+                sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+                sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+                sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_NONE,
+                sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+            )
+        };
+        r.result()
+            .map_err(|e| CudaError::Launch(format!("cuTensorMapEncodeTiled: {e}")))?;
+        let bytes: Vec<u8> = map.opaque.iter().flat_map(|w| w.to_le_bytes()).collect();
+        self.upload(&bytes)
+    }
+
+    /// The device's stream (for events and libraries such as cuBLAS).
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
     /// Queues `kernel` on the device's stream with `grid` blocks of `block` threads and
-    /// `dynamic_shared` bytes of dynamic shared memory.
+    /// `dynamic_shared` bytes of dynamic shared memory (above 48 KiB the function's
+    /// `MAX_DYNAMIC_SHARED_SIZE_BYTES` attribute is raised first).
     ///
     /// # Safety
     /// `args` must match the kernel's parameters in number, order and type, and the sizes
@@ -219,9 +309,32 @@ impl CudaDevice {
                         .map_err(|_| CudaError::Launch("buffer too large".into()))?;
                     ints.extend([0, len, 1]);
                 }
+                KernelArg::Half(s) => {
+                    let len = i64::try_from(s.len())
+                        .map_err(|_| CudaError::Launch("buffer too large".into()))?;
+                    ints.extend([0, len, 1]);
+                }
                 KernelArg::F32(v) => floats.push(v),
                 KernelArg::Index(v) => ints.push(v),
+                KernelArg::TensorMap(_) => {}
             }
+        }
+        if dynamic_shared > 48 * 1024 {
+            // Above 48 KiB, dynamic shared memory must be opted into per function.
+            let bytes = i32::try_from(dynamic_shared)
+                .map_err(|_| CudaError::Launch(format!("{dynamic_shared} B of shared memory")))?;
+            kernel
+                .func
+                .set_attribute(
+                    cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    bytes,
+                )
+                .map_err(|e| {
+                    CudaError::Launch(format!(
+                        "'{}': {dynamic_shared} B of dynamic shared memory refused: {e}",
+                        kernel.name
+                    ))
+                })?;
         }
         let mut b = self.stream.launch_builder(&kernel.func);
         let (mut ii, mut fi) = (ints.iter(), floats.iter());
@@ -234,11 +347,20 @@ impl CudaDevice {
                         b.arg(ii.next().ok_or_else(missing)?);
                     }
                 }
+                KernelArg::Half(s) => {
+                    b.arg(*s).arg(*s);
+                    for _ in 0..3 {
+                        b.arg(ii.next().ok_or_else(missing)?);
+                    }
+                }
                 KernelArg::F32(_) => {
                     b.arg(fi.next().ok_or_else(missing)?);
                 }
                 KernelArg::Index(_) => {
                     b.arg(ii.next().ok_or_else(missing)?);
+                }
+                KernelArg::TensorMap(s) => {
+                    b.arg(*s);
                 }
             }
         }

@@ -62,6 +62,8 @@ pub enum Elem {
     F32,
     /// 16-bit IEEE float.
     F16,
+    /// bfloat16.
+    BF16,
 }
 
 impl Elem {
@@ -70,6 +72,7 @@ impl Elem {
         match self {
             Elem::F32 => "f32",
             Elem::F16 => "f16",
+            Elem::BF16 => "bf16",
         }
     }
 }
@@ -88,6 +91,9 @@ pub enum KernelParam {
     F32(String),
     /// An `index` scalar (`i64` in PTX).
     Index(String),
+    /// A TMA descriptor: the device address of a 64-byte-aligned `CUtensorMap` in global
+    /// memory (one `u64` PTX parameter; see `kernels::gemm_wgmma`).
+    TensorMap(String),
 }
 
 /// One GPU kernel: a `gpu.func` in MLIR text plus what is needed to launch it.
@@ -111,6 +117,16 @@ impl GpuKernel {
     /// Threads per block.
     pub fn threads(&self) -> u32 {
         self.block.iter().product()
+    }
+
+    /// The PTX target for `sku`: its architecture, or the architecture-specific variant
+    /// (`sm_90a`) when the kernel uses `wgmma`, which exists only there.
+    pub fn chip(&self, sku: &Sku) -> String {
+        if self.requires.iter().any(|r| r == "wgmma") {
+            format!("{}a", sku.arch)
+        } else {
+            sku.arch.clone()
+        }
     }
 
     /// Checks that the SKU can run this kernel (features, block size, static shared

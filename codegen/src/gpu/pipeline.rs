@@ -54,7 +54,8 @@ pub fn module_text(kernel: &GpuKernel) -> String {
 /// ([`GpuKernel::check_fits`]), lowers it with [`pass_pipeline`] and extracts the PTX.
 pub fn compile_kernel(kernel: &GpuKernel, sku: &Sku) -> Result<Ptx, GpuError> {
     kernel.check_fits(sku)?;
-    let text = mlir_to_ptx(&module_text(kernel), &sku.arch)?;
+    let chip = kernel.chip(sku);
+    let text = mlir_to_ptx(&module_text(kernel), &chip)?;
     if !text.contains(&format!(".entry {}(", kernel.name)) {
         return Err(CodegenError::Translate(format!(
             "PTX for '{}' has no .entry of that name",
@@ -65,7 +66,7 @@ pub fn compile_kernel(kernel: &GpuKernel, sku: &Sku) -> Result<Ptx, GpuError> {
     Ok(Ptx {
         text,
         entry: kernel.name.clone(),
-        arch: sku.arch.clone(),
+        arch: chip,
     })
 }
 

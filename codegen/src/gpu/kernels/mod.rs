@@ -4,23 +4,36 @@
 //! * [`gemm`]: tiled f32 GEMM staged through shared memory, parametric [`gemm::GpuGemmSchedule`].
 //! * [`gemm_f16`]: f16 GEMM on tensor cores (`nvgpu.mma.sync` m16n8k16, sm_80+).
 //! * [`softmax`]: row softmax, one warp per row, `gpu.shuffle` reductions.
+//! * [`gemm_mma`]: tensor-core GEMM for sm_80+ (f16/bf16/tf32, `cp.async` pipeline,
+//!   `ldmatrix`, several `mma.sync` tiles per warp, batched, split-K) with fused
+//!   [`epilogue`]s (bias, relu/gelu/sigmoid/silu, residual, alpha/beta).
+//! * [`gemm_wgmma`]: sm_90 GEMM with `wgmma` on TMA-loaded, mbarrier-pipelined shared memory.
+//! * [`gemm_select`]: picks the wgmma kernel where the SKU has `wgmma`, else `mma.sync`.
 
 pub mod elementwise;
 pub mod gemm;
 pub mod gemm_f16;
 pub mod softmax;
 
+pub mod epilogue;
+pub mod gemm_mma;
+pub mod gemm_select;
+pub mod gemm_wgmma;
+
 use super::GpuKernel;
 
 /// Every kernel of this module with its default schedule (used by the PTX validation test
 /// and as examples).
 pub fn all_default() -> Result<Vec<GpuKernel>, super::GpuError> {
-    Ok(vec![
+    Ok([
         elementwise::mul_add_relu("kiln_ew_mul_add_relu"),
         gemm::gemm_f32("kiln_gemm_f32", &gemm::GpuGemmSchedule::default())?,
         softmax::row_softmax("kiln_softmax_rows", 4),
         gemm_f16::gemm_f16_mma("kiln_gemm_f16_mma"),
-    ])
+    ]
+    .into_iter()
+    .chain(gemm_mma::default_kernels()?.into_iter().map(|g| g.kernel))
+    .collect())
 }
 
 /// Launch geometry: blocks per grid for `n` items, `per_block` items per block, capped at

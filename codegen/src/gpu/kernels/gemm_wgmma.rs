@@ -1,0 +1,511 @@
+//! sm_90 GEMM on warpgroup tensor cores: `nvgpu.warpgroup.mma` (PTX `wgmma.mma_async`)
+//! with both operands in shared memory, loaded by TMA (`nvgpu.tma.async.load`, PTX
+//! `cp.async.bulk.tensor`) into a ring of `stages` buffers guarded by one mbarrier each.
+//!
+//! ```text
+//! C[M,N] = epilogue(A[M,K] · B[K,N])        row-major; f16 or bf16 in, f32 accumulation
+//! grid (ceil(N/bn), ceil(M/128)), 128 threads (one warpgroup), dynamic shared memory
+//! shared: stages × (A 128×64 | B 64×bn as bn/64 boxes of 64×64), 128-byte swizzled by TMA
+//! thread 0: init the mbarriers; issue tiles 0..stages-1 (expect_tx + TMA loads)
+//! for kt: wait on mbarrier kt % stages (parity (kt / stages) % 2)
+//!         wgmma 128×bn×64 (8 m64nBNk16 instructions), then wgmma.wait_group 1: the
+//!         previous tile's wgmmas are done while this tile's run; barrier; thread 0
+//!         refills the previous tile's buffer with tile kt - 1 + stages
+//! accumulators → shared memory (nvgpu.warpgroup.mma.store, reusing the stage buffers),
+//! then a masked, coalesced copy to C applying the epilogue
+//! ```
+//!
+//! The TMA boxes zero-fill everything outside `[0, K) × [0, M)` (A) and `[0, N) × [0, K)`
+//! (B), so every `M`, `N`, `K` works, given TMA's 16-byte global stride rule: `K` and `N`
+//! multiples of 8. Not batched (a 3-D tensor map would be).
+//!
+//! Kernel parameters: `tmA, tmB` ([`KernelParam::TensorMap`]: device addresses of
+//! `CUtensorMap`s the host encodes with `cuTensorMapEncodeTiled` as [`WgmmaGemm::tensor_maps`]
+//! describes), `C: memref<?xOUT>`, `bias: memref<?xf32>` (if any), `R: memref<?xOUT>` (if a
+//! residual), `M, N, K: index`, `alpha: f32`, `beta: f32` (if a residual).
+//!
+//! Lowering notes (MLIR 22): a `gpu.func` argument of type `!nvgpu.tensormap.descriptor`
+//! makes `convert-gpu-to-nvvm` fail ("failed to legalize operation 'gpu.func'"): the
+//! signature conversion does not know nvgpu types. The kernel therefore takes `!llvm.ptr`
+//! and casts it with `builtin.unrealized_conversion_cast` (folded away after lowering).
+//! `wgmma` needs the architecture-specific target `sm_90a` ([`GpuKernel::chip`]).
+
+use super::epilogue::{emit_activation, Epilogue, Residual};
+use super::gemm_mma::{MmaInput, MmaOutput};
+use crate::gpu::{Elem, GpuError, GpuKernel, KernelParam, Sku};
+use std::fmt::Write as _;
+
+/// Rows of the block tile (two `m64` wgmma rows of one warpgroup).
+pub const BM: u32 = 128;
+/// Depth of one stage: 64 16-bit elements = the 128-byte swizzle span.
+pub const BK: u32 = 64;
+
+/// The tunable parameters of [`gemm_wgmma`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct WgmmaSchedule {
+    /// Columns of the block tile (64 or 128: `bn` f32 accumulator registers per thread).
+    pub bn: u32,
+    /// Shared-memory buffers of the TMA ring (2..=6).
+    pub stages: u32,
+}
+
+impl Default for WgmmaSchedule {
+    /// 128×128×64 tiles, 4 stages (128 KiB of shared memory).
+    fn default() -> Self {
+        Self { bn: 128, stages: 4 }
+    }
+}
+
+impl WgmmaSchedule {
+    /// The parameters and their legal values.
+    pub fn space() -> Vec<super::gemm_mma::ParamValues> {
+        vec![("bn", vec![64, 128]), ("stages", vec![2, 3, 4, 5, 6])]
+    }
+
+    /// Bytes one stage receives (the mbarrier transaction count).
+    pub fn stage_bytes(&self) -> u32 {
+        (BM * BK + BK * self.bn) * 2
+    }
+
+    /// Dynamic shared memory: the stages, at least the f32 accumulator tile (which reuses
+    /// them after the main loop).
+    pub fn shared_bytes(&self) -> u32 {
+        (self.stages * self.stage_bytes()).max(BM * self.bn * 4)
+    }
+
+    /// Checks the values and the SKU (`wgmma` and `tma` features, opt-in shared memory).
+    pub fn validate(&self, sku: &Sku) -> Result<(), GpuError> {
+        let bad = |why: String| Err(GpuError::Schedule(format!("{self:?}: {why}")));
+        if !matches!(self.bn, 64 | 128) {
+            return bad("bn must be 64 or 128".into());
+        }
+        if !(2..=6).contains(&self.stages) {
+            return bad("stages must be in 2..=6".into());
+        }
+        for f in ["wgmma", "tma"] {
+            if !sku.has(f) {
+                return Err(GpuError::Unsupported {
+                    kernel: "gemm_wgmma".into(),
+                    feature: f.into(),
+                    sku: sku.name.clone(),
+                    arch: sku.arch.clone(),
+                });
+            }
+        }
+        if self.shared_bytes() > sku.shared_mem_per_block_optin {
+            return bad(format!(
+                "{} B of shared memory on {} (opt-in limit {})",
+                self.shared_bytes(),
+                sku.name,
+                sku.shared_mem_per_block_optin
+            ));
+        }
+        Ok(())
+    }
+
+    /// Grid `(ceil(n / bn), ceil(m / 128), 1)`.
+    pub fn grid(&self, m: u64, n: u64) -> [u32; 3] {
+        let c = |a: u64, b: u32| u32::try_from(a.div_ceil(u64::from(b)).max(1)).unwrap_or(u32::MAX);
+        [c(n, self.bn), c(m, BM), 1]
+    }
+}
+
+/// How the host must encode one TMA descriptor (`cuTensorMapEncodeTiled`, rank 2, 16-bit
+/// elements, no interleave, 128-byte swizzle, no L2 promotion, zero fill out of bounds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TensorMapSpec {
+    /// Global extent, innermost first (`[K, M]` for A, `[N, K]` for B).
+    pub dims: [u64; 2],
+    /// Byte stride of the outer dimension (the row pitch).
+    pub row_bytes: u64,
+    /// Box extent, innermost first.
+    pub box_dims: [u32; 2],
+}
+
+/// A generated warpgroup GEMM and how to launch it.
+#[derive(Debug, Clone)]
+pub struct WgmmaGemm {
+    /// The kernel (all shared memory dynamic; requires `wgmma` and `tma`).
+    pub kernel: GpuKernel,
+    /// Its schedule.
+    pub schedule: WgmmaSchedule,
+    /// Input element type (f16 or bf16).
+    pub input: MmaInput,
+    /// Output element type.
+    pub output: MmaOutput,
+    /// The fused epilogue.
+    pub epilogue: Epilogue,
+    /// Dynamic shared memory to pass at launch.
+    pub dynamic_shared: u32,
+}
+
+impl WgmmaGemm {
+    /// The descriptors `tmA`, `tmB` for an `m × n × k` problem.
+    pub fn tensor_maps(&self, m: u64, n: u64, k: u64) -> [TensorMapSpec; 2] {
+        [
+            TensorMapSpec {
+                dims: [k, m],
+                row_bytes: 2 * k,
+                box_dims: [BK, BM],
+            },
+            TensorMapSpec {
+                dims: [n, k],
+                row_bytes: 2 * n,
+                box_dims: [64, BK],
+            },
+        ]
+    }
+
+    /// Whether TMA can describe the operands: `K` and `N` multiples of 8 (16-byte rows).
+    pub fn supports(&self, n: u64, k: u64) -> bool {
+        n.is_multiple_of(8) && k.is_multiple_of(8) && n > 0 && k > 0
+    }
+}
+
+/// Generates the warpgroup GEMM `name` (see the module docs).
+pub fn gemm_wgmma(
+    name: &str,
+    input: MmaInput,
+    output: MmaOutput,
+    epilogue: &Epilogue,
+    s: &WgmmaSchedule,
+) -> Result<WgmmaGemm, GpuError> {
+    if input == MmaInput::TF32 {
+        return Err(GpuError::Schedule(format!(
+            "{name}: the wgmma kernel takes f16 or bf16 inputs"
+        )));
+    }
+    if !matches!(s.bn, 64 | 128) || !(2..=6).contains(&s.stages) {
+        return Err(GpuError::Schedule(format!(
+            "{name}: {s:?}: bn must be 64 or 128 and stages in 2..=6"
+        )));
+    }
+    let (bn, st) = (s.bn, s.stages);
+    let ti = input.mlir();
+    let to = output.mlir();
+    let ws = "#gpu.address_space<workgroup>";
+    let tm = |rows: u32| {
+        format!(
+            "!nvgpu.tensormap.descriptor<tensor = memref<{rows}x64x{ti}, 3>, swizzle = swizzle_128b, l2promo = none, oob = zero, interleave = none>"
+        )
+    };
+    let (tma, tmb) = (tm(BM), tm(BK));
+    let bar = format!("!nvgpu.mbarrier.group<memorySpace = {ws}, num_barriers = {st}>");
+    let a_sh = format!("memref<{st}x{BM}x{BK}x{ti}, {ws}>");
+    let b_sh = format!("memref<{st}x{BK}x{bn}x{ti}, {ws}>");
+    let a_bytes = st * BM * BK * 2;
+    let acc = format!("!nvgpu.warpgroup.accumulator<fragmented = vector<{BM}x{bn}xf32>>");
+    let has_res = epilogue.has_residual();
+
+    let mut w = String::new();
+    let mut sig = format!("%pA: !llvm.ptr, %pB: !llvm.ptr, %C: memref<?x{to}>");
+    let mut params = vec![
+        KernelParam::TensorMap("tmA".into()),
+        KernelParam::TensorMap("tmB".into()),
+        KernelParam::Buffer {
+            name: "C".into(),
+            elem: output.elem(),
+        },
+    ];
+    if epilogue.bias {
+        sig.push_str(", %bias: memref<?xf32>");
+        params.push(KernelParam::Buffer {
+            name: "bias".into(),
+            elem: Elem::F32,
+        });
+    }
+    if has_res {
+        let _ = write!(sig, ", %R: memref<?x{to}>");
+        params.push(KernelParam::Buffer {
+            name: "R".into(),
+            elem: output.elem(),
+        });
+    }
+    sig.push_str(", %M: index, %N: index, %K: index, %alpha: f32");
+    params.extend(["M", "N", "K"].map(|p| KernelParam::Index(p.into())));
+    params.push(KernelParam::F32("alpha".into()));
+    if has_res {
+        sig.push_str(", %beta: f32");
+        params.push(KernelParam::F32("beta".into()));
+    }
+    w.push_str(&super::gemm_mma::dynamic_smem_decl());
+    let _ = writeln!(
+        w,
+        "  gpu.func @{name}({sig}) kernel attributes {{known_block_size = array<i32: 128, 1, 1>}} {{"
+    );
+    let _ = write!(
+        w,
+        r#"    %tmA = builtin.unrealized_conversion_cast %pA : !llvm.ptr to {tma}
+    %tmB = builtin.unrealized_conversion_cast %pB : !llvm.ptr to {tmb}
+    %c0 = arith.constant 0 : index
+    %c1 = arith.constant 1 : index
+    %c2 = arith.constant 2 : index
+    %c64 = arith.constant 64 : index
+    %c128 = arith.constant 128 : index
+    %cBN = arith.constant {bn} : index
+    %cST = arith.constant {st} : index
+    %cAB = arith.constant {a_bytes} : index
+    %cTX = arith.constant {tx} : index
+    %cTILE = arith.constant {tile} : index
+    %ticks = arith.constant 10000000 : index
+    %tid = gpu.thread_id x
+    %bx = gpu.block_id x
+    %by = gpu.block_id y
+    %m0 = arith.muli %by, %c128 : index
+    %n0 = arith.muli %bx, %cBN : index
+    %smem = memref.get_global @kiln_dynamic_smem : memref<0xi8, {ws}>
+    %As = memref.view %smem[%c0][] : memref<0xi8, {ws}> to {a_sh}
+    %Bs = memref.view %smem[%cAB][] : memref<0xi8, {ws}> to {b_sh}
+    %bar = nvgpu.mbarrier.create -> {bar}
+    %is0 = arith.cmpi eq, %tid, %c0 : index
+    %kp = arith.addi %K, %c64 : index
+    %kp1 = arith.subi %kp, %c1 : index
+    %ktiles = arith.divui %kp1, %c64 : index
+    scf.if %is0 {{
+"#,
+        tx = s.stage_bytes(),
+        tile = BM * bn,
+    );
+    for i in 0..st {
+        let _ = writeln!(
+            w,
+            "      %ci{i} = arith.constant {i} : index\n      nvgpu.mbarrier.init %bar[%ci{i}], %c1 : {bar}"
+        );
+    }
+    let _ = writeln!(
+        w,
+        "      nvgpu.tma.prefetch.descriptor %tmA : {tma}\n      nvgpu.tma.prefetch.descriptor %tmB : {tmb}\n    }}\n    gpu.barrier"
+    );
+    // Issues tile `kt` into stage `s` (thread 0 only; the caller guards).
+    let load = |w: &mut String, p: &str, kt: &str, s: &str| {
+        let _ = write!(
+            w,
+            r#"      %{p}k0 = arith.muli {kt}, %c64 : index
+      %{p}a = memref.subview %As[{s}, 0, 0][1, {BM}, {BK}][1, 1, 1] : {a_sh} to memref<{BM}x{BK}x{ti}, strided<[{BK}, 1], offset: ?>, {ws}>
+      nvgpu.mbarrier.arrive.expect_tx %bar[{s}], %cTX : {bar}
+      nvgpu.tma.async.load %tmA[%{p}k0, %m0], %bar[{s}] to %{p}a : {tma}, {bar} -> memref<{BM}x{BK}x{ti}, strided<[{BK}, 1], offset: ?>, {ws}>
+"#
+        );
+        // B: bn/64 boxes of 64×64 one after the other (what the wgmma descriptor of the
+        // transposed, 128-byte-swizzled B operand expects).
+        for h in 0..bn / 64 {
+            let _ = write!(
+                w,
+                r#"      %{p}bo{h}0 = arith.muli {s}, %c{b_stage} : index
+      %{p}bo{h}1 = arith.addi %{p}bo{h}0, %cAB : index
+      %{p}bo{h}c = arith.constant {hoff} : index
+      %{p}bo{h} = arith.addi %{p}bo{h}1, %{p}bo{h}c : index
+      %{p}b{h} = memref.view %smem[%{p}bo{h}][] : memref<0xi8, {ws}> to memref<{BK}x64x{ti}, {ws}>
+      %{p}n{h}c = arith.constant {noff} : index
+      %{p}n{h} = arith.addi %n0, %{p}n{h}c : index
+      nvgpu.tma.async.load %tmB[%{p}n{h}, %{p}k0], %bar[{s}] to %{p}b{h} : {tmb}, {bar} -> memref<{BK}x64x{ti}, {ws}>
+"#,
+                b_stage = BK * bn * 2,
+                hoff = h * BK * 64 * 2,
+                noff = h * 64,
+            );
+        }
+    };
+    let _ = writeln!(
+        w,
+        "    %c{} = arith.constant {} : index",
+        BK * bn * 2,
+        BK * bn * 2
+    );
+    for i in 0..st {
+        let _ = writeln!(
+            w,
+            "    %pk{i} = arith.constant {i} : index\n    %pin{i} = arith.cmpi ult, %pk{i}, %ktiles : index\n    %pgo{i} = arith.andi %is0, %pin{i} : i1\n    scf.if %pgo{i} {{"
+        );
+        load(
+            &mut w,
+            &format!("p{i}_"),
+            &format!("%pk{i}"),
+            &format!("%pk{i}"),
+        );
+        let _ = writeln!(w, "    }}");
+    }
+    let _ = write!(
+        w,
+        r#"    %acc0 = nvgpu.warpgroup.mma.init.accumulator -> <fragmented = vector<{BM}x{bn}xf32>>
+    %acc = scf.for %it = %c0 to %ktiles step %c1 iter_args(%mc = %acc0) -> ({acc}) {{
+      %st = arith.remui %it, %cST : index
+      %ph0 = arith.divui %it, %cST : index
+      %ph1 = arith.remui %ph0, %c2 : index
+      %ph = arith.cmpi ne, %ph1, %c0 : index
+      nvgpu.mbarrier.try_wait.parity %bar[%st], %ph, %ticks : {bar}
+      %as = memref.subview %As[%st, 0, 0][1, {BM}, {BK}][1, 1, 1] : {a_sh} to memref<{BM}x{BK}x{ti}, strided<[{BK}, 1], offset: ?>, {ws}>
+      %bs = memref.subview %Bs[%st, 0, 0][1, {BK}, {bn}][1, 1, 1] : {b_sh} to memref<{BK}x{bn}x{ti}, strided<[{bn}, 1], offset: ?>, {ws}>
+      %dA = nvgpu.warpgroup.generate.descriptor %as, %tmA : memref<{BM}x{BK}x{ti}, strided<[{BK}, 1], offset: ?>, {ws}>, {tma} -> !nvgpu.warpgroup.descriptor<tensor = memref<{BM}x{BK}x{ti}, 3>>
+      %dB = nvgpu.warpgroup.generate.descriptor %bs, %tmB : memref<{BK}x{bn}x{ti}, strided<[{bn}, 1], offset: ?>, {ws}>, {tmb} -> !nvgpu.warpgroup.descriptor<tensor = memref<{BK}x{bn}x{ti}, 3>>
+      %md = nvgpu.warpgroup.mma %dA, %dB, %mc {{transposeB, waitGroup = 1 : i64}} : <tensor = memref<{BM}x{BK}x{ti}, 3>>, <tensor = memref<{BK}x{bn}x{ti}, 3>>, <fragmented = vector<{BM}x{bn}xf32>> -> <fragmented = vector<{BM}x{bn}xf32>>
+      gpu.barrier
+      %pit = arith.subi %it, %c1 : index
+      %nk = arith.addi %pit, %cST : index
+      %pst = arith.remui %pit, %cST : index
+      %started = arith.cmpi uge, %it, %c1 : index
+      %nin = arith.cmpi ult, %nk, %ktiles : index
+      %ngo0 = arith.andi %is0, %nin : i1
+      %ngo = arith.andi %ngo0, %started : i1
+      scf.if %ngo {{
+"#
+    );
+    load(&mut w, "l_", "%nk", "%pst");
+    let _ = write!(
+        w,
+        r#"      }}
+      scf.yield %md : {acc}
+    }}
+    nvvm.wgmma.wait.group.sync.aligned 0
+    gpu.barrier
+    %Cs = memref.view %smem[%c0][] : memref<0xi8, {ws}> to memref<{BM}x{bn}xf32, {ws}>
+    nvgpu.warpgroup.mma.store %acc, %Cs : <fragmented = vector<{BM}x{bn}xf32>> to memref<{BM}x{bn}xf32, {ws}>
+    gpu.barrier
+    scf.for %e = %tid to %cTILE step %c128 {{
+      %r = arith.divui %e, %cBN : index
+      %c = arith.remui %e, %cBN : index
+      %row = arith.addi %m0, %r : index
+      %col = arith.addi %n0, %c : index
+      %rok = arith.cmpi ult, %row, %M : index
+      %cok = arith.cmpi ult, %col, %N : index
+      %ok = arith.andi %rok, %cok : i1
+      scf.if %ok {{
+      %v = memref.load %Cs[%r, %c] : memref<{BM}x{bn}xf32, {ws}>
+      %y0 = arith.mulf %v, %alpha : f32
+      %rn = arith.muli %row, %N : index
+      %ix = arith.addi %rn, %col : index
+"#
+    );
+    let mut y = "%y0".to_string();
+    if epilogue.bias {
+        let _ = writeln!(
+            w,
+            "      %bv = memref.load %bias[%col] : memref<?xf32>\n      %yb = arith.addf {y}, %bv : f32"
+        );
+        y = "%yb".into();
+    }
+    let res = |w: &mut String, y: &str, p: &str| -> String {
+        let _ = writeln!(w, "      %{p}r = memref.load %R[%ix] : memref<?x{to}>");
+        let rf = if output == MmaOutput::F32 {
+            format!("%{p}r")
+        } else {
+            let _ = writeln!(w, "      %{p}rf = arith.extf %{p}r : {to} to f32");
+            format!("%{p}rf")
+        };
+        let _ = writeln!(
+            w,
+            "      %{p}br = arith.mulf {rf}, %beta : f32\n      %{p}y = arith.addf {y}, %{p}br : f32"
+        );
+        format!("%{p}y")
+    };
+    if epilogue.residual == Residual::BeforeActivation {
+        y = res(&mut w, &y, "rb");
+    }
+    y = emit_activation(&mut w, epilogue.activation, &y, "act");
+    if epilogue.residual == Residual::AfterActivation {
+        y = res(&mut w, &y, "ra");
+    }
+    if output != MmaOutput::F32 {
+        let _ = writeln!(w, "      %yo = arith.truncf {y} : f32 to {to}");
+        y = "%yo".into();
+    }
+    let _ = write!(
+        w,
+        r#"      memref.store {y}, %C[%ix] : memref<?x{to}>
+      }}
+    }}
+    gpu.return
+  }}
+"#
+    );
+    Ok(WgmmaGemm {
+        kernel: GpuKernel {
+            name: name.into(),
+            mlir: w,
+            params,
+            block: [128, 1, 1],
+            shared_bytes: 0,
+            requires: vec!["wgmma".into(), "tma".into()],
+        },
+        schedule: *s,
+        input,
+        output,
+        epilogue: *epilogue,
+        dynamic_shared: s.shared_bytes(),
+    })
+}
+
+/// The default sm_90 kernel: f16 → f32, no epilogue, [`WgmmaSchedule::default`].
+pub fn default_kernel() -> Result<WgmmaGemm, GpuError> {
+    gemm_wgmma(
+        "kiln_gemm_wgmma_f16_f32",
+        MmaInput::F16,
+        MmaOutput::F32,
+        &Epilogue::none(),
+        &WgmmaSchedule::default(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::DeviceDb;
+
+    #[test]
+    fn schedules_and_geometry() {
+        let db = DeviceDb::builtin().unwrap();
+        let h100 = db.parse_target("cuda:h100").unwrap();
+        let a100 = db.parse_target("cuda:a100").unwrap();
+        let d = WgmmaSchedule::default();
+        assert_eq!(d.stage_bytes(), 32768);
+        assert_eq!(d.shared_bytes(), 131072);
+        d.validate(h100).unwrap();
+        assert!(d.validate(a100).unwrap_err().to_string().contains("wgmma"));
+        let two = WgmmaSchedule { bn: 64, stages: 2 };
+        // The accumulator tile (32 KiB) fits in the 2 stages (48 KiB).
+        assert_eq!(two.shared_bytes(), 49152);
+        for bad in [
+            WgmmaSchedule { bn: 96, ..d },
+            WgmmaSchedule { stages: 1, ..d },
+            WgmmaSchedule { stages: 7, ..d },
+        ] {
+            assert!(bad.validate(h100).is_err(), "{bad:?}");
+        }
+        assert_eq!(d.grid(4096, 4096), [32, 32, 1]);
+        assert_eq!(d.grid(129, 1), [1, 2, 1]);
+        let g = default_kernel().unwrap();
+        assert_eq!(g.kernel.block, [128, 1, 1]);
+        assert_eq!(g.kernel.chip(h100), "sm_90a");
+        let [a, b] = g.tensor_maps(100, 200, 72);
+        assert_eq!(
+            (a.dims, a.row_bytes, a.box_dims),
+            ([72, 100], 144, [64, 128])
+        );
+        assert_eq!(
+            (b.dims, b.row_bytes, b.box_dims),
+            ([200, 72], 400, [64, 64])
+        );
+        assert!(g.supports(200, 72) && !g.supports(200, 70));
+        assert!(gemm_wgmma("t", MmaInput::TF32, MmaOutput::F32, &Epilogue::none(), &d).is_err());
+    }
+
+    #[test]
+    fn lowers_to_wgmma_and_tma_for_sm_90a() {
+        let db = DeviceDb::builtin().unwrap();
+        let h100 = db.parse_target("cuda:h100").unwrap();
+        let g = default_kernel().unwrap();
+        let ptx = crate::gpu::compile_kernel(&g.kernel, h100).unwrap();
+        assert_eq!(ptx.arch, "sm_90a");
+        assert!(ptx.text.contains(".target sm_90a"));
+        for needle in [
+            "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16",
+            "cp.async.bulk.tensor.2d.shared::cluster.global",
+            "mbarrier.try_wait.parity",
+            "mbarrier.arrive.expect_tx",
+        ] {
+            assert!(ptx.text.contains(needle), "no {needle}");
+        }
+        let a100 = db.parse_target("cuda:a100").unwrap();
+        assert!(crate::gpu::compile_kernel(&g.kernel, a100).is_err());
+    }
+}

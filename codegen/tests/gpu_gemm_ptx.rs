@@ -1,0 +1,524 @@
+//! PTX validation of the tensor-core GEMMs (`gpu::kernels::gemm_mma`) without a GPU: a
+//! representative set of (input, output, epilogue, schedule) combinations × every SKU of
+//! the device database, lowered through MLIR and assembled with `ptxas -arch=sm_XX -v`.
+//! Checks: the PTX contains `mma.sync` (of the right type), `cp.async`, `ldmatrix` and the
+//! `cp.async.wait_group` of the pipeline and declares `.extern .shared` dynamic shared
+//! memory; `ptxas` reports no spills, registers within the SKU's limits and no static
+//! shared memory (the stages live in dynamic shared memory, checked against the opt-in
+//! limit; the wgmma kernels have only their mbarriers, 8 bytes per stage, static).
+//!
+//! Also keeps the GEMM PTX fixtures of `runtime/tests/cuda.rs` current (`KILN_UPDATE_PTX=1`
+//! rewrites them). Skips (visibly) without `ptxas` (same lookup as `gpu_ptx.rs`).
+
+use kiln_codegen::gpu::kernels::epilogue::{Activation, Epilogue, Residual};
+use kiln_codegen::gpu::kernels::gemm_mma::{
+    gemm_mma, kernel_name, MmaGemm, MmaInput, MmaOutput, MmaSchedule,
+};
+use kiln_codegen::gpu::kernels::gemm_wgmma::{gemm_wgmma, WgmmaSchedule};
+use kiln_codegen::gpu::pipeline::venv_nvidia_dirs;
+use kiln_codegen::gpu::{compile_kernel, DeviceDb};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn find_ptxas() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("KILN_PTXAS") {
+        return Some(PathBuf::from(p));
+    }
+    if let Some(p) = venv_nvidia_dirs(&repo())
+        .into_iter()
+        .map(|d| d.join("bin/ptxas"))
+        .find(|p| p.is_file())
+    {
+        return Some(p);
+    }
+    let ok = Command::new("ptxas")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    ok.then(|| PathBuf::from("ptxas"))
+}
+
+/// `(registers, static smem bytes, spill bytes + stack bytes)` from `ptxas -v`.
+fn usage(out: &str) -> Option<(u32, u32, u32)> {
+    let before = |line: &str, unit: &str| -> Option<u32> {
+        let i = line.find(unit)?;
+        line[..i].split_whitespace().last()?.parse().ok()
+    };
+    let mut spill = 0;
+    let mut regs = None;
+    for line in out.lines() {
+        if line.contains("bytes stack frame") {
+            spill = before(line, "bytes stack frame")?
+                + before(line, "bytes spill stores")?
+                + before(line, "bytes spill loads")?;
+        }
+        if line.contains("Used ") && line.contains(" registers") {
+            regs = Some((
+                before(line, "registers")?,
+                before(line, "bytes smem").unwrap_or(0),
+            ));
+        }
+    }
+    regs.map(|(r, s)| (r, s, spill))
+}
+
+fn ep(bias: bool, activation: Activation, residual: Residual) -> Epilogue {
+    Epilogue {
+        bias,
+        activation,
+        residual,
+    }
+}
+
+/// The combinations validated for every SKU.
+fn representative() -> Vec<MmaGemm> {
+    let d = MmaSchedule::default();
+    let small = MmaSchedule {
+        bm: 64,
+        bn: 64,
+        bk: 32,
+        wm: 2,
+        wn: 2,
+        stages: 4,
+        ..d
+    };
+    let wide = MmaSchedule {
+        bm: 128,
+        bn: 256,
+        bk: 32,
+        wm: 2,
+        wn: 4,
+        stages: 3,
+        ..d
+    };
+    let deep = MmaSchedule {
+        bm: 64,
+        bn: 128,
+        bk: 64,
+        wm: 2,
+        wn: 2,
+        stages: 5,
+        vec_bytes: 8,
+        pad_bytes: 0,
+        ..d
+    };
+    let split = MmaSchedule {
+        split_k: 4,
+        vec_bytes: 8,
+        ..small
+    };
+    use Activation::*;
+    use MmaInput::*;
+    use MmaOutput as O;
+    let cases = [
+        (F16, O::F32, Epilogue::none(), d),
+        (F16, O::F16, ep(true, Relu, Residual::None), d),
+        (
+            F16,
+            O::F32,
+            ep(true, GeluTanh, Residual::AfterActivation),
+            wide,
+        ),
+        (
+            F16,
+            O::F16,
+            ep(true, Silu, Residual::BeforeActivation),
+            small,
+        ),
+        (F16, O::F32, ep(false, Sigmoid, Residual::None), deep),
+        (
+            F16,
+            O::F32,
+            ep(true, None, Residual::AfterActivation),
+            split,
+        ),
+        (
+            BF16,
+            O::BF16,
+            ep(true, GeluTanh, Residual::AfterActivation),
+            d,
+        ),
+        (BF16, O::F32, Epilogue::none(), small),
+        (TF32, O::F32, ep(true, Relu, Residual::None), d),
+        (TF32, O::F32, Epilogue::none(), split),
+    ];
+    cases
+        .iter()
+        .map(|(i, o, e, s)| gemm_mma(&kernel_name(*i, *o, s, e), *i, *o, e, s).unwrap())
+        .collect()
+}
+
+#[test]
+fn mma_gemms_assemble_and_fit_every_sku() {
+    let Some(ptxas) = find_ptxas() else {
+        println!("SKIPPED: no ptxas (set KILN_PTXAS or run scripts/setup.sh)");
+        return;
+    };
+    let db = DeviceDb::builtin().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kernels = representative();
+    println!(
+        "{:<62} {:<10} {:>5} {:>7} {:>7} {:>5}",
+        "kernel", "sku", "regs", "dyn smem", "threads", "spill"
+    );
+    let mut refused = 0;
+    for sku in db.skus() {
+        for g in &kernels {
+            let k = &g.kernel;
+            if let Err(e) = g.schedule.validate(g.input, sku) {
+                // E.g. 104 KiB of tf32 stages on sm_86 (99 KiB opt-in): refused, not built.
+                println!("{:<62} {:<10} refused: {e}", k.name, sku.name);
+                refused += 1;
+                continue;
+            }
+            let ptx = compile_kernel(k, sku)
+                .unwrap_or_else(|e| panic!("{} for {}: {e}", k.name, sku.name));
+            for needle in [
+                g.input.ptx_mma(),
+                "cp.async.cg.shared.global",
+                "cp.async.commit_group",
+                "cp.async.wait_group",
+                "ldmatrix.sync.aligned.m8n8.x4",
+            ] {
+                let needle = if g.schedule.vec_bytes != 16 && needle.starts_with("cp.async.cg") {
+                    "cp.async.ca.shared.global"
+                } else {
+                    needle
+                };
+                assert!(ptx.text.contains(needle), "{}: no {needle}", k.name);
+            }
+            if g.input != MmaInput::TF32 {
+                assert!(ptx.text.contains("ldmatrix.sync.aligned.m8n8.x4.trans"));
+            }
+            if g.schedule.split_k > 1 {
+                assert!(ptx.text.contains("atom.global.add.f32"), "{}", k.name);
+            }
+            let file = dir.path().join(format!("{}_{}.ptx", k.name, sku.name));
+            std::fs::write(&file, &ptx.text).unwrap();
+            let out = Command::new(&ptxas)
+                .args(["-v", &format!("-arch={}", sku.arch), "-o"])
+                .arg(dir.path().join("out.cubin"))
+                .arg(&file)
+                .output()
+                .expect("run ptxas");
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(
+                out.status.success(),
+                "ptxas: {} on {}:\n{text}",
+                k.name,
+                sku.name
+            );
+            let (regs, smem, spill) =
+                usage(&text).unwrap_or_else(|| panic!("cannot parse ptxas -v:\n{text}"));
+            println!(
+                "{:<62} {:<10} {:>5} {:>7} {:>7} {:>5}",
+                k.name,
+                sku.name,
+                regs,
+                g.dynamic_shared,
+                k.threads(),
+                spill
+            );
+            let ctx = format!("{} on {}", k.name, sku.name);
+            assert!(
+                regs <= sku.max_registers_per_thread,
+                "{ctx}: {regs} registers"
+            );
+            assert!(
+                regs * k.threads() <= sku.registers_per_block,
+                "{ctx}: registers"
+            );
+            assert_eq!(smem, 0, "{ctx}: static shared memory");
+            assert!(ptx
+                .text
+                .contains(".extern .shared .align 16 .b8 kiln_dynamic_smem[]"));
+            assert!(
+                g.dynamic_shared + smem <= sku.shared_mem_per_block_optin,
+                "{ctx}: shared memory"
+            );
+            assert_eq!(spill, 0, "{ctx}: spills");
+            // The schedule's estimate (what `validate` checks) tracks ptxas.
+            let est = g.schedule.registers_estimate(g.input);
+            assert!(
+                regs * 4 <= est * 5 + 64 && regs * 5 + 64 >= est * 4,
+                "{ctx}: {regs} registers, estimated {est}"
+            );
+        }
+    }
+    // Only the two > 99 KiB schedules, on the four sm_86/sm_89 SKUs.
+    assert_eq!(refused, 8, "combinations refused");
+}
+
+/// The sm_90 warpgroup GEMMs: assembled for `sm_90a` on every SKU with `wgmma`, refused
+/// on the others; the PTX must hold `wgmma.mma_async`, TMA loads and mbarrier waits.
+#[test]
+fn wgmma_gemms_assemble_for_sm_90a() {
+    let Some(ptxas) = find_ptxas() else {
+        println!("SKIPPED: no ptxas");
+        return;
+    };
+    let db = DeviceDb::builtin().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    use Activation::*;
+    let cases = [
+        (
+            MmaInput::F16,
+            MmaOutput::F32,
+            Epilogue::none(),
+            WgmmaSchedule::default(),
+        ),
+        (
+            MmaInput::BF16,
+            MmaOutput::BF16,
+            ep(true, GeluTanh, Residual::AfterActivation),
+            WgmmaSchedule { bn: 64, stages: 3 },
+        ),
+        (
+            MmaInput::F16,
+            MmaOutput::F16,
+            ep(true, Relu, Residual::BeforeActivation),
+            WgmmaSchedule { bn: 128, stages: 6 },
+        ),
+    ];
+    let mut built = 0;
+    for sku in db.skus() {
+        for (i, (input, output, e, s)) in cases.iter().enumerate() {
+            let g = gemm_wgmma(&format!("kiln_wgmma_{i}"), *input, *output, e, s).unwrap();
+            if !sku.has("wgmma") {
+                assert!(s.validate(sku).is_err() && compile_kernel(&g.kernel, sku).is_err());
+                continue;
+            }
+            s.validate(sku).unwrap();
+            let ptx = compile_kernel(&g.kernel, sku).unwrap();
+            let mma = format!(
+                "wgmma.mma_async.sync.aligned.m64n{}k16.f32.{}.{}",
+                s.bn,
+                input.mlir(),
+                input.mlir()
+            );
+            for needle in [
+                mma.as_str(),
+                "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes",
+                "mbarrier.try_wait.parity.shared.b64",
+                "wgmma.wait_group.sync.aligned",
+            ] {
+                assert!(ptx.text.contains(needle), "{}: no {needle}", g.kernel.name);
+            }
+            let file = dir.path().join(format!("w{i}_{}.ptx", sku.name));
+            std::fs::write(&file, &ptx.text).unwrap();
+            let out = Command::new(&ptxas)
+                .args(["-v", &format!("-arch={}", ptx.arch), "-o"])
+                .arg(dir.path().join("w.cubin"))
+                .arg(&file)
+                .output()
+                .expect("run ptxas");
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(out.status.success(), "ptxas: {}:\n{text}", g.kernel.name);
+            let (regs, smem, spill) = usage(&text).unwrap();
+            println!(
+                "{:<16} {:<10} {:<7} regs {regs:>3} smem {:>6}+{smem} spill {spill} ({s:?})",
+                g.kernel.name, sku.name, ptx.arch, g.dynamic_shared
+            );
+            assert!(regs <= sku.max_registers_per_thread && spill == 0);
+            // Static shared memory: only the mbarriers (8 bytes each, padded).
+            assert!(
+                (8 * s.stages..=8 * s.stages + 16).contains(&smem),
+                "{smem} B static"
+            );
+            assert!(regs * 128 <= sku.registers_per_block);
+            built += 1;
+        }
+    }
+    assert_eq!(built, 9, "three kernels on the three sm_90 SKUs");
+}
+
+/// Launch geometry of a fixture, one manifest line: `file entry bm bn threads dyn_smem
+/// split_k`.
+fn manifest_line(file: &str, g: &MmaGemm) -> String {
+    let s = &g.schedule;
+    format!(
+        "{file} {} {} {} {} {} {}\n",
+        g.kernel.name,
+        s.bm,
+        s.bn,
+        s.threads(),
+        g.dynamic_shared,
+        s.split_k
+    )
+}
+
+/// The GEMMs `runtime/tests/cuda.rs` runs (`gemm_mma.manifest`) and the ones
+/// `runtime/examples/gemm_bench.rs` times (`gemm_bench.manifest`, f16 → f16), as PTX for
+/// sm_80 (JIT-compiled by the driver for newer GPUs). The entry names there must match.
+fn runtime_fixtures() -> Vec<(String, String)> {
+    let sku = DeviceDb::builtin()
+        .unwrap()
+        .parse_target("cuda:sm_80")
+        .unwrap();
+    let d = MmaSchedule::default();
+    let small = MmaSchedule {
+        bm: 64,
+        bn: 64,
+        bk: 32,
+        wm: 2,
+        wn: 2,
+        stages: 4,
+        ..d
+    };
+    let split = MmaSchedule {
+        split_k: 3,
+        vec_bytes: 8,
+        ..small
+    };
+    use Activation::*;
+    use MmaInput::*;
+    use MmaOutput as O;
+    let tests = [
+        ("mma_f16_f32", F16, O::F32, Epilogue::none(), d),
+        (
+            "mma_f16_f16_epi",
+            F16,
+            O::F16,
+            ep(true, Silu, Residual::BeforeActivation),
+            small,
+        ),
+        (
+            "mma_bf16_bf16_epi",
+            BF16,
+            O::BF16,
+            ep(true, GeluTanh, Residual::AfterActivation),
+            d,
+        ),
+        (
+            "mma_tf32_f32_relu",
+            TF32,
+            O::F32,
+            ep(true, Relu, Residual::None),
+            small,
+        ),
+        (
+            "mma_f16_f32_splitk",
+            F16,
+            O::F32,
+            ep(true, None, Residual::AfterActivation),
+            split,
+        ),
+    ];
+    let bench = [
+        d,
+        MmaSchedule { bn: 256, ..d },
+        MmaSchedule {
+            bm: 256,
+            wm: 4,
+            wn: 2,
+            ..d
+        },
+        MmaSchedule { stages: 4, ..d },
+    ];
+    let mut out = Vec::new();
+    let mut manifest = String::new();
+    for (file, i, o, e, s) in tests {
+        let g = gemm_mma(&format!("kiln_{file}"), i, o, &e, &s).unwrap();
+        let file = format!("gemm_{file}.sm_80.ptx");
+        manifest.push_str(&manifest_line(&file, &g));
+        out.push((file, compile_kernel(&g.kernel, sku).unwrap().text));
+    }
+    out.push(("gemm_mma.manifest".into(), manifest));
+    let mut manifest = String::new();
+    for s in bench {
+        let e = Epilogue::none();
+        let name = kernel_name(F16, O::F16, &s, &e);
+        let g = gemm_mma(&name, F16, O::F16, &e, &s).unwrap();
+        let file = format!(
+            "bench_{}.sm_80.ptx",
+            name.trim_start_matches("kiln_gemm_mma_")
+        );
+        manifest.push_str(&manifest_line(&file, &g));
+        out.push((file, compile_kernel(&g.kernel, sku).unwrap().text));
+    }
+    out.push(("gemm_bench.manifest".into(), manifest));
+    // sm_90a warpgroup GEMMs: `file entry bn threads dyn_smem`; `bench_` ones are timed.
+    let h100 = DeviceDb::builtin()
+        .unwrap()
+        .parse_target("cuda:sm_90")
+        .unwrap()
+        .clone();
+    let mut manifest = String::new();
+    let wg = [
+        (
+            "gemm_wgmma_f16_f32",
+            F16,
+            O::F32,
+            Epilogue::none(),
+            WgmmaSchedule::default(),
+        ),
+        (
+            "gemm_wgmma_bf16_bf16_epi",
+            BF16,
+            O::BF16,
+            ep(true, GeluTanh, Residual::AfterActivation),
+            WgmmaSchedule { bn: 64, stages: 3 },
+        ),
+        (
+            "bench_wgmma_f16_f16_bn128_s4",
+            F16,
+            O::F16,
+            Epilogue::none(),
+            WgmmaSchedule::default(),
+        ),
+        (
+            "bench_wgmma_f16_f16_bn128_s6",
+            F16,
+            O::F16,
+            Epilogue::none(),
+            WgmmaSchedule { bn: 128, stages: 6 },
+        ),
+    ];
+    for (file, i, o, e, s) in wg {
+        let g = gemm_wgmma(&format!("kiln_{file}"), i, o, &e, &s).unwrap();
+        let ptx = compile_kernel(&g.kernel, &h100).unwrap();
+        let file = format!("{file}.{}.ptx", ptx.arch);
+        manifest.push_str(&format!(
+            "{file} {} {} 128 {}\n",
+            g.kernel.name, s.bn, g.dynamic_shared
+        ));
+        out.push((file, ptx.text));
+    }
+    out.push(("gemm_wgmma.manifest".into(), manifest));
+    out
+}
+
+#[test]
+fn runtime_gemm_ptx_fixtures_are_current() {
+    let dir = repo().join("runtime/tests/ptx");
+    let update = std::env::var_os("KILN_UPDATE_PTX").is_some();
+    for (name, text) in runtime_fixtures() {
+        let path = dir.join(&name);
+        if update {
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(&path, &text).unwrap();
+            continue;
+        }
+        let old = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            old == text,
+            "{} is stale: rerun with KILN_UPDATE_PTX=1",
+            path.display()
+        );
+    }
+}
