@@ -10,6 +10,9 @@ pub mod gemm;
 pub mod gemm_f16;
 pub mod softmax;
 
+pub mod conv;
+pub mod emit;
+
 use super::GpuKernel;
 
 /// Every kernel of this module with its default schedule (used by the PTX validation test
