@@ -10,19 +10,74 @@ pub mod gemm;
 pub mod gemm_f16;
 pub mod softmax;
 
+pub mod attention;
 pub mod conv;
+pub mod depthwise;
 pub mod emit;
+pub mod norm;
+pub mod reduce;
 
 use super::GpuKernel;
 
 /// Every kernel of this module with its default schedule (used by the PTX validation test
 /// and as examples).
 pub fn all_default() -> Result<Vec<GpuKernel>, super::GpuError> {
-    Ok(vec![
+    Ok([
         elementwise::mul_add_relu("kiln_ew_mul_add_relu"),
         gemm::gemm_f32("kiln_gemm_f32", &gemm::GpuGemmSchedule::default())?,
         softmax::row_softmax("kiln_softmax_rows", 4),
         gemm_f16::gemm_f16_mma("kiln_gemm_f16_mma"),
+    ]
+    .into_iter()
+    .chain(ops_default()?)
+    .collect())
+}
+
+/// The conv, depthwise, normalization, reduction, elementwise-chain and attention kernels
+/// with default schedules and representative static shapes (generated for the sm_80 limits,
+/// which every SKU of the database meets).
+pub fn ops_default() -> Result<Vec<GpuKernel>, super::GpuError> {
+    use conv::{ConvGeom, ConvLayout, Epilogue, GpuConvSchedule};
+    let sku = super::DeviceDb::builtin()?.parse_target("cuda:sm_80")?;
+    let g = ConvGeom {
+        n: 1,
+        c: 64,
+        h: 28,
+        w: 28,
+        oc: 64,
+        kh: 3,
+        kw: 3,
+        stride: [1, 1],
+        pads: [1, 1, 1, 1],
+        dilation: [1, 1],
+    };
+    let epi = Epilogue {
+        bias: true,
+        residual: false,
+        relu: true,
+    };
+    let s = GpuConvSchedule::default();
+    let dw = ConvGeom { oc: g.c, ..g };
+    let row = reduce::RowMode::Warp { rows_per_block: 4 };
+    let blk = reduce::RowMode::Block { threads: 256 };
+    Ok(vec![
+        conv::conv2d("kiln_conv_nchw", &g, ConvLayout::Nchw, epi, &s, sku)?,
+        conv::conv2d("kiln_conv_nhwc", &g, ConvLayout::Nhwc, epi, &s, sku)?,
+        depthwise::depthwise_conv2d("kiln_dwconv", &dw, epi)?,
+        norm::layer_norm("kiln_layernorm_warp", row)?,
+        norm::layer_norm("kiln_layernorm_block", blk)?,
+        reduce::reduce_rows("kiln_reduce_mean", reduce::ReduceKind::Mean, row)?,
+        reduce::reduce_rows("kiln_reduce_sum_block", reduce::ReduceKind::Sum, blk)?,
+        attention::attention(
+            "kiln_attention_f32",
+            &attention::AttentionSpec::new(64, false, super::Elem::F32),
+            sku,
+        )?,
+        attention::attention(
+            "kiln_attention_f16_causal",
+            &attention::AttentionSpec::new(64, true, super::Elem::F16),
+            sku,
+        )?,
     ])
 }
 
