@@ -4,6 +4,13 @@
 //! * [`gemm`]: tiled f32 GEMM staged through shared memory, parametric [`gemm::GpuGemmSchedule`].
 //! * [`gemm_f16`]: f16 GEMM on tensor cores (`nvgpu.mma.sync` m16n8k16, sm_80+).
 //! * [`softmax`]: row softmax, one warp per row, `gpu.shuffle` reductions.
+//! * [`conv`]: implicit-GEMM 2-D convolution (NCHW / NHWC, fused epilogue,
+//!   [`conv::GpuConvSchedule`]); [`depthwise`]: depthwise convolution.
+//! * [`norm`]: LayerNorm; [`reduce`]: last-axis Sum / Mean / Max ([`reduce::RowMode`]: a
+//!   warp or a block per row).
+//! * [`elementwise::chain`]: fused elementwise chains with broadcasting.
+//! * [`attention`]: flash-style fused attention (f32 / f16, causal).
+//! * [`emit`]: the MLIR text builder these generators share.
 
 pub mod elementwise;
 pub mod gemm;
