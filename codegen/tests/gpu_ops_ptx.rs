@@ -11,7 +11,9 @@
 //!   MatMul + Softmax);
 //! * the PTX fixtures of `runtime/tests/cuda_ops.rs` (`runtime/tests/ptx/kiln_t_*.sm_80.ptx`)
 //!   are current (`KILN_UPDATE_PTX=1` rewrites them) and the cases' launch geometry agrees
-//!   with the generators'.
+//!   with the generators';
+//! * the same kernels, as MLIR, run on the SIMT emulator (`common/gpu_emu.rs`) with the
+//!   runtime test's launch geometry and arguments, against the CPU references.
 
 use kiln_codegen::gpu::kernels::attention::{attention, AttentionSpec};
 use kiln_codegen::gpu::kernels::conv::{conv2d, ConvGeom, ConvLayout, Epilogue, GpuConvSchedule};
@@ -27,12 +29,15 @@ use kiln_ir::ops::reduce::{ReduceAxes, ReduceOp};
 use kiln_ir::{DType, Op, Tensor};
 
 mod common;
+#[path = "common/gpu_emu.rs"]
+mod gpu_emu;
 #[path = "common/gpu_ref.rs"]
 mod gpu_ref;
 #[path = "common/ptxas.rs"]
 mod ptxas;
 
 use common::Builder;
+use gpu_emu::EArg;
 use gpu_ref::*;
 
 fn geom(c: &ConvCase) -> ConvGeom {
@@ -523,4 +528,177 @@ fn elementwise_chain_matches_interpreter() {
     assert!(e <= 1e-6, "{e}");
     let e = rel_err(&ew_case_cpu(&x, &col, &row, s, cols), &want);
     assert!(e <= 1e-6, "{e}");
+}
+
+fn emu_sku() -> &'static Sku {
+    DeviceDb::builtin()
+        .unwrap()
+        .parse_target("cuda:sm_80")
+        .unwrap()
+}
+
+fn buf(a: &EArg) -> Vec<f32> {
+    match a {
+        EArg::Buf(v) => v.clone(),
+        _ => panic!("not a buffer"),
+    }
+}
+
+#[test]
+fn emulated_conv_kernels_match_cpu() {
+    for (ci, c) in CONV_CASES.iter().enumerate() {
+        let k = conv_kernel(c, emu_sku());
+        let (xl, wl, yl) = c.lens();
+        let x = values(xl, 100 + ci as u64);
+        let w = values(wl, 200 + ci as u64);
+        let bias = values(c.dims[4], 300 + ci as u64);
+        let res = values(yl, 400 + ci as u64);
+        let mut args = vec![EArg::Buf(x.clone()), EArg::Buf(w.clone())];
+        if c.epilogue[0] {
+            args.push(EArg::Buf(bias.clone()));
+        }
+        if c.epilogue[1] {
+            args.push(EArg::Buf(res.clone()));
+        }
+        args.push(EArg::Buf(vec![f32::NAN; yl]));
+        let (grid, block) = c.launch();
+        gpu_emu::run(&k.mlir, grid, block, &mut args);
+        let y = buf(args.last().unwrap());
+        let want = conv_cpu(
+            c,
+            &x,
+            &w,
+            c.epilogue[0].then_some(&bias[..]),
+            c.epilogue[1].then_some(&res[..]),
+        );
+        let e = rel_err(&y, &want);
+        println!("{}: rel err {e:.2e}", c.name);
+        assert!(e <= 1e-5, "{}: relative error {e}", c.name);
+    }
+}
+
+#[test]
+fn emulated_row_kernels_match_cpu() {
+    for c in ROW_CASES {
+        let k = row_kernel(c);
+        for (si, &(rows, n)) in c.shapes.iter().enumerate() {
+            let x: Vec<f32> = values(rows * n, 500 + si as u64)
+                .iter()
+                .map(|v| v * 4.0 + 1.0)
+                .collect();
+            let (grid, block) = c.launch(rows);
+            let (got, want) = if c.op == "layernorm" {
+                let (s, b) = (values(n, 600), values(n, 700));
+                let eps = 1e-5;
+                let mut args = vec![
+                    EArg::Buf(x.clone()),
+                    EArg::Buf(s.clone()),
+                    EArg::Buf(b.clone()),
+                    EArg::Buf(vec![f32::NAN; rows * n]),
+                    EArg::Index(rows as i64),
+                    EArg::Index(n as i64),
+                    EArg::F32(eps),
+                ];
+                gpu_emu::run(&k.mlir, grid, block, &mut args);
+                (buf(&args[3]), layer_norm_cpu(&x, &s, &b, n, eps))
+            } else {
+                let mut args = vec![
+                    EArg::Buf(x.clone()),
+                    EArg::Buf(vec![f32::NAN; rows]),
+                    EArg::Index(rows as i64),
+                    EArg::Index(n as i64),
+                ];
+                gpu_emu::run(&k.mlir, grid, block, &mut args);
+                (buf(&args[1]), reduce_cpu(c.op, &x, n))
+            };
+            let e = rel_err(&got, &want);
+            println!("{} {rows}x{n}: rel err {e:.2e}", c.name);
+            assert!(e <= 1e-5, "{} {rows}x{n}: relative error {e}", c.name);
+        }
+    }
+}
+
+#[test]
+fn emulated_elementwise_chain_matches_cpu() {
+    let k = chain(EW_NAME, &ew_case()).unwrap();
+    for &(rows, cols) in &EW_SHAPES[..1] {
+        let x: Vec<f32> = values(rows * cols, 800).iter().map(|v| v * 3.0).collect();
+        let (col, row, s) = (values(cols, 801), values(rows, 802), 0.75f32);
+        let mut args = vec![
+            EArg::Buf(x.clone()),
+            EArg::Buf(col.clone()),
+            EArg::Buf(row.clone()),
+            EArg::F32(s),
+            EArg::Buf(vec![f32::NAN; rows * cols]),
+            EArg::Index(rows as i64),
+            EArg::Index(cols as i64),
+        ];
+        // One block: the grid-stride loop covers the rest.
+        gpu_emu::run(&k.mlir, [1, 1, 1], [256, 1, 1], &mut args);
+        let e = rel_err(&buf(&args[4]), &ew_case_cpu(&x, &col, &row, s, cols));
+        assert!(e <= 1e-5, "{rows}x{cols}: relative error {e}");
+    }
+}
+
+#[test]
+fn emulated_attention_kernels_match_cpu() {
+    for (ci, c) in ATTN_CASES.iter().enumerate() {
+        let k = attention(c.name, &attn_spec(c), emu_sku()).unwrap();
+        let [bh, sq, skv, d] = c.dims;
+        let seed = 900 + 10 * ci as u64;
+        let scale2 = |v: Vec<f32>| v.into_iter().map(|x| x * 2.0).collect::<Vec<f32>>();
+        let mut q = scale2(values(bh * sq * d, seed));
+        let mut kk = scale2(values(bh * skv * d, seed + 1));
+        let mut v = values(bh * skv * d, seed + 2);
+        if c.f16 {
+            q = round_f16(&q);
+            kk = round_f16(&kk);
+            v = round_f16(&v);
+        }
+        let mut args = vec![
+            EArg::Buf(q.clone()),
+            EArg::Buf(kk.clone()),
+            EArg::Buf(v.clone()),
+            EArg::Buf(vec![f32::NAN; bh * sq * d]),
+            EArg::Index(bh as i64),
+            EArg::Index(sq as i64),
+            EArg::Index(skv as i64),
+        ];
+        let (grid, block) = c.launch();
+        gpu_emu::run(&k.mlir, grid, block, &mut args);
+        let want = attention_cpu(&q, &kk, &v, c.dims, c.scale(), c.causal);
+        let e = rel_err(&buf(&args[3]), &want);
+        let tol = if c.f16 { 1e-2 } else { 1e-5 };
+        println!("{}: rel err {e:.2e}", c.name);
+        assert!(e <= tol, "{}: relative error {e}", c.name);
+    }
+}
+
+/// The emulator is a real check: a kernel whose warp reduction reads the wrong lanes
+/// (`gpu.shuffle idx` instead of `xor`) or whose block-level combine is wrong produces a
+/// different result.
+#[test]
+fn emulator_catches_broken_kernels() {
+    let c = &ROW_CASES[3]; // block-per-row ReduceSum
+    let k = row_kernel(c);
+    let (rows, n) = (3, 300);
+    let x = values(rows * n, 5);
+    let want = reduce_cpu("sum", &x, n);
+    let run = |mlir: &str| {
+        let mut args = vec![
+            EArg::Buf(x.clone()),
+            EArg::Buf(vec![0.0; rows]),
+            EArg::Index(rows as i64),
+            EArg::Index(n as i64),
+        ];
+        let (grid, block) = c.launch(rows);
+        gpu_emu::run(mlir, grid, block, &mut args);
+        rel_err(&buf(&args[1]), &want)
+    };
+    assert!(run(&k.mlir) <= 1e-5);
+    assert!(k.mlir.contains("gpu.shuffle xor"));
+    let bad = k.mlir.replace("gpu.shuffle xor", "gpu.shuffle idx");
+    assert!(run(&bad) > 1e-3, "idx shuffles went unnoticed");
+    let bad = k.mlir.replacen("arith.addf", "arith.maximumf", 1);
+    assert!(run(&bad) > 1e-3, "a wrong partial sum went unnoticed");
 }
