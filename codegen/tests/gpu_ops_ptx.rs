@@ -17,6 +17,7 @@
 
 use kiln_codegen::gpu::kernels::attention::{attention, AttentionSpec};
 use kiln_codegen::gpu::kernels::conv::{conv2d, ConvGeom, ConvLayout, Epilogue, GpuConvSchedule};
+use kiln_codegen::gpu::kernels::conv_mma::{conv2d_f16_mma, ConvMmaSchedule};
 use kiln_codegen::gpu::kernels::depthwise::depthwise_conv2d;
 use kiln_codegen::gpu::kernels::elementwise::{chain, EwBinary, EwChain, EwInput, EwStep, EwUnary};
 use kiln_codegen::gpu::kernels::norm::layer_norm;
@@ -69,15 +70,24 @@ fn schedule(t: [u32; 5]) -> GpuConvSchedule {
     GpuConvSchedule { bm, bn, bk, tm, tn }
 }
 
+fn mma_schedule(c: &ConvCase) -> ConvMmaSchedule {
+    ConvMmaSchedule {
+        warps: c.tile[0],
+        n_tiles: c.tile[1],
+    }
+}
+
 fn conv_kernel(c: &ConvCase, sku: &Sku) -> GpuKernel {
+    let layout = if c.nhwc {
+        ConvLayout::Nhwc
+    } else {
+        ConvLayout::Nchw
+    };
     if c.depthwise {
         depthwise_conv2d(c.name, &geom(c), epilogue(c)).unwrap()
+    } else if c.mma {
+        conv2d_f16_mma(c.name, &geom(c), layout, epilogue(c), &mma_schedule(c), sku).unwrap()
     } else {
-        let layout = if c.nhwc {
-            ConvLayout::Nhwc
-        } else {
-            ConvLayout::Nchw
-        };
         conv2d(
             c.name,
             &geom(c),
@@ -193,6 +203,13 @@ fn sweep_kernels(sku: &Sku) -> Vec<GpuKernel> {
             ks.push(conv2d(&name, &g, layout, epi, &s, sku).unwrap());
         }
     }
+    for (i, (warps, n_tiles)) in [(4, 4), (8, 8), (2, 1), (4, 8)].into_iter().enumerate() {
+        let s = ConvMmaSchedule { warps, n_tiles };
+        for (l, layout) in [ConvLayout::Nchw, ConvLayout::Nhwc].into_iter().enumerate() {
+            let name = format!("sweep_conv_mma_{i}_{l}");
+            ks.push(conv2d_f16_mma(&name, &g, layout, epi, &s, sku).unwrap());
+        }
+    }
     for (i, mode) in [
         RowMode::Warp { rows_per_block: 1 },
         RowMode::Warp { rows_per_block: 8 },
@@ -284,6 +301,8 @@ fn runtime_ops_ptx_fixtures_are_current() {
         let (grid, block) = c.launch();
         if c.depthwise {
             assert_eq!(block, [kiln_codegen::gpu::kernels::depthwise::BLOCK, 1, 1]);
+        } else if c.mma {
+            assert_eq!(mma_schedule(c).launch(&geom(c)).unwrap(), (grid, block));
         } else {
             assert_eq!(schedule(c.tile).launch(&geom(c)).unwrap(), (grid, block));
         }
@@ -549,8 +568,13 @@ fn emulated_conv_kernels_match_cpu() {
     for (ci, c) in CONV_CASES.iter().enumerate() {
         let k = conv_kernel(c, emu_sku());
         let (xl, wl, yl) = c.lens();
-        let x = values(xl, 100 + ci as u64);
-        let w = values(wl, 200 + ci as u64);
+        let mut x = values(xl, 100 + ci as u64);
+        let mut w = values(wl, 200 + ci as u64);
+        if c.mma {
+            // What f16 buffers hold.
+            x = round_f16(&x);
+            w = round_f16(&w);
+        }
         let bias = values(c.dims[4], 300 + ci as u64);
         let res = values(yl, 400 + ci as u64);
         let mut args = vec![EArg::Buf(x.clone()), EArg::Buf(w.clone())];
@@ -701,4 +725,30 @@ fn emulator_catches_broken_kernels() {
     assert!(run(&bad) > 1e-3, "idx shuffles went unnoticed");
     let bad = k.mlir.replacen("arith.addf", "arith.maximumf", 1);
     assert!(run(&bad) > 1e-3, "a wrong partial sum went unnoticed");
+}
+
+/// The emulator's `mma.sync` fragment layouts agree with an independently written kernel:
+/// the f16 tensor-core GEMM (`gemm_f16::gemm_f16_mma`) against a CPU matmul.
+#[test]
+fn emulated_gemm_f16_mma_matches_cpu() {
+    use kiln_codegen::gpu::kernels::gemm_f16::{gemm_f16_mma, WARPS};
+    let k = gemm_f16_mma("g");
+    let (m, n, kk) = (19, 37, 40);
+    let a = round_f16(&values(m * kk, 1));
+    let b = round_f16(&values(kk * n, 2));
+    let mut args = vec![
+        EArg::Buf(a.clone()),
+        EArg::Buf(b.clone()),
+        EArg::Buf(vec![f32::NAN; m * n]),
+        EArg::Index(m as i64),
+        EArg::Index(n as i64),
+        EArg::Index(kk as i64),
+    ];
+    let grid = [(n as u32).div_ceil(8 * WARPS), (m as u32).div_ceil(16), 1];
+    gpu_emu::run(&k.mlir, grid, [32 * WARPS, 1, 1], &mut args);
+    let want: Vec<f32> = (0..m * n)
+        .map(|i| (0..kk).map(|p| a[i / n * kk + p] * b[p * n + i % n]).sum())
+        .collect();
+    let e = rel_err(&buf(&args[2]), &want);
+    assert!(e <= 1e-5, "relative error {e}");
 }

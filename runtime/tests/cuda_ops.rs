@@ -1,4 +1,5 @@
-//! The GPU op kernels on a real GPU (feature `cuda`): implicit-GEMM and depthwise conv,
+//! The GPU op kernels on a real GPU (feature `cuda`): implicit-GEMM conv (f32, and f16 on
+//! tensor cores), depthwise conv,
 //! LayerNorm, last-axis reductions, the fused elementwise chain and flash attention (f32 and
 //! f16), each on random inputs against the CPU references of
 //! `codegen/tests/common/gpu_ref.rs` (checked there against the reference interpreter).
@@ -26,6 +27,13 @@ fn device(test: &str) -> Option<CudaDevice> {
         dev.arch().unwrap_or_default()
     );
     Some(dev)
+}
+
+fn sm_version(dev: &CudaDevice) -> u32 {
+    dev.arch()
+        .ok()
+        .and_then(|a| a.trim_start_matches("sm_").parse().ok())
+        .unwrap_or(0)
 }
 
 fn ptx(name: &str) -> String {
@@ -64,13 +72,25 @@ fn unpack_f16(w: &[f32], n: usize) -> Vec<f32> {
 fn conv_kernels_match_cpu() {
     let Some(dev) = device("conv") else { return };
     for (ci, c) in CONV_CASES.iter().enumerate() {
+        if c.mma && sm_version(&dev) < 80 {
+            println!("SKIPPED: {} needs mma.sync (sm_80+)", c.name);
+            continue;
+        }
         let k = dev.load_ptx(&ptx(c.name), c.name).unwrap();
         let (xl, wl, yl) = c.lens();
-        let x = values(xl, 100 + ci as u64);
-        let w = values(wl, 200 + ci as u64);
+        let mut x = values(xl, 100 + ci as u64);
+        let mut w = values(wl, 200 + ci as u64);
         let bias = values(c.dims[4], 300 + ci as u64);
         let res = values(yl, 400 + ci as u64);
-        let (xd, wd, bd, rd) = (up(&dev, &x), up(&dev, &w), up(&dev, &bias), up(&dev, &res));
+        let (xd, wd) = if c.mma {
+            // f16 X and W; the reference sees the rounded values.
+            x = round_f16(&x);
+            w = round_f16(&w);
+            (up(&dev, &pack_f16(&x)), up(&dev, &pack_f16(&w)))
+        } else {
+            (up(&dev, &x), up(&dev, &w))
+        };
+        let (bd, rd) = (up(&dev, &bias), up(&dev, &res));
         let yd = dev.zeros::<f32>(yl).unwrap();
         let mut args = vec![KernelArg::Buffer(xd.raw()), KernelArg::Buffer(wd.raw())];
         if c.epilogue[0] {
@@ -92,8 +112,9 @@ fn conv_kernels_match_cpu() {
             c.epilogue[1].then_some(&res[..]),
         );
         let e = rel_err(&y, &want);
-        println!("{}: rel err {e:.2e}", c.name);
-        assert!(e <= 1e-4, "{}: relative error {e}", c.name);
+        let tol = if c.mma { 1e-2 } else { 1e-4 };
+        println!("{}: rel err {e:.2e} (tolerance {tol:.0e})", c.name);
+        assert!(e <= tol, "{}: relative error {e}", c.name);
     }
 }
 

@@ -136,6 +136,9 @@ enum K {
     Store(usize),
     VLoad(usize, usize),
     VExtract(usize),
+    FromElements,
+    VInsert(usize),
+    Mma,
     VBroadcast(usize),
     VFma,
     Sreg(&'static str, usize),
@@ -220,10 +223,19 @@ fn results(lhs: &str) -> Vec<String> {
     lhs.split(',').map(|s| s.trim().to_string()).collect()
 }
 
+/// The dimensions of the (last) `vector<AxBxT>` type in `ty`.
+fn vec_dims(ty: &str) -> Vec<usize> {
+    let i = ty.rfind("vector<").expect("vector type") + 7;
+    let j = ty[i..].find('>').unwrap() + i;
+    let parts: Vec<&str> = ty[i..j].split('x').collect();
+    parts[..parts.len() - 1]
+        .iter()
+        .map(|d| d.parse().unwrap())
+        .collect()
+}
+
 fn vec_len(ty: &str) -> usize {
-    let i = ty.find("vector<").expect("vector type") + 7;
-    let j = ty[i..].find('x').unwrap() + i;
-    ty[i..j].parse().unwrap()
+    vec_dims(ty).iter().product()
 }
 
 fn parse_body<'a>(lines: &mut impl Iterator<Item = &'a str>, n: &mut Names) -> (Vec<S>, bool) {
@@ -249,6 +261,7 @@ fn parse_body<'a>(lines: &mut impl Iterator<Item = &'a str>, n: &mut Names) -> (
             .map(|l| results(l).iter().map(|r| n.slot(r)).collect())
             .unwrap_or_default();
         let op = rhs.split_whitespace().next().unwrap();
+        let op = op.split('(').next().unwrap();
         let operands = rhs.split(" : ").next().unwrap();
         let names: Vec<String> = refs(operands)
             .into_iter()
@@ -319,7 +332,7 @@ fn parse_body<'a>(lines: &mut impl Iterator<Item = &'a str>, n: &mut Names) -> (
                         .parse()
                         .unwrap();
                     V::Vec(vec![x; vec_len(ty)])
-                } else if ty == "f32" {
+                } else if ty == "f32" || ty == "f16" {
                     if let Some(h) = lit.strip_prefix("0x") {
                         V::F(f32::from_bits(u32::from_str_radix(h, 16).unwrap()))
                     } else {
@@ -364,7 +377,28 @@ fn parse_body<'a>(lines: &mut impl Iterator<Item = &'a str>, n: &mut Names) -> (
             "vector.extract" => {
                 let i = operands.rfind('[').unwrap();
                 let j = operands.rfind(']').unwrap();
-                K::VExtract(operands[i + 1..j].parse().unwrap())
+                let pos: Vec<usize> = operands[i + 1..j]
+                    .split(',')
+                    .map(|p| p.trim().parse().unwrap())
+                    .collect();
+                let dims = vec_dims(ty);
+                let flat = pos.iter().zip(&dims).fold(0, |a, (p, d)| a * d + p);
+                K::VExtract(flat)
+            }
+            "vector.from_elements" => K::FromElements,
+            "vector.insert" => {
+                let i = operands.rfind('[').unwrap();
+                let j = operands.rfind(']').unwrap();
+                let pos: Vec<usize> = operands[i + 1..j]
+                    .split(',')
+                    .map(|p| p.trim().parse().unwrap())
+                    .collect();
+                let dims = vec_dims(ty);
+                K::VInsert(pos.iter().zip(&dims).fold(0, |a, (p, d)| a * d + p))
+            }
+            "nvgpu.mma.sync" => {
+                assert!(rhs.contains("mmaShape = [16, 8, 16]"), "{line}");
+                K::Mma
             }
             "vector.broadcast" => K::VBroadcast(vec_len(ty)),
             "vector.fma" => K::VFma,
@@ -438,6 +472,8 @@ fn parse(mlir: &str) -> Prog {
 
 struct Warp<'a> {
     slots: Vec<AtomicU32>,
+    /// mma.sync fragments: 12 values (8 of A, 4 of B) per lane.
+    mma: Vec<AtomicU32>,
     bar: Barrier<'a>,
 }
 
@@ -628,6 +664,44 @@ impl Thread<'_> {
             }
             K::VExtract(p) => V::F(self.get(g(0)).v()[*p]),
             K::VBroadcast(n) => V::Vec(vec![self.get(g(0)).f(); *n]),
+            K::FromElements => V::Vec(a.iter().map(|&x| self.get(x).f()).collect()),
+            K::VInsert(p) => {
+                let mut v = self.get(g(1)).v().to_vec();
+                v[*p] = self.get(g(0)).f();
+                V::Vec(v)
+            }
+            K::Mma => {
+                // mma.sync.m16n8k16.row.col (PTX ISA fragment layouts), lane = 4·g + t:
+                // A (vector<4x2>): [0] = (g; 2t, 2t+1), [1] = (g+8; ..), [2] = (g; 2t+8, 2t+9),
+                // [3] = (g+8; 2t+8, ..); B (vector<2x2>): [0] = (k 2t, 2t+1; n g),
+                // [1] = (k 2t+8, 2t+9; n g); C/D (vector<2x2>): [0] = (g; 2t, 2t+1), [1] = (g+8; ..).
+                let (fa, fb, fc) = (self.get(g(0)).v(), self.get(g(1)).v(), self.get(g(2)).v());
+                let ex = &self.warp.mma;
+                for (i, x) in fa.iter().chain(fb).enumerate() {
+                    ex[self.lane * 12 + i].store(x.to_bits(), Relaxed);
+                }
+                self.warp.bar.wait();
+                let at = |l: usize, i: usize| f32::from_bits(ex[l * 12 + i].load(Relaxed));
+                let a_el = |r: usize, k: usize| {
+                    let reg = usize::from(r >= 8) + 2 * usize::from(k >= 8);
+                    at((r % 8) * 4 + (k % 8) / 2, reg * 2 + k % 2)
+                };
+                let b_el = |k: usize, n: usize| {
+                    let reg = usize::from(k >= 8);
+                    at(n * 4 + (k % 8) / 2, 8 + reg * 2 + k % 2)
+                };
+                let (gq, tq) = (self.lane / 4, self.lane % 4);
+                let mut d = fc.to_vec();
+                for (i, r) in [gq, gq + 8].into_iter().enumerate() {
+                    for c in 0..2 {
+                        let n = 2 * tq + c;
+                        let s: f32 = (0..16).map(|k| a_el(r, k) * b_el(k, n)).sum();
+                        d[i * 2 + c] += s;
+                    }
+                }
+                self.warp.bar.wait();
+                V::Vec(d)
+            }
             K::VFma => {
                 let (x, y, z) = (self.get(g(0)).v(), self.get(g(1)).v(), self.get(g(2)).v());
                 V::Vec((0..x.len()).map(|j| x[j].mul_add(y[j], z[j])).collect())
@@ -664,7 +738,7 @@ pub fn run(mlir: &str, grid: [u32; 3], block: [u32; 3], args: &mut [EArg]) {
     let p = parse(mlir);
     assert_eq!(p.params.len(), args.len(), "argument count");
     let threads = (block[0] * block[1] * block[2]) as usize;
-    assert!(threads % 32 == 0, "blocks of whole warps only");
+    assert!(threads.is_multiple_of(32), "blocks of whole warps only");
     let globals: Vec<Vec<AtomicU32>> = args
         .iter()
         .filter_map(|a| match a {
@@ -704,6 +778,7 @@ pub fn run(mlir: &str, grid: [u32; 3], block: [u32; 3], args: &mut [EArg]) {
                 let warps: Vec<Warp> = (0..threads / 32)
                     .map(|_| Warp {
                         slots: (0..32).map(|_| AtomicU32::new(0)).collect(),
+                        mma: (0..32 * 12).map(|_| AtomicU32::new(0)).collect(),
                         bar: Barrier::new(32, &poisoned),
                     })
                     .collect();

@@ -26,8 +26,11 @@ pub struct ConvCase {
     pub depthwise: bool,
     /// Epilogue: `+ bias[oc]`, `+ residual`, relu.
     pub epilogue: [bool; 3],
-    /// Schedule `[bm, bn, bk, tm, tn]` (ignored for depthwise).
+    /// Schedule `[bm, bn, bk, tm, tn]` (ignored for depthwise; `[warps, n_tiles, ..]` for
+    /// the tensor-core kernel).
     pub tile: [u32; 5],
+    /// f16 X and W on tensor cores (`conv_mma`; f32 bias, residual and Y).
+    pub mma: bool,
 }
 
 impl ConvCase {
@@ -62,6 +65,15 @@ impl ConvCase {
             let total = self.lens().2 as u32;
             return ([total.div_ceil(256).min(4096), 1, 1], [256, 1, 1]);
         }
+        if self.mma {
+            // 16 pixels per warp, 8 channels per mma tile, 32 threads per warp.
+            let (bm, bn) = (16 * self.tile[0], 8 * self.tile[1]);
+            let m = (n * self.oh() * self.ow()) as u32;
+            return (
+                [m.div_ceil(bm), (oc as u32).div_ceil(bn), 1],
+                [32 * self.tile[0], 1, 1],
+            );
+        }
         let [bm, bn, _, tm, tn] = self.tile;
         let m = (n * self.oh() * self.ow()) as u32;
         (
@@ -84,6 +96,7 @@ pub const CONV_CASES: &[ConvCase] = &[
         depthwise: false,
         epilogue: [true, false, true],
         tile: [64, 64, 16, 4, 4],
+        mma: false,
     },
     // A ResNet-like 3×3 layer in NHWC with bias + residual + relu, smaller tiles.
     ConvCase {
@@ -96,6 +109,7 @@ pub const CONV_CASES: &[ConvCase] = &[
         depthwise: false,
         epilogue: [true, true, true],
         tile: [32, 64, 8, 2, 4],
+        mma: false,
     },
     // 1×1 projection, NCHW, no epilogue, tall tiles.
     ConvCase {
@@ -108,6 +122,7 @@ pub const CONV_CASES: &[ConvCase] = &[
         depthwise: false,
         epilogue: [false, false, false],
         tile: [128, 32, 16, 8, 2],
+        mma: false,
     },
     // Strided 7×7 stem in NHWC with 3 channels (K = 147, not a multiple of bk).
     ConvCase {
@@ -120,6 +135,7 @@ pub const CONV_CASES: &[ConvCase] = &[
         depthwise: false,
         epilogue: [true, false, false],
         tile: [64, 16, 8, 4, 1],
+        mma: false,
     },
     // Depthwise 3×3, stride 2, pads, bias + relu.
     ConvCase {
@@ -132,6 +148,7 @@ pub const CONV_CASES: &[ConvCase] = &[
         depthwise: true,
         epilogue: [true, false, true],
         tile: [0; 5],
+        mma: false,
     },
     // Depthwise 5×5, dilation 2, unpadded, residual.
     ConvCase {
@@ -144,6 +161,33 @@ pub const CONV_CASES: &[ConvCase] = &[
         depthwise: true,
         epilogue: [false, true, false],
         tile: [0; 5],
+        mma: false,
+    },
+    // Tensor cores, NHWC, odd channel counts (K = 45, not a multiple of 16), residual.
+    ConvCase {
+        name: "kiln_t_conv_f16_mma_nhwc",
+        dims: [2, 5, 11, 9, 20, 3, 3],
+        stride: [1, 2],
+        pads: [1, 1, 1, 1],
+        dilation: [1, 1],
+        nhwc: true,
+        depthwise: false,
+        epilogue: [true, true, true],
+        tile: [4, 2, 0, 0, 0],
+        mma: true,
+    },
+    // Tensor cores, NCHW, 64 → 48 channels 3×3, default tiling.
+    ConvCase {
+        name: "kiln_t_conv_f16_mma_nchw",
+        dims: [1, 64, 10, 10, 48, 3, 3],
+        stride: [1, 1],
+        pads: [1, 1, 1, 1],
+        dilation: [1, 1],
+        nhwc: false,
+        depthwise: false,
+        epilogue: [true, false, false],
+        tile: [4, 4, 0, 0, 0],
+        mma: true,
     },
 ];
 

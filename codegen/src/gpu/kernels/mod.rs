@@ -5,7 +5,8 @@
 //! * [`gemm_f16`]: f16 GEMM on tensor cores (`nvgpu.mma.sync` m16n8k16, sm_80+).
 //! * [`softmax`]: row softmax, one warp per row, `gpu.shuffle` reductions.
 //! * [`conv`]: implicit-GEMM 2-D convolution (NCHW / NHWC, fused epilogue,
-//!   [`conv::GpuConvSchedule`]); [`depthwise`]: depthwise convolution.
+//!   [`conv::GpuConvSchedule`]); [`conv_mma`]: the same with f16 inputs on tensor cores
+//!   (`nvgpu.mma.sync`); [`depthwise`]: depthwise convolution.
 //! * [`norm`]: LayerNorm; [`reduce`]: last-axis Sum / Mean / Max ([`reduce::RowMode`]: a
 //!   warp or a block per row).
 //! * [`elementwise::chain`]: fused elementwise chains with broadcasting.
@@ -19,6 +20,7 @@ pub mod softmax;
 
 pub mod attention;
 pub mod conv;
+pub mod conv_mma;
 pub mod depthwise;
 pub mod emit;
 pub mod norm;
@@ -70,6 +72,14 @@ pub fn ops_default() -> Result<Vec<GpuKernel>, super::GpuError> {
     Ok(vec![
         conv::conv2d("kiln_conv_nchw", &g, ConvLayout::Nchw, epi, &s, sku)?,
         conv::conv2d("kiln_conv_nhwc", &g, ConvLayout::Nhwc, epi, &s, sku)?,
+        conv_mma::conv2d_f16_mma(
+            "kiln_conv_f16_mma_nhwc",
+            &g,
+            ConvLayout::Nhwc,
+            epi,
+            &conv_mma::ConvMmaSchedule::default(),
+            sku,
+        )?,
         depthwise::depthwise_conv2d("kiln_dwconv", &dw, epi)?,
         norm::layer_norm("kiln_layernorm_warp", row)?,
         norm::layer_norm("kiln_layernorm_block", blk)?,
