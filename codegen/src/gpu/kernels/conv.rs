@@ -276,6 +276,31 @@ impl GpuConvSchedule {
         Ok(())
     }
 
+    /// A starting schedule for `g` on `sku` (before tuning): the channel tile follows OC
+    /// (16, 32 or 64 channels, so small convolutions do not waste threads), the pixel tile
+    /// grows with M (32, 64, 128), 256 threads each with a 16×16 grid of register tiles;
+    /// [`GpuConvSchedule::default`] if that is invalid on `sku`.
+    pub fn for_geom(g: &ConvGeom, sku: &Sku) -> Self {
+        let bn = g.oc.next_power_of_two().clamp(16, 64) as u32;
+        let bm = match g.m() {
+            m if m >= 8192 => 128,
+            m if m >= 512 => 64,
+            _ => 32,
+        };
+        let s = Self {
+            bm,
+            bn,
+            bk: if g.k() >= 32 { 16 } else { 8 },
+            tm: bm / 16,
+            tn: bn / 16,
+        };
+        if s.validate(sku).is_ok() {
+            s
+        } else {
+            Self::default()
+        }
+    }
+
     /// The autotuner's search space (`bm`, `bn`, `bk`, `tm`, `tn`).
     pub fn space() -> Space {
         Space::new(vec![
@@ -647,6 +672,39 @@ mod tests {
             .count();
         assert!(valid > 50, "{valid} valid schedules");
         assert_eq!(GpuConvSchedule::from_config(&d.to_config()), d);
+    }
+
+    #[test]
+    fn schedule_for_geometry_is_valid_everywhere() {
+        let db = DeviceDb::builtin().unwrap();
+        let base = geom();
+        for (oc, h, k) in [
+            (5, 9, 3),
+            (64, 56, 3),
+            (256, 14, 1),
+            (1000, 1, 1),
+            (32, 224, 7),
+        ] {
+            let g = ConvGeom {
+                oc,
+                h,
+                w: h,
+                kh: k,
+                kw: k,
+                pads: [k / 2; 4],
+                stride: [1, 1],
+                dilation: [1, 1],
+                ..base
+            };
+            for sku in db.skus() {
+                let s = GpuConvSchedule::for_geom(&g, sku);
+                s.validate(sku).unwrap();
+                assert_eq!(s.threads(), 256, "{s:?}");
+                if oc <= 16 {
+                    assert_eq!(s.bn, 16);
+                }
+            }
+        }
     }
 
     fn space_configs(space: &Space) -> Vec<Config> {
