@@ -296,49 +296,6 @@ pub fn attention(name: &str, spec: &AttentionSpec, sku: &Sku) -> Result<GpuKerne
     })
 }
 
-/// The CPU semantics of [`attention`] (f64 accumulation): `q`, `k`, `v` as
-/// `[bh, sq | skv, d]` row-major.
-#[allow(clippy::too_many_arguments)]
-pub fn attention_cpu(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    bh: usize,
-    sq: usize,
-    skv: usize,
-    d: usize,
-    scale: f32,
-    causal: bool,
-) -> Vec<f32> {
-    let mut o = vec![0.0f32; bh * sq * d];
-    for b in 0..bh {
-        for i in 0..sq {
-            let qi = &q[(b * sq + i) * d..][..d];
-            let n = if causal { skv.min(i + 1) } else { skv };
-            let s: Vec<f64> = (0..n)
-                .map(|j| {
-                    let kj = &k[(b * skv + j) * d..][..d];
-                    qi.iter()
-                        .zip(kj)
-                        .map(|(&a, &b)| f64::from(a) * f64::from(b))
-                        .sum::<f64>()
-                        * f64::from(scale)
-                })
-                .collect();
-            let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-            let p: Vec<f64> = s.iter().map(|&x| (x - m).exp()).collect();
-            let l: f64 = p.iter().sum();
-            for c in 0..d {
-                let acc: f64 = (0..n)
-                    .map(|j| p[j] * f64::from(v[(b * skv + j) * d + c]))
-                    .sum();
-                o[(b * sq + i) * d + c] = if l > 0.0 { (acc / l) as f32 } else { 0.0 };
-            }
-        }
-    }
-    o
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -365,18 +322,5 @@ mod tests {
         };
         assert!(attention("a", &big, sku).is_err());
         assert!(s.grid(70000, 10).is_err());
-    }
-
-    #[test]
-    fn cpu_reference_causal_first_row_is_v0() {
-        // Query 0 sees only key 0 under the causal mask: O[0] = V[0].
-        let (d, s) = (2, 3);
-        let q: Vec<f32> = (0..s * d).map(|i| i as f32 * 0.3).collect();
-        let k: Vec<f32> = (0..s * d).map(|i| 1.0 - i as f32 * 0.2).collect();
-        let v: Vec<f32> = (0..s * d).map(|i| i as f32).collect();
-        let o = attention_cpu(&q, &k, &v, 1, s, s, d, 0.5, true);
-        assert_eq!(&o[..2], &v[..2]);
-        let o = attention_cpu(&q, &k, &v, 1, s, s, d, 0.5, false);
-        assert!(o[0] > 0.0 && o[0] < 4.0);
     }
 }

@@ -166,21 +166,6 @@ impl Epilogue {
         }
         v
     }
-
-    /// The CPU semantics of the epilogue for one value.
-    pub fn apply(&self, acc: f32, bias: Option<f32>, residual: Option<f32>) -> f32 {
-        let mut v = acc;
-        if self.bias {
-            v += bias.unwrap_or(0.0);
-        }
-        if self.residual {
-            v += residual.unwrap_or(0.0);
-        }
-        if self.relu {
-            v = v.max(0.0);
-        }
-        v
-    }
 }
 
 fn buf(name: &str) -> KernelParam {

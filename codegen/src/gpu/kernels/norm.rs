@@ -79,22 +79,3 @@ pub fn layer_norm(name: &str, mode: RowMode) -> Result<GpuKernel, GpuError> {
         requires: vec![],
     })
 }
-
-/// The CPU semantics of [`layer_norm`] (what the kernel computes, in f64 for reference).
-pub fn layer_norm_cpu(x: &[f32], scale: &[f32], bias: &[f32], n: usize, eps: f32) -> Vec<f32> {
-    let mut y = vec![0.0; x.len()];
-    for (xr, yr) in x.chunks(n.max(1)).zip(y.chunks_mut(n.max(1))) {
-        let mean = xr.iter().map(|&v| f64::from(v)).sum::<f64>() / n as f64;
-        let var = xr
-            .iter()
-            .map(|&v| (f64::from(v) - mean).powi(2))
-            .sum::<f64>()
-            / n as f64;
-        let rstd = 1.0 / (var + f64::from(eps)).sqrt();
-        for j in 0..xr.len() {
-            yr[j] = ((f64::from(xr[j]) - mean) * rstd * f64::from(scale[j]) + f64::from(bias[j]))
-                as f32;
-        }
-    }
-    y
-}

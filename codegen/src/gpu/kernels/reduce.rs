@@ -167,17 +167,6 @@ pub enum ReduceKind {
     Max,
 }
 
-impl ReduceKind {
-    /// The CPU semantics over one row.
-    pub fn eval(&self, row: &[f32]) -> f32 {
-        match self {
-            ReduceKind::Sum => row.iter().sum(),
-            ReduceKind::Mean => row.iter().sum::<f32>() / row.len().max(1) as f32,
-            ReduceKind::Max => row.iter().copied().fold(f32::NEG_INFINITY, f32::max),
-        }
-    }
-}
-
 /// The f32 value of the runtime `index` `%n` (emitted as `%nf`).
 pub(crate) fn n_as_f32(e: &mut Emitter) -> String {
     e.line("%ni = arith.index_cast %n : index to i64");
@@ -255,6 +244,5 @@ mod tests {
         assert_eq!(RowMode::Warp { rows_per_block: 4 }.grid(10), [3, 1, 1]);
         assert!(RowMode::Block { threads: 100 }.validate().is_err());
         assert!(reduce_rows("r", ReduceKind::Sum, RowMode::Warp { rows_per_block: 0 }).is_err());
-        assert_eq!(ReduceKind::Mean.eval(&[1.0, 2.0, 6.0]), 3.0);
     }
 }
