@@ -36,6 +36,33 @@ fn sm_version(dev: &CudaDevice) -> u32 {
         .unwrap_or(0)
 }
 
+/// Average time of `kernel` over 20 launches after a warm-up (µs), printed with the
+/// achieved GFLOP/s for `flops` per launch.
+///
+/// # Safety
+/// As [`CudaDevice::launch`].
+unsafe fn time_kernel(
+    dev: &CudaDevice,
+    k: &kiln_runtime::cuda::Kernel,
+    (grid, block): ([u32; 3], [u32; 3]),
+    args: &[KernelArg<'_>],
+    what: &str,
+    flops: f64,
+) {
+    const N: u32 = 20;
+    // SAFETY: forwarded to the caller.
+    unsafe { dev.launch(k, grid, block, 0, args).unwrap() };
+    dev.synchronize().unwrap();
+    let t = std::time::Instant::now();
+    for _ in 0..N {
+        // SAFETY: forwarded to the caller.
+        unsafe { dev.launch(k, grid, block, 0, args).unwrap() };
+    }
+    dev.synchronize().unwrap();
+    let us = t.elapsed().as_secs_f64() * 1e6 / f64::from(N);
+    println!("  {what}: {us:.1} µs, {:.1} GFLOP/s", flops / us * 1e-3);
+}
+
 fn ptx(name: &str) -> String {
     let path = format!("{}/tests/ptx/{name}.sm_80.ptx", env!("CARGO_MANIFEST_DIR"));
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
@@ -115,6 +142,19 @@ fn conv_kernels_match_cpu() {
         let tol = if c.mma { 1e-2 } else { 1e-4 };
         println!("{}: rel err {e:.2e} (tolerance {tol:.0e})", c.name);
         assert!(e <= tol, "{}: relative error {e}", c.name);
+        let [_, ch, _, _, _, kh, kw] = c.dims;
+        let taps = if c.depthwise { kh * kw } else { ch * kh * kw };
+        // SAFETY: the same launch as above.
+        unsafe {
+            time_kernel(
+                &dev,
+                &k,
+                (grid, block),
+                &args,
+                c.name,
+                2.0 * (yl * taps) as f64,
+            )
+        };
     }
 }
 
@@ -258,6 +298,22 @@ fn attention_kernels_match_cpu() {
         let tol = if c.f16 { 1e-2 } else { 1e-4 };
         println!("{}: rel err {e:.2e} (tolerance {tol:.0e})", c.name);
         assert!(e <= tol, "{}: relative error {e}", c.name);
+        let pairs = if c.causal {
+            (0..sq).map(|i| skv.min(i + 1)).sum::<usize>()
+        } else {
+            sq * skv
+        };
+        // SAFETY: the same launch as above.
+        unsafe {
+            time_kernel(
+                &dev,
+                &k,
+                (grid, block),
+                &args,
+                c.name,
+                (4 * bh * pairs * d) as f64,
+            )
+        };
     }
 }
 

@@ -19,6 +19,7 @@
 use super::conv::{ConvGeom, ConvLayout, Epilogue};
 use super::emit::{dyn_memref, Emitter, WARP};
 use crate::gpu::{Elem, GpuError, GpuKernel, KernelParam, Sku};
+use kiln_tune::{Config, Param, Space};
 
 /// Tiling of [`conv2d_f16_mma`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,6 +72,32 @@ impl ConvMmaSchedule {
             )));
         }
         Ok(())
+    }
+
+    /// The autotuner's search space (`warps`, `n_tiles`).
+    pub fn space() -> Space {
+        Space::new(vec![
+            Param::new("warps", &[1, 2, 4, 8]),
+            Param::new("n_tiles", &[1, 2, 4, 8]),
+        ])
+    }
+
+    /// The schedule of a config (missing parameters keep the default; not validated).
+    pub fn from_config(c: &Config) -> Self {
+        let d = Self::default();
+        let get = |k: &str, v: u32| c.get(k).and_then(|x| u32::try_from(x).ok()).unwrap_or(v);
+        Self {
+            warps: get("warps", d.warps),
+            n_tiles: get("n_tiles", d.n_tiles),
+        }
+    }
+
+    /// The config of this schedule.
+    pub fn to_config(&self) -> Config {
+        Config::from_pairs(&[
+            ("warps", i64::from(self.warps)),
+            ("n_tiles", i64::from(self.n_tiles)),
+        ])
     }
 
     /// Grid `(ceil(M / bm), ceil(OC / bn), 1)` and block `(32 · warps, 1, 1)`.
@@ -367,6 +394,8 @@ mod tests {
         let s = ConvMmaSchedule::default();
         assert_eq!((s.bm(), s.bn(), s.shared_bytes()), (64, 32, 3072));
         assert!(ConvMmaSchedule { warps: 0, ..s }.validate(sku).is_err());
+        assert_eq!(ConvMmaSchedule::from_config(&s.to_config()), s);
+        assert_eq!(ConvMmaSchedule::space().size(), 16);
         let g = ConvGeom {
             n: 1,
             c: 5,
