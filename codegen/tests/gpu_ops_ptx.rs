@@ -752,3 +752,15 @@ fn emulated_gemm_f16_mma_matches_cpu() {
     let e = rel_err(&buf(&args[2]), &want);
     assert!(e <= 1e-5, "relative error {e}");
 }
+
+/// Shared arrays read with vector loads (`ld.shared.v2/v4`) are declared 16-byte aligned.
+#[test]
+fn shared_arrays_are_16_byte_aligned() {
+    let sku = emu_sku();
+    for k in runtime_kernels(sku) {
+        let ptx = compile_kernel(&k, sku).unwrap().text;
+        for line in ptx.lines().filter(|l| l.contains(".shared .align")) {
+            assert!(line.contains(".align 16"), "{}: {line}", k.name);
+        }
+    }
+}

@@ -272,7 +272,7 @@ pub fn attention(name: &str, spec: &AttentionSpec, sku: &Sku) -> Result<GpuKerne
     }
     e.line("}");
     let header = format!(
-        "gpu.func @{name}(%Q: {gty}, %K: {gty}, %V: {gty}, %O: {gty}, %bh: index, %sq: index, %skv: index) workgroup(%Qs : {qs_ty}, %Ks : {ks_ty}, %Vs : {vs_ty}) kernel attributes {{known_block_size = array<i32: {WARP}, {w}, 1>}} {{"
+        "gpu.func @{name}(%Q: {gty}, %K: {gty}, %V: {gty}, %O: {gty}, %bh: index, %sq: index, %skv: index) workgroup(%Qs : {qs_ty} {{llvm.align = 16 : i64}}, %Ks : {ks_ty} {{llvm.align = 16 : i64}}, %Vs : {vs_ty} {{llvm.align = 16 : i64}}) kernel attributes {{known_block_size = array<i32: {WARP}, {w}, 1>}} {{"
     );
     let buf = |n: &str| KernelParam::Buffer {
         name: n.into(),

@@ -565,7 +565,7 @@ pub fn conv2d(
         e.line("}");
     }
     let header = format!(
-        "gpu.func @{name}(%X: memref<?xf32>, %W: memref<?xf32>{}, %Y: memref<?xf32>) workgroup(%As : {a_sh}, %Bs : {b_sh}) kernel attributes {{known_block_size = array<i32: {threads}, 1, 1>}} {{",
+        "gpu.func @{name}(%X: memref<?xf32>, %W: memref<?xf32>{}, %Y: memref<?xf32>) workgroup(%As : {a_sh} {{llvm.align = 16 : i64}}, %Bs : {b_sh} {{llvm.align = 16 : i64}}) kernel attributes {{known_block_size = array<i32: {threads}, 1, 1>}} {{",
         epi.decls()
     );
     let mut params = vec![buf("X"), buf("W")];

@@ -368,7 +368,7 @@ pub fn conv2d_f16_mma(
         elem: Elem::F32,
     });
     let header = format!(
-        "gpu.func @{name}(%X: {h16}, %W: {h16}{decls}, %Y: {f32t}) workgroup(%As : {a_sh}, %Bs : {b_sh}) kernel attributes {{known_block_size = array<i32: {threads}, 1, 1>}} {{"
+        "gpu.func @{name}(%X: {h16}, %W: {h16}{decls}, %Y: {f32t}) workgroup(%As : {a_sh} {{llvm.align = 16 : i64}}, %Bs : {b_sh} {{llvm.align = 16 : i64}}) kernel attributes {{known_block_size = array<i32: {threads}, 1, 1>}} {{"
     );
     Ok(GpuKernel {
         name: name.into(),

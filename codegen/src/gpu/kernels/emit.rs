@@ -172,7 +172,10 @@ pub fn dyn_memref(elem: &str) -> String {
     format!("memref<?x{elem}>")
 }
 
-/// A workgroup (shared-memory) `memref<{n}xf32, #gpu.address_space<workgroup>>`.
+/// A workgroup (shared-memory) `memref<{n}xf32, #gpu.address_space<workgroup>>`. The
+/// kernels declare their attributions with `{llvm.align = 16 : i64}`: vector loads from
+/// shared memory become `ld.shared.v4`, which needs 16-byte alignment (MLIR's default
+/// for the arrays is the element's 4).
 pub fn shared_memref(n: u64) -> String {
     format!("memref<{n}xf32, #gpu.address_space<workgroup>>")
 }

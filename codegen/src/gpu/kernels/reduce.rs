@@ -95,7 +95,10 @@ impl RowMode {
         match self {
             RowMode::Warp { .. } => String::new(),
             RowMode::Block { .. } => {
-                format!(" workgroup(%Red : {})", shared_memref(slots * self.warps()))
+                format!(
+                    " workgroup(%Red : {} {{llvm.align = 16 : i64}})",
+                    shared_memref(slots * self.warps())
+                )
             }
         }
     }
