@@ -16,6 +16,7 @@
 //!   runtime test's launch geometry and arguments, against the CPU references.
 
 use kiln_codegen::gpu::kernels::attention::{attention, AttentionSpec};
+use kiln_codegen::gpu::kernels::attention_mma::{self, attention_f16_mma};
 use kiln_codegen::gpu::kernels::conv::{conv2d, ConvGeom, ConvLayout, Epilogue, GpuConvSchedule};
 use kiln_codegen::gpu::kernels::conv_mma::{conv2d_f16_mma, ConvMmaSchedule};
 use kiln_codegen::gpu::kernels::depthwise::depthwise_conv2d;
@@ -128,6 +129,14 @@ fn attn_spec(c: &AttnCase) -> AttentionSpec {
     AttentionSpec::new(c.dims[3] as u32, c.causal, elem)
 }
 
+fn attn_kernel(c: &AttnCase, sku: &Sku) -> GpuKernel {
+    if c.mma {
+        attention_f16_mma(c.name, &attn_spec(c), sku).unwrap()
+    } else {
+        attention(c.name, &attn_spec(c), sku).unwrap()
+    }
+}
+
 /// The elementwise chain of the runtime test ([`EW_NAME`]):
 /// `y = sigmoid(tanh(x · col + row) - relu(x) · s)`.
 fn ew_case() -> EwChain {
@@ -154,11 +163,7 @@ fn ew_case() -> EwChain {
 fn runtime_kernels(sku: &Sku) -> Vec<GpuKernel> {
     let mut ks: Vec<GpuKernel> = CONV_CASES.iter().map(|c| conv_kernel(c, sku)).collect();
     ks.extend(ROW_CASES.iter().map(row_kernel));
-    ks.extend(
-        ATTN_CASES
-            .iter()
-            .map(|c| attention(c.name, &attn_spec(c), sku).unwrap()),
-    );
+    ks.extend(ATTN_CASES.iter().map(|c| attn_kernel(c, sku)));
     ks.push(chain(EW_NAME, &ew_case()).unwrap());
     ks
 }
@@ -236,6 +241,21 @@ fn sweep_kernels(sku: &Sku) -> Vec<GpuKernel> {
             ..AttentionSpec::new(d, causal, elem)
         };
         ks.push(attention(&format!("sweep_attn_{i}"), &spec, sku).unwrap());
+    }
+    for (i, (d, w, causal)) in [
+        (128, 4, true),
+        (64, 8, false),
+        (16, 1, false),
+        (128, 2, false),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let spec = AttentionSpec {
+            rows_per_block: w,
+            ..AttentionSpec::new(d, causal, Elem::F16)
+        };
+        ks.push(attention_f16_mma(&format!("sweep_attn_mma_{i}"), &spec, sku).unwrap());
     }
     ks
 }
@@ -322,8 +342,13 @@ fn runtime_ops_ptx_fixtures_are_current() {
     for c in ATTN_CASES {
         let spec = attn_spec(c);
         let (grid, block) = c.launch();
-        assert_eq!(spec.grid(c.dims[0] as u64, c.dims[1] as u64).unwrap(), grid);
-        assert_eq!(spec.block(), block);
+        let (bh, sq) = (c.dims[0] as u64, c.dims[1] as u64);
+        if c.mma {
+            assert_eq!(attention_mma::launch(&spec, bh, sq).unwrap(), (grid, block));
+        } else {
+            assert_eq!(spec.grid(bh, sq).unwrap(), grid);
+            assert_eq!(spec.block(), block);
+        }
         assert!((spec.scale - c.scale()).abs() == 0.0);
     }
 }
@@ -667,7 +692,7 @@ fn emulated_elementwise_chain_matches_cpu() {
 #[test]
 fn emulated_attention_kernels_match_cpu() {
     for (ci, c) in ATTN_CASES.iter().enumerate() {
-        let k = attention(c.name, &attn_spec(c), emu_sku()).unwrap();
+        let k = attn_kernel(c, emu_sku());
         let [bh, sq, skv, d] = c.dims;
         let seed = 900 + 10 * ci as u64;
         let scale2 = |v: Vec<f32>| v.into_iter().map(|x| x * 2.0).collect::<Vec<f32>>();

@@ -337,13 +337,20 @@ pub struct AttnCase {
     pub causal: bool,
     /// f16 buffers (else f32).
     pub f16: bool,
+    /// The tensor-core kernel (`attention_mma`, f16): 16 query rows per warp.
+    pub mma: bool,
 }
 
 impl AttnCase {
-    /// Grid `(ceil(sq / 4), bh)` of blocks `(32, 4)` (4 query rows per block).
+    /// Grid `(ceil(sq / rows), bh)` of blocks `(32, 4)`: 4 warps, one query row each
+    /// (`rows` = 4), or 16 each on tensor cores (`rows` = 64).
     pub fn launch(&self) -> ([u32; 3], [u32; 3]) {
         let [bh, sq, _, _] = self.dims;
-        ([(sq as u32).div_ceil(4).max(1), bh as u32, 1], [32, 4, 1])
+        let rows = if self.mma { 64 } else { 4 };
+        (
+            [(sq as u32).div_ceil(rows).max(1), bh as u32, 1],
+            [32, 4, 1],
+        )
     }
 
     /// `1 / sqrt(d)`.
@@ -359,24 +366,42 @@ pub const ATTN_CASES: &[AttnCase] = &[
         dims: [3, 50, 77, 64],
         causal: false,
         f16: false,
+        mma: false,
     },
     AttnCase {
         name: "kiln_t_attn_f32_causal_d32",
         dims: [2, 70, 70, 32],
         causal: true,
         f16: false,
+        mma: false,
     },
     AttnCase {
         name: "kiln_t_attn_f32_d128",
         dims: [2, 9, 130, 128],
         causal: false,
         f16: false,
+        mma: false,
     },
     AttnCase {
         name: "kiln_t_attn_f16_causal",
         dims: [4, 65, 65, 64],
         causal: true,
         f16: true,
+        mma: false,
+    },
+    AttnCase {
+        name: "kiln_t_attn_f16_mma",
+        dims: [3, 50, 77, 64],
+        causal: false,
+        f16: true,
+        mma: true,
+    },
+    AttnCase {
+        name: "kiln_t_attn_f16_mma_causal",
+        dims: [2, 130, 130, 32],
+        causal: true,
+        f16: true,
+        mma: true,
     },
 ];
 

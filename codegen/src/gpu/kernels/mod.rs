@@ -10,7 +10,8 @@
 //! * [`norm`]: LayerNorm; [`reduce`]: last-axis Sum / Mean / Max ([`reduce::RowMode`]: a
 //!   warp or a block per row).
 //! * [`elementwise::chain`]: fused elementwise chains with broadcasting.
-//! * [`attention`]: flash-style fused attention (f32 / f16, causal).
+//! * [`attention`]: flash-style fused attention (f32 / f16, causal); [`attention_mma`]: the
+//!   same on tensor cores (f16, `nvgpu.mma.sync`).
 //! * [`emit`]: the MLIR text builder these generators share.
 
 pub mod elementwise;
@@ -19,6 +20,7 @@ pub mod gemm_f16;
 pub mod softmax;
 
 pub mod attention;
+pub mod attention_mma;
 pub mod conv;
 pub mod conv_mma;
 pub mod depthwise;
@@ -92,6 +94,11 @@ pub fn ops_default() -> Result<Vec<GpuKernel>, super::GpuError> {
         )?,
         attention::attention(
             "kiln_attention_f16_causal",
+            &attention::AttentionSpec::new(64, true, super::Elem::F16),
+            sku,
+        )?,
+        attention_mma::attention_f16_mma(
+            "kiln_attention_f16_mma",
             &attention::AttentionSpec::new(64, true, super::Elem::F16),
             sku,
         )?,
