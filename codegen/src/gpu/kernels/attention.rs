@@ -16,7 +16,7 @@
 //! The causal mask is top-left aligned (key `j` is visible to query `i` iff `j ≤ i`, as
 //! PyTorch's `is_causal` and a lower-triangular ONNX mask).
 
-use super::emit::{dyn_memref, shared_memref, Emitter, WARP};
+use super::emit::{dyn_memref, in_kernel, shared_memref, Emitter, WARP};
 use crate::gpu::{Elem, GpuError, GpuKernel, KernelParam, Sku};
 
 /// What an attention kernel is specialised for.
@@ -96,7 +96,7 @@ impl AttentionSpec {
 /// `name(Q, K, V, O: memref<?xT>, bh: index, sq: index, skv: index)`; launch with grid
 /// [`AttentionSpec::grid`] and block [`AttentionSpec::block`].
 pub fn attention(name: &str, spec: &AttentionSpec, sku: &Sku) -> Result<GpuKernel, GpuError> {
-    spec.validate(sku)?;
+    spec.validate(sku).map_err(in_kernel(name))?;
     let d = u64::from(spec.head_dim);
     let w = u64::from(spec.rows_per_block);
     let per_lane = d / u64::from(WARP);

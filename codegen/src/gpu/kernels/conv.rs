@@ -20,7 +20,7 @@
 //! for NCHW (consecutive threads gather consecutive pixels), `k = (kh·KW + kw)·C + c` for
 //! NHWC (consecutive threads gather consecutive channels), so both read X coalesced.
 
-use super::emit::{dyn_memref, shared_memref, Emitter};
+use super::emit::{dyn_memref, in_kernel, shared_memref, Emitter};
 use crate::gpu::{Elem, GpuError, GpuKernel, KernelParam, Sku};
 use kiln_tune::{Config, Param, Space};
 
@@ -345,8 +345,8 @@ pub fn conv2d(
     s: &GpuConvSchedule,
     sku: &Sku,
 ) -> Result<GpuKernel, GpuError> {
-    g.validate()?;
-    s.validate(sku)?;
+    g.validate().map_err(in_kernel(name))?;
+    s.validate(sku).map_err(in_kernel(name))?;
     let GpuConvSchedule { bm, bn, bk, tm, tn } = *s;
     let (bm, bn, bk, tm, tn) = (
         u64::from(bm),
@@ -610,6 +610,24 @@ mod tests {
         assert_eq!(s.launch(&g).unwrap(), ([1, 1, 1], [256, 1, 1]));
         let bad = ConvGeom { kh: 20, ..g };
         assert!(bad.validate().is_err());
+        let sku = DeviceDb::builtin()
+            .unwrap()
+            .parse_target("cuda:sm_80")
+            .unwrap();
+        let e = conv2d(
+            "bad_conv",
+            &bad,
+            ConvLayout::Nchw,
+            Epilogue::default(),
+            &s,
+            sku,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("kernel 'bad_conv'") && e.contains("larger than"),
+            "{e}"
+        );
         assert!(ConvGeom {
             stride: [0, 1],
             ..g

@@ -17,7 +17,7 @@
 //! `[OC, C, KH, KW]`, NHWC with `[OC, KH, KW, C]`); bias, residual and Y are f32.
 
 use super::conv::{ConvGeom, ConvLayout, Epilogue};
-use super::emit::{dyn_memref, Emitter, WARP};
+use super::emit::{dyn_memref, in_kernel, Emitter, WARP};
 use crate::gpu::{Elem, GpuError, GpuKernel, KernelParam, Sku};
 use kiln_tune::{Config, Param, Space};
 
@@ -123,8 +123,8 @@ pub fn conv2d_f16_mma(
     s: &ConvMmaSchedule,
     sku: &Sku,
 ) -> Result<GpuKernel, GpuError> {
-    g.validate()?;
-    s.validate(sku)?;
+    g.validate().map_err(in_kernel(name))?;
+    s.validate(sku).map_err(in_kernel(name))?;
     let (bm, bn) = (u64::from(s.bm()), u64::from(s.bn()));
     let threads = u64::from(WARP * s.warps);
     let (oh, ow) = (g.oh(), g.ow());

@@ -5,7 +5,7 @@
 
 use super::blocks_for;
 use super::conv::{ConvGeom, Epilogue};
-use super::emit::{dyn_memref, Emitter};
+use super::emit::{dyn_memref, in_kernel, Emitter};
 use crate::gpu::{Elem, GpuError, GpuKernel, KernelParam, Sku};
 
 /// Threads per block of [`depthwise_conv2d`].
@@ -27,7 +27,7 @@ pub fn launch(g: &ConvGeom, sku: &Sku) -> ([u32; 3], [u32; 3]) {
 /// input (`g.oc` must equal `g.c`; `g.k()` counts `C·KH·KW` but each output reads only its
 /// channel's `KH·KW` taps).
 pub fn depthwise_conv2d(name: &str, g: &ConvGeom, epi: Epilogue) -> Result<GpuKernel, GpuError> {
-    g.validate()?;
+    g.validate().map_err(in_kernel(name))?;
     if g.oc != g.c {
         return Err(GpuError::Schedule(format!(
             "depthwise conv '{name}': {} output channels for {} input channels (groups = C \

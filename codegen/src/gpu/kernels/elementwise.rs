@@ -3,7 +3,7 @@
 //! ([`mul_add_relu`]) and a generator of fused chains ([`chain`], [`EwChain`]): unary and
 //! binary ops over full tensors, per-row and per-column vectors and scalars.
 
-use super::emit::{dyn_memref, Emitter};
+use super::emit::{dyn_memref, in_kernel, Emitter};
 use crate::gpu::{Elem, GpuError, GpuKernel, KernelParam};
 
 /// Threads per block of [`mul_add_relu`].
@@ -238,7 +238,7 @@ fn missing(what: &str) -> GpuError {
 /// index)`: `y[i] = chain(inputs at i)` with a grid-stride loop; launch with [`BLOCK`]
 /// threads per block and any grid (e.g. [`blocks_for`](super::blocks_for)).
 pub fn chain(name: &str, ch: &EwChain) -> Result<GpuKernel, GpuError> {
-    ch.validate()?;
+    ch.validate().map_err(in_kernel(name))?;
     let ty = dyn_memref("f32");
     let mut e = Emitter::new();
     e.line("%tid = gpu.thread_id x");

@@ -2,6 +2,7 @@
 //! `f32` constants hoisted to the top of the kernel, one-line arithmetic helpers and the
 //! warp-shuffle butterfly reduction shared by the reduction kernels.
 
+use crate::gpu::GpuError;
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
 
@@ -164,6 +165,14 @@ impl Emitter {
         out.push_str(&self.body);
         out.push_str("    gpu.return\n  }\n");
         out
+    }
+}
+
+/// Prefixes a schedule/shape error with the kernel it is about (`kernel 'name': ...`).
+pub fn in_kernel(name: &str) -> impl Fn(GpuError) -> GpuError + '_ {
+    move |e| match e {
+        GpuError::Schedule(m) => GpuError::Schedule(format!("kernel '{name}': {m}")),
+        other => other,
     }
 }
 

@@ -4,14 +4,14 @@
 //! passes over the row (mean, then the sum of squared deviations) with warp-shuffle
 //! reductions; one warp or one block per row ([`RowMode`]).
 
-use super::emit::{dyn_memref, Emitter};
+use super::emit::{dyn_memref, in_kernel, Emitter};
 use super::reduce::{fix_red_type, n_as_f32, RowMode};
 use crate::gpu::{Elem, GpuError, GpuKernel, KernelParam};
 
 /// `name(X, Scale, Bias, Y: memref<?xf32>, rows: index, n: index, eps: f32)`; `Scale` and
 /// `Bias` hold `n` values; launch with `mode.grid(rows)` × `mode.block()`.
 pub fn layer_norm(name: &str, mode: RowMode) -> Result<GpuKernel, GpuError> {
-    mode.validate()?;
+    mode.validate().map_err(in_kernel(name))?;
     let ty = dyn_memref("f32");
     let mut e = Emitter::new();
     let (row, j0, js) = mode.open(&mut e);

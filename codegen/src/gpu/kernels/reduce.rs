@@ -8,7 +8,7 @@
 //!   warp reduces with shuffles, lane 0 writes its partial to shared memory, a barrier, and
 //!   every thread sums the per-warp partials.
 
-use super::emit::{dyn_memref, shared_memref, Emitter, WARP};
+use super::emit::{dyn_memref, in_kernel, shared_memref, Emitter, WARP};
 use crate::gpu::{Elem, GpuError, GpuKernel, KernelParam};
 
 /// How the threads of a block are assigned to rows.
@@ -180,7 +180,7 @@ pub(crate) fn n_as_f32(e: &mut Emitter) -> String {
 /// `name(X: memref<?xf32>, Y: memref<?xf32>, rows: index, n: index)`:
 /// `Y[r] = reduce(X[r, 0..n])`; launch with `mode.grid(rows)` × `mode.block()`.
 pub fn reduce_rows(name: &str, kind: ReduceKind, mode: RowMode) -> Result<GpuKernel, GpuError> {
-    mode.validate()?;
+    mode.validate().map_err(in_kernel(name))?;
     let ty = dyn_memref("f32");
     let (op, init) = match kind {
         ReduceKind::Sum | ReduceKind::Mean => ("addf", 0.0f32),
