@@ -8,75 +8,14 @@
 //! Also keeps the PTX fixtures the CUDA runtime test loads (`runtime/tests/ptx/`) in sync
 //! with the code generator (`KILN_UPDATE_PTX=1` rewrites them).
 
+use kiln_codegen::gpu::compile_kernel;
 use kiln_codegen::gpu::kernels::{all_default, elementwise, gemm};
-use kiln_codegen::gpu::pipeline::venv_nvidia_dirs;
-use kiln_codegen::gpu::{compile_kernel, DeviceDb};
-use std::path::{Path, PathBuf};
+use kiln_codegen::gpu::DeviceDb;
 use std::process::Command;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-fn find_ptxas() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("KILN_PTXAS") {
-        return Some(PathBuf::from(p));
-    }
-    if let Some(p) = venv_nvidia_dirs(&repo())
-        .into_iter()
-        .map(|d| d.join("bin/ptxas"))
-        .find(|p| p.is_file())
-    {
-        return Some(p);
-    }
-    let ok = Command::new("ptxas")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    ok.then(|| PathBuf::from("ptxas"))
-}
-
-/// What `ptxas -v` says about one entry.
-#[derive(Debug, Default)]
-struct Usage {
-    registers: u32,
-    smem: u32,
-    spill_bytes: u32,
-    stack: u32,
-}
-
-fn number_before(line: &str, unit: &str) -> Option<u32> {
-    let i = line.find(unit)?;
-    line[..i].split_whitespace().last()?.parse().ok()
-}
-
-fn parse_ptxas_v(out: &str, entry: &str) -> Option<Usage> {
-    let mut u = Usage::default();
-    let mut seen = false;
-    let mut inside = false;
-    for line in out.lines() {
-        if line.contains("Compiling entry function") || line.contains("Function properties for") {
-            inside = line.contains(&format!("'{entry}'")) || line.ends_with(&format!(" {entry}"));
-        }
-        if !inside {
-            continue;
-        }
-        if line.contains("bytes stack frame") {
-            u.stack = number_before(line, "bytes stack frame")?;
-            u.spill_bytes = number_before(line, "bytes spill stores")?
-                + number_before(line, "bytes spill loads")?;
-        }
-        if line.contains("Used ") && line.contains(" registers") {
-            u.registers = number_before(line, "registers")?;
-            u.smem = number_before(line, "bytes smem").unwrap_or(0);
-            seen = true;
-        }
-    }
-    seen.then_some(u)
-}
+#[path = "common/ptxas.rs"]
+mod ptxas;
+use ptxas::{check_fixture, check_limits, find_ptxas, parse_ptxas_v};
 
 #[test]
 fn every_kernel_assembles_and_fits_every_sku() {
@@ -131,24 +70,7 @@ fn every_kernel_assembles_and_fits_every_sku() {
                 k.threads(),
                 u.spill_bytes
             );
-            let ctx = format!("{} on {}: {u:?}", k.name, sku.name);
-            assert!(
-                u.registers > 0 && u.registers <= sku.max_registers_per_thread,
-                "{ctx}"
-            );
-            assert!(
-                u.registers * k.threads() <= sku.registers_per_block,
-                "{ctx}: registers per block"
-            );
-            assert!(
-                u.smem <= sku.shared_mem_per_block,
-                "{ctx}: shared memory per block"
-            );
-            assert_eq!(
-                u.smem, k.shared_bytes,
-                "{ctx}: declared static shared memory"
-            );
-            assert_eq!((u.spill_bytes, u.stack), (0, 0), "{ctx}: spills");
+            check_limits(&u, k, sku);
         }
     }
 }
@@ -207,21 +129,8 @@ fn runtime_fixtures() -> Vec<(&'static str, String)> {
 
 #[test]
 fn runtime_ptx_fixtures_are_current() {
-    let dir = repo().join("runtime/tests/ptx");
-    let update = std::env::var_os("KILN_UPDATE_PTX").is_some();
     for (name, text) in runtime_fixtures() {
-        let path = dir.join(name);
-        if update {
-            std::fs::create_dir_all(&dir).unwrap();
-            std::fs::write(&path, &text).unwrap();
-            continue;
-        }
-        let old = std::fs::read_to_string(&path).unwrap_or_default();
-        assert!(
-            old == text,
-            "{} is stale: rerun with KILN_UPDATE_PTX=1",
-            path.display()
-        );
+        check_fixture(name, &text);
     }
 }
 

@@ -9,6 +9,15 @@
 //!   [`epilogue`]s (bias, relu/gelu/sigmoid/silu, residual, alpha/beta).
 //! * [`gemm_wgmma`]: sm_90 GEMM with `wgmma` on TMA-loaded, mbarrier-pipelined shared memory.
 //! * [`gemm_select`]: picks the wgmma kernel where the SKU has `wgmma`, else `mma.sync`.
+//! * [`conv`]: implicit-GEMM 2-D convolution (NCHW / NHWC, fused epilogue,
+//!   [`conv::GpuConvSchedule`]); [`conv_mma`]: the same with f16 inputs on tensor cores
+//!   (`nvgpu.mma.sync`); [`depthwise`]: depthwise convolution.
+//! * [`norm`]: LayerNorm; [`reduce`]: last-axis Sum / Mean / Max ([`reduce::RowMode`]: a
+//!   warp or a block per row).
+//! * [`elementwise::chain`]: fused elementwise chains with broadcasting.
+//! * [`attention`]: flash-style fused attention (f32 / f16, causal); [`attention_mma`]: the
+//!   same on tensor cores (f16, `nvgpu.mma.sync`).
+//! * [`emit`]: the MLIR text builder these generators share.
 
 pub mod elementwise;
 pub mod gemm;
@@ -19,6 +28,14 @@ pub mod epilogue;
 pub mod gemm_mma;
 pub mod gemm_select;
 pub mod gemm_wgmma;
+pub mod attention;
+pub mod attention_mma;
+pub mod conv;
+pub mod conv_mma;
+pub mod depthwise;
+pub mod emit;
+pub mod norm;
+pub mod reduce;
 
 use super::GpuKernel;
 
@@ -33,7 +50,69 @@ pub fn all_default() -> Result<Vec<GpuKernel>, super::GpuError> {
     ]
     .into_iter()
     .chain(gemm_mma::default_kernels()?.into_iter().map(|g| g.kernel))
+    .chain(ops_default()?)
     .collect())
+}
+
+/// The conv, depthwise, normalization, reduction, elementwise-chain and attention kernels
+/// with default schedules and representative static shapes (generated for the sm_80 limits,
+/// which every SKU of the database meets).
+pub fn ops_default() -> Result<Vec<GpuKernel>, super::GpuError> {
+    use conv::{ConvGeom, ConvLayout, Epilogue, GpuConvSchedule};
+    let sku = super::DeviceDb::builtin()?.parse_target("cuda:sm_80")?;
+    let g = ConvGeom {
+        n: 1,
+        c: 64,
+        h: 28,
+        w: 28,
+        oc: 64,
+        kh: 3,
+        kw: 3,
+        stride: [1, 1],
+        pads: [1, 1, 1, 1],
+        dilation: [1, 1],
+    };
+    let epi = Epilogue {
+        bias: true,
+        residual: false,
+        relu: true,
+    };
+    let s = GpuConvSchedule::default();
+    let dw = ConvGeom { oc: g.c, ..g };
+    let row = reduce::RowMode::Warp { rows_per_block: 4 };
+    let blk = reduce::RowMode::Block { threads: 256 };
+    Ok(vec![
+        conv::conv2d("kiln_conv_nchw", &g, ConvLayout::Nchw, epi, &s, sku)?,
+        conv::conv2d("kiln_conv_nhwc", &g, ConvLayout::Nhwc, epi, &s, sku)?,
+        conv_mma::conv2d_f16_mma(
+            "kiln_conv_f16_mma_nhwc",
+            &g,
+            ConvLayout::Nhwc,
+            epi,
+            &conv_mma::ConvMmaSchedule::default(),
+            sku,
+        )?,
+        depthwise::depthwise_conv2d("kiln_dwconv", &dw, epi)?,
+        norm::layer_norm("kiln_layernorm_warp", row)?,
+        norm::layer_norm("kiln_layernorm_block", blk)?,
+        reduce::reduce_rows("kiln_reduce_mean", reduce::ReduceKind::Mean, row)?,
+        reduce::reduce_rows("kiln_reduce_sum_block", reduce::ReduceKind::Sum, blk)?,
+        attention::attention(
+            "kiln_attention_f32",
+            &attention::AttentionSpec::new(64, false, super::Elem::F32),
+            sku,
+        )?,
+        attention::attention(
+            "kiln_attention_f16_causal",
+            &attention::AttentionSpec::new(64, true, super::Elem::F16),
+            sku,
+        )?,
+        attention_mma::attention_f16_mma(
+            "kiln_attention_f16_mma",
+            &attention::AttentionSpec::new(64, true, super::Elem::F16),
+            sku,
+        )?,
+    ])
 }
 
 /// Launch geometry: blocks per grid for `n` items, `per_block` items per block, capped at
