@@ -143,3 +143,16 @@ fn ptxas_output_parser() {
     assert_eq!((u.registers, u.smem, u.spill_bytes), (40, 8192, 0));
     assert!(parse_ptxas_v(out, "other").is_none());
 }
+
+/// Every kernel of `all_default` declares its shared arrays 16-byte aligned (they are read
+/// with `ld.shared.v4`, which faults on a smaller alignment; MLIR's default is 4).
+#[test]
+fn all_shared_arrays_are_16_byte_aligned() {
+    let sku = DeviceDb::builtin().unwrap().parse_target("cuda:sm_80").unwrap();
+    for k in all_default().unwrap() {
+        let ptx = compile_kernel(&k, sku).unwrap().text;
+        for line in ptx.lines().filter(|l| l.contains(".shared .align")) {
+            assert!(line.contains(".align 16"), "{}: {line}", k.name);
+        }
+    }
+}

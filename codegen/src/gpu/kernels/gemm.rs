@@ -108,7 +108,7 @@ pub fn gemm_f32(name: &str, s: &GpuGemmSchedule) -> Result<GpuKernel, GpuError> 
     let w = &mut b;
     let _ = writeln!(
         w,
-        "  gpu.func @{name}(%A: memref<?xf32>, %B: memref<?xf32>, %C: memref<?xf32>, %M: index, %N: index, %K: index) workgroup(%As : {a_sh}, %Bs : {b_sh}) kernel attributes {{known_block_size = array<i32: {threads}, 1, 1>}} {{"
+        "  gpu.func @{name}(%A: memref<?xf32>, %B: memref<?xf32>, %C: memref<?xf32>, %M: index, %N: index, %K: index) workgroup(%As : {a_sh} {{llvm.align = 16 : i64}}, %Bs : {b_sh} {{llvm.align = 16 : i64}}) kernel attributes {{known_block_size = array<i32: {threads}, 1, 1>}} {{"
     );
     let _ = write!(
         w,
