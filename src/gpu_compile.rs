@@ -174,15 +174,17 @@ pub fn compile_graph_gpu(
         .with_context(|| format!("{name}: generating PTX for {} ({})", sku.name, sku.arch))?;
     report.timings.push(("mlir+ptx", t.elapsed()));
     let (g, p) = (&planned.graph, &planned.partition);
-    let generic: Vec<String> = lowering
-        .generic_kernels()
-        .iter()
-        .map(|&i| {
-            let k = &p.kernels[i];
-            let ops: Vec<&str> = k.nodes.iter().map(|&n| g.nodes[n].op.op_type()).collect();
-            format!("{} ({})", k.name, ops.join(", "))
-        })
-        .collect();
+    let describe = |idx: Vec<usize>| -> Vec<String> {
+        idx.iter()
+            .map(|&i| {
+                let k = &p.kernels[i];
+                let ops: Vec<&str> = k.nodes.iter().map(|&n| g.nodes[n].op.op_type()).collect();
+                format!("{} ({})", k.name, ops.join(", "))
+            })
+            .collect()
+    };
+    let generic = describe(lowering.generic_kernels());
+    let epilogues = describe(lowering.generic_epilogues());
     let steps = plan.gpu.as_ref().map_or(0, |gp| gp.steps.len());
     report.gpu.push(format!(
         "target: cuda:{} ({}, {}), {} launches of {} kernels, PTX {} bytes",
@@ -202,6 +204,11 @@ pub fn compile_graph_gpu(
             .count(),
         generic.join(", ")
     ));
+    report.gpu.push(format!(
+        "specialized kernels with a generic epilogue: {}: {}",
+        epilogues.len(),
+        epilogues.join(", ")
+    ));
     report.kernels = lowering.kernels.len();
     report.views = lowering.views;
     report.variants = 1;
@@ -218,21 +225,25 @@ pub fn compile_graph_gpu(
     Ok((artifact, report))
 }
 
-/// Compiles `model` for `target` with only the generic path and runs that plan on the CPU
-/// (each generic kernel's body as a CPU kernel, launches in order over a host arena); returns
-/// the outputs (plan order) for the given inputs. See the module doc.
+/// Compiles `model` for `target` and runs the plan on the CPU: each generic kernel's body as
+/// a CPU kernel, launches in order over a host arena; with `specialized`, the GEMM and row
+/// softmax launches run as plain Rust loops over the same buffer views and scalars (so
+/// their offsets, batching, transposed constants and epilogues are checked), otherwise the
+/// model is lowered with the generic path only. Returns the outputs (plan order) for the
+/// given inputs. See the module doc.
 pub fn emulate(
     model: &Path,
     target: &str,
     opts: &CompileOptions,
     inputs: &[kiln_ir::Tensor],
+    specialized: bool,
 ) -> Result<Vec<kiln_ir::Tensor>> {
     let sku = resolve_sku(target)?;
     let graph = kiln_ir::onnx::load(model)?;
     let name = model.display().to_string();
     let planned = plan_for_gpu(&graph, &name, opts, &mut |_, _| {})?;
     let lopts = LowerOptions {
-        specialized: false,
+        specialized,
         ..LowerOptions::for_sku(sku)
     };
     let (plan, lowering, weights) = gpu_plan(&planned, sku, &lopts)?;
@@ -272,11 +283,14 @@ pub fn emulate(
         .collect();
     let mut scratch = kiln_runtime::kernel_lib::scratch_buffer(64);
     for s in &gp.steps {
-        let h = lib.kernel(&s.kernel)?;
         let mut ptrs = Vec::new();
+        let mut scalars = Vec::new();
         for a in &s.args {
             let GpuArg::Buf { buf, offset, .. } = a else {
-                bail!("step '{}': scalar arguments in an emulated (generic) kernel", s.kernel);
+                if let GpuArg::Index(v) = a {
+                    scalars.push(*v as usize);
+                }
+                continue;
             };
             let base = match buf {
                 BufRef::Arena { offset: o, .. } => arena.as_mut_slice()[*o as usize..].as_mut_ptr(),
@@ -290,6 +304,12 @@ pub fn emulate(
             // SAFETY: `validate` checked that the view lies inside its buffer.
             ptrs.push(unsafe { base.add(*offset as usize) });
         }
+        if !s.generic {
+            // SAFETY: `validate` checked each view (len elements) against its buffer.
+            unsafe { emulate_special(&s.kernel, &ptrs, &scalars)? };
+            continue;
+        }
+        let h = lib.kernel(&s.kernel)?;
         // SAFETY: the generic kernel reads and writes exactly the views it was lowered
         // with, which `validate` checked against the buffers.
         unsafe { h.call(&ptrs, &[], scratch.as_mut_slice()) };
@@ -310,4 +330,46 @@ pub fn emulate(
                 .map_err(|e| anyhow::anyhow!("output '{}': {e}", io.name))
         })
         .collect()
+}
+
+/// The specialized kernels' semantics on the host (see [`emulate`]).
+///
+/// # Safety
+/// `ptrs` must be the kernel's buffer views, valid for the sizes its scalars imply.
+unsafe fn emulate_special(kernel: &str, ptrs: &[*mut u8], scalars: &[usize]) -> Result<()> {
+    match (kernel, ptrs, scalars) {
+        ("kiln_gemm_f32", [a, b, c], [m, n, k]) => {
+            let (m, n, k) = (*m, *n, *k);
+            // SAFETY: by the caller; f32 views of m*k, k*n and m*n elements (unaligned
+            // reads, since offsets are element multiples of 4-byte-aligned buffers).
+            unsafe {
+                let (a, b, c) = (*a as *const f32, *b as *const f32, *c as *mut f32);
+                for i in 0..m {
+                    for j in 0..n {
+                        let mut acc = 0f32;
+                        for p in 0..k {
+                            acc += a.add(i * k + p).read_unaligned() * b.add(p * n + j).read_unaligned();
+                        }
+                        c.add(i * n + j).write_unaligned(acc);
+                    }
+                }
+            }
+        }
+        ("kiln_softmax_rows", [x, y], [rows, n]) => {
+            // SAFETY: by the caller; f32 views of rows*n elements.
+            unsafe {
+                let (x, y) = (*x as *const f32, *y as *mut f32);
+                for r in 0..*rows {
+                    let row: Vec<f32> = (0..*n).map(|j| x.add(r * n + j).read_unaligned()).collect();
+                    let mx = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let sum: f32 = row.iter().map(|v| (v - mx).exp()).sum();
+                    for (j, v) in row.iter().enumerate() {
+                        y.add(r * n + j).write_unaligned((v - mx).exp() / sum);
+                    }
+                }
+            }
+        }
+        _ => bail!("emulation: no host version of the specialized kernel '{kernel}'"),
+    }
+    Ok(())
 }

@@ -140,10 +140,20 @@ fn rel_err(a: &kiln_ir::Tensor, b: &kiln_ir::Tensor) -> f64 {
 
 #[test]
 fn generic_gpu_plans_match_the_reference_interpreter_on_the_cpu() {
+    emulated_plans_match(false);
+}
+
+#[test]
+fn specialized_gpu_plans_match_the_reference_interpreter_on_the_cpu() {
+    emulated_plans_match(true);
+}
+
+fn emulated_plans_match(specialized: bool) {
     for name in ZOO {
         let (ins, opts) = test_inputs(name);
         let model = zoo(name).join("model.onnx");
-        let got = emulate(&model, "cuda:h100", &opts, &ins).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        let got = emulate(&model, "cuda:h100", &opts, &ins, specialized)
+            .unwrap_or_else(|e| panic!("{name}: {e:#}"));
         let g = kiln::load_model(&model).unwrap();
         let want = kiln_ir::interp::run(&g, &ins).unwrap();
         assert_eq!(got.len(), want.len());
@@ -171,6 +181,12 @@ fn cli_compiles_for_a_cuda_target_and_reports_the_sku() {
     assert!(text.contains("target: cuda:a100") && text.contains("arena:"), "{text}");
     let (ok, text) = kiln(&["compile", s(&zoo("mlp").join("model.onnx")), "--target", "cuda:v100"]);
     assert!(!ok && text.contains("unknown GPU target 'cuda:v100'"), "{text}");
+    // An op with no GPU lowering: an error naming the kernel and the op.
+    let cumsum = Path::new(env!("CARGO_MANIFEST_DIR")).join(".data/node/test_cumsum_1d/model.onnx");
+    if cumsum.exists() {
+        let (ok, text) = kiln(&["compile", s(&cumsum), "--target", "cuda:h100", "-o", s(&dir.join("c.kiln"))]);
+        assert!(!ok && text.contains("kernel k0 (Opaque: CumSum) cannot be lowered to the GPU"), "{text}");
+    }
     // Without a driver, running it is a clear error (or it runs where there is a GPU).
     let (ok, text) = kiln(&["run", s(&art)]);
     assert!(
@@ -202,4 +218,78 @@ fn sku_mismatch_is_detected_from_the_device_name() {
     assert!(plan("cuda:l4").check_device("NVIDIA L4", "sm_89").is_ok());
     assert!(plan("cuda:l4").check_device("NVIDIA L40S", "sm_89").is_err());
     assert!(plan("cuda:h200").check_device("NVIDIA H200", "sm_90").is_ok());
+}
+
+/// ONNX node tests covering the generic path's op families (broadcasting, Gemm attributes,
+/// batched/broadcast MatMul, Slice/Split/Concat/Gather/Transpose/Expand, pooling, Conv
+/// padding and strides, Softmax/LayerNorm axes), each emulated in both modes and compared
+/// with the test's expected outputs. Cases the GPU path refuses (clear errors) are listed.
+#[test]
+fn onnx_node_tests_emulate_correctly_or_are_refused_clearly() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join(".data/node");
+    if !root.is_dir() {
+        println!("SKIPPED: no ONNX node tests in .data/node");
+        return;
+    }
+    let prefixes = [
+        "test_add_bcast", "test_clip", "test_concat_", "test_conv_with", "test_erf",
+        "test_expand_dim", "test_gather_0", "test_gather_1", "test_gather_2d", "test_gather_negative",
+        "test_gelu", "test_gemm_", "test_globalaveragepool", "test_hardswish",
+        "test_layer_normalization_", "test_matmul_2d", "test_matmul_3d", "test_matmul_4d",
+        "test_matmul_bcast", "test_maxpool_2d", "test_reduce_mean", "test_relu", "test_sigmoid",
+        "test_slice", "test_softmax", "test_split_", "test_tanh", "test_transpose", "test_where",
+    ];
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&root)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            let n = p.file_name().unwrap().to_str().unwrap();
+            prefixes.iter().any(|x| n.starts_with(x)) && !n.contains("expanded")
+                && !n.contains("sequence")
+        })
+        .collect();
+    dirs.sort();
+    let (mut passed, mut refused, mut failed) = (0, Vec::new(), Vec::new());
+    for d in &dirs {
+        let name = d.file_name().unwrap().to_str().unwrap().to_string();
+        let data = d.join("test_data_set_0");
+        let (Ok(ins), Ok(want)) = (
+            kiln::io::read_test_set(&data, "input"),
+            kiln::io::read_test_set(&data, "output"),
+        ) else {
+            continue;
+        };
+        let Ok(g) = kiln::load_model(d.join("model.onnx")) else {
+            continue;
+        };
+        let mut opts = CompileOptions::default();
+        for (&v, t) in g.inputs.iter().zip(&ins) {
+            opts.shapes.insert(g.values[v].name.clone(), t.shape().to_vec());
+        }
+        for specialized in [false, true] {
+            match emulate(&d.join("model.onnx"), "cuda:a100", &opts, &ins, specialized) {
+                Err(e) => {
+                    refused.push(format!("{name}: {e:#}"));
+                    break;
+                }
+                Ok(got) => {
+                    let bad = got.len() != want.len()
+                        || got.iter().zip(&want).any(|(a, b)| {
+                            a.shape() != b.shape() || rel_err(a, b) > 1e-4
+                        });
+                    if bad {
+                        failed.push(format!("{name} (specialized: {specialized})"));
+                    } else if specialized {
+                        passed += 1;
+                    }
+                }
+            }
+        }
+    }
+    println!("{passed} node tests match in both modes; {} refused:", refused.len());
+    for r in &refused {
+        println!("  {}", r.lines().last().unwrap_or(r));
+    }
+    assert!(failed.is_empty(), "wrong results: {failed:#?}");
+    assert!(passed >= 60, "only {passed} node tests passed");
 }

@@ -306,6 +306,12 @@ fn special(
             ));
         }
     }
+    if calls
+        .iter()
+        .any(|c| sched.grid(c.3 as u64, n as u64)[1] > 65535)
+    {
+        return Ok(false);
+    }
     for (ao, bo, yo, rows) in calls {
         let buf = |operand: Operand, offset: u64, len: usize| LaunchArg::Buf {
             operand,

@@ -132,16 +132,27 @@ impl GpuLowering {
         s
     }
 
-    /// Names of the partition kernels (with their ops) that used the generic path.
+    /// The partition kernels computed entirely on the generic path (no specialized
+    /// launch), in order.
     pub fn generic_kernels(&self) -> Vec<usize> {
-        let mut v: Vec<usize> = self
-            .launches
-            .iter()
-            .filter(|l| l.generic)
-            .map(|l| l.index)
-            .collect();
-        v.dedup();
-        v
+        self.kernel_indices(|ls| ls.iter().all(|l| l.generic))
+    }
+
+    /// The partition kernels computed by a specialized kernel followed by a generic
+    /// epilogue launch, in order.
+    pub fn generic_epilogues(&self) -> Vec<usize> {
+        self.kernel_indices(|ls| ls.iter().any(|l| l.generic) && ls.iter().any(|l| !l.generic))
+    }
+
+    fn kernel_indices(&self, pred: impl Fn(&[&Launch]) -> bool) -> Vec<usize> {
+        let mut idx: Vec<usize> = self.launches.iter().map(|l| l.index).collect();
+        idx.dedup();
+        idx.into_iter()
+            .filter(|&i| {
+                let ls: Vec<&Launch> = self.launches.iter().filter(|l| l.index == i).collect();
+                pred(&ls)
+            })
+            .collect()
     }
 
     fn add_kernel(&mut self, k: GpuKernel) -> Result<(), String> {
