@@ -133,8 +133,16 @@ pub fn gpu_plan(
         }
     }
     let plan = ExecPlan {
-        inputs: g.inputs.iter().map(|&v| io_spec(g, v)).collect::<Result<_>>()?,
-        outputs: g.outputs.iter().map(|&v| io_spec(g, v)).collect::<Result<_>>()?,
+        inputs: g
+            .inputs
+            .iter()
+            .map(|&v| io_spec(g, v))
+            .collect::<Result<_>>()?,
+        outputs: g
+            .outputs
+            .iter()
+            .map(|&v| io_spec(g, v))
+            .collect::<Result<_>>()?,
         arena_bytes: mem.arena_bytes as u64,
         gpu: Some(GpuPlan {
             sku: sku.name.clone(),
@@ -255,7 +263,11 @@ pub fn emulate(
     let mut weights_buf = kiln_runtime::AlignedBuf::zeroed(weights.len());
     weights_buf.as_mut_slice().copy_from_slice(&weights);
     if inputs.len() != plan.inputs.len() {
-        bail!("{} inputs given, the model has {}", inputs.len(), plan.inputs.len());
+        bail!(
+            "{} inputs given, the model has {}",
+            inputs.len(),
+            plan.inputs.len()
+        );
     }
     let mut ins: Vec<kiln_runtime::AlignedBuf> = inputs
         .iter()
@@ -348,7 +360,8 @@ unsafe fn emulate_special(kernel: &str, ptrs: &[*mut u8], scalars: &[usize]) -> 
                     for j in 0..n {
                         let mut acc = 0f32;
                         for p in 0..k {
-                            acc += a.add(i * k + p).read_unaligned() * b.add(p * n + j).read_unaligned();
+                            acc += a.add(i * k + p).read_unaligned()
+                                * b.add(p * n + j).read_unaligned();
                         }
                         c.add(i * n + j).write_unaligned(acc);
                     }
@@ -360,7 +373,8 @@ unsafe fn emulate_special(kernel: &str, ptrs: &[*mut u8], scalars: &[usize]) -> 
             unsafe {
                 let (x, y) = (*x as *const f32, *y as *mut f32);
                 for r in 0..*rows {
-                    let row: Vec<f32> = (0..*n).map(|j| x.add(r * n + j).read_unaligned()).collect();
+                    let row: Vec<f32> =
+                        (0..*n).map(|j| x.add(r * n + j).read_unaligned()).collect();
                     let mx = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                     let sum: f32 = row.iter().map(|v| (v - mx).exp()).sum();
                     for (j, v) in row.iter().enumerate() {

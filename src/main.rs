@@ -350,18 +350,24 @@ fn run(cli: Cli) -> Result<()> {
             if artifact.extension().is_none_or(|e| e != "onnx") {
                 let art = kiln::runtime::Artifact::load(&artifact)?;
                 if art.target.starts_with("cuda:") {
-                    return run_gpu(&artifact, &art, check.as_deref(), (repeat, seed), allow_sku_mismatch);
+                    return run_gpu(
+                        &artifact,
+                        &art,
+                        check.as_deref(),
+                        (repeat, seed),
+                        allow_sku_mismatch,
+                    );
                 }
             }
             run_artifact(
-            &artifact,
-            &shapes,
-            &inputs,
-            check.as_deref(),
-            output.as_deref(),
-            (repeat, profile),
-            (seed, threads),
-        )
+                &artifact,
+                &shapes,
+                &inputs,
+                check.as_deref(),
+                output.as_deref(),
+                (repeat, profile),
+                (seed, threads),
+            )
         }
         Cmd::Bench(a) => bench(a),
         Cmd::Tune {
@@ -678,13 +684,19 @@ fn run_gpu(
     let refs: Vec<&[u8]> = raw.iter().map(|r| r.as_slice()).collect();
     let t0 = std::time::Instant::now();
     let outs = m.run(&refs)?;
-    println!("first run (launches + graph capture): {:.3} ms", t0.elapsed().as_secs_f64() * 1e3);
+    println!(
+        "first run (launches + graph capture): {:.3} ms",
+        t0.elapsed().as_secs_f64() * 1e3
+    );
     if let Some(n) = repeat {
         let t = std::time::Instant::now();
         for _ in 0..n {
             m.run(&refs)?;
         }
-        println!("mean latency over {n} runs (CUDA graph): {:.3} ms", t.elapsed().as_secs_f64() * 1e3 / n.max(1) as f64);
+        println!(
+            "mean latency over {n} runs (CUDA graph): {:.3} ms",
+            t.elapsed().as_secs_f64() * 1e3 / n.max(1) as f64
+        );
     }
     if let Some(want) = expected {
         let mut worst = 0.0f64;

@@ -16,7 +16,9 @@ use std::process::Command;
 const ZOO: [&str; 5] = ["mlp", "resnet", "mobilenet", "bert", "gpt"];
 
 fn zoo(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/zoo").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/zoo")
+        .join(name)
 }
 
 fn s(p: &Path) -> &str {
@@ -48,7 +50,8 @@ fn test_inputs(name: &str) -> (Vec<kiln_ir::Tensor>, CompileOptions) {
     let g = kiln::load_model(zoo(name).join("model.onnx")).unwrap();
     let mut opts = CompileOptions::default();
     for (&v, t) in g.inputs.iter().zip(&ins) {
-        opts.shapes.insert(g.values[v].name.clone(), t.shape().to_vec());
+        opts.shapes
+            .insert(g.values[v].name.clone(), t.shape().to_vec());
     }
     (ins, opts)
 }
@@ -90,7 +93,9 @@ fn zoo_models_compile_to_ptx_that_ptxas_accepts() {
                 c = c.shape(k.clone(), v.clone());
             }
             let model = zoo(name).join("model.onnx");
-            let art = c.compile(model.as_path()).unwrap_or_else(|e| panic!("{name} {target}: {e}"));
+            let art = c
+                .compile(model.as_path())
+                .unwrap_or_else(|e| panic!("{name} {target}: {e}"));
             assert_eq!(art.target(), format!("cuda:{}", sku.name));
             let report = art.report().unwrap().to_string();
             assert!(report.contains("generic-path kernels"), "{report}");
@@ -105,7 +110,10 @@ fn zoo_models_compile_to_ptx_that_ptxas_accepts() {
                 .unwrap();
             let text = String::from_utf8_lossy(&out.stdout).to_string()
                 + &String::from_utf8_lossy(&out.stderr);
-            assert!(out.status.success(), "{name} {target}: ptxas failed:\n{text}");
+            assert!(
+                out.status.success(),
+                "{name} {target}: ptxas failed:\n{text}"
+            );
             let usage = ptxas_usage(&text);
             for st in &gp.steps {
                 let (_, regs, smem) = usage
@@ -113,9 +121,21 @@ fn zoo_models_compile_to_ptx_that_ptxas_accepts() {
                     .find(|u| u.0 == st.kernel)
                     .unwrap_or_else(|| panic!("{name}: no ptxas report for {}", st.kernel));
                 let threads: u32 = st.block.iter().product();
-                assert!(*regs <= sku.max_registers_per_thread, "{name} {}: {regs} registers", st.kernel);
-                assert!(regs * threads <= sku.registers_per_block, "{name} {}: {regs} x {threads} registers", st.kernel);
-                assert!(smem + st.shared_bytes <= sku.shared_mem_per_block, "{name} {}: {smem} B shared", st.kernel);
+                assert!(
+                    *regs <= sku.max_registers_per_thread,
+                    "{name} {}: {regs} registers",
+                    st.kernel
+                );
+                assert!(
+                    regs * threads <= sku.registers_per_block,
+                    "{name} {}: {regs} x {threads} registers",
+                    st.kernel
+                );
+                assert!(
+                    smem + st.shared_bytes <= sku.shared_mem_per_block,
+                    "{name} {}: {smem} B shared",
+                    st.kernel
+                );
             }
             let max_regs = usage.iter().map(|u| u.1).max().unwrap_or(0);
             println!(
@@ -178,14 +198,35 @@ fn cli_compiles_for_a_cuda_target_and_reports_the_sku() {
         s(&art),
     ]);
     assert!(ok, "{text}");
-    assert!(text.contains("target: cuda:a100") && text.contains("arena:"), "{text}");
-    let (ok, text) = kiln(&["compile", s(&zoo("mlp").join("model.onnx")), "--target", "cuda:v100"]);
-    assert!(!ok && text.contains("unknown GPU target 'cuda:v100'"), "{text}");
+    assert!(
+        text.contains("target: cuda:a100") && text.contains("arena:"),
+        "{text}"
+    );
+    let (ok, text) = kiln(&[
+        "compile",
+        s(&zoo("mlp").join("model.onnx")),
+        "--target",
+        "cuda:v100",
+    ]);
+    assert!(
+        !ok && text.contains("unknown GPU target 'cuda:v100'"),
+        "{text}"
+    );
     // An op with no GPU lowering: an error naming the kernel and the op.
     let cumsum = Path::new(env!("CARGO_MANIFEST_DIR")).join(".data/node/test_cumsum_1d/model.onnx");
     if cumsum.exists() {
-        let (ok, text) = kiln(&["compile", s(&cumsum), "--target", "cuda:h100", "-o", s(&dir.join("c.kiln"))]);
-        assert!(!ok && text.contains("kernel k0 (Opaque: CumSum) cannot be lowered to the GPU"), "{text}");
+        let (ok, text) = kiln(&[
+            "compile",
+            s(&cumsum),
+            "--target",
+            "cuda:h100",
+            "-o",
+            s(&dir.join("c.kiln")),
+        ]);
+        assert!(
+            !ok && text.contains("kernel k0 (Opaque: CumSum) cannot be lowered to the GPU"),
+            "{text}"
+        );
     }
     // Without a driver, running it is a clear error (or it runs where there is a GPU).
     let (ok, text) = kiln(&["run", s(&art)]);
@@ -209,15 +250,30 @@ fn sku_mismatch_is_detected_from_the_device_name() {
     };
     let h100 = plan("cuda:h100");
     assert!(h100.check_device("NVIDIA H100 80GB HBM3", "sm_90").is_ok());
-    let e = h100.check_device("NVIDIA A100-SXM4-80GB", "sm_80").unwrap_err();
-    assert!(e.contains("h100-sxm") && e.contains("NVIDIA A100-SXM4-80GB"), "{e}");
+    let e = h100
+        .check_device("NVIDIA A100-SXM4-80GB", "sm_80")
+        .unwrap_err();
+    assert!(
+        e.contains("h100-sxm") && e.contains("NVIDIA A100-SXM4-80GB"),
+        "{e}"
+    );
     assert!(h100.check_device("NVIDIA H100 PCIe", "sm_90").is_err());
-    assert!(plan("cuda:h100pcie").check_device("NVIDIA H100 PCIe", "sm_90").is_ok());
-    assert!(plan("cuda:a100").check_device("NVIDIA A100-SXM4-40GB", "sm_80").is_ok());
-    assert!(plan("cuda:a10").check_device("NVIDIA A100-SXM4-40GB", "sm_80").is_err());
+    assert!(plan("cuda:h100pcie")
+        .check_device("NVIDIA H100 PCIe", "sm_90")
+        .is_ok());
+    assert!(plan("cuda:a100")
+        .check_device("NVIDIA A100-SXM4-40GB", "sm_80")
+        .is_ok());
+    assert!(plan("cuda:a10")
+        .check_device("NVIDIA A100-SXM4-40GB", "sm_80")
+        .is_err());
     assert!(plan("cuda:l4").check_device("NVIDIA L4", "sm_89").is_ok());
-    assert!(plan("cuda:l4").check_device("NVIDIA L40S", "sm_89").is_err());
-    assert!(plan("cuda:h200").check_device("NVIDIA H200", "sm_90").is_ok());
+    assert!(plan("cuda:l4")
+        .check_device("NVIDIA L40S", "sm_89")
+        .is_err());
+    assert!(plan("cuda:h200")
+        .check_device("NVIDIA H200", "sm_90")
+        .is_ok());
 }
 
 /// ONNX node tests covering the generic path's op families (broadcasting, Gemm attributes,
@@ -232,19 +288,43 @@ fn onnx_node_tests_emulate_correctly_or_are_refused_clearly() {
         return;
     }
     let prefixes = [
-        "test_add_bcast", "test_clip", "test_concat_", "test_conv_with", "test_erf",
-        "test_expand_dim", "test_gather_0", "test_gather_1", "test_gather_2d", "test_gather_negative",
-        "test_gelu", "test_gemm_", "test_globalaveragepool", "test_hardswish",
-        "test_layer_normalization_", "test_matmul_2d", "test_matmul_3d", "test_matmul_4d",
-        "test_matmul_bcast", "test_maxpool_2d", "test_reduce_mean", "test_relu", "test_sigmoid",
-        "test_slice", "test_softmax", "test_split_", "test_tanh", "test_transpose", "test_where",
+        "test_add_bcast",
+        "test_clip",
+        "test_concat_",
+        "test_conv_with",
+        "test_erf",
+        "test_expand_dim",
+        "test_gather_0",
+        "test_gather_1",
+        "test_gather_2d",
+        "test_gather_negative",
+        "test_gelu",
+        "test_gemm_",
+        "test_globalaveragepool",
+        "test_hardswish",
+        "test_layer_normalization_",
+        "test_matmul_2d",
+        "test_matmul_3d",
+        "test_matmul_4d",
+        "test_matmul_bcast",
+        "test_maxpool_2d",
+        "test_reduce_mean",
+        "test_relu",
+        "test_sigmoid",
+        "test_slice",
+        "test_softmax",
+        "test_split_",
+        "test_tanh",
+        "test_transpose",
+        "test_where",
     ];
     let mut dirs: Vec<PathBuf> = std::fs::read_dir(&root)
         .unwrap()
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
             let n = p.file_name().unwrap().to_str().unwrap();
-            prefixes.iter().any(|x| n.starts_with(x)) && !n.contains("expanded")
+            prefixes.iter().any(|x| n.starts_with(x))
+                && !n.contains("expanded")
                 && !n.contains("sequence")
         })
         .collect();
@@ -264,7 +344,8 @@ fn onnx_node_tests_emulate_correctly_or_are_refused_clearly() {
         };
         let mut opts = CompileOptions::default();
         for (&v, t) in g.inputs.iter().zip(&ins) {
-            opts.shapes.insert(g.values[v].name.clone(), t.shape().to_vec());
+            opts.shapes
+                .insert(g.values[v].name.clone(), t.shape().to_vec());
         }
         for specialized in [false, true] {
             match emulate(&d.join("model.onnx"), "cuda:a100", &opts, &ins, specialized) {
@@ -274,9 +355,10 @@ fn onnx_node_tests_emulate_correctly_or_are_refused_clearly() {
                 }
                 Ok(got) => {
                     let bad = got.len() != want.len()
-                        || got.iter().zip(&want).any(|(a, b)| {
-                            a.shape() != b.shape() || rel_err(a, b) > 1e-4
-                        });
+                        || got
+                            .iter()
+                            .zip(&want)
+                            .any(|(a, b)| a.shape() != b.shape() || rel_err(a, b) > 1e-4);
                     if bad {
                         failed.push(format!("{name} (specialized: {specialized})"));
                     } else if specialized {
@@ -286,7 +368,10 @@ fn onnx_node_tests_emulate_correctly_or_are_refused_clearly() {
             }
         }
     }
-    println!("{passed} node tests match in both modes; {} refused:", refused.len());
+    println!(
+        "{passed} node tests match in both modes; {} refused:",
+        refused.len()
+    );
     for r in &refused {
         println!("  {}", r.lines().last().unwrap_or(r));
     }

@@ -176,9 +176,9 @@ impl CudaModel {
         };
         let mut launches = Vec::new();
         for s in &gp.steps {
-            let func = module.load_function(&s.kernel).map_err(|e| {
-                CudaModelError::Plan(format!("PTX entry '{}': {e}", s.kernel))
-            })?;
+            let func = module
+                .load_function(&s.kernel)
+                .map_err(|e| CudaModelError::Plan(format!("PTX entry '{}': {e}", s.kernel)))?;
             let mut params = Vec::new();
             for a in &s.args {
                 match a {

@@ -492,10 +492,22 @@ impl GpuPlan {
         for (si, s) in self.steps.iter().enumerate() {
             let at = || format!("GPU step {si} ('{}')", s.kernel);
             if s.grid.contains(&0) || s.block.contains(&0) {
-                return Err(format!("{}: empty grid {:?} or block {:?}", at(), s.grid, s.block));
+                return Err(format!(
+                    "{}: empty grid {:?} or block {:?}",
+                    at(),
+                    s.grid,
+                    s.block
+                ));
             }
             for (ai, a) in s.args.iter().enumerate() {
-                let GpuArg::Buf { buf, offset, len, elem_bytes, written: w } = a else {
+                let GpuArg::Buf {
+                    buf,
+                    offset,
+                    len,
+                    elem_bytes,
+                    written: w,
+                } = a
+                else {
                     continue;
                 };
                 let bytes = len
@@ -503,7 +515,10 @@ impl GpuPlan {
                     .and_then(|b| b.checked_add(*offset))
                     .ok_or_else(|| format!("{}: arg {ai}: size overflows", at()))?;
                 let (cap, what) = match buf {
-                    BufRef::Arena { offset: o, bytes: b } => {
+                    BufRef::Arena {
+                        offset: o,
+                        bytes: b,
+                    } => {
                         if o.checked_add(*b).is_none_or(|e| e > plan.arena_bytes) {
                             return Err(format!("{}: arg {ai}: outside the arena", at()));
                         }
@@ -525,7 +540,9 @@ impl GpuPlan {
                         if *w {
                             return Err(format!("{}: arg {ai}: writes input '{}'", at(), io.name));
                         }
-                        let n = numel(io).ok_or_else(|| format!("{}: input '{}' is not static", at(), io.name))?;
+                        let n = numel(io).ok_or_else(|| {
+                            format!("{}: input '{}' is not static", at(), io.name)
+                        })?;
                         (io.dtype.bytes_for(n as usize).unwrap_or(0) as u64, "input")
                     }
                     BufRef::Output { index } => {
@@ -535,7 +552,9 @@ impl GpuPlan {
                         if *w {
                             written[*index] = true;
                         }
-                        let n = numel(io).ok_or_else(|| format!("{}: output '{}' is not static", at(), io.name))?;
+                        let n = numel(io).ok_or_else(|| {
+                            format!("{}: output '{}' is not static", at(), io.name)
+                        })?;
                         (io.dtype.bytes_for(n as usize).unwrap_or(0) as u64, "output")
                     }
                 };

@@ -45,7 +45,10 @@ pub(crate) fn lower(
     let ys = shape_of(g, y)?;
     for &n in &epi {
         if !matches!(g.nodes[n].op, Op::Elementwise(_)) {
-            return Err(format!("epilogue node '{}' is not elementwise", g.nodes[n].name));
+            return Err(format!(
+                "epilogue node '{}' is not elementwise",
+                g.nodes[n].name
+            ));
         }
         for &o in &g.nodes[n].outputs {
             if shape_of(g, o)? != ys {
@@ -57,7 +60,12 @@ pub(crate) fn lower(
         }
     }
     for &n in &[ci] {
-        for v in g.nodes[n].inputs.iter().flatten().chain(&g.nodes[n].outputs) {
+        for v in g.nodes[n]
+            .inputs
+            .iter()
+            .flatten()
+            .chain(&g.nodes[n].outputs)
+        {
             if g.values[*v].fact.dtype != DType::F32 {
                 return Err(format!(
                     "contraction on {} (f32 only)",
@@ -83,7 +91,10 @@ pub(crate) fn lower(
             let gk = generic_matmul(g, k, &mm, &epi, name)?;
             out.push_generic(index, gk, opts.max_blocks)
         }
-        other => Err(format!("{} contractions are not lowered for the GPU", other.op_type())),
+        other => Err(format!(
+            "{} contractions are not lowered for the GPU",
+            other.op_type()
+        )),
     }
 }
 
@@ -112,24 +123,54 @@ impl MatMul {
         if a_s.len() < 2 || b_s.len() < 2 {
             return Err("MatMul with a 1-D operand".into());
         }
-        let (ta, tb) = gemm.as_ref().map_or((false, false), |gm| (gm.trans_a, gm.trans_b));
+        let (ta, tb) = gemm
+            .as_ref()
+            .map_or((false, false), |gm| (gm.trans_a, gm.trans_b));
         if gemm.is_some() && (a_s.len() != 2 || b_s.len() != 2) {
             return Err("Gemm operands must be 2-D".into());
         }
         let (ra, rb) = (a_s.len(), b_s.len());
-        let (m, kk) = if ta { (a_s[ra - 1], a_s[ra - 2]) } else { (a_s[ra - 2], a_s[ra - 1]) };
-        let (kb, n) = if tb { (b_s[rb - 1], b_s[rb - 2]) } else { (b_s[rb - 2], b_s[rb - 1]) };
+        let (m, kk) = if ta {
+            (a_s[ra - 1], a_s[ra - 2])
+        } else {
+            (a_s[ra - 2], a_s[ra - 1])
+        };
+        let (kb, n) = if tb {
+            (b_s[rb - 1], b_s[rb - 2])
+        } else {
+            (b_s[rb - 2], b_s[rb - 1])
+        };
         let r = ys.len();
         if kb != kk || r < 2 || ys[r - 2] != m || ys[r - 1] != n {
-            return Err(format!("MatMul shapes {a_s:?} x {b_s:?} -> {ys:?} do not match"));
+            return Err(format!(
+                "MatMul shapes {a_s:?} x {b_s:?} -> {ys:?} do not match"
+            ));
         }
-        Ok(MatMul { a, b, c, y, a_s, b_s, ys, m, n, kk, gemm })
+        Ok(MatMul {
+            a,
+            b,
+            c,
+            y,
+            a_s,
+            b_s,
+            ys,
+            m,
+            n,
+            kk,
+            gemm,
+        })
     }
 }
 
 /// Binds the contraction result `y` to `x` after Gemm's `alpha`/`beta · C`, at output
 /// multi-index `idx`.
-fn gemm_scale(g: &Graph, gen: &mut Gen, mm: &MatMul, x: String, idx: &[String]) -> Result<String, String> {
+fn gemm_scale(
+    g: &Graph,
+    gen: &mut Gen,
+    mm: &MatMul,
+    x: String,
+    idx: &[String],
+) -> Result<String, String> {
     let Some(gm) = &mm.gemm else { return Ok(x) };
     let mut v = x;
     if gm.alpha != 1.0 {
@@ -152,7 +193,11 @@ fn gemm_scale(g: &Graph, gen: &mut Gen, mm: &MatMul, x: String, idx: &[String]) 
 
 /// Kernel inputs the epilogue reads (not the contraction operands).
 fn epi_inputs(k: &fusion::Kernel, mm_operands: &[ValueId]) -> Vec<ValueId> {
-    k.inputs.iter().copied().filter(|v| !mm_operands.contains(v)).collect()
+    k.inputs
+        .iter()
+        .copied()
+        .filter(|v| !mm_operands.contains(v))
+        .collect()
 }
 
 /// The whole contraction as one generic kernel (dot product per output element).
@@ -168,7 +213,10 @@ fn generic_matmul(
     let (bb, _) = gen.value_buf(g, mm.b)?;
     let idx = gen.unravel("%i", &mm.ys);
     let r = mm.ys.len();
-    let (ta, tb) = mm.gemm.as_ref().map_or((false, false), |gm| (gm.trans_a, gm.trans_b));
+    let (ta, tb) = mm
+        .gemm
+        .as_ref()
+        .map_or((false, false), |gm| (gm.trans_a, gm.trans_b));
     // Strides of A along (batch dims of y, m, k) and of B along (batch, k, n).
     let bstrides = |s: &[usize], t: bool, row_is_first: bool| -> (Vec<i64>, i64, i64) {
         let st = row_major(s);
@@ -229,7 +277,10 @@ fn special(
     epi: &[usize],
     out: &mut GpuLowering,
 ) -> Result<bool, String> {
-    let (ta, tb) = mm.gemm.as_ref().map_or((false, false), |gm| (gm.trans_a, gm.trans_b));
+    let (ta, tb) = mm
+        .gemm
+        .as_ref()
+        .map_or((false, false), |gm| (gm.trans_a, gm.trans_b));
     if ta || (tb && g.const_value(mm.b).is_none()) {
         return Ok(false);
     }
@@ -353,14 +404,23 @@ fn special(
         gen.bind_inputs(g, &ins, &idx, &mm.ys)?;
         emit_nodes(g, &mut gen, epi, &idx, &mm.ys)?;
         store_outputs(g, &mut gen, &k.outputs, "%i")?;
-        let gk = gen.finish(&format!("{name}_epilogue"), mm.ys.iter().product::<usize>() as u64);
+        let gk = gen.finish(
+            &format!("{name}_epilogue"),
+            mm.ys.iter().product::<usize>() as u64,
+        );
         out.push_generic(index, gk, max_blocks)?;
     }
     Ok(true)
 }
 
 /// A 2-D Conv with bias and epilogue as one generic kernel.
-fn conv(g: &Graph, k: &fusion::Kernel, ci: usize, epi: &[usize], name: &str) -> Result<GenKernel, String> {
+fn conv(
+    g: &Graph,
+    k: &fusion::Kernel,
+    ci: usize,
+    epi: &[usize],
+    name: &str,
+) -> Result<GenKernel, String> {
     let cn = &g.nodes[ci];
     let Op::Nn(NnOp::Conv(attrs)) = &cn.op else {
         return Err("not a Conv".into());
@@ -376,7 +436,11 @@ fn conv(g: &Graph, k: &fusion::Kernel, ci: usize, epi: &[usize], name: &str) -> 
     let win = Window2::new(&attrs.window, &xs, [ws[2], ws[3]], false)?;
     let group = attrs.group.max(1);
     let m = ws[0];
-    if ys != [win.n, m, win.oh, win.ow] || win.c % group != 0 || m % group != 0 || ws[1] * group != win.c {
+    if ys != [win.n, m, win.oh, win.ow]
+        || win.c % group != 0
+        || m % group != 0
+        || ws[1] * group != win.c
+    {
         return Err("Conv shapes do not match".into());
     }
     let (cg, mg) = (win.c / group, m / group);

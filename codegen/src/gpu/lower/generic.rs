@@ -175,8 +175,7 @@ impl Gen {
                 .as_known()
                 .ok_or_else(|| format!("input '{}' has a symbolic shape", val.name))?;
             if s.len() > out.len()
-                || s
-                    .iter()
+                || s.iter()
                     .zip(&out[out.len() - s.len()..])
                     .any(|(&a, &b)| a != b && a != 1)
             {

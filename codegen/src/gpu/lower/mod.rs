@@ -124,7 +124,8 @@ pub struct GpuLowering {
 impl GpuLowering {
     /// The MLIR module holding every kernel in one `gpu.module @kiln_model`.
     pub fn module_text(&self) -> String {
-        let mut s = String::from("module attributes {gpu.container_module} {\ngpu.module @kiln_model {\n");
+        let mut s =
+            String::from("module attributes {gpu.container_module} {\ngpu.module @kiln_model {\n");
         for k in &self.kernels {
             s.push_str(&k.mlir);
         }
@@ -167,7 +168,12 @@ impl GpuLowering {
     }
 
     /// Adds a generic kernel and its launch.
-    pub(crate) fn push_generic(&mut self, index: usize, gk: GenKernel, max_blocks: u32) -> Result<(), String> {
+    pub(crate) fn push_generic(
+        &mut self,
+        index: usize,
+        gk: GenKernel,
+        max_blocks: u32,
+    ) -> Result<(), String> {
         let gpu = gk.gpu_kernel();
         self.add_kernel(gpu)?;
         let args = gk
@@ -232,7 +238,11 @@ pub fn kernel_name(g: &Graph, k: &Kernel) -> String {
 
 /// Lowers every kernel of `p` (see the module doc). `Alias` kernels need no launch unless a
 /// graph output is a view, which gets a copy.
-pub fn lower_partition(g: &Graph, p: &Partition, opts: &LowerOptions) -> Result<GpuLowering, GpuError> {
+pub fn lower_partition(
+    g: &Graph,
+    p: &Partition,
+    opts: &LowerOptions,
+) -> Result<GpuLowering, GpuError> {
     let mut out = GpuLowering::default();
     for (index, k) in p.kernels.iter().enumerate() {
         if k.kind == KernelKind::Alias && !k.outputs.iter().any(|o| g.outputs.contains(o)) {

@@ -80,7 +80,13 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Vec<Gen
         | ArrayOp::Unsqueeze { .. } => {
             let n = os.iter().product::<usize>();
             let flat = [n];
-            Ok(vec![strided(g, name, (data, 0, &[1]), (out0, 0, &[1]), &flat)?])
+            Ok(vec![strided(
+                g,
+                name,
+                (data, 0, &[1]),
+                (out0, 0, &[1]),
+                &flat,
+            )?])
         }
         ArrayOp::Transpose { perm } => {
             let perm: Vec<usize> = match perm {
@@ -92,7 +98,13 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Vec<Gen
             }
             // Output dim i follows input dim perm[i].
             let ss: Vec<i64> = perm.iter().map(|&p| in_st[p]).collect();
-            Ok(vec![strided(g, name, (data, 0, &ss), (out0, 0, &ident), &os)?])
+            Ok(vec![strided(
+                g,
+                name,
+                (data, 0, &ss),
+                (out0, 0, &ident),
+                &os,
+            )?])
         }
         ArrayOp::Expand => {
             if os.len() < rank {
@@ -105,7 +117,13 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Vec<Gen
                     ss[j + off] = in_st[j];
                 }
             }
-            Ok(vec![strided(g, name, (data, 0, &ss), (out0, 0, &ident), &os)?])
+            Ok(vec![strided(
+                g,
+                name,
+                (data, 0, &ss),
+                (out0, 0, &ident),
+                &os,
+            )?])
         }
         ArrayOp::Split { axis, .. } => {
             let a = norm_axis(*axis, rank);
@@ -178,7 +196,13 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Vec<Gen
                 base += st * in_st[ax];
                 ss[ax] = in_st[ax] * step;
             }
-            Ok(vec![strided(g, name, (data, base, &ss), (out0, 0, &ident), &os)?])
+            Ok(vec![strided(
+                g,
+                name,
+                (data, base, &ss),
+                (out0, 0, &ident),
+                &os,
+            )?])
         }
         ArrayOp::Gather { axis } => {
             let a = norm_axis(*axis, rank);
@@ -200,10 +224,14 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Vec<Gen
             let dim = in_s[a] as i64;
             let zero = gen.b.op("arith.constant 0 : i64");
             let dimc = gen.b.op(&format!("arith.constant {dim} : i64"));
-            let dm1 = gen.b.op(&format!("arith.constant {} : i64", (dim - 1).max(0)));
+            let dm1 = gen
+                .b
+                .op(&format!("arith.constant {} : i64", (dim - 1).max(0)));
             let neg = gen.b.op(&format!("arith.cmpi slt, {raw}, {zero} : i64"));
             let wrapped = gen.b.op(&format!("arith.addi {raw}, {dimc} : i64"));
-            let j0 = gen.b.op(&format!("arith.select {neg}, {wrapped}, {raw} : i64"));
+            let j0 = gen
+                .b
+                .op(&format!("arith.select {neg}, {wrapped}, {raw} : i64"));
             let j1 = gen.b.op(&format!("arith.maxsi {j0}, {zero} : i64"));
             let j2 = gen.b.op(&format!("arith.minsi {j1}, {dm1} : i64"));
             let j = gen.b.op(&format!("arith.index_cast {j2} : i64 to index"));

@@ -41,7 +41,10 @@ fn last_axis_reduce(g: &Graph, n: usize) -> Result<Option<ReduceKind>, String> {
         },
         ReduceAxes::Attr(None) => return Err("reduction over all axes".into()),
     };
-    let ax: Vec<i64> = ax.iter().map(|&a| if a < 0 { a + rank } else { a }).collect();
+    let ax: Vec<i64> = ax
+        .iter()
+        .map(|&a| if a < 0 { a + rank } else { a })
+        .collect();
     if ax != [rank - 1] {
         return Err(format!("reduction over axes {ax:?} (last axis only)"));
     }
@@ -85,7 +88,8 @@ pub(crate) fn lower(
                 {
                     let cols = s[s.len() - 1];
                     let rows: usize = s[..s.len() - 1].iter().product();
-                    let kern = kernels::softmax::row_softmax("kiln_softmax_rows", SOFTMAX_ROWS_PER_BLOCK);
+                    let kern =
+                        kernels::softmax::row_softmax("kiln_softmax_rows", SOFTMAX_ROWS_PER_BLOCK);
                     let numel = (rows * cols) as u64;
                     let buf = |v| LaunchArg::Buf {
                         operand: Operand::Value(v),
@@ -408,7 +412,9 @@ pub(crate) fn lower_generic(
         let c1 = cx.gen.c(1);
         let cn = cx.gen.c(shape[r - 1] as i64);
         let j = cx.gen.b.fresh();
-        cx.gen.b.raw(&format!("scf.for {j} = {c0} to {cn} step {c1} {{"));
+        cx.gen
+            .b
+            .raw(&format!("scf.for {j} = {c0} to {cn} step {c1} {{"));
         cx.ivs[r - 1] = Some(j.clone());
         let base = cx.gen.ix("muli", "%i", &cn);
         let at = cx.gen.ix("addi", &base, &j);
