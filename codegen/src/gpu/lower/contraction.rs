@@ -218,7 +218,7 @@ fn generic_matmul(
         .as_ref()
         .map_or((false, false), |gm| (gm.trans_a, gm.trans_b));
     // Strides of A along (batch dims of y, m, k) and of B along (batch, k, n).
-    let bstrides = |s: &[usize], t: bool, row_is_first: bool| -> (Vec<i64>, i64, i64) {
+    let bstrides = |s: &[usize], t: bool| -> (Vec<i64>, i64, i64) {
         let st = row_major(s);
         let rs = s.len();
         let mut bs = vec![0i64; r - 2];
@@ -231,14 +231,10 @@ fn generic_matmul(
         // (outer, inner) = strides of (row, col) as stored.
         let (s_row, s_col) = (st[rs - 2], st[rs - 1]);
         let (first, second) = if t { (s_col, s_row) } else { (s_row, s_col) };
-        if row_is_first {
-            (bs, first, second)
-        } else {
-            (bs, first, second)
-        }
+        (bs, first, second)
     };
-    let (abs, a_m, a_k) = bstrides(&mm.a_s, ta, true);
-    let (bbs, b_k, b_n) = bstrides(&mm.b_s, tb, true);
+    let (abs, a_m, a_k) = bstrides(&mm.a_s, ta);
+    let (bbs, b_k, b_n) = bstrides(&mm.b_s, tb);
     let a0 = gen.lin(&idx[..r - 2], &abs, 0);
     let b0 = gen.lin(&idx[..r - 2], &bbs, 0);
     let am = gen.lin(&idx[r - 2..r - 1], &[a_m], 0);
@@ -248,7 +244,7 @@ fn generic_matmul(
     let zero = gen.b.fc(0.0);
     let saved = gen.consts.clone();
     let (kv, acc, res) = open_acc(&mut gen, mm.kk, &zero);
-    let ak = gen.lin(&[kv.clone()], &[a_k], 0);
+    let ak = gen.lin(std::slice::from_ref(&kv), &[a_k], 0);
     let ai = gen.ix("addi", &a_base, &ak);
     let bk = gen.lin(&[kv], &[b_k], 0);
     let bi = gen.ix("addi", &b_base, &bk);
