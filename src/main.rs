@@ -350,6 +350,12 @@ fn run(cli: Cli) -> Result<()> {
             if artifact.extension().is_none_or(|e| e != "onnx") {
                 let art = kiln::runtime::Artifact::load(&artifact)?;
                 if art.target.starts_with("cuda:") {
+                    if profile.is_some() || output.is_some() || !inputs.is_empty() {
+                        bail!(
+                            "--profile, --output and --input are not supported for cuda \
+                             artifacts yet"
+                        );
+                    }
                     return run_gpu(
                         &artifact,
                         &art,

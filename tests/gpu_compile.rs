@@ -116,11 +116,25 @@ fn zoo_models_compile_to_ptx_that_ptxas_accepts() {
             );
             let usage = ptxas_usage(&text);
             for st in &gp.steps {
+                let threads: u32 = st.block.iter().product();
+                assert!(
+                    threads <= sku.max_threads_per_block,
+                    "{name} {}: block",
+                    st.kernel
+                );
+                assert!(st.grid[0] >= 1 && st.grid[1] <= 65535 && st.grid[2] <= 65535);
+                if st.generic {
+                    // Grid-stride: at most 32 blocks per SM, at least one thread per item.
+                    assert!(
+                        st.grid[0] <= 32 * sku.sm_count,
+                        "{name} {}: grid",
+                        st.kernel
+                    );
+                }
                 let (_, regs, smem) = usage
                     .iter()
                     .find(|u| u.0 == st.kernel)
                     .unwrap_or_else(|| panic!("{name}: no ptxas report for {}", st.kernel));
-                let threads: u32 = st.block.iter().product();
                 assert!(
                     *regs <= sku.max_registers_per_thread,
                     "{name} {}: {regs} registers",
@@ -228,6 +242,14 @@ fn cli_compiles_for_a_cuda_target_and_reports_the_sku() {
             "{text}"
         );
     }
+    // The CPU runtime refuses it, saying what it is.
+    let a = kiln_runtime::Artifact::load(&art).unwrap();
+    assert_eq!(a.target, "cuda:a100");
+    let e = kiln_runtime::Model::from_artifact(a, "mlp.kiln")
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("is a GPU artifact"), "{e}");
     // Without a driver, running it is a clear error (or it runs where there is a GPU).
     let (ok, text) = kiln(&["run", s(&art)]);
     assert!(
