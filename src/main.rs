@@ -387,6 +387,9 @@ fn run(cli: Cli) -> Result<()> {
             timeout,
             min_time,
         } => {
+            if target.starts_with("cuda:") {
+                bail!("--target '{target}': kiln tune measures CPU kernels only so far");
+            }
             let mut compiler = kiln::Compiler::new()
                 .target(&target)
                 .with_context(|| format!("--target '{target}'"))?;
