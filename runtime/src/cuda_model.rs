@@ -97,6 +97,8 @@ impl CudaModel {
     /// mismatch into [`CudaModel::warning`].
     pub fn load(artifact: &Artifact, allow_sku_mismatch: bool) -> Result<Self, CudaModelError> {
         let plan = artifact.plan.clone();
+        plan.validate(artifact.weights.len() as u64)
+            .map_err(CudaModelError::Plan)?;
         let gp: GpuPlan = plan
             .gpu
             .clone()
@@ -238,7 +240,8 @@ impl CudaModel {
             }
             // SAFETY: the parameters follow the kernel ABI the compiler emitted for this
             // entry, and every buffer view was checked against its buffer by
-            // `ExecPlan::validate` when the artifact was read.
+            // `ExecPlan::validate` in `load` (the scalars of the specialized kernels are
+            // trusted to match their views, as the compiler wrote them).
             unsafe { b.launch(l.cfg) }.map_err(drv)?;
         }
         Ok(())
