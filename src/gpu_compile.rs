@@ -7,9 +7,9 @@
 //! (input / output / weight / arena slot + byte offset), scalars, grid, block and dynamic
 //! shared memory. `kiln_runtime::cuda_model` runs it.
 //!
-//! Not supported yet on this path (clear errors): `--max-batch`, models with a dynamic
-//! tail, kernels with no GPU lowering (listed by name and op), graph outputs that are graph
-//! inputs or constants.
+//! Graph outputs that are graph inputs or constants get a copy launch. Not supported yet on
+//! this path (clear errors): `--max-batch`, models with a dynamic tail, kernels with no GPU
+//! lowering (listed by name and op).
 //!
 //! [`emulate`] runs the same plan built with the generic path only on the CPU (each generic
 //! kernel body compiled as a CPU kernel), which checks the lowering and the plan's buffer
@@ -64,13 +64,22 @@ pub fn gpu_plan(
     lopts: &LowerOptions,
 ) -> Result<(ExecPlan, GpuLowering, Vec<u8>)> {
     let (g, p, mem) = (&planned.graph, &planned.partition, &planned.memory);
-    let lowering = lower::lower_partition(g, p, lopts)?;
+    let mut lowering = lower::lower_partition(g, p, lopts)?;
+    // Graph outputs that are graph inputs or constants: a copy each.
+    for (oi, &o) in g.outputs.iter().enumerate() {
+        if g.inputs.contains(&o) || g.const_value(o).is_some() {
+            lowering.add_output_copy(g, o, oi, lopts.max_blocks)?;
+        }
+    }
     let mut weights = WeightsBuilder::new();
     let mut b = PlanBuilder::new(g, mem, &mut weights);
     let mut const_refs: Vec<Option<BufRef>> = vec![None; lowering.consts.len()];
     let mut steps = Vec::new();
     for l in &lowering.launches {
-        let k = &p.kernels[l.index];
+        let (label, k_outputs): (String, &[kiln_ir::ValueId]) = match p.kernels.get(l.index) {
+            Some(k) => (k.name.clone(), &k.outputs),
+            None => (l.kernel.clone(), &[]),
+        };
         let mut args = Vec::new();
         for a in &l.args {
             args.push(match a {
@@ -81,10 +90,26 @@ pub fn gpu_plan(
                     elem_bytes,
                 } => {
                     let (buf, written) = match operand {
+                        // The source of an output copy: the graph input or the constant
+                        // itself (`buf` would answer the output's own buffer).
+                        Operand::Value(v) if l.index == lower::NO_KERNEL => {
+                            let r = match g.inputs.iter().position(|i| i == v) {
+                                Some(index) => BufRef::Input { index },
+                                None => {
+                                    let t = g.const_value(*v).context("output copy source")?;
+                                    let bytes = kiln_ir::onnx::tensor_proto::to_raw(t);
+                                    BufRef::Weight {
+                                        index: b.weights.push(&g.values[*v].name, &bytes),
+                                    }
+                                }
+                            };
+                            (r, false)
+                        }
                         Operand::Value(v) => (
-                            b.buf(*v).with_context(|| format!("kernel {}", k.name))?,
-                            k.outputs.contains(v),
+                            b.buf(*v).with_context(|| format!("kernel {label}"))?,
+                            k_outputs.contains(v),
                         ),
+                        Operand::GraphOutput(index) => (BufRef::Output { index: *index }, true),
                         Operand::Const(i) => {
                             let r = match &const_refs[*i] {
                                 Some(r) => r.clone(),
@@ -119,18 +144,9 @@ pub fn gpu_plan(
             grid: l.grid,
             block: l.block,
             shared_bytes: l.shared_bytes,
-            label: k.name.clone(),
+            label,
             generic: l.generic,
         });
-    }
-    for &o in &g.outputs {
-        if g.inputs.contains(&o) || g.const_value(o).is_some() {
-            bail!(
-                "graph output '{}' is a graph input or a constant, which the cuda targets do \
-                 not copy yet",
-                g.values[o].name
-            );
-        }
     }
     let plan = ExecPlan {
         inputs: g

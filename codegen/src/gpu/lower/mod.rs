@@ -45,7 +45,13 @@ pub enum Operand {
     Value(ValueId),
     /// A constant derived at compile time ([`GpuLowering::consts`]).
     Const(usize),
+    /// The buffer of graph output `i` (for copies into outputs that are graph inputs or
+    /// constants, whose value's own buffer is the input or the weight).
+    GraphOutput(usize),
 }
+
+/// [`Launch::index`] of launches that belong to no partition kernel (output copies).
+pub const NO_KERNEL: usize = usize::MAX;
 
 /// One launch argument, at the MLIR parameter level.
 #[derive(Debug, Clone, PartialEq)]
@@ -146,7 +152,12 @@ impl GpuLowering {
     }
 
     fn kernel_indices(&self, pred: impl Fn(&[&Launch]) -> bool) -> Vec<usize> {
-        let mut idx: Vec<usize> = self.launches.iter().map(|l| l.index).collect();
+        let mut idx: Vec<usize> = self
+            .launches
+            .iter()
+            .map(|l| l.index)
+            .filter(|&i| i != NO_KERNEL)
+            .collect();
         idx.dedup();
         idx.into_iter()
             .filter(|&i| {
@@ -201,6 +212,22 @@ impl GpuLowering {
         });
         self.generic.push(gk);
         Ok(())
+    }
+
+    /// Adds a generic copy of value `v` (a graph input or constant) into graph output `out`
+    /// (launch index [`NO_KERNEL`]).
+    pub fn add_output_copy(
+        &mut self,
+        g: &Graph,
+        v: ValueId,
+        out: usize,
+        max_blocks: u32,
+    ) -> Result<(), GpuError> {
+        let name = format!("kiln_copy_output_{out}");
+        let gk = movement::copy_value(g, &name, Operand::Value(v), Operand::GraphOutput(out), v)
+            .map_err(|e| GpuError::Lowering(format!("copy into graph output {out}: {e}")))?;
+        self.push_generic(NO_KERNEL, gk, max_blocks)
+            .map_err(GpuError::Lowering)
     }
 
     /// Adds a specialized kernel launch.

@@ -247,16 +247,16 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Vec<Gen
     }
 }
 
-/// The generic copy of a value into a graph output (constant or graph input passed through).
-pub fn copy_value(g: &Graph, name: &str, src: Operand, v: ValueId) -> Result<GenKernel, String> {
+/// The generic flat copy of value `v` (its dtype and size) from `src` to `dst`.
+pub fn copy_value(
+    g: &Graph,
+    name: &str,
+    src: Operand,
+    dst: Operand,
+    v: ValueId,
+) -> Result<GenKernel, String> {
     let val = &g.values[v];
     let ty = Ty::of(val.fact.dtype)?;
     let n = val.fact.shape.numel().ok_or("symbolic shape")? as u64;
-    Ok(super::elementwise::copy(
-        name,
-        (src, n),
-        (Operand::Value(v), n),
-        ty,
-        n,
-    ))
+    Ok(super::elementwise::copy(name, (src, n), (dst, n), ty, n))
 }
