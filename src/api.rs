@@ -146,9 +146,18 @@ impl Compiler {
         Self::default()
     }
 
-    /// The target: `cpu` (the default CPU, `x86-64-v3`) or `cpu:NAME` with an LLVM CPU name
-    /// (`x86-64-v4`, `native`, ...). Other targets are refused.
+    /// The target: `cpu` (the default CPU, `x86-64-v3`), `cpu:NAME` with an LLVM CPU name
+    /// (`x86-64-v4`, `native`, ...), or `cuda:SKU` (`cuda:h100`, `cuda:a100`, `cuda:sm_80`,
+    /// see `kiln_codegen::gpu::device`). Other targets are refused.
     pub fn target(mut self, target: &str) -> Result<Self> {
+        if target.starts_with("cuda:") {
+            kiln_codegen::gpu::DeviceDb::builtin()
+                .and_then(|db| db.parse_target(target).map(|_| ()))
+                .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+            self.opts.gpu_target = Some(target.to_string());
+            return Ok(self);
+        }
+        self.opts.gpu_target = None;
         self.opts.cpu = match target.split_once(':') {
             None if target == "cpu" => CompileOptions::default().cpu,
             Some(("cpu", cpu)) if !cpu.is_empty() => cpu.to_string(),
@@ -284,6 +293,11 @@ pub struct Artifact {
 }
 
 impl Artifact {
+    /// The runtime artifact (plan, weights, kernels) inside.
+    pub fn inner(&self) -> &kiln_runtime::Artifact {
+        &self.inner
+    }
+
     /// Reads an artifact file (checked: magic, version, CRC, plan).
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
         Ok(Self::from(kiln_runtime::Artifact::load(path.as_ref())?))

@@ -70,6 +70,9 @@ pub struct CompileOptions {
     /// Measured op times from the same database, for the eqsat cost model (µs by op
     /// signature, see [`kiln_passes::eqsat::cost::measured_table`]).
     pub measured_us: std::sync::Arc<HashMap<String, f64>>,
+    /// A `cuda:SKU` target (`--target cuda:h100`): compile for that GPU instead of the CPU
+    /// (see [`crate::gpu_compile`]).
+    pub gpu_target: Option<String>,
 }
 
 impl Default for CompileOptions {
@@ -83,6 +86,7 @@ impl Default for CompileOptions {
             reference_kernels: true,
             schedules: Default::default(),
             measured_us: Default::default(),
+            gpu_target: None,
         }
     }
 }
@@ -118,6 +122,8 @@ pub struct CompileReport {
     /// Wall time per stage, in order (`plan`, `lower`, `llvm+link`; the caller may append
     /// `write`).
     pub timings: Vec<(&'static str, Duration)>,
+    /// GPU targets: summary lines (SKU, launches, generic-path kernels).
+    pub gpu: Vec<String>,
 }
 
 impl fmt::Display for CompileReport {
@@ -158,6 +164,9 @@ impl fmt::Display for CompileReport {
                 "tuned schedules: {} of {} tunable kernels",
                 self.tuned, self.tunable
             )?;
+        }
+        for l in &self.gpu {
+            writeln!(f, "{l}")?;
         }
         writeln!(f, "arena: {} bytes (largest variant)", self.arena_bytes)?;
         writeln!(f, "weights: {} bytes", self.weights_bytes)?;
@@ -205,6 +214,9 @@ pub fn compile_graph(
     opts: &CompileOptions,
     mut print: impl FnMut(&str, &str),
 ) -> Result<(Artifact, CompileReport)> {
+    if let Some(t) = &opts.gpu_target {
+        return crate::gpu_compile::compile_graph_gpu(graph, name, t, opts, print);
+    }
     let model = Path::new(name);
     let mut report = CompileReport::default();
     // One static specialisation per batch size with --max-batch, else one.
@@ -808,7 +820,7 @@ fn dynamic_io_spec(g: &Graph, v: ValueId) -> Result<IoSpec> {
 }
 
 /// The static I/O spec of a graph input or output.
-fn io_spec(g: &Graph, v: ValueId) -> Result<IoSpec> {
+pub(crate) fn io_spec(g: &Graph, v: ValueId) -> Result<IoSpec> {
     let val = &g.values[v];
     let shape = val.fact.shape.as_known().with_context(|| {
         if g.inputs.contains(&v) {
@@ -834,10 +846,10 @@ fn io_spec(g: &Graph, v: ValueId) -> Result<IoSpec> {
 }
 
 /// Resolves graph values to buffers, collecting the weights they use.
-struct PlanBuilder<'a> {
+pub(crate) struct PlanBuilder<'a> {
     g: &'a Graph,
     mem: &'a MemoryPlan,
-    weights: &'a mut WeightsBuilder,
+    pub(crate) weights: &'a mut WeightsBuilder,
     weight_of: HashMap<ValueId, usize>,
     /// Derived constants already stored, by name.
     derived_of: HashMap<String, usize>,
@@ -849,7 +861,7 @@ struct PlanBuilder<'a> {
 }
 
 impl<'a> PlanBuilder<'a> {
-    fn new(g: &'a Graph, mem: &'a MemoryPlan, weights: &'a mut WeightsBuilder) -> Self {
+    pub(crate) fn new(g: &'a Graph, mem: &'a MemoryPlan, weights: &'a mut WeightsBuilder) -> Self {
         Self {
             g,
             mem,
@@ -878,7 +890,7 @@ impl<'a> PlanBuilder<'a> {
     }
 
     /// The buffer holding value `v` (a view is resolved to the storage it views).
-    fn buf(&mut self, v: ValueId) -> Result<BufRef> {
+    pub(crate) fn buf(&mut self, v: ValueId) -> Result<BufRef> {
         let g = self.g;
         // A boundary value has its own buffer, even when it is a view.
         if let Some(pos) = g.outputs.iter().position(|&o| o == v) {

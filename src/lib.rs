@@ -28,6 +28,7 @@ pub mod api;
 pub mod bench;
 pub mod compile;
 pub mod dynamic_tail;
+pub mod gpu_compile;
 pub mod inspect;
 pub mod io;
 pub mod pipeline;

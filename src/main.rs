@@ -168,6 +168,10 @@ enum Cmd {
         /// Threads to run on (default: all cores).
         #[arg(long)]
         threads: Option<usize>,
+        /// cuda artifacts: run even if the GPU present is not the SKU the artifact was
+        /// compiled for (a warning instead of an error).
+        #[arg(long)]
+        allow_sku_mismatch: bool,
     },
     /// Time a model with Kiln and onnxruntime side by side (interleaved rounds): p50/p90/p99/
     /// min/mean, their ratio, a roofline line and peak memory. See `kiln::bench`.
@@ -341,15 +345,36 @@ fn run(cli: Cli) -> Result<()> {
             seed,
             profile,
             threads,
-        } => run_artifact(
-            &artifact,
-            &shapes,
-            &inputs,
-            check.as_deref(),
-            output.as_deref(),
-            (repeat, profile),
-            (seed, threads),
-        ),
+            allow_sku_mismatch,
+        } => {
+            if artifact.extension().is_none_or(|e| e != "onnx") {
+                let art = kiln::runtime::Artifact::load(&artifact)?;
+                if art.target.starts_with("cuda:") {
+                    if profile.is_some() || output.is_some() || !inputs.is_empty() {
+                        bail!(
+                            "--profile, --output and --input are not supported for cuda \
+                             artifacts yet"
+                        );
+                    }
+                    return run_gpu(
+                        &artifact,
+                        &art,
+                        check.as_deref(),
+                        (repeat, seed),
+                        allow_sku_mismatch,
+                    );
+                }
+            }
+            run_artifact(
+                &artifact,
+                &shapes,
+                &inputs,
+                check.as_deref(),
+                output.as_deref(),
+                (repeat, profile),
+                (seed, threads),
+            )
+        }
         Cmd::Bench(a) => bench(a),
         Cmd::Tune {
             model,
@@ -362,6 +387,9 @@ fn run(cli: Cli) -> Result<()> {
             timeout,
             min_time,
         } => {
+            if target.starts_with("cuda:") {
+                bail!("--target '{target}': kiln tune measures CPU kernels only so far");
+            }
             let mut compiler = kiln::Compiler::new()
                 .target(&target)
                 .with_context(|| format!("--target '{target}'"))?;
@@ -613,6 +641,86 @@ fn check_outputs(named: &[(String, Tensor)], expected: &[Tensor]) -> Result<()> 
         bail!("outputs differ from the reference (relative error {worst:.3e} > 1e-4)");
     }
     println!("OK: matches the reference");
+    Ok(())
+}
+
+/// `kiln run` of a `cuda:SKU` artifact: loads it on the GPU (SKU checked against the device),
+/// runs random or `--check` inputs, compares with the expected outputs.
+fn run_gpu(
+    path: &Path,
+    art: &kiln::runtime::Artifact,
+    check: Option<&Path>,
+    (repeat, seed): (Option<usize>, u64),
+    allow_sku_mismatch: bool,
+) -> Result<()> {
+    use kiln::runtime::cuda_model::CudaModel;
+    let mut m = CudaModel::load(art, allow_sku_mismatch)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    if let Some(w) = &m.warning {
+        eprintln!("{w}");
+    }
+    let plan = m.plan().clone();
+    let steps = plan.gpu.as_ref().map_or(0, |g| g.steps.len());
+    println!(
+        "{}: {} ({}), {steps} launches, arena {} bytes",
+        path.display(),
+        art.target,
+        art.compiler_version,
+        plan.arena_bytes
+    );
+    let specs = plan.inputs.iter().map(|io| {
+        let shape = io
+            .shape
+            .iter()
+            .map(|d| match d {
+                kiln::runtime::DimSpec::Fixed(n) => *n as usize,
+                _ => 1,
+            })
+            .collect();
+        (kiln::compile::graph_dtype(io.dtype), shape)
+    });
+    let mut inputs = kiln::random_tensors(specs, seed);
+    let mut expected = None;
+    if let Some(dir) = check {
+        let (ins, outs) = load_check_dir(dir, plan.inputs.len())?;
+        inputs = ins;
+        expected = Some(outs);
+    }
+    let raw: Vec<Vec<u8>> = inputs
+        .iter()
+        .map(kiln::ir::onnx::tensor_proto::to_raw)
+        .collect();
+    let refs: Vec<&[u8]> = raw.iter().map(|r| r.as_slice()).collect();
+    let t0 = std::time::Instant::now();
+    let outs = m.run(&refs)?;
+    println!(
+        "first run (launches + graph capture): {:.3} ms",
+        t0.elapsed().as_secs_f64() * 1e3
+    );
+    if let Some(n) = repeat {
+        let t = std::time::Instant::now();
+        for _ in 0..n {
+            m.run(&refs)?;
+        }
+        println!(
+            "mean latency over {n} runs (CUDA graph): {:.3} ms",
+            t.elapsed().as_secs_f64() * 1e3 / n.max(1) as f64
+        );
+    }
+    if let Some(want) = expected {
+        let mut worst = 0.0f64;
+        for ((io, bytes), w) in plan.outputs.iter().zip(&outs).zip(&want) {
+            let got = kiln::ir::onnx::tensor_proto::from_raw(io.dtype.to_ir(), w.shape(), bytes)
+                .map_err(|e| anyhow::anyhow!("output '{}': {e}", io.name))?;
+            for (a, b) in got.to_f64_vec().iter().zip(w.to_f64_vec()) {
+                worst = worst.max((a - b).abs() / b.abs().max(1.0));
+            }
+        }
+        if worst > 1e-4 {
+            bail!("MISMATCH: max relative error {worst:.3e} > 1e-4");
+        }
+        println!("OK: matches the reference (max relative error {worst:.3e})");
+    }
     Ok(())
 }
 

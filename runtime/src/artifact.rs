@@ -1,7 +1,7 @@
 //! The deployable artifact: one file (conventionally `MODEL.kiln`) holding the execution plan,
 //! the weights and the kernel library of a compiled model.
 //!
-//! # Layout (format version 3)
+//! # Layout (format version 4)
 //!
 //! All integers are little-endian.
 //!
@@ -23,7 +23,8 @@
 //!   optional fields.
 //! - kind 2, `weights`: the weights blob; each [`WeightSpec`](crate::plan::WeightSpec) offset
 //!   is relative to the start of this section and a multiple of 64.
-//! - kind 3, `kernels`: the bytes of the kernel shared library.
+//! - kind 3, `kernels`: the bytes of the kernel shared library (CPU targets), or the PTX
+//!   text of one `gpu.module` (`cuda:SKU` targets).
 //!
 //! The checksum covers everything after itself (the rest of the header, the section table
 //! and every section), so any corrupted byte past offset 16 is detected; the magic and the
@@ -39,8 +40,9 @@ pub const MAGIC: [u8; 8] = *b"KILNART\0";
 
 /// The artifact format version written and read by this runtime. Version 3: kernels take a
 /// third ABI argument, their scratch memory (`Step::scratch_bytes`); version-2 libraries
-/// have the two-argument ABI and would allocate per call.
-pub const FORMAT_VERSION: u32 = 3;
+/// have the two-argument ABI and would allocate per call. Version 4: plans may hold a GPU
+/// program ([`crate::plan::GpuPlan`]), whose kernel section is PTX text (target `cuda:SKU`).
+pub const FORMAT_VERSION: u32 = 4;
 
 /// Section kind of the JSON execution plan.
 pub const SECTION_PLAN: u32 = 1;

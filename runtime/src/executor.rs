@@ -308,6 +308,12 @@ impl std::fmt::Debug for Model {
 /// Checks that this CPU can run code compiled for `target` (`cpu:NAME`).
 fn check_target(target: &str) -> Result<(), String> {
     let Some(cpu) = target.strip_prefix("cpu:") else {
+        if target.starts_with("cuda:") {
+            return Err(format!(
+                "target '{target}' is a GPU artifact; run it with the CUDA executor \
+                 (`kiln run`, `kiln_runtime::cuda_model::CudaModel`, feature `cuda`)"
+            ));
+        }
         return Err(format!(
             "target '{target}' is not a CPU target; this runtime runs only 'cpu:*' artifacts"
         ));

@@ -5,13 +5,16 @@
 //! - [`executor`]: [`Model`] loads an artifact once and runs it.
 //! - [`kernel_lib`]: loading kernel shared libraries and calling kernels.
 //! - `reference`: steps without compiled code, run by the reference interpreter.
-//! - `cuda` (feature `cuda`): loading PTX and launching kernels on NVIDIA GPUs.
+//! - `cuda` (feature `cuda`): loading PTX and launching kernels on NVIDIA GPUs;
+//!   `cuda_model`: runs a `cuda:SKU` artifact's GPU plan.
 //! - [`pool`]: the spinning fork-join pool that runs a kernel's task ranges on several cores.
 //! - [`split_choice`]: whether splitting steps over the pool pays on this machine now (timed).
 mod affinity;
 pub mod artifact;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+#[cfg(feature = "cuda")]
+pub mod cuda_model;
 pub mod executor;
 mod instance;
 pub mod kernel_lib;
@@ -23,5 +26,6 @@ pub mod split_choice;
 pub use artifact::{Artifact, ArtifactError};
 pub use executor::{AlignedBuf, LoadError, Model, RunError, Tensor, TensorView};
 pub use plan::{
-    BufRef, DType, DimExpr, DimSpec, DynamicTail, ExecPlan, IoSpec, Step, SymBound, WeightSpec,
+    BufRef, DType, DimExpr, DimSpec, DynamicTail, ExecPlan, GpuArg, GpuPlan, GpuStep, IoSpec, Step,
+    SymBound, WeightSpec,
 };

@@ -381,6 +381,193 @@ pub struct ExecPlan {
     /// field existed have none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tail: Option<DynamicTail>,
+    /// The GPU program of a `cuda:...` artifact (then [`ExecPlan::steps`] is empty and the
+    /// artifact's kernel section holds PTX); `None` for CPU plans.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu: Option<GpuPlan>,
+}
+
+/// The GPU program of a plan: kernel launches in order on one stream, over one device arena
+/// (the memory plan's, [`ExecPlan::arena_bytes`]), the weights (uploaded once) and the
+/// caller's inputs and outputs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuPlan {
+    /// The SKU of the device database the PTX was generated for (`h100-sxm`).
+    pub sku: String,
+    /// Its product name in the database (`NVIDIA H100 SXM5 80GB`), matched against the
+    /// driver's device name at load ([`GpuPlan::check_device`]).
+    pub sku_display: String,
+    /// Its architecture (`sm_90`).
+    pub arch: String,
+    /// Launches, in order.
+    pub steps: Vec<GpuStep>,
+}
+
+/// One kernel launch.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuStep {
+    /// The PTX entry name.
+    pub kernel: String,
+    /// Arguments in parameter order.
+    pub args: Vec<GpuArg>,
+    /// Blocks per grid `(x, y, z)`.
+    pub grid: [u32; 3],
+    /// Threads per block `(x, y, z)`.
+    pub block: [u32; 3],
+    /// Dynamic shared memory in bytes.
+    pub shared_bytes: u32,
+    /// The partition kernel it belongs to (for profiles and reports).
+    pub label: String,
+    /// Whether the kernel comes from the generic (one thread per element) path.
+    #[serde(default)]
+    pub generic: bool,
+}
+
+/// One launch argument: a buffer (passed as the memref descriptor `(p, p, 0, len, 1)` with
+/// `p` = the buffer's device address + `offset` bytes), an `index` (i64) or an `f32`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GpuArg {
+    /// A buffer view.
+    Buf {
+        /// The buffer.
+        buf: BufRef,
+        /// Byte offset into it.
+        offset: u64,
+        /// Length in elements (the descriptor's size).
+        len: u64,
+        /// Bytes per element.
+        elem_bytes: u64,
+        /// Whether the launch writes it.
+        #[serde(default)]
+        written: bool,
+    },
+    /// An `index` scalar.
+    Index(i64),
+    /// An `f32` scalar, as its IEEE bits.
+    F32(u32),
+}
+
+/// Lowercase alphanumeric tokens of a device or product name (`NVIDIA A100-SXM4-80GB` →
+/// `nvidia a100 sxm4 80gb`).
+fn name_tokens(s: &str) -> Vec<String> {
+    s.split(|c: char| !c.is_ascii_alphanumeric())
+        .filter(|t| !t.is_empty())
+        .map(|t| t.to_ascii_lowercase())
+        .collect()
+}
+
+impl GpuPlan {
+    /// Whether the GPU the driver reports (`device_name`, compute capability `device_arch`
+    /// as `sm_XY`) is the SKU this plan was compiled for: same architecture, the product's
+    /// model token (`h100`, `a100`, `l4`, `4090`: the first token of
+    /// [`GpuPlan::sku_display`] with a digit) among the device name's tokens, and `pcie` in
+    /// both names or in neither. The error names both.
+    pub fn check_device(&self, device_name: &str, device_arch: &str) -> Result<(), String> {
+        let sku = name_tokens(&self.sku_display);
+        let dev = name_tokens(device_name);
+        let model = sku.iter().find(|t| t.chars().any(|c| c.is_ascii_digit()));
+        let same_model = model.is_some_and(|m| dev.contains(m));
+        let pcie = |t: &[String]| t.iter().any(|x| x == "pcie");
+        if device_arch.eq_ignore_ascii_case(&self.arch) && same_model && pcie(&sku) == pcie(&dev) {
+            return Ok(());
+        }
+        Err(format!(
+            "the artifact was compiled for {} ({}, {}) but the GPU present is {device_name}              ({device_arch}); recompile with --target cuda:<this GPU> or pass              --allow-sku-mismatch",
+            self.sku, self.sku_display, self.arch
+        ))
+    }
+
+    /// Checks every launch against `plan`: non-empty grids and blocks, buffer views inside
+    /// their buffers (arena, weights of `weights_len` bytes, inputs, outputs), inputs and
+    /// weights never written. Returns which outputs some launch writes.
+    pub fn validate(&self, plan: &ExecPlan) -> Result<Vec<bool>, String> {
+        let mut written = vec![false; plan.outputs.len()];
+        let numel = |io: &IoSpec| -> Option<u64> {
+            io.shape.iter().try_fold(1u64, |a, d| match d {
+                DimSpec::Fixed(n) => a.checked_mul(*n),
+                _ => None,
+            })
+        };
+        for (si, s) in self.steps.iter().enumerate() {
+            let at = || format!("GPU step {si} ('{}')", s.kernel);
+            if s.grid.contains(&0) || s.block.contains(&0) {
+                return Err(format!(
+                    "{}: empty grid {:?} or block {:?}",
+                    at(),
+                    s.grid,
+                    s.block
+                ));
+            }
+            for (ai, a) in s.args.iter().enumerate() {
+                let GpuArg::Buf {
+                    buf,
+                    offset,
+                    len,
+                    elem_bytes,
+                    written: w,
+                } = a
+                else {
+                    continue;
+                };
+                let bytes = len
+                    .checked_mul(*elem_bytes)
+                    .and_then(|b| b.checked_add(*offset))
+                    .ok_or_else(|| format!("{}: arg {ai}: size overflows", at()))?;
+                let (cap, what) = match buf {
+                    BufRef::Arena {
+                        offset: o,
+                        bytes: b,
+                    } => {
+                        if o.checked_add(*b).is_none_or(|e| e > plan.arena_bytes) {
+                            return Err(format!("{}: arg {ai}: outside the arena", at()));
+                        }
+                        (*b, "arena slot")
+                    }
+                    BufRef::Weight { index } => {
+                        let wt = plan.weights.get(*index).ok_or_else(|| {
+                            format!("{}: arg {ai}: weight {index} out of range", at())
+                        })?;
+                        if *w {
+                            return Err(format!("{}: arg {ai}: writes a weight", at()));
+                        }
+                        (wt.bytes, "weight")
+                    }
+                    BufRef::Input { index } => {
+                        let io = plan.inputs.get(*index).ok_or_else(|| {
+                            format!("{}: arg {ai}: input {index} out of range", at())
+                        })?;
+                        if *w {
+                            return Err(format!("{}: arg {ai}: writes input '{}'", at(), io.name));
+                        }
+                        let n = numel(io).ok_or_else(|| {
+                            format!("{}: input '{}' is not static", at(), io.name)
+                        })?;
+                        (io.dtype.bytes_for(n as usize).unwrap_or(0) as u64, "input")
+                    }
+                    BufRef::Output { index } => {
+                        let io = plan.outputs.get(*index).ok_or_else(|| {
+                            format!("{}: arg {ai}: output {index} out of range", at())
+                        })?;
+                        if *w {
+                            written[*index] = true;
+                        }
+                        let n = numel(io).ok_or_else(|| {
+                            format!("{}: output '{}' is not static", at(), io.name)
+                        })?;
+                        (io.dtype.bytes_for(n as usize).unwrap_or(0) as u64, "output")
+                    }
+                };
+                if bytes > cap {
+                    return Err(format!(
+                        "{}: arg {ai}: bytes {offset}..{bytes} outside its {cap}-byte {what}",
+                        at()
+                    ));
+                }
+            }
+        }
+        Ok(written)
+    }
 }
 
 impl ExecPlan {
@@ -553,6 +740,14 @@ impl ExecPlan {
                         ));
                     }
                 }
+            }
+        }
+        if let Some(gp) = &self.gpu {
+            if !self.steps.is_empty() || self.tail.is_some() {
+                return Err("a GPU plan has no CPU steps and no dynamic tail".into());
+            }
+            for (o, w) in gp.validate(self)?.into_iter().enumerate() {
+                written[o] |= w;
             }
         }
         if let Some(t) = &self.tail {

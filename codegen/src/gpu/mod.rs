@@ -16,6 +16,7 @@
 
 pub mod device;
 pub mod kernels;
+pub mod lower;
 pub mod pipeline;
 
 pub use device::{DeviceDb, Sku};
@@ -50,6 +51,9 @@ pub enum GpuError {
     /// A schedule is invalid (zero or non-dividing tile sizes, too many threads, ...).
     #[error("invalid GPU schedule: {0}")]
     Schedule(String),
+    /// A fusion kernel cannot be lowered to GPU kernels (the message names it and its ops).
+    #[error("{0}")]
+    Lowering(String),
     /// MLIR parsing, lowering or PTX serialization failed.
     #[error(transparent)]
     Codegen(#[from] crate::CodegenError),
@@ -64,6 +68,10 @@ pub enum Elem {
     F16,
     /// bfloat16.
     BF16,
+    /// 64-bit signed integer.
+    I64,
+    /// One byte (booleans).
+    I8,
 }
 
 impl Elem {
@@ -73,6 +81,18 @@ impl Elem {
             Elem::F32 => "f32",
             Elem::F16 => "f16",
             Elem::BF16 => "bf16",
+            Elem::I64 => "i64",
+            Elem::I8 => "i8",
+        }
+    }
+
+    /// Bytes per element.
+    pub fn bytes(self) -> u64 {
+        match self {
+            Elem::F32 => 4,
+            Elem::F16 | Elem::BF16 => 2,
+            Elem::I64 => 8,
+            Elem::I8 => 1,
         }
     }
 }

@@ -147,6 +147,7 @@ pub fn add_relu_artifact(kernels: Vec<u8>) -> Artifact {
         sym_bounds: vec![],
         variants: vec![],
         tail: None,
+        gpu: None,
     };
     Artifact {
         compiler_version: "kiln-test 0.0.0".into(),
@@ -227,6 +228,7 @@ pub fn dynamic_artifact(kernels: Vec<u8>) -> Artifact {
         }],
         variants: vec![],
         tail: None,
+        gpu: None,
     };
     Artifact {
         compiler_version: "kiln-test 0.0.0".into(),

@@ -1,0 +1,524 @@
+//! `Contraction` kernels: MatMul/Gemm and Conv with their fused epilogues.
+//!
+//! * MatMul/Gemm with f32 operands use the tiled GEMM
+//!   ([`gemm_f32`](crate::gpu::kernels::gemm::gemm_f32)) when `A` is not transposed (a
+//!   transposed constant `B` is stored transposed at compile time): a 2-D product, a batched
+//!   product with a 2-D `B` folded into `M`, or one launch per batch with offset buffers
+//!   (numpy batch broadcasting). The GEMM writes the contraction result into the kernel's
+//!   output buffer; Gemm's `alpha`, `beta · C` and the fused elementwise nodes then run as a
+//!   generic elementwise kernel over that buffer, in place.
+//! * Everything else (transposed `A`, the result not landing in an output buffer, the
+//!   generic-only mode) is one generic kernel: one thread per output element, a dot product
+//!   over `K` and the epilogue inline.
+//! * 2-D Conv (any group, stride, dilation, padding) is one generic kernel: one thread per
+//!   output element, a direct loop over input channels and taps, then bias and epilogue.
+
+use super::elementwise::{emit_nodes, store_outputs};
+use super::generic::{row_major, Gen, GenKernel};
+use super::window::open_acc;
+use super::{node_input, shape_of, GpuLowering, Launch, LaunchArg, LowerOptions, Operand};
+use crate::cpu::lower::conv::Window2;
+use crate::cpu::lower::Ty;
+use crate::gpu::kernels::gemm::{gemm_f32, GpuGemmSchedule};
+use kiln_ir::ops::linalg::{Gemm, LinalgOp};
+use kiln_ir::ops::nn::NnOp;
+use kiln_ir::{DType, Graph, Op, Tensor, ValueId};
+use kiln_passes::fusion;
+
+/// Lowers a `Contraction` kernel (see the module doc).
+pub(crate) fn lower(
+    g: &Graph,
+    k: &fusion::Kernel,
+    index: usize,
+    name: &str,
+    opts: &LowerOptions,
+    out: &mut GpuLowering,
+) -> Result<(), String> {
+    let ci = k
+        .nodes
+        .iter()
+        .copied()
+        .find(|&n| matches!(g.nodes[n].op, Op::Linalg(_) | Op::Nn(NnOp::Conv(_))))
+        .ok_or("no MatMul, Gemm or Conv in the contraction")?;
+    let epi: Vec<usize> = k.nodes.iter().copied().filter(|&n| n != ci).collect();
+    let y = g.nodes[ci].outputs[0];
+    let ys = shape_of(g, y)?;
+    for &n in &epi {
+        if !matches!(g.nodes[n].op, Op::Elementwise(_)) {
+            return Err(format!(
+                "epilogue node '{}' is not elementwise",
+                g.nodes[n].name
+            ));
+        }
+        for &o in &g.nodes[n].outputs {
+            if shape_of(g, o)? != ys {
+                return Err(format!(
+                    "epilogue node '{}' has another shape than the contraction",
+                    g.nodes[n].name
+                ));
+            }
+        }
+    }
+    for &n in &[ci] {
+        for v in g.nodes[n]
+            .inputs
+            .iter()
+            .flatten()
+            .chain(&g.nodes[n].outputs)
+        {
+            if g.values[*v].fact.dtype != DType::F32 {
+                return Err(format!(
+                    "contraction on {} (f32 only)",
+                    g.values[*v].fact.dtype.name()
+                ));
+            }
+        }
+    }
+    match &g.nodes[ci].op {
+        Op::Nn(NnOp::Conv(_)) => {
+            let gk = conv(g, k, ci, &epi, name)?;
+            out.push_generic(index, gk, opts.max_blocks)
+        }
+        Op::Linalg(op @ (LinalgOp::MatMul | LinalgOp::Gemm(_))) => {
+            let gemm = match op {
+                LinalgOp::Gemm(gm) => Some(gm.clone()),
+                _ => None,
+            };
+            let mm = MatMul::new(g, ci, gemm)?;
+            if opts.specialized && special(g, k, (index, name, opts.max_blocks), &mm, &epi, out)? {
+                return Ok(());
+            }
+            let gk = generic_matmul(g, k, &mm, &epi, name)?;
+            out.push_generic(index, gk, opts.max_blocks)
+        }
+        other => Err(format!(
+            "{} contractions are not lowered for the GPU",
+            other.op_type()
+        )),
+    }
+}
+
+/// Shapes of a MatMul/Gemm.
+struct MatMul {
+    a: ValueId,
+    b: ValueId,
+    c: Option<ValueId>,
+    y: ValueId,
+    a_s: Vec<usize>,
+    b_s: Vec<usize>,
+    ys: Vec<usize>,
+    m: usize,
+    n: usize,
+    kk: usize,
+    gemm: Option<Gemm>,
+}
+
+impl MatMul {
+    fn new(g: &Graph, ci: usize, gemm: Option<Gemm>) -> Result<MatMul, String> {
+        let a = node_input(g, ci, 0)?;
+        let b = node_input(g, ci, 1)?;
+        let c = g.nodes[ci].inputs.get(2).copied().flatten();
+        let y = g.nodes[ci].outputs[0];
+        let (a_s, b_s, ys) = (shape_of(g, a)?, shape_of(g, b)?, shape_of(g, y)?);
+        if a_s.len() < 2 || b_s.len() < 2 {
+            return Err("MatMul with a 1-D operand".into());
+        }
+        let (ta, tb) = gemm
+            .as_ref()
+            .map_or((false, false), |gm| (gm.trans_a, gm.trans_b));
+        if gemm.is_some() && (a_s.len() != 2 || b_s.len() != 2) {
+            return Err("Gemm operands must be 2-D".into());
+        }
+        let (ra, rb) = (a_s.len(), b_s.len());
+        let (m, kk) = if ta {
+            (a_s[ra - 1], a_s[ra - 2])
+        } else {
+            (a_s[ra - 2], a_s[ra - 1])
+        };
+        let (kb, n) = if tb {
+            (b_s[rb - 1], b_s[rb - 2])
+        } else {
+            (b_s[rb - 2], b_s[rb - 1])
+        };
+        let r = ys.len();
+        if kb != kk || r < 2 || ys[r - 2] != m || ys[r - 1] != n {
+            return Err(format!(
+                "MatMul shapes {a_s:?} x {b_s:?} -> {ys:?} do not match"
+            ));
+        }
+        Ok(MatMul {
+            a,
+            b,
+            c,
+            y,
+            a_s,
+            b_s,
+            ys,
+            m,
+            n,
+            kk,
+            gemm,
+        })
+    }
+}
+
+/// Binds the contraction result `y` to `x` after Gemm's `alpha`/`beta · C`, at output
+/// multi-index `idx`.
+fn gemm_scale(
+    g: &Graph,
+    gen: &mut Gen,
+    mm: &MatMul,
+    x: String,
+    idx: &[String],
+) -> Result<String, String> {
+    let Some(gm) = &mm.gemm else { return Ok(x) };
+    let mut v = x;
+    if gm.alpha != 1.0 {
+        let a = gen.b.fc(gm.alpha);
+        v = gen.b.f2("mulf", &v, &a);
+    }
+    if let (Some(c), true) = (mm.c, gm.beta != 0.0) {
+        gen.bind_inputs(g, &[c], idx, &mm.ys)?;
+        let (cv, _) = gen.b.get(c, g)?;
+        let cv = if gm.beta != 1.0 {
+            let bt = gen.b.fc(gm.beta);
+            gen.b.f2("mulf", &cv, &bt)
+        } else {
+            cv
+        };
+        v = gen.b.f2("addf", &v, &cv);
+    }
+    Ok(v)
+}
+
+/// Kernel inputs the epilogue reads (not the contraction operands).
+fn epi_inputs(k: &fusion::Kernel, mm_operands: &[ValueId]) -> Vec<ValueId> {
+    k.inputs
+        .iter()
+        .copied()
+        .filter(|v| !mm_operands.contains(v))
+        .collect()
+}
+
+/// The whole contraction as one generic kernel (dot product per output element).
+fn generic_matmul(
+    g: &Graph,
+    k: &fusion::Kernel,
+    mm: &MatMul,
+    epi: &[usize],
+    name: &str,
+) -> Result<GenKernel, String> {
+    let mut gen = Gen::default();
+    let (ab, _) = gen.value_buf(g, mm.a)?;
+    let (bb, _) = gen.value_buf(g, mm.b)?;
+    let idx = gen.unravel("%i", &mm.ys);
+    let r = mm.ys.len();
+    let (ta, tb) = mm
+        .gemm
+        .as_ref()
+        .map_or((false, false), |gm| (gm.trans_a, gm.trans_b));
+    // Strides of A along (batch dims of y, m, k) and of B along (batch, k, n).
+    let bstrides = |s: &[usize], t: bool| -> (Vec<i64>, i64, i64) {
+        let st = row_major(s);
+        let rs = s.len();
+        let mut bs = vec![0i64; r - 2];
+        let off = (r - 2) - (rs - 2).min(r - 2);
+        for j in 0..rs - 2 {
+            if s[j] != 1 {
+                bs[j + off] = st[j];
+            }
+        }
+        // (outer, inner) = strides of (row, col) as stored.
+        let (s_row, s_col) = (st[rs - 2], st[rs - 1]);
+        let (first, second) = if t { (s_col, s_row) } else { (s_row, s_col) };
+        (bs, first, second)
+    };
+    let (abs, a_m, a_k) = bstrides(&mm.a_s, ta);
+    let (bbs, b_k, b_n) = bstrides(&mm.b_s, tb);
+    let a0 = gen.lin(&idx[..r - 2], &abs, 0);
+    let b0 = gen.lin(&idx[..r - 2], &bbs, 0);
+    let am = gen.lin(&idx[r - 2..r - 1], &[a_m], 0);
+    let a_base = gen.ix("addi", &a0, &am);
+    let bn = gen.lin(&idx[r - 1..], &[b_n], 0);
+    let b_base = gen.ix("addi", &b0, &bn);
+    let zero = gen.b.fc(0.0);
+    let saved = gen.consts.clone();
+    let (kv, acc, res) = open_acc(&mut gen, mm.kk, &zero);
+    let ak = gen.lin(std::slice::from_ref(&kv), &[a_k], 0);
+    let ai = gen.ix("addi", &a_base, &ak);
+    let bk = gen.lin(&[kv], &[b_k], 0);
+    let bi = gen.ix("addi", &b_base, &bk);
+    let x = gen.load(ab, &ai, Ty::F32);
+    let w = gen.load(bb, &bi, Ty::F32);
+    let p = gen.b.f2("mulf", &x, &w);
+    let s = gen.b.f2("addf", &acc, &p);
+    gen.b.raw(&format!("scf.yield {s} : f32"));
+    gen.b.raw("}");
+    gen.consts = saved;
+    let v = gemm_scale(g, &mut gen, mm, res, &idx)?;
+    gen.b.vals.insert(mm.y, (v, Ty::F32));
+    let ins = epi_inputs(k, &[mm.a, mm.b]);
+    gen.bind_inputs(g, &ins, &idx, &mm.ys)?;
+    emit_nodes(g, &mut gen, epi, &idx, &mm.ys)?;
+    store_outputs(g, &mut gen, &k.outputs, "%i")?;
+    Ok(gen.finish(name, mm.ys.iter().product::<usize>() as u64))
+}
+
+/// The GEMM path (see the module doc); `Ok(false)` if it does not apply.
+fn special(
+    g: &Graph,
+    k: &fusion::Kernel,
+    (index, name, max_blocks): (usize, &str, u32),
+    mm: &MatMul,
+    epi: &[usize],
+    out: &mut GpuLowering,
+) -> Result<bool, String> {
+    let (ta, tb) = mm
+        .gemm
+        .as_ref()
+        .map_or((false, false), |gm| (gm.trans_a, gm.trans_b));
+    if ta || (tb && g.const_value(mm.b).is_none()) {
+        return Ok(false);
+    }
+    // The buffer the GEMM writes: the contraction's own output, or the kernel's only output.
+    let target = if k.outputs.contains(&mm.y) {
+        mm.y
+    } else if let [o] = k.outputs[..] {
+        if shape_of(g, o)? != mm.ys || g.values[o].fact.dtype != DType::F32 {
+            return Ok(false);
+        }
+        o
+    } else {
+        return Ok(false);
+    };
+    // B as [K, N] (transposed constants stored transposed).
+    let b_op = if tb {
+        let t = g.const_value(mm.b).ok_or("transposed B")?;
+        let v = t.to_f64_vec();
+        let (n, kk) = (mm.n, mm.kk);
+        let mut tr = vec![0f32; n * kk];
+        for i in 0..n {
+            for j in 0..kk {
+                tr[j * n + i] = v[i * kk + j] as f32;
+            }
+        }
+        out.consts.push((
+            format!("{}_transposed", g.values[mm.b].name),
+            Tensor::from_vec(&[kk, n], tr),
+        ));
+        Operand::Const(out.consts.len() - 1)
+    } else {
+        Operand::Value(mm.b)
+    };
+    let sched = GpuGemmSchedule::default();
+    let kern = gemm_f32("kiln_gemm_f32", &sched).map_err(|e| e.to_string())?;
+    let r = mm.ys.len();
+    let (m, n, kk) = (mm.m, mm.n, mm.kk);
+    // (a offset, b offset, y offset, rows) per launch, in elements.
+    let mut calls: Vec<(u64, u64, u64, usize)> = Vec::new();
+    if mm.b_s.len() == 2 {
+        // Batch dims of A folded into M (A's batch dims equal y's).
+        let rows: usize = mm.ys[..r - 1].iter().product();
+        if mm.a_s[..mm.a_s.len() - 2].iter().product::<usize>() * m != rows {
+            return Ok(false);
+        }
+        calls.push((0, 0, 0, rows));
+    } else {
+        let batch = &mm.ys[..r - 2];
+        let nb: usize = batch.iter().product();
+        let off_of = |s: &[usize], bi: &[usize], mat: usize| -> u64 {
+            let rs = s.len() - 2;
+            let off = batch.len() - rs.min(batch.len());
+            let st = row_major(&s[..rs]);
+            let mut o = 0u64;
+            for j in 0..rs {
+                if s[j] != 1 {
+                    o += (bi[j + off] as u64) * (st[j] as u64);
+                }
+            }
+            o * mat as u64
+        };
+        for b in 0..nb {
+            let mut bi = vec![0usize; batch.len()];
+            let mut rest = b;
+            for d in (0..batch.len()).rev() {
+                bi[d] = rest % batch[d];
+                rest /= batch[d];
+            }
+            calls.push((
+                off_of(&mm.a_s, &bi, m * kk),
+                off_of(&mm.b_s, &bi, kk * n),
+                (b * m * n) as u64,
+                m,
+            ));
+        }
+    }
+    if calls
+        .iter()
+        .any(|c| sched.grid(c.3 as u64, n as u64)[1] > 65535)
+    {
+        return Ok(false);
+    }
+    for (ao, bo, yo, rows) in calls {
+        let buf = |operand: Operand, offset: u64, len: usize| LaunchArg::Buf {
+            operand,
+            offset,
+            len: len as u64,
+            elem_bytes: 4,
+        };
+        let launch = Launch {
+            index,
+            kernel: String::new(),
+            args: vec![
+                buf(Operand::Value(mm.a), ao, rows * kk),
+                buf(b_op.clone(), bo, kk * n),
+                buf(Operand::Value(target), yo, rows * n),
+                LaunchArg::Index(rows as i64),
+                LaunchArg::Index(n as i64),
+                LaunchArg::Index(kk as i64),
+            ],
+            grid: sched.grid(rows as u64, n as u64),
+            block: kern.block,
+            shared_bytes: 0,
+            generic: false,
+        };
+        out.push_special(launch, kern.clone())?;
+    }
+    // The epilogue over the result, in place.
+    let scaled = mm
+        .gemm
+        .as_ref()
+        .is_some_and(|gm| gm.alpha != 1.0 || (mm.c.is_some() && gm.beta != 0.0));
+    if !epi.is_empty() || scaled {
+        let mut gen = Gen::default();
+        let idx = gen.unravel("%i", &mm.ys);
+        let (tb_, _) = gen.value_buf(g, target)?;
+        let x = gen.load(tb_, "%i", Ty::F32);
+        let v = gemm_scale(g, &mut gen, mm, x, &idx)?;
+        gen.b.vals.insert(mm.y, (v, Ty::F32));
+        let ins = epi_inputs(k, &[mm.a, mm.b]);
+        gen.bind_inputs(g, &ins, &idx, &mm.ys)?;
+        emit_nodes(g, &mut gen, epi, &idx, &mm.ys)?;
+        store_outputs(g, &mut gen, &k.outputs, "%i")?;
+        let gk = gen.finish(
+            &format!("{name}_epilogue"),
+            mm.ys.iter().product::<usize>() as u64,
+        );
+        out.push_generic(index, gk, max_blocks)?;
+    }
+    Ok(true)
+}
+
+/// A 2-D Conv with bias and epilogue as one generic kernel.
+fn conv(
+    g: &Graph,
+    k: &fusion::Kernel,
+    ci: usize,
+    epi: &[usize],
+    name: &str,
+) -> Result<GenKernel, String> {
+    let cn = &g.nodes[ci];
+    let Op::Nn(NnOp::Conv(attrs)) = &cn.op else {
+        return Err("not a Conv".into());
+    };
+    let x = node_input(g, ci, 0)?;
+    let w = node_input(g, ci, 1)?;
+    let bias = cn.inputs.get(2).copied().flatten();
+    let y = cn.outputs[0];
+    let (xs, ws, ys) = (shape_of(g, x)?, shape_of(g, w)?, shape_of(g, y)?);
+    if ws.len() != 4 || xs.len() != 4 {
+        return Err("Conv of rank other than 2-D".into());
+    }
+    let win = Window2::new(&attrs.window, &xs, [ws[2], ws[3]], false)?;
+    let group = attrs.group.max(1);
+    let m = ws[0];
+    if ys != [win.n, m, win.oh, win.ow]
+        || win.c % group != 0
+        || m % group != 0
+        || ws[1] * group != win.c
+    {
+        return Err("Conv shapes do not match".into());
+    }
+    let (cg, mg) = (win.c / group, m / group);
+    let mut gen = Gen::default();
+    let (xb, _) = gen.value_buf(g, x)?;
+    let (wb, _) = gen.value_buf(g, w)?;
+    let idx = gen.unravel("%i", &ys);
+    // Input channel base: (n * C + (m / mg) * cg) * H * W; weight base: m * cg * KH * KW.
+    let mgc = gen.c(mg as i64);
+    let grp = gen.ix("divui", &idx[1], &mgc);
+    let cgc = gen.c(cg as i64);
+    let c0 = gen.ix("muli", &grp, &cgc);
+    let cc = gen.c(win.c as i64);
+    let n0 = gen.ix("muli", &idx[0], &cc);
+    let ch0 = gen.ix("addi", &n0, &c0);
+    let plane = gen.c((win.h * win.w) as i64);
+    let x_base = gen.ix("muli", &ch0, &plane);
+    let wk = gen.c((cg * win.k[0] * win.k[1]) as i64);
+    let w_base = gen.ix("muli", &idx[1], &wk);
+    let zero = gen.b.fc(0.0);
+    let saved = gen.consts.clone();
+    let (cv, acc_c, res_c) = open_acc(&mut gen, cg, &zero);
+    let (th, acc_h, res_h) = open_acc(&mut gen, win.k[0], &acc_c);
+    let (tw, acc_w, res_w) = open_acc(&mut gen, win.k[1], &acc_h);
+    let pos = |gen: &mut Gen, o: &str, t: &str, ax: usize, size: usize| {
+        let s = gen.c(win.s[ax] as i64);
+        let d = gen.c(win.d[ax] as i64);
+        let p = gen.c(win.p[ax]);
+        let a = gen.ix("muli", o, &s);
+        let b = gen.ix("muli", t, &d);
+        let c = gen.ix("addi", &a, &b);
+        let v = gen.ix("subi", &c, &p);
+        let z = gen.c(0);
+        let n = gen.c(size as i64);
+        let ge = gen.b.op(&format!("arith.cmpi sge, {v}, {z} : index"));
+        let lt = gen.b.op(&format!("arith.cmpi slt, {v}, {n} : index"));
+        let ok = gen.b.op(&format!("arith.andi {ge}, {lt} : i1"));
+        (v, ok)
+    };
+    let (ih, okh) = pos(&mut gen, &idx[2], &th, 0, win.h);
+    let (iw, okw) = pos(&mut gen, &idx[3], &tw, 1, win.w);
+    let ok = gen.b.op(&format!("arith.andi {okh}, {okw} : i1"));
+    let z = gen.c(0);
+    let ihc = gen.b.op(&format!("arith.select {ok}, {ih}, {z} : index"));
+    let iwc = gen.b.op(&format!("arith.select {ok}, {iw}, {z} : index"));
+    let wc = gen.c(win.w as i64);
+    let pl = gen.ix("muli", &cv, &plane);
+    let r0 = gen.ix("muli", &ihc, &wc);
+    let r1 = gen.ix("addi", &r0, &iwc);
+    let r2 = gen.ix("addi", &r1, &pl);
+    let xa = gen.ix("addi", &x_base, &r2);
+    let kw = gen.c(win.k[1] as i64);
+    let kh = gen.c(win.k[0] as i64);
+    let t0 = gen.ix("muli", &cv, &kh);
+    let t1 = gen.ix("addi", &t0, &th);
+    let t2 = gen.ix("muli", &t1, &kw);
+    let t3 = gen.ix("addi", &t2, &tw);
+    let wa = gen.ix("addi", &w_base, &t3);
+    let xv = gen.load(xb, &xa, Ty::F32);
+    let wv = gen.load(wb, &wa, Ty::F32);
+    let p = gen.b.f2("mulf", &xv, &wv);
+    let s = gen.b.f2("addf", &acc_w, &p);
+    let nv = gen.b.op(&format!("arith.select {ok}, {s}, {acc_w} : f32"));
+    gen.b.raw(&format!("scf.yield {nv} : f32"));
+    gen.b.raw("}");
+    gen.b.raw(&format!("scf.yield {res_w} : f32"));
+    gen.b.raw("}");
+    gen.b.raw(&format!("scf.yield {res_h} : f32"));
+    gen.b.raw("}");
+    gen.consts = saved;
+    let mut v = res_c;
+    if let Some(bv) = bias {
+        let (bb, _) = gen.value_buf(g, bv)?;
+        let bx = gen.load(bb, &idx[1], Ty::F32);
+        v = gen.b.f2("addf", &v, &bx);
+    }
+    gen.b.vals.insert(y, (v, Ty::F32));
+    let mut operands = vec![x, w];
+    operands.extend(bias);
+    let ins = epi_inputs(k, &operands);
+    gen.bind_inputs(g, &ins, &idx, &ys)?;
+    emit_nodes(g, &mut gen, epi, &idx, &ys)?;
+    store_outputs(g, &mut gen, &k.outputs, "%i")?;
+    Ok(gen.finish(name, ys.iter().product::<usize>() as u64))
+}

@@ -1,0 +1,141 @@
+//! Pooling on the generic path, one thread per output element: 2-D `MaxPool` (window max
+//! over the taps inside the input) and `GlobalAveragePool` / `GlobalMaxPool` (a loop over
+//! the spatial positions of one `(n, c)` plane).
+
+use super::generic::{Gen, GenKernel};
+use super::{node_input, shape_of};
+use crate::cpu::lower::conv::Window2;
+use crate::cpu::lower::Ty;
+use kiln_ir::ops::nn::{NnOp, PoolKind};
+use kiln_ir::{Graph, Op};
+use kiln_passes::fusion;
+
+/// Whether `k` is a single pooling node this module lowers.
+pub(crate) fn handles(g: &Graph, k: &fusion::Kernel) -> bool {
+    k.nodes.len() == 1
+        && matches!(
+            g.nodes[k.nodes[0]].op,
+            Op::Nn(NnOp::MaxPool(_))
+                | Op::Nn(NnOp::GlobalPool(PoolKind::Average { .. }))
+                | Op::Nn(NnOp::GlobalPool(PoolKind::Max))
+        )
+}
+
+/// `for t in 0..n` with an f32 accumulator: returns (induction var, accumulator, result).
+pub(crate) fn open_acc(gen: &mut Gen, n: usize, init: &str) -> (String, String, String) {
+    let c0 = gen.c(0);
+    let c1 = gen.c(1);
+    let cn = gen.c(n as i64);
+    let (j, acc, res) = (gen.b.fresh(), gen.b.fresh(), gen.b.fresh());
+    gen.b.raw(&format!(
+        "{res} = scf.for {j} = {c0} to {cn} step {c1} iter_args({acc} = {init}) -> (f32) {{"
+    ));
+    (j, acc, res)
+}
+
+/// Lowers a pooling kernel (see [`handles`]).
+pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<GenKernel, String> {
+    let ni = k.nodes[0];
+    let node = &g.nodes[ni];
+    let x = node_input(g, ni, 0)?;
+    let y = node.outputs[0];
+    if g.values[x].fact.dtype != kiln_ir::DType::F32 || k.outputs != [y] {
+        return Err("pooling of f32 with one output only".into());
+    }
+    let xs = shape_of(g, x)?;
+    let ys = shape_of(g, y)?;
+    let mut gen = Gen::default();
+    let (xb, _) = gen.value_buf(g, x)?;
+    let (yb, _) = gen.value_buf(g, y)?;
+    match &node.op {
+        Op::Nn(NnOp::MaxPool(a)) => {
+            if a.with_indices {
+                return Err("MaxPool with Indices".into());
+            }
+            let Some(ks) = a.window.kernel_shape.clone().filter(|k| k.len() == 2) else {
+                return Err("MaxPool of rank other than 2-D".into());
+            };
+            let win = Window2::new(&a.window, &xs, [ks[0], ks[1]], a.ceil_mode)?;
+            if ys != [win.n, win.c, win.oh, win.ow] {
+                return Err("MaxPool shapes do not match".into());
+            }
+            let idx = gen.unravel("%i", &ys);
+            let plane = gen.c((win.h * win.w) as i64);
+            let nc0 = gen.c(win.c as i64);
+            let nc1 = gen.ix("muli", &idx[0], &nc0);
+            let nc = gen.ix("addi", &nc1, &idx[1]);
+            let base = gen.ix("muli", &nc, &plane);
+            let ninf = gen.b.fc(f32::NEG_INFINITY);
+            let saved = gen.consts.clone();
+            let (th, acc_h, res_h) = open_acc(&mut gen, win.k[0], &ninf);
+            let (tw, acc_w, res_w) = open_acc(&mut gen, win.k[1], &acc_h);
+            // Input position: o * s - p + t * d, inside [0, size).
+            let pos = |gen: &mut Gen, o: &str, t: &str, ax: usize, size: usize| {
+                let s = gen.c(win.s[ax] as i64);
+                let d = gen.c(win.d[ax] as i64);
+                let p = gen.c(win.p[ax]);
+                let a = gen.ix("muli", o, &s);
+                let b = gen.ix("muli", t, &d);
+                let c = gen.ix("addi", &a, &b);
+                let v = gen.ix("subi", &c, &p);
+                let z = gen.c(0);
+                let n = gen.c(size as i64);
+                let ge = gen.b.op(&format!("arith.cmpi sge, {v}, {z} : index"));
+                let lt = gen.b.op(&format!("arith.cmpi slt, {v}, {n} : index"));
+                let ok = gen.b.op(&format!("arith.andi {ge}, {lt} : i1"));
+                (v, ok)
+            };
+            let (ih, okh) = pos(&mut gen, &idx[2], &th, 0, win.h);
+            let (iw, okw) = pos(&mut gen, &idx[3], &tw, 1, win.w);
+            let ok = gen.b.op(&format!("arith.andi {okh}, {okw} : i1"));
+            let z = gen.c(0);
+            let ihc = gen.b.op(&format!("arith.select {ok}, {ih}, {z} : index"));
+            let iwc = gen.b.op(&format!("arith.select {ok}, {iw}, {z} : index"));
+            let wc = gen.c(win.w as i64);
+            let r0 = gen.ix("muli", &ihc, &wc);
+            let r1 = gen.ix("addi", &r0, &iwc);
+            let at = gen.ix("addi", &base, &r1);
+            let v = gen.load(xb, &at, Ty::F32);
+            let m = gen.b.op(&format!("arith.maximumf {acc_w}, {v} : f32"));
+            let nv = gen.b.op(&format!("arith.select {ok}, {m}, {acc_w} : f32"));
+            gen.b.raw(&format!("scf.yield {nv} : f32"));
+            gen.b.raw("}");
+            gen.b.raw(&format!("scf.yield {res_w} : f32"));
+            gen.b.raw("}");
+            gen.consts = saved;
+            gen.store(yb, "%i", &res_h, Ty::F32);
+            Ok(gen.finish(name, ys.iter().product::<usize>() as u64))
+        }
+        Op::Nn(NnOp::GlobalPool(kind)) => {
+            if xs.len() < 3 {
+                return Err("global pooling of rank < 3".into());
+            }
+            let (nc, hw) = (xs[0] * xs[1], xs[2..].iter().product::<usize>());
+            let avg = matches!(kind, PoolKind::Average { .. });
+            let init = gen.b.fc(if avg { 0.0 } else { f32::NEG_INFINITY });
+            let hwc = gen.c(hw as i64);
+            let base = gen.ix("muli", "%i", &hwc);
+            let saved = gen.consts.clone();
+            let (j, acc, res) = open_acc(&mut gen, hw, &init);
+            let at = gen.ix("addi", &base, &j);
+            let v = gen.load(xb, &at, Ty::F32);
+            let n = if avg {
+                gen.b.f2("addf", &acc, &v)
+            } else {
+                gen.b.op(&format!("arith.maximumf {acc}, {v} : f32"))
+            };
+            gen.b.raw(&format!("scf.yield {n} : f32"));
+            gen.b.raw("}");
+            gen.consts = saved;
+            let r = if avg {
+                let c = gen.b.fc(hw as f32);
+                gen.b.f2("divf", &res, &c)
+            } else {
+                res
+            };
+            gen.store(yb, "%i", &r, Ty::F32);
+            Ok(gen.finish(name, nc as u64))
+        }
+        other => Err(format!("{} is not pooling", other.op_type())),
+    }
+}

@@ -1,0 +1,300 @@
+//! Runs the GPU program of a `cuda:SKU` artifact ([`GpuPlan`]) with the CUDA driver.
+//!
+//! At load: the device's name and compute capability are checked against the plan's SKU
+//! ([`GpuPlan::check_device`]; a mismatch is an error naming both unless allowed, then a
+//! warning), the PTX module is loaded once and every entry resolved, one device arena of
+//! the memory plan's size is allocated, the weights are uploaded once, and device and
+//! pinned host buffers are allocated for every input and output. Each launch's arguments
+//! are resolved once to device addresses (a buffer is MLIR's memref descriptor
+//! `(p, p, 0, len, 1)`).
+//!
+//! [`CudaModel::run`]: inputs are copied to pinned buffers and uploaded, the launches run in
+//! order on one stream — the first run launches them directly and captures them into a
+//! CUDA graph, later runs replay the graph — and the outputs come back through pinned
+//! buffers.
+
+use crate::artifact::Artifact;
+use crate::plan::{BufRef, DimSpec, ExecPlan, GpuArg, GpuPlan, IoSpec};
+use cudarc::driver::{
+    sys, CudaContext, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, LaunchConfig,
+    PinnedHostSlice, PushKernelArg,
+};
+use std::sync::Arc;
+
+/// An error loading or running a GPU artifact.
+#[derive(Debug, thiserror::Error)]
+pub enum CudaModelError {
+    /// No driver or no device.
+    #[error("no CUDA device: {0}")]
+    NoDevice(String),
+    /// The artifact is not a GPU artifact, or its plan is inconsistent.
+    #[error("GPU plan: {0}")]
+    Plan(String),
+    /// The GPU present is not the SKU the artifact was compiled for.
+    #[error("{0}")]
+    SkuMismatch(String),
+    /// A CUDA driver call failed.
+    #[error("CUDA driver: {0}")]
+    Driver(String),
+    /// Inputs do not match the plan.
+    #[error("inputs: {0}")]
+    Inputs(String),
+}
+
+fn drv(e: cudarc::driver::DriverError) -> CudaModelError {
+    CudaModelError::Driver(e.to_string())
+}
+
+/// One launch with its arguments resolved.
+struct Launch {
+    func: CudaFunction,
+    /// Per parameter: a device address (`u64`), an `i64`, or an `f32`.
+    params: Vec<Param>,
+    cfg: LaunchConfig,
+}
+
+#[derive(Clone, Copy)]
+enum Param {
+    U64(u64),
+    I64(i64),
+    F32(f32),
+}
+
+/// A loaded GPU artifact (see the module doc).
+pub struct CudaModel {
+    plan: ExecPlan,
+    stream: Arc<CudaStream>,
+    launches: Vec<Launch>,
+    graph: Option<CudaGraph>,
+    inputs: Vec<(CudaSlice<u8>, PinnedHostSlice<u8>)>,
+    outputs: Vec<(CudaSlice<u8>, PinnedHostSlice<u8>)>,
+    _arena: CudaSlice<u8>,
+    _weights: CudaSlice<u8>,
+    /// Warning printed at load (SKU mismatch allowed), if any.
+    pub warning: Option<String>,
+}
+
+fn bytes_of(io: &IoSpec) -> Result<usize, CudaModelError> {
+    let mut n = 1usize;
+    for d in &io.shape {
+        match d {
+            DimSpec::Fixed(x) => n *= *x as usize,
+            _ => {
+                return Err(CudaModelError::Plan(format!(
+                    "'{}' has a non-static shape",
+                    io.name
+                )))
+            }
+        }
+    }
+    io.dtype
+        .bytes_for(n)
+        .ok_or_else(|| CudaModelError::Plan(format!("'{}' is too large", io.name)))
+}
+
+impl CudaModel {
+    /// Loads `artifact` on device 0 (see the module doc). `allow_sku_mismatch` turns a SKU
+    /// mismatch into [`CudaModel::warning`].
+    pub fn load(artifact: &Artifact, allow_sku_mismatch: bool) -> Result<Self, CudaModelError> {
+        let plan = artifact.plan.clone();
+        plan.validate(artifact.weights.len() as u64)
+            .map_err(CudaModelError::Plan)?;
+        let gp: GpuPlan = plan
+            .gpu
+            .clone()
+            .ok_or_else(|| CudaModelError::Plan("the artifact has no GPU plan".into()))?;
+        if crate::cuda::device_count() == 0 {
+            return Err(CudaModelError::NoDevice(
+                "no CUDA driver (libcuda) could be loaded or it reports no GPU".into(),
+            ));
+        }
+        let ctx = CudaContext::new(0).map_err(drv)?;
+        let name = ctx.name().map_err(drv)?;
+        let (ma, mi) = ctx.compute_capability().map_err(drv)?;
+        let arch = format!("sm_{ma}{mi}");
+        let mut warning = None;
+        if let Err(e) = gp.check_device(&name, &arch) {
+            if !allow_sku_mismatch {
+                return Err(CudaModelError::SkuMismatch(e));
+            }
+            warning = Some(format!("warning: {e}"));
+        }
+        let ptx = std::str::from_utf8(&artifact.kernels)
+            .map_err(|_| CudaModelError::Plan("the kernel section is not PTX text".into()))?;
+        let module = ctx
+            .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
+            .map_err(drv)?;
+        let stream = ctx.new_stream().map_err(drv)?;
+        let alloc = |n: usize| -> Result<CudaSlice<u8>, CudaModelError> {
+            stream.alloc_zeros::<u8>(n.max(1)).map_err(drv)
+        };
+        let arena = alloc(plan.arena_bytes as usize)?;
+        let weights = if artifact.weights.is_empty() {
+            alloc(1)?
+        } else {
+            stream.clone_htod(&artifact.weights).map_err(drv)?
+        };
+        let pinned = |n: usize| -> Result<PinnedHostSlice<u8>, CudaModelError> {
+            // SAFETY: the buffer is written before it is read (inputs by `run`, outputs by
+            // the device-to-host copy).
+            unsafe { ctx.alloc_pinned::<u8>(n.max(1)) }.map_err(drv)
+        };
+        let mut inputs = Vec::new();
+        for io in &plan.inputs {
+            let n = bytes_of(io)?;
+            inputs.push((alloc(n)?, pinned(n)?));
+        }
+        let mut outputs = Vec::new();
+        for io in &plan.outputs {
+            let n = bytes_of(io)?;
+            outputs.push((alloc(n)?, pinned(n)?));
+        }
+        let addr = |s: &CudaSlice<u8>| -> u64 {
+            let (p, _sync) = s.device_ptr(&stream);
+            p
+        };
+        let base = |b: &BufRef| -> Result<u64, CudaModelError> {
+            Ok(match b {
+                BufRef::Arena { offset, .. } => addr(&arena) + offset,
+                BufRef::Weight { index } => {
+                    let w = plan.weights.get(*index).ok_or_else(|| {
+                        CudaModelError::Plan(format!("weight {index} out of range"))
+                    })?;
+                    addr(&weights) + w.offset
+                }
+                BufRef::Input { index } => addr(
+                    &inputs
+                        .get(*index)
+                        .ok_or_else(|| CudaModelError::Plan(format!("input {index}")))?
+                        .0,
+                ),
+                BufRef::Output { index } => addr(
+                    &outputs
+                        .get(*index)
+                        .ok_or_else(|| CudaModelError::Plan(format!("output {index}")))?
+                        .0,
+                ),
+            })
+        };
+        let mut launches = Vec::new();
+        for s in &gp.steps {
+            let func = module
+                .load_function(&s.kernel)
+                .map_err(|e| CudaModelError::Plan(format!("PTX entry '{}': {e}", s.kernel)))?;
+            let mut params = Vec::new();
+            for a in &s.args {
+                match a {
+                    GpuArg::Buf {
+                        buf, offset, len, ..
+                    } => {
+                        let p = base(buf)? + offset;
+                        params.extend([
+                            Param::U64(p),
+                            Param::U64(p),
+                            Param::I64(0),
+                            Param::I64(*len as i64),
+                            Param::I64(1),
+                        ]);
+                    }
+                    GpuArg::Index(v) => params.push(Param::I64(*v)),
+                    GpuArg::F32(bits) => params.push(Param::F32(f32::from_bits(*bits))),
+                }
+            }
+            launches.push(Launch {
+                func,
+                params,
+                cfg: LaunchConfig {
+                    grid_dim: (s.grid[0], s.grid[1], s.grid[2]),
+                    block_dim: (s.block[0], s.block[1], s.block[2]),
+                    shared_mem_bytes: s.shared_bytes,
+                },
+            });
+        }
+        Ok(Self {
+            plan,
+            stream,
+            launches,
+            graph: None,
+            inputs,
+            outputs,
+            _arena: arena,
+            _weights: weights,
+            warning,
+        })
+    }
+
+    /// The plan.
+    pub fn plan(&self) -> &ExecPlan {
+        &self.plan
+    }
+
+    fn launch_all(&self) -> Result<(), CudaModelError> {
+        for l in &self.launches {
+            let mut b = self.stream.launch_builder(&l.func);
+            for p in &l.params {
+                match p {
+                    Param::U64(v) => b.arg(v),
+                    Param::I64(v) => b.arg(v),
+                    Param::F32(v) => b.arg(v),
+                };
+            }
+            // SAFETY: the parameters follow the kernel ABI the compiler emitted for this
+            // entry, and every buffer view was checked against its buffer by
+            // `ExecPlan::validate` in `load` (the scalars of the specialized kernels are
+            // trusted to match their views, as the compiler wrote them).
+            unsafe { b.launch(l.cfg) }.map_err(drv)?;
+        }
+        Ok(())
+    }
+
+    /// Runs the model: `inputs` are the raw bytes of each input (plan order), returns the
+    /// raw bytes of each output.
+    pub fn run(&mut self, inputs: &[&[u8]]) -> Result<Vec<Vec<u8>>, CudaModelError> {
+        if inputs.len() != self.inputs.len() {
+            return Err(CudaModelError::Inputs(format!(
+                "{} given, the model has {}",
+                inputs.len(),
+                self.inputs.len()
+            )));
+        }
+        for (i, (x, (dev, pin))) in inputs.iter().zip(&mut self.inputs).enumerate() {
+            let host = pin.as_mut_slice().map_err(drv)?;
+            let n = bytes_of(&self.plan.inputs[i])?;
+            if x.len() != n {
+                return Err(CudaModelError::Inputs(format!(
+                    "input '{}': {} bytes, expected {n}",
+                    self.plan.inputs[i].name,
+                    x.len()
+                )));
+            }
+            host[..n].copy_from_slice(x);
+            self.stream.memcpy_htod(&*pin, dev).map_err(drv)?;
+        }
+        match &self.graph {
+            Some(g) => g.launch().map_err(drv)?,
+            None => {
+                // First run: launch directly (checks every launch), then capture the same
+                // sequence into a graph for the next runs.
+                self.launch_all()?;
+                self.stream
+                    .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+                    .map_err(drv)?;
+                let captured = self.launch_all();
+                let graph = self
+                    .stream
+                    .end_capture(sys::CUgraphInstantiate_flags(0))
+                    .map_err(drv)?;
+                captured?;
+                self.graph = graph;
+            }
+        }
+        let mut out = Vec::new();
+        for (i, (dev, pin)) in self.outputs.iter_mut().enumerate() {
+            self.stream.memcpy_dtoh(&*dev, pin).map_err(drv)?;
+            let n = bytes_of(&self.plan.outputs[i])?;
+            self.stream.synchronize().map_err(drv)?;
+            out.push(pin.as_slice().map_err(drv)?[..n].to_vec());
+        }
+        Ok(out)
+    }
+}

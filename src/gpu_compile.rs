@@ -1,0 +1,405 @@
+//! Whole-model compilation for NVIDIA GPUs (`--target cuda:SKU`): the same graph passes as
+//! the CPU path ([`crate::pipeline::plan_graph`]: fold, eqsat, fusion, memory plan) →
+//! [`kiln_codegen::gpu::lower::lower_partition`] (specialized GEMM / row-softmax kernels,
+//! the generic one-thread-per-element path for the rest) → one `gpu.module` → one PTX text
+//! for the SKU → an [`Artifact`] whose target is `cuda:<sku>`, whose kernel section is the
+//! PTX and whose plan holds a [`GpuPlan`]: per launch the entry name, buffer views
+//! (input / output / weight / arena slot + byte offset), scalars, grid, block and dynamic
+//! shared memory. `kiln_runtime::cuda_model` runs it.
+//!
+//! Graph outputs that are graph inputs or constants get a copy launch. Not supported yet on
+//! this path (clear errors): `--max-batch`, models with a dynamic tail, kernels with no GPU
+//! lowering (listed by name and op).
+//!
+//! [`emulate`] runs the same plan built with the generic path only on the CPU (each generic
+//! kernel body compiled as a CPU kernel), which checks the lowering and the plan's buffer
+//! wiring against the reference interpreter on machines without a GPU.
+
+use crate::compile::{io_spec, CompileOptions, CompileReport, PlanBuilder};
+use crate::pipeline;
+use anyhow::{bail, Context, Result};
+use kiln_codegen::gpu::lower::{self, GpuLowering, LaunchArg, LowerOptions, Operand};
+use kiln_codegen::gpu::{DeviceDb, Sku};
+use kiln_passes::fusion::KernelKind;
+use kiln_runtime::plan::WeightsBuilder;
+use kiln_runtime::{Artifact, BufRef, ExecPlan, GpuArg, GpuPlan, GpuStep};
+use std::path::Path;
+use std::time::Instant;
+
+/// Resolves a `cuda:...` target.
+pub fn resolve_sku(target: &str) -> Result<&'static Sku> {
+    Ok(DeviceDb::builtin()?.parse_target(target)?)
+}
+
+/// The planned graph of `graph` for a GPU compile (no `--max-batch`, no dynamic tail).
+fn plan_for_gpu(
+    graph: &kiln_ir::Graph,
+    name: &str,
+    opts: &CompileOptions,
+    print: &mut dyn FnMut(&str, &str),
+) -> Result<pipeline::Planned> {
+    if opts.max_batch.is_some() {
+        bail!("{name}: --max-batch is not supported for cuda targets yet");
+    }
+    let popts = pipeline::Options {
+        shapes: opts.shapes.clone(),
+        print_after: opts.print_after.clone(),
+        opt_level: opts.opt_level,
+        measured_us: opts.measured_us.clone(),
+    };
+    let planned = pipeline::plan_graph(graph.clone(), &popts, print)?;
+    if planned.tail.is_some() {
+        bail!(
+            "{name}: shapes depend on input values (a dynamic tail), which the cuda targets \
+             do not support; make such inputs initializers of the model"
+        );
+    }
+    Ok(planned)
+}
+
+/// Lowers a planned graph and builds its execution plan (weights blob included).
+pub fn gpu_plan(
+    planned: &pipeline::Planned,
+    sku: &Sku,
+    lopts: &LowerOptions,
+) -> Result<(ExecPlan, GpuLowering, Vec<u8>)> {
+    let (g, p, mem) = (&planned.graph, &planned.partition, &planned.memory);
+    let mut lowering = lower::lower_partition(g, p, lopts)?;
+    // Graph outputs that are graph inputs or constants: a copy each.
+    for (oi, &o) in g.outputs.iter().enumerate() {
+        if g.inputs.contains(&o) || g.const_value(o).is_some() {
+            lowering.add_output_copy(g, o, oi, lopts.max_blocks)?;
+        }
+    }
+    let mut weights = WeightsBuilder::new();
+    let mut b = PlanBuilder::new(g, mem, &mut weights);
+    let mut const_refs: Vec<Option<BufRef>> = vec![None; lowering.consts.len()];
+    let mut steps = Vec::new();
+    for l in &lowering.launches {
+        let (label, k_outputs): (String, &[kiln_ir::ValueId]) = match p.kernels.get(l.index) {
+            Some(k) => (k.name.clone(), &k.outputs),
+            None => (l.kernel.clone(), &[]),
+        };
+        let mut args = Vec::new();
+        for a in &l.args {
+            args.push(match a {
+                LaunchArg::Buf {
+                    operand,
+                    offset,
+                    len,
+                    elem_bytes,
+                } => {
+                    let (buf, written) = match operand {
+                        // The source of an output copy: the graph input or the constant
+                        // itself (`buf` would answer the output's own buffer).
+                        Operand::Value(v) if l.index == lower::NO_KERNEL => {
+                            let r = match g.inputs.iter().position(|i| i == v) {
+                                Some(index) => BufRef::Input { index },
+                                None => {
+                                    let t = g.const_value(*v).context("output copy source")?;
+                                    let bytes = kiln_ir::onnx::tensor_proto::to_raw(t);
+                                    BufRef::Weight {
+                                        index: b.weights.push(&g.values[*v].name, &bytes),
+                                    }
+                                }
+                            };
+                            (r, false)
+                        }
+                        Operand::Value(v) => (
+                            b.buf(*v).with_context(|| format!("kernel {label}"))?,
+                            k_outputs.contains(v),
+                        ),
+                        Operand::GraphOutput(index) => (BufRef::Output { index: *index }, true),
+                        Operand::Const(i) => {
+                            let r = match &const_refs[*i] {
+                                Some(r) => r.clone(),
+                                None => {
+                                    let (name, t) = &lowering.consts[*i];
+                                    let bytes = kiln_ir::onnx::tensor_proto::to_raw(t);
+                                    let r = BufRef::Weight {
+                                        index: b.weights.push(name, &bytes),
+                                    };
+                                    const_refs[*i] = Some(r.clone());
+                                    r
+                                }
+                            };
+                            (r, false)
+                        }
+                    };
+                    GpuArg::Buf {
+                        buf,
+                        offset: offset * elem_bytes,
+                        len: *len,
+                        elem_bytes: *elem_bytes,
+                        written,
+                    }
+                }
+                LaunchArg::Index(v) => GpuArg::Index(*v),
+                LaunchArg::F32(v) => GpuArg::F32(v.to_bits()),
+            });
+        }
+        steps.push(GpuStep {
+            kernel: l.kernel.clone(),
+            args,
+            grid: l.grid,
+            block: l.block,
+            shared_bytes: l.shared_bytes,
+            label,
+            generic: l.generic,
+        });
+    }
+    let plan = ExecPlan {
+        inputs: g
+            .inputs
+            .iter()
+            .map(|&v| io_spec(g, v))
+            .collect::<Result<_>>()?,
+        outputs: g
+            .outputs
+            .iter()
+            .map(|&v| io_spec(g, v))
+            .collect::<Result<_>>()?,
+        arena_bytes: mem.arena_bytes as u64,
+        gpu: Some(GpuPlan {
+            sku: sku.name.clone(),
+            sku_display: sku.display_name.clone(),
+            arch: sku.arch.clone(),
+            steps,
+        }),
+        ..ExecPlan::default()
+    };
+    let (blob, specs) = weights.finish();
+    let mut plan = plan;
+    plan.weights = specs;
+    plan.validate(blob.len() as u64)
+        .map_err(|e| anyhow::anyhow!("invalid GPU execution plan: {e}"))?;
+    Ok((plan, lowering, blob))
+}
+
+/// Compiles a graph for the GPU SKU named by `target` (see the module doc).
+pub fn compile_graph_gpu(
+    graph: &kiln_ir::Graph,
+    name: &str,
+    target: &str,
+    opts: &CompileOptions,
+    mut print: impl FnMut(&str, &str),
+) -> Result<(Artifact, CompileReport)> {
+    let sku = resolve_sku(target)?;
+    let mut report = CompileReport::default();
+    let t = Instant::now();
+    let planned = plan_for_gpu(graph, name, opts, &mut print)?;
+    report.timings.push(("plan", t.elapsed()));
+    let t = Instant::now();
+    let (plan, lowering, weights) = gpu_plan(&planned, sku, &LowerOptions::for_sku(sku))
+        .with_context(|| format!("{name}: lowering for {}", sku.name))?;
+    report.timings.push(("lower", t.elapsed()));
+    let t = Instant::now();
+    let ptx = lower::compile_module(&lowering, sku)
+        .with_context(|| format!("{name}: generating PTX for {} ({})", sku.name, sku.arch))?;
+    report.timings.push(("mlir+ptx", t.elapsed()));
+    let (g, p) = (&planned.graph, &planned.partition);
+    let describe = |idx: Vec<usize>| -> Vec<String> {
+        idx.iter()
+            .map(|&i| {
+                let k = &p.kernels[i];
+                let ops: Vec<&str> = k.nodes.iter().map(|&n| g.nodes[n].op.op_type()).collect();
+                format!("{} ({})", k.name, ops.join(", "))
+            })
+            .collect()
+    };
+    let generic = describe(lowering.generic_kernels());
+    let epilogues = describe(lowering.generic_epilogues());
+    let steps = plan.gpu.as_ref().map_or(0, |gp| gp.steps.len());
+    report.gpu.push(format!(
+        "target: cuda:{} ({}, {}), {} launches of {} kernels, PTX {} bytes",
+        sku.name,
+        sku.display_name,
+        sku.arch,
+        steps,
+        lowering.kernels.len(),
+        ptx.len()
+    ));
+    report.gpu.push(format!(
+        "generic-path kernels: {} of {}: {}",
+        generic.len(),
+        p.kernels
+            .iter()
+            .filter(|k| k.kind != KernelKind::Alias)
+            .count(),
+        generic.join(", ")
+    ));
+    report.gpu.push(format!(
+        "specialized kernels with a generic epilogue: {}: {}",
+        epilogues.len(),
+        epilogues.join(", ")
+    ));
+    report.kernels = lowering.kernels.len();
+    report.views = lowering.views;
+    report.variants = 1;
+    report.arena_bytes = plan.arena_bytes;
+    report.weights_bytes = weights.len() as u64;
+    report.library_bytes = ptx.len() as u64;
+    let artifact = Artifact {
+        compiler_version: format!("kiln {}", env!("CARGO_PKG_VERSION")),
+        target: format!("cuda:{}", sku.name),
+        plan,
+        weights,
+        kernels: ptx.into_bytes(),
+    };
+    Ok((artifact, report))
+}
+
+/// Compiles `model` for `target` and runs the plan on the CPU: each generic kernel's body as
+/// a CPU kernel, launches in order over a host arena; with `specialized`, the GEMM and row
+/// softmax launches run as plain Rust loops over the same buffer views and scalars (so
+/// their offsets, batching, transposed constants and epilogues are checked), otherwise the
+/// model is lowered with the generic path only. Returns the outputs (plan order) for the
+/// given inputs. See the module doc.
+pub fn emulate(
+    model: &Path,
+    target: &str,
+    opts: &CompileOptions,
+    inputs: &[kiln_ir::Tensor],
+    specialized: bool,
+) -> Result<Vec<kiln_ir::Tensor>> {
+    let sku = resolve_sku(target)?;
+    let graph = kiln_ir::onnx::load(model)?;
+    let name = model.display().to_string();
+    let planned = plan_for_gpu(&graph, &name, opts, &mut |_, _| {})?;
+    let lopts = LowerOptions {
+        specialized,
+        ..LowerOptions::for_sku(sku)
+    };
+    let (plan, lowering, weights) = gpu_plan(&planned, sku, &lopts)?;
+    let cpu: Vec<_> = lowering.generic.iter().map(|k| k.cpu_kernel()).collect();
+    let lib_bytes = kiln_codegen::cpu::compile_library(&cpu, &Default::default())?;
+    let lib = kiln_runtime::kernel_lib::KernelLibrary::from_bytes(&lib_bytes)?;
+    let gp = plan.gpu.as_ref().context("no GPU plan")?;
+    let mut arena = kiln_runtime::AlignedBuf::zeroed(plan.arena_bytes as usize);
+    let mut weights_buf = kiln_runtime::AlignedBuf::zeroed(weights.len());
+    weights_buf.as_mut_slice().copy_from_slice(&weights);
+    if inputs.len() != plan.inputs.len() {
+        bail!(
+            "{} inputs given, the model has {}",
+            inputs.len(),
+            plan.inputs.len()
+        );
+    }
+    let mut ins: Vec<kiln_runtime::AlignedBuf> = inputs
+        .iter()
+        .map(|t| {
+            let raw = kiln_ir::onnx::tensor_proto::to_raw(t);
+            let mut b = kiln_runtime::AlignedBuf::zeroed(raw.len());
+            b.as_mut_slice().copy_from_slice(&raw);
+            b
+        })
+        .collect();
+    let mut outs: Vec<kiln_runtime::AlignedBuf> = plan
+        .outputs
+        .iter()
+        .map(|io| {
+            let n: u64 = io
+                .shape
+                .iter()
+                .map(|d| match d {
+                    kiln_runtime::DimSpec::Fixed(x) => *x,
+                    _ => 1,
+                })
+                .product();
+            kiln_runtime::AlignedBuf::zeroed(io.dtype.bytes_for(n as usize).unwrap_or(0))
+        })
+        .collect();
+    let mut scratch = kiln_runtime::kernel_lib::scratch_buffer(64);
+    for s in &gp.steps {
+        let mut ptrs = Vec::new();
+        let mut scalars = Vec::new();
+        for a in &s.args {
+            let GpuArg::Buf { buf, offset, .. } = a else {
+                if let GpuArg::Index(v) = a {
+                    scalars.push(*v as usize);
+                }
+                continue;
+            };
+            let base = match buf {
+                BufRef::Arena { offset: o, .. } => arena.as_mut_slice()[*o as usize..].as_mut_ptr(),
+                BufRef::Weight { index } => {
+                    let w = &plan.weights[*index];
+                    weights_buf.as_mut_slice()[w.offset as usize..].as_mut_ptr()
+                }
+                BufRef::Input { index } => ins[*index].as_mut_slice().as_mut_ptr(),
+                BufRef::Output { index } => outs[*index].as_mut_slice().as_mut_ptr(),
+            };
+            // SAFETY: `validate` checked that the view lies inside its buffer.
+            ptrs.push(unsafe { base.add(*offset as usize) });
+        }
+        if !s.generic {
+            // SAFETY: `validate` checked each view (len elements) against its buffer.
+            unsafe { emulate_special(&s.kernel, &ptrs, &scalars)? };
+            continue;
+        }
+        let h = lib.kernel(&s.kernel)?;
+        // SAFETY: the generic kernel reads and writes exactly the views it was lowered
+        // with, which `validate` checked against the buffers.
+        unsafe { h.call(&ptrs, &[], scratch.as_mut_slice()) };
+    }
+    plan.outputs
+        .iter()
+        .zip(&outs)
+        .map(|(io, b)| {
+            let shape: Vec<usize> = io
+                .shape
+                .iter()
+                .map(|d| match d {
+                    kiln_runtime::DimSpec::Fixed(x) => *x as usize,
+                    _ => 1,
+                })
+                .collect();
+            kiln_ir::onnx::tensor_proto::from_raw(io.dtype.to_ir(), &shape, b.as_slice())
+                .map_err(|e| anyhow::anyhow!("output '{}': {e}", io.name))
+        })
+        .collect()
+}
+
+/// The specialized kernels' semantics on the host (see [`emulate`]).
+///
+/// # Safety
+/// `ptrs` must be the kernel's buffer views, valid for the sizes its scalars imply.
+unsafe fn emulate_special(kernel: &str, ptrs: &[*mut u8], scalars: &[usize]) -> Result<()> {
+    match (kernel, ptrs, scalars) {
+        ("kiln_gemm_f32", [a, b, c], [m, n, k]) => {
+            let (m, n, k) = (*m, *n, *k);
+            // SAFETY: by the caller; f32 views of m*k, k*n and m*n elements (unaligned
+            // reads, since offsets are element multiples of 4-byte-aligned buffers).
+            unsafe {
+                let (a, b, c) = (*a as *const f32, *b as *const f32, *c as *mut f32);
+                for i in 0..m {
+                    for j in 0..n {
+                        let mut acc = 0f32;
+                        for p in 0..k {
+                            acc += a.add(i * k + p).read_unaligned()
+                                * b.add(p * n + j).read_unaligned();
+                        }
+                        c.add(i * n + j).write_unaligned(acc);
+                    }
+                }
+            }
+        }
+        ("kiln_softmax_rows", [x, y], [rows, n]) => {
+            // SAFETY: by the caller; f32 views of rows*n elements.
+            unsafe {
+                let (x, y) = (*x as *const f32, *y as *mut f32);
+                for r in 0..*rows {
+                    let row: Vec<f32> =
+                        (0..*n).map(|j| x.add(r * n + j).read_unaligned()).collect();
+                    let mx = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let sum: f32 = row.iter().map(|v| (v - mx).exp()).sum();
+                    for (j, v) in row.iter().enumerate() {
+                        y.add(r * n + j).write_unaligned((v - mx).exp() / sum);
+                    }
+                }
+            }
+        }
+        _ => bail!("emulation: no host version of the specialized kernel '{kernel}'"),
+    }
+    Ok(())
+}

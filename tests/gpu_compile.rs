@@ -1,0 +1,408 @@
+//! `--target cuda:SKU` without a GPU: every zoo model is compiled for A100 (sm_80), L4
+//! (sm_89) and H100 (sm_90); the PTX must assemble with `ptxas -arch=sm_XX -v` and every
+//! entry's registers and shared memory must fit the SKU (skips visibly without `ptxas`). The
+//! generic-path lowering and the plan's buffer wiring are checked against the reference
+//! interpreter by running the generic-only plan on the CPU (`kiln::gpu_compile::emulate`).
+
+mod common;
+
+use common::{kiln, tmp};
+use kiln::compile::CompileOptions;
+use kiln::gpu_compile::{emulate, resolve_sku};
+use kiln_codegen::gpu::pipeline::venv_nvidia_dirs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const ZOO: [&str; 5] = ["mlp", "resnet", "mobilenet", "bert", "gpt"];
+
+fn zoo(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/zoo")
+        .join(name)
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn find_ptxas() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("KILN_PTXAS") {
+        return Some(PathBuf::from(p));
+    }
+    if let Some(p) = venv_nvidia_dirs(Path::new(env!("CARGO_MANIFEST_DIR")))
+        .into_iter()
+        .map(|d| d.join("bin/ptxas"))
+        .find(|p| p.is_file())
+    {
+        return Some(p);
+    }
+    let ok = Command::new("ptxas")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    ok.then(|| PathBuf::from("ptxas"))
+}
+
+/// The test inputs of a zoo model and the shapes to compile it with.
+fn test_inputs(name: &str) -> (Vec<kiln_ir::Tensor>, CompileOptions) {
+    let dir = zoo(name).join("test_data_set_0");
+    let ins = kiln::io::read_test_set(&dir, "input").unwrap();
+    let g = kiln::load_model(zoo(name).join("model.onnx")).unwrap();
+    let mut opts = CompileOptions::default();
+    for (&v, t) in g.inputs.iter().zip(&ins) {
+        opts.shapes
+            .insert(g.values[v].name.clone(), t.shape().to_vec());
+    }
+    (ins, opts)
+}
+
+/// `(registers, shared bytes)` per entry from `ptxas -v` output.
+fn ptxas_usage(out: &str) -> Vec<(String, u32, u32)> {
+    let mut v = Vec::new();
+    let mut cur = String::new();
+    for line in out.lines() {
+        if let Some(i) = line.find("Compiling entry function '") {
+            let rest = &line[i + "Compiling entry function '".len()..];
+            cur = rest.split('\'').next().unwrap_or("").to_string();
+        }
+        if line.contains("Used ") && line.contains(" registers") {
+            let num = |unit: &str| -> u32 {
+                line.find(unit)
+                    .and_then(|i| line[..i].split_whitespace().last()?.parse().ok())
+                    .unwrap_or(0)
+            };
+            v.push((cur.clone(), num("registers"), num("bytes smem")));
+        }
+    }
+    v
+}
+
+#[test]
+fn zoo_models_compile_to_ptx_that_ptxas_accepts() {
+    let Some(ptxas) = find_ptxas() else {
+        println!("SKIPPED: no ptxas (set KILN_PTXAS or run scripts/setup.sh)");
+        return;
+    };
+    let dir = tmp("gpu_compile");
+    for name in ZOO {
+        let (_, opts) = test_inputs(name);
+        for target in ["cuda:a100", "cuda:l4", "cuda:h100"] {
+            let sku = resolve_sku(target).unwrap();
+            let mut c = kiln::Compiler::new().target(target).unwrap();
+            for (k, v) in &opts.shapes {
+                c = c.shape(k.clone(), v.clone());
+            }
+            let model = zoo(name).join("model.onnx");
+            let art = c
+                .compile(model.as_path())
+                .unwrap_or_else(|e| panic!("{name} {target}: {e}"));
+            assert_eq!(art.target(), format!("cuda:{}", sku.name));
+            let report = art.report().unwrap().to_string();
+            assert!(report.contains("generic-path kernels"), "{report}");
+            let inner = art.inner();
+            let gp = inner.plan.gpu.as_ref().unwrap();
+            assert_eq!(gp.arch, sku.arch);
+            let ptx_path = dir.join(format!("{name}.{}.ptx", sku.arch));
+            std::fs::write(&ptx_path, &inner.kernels).unwrap();
+            let out = Command::new(&ptxas)
+                .args(["-arch", &sku.arch, "-v", "-o", "/dev/null", s(&ptx_path)])
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).to_string()
+                + &String::from_utf8_lossy(&out.stderr);
+            assert!(
+                out.status.success(),
+                "{name} {target}: ptxas failed:\n{text}"
+            );
+            let usage = ptxas_usage(&text);
+            for st in &gp.steps {
+                let threads: u32 = st.block.iter().product();
+                assert!(
+                    threads <= sku.max_threads_per_block,
+                    "{name} {}: block",
+                    st.kernel
+                );
+                assert!(st.grid[0] >= 1 && st.grid[1] <= 65535 && st.grid[2] <= 65535);
+                if st.generic {
+                    // Grid-stride: at most 32 blocks per SM, at least one thread per item.
+                    assert!(
+                        st.grid[0] <= 32 * sku.sm_count,
+                        "{name} {}: grid",
+                        st.kernel
+                    );
+                }
+                let (_, regs, smem) = usage
+                    .iter()
+                    .find(|u| u.0 == st.kernel)
+                    .unwrap_or_else(|| panic!("{name}: no ptxas report for {}", st.kernel));
+                assert!(
+                    *regs <= sku.max_registers_per_thread,
+                    "{name} {}: {regs} registers",
+                    st.kernel
+                );
+                assert!(
+                    regs * threads <= sku.registers_per_block,
+                    "{name} {}: {regs} x {threads} registers",
+                    st.kernel
+                );
+                assert!(
+                    smem + st.shared_bytes <= sku.shared_mem_per_block,
+                    "{name} {}: {smem} B shared",
+                    st.kernel
+                );
+            }
+            let max_regs = usage.iter().map(|u| u.1).max().unwrap_or(0);
+            println!(
+                "{name:10} {target:10} {:3} launches {:3} entries, max {max_regs} regs, PTX {} B",
+                gp.steps.len(),
+                usage.len(),
+                inner.kernels.len()
+            );
+        }
+    }
+}
+
+/// Max relative error `|a - b| / max(1, |b|)`.
+fn rel_err(a: &kiln_ir::Tensor, b: &kiln_ir::Tensor) -> f64 {
+    assert_eq!(a.shape(), b.shape());
+    a.to_f64_vec()
+        .iter()
+        .zip(b.to_f64_vec())
+        .map(|(x, y)| (x - y).abs() / y.abs().max(1.0))
+        .fold(0.0, f64::max)
+}
+
+#[test]
+fn generic_gpu_plans_match_the_reference_interpreter_on_the_cpu() {
+    emulated_plans_match(false);
+}
+
+#[test]
+fn specialized_gpu_plans_match_the_reference_interpreter_on_the_cpu() {
+    emulated_plans_match(true);
+}
+
+fn emulated_plans_match(specialized: bool) {
+    for name in ZOO {
+        let (ins, opts) = test_inputs(name);
+        let model = zoo(name).join("model.onnx");
+        let got = emulate(&model, "cuda:h100", &opts, &ins, specialized)
+            .unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        let g = kiln::load_model(&model).unwrap();
+        let want = kiln_ir::interp::run(&g, &ins).unwrap();
+        assert_eq!(got.len(), want.len());
+        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+            let e = rel_err(a, b);
+            println!("{name} output {i}: max rel error {e:.2e}");
+            assert!(e <= 1e-4, "{name} output {i}: rel error {e}");
+        }
+    }
+}
+
+#[test]
+fn cli_compiles_for_a_cuda_target_and_reports_the_sku() {
+    let dir = tmp("gpu_cli");
+    let art = dir.join("mlp.kiln");
+    let (ok, text) = kiln(&[
+        "compile",
+        s(&zoo("mlp").join("model.onnx")),
+        "--target",
+        "cuda:sm_80",
+        "-o",
+        s(&art),
+    ]);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("target: cuda:a100") && text.contains("arena:"),
+        "{text}"
+    );
+    let (ok, text) = kiln(&[
+        "compile",
+        s(&zoo("mlp").join("model.onnx")),
+        "--target",
+        "cuda:v100",
+    ]);
+    assert!(
+        !ok && text.contains("unknown GPU target 'cuda:v100'"),
+        "{text}"
+    );
+    // An op with no GPU lowering: an error naming the kernel and the op.
+    let cumsum = Path::new(env!("CARGO_MANIFEST_DIR")).join(".data/node/test_cumsum_1d/model.onnx");
+    if cumsum.exists() {
+        let (ok, text) = kiln(&[
+            "compile",
+            s(&cumsum),
+            "--target",
+            "cuda:h100",
+            "-o",
+            s(&dir.join("c.kiln")),
+        ]);
+        assert!(
+            !ok && text.contains("kernel k0 (Opaque: CumSum) cannot be lowered to the GPU"),
+            "{text}"
+        );
+    }
+    // The CPU runtime refuses it, saying what it is.
+    let a = kiln_runtime::Artifact::load(&art).unwrap();
+    assert_eq!(a.target, "cuda:a100");
+    let e = kiln_runtime::Model::from_artifact(a, "mlp.kiln")
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("is a GPU artifact"), "{e}");
+    // Without a driver, running it is a clear error (or it runs where there is a GPU).
+    let (ok, text) = kiln(&["run", s(&art)]);
+    assert!(
+        ok || text.contains("no CUDA device") || text.contains("compiled for"),
+        "{text}"
+    );
+    assert!(!text.contains("panicked"), "{text}");
+}
+
+#[test]
+fn sku_mismatch_is_detected_from_the_device_name() {
+    let plan = |sku: &str| {
+        let s = resolve_sku(sku).unwrap();
+        kiln_runtime::GpuPlan {
+            sku: s.name.clone(),
+            sku_display: s.display_name.clone(),
+            arch: s.arch.clone(),
+            steps: vec![],
+        }
+    };
+    let h100 = plan("cuda:h100");
+    assert!(h100.check_device("NVIDIA H100 80GB HBM3", "sm_90").is_ok());
+    let e = h100
+        .check_device("NVIDIA A100-SXM4-80GB", "sm_80")
+        .unwrap_err();
+    assert!(
+        e.contains("h100-sxm") && e.contains("NVIDIA A100-SXM4-80GB"),
+        "{e}"
+    );
+    assert!(h100.check_device("NVIDIA H100 PCIe", "sm_90").is_err());
+    assert!(plan("cuda:h100pcie")
+        .check_device("NVIDIA H100 PCIe", "sm_90")
+        .is_ok());
+    assert!(plan("cuda:a100")
+        .check_device("NVIDIA A100-SXM4-40GB", "sm_80")
+        .is_ok());
+    assert!(plan("cuda:a10")
+        .check_device("NVIDIA A100-SXM4-40GB", "sm_80")
+        .is_err());
+    assert!(plan("cuda:l4").check_device("NVIDIA L4", "sm_89").is_ok());
+    assert!(plan("cuda:l4")
+        .check_device("NVIDIA L40S", "sm_89")
+        .is_err());
+    assert!(plan("cuda:h200")
+        .check_device("NVIDIA H200", "sm_90")
+        .is_ok());
+}
+
+/// ONNX node tests covering the generic path's op families (broadcasting, Gemm attributes,
+/// batched/broadcast MatMul, Slice/Split/Concat/Gather/Transpose/Expand, pooling, Conv
+/// padding and strides, Softmax/LayerNorm axes), each emulated in both modes and compared
+/// with the test's expected outputs. Cases the GPU path refuses (clear errors) are listed.
+#[test]
+fn onnx_node_tests_emulate_correctly_or_are_refused_clearly() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join(".data/node");
+    if !root.is_dir() {
+        println!("SKIPPED: no ONNX node tests in .data/node");
+        return;
+    }
+    let prefixes = [
+        "test_add_bcast",
+        "test_clip",
+        "test_concat_",
+        "test_conv_with",
+        "test_erf",
+        "test_expand_dim",
+        "test_gather_0",
+        "test_gather_1",
+        "test_gather_2d",
+        "test_gather_negative",
+        "test_gelu",
+        "test_gemm_",
+        "test_globalaveragepool",
+        "test_hardswish",
+        "test_layer_normalization_",
+        "test_matmul_2d",
+        "test_matmul_3d",
+        "test_matmul_4d",
+        "test_matmul_bcast",
+        "test_maxpool_2d",
+        "test_reduce_mean",
+        "test_relu",
+        "test_sigmoid",
+        "test_slice",
+        "test_softmax",
+        "test_split_",
+        "test_tanh",
+        "test_transpose",
+        "test_where",
+        "test_flatten",
+        "test_identity",
+        "test_constant",
+        "test_shape",
+        "test_squeeze",
+        "test_unsqueeze",
+    ];
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&root)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            let n = p.file_name().unwrap().to_str().unwrap();
+            prefixes.iter().any(|x| n.starts_with(x))
+                && !n.contains("expanded")
+                && !n.contains("sequence")
+        })
+        .collect();
+    dirs.sort();
+    let (mut passed, mut refused, mut failed) = (0, Vec::new(), Vec::new());
+    for d in &dirs {
+        let name = d.file_name().unwrap().to_str().unwrap().to_string();
+        let data = d.join("test_data_set_0");
+        let (Ok(ins), Ok(want)) = (
+            kiln::io::read_test_set(&data, "input"),
+            kiln::io::read_test_set(&data, "output"),
+        ) else {
+            continue;
+        };
+        let Ok(g) = kiln::load_model(d.join("model.onnx")) else {
+            continue;
+        };
+        let mut opts = CompileOptions::default();
+        for (&v, t) in g.inputs.iter().zip(&ins) {
+            opts.shapes
+                .insert(g.values[v].name.clone(), t.shape().to_vec());
+        }
+        for specialized in [false, true] {
+            match emulate(&d.join("model.onnx"), "cuda:a100", &opts, &ins, specialized) {
+                Err(e) => {
+                    refused.push(format!("{name}: {e:#}"));
+                    break;
+                }
+                Ok(got) => {
+                    let bad = got.len() != want.len()
+                        || got
+                            .iter()
+                            .zip(&want)
+                            .any(|(a, b)| a.shape() != b.shape() || rel_err(a, b) > 1e-4);
+                    if bad {
+                        failed.push(format!("{name} (specialized: {specialized})"));
+                    } else if specialized {
+                        passed += 1;
+                    }
+                }
+            }
+        }
+    }
+    println!(
+        "{passed} node tests match in both modes; {} refused:",
+        refused.len()
+    );
+    for r in &refused {
+        println!("  {}", r.lines().last().unwrap_or(r));
+    }
+    assert!(failed.is_empty(), "wrong results: {failed:#?}");
+    assert!(passed >= 60, "only {passed} node tests passed");
+}

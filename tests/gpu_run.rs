@@ -1,0 +1,88 @@
+//! Zoo models on the GPU present: each is compiled for that GPU's SKU (found by matching the
+//! driver's device name against the device database) and run by the CUDA executor; the
+//! outputs must match the reference interpreter (f32: relative error ≤ 1e-4). Without a
+//! CUDA driver or device the test prints `SKIPPED: no CUDA device (...)` and passes.
+
+use kiln_codegen::gpu::DeviceDb;
+use kiln_runtime::cuda::{device_count, CudaDevice};
+use kiln_runtime::cuda_model::CudaModel;
+use kiln_runtime::GpuPlan;
+use std::path::{Path, PathBuf};
+
+fn zoo(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/zoo")
+        .join(name)
+}
+
+/// The database SKU of the GPU present, if it has one.
+fn sku_of(name: &str, arch: &str) -> Option<String> {
+    let db = DeviceDb::builtin().ok()?;
+    db.skus()
+        .iter()
+        .find(|s| {
+            let p = GpuPlan {
+                sku: s.name.clone(),
+                sku_display: s.display_name.clone(),
+                arch: s.arch.clone(),
+                steps: vec![],
+            };
+            p.check_device(name, arch).is_ok()
+        })
+        .map(|s| s.name.clone())
+}
+
+#[test]
+fn zoo_models_on_the_gpu_match_the_reference_interpreter() {
+    if device_count() == 0 {
+        println!("SKIPPED: no CUDA device (no libcuda or no GPU)");
+        return;
+    }
+    let dev = CudaDevice::new(0).unwrap();
+    let (name, arch) = (dev.name().unwrap(), dev.arch().unwrap());
+    drop(dev);
+    let Some(sku) = sku_of(&name, &arch) else {
+        println!("SKIPPED: the GPU present ({name}, {arch}) is not in the device database");
+        return;
+    };
+    println!("GPU: {name} ({arch}) = cuda:{sku}");
+    for model in ["mlp", "resnet", "mobilenet", "bert", "gpt"] {
+        let dir = zoo(model).join("test_data_set_0");
+        let ins = kiln::io::read_test_set(&dir, "input").unwrap();
+        let path = zoo(model).join("model.onnx");
+        let g = kiln::load_model(&path).unwrap();
+        let mut c = kiln::Compiler::new()
+            .target(&format!("cuda:{sku}"))
+            .unwrap();
+        for (&v, t) in g.inputs.iter().zip(&ins) {
+            c = c.shape(g.values[v].name.clone(), t.shape().to_vec());
+        }
+        let art = c.compile(path.as_path()).unwrap();
+        let mut m = CudaModel::load(art.inner(), false).unwrap();
+        let raw: Vec<Vec<u8>> = ins
+            .iter()
+            .map(kiln_ir::onnx::tensor_proto::to_raw)
+            .collect();
+        let refs: Vec<&[u8]> = raw.iter().map(|r| r.as_slice()).collect();
+        let want = kiln_ir::interp::run(&g, &ins).unwrap();
+        // Twice: the first run launches directly, the second replays the CUDA graph.
+        for run in 0..2 {
+            let outs = m.run(&refs).unwrap();
+            for ((io, bytes), w) in m.plan().outputs.iter().zip(&outs).zip(&want) {
+                let got = kiln_ir::onnx::tensor_proto::from_raw(io.dtype.to_ir(), w.shape(), bytes)
+                    .unwrap();
+                let err = got
+                    .to_f64_vec()
+                    .iter()
+                    .zip(w.to_f64_vec())
+                    .map(|(a, b)| (a - b).abs() / b.abs().max(1.0))
+                    .fold(0.0, f64::max);
+                println!(
+                    "{model} run {run} output '{}': max rel error {err:.2e}",
+                    io.name
+                );
+                assert!(err <= 1e-4, "{model} output '{}': rel error {err}", io.name);
+            }
+        }
+    }
+}
