@@ -5,6 +5,7 @@
 //! same random inputs: dtype, shape and values must agree.
 
 use egg::{CostFunction, Id, Language, RecExpr, Runner};
+use kiln_ir::ops::array::{ArrayOp, IntsArg};
 use kiln_ir::ops::linalg::{Gemm, LinalgOp};
 use kiln_ir::ops::nn::{AutoPad, BatchNormAttrs, ConvAttrs, NnOp, WindowAttrs};
 use kiln_ir::{interp, DType, Fact, Graph, Op, Shape, Tensor};
@@ -228,6 +229,38 @@ fn cases() -> Vec<Case> {
             ],
         ),
         case(
+            "conv-enlarge",
+            "(add (conv @Q x0 k0 k1) (conv @P x0 k2 k3))",
+            &[
+                "x0: 1 c h w",
+                "k0: o c 1 1",
+                "k1: o",
+                "k2: o c 3 3",
+                "k3: o",
+            ],
+        ),
+        case(
+            "conv-enlarge",
+            "(add (conv @H x0 k0 none) (conv @V x0 k2 none))",
+            &["x0: 1 c h w", "k0: o c 1 3", "k2: o c 3 1"],
+        ),
+        case(
+            "merge-parallel-conv",
+            "(concat 1 (conv @Q x0 k0 k1) (conv @P x0 k2 k3))",
+            &[
+                "x0: 2 c h w",
+                "k0: o c 1 1",
+                "k1: o",
+                "k2: p c 3 3",
+                "k3: p",
+            ],
+        ),
+        case(
+            "merge-parallel-conv",
+            "(concat 1 (conv @H x0 k0 none) (conv @V x0 k2 none))",
+            &["x0: 1 c h w", "k0: o c 1 3", "k2: p c 3 1"],
+        ),
+        case(
             "conv-bn-fold",
             "(op @B (conv @C x0 k0 k1) k2 k3 k4 k5)",
             &[
@@ -241,6 +274,83 @@ fn cases() -> Vec<Case> {
             ],
         ),
     ];
+    // split algebra
+    c.extend([
+        case(
+            "split-to-slices",
+            "(out 1 (op @S x0 k0))",
+            &["x0: m 5", "k0=i:2,3"],
+        ),
+        case(
+            "slices-to-split",
+            "(add (slice x0 k0 k1 k2 none) (slice x0 k1 k3 k2 none))",
+            &["x0: m 4", "k0=i:0", "k1=i:2", "k2=i:1", "k3=i:4"],
+        ),
+        case(
+            "split-concat",
+            "(out 1 (op @S (concat 1 x0 x1) k0))",
+            &["x0: m 2", "x1: m 3", "k0=i:2,3"],
+        ),
+        case(
+            "concat-slices",
+            "(concat 1 (slice x0 k0 k1 k2 none) (slice x0 k1 k3 k2 none))",
+            &["x0: m 6", "k0=i:1", "k1=i:3", "k2=i:1", "k3=i:5"],
+        ),
+        case(
+            "slice-full",
+            "(slice x0 k0 k1 k2 none)",
+            &["x0: m n", "k0=i:0", "k1=i:99", "k2=i:-1"],
+        ),
+        case(
+            "conv-group-split",
+            "(conv @R x0 k0 k1)",
+            &["x0: b 4 5 5", "k0: 6 2 3 3", "k1: 6"],
+        ),
+        case(
+            "conv-group-split",
+            "(conv @R x0 k0 none)",
+            &["x0: b 2 4 5", "k0: 2 1 3 3"],
+        ),
+        case(
+            "conv-group-join",
+            "(concat 1 (conv @C x0 k0 k1) (conv @C x1 k2 k3))",
+            &[
+                "x0: 1 c 5 5",
+                "x1: 1 c 5 5",
+                "k0: o c 3 3",
+                "k1: o",
+                "k2: o c 3 3",
+                "k3: o",
+            ],
+        ),
+    ]);
+    let sl = |x: &str| format!("(slice {x} k0 k1 k2 none)");
+    for b in ["add", "mul", "sub", "div"] {
+        let l = ["x0: m 4", "x1=+: m 4", "k0=i:1", "k1=i:3", "k2=i:1"];
+        c.push(case(
+            &format!("slice-sink-{b}"),
+            &sl(&format!("({b} x0 x1)")),
+            &l,
+        ));
+        c.push(case(
+            &format!("slice-lift-{b}"),
+            &format!("({b} {} {})", sl("x0"), sl("x1")),
+            &l,
+        ));
+    }
+    for (u, _, _) in UNARY {
+        let l = ["x0=+: 4 n", "k0=i:-3", "k1=i:-1", "k2=i:0"];
+        c.push(case(
+            &format!("slice-sink-{u}"),
+            &sl(&format!("({u} x0)")),
+            &l,
+        ));
+        c.push(case(
+            &format!("slice-lift-{u}"),
+            &format!("({u} {})", sl("x0")),
+            &l,
+        ));
+    }
     for b in ["add", "mul"] {
         c.push(case(
             &format!("concat-{b}"),
@@ -297,7 +407,9 @@ fn cases() -> Vec<Case> {
     c
 }
 
-/// The ops `@C` (3x3 Conv), `@B` (inference BatchNormalization), `@G` (Gemm, transB).
+/// The ops `@C` (3x3 Conv), `@Q` (1x1 Conv), `@P` (3x3 Conv, pads 1), `@H` / `@V` (1x3 /
+/// 3x1 Convs padded to keep the size), `@R` (3x3 Conv, 2 groups), `@S` (Split on axis 1,
+/// sizes as input 1, 2 outputs), `@B` (inference BatchNormalization), `@G` (Gemm, transB).
 fn setup_ops(an: &mut KilnAnalysis) -> HashMap<&'static str, String> {
     let conv = Op::Nn(NnOp::Conv(ConvAttrs {
         window: WindowAttrs {
@@ -322,8 +434,47 @@ fn setup_ops(an: &mut KilnAnalysis) -> HashMap<&'static str, String> {
         trans_a: false,
         trans_b: true,
     }));
+    let padded = |kernel: [usize; 2], pads: [usize; 4]| {
+        Op::Nn(NnOp::Conv(ConvAttrs {
+            window: WindowAttrs {
+                auto_pad: AutoPad::NotSet,
+                kernel_shape: Some(kernel.to_vec()),
+                strides: None,
+                dilations: None,
+                pads: Some(pads.to_vec()),
+            },
+            group: 1,
+        }))
+    };
     let mut m = HashMap::new();
     m.insert("@C", an.intern_op(&conv, 1).to_string());
+    m.insert("@Q", an.intern_op(&padded([1, 1], [0; 4]), 1).to_string());
+    m.insert("@P", an.intern_op(&padded([3, 3], [1; 4]), 1).to_string());
+    m.insert(
+        "@H",
+        an.intern_op(&padded([1, 3], [0, 1, 0, 1]), 1).to_string(),
+    );
+    m.insert(
+        "@V",
+        an.intern_op(&padded([3, 1], [1, 0, 1, 0]), 1).to_string(),
+    );
+    let grouped = Op::Nn(NnOp::Conv(ConvAttrs {
+        window: WindowAttrs {
+            auto_pad: AutoPad::NotSet,
+            kernel_shape: None,
+            strides: None,
+            dilations: None,
+            pads: None,
+        },
+        group: 2,
+    }));
+    m.insert("@R", an.intern_op(&grouped, 1).to_string());
+    let split = Op::Array(ArrayOp::Split {
+        axis: 1,
+        split: IntsArg::Input(1),
+        outputs: 2,
+    });
+    m.insert("@S", an.intern_op(&split, 2).to_string());
     m.insert("@B", an.intern_op(&bn, 1).to_string());
     m.insert("@G", an.intern_op(&gemm, 1).to_string());
     m
