@@ -4,11 +4,19 @@
 //! choose one, at most one e-node per e-class. Solved with the pure-Rust `microlp`
 //! branch and bound, warm-started from the DAG-aware choice, under a time limit.
 //!
-//! Acyclicity by reject-and-resolve: e-nodes that are their own child are left out; when a
-//! solution still chooses a cycle, a cut `sum(x on the cycle) <= len - 1` is added and the
-//! problem solved again, until the choice is acyclic or the time is up. On a time-out
-//! without a solution, an infeasible or failed solve, or a cyclic last solution, [`ilp`]
-//! returns `None` and the caller keeps the DAG-aware / greedy result.
+//! E-classes with a leaf (graph input, constant, attribute) take it and stay out of the
+//! ILP. Acyclicity: an e-node whose child can only be computed from the e-node's own class
+//! (within three levels) is left out; the short cycles (up to four e-classes) of each
+//! strongly connected component of the class graph get a cut up front (at most `k - 1` of
+//! the `k` classes of a cycle choose an e-node that uses the next one), and the longer
+//! ones by reject-and-resolve: when a solution still chooses a cycle, its cut is added and
+//! the problem solved again, until the choice is acyclic or the time is up. On a time-out
+//! without a solution, or an infeasible or failed solve, [`ilp`] returns `None` and the
+//! caller keeps the DAG-aware / greedy result.
+//!
+//! `microlp`'s branch and bound rarely proves optimality on the benchmark e-graphs within
+//! a few seconds (the LP relaxation of extraction is weak where cycles are possible), so
+//! the result is often the best feasible solution found from the warm start.
 
 use super::analysis::KilnEGraph;
 use super::extract::NodeCosts;
@@ -25,8 +33,10 @@ pub struct IlpStats {
     pub vars: usize,
     /// Constraints of the first solve.
     pub constraints: usize,
-    /// Solves (1 + cycle cuts added).
+    /// Solves (1 + the rounds of reject-and-resolve).
     pub solves: usize,
+    /// Cycle cuts: up front, and added after solves that chose a cycle.
+    pub cycle_cuts: usize,
     /// Whether the last solve proved optimality.
     pub optimal: bool,
     /// Why no choice was returned, if none was.
@@ -36,24 +46,86 @@ pub struct IlpStats {
 struct Model {
     /// Per e-class: its candidate e-nodes and their variables.
     nodes: HashMap<Id, Vec<(Kiln, Variable)>>,
+    /// E-classes with a leaf (input, constant, attribute): they choose it, outside the ILP.
+    leaves: HashMap<Id, Kiln>,
     problem: Problem,
     constraints: usize,
+    /// Cycle cuts added up front.
+    cuts: usize,
 }
 
-/// Builds the ILP over the e-classes reachable from `roots` through finite-cost e-nodes.
-fn build(eg: &KilnEGraph, costs: &NodeCosts, roots: &[Id]) -> Model {
+/// Whether every way to compute e-class `d` (every finite-cost e-node, up to `depth`
+/// levels down) uses e-class `c`: an e-node of `c` with such a child can never be part of
+/// an acyclic choice (e.g. `x = concat(slice(x, 0..a), slice(x, a..n))`).
+fn must_use(
+    eg: &KilnEGraph,
+    costs: &NodeCosts,
+    d: Id,
+    c: Id,
+    depth: usize,
+    memo: &mut HashMap<(Id, usize), bool>,
+) -> bool {
+    if d == c {
+        return true;
+    }
+    if depth == 0 {
+        return false;
+    }
+    if let Some(&m) = memo.get(&(d, depth)) {
+        return m;
+    }
+    memo.insert((d, depth), false);
+    let mut all = true;
+    let mut any_node = false;
+    for n in eg[d].iter() {
+        if !costs.get(n).is_some_and(|x| x.is_finite()) {
+            continue;
+        }
+        any_node = true;
+        if n.is_leaf()
+            || !n
+                .children()
+                .iter()
+                .any(|&k| must_use(eg, costs, eg.find(k), c, depth - 1, memo))
+        {
+            all = false;
+            break;
+        }
+    }
+    let r = all && any_node;
+    memo.insert((d, depth), r);
+    r
+}
+
+/// Builds the ILP over the e-classes reachable from `roots` through finite-cost e-nodes,
+/// with the cuts of the cycles of at most `short_cycle` e-classes.
+fn build(eg: &KilnEGraph, costs: &NodeCosts, roots: &[Id], short_cycle: usize) -> Model {
     let mut problem = Problem::new(OptimizationDirection::Minimize);
     let mut nodes: HashMap<Id, Vec<(Kiln, Variable)>> = HashMap::new();
     let mut stack: Vec<Id> = roots.iter().map(|&r| eg.find(r)).collect();
     let mut seen: HashSet<Id> = stack.iter().copied().collect();
     let mut order = vec![];
+    let mut leaves: HashMap<Id, Kiln> = HashMap::new();
     while let Some(c) = stack.pop() {
+        // a leaf costs next to nothing and needs nothing: its class takes it
+        if let Some(l) = eg[c]
+            .iter()
+            .find(|n| n.is_leaf() && costs.get(*n).is_some_and(|c| c.is_finite()))
+        {
+            leaves.insert(c, l.clone());
+            continue;
+        }
         order.push(c);
         let mut list = vec![];
+        let mut memo = HashMap::new();
         for n in eg[c].iter() {
             let n = n.clone().map_children(|i| eg.find(i));
             let cost = costs.get(&n).copied().unwrap_or(f64::INFINITY);
-            if !cost.is_finite() || n.children().contains(&c) {
+            if !cost.is_finite()
+                || n.children()
+                    .iter()
+                    .any(|&k| must_use(eg, costs, k, c, 3, &mut memo))
+            {
                 continue;
             }
             for &ch in n.children() {
@@ -66,8 +138,40 @@ fn build(eg: &KilnEGraph, costs: &NodeCosts, roots: &[Id]) -> Model {
         nodes.insert(c, list);
     }
     let mut constraints = 0;
+    // Cycles can only run inside a strongly connected component of the class graph
+    // (class -> child classes of its candidate e-nodes). The short ones (up to
+    // `SHORT_CYCLE` classes, e.g. x = concat(slice(x, ..), ..)) get their cut up front.
+    let mut cg: petgraph::graphmap::DiGraphMap<Id, ()> = petgraph::graphmap::DiGraphMap::new();
+    for (c, list) in &nodes {
+        cg.add_node(*c);
+        for (n, _) in list {
+            for &ch in n.children() {
+                if nodes.contains_key(&ch) {
+                    cg.add_edge(*c, ch, ());
+                }
+            }
+        }
+    }
+    let mut cycles = vec![];
+    for scc in petgraph::algo::tarjan_scc(&cg) {
+        if scc.len() < 2 {
+            continue;
+        }
+        let inside: HashSet<Id> = scc.iter().copied().collect();
+        for &start in &scc {
+            // paths start -> ... over classes greater than start, back to start
+            let mut path = vec![start];
+            short_cycles(&cg, &inside, start, short_cycle, &mut path, &mut cycles);
+            if cycles.len() > MAX_CUTS {
+                break;
+            }
+        }
+    }
     for &r in roots {
         let r = eg.find(r);
+        if leaves.contains_key(&r) {
+            continue;
+        }
         let terms: Vec<(Variable, f64)> = nodes[&r].iter().map(|(_, x)| (*x, 1.0)).collect();
         problem.add_constraint(terms, ComparisonOp::Ge, 1.0);
         constraints += 1;
@@ -83,30 +187,89 @@ fn build(eg: &KilnEGraph, costs: &NodeCosts, roots: &[Id]) -> Model {
             let mut kids: Vec<Id> = n.children().to_vec();
             kids.sort();
             kids.dedup();
-            for ch in kids {
+            for ch in kids.into_iter().filter(|k| !leaves.contains_key(k)) {
                 // x_n <= sum of the child's e-nodes
                 let mut terms: Vec<(Variable, f64)> = vec![(*x, 1.0)];
                 terms.extend(nodes[&ch].iter().map(|(_, y)| (*y, -1.0)));
                 problem.add_constraint(terms, ComparisonOp::Le, 0.0);
+                // t_c - t_d - (1 + eps) x_n >= -1
                 constraints += 1;
             }
         }
     }
-    Model {
+    let mut m = Model {
         nodes,
+        leaves,
         problem,
         constraints,
+        cuts: 0,
+    };
+    for c in &cycles {
+        add_cut(&mut m, c);
+    }
+    m.cuts = cycles.len();
+    m
+}
+
+/// Longest cycle (in e-classes) cut before the first solve by [`ilp`].
+pub const SHORT_CYCLE: usize = 4;
+/// Most cycle cuts added before the first solve.
+const MAX_CUTS: usize = 20_000;
+
+/// The cycles through `start` of at most `max_len` classes whose other classes are
+/// greater than `start` (each cycle found once), extending `path`.
+fn short_cycles(
+    cg: &petgraph::graphmap::DiGraphMap<Id, ()>,
+    inside: &HashSet<Id>,
+    start: Id,
+    max_len: usize,
+    path: &mut Vec<Id>,
+    out: &mut Vec<Vec<Id>>,
+) {
+    let last = *path.last().expect("path");
+    for next in cg.neighbors(last) {
+        if next == start && path.len() > 1 {
+            out.push(path.clone());
+        } else if next > start
+            && inside.contains(&next)
+            && path.len() < max_len
+            && !path.contains(&next)
+        {
+            path.push(next);
+            short_cycles(cg, inside, start, max_len, path, out);
+            path.pop();
+        }
     }
 }
 
-/// A cycle of chosen e-nodes reachable from the roots, as `(class, node)` pairs.
-fn find_cycle(
-    eg: &KilnEGraph,
-    choice: &HashMap<Id, Kiln>,
-    roots: &[Id],
-) -> Option<Vec<(Id, Kiln)>> {
+/// The cut of a cycle of classes `c_0 -> c_1 -> ... -> c_0`: at most `k - 1` of them may
+/// choose an e-node that uses the next one.
+fn add_cut(m: &mut Model, cut: &[Id]) {
+    let k = cut.len();
+    let mut terms: Vec<(Variable, f64)> = vec![];
+    for (i, c) in cut.iter().enumerate() {
+        let next = cut[(i + 1) % k];
+        if let Some(list) = m.nodes.get(c) {
+            terms.extend(
+                list.iter()
+                    .filter(|(n, _)| n.children().contains(&next))
+                    .map(|(_, x)| (*x, 1.0)),
+            );
+        }
+    }
+    if !terms.is_empty() {
+        m.problem
+            .add_constraint(terms, ComparisonOp::Le, k as f64 - 1.0);
+        m.constraints += 1;
+    }
+}
+
+/// Cycles of chosen e-nodes reachable from the roots (one per back edge of a depth-first
+/// search), each as `(class, node)` pairs.
+fn find_cycles(eg: &KilnEGraph, choice: &HashMap<Id, Kiln>, roots: &[Id]) -> Vec<Vec<(Id, Kiln)>> {
     // iterative DFS with colours: 1 = on the stack, 2 = done
     let mut colour: HashMap<Id, u8> = HashMap::new();
+    let mut cycles = vec![];
     for &r in roots {
         let r = eg.find(r);
         if colour.contains_key(&r) {
@@ -124,7 +287,7 @@ fn find_cycle(
                 match colour.get(&ch) {
                     Some(1) => {
                         let start = path.iter().position(|p| p.0 == ch).unwrap_or(0);
-                        return Some(
+                        cycles.push(
                             path[start..]
                                 .iter()
                                 .map(|p| (p.0, choice[&p.0].clone()))
@@ -143,7 +306,7 @@ fn find_cycle(
             }
         }
     }
-    None
+    cycles
 }
 
 /// ILP extraction within `time_limit`, warm-started from `start` (a complete acyclic
@@ -156,40 +319,51 @@ pub fn ilp(
     start: &HashMap<Id, Kiln>,
     time_limit: Duration,
 ) -> (Option<HashMap<Id, Kiln>>, IlpStats) {
+    ilp_with_cuts(eg, costs, roots, start, time_limit, SHORT_CYCLE)
+}
+
+/// [`ilp`] with the cycles of at most `short_cycle` e-classes cut up front (`0`: every
+/// cycle is left to reject-and-resolve).
+pub fn ilp_with_cuts(
+    eg: &KilnEGraph,
+    costs: &NodeCosts,
+    roots: &[Id],
+    start: &HashMap<Id, Kiln>,
+    time_limit: Duration,
+    short_cycle: usize,
+) -> (Option<HashMap<Id, Kiln>>, IlpStats) {
     let t0 = Instant::now();
     let mut st = IlpStats::default();
-    let mut cuts: Vec<Vec<(Id, Kiln)>> = vec![];
+    let mut cuts: Vec<Vec<Id>> = vec![];
+    let mut reached: HashSet<Id> = HashSet::new();
+    let mut stack: Vec<Id> = roots.iter().map(|&r| eg.find(r)).collect();
+    while let Some(c) = stack.pop() {
+        if reached.insert(c) {
+            if let Some(n) = start.get(&c) {
+                stack.extend(n.children().iter().map(|&k| eg.find(k)));
+            }
+        }
+    }
     loop {
         let left = time_limit.saturating_sub(t0.elapsed());
         if left.is_zero() {
             st.failure = Some("time limit".into());
             return (None, st);
         }
-        let mut m = build(eg, costs, roots);
+        let mut m = build(eg, costs, roots, short_cycle);
         st.vars = m.nodes.values().map(Vec::len).sum();
         if st.constraints == 0 {
             st.constraints = m.constraints;
         }
-        let var_of = |m: &Model, c: Id, n: &Kiln| {
-            m.nodes
-                .get(&c)
-                .and_then(|l| l.iter().find(|(k, _)| k == n).map(|(_, x)| *x))
-        };
+        st.cycle_cuts = m.cuts + cuts.len();
         for cut in &cuts {
-            let terms: Option<Vec<(Variable, f64)>> = cut
-                .iter()
-                .map(|(c, n)| var_of(&m, *c, n).map(|x| (x, 1.0)))
-                .collect();
-            if let Some(t) = terms {
-                m.problem
-                    .add_constraint(t, ComparisonOp::Le, cut.len() as f64 - 1.0);
-            }
+            add_cut(&mut m, cut);
         }
-        // warm start: the start choice on the classes it reaches
+        // warm start: the start choice on the classes it reaches from the roots
         let mut hint: Vec<(Variable, f64)> = vec![];
         let mut ok = true;
         for (c, list) in &m.nodes {
-            let chosen = start.get(c);
+            let chosen = start.get(c).filter(|_| reached.contains(c));
             for (n, x) in list {
                 hint.push((*x, if Some(n) == chosen { 1.0 } else { 0.0 }));
             }
@@ -201,7 +375,8 @@ pub fn ilp(
         opts.time_limit = Some(left);
         opts.warm_start = ok.then_some(hint);
         st.solves += 1;
-        let sol = match m.problem.solve_with(opts) {
+        let res = m.problem.solve_with(opts);
+        let sol = match res {
             Ok(o) => match o.into_solution() {
                 Ok(s) => s,
                 Err(_) => {
@@ -216,6 +391,9 @@ pub fn ilp(
         };
         st.optimal = sol.status() == microlp::SolutionStatus::Optimal;
         let mut choice = start.clone();
+        for (c, l) in &m.leaves {
+            choice.insert(*c, l.clone());
+        }
         for (c, list) in &m.nodes {
             if let Some((n, _)) = list.iter().find(|(_, x)| sol.var_value(*x) > 0.5) {
                 choice.insert(*c, n.clone());
@@ -223,9 +401,14 @@ pub fn ilp(
         }
         // every reachable class must have a chosen node of the solution
         let roots_c: Vec<Id> = roots.iter().map(|&r| eg.find(r)).collect();
-        match find_cycle(eg, &choice, &roots_c) {
-            None => return (Some(choice), st),
-            Some(cycle) => cuts.push(cycle),
+        let cycles = find_cycles(eg, &choice, &roots_c);
+        if cycles.is_empty() {
+            return (Some(choice), st);
         }
+        cuts.extend(
+            cycles
+                .into_iter()
+                .map(|c| c.into_iter().map(|(id, _)| id).collect::<Vec<Id>>()),
+        );
     }
 }
