@@ -7,7 +7,7 @@
 use egg::{CostFunction, Id, Language, RecExpr, Runner};
 use kiln_ir::ops::array::{ArrayOp, IntsArg};
 use kiln_ir::ops::linalg::{Gemm, LinalgOp};
-use kiln_ir::ops::nn::{AutoPad, BatchNormAttrs, ConvAttrs, NnOp, WindowAttrs};
+use kiln_ir::ops::nn::{AutoPad, BatchNormAttrs, ConvAttrs, MaxPoolAttrs, NnOp, WindowAttrs};
 use kiln_ir::{interp, DType, Fact, Graph, Op, Shape, Tensor};
 use kiln_passes::eqsat::analysis::{KilnAnalysis, KilnEGraph};
 use kiln_passes::eqsat::convert::to_graph;
@@ -324,6 +324,106 @@ fn cases() -> Vec<Case> {
             ],
         ),
     ]);
+    // the rest of tensat's list
+    let cv = [
+        "x0: 1 c 5 5",
+        "x1: 1 c 5 5",
+        "k0: o c 3 3",
+        "k1: o",
+        "k2: o c 3 3",
+        "k3: o",
+    ];
+    let gm = ["x0: a p", "x1: a q", "x2: b p", "x3: b q"];
+    let mm = ["x0: m a", "x1: a n", "x2: m b", "x3: b n"];
+    let pl = ["x0: n a 4 4", "x1: n b 4 4"];
+    c.extend([
+        case(
+            "conv-input-scale",
+            "(conv @C (mul x0 k0) k1 k2)",
+            &["x0: 1 c 5 5", "k0: 1", "k1: o c 3 3", "k2: o"],
+        ),
+        case(
+            "conv-factor-w",
+            "(add (conv @C x0 k0 k1) (conv @C x0 k2 k3))",
+            &cv,
+        ),
+        case(
+            "conv-factor-w-nobias",
+            "(add (conv @C x0 k0 none) (conv @C x0 k2 none))",
+            &cv,
+        ),
+        case(
+            "conv-factor-x",
+            "(add (conv @C x0 k0 k1) (conv @C x1 k0 k3))",
+            &cv,
+        ),
+        case(
+            "conv-factor-x-nobias",
+            "(add (conv @C x0 k0 none) (conv @C x1 k0 none))",
+            &cv,
+        ),
+        case(
+            "conv-batch-join",
+            "(concat 0 (conv @P x0 k0 k1) (conv @P x1 k0 k1))",
+            &["x0: a c h w", "x1: b c h w", "k0: o c 3 3", "k1: o"],
+        ),
+        case(
+            "conv-batch-split",
+            "(conv @P (concat 0 x0 x1) k0 k1)",
+            &["x0: a c h w", "x1: b c h w", "k0: o c 3 3", "k1: o"],
+        ),
+        case(
+            "conv-add-join",
+            "(add (conv @P x0 k0 none) (conv @P x1 k1 none))",
+            &["x0: n a h w", "x1: n b h w", "k0: o a 3 3", "k1: o b 3 3"],
+        ),
+        case(
+            "conv-channel-split",
+            "(conv @P (concat 1 x0 x1) (concat 1 k0 k1) none)",
+            &["x0: n a h w", "x1: n b h w", "k0: o a 3 3", "k1: o b 3 3"],
+        ),
+        case(
+            "concat-geometry",
+            "(concat 0 (concat 1 x0 x1) (concat 1 x2 x3))",
+            &gm,
+        ),
+        case(
+            "concat-geometry-rev",
+            "(concat 1 (concat 0 x0 x2) (concat 0 x1 x3))",
+            &gm,
+        ),
+        case(
+            "concat-scale",
+            "(concat 1 (mul x0 k0) (mul x1 k0))",
+            &["x0: m a", "x1: m b", "k0: 1"],
+        ),
+        case(
+            "concat-transpose-1",
+            "(concat 1 (transpose [1,0] x0) (transpose [1,0] x1))",
+            &["x0: a n", "x1: b n"],
+        ),
+        case(
+            "concat-transpose-0",
+            "(concat 0 (transpose [1,0] x0) (transpose [1,0] x1))",
+            &["x0: n a", "x1: n b"],
+        ),
+        case(
+            "concat-pool-0",
+            "(concat 0 (op @M x0) (op @M x1))",
+            &["x0: a c 4 4", "x1: b c 4 4"],
+        ),
+        case("concat-pool-1", "(concat 1 (op @M x0) (op @M x1))", &pl),
+        case(
+            "matmul-concat-inner",
+            "(matmul (concat -1 x0 x2) (concat -2 x1 x3))",
+            &mm,
+        ),
+        case(
+            "matmul-add-join",
+            "(add (matmul x0 x1) (matmul x2 x3))",
+            &mm,
+        ),
+    ]);
     let sl = |x: &str| format!("(slice {x} k0 k1 k2 none)");
     for b in ["add", "mul", "sub", "div"] {
         let l = ["x0: m 4", "x1=+: m 4", "k0=i:1", "k1=i:3", "k2=i:1"];
@@ -409,7 +509,7 @@ fn cases() -> Vec<Case> {
 
 /// The ops `@C` (3x3 Conv), `@Q` (1x1 Conv), `@P` (3x3 Conv, pads 1), `@H` / `@V` (1x3 /
 /// 3x1 Convs padded to keep the size), `@R` (3x3 Conv, 2 groups), `@S` (Split on axis 1,
-/// sizes as input 1, 2 outputs), `@B` (inference BatchNormalization), `@G` (Gemm, transB).
+/// sizes as input 1, 2 outputs), `@M` (2x2 MaxPool, stride 2), `@B` (inference BatchNormalization), `@G` (Gemm, transB).
 fn setup_ops(an: &mut KilnAnalysis) -> HashMap<&'static str, String> {
     let conv = Op::Nn(NnOp::Conv(ConvAttrs {
         window: WindowAttrs {
@@ -475,6 +575,19 @@ fn setup_ops(an: &mut KilnAnalysis) -> HashMap<&'static str, String> {
         outputs: 2,
     });
     m.insert("@S", an.intern_op(&split, 2).to_string());
+    let maxpool = Op::Nn(NnOp::MaxPool(MaxPoolAttrs {
+        window: WindowAttrs {
+            auto_pad: AutoPad::NotSet,
+            kernel_shape: Some(vec![2, 2]),
+            strides: Some(vec![2, 2]),
+            dilations: None,
+            pads: None,
+        },
+        ceil_mode: false,
+        column_major_indices: false,
+        with_indices: false,
+    }));
+    m.insert("@M", an.intern_op(&maxpool, 1).to_string());
     m.insert("@B", an.intern_op(&bn, 1).to_string());
     m.insert("@G", an.intern_op(&gemm, 1).to_string());
     m

@@ -4,7 +4,7 @@
 //! weights and bias.
 
 use super::linalg::{add_slice, is_concat};
-use super::{data, present, rw_if, scalar, union_checked, v, Rw, EG};
+use super::{data, present, rank_ge, rw_if, same_shape, scalar, union_checked, v, Rw, EG};
 use crate::eqsat::analysis::{KilnAnalysis, Kind};
 use crate::eqsat::language::Kiln;
 use egg::{Applier, Id, Pattern, PatternAst, Rewrite, Subst, Symbol, Var};
@@ -40,6 +40,70 @@ pub fn rules() -> Vec<Rw> {
             MergeParallelConv,
         )
         .expect("rule"),
+        // tensat's conv-is-bilinear rules: a scalar on the input moves to the weights;
+        // Convs of one input add up over summed weights, Convs with one weight over
+        // summed inputs (zero padding keeps both linear)
+        rw_if(
+            "conv-input-scale",
+            "(conv ?at (mul ?x ?s) ?w ?b)",
+            "(conv ?at ?x (mul ?w ?s) ?b)",
+            scalar("?s"),
+        ),
+        rw_if(
+            "conv-factor-w",
+            "(add (conv ?at ?x ?w1 ?b1) (conv ?at ?x ?w2 ?b2))",
+            "(conv ?at ?x (add ?w1 ?w2) (add ?b1 ?b2))",
+            all_of(vec![
+                Box::new(same_shape("?w1", "?w2")),
+                Box::new(same_shape("?b1", "?b2")),
+            ]),
+        ),
+        rw_if(
+            "conv-factor-w-nobias",
+            "(add (conv ?at ?x ?w1 none) (conv ?at ?x ?w2 none))",
+            "(conv ?at ?x (add ?w1 ?w2) none)",
+            same_shape("?w1", "?w2"),
+        ),
+        rw_if(
+            "conv-factor-x",
+            "(add (conv ?at ?x1 ?w ?b1) (conv ?at ?x2 ?w ?b2))",
+            "(conv ?at (add ?x1 ?x2) ?w (add ?b1 ?b2))",
+            all_of(vec![
+                Box::new(same_shape("?x1", "?x2")),
+                Box::new(same_shape("?b1", "?b2")),
+            ]),
+        ),
+        rw_if(
+            "conv-factor-x-nobias",
+            "(add (conv ?at ?x1 ?w none) (conv ?at ?x2 ?w none))",
+            "(conv ?at (add ?x1 ?x2) ?w none)",
+            same_shape("?x1", "?x2"),
+        ),
+        // concatenation-and-conv: along the batch, and along input channels (a sum)
+        rw_if(
+            "conv-batch-join",
+            "(concat 0 (conv ?at ?x ?w ?b) (conv ?at ?y ?w ?b))",
+            "(conv ?at (concat 0 ?x ?y) ?w ?b)",
+            rank_ge("?x", 3),
+        ),
+        rw_if(
+            "conv-batch-split",
+            "(conv ?at (concat 0 ?x ?y) ?w ?b)",
+            "(concat 0 (conv ?at ?x ?w ?b) (conv ?at ?y ?w ?b))",
+            rank_ge("?x", 3),
+        ),
+        rw_if(
+            "conv-add-join",
+            "(add (conv ?at ?x ?y none) (conv ?at ?z ?w none))",
+            "(conv ?at (concat 1 ?x ?z) (concat 1 ?y ?w) none)",
+            channel_parts(),
+        ),
+        rw_if(
+            "conv-channel-split",
+            "(conv ?at (concat 1 ?x ?z) (concat 1 ?y ?w) none)",
+            "(add (conv ?at ?x ?y none) (conv ?at ?z ?w none))",
+            channel_parts(),
+        ),
         Rewrite::new(
             "conv-bn-fold",
             pat("(op ?bn (conv ?at ?x ?w ?b) ?sc ?be ?mu ?var)"),
@@ -47,6 +111,39 @@ pub fn rules() -> Vec<Rw> {
         )
         .expect("rule"),
     ]
+}
+
+/// A condition that holds when all of `conds` hold.
+pub(crate) type Cond = Box<dyn Fn(&mut EG, Id, &Subst) -> bool + Send + Sync>;
+
+/// All of `conds`.
+pub(crate) fn all_of(conds: Vec<Cond>) -> impl Fn(&mut EG, Id, &Subst) -> bool {
+    move |eg, id, s| conds.iter().all(|c| c(eg, id, s))
+}
+
+/// `conv(x, y) + conv(z, w)` = `conv(concat(x, z), concat(y, w))` on channels: a Conv of
+/// group 1, `x`/`z` with the same batch and spatial dims, `y`/`w` with the same output
+/// channels and kernel, and each weight's input channels those of its input.
+fn channel_parts() -> impl Fn(&mut EG, Id, &Subst) -> bool {
+    move |eg, _, s| {
+        let sh = |n: &str| data(eg, s, v(n)).shape();
+        let group_one = data(eg, s, v("?at"))
+            .attr
+            .and_then(|k| eg.analysis.op(k))
+            .is_some_and(|e| matches!(&e.op, Op::Nn(NnOp::Conv(c)) if c.group == 1));
+        let (Some(x), Some(y), Some(z), Some(w)) = (sh("?x"), sh("?y"), sh("?z"), sh("?w")) else {
+            return false;
+        };
+        group_one
+            && x.len() >= 3
+            && [&y, &z, &w].iter().all(|t| t.len() == x.len())
+            && x[0] == z[0]
+            && x[2..] == z[2..]
+            && y[0] == w[0]
+            && y[2..] == w[2..]
+            && x[1] == y[1]
+            && z[1] == w[1]
+    }
 }
 
 /// The canonical attributes two Convs over the same input get when both kernels are
