@@ -16,9 +16,14 @@ fn zoo_models_keep_their_outputs() {
         let (mut g, inputs) = load_zoo(name, 5);
         kiln_passes::fold_batchnorm::fold_all(&mut g);
         kiln_ir::simplify::simplify(&mut g);
-        for extractor in [ExtractorKind::Greedy, ExtractorKind::Dag] {
+        for extractor in [
+            ExtractorKind::Greedy,
+            ExtractorKind::Dag,
+            ExtractorKind::Ilp,
+        ] {
             let opts = EqsatOptions {
                 extractor,
+                ilp_time_limit: std::time::Duration::from_secs(1),
                 ..Default::default()
             };
             let (out, rep) = optimize(&g, &opts).unwrap_or_else(|e| panic!("{name}: {e}"));

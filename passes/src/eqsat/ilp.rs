@@ -6,7 +6,9 @@
 //!
 //! E-classes with a leaf (graph input, constant, attribute) take it and stay out of the
 //! ILP. Acyclicity: an e-node whose child can only be computed from the e-node's own class
-//! (within three levels) is left out; the short cycles (up to four e-classes) of each
+//! (within three levels) is left out; a child constraint only counts the child's e-nodes
+//! that do not need the parent's class (within two levels), so the LP relaxation cannot run
+//! those short cycles fractionally; the short cycles (up to four e-classes) of each
 //! strongly connected component of the class graph get a cut up front (at most `k - 1` of
 //! the `k` classes of a cycle choose an e-node that uses the next one), and the longer
 //! ones by reject-and-resolve: when a solution still chooses a cycle, its cut is added and
@@ -183,16 +185,26 @@ fn build(eg: &KilnEGraph, costs: &NodeCosts, roots: &[Id], short_cycle: usize) -
             problem.add_constraint(terms, ComparisonOp::Le, 1.0);
             constraints += 1;
         }
+        let mut memo = HashMap::new();
         for (n, x) in list {
             let mut kids: Vec<Id> = n.children().to_vec();
             kids.sort();
             kids.dedup();
             for ch in kids.into_iter().filter(|k| !leaves.contains_key(k)) {
-                // x_n <= sum of the child's e-nodes
+                // x_n <= sum of the child's e-nodes, leaving out those with a child that
+                // can only be computed from c (choosing one with n closes a cycle): this
+                // keeps the LP relaxation from running short cycles fractionally
                 let mut terms: Vec<(Variable, f64)> = vec![(*x, 1.0)];
-                terms.extend(nodes[&ch].iter().map(|(_, y)| (*y, -1.0)));
+                for (m, y) in &nodes[&ch] {
+                    let closes = short_cycle > 0
+                        && m.children()
+                            .iter()
+                            .any(|&k| must_use(eg, costs, k, *c, 2, &mut memo));
+                    if !closes {
+                        terms.push((*y, -1.0));
+                    }
+                }
                 problem.add_constraint(terms, ComparisonOp::Le, 0.0);
-                // t_c - t_d - (1 + eps) x_n >= -1
                 constraints += 1;
             }
         }
@@ -322,8 +334,9 @@ pub fn ilp(
     ilp_with_cuts(eg, costs, roots, start, time_limit, SHORT_CYCLE)
 }
 
-/// [`ilp`] with the cycles of at most `short_cycle` e-classes cut up front (`0`: every
-/// cycle is left to reject-and-resolve).
+/// [`ilp`] with the cycles of at most `short_cycle` e-classes cut up front (`0`: no cuts
+/// and no tightened child constraints up front, every cycle is left to
+/// reject-and-resolve).
 pub fn ilp_with_cuts(
     eg: &KilnEGraph,
     costs: &NodeCosts,
