@@ -4,8 +4,9 @@
 //! at compile time), is compiled at `-O0` (no eqsat) and `-O2`, and both artifacts are timed
 //! on one thread, interleaved (median of rounds).
 //!
-//! `cargo run --release --example eqsat_speedup [MODEL...]` (models: squeezenet, vgg19,
-//! resnext50, nasrnn, nasnet, inception, bert, gpt2; the big ones take minutes to compile).
+//! `cargo run --release --example eqsat_speedup [-O3] [MODEL...]` (models: squeezenet,
+//! vgg19, resnext50, nasrnn, nasnet, inception, bert, gpt2; the big ones take minutes to
+//! compile); `-O3` compares `-O0` with `-O3` (ILP extraction) instead of `-O2`.
 
 #[allow(dead_code, clippy::all)]
 #[path = "../passes/examples/eqsat_bench.rs"]
@@ -40,7 +41,13 @@ fn time(s: &Session, x: &[f32], shape: &[usize], per: usize) -> f64 {
 }
 
 fn main() {
-    let only: Vec<String> = std::env::args().skip(1).collect();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let opt: u8 = if args.iter().any(|a| a == "-O3") {
+        3
+    } else {
+        2
+    };
+    let only: Vec<String> = args.into_iter().filter(|a| a != "-O3").collect();
     type Build = fn() -> Graph;
     let models: Vec<(&str, &str, Build)> = vec![
         ("squeezenet", "24.5%", tensat_graphs::squeezenet),
@@ -57,7 +64,7 @@ fn main() {
         }),
     ];
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-    println!("| model | -O0 ms | -O2 ms | measured speed-up | eqsat report (-O2) | tensat speed-up (GPU) |");
+    println!("| model | -O0 ms | -O{opt} ms | measured speed-up | eqsat report (-O{opt}) | tensat speed-up (GPU) |");
     println!("|---|---|---|---|---|---|");
     for (name, tensat, build) in models {
         if !only.is_empty() && !only.iter().any(|o| o == name) {
@@ -70,14 +77,14 @@ fn main() {
         let x: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
         let mut arts = Vec::new();
         let mut applied = String::new();
-        for level in [0u8, 2] {
+        for level in [0u8, opt] {
             let mut report = String::new();
             let art = Compiler::new()
                 .opt_level(level)
                 .print_after("eqsat")
                 .compile_with_ir(&g, |_, text| report.push_str(text))
                 .unwrap_or_else(|e| panic!("{name} -O{level}: {e}"));
-            if level == 2 {
+            if level == opt {
                 // "rules applied (N of M):" and "... (G% less), ..., kept K" of the report
                 let text = report.split(kiln::pipeline::EQSAT_IR).next().unwrap_or("");
                 applied = text

@@ -52,7 +52,8 @@ pub const EQSAT_IR: &str = "// eqsat result IR:\n";
 
 /// The eqsat options of an optimisation level: `None` (no eqsat) at `-O0`, greedy
 /// extraction with few iterations at `-O1`, the default options (DAG-aware extraction) at
-/// `-O2`, a longer search (more iterations, e-nodes and time) at `-O3` and above.
+/// `-O2`, a longer search (more iterations, e-nodes and time) with ILP extraction at `-O3`
+/// and above.
 pub fn eqsat_options(opt_level: u8) -> Option<kiln_passes::eqsat::EqsatOptions> {
     use kiln_passes::eqsat::{EqsatOptions, ExtractorKind};
     match opt_level {
@@ -63,12 +64,14 @@ pub fn eqsat_options(opt_level: u8) -> Option<kiln_passes::eqsat::EqsatOptions> 
             ..Default::default()
         }),
         2 => Some(EqsatOptions::default()),
-        // -O3: a longer search (more iterations, nodes and time)
+        // -O3: a longer search (more iterations, nodes and time), ILP extraction
         _ => Some(EqsatOptions {
             iter_limit: 16,
             node_limit: 60_000,
             time_limit: std::time::Duration::from_secs(8),
             extract_time_limit: std::time::Duration::from_secs(3),
+            extractor: ExtractorKind::Ilp,
+            ilp_time_limit: std::time::Duration::from_secs(4),
             ..Default::default()
         }),
     }

@@ -2,13 +2,14 @@
 //! their published sizes (batch 1; weights are graph inputs, as in tensat): e-graph size,
 //! saturation and extraction time, estimated cost reduction under the analytical CPU model.
 //!
-//! `cargo run --release -p kiln-passes --example eqsat_bench [MODEL...]`
+//! `cargo run --release -p kiln-passes --example eqsat_bench [--o3] [MODEL...]`; `--o3` uses
+//! the options of `kiln compile -O3` (longer search, ILP extraction).
 
 use kiln_ir::ops::elementwise::{ElementwiseOp, GeluApprox, UnaryKind};
 use kiln_ir::ops::{AttrValue, OnnxNode};
 use kiln_ir::{DType, Fact, Graph, Node, Op, Shape, Tensor};
-use kiln_passes::eqsat::{optimize, EqsatOptions};
-use std::time::Instant;
+use kiln_passes::eqsat::{optimize, EqsatOptions, ExtractorKind};
+use std::time::{Duration, Instant};
 
 struct B {
     g: Graph,
@@ -451,7 +452,23 @@ pub fn vgg19() -> Graph {
 }
 
 fn main() {
-    let only: Vec<String> = std::env::args().skip(1).collect();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let o3 = args.iter().any(|a| a == "--o3");
+    let only: Vec<String> = args.into_iter().filter(|a| a != "--o3").collect();
+    let opts = if o3 {
+        // the options of -O3 (src/pipeline.rs)
+        EqsatOptions {
+            iter_limit: 16,
+            node_limit: 60_000,
+            time_limit: Duration::from_secs(8),
+            extract_time_limit: Duration::from_secs(3),
+            extractor: ExtractorKind::Ilp,
+            ilp_time_limit: Duration::from_secs(4),
+            ..Default::default()
+        }
+    } else {
+        EqsatOptions::default()
+    };
     type Model = (&'static str, &'static str, fn() -> Graph);
     let models: Vec<Model> = vec![
         ("bert", "1.4 s / 9.2%", || {
@@ -467,20 +484,19 @@ fn main() {
         ("squeezenet", "0.3 s / 24.5%", squeezenet),
         ("vgg19", "0.4 s / 8.9%", vgg19),
     ];
-    println!("| model | nodes | e-nodes / e-classes | iters (stop) | saturate s | extract s | cost us before -> after | reduction | rules applied | kept | tensat (search / speed-up) |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("| model | nodes | e-nodes / e-classes | iters (stop) | saturate s | extract s | total s | cost us before -> after | reduction | rules applied | kept | tensat (search / speed-up) |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for (name, tensat, build) in models {
         if !only.is_empty() && !only.iter().any(|o| o == name) {
             continue;
         }
         let g = build();
         let t = Instant::now();
-        let (out, r) =
-            optimize(&g, &EqsatOptions::default()).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let (out, r) = optimize(&g, &opts).unwrap_or_else(|e| panic!("{name}: {e}"));
         let total = t.elapsed().as_secs_f64();
         let applied: usize = r.rules_applied.values().sum();
         println!(
-            "| {} | {} -> {} | {} / {} | {} ({}) | {:.2} | {:.2} | {:.0} -> {:.0} | {:.1}% | {} ({} rules) | {} | {} |",
+            "| {} | {} -> {} | {} / {} | {} ({}) | {:.2} | {:.2} | {total:.2} | {:.0} -> {:.0} | {:.1}% | {} ({} rules) | {} | {} |",
             g.name,
             g.nodes.len(),
             out.nodes.len(),

@@ -1,6 +1,7 @@
 //! The failure modes of equality saturation the issue names, one test each: e-graph blow-up
 //! from associativity/commutativity (bounded by egg's default `BackoffScheduler` and the
-//! node/time limits), cycles (the extracted graph is acyclic and verifies), and extraction
+//! node/time limits), cycles (the extracted graph is acyclic and verifies, for all three
+//! extractors; see also `eqsat_ilp.rs`), and extraction
 //! time-outs (the result falls back to the greedy choice; the compile never fails).
 
 mod common;
@@ -124,7 +125,11 @@ fn rewrites_that_could_loop_extract_an_acyclic_graph() {
     }
     g.outputs.push(cur);
     let inputs = vec![random_f32(&[3, 5], &mut rng)];
-    for extractor in [ExtractorKind::Greedy, ExtractorKind::Dag] {
+    for extractor in [
+        ExtractorKind::Greedy,
+        ExtractorKind::Dag,
+        ExtractorKind::Ilp,
+    ] {
         let opts = EqsatOptions {
             extractor,
             ..Default::default()

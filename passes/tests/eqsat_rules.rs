@@ -5,8 +5,9 @@
 //! same random inputs: dtype, shape and values must agree.
 
 use egg::{CostFunction, Id, Language, RecExpr, Runner};
+use kiln_ir::ops::array::{ArrayOp, IntsArg};
 use kiln_ir::ops::linalg::{Gemm, LinalgOp};
-use kiln_ir::ops::nn::{AutoPad, BatchNormAttrs, ConvAttrs, NnOp, WindowAttrs};
+use kiln_ir::ops::nn::{AutoPad, BatchNormAttrs, ConvAttrs, MaxPoolAttrs, NnOp, WindowAttrs};
 use kiln_ir::{interp, DType, Fact, Graph, Op, Shape, Tensor};
 use kiln_passes::eqsat::analysis::{KilnAnalysis, KilnEGraph};
 use kiln_passes::eqsat::convert::to_graph;
@@ -228,6 +229,38 @@ fn cases() -> Vec<Case> {
             ],
         ),
         case(
+            "conv-enlarge",
+            "(add (conv @Q x0 k0 k1) (conv @P x0 k2 k3))",
+            &[
+                "x0: 1 c h w",
+                "k0: o c 1 1",
+                "k1: o",
+                "k2: o c 3 3",
+                "k3: o",
+            ],
+        ),
+        case(
+            "conv-enlarge",
+            "(add (conv @H x0 k0 none) (conv @V x0 k2 none))",
+            &["x0: 1 c h w", "k0: o c 1 3", "k2: o c 3 1"],
+        ),
+        case(
+            "merge-parallel-conv",
+            "(concat 1 (conv @Q x0 k0 k1) (conv @P x0 k2 k3))",
+            &[
+                "x0: 2 c h w",
+                "k0: o c 1 1",
+                "k1: o",
+                "k2: p c 3 3",
+                "k3: p",
+            ],
+        ),
+        case(
+            "merge-parallel-conv",
+            "(concat 1 (conv @H x0 k0 none) (conv @V x0 k2 none))",
+            &["x0: 1 c h w", "k0: o c 1 3", "k2: p c 3 1"],
+        ),
+        case(
             "conv-bn-fold",
             "(op @B (conv @C x0 k0 k1) k2 k3 k4 k5)",
             &[
@@ -241,6 +274,183 @@ fn cases() -> Vec<Case> {
             ],
         ),
     ];
+    // split algebra
+    c.extend([
+        case(
+            "split-to-slices",
+            "(out 1 (op @S x0 k0))",
+            &["x0: m 5", "k0=i:2,3"],
+        ),
+        case(
+            "slices-to-split",
+            "(add (slice x0 k0 k1 k2 none) (slice x0 k1 k3 k2 none))",
+            &["x0: m 4", "k0=i:0", "k1=i:2", "k2=i:1", "k3=i:4"],
+        ),
+        case(
+            "split-concat",
+            "(out 1 (op @S (concat 1 x0 x1) k0))",
+            &["x0: m 2", "x1: m 3", "k0=i:2,3"],
+        ),
+        case(
+            "concat-slices",
+            "(concat 1 (slice x0 k0 k1 k2 none) (slice x0 k1 k3 k2 none))",
+            &["x0: m 6", "k0=i:1", "k1=i:3", "k2=i:1", "k3=i:5"],
+        ),
+        case(
+            "slice-full",
+            "(slice x0 k0 k1 k2 none)",
+            &["x0: m n", "k0=i:0", "k1=i:99", "k2=i:-1"],
+        ),
+        case(
+            "conv-group-split",
+            "(conv @R x0 k0 k1)",
+            &["x0: b 4 5 5", "k0: 6 2 3 3", "k1: 6"],
+        ),
+        case(
+            "conv-group-split",
+            "(conv @R x0 k0 none)",
+            &["x0: b 2 4 5", "k0: 2 1 3 3"],
+        ),
+        case(
+            "conv-group-join",
+            "(concat 1 (conv @C x0 k0 k1) (conv @C x1 k2 k3))",
+            &[
+                "x0: 1 c 5 5",
+                "x1: 1 c 5 5",
+                "k0: o c 3 3",
+                "k1: o",
+                "k2: o c 3 3",
+                "k3: o",
+            ],
+        ),
+    ]);
+    // the rest of tensat's list
+    let cv = [
+        "x0: 1 c 5 5",
+        "x1: 1 c 5 5",
+        "k0: o c 3 3",
+        "k1: o",
+        "k2: o c 3 3",
+        "k3: o",
+    ];
+    let gm = ["x0: a p", "x1: a q", "x2: b p", "x3: b q"];
+    let mm = ["x0: m a", "x1: a n", "x2: m b", "x3: b n"];
+    let pl = ["x0: n a 4 4", "x1: n b 4 4"];
+    c.extend([
+        case(
+            "conv-input-scale",
+            "(conv @C (mul x0 k0) k1 k2)",
+            &["x0: 1 c 5 5", "k0: 1", "k1: o c 3 3", "k2: o"],
+        ),
+        case(
+            "conv-factor-w",
+            "(add (conv @C x0 k0 k1) (conv @C x0 k2 k3))",
+            &cv,
+        ),
+        case(
+            "conv-factor-w-nobias",
+            "(add (conv @C x0 k0 none) (conv @C x0 k2 none))",
+            &cv,
+        ),
+        case(
+            "conv-factor-x",
+            "(add (conv @C x0 k0 k1) (conv @C x1 k0 k3))",
+            &cv,
+        ),
+        case(
+            "conv-factor-x-nobias",
+            "(add (conv @C x0 k0 none) (conv @C x1 k0 none))",
+            &cv,
+        ),
+        case(
+            "conv-batch-join",
+            "(concat 0 (conv @P x0 k0 k1) (conv @P x1 k0 k1))",
+            &["x0: a c h w", "x1: b c h w", "k0: o c 3 3", "k1: o"],
+        ),
+        case(
+            "conv-batch-split",
+            "(conv @P (concat 0 x0 x1) k0 k1)",
+            &["x0: a c h w", "x1: b c h w", "k0: o c 3 3", "k1: o"],
+        ),
+        case(
+            "conv-add-join",
+            "(add (conv @P x0 k0 none) (conv @P x1 k1 none))",
+            &["x0: n a h w", "x1: n b h w", "k0: o a 3 3", "k1: o b 3 3"],
+        ),
+        case(
+            "conv-channel-split",
+            "(conv @P (concat 1 x0 x1) (concat 1 k0 k1) none)",
+            &["x0: n a h w", "x1: n b h w", "k0: o a 3 3", "k1: o b 3 3"],
+        ),
+        case(
+            "concat-geometry",
+            "(concat 0 (concat 1 x0 x1) (concat 1 x2 x3))",
+            &gm,
+        ),
+        case(
+            "concat-geometry-rev",
+            "(concat 1 (concat 0 x0 x2) (concat 0 x1 x3))",
+            &gm,
+        ),
+        case(
+            "concat-scale",
+            "(concat 1 (mul x0 k0) (mul x1 k0))",
+            &["x0: m a", "x1: m b", "k0: 1"],
+        ),
+        case(
+            "concat-transpose-1",
+            "(concat 1 (transpose [1,0] x0) (transpose [1,0] x1))",
+            &["x0: a n", "x1: b n"],
+        ),
+        case(
+            "concat-transpose-0",
+            "(concat 0 (transpose [1,0] x0) (transpose [1,0] x1))",
+            &["x0: n a", "x1: n b"],
+        ),
+        case(
+            "concat-pool-0",
+            "(concat 0 (op @M x0) (op @M x1))",
+            &["x0: a c 4 4", "x1: b c 4 4"],
+        ),
+        case("concat-pool-1", "(concat 1 (op @M x0) (op @M x1))", &pl),
+        case(
+            "matmul-concat-inner",
+            "(matmul (concat -1 x0 x2) (concat -2 x1 x3))",
+            &mm,
+        ),
+        case(
+            "matmul-add-join",
+            "(add (matmul x0 x1) (matmul x2 x3))",
+            &mm,
+        ),
+    ]);
+    let sl = |x: &str| format!("(slice {x} k0 k1 k2 none)");
+    for b in ["add", "mul", "sub", "div"] {
+        let l = ["x0: m 4", "x1=+: m 4", "k0=i:1", "k1=i:3", "k2=i:1"];
+        c.push(case(
+            &format!("slice-sink-{b}"),
+            &sl(&format!("({b} x0 x1)")),
+            &l,
+        ));
+        c.push(case(
+            &format!("slice-lift-{b}"),
+            &format!("({b} {} {})", sl("x0"), sl("x1")),
+            &l,
+        ));
+    }
+    for (u, _, _) in UNARY {
+        let l = ["x0=+: 4 n", "k0=i:-3", "k1=i:-1", "k2=i:0"];
+        c.push(case(
+            &format!("slice-sink-{u}"),
+            &sl(&format!("({u} x0)")),
+            &l,
+        ));
+        c.push(case(
+            &format!("slice-lift-{u}"),
+            &format!("({u} {})", sl("x0")),
+            &l,
+        ));
+    }
     for b in ["add", "mul"] {
         c.push(case(
             &format!("concat-{b}"),
@@ -297,7 +507,9 @@ fn cases() -> Vec<Case> {
     c
 }
 
-/// The ops `@C` (3x3 Conv), `@B` (inference BatchNormalization), `@G` (Gemm, transB).
+/// The ops `@C` (3x3 Conv), `@Q` (1x1 Conv), `@P` (3x3 Conv, pads 1), `@H` / `@V` (1x3 /
+/// 3x1 Convs padded to keep the size), `@R` (3x3 Conv, 2 groups), `@S` (Split on axis 1,
+/// sizes as input 1, 2 outputs), `@M` (2x2 MaxPool, stride 2), `@B` (inference BatchNormalization), `@G` (Gemm, transB).
 fn setup_ops(an: &mut KilnAnalysis) -> HashMap<&'static str, String> {
     let conv = Op::Nn(NnOp::Conv(ConvAttrs {
         window: WindowAttrs {
@@ -322,8 +534,60 @@ fn setup_ops(an: &mut KilnAnalysis) -> HashMap<&'static str, String> {
         trans_a: false,
         trans_b: true,
     }));
+    let padded = |kernel: [usize; 2], pads: [usize; 4]| {
+        Op::Nn(NnOp::Conv(ConvAttrs {
+            window: WindowAttrs {
+                auto_pad: AutoPad::NotSet,
+                kernel_shape: Some(kernel.to_vec()),
+                strides: None,
+                dilations: None,
+                pads: Some(pads.to_vec()),
+            },
+            group: 1,
+        }))
+    };
     let mut m = HashMap::new();
     m.insert("@C", an.intern_op(&conv, 1).to_string());
+    m.insert("@Q", an.intern_op(&padded([1, 1], [0; 4]), 1).to_string());
+    m.insert("@P", an.intern_op(&padded([3, 3], [1; 4]), 1).to_string());
+    m.insert(
+        "@H",
+        an.intern_op(&padded([1, 3], [0, 1, 0, 1]), 1).to_string(),
+    );
+    m.insert(
+        "@V",
+        an.intern_op(&padded([3, 1], [1, 0, 1, 0]), 1).to_string(),
+    );
+    let grouped = Op::Nn(NnOp::Conv(ConvAttrs {
+        window: WindowAttrs {
+            auto_pad: AutoPad::NotSet,
+            kernel_shape: None,
+            strides: None,
+            dilations: None,
+            pads: None,
+        },
+        group: 2,
+    }));
+    m.insert("@R", an.intern_op(&grouped, 1).to_string());
+    let split = Op::Array(ArrayOp::Split {
+        axis: 1,
+        split: IntsArg::Input(1),
+        outputs: 2,
+    });
+    m.insert("@S", an.intern_op(&split, 2).to_string());
+    let maxpool = Op::Nn(NnOp::MaxPool(MaxPoolAttrs {
+        window: WindowAttrs {
+            auto_pad: AutoPad::NotSet,
+            kernel_shape: Some(vec![2, 2]),
+            strides: Some(vec![2, 2]),
+            dilations: None,
+            pads: None,
+        },
+        ceil_mode: false,
+        column_major_indices: false,
+        with_indices: false,
+    }));
+    m.insert("@M", an.intern_op(&maxpool, 1).to_string());
     m.insert("@B", an.intern_op(&bn, 1).to_string());
     m.insert("@G", an.intern_op(&gemm, 1).to_string());
     m

@@ -16,9 +16,14 @@ fn zoo_models_keep_their_outputs() {
         let (mut g, inputs) = load_zoo(name, 5);
         kiln_passes::fold_batchnorm::fold_all(&mut g);
         kiln_ir::simplify::simplify(&mut g);
-        for extractor in [ExtractorKind::Greedy, ExtractorKind::Dag] {
+        for extractor in [
+            ExtractorKind::Greedy,
+            ExtractorKind::Dag,
+            ExtractorKind::Ilp,
+        ] {
             let opts = EqsatOptions {
                 extractor,
+                ilp_time_limit: std::time::Duration::from_secs(1),
                 ..Default::default()
             };
             let (out, rep) = optimize(&g, &opts).unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -111,4 +116,97 @@ fn bad_graphs_are_errors() {
     g2.nodes.clear();
     g2.outputs = vec![t];
     assert!(optimize(&g2, &EqsatOptions::default()).is_err());
+}
+
+/// x -> Conv 1x1 (a) and Conv 3x3 pads 1 (b), y = concat(a, b): kernel enlargement and
+/// merging give one 3x3 Conv over the concatenated weights, whose enlarged (zero-padded)
+/// and concatenated constant weights fold at compile time. It is kept only where the cost
+/// model says it is cheaper: with a large per-kernel overhead (one kernel instead of three)
+/// but not on the CPU roofline for a compute-bound size (the 1x1 filters would cost 9x).
+fn mixed_kernel_graph(c: usize, hw: usize, seed: u64) -> (Graph, Vec<kiln_ir::Tensor>) {
+    use kiln_ir::ops::array::ArrayOp;
+    use kiln_ir::ops::nn::{AutoPad, ConvAttrs, NnOp, WindowAttrs};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut g = Graph {
+        name: "mixed".into(),
+        opset: 17,
+        ..Default::default()
+    };
+    let x = value(&mut g, "x", &[1, c, hw, hw]);
+    g.inputs.push(x);
+    let conv = |k: usize, p: usize| {
+        Op::Nn(NnOp::Conv(ConvAttrs {
+            window: WindowAttrs {
+                auto_pad: AutoPad::NotSet,
+                kernel_shape: Some(vec![k, k]),
+                strides: None,
+                dilations: None,
+                pads: Some(vec![p; 4]),
+            },
+            group: 1,
+        }))
+    };
+    let mut parts = vec![];
+    for (n, k) in [("a", 1), ("b", 3)] {
+        let w = g.add_const(format!("w{n}"), random_f32(&[c, c, k, k], &mut rng));
+        let b = g.add_const(format!("b{n}"), random_f32(&[c], &mut rng));
+        let o = value(&mut g, n, &[1, c, hw, hw]);
+        node(&mut g, conv(k, k / 2), &[x, w, b], o);
+        parts.push(o);
+    }
+    let y = value(&mut g, "y", &[1, 2 * c, hw, hw]);
+    node(&mut g, Op::Array(ArrayOp::Concat { axis: 1 }), &parts, y);
+    g.outputs.push(y);
+    let inputs = vec![random_f32(&[1, c, hw, hw], &mut rng)];
+    (g, inputs)
+}
+
+#[test]
+fn mixed_kernel_convs_merge_only_when_cheaper() {
+    use kiln_passes::eqsat::cost::Device;
+    // launch-bound: one Conv over folded constant weights
+    let (g, inputs) = mixed_kernel_graph(8, 6, 11);
+    let opts = EqsatOptions {
+        device: Device {
+            name: "launch-bound".into(),
+            launch_us: 1000.0,
+            ..Device::cpu()
+        },
+        ..Default::default()
+    };
+    let (out, rep) = optimize(&g, &opts).unwrap();
+    println!("{rep}");
+    assert!(
+        rep.rules_applied.contains_key("merge-parallel-conv"),
+        "{rep}"
+    );
+    assert_eq!(out.nodes.len(), 1, "{rep}");
+    assert!(
+        matches!(out.nodes[0].op, Op::Nn(_)),
+        "{:?}",
+        out.nodes[0].op
+    );
+    for &w in out.nodes[0].inputs[1..].iter().flatten() {
+        assert!(
+            out.values[w].fact.value.is_some(),
+            "weights fold to constants"
+        );
+    }
+    let want = interp::run(&g, &inputs).unwrap();
+    assert_close("mixed", &interp::run(&out, &inputs).unwrap(), &want, 1e-4);
+
+    // compute-bound on the CPU roofline: the two Convs stay
+    let (g, inputs) = mixed_kernel_graph(32, 28, 12);
+    let (out, rep) = optimize(&g, &EqsatOptions::default()).unwrap();
+    println!("{rep}");
+    assert!(rep.rules_applied.contains_key("conv-enlarge"), "{rep}");
+    let convs = out
+        .nodes
+        .iter()
+        .filter(|n| matches!(n.op, Op::Nn(_)))
+        .count();
+    assert_eq!(convs, 2, "{rep}");
+    assert!(rep.cost_after <= rep.cost_before);
+    let want = interp::run(&g, &inputs).unwrap();
+    assert_close("mixed", &interp::run(&out, &inputs).unwrap(), &want, 1e-4);
 }

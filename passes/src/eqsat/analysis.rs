@@ -39,6 +39,9 @@ pub struct KilnAnalysis {
     pub inputs: HashMap<Symbol, Fact>,
     /// Constant values up to this many elements are computed and folded into leaves.
     pub fold_limit: usize,
+    /// Keys of small unnamed constants by contents, so equal ones share a leaf (and the
+    /// e-nodes that use them hash-cons).
+    small_consts: HashMap<String, ConstKey>,
 }
 
 impl Default for KilnAnalysis {
@@ -49,6 +52,7 @@ impl Default for KilnAnalysis {
             consts: Vec::new(),
             inputs: HashMap::new(),
             fold_limit: 1 << 21,
+            small_consts: HashMap::new(),
         }
     }
 }
@@ -77,10 +81,31 @@ impl KilnAnalysis {
         k
     }
 
-    /// Adds a constant to the table and returns its key.
+    /// Adds a constant to the table and returns its key. An unnamed constant of at most 64
+    /// elements equal to one added before gets the same key.
     pub fn add_const(&mut self, tensor: Arc<Tensor>, name: Option<String>) -> ConstKey {
+        let text = (name.is_none() && tensor.len() <= 64).then(|| {
+            let vals: Vec<i64> = if tensor.dtype().is_float() {
+                // bit patterns: -0.0 and 0.0, NaNs stay apart
+                tensor
+                    .to_f64_vec()
+                    .iter()
+                    .map(|v| v.to_bits() as i64)
+                    .collect()
+            } else {
+                tensor.to_i64_vec()
+            };
+            format!("{:?}{:?}{vals:?}", tensor.dtype(), tensor.shape())
+        });
+        if let Some(k) = text.as_ref().and_then(|t| self.small_consts.get(t)) {
+            return *k;
+        }
         self.consts.push(ConstEntry { tensor, name });
-        ConstKey(self.consts.len() as u32 - 1)
+        let k = ConstKey(self.consts.len() as u32 - 1);
+        if let Some(t) = text {
+            self.small_consts.insert(t, k);
+        }
+        k
     }
 
     /// The op table entry of a key (`None` for a key not in the table).

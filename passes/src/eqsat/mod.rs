@@ -36,6 +36,7 @@ pub mod analysis;
 pub mod convert;
 pub mod cost;
 pub mod extract;
+pub mod ilp;
 pub mod language;
 pub mod rules;
 
@@ -53,6 +54,9 @@ pub enum ExtractorKind {
     Greedy,
     /// The greedy choice improved by DAG-aware local search (the better of the two is kept).
     Dag,
+    /// [`Dag`](Self::Dag), then an ILP warm-started from its choice ([`ilp`], within
+    /// `ilp_time_limit`); the cheapest of the three is kept.
+    Ilp,
 }
 
 /// Options of [`optimize`].
@@ -66,6 +70,9 @@ pub struct EqsatOptions {
     pub time_limit: Duration,
     /// Maximum time of the DAG-aware extraction.
     pub extract_time_limit: Duration,
+    /// Maximum time of the ILP extraction ([`ExtractorKind::Ilp`]); on a time-out the
+    /// DAG-aware / greedy result is used.
+    pub ilp_time_limit: Duration,
     /// Constant values up to this many elements are folded.
     pub fold_limit: usize,
     /// The extractor.
@@ -86,6 +93,7 @@ impl Default for EqsatOptions {
             node_limit: 20_000,
             time_limit: Duration::from_secs(3),
             extract_time_limit: Duration::from_secs(1),
+            ilp_time_limit: Duration::from_secs(3),
             fold_limit: 1 << 21,
             extractor: ExtractorKind::Dag,
             device: Device::cpu(),
@@ -122,7 +130,7 @@ pub struct EqsatReport {
     pub nodes_before: usize,
     /// Node count of the result.
     pub nodes_after: usize,
-    /// Which candidate was kept: `greedy`, `dag` or `input`.
+    /// Which candidate was kept: `greedy`, `dag`, `ilp` or `input`.
     pub chosen: String,
     /// The cost model's description.
     pub cost_model: String,
@@ -222,8 +230,25 @@ pub fn optimize(g: &Graph, opts: &EqsatOptions) -> Result<(Graph, EqsatReport)> 
     let costs = extract::node_costs(&eg, &model);
     let tree = extract::greedy(&eg, &costs);
     let mut cands = vec![("greedy", tree.clone())];
-    if opts.extractor == ExtractorKind::Dag {
+    if opts.extractor != ExtractorKind::Greedy {
         let (d, moves) = extract::dag(&eg, &costs, &roots, tree, opts.extract_time_limit);
+        if opts.extractor == ExtractorKind::Ilp {
+            let (choice, st) = ilp::ilp(&eg, &costs, &roots, &d, opts.ilp_time_limit);
+            rep.notes.push(format!(
+                "ilp: {} variables, {} constraints, {} solve(s), {}",
+                st.vars,
+                st.constraints,
+                st.solves,
+                match (&st.failure, st.optimal) {
+                    (Some(f), _) => format!("no result ({f}), DAG-aware/greedy kept"),
+                    (None, true) => "optimal".to_string(),
+                    (None, false) => "feasible (time limit)".to_string(),
+                }
+            ));
+            if let Some(c) = choice {
+                cands.push(("ilp", c));
+            }
+        }
         if moves > 0 {
             cands.push(("dag", d));
         }

@@ -38,6 +38,24 @@ fn swap_last_two(p: &str, a: &str, b: &str) -> impl Fn(&mut EG, Id, &Subst) -> b
     }
 }
 
+/// Matrices `x [m, a]`, `y [a, n]`, `z [m, b]`, `w [b, n]`: `x y + z w` is
+/// `concat(x, z) concat(y, w)` over the inner dimension.
+fn inner_parts() -> impl Fn(&mut EG, Id, &Subst) -> bool {
+    move |eg, _, s| {
+        let sh = |n: &str| data(eg, s, v(n)).shape();
+        match (sh("?x"), sh("?y"), sh("?z"), sh("?w")) {
+            (Some(x), Some(y), Some(z), Some(w)) => {
+                [&x, &y, &z, &w].iter().all(|t| t.len() == 2)
+                    && x[1] == y[0]
+                    && z[1] == w[0]
+                    && x[0] == z[0]
+                    && y[1] == w[1]
+            }
+            _ => false,
+        }
+    }
+}
+
 /// The MatMul rules.
 pub fn rules() -> Vec<Rw> {
     let mut r = vec![
@@ -83,6 +101,13 @@ pub fn rules() -> Vec<Rw> {
         rewrite!("matmul-rows-join"; "(concat -2 (matmul ?a ?b) (matmul ?c ?b))"
             => "(matmul (concat -2 ?a ?c) ?b)"
             if rank_is("?a", 2) if rank_is("?c", 2) if rank_is("?b", 2)),
+        // concatenation-and-matrix-mul-1: a product over a split inner dimension
+        rewrite!("matmul-concat-inner"; "(matmul (concat -1 ?x ?z) (concat -2 ?y ?w))"
+            => "(add (matmul ?x ?y) (matmul ?z ?w))"
+            if inner_parts()),
+        rewrite!("matmul-add-join"; "(add (matmul ?x ?y) (matmul ?z ?w))"
+            => "(matmul (concat -1 ?x ?z) (concat -2 ?y ?w))"
+            if inner_parts()),
     ];
     r.push(
         Rewrite::new(

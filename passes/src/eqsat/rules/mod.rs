@@ -10,6 +10,7 @@ pub mod conv;
 pub mod elementwise;
 pub mod layout;
 pub mod linalg;
+pub mod split;
 
 use super::analysis::{Data, KilnAnalysis, Kind};
 use super::language::Kiln;
@@ -28,6 +29,7 @@ pub fn all() -> Vec<Rw> {
     r.extend(layout::rules());
     r.extend(concat::rules());
     r.extend(conv::rules());
+    r.extend(split::rules());
     r
 }
 
