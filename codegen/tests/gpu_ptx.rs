@@ -148,7 +148,10 @@ fn ptxas_output_parser() {
 /// with `ld.shared.v4`, which faults on a smaller alignment; MLIR's default is 4).
 #[test]
 fn all_shared_arrays_are_16_byte_aligned() {
-    let sku = DeviceDb::builtin().unwrap().parse_target("cuda:sm_80").unwrap();
+    let sku = DeviceDb::builtin()
+        .unwrap()
+        .parse_target("cuda:sm_80")
+        .unwrap();
     for k in all_default().unwrap() {
         let ptx = compile_kernel(&k, sku).unwrap().text;
         for line in ptx.lines().filter(|l| l.contains(".shared .align")) {

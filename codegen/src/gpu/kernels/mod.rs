@@ -24,16 +24,16 @@ pub mod gemm;
 pub mod gemm_f16;
 pub mod softmax;
 
-pub mod epilogue;
-pub mod gemm_mma;
-pub mod gemm_select;
-pub mod gemm_wgmma;
 pub mod attention;
 pub mod attention_mma;
 pub mod conv;
 pub mod conv_mma;
 pub mod depthwise;
 pub mod emit;
+pub mod epilogue;
+pub mod gemm_mma;
+pub mod gemm_select;
+pub mod gemm_wgmma;
 pub mod norm;
 pub mod reduce;
 
