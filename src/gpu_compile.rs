@@ -18,7 +18,7 @@
 use crate::compile::{io_spec, CompileOptions, CompileReport, PlanBuilder};
 use crate::pipeline;
 use anyhow::{bail, Context, Result};
-use kiln_codegen::gpu::lower::{self, GpuLowering, LaunchArg, LowerOptions, Operand};
+use kiln_codegen::gpu::lower::{self, GpuLowering, HostKernel, LaunchArg, LowerOptions, Operand};
 use kiln_codegen::gpu::{DeviceDb, Sku};
 use kiln_passes::fusion::KernelKind;
 use kiln_runtime::plan::WeightsBuilder;
@@ -334,7 +334,12 @@ pub fn emulate(
         }
         if !s.generic {
             // SAFETY: `validate` checked each view (len elements) against its buffer.
-            unsafe { emulate_special(&s.kernel, &ptrs, &scalars)? };
+            unsafe {
+                match lowering.host_kernel(&s.kernel) {
+                    Some(h) => emulate_host(&s.kernel, h, &ptrs)?,
+                    None => emulate_special(&s.kernel, &ptrs, &scalars)?,
+                }
+            }
             continue;
         }
         let h = lib.kernel(&s.kernel)?;
@@ -358,6 +363,97 @@ pub fn emulate(
                 .map_err(|e| anyhow::anyhow!("output '{}': {e}", io.name))
         })
         .collect()
+}
+
+/// The semantics of a specialized kernel with compiled-in shapes on the host (see
+/// [`emulate`]): direct NCHW convolution (groups 1 or C), then `+ bias[oc]`, `+ residual`,
+/// relu, as the conv kernels define them.
+///
+/// # Safety
+/// `ptrs` must be the kernel's buffer views (`X, W[, bias][, residual], Y`), valid for the
+/// sizes its geometry implies.
+unsafe fn emulate_host(kernel: &str, h: &HostKernel, ptrs: &[*mut u8]) -> Result<()> {
+    let (geom, epi, depthwise) = match h {
+        HostKernel::Conv { geom, epi } => (geom, epi, false),
+        HostKernel::Depthwise { geom, epi } => (geom, epi, true),
+    };
+    let want = 3 + usize::from(epi.bias) + usize::from(epi.residual);
+    if ptrs.len() != want {
+        bail!(
+            "emulation: kernel '{kernel}' has {} buffers, expected {want}",
+            ptrs.len()
+        );
+    }
+    let u = |v: u64| v as usize;
+    let (n, c, hh, ww, oc, kh, kw) = (
+        u(geom.n),
+        u(geom.c),
+        u(geom.h),
+        u(geom.w),
+        u(geom.oc),
+        u(geom.kh),
+        u(geom.kw),
+    );
+    let (oh, ow) = (u(geom.oh()), u(geom.ow()));
+    let (s, d, p) = (geom.stride, geom.dilation, geom.pads);
+    let cg = if depthwise { 1 } else { c };
+    let mut next = 2;
+    let bias = epi.bias.then(|| {
+        next += 1;
+        ptrs[next - 1] as *const f32
+    });
+    let res = epi.residual.then(|| {
+        next += 1;
+        ptrs[next - 1] as *const f32
+    });
+    let (x, w, y) = (
+        ptrs[0] as *const f32,
+        ptrs[1] as *const f32,
+        ptrs[next] as *mut f32,
+    );
+    // SAFETY: by the caller; unaligned f32 views of the geometry's sizes.
+    unsafe {
+        for b in 0..n {
+            for o in 0..oc {
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        let mut acc = 0f32;
+                        for ci in 0..cg {
+                            let ch = if depthwise { o } else { ci };
+                            for ty in 0..kh {
+                                let iy = (oy as u64 * s[0] + ty as u64 * d[0]) as i64 - p[0] as i64;
+                                if iy < 0 || iy >= hh as i64 {
+                                    continue;
+                                }
+                                for tx in 0..kw {
+                                    let ix =
+                                        (ox as u64 * s[1] + tx as u64 * d[1]) as i64 - p[1] as i64;
+                                    if ix < 0 || ix >= ww as i64 {
+                                        continue;
+                                    }
+                                    let xi = ((b * c + ch) * hh + iy as usize) * ww + ix as usize;
+                                    let wi = ((o * cg + ci) * kh + ty) * kw + tx;
+                                    acc += x.add(xi).read_unaligned() * w.add(wi).read_unaligned();
+                                }
+                            }
+                        }
+                        let yi = ((b * oc + o) * oh + oy) * ow + ox;
+                        if let Some(bp) = bias {
+                            acc += bp.add(o).read_unaligned();
+                        }
+                        if let Some(rp) = res {
+                            acc += rp.add(yi).read_unaligned();
+                        }
+                        if epi.relu {
+                            acc = acc.max(0.0);
+                        }
+                        y.add(yi).write_unaligned(acc);
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The specialized kernels' semantics on the host (see [`emulate`]).

@@ -3,13 +3,15 @@
 //! static shapes, and the error for what is not lowered. (Numerical results are checked in
 //! the root crate's `tests/gpu_compile.rs` by running the plans on the CPU.)
 
+use kiln_codegen::gpu::kernels::conv::{ConvGeom, Epilogue, GpuConvSchedule};
+use kiln_codegen::gpu::kernels::depthwise;
 use kiln_codegen::gpu::kernels::gemm::GpuGemmSchedule;
-use kiln_codegen::gpu::lower::{lower_partition, LaunchArg, LowerOptions, Operand};
+use kiln_codegen::gpu::lower::{lower_partition, HostKernel, LaunchArg, LowerOptions, Operand};
 use kiln_codegen::gpu::{DeviceDb, GpuError};
-use kiln_ir::ops::elementwise::UnaryKind;
+use kiln_ir::ops::elementwise::{BinaryKind, UnaryKind};
 use kiln_ir::ops::linalg::LinalgOp;
-use kiln_ir::ops::nn::{NnOp, SoftmaxAttrs};
-use kiln_ir::{DType, Graph, Op};
+use kiln_ir::ops::nn::{AutoPad, ConvAttrs, NnOp, SoftmaxAttrs, WindowAttrs};
+use kiln_ir::{DType, Graph, Op, Tensor, ValueId};
 
 mod common;
 use common::*;
@@ -149,4 +151,158 @@ fn kernels_without_a_gpu_lowering_are_errors_naming_kernel_and_op() {
             && e.contains("axis 0"),
         "{e}"
     );
+}
+
+/// A Conv node `x * w (+ b)` with stride `s`, symmetric pad `p`, dilation 1 and `group`.
+fn conv_node(
+    b: &mut Builder,
+    x: ValueId,
+    w: ValueId,
+    bias: Option<ValueId>,
+    (s, p, group): (usize, usize, usize),
+) -> ValueId {
+    let window = WindowAttrs {
+        auto_pad: AutoPad::NotSet,
+        kernel_shape: None,
+        strides: Some(vec![s, s]),
+        dilations: Some(vec![1, 1]),
+        pads: Some(vec![p; 4]),
+    };
+    b.node(
+        Op::Nn(NnOp::Conv(ConvAttrs { window, group })),
+        &[Some(x), Some(w), bias],
+    )
+}
+
+fn h100() -> &'static kiln_codegen::gpu::Sku {
+    DeviceDb::builtin().unwrap().get("h100").unwrap()
+}
+
+fn geom(n: u64, c: u64, hw: u64, oc: u64, k: u64, s: u64, p: u64) -> ConvGeom {
+    ConvGeom {
+        n,
+        c,
+        h: hw,
+        w: hw,
+        oc,
+        kh: k,
+        kw: k,
+        stride: [s, s],
+        pads: [p; 4],
+        dilation: [1, 1],
+    }
+}
+
+#[test]
+fn conv_bias_residual_relu_is_one_implicit_gemm_conv_launch() {
+    let mut b = Builder::new("conv_res");
+    let x = b.input("x", DType::F32, &[2, 8, 10, 10]);
+    let w = b.konst(
+        "w",
+        Tensor::from_vec(&[16, 8, 3, 3], vec![0.5f32; 16 * 8 * 9]),
+    );
+    let bias = b.konst("b", Tensor::from_vec(&[16], vec![1f32; 16]));
+    let r = b.input("r", DType::F32, &[2, 16, 5, 5]);
+    let c = conv_node(&mut b, x, w, Some(bias), (2, 1, 1));
+    let a = b.binary(BinaryKind::Add, r, c);
+    let y = b.unary(UnaryKind::Relu, a);
+    let g = b.finish(&[y]);
+    let l = lower(&g).unwrap();
+    let [la] = &l.launches[..] else {
+        panic!("{:#?}", l.launches)
+    };
+    assert!(!la.generic);
+    let gm = geom(2, 8, 10, 16, 3, 2, 1);
+    let (grid, block) = GpuConvSchedule::for_geom(&gm, h100()).launch(&gm).unwrap();
+    assert_eq!((la.grid, la.block), (grid, block));
+    // X, W, bias, residual, Y.
+    assert_eq!(la.args.len(), 5);
+    assert_eq!(view(&la.args, 3), (0, 2 * 16 * 25));
+    assert!(matches!(&la.args[3], LaunchArg::Buf { operand: Operand::Value(v), .. } if *v == r));
+    assert!(matches!(&la.args[4], LaunchArg::Buf { operand: Operand::Value(v), .. } if *v == y));
+    let epi = Epilogue {
+        bias: true,
+        residual: true,
+        relu: true,
+    };
+    assert_eq!(
+        l.host_kernel(&la.kernel),
+        Some(&HostKernel::Conv { geom: gm, epi })
+    );
+    assert!(l.generic_kernels().is_empty() && l.generic_epilogues().is_empty());
+    // Generic-only mode: one direct-conv kernel.
+    let only = lower_partition(
+        &g,
+        &kiln_passes::partition(&g),
+        &LowerOptions {
+            specialized: false,
+            ..opts()
+        },
+    )
+    .unwrap();
+    assert_eq!(only.launches.len(), 1);
+    assert_eq!(only.generic_kernels(), vec![0]);
+}
+
+#[test]
+fn conv_with_another_epilogue_runs_it_in_place_after_the_conv() {
+    let mut b = Builder::new("conv_sig");
+    let x = b.input("x", DType::F32, &[1, 3, 7, 7]);
+    let w = b.konst("w", Tensor::from_vec(&[5, 3, 1, 1], vec![0.25f32; 15]));
+    let c = conv_node(&mut b, x, w, None, (1, 0, 1));
+    let y = b.unary(UnaryKind::Sigmoid, c);
+    let g = b.finish(&[y]);
+    let l = lower(&g).unwrap();
+    let [conv, epi] = &l.launches[..] else {
+        panic!("{:#?}", l.launches)
+    };
+    assert!(!conv.generic && epi.generic);
+    let gm = geom(1, 3, 7, 5, 1, 1, 0);
+    assert_eq!(
+        l.host_kernel(&conv.kernel),
+        Some(&HostKernel::Conv {
+            geom: gm,
+            epi: Epilogue::default()
+        })
+    );
+    // The conv writes the output buffer; the epilogue reads and rewrites it.
+    assert_eq!(conv.args.len(), 3);
+    assert!(matches!(&conv.args[2], LaunchArg::Buf { operand: Operand::Value(v), .. } if *v == y));
+    assert_eq!(l.generic_epilogues(), vec![0]);
+}
+
+#[test]
+fn depthwise_conv_uses_the_depthwise_kernel() {
+    let mut b = Builder::new("dw");
+    let x = b.input("x", DType::F32, &[1, 8, 9, 9]);
+    let w = b.konst("w", Tensor::from_vec(&[8, 1, 3, 3], vec![0.1f32; 72]));
+    let bias = b.konst("b", Tensor::from_vec(&[8], vec![0.5f32; 8]));
+    let c = conv_node(&mut b, x, w, Some(bias), (1, 1, 8));
+    let y = b.unary(UnaryKind::Relu, c);
+    let g = b.finish(&[y]);
+    let l = lower(&g).unwrap();
+    let [la] = &l.launches[..] else {
+        panic!("{:#?}", l.launches)
+    };
+    assert!(!la.generic);
+    let gm = geom(1, 8, 9, 8, 3, 1, 1);
+    assert_eq!((la.grid, la.block), depthwise::launch(&gm, h100()));
+    assert_eq!(la.args.len(), 4);
+    let epi = Epilogue {
+        bias: true,
+        residual: false,
+        relu: true,
+    };
+    assert_eq!(
+        l.host_kernel(&la.kernel),
+        Some(&HostKernel::Depthwise { geom: gm, epi })
+    );
+    // A grouped conv that is neither (1 < groups < C) stays generic.
+    let mut b = Builder::new("grouped");
+    let x = b.input("x", DType::F32, &[1, 8, 9, 9]);
+    let w = b.konst("w", Tensor::from_vec(&[8, 2, 3, 3], vec![0.1f32; 144]));
+    let y = conv_node(&mut b, x, w, None, (1, 1, 4));
+    let g = b.finish(&[y]);
+    let l = lower(&g).unwrap();
+    assert_eq!(l.generic_kernels(), vec![0]);
 }

@@ -100,6 +100,9 @@ pub struct LowerOptions {
     pub specialized: bool,
     /// Upper bound on the blocks of a generic (grid-stride) launch.
     pub max_blocks: u32,
+    /// The SKU the specialized kernels are scheduled for (conv tiles, shared memory); `None`
+    /// keeps the kernels that need it (conv) on the generic path.
+    pub sku: Option<Sku>,
 }
 
 impl LowerOptions {
@@ -108,6 +111,7 @@ impl LowerOptions {
         Self {
             specialized: true,
             max_blocks: sku.sm_count.saturating_mul(32).max(1),
+            sku: Some(sku.clone()),
         }
     }
 }
@@ -125,9 +129,37 @@ pub struct GpuLowering {
     pub consts: Vec<(String, Tensor)>,
     /// Partition kernels that need no launch (zero-copy views).
     pub views: usize,
+    /// Host semantics of the specialized kernels whose shapes are compiled in, by entry name
+    /// (for CPU emulation of the plan).
+    pub host: Vec<(String, HostKernel)>,
+}
+
+/// What a specialized kernel with compiled-in shapes computes, for running a plan on the
+/// host (its buffer parameters in launch order: `X, W[, bias][, residual], Y`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum HostKernel {
+    /// [`kernels::conv::conv2d`] in NCHW (groups = 1).
+    Conv {
+        /// The geometry.
+        geom: kernels::conv::ConvGeom,
+        /// The fused epilogue.
+        epi: kernels::conv::Epilogue,
+    },
+    /// [`kernels::depthwise::depthwise_conv2d`] (groups = C = OC, NCHW).
+    Depthwise {
+        /// The geometry.
+        geom: kernels::conv::ConvGeom,
+        /// The fused epilogue.
+        epi: kernels::conv::Epilogue,
+    },
 }
 
 impl GpuLowering {
+    /// The host semantics of specialized kernel `name`, if its shapes are compiled in.
+    pub fn host_kernel(&self, name: &str) -> Option<&HostKernel> {
+        self.host.iter().find(|(n, _)| n == name).map(|(_, h)| h)
+    }
+
     /// The MLIR module holding every kernel in one `gpu.module @kiln_model`.
     pub fn module_text(&self) -> String {
         let mut s =
