@@ -1,6 +1,7 @@
 //! Whole-model compilation for NVIDIA GPUs (`--target cuda:SKU`): the same graph passes as
 //! the CPU path ([`crate::pipeline::plan_graph`]: fold, eqsat, fusion, memory plan) →
-//! [`kiln_codegen::gpu::lower::lower_partition`] (specialized GEMM / row-softmax kernels,
+//! [`kiln_codegen::gpu::lower::lower_partition`] (specialized GEMM / row-softmax / conv /
+//! depthwise / LayerNorm / row-reduction kernels,
 //! the generic one-thread-per-element path for the rest) → one `gpu.module` → one PTX text
 //! for the SKU → an [`Artifact`] whose target is `cuda:<sku>`, whose kernel section is the
 //! PTX and whose plan holds a [`GpuPlan`]: per launch the entry name, buffer views
@@ -18,6 +19,7 @@
 use crate::compile::{io_spec, CompileOptions, CompileReport, PlanBuilder};
 use crate::pipeline;
 use anyhow::{bail, Context, Result};
+use kiln_codegen::gpu::kernels::reduce::ReduceKind;
 use kiln_codegen::gpu::lower::{self, GpuLowering, HostKernel, LaunchArg, LowerOptions, Operand};
 use kiln_codegen::gpu::{DeviceDb, Sku};
 use kiln_passes::fusion::KernelKind;
@@ -313,10 +315,13 @@ pub fn emulate(
     for s in &gp.steps {
         let mut ptrs = Vec::new();
         let mut scalars = Vec::new();
+        let mut floats = Vec::new();
         for a in &s.args {
             let GpuArg::Buf { buf, offset, .. } = a else {
-                if let GpuArg::Index(v) = a {
-                    scalars.push(*v as usize);
+                match a {
+                    GpuArg::Index(v) => scalars.push(*v as usize),
+                    GpuArg::F32(bits) => floats.push(f32::from_bits(*bits)),
+                    GpuArg::Buf { .. } => {}
                 }
                 continue;
             };
@@ -336,7 +341,7 @@ pub fn emulate(
             // SAFETY: `validate` checked each view (len elements) against its buffer.
             unsafe {
                 match lowering.host_kernel(&s.kernel) {
-                    Some(h) => emulate_host(&s.kernel, h, &ptrs)?,
+                    Some(h) => emulate_host(&s.kernel, h, &ptrs, &scalars, &floats)?,
                     None => emulate_special(&s.kernel, &ptrs, &scalars)?,
                 }
             }
@@ -365,17 +370,65 @@ pub fn emulate(
         .collect()
 }
 
-/// The semantics of a specialized kernel with compiled-in shapes on the host (see
-/// [`emulate`]): direct NCHW convolution (groups 1 or C), then `+ bias[oc]`, `+ residual`,
-/// relu, as the conv kernels define them.
+/// The semantics of a specialized op kernel on the host (see [`emulate`]), as the kernels
+/// define them: direct NCHW convolution (groups 1 or C), then `+ bias[oc]`, `+ residual`,
+/// relu; LayerNorm over rows (two passes, population variance, `1/sqrt(var + eps)`); row
+/// sum / mean / max.
 ///
 /// # Safety
-/// `ptrs` must be the kernel's buffer views (`X, W[, bias][, residual], Y`), valid for the
-/// sizes its geometry implies.
-unsafe fn emulate_host(kernel: &str, h: &HostKernel, ptrs: &[*mut u8]) -> Result<()> {
-    let (geom, epi, depthwise) = match h {
-        HostKernel::Conv { geom, epi } => (geom, epi, false),
-        HostKernel::Depthwise { geom, epi } => (geom, epi, true),
+/// `ptrs` must be the kernel's buffer views (`X, W[, bias][, residual], Y` for convs), valid
+/// for the sizes its geometry or scalars imply.
+unsafe fn emulate_host(
+    kernel: &str,
+    h: &HostKernel,
+    ptrs: &[*mut u8],
+    scalars: &[usize],
+    floats: &[f32],
+) -> Result<()> {
+    let (geom, epi, depthwise) = match (h, ptrs, scalars, floats) {
+        (HostKernel::Conv { geom, epi }, ..) => (geom, epi, false),
+        (HostKernel::Depthwise { geom, epi }, ..) => (geom, epi, true),
+        (HostKernel::LayerNorm, [x, sc, bi, y], [rows, n], [eps]) => {
+            // SAFETY: by the caller; f32 views of rows*n, n, n and rows*n elements.
+            unsafe {
+                let (x, sc, bi, y) = (
+                    *x as *const f32,
+                    *sc as *const f32,
+                    *bi as *const f32,
+                    *y as *mut f32,
+                );
+                for r in 0..*rows {
+                    let row: Vec<f32> =
+                        (0..*n).map(|j| x.add(r * n + j).read_unaligned()).collect();
+                    let mean = row.iter().sum::<f32>() / *n as f32;
+                    let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / *n as f32;
+                    let rstd = 1.0 / (var + eps).sqrt();
+                    for (j, v) in row.iter().enumerate() {
+                        let o = (v - mean) * rstd * sc.add(j).read_unaligned()
+                            + bi.add(j).read_unaligned();
+                        y.add(r * n + j).write_unaligned(o);
+                    }
+                }
+            }
+            return Ok(());
+        }
+        (HostKernel::Reduce(kind), [x, y], [rows, n], []) => {
+            // SAFETY: by the caller; f32 views of rows*n and rows elements.
+            unsafe {
+                let (x, y) = (*x as *const f32, *y as *mut f32);
+                for r in 0..*rows {
+                    let row = (0..*n).map(|j| x.add(r * n + j).read_unaligned());
+                    let v = match kind {
+                        ReduceKind::Sum => row.sum::<f32>(),
+                        ReduceKind::Mean => row.sum::<f32>() / *n as f32,
+                        ReduceKind::Max => row.fold(f32::NEG_INFINITY, f32::max),
+                    };
+                    y.add(r).write_unaligned(v);
+                }
+            }
+            return Ok(());
+        }
+        _ => bail!("emulation: kernel '{kernel}' has unexpected arguments for {h:?}"),
     };
     let want = 3 + usize::from(epi.bias) + usize::from(epi.residual);
     if ptrs.len() != want {

@@ -6,11 +6,13 @@
 use kiln_codegen::gpu::kernels::conv::{ConvGeom, Epilogue, GpuConvSchedule};
 use kiln_codegen::gpu::kernels::depthwise;
 use kiln_codegen::gpu::kernels::gemm::GpuGemmSchedule;
+use kiln_codegen::gpu::kernels::reduce::ReduceKind as RowReduce;
 use kiln_codegen::gpu::lower::{lower_partition, HostKernel, LaunchArg, LowerOptions, Operand};
 use kiln_codegen::gpu::{DeviceDb, GpuError};
 use kiln_ir::ops::elementwise::{BinaryKind, UnaryKind};
 use kiln_ir::ops::linalg::LinalgOp;
-use kiln_ir::ops::nn::{AutoPad, ConvAttrs, NnOp, SoftmaxAttrs, WindowAttrs};
+use kiln_ir::ops::nn::{AutoPad, ConvAttrs, LayerNormAttrs, NnOp, SoftmaxAttrs, WindowAttrs};
+use kiln_ir::ops::reduce::{ReduceAxes, ReduceKind, ReduceOp};
 use kiln_ir::{DType, Graph, Op, Tensor, ValueId};
 
 mod common;
@@ -212,7 +214,11 @@ fn conv_bias_residual_relu_is_one_implicit_gemm_conv_launch() {
         panic!("{:#?}", l.launches)
     };
     assert!(!la.generic);
-    let gm = geom(2, 8, 10, 16, 3, 2, 1);
+    // End pads are only what the output size needs (the kernel zero-fills outside X).
+    let gm = ConvGeom {
+        pads: [1, 1, 0, 0],
+        ..geom(2, 8, 10, 16, 3, 2, 1)
+    };
     let (grid, block) = GpuConvSchedule::for_geom(&gm, h100()).launch(&gm).unwrap();
     assert_eq!((la.grid, la.block), (grid, block));
     // X, W, bias, residual, Y.
@@ -305,4 +311,87 @@ fn depthwise_conv_uses_the_depthwise_kernel() {
     let g = b.finish(&[y]);
     let l = lower(&g).unwrap();
     assert_eq!(l.generic_kernels(), vec![0]);
+}
+
+#[test]
+fn layer_norm_uses_the_row_kernel_warp_or_block_by_row_length() {
+    for (cols, block, grid) in [
+        (64usize, [32, 4, 1], [3, 1, 1]),
+        (2048, [256, 1, 1], [10, 1, 1]),
+    ] {
+        let mut b = Builder::new("ln");
+        let x = b.input("x", DType::F32, &[2, 5, cols]);
+        let sc = b.konst("s", Tensor::from_vec(&[cols], vec![1.5f32; cols]));
+        let bi = b.konst("b", Tensor::from_vec(&[cols], vec![0.5f32; cols]));
+        let a = LayerNormAttrs {
+            axis: -1,
+            epsilon: 1e-3,
+            stash_type: DType::F32,
+            num_outputs: 1,
+        };
+        let y = b.node(
+            Op::Nn(NnOp::LayerNormalization(a)),
+            &[Some(x), Some(sc), Some(bi)],
+        );
+        let g = b.finish(&[y]);
+        let l = lower(&g).unwrap();
+        let [la] = &l.launches[..] else {
+            panic!("{:#?}", l.launches)
+        };
+        assert!(!la.generic);
+        let mode = if cols <= 1024 { "warp4" } else { "block256" };
+        assert_eq!(la.kernel, format!("kiln_layer_norm_{mode}"));
+        assert_eq!((la.grid, la.block), (grid, block));
+        assert_eq!(view(&la.args, 1), (0, cols as u64));
+        assert_eq!(
+            la.args[4..],
+            [
+                LaunchArg::Index(10),
+                LaunchArg::Index(cols as i64),
+                LaunchArg::F32(1e-3)
+            ]
+        );
+        assert_eq!(l.host_kernel(&la.kernel), Some(&HostKernel::LayerNorm));
+    }
+}
+
+#[test]
+fn last_axis_reductions_use_the_row_kernel_unless_fused() {
+    let reduce = |kind| {
+        Op::Reduce(ReduceOp::Reduce {
+            kind,
+            axes: ReduceAxes::Attr(Some(vec![-1])),
+            keepdims: true,
+            noop_with_empty_axes: false,
+        })
+    };
+    let mut b = Builder::new("rmean");
+    let x = b.input("x", DType::F32, &[3, 4, 100]);
+    let y = b.node(reduce(ReduceKind::Mean), &[Some(x)]);
+    let g = b.finish(&[y]);
+    let l = lower(&g).unwrap();
+    let [la] = &l.launches[..] else {
+        panic!("{:#?}", l.launches)
+    };
+    assert!(!la.generic);
+    assert_eq!(la.kernel, "kiln_reduce_mean_warp4");
+    assert_eq!((la.grid, la.block), ([3, 1, 1], [32, 4, 1]));
+    assert_eq!(view(&la.args, 1), (0, 12));
+    assert_eq!(la.args[2..], [LaunchArg::Index(12), LaunchArg::Index(100)]);
+    assert_eq!(
+        l.host_kernel(&la.kernel),
+        Some(&HostKernel::Reduce(RowReduce::Mean))
+    );
+    // With a prologue (exp) it stays on the generic path; ReduceMin has no row kernel.
+    let mut b = Builder::new("rsum_exp");
+    let x = b.input("x", DType::F32, &[3, 100]);
+    let e = b.unary(UnaryKind::Exp, x);
+    let y = b.node(reduce(ReduceKind::Sum), &[Some(e)]);
+    let g = b.finish(&[y]);
+    assert_eq!(lower(&g).unwrap().generic_kernels(), vec![0]);
+    let mut b = Builder::new("rmin");
+    let x = b.input("x", DType::F32, &[3, 100]);
+    let y = b.node(reduce(ReduceKind::Min), &[Some(x)]);
+    let g = b.finish(&[y]);
+    assert_eq!(lower(&g).unwrap().generic_kernels(), vec![0]);
 }

@@ -9,11 +9,16 @@
 //!   folded into `M` when `B` is 2-D) followed by the fused epilogue (bias, `alpha`/`beta`,
 //!   activations) as a generic elementwise kernel over the result, in place; a last-axis
 //!   `Softmax` → [`kernels::softmax::row_softmax`](crate::gpu::kernels::softmax::row_softmax);
+//!   f32 NCHW `Conv` with groups = 1 → [`kernels::conv::conv2d`], depthwise `Conv` →
+//!   [`kernels::depthwise::depthwise_conv2d`] (bias, residual add and relu fused, other
+//!   epilogues in place after it, [`contraction`]); a lone last-axis `LayerNormalization` →
+//!   [`kernels::norm::layer_norm`], a lone last-axis `ReduceSum`/`Mean`/`Max` →
+//!   [`kernels::reduce::reduce_rows`] ([`reduction`]);
 //! * the **generic path** ([`generic`]: one thread per output element, grid-stride loop,
 //!   index arithmetic on static shapes) for everything else: `Elementwise` kernels
 //!   ([`elementwise`]), data movement (Transpose/Split/Slice/Concat/Gather/copies,
 //!   [`movement`]), last-axis reductions with prologue/epilogue such as LayerNorm (one thread
-//!   per row, [`reduction`]), global pooling and `MaxPool` ([`window`]), direct `Conv` and
+//!   per row, [`reduction`]), global pooling and `MaxPool` ([`window`]), grouped `Conv` and
 //!   the MatMul/Gemm shapes the GEMM kernel does not take ([`contraction`]), each with its
 //!   epilogue inline.
 //!
@@ -129,13 +134,13 @@ pub struct GpuLowering {
     pub consts: Vec<(String, Tensor)>,
     /// Partition kernels that need no launch (zero-copy views).
     pub views: usize,
-    /// Host semantics of the specialized kernels whose shapes are compiled in, by entry name
-    /// (for CPU emulation of the plan).
+    /// Host semantics of the specialized op kernels (conv, LayerNorm, reductions), by entry
+    /// name (for CPU emulation of the plan).
     pub host: Vec<(String, HostKernel)>,
 }
 
-/// What a specialized kernel with compiled-in shapes computes, for running a plan on the
-/// host (its buffer parameters in launch order: `X, W[, bias][, residual], Y`).
+/// What a specialized op kernel computes, for running a plan on the host (conv buffer
+/// parameters in launch order: `X, W[, bias][, residual], Y`).
 #[derive(Debug, Clone, PartialEq)]
 pub enum HostKernel {
     /// [`kernels::conv::conv2d`] in NCHW (groups = 1).
@@ -152,10 +157,14 @@ pub enum HostKernel {
         /// The fused epilogue.
         epi: kernels::conv::Epilogue,
     },
+    /// [`kernels::norm::layer_norm`]: `X, Scale, Bias, Y`, scalars `rows, n, eps`.
+    LayerNorm,
+    /// [`kernels::reduce::reduce_rows`]: `X, Y`, scalars `rows, n`.
+    Reduce(kernels::reduce::ReduceKind),
 }
 
 impl GpuLowering {
-    /// The host semantics of specialized kernel `name`, if its shapes are compiled in.
+    /// The host semantics of specialized op kernel `name` (see [`HostKernel`]).
     pub fn host_kernel(&self, name: &str) -> Option<&HostKernel> {
         self.host.iter().find(|(n, _)| n == name).map(|(_, h)| h)
     }
