@@ -395,3 +395,45 @@ fn last_axis_reductions_use_the_row_kernel_unless_fused() {
     let g = b.finish(&[y]);
     assert_eq!(lower(&g).unwrap().generic_kernels(), vec![0]);
 }
+
+#[test]
+fn residual_add_then_layer_norm_is_a_generic_prologue_then_the_row_kernel() {
+    for add_is_output in [false, true] {
+        let mut b = Builder::new("add_ln");
+        let x = b.input("x", DType::F32, &[4, 32]);
+        let r = b.input("r", DType::F32, &[4, 32]);
+        let sc = b.konst("s", Tensor::from_vec(&[32], vec![1.5f32; 32]));
+        let bi = b.konst("b", Tensor::from_vec(&[32], vec![0.5f32; 32]));
+        let s = b.binary(BinaryKind::Add, x, r);
+        let a = LayerNormAttrs {
+            axis: -1,
+            epsilon: 1e-5,
+            stash_type: DType::F32,
+            num_outputs: 1,
+        };
+        let y = b.node(
+            Op::Nn(NnOp::LayerNormalization(a)),
+            &[Some(s), Some(sc), Some(bi)],
+        );
+        let outs = if add_is_output { vec![y, s] } else { vec![y] };
+        let g = b.finish(&outs);
+        let p = kiln_passes::partition(&g);
+        let l = lower_partition(&g, &p, &opts()).unwrap();
+        assert_eq!(p.kernels.len(), 1, "Add and LayerNorm fused");
+        let [pro, ln] = &l.launches[..] else {
+            panic!("{:#?}", l.launches)
+        };
+        assert!(pro.generic && !ln.generic);
+        assert_eq!(ln.kernel, "kiln_layer_norm_warp4");
+        // The prologue writes the buffer LayerNorm reads: the sum's if it is an output,
+        // else LayerNorm's own output (normalized in place).
+        let src = if add_is_output { s } else { y };
+        assert!(
+            matches!(&ln.args[0], LaunchArg::Buf { operand: Operand::Value(v), .. } if *v == src)
+        );
+        assert!(
+            matches!(&ln.args[3], LaunchArg::Buf { operand: Operand::Value(v), .. } if *v == y)
+        );
+        assert_eq!(l.generic_epilogues(), vec![0]);
+    }
+}

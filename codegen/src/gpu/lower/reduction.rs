@@ -9,6 +9,7 @@
 //! `iter_args` accumulator, full-shape elementwise values are recomputed inside each pass that
 //! needs them, row values are computed once, and a final pass stores full-shape outputs.
 
+use super::elementwise::{emit_nodes, store_outputs};
 use super::generic::Gen;
 use super::{
     kernels, node_input, shape_of, GpuLowering, HostKernel, Launch, LaunchArg, LowerOptions,
@@ -129,7 +130,7 @@ pub(crate) fn lower(
             }
         }
     }
-    if opts.specialized && special_rows(g, k, index, out)? {
+    if opts.specialized && special_rows(g, k, (index, name, opts), out)? {
         return Ok(());
     }
     let gk = lower_generic(g, k, name)?;
@@ -137,16 +138,18 @@ pub(crate) fn lower(
 }
 
 /// A kernel that is exactly one `LayerNormalization` over the last axis with `[n]` scale
-/// and bias (one output) → [`norm::layer_norm`], or exactly one last-axis
+/// and bias (one output; possibly after an elementwise prologue of the same shape, which
+/// then runs first as a generic kernel into the buffer of LayerNorm's input if that is a
+/// kernel output, else of its output, read in place) → [`norm::layer_norm`], or exactly one last-axis
 /// `ReduceSum`/`ReduceMean`/`ReduceMax` → [`rk::reduce_rows`], with a warp per row up to
 /// 1024 columns, else a block per row ([`RowMode::for_len`]); `Ok(false)` otherwise.
 fn special_rows(
     g: &Graph,
     k: &fusion::Kernel,
-    index: usize,
+    (index, name, opts): (usize, &str, &LowerOptions),
     out: &mut GpuLowering,
 ) -> Result<bool, String> {
-    let [n] = k.nodes[..] else {
+    let Some((&n, prologue)) = k.nodes.split_last() else {
         return Ok(false);
     };
     let node = &g.nodes[n];
@@ -154,8 +157,43 @@ fn special_rows(
     let y = node.outputs[0];
     let xs = shape_of(g, x)?;
     let f32 = |v: ValueId| g.values[v].fact.dtype == DType::F32;
-    if xs.is_empty() || !f32(x) || !f32(y) || k.outputs != [y] {
+    // LayerNorm's input may come from an elementwise prologue (a residual add), computed
+    // first by a generic kernel into the buffer of `x` (if an output) or of `y`.
+    let produced: Vec<ValueId> = prologue
+        .iter()
+        .flat_map(|&p| g.nodes[p].outputs.iter().copied())
+        .collect();
+    let outputs_ok = if prologue.is_empty() {
+        k.outputs == [y]
+    } else {
+        k.outputs.contains(&y) && k.outputs.iter().all(|&o| o == y || o == x)
+    };
+    if xs.is_empty() || !f32(x) || !f32(y) || !outputs_ok {
         return Ok(false);
+    }
+    if !prologue.is_empty() {
+        if !matches!(node.op, Op::Nn(NnOp::LayerNormalization(_))) || !produced.contains(&x) {
+            return Ok(false);
+        }
+        for &p in prologue {
+            if !matches!(g.nodes[p].op, Op::Elementwise(_)) {
+                return Ok(false);
+            }
+        }
+        for &v in &produced {
+            if shape_of(g, v)? != xs {
+                return Ok(false);
+            }
+        }
+        if node
+            .inputs
+            .iter()
+            .skip(1)
+            .flatten()
+            .any(|v| produced.contains(v))
+        {
+            return Ok(false);
+        }
     }
     let cols = xs[xs.len() - 1];
     let rows: usize = xs[..xs.len() - 1].iter().product();
@@ -236,6 +274,23 @@ fn special_rows(
         shared_bytes: 0,
         generic: false,
     };
+    let mut launch = launch;
+    if !prologue.is_empty() {
+        let target = if k.outputs.contains(&x) { x } else { y };
+        let mut gen = Gen::default();
+        let idx = gen.unravel("%i", &xs);
+        emit_nodes(g, &mut gen, prologue, &idx, &xs)?;
+        if target == y {
+            let xv = gen.b.get(x, g)?;
+            gen.b.vals.insert(y, xv);
+        }
+        store_outputs(g, &mut gen, &[target], "%i")?;
+        let gk = gen.finish(&format!("{name}_prologue"), (rows * cols) as u64);
+        out.push_generic(index, gk, opts.max_blocks)?;
+        if let LaunchArg::Buf { operand, .. } = &mut launch.args[0] {
+            *operand = Operand::Value(target);
+        }
+    }
     if !out.host.iter().any(|(nm, _)| *nm == kern.name) {
         out.host.push((kern.name.clone(), host));
     }
