@@ -1,6 +1,7 @@
 //! Whole-model compilation for NVIDIA GPUs (`--target cuda:SKU`): the same graph passes as
 //! the CPU path ([`crate::pipeline::plan_graph`]: fold, eqsat, fusion, memory plan) →
-//! [`kiln_codegen::gpu::lower::lower_partition`] (specialized GEMM / row-softmax kernels,
+//! [`kiln_codegen::gpu::lower::lower_partition`] (specialized GEMM / row-softmax / conv /
+//! depthwise / LayerNorm / row-reduction kernels,
 //! the generic one-thread-per-element path for the rest) → one `gpu.module` → one PTX text
 //! for the SKU → an [`Artifact`] whose target is `cuda:<sku>`, whose kernel section is the
 //! PTX and whose plan holds a [`GpuPlan`]: per launch the entry name, buffer views
@@ -18,7 +19,8 @@
 use crate::compile::{io_spec, CompileOptions, CompileReport, PlanBuilder};
 use crate::pipeline;
 use anyhow::{bail, Context, Result};
-use kiln_codegen::gpu::lower::{self, GpuLowering, LaunchArg, LowerOptions, Operand};
+use kiln_codegen::gpu::kernels::reduce::ReduceKind;
+use kiln_codegen::gpu::lower::{self, GpuLowering, HostKernel, LaunchArg, LowerOptions, Operand};
 use kiln_codegen::gpu::{DeviceDb, Sku};
 use kiln_passes::fusion::KernelKind;
 use kiln_runtime::plan::WeightsBuilder;
@@ -313,10 +315,13 @@ pub fn emulate(
     for s in &gp.steps {
         let mut ptrs = Vec::new();
         let mut scalars = Vec::new();
+        let mut floats = Vec::new();
         for a in &s.args {
             let GpuArg::Buf { buf, offset, .. } = a else {
-                if let GpuArg::Index(v) = a {
-                    scalars.push(*v as usize);
+                match a {
+                    GpuArg::Index(v) => scalars.push(*v as usize),
+                    GpuArg::F32(bits) => floats.push(f32::from_bits(*bits)),
+                    GpuArg::Buf { .. } => {}
                 }
                 continue;
             };
@@ -334,7 +339,12 @@ pub fn emulate(
         }
         if !s.generic {
             // SAFETY: `validate` checked each view (len elements) against its buffer.
-            unsafe { emulate_special(&s.kernel, &ptrs, &scalars)? };
+            unsafe {
+                match lowering.host_kernel(&s.kernel) {
+                    Some(h) => emulate_host(&s.kernel, h, &ptrs, &scalars, &floats)?,
+                    None => emulate_special(&s.kernel, &ptrs, &scalars)?,
+                }
+            }
             continue;
         }
         let h = lib.kernel(&s.kernel)?;
@@ -358,6 +368,145 @@ pub fn emulate(
                 .map_err(|e| anyhow::anyhow!("output '{}': {e}", io.name))
         })
         .collect()
+}
+
+/// The semantics of a specialized op kernel on the host (see [`emulate`]), as the kernels
+/// define them: direct NCHW convolution (groups 1 or C), then `+ bias[oc]`, `+ residual`,
+/// relu; LayerNorm over rows (two passes, population variance, `1/sqrt(var + eps)`); row
+/// sum / mean / max.
+///
+/// # Safety
+/// `ptrs` must be the kernel's buffer views (`X, W[, bias][, residual], Y` for convs), valid
+/// for the sizes its geometry or scalars imply.
+unsafe fn emulate_host(
+    kernel: &str,
+    h: &HostKernel,
+    ptrs: &[*mut u8],
+    scalars: &[usize],
+    floats: &[f32],
+) -> Result<()> {
+    let (geom, epi, depthwise) = match (h, ptrs, scalars, floats) {
+        (HostKernel::Conv { geom, epi }, ..) => (geom, epi, false),
+        (HostKernel::Depthwise { geom, epi }, ..) => (geom, epi, true),
+        (HostKernel::LayerNorm, [x, sc, bi, y], [rows, n], [eps]) => {
+            // SAFETY: by the caller; f32 views of rows*n, n, n and rows*n elements.
+            unsafe {
+                let (x, sc, bi, y) = (
+                    *x as *const f32,
+                    *sc as *const f32,
+                    *bi as *const f32,
+                    *y as *mut f32,
+                );
+                for r in 0..*rows {
+                    let row: Vec<f32> =
+                        (0..*n).map(|j| x.add(r * n + j).read_unaligned()).collect();
+                    let mean = row.iter().sum::<f32>() / *n as f32;
+                    let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / *n as f32;
+                    let rstd = 1.0 / (var + eps).sqrt();
+                    for (j, v) in row.iter().enumerate() {
+                        let o = (v - mean) * rstd * sc.add(j).read_unaligned()
+                            + bi.add(j).read_unaligned();
+                        y.add(r * n + j).write_unaligned(o);
+                    }
+                }
+            }
+            return Ok(());
+        }
+        (HostKernel::Reduce(kind), [x, y], [rows, n], []) => {
+            // SAFETY: by the caller; f32 views of rows*n and rows elements.
+            unsafe {
+                let (x, y) = (*x as *const f32, *y as *mut f32);
+                for r in 0..*rows {
+                    let row = (0..*n).map(|j| x.add(r * n + j).read_unaligned());
+                    let v = match kind {
+                        ReduceKind::Sum => row.sum::<f32>(),
+                        ReduceKind::Mean => row.sum::<f32>() / *n as f32,
+                        ReduceKind::Max => row.fold(f32::NEG_INFINITY, f32::max),
+                    };
+                    y.add(r).write_unaligned(v);
+                }
+            }
+            return Ok(());
+        }
+        _ => bail!("emulation: kernel '{kernel}' has unexpected arguments for {h:?}"),
+    };
+    let want = 3 + usize::from(epi.bias) + usize::from(epi.residual);
+    if ptrs.len() != want {
+        bail!(
+            "emulation: kernel '{kernel}' has {} buffers, expected {want}",
+            ptrs.len()
+        );
+    }
+    let u = |v: u64| v as usize;
+    let (n, c, hh, ww, oc, kh, kw) = (
+        u(geom.n),
+        u(geom.c),
+        u(geom.h),
+        u(geom.w),
+        u(geom.oc),
+        u(geom.kh),
+        u(geom.kw),
+    );
+    let (oh, ow) = (u(geom.oh()), u(geom.ow()));
+    let (s, d, p) = (geom.stride, geom.dilation, geom.pads);
+    let cg = if depthwise { 1 } else { c };
+    let mut next = 2;
+    let bias = epi.bias.then(|| {
+        next += 1;
+        ptrs[next - 1] as *const f32
+    });
+    let res = epi.residual.then(|| {
+        next += 1;
+        ptrs[next - 1] as *const f32
+    });
+    let (x, w, y) = (
+        ptrs[0] as *const f32,
+        ptrs[1] as *const f32,
+        ptrs[next] as *mut f32,
+    );
+    // SAFETY: by the caller; unaligned f32 views of the geometry's sizes.
+    unsafe {
+        for b in 0..n {
+            for o in 0..oc {
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        let mut acc = 0f32;
+                        for ci in 0..cg {
+                            let ch = if depthwise { o } else { ci };
+                            for ty in 0..kh {
+                                let iy = (oy as u64 * s[0] + ty as u64 * d[0]) as i64 - p[0] as i64;
+                                if iy < 0 || iy >= hh as i64 {
+                                    continue;
+                                }
+                                for tx in 0..kw {
+                                    let ix =
+                                        (ox as u64 * s[1] + tx as u64 * d[1]) as i64 - p[1] as i64;
+                                    if ix < 0 || ix >= ww as i64 {
+                                        continue;
+                                    }
+                                    let xi = ((b * c + ch) * hh + iy as usize) * ww + ix as usize;
+                                    let wi = ((o * cg + ci) * kh + ty) * kw + tx;
+                                    acc += x.add(xi).read_unaligned() * w.add(wi).read_unaligned();
+                                }
+                            }
+                        }
+                        let yi = ((b * oc + o) * oh + oy) * ow + ox;
+                        if let Some(bp) = bias {
+                            acc += bp.add(o).read_unaligned();
+                        }
+                        if let Some(rp) = res {
+                            acc += rp.add(yi).read_unaligned();
+                        }
+                        if epi.relu {
+                            acc = acc.max(0.0);
+                        }
+                        y.add(yi).write_unaligned(acc);
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The specialized kernels' semantics on the host (see [`emulate`]).

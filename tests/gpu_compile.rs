@@ -99,6 +99,15 @@ fn zoo_models_compile_to_ptx_that_ptxas_accepts() {
             assert_eq!(art.target(), format!("cuda:{}", sku.name));
             let report = art.report().unwrap().to_string();
             assert!(report.contains("generic-path kernels"), "{report}");
+            // Every Conv of the zoo (groups 1 or depthwise) takes a specialized conv kernel.
+            let generic_line = report
+                .lines()
+                .find(|l| l.contains("generic-path kernels"))
+                .unwrap();
+            assert!(!generic_line.contains("Conv"), "{name}: {generic_line}");
+            if target == "cuda:h100" {
+                println!("{name}: {generic_line}");
+            }
             let inner = art.inner();
             let gp = inner.plan.gpu.as_ref().unwrap();
             assert_eq!(gp.arch, sku.arch);

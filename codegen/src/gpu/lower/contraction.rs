@@ -10,16 +10,29 @@
 //! * Everything else (transposed `A`, the result not landing in an output buffer, the
 //!   generic-only mode) is one generic kernel: one thread per output element, a dot product
 //!   over `K` and the epilogue inline.
-//! * 2-D Conv (any group, stride, dilation, padding) is one generic kernel: one thread per
-//!   output element, a direct loop over input channels and taps, then bias and epilogue.
+//! * f32 2-D Conv in NCHW with groups = 1 uses the implicit-GEMM
+//!   [`conv2d`](crate::gpu::kernels::conv::conv2d) (schedule
+//!   [`GpuConvSchedule::for_geom`]), depthwise Conv (groups = C = OC) the
+//!   [`depthwise_conv2d`](crate::gpu::kernels::depthwise::depthwise_conv2d) kernel. When the
+//!   fused nodes are exactly `[+ residual][relu]` (a residual of the output's shape read from
+//!   a kernel input, only the last value an output) they run inside the conv kernel with the
+//!   bias; any other epilogue runs as a generic elementwise kernel over the conv's result,
+//!   in place (as for the GEMM).
+//! * Other Convs (any group, stride, dilation, padding; the generic-only mode) are one
+//!   generic kernel: one thread per output element, a direct loop over input channels and
+//!   taps, then bias and epilogue.
 
 use super::elementwise::{emit_nodes, store_outputs};
 use super::generic::{row_major, Gen, GenKernel};
 use super::window::open_acc;
+use super::HostKernel;
 use super::{node_input, shape_of, GpuLowering, Launch, LaunchArg, LowerOptions, Operand};
 use crate::cpu::lower::conv::Window2;
 use crate::cpu::lower::Ty;
+use crate::gpu::kernels::conv::{conv2d, ConvGeom, ConvLayout, Epilogue, GpuConvSchedule};
+use crate::gpu::kernels::depthwise;
 use crate::gpu::kernels::gemm::{gemm_f32, GpuGemmSchedule};
+use kiln_ir::ops::elementwise::{BinaryKind, ElementwiseOp, UnaryKind};
 use kiln_ir::ops::linalg::{Gemm, LinalgOp};
 use kiln_ir::ops::nn::NnOp;
 use kiln_ir::{DType, Graph, Op, Tensor, ValueId};
@@ -76,6 +89,9 @@ pub(crate) fn lower(
     }
     match &g.nodes[ci].op {
         Op::Nn(NnOp::Conv(_)) => {
+            if opts.specialized && special_conv(g, k, (index, name, opts), ci, &epi, out)? {
+                return Ok(());
+            }
             let gk = conv(g, k, ci, &epi, name)?;
             out.push_generic(index, gk, opts.max_blocks)
         }
@@ -405,6 +421,216 @@ fn special(
             mm.ys.iter().product::<usize>() as u64,
         );
         out.push_generic(index, gk, max_blocks)?;
+    }
+    Ok(true)
+}
+
+/// The specialized conv path (see the module doc); `Ok(false)` if it does not apply.
+fn special_conv(
+    g: &Graph,
+    k: &fusion::Kernel,
+    (index, name, opts): (usize, &str, &LowerOptions),
+    ci: usize,
+    epi: &[usize],
+    out: &mut GpuLowering,
+) -> Result<bool, String> {
+    let Some(sku) = &opts.sku else {
+        return Ok(false);
+    };
+    let cn = &g.nodes[ci];
+    let Op::Nn(NnOp::Conv(attrs)) = &cn.op else {
+        return Ok(false);
+    };
+    let x = node_input(g, ci, 0)?;
+    let w = node_input(g, ci, 1)?;
+    let bias = cn.inputs.get(2).copied().flatten();
+    let y = cn.outputs[0];
+    let (xs, ws, ys) = (shape_of(g, x)?, shape_of(g, w)?, shape_of(g, y)?);
+    if ws.len() != 4 || xs.len() != 4 {
+        return Ok(false);
+    }
+    let win = Window2::new(&attrs.window, &xs, [ws[2], ws[3]], false)?;
+    let (group, m) = (attrs.group.max(1), ws[0]);
+    if ys != [win.n, m, win.oh, win.ow] || win.p.iter().any(|&p| p < 0) {
+        return Ok(false);
+    }
+    if let Some(b) = bias {
+        if shape_of(g, b)? != [m] {
+            return Ok(false);
+        }
+    }
+    let depthwise = if group == 1 && ws[1] == win.c {
+        false
+    } else if group == win.c && m == win.c && ws[1] == 1 {
+        true
+    } else {
+        return Ok(false);
+    };
+    // End pads: just enough for the output size (the kernel zero-fills outside the input).
+    let u = |v: usize| v as u64;
+    let end = |ax: usize, o: usize, size: usize| -> u64 {
+        let span = win.d[ax] * (win.k[ax] - 1) + 1;
+        u(((o - 1) * win.s[ax] + span).saturating_sub(size + win.p[ax] as usize))
+    };
+    let geom = ConvGeom {
+        n: u(win.n),
+        c: u(win.c),
+        h: u(win.h),
+        w: u(win.w),
+        oc: u(m),
+        kh: u(win.k[0]),
+        kw: u(win.k[1]),
+        stride: [u(win.s[0]), u(win.s[1])],
+        pads: [
+            win.p[0] as u64,
+            win.p[1] as u64,
+            end(0, win.oh, win.h),
+            end(1, win.ow, win.w),
+        ],
+        dilation: [u(win.d[0]), u(win.d[1])],
+    };
+    if geom.validate().is_err() || geom.oh() != u(win.oh) || geom.ow() != u(win.ow) {
+        return Ok(false);
+    }
+    // The fused epilogue: `[+ residual][relu]`, only its last value an output.
+    let mut cur = y;
+    let mut residual = None;
+    let mut relu = false;
+    let mut fused = true;
+    for &n in epi {
+        let node = &g.nodes[n];
+        let ins: Vec<ValueId> = node.inputs.iter().flatten().copied().collect();
+        match &node.op {
+            Op::Elementwise(ElementwiseOp::Binary(BinaryKind::Add))
+                if residual.is_none() && !relu && ins.len() == 2 && ins.contains(&cur) =>
+            {
+                let r = if ins[0] == cur { ins[1] } else { ins[0] };
+                if r == cur
+                    || !k.inputs.contains(&r)
+                    || Some(r) == bias
+                    || r == x
+                    || r == w
+                    || shape_of(g, r)? != ys
+                    || g.values[r].fact.dtype != DType::F32
+                {
+                    fused = false;
+                    break;
+                }
+                residual = Some(r);
+            }
+            Op::Elementwise(ElementwiseOp::Unary(UnaryKind::Relu)) if !relu && ins == [cur] => {}
+            _ => {
+                fused = false;
+                break;
+            }
+        }
+        if matches!(
+            node.op,
+            Op::Elementwise(ElementwiseOp::Unary(UnaryKind::Relu))
+        ) {
+            relu = true;
+        }
+        cur = node.outputs[0];
+    }
+    let fused = fused && k.outputs == [cur];
+    // The buffer the conv writes and its epilogue.
+    let (target, ep) = if fused {
+        (
+            cur,
+            Epilogue {
+                bias: bias.is_some(),
+                residual: residual.is_some(),
+                relu,
+            },
+        )
+    } else {
+        let target = if k.outputs.contains(&y) {
+            y
+        } else if let [o] = k.outputs[..] {
+            if shape_of(g, o)? != ys || g.values[o].fact.dtype != DType::F32 {
+                return Ok(false);
+            }
+            o
+        } else {
+            return Ok(false);
+        };
+        let ep = Epilogue {
+            bias: bias.is_some(),
+            ..Epilogue::default()
+        };
+        (target, ep)
+    };
+    let kname = if fused {
+        name.to_string()
+    } else {
+        format!("{name}_conv")
+    };
+    let (kern, grid, block, host) = if depthwise {
+        let Ok(kern) = depthwise::depthwise_conv2d(&kname, &geom, ep) else {
+            return Ok(false);
+        };
+        let (grid, block) = depthwise::launch(&geom, sku);
+        (kern, grid, block, HostKernel::Depthwise { geom, epi: ep })
+    } else {
+        let sched = GpuConvSchedule::for_geom(&geom, sku);
+        let Ok(kern) = conv2d(&kname, &geom, ConvLayout::Nchw, ep, &sched, sku) else {
+            return Ok(false);
+        };
+        let Ok((grid, block)) = sched.launch(&geom) else {
+            return Ok(false);
+        };
+        (kern, grid, block, HostKernel::Conv { geom, epi: ep })
+    };
+    let len = |v: ValueId| -> Result<u64, String> {
+        Ok(shape_of(g, v)?.iter().product::<usize>() as u64)
+    };
+    let buf = |v: ValueId| -> Result<LaunchArg, String> {
+        Ok(LaunchArg::Buf {
+            operand: Operand::Value(v),
+            offset: 0,
+            len: len(v)?,
+            elem_bytes: 4,
+        })
+    };
+    let mut args = vec![buf(x)?, buf(w)?];
+    if let Some(b) = bias {
+        args.push(buf(b)?);
+    }
+    if let Some(r) = residual.filter(|_| fused) {
+        args.push(buf(r)?);
+    }
+    args.push(buf(target)?);
+    let launch = Launch {
+        index,
+        kernel: String::new(),
+        args,
+        grid,
+        block,
+        shared_bytes: 0,
+        generic: false,
+    };
+    out.push_special(launch, kern)?;
+    if !out.host.iter().any(|(n, _)| *n == kname) {
+        out.host.push((kname, host));
+    }
+    if !fused {
+        // The epilogue over the result, in place.
+        let mut gen = Gen::default();
+        let idx = gen.unravel("%i", &ys);
+        let (tb, _) = gen.value_buf(g, target)?;
+        let v = gen.load(tb, "%i", Ty::F32);
+        gen.b.vals.insert(y, (v, Ty::F32));
+        let mut operands = vec![x, w];
+        operands.extend(bias);
+        let ins = epi_inputs(k, &operands);
+        gen.bind_inputs(g, &ins, &idx, &ys)?;
+        emit_nodes(g, &mut gen, epi, &idx, &ys)?;
+        store_outputs(g, &mut gen, &k.outputs, "%i")?;
+        let gk = gen.finish(
+            &format!("{name}_epilogue"),
+            ys.iter().product::<usize>() as u64,
+        );
+        out.push_generic(index, gk, opts.max_blocks)?;
     }
     Ok(true)
 }

@@ -9,11 +9,16 @@
 //!   folded into `M` when `B` is 2-D) followed by the fused epilogue (bias, `alpha`/`beta`,
 //!   activations) as a generic elementwise kernel over the result, in place; a last-axis
 //!   `Softmax` → [`kernels::softmax::row_softmax`](crate::gpu::kernels::softmax::row_softmax);
+//!   f32 NCHW `Conv` with groups = 1 → [`kernels::conv::conv2d`], depthwise `Conv` →
+//!   [`kernels::depthwise::depthwise_conv2d`] (bias, residual add and relu fused, other
+//!   epilogues in place after it, [`contraction`]); a lone last-axis `LayerNormalization` →
+//!   [`kernels::norm::layer_norm`], a lone last-axis `ReduceSum`/`Mean`/`Max` →
+//!   [`kernels::reduce::reduce_rows`] ([`reduction`]);
 //! * the **generic path** ([`generic`]: one thread per output element, grid-stride loop,
 //!   index arithmetic on static shapes) for everything else: `Elementwise` kernels
 //!   ([`elementwise`]), data movement (Transpose/Split/Slice/Concat/Gather/copies,
 //!   [`movement`]), last-axis reductions with prologue/epilogue such as LayerNorm (one thread
-//!   per row, [`reduction`]), global pooling and `MaxPool` ([`window`]), direct `Conv` and
+//!   per row, [`reduction`]), global pooling and `MaxPool` ([`window`]), grouped `Conv` and
 //!   the MatMul/Gemm shapes the GEMM kernel does not take ([`contraction`]), each with its
 //!   epilogue inline.
 //!
@@ -100,6 +105,9 @@ pub struct LowerOptions {
     pub specialized: bool,
     /// Upper bound on the blocks of a generic (grid-stride) launch.
     pub max_blocks: u32,
+    /// The SKU the specialized kernels are scheduled for (conv tiles, shared memory); `None`
+    /// keeps the kernels that need it (conv) on the generic path.
+    pub sku: Option<Sku>,
 }
 
 impl LowerOptions {
@@ -108,6 +116,7 @@ impl LowerOptions {
         Self {
             specialized: true,
             max_blocks: sku.sm_count.saturating_mul(32).max(1),
+            sku: Some(sku.clone()),
         }
     }
 }
@@ -125,9 +134,41 @@ pub struct GpuLowering {
     pub consts: Vec<(String, Tensor)>,
     /// Partition kernels that need no launch (zero-copy views).
     pub views: usize,
+    /// Host semantics of the specialized op kernels (conv, LayerNorm, reductions), by entry
+    /// name (for CPU emulation of the plan).
+    pub host: Vec<(String, HostKernel)>,
+}
+
+/// What a specialized op kernel computes, for running a plan on the host (conv buffer
+/// parameters in launch order: `X, W[, bias][, residual], Y`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum HostKernel {
+    /// [`kernels::conv::conv2d`] in NCHW (groups = 1).
+    Conv {
+        /// The geometry.
+        geom: kernels::conv::ConvGeom,
+        /// The fused epilogue.
+        epi: kernels::conv::Epilogue,
+    },
+    /// [`kernels::depthwise::depthwise_conv2d`] (groups = C = OC, NCHW).
+    Depthwise {
+        /// The geometry.
+        geom: kernels::conv::ConvGeom,
+        /// The fused epilogue.
+        epi: kernels::conv::Epilogue,
+    },
+    /// [`kernels::norm::layer_norm`]: `X, Scale, Bias, Y`, scalars `rows, n, eps`.
+    LayerNorm,
+    /// [`kernels::reduce::reduce_rows`]: `X, Y`, scalars `rows, n`.
+    Reduce(kernels::reduce::ReduceKind),
 }
 
 impl GpuLowering {
+    /// The host semantics of specialized op kernel `name` (see [`HostKernel`]).
+    pub fn host_kernel(&self, name: &str) -> Option<&HostKernel> {
+        self.host.iter().find(|(n, _)| n == name).map(|(_, h)| h)
+    }
+
     /// The MLIR module holding every kernel in one `gpu.module @kiln_model`.
     pub fn module_text(&self) -> String {
         let mut s =

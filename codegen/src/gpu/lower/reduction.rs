@@ -1,19 +1,27 @@
 //! `Reduction` kernels over the last axis. A kernel that is exactly one last-axis `Softmax`
 //! uses the specialized warp-per-row kernel
-//! ([`row_softmax`](crate::gpu::kernels::softmax::row_softmax)); every other one (LayerNorm,
+//! ([`row_softmax`](crate::gpu::kernels::softmax::row_softmax)), one last-axis
+//! `LayerNormalization` with scale and bias [`norm::layer_norm`], one last-axis
+//! `ReduceSum`/`Mean`/`Max` [`rk::reduce_rows`]; every other one (LayerNorm with neighbours,
 //! decomposed LayerNorm chains, `Reduce*` with prologue/epilogue, LogSoftmax) takes the
 //! generic path with **one thread per row**, mirroring the CPU lowering
 //! ([`crate::cpu::lower::reduction`]): each reduction is an `scf.for` over the row with an
 //! `iter_args` accumulator, full-shape elementwise values are recomputed inside each pass that
 //! needs them, row values are computed once, and a final pass stores full-shape outputs.
 
+use super::elementwise::{emit_nodes, store_outputs};
 use super::generic::Gen;
-use super::{kernels, node_input, shape_of, GpuLowering, Launch, LaunchArg, LowerOptions, Operand};
+use super::{
+    kernels, node_input, shape_of, GpuLowering, HostKernel, Launch, LaunchArg, LowerOptions,
+    Operand,
+};
 use crate::cpu::lower::elementwise::emit_node;
 use crate::cpu::lower::{fastmath, Ty};
+use crate::gpu::kernels::norm;
+use crate::gpu::kernels::reduce::{self as rk, RowMode};
 use kiln_ir::ops::nn::NnOp;
 use kiln_ir::ops::reduce::{ReduceAxes, ReduceKind, ReduceOp};
-use kiln_ir::{Graph, Op, ValueId};
+use kiln_ir::{DType, Graph, Op, ValueId};
 use kiln_passes::fusion;
 use std::collections::HashMap;
 
@@ -122,8 +130,172 @@ pub(crate) fn lower(
             }
         }
     }
+    if opts.specialized && special_rows(g, k, (index, name, opts), out)? {
+        return Ok(());
+    }
     let gk = lower_generic(g, k, name)?;
     out.push_generic(index, gk, opts.max_blocks)
+}
+
+/// A kernel that is exactly one `LayerNormalization` over the last axis with `[n]` scale
+/// and bias (one output; possibly after an elementwise prologue of the same shape, which
+/// then runs first as a generic kernel into the buffer of LayerNorm's input if that is a
+/// kernel output, else of its output, read in place) → [`norm::layer_norm`], or exactly one last-axis
+/// `ReduceSum`/`ReduceMean`/`ReduceMax` → [`rk::reduce_rows`], with a warp per row up to
+/// 1024 columns, else a block per row ([`RowMode::for_len`]); `Ok(false)` otherwise.
+fn special_rows(
+    g: &Graph,
+    k: &fusion::Kernel,
+    (index, name, opts): (usize, &str, &LowerOptions),
+    out: &mut GpuLowering,
+) -> Result<bool, String> {
+    let Some((&n, prologue)) = k.nodes.split_last() else {
+        return Ok(false);
+    };
+    let node = &g.nodes[n];
+    let x = node_input(g, n, 0)?;
+    let y = node.outputs[0];
+    let xs = shape_of(g, x)?;
+    let f32 = |v: ValueId| g.values[v].fact.dtype == DType::F32;
+    // LayerNorm's input may come from an elementwise prologue (a residual add), computed
+    // first by a generic kernel into the buffer of `x` (if an output) or of `y`.
+    let produced: Vec<ValueId> = prologue
+        .iter()
+        .flat_map(|&p| g.nodes[p].outputs.iter().copied())
+        .collect();
+    let outputs_ok = if prologue.is_empty() {
+        k.outputs == [y]
+    } else {
+        k.outputs.contains(&y) && k.outputs.iter().all(|&o| o == y || o == x)
+    };
+    if xs.is_empty() || !f32(x) || !f32(y) || !outputs_ok {
+        return Ok(false);
+    }
+    if !prologue.is_empty() {
+        if !matches!(node.op, Op::Nn(NnOp::LayerNormalization(_))) || !produced.contains(&x) {
+            return Ok(false);
+        }
+        for &p in prologue {
+            if !matches!(g.nodes[p].op, Op::Elementwise(_)) {
+                return Ok(false);
+            }
+        }
+        for &v in &produced {
+            if shape_of(g, v)? != xs {
+                return Ok(false);
+            }
+        }
+        if node
+            .inputs
+            .iter()
+            .skip(1)
+            .flatten()
+            .any(|v| produced.contains(v))
+        {
+            return Ok(false);
+        }
+    }
+    let cols = xs[xs.len() - 1];
+    let rows: usize = xs[..xs.len() - 1].iter().product();
+    if cols == 0 || rows == 0 {
+        return Ok(false);
+    }
+    let mode = RowMode::for_len(cols as u64);
+    let tag = match mode {
+        RowMode::Warp { rows_per_block } => format!("warp{rows_per_block}"),
+        RowMode::Block { threads } => format!("block{threads}"),
+    };
+    let buf = |v: ValueId, len: usize| LaunchArg::Buf {
+        operand: Operand::Value(v),
+        offset: 0,
+        len: len as u64,
+        elem_bytes: 4,
+    };
+    let (kern, args, host) = match &node.op {
+        Op::Nn(NnOp::LayerNormalization(a)) => {
+            let (Some(sc), Some(bi)) = (
+                node.inputs.get(1).copied().flatten(),
+                node.inputs.get(2).copied().flatten(),
+            ) else {
+                return Ok(false);
+            };
+            if check_last_axis(g, n, a.axis).is_err()
+                || node.outputs.len() != 1
+                || shape_of(g, y)? != xs
+                || shape_of(g, sc)? != [cols]
+                || shape_of(g, bi)? != [cols]
+                || !f32(sc)
+                || !f32(bi)
+            {
+                return Ok(false);
+            }
+            let kern = norm::layer_norm(&format!("kiln_layer_norm_{tag}"), mode)
+                .map_err(|e| e.to_string())?;
+            let args = vec![
+                buf(x, rows * cols),
+                buf(sc, cols),
+                buf(bi, cols),
+                buf(y, rows * cols),
+                LaunchArg::Index(rows as i64),
+                LaunchArg::Index(cols as i64),
+                LaunchArg::F32(a.epsilon),
+            ];
+            (kern, args, HostKernel::LayerNorm)
+        }
+        Op::Reduce(_) => {
+            let kind = match last_axis_reduce(g, n) {
+                Ok(Some(ReduceKind::Sum)) => rk::ReduceKind::Sum,
+                Ok(Some(ReduceKind::Mean)) => rk::ReduceKind::Mean,
+                Ok(Some(ReduceKind::Max)) => rk::ReduceKind::Max,
+                _ => return Ok(false),
+            };
+            if shape_of(g, y)?.iter().product::<usize>() != rows {
+                return Ok(false);
+            }
+            let kn = format!("{kind:?}").to_ascii_lowercase();
+            let kern = rk::reduce_rows(&format!("kiln_reduce_{kn}_{tag}"), kind, mode)
+                .map_err(|e| e.to_string())?;
+            let args = vec![
+                buf(x, rows * cols),
+                buf(y, rows),
+                LaunchArg::Index(rows as i64),
+                LaunchArg::Index(cols as i64),
+            ];
+            (kern, args, HostKernel::Reduce(kind))
+        }
+        _ => return Ok(false),
+    };
+    let launch = Launch {
+        index,
+        kernel: String::new(),
+        args,
+        grid: mode.grid(rows as u64),
+        block: mode.block(),
+        shared_bytes: 0,
+        generic: false,
+    };
+    let mut launch = launch;
+    if !prologue.is_empty() {
+        let target = if k.outputs.contains(&x) { x } else { y };
+        let mut gen = Gen::default();
+        let idx = gen.unravel("%i", &xs);
+        emit_nodes(g, &mut gen, prologue, &idx, &xs)?;
+        if target == y {
+            let xv = gen.b.get(x, g)?;
+            gen.b.vals.insert(y, xv);
+        }
+        store_outputs(g, &mut gen, &[target], "%i")?;
+        let gk = gen.finish(&format!("{name}_prologue"), (rows * cols) as u64);
+        out.push_generic(index, gk, opts.max_blocks)?;
+        if let LaunchArg::Buf { operand, .. } = &mut launch.args[0] {
+            *operand = Operand::Value(target);
+        }
+    }
+    if !out.host.iter().any(|(nm, _)| *nm == kern.name) {
+        out.host.push((kern.name.clone(), host));
+    }
+    out.push_special(launch, kern)?;
+    Ok(true)
 }
 
 /// State of the per-row emission.
