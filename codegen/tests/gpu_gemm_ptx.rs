@@ -15,35 +15,12 @@ use kiln_codegen::gpu::kernels::gemm_mma::{
     gemm_mma, kernel_name, MmaGemm, MmaInput, MmaOutput, MmaSchedule,
 };
 use kiln_codegen::gpu::kernels::gemm_wgmma::{gemm_wgmma, WgmmaSchedule};
-use kiln_codegen::gpu::pipeline::venv_nvidia_dirs;
 use kiln_codegen::gpu::{compile_kernel, DeviceDb};
-use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-fn find_ptxas() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("KILN_PTXAS") {
-        return Some(PathBuf::from(p));
-    }
-    if let Some(p) = venv_nvidia_dirs(&repo())
-        .into_iter()
-        .map(|d| d.join("bin/ptxas"))
-        .find(|p| p.is_file())
-    {
-        return Some(p);
-    }
-    let ok = Command::new("ptxas")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    ok.then(|| PathBuf::from("ptxas"))
-}
+#[path = "common/ptxas.rs"]
+mod ptxas;
+use ptxas::{find_ptxas, repo};
 
 /// `(registers, static smem bytes, spill bytes + stack bytes)` from `ptxas -v`.
 fn usage(out: &str) -> Option<(u32, u32, u32)> {
