@@ -153,7 +153,7 @@ fn input(g: &Graph, n: usize, i: usize) -> Result<ValueId, String> {
 }
 
 /// Whether node `n` reduces over the last axis only (returns its kind and keepdims).
-fn last_axis_reduce(g: &Graph, n: usize) -> Result<Option<(ReduceKind, bool)>, String> {
+pub(crate) fn last_axis_reduce(g: &Graph, n: usize) -> Result<Option<(ReduceKind, bool)>, String> {
     let node = &g.nodes[n];
     let Op::Reduce(ReduceOp::Reduce {
         kind,

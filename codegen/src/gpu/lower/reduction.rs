@@ -20,7 +20,7 @@ use crate::cpu::lower::{fastmath, Ty};
 use crate::gpu::kernels::norm;
 use crate::gpu::kernels::reduce::{self as rk, RowMode};
 use kiln_ir::ops::nn::NnOp;
-use kiln_ir::ops::reduce::{ReduceAxes, ReduceKind, ReduceOp};
+use kiln_ir::ops::reduce::ReduceKind;
 use kiln_ir::{DType, Graph, Op, ValueId};
 use kiln_passes::fusion;
 use std::collections::HashMap;
@@ -28,41 +28,10 @@ use std::collections::HashMap;
 /// Rows per block of the specialized softmax.
 const SOFTMAX_ROWS_PER_BLOCK: u32 = 4;
 
-/// Whether node `n` reduces over the last axis only (returns its kind).
+/// Whether node `n` reduces over the last axis only (returns its kind): the CPU
+/// lowering's test.
 fn last_axis_reduce(g: &Graph, n: usize) -> Result<Option<ReduceKind>, String> {
-    let node = &g.nodes[n];
-    let Op::Reduce(ReduceOp::Reduce { kind, axes, .. }) = &node.op else {
-        return Ok(None);
-    };
-    let rank = shape_of(g, node_input(g, n, 0)?)?.len() as i64;
-    let ax: Vec<i64> = match axes {
-        ReduceAxes::Attr(Some(a)) => a.clone(),
-        ReduceAxes::Input => match node.inputs.get(1).copied().flatten() {
-            Some(a) => g
-                .const_value(a)
-                .ok_or("non-constant reduction axes")?
-                .to_f64_vec()
-                .iter()
-                .map(|&x| x as i64)
-                .collect(),
-            None => return Err("reduction over all axes".into()),
-        },
-        ReduceAxes::Attr(None) => return Err("reduction over all axes".into()),
-    };
-    let ax: Vec<i64> = ax
-        .iter()
-        .map(|&a| if a < 0 { a + rank } else { a })
-        .collect();
-    if ax != [rank - 1] {
-        return Err(format!("reduction over axes {ax:?} (last axis only)"));
-    }
-    if !matches!(
-        kind,
-        ReduceKind::Sum | ReduceKind::Mean | ReduceKind::Max | ReduceKind::Min
-    ) {
-        return Err(format!("reduction {kind:?}"));
-    }
-    Ok(Some(*kind))
+    Ok(crate::cpu::lower::reduction::last_axis_reduce(g, n)?.map(|(kind, _)| kind))
 }
 
 fn check_last_axis(g: &Graph, n: usize, axis: i64) -> Result<(), String> {
