@@ -24,7 +24,7 @@
 
 use super::elementwise::{emit_nodes, store_outputs};
 use super::generic::{row_major, Gen, GenKernel};
-use super::window::open_acc;
+use super::window::{open_acc, tap_offset};
 use super::HostKernel;
 use super::{node_input, shape_of, GpuLowering, Launch, LaunchArg, LowerOptions, Operand};
 use crate::cpu::lower::conv::Window2;
@@ -687,31 +687,8 @@ fn conv(
     let (cv, acc_c, res_c) = open_acc(&mut gen, cg, &zero);
     let (th, acc_h, res_h) = open_acc(&mut gen, win.k[0], &acc_c);
     let (tw, acc_w, res_w) = open_acc(&mut gen, win.k[1], &acc_h);
-    let pos = |gen: &mut Gen, o: &str, t: &str, ax: usize, size: usize| {
-        let s = gen.c(win.s[ax] as i64);
-        let d = gen.c(win.d[ax] as i64);
-        let p = gen.c(win.p[ax]);
-        let a = gen.ix("muli", o, &s);
-        let b = gen.ix("muli", t, &d);
-        let c = gen.ix("addi", &a, &b);
-        let v = gen.ix("subi", &c, &p);
-        let z = gen.c(0);
-        let n = gen.c(size as i64);
-        let ge = gen.b.op(&format!("arith.cmpi sge, {v}, {z} : index"));
-        let lt = gen.b.op(&format!("arith.cmpi slt, {v}, {n} : index"));
-        let ok = gen.b.op(&format!("arith.andi {ge}, {lt} : i1"));
-        (v, ok)
-    };
-    let (ih, okh) = pos(&mut gen, &idx[2], &th, 0, win.h);
-    let (iw, okw) = pos(&mut gen, &idx[3], &tw, 1, win.w);
-    let ok = gen.b.op(&format!("arith.andi {okh}, {okw} : i1"));
-    let z = gen.c(0);
-    let ihc = gen.b.op(&format!("arith.select {ok}, {ih}, {z} : index"));
-    let iwc = gen.b.op(&format!("arith.select {ok}, {iw}, {z} : index"));
-    let wc = gen.c(win.w as i64);
+    let (ok, r1) = tap_offset(&mut gen, &win, [&idx[2], &idx[3]], [&th, &tw]);
     let pl = gen.ix("muli", &cv, &plane);
-    let r0 = gen.ix("muli", &ihc, &wc);
-    let r1 = gen.ix("addi", &r0, &iwc);
     let r2 = gen.ix("addi", &r1, &pl);
     let xa = gen.ix("addi", &x_base, &r2);
     let kw = gen.c(win.k[1] as i64);

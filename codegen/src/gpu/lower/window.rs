@@ -21,6 +21,43 @@ pub(crate) fn handles(g: &Graph, k: &fusion::Kernel) -> bool {
         )
 }
 
+/// The input element that output position `o = (oh, ow)` reads at tap `t = (th, tw)` of
+/// window `win`: `(inside, offset)`, `inside` whether `o·s − p + t·d` lies in the input on
+/// both axes, `offset` its row-major offset in one `h × w` plane (clamped to 0 when outside,
+/// so the load stays in bounds).
+pub(crate) fn tap_offset(
+    gen: &mut Gen,
+    win: &Window2,
+    o: [&str; 2],
+    t: [&str; 2],
+) -> (String, String) {
+    let pos = |gen: &mut Gen, ax: usize, size: usize| {
+        let s = gen.c(win.s[ax] as i64);
+        let d = gen.c(win.d[ax] as i64);
+        let p = gen.c(win.p[ax]);
+        let a = gen.ix("muli", o[ax], &s);
+        let b = gen.ix("muli", t[ax], &d);
+        let c = gen.ix("addi", &a, &b);
+        let v = gen.ix("subi", &c, &p);
+        let z = gen.c(0);
+        let n = gen.c(size as i64);
+        let ge = gen.b.op(&format!("arith.cmpi sge, {v}, {z} : index"));
+        let lt = gen.b.op(&format!("arith.cmpi slt, {v}, {n} : index"));
+        let ok = gen.b.op(&format!("arith.andi {ge}, {lt} : i1"));
+        (v, ok)
+    };
+    let (ih, okh) = pos(gen, 0, win.h);
+    let (iw, okw) = pos(gen, 1, win.w);
+    let ok = gen.b.op(&format!("arith.andi {okh}, {okw} : i1"));
+    let z = gen.c(0);
+    let ihc = gen.b.op(&format!("arith.select {ok}, {ih}, {z} : index"));
+    let iwc = gen.b.op(&format!("arith.select {ok}, {iw}, {z} : index"));
+    let wc = gen.c(win.w as i64);
+    let r0 = gen.ix("muli", &ihc, &wc);
+    let r1 = gen.ix("addi", &r0, &iwc);
+    (ok, r1)
+}
+
 /// `for t in 0..n` with an f32 accumulator: returns (induction var, accumulator, result).
 pub(crate) fn open_acc(gen: &mut Gen, n: usize, init: &str) -> (String, String, String) {
     let c0 = gen.c(0);
@@ -69,31 +106,7 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<GenKern
             let saved = gen.consts.clone();
             let (th, acc_h, res_h) = open_acc(&mut gen, win.k[0], &ninf);
             let (tw, acc_w, res_w) = open_acc(&mut gen, win.k[1], &acc_h);
-            // Input position: o * s - p + t * d, inside [0, size).
-            let pos = |gen: &mut Gen, o: &str, t: &str, ax: usize, size: usize| {
-                let s = gen.c(win.s[ax] as i64);
-                let d = gen.c(win.d[ax] as i64);
-                let p = gen.c(win.p[ax]);
-                let a = gen.ix("muli", o, &s);
-                let b = gen.ix("muli", t, &d);
-                let c = gen.ix("addi", &a, &b);
-                let v = gen.ix("subi", &c, &p);
-                let z = gen.c(0);
-                let n = gen.c(size as i64);
-                let ge = gen.b.op(&format!("arith.cmpi sge, {v}, {z} : index"));
-                let lt = gen.b.op(&format!("arith.cmpi slt, {v}, {n} : index"));
-                let ok = gen.b.op(&format!("arith.andi {ge}, {lt} : i1"));
-                (v, ok)
-            };
-            let (ih, okh) = pos(&mut gen, &idx[2], &th, 0, win.h);
-            let (iw, okw) = pos(&mut gen, &idx[3], &tw, 1, win.w);
-            let ok = gen.b.op(&format!("arith.andi {okh}, {okw} : i1"));
-            let z = gen.c(0);
-            let ihc = gen.b.op(&format!("arith.select {ok}, {ih}, {z} : index"));
-            let iwc = gen.b.op(&format!("arith.select {ok}, {iw}, {z} : index"));
-            let wc = gen.c(win.w as i64);
-            let r0 = gen.ix("muli", &ihc, &wc);
-            let r1 = gen.ix("addi", &r0, &iwc);
+            let (ok, r1) = tap_offset(&mut gen, &win, [&idx[2], &idx[3]], [&th, &tw]);
             let at = gen.ix("addi", &base, &r1);
             let v = gen.load(xb, &at, Ty::F32);
             let m = gen.b.op(&format!("arith.maximumf {acc_w}, {v} : f32"));
