@@ -364,7 +364,6 @@ pub fn conv2d(
     let vt = format!("vector<{tn}xf32>");
     let va = format!("vector<{tm}xf32>");
     let acc_types = vec![vt.clone(); tm as usize].join(", ");
-    let padded = g.pads.iter().any(|&p| p > 0);
 
     let mut e = Emitter::new();
     let tid = "%tid";
@@ -403,63 +402,8 @@ pub fn conv2d(
         ConvLayout::Nchw => (e.ic("remui", "%ea", bm), e.ic("divui", "%ea", bm)),
         ConvLayout::Nhwc => (e.ic("divui", "%ea", bk), e.ic("remui", "%ea", bk)),
     };
-    let gm = e.ii("addi", &m0, &r);
-    let gk = e.ii("addi", "%k0", &c);
-    let okm = e.cmpc("ult", &gm, m_total);
-    let okk = e.cmpc("ult", &gk, k_total);
-    let mut ok = e.and(&okm, &okk);
-    let nb = e.ic("divui", &gm, ohw);
-    let p = e.ic("remui", &gm, ohw);
-    let oy = e.ic("divui", &p, ow);
-    let ox = e.ic("remui", &p, ow);
-    let (ch, khi, kwi) = match layout {
-        ConvLayout::Nchw => {
-            let ch = e.ic("divui", &gk, g.kh * g.kw);
-            let q = e.ic("remui", &gk, g.kh * g.kw);
-            (ch, e.ic("divui", &q, g.kw), e.ic("remui", &q, g.kw))
-        }
-        ConvLayout::Nhwc => {
-            let ch = e.ic("remui", &gk, g.c);
-            let q = e.ic("divui", &gk, g.c);
-            (ch, e.ic("divui", &q, g.kw), e.ic("remui", &q, g.kw))
-        }
-    };
-    // Padded coordinates: ih + pad_top = oy·sh + kh·dh (never negative).
-    let ys = e.ic("muli", &oy, g.stride[0]);
-    let yk = e.ic("muli", &khi, g.dilation[0]);
-    let yp = e.ii("addi", &ys, &yk);
-    let xs = e.ic("muli", &ox, g.stride[1]);
-    let xk = e.ic("muli", &kwi, g.dilation[1]);
-    let xp = e.ii("addi", &xs, &xk);
-    if padded {
-        for (v, lo, len) in [(&yp, g.pads[0], g.h), (&xp, g.pads[1], g.w)] {
-            let a = e.cmpc("uge", v, lo);
-            let b = e.cmpc("ult", v, lo + len);
-            let ab = e.and(&a, &b);
-            ok = e.and(&ok, &ab);
-        }
-    }
+    let (ok, addr) = emit_gather(&mut e, g, layout, &m0, &r, &c);
     e.line(&format!("%va = scf.if {ok} -> f32 {{"));
-    let iy = e.ic("subi", &yp, g.pads[0]);
-    let ix = e.ic("subi", &xp, g.pads[1]);
-    let addr = match layout {
-        ConvLayout::Nchw => {
-            let t = e.ic("muli", &nb, g.c);
-            let t = e.ii("addi", &t, &ch);
-            let t = e.ic("muli", &t, g.h);
-            let t = e.ii("addi", &t, &iy);
-            let t = e.ic("muli", &t, g.w);
-            e.ii("addi", &t, &ix)
-        }
-        ConvLayout::Nhwc => {
-            let t = e.ic("muli", &nb, g.h);
-            let t = e.ii("addi", &t, &iy);
-            let t = e.ic("muli", &t, g.w);
-            let t = e.ii("addi", &t, &ix);
-            let t = e.ic("muli", &t, g.c);
-            e.ii("addi", &t, &ch)
-        }
-    };
     let v = e.load("%X", &addr, &gty, "f32");
     e.line(&format!("scf.yield {v} : f32"));
     e.line("} else {");
@@ -579,6 +523,78 @@ pub fn conv2d(
         shared_bytes: s.shared_bytes(),
         requires: vec![],
     })
+}
+
+/// The im2col gather of the implicit-GEMM convs ([`conv2d`], `conv_mma`): for element
+/// `(r, c)` of the A tile of the block whose first output pixel is `m0` (row `r` = pixel,
+/// column `c` = reduction index past `%k0`), whether it reads inside the (unpadded) input
+/// (`i1`) and the flat index of the element it reads (meaningful only where it does).
+pub(crate) fn emit_gather(
+    e: &mut Emitter,
+    g: &ConvGeom,
+    layout: ConvLayout,
+    m0: &str,
+    r: &str,
+    c: &str,
+) -> (String, String) {
+    let (ow, ohw) = (g.ow(), g.oh() * g.ow());
+    let gm = e.ii("addi", m0, r);
+    let gk = e.ii("addi", "%k0", c);
+    let okm = e.cmpc("ult", &gm, g.m());
+    let okk = e.cmpc("ult", &gk, g.k());
+    let mut ok = e.and(&okm, &okk);
+    let nb = e.ic("divui", &gm, ohw);
+    let p = e.ic("remui", &gm, ohw);
+    let oy = e.ic("divui", &p, ow);
+    let ox = e.ic("remui", &p, ow);
+    let (ch, khi, kwi) = match layout {
+        ConvLayout::Nchw => {
+            let ch = e.ic("divui", &gk, g.kh * g.kw);
+            let q = e.ic("remui", &gk, g.kh * g.kw);
+            (ch, e.ic("divui", &q, g.kw), e.ic("remui", &q, g.kw))
+        }
+        ConvLayout::Nhwc => {
+            let ch = e.ic("remui", &gk, g.c);
+            let q = e.ic("divui", &gk, g.c);
+            (ch, e.ic("divui", &q, g.kw), e.ic("remui", &q, g.kw))
+        }
+    };
+    // Padded coordinates: ih + pad_top = oy·sh + kh·dh (never negative).
+    let ys = e.ic("muli", &oy, g.stride[0]);
+    let yk = e.ic("muli", &khi, g.dilation[0]);
+    let yp = e.ii("addi", &ys, &yk);
+    let xs = e.ic("muli", &ox, g.stride[1]);
+    let xk = e.ic("muli", &kwi, g.dilation[1]);
+    let xp = e.ii("addi", &xs, &xk);
+    if g.pads.iter().any(|&p| p > 0) {
+        for (v, lo, len) in [(&yp, g.pads[0], g.h), (&xp, g.pads[1], g.w)] {
+            let a = e.cmpc("uge", v, lo);
+            let b = e.cmpc("ult", v, lo + len);
+            let ab = e.and(&a, &b);
+            ok = e.and(&ok, &ab);
+        }
+    }
+    let iy = e.ic("subi", &yp, g.pads[0]);
+    let ix = e.ic("subi", &xp, g.pads[1]);
+    let addr = match layout {
+        ConvLayout::Nchw => {
+            let t = e.ic("muli", &nb, g.c);
+            let t = e.ii("addi", &t, &ch);
+            let t = e.ic("muli", &t, g.h);
+            let t = e.ii("addi", &t, &iy);
+            let t = e.ic("muli", &t, g.w);
+            e.ii("addi", &t, &ix)
+        }
+        ConvLayout::Nhwc => {
+            let t = e.ic("muli", &nb, g.h);
+            let t = e.ii("addi", &t, &iy);
+            let t = e.ic("muli", &t, g.w);
+            let t = e.ii("addi", &t, &ix);
+            let t = e.ic("muli", &t, g.c);
+            e.ii("addi", &t, &ch)
+        }
+    };
+    (ok, addr)
 }
 
 #[cfg(test)]

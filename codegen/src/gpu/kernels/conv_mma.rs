@@ -16,7 +16,7 @@
 //! X and W are `memref<?xf16>` in the same layouts as the f32 kernel (NCHW with weights
 //! `[OC, C, KH, KW]`, NHWC with `[OC, KH, KW, C]`); bias, residual and Y are f32.
 
-use super::conv::{ConvGeom, ConvLayout, Epilogue};
+use super::conv::{emit_gather, ConvGeom, ConvLayout, Epilogue};
 use super::emit::{dyn_memref, in_kernel, Emitter, WARP};
 use crate::gpu::{Elem, GpuError, GpuKernel, KernelParam, Sku};
 use kiln_tune::{Config, Param, Space};
@@ -136,7 +136,6 @@ pub fn conv2d_f16_mma(
         format!("memref<{}xf16, {ws}>", bn * 16),
     );
     let (h16, f32t) = (dyn_memref("f16"), dyn_memref("f32"));
-    let padded = g.pads.iter().any(|&p| p > 0);
     let nt = s.n_tiles as usize;
 
     let mut e = Emitter::new();
@@ -176,62 +175,8 @@ pub fn conv2d_f16_mma(
         ConvLayout::Nchw => (e.ic("remui", "%ea", bm), e.ic("divui", "%ea", bm)),
         ConvLayout::Nhwc => (e.ic("divui", "%ea", 16), e.ic("remui", "%ea", 16)),
     };
-    let gm = e.ii("addi", &m0, &r);
-    let gk = e.ii("addi", "%k0", &c);
-    let okm = e.cmpc("ult", &gm, m_total);
-    let okk = e.cmpc("ult", &gk, k_total);
-    let mut ok = e.and(&okm, &okk);
-    let nb = e.ic("divui", &gm, ohw);
-    let p = e.ic("remui", &gm, ohw);
-    let oy = e.ic("divui", &p, ow);
-    let ox = e.ic("remui", &p, ow);
-    let (ch, khi, kwi) = match layout {
-        ConvLayout::Nchw => {
-            let ch = e.ic("divui", &gk, g.kh * g.kw);
-            let q = e.ic("remui", &gk, g.kh * g.kw);
-            (ch, e.ic("divui", &q, g.kw), e.ic("remui", &q, g.kw))
-        }
-        ConvLayout::Nhwc => {
-            let ch = e.ic("remui", &gk, g.c);
-            let q = e.ic("divui", &gk, g.c);
-            (ch, e.ic("divui", &q, g.kw), e.ic("remui", &q, g.kw))
-        }
-    };
-    let ys = e.ic("muli", &oy, g.stride[0]);
-    let yk = e.ic("muli", &khi, g.dilation[0]);
-    let yp = e.ii("addi", &ys, &yk);
-    let xs = e.ic("muli", &ox, g.stride[1]);
-    let xk = e.ic("muli", &kwi, g.dilation[1]);
-    let xp = e.ii("addi", &xs, &xk);
-    if padded {
-        for (v, lo, len) in [(&yp, g.pads[0], g.h), (&xp, g.pads[1], g.w)] {
-            let a = e.cmpc("uge", v, lo);
-            let b = e.cmpc("ult", v, lo + len);
-            let ab = e.and(&a, &b);
-            ok = e.and(&ok, &ab);
-        }
-    }
+    let (ok, addr) = emit_gather(&mut e, g, layout, &m0, &r, &c);
     e.line(&format!("%va = scf.if {ok} -> f16 {{"));
-    let iy = e.ic("subi", &yp, g.pads[0]);
-    let ix = e.ic("subi", &xp, g.pads[1]);
-    let addr = match layout {
-        ConvLayout::Nchw => {
-            let t = e.ic("muli", &nb, g.c);
-            let t = e.ii("addi", &t, &ch);
-            let t = e.ic("muli", &t, g.h);
-            let t = e.ii("addi", &t, &iy);
-            let t = e.ic("muli", &t, g.w);
-            e.ii("addi", &t, &ix)
-        }
-        ConvLayout::Nhwc => {
-            let t = e.ic("muli", &nb, g.h);
-            let t = e.ii("addi", &t, &iy);
-            let t = e.ic("muli", &t, g.w);
-            let t = e.ii("addi", &t, &ix);
-            let t = e.ic("muli", &t, g.c);
-            e.ii("addi", &t, &ch)
-        }
-    };
     let v = e.fresh("xl");
     e.line(&format!("{v} = memref.load %X[{addr}] : {h16}"));
     e.line(&format!("scf.yield {v} : f16"));
