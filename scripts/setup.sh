@@ -8,7 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PKGS=(llvm-22-dev libmlir-22-dev mlir-22-tools libclang-22-dev libpolly-22-dev libzstd-dev zlib1g-dev
-          libxml2-dev libffi-dev libedit-dev libncurses-dev python3-venv pkg-config)
+          libxml2-dev libffi-dev libedit-dev libncurses-dev python3-venv pkg-config
+          libopenmpi-dev openmpi-bin)
 missing=()
 for p in "${APT_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

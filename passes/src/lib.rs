@@ -9,6 +9,7 @@ pub mod eqsat;
 pub mod fold_batchnorm;
 pub mod fusion;
 pub mod memory;
+pub mod parallel;
 pub mod prepack;
 pub mod specialize;
 

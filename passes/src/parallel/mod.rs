@@ -1,0 +1,10 @@
+//! Parallel execution over several devices: the plan data model ([`plan`]).
+//!
+//! A [`plan::ParallelPlan`] says which ranks (one process per device) run which nodes of a
+//! graph and how tensors are sharded between them: a pipeline of stages, each data
+//! parallel or tensor parallel over its device group. The search that finds plans and the
+//! lowering of a plan to per-rank programs build on these types.
+
+pub mod plan;
+
+pub use plan::{NodeSplit, ParallelPlan, Sharding, SplitKind, Stage, StageMode};
