@@ -188,7 +188,8 @@ impl Cluster {
         for (gi, g) in file.group.iter().enumerate() {
             let line = line_of(text, g.span().start);
             let g = g.get_ref();
-            let at = |field: &str| format!("cluster file, line {line}: group {gi}, field '{field}'");
+            let at =
+                |field: &str| format!("cluster file, line {line}: group {gi}, field '{field}'");
             let mut spec = resolve(g.sku.get_ref()).map_err(|e| {
                 format!(
                     "cluster file, line {}: group {gi}, field 'sku': {e}",
@@ -370,19 +371,27 @@ mod tests {
     #[test]
     fn bad_files_name_the_line_and_field() {
         let e = |t: &str| Cluster::from_toml(t, &resolve).unwrap_err();
-        let unknown = e("[[group]]\nsku = \"fast\"\ncount = 1\n[[group]]\n\nsku = \"v100\"\ncount = 1\n");
+        let unknown =
+            e("[[group]]\nsku = \"fast\"\ncount = 1\n[[group]]\n\nsku = \"v100\"\ncount = 1\n");
         assert!(
             unknown.contains("line 6") && unknown.contains("'sku'") && unknown.contains("v100"),
             "{unknown}"
         );
         let zero = e("[[group]]\nsku = \"fast\"\ncount = 0\n");
-        assert!(zero.contains("'count'") && zero.contains("line 1"), "{zero}");
+        assert!(
+            zero.contains("'count'") && zero.contains("line 1"),
+            "{zero}"
+        );
         let typo = e("[[group]]\nsku = \"fast\"\ncuont = 1\n");
         assert!(typo.contains("cuont") && typo.contains("line 3"), "{typo}");
-        let kind = e("[[group]]\nsku = \"fast\"\ncount = 1\n[intra_node]\nkind = \"carrier-pigeon\"\n");
+        let kind =
+            e("[[group]]\nsku = \"fast\"\ncount = 1\n[intra_node]\nkind = \"carrier-pigeon\"\n");
         assert!(kind.contains("carrier-pigeon"), "{kind}");
         let bw = e("[[group]]\nsku = \"fast\"\ncount = 1\n[intra_node]\nkind = \"pcie\"\nbandwidth_gbs = 0\n");
-        assert!(bw.contains("intra_node") && bw.contains("bandwidth_gbs"), "{bw}");
+        assert!(
+            bw.contains("intra_node") && bw.contains("bandwidth_gbs"),
+            "{bw}"
+        );
         assert!(e("").contains("group"), "{}", e(""));
         assert!(e("[[group]]\nsku = \"fast\"\n").contains("count"));
     }

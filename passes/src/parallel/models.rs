@@ -234,13 +234,17 @@ pub fn transformer(c: &TransformerConfig) -> Graph {
     g.g
 }
 
-/// A small CNN for `[batch, 3, 32, 32]` images: three 3×3 Conv+Relu (16, 32, 64 channels,
-/// the last two with stride 2), global average pooling, a 10-way Gemm classifier.
+/// A small CNN (0.4M parameters) for `[batch, 3, 64, 64]` images: four 3×3 Conv+Relu
+/// (32, 64, 128, 256 channels, the last three with stride 2), global average pooling, a
+/// 10-way Gemm classifier.
 pub fn small_cnn(batch: usize) -> Graph {
     let mut g = Builder::new("small-cnn");
-    let mut x = g.input("image", &[batch, 3, 32, 32]);
+    let mut x = g.input("image", &[batch, 3, 64, 64]);
     let mut cin = 3;
-    for (i, (cout, stride)) in [(16usize, 1i64), (32, 2), (64, 2)].into_iter().enumerate() {
+    for (i, (cout, stride)) in [(32usize, 1i64), (64, 2), (128, 2), (256, 2)]
+        .into_iter()
+        .enumerate()
+    {
         let w = g.weight(&format!("conv{i}.weight"), &[cout, cin, 3, 3]);
         let b = g.weight(&format!("conv{i}.bias"), &[cout]);
         let y = g.op(
@@ -257,7 +261,7 @@ pub fn small_cnn(batch: usize) -> Graph {
     }
     let p = g.op("GlobalAveragePool", &[], &[x]);
     let f = g.op("Flatten", &[("axis", AttrValue::Int(1))], &[p]);
-    let w = g.weight("fc.weight", &[10, 64]);
+    let w = g.weight("fc.weight", &[10, 256]);
     let b = g.weight("fc.bias", &[10]);
     let y = g.op("Gemm", &[("transB", AttrValue::Int(1))], &[f, w, b]);
     g.g.values[y].name = "logits".into();

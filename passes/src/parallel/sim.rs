@@ -13,7 +13,8 @@
 //! * **Collectives** inside a stage (all-reduce of Row partial sums, all-gathers where a
 //!   sharding cannot be followed) use α-β formulas on the slowest link of the group: ring
 //!   all-reduce `2(n-1)/n · bytes / bw + 2(n-1) α`, ring all-gather `(n-1) · max shard
-//!   bytes / bw + (n-1) α`. They do **not** overlap compute: the nodes between two
+//!   bytes / bw + (n-1) α`, each plus one launch overhead of the device (a collective is
+//!   a kernel or a library call). They do **not** overlap compute: the nodes between two
 //!   collectives run on every rank, each collective waits for the slowest rank, so a
 //!   stage's time is `Σ_segments max_rank compute + Σ collectives`.
 //! * **Stage boundaries.** Values crossing to a later stage (and graph outputs going to
@@ -195,7 +196,10 @@ impl<'a> Simulator<'a> {
         let mut specs: Vec<&Arc<DeviceSpec>> = Vec::new();
         let mut model_of_rank = Vec::new();
         for d in &cluster.devices {
-            let k = match specs.iter().position(|s| Arc::ptr_eq(s, &d.spec) || **s == d.spec) {
+            let k = match specs
+                .iter()
+                .position(|s| Arc::ptr_eq(s, &d.spec) || **s == d.spec)
+            {
                 Some(k) => k,
                 None => {
                     let dev = Device {
@@ -229,8 +233,7 @@ impl<'a> Simulator<'a> {
                     && n.inputs.iter().flatten().any(|&i| {
                         producers[i].is_some_and(|p| {
                             let po = &g.nodes[p].op;
-                            uses[i] == 1
-                                && (is_contraction(po) || matches!(po, Op::Elementwise(_)))
+                            uses[i] == 1 && (is_contraction(po) || matches!(po, Op::Elementwise(_)))
                         })
                     })
             })
@@ -456,17 +459,23 @@ impl<'a> Simulator<'a> {
         let f = &self.g.values[v].fact;
         let full = bytes_of(f, &self.local(v, None, 0, micro));
         let bw = link.bandwidth_gbs * 1e3; // bytes per µs
-        match c {
-            Collective::AllReduce { .. } => {
-                2.0 * (n - 1.0) / n * full / bw + 2.0 * (n - 1.0) * link.latency_us
+                                           // A collective is a kernel (NCCL) or a library call (MPI): one launch overhead.
+        let launch = ranks
+            .iter()
+            .map(|&r| self.cluster.devices[r].spec.launch_us)
+            .fold(0.0, f64::max);
+        launch
+            + match c {
+                Collective::AllReduce { .. } => {
+                    2.0 * (n - 1.0) / n * full / bw + 2.0 * (n - 1.0) * link.latency_us
+                }
+                Collective::AllGather { axis, sizes, .. } => {
+                    let len: usize = sizes.iter().sum::<usize>().max(1);
+                    let max = *sizes.iter().max().unwrap_or(&0) as f64 / len as f64;
+                    let _ = axis;
+                    (n - 1.0) * max * full / bw + (n - 1.0) * link.latency_us
+                }
             }
-            Collective::AllGather { axis, sizes, .. } => {
-                let len: usize = sizes.iter().sum::<usize>().max(1);
-                let max = *sizes.iter().max().unwrap_or(&0) as f64 / len as f64;
-                let _ = axis;
-                (n - 1.0) * max * full / bw + (n - 1.0) * link.latency_us
-            }
-        }
     }
 
     /// Simulates the nodes `window` of a stage (a part of its nodes, for the search; the
@@ -553,7 +562,10 @@ impl<'a> Simulator<'a> {
 
     /// Time to send a stage's boundary values to the ranks `to`, µs per micro-batch.
     fn send_us(&self, values: &[ValueId], from: &[usize], to: &[usize], micro: usize) -> f64 {
-        if values.is_empty() || to.is_empty() || from.iter().any(|r| to.contains(r)) && to.len() == 1 {
+        if values.is_empty()
+            || to.is_empty()
+            || from.iter().any(|r| to.contains(r)) && to.len() == 1
+        {
             return 0.0;
         }
         let link: Link = self.cluster.link(from[0], to[0]);
@@ -566,14 +578,24 @@ impl<'a> Simulator<'a> {
     }
 
     /// Peak bytes of one rank of a stage: weights (shards) + live activations.
-    fn stage_memory(&self, stage: &Stage, p: &Propagation, gi: usize, micro: usize, in_flight: usize) -> f64 {
+    fn stage_memory(
+        &self,
+        stage: &Stage,
+        p: &Propagation,
+        gi: usize,
+        micro: usize,
+        in_flight: usize,
+    ) -> f64 {
         let g = self.g;
         let mut weights: HashMap<ValueId, f64> = HashMap::new();
         let wsplit = self.weight_splits(stage);
         let mut live: HashMap<ValueId, f64> = HashMap::new();
         let mut cur = 0.0;
         for v in self.stage_inputs(&stage.nodes) {
-            let b = bytes_of(&g.values[v].fact, &self.local(v, p.sharding[v].as_ref(), gi, micro));
+            let b = bytes_of(
+                &g.values[v].fact,
+                &self.local(v, p.sharding[v].as_ref(), gi, micro),
+            );
             cur += b * (1 + in_flight) as f64;
             live.insert(v, b * (1 + in_flight) as f64);
         }
@@ -595,7 +617,10 @@ impl<'a> Simulator<'a> {
                 }
             }
             for &o in &n.outputs {
-                let b = bytes_of(&g.values[o].fact, &self.local(o, p.sharding[o].as_ref(), gi, micro));
+                let b = bytes_of(
+                    &g.values[o].fact,
+                    &self.local(o, p.sharding[o].as_ref(), gi, micro),
+                );
                 cur += b;
                 live.insert(o, b);
             }
@@ -845,7 +870,10 @@ mod tests {
         assert!((p.latency_us - (48.0 + 21.6)).abs() < 1e-9, "{p:?}");
         assert!((p.stages[0].comm_us - 21.6).abs() < 1e-9);
         // Rank 0 holds 60 of 100 weight rows.
-        assert!((p.memory_bytes[0] - (12000.0 + 3200.0 + 1600.0)).abs() < 1e-9, "{p:?}");
+        assert!(
+            (p.memory_bytes[0] - (12000.0 + 3200.0 + 1600.0)).abs() < 1e-9,
+            "{p:?}"
+        );
     }
 
     #[test]
@@ -883,7 +911,11 @@ mod tests {
         assert!((p.stages[0].send_us - 10.8).abs() < 1e-9);
         assert!((p.stages[1].send_us - 10.8).abs() < 1e-9);
         let want = 2.0 * t + 2.0 * 10.8 + 3.0 * t;
-        assert!((p.latency_us - want).abs() < 0.05, "{} vs {want}", p.latency_us);
+        assert!(
+            (p.latency_us - want).abs() < 0.05,
+            "{} vs {want}",
+            p.latency_us
+        );
         assert!((p.throughput - 8.0 / (4.0 * t) * 1e6).abs() < 1.0);
     }
 
