@@ -824,17 +824,17 @@ pub fn report_text(g: &Graph, cluster: &Cluster, r: &PlanReport) -> String {
         let mem = p
             .memory_bytes
             .iter()
-            .map(|m| format!("{:.2}", m / 1e9))
+            .map(|m| format!("{:.1}", m / 1e6))
             .collect::<Vec<_>>()
             .join(" ");
         format!(
-            "{:<16} {:>12.1} {:>14.1} {:>5} {:>6}  {} [{}]",
+            "{:<16} {:>12.3} {:>14.1} {:>6} {:>6}  {:<5} {}",
             c.name,
             p.latency_us / 1e3,
             p.throughput,
             c.plan.stages.len(),
             c.plan.micro_batches,
-            if p.feasible { "fits" } else { "DOES NOT FIT" },
+            if p.feasible { "yes" } else { "NO" },
             mem
         )
     };
@@ -879,9 +879,11 @@ pub fn report_text(g: &Graph, cluster: &Cluster, r: &PlanReport) -> String {
                 break;
             }
             let first = &g.nodes[grp.nodes.start];
-            let sh = match splits.get(&grp.nodes.start) {
-                Some(s) => format!("{:?} {:?}", s.kind, s.sizes),
-                None => "follows".into(),
+            let sh = match (&st.mode, splits.get(&grp.nodes.start)) {
+                (StageMode::DataParallel { .. }, _) => "batch rows".into(),
+                (_, Some(s)) => format!("{:?} {:?}", s.kind, s.sizes),
+                _ if st.ranks.len() == 1 => "whole".into(),
+                _ => "follows inputs".into(),
             };
             let _ = writeln!(
                 out,
@@ -897,8 +899,8 @@ pub fn report_text(g: &Graph, cluster: &Cluster, r: &PlanReport) -> String {
     }
     let _ = writeln!(
         out,
-        "\n{:<16} {:>12} {:>14} {:>5} {:>6}  memory per rank (GB)",
-        "plan", "latency ms", "samples/s", "stages", "micro"
+        "\n{:<16} {:>12} {:>14} {:>6} {:>6}  {:<5} memory per rank (MB)",
+        "plan", "latency ms", "samples/s", "stages", "micro", "fits"
     );
     let _ = writeln!(out, "{}", line(b));
     for c in [&r.data_parallel, &r.tensor_parallel, &r.megatron, &r.single]

@@ -502,40 +502,52 @@ impl<'a> Simulator<'a> {
         let nr = stage.ranks.len();
         let mut rank_total = vec![0.0; nr];
         let mut seg = vec![0.0f64; nr];
+        let mut grp = vec![0.0f64; nr];
         let mut time = 0.0;
         let mut comm = 0.0;
         let mut groups: Vec<OpGroupTime> = Vec::new();
         let mut gstart = window.start;
         let mut gcomm = 0.0;
-        let mut gmax_base = 0.0; // `time` at the group's start
         let mut ci = 0;
         let max = |v: &[f64]| v.iter().cloned().fold(0.0, f64::max);
+        let g = self.g;
         for ni in window.clone() {
             let has_coll = ci < colls.len() && colls[ci].0 == ni;
-            let boundary = has_coll || wsplit.contains_key(&ni);
-            if boundary {
+            // Op groups (for reports) start at collectives, split nodes and contractions
+            // with a constant weight; only collectives synchronise the ranks.
+            let group_start = has_coll
+                || wsplit.contains_key(&ni)
+                || is_contraction(&g.nodes[ni].op)
+                    && g.nodes[ni]
+                        .inputs
+                        .get(1)
+                        .copied()
+                        .flatten()
+                        .is_some_and(|w| g.const_value(w).is_some());
+            if with_groups && group_start && ni > gstart {
+                groups.push(OpGroupTime {
+                    nodes: gstart..ni,
+                    compute_us: max(&grp),
+                    comm_us: gcomm,
+                });
+                grp.iter_mut().for_each(|s| *s = 0.0);
+                gstart = ni;
+                gcomm = 0.0;
+            }
+            if has_coll {
                 time += max(&seg);
                 seg.iter_mut().for_each(|s| *s = 0.0);
-                if with_groups && ni > gstart {
-                    groups.push(OpGroupTime {
-                        nodes: gstart..ni,
-                        compute_us: time - gmax_base,
-                        comm_us: gcomm,
-                    });
-                    gstart = ni;
-                    gcomm = 0.0;
-                }
                 while ci < colls.len() && colls[ci].0 == ni {
                     time += colls[ci].1;
                     comm += colls[ci].1;
                     gcomm += colls[ci].1;
                     ci += 1;
                 }
-                gmax_base = time;
             }
             for (gi, &r) in stage.ranks.iter().enumerate() {
                 let c = self.node_cost(ni, p, &wsplit, r, gi, micro);
                 seg[gi] += c;
+                grp[gi] += c;
                 rank_total[gi] += c;
             }
         }
@@ -543,7 +555,7 @@ impl<'a> Simulator<'a> {
         if with_groups && window.end > gstart {
             groups.push(OpGroupTime {
                 nodes: gstart..window.end,
-                compute_us: time - gmax_base,
+                compute_us: max(&grp),
                 comm_us: gcomm,
             });
         }
