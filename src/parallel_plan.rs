@@ -9,6 +9,9 @@ use kiln_passes::parallel::cluster::{Cluster, DeviceSpec};
 use kiln_passes::parallel::search::{self, PlanReport, SearchOptions};
 use std::path::Path;
 
+/// Largest constant (elements) the eqsat variant of the plan search folds.
+pub const PLAN_FOLD_LIMIT: usize = 1 << 16;
+
 /// Kernel launch overhead assumed for a GPU, µs.
 pub const GPU_LAUNCH_US: f64 = 3.0;
 
@@ -70,7 +73,13 @@ pub fn find_plan(
     opt_level: u8,
 ) -> Result<PlanReport> {
     let opts = SearchOptions {
-        eqsat: crate::pipeline::eqsat_options(opt_level),
+        // Constants above 64K elements are not folded inside the e-graph here: on
+        // BERT-base sized graphs folding the weights (concatenated, transposed) takes
+        // minutes; rewrites that need them stay as ops on the constants.
+        eqsat: crate::pipeline::eqsat_options(opt_level).map(|mut e| {
+            e.fold_limit = e.fold_limit.min(PLAN_FOLD_LIMIT);
+            e
+        }),
         ..Default::default()
     };
     search::find_plan(graph, cluster, batch, &opts).map_err(|e| anyhow!("plan search: {e}"))

@@ -98,6 +98,11 @@ fn bench_parallel_plans() {
         .ok()
         .and_then(|b| b.parse().ok())
         .unwrap_or(32);
+    // -O level: ≥ 1 also searches the eqsat-rewritten graph.
+    let opt: u8 = std::env::var("KILN_PLAN_OPT")
+        .ok()
+        .and_then(|b| b.parse().ok())
+        .unwrap_or(2);
     println!(
         "| model | cluster | batch | found | data parallel | tensor parallel | Megatron | found plan | search s |"
     );
@@ -110,7 +115,7 @@ fn bench_parallel_plans() {
         for cl in ["8xh100", "4h100_4a100"] {
             let cluster =
                 load_cluster(&root().join(format!("examples/clusters/{cl}.toml"))).unwrap();
-            let r = find_plan(&g, &cluster, batch, 2).unwrap();
+            let r = find_plan(&g, &cluster, batch, opt).unwrap();
             let t = |c: &Option<kiln_passes::parallel::search::Candidate>| {
                 c.as_ref().map_or("-".to_string(), |c| {
                     format!("{:.0}", c.prediction.throughput)
