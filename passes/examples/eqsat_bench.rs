@@ -458,7 +458,8 @@ pub fn vgg19() -> Graph {
 /// Makes every graph input but the first a constant (small deterministic values).
 fn weights_to_constants(g: &mut Graph) {
     g.infer().expect("the benchmark graphs infer");
-    for v in g.inputs[1..].to_vec() {
+    let weights: Vec<usize> = g.inputs[1..].to_vec();
+    for v in weights {
         let shape = g.values[v].fact.shape.as_known().expect("static weights");
         let n: usize = shape.iter().product();
         let data: Vec<f32> = (0..n).map(|i| ((i % 17) as f32 - 8.0) * 0.01).collect();
