@@ -404,15 +404,25 @@ pub fn squeezenet() -> Graph {
 }
 
 pub fn resnext50() -> Graph {
-    let mut b = B::new("resnext-50");
+    resnet_like("resnext-50", [128, 256, 512, 1024], 32)
+}
+
+/// ResNet-50 (not in tensat's set; the compile-time budget names it).
+pub fn resnet50() -> Graph {
+    resnet_like("resnet-50", [64, 128, 256, 512], 1)
+}
+
+/// A ResNet-50-shaped bottleneck network: inner widths per stage, grouped 3x3 convs.
+fn resnet_like(name: &str, widths: [usize; 4], groups: usize) -> Graph {
+    let mut b = B::new(name);
     let x = b.input(&[1, 3, 224, 224]);
     let mut x = b.conv(x, 64, (7, 7), 2, (3, 3), 1, true);
     x = b.pool("MaxPool", x, 3, 2, 1);
     for (stage, (n, w, out)) in [
-        (3, 128, 256),
-        (4, 256, 512),
-        (6, 512, 1024),
-        (3, 1024, 2048),
+        (3, widths[0], 256),
+        (4, widths[1], 512),
+        (6, widths[2], 1024),
+        (3, widths[3], 2048),
     ]
     .into_iter()
     .enumerate()
@@ -420,7 +430,7 @@ pub fn resnext50() -> Graph {
         for i in 0..n {
             let s = if i == 0 && stage > 0 { 2 } else { 1 };
             let h = b.conv(x, w, (1, 1), 1, (0, 0), 1, true);
-            let h = b.conv(h, w, (3, 3), s, (1, 1), 32, true);
+            let h = b.conv(h, w, (3, 3), s, (1, 1), groups, true);
             let h = b.conv(h, out, (1, 1), 1, (0, 0), 1, false);
             let sc = if i == 0 {
                 b.conv(x, out, (1, 1), s, (0, 0), 1, false)
@@ -514,6 +524,7 @@ fn main() {
             transformer("gpt2-blocks", 12, 128, 768, 12, true)
         }),
         ("resnext50", "0.7 s / 8.8%", resnext50),
+        ("resnet50", "-", resnet50),
         ("nasrnn", "0.5 s / 68.9%", || nasrnn(5, 512)),
         ("nasnet", "10.6 s / 7.3%", || nasnet(6, 128, 28)),
         ("inception", "5.1 s / 10.0%", inception_v3),
