@@ -11,6 +11,7 @@
 //! - [`split_choice`]: whether splitting steps over the pool pays on this machine now (timed).
 mod affinity;
 pub mod artifact;
+pub mod cubin_cache;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 #[cfg(feature = "cuda")]

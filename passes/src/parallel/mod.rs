@@ -1,6 +1,6 @@
 //! Parallel execution over several devices: the plan data model ([`plan`]), sharding
-//! propagation ([`propagate`]), the cluster description ([`cluster`]), the simulator
-//! ([`sim`]) and the plan search ([`search`]).
+//! propagation through a stage ([`propagate`]), the cluster description ([`cluster`]),
+//! the simulator ([`sim`]) and the plan search ([`search`]).
 //!
 //! A [`plan::ParallelPlan`] says which ranks (one process per device) run which nodes of a
 //! graph and how tensors are sharded between them: a pipeline of stages, each data
@@ -15,3 +15,4 @@ pub mod search;
 pub mod sim;
 
 pub use plan::{NodeSplit, ParallelPlan, Sharding, SplitKind, Stage, StageMode};
+pub use propagate::{local_shape, propagate, Collective, Propagation};
