@@ -12,12 +12,15 @@ use std::path::Path;
 /// Largest constant (elements) the eqsat variant of the plan search folds.
 pub const PLAN_FOLD_LIMIT: usize = 1 << 16;
 
-/// Kernel launch overhead assumed for a GPU, µs.
-pub const GPU_LAUNCH_US: f64 = 3.0;
+/// Kernel launch overhead assumed for a GPU, µs (as [`kiln_passes::eqsat::cost::Device::gpu`]).
+pub const GPU_LAUNCH_US: f64 = 4.0;
+
+/// Output tile of a GPU contraction, elements (as `Device::gpu`).
+pub const GPU_TILE_ELEMS: f64 = 64.0 * 64.0;
 
 /// The figures of a SKU: `cpu` (one core of this machine, with an equal share of its
 /// memory) or a GPU of the database (`h100`, `a100`, ...: its f32 and f16 tensor-core
-/// peaks, DRAM bandwidth and memory).
+/// peaks, DRAM bandwidth, memory and SM count).
 pub fn resolve_sku(name: &str) -> Result<DeviceSpec, String> {
     if name.eq_ignore_ascii_case("cpu") {
         let cores = crate::default_threads().max(1) as f64;
@@ -39,6 +42,8 @@ pub fn resolve_sku(name: &str) -> Result<DeviceSpec, String> {
         launch_us: GPU_LAUNCH_US,
         memory_bytes: sku.memory_gb * 1e9,
         is_cpu: false,
+        parallel_units: sku.sm_count as f64,
+        tile_elems: GPU_TILE_ELEMS,
     })
 }
 

@@ -42,6 +42,11 @@ pub struct DeviceSpec {
     pub memory_bytes: f64,
     /// Whether the device is a CPU core (default links: shared memory in a node).
     pub is_cpu: bool,
+    /// Units working on output tiles in parallel (GPU: SMs; 1 for a CPU core), see
+    /// [`crate::eqsat::cost::Device::parallel_units`].
+    pub parallel_units: f64,
+    /// Output elements of one contraction tile (GPU: 64×64; 1 for a CPU core).
+    pub tile_elems: f64,
 }
 
 impl DeviceSpec {
@@ -58,6 +63,8 @@ impl DeviceSpec {
             launch_us: d.launch_us,
             memory_bytes: memory_gb * 1e9,
             is_cpu: true,
+            parallel_units: d.parallel_units,
+            tile_elems: d.tile_elems,
         }
     }
 }
@@ -341,6 +348,8 @@ mod tests {
                 launch_us: 3.0,
                 memory_bytes: 16e9,
                 is_cpu: false,
+                parallel_units: 1.0,
+                tile_elems: 1.0,
             }),
             _ => Err(format!("unknown SKU '{name}'")),
         }

@@ -234,12 +234,12 @@ pub fn transformer(c: &TransformerConfig) -> Graph {
     g.g
 }
 
-/// A small CNN (0.4M parameters) for `[batch, 3, 64, 64]` images: four 3×3 Conv+Relu
+/// A small CNN (0.4M parameters) for `[batch, 3, 128, 128]` images: four 3×3 Conv+Relu
 /// (32, 64, 128, 256 channels, the last three with stride 2), global average pooling, a
 /// 10-way Gemm classifier.
 pub fn small_cnn(batch: usize) -> Graph {
     let mut g = Builder::new("small-cnn");
-    let mut x = g.input("image", &[batch, 3, 64, 64]);
+    let mut x = g.input("image", &[batch, 3, 128, 128]);
     let mut cin = 3;
     for (i, (cout, stride)) in [(32usize, 1i64), (64, 2), (128, 2), (256, 2)]
         .into_iter()

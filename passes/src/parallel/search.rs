@@ -936,6 +936,8 @@ mod tests {
             launch_us: 3.0,
             memory_bytes: 80e9,
             is_cpu: false,
+            parallel_units: 132.0,
+            tile_elems: 4096.0,
         }
     }
 
@@ -996,9 +998,10 @@ mod tests {
 
     #[test]
     fn tensor_parallel_search_rediscovers_megatron() {
-        let g = block(4);
+        // 2048 tokens: every projection keeps the 132 SMs busy when split 4 ways.
+        let g = block(16);
         let c = cluster(&[(gpu("h100", 67.0, 3350.0), 4)]);
-        let sim = Simulator::new(&g, &c, 4, &SimOptions::default()).unwrap();
+        let sim = Simulator::new(&g, &c, 16, &SimOptions::default()).unwrap();
         let opts = SearchOptions::default();
         let s = Search {
             sim: &sim,
@@ -1067,8 +1070,8 @@ mod tests {
         assert_eq!(batch.iter().sum::<usize>(), 64);
         assert!(batch[0] > 2 * batch[2] && batch[0] == batch[1], "{batch:?}");
         // Tensor parallel: the fast ranks get more heads.
-        let g = block(4);
-        let sim = Simulator::new(&g, &c, 4, &SimOptions::default()).unwrap();
+        let g = block(16);
+        let sim = Simulator::new(&g, &c, 16, &SimOptions::default()).unwrap();
         let opts = SearchOptions::default();
         let s = Search {
             sim: &sim,

@@ -207,6 +207,8 @@ impl<'a> Simulator<'a> {
                         peak_gflops: peak_for(&d.spec, g),
                         bandwidth_gbs: d.spec.bandwidth_gbs,
                         launch_us: d.spec.launch_us,
+                        parallel_units: d.spec.parallel_units,
+                        tile_elems: d.spec.tile_elems,
                     };
                     let a = Analytical { device: dev };
                     if d.spec.is_cpu && !opts.measured_cpu_us.is_empty() {
@@ -797,6 +799,8 @@ mod tests {
             launch_us: 0.0,
             memory_bytes: 1e9,
             is_cpu: false,
+            parallel_units: 1.0,
+            tile_elems: 1.0,
         }
     }
 
