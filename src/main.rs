@@ -51,6 +51,10 @@ enum Cmd {
         /// With --cluster: print the plan report as JSON.
         #[arg(long, requires = "cluster")]
         json: bool,
+        /// With --cluster: minimise the latency of one batch instead of maximising the
+        /// throughput of a stream of batches.
+        #[arg(long, requires = "cluster")]
+        latency: bool,
     },
     /// Run a model with the reference interpreter.
     Eval {
@@ -281,6 +285,7 @@ fn run(cli: Cli) -> Result<()> {
             cluster,
             batch,
             json,
+            latency,
         } => {
             let mut opts = kiln::pipeline::Options {
                 print_after,
@@ -292,7 +297,13 @@ fn run(cli: Cli) -> Result<()> {
                 opts.shapes.insert(name, dims);
             }
             if let Some(c) = cluster {
-                return kiln::parallel_plan::plan_command(&model, &c, batch, opts, json);
+                use kiln::passes::parallel::search::Objective;
+                let objective = if latency {
+                    Objective::Latency
+                } else {
+                    Objective::Throughput
+                };
+                return kiln::parallel_plan::plan_command(&model, &c, batch, opts, objective, json);
             }
             let t0 = std::time::Instant::now();
             let p = kiln::pipeline::plan(&model, &opts, |stage, text| {

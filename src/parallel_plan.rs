@@ -6,7 +6,7 @@
 use anyhow::{anyhow, Context, Result};
 use kiln_ir::Graph;
 use kiln_passes::parallel::cluster::{Cluster, DeviceSpec};
-use kiln_passes::parallel::search::{self, PlanReport, SearchOptions};
+use kiln_passes::parallel::search::{self, Objective, PlanReport, SearchOptions};
 use std::path::Path;
 
 /// Largest constant (elements) the eqsat variant of the plan search folds.
@@ -76,8 +76,10 @@ pub fn find_plan(
     cluster: &Cluster,
     batch: usize,
     opt_level: u8,
+    objective: Objective,
 ) -> Result<PlanReport> {
     let opts = SearchOptions {
+        objective,
         // Constants above 64K elements are not folded inside the e-graph here: on
         // BERT-base sized graphs folding the weights (concatenated, transposed) takes
         // minutes; rewrites that need them stay as ops on the constants.
@@ -90,7 +92,7 @@ pub fn find_plan(
     search::find_plan(graph, cluster, batch, &opts).map_err(|e| anyhow!("plan search: {e}"))
 }
 
-/// `kiln plan MODEL --cluster C [--batch N]`: the graph pipeline to the fold stage with
+/// `kiln plan MODEL --cluster C [--batch N] [--latency]`: the graph pipeline to the fold stage with
 /// every input's axis 0 set to the batch, then the plan search; prints the report (or
 /// JSON).
 pub fn plan_command(
@@ -98,6 +100,7 @@ pub fn plan_command(
     cluster_file: &Path,
     batch: Option<usize>,
     mut opts: crate::pipeline::Options,
+    objective: Objective,
     json: bool,
 ) -> Result<()> {
     let cluster = load_cluster(cluster_file)?;
@@ -152,14 +155,18 @@ pub fn plan_command(
             })
             .context("the model has no input with a batch axis")?
     };
-    let report = find_plan(&g, &cluster, batch, opt_level)?;
+    let report = find_plan(&g, &cluster, batch, opt_level, objective)?;
     if json {
         println!(
             "{}",
             serde_json::to_string_pretty(&report).context("writing the report as JSON")?
         );
     } else {
-        println!("model {} at batch {batch}", model.display());
+        println!(
+            "model {} at batch {batch}, maximising {:?}",
+            model.display(),
+            objective
+        );
         println!("cluster: {}", cluster.summary());
         print!("{}", search::report_text(&g, &cluster, &report));
     }

@@ -7,6 +7,7 @@ mod common;
 use common::{kiln, tmp};
 use kiln::parallel_plan::{find_plan, load_cluster};
 use kiln_passes::parallel::models::{transformer, TransformerConfig};
+use kiln_passes::parallel::search::Objective;
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -24,6 +25,7 @@ fn plan_prints_predictions_for_cpu_ranks() {
             cluster.to_str().unwrap(),
             "--batch",
             "4",
+            "--latency",
         ]);
         assert!(ok, "{out}");
         assert!(out.contains(&format!("{n}× cpu")), "{out}");
@@ -115,7 +117,7 @@ fn bench_parallel_plans() {
         for cl in ["8xh100", "4h100_4a100"] {
             let cluster =
                 load_cluster(&root().join(format!("examples/clusters/{cl}.toml"))).unwrap();
-            let r = find_plan(&g, &cluster, batch, opt).unwrap();
+            let r = find_plan(&g, &cluster, batch, opt, Objective::Throughput).unwrap();
             let t = |c: &Option<kiln_passes::parallel::search::Candidate>| {
                 c.as_ref().map_or("-".to_string(), |c| {
                     format!("{:.0}", c.prediction.throughput)
@@ -128,6 +130,7 @@ fn bench_parallel_plans() {
                 .iter()
                 .map(|s| {
                     let m = match &s.mode {
+                        _ if s.ranks.len() == 1 => "1",
                         kiln_passes::parallel::StageMode::DataParallel { .. } => "DP",
                         kiln_passes::parallel::StageMode::TensorParallel { splits }
                             if !splits.is_empty() =>

@@ -35,9 +35,21 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::time::Instant;
 
+/// What the search maximises.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub enum Objective {
+    /// Samples per second for a stream of batches (ties: lower latency).
+    #[default]
+    Throughput,
+    /// Time of one batch (ties: higher throughput).
+    Latency,
+}
+
 /// Options of [`find_plan`].
 #[derive(Clone, Debug)]
 pub struct SearchOptions {
+    /// What to maximise.
+    pub objective: Objective,
     /// States kept per step of the tensor-parallel dynamic program.
     pub beam: usize,
     /// Largest number of micro-batches tried.
@@ -52,6 +64,7 @@ pub struct SearchOptions {
 impl Default for SearchOptions {
     fn default() -> Self {
         SearchOptions {
+            objective: Objective::Throughput,
             beam: 4,
             max_micro_batches: 16,
             sim: SimOptions::default(),
@@ -115,7 +128,7 @@ pub fn find_plan(
         report
             .variants
             .push(("after eqsat".into(), r2.best.prediction.throughput));
-        if better(&r2.best.prediction, &report.best.prediction) {
+        if better(opts.objective, &r2.best.prediction, &report.best.prediction) {
             let variants = report.variants;
             report = r2;
             report.variants = variants;
@@ -127,16 +140,23 @@ pub fn find_plan(
     Ok(report)
 }
 
-/// Whether prediction `a` beats `b`: feasible first, then throughput, then latency.
-fn better(a: &Prediction, b: &Prediction) -> bool {
+/// Whether prediction `a` beats `b`: feasible first, then the objective, then the other
+/// measure.
+fn better(objective: Objective, a: &Prediction, b: &Prediction) -> bool {
     if a.feasible != b.feasible {
         return a.feasible;
     }
-    let (ta, tb) = (a.throughput, b.throughput);
-    if (ta - tb).abs() > 1e-9 * ta.max(tb) {
-        return ta > tb;
+    // Compare throughput (higher is better) and latency (lower is better).
+    let thr = (a.throughput, b.throughput);
+    let lat = (1.0 / a.latency_us, 1.0 / b.latency_us);
+    let (first, second) = match objective {
+        Objective::Throughput => (thr, lat),
+        Objective::Latency => (lat, thr),
+    };
+    if (first.0 - first.1).abs() > 1e-9 * first.0.max(first.1) {
+        return first.0 > first.1;
     }
-    a.latency_us < b.latency_us
+    second.0 > second.1
 }
 
 /// The search on one graph.
@@ -188,7 +208,7 @@ fn search_graph(
         if let Some(c) = c {
             if best
                 .as_ref()
-                .is_none_or(|b| better(&c.prediction, &b.prediction))
+                .is_none_or(|b| better(opts.objective, &c.prediction, &b.prediction))
             {
                 best = Some(Candidate {
                     name: "found".into(),
@@ -1087,6 +1107,31 @@ mod tests {
             if *kind == SplitKind::Column && sizes.iter().sum::<usize>() == 1024 {
                 assert!(sizes.iter().all(|s| s % 64 == 0), "whole heads: {sizes:?}");
             }
+        }
+    }
+
+    #[test]
+    fn latency_objective_avoids_pipeline_fill() {
+        let g = block(8);
+        let c = cluster(&[(gpu("h100", 67.0, 3350.0), 4)]);
+        let thr = find_plan(&g, &c, 8, &SearchOptions::default()).unwrap();
+        let lat = find_plan(
+            &g,
+            &c,
+            8,
+            &SearchOptions {
+                objective: Objective::Latency,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let (t, l) = (&thr.best.prediction, &lat.best.prediction);
+        assert!(l.latency_us <= t.latency_us && t.throughput >= l.throughput);
+        for b in [&lat.data_parallel, &lat.tensor_parallel, &lat.megatron]
+            .into_iter()
+            .flatten()
+        {
+            assert!(l.latency_us <= b.prediction.latency_us * (1.0 + 1e-9));
         }
     }
 
