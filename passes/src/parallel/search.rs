@@ -225,7 +225,7 @@ fn search_graph(
         let p = groups.len();
         let mut micro = 1;
         while micro <= opts.max_micro_batches.min(batch) {
-            if batch % micro == 0 && (p > 1 || micro == 1) {
+            if batch.is_multiple_of(micro) && (p > 1 || micro == 1) {
                 if let Some(plan) = s.pipeline(&groups, &cuts, micro) {
                     let c = s.eval("found", plan);
                     consider(c);
@@ -276,7 +276,7 @@ fn rank_partitions(cluster: &Cluster) -> Vec<Vec<Vec<usize>>> {
     }
     let run_of = |r: usize| runs.iter().position(|x| x.contains(&r)).unwrap_or(0);
     let mut out: Vec<Vec<Vec<usize>>> = Vec::new();
-    for s in (1..=world).filter(|s| world % s == 0) {
+    for s in (1..=world).filter(|s| world.is_multiple_of(*s)) {
         let groups: Vec<Vec<usize>> = (0..world / s)
             .map(|k| (k * s..(k + 1) * s).collect())
             .collect();
@@ -315,13 +315,16 @@ fn cut_points(sim: &Simulator) -> Vec<usize> {
     (1..n).filter(|&x| crossing[x] == min).collect()
 }
 
+/// (nodes, ranks, micro-batches) of a stage.
+type StageKey = (Range<usize>, Vec<usize>, usize);
+
 /// Search state.
 struct Search<'s, 'a> {
     sim: &'s Simulator<'a>,
     opts: &'s SearchOptions,
     evaluated: usize,
     /// (nodes, ranks, micro) → best stage and its time.
-    stage_cache: HashMap<(Range<usize>, Vec<usize>, usize), Option<(Stage, f64)>>,
+    stage_cache: HashMap<StageKey, Option<(Stage, f64)>>,
 }
 
 impl Search<'_, '_> {
@@ -706,7 +709,7 @@ fn column_granularity(g: &Graph, ni: usize, nfeat: usize) -> usize {
 /// at least one unit (`None` if there are too few units).
 pub fn proportional(total: usize, unit: usize, speeds: &[f64]) -> Option<Vec<usize>> {
     let n = speeds.len();
-    if unit == 0 || total % unit != 0 || total / unit < n || n == 0 {
+    if unit == 0 || !total.is_multiple_of(unit) || total / unit < n || n == 0 {
         return None;
     }
     let units = total / unit;

@@ -718,7 +718,7 @@ impl<'a> Simulator<'a> {
                 self.cluster.len()
             ));
         }
-        if self.batch % plan.micro_batches != 0 {
+        if !self.batch.is_multiple_of(plan.micro_batches) {
             return Err(format!(
                 "{} micro-batches do not divide the batch {}",
                 plan.micro_batches, self.batch
