@@ -107,6 +107,8 @@ pub struct PlanReport {
     pub variants: Vec<(String, f64)>,
     /// Plans simulated.
     pub evaluated: usize,
+    /// Why a baseline is missing (e.g. a split its ops cannot follow).
+    pub notes: Vec<String>,
     /// Wall time of the search, seconds.
     pub search_seconds: f64,
 }
@@ -171,6 +173,7 @@ fn search_graph(
         sim: &sim,
         opts,
         evaluated: 0,
+        notes: Vec::new(),
         stage_cache: HashMap::new(),
     };
     let n = g.nodes.len();
@@ -245,6 +248,7 @@ fn search_graph(
         graph: None,
         variants: vec![],
         evaluated: s.evaluated,
+        notes: s.notes,
         search_seconds: 0.0,
     })
 }
@@ -323,6 +327,8 @@ struct Search<'s, 'a> {
     sim: &'s Simulator<'a>,
     opts: &'s SearchOptions,
     evaluated: usize,
+    /// Why baselines could not be simulated.
+    notes: Vec<String>,
     /// (nodes, ranks, micro) → best stage and its time.
     stage_cache: HashMap<StageKey, Option<(Stage, f64)>>,
 }
@@ -330,7 +336,15 @@ struct Search<'s, 'a> {
 impl Search<'_, '_> {
     fn eval(&mut self, name: &str, plan: ParallelPlan) -> Option<Candidate> {
         self.evaluated += 1;
-        let prediction = self.sim.simulate(&plan, true).ok()?;
+        let prediction = match self.sim.simulate(&plan, true) {
+            Ok(p) => p,
+            Err(e) => {
+                if name != "found" {
+                    self.notes.push(format!("{name}: {e}"));
+                }
+                return None;
+            }
+        };
         Some(Candidate {
             name: name.into(),
             plan,
@@ -692,9 +706,17 @@ fn column_granularity(g: &Graph, ni: usize, nfeat: usize) -> usize {
         let node = &g.nodes[u];
         match &node.op {
             Op::Array(kiln_ir::ops::array::ArrayOp::Reshape { .. }) => {
+                // [..., N] → [..., heads, head_size] with the leading dims kept.
+                let inp = g.values[v].fact.shape.as_known().unwrap_or_default();
                 let out = g.values[node.outputs[0]].fact.shape.as_known();
                 return match out.as_deref() {
-                    Some([.., h, d]) if h * d == nfeat => *d,
+                    Some([lead @ .., h, d])
+                        if h * d == nfeat
+                            && inp.len() == lead.len() + 1
+                            && inp[..lead.len()] == *lead =>
+                    {
+                        *d
+                    }
                     _ => 1,
                 };
             }
@@ -790,8 +812,7 @@ fn megatron_splits(s: &Search, nodes: Range<usize>, ranks: &[usize]) -> Option<V
             .iter()
             .flatten()
             .find_map(|v| from_col.get(v).cloned());
-        if splittable(g, ni) {
-            let (nf, kk) = n_k(g, ni)?;
+        if let Some((nf, kk)) = splittable(g, ni).then(|| n_k(g, ni)).flatten() {
             match derived {
                 Some(sizes) if sizes.iter().sum::<usize>() == kk => splits.push(NodeSplit {
                     node: ni,
@@ -799,13 +820,15 @@ fn megatron_splits(s: &Search, nodes: Range<usize>, ranks: &[usize]) -> Option<V
                     sizes,
                 }),
                 _ => {
-                    let sizes = proportional(nf, column_granularity(g, ni, nf), &speeds)?;
-                    from_col.insert(n.outputs[0], sizes.clone());
-                    splits.push(NodeSplit {
-                        node: ni,
-                        kind: SplitKind::Column,
-                        sizes,
-                    });
+                    // (too few features or heads for the ranks: left unsplit)
+                    if let Some(sizes) = proportional(nf, column_granularity(g, ni, nf), &speeds) {
+                        from_col.insert(n.outputs[0], sizes.clone());
+                        splits.push(NodeSplit {
+                            node: ni,
+                            kind: SplitKind::Column,
+                            sizes,
+                        });
+                    }
                 }
             }
             continue;
@@ -932,6 +955,9 @@ pub fn report_text(g: &Graph, cluster: &Cluster, r: &PlanReport) -> String {
     {
         let _ = writeln!(out, "{}", line(c));
     }
+    for n in &r.notes {
+        let _ = writeln!(out, "note: {n}");
+    }
     for (v, t) in &r.variants {
         let _ = writeln!(out, "graph {v}: best {t:.1} samples/s");
     }
@@ -1030,6 +1056,7 @@ mod tests {
             sim: &sim,
             opts: &opts,
             evaluated: 0,
+            notes: Vec::new(),
             stage_cache: HashMap::new(),
         };
         let all = vec![0, 1, 2, 3];
@@ -1100,6 +1127,7 @@ mod tests {
             sim: &sim,
             opts: &opts,
             evaluated: 0,
+            notes: Vec::new(),
             stage_cache: HashMap::new(),
         };
         let st = s.tp_stage(0..g.nodes.len(), &[0, 1, 2, 3], 1);

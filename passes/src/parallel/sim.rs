@@ -32,8 +32,8 @@
 //!   memory exceeds a device's capacity is infeasible.
 //!
 //! Micro-batch shapes: a value's axis 0 is "the batch" when the value is not a constant
-//! and its axis 0 has the batch size `B` (after a sharding split, its local part); such
-//! axes are divided by `m`. A [`StageMode::DataParallel`] stage's `batch` are the rows of
+//! and its axis 0 has the batch size `B`, or when a data-parallel stage splits it on
+//! axis 0 (after the split, its local part); such axes are divided by `m`. A [`StageMode::DataParallel`] stage's `batch` are the rows of
 //! one micro-batch per rank (they sum to `B / m`).
 
 use super::cluster::{Cluster, DeviceSpec, Link};
@@ -367,7 +367,11 @@ impl<'a> Simulator<'a> {
             Some(s) => local_shape(&known(f), s, i),
             None => known(f),
         };
-        if micro > 1 && self.batch_value[v] {
+        // Axis 0 carries the batch: a value whose axis 0 is the batch, or one split on
+        // axis 0 (only data-parallel stages split axis 0; the split follows reshapes that
+        // merge the batch with other axes, e.g. [B, T, C] → [B·T, C]).
+        let split0 = matches!(s, Some(Sharding::Split { axis: 0, .. }));
+        if micro > 1 && (self.batch_value[v] || split0) {
             if let Some(d) = sh.first_mut() {
                 *d = d.div_ceil(micro);
             }
