@@ -91,6 +91,32 @@ fn bad_cluster_files_are_refused_naming_the_field() {
     assert_ne!(c.devices[0].node, c.devices[7].node);
 }
 
+#[test]
+fn eqsat_variant_is_searched_and_its_graph_returned() {
+    let g = transformer(&TransformerConfig {
+        name: "small".into(),
+        batch: 4,
+        seq: 32,
+        hidden: 128,
+        heads: 4,
+        ffn: 512,
+        layers: 1,
+        causal: false,
+    });
+    let cluster = load_cluster(&root().join("examples/clusters/8xh100.toml")).unwrap();
+    let r = find_plan(&g, &cluster, 4, 2, Objective::Throughput).unwrap();
+    let names: Vec<&str> = r.variants.iter().map(|(v, _)| v.as_str()).collect();
+    assert_eq!(names, ["as given", "after eqsat"]);
+    let planned = r.graph.as_ref().unwrap_or(&g);
+    assert_eq!(r.graph.is_some(), r.graph_variant == "after eqsat");
+    r.best.plan.validate(planned.nodes.len()).unwrap();
+    let best = r.variants.iter().map(|v| v.1).fold(0.0, f64::max);
+    assert_eq!(r.best.prediction.throughput, best);
+    // -O0: the graph as given only.
+    let r0 = find_plan(&g, &cluster, 4, 0, Objective::Throughput).unwrap();
+    assert_eq!(r0.variants.len(), 1);
+}
+
 /// The bar table: found plan vs best data-parallel, best tensor-parallel and Megatron
 /// plans, predicted throughput (samples/s) and search seconds.
 #[test]

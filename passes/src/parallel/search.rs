@@ -1167,6 +1167,22 @@ mod tests {
     }
 
     #[test]
+    fn plans_that_do_not_fit_lose_to_ones_that_do() {
+        // 2 layers of 12.6M parameters: 100 MB of weights; devices of 60 MB.
+        let g = block(16);
+        let mut small = gpu("h100", 67.0, 3350.0);
+        small.memory_bytes = 60e6;
+        let c = cluster(&[(small, 4)]);
+        let r = find_plan(&g, &c, 16, &SearchOptions::default()).unwrap();
+        let dp = r.data_parallel.as_ref().unwrap();
+        assert!(!dp.prediction.feasible, "{:?}", dp.prediction.memory_bytes);
+        assert!(dp.prediction.memory_bytes[0] > 100e6);
+        let best = &r.best.prediction;
+        assert!(best.feasible, "{}", report_text(&g, &c, &r));
+        assert!(best.memory_bytes.iter().all(|m| *m <= 60e6));
+    }
+
+    #[test]
     fn found_plan_beats_the_baselines() {
         for batch in [1, 8] {
             let g = block(batch);
