@@ -475,10 +475,9 @@ impl<'a> Simulator<'a> {
                 Collective::AllReduce { .. } => {
                     2.0 * (n - 1.0) / n * full / bw + 2.0 * (n - 1.0) * link.latency_us
                 }
-                Collective::AllGather { axis, sizes, .. } => {
+                Collective::AllGather { sizes, .. } => {
                     let len: usize = sizes.iter().sum::<usize>().max(1);
                     let max = *sizes.iter().max().unwrap_or(&0) as f64 / len as f64;
-                    let _ = axis;
                     (n - 1.0) * max * full / bw + (n - 1.0) * link.latency_us
                 }
             }
@@ -672,8 +671,7 @@ impl<'a> Simulator<'a> {
         (later, outs)
     }
 
-    /// Simulates one stage of a plan as stage `si` of `p_count` with `micro` micro-batches
-    /// (per micro-batch times, and each rank's memory).
+    /// Simulates stage `si` of a plan (times per micro-batch, and each rank's memory).
     pub fn stage(
         &self,
         plan: &ParallelPlan,
@@ -688,7 +686,7 @@ impl<'a> Simulator<'a> {
         let mut sp = self.stage_window(stage, &p, stage.nodes.clone(), micro, with_groups, true);
         let (later, outs) = self.boundary_values(&stage.nodes);
         let mut send = 0.0;
-        for (sj, next) in plan.stages.iter().enumerate().skip(si + 1) {
+        for next in plan.stages.iter().skip(si + 1) {
             let vals: Vec<ValueId> = later
                 .iter()
                 .copied()
@@ -698,7 +696,6 @@ impl<'a> Simulator<'a> {
                         .any(|n| n.inputs.contains(&Some(v)))
                 })
                 .collect();
-            let _ = sj;
             send += self.send_us(&vals, &stage.ranks, &next.ranks, micro);
         }
         if !stage.ranks.contains(&0) {
