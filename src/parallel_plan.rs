@@ -120,6 +120,14 @@ pub fn plan_command(
                     .map(|d| d.known().unwrap_or(1))
                     .collect();
                 if let Some(d) = dims.first_mut() {
+                    if let Some(Some(k)) = v.fact.shape.dims().first().map(|d| d.known()) {
+                        if k != b {
+                            anyhow::bail!(
+                                "--batch {b}: input '{}' has a fixed batch of {k} (axis 0 is not symbolic in the model)",
+                                v.name
+                            );
+                        }
+                    }
                     *d = b;
                 }
                 opts.shapes.insert(v.name.clone(), dims);

@@ -79,6 +79,20 @@ fn bad_cluster_files_are_refused_naming_the_field() {
             && out.contains("h100-sxm"),
         "{out}"
     );
+    // A model with a fixed batch of 1.
+    let resnet = root().join("tests/zoo/resnet/model.onnx");
+    let (ok, out) = kiln(&[
+        "plan",
+        resnet.to_str().unwrap(),
+        "--cluster",
+        root().join("examples/clusters/cpu2.toml").to_str().unwrap(),
+        "--batch",
+        "8",
+    ]);
+    assert!(
+        !ok && out.contains("--batch 8") && out.contains("fixed batch of 1"),
+        "{out}"
+    );
     let e = load_cluster(&dir.join("missing.toml"))
         .unwrap_err()
         .to_string();
