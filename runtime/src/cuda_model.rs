@@ -181,6 +181,20 @@ impl CudaModel {
             let func = module
                 .load_function(&s.kernel)
                 .map_err(|e| CudaModelError::Plan(format!("PTX entry '{}': {e}", s.kernel)))?;
+            if s.shared_bytes > 48 * 1024 {
+                // Above 48 KiB, dynamic shared memory must be opted into per function
+                // (the tensor-core GEMMs).
+                func.set_attribute(
+                    cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    s.shared_bytes as i32,
+                )
+                .map_err(|e| {
+                    CudaModelError::Plan(format!(
+                        "'{}': {} B of dynamic shared memory refused: {e}",
+                        s.kernel, s.shared_bytes
+                    ))
+                })?;
+            }
             let mut params = Vec::new();
             for a in &s.args {
                 match a {

@@ -24,6 +24,8 @@
 
 use super::elementwise::{emit_nodes, store_outputs};
 use super::generic::{row_major, Gen, GenKernel};
+use super::precision::Precision;
+use super::tensor_core::{self, GemmCall, GemmSpec};
 use super::window::{open_acc, tap_offset};
 use super::HostKernel;
 use super::{node_input, shape_of, GpuLowering, Launch, LaunchArg, LowerOptions, Operand};
@@ -101,8 +103,19 @@ pub(crate) fn lower(
                 _ => None,
             };
             let mm = MatMul::new(g, ci, gemm)?;
-            if opts.specialized && special(g, k, (index, name, opts.max_blocks), &mm, &epi, out)? {
+            if opts.specialized && special(g, k, (index, name, opts), &mm, &epi, out)? {
                 return Ok(());
+            }
+            if opts.specialized
+                && opts.precision != Precision::F32
+                && !out.tensor_core_fallbacks.iter().any(|f| f.0 == index)
+            {
+                out.tensor_core_fallbacks.push((
+                    index,
+                    "transposed A, a transposed non-constant B or a result not in an output \
+                     buffer (generic f32 kernel)"
+                        .into(),
+                ));
             }
             let gk = generic_matmul(g, k, &mm, &epi, name)?;
             out.push_generic(index, gk, opts.max_blocks)
@@ -284,7 +297,7 @@ fn generic_matmul(
 fn special(
     g: &Graph,
     k: &fusion::Kernel,
-    (index, name, max_blocks): (usize, &str, u32),
+    (index, name, opts): (usize, &str, &LowerOptions),
     mm: &MatMul,
     epi: &[usize],
     out: &mut GpuLowering,
@@ -307,27 +320,7 @@ fn special(
     } else {
         return Ok(false);
     };
-    // B as [K, N] (transposed constants stored transposed).
-    let b_op = if tb {
-        let t = g.const_value(mm.b).ok_or("transposed B")?;
-        let v = t.to_f64_vec();
-        let (n, kk) = (mm.n, mm.kk);
-        let mut tr = vec![0f32; n * kk];
-        for i in 0..n {
-            for j in 0..kk {
-                tr[j * n + i] = v[i * kk + j] as f32;
-            }
-        }
-        out.consts.push((
-            format!("{}_transposed", g.values[mm.b].name),
-            Tensor::from_vec(&[kk, n], tr),
-        ));
-        Operand::Const(out.consts.len() - 1)
-    } else {
-        Operand::Value(mm.b)
-    };
-    let sched = GpuGemmSchedule::default();
-    let kern = gemm_f32("kiln_gemm_f32", &sched).map_err(|e| e.to_string())?;
+    let max_blocks = opts.max_blocks;
     let r = mm.ys.len();
     let (m, n, kk) = (mm.m, mm.n, mm.kk);
     // (a offset, b offset, y offset, rows) per launch, in elements.
@@ -369,13 +362,67 @@ fn special(
             ));
         }
     }
-    if calls
-        .iter()
-        .any(|c| sched.grid(c.3 as u64, n as u64)[1] > 65535)
+    let mut tensor_core = false;
+    if opts.precision != Precision::F32 {
+        match &opts.sku {
+            None => out
+                .tensor_core_fallbacks
+                .push((index, "no SKU to schedule for".into())),
+            Some(sku) => {
+                let gc: Vec<GemmCall> = calls
+                    .iter()
+                    .map(|&(a_off, b_off, y_off, rows)| GemmCall {
+                        a_off,
+                        b_off,
+                        y_off,
+                        rows,
+                    })
+                    .collect();
+                let spec = GemmSpec {
+                    a: mm.a,
+                    b: mm.b,
+                    b_transposed: tb,
+                    n,
+                    k: kk,
+                    target,
+                    calls: &gc,
+                };
+                match tensor_core::lower(g, index, &spec, opts.precision, sku, out) {
+                    Ok(()) => tensor_core = true,
+                    Err(e) => out.tensor_core_fallbacks.push((index, e)),
+                }
+            }
+        }
+    }
+    let sched = GpuGemmSchedule::default();
+    if !tensor_core
+        && calls
+            .iter()
+            .any(|c| sched.grid(c.3 as u64, n as u64)[1] > 65535)
     {
         return Ok(false);
     }
-    for (ao, bo, yo, rows) in calls {
+    let kern = gemm_f32("kiln_gemm_f32", &sched).map_err(|e| e.to_string())?;
+    // B as [K, N] (transposed constants stored transposed).
+    let b_op = if tb && !tensor_core {
+        let t = g.const_value(mm.b).ok_or("transposed B")?;
+        let v = t.to_f64_vec();
+        let (n, kk) = (mm.n, mm.kk);
+        let mut tr = vec![0f32; n * kk];
+        for i in 0..n {
+            for j in 0..kk {
+                tr[j * n + i] = v[i * kk + j] as f32;
+            }
+        }
+        out.consts.push((
+            format!("{}_transposed", g.values[mm.b].name),
+            Tensor::from_vec(&[kk, n], tr),
+        ));
+        Operand::Const(out.consts.len() - 1)
+    } else {
+        Operand::Value(mm.b)
+    };
+    for (ao, bo, yo, rows) in calls.into_iter().filter(|_| !tensor_core) {
         let buf = |operand: Operand, offset: u64, len: usize| LaunchArg::Buf {
             operand,
             offset,

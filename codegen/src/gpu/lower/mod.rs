@@ -34,7 +34,9 @@ pub mod contraction;
 pub mod elementwise;
 pub mod generic;
 pub mod movement;
+pub mod precision;
 pub mod reduction;
+pub mod tensor_core;
 pub mod window;
 
 use super::{kernels, GpuError, GpuKernel, Sku};
@@ -42,6 +44,7 @@ use kiln_ir::{Graph, Tensor, ValueId};
 use kiln_passes::fusion::{Kernel, KernelKind, Partition};
 
 pub use generic::GenKernel;
+pub use precision::Precision;
 
 /// A buffer a launch reads or writes.
 #[derive(Debug, Clone, PartialEq)]
@@ -53,6 +56,11 @@ pub enum Operand {
     /// The buffer of graph output `i` (for copies into outputs that are graph inputs or
     /// constants, whose value's own buffer is the input or the weight).
     GraphOutput(usize),
+    /// The per-launch scratch region ([`GpuLowering::scratch_bytes`], placed after the
+    /// memory plan's arena) starting at this byte offset (a multiple of 64). Launches run in
+    /// order on one stream, so every partition kernel may reuse it from offset 0; its content
+    /// does not survive to the next partition kernel.
+    Scratch(u64),
 }
 
 /// [`Launch::index`] of launches that belong to no partition kernel (output copies).
@@ -106,8 +114,10 @@ pub struct LowerOptions {
     /// Upper bound on the blocks of a generic (grid-stride) launch.
     pub max_blocks: u32,
     /// The SKU the specialized kernels are scheduled for (conv tiles, shared memory); `None`
-    /// keeps the kernels that need it (conv) on the generic path.
+    /// keeps the kernels that need it (conv, tensor-core GEMMs) on the generic path.
     pub sku: Option<Sku>,
+    /// What MatMul/Gemm compute on (tensor cores for everything but f32, see [`precision`]).
+    pub precision: Precision,
 }
 
 impl LowerOptions {
@@ -117,6 +127,7 @@ impl LowerOptions {
             specialized: true,
             max_blocks: sku.sm_count.saturating_mul(32).max(1),
             sku: Some(sku.clone()),
+            precision: Precision::F32,
         }
     }
 }
@@ -137,6 +148,13 @@ pub struct GpuLowering {
     /// Host semantics of the specialized op kernels (conv, LayerNorm, reductions), by entry
     /// name (for CPU emulation of the plan).
     pub host: Vec<(String, HostKernel)>,
+    /// Bytes of the per-launch scratch region ([`Operand::Scratch`]; 0 if none).
+    pub scratch_bytes: u64,
+    /// Partition kernels whose MatMul/Gemm runs on tensor cores.
+    pub tensor_core: Vec<usize>,
+    /// Partition kernels whose MatMul/Gemm stays off the tensor cores at a tensor-core
+    /// precision, with the reason.
+    pub tensor_core_fallbacks: Vec<(usize, String)>,
 }
 
 /// What a specialized op kernel computes, for running a plan on the host (conv buffer
@@ -161,6 +179,11 @@ pub enum HostKernel {
     LayerNorm,
     /// [`kernels::reduce::reduce_rows`]: `X, Y`, scalars `rows, n`.
     Reduce(kernels::reduce::ReduceKind),
+    /// [`precision::cast_kernel`]: `X (f32), Y`, scalar `n`.
+    Cast(kernels::gemm_mma::MmaInput),
+    /// A tensor-core GEMM without epilogue ([`tensor_core`]): `A, B, C (f32)`, scalars
+    /// `M, N, K, sA, sB, sC`, `alpha`; `grid.z` matrices.
+    Gemm(kernels::gemm_mma::MmaInput),
 }
 
 impl GpuLowering {
@@ -173,8 +196,14 @@ impl GpuLowering {
     pub fn module_text(&self) -> String {
         let mut s =
             String::from("module attributes {gpu.container_module} {\ngpu.module @kiln_model {\n");
+        // The tensor-core kernels each carry the dynamic shared memory declaration: once
+        // per module.
+        let decl = kernels::gemm_mma::dynamic_smem_decl();
+        if self.kernels.iter().any(|k| k.mlir.contains(&decl)) {
+            s.push_str(&decl);
+        }
         for k in &self.kernels {
-            s.push_str(&k.mlir);
+            s.push_str(&k.mlir.replace(&decl, ""));
         }
         s.push_str("}\n}\n");
         s
