@@ -259,6 +259,7 @@ pub fn compile_graph_gpu(
     report
         .gpu
         .push(tensor_core_summary(&planned, &lowering, opts.precision));
+    report.gpu.push(attention_summary(&planned, &lowering));
     report.kernels = lowering.kernels.len();
     report.views = lowering.views;
     report.variants = 1;
@@ -648,6 +649,30 @@ fn tensor_core_summary(
         } else {
             off.join("; ")
         }
+    )
+}
+
+/// One summary line: the attention patterns found and why they stay unfused.
+fn attention_summary(planned: &pipeline::Planned, l: &GpuLowering) -> String {
+    let p = &planned.partition;
+    let items: Vec<String> = l
+        .attention
+        .iter()
+        .map(|a| {
+            let [x, y, z] = a.kernels.map(|i| p.kernels[i].name.clone());
+            format!(
+                "{x}-{y}-{z} (D {}, mask {}): {}",
+                a.head_dim,
+                a.mask,
+                a.unfused.join(", ")
+            )
+        })
+        .collect();
+    format!(
+        "attention patterns: {} found, 0 fused{}{}",
+        items.len(),
+        if items.is_empty() { "" } else { "; unfused: " },
+        items.join("; ")
     )
 }
 

@@ -558,3 +558,39 @@ fn onnx_node_tests_emulate_correctly_or_are_refused_clearly() {
     assert!(failed.is_empty(), "wrong results: {failed:#?}");
     assert!(passed >= 60, "only {passed} node tests passed");
 }
+
+/// The attention pattern (Q·Kᵀ scaled and masked → Softmax → ·V, three kernels) is found in
+/// both transformers, with its mask (bert: additive `[1,1,1,16]`; gpt: a constant lower
+/// triangle = causal) and the reasons it stays unfused in the compile summary.
+#[test]
+fn attention_patterns_are_recognised_and_reported() {
+    for (name, mask) in [
+        ("bert", "mask additive [1, 1, 1, 16]"),
+        ("gpt", "mask causal"),
+    ] {
+        let (_, opts) = test_inputs(name);
+        let mut c = kiln::Compiler::new().target("cuda:h100").unwrap();
+        for (k, v) in &opts.shapes {
+            c = c.shape(k.clone(), v.clone());
+        }
+        let art = c.compile(zoo(name).join("model.onnx").as_path()).unwrap();
+        let report = art.report().unwrap().to_string();
+        let line = report
+            .lines()
+            .find(|l| l.contains("attention patterns:"))
+            .unwrap_or_else(|| panic!("{report}"));
+        println!("{name}: {line}");
+        assert!(line.contains("2 found, 0 fused"), "{name}: {line}");
+        assert_eq!(line.matches(mask).count(), 2, "{name}: {line}");
+        assert!(line.contains("head dim 16"), "{name}: {line}");
+    }
+    // No attention in the CNNs.
+    let (_, opts) = test_inputs("mlp");
+    let mut c = kiln::Compiler::new().target("cuda:h100").unwrap();
+    for (k, v) in &opts.shapes {
+        c = c.shape(k.clone(), v.clone());
+    }
+    let art = c.compile(zoo("mlp").join("model.onnx").as_path()).unwrap();
+    let report = art.report().unwrap().to_string();
+    assert!(report.contains("attention patterns: 0 found"), "{report}");
+}

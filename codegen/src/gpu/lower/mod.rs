@@ -22,6 +22,9 @@
 //!   the MatMul/Gemm shapes the GEMM kernel does not take ([`contraction`]), each with its
 //!   epilogue inline.
 //!
+//! Attention patterns (Q·Kᵀ → Softmax → ·V across three kernels) are recognised
+//! ([`attention`]) and reported with the reason they stay unfused.
+//!
 //! Anything else is an error naming the kernel and its ops: there is no fallback. All kernels
 //! of a model go into one `gpu.module` ([`GpuLowering::module_text`]) and one PTX text per
 //! SKU ([`compile_module`]).
@@ -30,6 +33,7 @@
 //! bodies also compile for the CPU ([`generic::GenKernel::cpu_kernel`]), which is how the
 //! lowering is checked against the reference interpreter without a GPU.
 
+pub mod attention;
 pub mod contraction;
 pub mod elementwise;
 pub mod generic;
@@ -155,6 +159,8 @@ pub struct GpuLowering {
     /// Partition kernels whose MatMul/Gemm stays off the tensor cores at a tensor-core
     /// precision, with the reason.
     pub tensor_core_fallbacks: Vec<(usize, String)>,
+    /// The attention patterns of the partition ([`attention::find_patterns`]).
+    pub attention: Vec<attention::AttentionPattern>,
 }
 
 /// What a specialized op kernel computes, for running a plan on the host (conv buffer
@@ -340,7 +346,10 @@ pub fn lower_partition(
     p: &Partition,
     opts: &LowerOptions,
 ) -> Result<GpuLowering, GpuError> {
-    let mut out = GpuLowering::default();
+    let mut out = GpuLowering {
+        attention: attention::find_patterns(g, p),
+        ..GpuLowering::default()
+    };
     for (index, k) in p.kernels.iter().enumerate() {
         if k.kind == KernelKind::Alias && !k.outputs.iter().any(|o| g.outputs.contains(o)) {
             out.views += 1;
