@@ -429,6 +429,41 @@ unsafe fn emulate_host(
             }
             return Ok(());
         }
+        (HostKernel::Copy, [x, y], [n], []) => {
+            // SAFETY: by the caller; f32 views of n elements (distinct buffers).
+            unsafe { std::ptr::copy(*x as *const u8, *y, n * 4) };
+            return Ok(());
+        }
+        (HostKernel::Attention(a), [q, kt, v, rest @ ..], [], []) => {
+            let (mask, o) = match rest {
+                [m, o] => (Some(*m), *o),
+                [o] => (None, *o),
+                _ => bail!("emulation: kernel '{kernel}' has unexpected arguments"),
+            };
+            let read = |p: *mut u8, n: usize| -> Vec<f32> {
+                // SAFETY: by the caller; an f32 view of at least n elements.
+                (0..n)
+                    .map(|i| unsafe { (p as *const f32).add(i).read_unaligned() })
+                    .collect()
+            };
+            let (bh, sq, skv, d) = (a.bh, a.sq, a.skv, a.d);
+            let m = mask.map_or(Vec::new(), |p| {
+                read(p, a.mask_offset(bh - 1, sq - 1, skv - 1) + 1)
+            });
+            let mut out = vec![0f32; bh * sq * d];
+            a.eval(
+                &read(*q, bh * sq * d),
+                &read(*kt, bh * d * skv),
+                &read(*v, bh * skv * d),
+                &m,
+                &mut out,
+            );
+            for (i, x) in out.iter().enumerate() {
+                // SAFETY: by the caller; an f32 view of bh·sq·d elements.
+                unsafe { (o as *mut f32).add(i).write_unaligned(*x) };
+            }
+            return Ok(());
+        }
         (HostKernel::Gemm(input), [a, b, c], [m, n, k, sa, sb, sc], [alpha]) => {
             // SAFETY: by the caller; views of grid_z matrices at the given strides.
             unsafe {
@@ -629,9 +664,11 @@ fn tensor_core_summary(
                     .any(|&n| matches!(g.nodes[n].op, kiln_ir::Op::Linalg(_)))
         })
         .count();
+    let in_attention = 2 * l.attention.iter().filter(|a| a.fused.is_some()).count();
     if prec == lower::Precision::F32 {
         return format!(
-            "precision f32: {gemms} MatMul/Gemm kernels on the f32 GEMM (no tensor cores)"
+            "precision f32: {gemms} MatMul/Gemm kernels, {in_attention} of them in fused \
+             attention, the rest on the f32 GEMM (no tensor cores)"
         );
     }
     let off: Vec<String> = l
@@ -640,7 +677,8 @@ fn tensor_core_summary(
         .map(|(i, why)| format!("{} ({why})", p.kernels[*i].name))
         .collect();
     format!(
-        "precision {}: {} of {gemms} MatMul/Gemm kernels on tensor cores, {} not: {}",
+        "precision {}: {} of {gemms} MatMul/Gemm kernels on tensor cores, {in_attention} in \
+         fused attention (f32), {} not: {}",
         prec.name(),
         l.tensor_core.len(),
         off.len(),
@@ -660,18 +698,23 @@ fn attention_summary(planned: &pipeline::Planned, l: &GpuLowering) -> String {
         .iter()
         .map(|a| {
             let [x, y, z] = a.kernels.map(|i| p.kernels[i].name.clone());
+            let how = match &a.not_fused {
+                None => "one row-attention launch".to_string(),
+                Some(why) => format!("unfused: {why}"),
+            };
             format!(
-                "{x}-{y}-{z} (D {}, mask {}): {}",
+                "{x}-{y}-{z} (D {}, mask {}): {how}; flash kernels: {}",
                 a.head_dim,
                 a.mask,
                 a.unfused.join(", ")
             )
         })
         .collect();
+    let fused = l.attention.iter().filter(|a| a.fused.is_some()).count();
     format!(
-        "attention patterns: {} found, 0 fused{}{}",
+        "attention patterns: {} found, {fused} fused{}{}",
         items.len(),
-        if items.is_empty() { "" } else { "; unfused: " },
+        if items.is_empty() { "" } else { ": " },
         items.join("; ")
     )
 }

@@ -114,6 +114,11 @@ fn zoo_models_compile_to_ptx_that_ptxas_accepts() {
                 .unwrap_or_else(|| panic!("{name}: no precision line in {report}"));
             if let Some(input) = prec.mma_input() {
                 assert!(tc_line.contains(" 0 not: -"), "{name} {target}: {tc_line}");
+                let fused = if matches!(name, "bert" | "gpt") { 4 } else { 0 };
+                assert!(
+                    tc_line.contains(&format!(" {fused} in fused attention")),
+                    "{name} {target}: {tc_line}"
+                );
                 assert!(
                     String::from_utf8_lossy(&art.inner().kernels).contains(input.ptx_mma()),
                     "{name} {target} {prec:?}: no {}",
@@ -305,7 +310,7 @@ fn precision_option_plans_casts_and_reports() {
     let art = c.compile(zoo("mlp").join("model.onnx").as_path()).unwrap();
     let report = art.report().unwrap().to_string();
     assert!(
-        report.contains("precision f16: 3 of 3 MatMul/Gemm kernels on tensor cores, 0 not"),
+        report.contains("precision f16: 3 of 3 MatMul/Gemm kernels on tensor cores, 0 in fused attention (f32), 0 not"),
         "{report}"
     );
     let gp = art.inner().plan.gpu.as_ref().unwrap();
@@ -561,7 +566,8 @@ fn onnx_node_tests_emulate_correctly_or_are_refused_clearly() {
 
 /// The attention pattern (Q·Kᵀ scaled and masked → Softmax → ·V, three kernels) is found in
 /// both transformers, with its mask (bert: additive `[1,1,1,16]`; gpt: a constant lower
-/// triangle = causal) and the reasons it stays unfused in the compile summary.
+/// triangle = causal), fused into one row-attention launch each, with the reasons the flash
+/// kernels do not take them in the compile summary (the emulation tests check the results).
 #[test]
 fn attention_patterns_are_recognised_and_reported() {
     for (name, mask) in [
@@ -580,7 +586,12 @@ fn attention_patterns_are_recognised_and_reported() {
             .find(|l| l.contains("attention patterns:"))
             .unwrap_or_else(|| panic!("{report}"));
         println!("{name}: {line}");
-        assert!(line.contains("2 found, 0 fused"), "{name}: {line}");
+        assert!(line.contains("2 found, 2 fused"), "{name}: {line}");
+        assert_eq!(
+            line.matches("one row-attention launch").count(),
+            2,
+            "{line}"
+        );
         assert_eq!(line.matches(mask).count(), 2, "{name}: {line}");
         assert!(line.contains("head dim 16"), "{name}: {line}");
     }

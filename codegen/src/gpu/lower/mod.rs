@@ -187,6 +187,10 @@ pub enum HostKernel {
     Reduce(kernels::reduce::ReduceKind),
     /// [`precision::cast_kernel`]: `X (f32), Y`, scalar `n`.
     Cast(kernels::gemm_mma::MmaInput),
+    /// [`attention::row_attention`]: `Q, Kt, V[, mask], O`.
+    Attention(attention::RowAttention),
+    /// [`attention::copy_kernel`]: `X, Y`, scalar `n`.
+    Copy,
     /// A tensor-core GEMM without epilogue ([`tensor_core`]): `A, B, C (f32)`, scalars
     /// `M, N, K, sA, sB, sC`, `alpha`; `grid.z` matrices.
     Gemm(kernels::gemm_mma::MmaInput),
@@ -350,7 +354,28 @@ pub fn lower_partition(
         attention: attention::find_patterns(g, p),
         ..GpuLowering::default()
     };
+    let fused: Vec<attention::AttentionPattern> = if opts.specialized {
+        out.attention
+            .iter()
+            .filter(|a| a.fused.is_some())
+            .cloned()
+            .collect()
+    } else {
+        Vec::new()
+    };
     for (index, k) in p.kernels.iter().enumerate() {
+        if fused.iter().any(|a| a.kernels[..2].contains(&index)) {
+            continue;
+        }
+        if let Some(f) = fused
+            .iter()
+            .find(|a| a.kernels[2] == index)
+            .and_then(|a| a.fused.as_ref())
+        {
+            attention::lower_fused(g, f, index, &kernel_name(g, k), opts, &mut out)
+                .map_err(|e| kernel_error(g, k, &e))?;
+            continue;
+        }
         if k.kind == KernelKind::Alias && !k.outputs.iter().any(|o| g.outputs.contains(o)) {
             out.views += 1;
             continue;
