@@ -6,7 +6,6 @@
 
 #[path = "common/gpu_emu.rs"]
 mod gpu_emu;
-#[allow(dead_code)]
 #[path = "common/gpu_ref.rs"]
 mod gpu_ref;
 
@@ -77,10 +76,13 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
+/// (batch dims, sq, skv, d, steps, mask strides).
+type Case = (Vec<usize>, usize, usize, usize, Vec<ScoreStep>, Vec<i64>);
+
 #[test]
 fn row_attention_matches_a_naive_softmax_attention_on_the_emulator() {
     // (batch dims, sq, skv, d, steps, mask shape right-aligned to [batch.., sq, skv])
-    let cases: Vec<(Vec<usize>, usize, usize, usize, Vec<ScoreStep>, Vec<i64>)> = vec![
+    let cases: Vec<Case> = vec![
         // bert-like: [B, H] batch, scale, additive [B, 1, 1, Skv] mask.
         (
             vec![2, 3],
