@@ -515,6 +515,7 @@ fn onnx_node_tests_emulate_correctly_or_are_refused_clearly() {
         .collect();
     dirs.sort();
     let (mut passed, mut refused, mut failed) = (0, Vec::new(), Vec::new());
+    let mut passed_f16 = 0;
     for d in &dirs {
         let name = d.file_name().unwrap().to_str().unwrap().to_string();
         let data = d.join("test_data_set_0");
@@ -531,6 +532,24 @@ fn onnx_node_tests_emulate_correctly_or_are_refused_clearly() {
         for (&v, t) in g.inputs.iter().zip(&ins) {
             opts.shapes
                 .insert(g.values[v].name.clone(), t.shape().to_vec());
+        }
+        // MatMul/Gemm node tests also at f16 (odd shapes: tensor cores or a reported
+        // fallback to the f32 GEMM, never a wrong result).
+        if name.starts_with("test_matmul") || name.starts_with("test_gemm") {
+            let mut o16 = opts.clone();
+            o16.precision = Precision::F16;
+            if let Ok(got) = emulate(&d.join("model.onnx"), "cuda:a100", &o16, &ins, true) {
+                let bad = got.len() != want.len()
+                    || got
+                        .iter()
+                        .zip(&want)
+                        .any(|(a, b)| a.shape() != b.shape() || norm_err(a, b) > 1e-2);
+                if bad {
+                    failed.push(format!("{name} (f16)"));
+                } else {
+                    passed_f16 += 1;
+                }
+            }
         }
         for specialized in [false, true] {
             match emulate(&d.join("model.onnx"), "cuda:a100", &opts, &ins, specialized) {
@@ -560,8 +579,10 @@ fn onnx_node_tests_emulate_correctly_or_are_refused_clearly() {
     for r in &refused {
         println!("  {}", r.lines().last().unwrap_or(r));
     }
+    println!("{passed_f16} MatMul/Gemm node tests match at f16");
     assert!(failed.is_empty(), "wrong results: {failed:#?}");
     assert!(passed >= 60, "only {passed} node tests passed");
+    assert!(passed_f16 >= 15, "only {passed_f16} f16 node tests passed");
 }
 
 /// The attention pattern (Q·Kᵀ scaled and masked → Softmax → ·V, three kernels) is found in
