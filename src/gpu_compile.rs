@@ -95,12 +95,22 @@ pub fn gpu_plan(
         let mut args = Vec::new();
         for a in &l.args {
             args.push(match a {
-                LaunchArg::Buf {
-                    operand,
-                    offset,
-                    len,
-                    elem_bytes,
-                } => {
+                LaunchArg::Buf { .. } | LaunchArg::TensorMap { .. } => {
+                    let (operand, offset, len, elem_bytes) = match a {
+                        LaunchArg::Buf {
+                            operand,
+                            offset,
+                            len,
+                            elem_bytes,
+                        } => (operand, offset, len, elem_bytes),
+                        LaunchArg::TensorMap {
+                            operand,
+                            offset,
+                            len,
+                            ..
+                        } => (operand, offset, len, &2u64),
+                        _ => unreachable!(),
+                    };
                     let (buf, written) = match operand {
                         // The source of an output copy: the graph input or the constant
                         // itself (`buf` would answer the output's own buffer).
@@ -145,12 +155,29 @@ pub fn gpu_plan(
                             (r, false)
                         }
                     };
-                    GpuArg::Buf {
-                        buf,
-                        offset: offset * elem_bytes,
-                        len: *len,
-                        elem_bytes: *elem_bytes,
-                        written,
+                    match a {
+                        LaunchArg::TensorMap {
+                            dims,
+                            row_bytes,
+                            box_dims,
+                            bf16,
+                            ..
+                        } => GpuArg::TensorMap {
+                            buf,
+                            offset: offset * 2,
+                            len: *len,
+                            dims: *dims,
+                            row_bytes: *row_bytes,
+                            box_dims: *box_dims,
+                            bf16: *bf16,
+                        },
+                        _ => GpuArg::Buf {
+                            buf,
+                            offset: offset * elem_bytes,
+                            len: *len,
+                            elem_bytes: *elem_bytes,
+                            written,
+                        },
                     }
                 }
                 LaunchArg::Index(v) => GpuArg::Index(*v),
@@ -343,13 +370,18 @@ pub fn emulate(
         let mut scalars = Vec::new();
         let mut floats = Vec::new();
         for a in &s.args {
-            let GpuArg::Buf { buf, offset, .. } = a else {
-                match a {
-                    GpuArg::Index(v) => scalars.push(*v as usize),
-                    GpuArg::F32(bits) => floats.push(f32::from_bits(*bits)),
-                    GpuArg::Buf { .. } => {}
+            let (buf, offset) = match a {
+                GpuArg::Buf { buf, offset, .. } | GpuArg::TensorMap { buf, offset, .. } => {
+                    (buf, offset)
                 }
-                continue;
+                GpuArg::Index(v) => {
+                    scalars.push(*v as usize);
+                    continue;
+                }
+                GpuArg::F32(bits) => {
+                    floats.push(f32::from_bits(*bits));
+                    continue;
+                }
             };
             let base = match buf {
                 BufRef::Arena { offset: o, .. } => arena.as_mut_slice()[*o as usize..].as_mut_ptr(),
@@ -462,6 +494,12 @@ unsafe fn emulate_host(
                 // SAFETY: by the caller; an f32 view of bh·sq·d elements.
                 unsafe { (o as *mut f32).add(i).write_unaligned(*x) };
             }
+            return Ok(());
+        }
+        (HostKernel::Gemm(input), [a, b, c], [m, n, k], [alpha]) => {
+            // The wgmma kernel (TMA descriptors of A and B, one matrix).
+            // SAFETY: by the caller; views of one m×k, k×n and m×n matrix.
+            unsafe { emulate_tc_gemm(*input, [*a, *b, *c], [*m, *n, *k, 0, 0, 0], *alpha, 1) };
             return Ok(());
         }
         (HostKernel::Gemm(input), [a, b, c], [m, n, k, sa, sb, sc], [alpha]) => {

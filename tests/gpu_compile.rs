@@ -119,8 +119,9 @@ fn zoo_models_compile_to_ptx_that_ptxas_accepts() {
                     tc_line.contains(&format!(" {fused} in fused attention")),
                     "{name} {target}: {tc_line}"
                 );
+                let ptx = String::from_utf8_lossy(&art.inner().kernels).to_string();
                 assert!(
-                    String::from_utf8_lossy(&art.inner().kernels).contains(input.ptx_mma()),
+                    ptx.contains(input.ptx_mma()) || ptx.contains("wgmma.mma_async"),
                     "{name} {target} {prec:?}: no {}",
                     input.ptx_mma()
                 );
@@ -142,8 +143,26 @@ fn zoo_models_compile_to_ptx_that_ptxas_accepts() {
             assert_eq!(gp.arch, sku.arch);
             let ptx_path = dir.join(format!("{name}.{}.ptx", sku.arch));
             std::fs::write(&ptx_path, &inner.kernels).unwrap();
+            // sm_90a when the module holds a wgmma GEMM.
+            let ptx_text = String::from_utf8_lossy(&inner.kernels).to_string();
+            let chip = ptx_text
+                .lines()
+                .find_map(|l| l.trim().strip_prefix(".target "))
+                .map(|t| {
+                    t.split(|c: char| c == ',' || c.is_whitespace())
+                        .next()
+                        .unwrap()
+                })
+                .unwrap_or(&sku.arch)
+                .to_string();
+            assert!(chip.starts_with(&sku.arch), "{name}: .target {chip}");
+            let wgmma = ptx_text.contains("wgmma.mma_async");
+            assert_eq!(wgmma, chip.ends_with('a'), "{name} {target}");
+            if wgmma {
+                println!("{name} {target} {prec:?}: wgmma (sm_90a)");
+            }
             let out = Command::new(&ptxas)
-                .args(["-arch", &sku.arch, "-v", "-o", "/dev/null", s(&ptx_path)])
+                .args(["-arch", &chip, "-v", "-o", "/dev/null", s(&ptx_path)])
                 .output()
                 .unwrap();
             let text = String::from_utf8_lossy(&out.stdout).to_string()
@@ -330,6 +349,30 @@ fn precision_option_plans_casts_and_reports() {
         .weights
         .iter()
         .any(|w| w.name.ends_with("_f16")));
+    // On H100 the f16 GEMMs with N, K multiples of 8 take the wgmma kernel: TMA descriptor
+    // arguments, which the plan validates (16-byte aligned rows and starts, inside the view).
+    let mut c = kiln::Compiler::new()
+        .target("cuda:h100")
+        .unwrap()
+        .precision("f16")
+        .unwrap();
+    for (k, v) in &opts.shapes {
+        c = c.shape(k.clone(), v.clone());
+    }
+    let art = c.compile(zoo("mlp").join("model.onnx").as_path()).unwrap();
+    let mut plan = art.inner().plan.clone();
+    let gp = plan.gpu.as_mut().unwrap();
+    let step = gp
+        .steps
+        .iter_mut()
+        .find(|s| s.kernel.starts_with("kiln_gemm_wgmma_f16"))
+        .expect("a wgmma GEMM on H100");
+    let kiln_runtime::GpuArg::TensorMap { row_bytes, .. } = &mut step.args[0] else {
+        panic!("{:?}", step.args[0]);
+    };
+    *row_bytes += 8;
+    let e = plan.validate(art.inner().weights.len() as u64).unwrap_err();
+    assert!(e.contains("bad tensor map"), "{e}");
     let err = kiln::Compiler::new()
         .precision("f16")
         .unwrap()

@@ -88,6 +88,24 @@ pub enum LaunchArg {
     Index(i64),
     /// An `f32` scalar.
     F32(f32),
+    /// A TMA descriptor of a 16-bit row-major matrix (the `wgmma` GEMM's operands): `len`
+    /// elements of `operand` from element `offset`, encoded by the runtime at load.
+    TensorMap {
+        /// The buffer.
+        operand: Operand,
+        /// First element (its byte offset a multiple of 16).
+        offset: u64,
+        /// Elements the matrix covers.
+        len: u64,
+        /// Global extent, innermost first.
+        dims: [u64; 2],
+        /// Byte stride of the outer dimension.
+        row_bytes: u64,
+        /// Box extent, innermost first.
+        box_dims: [u32; 2],
+        /// bf16 (else f16) elements.
+        bf16: bool,
+    },
 }
 
 /// One kernel launch of a lowered partition kernel.
@@ -422,7 +440,14 @@ pub fn compile_module(l: &GpuLowering, sku: &Sku) -> Result<String, GpuError> {
     for k in &l.kernels {
         k.check_fits(sku)?;
     }
-    let text = super::pipeline::mlir_to_ptx(&l.module_text(), &sku.arch)?;
+    // The architecture-specific target (`sm_90a`) when a kernel needs it (wgmma).
+    let chip = l
+        .kernels
+        .iter()
+        .map(|k| k.chip(sku))
+        .find(|c| *c != sku.arch)
+        .unwrap_or_else(|| sku.arch.clone());
+    let text = super::pipeline::mlir_to_ptx(&l.module_text(), &chip)?;
     for k in &l.kernels {
         if !text.contains(&format!(".entry {}(", k.name)) {
             return Err(crate::CodegenError::Translate(format!(

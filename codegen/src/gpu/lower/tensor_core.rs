@@ -21,6 +21,7 @@ use super::{shape_of, GpuLowering, HostKernel, Launch, LaunchArg, Operand};
 use crate::gpu::kernels::epilogue::Epilogue;
 use crate::gpu::kernels::gemm_mma::{gemm_mma, kernel_name, MmaInput, MmaOutput, MmaSchedule};
 use crate::gpu::kernels::gemm_select::{select, GemmProblem, TensorCoreGemm};
+use crate::gpu::kernels::gemm_wgmma::{gemm_wgmma, TensorMapSpec, WgmmaGemm};
 use crate::gpu::kernels::{self, gemm_mma::MmaGemm};
 use crate::gpu::Sku;
 use kiln_ir::{DType, Graph, Tensor, ValueId};
@@ -122,23 +123,48 @@ pub(crate) fn lower(
     };
     let epi = Epilogue::none();
     // `select`'s choice; where its default tile does not fit the SKU (tf32 on sm_89: 104
-    // KiB of shared memory) the 64×64 tile.
-    let gemm = match select("kiln_gemm_tc", &p, &epi, sku) {
-        Ok(TensorCoreGemm::Mma(m)) => m,
-        // The plan has no TMA descriptor arguments yet: the mma.sync kernel, with the copy
-        // width `select` would choose for it.
-        Ok(TensorCoreGemm::Wgmma(_)) => mma_for(&p, sku, MmaSchedule::default())?,
-        Err(e) => mma_for(&p, sku, MmaSchedule::small()).map_err(|e2| format!("{e}; {e2}"))?,
+    // KiB of shared memory) the 64×64 tile. The wgmma kernel's TMA boxes need 16-byte
+    // aligned matrix starts.
+    let eb_ = u64::from(input.bytes());
+    let tma_aligned = launches
+        .iter()
+        .all(|(c, nb, _, _)| *nb == 1 && (c.a_off * eb_) % 16 == 0 && (c.b_off * eb_) % 16 == 0);
+    let kern = match select("kiln_gemm_tc", &p, &epi, sku) {
+        Ok(TensorCoreGemm::Wgmma(w)) if tma_aligned => {
+            let s = w.schedule;
+            let name = format!(
+                "kiln_gemm_wgmma_{}_f32_bn{}_s{}_{}",
+                input.mlir(),
+                s.bn,
+                s.stages,
+                epi.tag()
+            );
+            Chosen::Wgmma(
+                gemm_wgmma(&name, input, MmaOutput::F32, &epi, &s).map_err(|e| e.to_string())?,
+            )
+        }
+        Ok(TensorCoreGemm::Mma(m)) => Chosen::Mma(m),
+        Ok(TensorCoreGemm::Wgmma(_)) => Chosen::Mma(mma_for(&p, sku, MmaSchedule::default())?),
+        Err(e) => {
+            Chosen::Mma(mma_for(&p, sku, MmaSchedule::small()).map_err(|e2| format!("{e}; {e2}"))?)
+        }
     };
-    let s = gemm.schedule;
-    let kern = gemm_mma(
-        &kernel_name(input, MmaOutput::F32, &s, &epi),
-        input,
-        MmaOutput::F32,
-        &epi,
-        &s,
-    )
-    .map_err(|e| e.to_string())?;
+    let kern = match kern {
+        Chosen::Mma(g) => {
+            let s = g.schedule;
+            Chosen::Mma(
+                gemm_mma(
+                    &kernel_name(input, MmaOutput::F32, &s, &epi),
+                    input,
+                    MmaOutput::F32,
+                    &epi,
+                    &s,
+                )
+                .map_err(|e| e.to_string())?,
+            )
+        }
+        w => w,
+    };
     for &(c, nb, _, _) in &launches {
         let g_ = kern.grid(c.rows as u64, n, nb);
         if g_[1] > 65535 || g_[2] > 65535 {
@@ -241,6 +267,13 @@ pub(crate) fn lower(
         out.push_special(l, k)?;
     }
     let (m, nn) = (c0.rows as u64, n);
+    let (gk, host_name) = match &kern {
+        Chosen::Mma(g) => (g.kernel.clone(), g.kernel.name.clone()),
+        Chosen::Wgmma(g) => (g.kernel.clone(), g.kernel.name.clone()),
+    };
+    if !out.host.iter().any(|(n, _)| *n == host_name) {
+        out.host.push((host_name, HostKernel::Gemm(input)));
+    }
     for (c, nb, sa, sb) in launches {
         let buf = |operand: Operand, offset: u64, len: u64, elem_bytes: u64| LaunchArg::Buf {
             operand,
@@ -249,6 +282,41 @@ pub(crate) fn lower(
             elem_bytes,
         };
         let rows = c.rows as u64;
+        if let Chosen::Wgmma(w) = &kern {
+            let [ta, tb] = w.tensor_maps(rows, nn, kk);
+            let tm =
+                |operand: Operand, offset: u64, len: u64, t: TensorMapSpec| LaunchArg::TensorMap {
+                    operand,
+                    offset,
+                    len,
+                    dims: t.dims,
+                    row_bytes: t.row_bytes,
+                    box_dims: t.box_dims,
+                    bf16: input == MmaInput::BF16,
+                };
+            let launch = Launch {
+                index,
+                kernel: String::new(),
+                args: vec![
+                    tm(a_op.clone(), c.a_off, rows * kk, ta),
+                    tm(b_op.clone(), c.b_off, kk * nn, tb),
+                    buf(Operand::Value(spec.target), c.y_off, rows * nn, 4),
+                    LaunchArg::Index(rows as i64),
+                    LaunchArg::Index(nn as i64),
+                    LaunchArg::Index(kk as i64),
+                    LaunchArg::F32(1.0),
+                ],
+                grid: w.schedule.grid(rows, nn),
+                block: gk.block,
+                shared_bytes: w.dynamic_shared,
+                generic: false,
+            };
+            out.push_special(launch, gk.clone())?;
+            continue;
+        }
+        let Chosen::Mma(kern) = &kern else {
+            unreachable!()
+        };
         let launch = Launch {
             index,
             kernel: String::new(),
@@ -269,14 +337,25 @@ pub(crate) fn lower(
             shared_bytes: kern.dynamic_shared,
             generic: false,
         };
-        if !out.host.iter().any(|(n, _)| *n == kern.kernel.name) {
-            out.host
-                .push((kern.kernel.name.clone(), HostKernel::Gemm(input)));
-        }
-        out.push_special(launch, kern.kernel.clone())?;
+        out.push_special(launch, gk.clone())?;
     }
     out.tensor_core.push(index);
     Ok(())
+}
+
+/// The kernel a GEMM runs on.
+enum Chosen {
+    Mma(MmaGemm),
+    Wgmma(WgmmaGemm),
+}
+
+impl Chosen {
+    fn grid(&self, m: u64, n: u64, batch: u64) -> [u32; 3] {
+        match self {
+            Chosen::Mma(g) => g.grid(m, n, batch),
+            Chosen::Wgmma(g) => g.schedule.grid(m, n),
+        }
+    }
 }
 
 fn gcd(a: u64, b: u64) -> u64 {
