@@ -496,18 +496,30 @@ unsafe fn emulate_host(
             }
             return Ok(());
         }
-        (HostKernel::Gemm(input), [a, b, c], [m, n, k], [alpha]) => {
+        (HostKernel::Gemm(input), [a, b, c, bias @ ..], [m, n, k], [alpha]) if bias.len() <= 1 => {
             // The wgmma kernel (TMA descriptors of A and B, one matrix).
-            // SAFETY: by the caller; views of one m×k, k×n and m×n matrix.
-            unsafe { emulate_tc_gemm(*input, [*a, *b, *c], [*m, *n, *k, 0, 0, 0], *alpha, 1) };
+            // SAFETY: by the caller; views of one m×k, k×n and m×n matrix (and N biases).
+            unsafe {
+                emulate_tc_gemm(
+                    *input,
+                    [*a, *b, *c],
+                    bias.first().copied(),
+                    [*m, *n, *k, 0, 0, 0],
+                    *alpha,
+                    1,
+                )
+            };
             return Ok(());
         }
-        (HostKernel::Gemm(input), [a, b, c], [m, n, k, sa, sb, sc], [alpha]) => {
+        (HostKernel::Gemm(input), [a, b, c, bias @ ..], [m, n, k, sa, sb, sc], [alpha])
+            if bias.len() <= 1 =>
+        {
             // SAFETY: by the caller; views of grid_z matrices at the given strides.
             unsafe {
                 emulate_tc_gemm(
                     *input,
                     [*a, *b, *c],
+                    bias.first().copied(),
                     [*m, *n, *k, *sa, *sb, *sc],
                     *alpha,
                     grid_z as usize,
@@ -640,13 +652,14 @@ unsafe fn emulate_host(
 
 /// A tensor-core GEMM on the host: inputs read as the hardware reads them (tf32: the f32
 /// buffers with the low 13 mantissa bits dropped; f16/bf16: the 16-bit copies), products
-/// accumulated in f32, `C = alpha · A·B` for `batch` matrices.
+/// accumulated in f32, `C = alpha · A·B [+ bias[col]]` for `batch` matrices.
 ///
 /// # Safety
 /// `p` = `A, B, C` views holding `batch` matrices at strides `sa, sb, sc` (elements).
 unsafe fn emulate_tc_gemm(
     input: MmaInput,
     p: [*mut u8; 3],
+    bias: Option<*mut u8>,
     [m, n, k, sa, sb, sc]: [usize; 6],
     alpha: f32,
     batch: usize,
@@ -677,8 +690,12 @@ unsafe fn emulate_tc_gemm(
                 for (q, x) in row.iter().enumerate() {
                     acc += x * bt[q * n + j];
                 }
+                // SAFETY: by the caller (the bias view holds n values).
+                let b = bias.map_or(0.0, |b| unsafe {
+                    (b as *const f32).add(j).read_unaligned()
+                });
                 // SAFETY: by the caller.
-                unsafe { c.add(bi * sc + i * n + j).write_unaligned(alpha * acc) };
+                unsafe { c.add(bi * sc + i * n + j).write_unaligned(alpha * acc + b) };
             }
         }
     }

@@ -363,6 +363,9 @@ fn special(
         }
     }
     let mut tensor_core = false;
+    // A lone per-column bias (MatMul + Add of a constant [N], or Gemm's C of [N] with
+    // alpha = beta = 1) runs in the tensor-core kernel's epilogue.
+    let bias_fused = fused_bias(g, k, mm, epi, n);
     if opts.precision != Precision::F32 {
         match &opts.sku {
             None => out
@@ -384,12 +387,16 @@ fn special(
                     b_transposed: tb,
                     n,
                     k: kk,
-                    target,
+                    target: bias_fused.map_or(target, |f| f.1),
                     calls: &gc,
+                    bias: bias_fused.map(|f| f.0),
                 };
                 match tensor_core::lower(g, index, &spec, opts.precision, sku, out) {
                     Ok(()) => tensor_core = true,
                     Err(e) => out.tensor_core_fallbacks.push((index, e)),
+                }
+                if tensor_core && bias_fused.is_some() {
+                    return Ok(true);
                 }
             }
         }
@@ -470,6 +477,48 @@ fn special(
         out.push_generic(index, gk, max_blocks)?;
     }
     Ok(true)
+}
+
+/// `(bias, output)` when the whole epilogue is one per-column bias the tensor-core kernels
+/// fuse: `MatMul` (or a plain Gemm) + `Add(y, b)` with `b` an f32 `[N]` value and the sum the
+/// kernel's only output, or a Gemm with `alpha = beta = 1`, `C` an f32 `[N]` and no
+/// epilogue.
+fn fused_bias(
+    g: &Graph,
+    k: &fusion::Kernel,
+    mm: &MatMul,
+    epi: &[usize],
+    n: usize,
+) -> Option<(ValueId, ValueId)> {
+    let is_bias =
+        |v: ValueId| shape_of(g, v).is_ok_and(|s| s == [n]) && g.values[v].fact.dtype == DType::F32;
+    match (&mm.gemm, epi) {
+        (Some(gm), []) => {
+            let c = mm.c?;
+            (gm.alpha == 1.0 && gm.beta == 1.0 && is_bias(c) && k.outputs == [mm.y])
+                .then_some((c, mm.y))
+        }
+        (gm, [e]) => {
+            if gm
+                .as_ref()
+                .is_some_and(|gm| gm.alpha != 1.0 || (mm.c.is_some() && gm.beta != 0.0))
+            {
+                return None;
+            }
+            let node = &g.nodes[*e];
+            let ins: Vec<ValueId> = node.inputs.iter().flatten().copied().collect();
+            let o = node.outputs[0];
+            let Op::Elementwise(ElementwiseOp::Binary(BinaryKind::Add)) = node.op else {
+                return None;
+            };
+            let b = match ins[..] {
+                [x, b] | [b, x] if x == mm.y && b != mm.y => b,
+                _ => return None,
+            };
+            (is_bias(b) && k.outputs == [o] && shape_of(g, o).ok()? == mm.ys).then_some((b, o))
+        }
+        _ => None,
+    }
 }
 
 /// The specialized conv path (see the module doc); `Ok(false)` if it does not apply.

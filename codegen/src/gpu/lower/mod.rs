@@ -209,8 +209,8 @@ pub enum HostKernel {
     Attention(attention::RowAttention),
     /// [`attention::copy_kernel`]: `X, Y`, scalar `n`.
     Copy,
-    /// A tensor-core GEMM without epilogue ([`tensor_core`]): `A, B, C (f32)`, scalars
-    /// `M, N, K, sA, sB, sC`, `alpha`; `grid.z` matrices.
+    /// A tensor-core GEMM ([`tensor_core`]): `A, B, C (f32)[, bias]`, scalars `M, N, K, sA,
+    /// sB, sC` (wgmma: `M, N, K`), `alpha`; `grid.z` matrices; `C = alpha·A·B [+ bias[col]]`.
     Gemm(kernels::gemm_mma::MmaInput),
 }
 

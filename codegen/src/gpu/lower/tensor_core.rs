@@ -55,6 +55,8 @@ pub(crate) struct GemmSpec<'a> {
     pub target: ValueId,
     /// The launches of the f32 path, one per matrix (or one with the batch folded into M).
     pub calls: &'a [GemmCall],
+    /// A per-column f32 bias `[N]` added in the kernel's epilogue.
+    pub bias: Option<ValueId>,
 }
 
 fn align64(v: u64) -> u64 {
@@ -121,7 +123,10 @@ pub(crate) fn lower(
         input,
         output: MmaOutput::F32,
     };
-    let epi = Epilogue::none();
+    let epi = Epilogue {
+        bias: spec.bias.is_some(),
+        ..Epilogue::none()
+    };
     // `select`'s choice; where its default tile does not fit the SKU (tf32 on sm_89: 104
     // KiB of shared memory) the 64×64 tile. The wgmma kernel's TMA boxes need 16-byte
     // aligned matrix starts.
@@ -301,11 +306,16 @@ pub(crate) fn lower(
                     tm(a_op.clone(), c.a_off, rows * kk, ta),
                     tm(b_op.clone(), c.b_off, kk * nn, tb),
                     buf(Operand::Value(spec.target), c.y_off, rows * nn, 4),
+                ]
+                .into_iter()
+                .chain(spec.bias.map(|b| buf(Operand::Value(b), 0, nn, 4)))
+                .chain([
                     LaunchArg::Index(rows as i64),
                     LaunchArg::Index(nn as i64),
                     LaunchArg::Index(kk as i64),
                     LaunchArg::F32(1.0),
-                ],
+                ])
+                .collect(),
                 grid: w.schedule.grid(rows, nn),
                 block: gk.block,
                 shared_bytes: w.dynamic_shared,
@@ -324,6 +334,10 @@ pub(crate) fn lower(
                 buf(a_op.clone(), c.a_off, (nb - 1) * sa + rows * kk, eb),
                 buf(b_op.clone(), c.b_off, (nb - 1) * sb + kk * nn, eb),
                 buf(Operand::Value(spec.target), c.y_off, nb * m * nn, 4),
+            ]
+            .into_iter()
+            .chain(spec.bias.map(|b| buf(Operand::Value(b), 0, nn, 4)))
+            .chain([
                 LaunchArg::Index(rows as i64),
                 LaunchArg::Index(nn as i64),
                 LaunchArg::Index(kk as i64),
@@ -331,7 +345,8 @@ pub(crate) fn lower(
                 LaunchArg::Index(sb as i64),
                 LaunchArg::Index((m * nn) as i64),
                 LaunchArg::F32(1.0),
-            ],
+            ])
+            .collect(),
             grid: kern.grid(rows, nn, nb),
             block: kern.kernel.block,
             shared_bytes: kern.dynamic_shared,
