@@ -343,6 +343,14 @@ fn precision_option_plans_casts_and_reports() {
         .steps
         .iter()
         .any(|s| s.kernel.starts_with("kiln_gemm_mma_f16_f32")));
+    // The Gemms' bias runs in the tensor-core kernel's epilogue (no epilogue launch).
+    assert!(
+        gp.steps
+            .iter()
+            .any(|s| s.kernel.starts_with("kiln_gemm_mma_f16_f32") && s.kernel.ends_with("_bias")),
+        "{:#?}",
+        gp.steps
+    );
     assert!(art
         .inner()
         .plan
