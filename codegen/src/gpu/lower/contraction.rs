@@ -7,6 +7,9 @@
 //!   (numpy batch broadcasting). The GEMM writes the contraction result into the kernel's
 //!   output buffer; Gemm's `alpha`, `beta · C` and the fused elementwise nodes then run as a
 //!   generic elementwise kernel over that buffer, in place.
+//! * At `--precision tf32|f16|bf16` the same GEMMs run on tensor cores ([`tensor_core`]),
+//!   with a lone per-column bias in the kernel's epilogue; shapes they cannot take keep the
+//!   f32 GEMM and are recorded in [`GpuLowering::tensor_core_fallbacks`].
 //! * Everything else (transposed `A`, the result not landing in an output buffer, the
 //!   generic-only mode) is one generic kernel: one thread per output element, a dot product
 //!   over `K` and the epilogue inline.
