@@ -196,6 +196,15 @@ impl Compiler {
         self
     }
 
+    /// What MatMul/Gemm compute on for a cuda target: `f32` (default), `tf32`, `f16` or
+    /// `bf16` (tensor cores, f32 accumulation; activations and other ops stay f32). A CPU
+    /// target refuses anything but `f32` when compiling.
+    pub fn precision(mut self, precision: &str) -> Result<Self> {
+        self.opts.precision = kiln_codegen::gpu::lower::Precision::parse(precision)
+            .map_err(|e| Error::InvalidArgument(format!("--precision: {e}")))?;
+        Ok(self)
+    }
+
     /// Whether kernels with no code generator yet may run on the runtime's reference
     /// interpreter (default `true`); `false` makes them a compile error.
     pub fn reference_kernels(mut self, on: bool) -> Self {

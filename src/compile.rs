@@ -73,6 +73,9 @@ pub struct CompileOptions {
     /// A `cuda:SKU` target (`--target cuda:h100`): compile for that GPU instead of the CPU
     /// (see [`crate::gpu_compile`]).
     pub gpu_target: Option<String>,
+    /// What MatMul/Gemm compute on for a cuda target (`--precision f32|tf32|f16|bf16`, see
+    /// [`kiln_codegen::gpu::lower::precision`]); CPU targets take f32 only.
+    pub precision: kiln_codegen::gpu::lower::Precision,
 }
 
 impl Default for CompileOptions {
@@ -87,6 +90,7 @@ impl Default for CompileOptions {
             schedules: Default::default(),
             measured_us: Default::default(),
             gpu_target: None,
+            precision: Default::default(),
         }
     }
 }
@@ -216,6 +220,13 @@ pub fn compile_graph(
 ) -> Result<(Artifact, CompileReport)> {
     if let Some(t) = &opts.gpu_target {
         return crate::gpu_compile::compile_graph_gpu(graph, name, t, opts, print);
+    }
+    if opts.precision != kiln_codegen::gpu::lower::Precision::F32 {
+        bail!(
+            "{name}: --precision {}: CPU targets compute in f32 only (tensor-core precisions \
+             need a cuda target)",
+            opts.precision.name()
+        );
     }
     let model = Path::new(name);
     let mut report = CompileReport::default();

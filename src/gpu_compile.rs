@@ -19,8 +19,11 @@
 use crate::compile::{io_spec, CompileOptions, CompileReport, PlanBuilder};
 use crate::pipeline;
 use anyhow::{bail, Context, Result};
+use kiln_codegen::gpu::kernels::gemm_mma::MmaInput;
 use kiln_codegen::gpu::kernels::reduce::ReduceKind;
-use kiln_codegen::gpu::lower::{self, GpuLowering, HostKernel, LaunchArg, LowerOptions, Operand};
+use kiln_codegen::gpu::lower::{
+    self, precision, GpuLowering, HostKernel, LaunchArg, LowerOptions, Operand,
+};
 use kiln_codegen::gpu::{DeviceDb, Sku};
 use kiln_passes::fusion::KernelKind;
 use kiln_runtime::plan::WeightsBuilder;
@@ -88,6 +91,13 @@ pub fn gpu_plan(
     let mut weights = WeightsBuilder::new();
     let mut b = PlanBuilder::new(g, mem, &mut weights);
     let mut const_refs: Vec<Option<BufRef>> = vec![None; lowering.consts.len()];
+    // The per-launch scratch region (tensor-core operand casts) follows the arena.
+    let scratch_base = (mem.arena_bytes as u64).div_ceil(64) * 64;
+    let arena_bytes = if lowering.scratch_bytes > 0 {
+        scratch_base + lowering.scratch_bytes
+    } else {
+        mem.arena_bytes as u64
+    };
     let mut steps = Vec::new();
     for l in &lowering.launches {
         let (label, k_outputs): (String, &[kiln_ir::ValueId]) = match p.kernels.get(l.index) {
@@ -97,12 +107,22 @@ pub fn gpu_plan(
         let mut args = Vec::new();
         for a in &l.args {
             args.push(match a {
-                LaunchArg::Buf {
-                    operand,
-                    offset,
-                    len,
-                    elem_bytes,
-                } => {
+                LaunchArg::Buf { .. } | LaunchArg::TensorMap { .. } => {
+                    let (operand, offset, len, elem_bytes) = match a {
+                        LaunchArg::Buf {
+                            operand,
+                            offset,
+                            len,
+                            elem_bytes,
+                        } => (operand, offset, len, elem_bytes),
+                        LaunchArg::TensorMap {
+                            operand,
+                            offset,
+                            len,
+                            ..
+                        } => (operand, offset, len, &2u64),
+                        _ => unreachable!(),
+                    };
                     let (buf, written) = match operand {
                         // The source of an output copy: the graph input or the constant
                         // itself (`buf` would answer the output's own buffer).
@@ -124,6 +144,13 @@ pub fn gpu_plan(
                             k_outputs.contains(v),
                         ),
                         Operand::GraphOutput(index) => (BufRef::Output { index: *index }, true),
+                        Operand::Scratch(at) => (
+                            BufRef::Arena {
+                                offset: scratch_base + at,
+                                bytes: lowering.scratch_bytes.saturating_sub(*at),
+                            },
+                            true,
+                        ),
                         Operand::Const(i) => {
                             let r = match &const_refs[*i] {
                                 Some(r) => r.clone(),
@@ -140,12 +167,29 @@ pub fn gpu_plan(
                             (r, false)
                         }
                     };
-                    GpuArg::Buf {
-                        buf,
-                        offset: offset * elem_bytes,
-                        len: *len,
-                        elem_bytes: *elem_bytes,
-                        written,
+                    match a {
+                        LaunchArg::TensorMap {
+                            dims,
+                            row_bytes,
+                            box_dims,
+                            bf16,
+                            ..
+                        } => GpuArg::TensorMap {
+                            buf,
+                            offset: offset * 2,
+                            len: *len,
+                            dims: *dims,
+                            row_bytes: *row_bytes,
+                            box_dims: *box_dims,
+                            bf16: *bf16,
+                        },
+                        _ => GpuArg::Buf {
+                            buf,
+                            offset: offset * elem_bytes,
+                            len: *len,
+                            elem_bytes: *elem_bytes,
+                            written,
+                        },
                     }
                 }
                 LaunchArg::Index(v) => GpuArg::Index(*v),
@@ -173,7 +217,7 @@ pub fn gpu_plan(
             .iter()
             .map(|&v| io_spec(g, v))
             .collect::<Result<_>>()?,
-        arena_bytes: mem.arena_bytes as u64,
+        arena_bytes,
         gpu: Some(GpuPlan {
             sku: sku.name.clone(),
             sku_display: sku.display_name.clone(),
@@ -204,7 +248,11 @@ pub fn compile_graph_gpu(
     let planned = plan_for_gpu(graph, name, sku, opts, &mut print)?;
     report.timings.push(("plan", t.elapsed()));
     let t = Instant::now();
-    let (plan, lowering, weights) = gpu_plan(&planned, sku, &LowerOptions::for_sku(sku))
+    let lopts = LowerOptions {
+        precision: opts.precision,
+        ..LowerOptions::for_sku(sku)
+    };
+    let (plan, lowering, weights) = gpu_plan(&planned, sku, &lopts)
         .with_context(|| format!("{name}: lowering for {}", sku.name))?;
     report.timings.push(("lower", t.elapsed()));
     let t = Instant::now();
@@ -247,6 +295,10 @@ pub fn compile_graph_gpu(
         epilogues.len(),
         epilogues.join(", ")
     ));
+    report
+        .gpu
+        .push(tensor_core_summary(&planned, &lowering, opts.precision));
+    report.gpu.push(attention_summary(&planned, &lowering));
     report.kernels = lowering.kernels.len();
     report.views = lowering.views;
     report.variants = 1;
@@ -282,6 +334,7 @@ pub fn emulate(
     let planned = plan_for_gpu(&graph, &name, sku, opts, &mut |_, _| {})?;
     let lopts = LowerOptions {
         specialized,
+        precision: opts.precision,
         ..LowerOptions::for_sku(sku)
     };
     let (plan, lowering, weights) = gpu_plan(&planned, sku, &lopts)?;
@@ -329,13 +382,18 @@ pub fn emulate(
         let mut scalars = Vec::new();
         let mut floats = Vec::new();
         for a in &s.args {
-            let GpuArg::Buf { buf, offset, .. } = a else {
-                match a {
-                    GpuArg::Index(v) => scalars.push(*v as usize),
-                    GpuArg::F32(bits) => floats.push(f32::from_bits(*bits)),
-                    GpuArg::Buf { .. } => {}
+            let (buf, offset) = match a {
+                GpuArg::Buf { buf, offset, .. } | GpuArg::TensorMap { buf, offset, .. } => {
+                    (buf, offset)
                 }
-                continue;
+                GpuArg::Index(v) => {
+                    scalars.push(*v as usize);
+                    continue;
+                }
+                GpuArg::F32(bits) => {
+                    floats.push(f32::from_bits(*bits));
+                    continue;
+                }
             };
             let base = match buf {
                 BufRef::Arena { offset: o, .. } => arena.as_mut_slice()[*o as usize..].as_mut_ptr(),
@@ -353,7 +411,7 @@ pub fn emulate(
             // SAFETY: `validate` checked each view (len elements) against its buffer.
             unsafe {
                 match lowering.host_kernel(&s.kernel) {
-                    Some(h) => emulate_host(&s.kernel, h, &ptrs, &scalars, &floats)?,
+                    Some(h) => emulate_host(&s.kernel, h, &ptrs, &scalars, &floats, s.grid[2])?,
                     None => emulate_special(&s.kernel, &ptrs, &scalars)?,
                 }
             }
@@ -396,8 +454,91 @@ unsafe fn emulate_host(
     ptrs: &[*mut u8],
     scalars: &[usize],
     floats: &[f32],
+    grid_z: u32,
 ) -> Result<()> {
     let (geom, epi, depthwise) = match (h, ptrs, scalars, floats) {
+        (HostKernel::Cast(to), [x, y], [n], []) => {
+            // SAFETY: by the caller; an f32 view and a 16-bit view of n elements.
+            unsafe {
+                let (x, y) = (*x as *const f32, *y as *mut u16);
+                for i in 0..*n {
+                    let v = x.add(i).read_unaligned();
+                    let bits = match to {
+                        MmaInput::F16 => precision::f32_to_f16_bits(v),
+                        MmaInput::BF16 => precision::f32_to_bf16_bits(v),
+                        MmaInput::TF32 => bail!("emulation: '{kernel}' casts to tf32"),
+                    };
+                    y.add(i).write_unaligned(bits);
+                }
+            }
+            return Ok(());
+        }
+        (HostKernel::Copy, [x, y], [n], []) => {
+            // SAFETY: by the caller; f32 views of n elements (distinct buffers).
+            unsafe { std::ptr::copy(*x as *const u8, *y, n * 4) };
+            return Ok(());
+        }
+        (HostKernel::Attention(a), [q, kt, v, rest @ ..], [], []) => {
+            let (mask, o) = match rest {
+                [m, o] => (Some(*m), *o),
+                [o] => (None, *o),
+                _ => bail!("emulation: kernel '{kernel}' has unexpected arguments"),
+            };
+            let read = |p: *mut u8, n: usize| -> Vec<f32> {
+                // SAFETY: by the caller; an f32 view of at least n elements.
+                (0..n)
+                    .map(|i| unsafe { (p as *const f32).add(i).read_unaligned() })
+                    .collect()
+            };
+            let (bh, sq, skv, d) = (a.bh, a.sq, a.skv, a.d);
+            let m = mask.map_or(Vec::new(), |p| {
+                read(p, a.mask_offset(bh - 1, sq - 1, skv - 1) + 1)
+            });
+            let mut out = vec![0f32; bh * sq * d];
+            a.eval(
+                &read(*q, bh * sq * d),
+                &read(*kt, bh * d * skv),
+                &read(*v, bh * skv * d),
+                &m,
+                &mut out,
+            );
+            for (i, x) in out.iter().enumerate() {
+                // SAFETY: by the caller; an f32 view of bh·sq·d elements.
+                unsafe { (o as *mut f32).add(i).write_unaligned(*x) };
+            }
+            return Ok(());
+        }
+        (HostKernel::Gemm(input), [a, b, c, bias @ ..], [m, n, k], [alpha]) if bias.len() <= 1 => {
+            // The wgmma kernel (TMA descriptors of A and B, one matrix).
+            // SAFETY: by the caller; views of one m×k, k×n and m×n matrix (and N biases).
+            unsafe {
+                emulate_tc_gemm(
+                    *input,
+                    [*a, *b, *c],
+                    bias.first().copied(),
+                    [*m, *n, *k, 0, 0, 0],
+                    *alpha,
+                    1,
+                )
+            };
+            return Ok(());
+        }
+        (HostKernel::Gemm(input), [a, b, c, bias @ ..], [m, n, k, sa, sb, sc], [alpha])
+            if bias.len() <= 1 =>
+        {
+            // SAFETY: by the caller; views of grid_z matrices at the given strides.
+            unsafe {
+                emulate_tc_gemm(
+                    *input,
+                    [*a, *b, *c],
+                    bias.first().copied(),
+                    [*m, *n, *k, *sa, *sb, *sc],
+                    *alpha,
+                    grid_z as usize,
+                )
+            };
+            return Ok(());
+        }
         (HostKernel::Conv { geom, epi }, ..) => (geom, epi, false),
         (HostKernel::Depthwise { geom, epi }, ..) => (geom, epi, true),
         (HostKernel::LayerNorm, [x, sc, bi, y], [rows, n], [eps]) => {
@@ -519,6 +660,130 @@ unsafe fn emulate_host(
         }
     }
     Ok(())
+}
+
+/// A tensor-core GEMM on the host: inputs read as the hardware reads them (tf32: the f32
+/// buffers with the low 13 mantissa bits dropped; f16/bf16: the 16-bit copies), products
+/// accumulated in f32, `C = alpha · A·B [+ bias[col]]` for `batch` matrices.
+///
+/// # Safety
+/// `p` = `A, B, C` views holding `batch` matrices at strides `sa, sb, sc` (elements).
+unsafe fn emulate_tc_gemm(
+    input: MmaInput,
+    p: [*mut u8; 3],
+    bias: Option<*mut u8>,
+    [m, n, k, sa, sb, sc]: [usize; 6],
+    alpha: f32,
+    batch: usize,
+) {
+    let read = |base: *mut u8, i: usize| -> f32 {
+        // SAFETY: by the caller, `i` lies inside the view.
+        unsafe {
+            match input {
+                MmaInput::TF32 => {
+                    precision::round_input((base as *const f32).add(i).read_unaligned(), input)
+                }
+                MmaInput::F16 => {
+                    precision::f16_bits_to_f32((base as *const u16).add(i).read_unaligned())
+                }
+                MmaInput::BF16 => {
+                    f32::from_bits(u32::from((base as *const u16).add(i).read_unaligned()) << 16)
+                }
+            }
+        }
+    };
+    let c = p[2] as *mut f32;
+    for bi in 0..batch {
+        let bt: Vec<f32> = (0..k * n).map(|i| read(p[1], bi * sb + i)).collect();
+        for i in 0..m {
+            let row: Vec<f32> = (0..k).map(|q| read(p[0], bi * sa + i * k + q)).collect();
+            for j in 0..n {
+                let mut acc = 0f32;
+                for (q, x) in row.iter().enumerate() {
+                    acc += x * bt[q * n + j];
+                }
+                // SAFETY: by the caller (the bias view holds n values).
+                let b = bias.map_or(0.0, |b| unsafe {
+                    (b as *const f32).add(j).read_unaligned()
+                });
+                // SAFETY: by the caller.
+                unsafe { c.add(bi * sc + i * n + j).write_unaligned(alpha * acc + b) };
+            }
+        }
+    }
+}
+
+/// One summary line: how many MatMul/Gemm kernels run on tensor cores at `prec`, and why the
+/// others do not.
+fn tensor_core_summary(
+    planned: &pipeline::Planned,
+    l: &GpuLowering,
+    prec: lower::Precision,
+) -> String {
+    let (g, p) = (&planned.graph, &planned.partition);
+    let gemms = p
+        .kernels
+        .iter()
+        .filter(|k| {
+            k.kind == KernelKind::Contraction
+                && k.nodes
+                    .iter()
+                    .any(|&n| matches!(g.nodes[n].op, kiln_ir::Op::Linalg(_)))
+        })
+        .count();
+    let in_attention = 2 * l.attention.iter().filter(|a| a.fused.is_some()).count();
+    if prec == lower::Precision::F32 {
+        return format!(
+            "precision f32: {gemms} MatMul/Gemm kernels, {in_attention} of them in fused \
+             attention, the rest on the f32 GEMM (no tensor cores)"
+        );
+    }
+    let off: Vec<String> = l
+        .tensor_core_fallbacks
+        .iter()
+        .map(|(i, why)| format!("{} ({why})", p.kernels[*i].name))
+        .collect();
+    format!(
+        "precision {}: {} of {gemms} MatMul/Gemm kernels on tensor cores, {in_attention} in \
+         fused attention (f32), {} not: {}",
+        prec.name(),
+        l.tensor_core.len(),
+        off.len(),
+        if off.is_empty() {
+            "-".to_string()
+        } else {
+            off.join("; ")
+        }
+    )
+}
+
+/// One summary line: the attention patterns found and why they stay unfused.
+fn attention_summary(planned: &pipeline::Planned, l: &GpuLowering) -> String {
+    let p = &planned.partition;
+    let items: Vec<String> = l
+        .attention
+        .iter()
+        .map(|a| {
+            let [x, y, z] = a.kernels.map(|i| p.kernels[i].name.clone());
+            let how = match &a.not_fused {
+                None => "one row-attention launch".to_string(),
+                Some(why) => format!("unfused: {why}"),
+            };
+            format!(
+                "{x}-{y}-{z} (D {}, mask {}): {how}; flash kernels: {}",
+                a.head_dim,
+                a.mask,
+                a.unfused.join(", ")
+            )
+        })
+        .collect();
+    let fused = l.attention.iter().filter(|a| a.fused.is_some()).count();
+    format!(
+        "attention patterns: {} found, {fused} fused{}{}",
+        items.len(),
+        if items.is_empty() { "" } else { ": " },
+        items.join("; ")
+    )
 }
 
 /// The specialized kernels' semantics on the host (see [`emulate`]).

@@ -109,6 +109,10 @@ enum Cmd {
         /// Use the best schedules of this tuning database (written by `kiln tune`).
         #[arg(long, value_name = "FILE")]
         db: Option<PathBuf>,
+        /// cuda targets: what MatMul/Gemm compute on: f32 (default), tf32, f16 or bf16
+        /// (tensor cores, f32 accumulation; other ops stay f32).
+        #[arg(long, default_value = "f32")]
+        precision: String,
     },
     /// Autotune the model's MatMul/Gemm/Conv kernels on this machine, recording every
     /// measurement in a tuning database (stop and resume at will; `kiln compile --db` uses it).
@@ -332,6 +336,7 @@ fn run(cli: Cli) -> Result<()> {
             opt_level,
             no_reference_kernels,
             db,
+            precision,
         } => {
             let explain = match explain.as_deref() {
                 None => false,
@@ -344,7 +349,8 @@ fn run(cli: Cli) -> Result<()> {
             let mut compiler = kiln::Compiler::new()
                 .target(&target)
                 .with_context(|| format!("--target '{target}'"))?
-                .reference_kernels(!no_reference_kernels);
+                .reference_kernels(!no_reference_kernels)
+                .precision(&precision)?;
             if let Some(db) = &db {
                 compiler = compiler.tuning_db(db)?;
             }

@@ -1,6 +1,7 @@
 //! Zoo models on the GPU present: each is compiled for that GPU's SKU (found by matching the
-//! driver's device name against the device database) and run by the CUDA executor; the
-//! outputs must match the reference interpreter (f32: relative error ≤ 1e-4). Without a
+//! driver's device name against the device database) at `--precision f32` and `f16` (MatMul/
+//! Gemm on tensor cores) and run by the CUDA executor; the outputs must match the reference
+//! interpreter (relative error ≤ 1e-4 at f32, ≤ 1e-2 at f16). Without a
 //! CUDA driver or device the test prints `SKIPPED: no CUDA device (...)` and passes.
 
 use kiln_codegen::gpu::DeviceDb;
@@ -46,13 +47,18 @@ fn zoo_models_on_the_gpu_match_the_reference_interpreter() {
         return;
     };
     println!("GPU: {name} ({arch}) = cuda:{sku}");
-    for model in ["mlp", "resnet", "mobilenet", "bert", "gpt"] {
+    for (model, prec, tol) in ["mlp", "resnet", "mobilenet", "bert", "gpt"]
+        .into_iter()
+        .flat_map(|m| [(m, "f32", 1e-4), (m, "f16", 1e-2)])
+    {
         let dir = zoo(model).join("test_data_set_0");
         let ins = kiln::io::read_test_set(&dir, "input").unwrap();
         let path = zoo(model).join("model.onnx");
         let g = kiln::load_model(&path).unwrap();
         let mut c = kiln::Compiler::new()
             .target(&format!("cuda:{sku}"))
+            .unwrap()
+            .precision(prec)
             .unwrap();
         for (&v, t) in g.inputs.iter().zip(&ins) {
             c = c.shape(g.values[v].name.clone(), t.shape().to_vec());
@@ -78,10 +84,14 @@ fn zoo_models_on_the_gpu_match_the_reference_interpreter() {
                     .map(|(a, b)| (a - b).abs() / b.abs().max(1.0))
                     .fold(0.0, f64::max);
                 println!(
-                    "{model} run {run} output '{}': max rel error {err:.2e}",
+                    "{model} {prec} run {run} output '{}': max rel error {err:.2e}",
                     io.name
                 );
-                assert!(err <= 1e-4, "{model} output '{}': rel error {err}", io.name);
+                assert!(
+                    err <= tol,
+                    "{model} {prec} output '{}': rel error {err}",
+                    io.name
+                );
             }
         }
     }

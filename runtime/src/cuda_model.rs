@@ -42,6 +42,48 @@ pub enum CudaModelError {
     Inputs(String),
 }
 
+/// A rank-2 TMA descriptor (128 bytes) of the 16-bit row-major matrix at device address
+/// `ptr` (see [`GpuArg::TensorMap`]).
+fn encode_tensor_map(
+    ptr: u64,
+    bf16: bool,
+    dims: [u64; 2],
+    row_bytes: u64,
+    box_dims: [u32; 2],
+) -> Result<Vec<u8>, String> {
+    use cudarc::driver::sys;
+    let mut map = sys::CUtensorMap { opaque: [0; 16] };
+    let dtype = if bf16 {
+        sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+    } else {
+        sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16
+    };
+    let strides = [row_bytes];
+    let elem_strides = [1u32, 1];
+    // SAFETY: `map` is a properly aligned CUtensorMap; the arrays have the lengths rank 2
+    // requires (dims 2, strides 1, box 2, element strides 2) and outlive the call; the
+    // address is only recorded, not dereferenced.
+    let r = unsafe {
+        sys::cuTensorMapEncodeTiled(
+            &mut map,
+            dtype,
+            2,
+            ptr as *mut std::ffi::c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            box_dims.as_ptr(),
+            elem_strides.as_ptr(),
+            sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_NONE,
+            sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    };
+    r.result()
+        .map_err(|e| format!("cuTensorMapEncodeTiled {dims:?} (row {row_bytes} B): {e}"))?;
+    Ok(map.opaque.iter().flat_map(|w| w.to_le_bytes()).collect())
+}
+
 fn drv(e: cudarc::driver::DriverError) -> CudaModelError {
     CudaModelError::Driver(e.to_string())
 }
@@ -71,6 +113,8 @@ pub struct CudaModel {
     outputs: Vec<(CudaSlice<u8>, PinnedHostSlice<u8>)>,
     _arena: CudaSlice<u8>,
     _weights: CudaSlice<u8>,
+    /// The TMA descriptors the launches point to.
+    _tensor_maps: Vec<CudaSlice<u8>>,
     /// Warning printed at load (SKU mismatch allowed), if any.
     pub warning: Option<String>,
     /// Whether the module's cubin came from the cache ([`crate::cubin_cache`]).
@@ -178,10 +222,25 @@ impl CudaModel {
             })
         };
         let mut launches = Vec::new();
+        let mut tensor_maps = Vec::new();
         for s in &gp.steps {
             let func = module
                 .load_function(&s.kernel)
                 .map_err(|e| CudaModelError::Plan(format!("PTX entry '{}': {e}", s.kernel)))?;
+            if s.shared_bytes > 48 * 1024 {
+                // Above 48 KiB, dynamic shared memory must be opted into per function
+                // (the tensor-core GEMMs).
+                func.set_attribute(
+                    cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    s.shared_bytes as i32,
+                )
+                .map_err(|e| {
+                    CudaModelError::Plan(format!(
+                        "'{}': {} B of dynamic shared memory refused: {e}",
+                        s.kernel, s.shared_bytes
+                    ))
+                })?;
+            }
             let mut params = Vec::new();
             for a in &s.args {
                 match a {
@@ -199,6 +258,22 @@ impl CudaModel {
                     }
                     GpuArg::Index(v) => params.push(Param::I64(*v)),
                     GpuArg::F32(bits) => params.push(Param::F32(f32::from_bits(*bits))),
+                    GpuArg::TensorMap {
+                        buf,
+                        offset,
+                        dims,
+                        row_bytes,
+                        box_dims,
+                        bf16,
+                        ..
+                    } => {
+                        let p = base(buf)? + offset;
+                        let map = encode_tensor_map(p, *bf16, *dims, *row_bytes, *box_dims)
+                            .map_err(|e| CudaModelError::Plan(format!("'{}': {e}", s.kernel)))?;
+                        let dev = stream.clone_htod(&map).map_err(drv)?;
+                        params.push(Param::U64(addr(&dev)));
+                        tensor_maps.push(dev);
+                    }
                 }
             }
             launches.push(Launch {
@@ -220,6 +295,7 @@ impl CudaModel {
             outputs,
             _arena: arena,
             _weights: weights,
+            _tensor_maps: tensor_maps,
             warning,
             cubin,
         })

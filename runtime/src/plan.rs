@@ -446,6 +446,27 @@ pub enum GpuArg {
     Index(i64),
     /// An `f32` scalar, as its IEEE bits.
     F32(u32),
+    /// A TMA descriptor (the sm_90 `wgmma` GEMM's operands): the runtime encodes a rank-2,
+    /// 16-bit, tiled descriptor of the view with `cuTensorMapEncodeTiled` at load (128-byte
+    /// swizzle, no interleave, no L2 promotion, zero fill out of bounds), stores it in device
+    /// memory and passes its address (one `u64` parameter). Read-only.
+    #[serde(rename = "tensormap")]
+    TensorMap {
+        /// The buffer.
+        buf: BufRef,
+        /// Byte offset of the matrix in it (a multiple of 16).
+        offset: u64,
+        /// Elements the view covers (`dims[1] · row_bytes / 2`, checked like a buffer view).
+        len: u64,
+        /// Global extent, innermost first.
+        dims: [u64; 2],
+        /// Byte stride of the outer dimension (a multiple of 16).
+        row_bytes: u64,
+        /// Box extent, innermost first.
+        box_dims: [u32; 2],
+        /// bf16 elements (else f16).
+        bf16: bool,
+    },
 }
 
 /// Lowercase alphanumeric tokens of a device or product name (`NVIDIA A100-SXM4-80GB` →
@@ -500,15 +521,32 @@ impl GpuPlan {
                 ));
             }
             for (ai, a) in s.args.iter().enumerate() {
-                let GpuArg::Buf {
-                    buf,
-                    offset,
-                    len,
-                    elem_bytes,
-                    written: w,
-                } = a
-                else {
-                    continue;
+                let (buf, offset, len, elem_bytes, w) = match a {
+                    GpuArg::Buf {
+                        buf,
+                        offset,
+                        len,
+                        elem_bytes,
+                        written,
+                    } => (buf, offset, len, elem_bytes, written),
+                    GpuArg::TensorMap {
+                        buf,
+                        offset,
+                        len,
+                        dims,
+                        row_bytes,
+                        ..
+                    } => {
+                        if !offset.is_multiple_of(16)
+                            || !row_bytes.is_multiple_of(16)
+                            || dims[0].saturating_mul(2) > *row_bytes
+                            || dims[1].saturating_mul(*row_bytes) > len.saturating_mul(2)
+                        {
+                            return Err(format!("{}: arg {ai}: bad tensor map", at()));
+                        }
+                        (buf, offset, len, &2u64, &false)
+                    }
+                    _ => continue,
                 };
                 let bytes = len
                     .checked_mul(*elem_bytes)

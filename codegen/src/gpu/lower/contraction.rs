@@ -7,6 +7,9 @@
 //!   (numpy batch broadcasting). The GEMM writes the contraction result into the kernel's
 //!   output buffer; Gemm's `alpha`, `beta · C` and the fused elementwise nodes then run as a
 //!   generic elementwise kernel over that buffer, in place.
+//! * At `--precision tf32|f16|bf16` the same GEMMs run on tensor cores ([`tensor_core`]),
+//!   with a lone per-column bias in the kernel's epilogue; shapes they cannot take keep the
+//!   f32 GEMM and are recorded in [`GpuLowering::tensor_core_fallbacks`].
 //! * Everything else (transposed `A`, the result not landing in an output buffer, the
 //!   generic-only mode) is one generic kernel: one thread per output element, a dot product
 //!   over `K` and the epilogue inline.
@@ -24,6 +27,8 @@
 
 use super::elementwise::{emit_nodes, store_outputs};
 use super::generic::{row_major, Gen, GenKernel};
+use super::precision::Precision;
+use super::tensor_core::{self, GemmCall, GemmSpec};
 use super::window::{open_acc, tap_offset};
 use super::HostKernel;
 use super::{node_input, shape_of, GpuLowering, Launch, LaunchArg, LowerOptions, Operand};
@@ -101,8 +106,19 @@ pub(crate) fn lower(
                 _ => None,
             };
             let mm = MatMul::new(g, ci, gemm)?;
-            if opts.specialized && special(g, k, (index, name, opts.max_blocks), &mm, &epi, out)? {
+            if opts.specialized && special(g, k, (index, name, opts), &mm, &epi, out)? {
                 return Ok(());
+            }
+            if opts.specialized
+                && opts.precision != Precision::F32
+                && !out.tensor_core_fallbacks.iter().any(|f| f.0 == index)
+            {
+                out.tensor_core_fallbacks.push((
+                    index,
+                    "transposed A, a transposed non-constant B or a result not in an output \
+                     buffer (generic f32 kernel)"
+                        .into(),
+                ));
             }
             let gk = generic_matmul(g, k, &mm, &epi, name)?;
             out.push_generic(index, gk, opts.max_blocks)
@@ -284,7 +300,7 @@ fn generic_matmul(
 fn special(
     g: &Graph,
     k: &fusion::Kernel,
-    (index, name, max_blocks): (usize, &str, u32),
+    (index, name, opts): (usize, &str, &LowerOptions),
     mm: &MatMul,
     epi: &[usize],
     out: &mut GpuLowering,
@@ -307,27 +323,7 @@ fn special(
     } else {
         return Ok(false);
     };
-    // B as [K, N] (transposed constants stored transposed).
-    let b_op = if tb {
-        let t = g.const_value(mm.b).ok_or("transposed B")?;
-        let v = t.to_f64_vec();
-        let (n, kk) = (mm.n, mm.kk);
-        let mut tr = vec![0f32; n * kk];
-        for i in 0..n {
-            for j in 0..kk {
-                tr[j * n + i] = v[i * kk + j] as f32;
-            }
-        }
-        out.consts.push((
-            format!("{}_transposed", g.values[mm.b].name),
-            Tensor::from_vec(&[kk, n], tr),
-        ));
-        Operand::Const(out.consts.len() - 1)
-    } else {
-        Operand::Value(mm.b)
-    };
-    let sched = GpuGemmSchedule::default();
-    let kern = gemm_f32("kiln_gemm_f32", &sched).map_err(|e| e.to_string())?;
+    let max_blocks = opts.max_blocks;
     let r = mm.ys.len();
     let (m, n, kk) = (mm.m, mm.n, mm.kk);
     // (a offset, b offset, y offset, rows) per launch, in elements.
@@ -369,13 +365,74 @@ fn special(
             ));
         }
     }
-    if calls
-        .iter()
-        .any(|c| sched.grid(c.3 as u64, n as u64)[1] > 65535)
+    let mut tensor_core = false;
+    // A lone per-column bias (MatMul + Add of a constant [N], or Gemm's C of [N] with
+    // alpha = beta = 1) runs in the tensor-core kernel's epilogue.
+    let bias_fused = fused_bias(g, k, mm, epi, n);
+    if opts.precision != Precision::F32 {
+        match &opts.sku {
+            None => out
+                .tensor_core_fallbacks
+                .push((index, "no SKU to schedule for".into())),
+            Some(sku) => {
+                let gc: Vec<GemmCall> = calls
+                    .iter()
+                    .map(|&(a_off, b_off, y_off, rows)| GemmCall {
+                        a_off,
+                        b_off,
+                        y_off,
+                        rows,
+                    })
+                    .collect();
+                let spec = GemmSpec {
+                    a: mm.a,
+                    b: mm.b,
+                    b_transposed: tb,
+                    n,
+                    k: kk,
+                    target: bias_fused.map_or(target, |f| f.1),
+                    calls: &gc,
+                    bias: bias_fused.map(|f| f.0),
+                };
+                match tensor_core::lower(g, index, &spec, opts.precision, sku, out) {
+                    Ok(()) => tensor_core = true,
+                    Err(e) => out.tensor_core_fallbacks.push((index, e)),
+                }
+                if tensor_core && bias_fused.is_some() {
+                    return Ok(true);
+                }
+            }
+        }
+    }
+    let sched = GpuGemmSchedule::default();
+    if !tensor_core
+        && calls
+            .iter()
+            .any(|c| sched.grid(c.3 as u64, n as u64)[1] > 65535)
     {
         return Ok(false);
     }
-    for (ao, bo, yo, rows) in calls {
+    let kern = gemm_f32("kiln_gemm_f32", &sched).map_err(|e| e.to_string())?;
+    // B as [K, N] (transposed constants stored transposed).
+    let b_op = if tb && !tensor_core {
+        let t = g.const_value(mm.b).ok_or("transposed B")?;
+        let v = t.to_f64_vec();
+        let (n, kk) = (mm.n, mm.kk);
+        let mut tr = vec![0f32; n * kk];
+        for i in 0..n {
+            for j in 0..kk {
+                tr[j * n + i] = v[i * kk + j] as f32;
+            }
+        }
+        out.consts.push((
+            format!("{}_transposed", g.values[mm.b].name),
+            Tensor::from_vec(&[kk, n], tr),
+        ));
+        Operand::Const(out.consts.len() - 1)
+    } else {
+        Operand::Value(mm.b)
+    };
+    for (ao, bo, yo, rows) in calls.into_iter().filter(|_| !tensor_core) {
         let buf = |operand: Operand, offset: u64, len: usize| LaunchArg::Buf {
             operand,
             offset,
@@ -423,6 +480,48 @@ fn special(
         out.push_generic(index, gk, max_blocks)?;
     }
     Ok(true)
+}
+
+/// `(bias, output)` when the whole epilogue is one per-column bias the tensor-core kernels
+/// fuse: `MatMul` (or a plain Gemm) + `Add(y, b)` with `b` an f32 `[N]` value and the sum the
+/// kernel's only output, or a Gemm with `alpha = beta = 1`, `C` an f32 `[N]` and no
+/// epilogue.
+fn fused_bias(
+    g: &Graph,
+    k: &fusion::Kernel,
+    mm: &MatMul,
+    epi: &[usize],
+    n: usize,
+) -> Option<(ValueId, ValueId)> {
+    let is_bias =
+        |v: ValueId| shape_of(g, v).is_ok_and(|s| s == [n]) && g.values[v].fact.dtype == DType::F32;
+    match (&mm.gemm, epi) {
+        (Some(gm), []) => {
+            let c = mm.c?;
+            (gm.alpha == 1.0 && gm.beta == 1.0 && is_bias(c) && k.outputs == [mm.y])
+                .then_some((c, mm.y))
+        }
+        (gm, [e]) => {
+            if gm
+                .as_ref()
+                .is_some_and(|gm| gm.alpha != 1.0 || (mm.c.is_some() && gm.beta != 0.0))
+            {
+                return None;
+            }
+            let node = &g.nodes[*e];
+            let ins: Vec<ValueId> = node.inputs.iter().flatten().copied().collect();
+            let o = node.outputs[0];
+            let Op::Elementwise(ElementwiseOp::Binary(BinaryKind::Add)) = node.op else {
+                return None;
+            };
+            let b = match ins[..] {
+                [x, b] | [b, x] if x == mm.y && b != mm.y => b,
+                _ => return None,
+            };
+            (is_bias(b) && k.outputs == [o] && shape_of(g, o).ok()? == mm.ys).then_some((b, o))
+        }
+        _ => None,
+    }
 }
 
 /// The specialized conv path (see the module doc); `Ok(false)` if it does not apply.

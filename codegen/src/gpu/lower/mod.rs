@@ -22,6 +22,9 @@
 //!   the MatMul/Gemm shapes the GEMM kernel does not take ([`contraction`]), each with its
 //!   epilogue inline.
 //!
+//! Attention patterns (Q·Kᵀ → Softmax → ·V across three kernels) are recognised
+//! ([`attention`]) and reported with the reason they stay unfused.
+//!
 //! Anything else is an error naming the kernel and its ops: there is no fallback. All kernels
 //! of a model go into one `gpu.module` ([`GpuLowering::module_text`]) and one PTX text per
 //! SKU ([`compile_module`]).
@@ -30,11 +33,14 @@
 //! bodies also compile for the CPU ([`generic::GenKernel::cpu_kernel`]), which is how the
 //! lowering is checked against the reference interpreter without a GPU.
 
+pub mod attention;
 pub mod contraction;
 pub mod elementwise;
 pub mod generic;
 pub mod movement;
+pub mod precision;
 pub mod reduction;
+pub mod tensor_core;
 pub mod window;
 
 use super::{kernels, GpuError, GpuKernel, Sku};
@@ -42,6 +48,7 @@ use kiln_ir::{Graph, Tensor, ValueId};
 use kiln_passes::fusion::{Kernel, KernelKind, Partition};
 
 pub use generic::GenKernel;
+pub use precision::Precision;
 
 /// A buffer a launch reads or writes.
 #[derive(Debug, Clone, PartialEq)]
@@ -53,6 +60,11 @@ pub enum Operand {
     /// The buffer of graph output `i` (for copies into outputs that are graph inputs or
     /// constants, whose value's own buffer is the input or the weight).
     GraphOutput(usize),
+    /// The per-launch scratch region ([`GpuLowering::scratch_bytes`], placed after the
+    /// memory plan's arena) starting at this byte offset (a multiple of 64). Launches run in
+    /// order on one stream, so every partition kernel may reuse it from offset 0; its content
+    /// does not survive to the next partition kernel.
+    Scratch(u64),
 }
 
 /// [`Launch::index`] of launches that belong to no partition kernel (output copies).
@@ -76,6 +88,24 @@ pub enum LaunchArg {
     Index(i64),
     /// An `f32` scalar.
     F32(f32),
+    /// A TMA descriptor of a 16-bit row-major matrix (the `wgmma` GEMM's operands): `len`
+    /// elements of `operand` from element `offset`, encoded by the runtime at load.
+    TensorMap {
+        /// The buffer.
+        operand: Operand,
+        /// First element (its byte offset a multiple of 16).
+        offset: u64,
+        /// Elements the matrix covers.
+        len: u64,
+        /// Global extent, innermost first.
+        dims: [u64; 2],
+        /// Byte stride of the outer dimension.
+        row_bytes: u64,
+        /// Box extent, innermost first.
+        box_dims: [u32; 2],
+        /// bf16 (else f16) elements.
+        bf16: bool,
+    },
 }
 
 /// One kernel launch of a lowered partition kernel.
@@ -106,8 +136,10 @@ pub struct LowerOptions {
     /// Upper bound on the blocks of a generic (grid-stride) launch.
     pub max_blocks: u32,
     /// The SKU the specialized kernels are scheduled for (conv tiles, shared memory); `None`
-    /// keeps the kernels that need it (conv) on the generic path.
+    /// keeps the kernels that need it (conv, tensor-core GEMMs) on the generic path.
     pub sku: Option<Sku>,
+    /// What MatMul/Gemm compute on (tensor cores for everything but f32, see [`precision`]).
+    pub precision: Precision,
 }
 
 impl LowerOptions {
@@ -117,6 +149,7 @@ impl LowerOptions {
             specialized: true,
             max_blocks: sku.sm_count.saturating_mul(32).max(1),
             sku: Some(sku.clone()),
+            precision: Precision::F32,
         }
     }
 }
@@ -137,6 +170,15 @@ pub struct GpuLowering {
     /// Host semantics of the specialized op kernels (conv, LayerNorm, reductions), by entry
     /// name (for CPU emulation of the plan).
     pub host: Vec<(String, HostKernel)>,
+    /// Bytes of the per-launch scratch region ([`Operand::Scratch`]; 0 if none).
+    pub scratch_bytes: u64,
+    /// Partition kernels whose MatMul/Gemm runs on tensor cores.
+    pub tensor_core: Vec<usize>,
+    /// Partition kernels whose MatMul/Gemm stays off the tensor cores at a tensor-core
+    /// precision, with the reason.
+    pub tensor_core_fallbacks: Vec<(usize, String)>,
+    /// The attention patterns of the partition ([`attention::find_patterns`]).
+    pub attention: Vec<attention::AttentionPattern>,
 }
 
 /// What a specialized op kernel computes, for running a plan on the host (conv buffer
@@ -161,6 +203,15 @@ pub enum HostKernel {
     LayerNorm,
     /// [`kernels::reduce::reduce_rows`]: `X, Y`, scalars `rows, n`.
     Reduce(kernels::reduce::ReduceKind),
+    /// [`precision::cast_kernel`]: `X (f32), Y`, scalar `n`.
+    Cast(kernels::gemm_mma::MmaInput),
+    /// [`attention::row_attention`]: `Q, Kt, V[, mask], O`.
+    Attention(attention::RowAttention),
+    /// [`attention::copy_kernel`]: `X, Y`, scalar `n`.
+    Copy,
+    /// A tensor-core GEMM ([`tensor_core`]): `A, B, C (f32)[, bias]`, scalars `M, N, K, sA,
+    /// sB, sC` (wgmma: `M, N, K`), `alpha`; `grid.z` matrices; `C = alpha·A·B [+ bias[col]]`.
+    Gemm(kernels::gemm_mma::MmaInput),
 }
 
 impl GpuLowering {
@@ -173,8 +224,14 @@ impl GpuLowering {
     pub fn module_text(&self) -> String {
         let mut s =
             String::from("module attributes {gpu.container_module} {\ngpu.module @kiln_model {\n");
+        // The tensor-core kernels each carry the dynamic shared memory declaration: once
+        // per module.
+        let decl = kernels::gemm_mma::dynamic_smem_decl();
+        if self.kernels.iter().any(|k| k.mlir.contains(&decl)) {
+            s.push_str(&decl);
+        }
         for k in &self.kernels {
-            s.push_str(&k.mlir);
+            s.push_str(&k.mlir.replace(&decl, ""));
         }
         s.push_str("}\n}\n");
         s
@@ -311,8 +368,32 @@ pub fn lower_partition(
     p: &Partition,
     opts: &LowerOptions,
 ) -> Result<GpuLowering, GpuError> {
-    let mut out = GpuLowering::default();
+    let mut out = GpuLowering {
+        attention: attention::find_patterns(g, p),
+        ..GpuLowering::default()
+    };
+    let fused: Vec<attention::AttentionPattern> = if opts.specialized {
+        out.attention
+            .iter()
+            .filter(|a| a.fused.is_some())
+            .cloned()
+            .collect()
+    } else {
+        Vec::new()
+    };
     for (index, k) in p.kernels.iter().enumerate() {
+        if fused.iter().any(|a| a.kernels[..2].contains(&index)) {
+            continue;
+        }
+        if let Some(f) = fused
+            .iter()
+            .find(|a| a.kernels[2] == index)
+            .and_then(|a| a.fused.as_ref())
+        {
+            attention::lower_fused(g, f, index, &kernel_name(g, k), opts, &mut out)
+                .map_err(|e| kernel_error(g, k, &e))?;
+            continue;
+        }
         if k.kind == KernelKind::Alias && !k.outputs.iter().any(|o| g.outputs.contains(o)) {
             out.views += 1;
             continue;
@@ -359,7 +440,14 @@ pub fn compile_module(l: &GpuLowering, sku: &Sku) -> Result<String, GpuError> {
     for k in &l.kernels {
         k.check_fits(sku)?;
     }
-    let text = super::pipeline::mlir_to_ptx(&l.module_text(), &sku.arch)?;
+    // The architecture-specific target (`sm_90a`) when a kernel needs it (wgmma).
+    let chip = l
+        .kernels
+        .iter()
+        .map(|k| k.chip(sku))
+        .find(|c| *c != sku.arch)
+        .unwrap_or_else(|| sku.arch.clone());
+    let text = super::pipeline::mlir_to_ptx(&l.module_text(), &chip)?;
     for k in &l.kernels {
         if !text.contains(&format!(".entry {}(", k.name)) {
             return Err(crate::CodegenError::Translate(format!(

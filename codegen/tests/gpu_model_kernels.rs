@@ -1,0 +1,187 @@
+//! The small kernels the model lowering adds, run as MLIR on the SIMT emulator
+//! (`common/gpu_emu.rs`): the fused row-attention kernel (online softmax, additive or causal
+//! mask, Kᵀ input) against a naive f64 softmax-attention and against its own host semantics
+//! ([`RowAttention::eval`], what plan emulation runs), the f32 → f16 cast against the host
+//! rounding, and the copy.
+
+#[path = "common/gpu_emu.rs"]
+mod gpu_emu;
+#[path = "common/gpu_ref.rs"]
+mod gpu_ref;
+
+use gpu_emu::{run, EArg};
+use kiln_codegen::gpu::kernels::gemm_mma::MmaInput;
+use kiln_codegen::gpu::lower::attention::{copy_kernel, row_attention, RowAttention, ScoreStep};
+use kiln_codegen::gpu::lower::precision::{cast_kernel, round_input};
+
+fn data(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
+        })
+        .collect()
+}
+
+/// softmax(steps(Q·Kᵀ)) · V in f64, scores materialised.
+fn naive(a: &RowAttention, q: &[f32], kt: &[f32], v: &[f32], mask: &[f32]) -> Vec<f32> {
+    let (sq, skv, d) = (a.sq, a.skv, a.d);
+    let mut o = vec![0f32; a.bh * sq * d];
+    for bh in 0..a.bh {
+        for i in 0..sq {
+            let mut s: Vec<f64> = (0..skv)
+                .map(|j| {
+                    let mut x: f64 = (0..d)
+                        .map(|dd| {
+                            f64::from(q[(bh * sq + i) * d + dd])
+                                * f64::from(kt[bh * d * skv + dd * skv + j])
+                        })
+                        .sum();
+                    for st in &a.steps {
+                        x = match *st {
+                            ScoreStep::Div(c) => x / f64::from(c),
+                            ScoreStep::Mul(c) => x * f64::from(c),
+                            ScoreStep::AddMask => x + f64::from(mask[a.mask_offset(bh, i, j)]),
+                            ScoreStep::Causal(f) if j > i => f64::from(f),
+                            ScoreStep::Causal(_) => x,
+                        };
+                    }
+                    x
+                })
+                .collect();
+            let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            s.iter_mut().for_each(|x| *x = (*x - m).exp());
+            let sum: f64 = s.iter().sum();
+            for dd in 0..d {
+                let acc: f64 = (0..skv)
+                    .map(|j| s[j] * f64::from(v[bh * skv * d + j * d + dd]))
+                    .sum();
+                o[(bh * sq + i) * d + dd] = (acc / sum) as f32;
+            }
+        }
+    }
+    o
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// (batch dims, sq, skv, d, steps, mask strides).
+type Case = (Vec<usize>, usize, usize, usize, Vec<ScoreStep>, Vec<i64>);
+
+#[test]
+fn row_attention_matches_a_naive_softmax_attention_on_the_emulator() {
+    // (batch dims, sq, skv, d, steps, mask shape right-aligned to [batch.., sq, skv])
+    let cases: Vec<Case> = vec![
+        // bert-like: [B, H] batch, scale, additive [B, 1, 1, Skv] mask.
+        (
+            vec![2, 3],
+            5,
+            7,
+            16,
+            vec![ScoreStep::Div(4.0), ScoreStep::AddMask],
+            vec![7, 0, 0, 1],
+        ),
+        // gpt-like: causal Where with -FLT_MAX, 130 rows (two blocks, a partial one).
+        (
+            vec![2, 5],
+            13,
+            13,
+            8,
+            vec![ScoreStep::Mul(0.35), ScoreStep::Causal(f32::MIN)],
+            vec![],
+        ),
+        // A full [Sq, Skv] additive mask broadcast over the batch.
+        (
+            vec![3],
+            4,
+            9,
+            32,
+            vec![ScoreStep::AddMask, ScoreStep::Div(5.657)],
+            vec![0, 9, 1],
+        ),
+    ];
+    for (ci, (batch, sq, skv, d, steps, mask_strides)) in cases.into_iter().enumerate() {
+        let bh: usize = batch.iter().product();
+        let a = RowAttention {
+            bh,
+            sq,
+            skv,
+            d,
+            steps,
+            batch,
+            mask_strides,
+        };
+        let q = data(bh * sq * d, 1 + ci as u64);
+        let kt = data(bh * d * skv, 2 + ci as u64);
+        let v = data(bh * skv * d, 3 + ci as u64);
+        let has_mask = a.steps.contains(&ScoreStep::AddMask);
+        let mask: Vec<f32> = if has_mask {
+            let n = a.mask_offset(bh - 1, sq - 1, skv - 1) + 1;
+            // Some keys masked off with -10000 as BERT does.
+            data(n, 9)
+                .iter()
+                .map(|x| if *x > 1.0 { -10000.0 } else { *x })
+                .collect()
+        } else {
+            vec![]
+        };
+        let want = naive(&a, &q, &kt, &v, &mask);
+        let mut host = vec![0f32; bh * sq * d];
+        a.eval(&q, &kt, &v, &mask, &mut host);
+        assert!(max_diff(&host, &want) < 1e-5, "case {ci}: host");
+        let k = row_attention("attn", &a);
+        let mut args = vec![EArg::Buf(q), EArg::Buf(kt), EArg::Buf(v)];
+        if has_mask {
+            args.push(EArg::Buf(mask));
+        }
+        args.push(EArg::Buf(vec![f32::NAN; bh * sq * d]));
+        let blocks = (bh * sq).div_ceil(128) as u32;
+        run(&k.mlir, [blocks, 1, 1], k.block, &mut args);
+        let EArg::Buf(got) = args.last().unwrap() else {
+            unreachable!()
+        };
+        let e = max_diff(got, &want);
+        println!("case {ci}: row attention on the emulator, max |diff| {e:.2e}");
+        assert!(e < 1e-5, "case {ci}: {e}");
+    }
+}
+
+#[test]
+fn cast_and_copy_kernels_on_the_emulator() {
+    let x: Vec<f32> = data(300, 5).iter().map(|v| v * 1000.0 + 0.1).collect();
+    let k = cast_kernel(MmaInput::F16);
+    let mut args = vec![
+        EArg::Buf(x.clone()),
+        EArg::Buf(vec![f32::NAN; 300]),
+        EArg::Index(300),
+    ];
+    run(&k.mlir, [2, 1, 1], k.block, &mut args);
+    let EArg::Buf(y) = &args[1] else {
+        unreachable!()
+    };
+    for (a, b) in x.iter().zip(y) {
+        assert_eq!(round_input(*a, MmaInput::F16), *b, "{a}");
+    }
+    let k = copy_kernel();
+    let mut args = vec![
+        EArg::Buf(x.clone()),
+        EArg::Buf(vec![f32::NAN; 300]),
+        EArg::Index(300),
+    ];
+    run(&k.mlir, [1, 1, 1], k.block, &mut args);
+    let EArg::Buf(y) = &args[1] else {
+        unreachable!()
+    };
+    assert_eq!(&x, y);
+}
