@@ -5,6 +5,10 @@
 //! parallel or tensor parallel over its device group. The search that finds plans and the
 //! lowering of a plan to per-rank programs build on these types.
 
+pub mod inprocess;
+pub mod lower;
+pub mod pipeline_split;
 pub mod plan;
+mod propagate_shim;
 
 pub use plan::{NodeSplit, ParallelPlan, Sharding, SplitKind, Stage, StageMode};
