@@ -26,7 +26,7 @@
 //! the propagated one is an error naming it.
 
 use super::plan::{NodeSplit, ParallelPlan, Sharding, SplitKind, StageMode};
-use super::propagate_shim::{local_shape, propagate, Collective, Propagation};
+use super::propagate::{local_shape, propagate, Collective, Propagation};
 use kiln_ir::ops::array::ArrayOp;
 use kiln_ir::ops::linalg::LinalgOp;
 use kiln_ir::ops::nn::NnOp;
@@ -327,6 +327,9 @@ pub fn lower(g: &Graph, plan: &ParallelPlan) -> Result<Programs, String> {
                     ranks[r]
                         .meta
                         .insert(key.clone(), (val.fact.dtype, local.clone()));
+                    if sh == Sharding::Replicated {
+                        ranks[r].full.insert(v, key.clone());
+                    }
                     ranks[r].instrs.push(Instr::Comm(Step::Recv {
                         key,
                         from,
@@ -427,14 +430,7 @@ pub fn lower(g: &Graph, plan: &ParallelPlan) -> Result<Programs, String> {
                         operands.push(Some(Operand::Const(t)));
                         continue;
                     }
-                    let key = if gathered.contains(&(k, idx)) {
-                        rk.full.get(&v).cloned().ok_or_else(|| {
-                            err(format!(
-                                "input '{}' is read replicated but was never gathered",
-                                val.name
-                            ))
-                        })?
-                    } else if let Some(sh) = sliced.get(&(k, idx)) {
+                    let key = if let Some(sh) = sliced.get(&(k, idx)) {
                         let Sharding::Split { axis, sizes } = sh else {
                             return Err(err(format!(
                                 "input '{}': sliced input with sharding {sh:?}",
@@ -456,6 +452,13 @@ pub fn lower(g: &Graph, plan: &ParallelPlan) -> Result<Programs, String> {
                             },
                         });
                         dst
+                    } else if gathered.contains(&(k, idx)) {
+                        rk.full.get(&v).cloned().ok_or_else(|| {
+                            err(format!(
+                                "input '{}' is read replicated but was never gathered",
+                                val.name
+                            ))
+                        })?
                     } else {
                         val.name.clone()
                     };
@@ -493,6 +496,23 @@ pub fn lower(g: &Graph, plan: &ParallelPlan) -> Result<Programs, String> {
                         if let Some(Some(Operand::Const(_))) = operands.get(1) {
                             let s: Vec<i64> = local_out.iter().map(|&d| d as i64).collect();
                             operands[1] = Some(Operand::Const(Tensor::vec_i64(&s)));
+                        }
+                    }
+                    // a depthwise / grouped Conv following a channel split: fewer groups
+                    Op::Nn(NnOp::Conv(c)) if c.group > 1 => {
+                        let global_c = node.inputs[0]
+                            .and_then(|x| g.values[x].fact.shape.as_known())
+                            .and_then(|s| s.get(1).copied());
+                        let local_c = match operands.first() {
+                            Some(Some(Operand::Key(k))) => rk.meta[k].1.get(1).copied(),
+                            _ => None,
+                        };
+                        if let (Some(gc), Some(lc)) = (global_c, local_c) {
+                            if gc != lc && (c.group * lc) % gc == 0 {
+                                let mut c = c.clone();
+                                c.group = c.group * lc / gc;
+                                new_node.op = Op::Nn(NnOp::Conv(c));
+                            }
                         }
                     }
                     _ => {}

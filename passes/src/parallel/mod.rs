@@ -1,4 +1,5 @@
-//! Parallel execution over several devices: the plan data model ([`plan`]).
+//! Parallel execution over several devices: the plan data model ([`plan`]) and sharding
+//! propagation through a stage ([`propagate`]).
 //!
 //! A [`plan::ParallelPlan`] says which ranks (one process per device) run which nodes of a
 //! graph and how tensors are sharded between them: a pipeline of stages, each data
@@ -9,6 +10,7 @@ pub mod inprocess;
 pub mod lower;
 pub mod pipeline_split;
 pub mod plan;
-mod propagate_shim;
+pub mod propagate;
 
 pub use plan::{NodeSplit, ParallelPlan, Sharding, SplitKind, Stage, StageMode};
+pub use propagate::{local_shape, propagate, Collective, Propagation};
