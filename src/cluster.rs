@@ -1,0 +1,294 @@
+//! Sharded compilation: `kiln compile MODEL.onnx --ranks N | --plan plan.json -o M.kiln`
+//! writes ONE artifact holding every rank's program.
+//!
+//! 1. The model is prepared like the first pipeline stages (simplify, specialize, fold,
+//!    pre-transpose, simplify): plans index the nodes of *this* graph ([`prepare`]).
+//! 2. The plan is read from `--plan` (a serialized [`ParallelPlan`]) or, by default, a
+//!    pipeline balanced by node FLOPs over the ranks
+//!    ([`kiln_passes::parallel::pipeline_split::balanced_pipeline`]).
+//! 3. [`kiln_passes::parallel::lower::lower`] turns it into per-rank programs; every
+//!    compute segment is compiled by the normal CPU pipeline ([`crate::compile::compile_graph`])
+//!    into a nested artifact (identical segments, e.g. of data-parallel ranks, once), stored
+//!    in the outer artifact's weights section; the communication steps become
+//!    [`kiln_runtime::cluster::ClusterStep`]s.
+
+use crate::compile::{compile_graph, io_spec, CompileOptions};
+use anyhow::{bail, Context, Result};
+use kiln_ir::Graph;
+use kiln_passes::parallel::lower::{lower, Step};
+use kiln_passes::parallel::pipeline_split::balanced_pipeline;
+use kiln_passes::parallel::ParallelPlan;
+use kiln_runtime::cluster::{AxisSlice, ClusterPlan, ClusterStep, RankPlan};
+use kiln_runtime::plan::ALIGNMENT;
+use kiln_runtime::{Artifact, ExecPlan};
+use std::collections::HashMap;
+use std::fmt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// Where the plan of a sharded compile comes from.
+#[derive(Clone, Debug)]
+pub enum PlanSource {
+    /// The default plan over this many CPU ranks (`--ranks N`).
+    Ranks(usize),
+    /// A given plan (`--plan plan.json`).
+    Plan(ParallelPlan),
+}
+
+/// What [`compile_cluster`] did.
+#[derive(Clone, Debug, Default)]
+pub struct ClusterReport {
+    /// The plan used.
+    pub plan: Option<ParallelPlan>,
+    /// Per rank: steps and compute segments.
+    pub ranks: Vec<(usize, usize)>,
+    /// Distinct segments compiled.
+    pub compiled: usize,
+    /// Wall time: prepare + lower, segment compilation.
+    pub timings: Vec<(&'static str, Duration)>,
+    /// Reference-interpreter kernels over all segments.
+    pub reference: usize,
+}
+
+impl fmt::Display for ClusterReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(p) = &self.plan {
+            writeln!(
+                f,
+                "cluster: {} ranks, {} stage(s):",
+                p.world,
+                p.stages.len()
+            )?;
+            for (i, s) in p.stages.iter().enumerate() {
+                let mode = match &s.mode {
+                    kiln_passes::parallel::StageMode::DataParallel { batch } => {
+                        format!("data parallel, batch {batch:?}")
+                    }
+                    kiln_passes::parallel::StageMode::TensorParallel { splits } => {
+                        format!("tensor parallel, {} split contraction(s)", splits.len())
+                    }
+                };
+                writeln!(
+                    f,
+                    "  stage {i}: nodes {:?} on ranks {:?}, {mode}",
+                    s.nodes, s.ranks
+                )?;
+            }
+        }
+        for (r, (steps, segs)) in self.ranks.iter().enumerate() {
+            writeln!(f, "  rank {r}: {steps} steps, {segs} compute segment(s)")?;
+        }
+        if self.reference > 0 {
+            writeln!(
+                f,
+                "warning: {} kernel(s) run on the reference interpreter (slow)",
+                self.reference
+            )?;
+        }
+        let parts: Vec<String> = self
+            .timings
+            .iter()
+            .map(|(s, d)| format!("{s} {:.1} ms", d.as_secs_f64() * 1e3))
+            .collect();
+        write!(
+            f,
+            "segments compiled: {}; time: {}",
+            self.compiled,
+            parts.join(", ")
+        )
+    }
+}
+
+/// The graph plans refer to: imported, simplified, inputs specialised to `opts.shapes`
+/// (symbolic dims as 1), normalisations folded, constant Gemm weights pre-transposed.
+pub fn prepare(graph: &Graph, opts: &CompileOptions) -> Result<Graph> {
+    let mut g = graph.clone();
+    kiln_ir::simplify::simplify(&mut g);
+    let mut shapes = Vec::new();
+    for &i in &g.inputs {
+        let v = &g.values[i];
+        shapes.push(match opts.shapes.get(&v.name) {
+            Some(s) => s.clone(),
+            None => v
+                .fact
+                .shape
+                .dims()
+                .iter()
+                .map(|d| d.known().unwrap_or(1))
+                .collect(),
+        });
+    }
+    for name in opts.shapes.keys() {
+        if !g.inputs.iter().any(|&i| &g.values[i].name == name) {
+            bail!("--shape {name}=...: the model has no input named '{name}'");
+        }
+    }
+    kiln_passes::specialize::specialize_inputs(&mut g, &shapes)?;
+    if crate::dynamic_tail::split(&g)?.is_some() {
+        bail!(
+            "shapes depend on input values (dynamic tail): sharded compilation needs static shapes"
+        );
+    }
+    kiln_passes::fold_batchnorm::fold_all(&mut g);
+    kiln_passes::prepack::pretranspose_gemm_weights(&mut g);
+    kiln_ir::simplify::simplify(&mut g);
+    kiln_ir::verify::verify(&g)?;
+    Ok(g)
+}
+
+/// Reads a serialized [`ParallelPlan`] (JSON).
+pub fn read_plan(path: &Path) -> Result<ParallelPlan> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{}: not a parallel plan", path.display()))
+}
+
+/// Compiles a model to a sharded artifact (see the module doc).
+pub fn compile_cluster(
+    model: &Path,
+    opts: &CompileOptions,
+    source: &PlanSource,
+) -> Result<(Artifact, ClusterReport)> {
+    if opts.max_batch.is_some() || opts.gpu_target.is_some() {
+        bail!("--max-batch and GPU targets are not supported with --ranks/--plan yet");
+    }
+    let g = kiln_ir::onnx::load(model)?;
+    let name = model.display().to_string();
+    compile_cluster_graph(&g, &name, opts, source)
+}
+
+/// [`compile_cluster`] of an imported graph; `name` names it in errors.
+pub fn compile_cluster_graph(
+    graph: &Graph,
+    name: &str,
+    opts: &CompileOptions,
+    source: &PlanSource,
+) -> Result<(Artifact, ClusterReport)> {
+    let t = Instant::now();
+    let g = prepare(graph, opts).with_context(|| name.to_string())?;
+    let plan = match source {
+        PlanSource::Ranks(n) => balanced_pipeline(&g, *n).map_err(anyhow::Error::msg)?,
+        PlanSource::Plan(p) => p.clone(),
+    };
+    let progs = lower(&g, &plan)
+        .map_err(anyhow::Error::msg)
+        .with_context(|| format!("{name}: lowering the parallel plan"))?;
+    let mut report = ClusterReport {
+        plan: Some(plan.clone()),
+        ..Default::default()
+    };
+    report.timings.push(("prepare+lower", t.elapsed()));
+    let t = Instant::now();
+    let seg_opts = CompileOptions {
+        shapes: HashMap::new(),
+        print_after: Vec::new(),
+        max_batch: None,
+        ..opts.clone()
+    };
+    let mut blob: Vec<u8> = Vec::new();
+    let mut cache: HashMap<String, (u64, u64)> = HashMap::new();
+    let mut ranks = Vec::new();
+    for p in &progs.ranks {
+        let mut steps = Vec::new();
+        for (i, s) in p.steps.iter().enumerate() {
+            steps.push(match s {
+                Step::Compute(sg) => {
+                    let key = serde_json::to_string(sg)?;
+                    let (offset, len) = match cache.get(&key) {
+                        Some(&r) => r,
+                        None => {
+                            let what = format!("{name} (rank {} segment {i})", p.rank);
+                            let (art, rep) = compile_graph(sg, &what, &seg_opts, |_, _| {})
+                                .with_context(|| what.clone())?;
+                            report.reference += rep.reference.len();
+                            let bytes = art.to_bytes()?;
+                            let offset = blob.len().next_multiple_of(ALIGNMENT);
+                            blob.resize(offset, 0);
+                            blob.extend_from_slice(&bytes);
+                            let r = (offset as u64, bytes.len() as u64);
+                            cache.insert(key, r);
+                            report.compiled += 1;
+                            r
+                        }
+                    };
+                    ClusterStep::Compute { offset, len }
+                }
+                Step::Send { key, to, slice } => ClusterStep::Send {
+                    key: key.clone(),
+                    to: *to,
+                    slice: slice.as_ref().map(|s| AxisSlice {
+                        axis: s.axis,
+                        start: s.start,
+                        len: s.len,
+                    }),
+                },
+                Step::Recv {
+                    key,
+                    from,
+                    dtype,
+                    shape,
+                } => ClusterStep::Recv {
+                    key: key.clone(),
+                    from: *from,
+                    dtype: crate::compile::runtime_dtype(*dtype)?,
+                    shape: shape.clone(),
+                },
+                Step::AllReduce { key, out, group } => ClusterStep::AllReduce {
+                    key: key.clone(),
+                    out: out.clone(),
+                    group: group.clone(),
+                },
+                Step::AllGather {
+                    key,
+                    out,
+                    axis,
+                    sizes,
+                    group,
+                } => ClusterStep::AllGather {
+                    key: key.clone(),
+                    out: out.clone(),
+                    axis: *axis,
+                    sizes: sizes.clone(),
+                    group: group.clone(),
+                },
+            });
+        }
+        let segs = steps
+            .iter()
+            .filter(|s| matches!(s, ClusterStep::Compute { .. }))
+            .count();
+        report.ranks.push((steps.len(), segs));
+        ranks.push(RankPlan {
+            inputs: p.inputs.clone(),
+            steps,
+            outputs: p.outputs.clone(),
+        });
+    }
+    report.timings.push(("segments", t.elapsed()));
+    let exec = ExecPlan {
+        inputs: g
+            .inputs
+            .iter()
+            .map(|&v| io_spec(&g, v))
+            .collect::<Result<_>>()?,
+        outputs: g
+            .outputs
+            .iter()
+            .map(|&v| io_spec(&g, v))
+            .collect::<Result<_>>()?,
+        cluster: Some(ClusterPlan {
+            world: progs.world,
+            ranks,
+        }),
+        ..ExecPlan::default()
+    };
+    exec.validate(blob.len() as u64)
+        .map_err(|e| anyhow::anyhow!("{name}: invalid cluster plan: {e}"))?;
+    let artifact = Artifact {
+        compiler_version: format!("kiln {}", env!("CARGO_PKG_VERSION")),
+        target: format!("cpu:{}", opts.cpu),
+        plan: exec,
+        weights: blob,
+        kernels: Vec::new(),
+    };
+    Ok((artifact, report))
+}
