@@ -5,14 +5,11 @@
 mod common;
 
 use common::{assert_close, load_zoo, ZOO};
-use kiln_ir::ops::linalg::LinalgOp;
-use kiln_ir::ops::nn::NnOp;
-use kiln_ir::Op;
 use kiln_ir::{Graph, Tensor};
 use kiln_passes::parallel::inprocess::run_in_process;
 use kiln_passes::parallel::lower::{lower, Step};
-use kiln_passes::parallel::pipeline_split::balanced_pipeline;
-use kiln_passes::parallel::{NodeSplit, ParallelPlan, SplitKind, Stage, StageMode};
+use kiln_passes::parallel::pipeline_split::{alternating_splits, balanced_pipeline};
+use kiln_passes::parallel::{ParallelPlan, Stage, StageMode};
 
 /// The graph plans are made for: simplified, specialised, folded.
 fn prepared(name: &str) -> (Graph, Vec<Tensor>) {
@@ -45,53 +42,10 @@ fn prepared_batch4(name: &str) -> (Graph, Vec<Tensor>) {
     (g, inputs)
 }
 
-/// `n` split into `parts` sizes differing by at most 1.
-fn even(n: usize, parts: usize) -> Vec<usize> {
-    (0..parts)
-        .map(|i| n / parts + usize::from(i < n % parts))
-        .collect()
-}
-
-/// Megatron-style splits of the constant-weight contractions in `nodes`: Column, then Row
-/// for the next one, alternating (the pattern of attention and MLP blocks).
-fn megatron_splits(g: &Graph, nodes: std::ops::Range<usize>, ranks: usize) -> Vec<NodeSplit> {
-    let mut out = Vec::new();
-    for k in nodes {
-        let n = &g.nodes[k];
-        let Some(w) = n.inputs.get(1).copied().flatten() else {
-            continue;
-        };
-        let Some(wt) = g.const_value(w) else { continue };
-        let ws = wt.shape();
-        let (nn, kk) = match &n.op {
-            Op::Linalg(LinalgOp::MatMul) if ws.len() == 2 => (ws[1], ws[0]),
-            Op::Linalg(LinalgOp::Gemm(gm)) if gm.trans_b => (ws[0], ws[1]),
-            Op::Linalg(LinalgOp::Gemm(_)) => (ws[1], ws[0]),
-            Op::Nn(NnOp::Conv(c)) if c.group == 1 => (ws[0], ws[1]),
-            _ => continue,
-        };
-        let kind = if out.len() % 2 == 0 {
-            SplitKind::Column
-        } else {
-            SplitKind::Row
-        };
-        let len = if kind == SplitKind::Column { nn } else { kk };
-        if len < ranks {
-            continue;
-        }
-        out.push(NodeSplit {
-            node: k,
-            kind,
-            sizes: even(len, ranks),
-        });
-    }
-    out
-}
-
 fn tp_stage(g: &Graph, nodes: std::ops::Range<usize>, ranks: Vec<usize>) -> Stage {
     Stage {
         mode: StageMode::TensorParallel {
-            splits: megatron_splits(g, nodes.clone(), ranks.len()),
+            splits: alternating_splits(g, nodes.clone(), ranks.len()),
         },
         nodes,
         ranks,

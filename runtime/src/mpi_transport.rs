@@ -24,11 +24,12 @@ pub const ABORT_CODE: i32 = 70;
 
 /// MPI for one process; dropping it finalizes MPI.
 pub struct MpiTransport {
-    _universe: mpi::environment::Universe,
-    world: SimpleCommunicator,
-    /// One communicator per group (`None`: this rank is not a member).
+    /// One communicator per group (`None`: this rank is not a member); freed before MPI is
+    /// finalized (fields drop in order).
     comms: Vec<Option<SimpleCommunicator>>,
+    world: SimpleCommunicator,
     timeout: Duration,
+    _universe: mpi::environment::Universe,
 }
 
 impl MpiTransport {

@@ -1,9 +1,13 @@
-//! The default plan until a plan search is available: a pipeline of one stage per rank,
-//! cut where the running sum of node FLOPs (the eqsat cost model's count) crosses equal
-//! shares of the total.
+//! Simple plans until a plan search is available: a pipeline of one stage per rank, cut
+//! where the running sum of node FLOPs (the eqsat cost model's count) crosses equal shares
+//! of the total ([`balanced_pipeline`]); Megatron-style tensor-parallel splits
+//! ([`alternating_splits`]) and an even data-parallel batch ([`even`]).
 
-use super::plan::{ParallelPlan, Stage, StageMode};
+use super::plan::{NodeSplit, ParallelPlan, SplitKind, Stage, StageMode};
 use crate::eqsat::cost::flops;
+use kiln_ir::ops::linalg::LinalgOp;
+use kiln_ir::ops::nn::NnOp;
+use kiln_ir::Op;
 use kiln_ir::{Fact, Graph};
 
 /// FLOPs of each node of `g` (at least 1, so data movement counts too).
@@ -72,4 +76,84 @@ pub fn balanced_pipeline(g: &Graph, world: usize) -> Result<ParallelPlan, String
     };
     plan.validate(n)?;
     Ok(plan)
+}
+
+/// `n` split into `parts` sizes differing by at most 1 (larger ones first).
+pub fn even(n: usize, parts: usize) -> Vec<usize> {
+    (0..parts)
+        .map(|i| n / parts + usize::from(i < n % parts))
+        .collect()
+}
+
+/// Megatron-style splits of the constant-weight contractions (MatMul with a 2-D weight,
+/// Gemm, Conv with one group) among `nodes` over `ranks` ranks: Column, then Row for the
+/// next one, alternating — the pattern of attention (QKV / output projection) and MLP
+/// blocks, where the Row split's partial sums are all-reduced once per pair. Contractions
+/// with fewer features than ranks are left whole.
+pub fn alternating_splits(
+    g: &Graph,
+    nodes: std::ops::Range<usize>,
+    ranks: usize,
+) -> Vec<NodeSplit> {
+    let mut out = Vec::new();
+    for k in nodes {
+        let n = &g.nodes[k];
+        let Some(w) = n.inputs.get(1).copied().flatten() else {
+            continue;
+        };
+        let Some(wt) = g.const_value(w) else { continue };
+        let ws = wt.shape();
+        let (nn, kk) = match &n.op {
+            Op::Linalg(LinalgOp::MatMul) if ws.len() == 2 => (ws[1], ws[0]),
+            Op::Linalg(LinalgOp::Gemm(gm)) if gm.trans_b => (ws[0], ws[1]),
+            Op::Linalg(LinalgOp::Gemm(_)) => (ws[1], ws[0]),
+            Op::Nn(NnOp::Conv(c)) if c.group == 1 => (ws[0], ws[1]),
+            _ => continue,
+        };
+        let kind = if out.len() % 2 == 0 {
+            SplitKind::Column
+        } else {
+            SplitKind::Row
+        };
+        let len = if kind == SplitKind::Column { nn } else { kk };
+        if len < ranks {
+            continue;
+        }
+        out.push(NodeSplit {
+            node: k,
+            kind,
+            sizes: even(len, ranks),
+        });
+    }
+    out
+}
+
+/// One tensor-parallel stage over ranks `0..world` with [`alternating_splits`].
+pub fn tensor_parallel(g: &Graph, world: usize) -> ParallelPlan {
+    ParallelPlan {
+        world,
+        stages: vec![Stage {
+            nodes: 0..g.nodes.len(),
+            ranks: (0..world).collect(),
+            mode: StageMode::TensorParallel {
+                splits: alternating_splits(g, 0..g.nodes.len(), world),
+            },
+        }],
+        micro_batches: 1,
+    }
+}
+
+/// One data-parallel stage over ranks `0..world`, the batch `batch` split evenly.
+pub fn data_parallel(g: &Graph, world: usize, batch: usize) -> ParallelPlan {
+    ParallelPlan {
+        world,
+        stages: vec![Stage {
+            nodes: 0..g.nodes.len(),
+            ranks: (0..world).collect(),
+            mode: StageMode::DataParallel {
+                batch: even(batch, world),
+            },
+        }],
+        micro_batches: 1,
+    }
 }
