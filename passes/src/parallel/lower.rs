@@ -343,7 +343,6 @@ pub fn lower(g: &Graph, plan: &ParallelPlan) -> Result<Programs, String> {
         // 2. the nodes with the collectives between them
         for (i, &r) in group.iter().enumerate() {
             let rk = &mut ranks[r];
-            let mut colls = p.collectives.iter().peekable();
             let full_key = |v: ValueId| format!("{}@full", g.values[v].name);
             let emit_collectives = |rk: &mut Rank,
                                     at: usize,
@@ -390,7 +389,6 @@ pub fn lower(g: &Graph, plan: &ParallelPlan) -> Result<Programs, String> {
             // collectives must come in node order
             let mut sorted = p.collectives.clone();
             sorted.sort_by_key(|(k, _)| *k);
-            let _ = &mut colls;
             let mut colls = sorted.iter().peekable();
             for k in nodes.clone() {
                 emit_collectives(rk, k, &mut colls);
@@ -750,6 +748,9 @@ fn segment(g: &Graph, rk: Rank, finals: &[String]) -> Result<Vec<Step>, String> 
     Ok(steps)
 }
 
+/// A value with the local shape the sharding expects of it.
+type Expected = (ValueId, Vec<usize>);
+
 /// Builds one segment graph; `live_after(key)` says whether a key is read after it. `None`
 /// when the segment has no outputs.
 fn build_segment(
@@ -780,7 +781,8 @@ fn build_segment(
             Ok(v)
         };
     let mut nconst = 0;
-    let mut checks: Vec<(usize, Vec<(ValueId, Vec<usize>)>)> = Vec::new();
+    // per node: its outputs with the local shapes the sharding expects
+    let mut checks: Vec<(usize, Vec<Expected>)> = Vec::new();
     for ins in seg {
         match ins {
             Instr::Node {
