@@ -16,7 +16,7 @@ use crate::compile::{compile_graph, io_spec, CompileOptions};
 use anyhow::{bail, Context, Result};
 use kiln_ir::Graph;
 use kiln_passes::parallel::lower::{lower, Step};
-use kiln_passes::parallel::pipeline_split::balanced_pipeline;
+use kiln_passes::parallel::pipeline_split::{self, balanced_pipeline};
 use kiln_passes::parallel::ParallelPlan;
 use kiln_runtime::cluster::{AxisSlice, ClusterPlan, ClusterStep, RankPlan};
 use kiln_runtime::plan::ALIGNMENT;
@@ -29,8 +29,14 @@ use std::time::{Duration, Instant};
 /// Where the plan of a sharded compile comes from.
 #[derive(Clone, Debug)]
 pub enum PlanSource {
-    /// The default plan over this many CPU ranks (`--ranks N`).
+    /// The default plan over this many CPU ranks (`--ranks N`): a FLOP-balanced pipeline.
     Ranks(usize),
+    /// One tensor-parallel stage over this many ranks, Megatron-style alternating
+    /// Column/Row splits (`--ranks N --mode tensor`).
+    Tensor(usize),
+    /// One data-parallel stage over this many ranks, the batch (axis 0 of the first
+    /// input) split evenly (`--ranks N --mode data`).
+    Data(usize),
     /// A given plan (`--plan plan.json`).
     Plan(ParallelPlan),
 }
@@ -99,41 +105,22 @@ impl fmt::Display for ClusterReport {
     }
 }
 
-/// The graph plans refer to: imported, simplified, inputs specialised to `opts.shapes`
-/// (symbolic dims as 1), normalisations folded, constant Gemm weights pre-transposed.
+/// The graph plans refer to: the graph pipeline up to the `fold` stage at `-O0` (imported,
+/// simplified, inputs specialised to `opts.shapes` with symbolic dims as 1, normalisations
+/// folded, constant Gemm weights pre-transposed) — the graph `kiln plan` searches at `-O0`.
 pub fn prepare(graph: &Graph, opts: &CompileOptions) -> Result<Graph> {
-    let mut g = graph.clone();
-    kiln_ir::simplify::simplify(&mut g);
-    let mut shapes = Vec::new();
-    for &i in &g.inputs {
-        let v = &g.values[i];
-        shapes.push(match opts.shapes.get(&v.name) {
-            Some(s) => s.clone(),
-            None => v
-                .fact
-                .shape
-                .dims()
-                .iter()
-                .map(|d| d.known().unwrap_or(1))
-                .collect(),
-        });
-    }
-    for name in opts.shapes.keys() {
-        if !g.inputs.iter().any(|&i| &g.values[i].name == name) {
-            bail!("--shape {name}=...: the model has no input named '{name}'");
-        }
-    }
-    kiln_passes::specialize::specialize_inputs(&mut g, &shapes)?;
-    if crate::dynamic_tail::split(&g)?.is_some() {
+    let popts = crate::pipeline::Options {
+        shapes: opts.shapes.clone(),
+        opt_level: Some(0),
+        ..Default::default()
+    };
+    let planned = crate::pipeline::plan_graph(graph.clone(), &popts, |_, _| {})?;
+    if planned.tail.is_some() {
         bail!(
             "shapes depend on input values (dynamic tail): sharded compilation needs static shapes"
         );
     }
-    kiln_passes::fold_batchnorm::fold_all(&mut g);
-    kiln_passes::prepack::pretranspose_gemm_weights(&mut g);
-    kiln_ir::simplify::simplify(&mut g);
-    kiln_ir::verify::verify(&g)?;
-    Ok(g)
+    Ok(planned.graph)
 }
 
 /// Reads a serialized [`ParallelPlan`] (JSON).
@@ -167,6 +154,19 @@ pub fn compile_cluster_graph(
     let g = prepare(graph, opts).with_context(|| name.to_string())?;
     let plan = match source {
         PlanSource::Ranks(n) => balanced_pipeline(&g, *n).map_err(anyhow::Error::msg)?,
+        PlanSource::Tensor(n) => pipeline_split::tensor_parallel(&g, *n),
+        PlanSource::Data(n) => {
+            let batch = g
+                .inputs
+                .first()
+                .and_then(|&v| g.values[v].fact.shape.as_known())
+                .and_then(|s| s.first().copied())
+                .context("data parallel: the model has no input with a batch axis")?;
+            if batch < *n {
+                bail!("data parallel over {n} ranks needs a batch of at least {n}, not {batch} (--shape)");
+            }
+            pipeline_split::data_parallel(&g, *n, batch)
+        }
         PlanSource::Plan(p) => p.clone(),
     };
     let progs = lower(&g, &plan)

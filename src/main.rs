@@ -99,9 +99,13 @@ enum Cmd {
         /// with `mpirun -n N kiln run`); the plan is a FLOP-balanced pipeline unless --plan.
         #[arg(long, value_name = "N")]
         ranks: Option<usize>,
-        /// Shard the model with this parallel plan (JSON `ParallelPlan`).
+        /// Shard the model with this parallel plan (JSON `ParallelPlan` over the graph of
+        /// `kiln plan -O0`).
         #[arg(long, value_name = "FILE")]
         plan: Option<PathBuf>,
+        /// With --ranks: `pipeline` (default), `tensor` (Megatron splits) or `data` parallel.
+        #[arg(long, value_name = "MODE", default_value = "pipeline")]
+        mode: String,
     },
     /// Autotune the model's MatMul/Gemm/Conv kernels on this machine, recording every
     /// measurement in a tuning database (stop and resume at will; `kiln compile --db` uses it).
@@ -314,9 +318,17 @@ fn run(cli: Cli) -> Result<()> {
             db,
             ranks,
             plan,
+            mode,
         } => {
             if ranks.is_some() || plan.is_some() {
-                return compile_sharded(&model, output, &shapes, opt_level, ranks, plan.as_deref());
+                return compile_sharded(
+                    &model,
+                    output,
+                    &shapes,
+                    opt_level,
+                    (ranks, &mode),
+                    plan.as_deref(),
+                );
             }
             let explain = match explain.as_deref() {
                 None => false,
@@ -935,7 +947,7 @@ fn compile_sharded(
     output: Option<PathBuf>,
     shapes: &[String],
     opt_level: Option<u8>,
-    ranks: Option<usize>,
+    (ranks, mode): (Option<usize>, &str),
     plan: Option<&Path>,
 ) -> Result<()> {
     let mut opts = kiln::compile::CompileOptions {
@@ -958,7 +970,12 @@ fn compile_sharded(
             }
             kiln::cluster::PlanSource::Plan(plan)
         }
-        (None, Some(r)) => kiln::cluster::PlanSource::Ranks(r),
+        (None, Some(r)) => match mode {
+            "pipeline" => kiln::cluster::PlanSource::Ranks(r),
+            "tensor" => kiln::cluster::PlanSource::Tensor(r),
+            "data" => kiln::cluster::PlanSource::Data(r),
+            m => bail!("--mode {m}: expected pipeline, tensor or data"),
+        },
         (None, None) => unreachable!("called with --ranks or --plan"),
     };
     let (artifact, report) = kiln::cluster::compile_cluster(model, &opts, &source)?;
