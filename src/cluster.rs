@@ -152,6 +152,7 @@ pub fn compile_cluster_graph(
 ) -> Result<(Artifact, ClusterReport)> {
     let t = Instant::now();
     let g = prepare(graph, opts).with_context(|| name.to_string())?;
+    let full = g.clone();
     let plan = match source {
         PlanSource::Ranks(n) => balanced_pipeline(&g, *n).map_err(anyhow::Error::msg)?,
         PlanSource::Tensor(n) => pipeline_split::tensor_parallel(&g, *n),
@@ -168,6 +169,11 @@ pub fn compile_cluster_graph(
             pipeline_split::data_parallel(&g, *n, batch)
         }
         PlanSource::Plan(p) => p.clone(),
+    };
+    // micro-batches: lower over the graph at the micro-batch size
+    let g = match plan.micro_batches {
+        0 | 1 => g,
+        m => micro_graph(graph, &g, opts, m).with_context(|| name.to_string())?,
     };
     let progs = lower(&g, &plan)
         .map_err(anyhow::Error::msg)
@@ -265,19 +271,12 @@ pub fn compile_cluster_graph(
     }
     report.timings.push(("segments", t.elapsed()));
     let exec = ExecPlan {
-        inputs: g
-            .inputs
-            .iter()
-            .map(|&v| io_spec(&g, v))
-            .collect::<Result<_>>()?,
-        outputs: g
-            .outputs
-            .iter()
-            .map(|&v| io_spec(&g, v))
-            .collect::<Result<_>>()?,
+        inputs: io_specs(&full, &full.inputs)?,
+        outputs: io_specs(&full, &full.outputs)?,
         cluster: Some(ClusterPlan {
             world: progs.world,
             ranks,
+            micro_batches: progs.micro_batches,
         }),
         ..ExecPlan::default()
     };
@@ -291,4 +290,38 @@ pub fn compile_cluster_graph(
         kernels: Vec::new(),
     };
     Ok((artifact, report))
+}
+
+/// The graph prepared with every input's axis 0 divided by `m` (the micro-batch size); it
+/// must have the nodes of `g` (the plan's graph) in the same order.
+fn micro_graph(graph: &Graph, g: &Graph, opts: &CompileOptions, m: usize) -> Result<Graph> {
+    let mut mopts = opts.clone();
+    for &v in &g.inputs {
+        let val = &g.values[v];
+        let mut s = val.fact.shape.as_known().unwrap_or_default();
+        match s.first_mut() {
+            Some(b) if *b % m == 0 => *b /= m,
+            _ => bail!(
+                "micro_batches = {m}: input '{}' of shape {s:?} has no axis 0 divisible by {m}",
+                val.name
+            ),
+        }
+        mopts.shapes.insert(val.name.clone(), s);
+    }
+    let mg = prepare(graph, &mopts)?;
+    let same = mg.nodes.len() == g.nodes.len()
+        && mg
+            .nodes
+            .iter()
+            .zip(&g.nodes)
+            .all(|(a, b)| a.op.op_type() == b.op.op_type());
+    if !same {
+        bail!("micro_batches = {m}: the graph at the micro-batch size has other nodes than the plan's graph");
+    }
+    Ok(mg)
+}
+
+/// The runtime I/O specs of values of `g`.
+fn io_specs(g: &Graph, vs: &[kiln_ir::ValueId]) -> Result<Vec<kiln_runtime::IoSpec>> {
+    vs.iter().map(|&v| io_spec(g, v)).collect()
 }

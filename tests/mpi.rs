@@ -252,6 +252,11 @@ fn zoo_models_sharded_over_2_and_4_ranks_match_the_single_device_run() {
         let art = c.compile(&tag, &data_parallel(&g, world, 4));
         c.check(&tag, &art, world, mpi);
     }
+    // a pipeline over 2 micro-batches of 2 rows
+    let mut plan = balanced_pipeline(&g, 2).unwrap();
+    plan.micro_batches = 2;
+    let art = c.compile("micro2", &plan);
+    c.check("micro2", &art, 2, mpi);
     std::fs::remove_dir_all(&dir).ok();
 }
 
@@ -278,5 +283,41 @@ fn a_dying_rank_fails_the_job_fast_and_a_wrong_world_is_refused() {
         !ok && text.contains("sharded over 2 ranks but mpirun started 3"),
         "{text}"
     );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn bad_plans_and_cluster_artifacts_in_the_wrong_place_are_refused() {
+    let dir = tmp("mpi-bad");
+    let bad = dir.join("plan.json");
+    std::fs::write(&bad, "{\"world\": 2}").unwrap();
+    let (ok, out) = kiln(&["compile", s(&zoo("mlp")), "--plan", s(&bad)]);
+    assert!(
+        !ok && out.contains("plan.json") && out.contains("not a parallel plan"),
+        "{out}"
+    );
+    // a plan for another graph: node ranges that do not cover it
+    let plan = ParallelPlan::single(3);
+    std::fs::write(&bad, serde_json::to_string(&plan).unwrap()).unwrap();
+    let (ok, out) = kiln(&["compile", s(&zoo("mlp")), "--plan", s(&bad)]);
+    assert!(!ok && out.contains("stages end at node 3"), "{out}");
+    let (ok, out) = kiln(&[
+        "compile",
+        s(&zoo("mlp")),
+        "--ranks",
+        "2",
+        "--mode",
+        "diagonal",
+    ]);
+    assert!(!ok && out.contains("--mode diagonal"), "{out}");
+    // the single-device API refuses a sharded artifact, naming the way to run it
+    let art = dir.join("mlp2.kiln");
+    let (ok, out) = kiln(&["compile", s(&zoo("mlp")), "--ranks", "2", "-o", s(&art)]);
+    assert!(ok, "{out}");
+    let e = kiln::Session::load(&art)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(e.contains("mpirun -n 2"), "{e}");
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -23,17 +23,29 @@ fn prepared(name: &str) -> (Graph, Vec<Tensor>) {
 
 /// A zoo model at batch 4 (integer inputs: the test data repeated; float inputs random).
 fn prepared_batch4(name: &str) -> (Graph, Vec<Tensor>) {
+    prepared_batch(name, 4, 4)
+}
+
+/// A zoo model prepared at batch `b`, with inputs of batch `n` (the test data repeated).
+fn prepared_batch(name: &str, b: usize, n: usize) -> (Graph, Vec<Tensor>) {
     let dir = common::zoo_dir(name);
     let mut g = kiln_ir::onnx::load(dir.join("model.onnx")).unwrap();
     let (_, small) = load_zoo(name, 3);
     let inputs: Vec<Tensor> = small
         .iter()
         .map(|t| {
-            let parts = vec![t.clone(); 4 / t.shape()[0]];
+            let parts = vec![t.clone(); n / t.shape()[0]];
             kiln_passes::parallel::inprocess::concat(&parts, 0).unwrap()
         })
         .collect();
-    let shapes: Vec<Vec<usize>> = inputs.iter().map(|t| t.shape().to_vec()).collect();
+    let shapes: Vec<Vec<usize>> = inputs
+        .iter()
+        .map(|t| {
+            let mut s = t.shape().to_vec();
+            s[0] = b;
+            s
+        })
+        .collect();
     kiln_passes::specialize::specialize_inputs(&mut g, &shapes).unwrap();
     kiln_ir::simplify::simplify(&mut g);
     kiln_passes::fold_batchnorm::fold_all(&mut g);
@@ -133,6 +145,33 @@ fn bad_plans_are_refused_with_a_reason() {
     let mut plan = balanced_pipeline(&g, 2).unwrap();
     plan.micro_batches = 0;
     assert!(lower(&g, &plan).unwrap_err().contains("micro_batches"));
+    // a rank in no stage
+    let mut plan = balanced_pipeline(&g, 2).unwrap();
+    plan.world = 3;
+    assert!(lower(&g, &plan).unwrap_err().contains("rank 2"));
+    // a split of a node that is not a contraction
+    let relu = g
+        .nodes
+        .iter()
+        .position(|n| n.op.op_type() == "Relu")
+        .unwrap();
+    let plan = ParallelPlan {
+        world: 2,
+        stages: vec![Stage {
+            nodes: 0..g.nodes.len(),
+            ranks: vec![0, 1],
+            mode: StageMode::TensorParallel {
+                splits: vec![kiln_passes::parallel::NodeSplit {
+                    node: relu,
+                    kind: kiln_passes::parallel::SplitKind::Column,
+                    sizes: vec![1, 1],
+                }],
+            },
+        }],
+        micro_batches: 1,
+    };
+    let e = lower(&g, &plan).unwrap_err();
+    assert!(e.contains("stage 0") && e.contains("Relu"), "{e}");
     let mut plan = balanced_pipeline(&g, 2).unwrap();
     plan.stages[1].ranks = vec![0];
     assert!(lower(&g, &plan).is_err());
@@ -215,5 +254,26 @@ fn mixed_pipeline_of_parallel_stages_matches_the_interpreter() {
             micro_batches: 1,
         };
         check(&format!("{name} dp+tp"), &g, &plan, &inputs);
+    }
+}
+
+#[test]
+fn micro_batched_pipelines_match_the_interpreter() {
+    // batch 4 in 2 micro-batches of 2: the programs are lowered on the batch-2 graph and
+    // run twice; compared with the interpreter on the batch-4 graph
+    for name in ["mlp", "bert", "gpt"] {
+        let (full, inputs) = prepared_batch(name, 4, 4);
+        let (micro, _) = prepared_batch(name, 2, 4);
+        assert_eq!(full.nodes.len(), micro.nodes.len(), "{name}");
+        let mut plan = balanced_pipeline(&micro, 2).unwrap();
+        plan.micro_batches = 2;
+        let progs = lower(&micro, &plan).unwrap();
+        assert_eq!(progs.micro_batches, 2);
+        let expected = kiln_ir::interp::run(&full, &inputs).unwrap();
+        let got = run_in_process(&progs, &inputs, |_, _, sg, ins| {
+            kiln_ir::interp::run(sg, ins).map_err(|e| e.to_string())
+        })
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_close(&format!("{name} micro-batched"), &got, &expected, 1e-4);
     }
 }

@@ -105,12 +105,23 @@ pub struct ClusterPlan {
     pub world: usize,
     /// One program per rank.
     pub ranks: Vec<RankPlan>,
+    /// Every rank runs its program this many times per call; rank 0 feeds consecutive
+    /// slices of axis 0 of the inputs and concatenates the outputs along axis 0.
+    #[serde(default = "one")]
+    pub micro_batches: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 impl ClusterPlan {
     /// Checks ranks, groups and nested-artifact ranges against a `blob_len`-byte weights
     /// section.
     pub fn validate(&self, blob_len: u64) -> Result<(), String> {
+        if self.micro_batches == 0 {
+            return Err("cluster: micro_batches must be at least 1".into());
+        }
         if self.world == 0 || self.ranks.len() != self.world {
             return Err(format!(
                 "cluster: {} rank programs for a world of {}",
@@ -288,6 +299,7 @@ fn slice_bytes(t: &Tensor, s: &AxisSlice) -> Result<Vec<u8>, String> {
 pub struct ClusterModel {
     rank: usize,
     world: usize,
+    micro_batches: usize,
     groups: Vec<Vec<usize>>,
     plan: RankPlan,
     /// One model per step (`None` for communication steps).
@@ -327,6 +339,7 @@ impl ClusterModel {
         Ok(Self {
             rank,
             world: cp.world,
+            micro_batches: cp.micro_batches,
             groups: cp.groups(),
             plan,
             die_at: std::env::var("KILN_TEST_DIE_RANK")
@@ -361,6 +374,57 @@ impl ClusterModel {
     /// Runs the program: rank 0 passes the graph inputs and gets the outputs; other ranks
     /// pass and get nothing. Errors name the rank and step.
     pub fn run(
+        &mut self,
+        t: &mut dyn Transport,
+        inputs: &[TensorView<'_>],
+    ) -> Result<Vec<Tensor>, String> {
+        let m = self.micro_batches;
+        if m == 1 {
+            return self.run_once(t, inputs);
+        }
+        let mut comm = Duration::ZERO;
+        let mut outs: Vec<Tensor> = Vec::new();
+        for k in 0..m {
+            // axis-0 slices are contiguous bytes
+            let mut shapes = Vec::new();
+            for v in inputs {
+                let b = v.shape.first().copied().unwrap_or(0);
+                if b % m != 0 {
+                    return Err(format!(
+                        "rank {}: batch {b} does not split into {m} micro-batches",
+                        self.rank
+                    ));
+                }
+                let mut sh = v.shape.to_vec();
+                sh[0] = b / m;
+                shapes.push(sh);
+            }
+            let views: Vec<TensorView> = inputs
+                .iter()
+                .zip(&shapes)
+                .map(|(v, sh)| {
+                    let n = v.data.len() / m;
+                    TensorView::new(v.dtype, sh, &v.data[k * n..(k + 1) * n])
+                })
+                .collect();
+            let part = self.run_once(t, &views)?;
+            comm += self.comm;
+            if k == 0 {
+                outs = part;
+            } else {
+                for (o, p) in outs.iter_mut().zip(part) {
+                    let mut data = o.data.as_slice().to_vec();
+                    data.extend_from_slice(p.data.as_slice());
+                    o.shape[0] += p.shape[0];
+                    o.data = AlignedBuf::from_bytes(&data);
+                }
+            }
+        }
+        self.comm = comm;
+        Ok(outs)
+    }
+
+    fn run_once(
         &mut self,
         t: &mut dyn Transport,
         inputs: &[TensorView<'_>],

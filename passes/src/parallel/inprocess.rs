@@ -8,11 +8,43 @@ use kiln_ir::{map_tensor, Elem, Graph, Tensor};
 use std::collections::{HashMap, VecDeque};
 
 /// Runs `progs` on `inputs` (the graph inputs, given to rank 0), computing each segment
-/// with `compute(rank, step index, graph, inputs)`; returns rank 0's outputs.
+/// with `compute(rank, step index, graph, inputs)`; returns rank 0's outputs. Micro-batches
+/// run one after the other on slices of axis 0, the outputs concatenated.
 pub fn run_in_process(
     progs: &Programs,
     inputs: &[Tensor],
     mut compute: impl FnMut(usize, usize, &Graph, &[Tensor]) -> Result<Vec<Tensor>, String>,
+) -> Result<Vec<Tensor>, String> {
+    let m = progs.micro_batches.max(1);
+    if m == 1 {
+        return run_once(progs, inputs, &mut compute);
+    }
+    let mut parts: Vec<Vec<Tensor>> = Vec::new();
+    for k in 0..m {
+        let ins = inputs
+            .iter()
+            .map(|t| {
+                let b = t.shape().first().copied().unwrap_or(0);
+                if b % m != 0 {
+                    return Err(format!("batch {b} does not split into {m} micro-batches"));
+                }
+                slice_tensor(t, 0, k * b / m, b / m)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        parts.push(run_once(progs, &ins, &mut compute)?);
+    }
+    (0..parts[0].len())
+        .map(|o| {
+            let outs: Vec<Tensor> = parts.iter().map(|p| p[o].clone()).collect();
+            concat(&outs, 0)
+        })
+        .collect()
+}
+
+fn run_once(
+    progs: &Programs,
+    inputs: &[Tensor],
+    compute: &mut impl FnMut(usize, usize, &Graph, &[Tensor]) -> Result<Vec<Tensor>, String>,
 ) -> Result<Vec<Tensor>, String> {
     let world = progs.world;
     let mut env: Vec<HashMap<String, Tensor>> = vec![HashMap::new(); world];

@@ -116,6 +116,10 @@ pub struct Programs {
     pub world: usize,
     /// One program per rank, in rank order.
     pub ranks: Vec<RankProgram>,
+    /// Micro-batches: every rank runs its program this many times per call, rank 0 on
+    /// consecutive slices of axis 0 of the graph inputs, concatenating the outputs along
+    /// axis 0 (stage `s` works on micro-batch `k` while stage `s + 1` works on `k - 1`).
+    pub micro_batches: usize,
 }
 
 impl Step {
@@ -166,20 +170,23 @@ struct Rank {
 }
 
 /// Lowers `plan` over `g` (static shapes, nodes in topological order) to one program per
-/// rank. Errors name the stage, node or value that cannot be lowered.
+/// rank. With `plan.micro_batches = m > 1`, `g` is the graph at the *micro-batch* size (axis
+/// 0 of every graph input and output is `B / m`; data-parallel slices add up to it) and the
+/// programs run `m` times per call (see [`Programs::micro_batches`]). Errors name the
+/// stage, node or value that cannot be lowered.
 pub fn lower(g: &Graph, plan: &ParallelPlan) -> Result<Programs, String> {
     plan.validate(g.nodes.len())?;
-    if plan.micro_batches != 1 {
-        return Err(format!(
-            "micro_batches = {}: pipelining over micro-batches is not executed yet (use 1)",
-            plan.micro_batches
-        ));
-    }
     for &v in g.inputs.iter().chain(&g.outputs) {
-        if g.values[v].fact.shape.as_known().is_none() {
+        let Some(shape) = g.values[v].fact.shape.as_known() else {
             return Err(format!(
                 "value '{}': shape {:?} is not static; specialise the inputs first",
                 g.values[v].name, g.values[v].fact.shape
+            ));
+        };
+        if plan.micro_batches > 1 && shape.is_empty() {
+            return Err(format!(
+                "micro_batches = {}: graph input/output '{}' is a scalar, not batched on axis 0",
+                plan.micro_batches, g.values[v].name
             ));
         }
     }
@@ -593,6 +600,7 @@ pub fn lower(g: &Graph, plan: &ParallelPlan) -> Result<Programs, String> {
     Ok(Programs {
         world: plan.world,
         ranks: programs,
+        micro_batches: plan.micro_batches,
     })
 }
 
