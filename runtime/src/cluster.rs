@@ -656,34 +656,45 @@ pub fn run_threads(
             .into_iter()
             .map(|mut tr| {
                 let owned = &owned;
-                s.spawn(move || -> Result<Vec<Tensor>, String> {
-                    let r = tr.rank();
-                    let mut m = ClusterModel::new(artifact, r, origin)?;
-                    let bufs: Vec<AlignedBuf> = owned
-                        .iter()
-                        .map(|(_, _, d)| AlignedBuf::from_bytes(d))
-                        .collect();
-                    let views: Vec<TensorView> = if r == 0 {
-                        owned
+                s.spawn(move || {
+                    let res = (|| -> Result<Vec<Tensor>, String> {
+                        let r = tr.rank();
+                        let mut m = ClusterModel::new(artifact, r, origin)?;
+                        let bufs: Vec<AlignedBuf> = owned
                             .iter()
-                            .zip(&bufs)
-                            .map(|((d, sh, _), b)| TensorView::new(*d, sh, b.as_slice()))
-                            .collect()
-                    } else {
-                        Vec::new()
-                    };
-                    m.run(&mut tr, &views)
+                            .map(|(_, _, d)| AlignedBuf::from_bytes(d))
+                            .collect();
+                        let views: Vec<TensorView> = if r == 0 {
+                            owned
+                                .iter()
+                                .zip(&bufs)
+                                .map(|((d, sh, _), b)| TensorView::new(*d, sh, b.as_slice()))
+                                .collect()
+                        } else {
+                            Vec::new()
+                        };
+                        m.run(&mut tr, &views)
+                    })();
+                    // a failing rank drops its channels: peers waiting on it fail next
+                    (res, std::time::Instant::now())
                 })
             })
             .collect();
-        let mut results: Vec<Result<Vec<Tensor>, String>> = handles
+        let mut results: Vec<(Result<Vec<Tensor>, String>, std::time::Instant)> = handles
             .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err("a rank panicked".into())))
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| (Err("a rank panicked".into()), std::time::Instant::now()))
+            })
             .collect();
-        // the first failing rank's error explains the others' (they time out waiting)
-        if let Some(e) = results.iter().find_map(|r| r.as_ref().err()) {
+        // the earliest failure is the cause; the others are its consequences
+        if let Some((e, _)) = results
+            .iter()
+            .filter_map(|(r, t)| r.as_ref().err().map(|e| (e, t)))
+            .min_by_key(|(_, t)| **t)
+        {
             return Err(e.clone());
         }
-        results.remove(0)
+        results.remove(0).0
     })
 }
