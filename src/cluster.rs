@@ -123,10 +123,29 @@ pub fn prepare(graph: &Graph, opts: &CompileOptions) -> Result<Graph> {
     Ok(planned.graph)
 }
 
-/// Reads a serialized [`ParallelPlan`] (JSON).
+/// Reads a parallel plan (JSON): a serialized [`ParallelPlan`], or the report of
+/// `kiln plan --cluster C.toml --json` (its `best.plan`, which must refer to the graph as
+/// given, not the eqsat-rewritten one).
 pub fn read_plan(path: &Path) -> Result<ParallelPlan> {
     let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("{}: not a parallel plan", path.display()))
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not a parallel plan (invalid JSON)", path.display()))?;
+    let plan = match v.get("best").and_then(|b| b.get("plan")) {
+        Some(p) => {
+            if let Some(variant) = v.get("graph_variant").and_then(|g| g.as_str()) {
+                if variant != "as given" {
+                    bail!(
+                        "{}: the plan refers to the graph {variant}; search it with \
+                         `kiln plan -O0 --cluster ... --json` to shard the graph as compiled",
+                        path.display()
+                    );
+                }
+            }
+            p.clone()
+        }
+        None => v,
+    };
+    serde_json::from_value(plan).with_context(|| format!("{}: not a parallel plan", path.display()))
 }
 
 /// Compiles a model to a sharded artifact (see the module doc).
