@@ -251,6 +251,7 @@ pub fn compile_graph(
             },
             opt_level: opts.opt_level,
             measured_us: opts.measured_us.clone(),
+            device: None,
         };
         let planned = pipeline::plan_graph(graph.clone(), &popts, &mut print)?;
         t_plan += t.elapsed();

@@ -33,10 +33,21 @@ pub fn resolve_sku(target: &str) -> Result<&'static Sku> {
     Ok(DeviceDb::builtin()?.parse_target(target)?)
 }
 
+/// The eqsat cost model's description of `sku` (f32 peak: the model path computes in f32).
+pub fn eqsat_device(sku: &Sku) -> kiln_passes::eqsat::cost::Device {
+    kiln_passes::eqsat::cost::Device::gpu(
+        &sku.name,
+        sku.sm_count,
+        sku.peak_tflops.f32 * 1e3,
+        sku.mem_bandwidth_gbs,
+    )
+}
+
 /// The planned graph of `graph` for a GPU compile (no `--max-batch`, no dynamic tail).
 fn plan_for_gpu(
     graph: &kiln_ir::Graph,
     name: &str,
+    sku: &Sku,
     opts: &CompileOptions,
     print: &mut dyn FnMut(&str, &str),
 ) -> Result<pipeline::Planned> {
@@ -48,6 +59,7 @@ fn plan_for_gpu(
         print_after: opts.print_after.clone(),
         opt_level: opts.opt_level,
         measured_us: opts.measured_us.clone(),
+        device: Some(eqsat_device(sku)),
     };
     let planned = pipeline::plan_graph(graph.clone(), &popts, print)?;
     if planned.tail.is_some() {
@@ -189,7 +201,7 @@ pub fn compile_graph_gpu(
     let sku = resolve_sku(target)?;
     let mut report = CompileReport::default();
     let t = Instant::now();
-    let planned = plan_for_gpu(graph, name, opts, &mut print)?;
+    let planned = plan_for_gpu(graph, name, sku, opts, &mut print)?;
     report.timings.push(("plan", t.elapsed()));
     let t = Instant::now();
     let (plan, lowering, weights) = gpu_plan(&planned, sku, &LowerOptions::for_sku(sku))
@@ -267,7 +279,7 @@ pub fn emulate(
     let sku = resolve_sku(target)?;
     let graph = kiln_ir::onnx::load(model)?;
     let name = model.display().to_string();
-    let planned = plan_for_gpu(&graph, &name, opts, &mut |_, _| {})?;
+    let planned = plan_for_gpu(&graph, &name, sku, opts, &mut |_, _| {})?;
     let lopts = LowerOptions {
         specialized,
         ..LowerOptions::for_sku(sku)

@@ -32,6 +32,7 @@ pub mod dynamic_tail;
 pub mod gpu_compile;
 pub mod inspect;
 pub mod io;
+pub mod parallel_plan;
 pub mod pipeline;
 pub mod tune;
 

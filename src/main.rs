@@ -41,6 +41,20 @@ enum Cmd {
         /// Optimisation level: -O0 (no eqsat), -O1, -O2 (default), -O3 (longer search).
         #[arg(short = 'O', value_name = "LEVEL")]
         opt_level: Option<u8>,
+        /// Search a parallel plan for this cluster file (docs/parallel.md) and print it
+        /// beside the best pure data-parallel and tensor-parallel plans.
+        #[arg(long, value_name = "FILE")]
+        cluster: Option<PathBuf>,
+        /// With --cluster: the batch size (axis 0 of every input).
+        #[arg(long, value_name = "N", requires = "cluster")]
+        batch: Option<usize>,
+        /// With --cluster: print the plan report as JSON.
+        #[arg(long, requires = "cluster")]
+        json: bool,
+        /// With --cluster: minimise the latency of one batch instead of maximising the
+        /// throughput of a stream of batches.
+        #[arg(long, requires = "cluster")]
+        latency: bool,
     },
     /// Run a model with the reference interpreter.
     Eval {
@@ -279,6 +293,10 @@ fn run(cli: Cli) -> Result<()> {
             shapes,
             print_after,
             opt_level,
+            cluster,
+            batch,
+            json,
+            latency,
         } => {
             let mut opts = kiln::pipeline::Options {
                 print_after,
@@ -288,6 +306,15 @@ fn run(cli: Cli) -> Result<()> {
             for s in &shapes {
                 let (name, dims) = kiln::pipeline::parse_shape(s)?;
                 opts.shapes.insert(name, dims);
+            }
+            if let Some(c) = cluster {
+                use kiln::passes::parallel::search::Objective;
+                let objective = if latency {
+                    Objective::Latency
+                } else {
+                    Objective::Throughput
+                };
+                return kiln::parallel_plan::plan_command(&model, &c, batch, opts, objective, json);
             }
             let t0 = std::time::Instant::now();
             let p = kiln::pipeline::plan(&model, &opts, |stage, text| {

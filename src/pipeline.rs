@@ -45,6 +45,8 @@ pub struct Options {
     /// Measured op times for the eqsat cost model (µs by op signature; from the tuning
     /// database, see [`kiln_passes::eqsat::cost::measured_table`]).
     pub measured_us: std::sync::Arc<HashMap<String, f64>>,
+    /// The device the eqsat cost model describes (`None`: a CPU core).
+    pub device: Option<kiln_passes::eqsat::cost::Device>,
 }
 
 /// Separates the eqsat report from the IR in the text printed after the `eqsat` stage.
@@ -189,6 +191,9 @@ pub fn plan_graph(
     let mut eqsat = None;
     if let Some(mut eo) = eqsat_options(opts.opt_level.unwrap_or(2)) {
         eo.measured_us = opts.measured_us.clone();
+        if let Some(d) = &opts.device {
+            eo.device = d.clone();
+        }
         let (g2, report) = kiln_passes::eqsat::optimize(&g, &eo).context("eqsat")?;
         g = g2;
         if want("eqsat") {

@@ -78,6 +78,7 @@ pub fn model_tasks(model: &Path, opts: &CompileOptions) -> Result<Vec<ModelTask>
         print_after: Vec::new(),
         opt_level: opts.opt_level,
         measured_us: opts.measured_us.clone(),
+        device: None,
     };
     let planned = pipeline::plan_graph(g, &popts, |_, _| {})?;
     let (g, p) = (&planned.graph, &planned.partition);

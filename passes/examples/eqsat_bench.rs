@@ -1,8 +1,12 @@
 //! Equality saturation on the graphs of tensat's evaluation, built with the graph API at
 //! their published sizes (batch 1; weights are graph inputs, as in tensat): e-graph size,
-//! saturation and extraction time, estimated cost reduction under the analytical CPU model.
+//! saturation and extraction time, estimated cost reduction under the analytical model (a CPU
+//! core, or a GPU with `--gpu`).
 //!
-//! `cargo run --release -p kiln-passes --example eqsat_bench [--o3] [MODEL...]`; `--o3` uses
+//! `cargo run --release -p kiln-passes --example eqsat_bench [--o3] [--const] [--gpu v100|h100]
+//! [MODEL...]`;
+//! `--gpu` costs with the analytical model of that GPU; `--const` makes the weights
+//! constants; `--o3` uses
 //! the options of `kiln compile -O3` (longer search, ILP extraction).
 
 use kiln_ir::ops::elementwise::{ElementwiseOp, GeluApprox, UnaryKind};
@@ -400,15 +404,25 @@ pub fn squeezenet() -> Graph {
 }
 
 pub fn resnext50() -> Graph {
-    let mut b = B::new("resnext-50");
+    resnet_like("resnext-50", [128, 256, 512, 1024], 32)
+}
+
+/// ResNet-50 (not in tensat's set; the compile-time budget names it).
+pub fn resnet50() -> Graph {
+    resnet_like("resnet-50", [64, 128, 256, 512], 1)
+}
+
+/// A ResNet-50-shaped bottleneck network: inner widths per stage, grouped 3x3 convs.
+fn resnet_like(name: &str, widths: [usize; 4], groups: usize) -> Graph {
+    let mut b = B::new(name);
     let x = b.input(&[1, 3, 224, 224]);
     let mut x = b.conv(x, 64, (7, 7), 2, (3, 3), 1, true);
     x = b.pool("MaxPool", x, 3, 2, 1);
     for (stage, (n, w, out)) in [
-        (3, 128, 256),
-        (4, 256, 512),
-        (6, 512, 1024),
-        (3, 1024, 2048),
+        (3, widths[0], 256),
+        (4, widths[1], 512),
+        (6, widths[2], 1024),
+        (3, widths[3], 2048),
     ]
     .into_iter()
     .enumerate()
@@ -416,7 +430,7 @@ pub fn resnext50() -> Graph {
         for i in 0..n {
             let s = if i == 0 && stage > 0 { 2 } else { 1 };
             let h = b.conv(x, w, (1, 1), 1, (0, 0), 1, true);
-            let h = b.conv(h, w, (3, 3), s, (1, 1), 32, true);
+            let h = b.conv(h, w, (3, 3), s, (1, 1), groups, true);
             let h = b.conv(h, out, (1, 1), 1, (0, 0), 1, false);
             let sc = if i == 0 {
                 b.conv(x, out, (1, 1), s, (0, 0), 1, false)
@@ -451,11 +465,42 @@ pub fn vgg19() -> Graph {
     b.finish(&[y])
 }
 
+/// Makes every graph input but the first a constant (small deterministic values).
+fn weights_to_constants(g: &mut Graph) {
+    g.infer().expect("the benchmark graphs infer");
+    let weights: Vec<usize> = g.inputs[1..].to_vec();
+    for v in weights {
+        let shape = g.values[v].fact.shape.as_known().expect("static weights");
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = (0..n).map(|i| ((i % 17) as f32 - 8.0) * 0.01).collect();
+        g.set_const(v, Tensor::from_vec(&shape, data));
+    }
+    g.inputs.truncate(1);
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let o3 = args.iter().any(|a| a == "--o3");
-    let only: Vec<String> = args.into_iter().filter(|a| a != "--o3").collect();
-    let opts = if o3 {
+    // `--const`: weights are constants (as `kiln compile` sees them; weight-only sub-graphs
+    // such as concatenated MatMul weights fold, as TASO/tensat precompute them)
+    let consts = args.iter().any(|a| a == "--const");
+    // `--gpu v100|h100`: the analytical model of that GPU instead of a CPU core (V100: the
+    // card of tensat's measurements; figures from NVIDIA's data sheets / codegen/data/gpus.toml)
+    let gpu = args
+        .iter()
+        .position(|a| a == "--gpu")
+        .and_then(|i| args.get(i + 1).cloned());
+    let device = match gpu.as_deref() {
+        None => kiln_passes::eqsat::cost::Device::cpu(),
+        Some("v100") => kiln_passes::eqsat::cost::Device::gpu("v100", 80, 15_700.0, 900.0),
+        Some("h100") => kiln_passes::eqsat::cost::Device::gpu("h100", 132, 67_000.0, 3_350.0),
+        Some(other) => panic!("--gpu {other}: expected v100 or h100"),
+    };
+    let only: Vec<String> = args
+        .into_iter()
+        .filter(|a| a != "--o3" && a != "--const" && a != "--gpu" && Some(a) != gpu.as_ref())
+        .collect();
+    let mut opts = if o3 {
         // the options of -O3 (src/pipeline.rs)
         EqsatOptions {
             iter_limit: 16,
@@ -469,6 +514,7 @@ fn main() {
     } else {
         EqsatOptions::default()
     };
+    opts.device = device;
     type Model = (&'static str, &'static str, fn() -> Graph);
     let models: Vec<Model> = vec![
         ("bert", "1.4 s / 9.2%", || {
@@ -478,6 +524,7 @@ fn main() {
             transformer("gpt2-blocks", 12, 128, 768, 12, true)
         }),
         ("resnext50", "0.7 s / 8.8%", resnext50),
+        ("resnet50", "-", resnet50),
         ("nasrnn", "0.5 s / 68.9%", || nasrnn(5, 512)),
         ("nasnet", "10.6 s / 7.3%", || nasnet(6, 128, 28)),
         ("inception", "5.1 s / 10.0%", inception_v3),
@@ -490,7 +537,10 @@ fn main() {
         if !only.is_empty() && !only.iter().any(|o| o == name) {
             continue;
         }
-        let g = build();
+        let mut g = build();
+        if consts {
+            weights_to_constants(&mut g);
+        }
         let t = Instant::now();
         let (out, r) = optimize(&g, &opts).unwrap_or_else(|e| panic!("{name}: {e}"));
         let total = t.elapsed().as_secs_f64();

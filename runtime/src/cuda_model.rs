@@ -2,7 +2,8 @@
 //!
 //! At load: the device's name and compute capability are checked against the plan's SKU
 //! ([`GpuPlan::check_device`]; a mismatch is an error naming both unless allowed, then a
-//! warning), the PTX module is loaded once and every entry resolved, one device arena of
+//! warning), the PTX module is loaded once (its JIT-compiled cubin cached on disk,
+//! [`crate::cubin_cache`]) and every entry resolved, one device arena of
 //! the memory plan's size is allocated, the weights are uploaded once, and device and
 //! pinned host buffers are allocated for every input and output. Each launch's arguments
 //! are resolved once to device addresses (a buffer is MLIR's memref descriptor
@@ -72,6 +73,8 @@ pub struct CudaModel {
     _weights: CudaSlice<u8>,
     /// Warning printed at load (SKU mismatch allowed), if any.
     pub warning: Option<String>,
+    /// Whether the module's cubin came from the cache ([`crate::cubin_cache`]).
+    pub cubin: crate::cubin_cache::Source,
 }
 
 fn bytes_of(io: &IoSpec) -> Result<usize, CudaModelError> {
@@ -121,9 +124,7 @@ impl CudaModel {
         }
         let ptx = std::str::from_utf8(&artifact.kernels)
             .map_err(|_| CudaModelError::Plan("the kernel section is not PTX text".into()))?;
-        let module = ctx
-            .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
-            .map_err(drv)?;
+        let (module, cubin) = crate::cubin_cache::load(&ctx, ptx, &name, &arch).map_err(drv)?;
         let stream = ctx.new_stream().map_err(drv)?;
         let alloc = |n: usize| -> Result<CudaSlice<u8>, CudaModelError> {
             stream.alloc_zeros::<u8>(n.max(1)).map_err(drv)
@@ -220,6 +221,7 @@ impl CudaModel {
             _arena: arena,
             _weights: weights,
             warning,
+            cubin,
         })
     }
 

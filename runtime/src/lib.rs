@@ -14,6 +14,7 @@
 mod affinity;
 pub mod artifact;
 pub mod cluster;
+pub mod cubin_cache;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 #[cfg(feature = "cuda")]

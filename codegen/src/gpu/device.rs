@@ -74,6 +74,8 @@ pub struct Sku {
     pub l2_bytes: u64,
     /// DRAM bandwidth in GB/s.
     pub mem_bandwidth_gbs: f64,
+    /// Device memory in GB (10^9 bytes).
+    pub memory_gb: f64,
     /// PTX tensor-core and async-copy features available (`mma.sync.f16`, `wgmma`, `tma`, ...).
     pub tensor_instructions: Vec<String>,
     /// Dense peak throughput per data type.
@@ -155,7 +157,11 @@ impl DeviceDb {
                 sku.max_threads_per_block,
                 sku.warp_size,
             ];
-            if counts.contains(&0) || sku.mem_bandwidth_gbs <= 0.0 || sku.peak_tflops.f32 <= 0.0 {
+            if counts.contains(&0)
+                || sku.mem_bandwidth_gbs <= 0.0
+                || sku.memory_gb <= 0.0
+                || sku.peak_tflops.f32 <= 0.0
+            {
                 return Err(bad(
                     sku,
                     "sizes, clocks, bandwidth and peaks must be positive",
@@ -281,6 +287,11 @@ mod tests {
         assert_eq!((h100.sm_count, h100.sm_version()), (132, 90));
         assert_eq!(h100.shared_mem_per_block_optin, 227 * 1024);
         assert_eq!(db.get("a100").unwrap().sm_count, 108);
+        let mem = |n: &str| db.get(n).unwrap().memory_gb;
+        assert_eq!(
+            (mem("h100"), mem("a100"), mem("h200"), mem("l4")),
+            (80.0, 80.0, 141.0, 24.0)
+        );
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Cost models: the estimated run time of one op on a target, in microseconds.
 //!
 //! [`Analytical`] is a roofline over a [`Device`] description (peak FLOP rate, memory
-//! bandwidth, per-kernel launch overhead) with fusion awareness: an elementwise op that
+//! bandwidth, per-kernel launch overhead, and for GPUs the utilisation of a contraction
+//! too small to give every SM an output tile) with fusion awareness: an elementwise op that
 //! follows a contraction or another elementwise op is fused into its kernel, so it costs
 //! its arithmetic only. Other models (e.g. measured kernel times from a tuning database)
 //! plug in through [`CostModel`].
@@ -22,6 +23,12 @@ pub struct Device {
     pub bandwidth_gbs: f64,
     /// Fixed cost of launching one kernel, microseconds.
     pub launch_us: f64,
+    /// Units that work on output tiles in parallel (GPU: SMs; 1 for a CPU core).
+    pub parallel_units: f64,
+    /// Output elements of one tile of a contraction (GPU: a thread block's tile). A
+    /// contraction with fewer tiles than [`Device::parallel_units`] runs at the fraction
+    /// `tiles / parallel_units` of the peak rate.
+    pub tile_elems: f64,
 }
 
 impl Device {
@@ -33,7 +40,30 @@ impl Device {
             peak_gflops: 100.0,
             bandwidth_gbs: 20.0,
             launch_us: 1.0,
+            parallel_units: 1.0,
+            tile_elems: 1.0,
         }
+    }
+
+    /// A GPU with `sms` streaming multiprocessors, `peak_gflops` (the dtype the model
+    /// computes in), `bandwidth_gbs` of DRAM bandwidth; 4 µs per kernel launch (a stream
+    /// launch without graphs, as tensat measured), 64×64 output tiles per block.
+    pub fn gpu(name: &str, sms: u32, peak_gflops: f64, bandwidth_gbs: f64) -> Device {
+        Device {
+            name: name.into(),
+            peak_gflops,
+            bandwidth_gbs,
+            launch_us: 4.0,
+            parallel_units: sms.max(1) as f64,
+            tile_elems: 64.0 * 64.0,
+        }
+    }
+
+    /// The fraction of the peak rate a contraction with `out_elems` output elements reaches:
+    /// one tile per unit at most.
+    pub fn utilisation(&self, out_elems: f64) -> f64 {
+        let tiles = (out_elems / self.tile_elems.max(1.0)).ceil().max(1.0);
+        (tiles / self.parallel_units.max(1.0)).min(1.0)
     }
 }
 
@@ -137,7 +167,10 @@ pub fn is_contraction(op: &Op) -> bool {
 impl CostModel for Analytical {
     fn op_cost(&self, op: &Op, inputs: &[Option<&Fact>], outputs: &[Fact], fused: bool) -> f64 {
         let d = &self.device;
-        let fl = flops(op, inputs, outputs) / (d.peak_gflops * 1e3);
+        let mut fl = flops(op, inputs, outputs) / (d.peak_gflops * 1e3);
+        if is_contraction(op) {
+            fl /= d.utilisation(outputs.iter().map(numel).sum());
+        }
         if is_alias(op) {
             return 0.01;
         }
@@ -150,12 +183,15 @@ impl CostModel for Analytical {
     }
 
     fn name(&self) -> String {
+        let d = &self.device;
+        let units = if d.parallel_units > 1.0 {
+            format!(", {} units × {} elems/tile", d.parallel_units, d.tile_elems)
+        } else {
+            String::new()
+        };
         format!(
-            "analytical({}: {} GFLOP/s, {} GB/s, {} us/kernel)",
-            self.device.name,
-            self.device.peak_gflops,
-            self.device.bandwidth_gbs,
-            self.device.launch_us
+            "analytical({}: {} GFLOP/s, {} GB/s, {} us/kernel{units})",
+            d.name, d.peak_gflops, d.bandwidth_gbs, d.launch_us
         )
     }
 }
@@ -247,6 +283,30 @@ mod tests {
     use super::*;
     use kiln_ir::ops::op_signature;
     use kiln_ir::{DType, Shape};
+
+    /// On a GPU a small product leaves SMs idle, so one product over concatenated weights
+    /// costs less than two (tensat's merge of parallel MatMuls); on a CPU core the
+    /// arithmetic is the same and only a launch is saved.
+    #[test]
+    fn gpu_utilisation_rewards_merged_products() {
+        let f = |d: &[usize]| Fact::new(DType::F32, Shape::known(d));
+        let mm = Op::Linalg(LinalgOp::MatMul);
+        let cost = |dev: Device, n: usize| {
+            Analytical { device: dev }.op_cost(
+                &mm,
+                &[Some(&f(&[16, 512])), Some(&f(&[512, n]))],
+                &[f(&[16, n])],
+                false,
+            )
+        };
+        let v100 = || Device::gpu("v100", 80, 15_700.0, 900.0);
+        assert!(cost(v100(), 2048) < 0.6 * 2.0 * cost(v100(), 1024));
+        let cpu = 2.0 * cost(Device::cpu(), 1024) - cost(Device::cpu(), 2048);
+        assert!((cpu - Device::cpu().launch_us).abs() < 1e-6, "{cpu}");
+        assert_eq!(v100().utilisation(16.0 * 1024.0), 4.0 / 80.0);
+        assert_eq!(v100().utilisation(1e9), 1.0);
+        assert_eq!(Device::cpu().utilisation(3.0), 1.0);
+    }
 
     #[test]
     fn measured_times_replace_the_estimate_of_matching_ops_only() {

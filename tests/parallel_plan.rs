@@ -1,0 +1,206 @@
+//! `kiln plan --cluster`: parallel plans for the example clusters, and the benchmark of the
+//! plan search on BERT-base / GPT-2-medium sized graphs (`#[ignore]`, run by
+//! `scripts/parallel_plan_bench.sh`; its table is in docs/performance.md).
+
+use std::path::Path;
+mod common;
+use common::{kiln, tmp};
+use kiln::parallel_plan::{find_plan, load_cluster};
+use kiln_passes::parallel::models::{transformer, TransformerConfig};
+use kiln_passes::parallel::search::Objective;
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn plan_prints_predictions_for_cpu_ranks() {
+    let model = root().join("tests/zoo/bert/model.onnx");
+    for n in [1, 2, 4] {
+        let cluster = root().join(format!("examples/clusters/cpu{n}.toml"));
+        let (ok, out) = kiln(&[
+            "plan",
+            model.to_str().unwrap(),
+            "--cluster",
+            cluster.to_str().unwrap(),
+            "--batch",
+            "4",
+            "--latency",
+        ]);
+        assert!(ok, "{out}");
+        assert!(out.contains(&format!("{n}× cpu")), "{out}");
+        assert!(
+            out.contains("chosen plan") && out.contains("found "),
+            "{out}"
+        );
+        if n > 1 {
+            assert!(
+                out.contains("data parallel ") && out.contains("tensor parallel "),
+                "{out}"
+            );
+        }
+    }
+    let (ok, out) = kiln(&[
+        "plan",
+        model.to_str().unwrap(),
+        "--cluster",
+        root().join("examples/clusters/cpu2.toml").to_str().unwrap(),
+        "--batch",
+        "2",
+        "--json",
+    ]);
+    assert!(ok, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(v["best"]["prediction"]["latency_us"].as_f64().unwrap() > 0.0);
+    assert_eq!(v["best"]["plan"]["world"], 2);
+}
+
+#[test]
+fn bad_cluster_files_are_refused_naming_the_field() {
+    let dir = tmp("parallel_plan");
+    let bad = dir.join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[[group]]\nsku = \"h100\"\ncount = 2\n\n[[group]]\nsku = \"v100\"\ncount = 2\n",
+    )
+    .unwrap();
+    let model = root().join("tests/zoo/mlp/model.onnx");
+    let (ok, out) = kiln(&[
+        "plan",
+        model.to_str().unwrap(),
+        "--cluster",
+        bad.to_str().unwrap(),
+    ]);
+    assert!(!ok);
+    assert!(
+        out.contains("line 6")
+            && out.contains("'sku'")
+            && out.contains("v100")
+            && out.contains("h100-sxm"),
+        "{out}"
+    );
+    // A model with a fixed batch of 1.
+    let resnet = root().join("tests/zoo/resnet/model.onnx");
+    let (ok, out) = kiln(&[
+        "plan",
+        resnet.to_str().unwrap(),
+        "--cluster",
+        root().join("examples/clusters/cpu2.toml").to_str().unwrap(),
+        "--batch",
+        "8",
+    ]);
+    assert!(
+        !ok && out.contains("--batch 8") && out.contains("fixed batch of 1"),
+        "{out}"
+    );
+    let e = load_cluster(&dir.join("missing.toml"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("missing.toml"), "{e}");
+    // The example clusters parse, with the database's figures.
+    let c = load_cluster(&root().join("examples/clusters/4h100_4a100.toml")).unwrap();
+    assert_eq!(c.len(), 8);
+    assert_eq!(c.devices[0].spec.name, "h100-sxm");
+    assert_eq!(c.devices[7].spec.memory_bytes, 80e9);
+    assert_ne!(c.devices[0].node, c.devices[7].node);
+}
+
+#[test]
+fn eqsat_variant_is_searched_and_its_graph_returned() {
+    let g = transformer(&TransformerConfig {
+        name: "small".into(),
+        batch: 4,
+        seq: 32,
+        hidden: 128,
+        heads: 4,
+        ffn: 512,
+        layers: 1,
+        causal: false,
+    });
+    let cluster = load_cluster(&root().join("examples/clusters/8xh100.toml")).unwrap();
+    let r = find_plan(&g, &cluster, 4, 2, Objective::Throughput).unwrap();
+    let names: Vec<&str> = r.variants.iter().map(|(v, _)| v.as_str()).collect();
+    assert_eq!(names, ["as given", "after eqsat"]);
+    let planned = r.graph.as_ref().unwrap_or(&g);
+    assert_eq!(r.graph.is_some(), r.graph_variant == "after eqsat");
+    r.best.plan.validate(planned.nodes.len()).unwrap();
+    let best = r.variants.iter().map(|v| v.1).fold(0.0, f64::max);
+    assert_eq!(r.best.prediction.throughput, best);
+    // -O0: the graph as given only.
+    let r0 = find_plan(&g, &cluster, 4, 0, Objective::Throughput).unwrap();
+    assert_eq!(r0.variants.len(), 1);
+}
+
+/// The bar table: found plan vs best data-parallel, best tensor-parallel and Megatron
+/// plans, predicted throughput (samples/s) and search seconds.
+#[test]
+#[ignore]
+fn bench_parallel_plans() {
+    let batch: usize = std::env::var("KILN_PLAN_BATCH")
+        .ok()
+        .and_then(|b| b.parse().ok())
+        .unwrap_or(32);
+    // -O level: ≥ 1 also searches the eqsat-rewritten graph.
+    let opt: u8 = std::env::var("KILN_PLAN_OPT")
+        .ok()
+        .and_then(|b| b.parse().ok())
+        .unwrap_or(2);
+    println!(
+        "| model | cluster | batch | found | data parallel | tensor parallel | Megatron | found plan | search s |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for cfg in [
+        TransformerConfig::bert_base(batch),
+        TransformerConfig::gpt2_medium(batch),
+    ] {
+        let g = transformer(&cfg);
+        for cl in ["8xh100", "4h100_4a100"] {
+            let cluster =
+                load_cluster(&root().join(format!("examples/clusters/{cl}.toml"))).unwrap();
+            let r = find_plan(&g, &cluster, batch, opt, Objective::Throughput).unwrap();
+            let t = |c: &Option<kiln_passes::parallel::search::Candidate>| {
+                c.as_ref().map_or("-".to_string(), |c| {
+                    format!("{:.0}", c.prediction.throughput)
+                })
+            };
+            let shape: Vec<String> = r
+                .best
+                .plan
+                .stages
+                .iter()
+                .map(|s| {
+                    let m = match &s.mode {
+                        _ if s.ranks.len() == 1 => "1",
+                        kiln_passes::parallel::StageMode::DataParallel { .. } => "DP",
+                        kiln_passes::parallel::StageMode::TensorParallel { splits }
+                            if !splits.is_empty() =>
+                        {
+                            "TP"
+                        }
+                        _ => "1",
+                    };
+                    format!("{m}×{}", s.ranks.len())
+                })
+                .collect();
+            println!(
+                "| {} | {cl} | {batch} | {:.0} | {} | {} | {} | {} stages [{}], {} micro ({}) | {:.1} |",
+                cfg.name,
+                r.best.prediction.throughput,
+                t(&r.data_parallel),
+                t(&r.tensor_parallel),
+                t(&r.megatron),
+                r.best.plan.stages.len(),
+                shape.join(", "),
+                r.best.plan.micro_batches,
+                r.graph_variant,
+                r.search_seconds
+            );
+            for b in [&r.data_parallel, &r.tensor_parallel, &r.megatron]
+                .into_iter()
+                .flatten()
+            {
+                assert!(r.best.prediction.throughput >= b.prediction.throughput * (1.0 - 1e-9));
+            }
+        }
+    }
+}
