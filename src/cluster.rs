@@ -39,6 +39,9 @@ pub enum PlanSource {
     Data(usize),
     /// A given plan (`--plan plan.json`).
     Plan(ParallelPlan),
+    /// The plan search on a cluster file (`--cluster C.toml`), minimising the latency of
+    /// one batch; every device must be a CPU (GPU ranks are not executable yet).
+    Cluster(std::path::PathBuf),
 }
 
 /// What [`compile_cluster`] did.
@@ -188,6 +191,30 @@ pub fn compile_cluster_graph(
             pipeline_split::data_parallel(&g, *n, batch)
         }
         PlanSource::Plan(p) => p.clone(),
+        PlanSource::Cluster(path) => {
+            let cluster = crate::parallel_plan::load_cluster(path)?;
+            if let Some(d) = cluster.devices.iter().position(|d| !d.spec.is_cpu) {
+                bail!(
+                    "{}: device {d} is a {} GPU; sharded execution runs CPU ranks only (the \
+                     NCCL path is not written yet)",
+                    path.display(),
+                    cluster.devices[d].spec.name
+                );
+            }
+            let batch = g
+                .inputs
+                .iter()
+                .find_map(|&v| g.values[v].fact.shape.as_known()?.first().copied())
+                .context("the model has no input with a batch axis")?;
+            let report = crate::parallel_plan::find_plan(
+                &g,
+                &cluster,
+                batch,
+                0,
+                kiln_passes::parallel::search::Objective::Latency,
+            )?;
+            report.best.plan
+        }
     };
     // micro-batches: lower over the graph at the micro-batch size
     let g = match plan.micro_batches {

@@ -117,6 +117,10 @@ enum Cmd {
         /// `kiln plan -O0`).
         #[arg(long, value_name = "FILE")]
         plan: Option<PathBuf>,
+        /// Shard the model over the CPU ranks of this cluster file with the plan search
+        /// (lowest predicted latency); run with `mpirun -n <devices> kiln run`.
+        #[arg(long, value_name = "FILE")]
+        cluster: Option<PathBuf>,
         /// With --ranks: `pipeline` (default), `tensor` (Megatron splits) or `data` parallel.
         #[arg(long, value_name = "MODE", default_value = "pipeline")]
         mode: String,
@@ -345,16 +349,17 @@ fn run(cli: Cli) -> Result<()> {
             db,
             ranks,
             plan,
+            cluster,
             mode,
         } => {
-            if ranks.is_some() || plan.is_some() {
+            if ranks.is_some() || plan.is_some() || cluster.is_some() {
                 return compile_sharded(
                     &model,
                     output,
                     &shapes,
                     opt_level,
                     (ranks, &mode),
-                    plan.as_deref(),
+                    (plan.as_deref(), cluster),
                 );
             }
             let explain = match explain.as_deref() {
@@ -975,7 +980,7 @@ fn compile_sharded(
     shapes: &[String],
     opt_level: Option<u8>,
     (ranks, mode): (Option<usize>, &str),
-    plan: Option<&Path>,
+    (plan, cluster): (Option<&Path>, Option<PathBuf>),
 ) -> Result<()> {
     let mut opts = kiln::compile::CompileOptions {
         opt_level,
@@ -986,6 +991,12 @@ fn compile_sharded(
         opts.shapes.insert(name, dims);
     }
     let source = match (plan, ranks) {
+        _ if cluster.is_some() => {
+            if plan.is_some() || ranks.is_some() {
+                bail!("--cluster chooses the plan: give it without --plan or --ranks");
+            }
+            kiln::cluster::PlanSource::Cluster(cluster.unwrap())
+        }
         (Some(p), r) => {
             let plan = kiln::cluster::read_plan(p)?;
             if let Some(r) = r.filter(|&r| r != plan.world) {

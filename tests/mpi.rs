@@ -321,3 +321,42 @@ fn bad_plans_and_cluster_artifacts_in_the_wrong_place_are_refused() {
     assert!(e.contains("mpirun -n 2"), "{e}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn cluster_files_choose_the_plan_by_search() {
+    let dir = tmp("mpi-cluster");
+    let clusters = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/clusters");
+    let data = zoo("mlp").parent().unwrap().join("test_data_set_0");
+    let art = dir.join("mlp-cpu2.kiln");
+    let (ok, out) = kiln(&[
+        "compile",
+        s(&zoo("mlp")),
+        "--cluster",
+        s(&clusters.join("cpu2.toml")),
+        "--shape",
+        "input=2x32",
+        "-o",
+        s(&art),
+    ]);
+    assert!(ok && out.contains("cluster: 2 ranks"), "{out}");
+    let (ok, out) = kiln(&["run", s(&art), "--check", s(&data)]);
+    assert!(ok && out.contains("matches the reference"), "{out}");
+    if have_mpirun() {
+        let (ok, out, _) = mpirun(2, &["run", s(&art), "--check", s(&data)], &[]);
+        assert!(ok && out.contains("matches the reference"), "{out}");
+    } else {
+        eprintln!("SKIPPED the mpirun run: mpirun is not installed");
+    }
+    // GPU ranks are refused, naming the device
+    let (ok, out) = kiln(&[
+        "compile",
+        s(&zoo("mlp")),
+        "--cluster",
+        s(&clusters.join("8xh100.toml")),
+    ]);
+    assert!(
+        !ok && out.contains("device 0") && out.contains("GPU"),
+        "{out}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
