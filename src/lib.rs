@@ -26,6 +26,7 @@
 
 pub mod api;
 pub mod bench;
+pub mod cluster;
 pub mod compile;
 pub mod dynamic_tail;
 pub mod gpu_compile;

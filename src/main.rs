@@ -113,6 +113,21 @@ enum Cmd {
         /// (tensor cores, f32 accumulation; other ops stay f32).
         #[arg(long, default_value = "f32")]
         precision: String,
+        /// Shard the model over N CPU ranks (one artifact with every rank's program; run
+        /// with `mpirun -n N kiln run`); the plan is a FLOP-balanced pipeline unless --plan.
+        #[arg(long, value_name = "N")]
+        ranks: Option<usize>,
+        /// Shard the model with this parallel plan (JSON `ParallelPlan` over the graph of
+        /// `kiln plan -O0`).
+        #[arg(long, value_name = "FILE")]
+        plan: Option<PathBuf>,
+        /// Shard the model over the CPU ranks of this cluster file with the plan search
+        /// (lowest predicted latency); run with `mpirun -n <devices> kiln run`.
+        #[arg(long, value_name = "FILE")]
+        cluster: Option<PathBuf>,
+        /// With --ranks: `pipeline` (default), `tensor` (Megatron splits) or `data` parallel.
+        #[arg(long, value_name = "MODE", default_value = "pipeline")]
+        mode: String,
     },
     /// Autotune the model's MatMul/Gemm/Conv kernels on this machine, recording every
     /// measurement in a tuning database (stop and resume at will; `kiln compile --db` uses it).
@@ -337,7 +352,21 @@ fn run(cli: Cli) -> Result<()> {
             no_reference_kernels,
             db,
             precision,
+            ranks,
+            plan,
+            cluster,
+            mode,
         } => {
+            if ranks.is_some() || plan.is_some() || cluster.is_some() {
+                return compile_sharded(
+                    &model,
+                    output,
+                    &shapes,
+                    opt_level,
+                    (ranks, &mode),
+                    (plan.as_deref(), cluster),
+                );
+            }
             let explain = match explain.as_deref() {
                 None => false,
                 Some("rewrites") => true,
@@ -382,6 +411,16 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             if artifact.extension().is_none_or(|e| e != "onnx") {
                 let art = kiln::runtime::Artifact::load(&artifact)?;
+                if art.plan.cluster.is_some() {
+                    return run_sharded(
+                        &artifact,
+                        &art,
+                        &inputs,
+                        check.as_deref(),
+                        output.as_deref(),
+                        (repeat, seed),
+                    );
+                }
                 if art.target.starts_with("cuda:") {
                     if profile.is_some() || output.is_some() || !inputs.is_empty() {
                         bail!(
@@ -938,4 +977,209 @@ fn eval(
         println!("wrote {}", out.display());
     }
     Ok(())
+}
+
+/// `kiln compile --ranks N | --plan FILE`: a sharded artifact (see `kiln::cluster`).
+fn compile_sharded(
+    model: &Path,
+    output: Option<PathBuf>,
+    shapes: &[String],
+    opt_level: Option<u8>,
+    (ranks, mode): (Option<usize>, &str),
+    (plan, cluster): (Option<&Path>, Option<PathBuf>),
+) -> Result<()> {
+    let mut opts = kiln::compile::CompileOptions {
+        opt_level,
+        ..Default::default()
+    };
+    for s in shapes {
+        let (name, dims) = kiln::pipeline::parse_shape(s)?;
+        opts.shapes.insert(name, dims);
+    }
+    let source = match (plan, ranks) {
+        _ if cluster.is_some() => {
+            if plan.is_some() || ranks.is_some() {
+                bail!("--cluster chooses the plan: give it without --plan or --ranks");
+            }
+            kiln::cluster::PlanSource::Cluster(cluster.unwrap())
+        }
+        (Some(p), r) => {
+            let plan = kiln::cluster::read_plan(p)?;
+            if let Some(r) = r.filter(|&r| r != plan.world) {
+                bail!(
+                    "--ranks {r} but the plan {} is for {} ranks",
+                    p.display(),
+                    plan.world
+                );
+            }
+            kiln::cluster::PlanSource::Plan(plan)
+        }
+        (None, Some(r)) => match mode {
+            "pipeline" => kiln::cluster::PlanSource::Ranks(r),
+            "tensor" => kiln::cluster::PlanSource::Tensor(r),
+            "data" => kiln::cluster::PlanSource::Data(r),
+            m => bail!("--mode {m}: expected pipeline, tensor or data"),
+        },
+        (None, None) => unreachable!("called with --ranks or --plan"),
+    };
+    let (artifact, report) = kiln::cluster::compile_cluster(model, &opts, &source)?;
+    let out = output.unwrap_or_else(|| model.with_extension("kiln"));
+    artifact.save(&out)?;
+    println!("{report}");
+    println!("wrote {} ({}, sharded)", out.display(), artifact.target);
+    Ok(())
+}
+
+/// `kiln run` of a sharded artifact: under `mpirun` one rank per process (rank 0 reads the
+/// inputs and prints, checks or writes the outputs); otherwise every rank as a thread of
+/// this process.
+fn run_sharded(
+    path: &Path,
+    art: &kiln::runtime::Artifact,
+    given: &[String],
+    check: Option<&Path>,
+    output: Option<&Path>,
+    (repeat, seed): (Option<usize>, u64),
+) -> Result<()> {
+    use kiln::runtime::cluster::{ClusterModel, Transport};
+    use kiln::runtime::{AlignedBuf, DimSpec, TensorView};
+    let world = art.plan.cluster.as_ref().map_or(1, |c| c.world);
+    let origin = path.display().to_string();
+    let under_mpi = std::env::var_os("OMPI_COMM_WORLD_SIZE").is_some()
+        || std::env::var_os("PMI_SIZE").is_some();
+    // inputs (used by rank 0 only)
+    let plan = &art.plan;
+    let specs = plan.inputs.iter().map(|io| {
+        let shape = io
+            .shape
+            .iter()
+            .map(|d| match d {
+                DimSpec::Fixed(n) => *n as usize,
+                DimSpec::Sym(_) | DimSpec::Dynamic => 1,
+            })
+            .collect();
+        (kiln::compile::graph_dtype(io.dtype), shape)
+    });
+    let mut inputs = kiln::random_tensors(specs, seed);
+    let mut expected = None;
+    if let Some(dir) = check {
+        let (ins, outs) = load_check_dir(dir, plan.inputs.len())?;
+        inputs = ins;
+        expected = Some(outs);
+    }
+    let names: Vec<String> = plan.inputs.iter().map(|io| io.name.clone()).collect();
+    kiln::io::replace_named_inputs(&names, &mut inputs, given)?;
+    let bufs: Vec<(kiln::runtime::DType, AlignedBuf)> = inputs
+        .iter()
+        .zip(&names)
+        .map(|(t, name)| {
+            let dt = kiln::compile::runtime_dtype(t.dtype())
+                .with_context(|| format!("input '{name}'"))?;
+            Ok((
+                dt,
+                AlignedBuf::from_bytes(&kiln::ir::onnx::tensor_proto::to_raw(t)),
+            ))
+        })
+        .collect::<Result<_>>()?;
+    let views: Vec<TensorView> = inputs
+        .iter()
+        .zip(&bufs)
+        .map(|(t, (dt, b))| TensorView::new(*dt, t.shape(), b.as_slice()))
+        .collect();
+    let report = |outs: Vec<kiln::runtime::Tensor>, first: std::time::Duration| -> Result<()> {
+        let named: Vec<(String, Tensor)> = plan
+            .outputs
+            .iter()
+            .zip(&outs)
+            .map(|(io, t)| {
+                let v = kiln::ir::onnx::tensor_proto::from_raw(
+                    kiln::compile::graph_dtype(t.dtype),
+                    &t.shape,
+                    t.data.as_slice(),
+                )
+                .map_err(anyhow::Error::msg)
+                .with_context(|| format!("output '{}'", io.name))?;
+                Ok((io.name.clone(), v))
+            })
+            .collect::<Result<_>>()?;
+        print_outputs(&named);
+        println!("first run: {:.3} ms", first.as_secs_f64() * 1e3);
+        if let Some(exp) = &expected {
+            check_outputs(&named, exp)?;
+        }
+        if let Some(out) = output {
+            kiln::io::write_tensors(out, &named)?;
+            println!("wrote {}", out.display());
+        }
+        Ok(())
+    };
+    if !under_mpi {
+        println!("{origin}: sharded over {world} ranks; not under mpirun: running every rank as a thread");
+        let t0 = std::time::Instant::now();
+        let outs = kiln::runtime::cluster::run_threads(art, &origin, &views)
+            .map_err(anyhow::Error::msg)?;
+        return report(outs, t0.elapsed());
+    }
+    #[cfg(not(feature = "mpi"))]
+    {
+        let _ = (repeat, ClusterModel::new, report);
+        bail!("this kiln was built without the `mpi` feature; rebuild with it to run under mpirun");
+    }
+    #[cfg(feature = "mpi")]
+    {
+        let mut tr = kiln::runtime::mpi_transport::MpiTransport::init()
+            .context("MPI was already initialized")?;
+        let (rank, size) = (tr.rank(), tr.size());
+        if size != world {
+            // every rank reaches this: exit cleanly with the reason (rank 0 prints it)
+            if rank == 0 {
+                eprintln!(
+                    "error: {origin} is sharded over {world} ranks but mpirun started {size}; \
+                     run `mpirun -n {world} kiln run {origin}`"
+                );
+            }
+            drop(tr);
+            std::process::exit(2);
+        }
+        let cp = art.plan.cluster.as_ref().expect("sharded");
+        tr.create_groups(&cp.groups());
+        let mut m = match ClusterModel::new(art, rank, &origin) {
+            Ok(m) => m,
+            Err(e) => tr.abort(&e),
+        };
+        let mine: &[TensorView] = if rank == 0 { &views } else { &[] };
+        let t0 = std::time::Instant::now();
+        let outs = m.run(&mut tr, mine).unwrap_or_else(|e| tr.abort(&e));
+        let first = t0.elapsed();
+        if rank == 0 {
+            println!(
+                "{origin}: rank 0 of {world}, {} compute segment(s)",
+                m.segments()
+            );
+            if let Err(e) = report(outs, first) {
+                tr.abort(&format!("{e:#}"));
+            }
+        }
+        if let Some(n) = repeat.filter(|&n| n > 0) {
+            let mut times = Vec::with_capacity(n);
+            let mut comm = 0.0;
+            for _ in 0..n {
+                let t0 = std::time::Instant::now();
+                m.run(&mut tr, mine).unwrap_or_else(|e| tr.abort(&e));
+                times.push(t0.elapsed().as_secs_f64() * 1e3);
+                comm += m.comm_time().as_secs_f64() * 1e3;
+            }
+            if rank == 0 {
+                times.sort_by(f64::total_cmp);
+                let mean = times.iter().sum::<f64>() / n as f64;
+                println!(
+                    "mean latency over {n} runs: {mean:.3} ms (p50 {:.3} ms, min {:.3} ms; rank 0 in communication {:.3} ms)",
+                    times[n / 2],
+                    times[0],
+                    comm / n as f64
+                );
+            }
+        }
+        Ok(())
+    }
 }

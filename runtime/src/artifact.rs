@@ -1,7 +1,7 @@
 //! The deployable artifact: one file (conventionally `MODEL.kiln`) holding the execution plan,
 //! the weights and the kernel library of a compiled model.
 //!
-//! # Layout (format version 4)
+//! # Layout (format version 5)
 //!
 //! All integers are little-endian.
 //!
@@ -42,7 +42,9 @@ pub const MAGIC: [u8; 8] = *b"KILNART\0";
 /// third ABI argument, their scratch memory (`Step::scratch_bytes`); version-2 libraries
 /// have the two-argument ABI and would allocate per call. Version 4: plans may hold a GPU
 /// program ([`crate::plan::GpuPlan`]), whose kernel section is PTX text (target `cuda:SKU`).
-pub const FORMAT_VERSION: u32 = 4;
+/// Version 5: plans may hold per-rank programs ([`crate::cluster::ClusterPlan`]) whose
+/// compute segments are nested artifacts in the weights section.
+pub const FORMAT_VERSION: u32 = 5;
 
 /// Section kind of the JSON execution plan.
 pub const SECTION_PLAN: u32 = 1;

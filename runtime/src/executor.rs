@@ -359,6 +359,15 @@ impl Model {
     /// must be valid ([`ExecPlan::validate`]; [`Artifact::load`] already checked it).
     pub fn from_artifact(artifact: Artifact, origin: &str) -> Result<Self, LoadError> {
         let path = origin.to_string();
+        if let Some(c) = &artifact.plan.cluster {
+            return Err(LoadError::Target {
+                path,
+                msg: format!(
+                    "a sharded artifact for {} ranks: run it under MPI (`mpirun -n {} kiln run                      MODEL.kiln`) or with kiln_runtime::cluster",
+                    c.world, c.world
+                ),
+            });
+        }
         let Artifact {
             compiler_version,
             target,

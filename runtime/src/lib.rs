@@ -3,6 +3,8 @@
 //! - [`plan`]: the execution plan the compiler fills in.
 //! - [`artifact`]: the `MODEL.kiln` file format (plan + weights + kernel library).
 //! - [`executor`]: [`Model`] loads an artifact once and runs it.
+//! - [`cluster`]: sharded artifacts (one program per rank) and their execution over a
+//!   [`cluster::Transport`] (MPI with feature `mpi`: `mpi_transport`).
 //! - [`kernel_lib`]: loading kernel shared libraries and calling kernels.
 //! - `reference`: steps without compiled code, run by the reference interpreter.
 //! - `cuda` (feature `cuda`): loading PTX and launching kernels on NVIDIA GPUs;
@@ -11,6 +13,7 @@
 //! - [`split_choice`]: whether splitting steps over the pool pays on this machine now (timed).
 mod affinity;
 pub mod artifact;
+pub mod cluster;
 pub mod cubin_cache;
 #[cfg(feature = "cuda")]
 pub mod cuda;
@@ -19,6 +22,8 @@ pub mod cuda_model;
 pub mod executor;
 mod instance;
 pub mod kernel_lib;
+#[cfg(feature = "mpi")]
+pub mod mpi_transport;
 pub mod plan;
 pub mod pool;
 mod reference;

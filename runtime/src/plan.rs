@@ -385,6 +385,11 @@ pub struct ExecPlan {
     /// artifact's kernel section holds PTX); `None` for CPU plans.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gpu: Option<GpuPlan>,
+    /// The per-rank programs of a sharded (cluster) artifact (then [`ExecPlan::steps`] is
+    /// empty and the weights section holds each rank's compute segments as nested
+    /// artifacts; see [`crate::cluster`]); `None` for single-device plans.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<crate::cluster::ClusterPlan>,
 }
 
 /// The GPU program of a plan: kernel launches in order on one stream, over one device arena
@@ -614,6 +619,13 @@ impl ExecPlan {
     /// in range, kernels writing only arena or outputs, every output written, symbolic names
     /// bound by some input. The error names the offending item.
     pub fn validate(&self, weights_len: u64) -> Result<(), String> {
+        if let Some(c) = &self.cluster {
+            // a sharded plan: the ranks' programs write the outputs, not steps
+            if !self.steps.is_empty() || self.gpu.is_some() || !self.variants.is_empty() {
+                return Err("a cluster plan has no steps, GPU plan or variants of its own".into());
+            }
+            return c.validate(weights_len);
+        }
         for (k, v) in self.variants.iter().enumerate() {
             if !v.variants.is_empty() {
                 return Err(format!("variant {k}: nested variants"));

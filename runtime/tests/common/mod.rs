@@ -148,6 +148,7 @@ pub fn add_relu_artifact(kernels: Vec<u8>) -> Artifact {
         variants: vec![],
         tail: None,
         gpu: None,
+        cluster: None,
     };
     Artifact {
         compiler_version: "kiln-test 0.0.0".into(),
@@ -229,6 +230,7 @@ pub fn dynamic_artifact(kernels: Vec<u8>) -> Artifact {
         variants: vec![],
         tail: None,
         gpu: None,
+        cluster: None,
     };
     Artifact {
         compiler_version: "kiln-test 0.0.0".into(),
