@@ -6,7 +6,10 @@
 //! loads read the cubin back instead. The cache directory is `$KILN_CUBIN_CACHE`, else
 //! `$XDG_CACHE_HOME/kiln/cubin`, else `~/.cache/kiln/cubin`; `KILN_CUBIN_CACHE=off`
 //! disables it. Entries are written to a temporary file and renamed, so a reader never sees
-//! half a cubin; an unreadable or empty entry is treated as a miss.
+//! half a cubin; an unreadable or empty entry is treated as a miss. Modules for an
+//! arch-specific target (`sm_90a`: wgmma/TMA kernels) bypass it and are loaded by the driver
+//! from PTX (measured on an H200: linked by `cuLink*` their wgmma kernels fault), relying on
+//! the driver's own JIT cache (`CUDA_CACHE_PATH`), which made a second load take 1–2 ms.
 
 use std::path::{Path, PathBuf};
 
@@ -95,7 +98,11 @@ pub fn load(
     arch: &str,
 ) -> Result<(std::sync::Arc<cudarc::driver::CudaModule>, Source), cudarc::driver::DriverError> {
     use cudarc::nvrtc::Ptx;
-    let Some(dir) = cache_dir() else {
+    // Arch-specific (`sm_90a`) modules are loaded by the driver directly (its own JIT cache
+    // still applies): linked through `cuLink*`, their wgmma kernels failed on an H200 with
+    // a misaligned address, even with the matching `CU_JIT_TARGET`.
+    let arch_specific = jit_target(ptx).is_some_and(|t| t >= 0x10000);
+    let Some(dir) = cache_dir().filter(|_| !arch_specific) else {
         return Ok((ctx.load_module(Ptx::from_src(ptx))?, Source::Uncached));
     };
     let key = cache_key(ptx, device, arch, driver_version()?);
@@ -122,8 +129,27 @@ fn driver_version() -> Result<i32, cudarc::driver::DriverError> {
     Ok(v)
 }
 
-/// JIT-compiles `ptx` for the current context's device with the driver's linker and returns
-/// the cubin.
+/// The driver's `CUjit_target` value of the PTX's `.target` (`sm_90a` → the arch-specific
+/// target `0x10000 + 90`, `sm_80` → 80), if it names one. Without it the linker compiles
+/// for the context's plain `sm_XX`, and on an H200 the `wgmma` kernels of `sm_90a` modules
+/// then failed with a misaligned address.
+pub fn jit_target(ptx: &str) -> Option<u32> {
+    let t = ptx
+        .lines()
+        .find_map(|l| l.trim().strip_prefix(".target "))?
+        .split([',', ' '])
+        .next()?
+        .strip_prefix("sm_")?;
+    let (digits, accel) = match t.strip_suffix('a') {
+        Some(d) => (d, true),
+        None => (t, false),
+    };
+    let cc: u32 = digits.parse().ok()?;
+    Some(if accel { 0x10000 + cc } else { cc })
+}
+
+/// JIT-compiles `ptx` for the current context's device with the driver's linker (for the
+/// PTX's own `.target`, see [`jit_target`]) and returns the cubin.
 #[cfg(feature = "cuda")]
 fn jit_cubin(ptx: &str) -> Result<Vec<u8>, cudarc::driver::DriverError> {
     use cudarc::driver::sys;
@@ -161,6 +187,17 @@ fn jit_cubin(ptx: &str) -> Result<Vec<u8>, cudarc::driver::DriverError> {
 mod tests {
     use super::*;
     use std::ffi::OsString;
+
+    #[test]
+    fn jit_target_follows_the_ptx_target() {
+        assert_eq!(
+            jit_target(".version 8.0\n.target sm_90a\n"),
+            Some(0x10000 + 90)
+        );
+        assert_eq!(jit_target(".target sm_80\n.address_size 64"), Some(80));
+        assert_eq!(jit_target(".target sm_89, debug\n"), Some(89));
+        assert_eq!(jit_target(".version 8.0\n"), None);
+    }
 
     #[test]
     fn directory_choice() {

@@ -90,6 +90,8 @@ fn drv(e: cudarc::driver::DriverError) -> CudaModelError {
 
 /// One launch with its arguments resolved.
 struct Launch {
+    /// The entry and the partition kernel it belongs to (for error messages).
+    label: String,
     func: CudaFunction,
     /// Per parameter: a device address (`u64`), an `i64`, or an `f32`.
     params: Vec<Param>,
@@ -277,6 +279,7 @@ impl CudaModel {
                 }
             }
             launches.push(Launch {
+                label: format!("{} ({})", s.kernel, s.label),
                 func,
                 params,
                 cfg: LaunchConfig {
@@ -306,8 +309,10 @@ impl CudaModel {
         &self.plan
     }
 
-    fn launch_all(&self) -> Result<(), CudaModelError> {
-        for l in &self.launches {
+    /// Launches every step; `check`: waits for each and names the launch that failed (the
+    /// first run, so that a faulting kernel is reported by name, not by a later call).
+    fn launch_all(&self, check: bool) -> Result<(), CudaModelError> {
+        for (i, l) in self.launches.iter().enumerate() {
             let mut b = self.stream.launch_builder(&l.func);
             for p in &l.params {
                 match p {
@@ -321,6 +326,11 @@ impl CudaModel {
             // `ExecPlan::validate` in `load` (the scalars of the specialized kernels are
             // trusted to match their views, as the compiler wrote them).
             unsafe { b.launch(l.cfg) }.map_err(drv)?;
+            if check {
+                self.stream
+                    .synchronize()
+                    .map_err(|e| CudaModelError::Driver(format!("launch {i}, {}: {e}", l.label)))?;
+            }
         }
         Ok(())
     }
@@ -353,11 +363,11 @@ impl CudaModel {
             None => {
                 // First run: launch directly (checks every launch), then capture the same
                 // sequence into a graph for the next runs.
-                self.launch_all()?;
+                self.launch_all(true)?;
                 self.stream
                     .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
                     .map_err(drv)?;
-                let captured = self.launch_all();
+                let captured = self.launch_all(false);
                 let graph = self
                     .stream
                     .end_capture(sys::CUgraphInstantiate_flags(0))

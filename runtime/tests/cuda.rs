@@ -603,12 +603,16 @@ fn wgmma_gemms_match_cpu_on_sm_90() {
         act: gelu_tanh,
         residual: 2,
     };
-    for dims in [
+    // Model-sized problems first (M below one tile, as in the zoo's f16 GEMMs), then larger.
+    let shapes = [
+        (2, 64, 32),
+        (16, 96, 32),
         (128, 128, 64),
         (67, 136, 72),
         (256, 256, 512),
         (300, 200, 1000),
-    ] {
+    ];
+    for dims in shapes {
         run_wgmma(
             &dev,
             "kiln_gemm_wgmma_f16_f32",
@@ -617,6 +621,8 @@ fn wgmma_gemms_match_cpu_on_sm_90() {
             plain,
             dims,
         );
+    }
+    for dims in shapes {
         run_wgmma(
             &dev,
             "kiln_gemm_wgmma_bf16_bf16_epi",

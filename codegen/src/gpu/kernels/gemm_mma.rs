@@ -462,13 +462,14 @@ pub fn kernel_name(input: MmaInput, output: MmaOutput, s: &MmaSchedule, e: &Epil
 
 /// The `gpu.module`-level declaration of the dynamic shared memory the kernels view as
 /// their stage buffers: an external, zero-sized `workgroup` global, which the NVPTX back
-/// end emits as `.extern .shared .align 16 .b8 kiln_dynamic_smem[];` (PTX's dynamic shared
-/// memory). (`gpu.dynamic_shared_memory` lowers to an *internal* global that LLVM 22
+/// end emits as `.extern .shared .align 1024 .b8 kiln_dynamic_smem[];` (PTX's dynamic shared
+/// memory; 1024-byte aligned, as TMA's 128-byte swizzle requires: with 16 the region began
+/// right after the wgmma kernel's mbarriers and the H200 reported a misaligned address). (`gpu.dynamic_shared_memory` lowers to an *internal* global that LLVM 22
 /// demotes to a 1-byte static `.shared` variable, whose address need not be the start of
 /// the dynamic region once the kernel has other static shared memory, e.g. mbarriers.)
 pub fn dynamic_smem_decl() -> String {
     "  memref.global @kiln_dynamic_smem : memref<0xi8, #gpu.address_space<workgroup>> \
-     {alignment = 16 : i64}\n"
+     {alignment = 1024 : i64}\n"
         .to_string()
 }
 

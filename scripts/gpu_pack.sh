@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Fills .gpu/ (git-ignored) with what scripts/gpu_check.sh runs on a GPU machine that has no
+# compiler: stripped runtime-only binaries (gpu_zoo, gemm_bench, the runtime's CUDA test
+# binaries), every zoo model compiled for SKU (default h200) at f32 and f16 (bert/gpt also
+# tf32, bf16), the models and their test data. Then: device run with carry [".gpu"] and
+# command `bash scripts/gpu_check.sh`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SKU=${1:-h200}
+grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
+rm -rf .gpu && mkdir -p .gpu/bin .gpu/zoo
+cargo build --release -p kiln
+cargo build --release -p kiln-runtime --features cuda --example gpu_zoo --example gemm_bench
+cp target/release/examples/gpu_zoo target/release/examples/gemm_bench .gpu/bin/
+for t in cuda cuda_ops; do
+  exe=$(cargo test --release -p kiln-runtime --features cuda --test $t --no-run --message-format=json 2>/dev/null \
+        | .venv/bin/python -c "import sys,json
+for l in sys.stdin:
+    m=json.loads(l)
+    if m.get('reason')=='compiler-artifact' and m.get('executable') and m['target']['name']=='$t': print(m['executable'])" | tail -1)
+  cp "$exe" .gpu/bin/${t}_test
+done
+strip .gpu/bin/*
+.venv/bin/python - "$SKU" <<'PY'
+import onnx, subprocess, sys
+sku = sys.argv[1]
+for m in ['mlp', 'resnet', 'mobilenet', 'bert', 'gpt']:
+    model = onnx.load(f'tests/zoo/{m}/model.onnx')
+    shapes = []
+    for i, inp in enumerate(model.graph.input):
+        t = onnx.load_tensor(f'tests/zoo/{m}/test_data_set_0/input_{i}.pb')
+        shapes += ['--shape', inp.name + '=' + 'x'.join(str(d) for d in t.dims)]
+    subprocess.run(f'mkdir -p .gpu/zoo/{m} && cp tests/zoo/{m}/model.onnx tests/zoo/{m}/test_data_set_0/*.pb .gpu/zoo/{m}/', shell=True, check=True)
+    for p in ['f32', 'f16'] + (['tf32', 'bf16'] if m in ('bert', 'gpt') else []):
+        subprocess.run(['./target/release/kiln', 'compile', f'tests/zoo/{m}/model.onnx', '--target', f'cuda:{sku}',
+                        '--precision', p, '-o', f'.gpu/zoo/{m}.{p}.kiln'] + shapes, check=True, stdout=subprocess.DEVNULL)
+PY
+du -sh .gpu
