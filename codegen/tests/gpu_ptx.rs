@@ -144,8 +144,9 @@ fn ptxas_output_parser() {
     assert!(parse_ptxas_v(out, "other").is_none());
 }
 
-/// Every kernel of `all_default` declares its shared arrays 16-byte aligned (they are read
-/// with `ld.shared.v4`, which faults on a smaller alignment; MLIR's default is 4).
+/// Every kernel of `all_default` declares its shared arrays at least 16-byte aligned (they
+/// are read with `ld.shared.v4`, which faults on a smaller alignment; MLIR's default is 4;
+/// the dynamic region of the tensor-core GEMMs is 1024-aligned for TMA's swizzle).
 #[test]
 fn all_shared_arrays_are_16_byte_aligned() {
     let sku = DeviceDb::builtin()
@@ -155,7 +156,13 @@ fn all_shared_arrays_are_16_byte_aligned() {
     for k in all_default().unwrap() {
         let ptx = compile_kernel(&k, sku).unwrap().text;
         for line in ptx.lines().filter(|l| l.contains(".shared .align")) {
-            assert!(line.contains(".align 16"), "{}: {line}", k.name);
+            let align: u32 = line
+                .split(".align ")
+                .nth(1)
+                .and_then(|r| r.split_whitespace().next())
+                .and_then(|a| a.parse().ok())
+                .unwrap_or(0);
+            assert!(align >= 16 && align % 16 == 0, "{}: {line}", k.name);
         }
     }
 }
