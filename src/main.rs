@@ -796,6 +796,73 @@ fn run_gpu(
     Ok(())
 }
 
+/// The inputs of a `kiln run`: random (seeded, symbolic dims taken as 1) or those of a
+/// `--check` folder, with `--input NAME=FILE` replacing named ones; native-endian aligned
+/// copies for the runtime; and the `--check` folder's expected outputs.
+struct RunInputs {
+    inputs: Vec<Tensor>,
+    bufs: Vec<(kiln::runtime::DType, kiln::runtime::AlignedBuf)>,
+    expected: Option<Vec<Tensor>>,
+}
+
+fn run_inputs(
+    plan: &kiln::runtime::ExecPlan,
+    seed: u64,
+    check: Option<&Path>,
+    given: &[String],
+) -> Result<RunInputs> {
+    use kiln::runtime::{AlignedBuf, DimSpec};
+    let specs = plan.inputs.iter().map(|io| {
+        let shape = io
+            .shape
+            .iter()
+            .map(|d| match d {
+                DimSpec::Fixed(n) => *n as usize,
+                DimSpec::Sym(_) | DimSpec::Dynamic => 1,
+            })
+            .collect();
+        (kiln::compile::graph_dtype(io.dtype), shape)
+    });
+    let mut inputs = kiln::random_tensors(specs, seed);
+    let mut expected = None;
+    if let Some(dir) = check {
+        let (ins, outs) = load_check_dir(dir, plan.inputs.len())?;
+        inputs = ins;
+        expected = Some(outs);
+    }
+    let names: Vec<String> = plan.inputs.iter().map(|io| io.name.clone()).collect();
+    kiln::io::replace_named_inputs(&names, &mut inputs, given)?;
+    let bufs = inputs
+        .iter()
+        .zip(&names)
+        .map(|(t, name)| {
+            let dt = kiln::compile::runtime_dtype(t.dtype())
+                .with_context(|| format!("input '{name}'"))?;
+            Ok((
+                dt,
+                AlignedBuf::from_bytes(&kiln::ir::onnx::tensor_proto::to_raw(t)),
+            ))
+        })
+        .collect::<Result<_>>()?;
+    Ok(RunInputs {
+        inputs,
+        bufs,
+        expected,
+    })
+}
+
+/// Runtime views of `inputs` over their aligned copies.
+fn views_of<'a>(
+    inputs: &'a [Tensor],
+    bufs: &'a [(kiln::runtime::DType, kiln::runtime::AlignedBuf)],
+) -> Vec<kiln::runtime::TensorView<'a>> {
+    inputs
+        .iter()
+        .zip(bufs)
+        .map(|(t, (dt, b))| kiln::runtime::TensorView::new(*dt, t.shape(), b.as_slice()))
+        .collect()
+}
+
 fn run_artifact(
     path: &Path,
     shapes: &[String],
@@ -805,8 +872,7 @@ fn run_artifact(
     (repeat, profile): (Option<usize>, Option<usize>),
     (seed, threads): (u64, Option<usize>),
 ) -> Result<()> {
-    use kiln::runtime::{AlignedBuf, DimSpec};
-    use kiln::{Session, TensorView};
+    use kiln::Session;
     let mut model = if path.extension().is_some_and(|e| e == "onnx") {
         // An ONNX model: compile it in-process (shapes from --shape, else the --check inputs).
         let mut c = kiln::Compiler::new();
@@ -845,45 +911,12 @@ fn run_artifact(
         plan.arena_bytes,
         model.threads()
     );
-    // random inputs from the declared specs (symbolic dims taken as 1)
-    let specs = plan.inputs.iter().map(|io| {
-        let shape = io
-            .shape
-            .iter()
-            .map(|d| match d {
-                DimSpec::Fixed(n) => *n as usize,
-                DimSpec::Sym(_) | DimSpec::Dynamic => 1,
-            })
-            .collect();
-        (kiln::compile::graph_dtype(io.dtype), shape)
-    });
-    let mut inputs = kiln::random_tensors(specs, seed);
-    let mut expected = None;
-    if let Some(dir) = check {
-        let (ins, outs) = load_check_dir(dir, plan.inputs.len())?;
-        inputs = ins;
-        expected = Some(outs);
-    }
-    let names: Vec<String> = plan.inputs.iter().map(|io| io.name.clone()).collect();
-    kiln::io::replace_named_inputs(&names, &mut inputs, given)?;
-    // native-endian, aligned copies for the runtime
-    let bufs: Vec<(kiln::runtime::DType, AlignedBuf)> = inputs
-        .iter()
-        .zip(&names)
-        .map(|(t, name)| {
-            let dt = kiln::compile::runtime_dtype(t.dtype())
-                .with_context(|| format!("input '{name}'"))?;
-            Ok((
-                dt,
-                AlignedBuf::from_bytes(&kiln::ir::onnx::tensor_proto::to_raw(t)),
-            ))
-        })
-        .collect::<Result<_>>()?;
-    let views: Vec<TensorView> = inputs
-        .iter()
-        .zip(&bufs)
-        .map(|(t, (dt, b))| TensorView::new(*dt, t.shape(), b.as_slice()))
-        .collect();
+    let RunInputs {
+        inputs,
+        bufs,
+        expected,
+    } = run_inputs(&plan, seed, check, given)?;
+    let views = views_of(&inputs, &bufs);
     let t0 = std::time::Instant::now();
     let outs = model.run(&views)?;
     let dt = t0.elapsed();
@@ -1042,50 +1075,18 @@ fn run_sharded(
     (repeat, seed): (Option<usize>, u64),
 ) -> Result<()> {
     use kiln::runtime::cluster::{ClusterModel, Transport};
-    use kiln::runtime::{AlignedBuf, DimSpec, TensorView};
     let world = art.plan.cluster.as_ref().map_or(1, |c| c.world);
     let origin = path.display().to_string();
     let under_mpi = std::env::var_os("OMPI_COMM_WORLD_SIZE").is_some()
         || std::env::var_os("PMI_SIZE").is_some();
     // inputs (used by rank 0 only)
     let plan = &art.plan;
-    let specs = plan.inputs.iter().map(|io| {
-        let shape = io
-            .shape
-            .iter()
-            .map(|d| match d {
-                DimSpec::Fixed(n) => *n as usize,
-                DimSpec::Sym(_) | DimSpec::Dynamic => 1,
-            })
-            .collect();
-        (kiln::compile::graph_dtype(io.dtype), shape)
-    });
-    let mut inputs = kiln::random_tensors(specs, seed);
-    let mut expected = None;
-    if let Some(dir) = check {
-        let (ins, outs) = load_check_dir(dir, plan.inputs.len())?;
-        inputs = ins;
-        expected = Some(outs);
-    }
-    let names: Vec<String> = plan.inputs.iter().map(|io| io.name.clone()).collect();
-    kiln::io::replace_named_inputs(&names, &mut inputs, given)?;
-    let bufs: Vec<(kiln::runtime::DType, AlignedBuf)> = inputs
-        .iter()
-        .zip(&names)
-        .map(|(t, name)| {
-            let dt = kiln::compile::runtime_dtype(t.dtype())
-                .with_context(|| format!("input '{name}'"))?;
-            Ok((
-                dt,
-                AlignedBuf::from_bytes(&kiln::ir::onnx::tensor_proto::to_raw(t)),
-            ))
-        })
-        .collect::<Result<_>>()?;
-    let views: Vec<TensorView> = inputs
-        .iter()
-        .zip(&bufs)
-        .map(|(t, (dt, b))| TensorView::new(*dt, t.shape(), b.as_slice()))
-        .collect();
+    let RunInputs {
+        inputs,
+        bufs,
+        expected,
+    } = run_inputs(plan, seed, check, given)?;
+    let views = views_of(&inputs, &bufs);
     let report = |outs: Vec<kiln::runtime::Tensor>, first: std::time::Duration| -> Result<()> {
         let named: Vec<(String, Tensor)> = plan
             .outputs
@@ -1147,7 +1148,7 @@ fn run_sharded(
             Ok(m) => m,
             Err(e) => tr.abort(&e),
         };
-        let mine: &[TensorView] = if rank == 0 { &views } else { &[] };
+        let mine: &[kiln::runtime::TensorView] = if rank == 0 { &views } else { &[] };
         let t0 = std::time::Instant::now();
         let outs = m.run(&mut tr, mine).unwrap_or_else(|e| tr.abort(&e));
         let first = t0.elapsed();
