@@ -851,6 +851,27 @@ fn run_inputs(
     })
 }
 
+/// The runtime's outputs as named graph tensors, in plan order.
+fn named_outputs(
+    plan: &kiln::runtime::ExecPlan,
+    outs: &[kiln::runtime::Tensor],
+) -> Result<Vec<(String, Tensor)>> {
+    plan.outputs
+        .iter()
+        .zip(outs)
+        .map(|(io, t)| {
+            let v = kiln::ir::onnx::tensor_proto::from_raw(
+                kiln::compile::graph_dtype(t.dtype),
+                &t.shape,
+                t.data.as_slice(),
+            )
+            .map_err(anyhow::Error::msg)
+            .with_context(|| format!("output '{}'", io.name))?;
+            Ok((io.name.clone(), v))
+        })
+        .collect()
+}
+
 /// Runtime views of `inputs` over their aligned copies.
 fn views_of<'a>(
     inputs: &'a [Tensor],
@@ -920,21 +941,7 @@ fn run_artifact(
     let t0 = std::time::Instant::now();
     let outs = model.run(&views)?;
     let dt = t0.elapsed();
-    let named: Vec<(String, Tensor)> = plan
-        .outputs
-        .iter()
-        .zip(&outs)
-        .map(|(io, t)| {
-            let v = kiln::ir::onnx::tensor_proto::from_raw(
-                kiln::compile::graph_dtype(t.dtype),
-                &t.shape,
-                t.data.as_slice(),
-            )
-            .map_err(anyhow::Error::msg)
-            .with_context(|| format!("output '{}'", io.name))?;
-            Ok((io.name.clone(), v))
-        })
-        .collect::<Result<_>>()?;
+    let named = named_outputs(&plan, &outs)?;
     print_outputs(&named);
     println!("first run: {:.3} ms", dt.as_secs_f64() * 1e3);
     if let Some(n) = repeat.filter(|&n| n > 0) {
@@ -1088,21 +1095,7 @@ fn run_sharded(
     } = run_inputs(plan, seed, check, given)?;
     let views = views_of(&inputs, &bufs);
     let report = |outs: Vec<kiln::runtime::Tensor>, first: std::time::Duration| -> Result<()> {
-        let named: Vec<(String, Tensor)> = plan
-            .outputs
-            .iter()
-            .zip(&outs)
-            .map(|(io, t)| {
-                let v = kiln::ir::onnx::tensor_proto::from_raw(
-                    kiln::compile::graph_dtype(t.dtype),
-                    &t.shape,
-                    t.data.as_slice(),
-                )
-                .map_err(anyhow::Error::msg)
-                .with_context(|| format!("output '{}'", io.name))?;
-                Ok((io.name.clone(), v))
-            })
-            .collect::<Result<_>>()?;
+        let named = named_outputs(plan, &outs)?;
         print_outputs(&named);
         println!("first run: {:.3} ms", first.as_secs_f64() * 1e3);
         if let Some(exp) = &expected {
