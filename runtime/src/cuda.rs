@@ -233,7 +233,6 @@ impl CudaDevice {
         row_bytes: u64,
         box_dims: [u32; 2],
     ) -> Result<DeviceBuffer<u8>, CudaError> {
-        use cudarc::driver::sys;
         use cudarc::driver::DevicePtr;
         if dims[0] * dims[1] > buf.len() as u64 || !row_bytes.is_multiple_of(16) {
             return Err(CudaError::Launch(format!(
@@ -242,35 +241,9 @@ impl CudaDevice {
                 buf.len()
             )));
         }
-        let mut map = sys::CUtensorMap { opaque: [0; 16] };
         let (ptr, _guard) = buf.slice.device_ptr(&self.stream);
-        let dtype = match elem {
-            Elem16::F16 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
-            Elem16::BF16 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
-        };
-        let strides = [row_bytes];
-        let elem_strides = [1u32, 1];
-        // SAFETY: `map` is a properly aligned CUtensorMap; the arrays have the lengths rank 2
-        // requires (dims 2, strides 1, box 2, element strides 2) and outlive the call.
-        let r = unsafe {
-            sys::cuTensorMapEncodeTiled(
-                &mut map,
-                dtype,
-                2,
-                ptr as *mut std::ffi::c_void,
-                dims.as_ptr(),
-                strides.as_ptr(),
-                box_dims.as_ptr(),
-                elem_strides.as_ptr(),
-                sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
-                sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
-                sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_NONE,
-                sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
-            )
-        };
-        r.result()
-            .map_err(|e| CudaError::Launch(format!("cuTensorMapEncodeTiled: {e}")))?;
-        let bytes: Vec<u8> = map.opaque.iter().flat_map(|w| w.to_le_bytes()).collect();
+        let bytes = encode_tensor_map_2d(ptr, elem, dims, row_bytes, box_dims)
+            .map_err(CudaError::Launch)?;
         self.upload(&bytes)
     }
 
@@ -373,4 +346,47 @@ impl CudaDevice {
         unsafe { b.launch(cfg) }.map_err(driver)?;
         Ok(())
     }
+}
+
+/// A rank-2 TMA descriptor (128 bytes) of the 16-bit row-major tensor at device address
+/// `ptr`: tiled, 128-byte swizzle, no interleave, no L2 promotion, zero fill out of bounds
+/// (what `kiln_codegen::gpu::kernels::gemm_wgmma` expects); `dims` and `box_dims` innermost
+/// first, `row_bytes` the outer dimension's stride. Bad geometry is an error naming it.
+pub(crate) fn encode_tensor_map_2d(
+    ptr: u64,
+    elem: Elem16,
+    dims: [u64; 2],
+    row_bytes: u64,
+    box_dims: [u32; 2],
+) -> Result<Vec<u8>, String> {
+    use cudarc::driver::sys;
+    let mut map = sys::CUtensorMap { opaque: [0; 16] };
+    let dtype = match elem {
+        Elem16::F16 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+        Elem16::BF16 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+    };
+    let strides = [row_bytes];
+    let elem_strides = [1u32, 1];
+    // SAFETY: `map` is a properly aligned CUtensorMap; the arrays have the lengths rank 2
+    // requires (dims 2, strides 1, box 2, element strides 2) and outlive the call; the
+    // address is only recorded, not dereferenced.
+    let r = unsafe {
+        sys::cuTensorMapEncodeTiled(
+            &mut map,
+            dtype,
+            2,
+            ptr as *mut std::ffi::c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            box_dims.as_ptr(),
+            elem_strides.as_ptr(),
+            sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_NONE,
+            sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    };
+    r.result()
+        .map_err(|e| format!("cuTensorMapEncodeTiled {dims:?} (row {row_bytes} B): {e}"))?;
+    Ok(map.opaque.iter().flat_map(|w| w.to_le_bytes()).collect())
 }

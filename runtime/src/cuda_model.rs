@@ -15,6 +15,7 @@
 //! buffers.
 
 use crate::artifact::Artifact;
+use crate::cuda::{encode_tensor_map_2d, Elem16};
 use crate::plan::{BufRef, DimSpec, ExecPlan, GpuArg, GpuPlan, IoSpec};
 use cudarc::driver::{
     sys, CudaContext, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, LaunchConfig,
@@ -40,48 +41,6 @@ pub enum CudaModelError {
     /// Inputs do not match the plan.
     #[error("inputs: {0}")]
     Inputs(String),
-}
-
-/// A rank-2 TMA descriptor (128 bytes) of the 16-bit row-major matrix at device address
-/// `ptr` (see [`GpuArg::TensorMap`]).
-fn encode_tensor_map(
-    ptr: u64,
-    bf16: bool,
-    dims: [u64; 2],
-    row_bytes: u64,
-    box_dims: [u32; 2],
-) -> Result<Vec<u8>, String> {
-    use cudarc::driver::sys;
-    let mut map = sys::CUtensorMap { opaque: [0; 16] };
-    let dtype = if bf16 {
-        sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
-    } else {
-        sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16
-    };
-    let strides = [row_bytes];
-    let elem_strides = [1u32, 1];
-    // SAFETY: `map` is a properly aligned CUtensorMap; the arrays have the lengths rank 2
-    // requires (dims 2, strides 1, box 2, element strides 2) and outlive the call; the
-    // address is only recorded, not dereferenced.
-    let r = unsafe {
-        sys::cuTensorMapEncodeTiled(
-            &mut map,
-            dtype,
-            2,
-            ptr as *mut std::ffi::c_void,
-            dims.as_ptr(),
-            strides.as_ptr(),
-            box_dims.as_ptr(),
-            elem_strides.as_ptr(),
-            sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
-            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
-            sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_NONE,
-            sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
-        )
-    };
-    r.result()
-        .map_err(|e| format!("cuTensorMapEncodeTiled {dims:?} (row {row_bytes} B): {e}"))?;
-    Ok(map.opaque.iter().flat_map(|w| w.to_le_bytes()).collect())
 }
 
 fn drv(e: cudarc::driver::DriverError) -> CudaModelError {
@@ -270,7 +229,8 @@ impl CudaModel {
                         ..
                     } => {
                         let p = base(buf)? + offset;
-                        let map = encode_tensor_map(p, *bf16, *dims, *row_bytes, *box_dims)
+                        let elem = if *bf16 { Elem16::BF16 } else { Elem16::F16 };
+                        let map = encode_tensor_map_2d(p, elem, *dims, *row_bytes, *box_dims)
                             .map_err(|e| CudaModelError::Plan(format!("'{}': {e}", s.kernel)))?;
                         let dev = stream.clone_htod(&map).map_err(drv)?;
                         params.push(Param::U64(addr(&dev)));
