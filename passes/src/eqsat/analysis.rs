@@ -3,6 +3,7 @@
 //! inference and reference evaluation. Constant classes get a constant leaf (constant
 //! folding).
 
+use super::dist::{self, Dist};
 use super::language::{AttrKey, ConstKey, Kiln, Lowered};
 use egg::{Analysis, DidMerge, EGraph, Id, Symbol};
 use kiln_ir::{Fact, Op, Tensor};
@@ -144,6 +145,8 @@ pub struct Data {
     pub attr: Option<AttrKey>,
     /// Why inference failed (for `Kind::Invalid`).
     pub error: Option<String>,
+    /// The layout over a tensor-parallel group (facts are per rank when not replicated).
+    pub dist: Dist,
 }
 
 impl Data {
@@ -155,6 +158,7 @@ impl Data {
             ints: None,
             attr: None,
             error: None,
+            dist: Dist::Rep,
         }
     }
 
@@ -211,6 +215,9 @@ pub fn node_facts<'a>(
             return Ok((Kind::Value, vec![f.clone()]));
         }
         _ => {}
+    }
+    if let Some(f) = dist::parallel_facts(node, &data) {
+        return Ok((Kind::Value, vec![f?]));
     }
     let lowered = node
         .lower(|i| data(i).int, |i| data(i).ints.clone(), |i| data(i).attr)
@@ -284,6 +291,17 @@ impl Analysis<Kiln> for KilnAnalysis {
             Ok((kind, facts)) => Data::of(kind, facts),
             Err(e) => Data::invalid(e),
         };
+        if d.kind == Kind::Value {
+            match dist::of(&egraph.analysis, enode, &d.facts, |i| &egraph[i].data) {
+                Ok(Dist::Rep) => {}
+                Ok(x) => {
+                    // a part held by one rank is not a constant of the graph
+                    d.dist = x;
+                    d.facts[0].value = None;
+                }
+                Err(e) => d = Data::invalid(e),
+            }
+        }
         match enode {
             Kiln::Int(v) => d.int = Some(*v),
             Kiln::Ints(v) => d.ints = Some(v.0.clone()),

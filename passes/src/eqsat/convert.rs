@@ -173,6 +173,16 @@ pub fn to_graph(
     choice: &HashMap<Id, Kiln>,
     template: &Graph,
 ) -> Result<Graph> {
+    to_graph_traced(eg, roots, choice, template).map(|(g, _)| g)
+}
+
+/// [`to_graph`], also returning the value each emitted value e-class became.
+pub fn to_graph_traced(
+    eg: &KilnEGraph,
+    roots: &[Id],
+    choice: &HashMap<Id, Kiln>,
+    template: &Graph,
+) -> Result<(Graph, HashMap<Id, ValueId>)> {
     let mut g = Graph {
         name: template.name.clone(),
         opset: template.opset,
@@ -362,5 +372,12 @@ pub fn to_graph(
             ));
         }
     }
-    Ok(g)
+    let values = done
+        .into_iter()
+        .filter_map(|(c, e)| match e {
+            Emitted::Value(v) => Some((c, v)),
+            _ => None,
+        })
+        .collect();
+    Ok((g, values))
 }

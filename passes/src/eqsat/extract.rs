@@ -32,7 +32,13 @@ pub fn node_costs(eg: &KilnEGraph, model: &dyn CostModel) -> NodeCosts {
     out
 }
 
-fn own_cost(eg: &KilnEGraph, model: &dyn CostModel, cd: &super::analysis::Data, n: &Kiln) -> f64 {
+/// The own cost of one e-node of class data `cd` (see [`node_costs`]).
+pub fn own_cost(
+    eg: &KilnEGraph,
+    model: &dyn CostModel,
+    cd: &super::analysis::Data,
+    n: &Kiln,
+) -> f64 {
     const INF: f64 = f64::INFINITY;
     let Ok((kind, facts)) = node_facts(&eg.analysis, n, |i| &eg[i].data) else {
         return INF;

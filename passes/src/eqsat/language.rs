@@ -84,7 +84,8 @@ define_language! {
     /// elementwise ops `add sub mul div neg relu sigmoid tanh exp erf sqrt abs`, `matmul`,
     /// `(transpose [perm] x)`, `(reshape x shape)`, `(concat axis x...)`,
     /// `(slice x starts ends axes steps)`, `(conv @attrs x w b)`, the generic
-    /// `(op @attrs inputs...)`, `(out k tuple)`, `none`, and the leaves.
+    /// `(op @attrs inputs...)`, `(out k tuple)`, `none`, the parallel ops `(shard axis k x)`,
+    /// `(gather axis k x)`, `(allreduce k x)` (see [`super::dist`]), and the leaves.
     #[allow(missing_docs)]
     pub enum Kiln {
         "add" = Add([Id; 2]),
@@ -115,6 +116,12 @@ define_language! {
         // (out k tuple): output k of a multi-output op
         "out" = Out([Id; 2]),
         "none" = NoneArg([Id; 0]),
+        // (shard axis k x): part `rank` of `k` equal parts of x along `axis` (Partition)
+        "shard" = Shard([Id; 3]),
+        // (gather axis k x): the parts of x concatenated along `axis` (all-gather, Combine)
+        "gather" = Gather([Id; 3]),
+        // (allreduce k x): the sum of the ranks' partial x (all-reduce, Reduction)
+        "allreduce" = AllReduce([Id; 2]),
         Int(i64),
         Ints(Ints),
         Attr(AttrKey),
@@ -219,6 +226,8 @@ impl Kiln {
             Kiln::Conv([a, rest @ ..]) => Lowered::Table(attr(*a)?, rest),
             Kiln::Op(c) => Lowered::Table(attr(*c.first()?)?, &c[1..]),
             Kiln::Out([k, t]) => Lowered::Out(*k, *t),
+            // communication, not an op of the graph (see `super::dist`)
+            Kiln::Shard(_) | Kiln::Gather(_) | Kiln::AllReduce(_) => return None,
             Kiln::NoneArg(_)
             | Kiln::Int(_)
             | Kiln::Ints(_)

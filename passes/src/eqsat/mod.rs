@@ -35,6 +35,7 @@
 pub mod analysis;
 pub mod convert;
 pub mod cost;
+pub mod dist;
 pub mod extract;
 pub mod ilp;
 pub mod language;

@@ -11,6 +11,7 @@
 
 pub mod cluster;
 pub mod inprocess;
+pub mod joint;
 pub mod lower;
 pub mod models;
 pub mod pipeline_split;

@@ -648,7 +648,7 @@ fn broadcast_wants(
 /// Where a split of input axis `axis` (sizes `sizes`) lands after a reshape from `is` to
 /// `os`: the same axis whole, its leading sub-axis (sizes divided by the inner sub-axes),
 /// or the merged axis it leads (sizes multiplied by the merged inner axes).
-fn map_reshape(
+pub(crate) fn map_reshape(
     is: &[usize],
     os: &[usize],
     axis: usize,
