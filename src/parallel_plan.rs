@@ -78,15 +78,18 @@ pub fn find_plan(
     opt_level: u8,
     objective: Objective,
 ) -> Result<PlanReport> {
+    let eqsat = crate::pipeline::eqsat_options(opt_level).map(|mut e| {
+        e.fold_limit = e.fold_limit.min(PLAN_FOLD_LIMIT);
+        e
+    });
     let opts = SearchOptions {
         objective,
         // Constants above 64K elements are not folded inside the e-graph here: on
         // BERT-base sized graphs folding the weights (concatenated, transposed) takes
         // minutes; rewrites that need them stay as ops on the constants.
-        eqsat: crate::pipeline::eqsat_options(opt_level).map(|mut e| {
-            e.fold_limit = e.fold_limit.min(PLAN_FOLD_LIMIT);
-            e
-        }),
+        eqsat: eqsat.clone(),
+        // the joint algebraic + tensor-parallel e-graph search, at the same level
+        joint: eqsat,
         ..Default::default()
     };
     search::find_plan(graph, cluster, batch, &opts).map_err(|e| anyhow!("plan search: {e}"))

@@ -192,3 +192,43 @@ fn transformer_block_rediscovers_megatron_in_the_egraph() {
         check_runs(&format!("transformer causal={causal}"), &g, &r, 2, 11);
     }
 }
+
+/// BERT-base on 8 H100s (NVLink): time of the joint search and what it finds
+/// (`cargo test --release -p kiln-passes --test parallel_joint -- --ignored --nocapture`).
+#[test]
+#[ignore]
+fn bench_joint_bert_base() {
+    use kiln_passes::parallel::cluster::DeviceSpec;
+    let g = transformer(&TransformerConfig::bert_base(1));
+    let h100 = DeviceSpec {
+        name: "h100".into(),
+        peak_gflops_f32: 67_000.0,
+        peak_gflops_f16: 989_000.0,
+        bandwidth_gbs: 3350.0,
+        launch_us: 4.0,
+        memory_bytes: 80e9,
+        is_cpu: false,
+        parallel_units: 132.0,
+        tile_elems: 4096.0,
+    };
+    for k in [2, 4, 8] {
+        let mut o = opts(
+            k,
+            kiln_passes::parallel::sim::device_of(&h100, &g),
+            LinkKind::Nvlink,
+        );
+        o.eqsat.fold_limit = 1 << 16;
+        let r = optimize(&g, &o).unwrap();
+        println!(
+            "k={k}: {:.2}s, e-graph {} nodes {:?}, cost {:.1} us vs single {:.1} us, {} splits, collectives {:?}",
+            r.seconds,
+            r.egraph_nodes,
+            r.stop_reasons,
+            r.cost_us,
+            r.single_us,
+            r.splits.len(),
+            r.collectives
+        );
+        println!("  rules {:?}", r.rules_applied);
+    }
+}

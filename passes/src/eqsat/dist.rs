@@ -50,15 +50,15 @@ pub fn parallel_facts<'a>(
     data: impl Fn(Id) -> &'a Data,
 ) -> Option<Result<Fact, String>> {
     let int = |i: Id| data(i).int.and_then(|v| usize::try_from(v).ok());
-    let (axis, k, x, scale): (Option<usize>, usize, Id, fn(usize, usize) -> Option<usize>) =
-        match node {
-            Kiln::Shard([a, k, x]) => (int(*a), int(*k)?, *x, |d, k| {
-                (k > 0 && d % k == 0).then(|| d / k)
-            }),
-            Kiln::Gather([a, k, x]) => (int(*a), int(*k)?, *x, |d, k| Some(d * k)),
-            Kiln::AllReduce([k, x]) => (None, int(*k)?, *x, |d, _| Some(d)),
-            _ => return None,
-        };
+    type Scale = fn(usize, usize) -> Option<usize>;
+    let (axis, k, x, scale): (Option<usize>, usize, Id, Scale) = match node {
+        Kiln::Shard([a, k, x]) => (int(*a), int(*k)?, *x, |d, k| {
+            (k > 0 && d % k == 0).then(|| d / k)
+        }),
+        Kiln::Gather([a, k, x]) => (int(*a), int(*k)?, *x, |d, k| Some(d * k)),
+        Kiln::AllReduce([k, x]) => (None, int(*k)?, *x, |d, _| Some(d)),
+        _ => return None,
+    };
     let r = (|| {
         let f = data(x).fact().ok_or("parallel op over a non-value")?;
         let mut d = dims(f).ok_or("parallel op over an unknown shape")?;

@@ -117,10 +117,11 @@ const NOT_JOINT: [&str; 12] = [
 
 /// Whether the joint search runs algebraic rule `name` by default.
 pub fn joint_rule(name: &str) -> bool {
-    !NOT_JOINT
+    let left_out = NOT_JOINT
         .iter()
-        .any(|p| name.starts_with(p) || (p.starts_with('-') && name.contains(p)))
-        && !(name.contains("-sink-") && !name.starts_with("tp-"))
+        .any(|p| name.starts_with(p) || (p.starts_with('-') && name.contains(p)));
+    let moves_layout = name.contains("-sink-") && !name.starts_with("tp-");
+    !left_out && !moves_layout
 }
 
 /// Local e-node → the replicated e-node it computes a part of (recorded by every rule that
@@ -502,12 +503,6 @@ fn parallel_rules(k: usize, twins: &Twins) -> Vec<Rewrite<Kiln, KilnAnalysis>> {
             },
         )
         .expect("rule"),
-        Rewrite::new(
-            "tp-cancel",
-            pat("(gather ?a ?k (shard ?a ?k ?x))"),
-            pat("?x"),
-        )
-        .expect("rule"),
     ];
     let g = "(gather ?a ?k ?p)";
     let g2 = "(gather ?b ?k ?q)";
@@ -625,7 +620,7 @@ impl Globalize<'_> {
         }
         let n = self.chosen(c)?.clone();
         match n {
-            Kiln::Gather([_, _, p]) | Kiln::AllReduce([_, p]) => self.from_part(c, p),
+            Kiln::Gather([_, _, p]) | Kiln::AllReduce([_, p]) => self.of_part(c, p),
             Kiln::Shard(_) => Err("a shard chosen for a replicated class".into()),
             n => {
                 self.out.insert(c, n.clone());
@@ -638,7 +633,7 @@ impl Globalize<'_> {
     }
 
     /// Class `c` (replicated) is computed as the parts of class `p`.
-    fn from_part(&mut self, c: Id, p: Id) -> Result<(), String> {
+    fn of_part(&mut self, c: Id, p: Id) -> Result<(), String> {
         let c = self.eg.find(c);
         if self.out.contains_key(&c) {
             return Ok(());
@@ -673,7 +668,7 @@ impl Globalize<'_> {
                     }
                     self.walk(x)?;
                 }
-                _ => self.from_part(gc, mc)?,
+                _ => self.of_part(gc, mc)?,
             }
         }
         Ok(())

@@ -59,6 +59,12 @@ pub struct SearchOptions {
     /// Also search the graph rewritten by the eqsat pass with these options, and keep
     /// the better.
     pub eqsat: Option<crate::eqsat::EqsatOptions>,
+    /// Also run the joint algebraic + tensor-parallel e-graph search
+    /// ([`super::joint`]) for every tensor-parallel group size (dividing the world, up to
+    /// 8) with these algebraic options: its one-stage plan is a candidate, and its graph is
+    /// searched like the others (homogeneous clusters only: the joint search splits
+    /// equally).
+    pub joint: Option<crate::eqsat::EqsatOptions>,
 }
 
 impl Default for SearchOptions {
@@ -69,6 +75,7 @@ impl Default for SearchOptions {
             max_micro_batches: 16,
             sim: SimOptions::default(),
             eqsat: None,
+            joint: None,
         }
     }
 }
@@ -121,12 +128,12 @@ pub fn find_plan(
     opts: &SearchOptions,
 ) -> Result<PlanReport, String> {
     let t0 = Instant::now();
-    let mut report = search_graph(g, cluster, batch, opts)?;
+    let mut report = search_graph(g, cluster, batch, opts, None)?;
     report.variants = vec![("as given".into(), report.best.prediction.throughput)];
     if let Some(eo) = &opts.eqsat {
         let (g2, _) =
             crate::eqsat::optimize(g, eo).map_err(|e| format!("eqsat before planning: {e}"))?;
-        let r2 = search_graph(&g2, cluster, batch, opts)?;
+        let r2 = search_graph(&g2, cluster, batch, opts, None)?;
         report
             .variants
             .push(("after eqsat".into(), r2.best.prediction.throughput));
@@ -138,8 +145,70 @@ pub fn find_plan(
             report.graph = Some(g2);
         }
     }
+    if let Some(eo) = &opts.joint {
+        joint_variants(g, cluster, batch, opts, eo, &mut report);
+    }
     report.search_seconds = t0.elapsed().as_secs_f64();
     Ok(report)
+}
+
+/// The joint e-graph variants of [`SearchOptions::joint`]: for each group size `k`, the
+/// joint extraction's graph searched as a whole, plus its own one-stage plan when `k` is
+/// the world; the best replaces the report's if better.
+fn joint_variants(
+    g: &Graph,
+    cluster: &Cluster,
+    batch: usize,
+    opts: &SearchOptions,
+    eo: &crate::eqsat::EqsatOptions,
+    report: &mut PlanReport,
+) {
+    let world = cluster.len();
+    let spec = &cluster.devices[0].spec;
+    if world < 2 || cluster.devices.iter().any(|d| d.spec != *spec) {
+        report
+            .notes
+            .push("joint e-graph search skipped: it needs equal devices".into());
+        return;
+    }
+    let inner = SearchOptions {
+        eqsat: None,
+        joint: None,
+        ..opts.clone()
+    };
+    for k in (2..=world.min(8)).filter(|k| world.is_multiple_of(*k)) {
+        let jo = super::joint::JointOptions {
+            k,
+            device: super::sim::device_of(spec, g),
+            link: cluster.group_link(&(0..k).collect::<Vec<_>>()),
+            eqsat: crate::eqsat::EqsatOptions {
+                rules: None,
+                ..eo.clone()
+            },
+        };
+        let r = match super::joint::optimize(g, &jo) {
+            Ok(r) => r,
+            Err(e) => {
+                report.notes.push(format!("joint e-graph search (k = {k}): {e}"));
+                continue;
+            }
+        };
+        let extra = (k == world).then(|| r.plan(k));
+        let name = format!("joint e-graph (TP groups of {k})");
+        match search_graph(&r.graph, cluster, batch, &inner, extra) {
+            Ok(rj) => {
+                report
+                    .variants
+                    .push((name.clone(), rj.best.prediction.throughput));
+                if better(opts.objective, &rj.best.prediction, &report.best.prediction) {
+                    report.best = rj.best;
+                    report.graph_variant = name;
+                    report.graph = Some(r.graph);
+                }
+            }
+            Err(e) => report.notes.push(format!("{name}: {e}")),
+        }
+    }
 }
 
 /// Whether prediction `a` beats `b`: feasible first, then the objective, then the other
@@ -161,12 +230,13 @@ fn better(objective: Objective, a: &Prediction, b: &Prediction) -> bool {
     second.0 > second.1
 }
 
-/// The search on one graph.
+/// The search on one graph (with `extra`, a plan found elsewhere, as one more candidate).
 fn search_graph(
     g: &Graph,
     cluster: &Cluster,
     batch: usize,
     opts: &SearchOptions,
+    extra: Option<ParallelPlan>,
 ) -> Result<PlanReport, String> {
     let sim = Simulator::new(g, cluster, batch, &opts.sim)?;
     let mut s = Search {
@@ -223,6 +293,9 @@ fn search_graph(
     consider(single.clone());
     consider(data_parallel.clone());
     consider(tensor_parallel.clone());
+    if let Some(plan) = extra {
+        consider(s.eval("joint e-graph", plan));
+    }
     let cuts = cut_points(&sim);
     for groups in rank_partitions(cluster) {
         let p = groups.len();

@@ -135,6 +135,19 @@ pub struct Simulator<'a> {
 }
 
 /// The arithmetic peak to use for a graph: f16 peak when most weight bytes are 16-bit.
+/// The analytical cost model's description of a device running `g` (its f16 peak when
+/// most constant bytes are f16/bf16).
+pub fn device_of(spec: &DeviceSpec, g: &Graph) -> Device {
+    Device {
+        name: spec.name.clone(),
+        peak_gflops: peak_for(spec, g),
+        bandwidth_gbs: spec.bandwidth_gbs,
+        launch_us: spec.launch_us,
+        parallel_units: spec.parallel_units,
+        tile_elems: spec.tile_elems,
+    }
+}
+
 fn peak_for(spec: &DeviceSpec, g: &Graph) -> f64 {
     let mut half = 0usize;
     let mut all = 0usize;
@@ -202,14 +215,7 @@ impl<'a> Simulator<'a> {
             {
                 Some(k) => k,
                 None => {
-                    let dev = Device {
-                        name: d.spec.name.clone(),
-                        peak_gflops: peak_for(&d.spec, g),
-                        bandwidth_gbs: d.spec.bandwidth_gbs,
-                        launch_us: d.spec.launch_us,
-                        parallel_units: d.spec.parallel_units,
-                        tile_elems: d.spec.tile_elems,
-                    };
+                    let dev = device_of(&d.spec, g);
                     let a = Analytical { device: dev };
                     if d.spec.is_cpu && !opts.measured_cpu_us.is_empty() {
                         models.push(Box::new(Measured {
