@@ -12,6 +12,7 @@ use kiln_passes::eqsat::EqsatOptions;
 use kiln_passes::parallel::cluster::{Link, LinkKind};
 use kiln_passes::parallel::inprocess::run_in_process;
 use kiln_passes::parallel::joint::{optimize, JointOptions, JointResult};
+use kiln_passes::parallel::joint_check::check_egraph;
 use kiln_passes::parallel::lower::lower;
 use kiln_passes::parallel::models::{transformer, TransformerConfig};
 use kiln_passes::parallel::SplitKind;
@@ -230,5 +231,66 @@ fn bench_joint_bert_base() {
             r.collectives
         );
         println!("  rules {:?}", r.rules_applied);
+    }
+}
+
+fn random_inputs(g: &Graph, seed: u64) -> Vec<Tensor> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    g.inputs
+        .iter()
+        .map(|&i| random_f32(&g.values[i].fact.shape.as_known().unwrap(), &mut rng))
+        .collect()
+}
+
+/// The soundness property of every parallel rule: in the saturated joint e-graph, each
+/// e-node (replicated or on parts, evaluated rank by rank) gives its class's value.
+#[test]
+fn every_enode_of_the_joint_egraph_computes_its_class_value() {
+    let mut used: std::collections::BTreeSet<String> = Default::default();
+    let cases: Vec<(&str, Graph, usize)> = vec![
+        ("mlp", mlp(8, 32, 64), 2),
+        ("mlp", mlp(8, 48, 96), 3),
+        ("bert block", small_transformer(false), 2),
+        ("gpt block", small_transformer(true), 4),
+    ];
+    for (what, g, k) in cases {
+        let r = check_egraph(
+            &g,
+            &opts(k, Device::cpu(), LinkKind::Shm),
+            &random_inputs(&g, 5),
+        )
+        .unwrap_or_else(|e| panic!("{what} k={k}: {e}"));
+        assert!(r.part_nodes > 10, "{what}: {r:?}");
+        used.extend(r.rules_applied.into_iter().map(|(n, _)| n));
+    }
+    for rule in [
+        "tp-column",
+        "tp-row",
+        "tp-sink-add-l",
+        "tp-sink-reshape",
+        "tp-sink-transpose",
+        "tp-sink-matmul-2",
+        "tp-sink-op",
+        "tp-sink-relu",
+        "tp-sink-div-l",
+    ] {
+        assert!(used.contains(rule), "{rule} never applied: {used:?}");
+    }
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(8))]
+    /// Random MLP shapes and group sizes: the e-graph stays sound.
+    #[test]
+    fn joint_egraph_is_sound_on_random_mlps(
+        k in 2usize..5,
+        rows in 1usize..6,
+        h in 1usize..4,
+        f in 1usize..4,
+        seed in 0u64..1000,
+    ) {
+        let g = mlp(rows, h * k * 4, f * k * 8);
+        let r = check_egraph(&g, &opts(k, Device::cpu(), LinkKind::Shm), &random_inputs(&g, seed));
+        proptest::prop_assert!(r.is_ok(), "{:?}", r.err());
     }
 }

@@ -675,10 +675,24 @@ impl Globalize<'_> {
     }
 }
 
-/// Searches algebraic rewrites and the tensor parallelism of a group of `opts.k` ranks
-/// together (see the module doc).
-pub fn optimize(g: &Graph, opts: &JointOptions) -> Result<JointResult, String> {
-    let t0 = Instant::now();
+/// The e-graph after both phases of the joint search.
+pub(crate) struct Saturated {
+    /// The e-graph.
+    pub eg: KilnEGraph,
+    /// The classes of the graph outputs.
+    pub roots: Vec<Id>,
+    /// Part e-node → the replicated e-node it is a part of.
+    pub twins: Vec<(Kiln, Kiln)>,
+    /// The best single-device cost (DAG-aware extraction after the algebraic phase), µs.
+    pub single_us: f64,
+    /// Applications per parallel rule.
+    pub rules_applied: HashMap<String, usize>,
+    /// Why each phase stopped.
+    pub stop_reasons: (String, String),
+}
+
+/// Phases 1 and 2 of the module doc: the algebraic rules, then the parallel rules.
+pub(crate) fn saturate(g: &Graph, opts: &JointOptions) -> Result<Saturated, String> {
     let k = opts.k.max(1);
     kiln_ir::verify::verify(g).map_err(|e| e.to_string())?;
     let eo = &opts.eqsat;
@@ -732,6 +746,37 @@ pub fn optimize(g: &Graph, opts: &JointOptions) -> Result<JointResult, String> {
     let stop_par = format!("{:?}", runner.stop_reason);
     let eg = runner.egraph;
     let roots: Vec<Id> = roots.iter().map(|&r| eg.find(r)).collect();
+    drop(prules);
+    let twins = Arc::try_unwrap(twins)
+        .map(|m| m.into_inner().unwrap_or_default())
+        .unwrap_or_default();
+    Ok(Saturated {
+        eg,
+        roots,
+        twins,
+        single_us,
+        rules_applied,
+        stop_reasons: (stop_alg, stop_par),
+    })
+}
+
+/// Searches algebraic rewrites and the tensor parallelism of a group of `opts.k` ranks
+/// together (see the module doc).
+pub fn optimize(g: &Graph, opts: &JointOptions) -> Result<JointResult, String> {
+    let t0 = Instant::now();
+    let k = opts.k.max(1);
+    let Saturated {
+        eg,
+        roots,
+        twins,
+        single_us,
+        rules_applied,
+        stop_reasons,
+    } = saturate(g, opts)?;
+    let eo = &opts.eqsat;
+    let model = Analytical {
+        device: opts.device.clone(),
+    };
     let costs = joint_costs(&eg, &model, k, &opts.link);
     let tree = extract::greedy(&eg, &costs);
     let (dag, _) = extract::dag(&eg, &costs, &roots, tree.clone(), eo.extract_time_limit);
@@ -747,8 +792,6 @@ pub fn optimize(g: &Graph, opts: &JointOptions) -> Result<JointResult, String> {
         return Err("no well-typed extraction".into());
     }
     let twin_map: HashMap<Kiln, Kiln> = twins
-        .lock()
-        .expect("twins")
         .iter()
         .map(|(l, g)| (l.clone().map_children(|c| eg.find(c)), g.clone()))
         .collect();
@@ -803,7 +846,7 @@ pub fn optimize(g: &Graph, opts: &JointOptions) -> Result<JointResult, String> {
         collective_list,
         rules_applied,
         egraph_nodes: eg.total_number_of_nodes(),
-        stop_reasons: (stop_alg, stop_par),
+        stop_reasons,
         seconds: t0.elapsed().as_secs_f64(),
     })
 }

@@ -189,7 +189,9 @@ fn joint_variants(
         let r = match super::joint::optimize(g, &jo) {
             Ok(r) => r,
             Err(e) => {
-                report.notes.push(format!("joint e-graph search (k = {k}): {e}"));
+                report
+                    .notes
+                    .push(format!("joint e-graph search (k = {k}): {e}"));
                 continue;
             }
         };
