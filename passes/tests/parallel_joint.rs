@@ -294,3 +294,42 @@ proptest::proptest! {
         proptest::prop_assert!(r.is_ok(), "{:?}", r.err());
     }
 }
+
+/// A CNN: the convolutions are split by output channels (Column) and input channels (Row)
+/// in the e-graph; the plan runs; every e-node of the e-graph is sound.
+#[test]
+fn cnn_convs_are_split_by_channels() {
+    let mut g = kiln_passes::parallel::models::small_cnn(1);
+    randomize(&mut g, 9);
+    let o = opts(2, Device::cpu(), LinkKind::Shm);
+    let r = optimize(&g, &o).unwrap();
+    let conv_splits: Vec<SplitKind> = r
+        .splits
+        .iter()
+        .filter(|s| r.graph.nodes[s.node].op.op_type() == "Conv")
+        .map(|s| s.kind)
+        .collect();
+    assert!(
+        conv_splits.contains(&SplitKind::Column) && conv_splits.contains(&SplitKind::Row),
+        "{:?} {:?}",
+        r.splits,
+        r.collective_list
+    );
+    println!(
+        "small cnn: {conv_splits:?}, {:?}, cost {:.0} vs {:.0} us",
+        r.collective_list, r.cost_us, r.single_us
+    );
+    assert!(
+        r.cost_us < 0.7 * r.single_us,
+        "{} vs {}",
+        r.cost_us,
+        r.single_us
+    );
+    check_runs("small cnn k=2", &g, &r, 2, 13);
+    let c = check_egraph(&g, &o, &random_inputs(&g, 2)).unwrap();
+    let used: Vec<&str> = c.rules_applied.iter().map(|(n, _)| n.as_str()).collect();
+    assert!(
+        used.contains(&"tp-column-conv") && used.contains(&"tp-row-conv"),
+        "{used:?}"
+    );
+}

@@ -193,6 +193,51 @@ pub fn of<'a>(
             }
             _ => unsupported(),
         },
+        Op::Nn(NnOp::Conv(c)) if c.group == 1 => {
+            let d = |i: usize| {
+                ins.get(i)
+                    .map(|&x| data(x))
+                    .filter(|d| d.kind == Kind::Value)
+            };
+            let (x, w, b) = (
+                d(0).ok_or("conv: no input")?,
+                d(1).ok_or("conv: no weight")?,
+                d(2),
+            );
+            let bd = b.map(|b| b.dist);
+            match (x.dist, w.dist, bd) {
+                // output channels
+                (Dist::Rep, Dist::Split { axis: 0, k }, None)
+                | (Dist::Rep, Dist::Split { axis: 0, k }, Some(Dist::Split { axis: 0, .. })) => {
+                    Ok(Dist::Split { axis: 1, k })
+                }
+                // input channels: partial sums (no bias: it would be added k times)
+                (Dist::Split { axis: 1, k }, Dist::Split { axis: 1, k: k2 }, None) if k == k2 => {
+                    Ok(Dist::Partial { k })
+                }
+                // batch
+                (Dist::Split { axis: 0, k }, Dist::Rep, None | Some(Dist::Rep)) => {
+                    Ok(Dist::Split { axis: 0, k })
+                }
+                _ => unsupported(),
+            }
+        }
+        Op::Nn(NnOp::MaxPool(_) | NnOp::Pool(_) | NnOp::GlobalPool(_)) if vals.len() == 1 => {
+            match vals[0].1.dist {
+                d @ Dist::Split { axis, .. } if axis <= 1 => Ok(d),
+                _ => unsupported(),
+            }
+        }
+        Op::Array(kiln_ir::ops::array::ArrayOp::Flatten { .. }) => match vals[0].1.dist {
+            Dist::Split { axis, k } => {
+                let is = vals[0].1.shape().ok_or("flatten: unknown shape")?;
+                let os = out.first().and_then(dims).ok_or("flatten: unknown shape")?;
+                let a = reshape_axis(&is, &os, axis)
+                    .ok_or("flatten moves the split axis across others")?;
+                Ok(Dist::Split { axis: a, k })
+            }
+            _ => unsupported(),
+        },
         Op::Nn(NnOp::LayerNormalization(a)) => {
             if vals.iter().skip(1).any(|(_, d)| d.dist != Dist::Rep) {
                 return unsupported();

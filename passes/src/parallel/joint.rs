@@ -278,6 +278,140 @@ impl Applier<Kiln, KilnAnalysis> for Row {
     }
 }
 
+/// The `group` of the Conv whose attribute leaf is class `o` (`None` if not a Conv).
+fn conv_group(eg: &EG, o: Id) -> Option<usize> {
+    let key = eg[o].data.attr?;
+    match &eg.analysis.op(key)?.op {
+        kiln_ir::Op::Nn(kiln_ir::ops::nn::NnOp::Conv(c)) => Some(c.group),
+        _ => None,
+    }
+}
+
+/// `tp-column-conv`: `(conv o x W b)` = `(gather 1 k (conv o x (shard 0 k W) (shard 0 k b)))`
+/// for a constant `W` (group 1) whose output channels divide by `k`.
+struct ColumnConv {
+    k: usize,
+    twins: Twins,
+}
+
+impl Applier<Kiln, KilnAnalysis> for ColumnConv {
+    fn apply_one(
+        &self,
+        eg: &mut EG,
+        eclass: Id,
+        subst: &Subst,
+        _ast: Option<&PatternAst<Kiln>>,
+        _rule: Symbol,
+    ) -> Vec<Id> {
+        let (o, x, w, b) = (
+            subst[var("?o")],
+            subst[var("?x")],
+            subst[var("?w")],
+            subst[var("?b")],
+        );
+        let no_bias = eg[b].data.kind == Kind::None;
+        let ok = eg[eclass].data.dist == Dist::Rep
+            && eg[x].data.dist == Dist::Rep
+            && conv_group(eg, o) == Some(1)
+            && is_weight(eg, w)
+            && (no_bias || is_weight(eg, b))
+            && eg[w]
+                .data
+                .shape()
+                .is_some_and(|s| s.len() == 4 && s[0] % self.k == 0 && s[0] >= self.k);
+        if !ok {
+            return vec![];
+        }
+        let (zero, k) = (int_leaf(eg, 0), int_leaf(eg, self.k));
+        let sw = eg.add(Kiln::Shard([zero, k, w]));
+        let sb = if no_bias {
+            b
+        } else {
+            eg.add(Kiln::Shard([zero, k, b]))
+        };
+        let local = Kiln::Conv([o, x, sw, sb]);
+        match add_local(eg, &self.twins, local, Kiln::Conv([o, x, w, b])) {
+            Some(new) => union_same(eg, eclass, new),
+            None => vec![],
+        }
+    }
+
+    fn vars(&self) -> Vec<Var> {
+        ["?o", "?x", "?w", "?b"].iter().map(|v| var(v)).collect()
+    }
+}
+
+/// `tp-row-conv`: `(conv o (gather 1 k y) W b)` = `(allreduce k (conv o y (shard 1 k W)
+/// none))` + `b` as `[C, 1, 1]` (the bias added once, after the sum).
+struct RowConv {
+    k: usize,
+    twins: Twins,
+}
+
+impl Applier<Kiln, KilnAnalysis> for RowConv {
+    fn apply_one(
+        &self,
+        eg: &mut EG,
+        eclass: Id,
+        subst: &Subst,
+        _ast: Option<&PatternAst<Kiln>>,
+        _rule: Symbol,
+    ) -> Vec<Id> {
+        let (o, a, kk, y, w, b) = (
+            subst[var("?o")],
+            subst[var("?a")],
+            subst[var("?k")],
+            subst[var("?y")],
+            subst[var("?w")],
+            subst[var("?b")],
+        );
+        let ok = eg[eclass].data.dist == Dist::Rep
+            && eg[y].data.dist == (Dist::Split { axis: 1, k: self.k })
+            && conv_group(eg, o) == Some(1)
+            && is_weight(eg, w)
+            && eg[w].data.shape().is_some_and(|s| s.len() == 4);
+        if !ok {
+            return vec![];
+        }
+        let bias = match eg[b].data.kind {
+            Kind::None => None,
+            _ => match eg[b].data.value() {
+                Some(t) if t.rank() == 1 => Some(t.clone()),
+                _ => return vec![],
+            },
+        };
+        let gy = eg.add(Kiln::Gather([a, kk, y]));
+        let none = eg.add(Kiln::NoneArg([]));
+        let (one, k) = (int_leaf(eg, 1), int_leaf(eg, self.k));
+        let sw = eg.add(Kiln::Shard([one, k, w]));
+        let global = Kiln::Conv([o, gy, w, none]);
+        eg.add(global.clone());
+        let Some(sum) = add_local(eg, &self.twins, Kiln::Conv([o, y, sw, none]), global) else {
+            return vec![];
+        };
+        let new = match bias {
+            None => sum,
+            Some(t) => {
+                let c = t.shape()[0];
+                let Ok(t3) = t.reshape(&[c, 1, 1]) else {
+                    return vec![];
+                };
+                let key = eg.analysis.add_const(Arc::new(t3), None);
+                let b3 = eg.add(Kiln::Const(key));
+                eg.add(Kiln::Add([sum, b3]))
+            }
+        };
+        union_same(eg, eclass, new)
+    }
+
+    fn vars(&self) -> Vec<Var> {
+        ["?o", "?a", "?k", "?y", "?w", "?b"]
+            .iter()
+            .map(|v| var(v))
+            .collect()
+    }
+}
+
 /// `tp-sink-*`: an op applied to gathered / all-reduced inputs = the gather / all-reduce of
 /// the op applied to the parts (for any op the layout analysis accepts on parts). A
 /// replicated full-size operand of a binary op is sharded along the split axis.
@@ -495,6 +629,24 @@ fn parallel_rules(k: usize, twins: &Twins) -> Vec<Rewrite<Kiln, KilnAnalysis>> {
         )
         .expect("rule"),
         Rewrite::new(
+            "tp-column-conv",
+            pat("(conv ?o ?x ?w ?b)"),
+            ColumnConv {
+                k,
+                twins: twins.clone(),
+            },
+        )
+        .expect("rule"),
+        Rewrite::new(
+            "tp-row-conv",
+            pat("(conv ?o (gather ?a ?k ?y) ?w ?b)"),
+            RowConv {
+                k,
+                twins: twins.clone(),
+            },
+        )
+        .expect("rule"),
+        Rewrite::new(
             "tp-sink-reshape",
             pat("(reshape (gather ?a ?k ?y) ?s)"),
             SinkReshape {
@@ -652,18 +804,26 @@ impl Globalize<'_> {
             .ok_or_else(|| format!("no replicated twin for the part e-node {m:?}"))?;
         let g = self.canon(&g);
         self.out.insert(c, g.clone());
-        for (&mc, &gc) in m.children().iter().zip(g.children()) {
+        for (pos, (&mc, &gc)) in m.children().iter().zip(g.children()).enumerate() {
             if self.eg[mc].data.dist == Dist::Rep {
                 self.walk(gc)?;
                 continue;
             }
             match self.chosen(mc)?.clone() {
                 Kiln::Shard([a, _, x]) => {
-                    if matches!(g, Kiln::MatMul(_)) && is_weight(self.eg, x) {
-                        let kind = match self.eg[a].data.int {
-                            Some(1) => SplitKind::Column,
-                            _ => SplitKind::Row,
-                        };
+                    // the weight of a MatMul (position 1) or Conv (position 2): the axis
+                    // its parts are cut along says Column or Row
+                    let axis = self.eg[a].data.int;
+                    let kind = match (&g, pos, axis) {
+                        (Kiln::MatMul(_), 1, Some(1)) | (Kiln::Conv(_), 2, Some(0)) => {
+                            Some(SplitKind::Column)
+                        }
+                        (Kiln::MatMul(_), 1, Some(0)) | (Kiln::Conv(_), 2, Some(1)) => {
+                            Some(SplitKind::Row)
+                        }
+                        _ => None,
+                    };
+                    if let Some(kind) = kind.filter(|_| is_weight(self.eg, x)) {
                         self.splits.push((c, kind));
                     }
                     self.walk(x)?;
@@ -821,12 +981,11 @@ pub fn optimize(g: &Graph, opts: &JointOptions) -> Result<JointResult, String> {
         }
         let w = graph.nodes[node].inputs.get(1).copied().flatten();
         let dims = w.and_then(|w| graph.values[w].fact.shape.as_known());
-        let Some(dims) = dims.filter(|d| d.len() == 2) else {
-            continue;
-        };
-        let len = match kind {
-            SplitKind::Column => dims[1],
-            SplitKind::Row => dims[0],
+        // MatMul weight [K, N]; Conv weight [OC, C, kh, kw]
+        let len = match (dims.as_deref(), kind) {
+            (Some([_, n]), SplitKind::Column) | (Some([_, n, _, _]), SplitKind::Row) => *n,
+            (Some([kk, _]), SplitKind::Row) | (Some([kk, _, _, _]), SplitKind::Column) => *kk,
+            _ => continue,
         };
         splits.push(NodeSplit {
             node,
