@@ -12,7 +12,6 @@
 pub mod cluster;
 pub mod inprocess;
 pub mod joint;
-pub mod joint_check;
 pub mod lower;
 pub mod models;
 pub mod pipeline_split;

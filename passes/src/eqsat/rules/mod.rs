@@ -163,3 +163,39 @@ pub(crate) fn union_checked(eg: &mut EG, eclass: Id, new: Id) -> Vec<Id> {
         vec![]
     }
 }
+
+/// A rule whose right-hand side is a function of the match: `f(e-graph, matched class,
+/// substitution)` adds e-nodes and returns the classes it changed.
+pub(crate) fn apply_fn(
+    name: &str,
+    lhs: egg::Pattern<Kiln>,
+    f: impl Fn(&mut EG, Id, &Subst) -> Vec<Id> + Send + Sync + 'static,
+) -> Rw {
+    let vars = <egg::Pattern<Kiln> as egg::Searcher<Kiln, KilnAnalysis>>::vars(&lhs);
+    Rewrite::new(name, lhs, ApplyFn { vars, f }).expect("rule")
+}
+
+struct ApplyFn<F> {
+    vars: Vec<Var>,
+    f: F,
+}
+
+impl<F> egg::Applier<Kiln, KilnAnalysis> for ApplyFn<F>
+where
+    F: Fn(&mut EG, Id, &Subst) -> Vec<Id> + Send + Sync + 'static,
+{
+    fn apply_one(
+        &self,
+        eg: &mut EG,
+        eclass: Id,
+        subst: &Subst,
+        _ast: Option<&egg::PatternAst<Kiln>>,
+        _rule: egg::Symbol,
+    ) -> Vec<Id> {
+        (self.f)(eg, eclass, subst)
+    }
+
+    fn vars(&self) -> Vec<Var> {
+        self.vars.clone()
+    }
+}

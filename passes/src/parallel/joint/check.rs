@@ -1,7 +1,7 @@
 //! Soundness check of the joint e-graph: every e-node of every e-class, evaluated on real
 //! inputs rank by rank, must give its class's value.
 //!
-//! The saturated e-graph of [`super::joint`] (algebraic and parallel rules) is evaluated
+//! The saturated e-graph of [`super`] (algebraic and parallel rules) is evaluated
 //! with the reference ops: a replicated class has one value, a split or partial class one
 //! value per rank (`shard` slices the rank's part, `gather` concatenates the parts,
 //! `allreduce` sums them, any other e-node runs its op on each rank's inputs). Each class
@@ -9,14 +9,14 @@
 //! e-node of the class is evaluated and compared. A rule that joined two different values
 //! — or a layout the analysis got wrong — shows up as a mismatch naming the e-node.
 
-use super::inprocess::{concat, sum};
-use super::joint::{saturate, JointOptions};
-use super::lower::slice_tensor;
+use super::{saturate, JointOptions};
 use crate::eqsat::analysis::{KilnEGraph, Kind};
 use crate::eqsat::cost::Analytical;
 use crate::eqsat::dist::Dist;
 use crate::eqsat::extract::own_cost;
 use crate::eqsat::language::{Kiln, Lowered};
+use crate::parallel::inprocess::{concat, sum};
+use crate::parallel::lower::slice_tensor;
 use egg::{Id, Language};
 use kiln_ir::{Graph, Op, Tensor};
 use std::collections::HashMap;
@@ -142,7 +142,7 @@ impl Eval<'_> {
     }
 }
 
-/// Saturates `g` as [`super::joint::optimize`] would and checks every e-node against its
+/// Saturates `g` as [`super::optimize`] would and checks every e-node against its
 /// class's value on `inputs` (one per graph input, in order). Errors name the first
 /// e-node whose value differs.
 pub fn check_egraph(
