@@ -13,6 +13,11 @@ use std::sync::Arc;
 
 type EG = KilnEGraph;
 
+/// The classes of pattern variables `names` in a match.
+fn ids<const N: usize>(subst: &Subst, names: [&str; N]) -> [Id; N] {
+    names.map(|n| subst[var(n)])
+}
+
 fn var(s: &str) -> Var {
     s.parse().expect("pattern variable")
 }
@@ -68,7 +73,7 @@ fn add_local(eg: &mut EG, twins: &Twins, local: Kiln, global: Kiln) -> Option<Id
 /// `tp-column`: `(matmul x W)` = `(gather -1 k (matmul x (shard 1 k W)))` for a constant
 /// 2-D `W` whose columns divide by `k`.
 pub(super) fn column(eg: &mut EG, eclass: Id, subst: &Subst, k: usize, twins: &Twins) -> Vec<Id> {
-    let (x, w) = (subst[var("?x")], subst[var("?w")]);
+    let [x, w] = ids(subst, ["?x", "?w"]);
     let ok = eg[eclass].data.dist == Dist::Rep
         && eg[x].data.dist == Dist::Rep
         && eg[x].data.shape().is_some_and(|s| s.len() >= 2)
@@ -91,12 +96,7 @@ pub(super) fn column(eg: &mut EG, eclass: Id, subst: &Subst, k: usize, twins: &T
 /// `tp-row`: `(matmul (gather last k y) W)` = `(allreduce k (matmul y (shard 0 k W)))` for
 /// a constant 2-D `W`.
 pub(super) fn row(eg: &mut EG, eclass: Id, subst: &Subst, k: usize, twins: &Twins) -> Vec<Id> {
-    let (a, kk, y, w) = (
-        subst[var("?a")],
-        subst[var("?k")],
-        subst[var("?y")],
-        subst[var("?w")],
-    );
+    let [a, kk, y, w] = ids(subst, ["?a", "?k", "?y", "?w"]);
     let ok = eg[eclass].data.dist == Dist::Rep
         && eg[y].data.dist
             == (Dist::Split {
@@ -138,12 +138,7 @@ pub(super) fn column_conv(
     k: usize,
     twins: &Twins,
 ) -> Vec<Id> {
-    let (o, x, w, b) = (
-        subst[var("?o")],
-        subst[var("?x")],
-        subst[var("?w")],
-        subst[var("?b")],
-    );
+    let [o, x, w, b] = ids(subst, ["?o", "?x", "?w", "?b"]);
     let no_bias = eg[b].data.kind == Kind::None;
     let ok = eg[eclass].data.dist == Dist::Rep
         && eg[x].data.dist == Dist::Rep
@@ -174,14 +169,7 @@ pub(super) fn column_conv(
 /// `tp-row-conv`: `(conv o (gather 1 k y) W b)` = `(allreduce k (conv o y (shard 1 k W)
 /// none))` + `b` as `[C, 1, 1]` (the bias added once, after the sum).
 pub(super) fn row_conv(eg: &mut EG, eclass: Id, subst: &Subst, k: usize, twins: &Twins) -> Vec<Id> {
-    let (o, a, kk, y, w, b) = (
-        subst[var("?o")],
-        subst[var("?a")],
-        subst[var("?k")],
-        subst[var("?y")],
-        subst[var("?w")],
-        subst[var("?b")],
-    );
+    let [o, a, kk, y, w, b] = ids(subst, ["?o", "?a", "?k", "?y", "?w", "?b"]);
     let ok = eg[eclass].data.dist == Dist::Rep
         && eg[y].data.dist == (Dist::Split { axis: 1, k })
         && conv_group(eg, o) == Some(1)
@@ -338,12 +326,7 @@ pub(super) fn sink_reshape(
     k: usize,
     twins: &Twins,
 ) -> Vec<Id> {
-    let (a, kk, y, s) = (
-        subst[var("?a")],
-        subst[var("?k")],
-        subst[var("?y")],
-        subst[var("?s")],
-    );
+    let [a, kk, y, s] = ids(subst, ["?a", "?k", "?y", "?s"]);
     let (Some(ax), Some(mut is), Some(os)) = (
         eg[a].data.int.and_then(|v| usize::try_from(v).ok()),
         eg[y].data.shape(),
