@@ -141,6 +141,25 @@ fn zoo_models_compile_to_ptx_that_ptxas_accepts() {
             if target == "cuda:h100" && prec == Precision::F32 {
                 println!("{name}: {generic_line}");
             }
+            // The fusion groups the tensor-core GEMMs run in their epilogue (mlp: bias + relu,
+            // bert: bias + residual), each saving a launch.
+            if prec.mma_input().is_some() {
+                let fused = match name {
+                    "mlp" => 2,
+                    "bert" => 4,
+                    _ => 0,
+                };
+                let line = report
+                    .lines()
+                    .find(|l| l.contains("tensor-core epilogues:"))
+                    .unwrap_or_else(|| panic!("{name}: no epilogue line in {report}"));
+                assert!(
+                    line.contains(&format!(
+                        ": {fused} kernels with a fused epilogue, {fused} launches saved"
+                    )),
+                    "{name} {target}: {line}"
+                );
+            }
             // At f16 every groups-1 zoo Conv runs on tensor cores.
             if prec == Precision::F16 {
                 let conv_line = report
@@ -994,6 +1013,13 @@ fn f16_convs_run_on_tensor_cores_with_their_epilogue() {
             b.finish(&[y]),
         ));
     }
+    // Weights as a graph input: cast into the scratch region like X.
+    let mut b = Gb::new("conv_w_input");
+    let x = b.input("x", &[1, 6, 7, 7]);
+    let w = b.input("w", &[16, 6, 3, 3]);
+    let y = b.node(conv(1, 1), &[x, w]);
+    let y = b.unary(UnaryKind::Relu, y);
+    cases.push(("conv_w_input_relu", b.finish(&[y])));
     // A strided conv with a non-fusable epilogue (Sigmoid runs in place after it).
     let mut b = Gb::new("conv_s2");
     let x = b.input("x", &[1, 5, 11, 11]);
@@ -1017,8 +1043,13 @@ fn f16_convs_run_on_tensor_cores_with_their_epilogue() {
             .collect();
         assert_eq!(e.lowering.tensor_core_convs, vec![0], "{name}: {kernels:?}");
         let fused = name != "conv_s2_sigmoid";
-        // Cast, conv (and the in-place epilogue when not fused).
-        assert_eq!(e.steps, if fused { 2 } else { 3 }, "{name}: {kernels:?}");
+        let casts = if name == "conv_w_input_relu" { 2 } else { 1 };
+        // Casts, conv (and the in-place epilogue when not fused).
+        assert_eq!(
+            e.steps,
+            casts + 1 + usize::from(!fused),
+            "{name}: {kernels:?}"
+        );
         assert_eq!(kernels[0], "kiln_cast_f32_f16");
         let (a, b) = (&e.outputs[0], &want[0]);
         let (re, nw) = (rel_err(a, b), norm_err(a, b));
@@ -1051,5 +1082,80 @@ fn f16_convs_run_on_tensor_cores_with_their_epilogue() {
                 check_ptx(ptxas, &dir, name, target, Precision::F16, &art);
             }
         }
+    }
+}
+
+/// Epilogues the tensor-core kernels cannot express keep the in-place launch after the GEMM
+/// (and stay correct): exact (erf) Gelu, a per-column scale input, a residual that is not a
+/// kernel input, two activations.
+#[test]
+fn unexpressible_tensor_core_epilogues_keep_the_in_place_launch() {
+    let matmul = kiln_ir::Op::Linalg(LinalgOp::MatMul);
+    let mut cases = Vec::new();
+    let build = |name: &str, f: &dyn Fn(&mut Gb, kiln_ir::ValueId) -> kiln_ir::ValueId| {
+        let mut b = Gb::new(name);
+        let x = b.input("x", &[4, 32]);
+        let w = b.konst("w", &[32, 16]);
+        let bias = b.konst("b", &[16]);
+        let y = b.node(matmul.clone(), &[x, w]);
+        let y = b.binary(BinaryKind::Add, y, bias);
+        let y = f(&mut b, y);
+        b.finish(&[y])
+    };
+    cases.push((
+        "gelu_erf",
+        build("gelu_erf", &|b, y| {
+            b.unary(
+                UnaryKind::Gelu {
+                    approximate: GeluApprox::None,
+                },
+                y,
+            )
+        }),
+    ));
+    cases.push((
+        "column_scale",
+        build("column_scale", &|b, y| {
+            let sc = b.input("s", &[16]);
+            b.binary(BinaryKind::Mul, y, sc)
+        }),
+    ));
+    cases.push((
+        "self_residual",
+        build("self_residual", &|b, y| {
+            let r = b.unary(UnaryKind::Relu, y);
+            b.binary(BinaryKind::Add, r, y)
+        }),
+    ));
+    cases.push((
+        "two_activations",
+        build("two_activations", &|b, y| {
+            let r = b.unary(UnaryKind::Relu, y);
+            b.unary(UnaryKind::Sigmoid, r)
+        }),
+    ));
+    for (name, (g, ins)) in cases {
+        let want = kiln_ir::interp::run(&g, &ins).unwrap();
+        let opts = CompileOptions {
+            precision: Precision::F16,
+            ..CompileOptions::default()
+        };
+        let e = emulate_graph(&g, name, "cuda:a100", &opts, &ins, |_| {})
+            .unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        let kernels: Vec<&str> = e
+            .lowering
+            .launches
+            .iter()
+            .map(|l| l.kernel.as_str())
+            .collect();
+        assert!(e.lowering.fused_epilogues.is_empty(), "{name}: {kernels:?}");
+        assert_eq!(e.lowering.tensor_core.len(), 1, "{name}: {kernels:?}");
+        assert!(
+            kernels.last().unwrap().ends_with("_epilogue"),
+            "{name}: {kernels:?}"
+        );
+        let re = rel_err(&e.outputs[0], &want[0]);
+        println!("{name:16} {} launches, max rel {re:.2e}", e.steps);
+        assert!(re <= 1e-2, "{name}: {re}");
     }
 }
