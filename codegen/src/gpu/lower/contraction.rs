@@ -8,8 +8,12 @@
 //!   output buffer; Gemm's `alpha`, `beta · C` and the fused elementwise nodes then run as a
 //!   generic elementwise kernel over that buffer, in place.
 //! * At `--precision tf32|f16|bf16` the same GEMMs run on tensor cores ([`tensor_core`]),
-//!   with a lone per-column bias in the kernel's epilogue; shapes they cannot take keep the
-//!   f32 GEMM and are recorded in [`GpuLowering::tensor_core_fallbacks`].
+//!   with the whole fused epilogue in the kernel's [`Epilogue`] when it can express it
+//!   (`fused_epilogue`: Gemm's `alpha`/`beta · C`, a constant scalar scale, a per-column
+//!   bias, a residual before or after one Relu / Sigmoid / tanh-Gelu / SiLU; recorded in
+//!   [`GpuLowering::fused_epilogues`]), otherwise the in-place epilogue kernel after it; shapes
+//!   they cannot take keep the f32 GEMM and are recorded in
+//!   [`GpuLowering::tensor_core_fallbacks`].
 //! * Everything else (transposed `A`, the result not landing in an output buffer, the
 //!   generic-only mode) is one generic kernel: one thread per output element, a dot product
 //!   over `K` and the epilogue inline.
@@ -20,7 +24,11 @@
 //!   fused nodes are exactly `[+ residual][relu]` (a residual of the output's shape read from
 //!   a kernel input, only the last value an output) they run inside the conv kernel with the
 //!   bias; any other epilogue runs as a generic elementwise kernel over the conv's result,
-//!   in place (as for the GEMM).
+//!   in place (as for the GEMM). At `--precision f16` a groups = 1 conv runs on tensor cores
+//!   instead ([`conv2d_f16_mma`]: `X` cast to f16 into the scratch region, constant weights
+//!   converted at compile time, same epilogue; [`GpuLowering::tensor_core_convs`]); other
+//!   precisions and refusals keep the f32 kernel
+//!   ([`GpuLowering::tensor_core_conv_fallbacks`]).
 //! * Other Convs (any group, stride, dilation, padding; the generic-only mode) are one
 //!   generic kernel: one thread per output element, a direct loop over input channels and
 //!   taps, then bias and epilogue.

@@ -13,7 +13,10 @@
 //!   [`kernels::depthwise::depthwise_conv2d`] (bias, residual add and relu fused, other
 //!   epilogues in place after it, [`contraction`]); a lone last-axis `LayerNormalization` →
 //!   [`kernels::norm::layer_norm`], a lone last-axis `ReduceSum`/`Mean`/`Max` →
-//!   [`kernels::reduce::reduce_rows`] ([`reduction`]);
+//!   [`kernels::reduce::reduce_rows`] ([`reduction`]); at a tensor-core [`Precision`]
+//!   MatMul/Gemm on the tensor-core GEMMs with their epilogue fused where the kernel can
+//!   express it ([`tensor_core`]), and at f16 groups = 1 convs on
+//!   [`kernels::conv_mma::conv2d_f16_mma`];
 //! * the **generic path** ([`generic`]: one thread per output element, grid-stride loop,
 //!   index arithmetic on static shapes) for everything else: `Elementwise` kernels
 //!   ([`elementwise`]), data movement (Transpose/Split/Slice/Concat/Gather/copies,
