@@ -142,11 +142,11 @@ fn zoo_models_compile_to_ptx_that_ptxas_accepts() {
                 println!("{name}: {generic_line}");
             }
             // The fusion groups the tensor-core GEMMs run in their epilogue (mlp: bias + relu,
-            // bert: bias + residual), each saving a launch.
+            // bert: bias + residual, the pooler's bias + tanh), each saving a launch.
             if prec.mma_input().is_some() {
                 let fused = match name {
                     "mlp" => 2,
-                    "bert" => 4,
+                    "bert" => 5,
                     _ => 0,
                 };
                 let line = report
@@ -222,7 +222,7 @@ fn check_ptx(
     if wgmma {
         println!("{name} {target} {prec:?}: wgmma (sm_90a)");
     }
-    let out = Command::new(&ptxas)
+    let out = Command::new(ptxas)
         .args(["-arch", &chip, "-v", "-o", "/dev/null", s(&ptx_path)])
         .output()
         .unwrap();
@@ -881,6 +881,15 @@ fn tc_epilogue_graphs() -> Vec<(
     let y = b.unary(UnaryKind::Relu, y);
     let (g, ins) = b.finish(&[y]);
     v.push(("gemm_relu", g, ins, "bias_relu"));
+    // Gemm + Tanh (bert's pooler).
+    let mut b = Gb::new("gemm_tanh");
+    let x = b.input("x", &[4, 48]);
+    let w = b.konst("w", &[48, 24]);
+    let c = b.konst("c", &[24]);
+    let y = b.node(gemm(1.0, 1.0, false), &[x, w, c]);
+    let y = b.unary(UnaryKind::Tanh, y);
+    let (g, ins) = b.finish(&[y]);
+    v.push(("gemm_tanh", g, ins, "bias_tanh"));
     // Gemm with alpha, beta and a full C (residual before the activation), then SiLU.
     let mut b = Gb::new("gemm_res_silu");
     let x = b.input("x", &[8, 64]);

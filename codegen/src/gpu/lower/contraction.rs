@@ -535,7 +535,7 @@ impl FusedEpilogue {
 /// contraction result: `· s` / `/ s` by a constant scalar (before anything else, into
 /// `alpha`), `+ b` with `b` an f32 `[N]` (before the activation), `+ R` with `R` an f32 kernel
 /// input of the output's shape (before or after the activation), one activation (Relu,
-/// Sigmoid, tanh-approximated Gelu, or `x · Sigmoid(x)` = SiLU), the chain's last value the
+/// Sigmoid, Tanh, tanh-approximated Gelu, or `x · Sigmoid(x)` = SiLU), the chain's last value the
 /// kernel's only output. `None` otherwise (the epilogue then runs as an in-place launch).
 fn fused_epilogue(
     g: &Graph,
@@ -615,6 +615,7 @@ fn fused_epilogue(
             (Op::Elementwise(ElementwiseOp::Unary(u)), None) if no_act && ins == [cur] => {
                 f.epi.activation = match u {
                     UnaryKind::Relu => Activation::Relu,
+                    UnaryKind::Tanh => Activation::Tanh,
                     UnaryKind::Gelu {
                         approximate: GeluApprox::Tanh,
                     } => Activation::GeluTanh,
