@@ -283,6 +283,36 @@ fn check_ptx(
     );
 }
 
+/// Every launch's arguments match its kernel's parameters: count, kind, and element size of
+/// each buffer (what the emulation cannot see: it reads the arguments as the lowering wrote
+/// them).
+fn check_launch_signatures(name: &str, l: &kiln_codegen::gpu::lower::GpuLowering) {
+    use kiln_codegen::gpu::lower::LaunchArg;
+    use kiln_codegen::gpu::KernelParam;
+    for la in &l.launches {
+        let k = l
+            .kernels
+            .iter()
+            .find(|k| k.name == la.kernel)
+            .unwrap_or_else(|| panic!("{name}: no kernel {}", la.kernel));
+        let ok = k.params.len() == la.args.len()
+            && k.params.iter().zip(&la.args).all(|(p, a)| match (p, a) {
+                (KernelParam::Buffer { elem, .. }, LaunchArg::Buf { elem_bytes, .. }) => {
+                    elem.bytes() == *elem_bytes
+                }
+                (KernelParam::Index(_), LaunchArg::Index(_))
+                | (KernelParam::F32(_), LaunchArg::F32(_))
+                | (KernelParam::TensorMap(_), LaunchArg::TensorMap { .. }) => true,
+                _ => false,
+            });
+        assert!(
+            ok,
+            "{name} {}: parameters {:?} but arguments {:?}",
+            la.kernel, k.params, la.args
+        );
+    }
+}
+
 /// Max relative error `|a - b| / max(1, |b|)`.
 fn rel_err(a: &kiln_ir::Tensor, b: &kiln_ir::Tensor) -> f64 {
     assert_eq!(a.shape(), b.shape());
@@ -329,9 +359,13 @@ fn emulated_plan_matches(
     let (ins, mut opts) = test_inputs(name);
     opts.precision = prec;
     let model = zoo(name).join("model.onnx");
-    let got = emulate(&model, target, &opts, &ins, specialized)
-        .unwrap_or_else(|e| panic!("{name} {prec:?}: {e:#}"));
     let g = kiln::load_model(&model).unwrap();
+    let e = emulate_graph(&g, name, target, &opts, &ins, |l| {
+        l.specialized = specialized
+    })
+    .unwrap_or_else(|e| panic!("{name} {prec:?}: {e:#}"));
+    check_launch_signatures(name, &e.lowering);
+    let got = e.outputs;
     let want = kiln_ir::interp::run(&g, &ins).unwrap();
     assert_eq!(got.len(), want.len());
     let mut worst = 0f64;
@@ -925,6 +959,8 @@ fn tensor_core_gemm_epilogues_are_fused_and_match() {
                         .unwrap_or_else(|e| panic!("{name} {prec:?} {target}: {e:#}"))
                 };
                 let (on, off) = (run(true), run(false));
+                check_launch_signatures(name, &on.lowering);
+                check_launch_signatures(name, &off.lowering);
                 assert_eq!(
                     on.lowering.fused_epilogues.len(),
                     1,
@@ -1050,6 +1086,7 @@ fn f16_convs_run_on_tensor_cores_with_their_epilogue() {
             .iter()
             .map(|l| l.kernel.as_str())
             .collect();
+        check_launch_signatures(name, &e.lowering);
         assert_eq!(e.lowering.tensor_core_convs, vec![0], "{name}: {kernels:?}");
         let fused = name != "conv_s2_sigmoid";
         let casts = if name == "conv_w_input_relu" { 2 } else { 1 };
