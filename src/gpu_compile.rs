@@ -495,11 +495,11 @@ unsafe fn emulate_host(
     floats: &[f32],
     grid_z: u32,
 ) -> Result<()> {
-    /// Which conv: f32 groups = 1, f16 inputs groups = 1, or depthwise.
+    /// Which conv: f32 groups = 1, tensor-core (16-bit inputs) groups = 1, or depthwise.
     #[derive(PartialEq)]
     enum Taps {
         Full,
-        F16,
+        Mma(MmaInput),
         Depthwise,
     }
     let (geom, epi, taps) = match (h, ptrs, scalars, floats) {
@@ -584,7 +584,7 @@ unsafe fn emulate_host(
             return Ok(());
         }
         (HostKernel::Conv { geom, epi }, ..) => (geom, epi, Taps::Full),
-        (HostKernel::ConvF16 { geom, epi }, ..) => (geom, epi, Taps::F16),
+        (HostKernel::ConvMma { geom, epi, input }, ..) => (geom, epi, Taps::Mma(*input)),
         (HostKernel::Depthwise { geom, epi }, ..) => (geom, epi, Taps::Depthwise),
         (HostKernel::LayerNorm, [x, sc, bi, y], [rows, n], [eps]) => {
             // SAFETY: by the caller; f32 views of rows*n, n, n and rows*n elements.
@@ -659,16 +659,20 @@ unsafe fn emulate_host(
         ptrs[next - 1] as *const f32
     });
     let y = ptrs[next] as *mut f32;
-    // X and W as f32 (the f16 conv's inputs widened exactly).
+    // X and W as f32 (the tensor-core conv's 16-bit inputs widened exactly).
     let widen = |p: *mut u8, len: usize| -> Vec<f32> {
         (0..len)
             .map(|i| {
-                // SAFETY: by the caller; a view of `len` f32 or f16 elements.
+                // SAFETY: by the caller; a view of `len` f32 or 16-bit elements.
                 unsafe {
-                    if taps == Taps::F16 {
-                        precision::f16_bits_to_f32((p as *const u16).add(i).read_unaligned())
-                    } else {
-                        (p as *const f32).add(i).read_unaligned()
+                    match taps {
+                        Taps::Mma(MmaInput::F16) => {
+                            precision::f16_bits_to_f32((p as *const u16).add(i).read_unaligned())
+                        }
+                        Taps::Mma(_) => f32::from_bits(
+                            u32::from((p as *const u16).add(i).read_unaligned()) << 16,
+                        ),
+                        _ => (p as *const f32).add(i).read_unaligned(),
                     }
                 }
             })
@@ -825,7 +829,7 @@ fn tensor_core_summary(
 }
 
 /// Summary lines at a tensor-core precision: the GEMMs whose epilogue runs in the kernel
-/// (each saves its in-place epilogue launch) and the convs on tensor cores (f16) with the
+/// (each saves its in-place epilogue launch) and the convs on tensor cores (f16 / bf16) with the
 /// reasons the others are not.
 fn tensor_core_fusion_summary(
     planned: &pipeline::Planned,
@@ -864,7 +868,7 @@ fn tensor_core_fusion_summary(
             fused.join(", ")
         ),
         format!(
-            "convs on tensor cores: {} of {convs} (groups 1, f16 only; depthwise stay f32), {} \
+            "convs on tensor cores: {} of {convs} (groups 1, f16 / bf16; depthwise stay f32), {} \
              not: {}",
             l.tensor_core_convs.len(),
             l.tensor_core_conv_fallbacks.len(),

@@ -160,8 +160,8 @@ fn zoo_models_compile_to_ptx_that_ptxas_accepts() {
                     "{name} {target}: {line}"
                 );
             }
-            // At f16 every groups-1 zoo Conv runs on tensor cores.
-            if prec == Precision::F16 {
+            // At f16 / bf16 every groups-1 zoo Conv runs on tensor cores.
+            if matches!(prec, Precision::F16 | Precision::BF16) {
                 let conv_line = report
                     .lines()
                     .find(|l| l.contains("convs on tensor cores:"))
@@ -1017,12 +1017,12 @@ fn tensor_core_gemm_epilogues_are_fused_and_match() {
     }
 }
 
-/// Conv + bias + Relu (+ residual) at f16: the conv runs on tensor cores
-/// (`conv2d_f16_mma`) with the epilogue in the kernel, after one cast launch of its input
+/// Conv + bias + Relu (+ residual) at f16 and bf16: the conv runs on tensor cores
+/// (`conv2d_mma`) with the epilogue in the kernel, after one cast launch of its input
 /// (constant weights converted at compile time); the emulated plan matches the interpreter;
-/// bf16 keeps the f32 conv with the reason in the summary; the PTX assembles for every SKU.
+/// tf32 keeps the f32 conv with the reason; the PTX assembles for every SKU.
 #[test]
-fn f16_convs_run_on_tensor_cores_with_their_epilogue() {
+fn f16_and_bf16_convs_run_on_tensor_cores_with_their_epilogue() {
     let ptxas = find_ptxas();
     let dir = tmp("gpu_tc_conv");
     let conv = |pads: usize, stride: usize| {
@@ -1078,56 +1078,64 @@ fn f16_convs_run_on_tensor_cores_with_their_epilogue() {
             precision: prec,
             ..CompileOptions::default()
         };
-        let e = emulate_graph(&g, name, "cuda:h100", &opts(Precision::F16), &ins, |_| {})
-            .unwrap_or_else(|e| panic!("{name}: {e:#}"));
-        let kernels: Vec<&str> = e
-            .lowering
-            .launches
-            .iter()
-            .map(|l| l.kernel.as_str())
-            .collect();
-        check_launch_signatures(name, &e.lowering);
-        assert_eq!(e.lowering.tensor_core_convs, vec![0], "{name}: {kernels:?}");
-        let fused = name != "conv_s2_sigmoid";
-        let casts = if name == "conv_w_input_relu" { 2 } else { 1 };
-        // Casts, conv (and the in-place epilogue when not fused).
-        assert_eq!(
-            e.steps,
-            casts + 1 + usize::from(!fused),
-            "{name}: {kernels:?}"
-        );
-        assert_eq!(kernels[0], "kiln_cast_f32_f16");
-        let (a, b) = (&e.outputs[0], &want[0]);
-        let (re, nw) = (rel_err(a, b), norm_err(a, b));
-        println!(
-            "{name:18} f16: {} launches, max rel {re:.2e}, normwise {nw:.2e}",
-            e.steps
-        );
-        assert!(re <= 1e-2 && re > 1e-7, "{name}: {re}");
-        // bf16: the f32 conv, with the reason.
-        let e16 =
-            emulate_graph(&g, name, "cuda:h100", &opts(Precision::BF16), &ins, |_| {}).unwrap();
-        assert!(e16.lowering.tensor_core_convs.is_empty());
-        assert!(e16.lowering.tensor_core_conv_fallbacks[0]
-            .1
-            .contains("f16 only"));
-        assert!(rel_err(&e16.outputs[0], b) <= 1e-4);
-        if let Some(ptxas) = &ptxas {
-            for target in ["cuda:a100", "cuda:l4", "cuda:h100"] {
-                let art = kiln::Compiler::new()
-                    .target(target)
-                    .unwrap()
-                    .precision("f16")
-                    .unwrap()
-                    .compile(&g)
-                    .unwrap();
-                let ptx = String::from_utf8_lossy(&art.inner().kernels).to_string();
-                assert!(ptx.contains("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"));
-                let report = art.report().unwrap().to_string();
-                assert!(report.contains("convs on tensor cores: 1 of 1"), "{report}");
-                check_ptx(ptxas, &dir, name, target, Precision::F16, &art);
+        for prec in [Precision::F16, Precision::BF16] {
+            let input = prec.mma_input().unwrap();
+            let e = emulate_graph(&g, name, "cuda:h100", &opts(prec), &ins, |_| {})
+                .unwrap_or_else(|e| panic!("{name}: {e:#}"));
+            let kernels: Vec<&str> = e
+                .lowering
+                .launches
+                .iter()
+                .map(|l| l.kernel.as_str())
+                .collect();
+            check_launch_signatures(name, &e.lowering);
+            assert_eq!(e.lowering.tensor_core_convs, vec![0], "{name}: {kernels:?}");
+            let fused = name != "conv_s2_sigmoid";
+            let casts = if name == "conv_w_input_relu" { 2 } else { 1 };
+            // Casts, conv (and the in-place epilogue when not fused).
+            assert_eq!(
+                e.steps,
+                casts + 1 + usize::from(!fused),
+                "{name}: {kernels:?}"
+            );
+            assert_eq!(kernels[0], format!("kiln_cast_f32_{}", input.mlir()));
+            let (a, b) = (&e.outputs[0], &want[0]);
+            let (re, nw) = (rel_err(a, b), norm_err(a, b));
+            println!(
+                "{name:18} {:4}: {} launches, max rel {re:.2e}, normwise {nw:.2e}",
+                prec.name(),
+                e.steps
+            );
+            // f16 elementwise within 1e-2; bf16 (8 mantissa bits) normwise.
+            if prec == Precision::F16 {
+                assert!(re <= 1e-2 && re > 1e-7, "{name}: {re}");
+            } else {
+                assert!(nw <= 1e-2 && re <= 1e-1 && re > 1e-7, "{name}: {re} / {nw}");
+            }
+            if let Some(ptxas) = &ptxas {
+                for target in ["cuda:a100", "cuda:l4", "cuda:h100"] {
+                    let art = kiln::Compiler::new()
+                        .target(target)
+                        .unwrap()
+                        .precision(prec.name())
+                        .unwrap()
+                        .compile(&g)
+                        .unwrap();
+                    let ptx = String::from_utf8_lossy(&art.inner().kernels).to_string();
+                    assert!(ptx.contains(input.ptx_mma()), "{name} {target} {prec:?}");
+                    let report = art.report().unwrap().to_string();
+                    assert!(report.contains("convs on tensor cores: 1 of 1"), "{report}");
+                    check_ptx(ptxas, &dir, name, target, prec, &art);
+                }
             }
         }
+        // tf32: the f32 conv, with the reason.
+        let e = emulate_graph(&g, name, "cuda:h100", &opts(Precision::TF32), &ins, |_| {}).unwrap();
+        assert!(e.lowering.tensor_core_convs.is_empty());
+        assert!(e.lowering.tensor_core_conv_fallbacks[0]
+            .1
+            .contains("not tf32"));
+        assert!(rel_err(&e.outputs[0], &want[0]) <= 1e-4);
     }
 }
 

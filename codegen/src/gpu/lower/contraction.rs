@@ -24,10 +24,10 @@
 //!   fused nodes are exactly `[+ residual][relu]` (a residual of the output's shape read from
 //!   a kernel input, only the last value an output) they run inside the conv kernel with the
 //!   bias; any other epilogue runs as a generic elementwise kernel over the conv's result,
-//!   in place (as for the GEMM). At `--precision f16` a groups = 1 conv runs on tensor cores
-//!   instead ([`conv2d_f16_mma`]: `X` cast to f16 into the scratch region, constant weights
-//!   converted at compile time, same epilogue; [`GpuLowering::tensor_core_convs`]); other
-//!   precisions and refusals keep the f32 kernel
+//!   in place (as for the GEMM). At `--precision f16|bf16` a groups = 1 conv runs on tensor
+//!   cores instead ([`conv2d_mma`]: `X` cast into the scratch region, constant weights
+//!   converted at compile time, same epilogue; [`GpuLowering::tensor_core_convs`]); tf32 and
+//!   refusals keep the f32 kernel
 //!   ([`GpuLowering::tensor_core_conv_fallbacks`]).
 //! * Other Convs (any group, stride, dilation, padding; the generic-only mode) are one
 //!   generic kernel: one thread per output element, a direct loop over input channels and
@@ -43,7 +43,7 @@ use super::{node_input, shape_of, GpuLowering, Launch, LaunchArg, LowerOptions, 
 use crate::cpu::lower::conv::Window2;
 use crate::cpu::lower::Ty;
 use crate::gpu::kernels::conv::{self as kconv, conv2d, ConvGeom, ConvLayout, GpuConvSchedule};
-use crate::gpu::kernels::conv_mma::{conv2d_f16_mma, ConvMmaSchedule};
+use crate::gpu::kernels::conv_mma::{conv2d_mma, ConvMmaSchedule};
 use crate::gpu::kernels::depthwise;
 use crate::gpu::kernels::epilogue::{Activation, Epilogue, Residual};
 use crate::gpu::kernels::gemm::{gemm_f32, GpuGemmSchedule};
@@ -792,33 +792,35 @@ fn special_conv(
     } else {
         format!("{name}_conv")
     };
-    // At f16 a groups = 1 conv on tensor cores (inputs converted to f16 first).
-    let tc = if depthwise || opts.precision == Precision::F32 {
-        None
-    } else if opts.precision != Precision::F16 {
-        out.tensor_core_conv_fallbacks.push((
-            index,
-            format!(
-                "the tensor-core conv takes f16 only, not {}",
-                opts.precision.name()
-            ),
-        ));
-        None
-    } else {
-        match conv_f16(g, index, &kname, (x, w), &geom, ep, sku) {
+    // At f16 / bf16 a groups = 1 conv on tensor cores (inputs converted first).
+    let tc = match opts.precision.mma_input() {
+        _ if depthwise => None,
+        None => None,
+        Some(MmaInput::TF32) => {
+            out.tensor_core_conv_fallbacks.push((
+                index,
+                "the tensor-core conv takes f16 or bf16, not tf32".into(),
+            ));
+            None
+        }
+        Some(input) => match conv_tc(g, index, &kname, (x, w), &geom, ep, sku, input) {
             Ok(tc) => Some(tc),
             Err(e) => {
                 out.tensor_core_conv_fallbacks.push((index, e));
                 None
             }
-        }
+        },
     };
     let (kern, grid, block, host) = if let Some(tc) = &tc {
         (
             tc.kernel.clone(),
             tc.grid,
             tc.block,
-            HostKernel::ConvF16 { geom, epi: ep },
+            HostKernel::ConvMma {
+                geom,
+                epi: ep,
+                input: tc.input,
+            },
         )
     } else if depthwise {
         let Ok(kern) = depthwise::depthwise_conv2d(&kname, &geom, ep) else {
@@ -873,8 +875,7 @@ fn special_conv(
         out.scratch_bytes = out.scratch_bytes.max(tc.scratch);
         for (l, k) in tc.casts {
             if !out.host.iter().any(|(n, _)| *n == k.name) {
-                out.host
-                    .push((k.name.clone(), HostKernel::Cast(MmaInput::F16)));
+                out.host.push((k.name.clone(), HostKernel::Cast(tc.input)));
             }
             out.push_special(l, k)?;
         }
@@ -922,27 +923,30 @@ fn special_conv(
     Ok(true)
 }
 
-/// A conv on tensor cores ([`conv2d_f16_mma`]) and what it needs first.
+/// A conv on tensor cores ([`conv2d_mma`]) and what it needs first.
 struct TcConv {
+    /// The input type.
+    input: MmaInput,
     kernel: crate::gpu::GpuKernel,
     grid: [u32; 3],
     block: [u32; 3],
-    /// The f16 `X` and `W` arguments.
+    /// The 16-bit `X` and `W` arguments.
     operands: Vec<LaunchArg>,
     /// Cast launches of `X` (and a non-constant `W`) into the scratch region.
     casts: Vec<(Launch, crate::gpu::GpuKernel)>,
     /// Scratch bytes the casts use.
     scratch: u64,
-    /// The f16 weights when they are a constant (to append to [`GpuLowering::consts`]; the
+    /// The 16-bit weights when they are a constant (to append to [`GpuLowering::consts`]; the
     /// operand refers to the next free index).
     consts: Vec<(String, Tensor)>,
 }
 
-/// The f16 tensor-core conv `name` for `geom` (NCHW) with epilogue `ep`: `X` converted by a
-/// cast launch into the scratch region, constant weights converted to f16 at compile time (a
-/// non-constant `W` cast like `X`). `Err` with the reason when the SKU or the schedule does
-/// not allow it. Nothing is pushed to the lowering here (see the caller).
-fn conv_f16(
+/// The tensor-core conv `name` for `geom` (NCHW) with epilogue `ep` on `input` (f16 or bf16):
+/// `X` converted by a cast launch into the scratch region, constant weights converted at
+/// compile time (a non-constant `W` cast like `X`). `Err` with the reason when the SKU or the
+/// schedule does not allow it. Nothing is pushed to the lowering here (see the caller).
+#[allow(clippy::too_many_arguments)]
+fn conv_tc(
     g: &Graph,
     index: usize,
     name: &str,
@@ -950,14 +954,14 @@ fn conv_f16(
     geom: &ConvGeom,
     ep: kconv::Epilogue,
     sku: &crate::gpu::Sku,
+    input: MmaInput,
 ) -> Result<TcConv, String> {
-    let input = MmaInput::F16;
     if !sku.has(input.feature()) {
         return Err(format!("{} has no {}", sku.name, input.feature()));
     }
     let sched = ConvMmaSchedule::default();
-    let kernel =
-        conv2d_f16_mma(name, geom, ConvLayout::Nchw, ep, &sched, sku).map_err(|e| e.to_string())?;
+    let kernel = conv2d_mma(name, geom, ConvLayout::Nchw, ep, &sched, sku, input)
+        .map_err(|e| e.to_string())?;
     let (grid, block) = sched.launch(geom).map_err(|e| e.to_string())?;
     let numel = |v: ValueId| -> Result<u64, String> {
         Ok(shape_of(g, v)?.iter().product::<usize>() as u64)
@@ -982,8 +986,13 @@ fn conv_f16(
     let w_op = match g.const_value(w) {
         Some(t) => {
             let v: Vec<f32> = t.to_f64_vec().iter().map(|&v| v as f32).collect();
-            let t = Tensor::from_vec(&shape_of(g, w)?, v).cast(DType::F16);
-            consts.push((format!("{}_f16", g.values[w].name), t));
+            let dt = if input == MmaInput::BF16 {
+                DType::BF16
+            } else {
+                DType::F16
+            };
+            let t = Tensor::from_vec(&shape_of(g, w)?, v).cast(dt);
+            consts.push((format!("{}_{}", g.values[w].name, input.mlir()), t));
             Operand::Const(usize::MAX)
         }
         None => {
@@ -1001,6 +1010,7 @@ fn conv_f16(
         }
     };
     Ok(TcConv {
+        input,
         kernel,
         grid,
         block,

@@ -15,8 +15,8 @@
 //!   [`kernels::norm::layer_norm`], a lone last-axis `ReduceSum`/`Mean`/`Max` →
 //!   [`kernels::reduce::reduce_rows`] ([`reduction`]); at a tensor-core [`Precision`]
 //!   MatMul/Gemm on the tensor-core GEMMs with their epilogue fused where the kernel can
-//!   express it ([`tensor_core`]), and at f16 groups = 1 convs on
-//!   [`kernels::conv_mma::conv2d_f16_mma`];
+//!   express it ([`tensor_core`]), and at f16/bf16 groups = 1 convs on
+//!   [`kernels::conv_mma::conv2d_mma`];
 //! * the **generic path** ([`generic`]: one thread per output element, grid-stride loop,
 //!   index arithmetic on static shapes) for everything else: `Elementwise` kernels
 //!   ([`elementwise`]), data movement (Transpose/Split/Slice/Concat/Gather/copies,
@@ -190,7 +190,8 @@ pub struct GpuLowering {
     /// Partition kernels whose whole epilogue (more than a lone bias) runs inside their
     /// tensor-core GEMM, with the epilogue's tag: each saves the in-place epilogue launch.
     pub fused_epilogues: Vec<(usize, String)>,
-    /// Partition kernels whose Conv runs on tensor cores ([`LowerOptions::precision`] f16).
+    /// Partition kernels whose Conv runs on tensor cores ([`LowerOptions::precision`] f16 or
+    /// bf16).
     pub tensor_core_convs: Vec<usize>,
     /// Partition kernels whose (non-depthwise) Conv stays on the f32 kernel at a tensor-core
     /// precision, with the reason.
@@ -229,13 +230,15 @@ pub enum HostKernel {
     /// sA, sB, sC` (wgmma: `M, N, K`), `alpha[, beta]`; `grid.z` matrices;
     /// `C = epilogue(A·B)` ([`kernels::epilogue::Epilogue::apply`]).
     Gemm(kernels::gemm_mma::MmaInput, kernels::epilogue::Epilogue),
-    /// [`kernels::conv_mma::conv2d_f16_mma`] in NCHW: `X (f16), W (f16)[, bias][, residual],
+    /// [`kernels::conv_mma::conv2d_mma`] in NCHW: `X, W` (f16 or bf16)`[, bias][, residual],
     /// Y (f32)`, f32 accumulation.
-    ConvF16 {
+    ConvMma {
         /// The geometry.
         geom: kernels::conv::ConvGeom,
         /// The fused epilogue.
         epi: kernels::conv::Epilogue,
+        /// The input type of `X` and `W`.
+        input: kernels::gemm_mma::MmaInput,
     },
 }
 
