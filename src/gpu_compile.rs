@@ -19,6 +19,7 @@
 use crate::compile::{io_spec, CompileOptions, CompileReport, PlanBuilder};
 use crate::pipeline;
 use anyhow::{bail, Context, Result};
+use kiln_codegen::gpu::kernels::epilogue::Epilogue;
 use kiln_codegen::gpu::kernels::gemm_mma::MmaInput;
 use kiln_codegen::gpu::kernels::reduce::ReduceKind;
 use kiln_codegen::gpu::lower::{
@@ -298,6 +299,11 @@ pub fn compile_graph_gpu(
     report
         .gpu
         .push(tensor_core_summary(&planned, &lowering, opts.precision));
+    report.gpu.extend(tensor_core_fusion_summary(
+        &planned,
+        &lowering,
+        opts.precision,
+    ));
     report.gpu.push(attention_summary(&planned, &lowering));
     report.kernels = lowering.kernels.len();
     report.views = lowering.views;
@@ -328,15 +334,42 @@ pub fn emulate(
     inputs: &[kiln_ir::Tensor],
     specialized: bool,
 ) -> Result<Vec<kiln_ir::Tensor>> {
-    let sku = resolve_sku(target)?;
     let graph = kiln_ir::onnx::load(model)?;
     let name = model.display().to_string();
-    let planned = plan_for_gpu(&graph, &name, sku, opts, &mut |_, _| {})?;
-    let lopts = LowerOptions {
-        specialized,
+    let e = emulate_graph(&graph, &name, target, opts, inputs, |l| {
+        l.specialized = specialized
+    })?;
+    Ok(e.outputs)
+}
+
+/// What [`emulate_graph`] ran.
+#[derive(Debug)]
+pub struct Emulation {
+    /// The outputs, in plan order.
+    pub outputs: Vec<kiln_ir::Tensor>,
+    /// The lowering the plan was built from (launches, kernels, fused epilogues, ...).
+    pub lowering: GpuLowering,
+    /// The plan's launches (steps).
+    pub steps: usize,
+}
+
+/// [`emulate`] for a graph in memory (`name` names it in errors), with the lowering options
+/// (specialized kernels on, the SKU's defaults and `opts.precision`) adjusted by `adjust`.
+pub fn emulate_graph(
+    graph: &kiln_ir::Graph,
+    name: &str,
+    target: &str,
+    opts: &CompileOptions,
+    inputs: &[kiln_ir::Tensor],
+    adjust: impl FnOnce(&mut LowerOptions),
+) -> Result<Emulation> {
+    let sku = resolve_sku(target)?;
+    let planned = plan_for_gpu(graph, name, sku, opts, &mut |_, _| {})?;
+    let mut lopts = LowerOptions {
         precision: opts.precision,
         ..LowerOptions::for_sku(sku)
     };
+    adjust(&mut lopts);
     let (plan, lowering, weights) = gpu_plan(&planned, sku, &lopts)?;
     let cpu: Vec<_> = lowering.generic.iter().map(|k| k.cpu_kernel()).collect();
     let lib_bytes = kiln_codegen::cpu::compile_library(&cpu, &Default::default())?;
@@ -422,7 +455,8 @@ pub fn emulate(
         // with, which `validate` checked against the buffers.
         unsafe { h.call(&ptrs, &[], scratch.as_mut_slice()) };
     }
-    plan.outputs
+    let outputs = plan
+        .outputs
         .iter()
         .zip(&outs)
         .map(|(io, b)| {
@@ -437,7 +471,12 @@ pub fn emulate(
             kiln_ir::onnx::tensor_proto::from_raw(io.dtype.to_ir(), &shape, b.as_slice())
                 .map_err(|e| anyhow::anyhow!("output '{}': {e}", io.name))
         })
-        .collect()
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Emulation {
+        outputs,
+        steps: gp.steps.len(),
+        lowering,
+    })
 }
 
 /// The semantics of a specialized op kernel on the host (see [`emulate`]), as the kernels
@@ -456,7 +495,14 @@ unsafe fn emulate_host(
     floats: &[f32],
     grid_z: u32,
 ) -> Result<()> {
-    let (geom, epi, depthwise) = match (h, ptrs, scalars, floats) {
+    /// Which conv: f32 groups = 1, tensor-core (16-bit inputs) groups = 1, or depthwise.
+    #[derive(PartialEq)]
+    enum Taps {
+        Full,
+        Mma(MmaInput),
+        Depthwise,
+    }
+    let (geom, epi, taps) = match (h, ptrs, scalars, floats) {
         (HostKernel::Cast(to), [x, y], [n], []) => {
             // SAFETY: by the caller; an f32 view and a 16-bit view of n elements.
             unsafe {
@@ -508,39 +554,38 @@ unsafe fn emulate_host(
             }
             return Ok(());
         }
-        (HostKernel::Gemm(input), [a, b, c, bias @ ..], [m, n, k], [alpha]) if bias.len() <= 1 => {
-            // The wgmma kernel (TMA descriptors of A and B, one matrix).
-            // SAFETY: by the caller; views of one m×k, k×n and m×n matrix (and N biases).
-            unsafe {
-                emulate_tc_gemm(
-                    *input,
-                    [*a, *b, *c],
-                    bias.first().copied(),
-                    [*m, *n, *k, 0, 0, 0],
-                    *alpha,
-                    1,
-                )
-            };
-            return Ok(());
-        }
-        (HostKernel::Gemm(input), [a, b, c, bias @ ..], [m, n, k, sa, sb, sc], [alpha])
-            if bias.len() <= 1 =>
+        (HostKernel::Gemm(input, epi), [a, b, c, rest @ ..], dims, [alpha, beta @ ..])
+            if rest.len() == usize::from(epi.bias) + usize::from(epi.has_residual())
+                && beta.len() == usize::from(epi.has_residual())
+                && matches!(dims.len(), 3 | 6) =>
         {
-            // SAFETY: by the caller; views of grid_z matrices at the given strides.
+            // The wgmma kernel takes `M, N, K` (TMA descriptors of A and B, one matrix), the
+            // mma.sync kernel `M, N, K, sA, sB, sC` (grid.z matrices).
+            let (d, batch) = match dims {
+                [m, n, k] => ([*m, *n, *k, 0, 0, 0], 1),
+                [m, n, k, sa, sb, sc] => ([*m, *n, *k, *sa, *sb, *sc], grid_z as usize),
+                _ => unreachable!(),
+            };
+            let bias = epi.bias.then(|| rest[0]);
+            let res = epi.has_residual().then(|| rest[rest.len() - 1]);
+            // SAFETY: by the caller; views of `batch` matrices at the given strides (N
+            // biases, a residual laid out like C).
             unsafe {
                 emulate_tc_gemm(
                     *input,
+                    epi,
                     [*a, *b, *c],
-                    bias.first().copied(),
-                    [*m, *n, *k, *sa, *sb, *sc],
-                    *alpha,
-                    grid_z as usize,
+                    [bias, res],
+                    d,
+                    [*alpha, beta.first().copied().unwrap_or(0.0)],
+                    batch,
                 )
             };
             return Ok(());
         }
-        (HostKernel::Conv { geom, epi }, ..) => (geom, epi, false),
-        (HostKernel::Depthwise { geom, epi }, ..) => (geom, epi, true),
+        (HostKernel::Conv { geom, epi }, ..) => (geom, epi, Taps::Full),
+        (HostKernel::ConvMma { geom, epi, input }, ..) => (geom, epi, Taps::Mma(*input)),
+        (HostKernel::Depthwise { geom, epi }, ..) => (geom, epi, Taps::Depthwise),
         (HostKernel::LayerNorm, [x, sc, bi, y], [rows, n], [eps]) => {
             // SAFETY: by the caller; f32 views of rows*n, n, n and rows*n elements.
             unsafe {
@@ -602,6 +647,7 @@ unsafe fn emulate_host(
     );
     let (oh, ow) = (u(geom.oh()), u(geom.ow()));
     let (s, d, p) = (geom.stride, geom.dilation, geom.pads);
+    let depthwise = taps == Taps::Depthwise;
     let cg = if depthwise { 1 } else { c };
     let mut next = 2;
     let bias = epi.bias.then(|| {
@@ -612,11 +658,29 @@ unsafe fn emulate_host(
         next += 1;
         ptrs[next - 1] as *const f32
     });
-    let (x, w, y) = (
-        ptrs[0] as *const f32,
-        ptrs[1] as *const f32,
-        ptrs[next] as *mut f32,
-    );
+    let y = ptrs[next] as *mut f32;
+    // X and W as f32 (the tensor-core conv's 16-bit inputs widened exactly).
+    let widen = |p: *mut u8, len: usize| -> Vec<f32> {
+        (0..len)
+            .map(|i| {
+                // SAFETY: by the caller; a view of `len` f32 or 16-bit elements.
+                unsafe {
+                    match taps {
+                        Taps::Mma(MmaInput::F16) => {
+                            precision::f16_bits_to_f32((p as *const u16).add(i).read_unaligned())
+                        }
+                        Taps::Mma(_) => f32::from_bits(
+                            u32::from((p as *const u16).add(i).read_unaligned()) << 16,
+                        ),
+                        _ => (p as *const f32).add(i).read_unaligned(),
+                    }
+                }
+            })
+            .collect()
+    };
+    let xv = widen(ptrs[0], n * c * hh * ww);
+    let wv = widen(ptrs[1], oc * cg * kh * kw);
+    let (x, w) = (xv.as_ptr(), wv.as_ptr());
     // SAFETY: by the caller; unaligned f32 views of the geometry's sizes.
     unsafe {
         for b in 0..n {
@@ -664,16 +728,19 @@ unsafe fn emulate_host(
 
 /// A tensor-core GEMM on the host: inputs read as the hardware reads them (tf32: the f32
 /// buffers with the low 13 mantissa bits dropped; f16/bf16: the 16-bit copies), products
-/// accumulated in f32, `C = alpha · A·B [+ bias[col]]` for `batch` matrices.
+/// accumulated in f32, then the kernel's epilogue (`Epilogue::apply`: `alpha`, bias,
+/// `beta · R`, activation) for `batch` matrices.
 ///
 /// # Safety
-/// `p` = `A, B, C` views holding `batch` matrices at strides `sa, sb, sc` (elements).
+/// `p` = `A, B, C` views holding `batch` matrices at strides `sa, sb, sc` (elements); the
+/// bias view holds `n` values, the residual view is laid out like `C`.
 unsafe fn emulate_tc_gemm(
     input: MmaInput,
+    epi: &Epilogue,
     p: [*mut u8; 3],
-    bias: Option<*mut u8>,
+    [bias, res]: [Option<*mut u8>; 2],
     [m, n, k, sa, sb, sc]: [usize; 6],
-    alpha: f32,
+    [alpha, beta]: [f32; 2],
     batch: usize,
 ) {
     let read = |base: *mut u8, i: usize| -> f32 {
@@ -692,6 +759,12 @@ unsafe fn emulate_tc_gemm(
             }
         }
     };
+    let f32_at = |base: Option<*mut u8>, i: usize| -> f32 {
+        // SAFETY: by the caller (an f32 view holding index `i`).
+        base.map_or(0.0, |b| unsafe {
+            (b as *const f32).add(i).read_unaligned()
+        })
+    };
     let c = p[2] as *mut f32;
     for bi in 0..batch {
         let bt: Vec<f32> = (0..k * n).map(|i| read(p[1], bi * sb + i)).collect();
@@ -702,12 +775,10 @@ unsafe fn emulate_tc_gemm(
                 for (q, x) in row.iter().enumerate() {
                     acc += x * bt[q * n + j];
                 }
-                // SAFETY: by the caller (the bias view holds n values).
-                let b = bias.map_or(0.0, |b| unsafe {
-                    (b as *const f32).add(j).read_unaligned()
-                });
+                let at = bi * sc + i * n + j;
+                let y = epi.apply(acc, alpha, beta, f32_at(bias, j), f32_at(res, at));
                 // SAFETY: by the caller.
-                unsafe { c.add(bi * sc + i * n + j).write_unaligned(alpha * acc + b) };
+                unsafe { c.add(at).write_unaligned(y) };
             }
         }
     }
@@ -755,6 +826,59 @@ fn tensor_core_summary(
             off.join("; ")
         }
     )
+}
+
+/// Summary lines at a tensor-core precision: the GEMMs whose epilogue runs in the kernel
+/// (each saves its in-place epilogue launch) and the convs on tensor cores (f16 / bf16) with the
+/// reasons the others are not.
+fn tensor_core_fusion_summary(
+    planned: &pipeline::Planned,
+    l: &GpuLowering,
+    prec: lower::Precision,
+) -> Vec<String> {
+    if prec == lower::Precision::F32 {
+        return Vec::new();
+    }
+    let p = &planned.partition;
+    let name = |i: usize| p.kernels[i].name.clone();
+    let fused: Vec<String> = l
+        .fused_epilogues
+        .iter()
+        .map(|(i, tag)| format!("{} ({tag})", name(*i)))
+        .collect();
+    let convs = l.tensor_core_convs.len() + l.tensor_core_conv_fallbacks.len();
+    // Kernels grouped by reason.
+    let mut off: Vec<(String, Vec<String>)> = Vec::new();
+    for (i, why) in &l.tensor_core_conv_fallbacks {
+        match off.iter_mut().find(|(w, _)| w == why) {
+            Some((_, ks)) => ks.push(name(*i)),
+            None => off.push((why.clone(), vec![name(*i)])),
+        }
+    }
+    let off: Vec<String> = off
+        .into_iter()
+        .map(|(why, ks)| format!("{} ({why})", ks.join(", ")))
+        .collect();
+    vec![
+        format!(
+            "tensor-core epilogues: {} kernels with a fused epilogue, {} launches saved{}{}",
+            fused.len(),
+            fused.len(),
+            if fused.is_empty() { "" } else { ": " },
+            fused.join(", ")
+        ),
+        format!(
+            "convs on tensor cores: {} of {convs} (groups 1, f16 / bf16; depthwise stay f32), {} \
+             not: {}",
+            l.tensor_core_convs.len(),
+            l.tensor_core_conv_fallbacks.len(),
+            if off.is_empty() {
+                "-".to_string()
+            } else {
+                off.join("; ")
+            }
+        ),
+    ]
 }
 
 /// One summary line: the attention patterns found and why they stay unfused.

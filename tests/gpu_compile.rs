@@ -8,9 +8,12 @@ mod common;
 
 use common::{kiln, tmp};
 use kiln::compile::CompileOptions;
-use kiln::gpu_compile::{emulate, resolve_sku};
+use kiln::gpu_compile::{emulate, emulate_graph, resolve_sku};
 use kiln_codegen::gpu::lower::Precision;
 use kiln_codegen::gpu::pipeline::venv_nvidia_dirs;
+use kiln_ir::ops::elementwise::{BinaryKind, ElementwiseOp, GeluApprox, UnaryKind};
+use kiln_ir::ops::linalg::{Gemm, LinalgOp};
+use kiln_ir::ops::nn::{AutoPad, ConvAttrs, NnOp, WindowAttrs};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -138,89 +141,175 @@ fn zoo_models_compile_to_ptx_that_ptxas_accepts() {
             if target == "cuda:h100" && prec == Precision::F32 {
                 println!("{name}: {generic_line}");
             }
-            let inner = art.inner();
-            let gp = inner.plan.gpu.as_ref().unwrap();
-            assert_eq!(gp.arch, sku.arch);
-            let ptx_path = dir.join(format!("{name}.{}.ptx", sku.arch));
-            std::fs::write(&ptx_path, &inner.kernels).unwrap();
-            // sm_90a when the module holds a wgmma GEMM.
-            let ptx_text = String::from_utf8_lossy(&inner.kernels).to_string();
-            let chip = ptx_text
-                .lines()
-                .find_map(|l| l.trim().strip_prefix(".target "))
-                .map(|t| {
-                    t.split(|c: char| c == ',' || c.is_whitespace())
-                        .next()
-                        .unwrap()
-                })
-                .unwrap_or(&sku.arch)
-                .to_string();
-            assert!(chip.starts_with(&sku.arch), "{name}: .target {chip}");
-            let wgmma = ptx_text.contains("wgmma.mma_async");
-            assert_eq!(wgmma, chip.ends_with('a'), "{name} {target}");
-            if wgmma {
-                println!("{name} {target} {prec:?}: wgmma (sm_90a)");
-            }
-            let out = Command::new(&ptxas)
-                .args(["-arch", &chip, "-v", "-o", "/dev/null", s(&ptx_path)])
-                .output()
-                .unwrap();
-            let text = String::from_utf8_lossy(&out.stdout).to_string()
-                + &String::from_utf8_lossy(&out.stderr);
-            assert!(
-                out.status.success(),
-                "{name} {target}: ptxas failed:\n{text}"
-            );
-            let usage = ptxas_usage(&text);
-            for st in &gp.steps {
-                let threads: u32 = st.block.iter().product();
+            // The fusion groups the tensor-core GEMMs run in their epilogue (mlp: bias + relu,
+            // bert: bias + residual, the pooler's bias + tanh), each saving a launch.
+            if prec.mma_input().is_some() {
+                let fused = match name {
+                    "mlp" => 2,
+                    "bert" => 5,
+                    _ => 0,
+                };
+                let line = report
+                    .lines()
+                    .find(|l| l.contains("tensor-core epilogues:"))
+                    .unwrap_or_else(|| panic!("{name}: no epilogue line in {report}"));
                 assert!(
-                    threads <= sku.max_threads_per_block,
-                    "{name} {}: block",
-                    st.kernel
+                    line.contains(&format!(
+                        ": {fused} kernels with a fused epilogue, {fused} launches saved"
+                    )),
+                    "{name} {target}: {line}"
                 );
-                assert!(st.grid[0] >= 1 && st.grid[1] <= 65535 && st.grid[2] <= 65535);
-                if st.generic {
-                    // Grid-stride: at most 32 blocks per SM, at least one thread per item.
-                    assert!(
-                        st.grid[0] <= 32 * sku.sm_count,
-                        "{name} {}: grid",
-                        st.kernel
-                    );
+            }
+            // At f16 / bf16 every groups-1 zoo Conv runs on tensor cores.
+            if matches!(prec, Precision::F16 | Precision::BF16) {
+                let conv_line = report
+                    .lines()
+                    .find(|l| l.contains("convs on tensor cores:"))
+                    .unwrap_or_else(|| panic!("{name}: no conv line in {report}"));
+                let n = conv_line
+                    .split_whitespace()
+                    .nth(4)
+                    .and_then(|w| w.parse::<usize>().ok())
+                    .unwrap();
+                assert!(
+                    conv_line.contains(&format!(": {n} of {n} "))
+                        && conv_line.ends_with("0 not: -"),
+                    "{name} {target}: {conv_line}"
+                );
+                assert_eq!(n > 0, matches!(name, "resnet" | "mobilenet"), "{conv_line}");
+                if target == "cuda:h100" {
+                    println!("{name} {prec:?}: {conv_line}");
                 }
-                let (_, regs, smem) = usage
-                    .iter()
-                    .find(|u| u.0 == st.kernel)
-                    .unwrap_or_else(|| panic!("{name}: no ptxas report for {}", st.kernel));
-                assert!(
-                    *regs <= sku.max_registers_per_thread,
-                    "{name} {}: {regs} registers",
-                    st.kernel
-                );
-                assert!(
-                    regs * threads <= sku.registers_per_block,
-                    "{name} {}: {regs} x {threads} registers",
-                    st.kernel
-                );
-                // Static shared memory within the default limit, dynamic (tensor-core
-                // GEMMs, opted into at load) within the opt-in limit.
-                assert!(
-                    *smem <= sku.shared_mem_per_block
-                        && smem + st.shared_bytes <= sku.shared_mem_per_block_optin,
-                    "{name} {}: {smem} + {} B shared",
-                    st.kernel,
-                    st.shared_bytes
-                );
             }
-            let max_regs = usage.iter().map(|u| u.1).max().unwrap_or(0);
-            println!(
-                "{name:10} {target:10} {:5} {:3} launches {:3} entries, max {max_regs} regs, PTX {} B",
-                prec.name(),
-                gp.steps.len(),
-                usage.len(),
-                inner.kernels.len()
+            check_ptx(&ptxas, &dir, name, target, prec, &art);
+        }
+    }
+}
+
+/// Assembles the artifact's PTX with `ptxas -arch=sm_XX -v` (`sm_90a` when it holds a wgmma
+/// GEMM) and checks every launch against the SKU: threads per block, grid limits (generic
+/// grid-stride launches at most 32 blocks per SM), registers per thread and per block, static
+/// shared memory within the default limit and static + dynamic within the opt-in limit.
+fn check_ptx(
+    ptxas: &Path,
+    dir: &Path,
+    name: &str,
+    target: &str,
+    prec: Precision,
+    art: &kiln::Artifact,
+) {
+    let sku = resolve_sku(target).unwrap();
+    let inner = art.inner();
+    let gp = inner.plan.gpu.as_ref().unwrap();
+    assert_eq!(gp.arch, sku.arch);
+    let ptx_path = dir.join(format!("{name}.{}.ptx", sku.arch));
+    std::fs::write(&ptx_path, &inner.kernels).unwrap();
+    // sm_90a when the module holds a wgmma GEMM.
+    let ptx_text = String::from_utf8_lossy(&inner.kernels).to_string();
+    let chip = ptx_text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix(".target "))
+        .map(|t| {
+            t.split(|c: char| c == ',' || c.is_whitespace())
+                .next()
+                .unwrap()
+        })
+        .unwrap_or(&sku.arch)
+        .to_string();
+    assert!(chip.starts_with(&sku.arch), "{name}: .target {chip}");
+    let wgmma = ptx_text.contains("wgmma.mma_async");
+    assert_eq!(wgmma, chip.ends_with('a'), "{name} {target}");
+    if wgmma {
+        println!("{name} {target} {prec:?}: wgmma (sm_90a)");
+    }
+    let out = Command::new(ptxas)
+        .args(["-arch", &chip, "-v", "-o", "/dev/null", s(&ptx_path)])
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "{name} {target}: ptxas failed:\n{text}"
+    );
+    let usage = ptxas_usage(&text);
+    for st in &gp.steps {
+        let threads: u32 = st.block.iter().product();
+        assert!(
+            threads <= sku.max_threads_per_block,
+            "{name} {}: block",
+            st.kernel
+        );
+        assert!(st.grid[0] >= 1 && st.grid[1] <= 65535 && st.grid[2] <= 65535);
+        if st.generic {
+            // Grid-stride: at most 32 blocks per SM, at least one thread per item.
+            assert!(
+                st.grid[0] <= 32 * sku.sm_count,
+                "{name} {}: grid",
+                st.kernel
             );
         }
+        let (_, regs, smem) = usage
+            .iter()
+            .find(|u| u.0 == st.kernel)
+            .unwrap_or_else(|| panic!("{name}: no ptxas report for {}", st.kernel));
+        assert!(
+            *regs <= sku.max_registers_per_thread,
+            "{name} {}: {regs} registers",
+            st.kernel
+        );
+        assert!(
+            regs * threads <= sku.registers_per_block,
+            "{name} {}: {regs} x {threads} registers",
+            st.kernel
+        );
+        // Static shared memory within the default limit, dynamic (tensor-core
+        // GEMMs, opted into at load) within the opt-in limit.
+        assert!(
+            *smem <= sku.shared_mem_per_block
+                && smem + st.shared_bytes <= sku.shared_mem_per_block_optin,
+            "{name} {}: {smem} + {} B shared",
+            st.kernel,
+            st.shared_bytes
+        );
+    }
+    let max_regs = usage.iter().map(|u| u.1).max().unwrap_or(0);
+    println!(
+        "{name:10} {target:10} {:5} {:3} launches {:3} entries, max {max_regs} regs, PTX {} B",
+        prec.name(),
+        gp.steps.len(),
+        usage.len(),
+        inner.kernels.len()
+    );
+}
+
+/// Every launch's arguments match its kernel's parameters: count, kind, and element size of
+/// each buffer (what the emulation cannot see: it reads the arguments as the lowering wrote
+/// them).
+fn check_launch_signatures(name: &str, l: &kiln_codegen::gpu::lower::GpuLowering) {
+    use kiln_codegen::gpu::lower::LaunchArg;
+    use kiln_codegen::gpu::KernelParam;
+    for la in &l.launches {
+        let k = l
+            .kernels
+            .iter()
+            .find(|k| k.name == la.kernel)
+            .unwrap_or_else(|| panic!("{name}: no kernel {}", la.kernel));
+        let ok = k.params.len() == la.args.len()
+            && k.params.iter().zip(&la.args).all(|(p, a)| match (p, a) {
+                (KernelParam::Buffer { elem, .. }, LaunchArg::Buf { elem_bytes, .. }) => {
+                    elem.bytes() == *elem_bytes
+                }
+                (KernelParam::Index(_), LaunchArg::Index(_))
+                | (KernelParam::F32(_), LaunchArg::F32(_))
+                | (KernelParam::TensorMap(_), LaunchArg::TensorMap { .. }) => true,
+                _ => false,
+            });
+        assert!(
+            ok,
+            "{name} {}: parameters {:?} but arguments {:?}",
+            la.kernel, k.params, la.args
+        );
     }
 }
 
@@ -270,9 +359,13 @@ fn emulated_plan_matches(
     let (ins, mut opts) = test_inputs(name);
     opts.precision = prec;
     let model = zoo(name).join("model.onnx");
-    let got = emulate(&model, target, &opts, &ins, specialized)
-        .unwrap_or_else(|e| panic!("{name} {prec:?}: {e:#}"));
     let g = kiln::load_model(&model).unwrap();
+    let e = emulate_graph(&g, name, target, &opts, &ins, |l| {
+        l.specialized = specialized
+    })
+    .unwrap_or_else(|e| panic!("{name} {prec:?}: {e:#}"));
+    check_launch_signatures(name, &e.lowering);
+    let got = e.outputs;
     let want = kiln_ir::interp::run(&g, &ins).unwrap();
     assert_eq!(got.len(), want.len());
     let mut worst = 0f64;
@@ -676,4 +769,447 @@ fn attention_patterns_are_recognised_and_reported() {
     let art = c.compile(zoo("mlp").join("model.onnx").as_path()).unwrap();
     let report = art.report().unwrap().to_string();
     assert!(report.contains("attention patterns: 0 found"), "{report}");
+}
+
+/// A hand-built graph for the tensor-core fusion tests.
+struct Gb {
+    g: kiln_ir::Graph,
+    seed: u64,
+}
+
+impl Gb {
+    fn new(name: &str) -> Self {
+        Gb {
+            g: kiln_ir::Graph {
+                name: name.into(),
+                opset: 17,
+                ..kiln_ir::Graph::default()
+            },
+            seed: 0x9e37_79b9_7f4a_7c15,
+        }
+    }
+
+    /// Deterministic values in [-1, 1).
+    fn values(&mut self, n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                self.seed = self
+                    .seed
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                ((self.seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn input(&mut self, name: &str, shape: &[usize]) -> kiln_ir::ValueId {
+        let v = self.g.add_value(
+            name,
+            kiln_ir::Fact::new(kiln_ir::DType::F32, kiln_ir::Shape::known(shape)),
+        );
+        self.g.inputs.push(v);
+        v
+    }
+
+    fn konst(&mut self, name: &str, shape: &[usize]) -> kiln_ir::ValueId {
+        let n = shape.iter().product();
+        let t = kiln_ir::Tensor::from_vec(shape, self.values(n));
+        self.g.add_const(name, t)
+    }
+
+    fn node(&mut self, op: kiln_ir::Op, inputs: &[kiln_ir::ValueId]) -> kiln_ir::ValueId {
+        let n = self.g.nodes.len();
+        let out = self.g.add_value(
+            format!("v{n}"),
+            kiln_ir::Fact::new(kiln_ir::DType::F32, kiln_ir::Shape(vec![])),
+        );
+        self.g.nodes.push(kiln_ir::Node {
+            name: format!("n{n}"),
+            op,
+            inputs: inputs.iter().map(|&v| Some(v)).collect(),
+            outputs: vec![out],
+        });
+        out
+    }
+
+    fn binary(
+        &mut self,
+        k: BinaryKind,
+        a: kiln_ir::ValueId,
+        b: kiln_ir::ValueId,
+    ) -> kiln_ir::ValueId {
+        self.node(kiln_ir::Op::Elementwise(ElementwiseOp::Binary(k)), &[a, b])
+    }
+
+    fn unary(&mut self, k: UnaryKind, a: kiln_ir::ValueId) -> kiln_ir::ValueId {
+        self.node(kiln_ir::Op::Elementwise(ElementwiseOp::Unary(k)), &[a])
+    }
+
+    fn finish(mut self, outputs: &[kiln_ir::ValueId]) -> (kiln_ir::Graph, Vec<kiln_ir::Tensor>) {
+        self.g.outputs = outputs.to_vec();
+        self.g.infer().expect("infer");
+        let shapes: Vec<Vec<usize>> = self
+            .g
+            .inputs
+            .iter()
+            .map(|&v| self.g.values[v].fact.shape.as_known().unwrap())
+            .collect();
+        let ins = shapes
+            .iter()
+            .map(|s| kiln_ir::Tensor::from_vec(s, self.values(s.iter().product())))
+            .collect();
+        (self.g, ins)
+    }
+}
+
+fn gemm(alpha: f32, beta: f32, trans_b: bool) -> kiln_ir::Op {
+    kiln_ir::Op::Linalg(LinalgOp::Gemm(Gemm {
+        alpha,
+        beta,
+        trans_a: false,
+        trans_b,
+    }))
+}
+
+/// The targeted graphs: (name, graph, inputs, the fused epilogue's tag).
+fn tc_epilogue_graphs() -> Vec<(
+    &'static str,
+    kiln_ir::Graph,
+    Vec<kiln_ir::Tensor>,
+    &'static str,
+)> {
+    let matmul = kiln_ir::Op::Linalg(LinalgOp::MatMul);
+    let mut v = Vec::new();
+    // MatMul + bias + Gelu (tanh), batch folded into M.
+    let mut b = Gb::new("mm_bias_gelu");
+    let x = b.input("x", &[3, 5, 64]);
+    let w = b.konst("w", &[64, 48]);
+    let bias = b.konst("b", &[48]);
+    let y = b.node(matmul.clone(), &[x, w]);
+    let y = b.binary(BinaryKind::Add, y, bias);
+    let y = b.unary(
+        UnaryKind::Gelu {
+            approximate: GeluApprox::Tanh,
+        },
+        y,
+    );
+    let (g, ins) = b.finish(&[y]);
+    v.push(("mm_bias_gelu", g, ins, "bias_gelu"));
+    // Batched MatMul (one B per batch) + bias + residual Add.
+    let mut b = Gb::new("bmm_bias_res");
+    let x = b.input("x", &[2, 6, 64]);
+    let r = b.input("r", &[2, 6, 40]);
+    let w = b.konst("w", &[2, 64, 40]);
+    let bias = b.konst("b", &[40]);
+    let y = b.node(matmul.clone(), &[x, w]);
+    let y = b.binary(BinaryKind::Add, bias, y);
+    let y = b.binary(BinaryKind::Add, y, r);
+    let (g, ins) = b.finish(&[y]);
+    v.push(("bmm_bias_res", g, ins, "bias_res"));
+    // Gemm (transB) with C as bias + Relu.
+    let mut b = Gb::new("gemm_relu");
+    let x = b.input("x", &[8, 64]);
+    let w = b.konst("w", &[32, 64]);
+    let c = b.konst("c", &[32]);
+    let y = b.node(gemm(1.0, 1.0, true), &[x, w, c]);
+    let y = b.unary(UnaryKind::Relu, y);
+    let (g, ins) = b.finish(&[y]);
+    v.push(("gemm_relu", g, ins, "bias_relu"));
+    // Gemm + Tanh (bert's pooler).
+    let mut b = Gb::new("gemm_tanh");
+    let x = b.input("x", &[4, 48]);
+    let w = b.konst("w", &[48, 24]);
+    let c = b.konst("c", &[24]);
+    let y = b.node(gemm(1.0, 1.0, false), &[x, w, c]);
+    let y = b.unary(UnaryKind::Tanh, y);
+    let (g, ins) = b.finish(&[y]);
+    v.push(("gemm_tanh", g, ins, "bias_tanh"));
+    // Gemm with alpha, beta and a full C (residual before the activation), then SiLU.
+    let mut b = Gb::new("gemm_res_silu");
+    let x = b.input("x", &[8, 64]);
+    let c = b.input("c", &[8, 32]);
+    let w = b.konst("w", &[64, 32]);
+    let y = b.node(gemm(0.5, 2.0, false), &[x, w, c]);
+    let s = b.unary(UnaryKind::Sigmoid, y);
+    let y = b.binary(BinaryKind::Mul, y, s);
+    let (g, ins) = b.finish(&[y]);
+    v.push(("gemm_res_silu", g, ins, "res_silu"));
+    v
+}
+
+/// Each targeted graph at every tensor-core precision, on H100 (wgmma where it fits) and
+/// A100 (mma.sync): the epilogue runs inside the tensor-core GEMM (one launch fewer than
+/// with the fusion off, which keeps only a lone bias in the kernel) and the emulated plan
+/// matches the interpreter both ways; the PTX assembles for sm_80, sm_89 and sm_90 within the
+/// SKUs' limits.
+#[test]
+fn tensor_core_gemm_epilogues_are_fused_and_match() {
+    let ptxas = find_ptxas();
+    let dir = tmp("gpu_tc_epilogue");
+    for (name, g, ins, tag) in tc_epilogue_graphs() {
+        let want = kiln_ir::interp::run(&g, &ins).unwrap();
+        for prec in [Precision::F16, Precision::BF16, Precision::TF32] {
+            let opts = CompileOptions {
+                precision: prec,
+                ..CompileOptions::default()
+            };
+            for target in ["cuda:h100", "cuda:a100"] {
+                let run = |fuse: bool| {
+                    emulate_graph(&g, name, target, &opts, &ins, |l| l.fuse_epilogues = fuse)
+                        .unwrap_or_else(|e| panic!("{name} {prec:?} {target}: {e:#}"))
+                };
+                let (on, off) = (run(true), run(false));
+                check_launch_signatures(name, &on.lowering);
+                check_launch_signatures(name, &off.lowering);
+                assert_eq!(
+                    on.lowering.fused_epilogues.len(),
+                    1,
+                    "{name} {prec:?} {target}: {:#?}",
+                    on.lowering.launches
+                );
+                assert_eq!(on.lowering.fused_epilogues[0].1, tag, "{name}");
+                assert!(off.lowering.fused_epilogues.is_empty());
+                assert_eq!(on.steps + 1, off.steps, "{name} {prec:?} {target}");
+                assert!(on.lowering.launches.iter().all(|l| !l.generic), "{name}");
+                assert!(
+                    on.lowering
+                        .launches
+                        .iter()
+                        .any(|l| l.kernel.starts_with("kiln_gemm_") && l.kernel.ends_with(tag)),
+                    "{name}: {:?}",
+                    on.lowering
+                        .launches
+                        .iter()
+                        .map(|l| &l.kernel)
+                        .collect::<Vec<_>>()
+                );
+                for (e, how) in [(&on, "fused"), (&off, "unfused")] {
+                    let (a, b) = (&e.outputs[0], &want[0]);
+                    let (re, nw) = (rel_err(a, b), norm_err(a, b));
+                    println!(
+                        "{name:14} {target:9} {:4} {how:7} {} launches: max rel {re:.2e}, normwise {nw:.2e}",
+                        prec.name(),
+                        e.steps
+                    );
+                    assert!(
+                        nw <= 1e-2 && re <= if prec == Precision::F16 { 1e-2 } else { 1e-1 },
+                        "{name} {prec:?} {target} {how}: {re} / {nw}"
+                    );
+                    assert!(re > 1e-7, "{name} {prec:?}: inputs not rounded?");
+                }
+            }
+            if let Some(ptxas) = &ptxas {
+                for target in ["cuda:a100", "cuda:l4", "cuda:h100"] {
+                    let art = kiln::Compiler::new()
+                        .target(target)
+                        .unwrap()
+                        .precision(prec.name())
+                        .unwrap()
+                        .compile(&g)
+                        .unwrap();
+                    check_ptx(ptxas, &dir, name, target, prec, &art);
+                }
+            }
+        }
+    }
+    if ptxas.is_none() {
+        println!("SKIPPED (PTX part): no ptxas");
+    }
+}
+
+/// Conv + bias + Relu (+ residual) at f16 and bf16: the conv runs on tensor cores
+/// (`conv2d_mma`) with the epilogue in the kernel, after one cast launch of its input
+/// (constant weights converted at compile time); the emulated plan matches the interpreter;
+/// tf32 keeps the f32 conv with the reason; the PTX assembles for every SKU.
+#[test]
+fn f16_and_bf16_convs_run_on_tensor_cores_with_their_epilogue() {
+    let ptxas = find_ptxas();
+    let dir = tmp("gpu_tc_conv");
+    let conv = |pads: usize, stride: usize| {
+        kiln_ir::Op::Nn(NnOp::Conv(ConvAttrs {
+            window: WindowAttrs {
+                auto_pad: AutoPad::NotSet,
+                kernel_shape: None,
+                strides: Some(vec![stride; 2]),
+                dilations: None,
+                pads: Some(vec![pads; 4]),
+            },
+            group: 1,
+        }))
+    };
+    let mut cases = Vec::new();
+    for residual in [false, true] {
+        let mut b = Gb::new("conv");
+        let x = b.input("x", &[2, 12, 9, 9]);
+        let r = residual.then(|| b.input("r", &[2, 20, 9, 9]));
+        let w = b.konst("w", &[20, 12, 3, 3]);
+        let bias = b.konst("b", &[20]);
+        let mut y = b.node(conv(1, 1), &[x, w, bias]);
+        if let Some(r) = r {
+            y = b.binary(BinaryKind::Add, y, r);
+        }
+        let y = b.unary(UnaryKind::Relu, y);
+        cases.push((
+            if residual {
+                "conv_bias_res_relu"
+            } else {
+                "conv_bias_relu"
+            },
+            b.finish(&[y]),
+        ));
+    }
+    // Weights as a graph input: cast into the scratch region like X.
+    let mut b = Gb::new("conv_w_input");
+    let x = b.input("x", &[1, 6, 7, 7]);
+    let w = b.input("w", &[16, 6, 3, 3]);
+    let y = b.node(conv(1, 1), &[x, w]);
+    let y = b.unary(UnaryKind::Relu, y);
+    cases.push(("conv_w_input_relu", b.finish(&[y])));
+    // A strided conv with a non-fusable epilogue (Sigmoid runs in place after it).
+    let mut b = Gb::new("conv_s2");
+    let x = b.input("x", &[1, 5, 11, 11]);
+    let w = b.konst("w", &[10, 5, 3, 3]);
+    let y = b.node(conv(0, 2), &[x, w]);
+    let y = b.unary(UnaryKind::Sigmoid, y);
+    cases.push(("conv_s2_sigmoid", b.finish(&[y])));
+    for (name, (g, ins)) in cases {
+        let want = kiln_ir::interp::run(&g, &ins).unwrap();
+        let opts = |prec| CompileOptions {
+            precision: prec,
+            ..CompileOptions::default()
+        };
+        for prec in [Precision::F16, Precision::BF16] {
+            let input = prec.mma_input().unwrap();
+            let e = emulate_graph(&g, name, "cuda:h100", &opts(prec), &ins, |_| {})
+                .unwrap_or_else(|e| panic!("{name}: {e:#}"));
+            let kernels: Vec<&str> = e
+                .lowering
+                .launches
+                .iter()
+                .map(|l| l.kernel.as_str())
+                .collect();
+            check_launch_signatures(name, &e.lowering);
+            assert_eq!(e.lowering.tensor_core_convs, vec![0], "{name}: {kernels:?}");
+            let fused = name != "conv_s2_sigmoid";
+            let casts = if name == "conv_w_input_relu" { 2 } else { 1 };
+            // Casts, conv (and the in-place epilogue when not fused).
+            assert_eq!(
+                e.steps,
+                casts + 1 + usize::from(!fused),
+                "{name}: {kernels:?}"
+            );
+            assert_eq!(kernels[0], format!("kiln_cast_f32_{}", input.mlir()));
+            let (a, b) = (&e.outputs[0], &want[0]);
+            let (re, nw) = (rel_err(a, b), norm_err(a, b));
+            println!(
+                "{name:18} {:4}: {} launches, max rel {re:.2e}, normwise {nw:.2e}",
+                prec.name(),
+                e.steps
+            );
+            // f16 elementwise within 1e-2; bf16 (8 mantissa bits) normwise.
+            if prec == Precision::F16 {
+                assert!(re <= 1e-2 && re > 1e-7, "{name}: {re}");
+            } else {
+                assert!(nw <= 1e-2 && re <= 1e-1 && re > 1e-7, "{name}: {re} / {nw}");
+            }
+            if let Some(ptxas) = &ptxas {
+                for target in ["cuda:a100", "cuda:l4", "cuda:h100"] {
+                    let art = kiln::Compiler::new()
+                        .target(target)
+                        .unwrap()
+                        .precision(prec.name())
+                        .unwrap()
+                        .compile(&g)
+                        .unwrap();
+                    let ptx = String::from_utf8_lossy(&art.inner().kernels).to_string();
+                    assert!(ptx.contains(input.ptx_mma()), "{name} {target} {prec:?}");
+                    let report = art.report().unwrap().to_string();
+                    assert!(report.contains("convs on tensor cores: 1 of 1"), "{report}");
+                    check_ptx(ptxas, &dir, name, target, prec, &art);
+                }
+            }
+        }
+        // tf32: the f32 conv, with the reason.
+        let e = emulate_graph(&g, name, "cuda:h100", &opts(Precision::TF32), &ins, |_| {}).unwrap();
+        assert!(e.lowering.tensor_core_convs.is_empty());
+        assert!(e.lowering.tensor_core_conv_fallbacks[0]
+            .1
+            .contains("not tf32"));
+        assert!(rel_err(&e.outputs[0], &want[0]) <= 1e-4);
+    }
+}
+
+/// Epilogues the tensor-core kernels cannot express keep the in-place launch after the GEMM
+/// (and stay correct): exact (erf) Gelu, a per-column scale input, a residual that is not a
+/// kernel input, two activations.
+#[test]
+fn unexpressible_tensor_core_epilogues_keep_the_in_place_launch() {
+    let matmul = kiln_ir::Op::Linalg(LinalgOp::MatMul);
+    let mut cases = Vec::new();
+    let build = |name: &str, f: &dyn Fn(&mut Gb, kiln_ir::ValueId) -> kiln_ir::ValueId| {
+        let mut b = Gb::new(name);
+        let x = b.input("x", &[4, 32]);
+        let w = b.konst("w", &[32, 16]);
+        let bias = b.konst("b", &[16]);
+        let y = b.node(matmul.clone(), &[x, w]);
+        let y = b.binary(BinaryKind::Add, y, bias);
+        let y = f(&mut b, y);
+        b.finish(&[y])
+    };
+    cases.push((
+        "gelu_erf",
+        build("gelu_erf", &|b, y| {
+            b.unary(
+                UnaryKind::Gelu {
+                    approximate: GeluApprox::None,
+                },
+                y,
+            )
+        }),
+    ));
+    cases.push((
+        "column_scale",
+        build("column_scale", &|b, y| {
+            let sc = b.input("s", &[16]);
+            b.binary(BinaryKind::Mul, y, sc)
+        }),
+    ));
+    cases.push((
+        "self_residual",
+        build("self_residual", &|b, y| {
+            let r = b.unary(UnaryKind::Relu, y);
+            b.binary(BinaryKind::Add, r, y)
+        }),
+    ));
+    cases.push((
+        "two_activations",
+        build("two_activations", &|b, y| {
+            let r = b.unary(UnaryKind::Relu, y);
+            b.unary(UnaryKind::Sigmoid, r)
+        }),
+    ));
+    for (name, (g, ins)) in cases {
+        let want = kiln_ir::interp::run(&g, &ins).unwrap();
+        let opts = CompileOptions {
+            precision: Precision::F16,
+            ..CompileOptions::default()
+        };
+        let e = emulate_graph(&g, name, "cuda:a100", &opts, &ins, |_| {})
+            .unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        let kernels: Vec<&str> = e
+            .lowering
+            .launches
+            .iter()
+            .map(|l| l.kernel.as_str())
+            .collect();
+        assert!(e.lowering.fused_epilogues.is_empty(), "{name}: {kernels:?}");
+        assert_eq!(e.lowering.tensor_core.len(), 1, "{name}: {kernels:?}");
+        assert!(
+            kernels.last().unwrap().ends_with("_epilogue"),
+            "{name}: {kernels:?}"
+        );
+        let re = rel_err(&e.outputs[0], &want[0]);
+        println!("{name:16} {} launches, max rel {re:.2e}", e.steps);
+        assert!(re <= 1e-2, "{name}: {re}");
+    }
 }

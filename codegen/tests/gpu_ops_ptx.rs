@@ -18,9 +18,10 @@
 use kiln_codegen::gpu::kernels::attention::{attention, AttentionSpec};
 use kiln_codegen::gpu::kernels::attention_mma::{self, attention_f16_mma};
 use kiln_codegen::gpu::kernels::conv::{conv2d, ConvGeom, ConvLayout, Epilogue, GpuConvSchedule};
-use kiln_codegen::gpu::kernels::conv_mma::{conv2d_f16_mma, ConvMmaSchedule};
+use kiln_codegen::gpu::kernels::conv_mma::{conv2d_f16_mma, conv2d_mma, ConvMmaSchedule};
 use kiln_codegen::gpu::kernels::depthwise::depthwise_conv2d;
 use kiln_codegen::gpu::kernels::elementwise::{chain, EwBinary, EwChain, EwInput, EwStep, EwUnary};
+use kiln_codegen::gpu::kernels::gemm_mma::MmaInput;
 use kiln_codegen::gpu::kernels::norm::layer_norm;
 use kiln_codegen::gpu::kernels::reduce::{reduce_rows, ReduceKind, RowMode};
 use kiln_codegen::gpu::{compile_kernel, DeviceDb, Elem, GpuKernel, Sku};
@@ -624,6 +625,67 @@ fn emulated_conv_kernels_match_cpu() {
         println!("{}: rel err {e:.2e}", c.name);
         assert!(e <= 1e-5, "{}: relative error {e}", c.name);
     }
+}
+
+/// The bf16 tensor-core conv (`nvvm.mma.sync` on packed registers) on the emulator: the
+/// f16 mma cases with bf16 inputs against the CPU conv of the same (bf16-rounded) values.
+#[test]
+fn emulated_bf16_conv_kernels_match_cpu() {
+    let bf16 = |v: &[f32]| -> Vec<f32> {
+        v.iter()
+            .map(|x| {
+                let b = x.to_bits();
+                f32::from_bits(b.wrapping_add(0x7fff + ((b >> 16) & 1)) & 0xffff_0000)
+            })
+            .collect()
+    };
+    let mut n = 0;
+    for (ci, c) in CONV_CASES.iter().enumerate().filter(|(_, c)| c.mma) {
+        let layout = if c.nhwc {
+            ConvLayout::Nhwc
+        } else {
+            ConvLayout::Nchw
+        };
+        let k = conv2d_mma(
+            c.name,
+            &geom(c),
+            layout,
+            epilogue(c),
+            &mma_schedule(c),
+            emu_sku(),
+            MmaInput::BF16,
+        )
+        .unwrap();
+        assert!(k.mlir.contains("nvvm.mma.sync"));
+        let (xl, wl, yl) = c.lens();
+        let x = bf16(&values(xl, 100 + ci as u64));
+        let w = bf16(&values(wl, 200 + ci as u64));
+        let bias = values(c.dims[4], 300 + ci as u64);
+        let res = values(yl, 400 + ci as u64);
+        let mut args = vec![EArg::Buf(x.clone()), EArg::Buf(w.clone())];
+        if c.epilogue[0] {
+            args.push(EArg::Buf(bias.clone()));
+        }
+        if c.epilogue[1] {
+            args.push(EArg::Buf(res.clone()));
+        }
+        args.push(EArg::Buf(vec![f32::NAN; yl]));
+        let (grid, block) = c.launch();
+        gpu_emu::run(&k.mlir, grid, block, &mut args);
+        let y = buf(args.last().unwrap());
+        let want = conv_cpu(
+            c,
+            &x,
+            &w,
+            c.epilogue[0].then_some(&bias[..]),
+            c.epilogue[1].then_some(&res[..]),
+        );
+        let e = rel_err(&y, &want);
+        println!("{} (bf16): rel err {e:.2e}", c.name);
+        assert!(e <= 1e-5, "{} (bf16): relative error {e}", c.name);
+        n += 1;
+    }
+    assert!(n >= 2, "{n} tensor-core conv cases");
 }
 
 #[test]

@@ -139,6 +139,9 @@ enum K {
     FromElements,
     VInsert(usize),
     Mma,
+    /// `nvvm.mma.sync` m16n8k16 on packed 16-bit pairs (bf16): `A[4] B[2] C[4]` scalars,
+    /// each packed `i32` held as the pair of values it packs.
+    MmaPacked,
     VBroadcast(usize),
     VFma,
     Sreg(&'static str, usize),
@@ -332,7 +335,7 @@ fn parse_body<'a>(lines: &mut impl Iterator<Item = &'a str>, n: &mut Names) -> (
                         .parse()
                         .unwrap();
                     V::Vec(vec![x; vec_len(ty)])
-                } else if ty == "f32" || ty == "f16" {
+                } else if ty == "f32" || ty == "f16" || ty == "bf16" {
                     if let Some(h) = lit.strip_prefix("0x") {
                         V::F(f32::from_bits(u32::from_str_radix(h, 16).unwrap()))
                     } else {
@@ -374,6 +377,22 @@ fn parse_body<'a>(lines: &mut impl Iterator<Item = &'a str>, n: &mut Names) -> (
             "memref.load" => K::Load(mem()),
             "memref.store" => K::Store(mem()),
             "vector.load" => K::VLoad(mem(), vec_len(ty)),
+            // A packed pair of 16-bit values as an `i32` (bf16 mma operands): kept as the pair.
+            "vector.bitcast" => K::Id,
+            "vector.extract" if ty.starts_with("i32 from vector<1xi32>") => K::Id,
+            "llvm.extractvalue" => {
+                let i = operands.rfind('[').unwrap();
+                let j = operands.rfind(']').unwrap();
+                K::VExtract(operands[i + 1..j].trim().parse().unwrap())
+            }
+            "nvvm.mma.sync" => {
+                assert!(
+                    rhs.contains("shape = #nvvm.shape<m = 16, n = 8, k = 16>"),
+                    "{line}"
+                );
+                assert_eq!(args.len(), 10, "{line}");
+                K::MmaPacked
+            }
             "vector.extract" => {
                 let i = operands.rfind('[').unwrap();
                 let j = operands.rfind(']').unwrap();
@@ -670,14 +689,36 @@ impl Thread<'_> {
                 v[*p] = self.get(g(0)).f();
                 V::Vec(v)
             }
-            K::Mma => {
+            K::Mma | K::MmaPacked => {
                 // mma.sync.m16n8k16.row.col (PTX ISA fragment layouts), lane = 4·g + t:
                 // A (vector<4x2>): [0] = (g; 2t, 2t+1), [1] = (g+8; ..), [2] = (g; 2t+8, 2t+9),
                 // [3] = (g+8; 2t+8, ..); B (vector<2x2>): [0] = (k 2t, 2t+1; n g),
                 // [1] = (k 2t+8, 2t+9; n g); C/D (vector<2x2>): [0] = (g; 2t, 2t+1), [1] = (g+8; ..).
-                let (fa, fb, fc) = (self.get(g(0)).v(), self.get(g(1)).v(), self.get(g(2)).v());
+                // Packed (nvvm): A = 4 registers of 2 values, B = 2, C = 4 scalars, in the same
+                // order.
+                let (fa, fb, fc): (Vec<f32>, Vec<f32>, Vec<f32>) = if matches!(k, K::Mma) {
+                    (
+                        self.get(g(0)).v().to_vec(),
+                        self.get(g(1)).v().to_vec(),
+                        self.get(g(2)).v().to_vec(),
+                    )
+                } else {
+                    let pairs = |r: std::ops::Range<usize>| -> Vec<f32> {
+                        r.flat_map(|i| {
+                            let p = self.get(g(i)).v();
+                            assert_eq!(p.len(), 2, "packed register");
+                            p.to_vec()
+                        })
+                        .collect()
+                    };
+                    (
+                        pairs(0..4),
+                        pairs(4..6),
+                        (6..10).map(|i| self.get(g(i)).f()).collect(),
+                    )
+                };
                 let ex = &self.warp.mma;
-                for (i, x) in fa.iter().chain(fb).enumerate() {
+                for (i, x) in fa.iter().chain(&fb).enumerate() {
                     ex[self.lane * 12 + i].store(x.to_bits(), Relaxed);
                 }
                 self.warp.bar.wait();

@@ -1,5 +1,6 @@
-//! 2-D convolution with f16 inputs and weights, f32 accumulation on tensor cores
-//! (`nvgpu.mma.sync` m16n8k16, sm_80+), as an implicit GEMM like [`conv`](super::conv):
+//! 2-D convolution with f16 (or bf16) inputs and weights, f32 accumulation on tensor cores
+//! (`nvgpu.mma.sync` m16n8k16; bf16: `nvvm.mma.sync`, sm_80+), as an implicit GEMM like
+//! [`conv`](super::conv):
 //!
 //! ```text
 //! block: `warps` warps, tile of 16·warps output pixels × 8·n_tiles output channels
@@ -18,6 +19,7 @@
 
 use super::conv::{emit_gather, ConvGeom, ConvLayout, Epilogue};
 use super::emit::{dyn_memref, in_kernel, Emitter, WARP};
+use super::gemm_mma::MmaInput;
 use crate::gpu::{Elem, GpuError, GpuKernel, KernelParam, Sku};
 use kiln_tune::{Config, Param, Space};
 
@@ -123,6 +125,27 @@ pub fn conv2d_f16_mma(
     s: &ConvMmaSchedule,
     sku: &Sku,
 ) -> Result<GpuKernel, GpuError> {
+    conv2d_mma(name, g, layout, epi, s, sku, MmaInput::F16)
+}
+
+/// [`conv2d_f16_mma`] with `X` and `W` of type `input`: f16 (`nvgpu.mma.sync`) or bf16
+/// (`nvvm.mma.sync` on the same fragment layout, as the bf16 GEMM: MLIR 22 cannot lower
+/// bf16 operands of `nvgpu.mma.sync`). Needs `mma.sync.f16` / `mma.sync.bf16`.
+pub fn conv2d_mma(
+    name: &str,
+    g: &ConvGeom,
+    layout: ConvLayout,
+    epi: Epilogue,
+    s: &ConvMmaSchedule,
+    sku: &Sku,
+    input: MmaInput,
+) -> Result<GpuKernel, GpuError> {
+    if input == MmaInput::TF32 {
+        return Err(GpuError::Schedule(format!(
+            "{name}: the tensor-core conv takes f16 or bf16 inputs"
+        )));
+    }
+    let ti = input.mlir();
     g.validate().map_err(in_kernel(name))?;
     s.validate(sku).map_err(in_kernel(name))?;
     let (bm, bn) = (u64::from(s.bm()), u64::from(s.bn()));
@@ -132,14 +155,14 @@ pub fn conv2d_f16_mma(
     let (m_total, k_total) = (g.m(), g.k());
     let ws = "#gpu.address_space<workgroup>";
     let (a_sh, b_sh) = (
-        format!("memref<{}xf16, {ws}>", bm * 16),
-        format!("memref<{}xf16, {ws}>", bn * 16),
+        format!("memref<{}x{ti}, {ws}>", bm * 16),
+        format!("memref<{}x{ti}, {ws}>", bn * 16),
     );
-    let (h16, f32t) = (dyn_memref("f16"), dyn_memref("f32"));
+    let (h16, f32t) = (dyn_memref(ti), dyn_memref("f32"));
     let nt = s.n_tiles as usize;
 
     let mut e = Emitter::new();
-    e.line("%h0 = arith.constant 0.0 : f16");
+    e.line(&format!("%h0 = arith.constant 0.0 : {ti}"));
     e.line("%zacc = arith.constant dense<0.0> : vector<2x2xf32>");
     e.line("%tid = gpu.thread_id x");
     e.line("%bx = gpu.block_id x");
@@ -176,12 +199,12 @@ pub fn conv2d_f16_mma(
         ConvLayout::Nhwc => (e.ic("divui", "%ea", 16), e.ic("remui", "%ea", 16)),
     };
     let (ok, addr) = emit_gather(&mut e, g, layout, &m0, &r, &c);
-    e.line(&format!("%va = scf.if {ok} -> f16 {{"));
+    e.line(&format!("%va = scf.if {ok} -> {ti} {{"));
     let v = e.fresh("xl");
     e.line(&format!("{v} = memref.load %X[{addr}] : {h16}"));
-    e.line(&format!("scf.yield {v} : f16"));
+    e.line(&format!("scf.yield {v} : {ti}"));
     e.line("} else {");
-    e.line("scf.yield %h0 : f16");
+    e.line(&format!("scf.yield %h0 : {ti}"));
     e.line("}");
     let si = e.ic("muli", &r, 16);
     let si = e.ii("addi", &si, &c);
@@ -197,14 +220,14 @@ pub fn conv2d_f16_mma(
     let okn = e.cmpc("ult", &gn, g.oc);
     let okk = e.cmpc("ult", &gk, k_total);
     let ok = e.and(&okn, &okk);
-    e.line(&format!("%vb = scf.if {ok} -> f16 {{"));
+    e.line(&format!("%vb = scf.if {ok} -> {ti} {{"));
     let wi = e.ic("muli", &gn, k_total);
     let wi = e.ii("addi", &wi, &gk);
     let v = e.fresh("wl");
     e.line(&format!("{v} = memref.load %W[{wi}] : {h16}"));
-    e.line(&format!("scf.yield {v} : f16"));
+    e.line(&format!("scf.yield {v} : {ti}"));
     e.line("} else {");
-    e.line("scf.yield %h0 : f16");
+    e.line(&format!("scf.yield %h0 : {ti}"));
     e.line("}");
     e.line(&format!("memref.store %vb, %Bs[%eb] : {b_sh}"));
     e.line("}");
@@ -221,11 +244,17 @@ pub fn conv2d_f16_mma(
             fa.push(v);
         }
     }
-    let a = e.fresh("afrag");
-    e.line(&format!(
-        "{a} = vector.from_elements {} : vector<4x2xf16>",
-        fa.join(", ")
-    ));
+    // f16: one vector<4x2xf16>; bf16: four i32 registers of two packed values each.
+    let a = if input == MmaInput::F16 {
+        let a = e.fresh("afrag");
+        e.line(&format!(
+            "{a} = vector.from_elements {} : vector<4x2xf16>",
+            fa.join(", ")
+        ));
+        a
+    } else {
+        pack_i32(&mut e, &fa).join(", ")
+    };
     let mut out = Vec::new();
     for j in 0..nt {
         // B fragment: [0] = (k 2t, 2t+1; n), [1] = (k 2t+8, 2t+9; n), n = 8j + g.
@@ -238,15 +267,50 @@ pub fn conv2d_f16_mma(
             e.line(&format!("{v} = memref.load %Bs[{i}] : {b_sh}"));
             fb.push(v);
         }
-        let b = e.fresh("bfrag");
-        e.line(&format!(
-            "{b} = vector.from_elements {} : vector<2x2xf16>",
-            fb.join(", ")
-        ));
-        let d = e.fresh("mma");
-        e.line(&format!(
-            "{d} = nvgpu.mma.sync({a}, {b}, %a{j}) {{mmaShape = [16, 8, 16]}} : (vector<4x2xf16>, vector<2x2xf16>, vector<2x2xf32>) -> vector<2x2xf32>"
-        ));
+        let d = if input == MmaInput::F16 {
+            let b = e.fresh("bfrag");
+            e.line(&format!(
+                "{b} = vector.from_elements {} : vector<2x2xf16>",
+                fb.join(", ")
+            ));
+            let d = e.fresh("mma");
+            e.line(&format!(
+                "{d} = nvgpu.mma.sync({a}, {b}, %a{j}) {{mmaShape = [16, 8, 16]}} : (vector<4x2xf16>, vector<2x2xf16>, vector<2x2xf32>) -> vector<2x2xf32>"
+            ));
+            d
+        } else {
+            let b = pack_i32(&mut e, &fb).join(", ");
+            let cs: Vec<String> = (0..4)
+                .map(|q| {
+                    let c = e.fresh("c");
+                    e.line(&format!(
+                        "{c} = vector.extract %a{j}[{}, {}] : f32 from vector<2x2xf32>",
+                        q / 2,
+                        q % 2
+                    ));
+                    c
+                })
+                .collect();
+            let st = "!llvm.struct<(f32, f32, f32, f32)>";
+            let r = e.fresh("mma");
+            e.line(&format!(
+                "{r} = nvvm.mma.sync A[{a}] B[{b}] C[{}] {{layoutA = #nvvm.mma_layout<row>, layoutB = #nvvm.mma_layout<col>, multiplicandAPtxType = #nvvm.mma_type<bf16>, multiplicandBPtxType = #nvvm.mma_type<bf16>, shape = #nvvm.shape<m = 16, n = 8, k = 16>}} : (i32, i32, f32) -> {st}",
+                cs.join(", ")
+            ));
+            let mut v = "%zacc".to_string();
+            for q in 0..4 {
+                let x = e.fresh("cx");
+                e.line(&format!("{x} = llvm.extractvalue {r}[{q}] : {st}"));
+                let nv = e.fresh("cv");
+                e.line(&format!(
+                    "{nv} = vector.insert {x}, {v} [{}, {}] : f32 into vector<2x2xf32>",
+                    q / 2,
+                    q % 2
+                ));
+                v = nv;
+            }
+            v
+        };
         out.push(d);
     }
     e.line("gpu.barrier");
@@ -294,11 +358,11 @@ pub fn conv2d_f16_mma(
     let mut params = vec![
         KernelParam::Buffer {
             name: "X".into(),
-            elem: Elem::F16,
+            elem: input.elem(),
         },
         KernelParam::Buffer {
             name: "W".into(),
-            elem: Elem::F16,
+            elem: input.elem(),
         },
     ];
     if epi.bias {
@@ -321,8 +385,31 @@ pub fn conv2d_f16_mma(
         params,
         block: [threads as u32, 1, 1],
         shared_bytes: s.shared_bytes(),
-        requires: vec!["mma.sync.f16".into()],
+        requires: vec![input.feature().into()],
     })
+}
+
+/// Packs pairs of 16-bit values (`vals[2i]`, `vals[2i+1]`) into `i32` registers (the low
+/// half first, as `mma.sync` reads them).
+fn pack_i32(e: &mut Emitter, vals: &[String]) -> Vec<String> {
+    vals.chunks(2)
+        .map(|p| {
+            let v = e.fresh("pk");
+            e.line(&format!(
+                "{v} = vector.from_elements {}, {} : vector<2xbf16>",
+                p[0], p[1]
+            ));
+            let b = e.fresh("pb");
+            e.line(&format!(
+                "{b} = vector.bitcast {v} : vector<2xbf16> to vector<1xi32>"
+            ));
+            let r = e.fresh("pr");
+            e.line(&format!(
+                "{r} = vector.extract {b}[0] : i32 from vector<1xi32>"
+            ));
+            r
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -359,5 +446,34 @@ mod tests {
         assert!(ptx
             .text
             .contains("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"));
+        let k = conv2d_mma(
+            "cmb",
+            &g,
+            ConvLayout::Nchw,
+            Epilogue {
+                bias: true,
+                residual: true,
+                relu: true,
+            },
+            &s,
+            sku,
+            MmaInput::BF16,
+        )
+        .unwrap();
+        assert_eq!(k.requires, ["mma.sync.bf16"]);
+        let ptx = crate::gpu::compile_kernel(&k, sku).unwrap();
+        assert!(ptx
+            .text
+            .contains("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"));
+        assert!(conv2d_mma(
+            "t",
+            &g,
+            ConvLayout::Nchw,
+            Epilogue::default(),
+            &s,
+            sku,
+            MmaInput::TF32
+        )
+        .is_err());
     }
 }

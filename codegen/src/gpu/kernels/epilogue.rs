@@ -5,13 +5,13 @@
 //! y = alpha · acc
 //! y = y + bias[col]                        if bias
 //! y = y + beta · R[row, col]               if residual == BeforeActivation
-//! y = act(y)                               relu | gelu-tanh | sigmoid | silu
+//! y = act(y)                               relu | gelu-tanh | sigmoid | silu | tanh
 //! y = y + beta · R[row, col]               if residual == AfterActivation
 //! ```
 //!
 //! `alpha` and `beta` are runtime `f32` kernel parameters; `bias` is an `f32` buffer of `N`
 //! values (per output column); the residual `R` has the output's shape, element type and
-//! batch stride. The activations use `math.exp` only (sigmoid = 1 / (1 + e^-x),
+//! batch stride. The activations use `math.exp` (and `math.tanh` for tanh) only (sigmoid = 1 / (1 + e^-x),
 //! gelu-tanh(x) = x · sigmoid(2·√(2/π)·(x + 0.044715·x³)), which equals
 //! `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`).
 
@@ -31,16 +31,19 @@ pub enum Activation {
     Sigmoid,
     /// `x · sigmoid(x)` (swish).
     Silu,
+    /// Hyperbolic tangent (`math.tanh`, libdevice).
+    Tanh,
 }
 
 impl Activation {
     /// Every activation (for tests and tuning spaces).
-    pub const ALL: [Activation; 5] = [
+    pub const ALL: [Activation; 6] = [
         Activation::None,
         Activation::Relu,
         Activation::GeluTanh,
         Activation::Sigmoid,
         Activation::Silu,
+        Activation::Tanh,
     ];
 
     /// The activation on the CPU (the reference the kernels are tested against).
@@ -52,6 +55,7 @@ impl Activation {
             Activation::GeluTanh => x * sig(2.0 * GELU_C * (x + 0.044715 * x * x * x)),
             Activation::Sigmoid => sig(x),
             Activation::Silu => x * sig(x),
+            Activation::Tanh => x.tanh(),
         }
     }
 }
@@ -105,6 +109,7 @@ impl Epilogue {
             Activation::GeluTanh => "gelu",
             Activation::Sigmoid => "sigmoid",
             Activation::Silu => "silu",
+            Activation::Tanh => "tanh",
         };
         match self.residual {
             Residual::None => parts.push(act),
@@ -160,6 +165,10 @@ pub fn emit_activation(w: &mut String, act: Activation, x: &str, p: &str) -> Str
             format!("%{p}_r")
         }
         Activation::Sigmoid => sigmoid(x, &mut line),
+        Activation::Tanh => {
+            line(format!("%{p}_r = math.tanh {x} : f32"));
+            format!("%{p}_r")
+        }
         Activation::Silu => {
             let s = sigmoid(x, &mut line);
             line(format!("%{p}_r = arith.mulf {x}, {s} : f32"));
@@ -213,6 +222,7 @@ mod tests {
             assert!((Activation::GeluTanh.apply(x) - 0.5 * x * (1.0 + t)).abs() < 1e-6);
             assert!((Activation::Sigmoid.apply(x) - 1.0 / (1.0 + (-x).exp())).abs() < 1e-7);
             assert_eq!(Activation::Relu.apply(x), x.max(0.0));
+            assert_eq!(Activation::Tanh.apply(x), x.tanh());
         }
     }
 

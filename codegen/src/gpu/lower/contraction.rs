@@ -8,8 +8,12 @@
 //!   output buffer; Gemm's `alpha`, `beta · C` and the fused elementwise nodes then run as a
 //!   generic elementwise kernel over that buffer, in place.
 //! * At `--precision tf32|f16|bf16` the same GEMMs run on tensor cores ([`tensor_core`]),
-//!   with a lone per-column bias in the kernel's epilogue; shapes they cannot take keep the
-//!   f32 GEMM and are recorded in [`GpuLowering::tensor_core_fallbacks`].
+//!   with the whole fused epilogue in the kernel's [`Epilogue`] when it can express it
+//!   (`fused_epilogue`: Gemm's `alpha`/`beta · C`, a constant scalar scale, a per-column
+//!   bias, a residual before or after one Relu / Sigmoid / tanh-Gelu / SiLU; recorded in
+//!   [`GpuLowering::fused_epilogues`]), otherwise the in-place epilogue kernel after it; shapes
+//!   they cannot take keep the f32 GEMM and are recorded in
+//!   [`GpuLowering::tensor_core_fallbacks`].
 //! * Everything else (transposed `A`, the result not landing in an output buffer, the
 //!   generic-only mode) is one generic kernel: one thread per output element, a dot product
 //!   over `K` and the epilogue inline.
@@ -20,24 +24,31 @@
 //!   fused nodes are exactly `[+ residual][relu]` (a residual of the output's shape read from
 //!   a kernel input, only the last value an output) they run inside the conv kernel with the
 //!   bias; any other epilogue runs as a generic elementwise kernel over the conv's result,
-//!   in place (as for the GEMM).
+//!   in place (as for the GEMM). At `--precision f16|bf16` a groups = 1 conv runs on tensor
+//!   cores instead ([`conv2d_mma`]: `X` cast into the scratch region, constant weights
+//!   converted at compile time, same epilogue; [`GpuLowering::tensor_core_convs`]); tf32 and
+//!   refusals keep the f32 kernel
+//!   ([`GpuLowering::tensor_core_conv_fallbacks`]).
 //! * Other Convs (any group, stride, dilation, padding; the generic-only mode) are one
 //!   generic kernel: one thread per output element, a direct loop over input channels and
 //!   taps, then bias and epilogue.
 
 use super::elementwise::{emit_nodes, store_outputs};
 use super::generic::{row_major, Gen, GenKernel};
-use super::precision::Precision;
+use super::precision::{self, Precision};
 use super::tensor_core::{self, GemmCall, GemmSpec};
 use super::window::{open_acc, tap_offset};
 use super::HostKernel;
 use super::{node_input, shape_of, GpuLowering, Launch, LaunchArg, LowerOptions, Operand};
 use crate::cpu::lower::conv::Window2;
 use crate::cpu::lower::Ty;
-use crate::gpu::kernels::conv::{conv2d, ConvGeom, ConvLayout, Epilogue, GpuConvSchedule};
+use crate::gpu::kernels::conv::{self as kconv, conv2d, ConvGeom, ConvLayout, GpuConvSchedule};
+use crate::gpu::kernels::conv_mma::{conv2d_mma, ConvMmaSchedule};
 use crate::gpu::kernels::depthwise;
+use crate::gpu::kernels::epilogue::{Activation, Epilogue, Residual};
 use crate::gpu::kernels::gemm::{gemm_f32, GpuGemmSchedule};
-use kiln_ir::ops::elementwise::{BinaryKind, ElementwiseOp, UnaryKind};
+use crate::gpu::kernels::gemm_mma::MmaInput;
+use kiln_ir::ops::elementwise::{BinaryKind, ElementwiseOp, GeluApprox, UnaryKind};
 use kiln_ir::ops::linalg::{Gemm, LinalgOp};
 use kiln_ir::ops::nn::NnOp;
 use kiln_ir::{DType, Graph, Op, Tensor, ValueId};
@@ -366,9 +377,8 @@ fn special(
         }
     }
     let mut tensor_core = false;
-    // A lone per-column bias (MatMul + Add of a constant [N], or Gemm's C of [N] with
-    // alpha = beta = 1) runs in the tensor-core kernel's epilogue.
-    let bias_fused = fused_bias(g, k, mm, epi, n);
+    // The epilogue the tensor-core kernel runs (with `fuse_epilogues` off: a lone bias only).
+    let fused = fused_epilogue(g, k, mm, epi).filter(|f| opts.fuse_epilogues || f.bias_only());
     if opts.precision != Precision::F32 {
         match &opts.sku {
             None => out
@@ -390,15 +400,22 @@ fn special(
                     b_transposed: tb,
                     n,
                     k: kk,
-                    target: bias_fused.map_or(target, |f| f.1),
+                    target: fused.map_or(target, |f| f.output),
                     calls: &gc,
-                    bias: bias_fused.map(|f| f.0),
+                    epi: fused.map_or(Epilogue::none(), |f| f.epi),
+                    alpha: fused.map_or(1.0, |f| f.alpha),
+                    beta: fused.map_or(1.0, |f| f.beta),
+                    bias: fused.and_then(|f| f.bias),
+                    residual: fused.and_then(|f| f.residual),
                 };
                 match tensor_core::lower(g, index, &spec, opts.precision, sku, out) {
                     Ok(()) => tensor_core = true,
                     Err(e) => out.tensor_core_fallbacks.push((index, e)),
                 }
-                if tensor_core && bias_fused.is_some() {
+                if let (true, Some(f)) = (tensor_core, fused) {
+                    if !f.bias_only() {
+                        out.fused_epilogues.push((index, f.epi.tag()));
+                    }
                     return Ok(true);
                 }
             }
@@ -482,46 +499,157 @@ fn special(
     Ok(true)
 }
 
-/// `(bias, output)` when the whole epilogue is one per-column bias the tensor-core kernels
-/// fuse: `MatMul` (or a plain Gemm) + `Add(y, b)` with `b` an f32 `[N]` value and the sum the
-/// kernel's only output, or a Gemm with `alpha = beta = 1`, `C` an f32 `[N]` and no
-/// epilogue.
-fn fused_bias(
+/// A contraction epilogue the tensor-core GEMMs run in their kernel (see [`Epilogue`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct FusedEpilogue {
+    /// What the kernel applies.
+    epi: Epilogue,
+    /// `alpha` (Gemm's `alpha` times constant scalar factors).
+    alpha: f32,
+    /// `beta` (Gemm's `beta` for a full-shape `C`, else 1).
+    beta: f32,
+    /// The per-column bias `[N]`.
+    bias: Option<ValueId>,
+    /// The residual of the output's shape.
+    residual: Option<ValueId>,
+    /// The value the kernel writes (the kernel's only output).
+    output: ValueId,
+    /// Fused nodes it covers.
+    nodes: usize,
+}
+
+impl FusedEpilogue {
+    /// Whether it is at most a lone per-column bias (Gemm's `C` or one `Add`), which the
+    /// tensor-core path fused before the other epilogues (no launch saved over that).
+    fn bias_only(&self) -> bool {
+        self.alpha == 1.0
+            && self.epi.activation == Activation::None
+            && !self.epi.has_residual()
+            && self.nodes <= 1
+    }
+}
+
+/// The epilogue of the contraction as the tensor-core GEMMs' [`Epilogue`], when the kernel
+/// can express all of it: Gemm's `alpha` and `beta · C` (`C` an `[N]` bias with `beta = 1`,
+/// or of the output's shape as a residual), then the fused nodes as one chain over the
+/// contraction result: `· s` / `/ s` by a constant scalar (before anything else, into
+/// `alpha`), `+ b` with `b` an f32 `[N]` (before the activation), `+ R` with `R` an f32 kernel
+/// input of the output's shape (before or after the activation), one activation (Relu,
+/// Sigmoid, Tanh, tanh-approximated Gelu, or `x · Sigmoid(x)` = SiLU), the chain's last value the
+/// kernel's only output. `None` otherwise (the epilogue then runs as an in-place launch).
+fn fused_epilogue(
     g: &Graph,
     k: &fusion::Kernel,
     mm: &MatMul,
     epi: &[usize],
-    n: usize,
-) -> Option<(ValueId, ValueId)> {
-    let is_bias =
-        |v: ValueId| shape_of(g, v).is_ok_and(|s| s == [n]) && g.values[v].fact.dtype == DType::F32;
-    match (&mm.gemm, epi) {
-        (Some(gm), []) => {
-            let c = mm.c?;
-            (gm.alpha == 1.0 && gm.beta == 1.0 && is_bias(c) && k.outputs == [mm.y])
-                .then_some((c, mm.y))
-        }
-        (gm, [e]) => {
-            if gm
-                .as_ref()
-                .is_some_and(|gm| gm.alpha != 1.0 || (mm.c.is_some() && gm.beta != 0.0))
-            {
+) -> Option<FusedEpilogue> {
+    let n = mm.n;
+    let is_f32 = |v: ValueId, shape: &[usize]| {
+        g.values[v].fact.dtype == DType::F32 && shape_of(g, v).is_ok_and(|s| s == shape)
+    };
+    let operand = |v: ValueId| v == mm.a || v == mm.b;
+    let mut f = FusedEpilogue {
+        epi: Epilogue::none(),
+        alpha: 1.0,
+        beta: 1.0,
+        bias: None,
+        residual: None,
+        output: mm.y,
+        nodes: epi.len(),
+    };
+    if let Some(gm) = &mm.gemm {
+        f.alpha = gm.alpha;
+        if let (Some(c), true) = (mm.c, gm.beta != 0.0) {
+            if is_f32(c, &[n]) && gm.beta == 1.0 {
+                (f.epi.bias, f.bias) = (true, Some(c));
+            } else if is_f32(c, &mm.ys) && !operand(c) {
+                (f.epi.residual, f.residual, f.beta) =
+                    (Residual::BeforeActivation, Some(c), gm.beta);
+            } else {
                 return None;
             }
-            let node = &g.nodes[*e];
-            let ins: Vec<ValueId> = node.inputs.iter().flatten().copied().collect();
-            let o = node.outputs[0];
-            let Op::Elementwise(ElementwiseOp::Binary(BinaryKind::Add)) = node.op else {
-                return None;
-            };
-            let b = match ins[..] {
-                [x, b] | [b, x] if x == mm.y && b != mm.y => b,
-                _ => return None,
-            };
-            (is_bias(b) && k.outputs == [o] && shape_of(g, o).ok()? == mm.ys).then_some((b, o))
         }
-        _ => None,
     }
+    let scalar = |v: ValueId| -> Option<f32> {
+        let t = g.const_value(v)?;
+        (g.values[v].fact.dtype == DType::F32 && t.len() == 1).then(|| t.to_f64_vec()[0] as f32)
+    };
+    let mut cur = mm.y;
+    let mut i = 0;
+    while i < epi.len() {
+        let node = &g.nodes[epi[i]];
+        let ins: Vec<ValueId> = node.inputs.iter().flatten().copied().collect();
+        // The other operand of a binary node over `cur`.
+        let other = match ins[..] {
+            [x, o] | [o, x] if x == cur && o != cur => Some(o),
+            _ => None,
+        };
+        let plain = !f.epi.bias && !f.epi.has_residual();
+        let no_act = f.epi.activation == Activation::None;
+        let mut next = node.outputs[0];
+        match (&node.op, other) {
+            (Op::Elementwise(ElementwiseOp::Binary(BinaryKind::Add)), Some(o)) if !operand(o) => {
+                if !f.epi.bias && no_act && is_f32(o, &[n]) {
+                    (f.epi.bias, f.bias) = (true, Some(o));
+                } else if !f.epi.has_residual() && is_f32(o, &mm.ys) && k.inputs.contains(&o) {
+                    f.epi.residual = if no_act {
+                        Residual::BeforeActivation
+                    } else {
+                        Residual::AfterActivation
+                    };
+                    f.residual = Some(o);
+                } else {
+                    return None;
+                }
+            }
+            (Op::Elementwise(ElementwiseOp::Binary(BinaryKind::Mul)), Some(o))
+                if plain && no_act =>
+            {
+                f.alpha *= scalar(o)?;
+            }
+            (Op::Elementwise(ElementwiseOp::Binary(BinaryKind::Div)), Some(o))
+                if plain && no_act && ins[0] == cur =>
+            {
+                f.alpha /= scalar(o)?;
+            }
+            (Op::Elementwise(ElementwiseOp::Unary(u)), None) if no_act && ins == [cur] => {
+                f.epi.activation = match u {
+                    UnaryKind::Relu => Activation::Relu,
+                    UnaryKind::Tanh => Activation::Tanh,
+                    UnaryKind::Gelu {
+                        approximate: GeluApprox::Tanh,
+                    } => Activation::GeluTanh,
+                    UnaryKind::Sigmoid => {
+                        // `x · Sigmoid(x)`: SiLU.
+                        let silu = epi.get(i + 1).and_then(|&m| {
+                            let mn = &g.nodes[m];
+                            let mi: Vec<ValueId> = mn.inputs.iter().flatten().copied().collect();
+                            let s = node.outputs[0];
+                            (matches!(
+                                mn.op,
+                                Op::Elementwise(ElementwiseOp::Binary(BinaryKind::Mul))
+                            ) && (mi == [cur, s] || mi == [s, cur]))
+                            .then_some(mn.outputs[0])
+                        });
+                        match silu {
+                            Some(o) => {
+                                next = o;
+                                i += 1;
+                                Activation::Silu
+                            }
+                            None => Activation::Sigmoid,
+                        }
+                    }
+                    _ => return None,
+                };
+            }
+            _ => return None,
+        }
+        cur = next;
+        i += 1;
+    }
+    f.output = cur;
+    (k.outputs == [cur] && is_f32(cur, &mm.ys)).then_some(f)
 }
 
 /// The specialized conv path (see the module doc); `Ok(false)` if it does not apply.
@@ -636,7 +764,7 @@ fn special_conv(
     let (target, ep) = if fused {
         (
             cur,
-            Epilogue {
+            kconv::Epilogue {
                 bias: bias.is_some(),
                 residual: residual.is_some(),
                 relu,
@@ -653,9 +781,9 @@ fn special_conv(
         } else {
             return Ok(false);
         };
-        let ep = Epilogue {
+        let ep = kconv::Epilogue {
             bias: bias.is_some(),
-            ..Epilogue::default()
+            ..kconv::Epilogue::default()
         };
         (target, ep)
     };
@@ -664,7 +792,37 @@ fn special_conv(
     } else {
         format!("{name}_conv")
     };
-    let (kern, grid, block, host) = if depthwise {
+    // At f16 / bf16 a groups = 1 conv on tensor cores (inputs converted first).
+    let tc = match opts.precision.mma_input() {
+        _ if depthwise => None,
+        None => None,
+        Some(MmaInput::TF32) => {
+            out.tensor_core_conv_fallbacks.push((
+                index,
+                "the tensor-core conv takes f16 or bf16, not tf32".into(),
+            ));
+            None
+        }
+        Some(input) => match conv_tc(g, index, &kname, (x, w), &geom, ep, sku, input) {
+            Ok(tc) => Some(tc),
+            Err(e) => {
+                out.tensor_core_conv_fallbacks.push((index, e));
+                None
+            }
+        },
+    };
+    let (kern, grid, block, host) = if let Some(tc) = &tc {
+        (
+            tc.kernel.clone(),
+            tc.grid,
+            tc.block,
+            HostKernel::ConvMma {
+                geom,
+                epi: ep,
+                input: tc.input,
+            },
+        )
+    } else if depthwise {
         let Ok(kern) = depthwise::depthwise_conv2d(&kname, &geom, ep) else {
             return Ok(false);
         };
@@ -691,7 +849,38 @@ fn special_conv(
             elem_bytes: 4,
         })
     };
-    let mut args = vec![buf(x)?, buf(w)?];
+    let mut args = match &tc {
+        Some(tc) => tc
+            .operands
+            .iter()
+            .map(|a| match a {
+                LaunchArg::Buf {
+                    operand: Operand::Const(usize::MAX),
+                    offset,
+                    len,
+                    elem_bytes,
+                } => LaunchArg::Buf {
+                    operand: Operand::Const(out.consts.len()),
+                    offset: *offset,
+                    len: *len,
+                    elem_bytes: *elem_bytes,
+                },
+                a => a.clone(),
+            })
+            .collect(),
+        None => vec![buf(x)?, buf(w)?],
+    };
+    if let Some(tc) = tc {
+        out.consts.extend(tc.consts);
+        out.scratch_bytes = out.scratch_bytes.max(tc.scratch);
+        for (l, k) in tc.casts {
+            if !out.host.iter().any(|(n, _)| *n == k.name) {
+                out.host.push((k.name.clone(), HostKernel::Cast(tc.input)));
+            }
+            out.push_special(l, k)?;
+        }
+        out.tensor_core_convs.push(index);
+    }
     if let Some(b) = bias {
         args.push(buf(b)?);
     }
@@ -732,6 +921,104 @@ fn special_conv(
         out.push_generic(index, gk, opts.max_blocks)?;
     }
     Ok(true)
+}
+
+/// A conv on tensor cores ([`conv2d_mma`]) and what it needs first.
+struct TcConv {
+    /// The input type.
+    input: MmaInput,
+    kernel: crate::gpu::GpuKernel,
+    grid: [u32; 3],
+    block: [u32; 3],
+    /// The 16-bit `X` and `W` arguments.
+    operands: Vec<LaunchArg>,
+    /// Cast launches of `X` (and a non-constant `W`) into the scratch region.
+    casts: Vec<(Launch, crate::gpu::GpuKernel)>,
+    /// Scratch bytes the casts use.
+    scratch: u64,
+    /// The 16-bit weights when they are a constant (to append to [`GpuLowering::consts`]; the
+    /// operand refers to the next free index).
+    consts: Vec<(String, Tensor)>,
+}
+
+/// The tensor-core conv `name` for `geom` (NCHW) with epilogue `ep` on `input` (f16 or bf16):
+/// `X` converted by a cast launch into the scratch region, constant weights converted at
+/// compile time (a non-constant `W` cast like `X`). `Err` with the reason when the SKU or the
+/// schedule does not allow it. Nothing is pushed to the lowering here (see the caller).
+#[allow(clippy::too_many_arguments)]
+fn conv_tc(
+    g: &Graph,
+    index: usize,
+    name: &str,
+    (x, w): (ValueId, ValueId),
+    geom: &ConvGeom,
+    ep: kconv::Epilogue,
+    sku: &crate::gpu::Sku,
+    input: MmaInput,
+) -> Result<TcConv, String> {
+    if !sku.has(input.feature()) {
+        return Err(format!("{} has no {}", sku.name, input.feature()));
+    }
+    let sched = ConvMmaSchedule::default();
+    let kernel = conv2d_mma(name, geom, ConvLayout::Nchw, ep, &sched, sku, input)
+        .map_err(|e| e.to_string())?;
+    let (grid, block) = sched.launch(geom).map_err(|e| e.to_string())?;
+    let numel = |v: ValueId| -> Result<u64, String> {
+        Ok(shape_of(g, v)?.iter().product::<usize>() as u64)
+    };
+    let f16 = |operand: Operand, len: u64| LaunchArg::Buf {
+        operand,
+        offset: 0,
+        len,
+        elem_bytes: 2,
+    };
+    let (nx, nw) = (numel(x)?, numel(w)?);
+    let mut casts = vec![precision::cast_launch(
+        index,
+        Operand::Value(x),
+        nx,
+        0,
+        input,
+        sku,
+    )];
+    let mut scratch = (nx * 2).div_ceil(64) * 64;
+    let mut consts = Vec::new();
+    let w_op = match g.const_value(w) {
+        Some(t) => {
+            let v: Vec<f32> = t.to_f64_vec().iter().map(|&v| v as f32).collect();
+            let dt = if input == MmaInput::BF16 {
+                DType::BF16
+            } else {
+                DType::F16
+            };
+            let t = Tensor::from_vec(&shape_of(g, w)?, v).cast(dt);
+            consts.push((format!("{}_{}", g.values[w].name, input.mlir()), t));
+            Operand::Const(usize::MAX)
+        }
+        None => {
+            casts.push(precision::cast_launch(
+                index,
+                Operand::Value(w),
+                nw,
+                scratch,
+                input,
+                sku,
+            ));
+            let at = scratch;
+            scratch += (nw * 2).div_ceil(64) * 64;
+            Operand::Scratch(at)
+        }
+    };
+    Ok(TcConv {
+        input,
+        kernel,
+        grid,
+        block,
+        operands: vec![f16(Operand::Scratch(0), nx), f16(w_op, nw)],
+        casts,
+        scratch,
+        consts,
+    })
 }
 
 /// A 2-D Conv with bias and epilogue as one generic kernel.

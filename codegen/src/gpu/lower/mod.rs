@@ -13,7 +13,10 @@
 //!   [`kernels::depthwise::depthwise_conv2d`] (bias, residual add and relu fused, other
 //!   epilogues in place after it, [`contraction`]); a lone last-axis `LayerNormalization` →
 //!   [`kernels::norm::layer_norm`], a lone last-axis `ReduceSum`/`Mean`/`Max` →
-//!   [`kernels::reduce::reduce_rows`] ([`reduction`]);
+//!   [`kernels::reduce::reduce_rows`] ([`reduction`]); at a tensor-core [`Precision`]
+//!   MatMul/Gemm on the tensor-core GEMMs with their epilogue fused where the kernel can
+//!   express it ([`tensor_core`]), and at f16/bf16 groups = 1 convs on
+//!   [`kernels::conv_mma::conv2d_mma`];
 //! * the **generic path** ([`generic`]: one thread per output element, grid-stride loop,
 //!   index arithmetic on static shapes) for everything else: `Elementwise` kernels
 //!   ([`elementwise`]), data movement (Transpose/Split/Slice/Concat/Gather/copies,
@@ -140,6 +143,10 @@ pub struct LowerOptions {
     pub sku: Option<Sku>,
     /// What MatMul/Gemm compute on (tensor cores for everything but f32, see [`precision`]).
     pub precision: Precision,
+    /// Fuse a contraction's epilogue (activation, residual, scale) into its tensor-core GEMM
+    /// where the kernel's epilogue can express it; off, only a lone bias is fused and the
+    /// rest runs as an in-place launch (for comparisons).
+    pub fuse_epilogues: bool,
 }
 
 impl LowerOptions {
@@ -150,6 +157,7 @@ impl LowerOptions {
             max_blocks: sku.sm_count.saturating_mul(32).max(1),
             sku: Some(sku.clone()),
             precision: Precision::F32,
+            fuse_epilogues: true,
         }
     }
 }
@@ -179,6 +187,15 @@ pub struct GpuLowering {
     pub tensor_core_fallbacks: Vec<(usize, String)>,
     /// The attention patterns of the partition ([`attention::find_patterns`]).
     pub attention: Vec<attention::AttentionPattern>,
+    /// Partition kernels whose whole epilogue (more than a lone bias) runs inside their
+    /// tensor-core GEMM, with the epilogue's tag: each saves the in-place epilogue launch.
+    pub fused_epilogues: Vec<(usize, String)>,
+    /// Partition kernels whose Conv runs on tensor cores ([`LowerOptions::precision`] f16 or
+    /// bf16).
+    pub tensor_core_convs: Vec<usize>,
+    /// Partition kernels whose (non-depthwise) Conv stays on the f32 kernel at a tensor-core
+    /// precision, with the reason.
+    pub tensor_core_conv_fallbacks: Vec<(usize, String)>,
 }
 
 /// What a specialized op kernel computes, for running a plan on the host (conv buffer
@@ -209,9 +226,20 @@ pub enum HostKernel {
     Attention(attention::RowAttention),
     /// [`attention::copy_kernel`]: `X, Y`, scalar `n`.
     Copy,
-    /// A tensor-core GEMM ([`tensor_core`]): `A, B, C (f32)[, bias]`, scalars `M, N, K, sA,
-    /// sB, sC` (wgmma: `M, N, K`), `alpha`; `grid.z` matrices; `C = alpha·A·B [+ bias[col]]`.
-    Gemm(kernels::gemm_mma::MmaInput),
+    /// A tensor-core GEMM ([`tensor_core`]): `A, B, C (f32)[, bias][, R]`, scalars `M, N, K,
+    /// sA, sB, sC` (wgmma: `M, N, K`), `alpha[, beta]`; `grid.z` matrices;
+    /// `C = epilogue(A·B)` ([`kernels::epilogue::Epilogue::apply`]).
+    Gemm(kernels::gemm_mma::MmaInput, kernels::epilogue::Epilogue),
+    /// [`kernels::conv_mma::conv2d_mma`] in NCHW: `X, W` (f16 or bf16)`[, bias][, residual],
+    /// Y (f32)`, f32 accumulation.
+    ConvMma {
+        /// The geometry.
+        geom: kernels::conv::ConvGeom,
+        /// The fused epilogue.
+        epi: kernels::conv::Epilogue,
+        /// The input type of `X` and `W`.
+        input: kernels::gemm_mma::MmaInput,
+    },
 }
 
 impl GpuLowering {

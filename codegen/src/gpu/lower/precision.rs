@@ -119,6 +119,53 @@ pub fn cast_kernel(to: MmaInput) -> GpuKernel {
     }
 }
 
+/// The launch of [`cast_kernel`] converting `len` f32 elements of `src` into the scratch
+/// region at byte offset `at` (grid-stride, at most 8 blocks per SM), for partition kernel
+/// `index`; the kernel is returned with it.
+pub(crate) fn cast_launch(
+    index: usize,
+    src: super::Operand,
+    len: u64,
+    at: u64,
+    to: MmaInput,
+    sku: &crate::gpu::Sku,
+) -> (super::Launch, GpuKernel) {
+    use super::{Launch, LaunchArg, Operand};
+    let k = cast_kernel(to);
+    let l = Launch {
+        index,
+        kernel: k.name.clone(),
+        args: vec![
+            LaunchArg::Buf {
+                operand: src,
+                offset: 0,
+                len,
+                elem_bytes: 4,
+            },
+            LaunchArg::Buf {
+                operand: Operand::Scratch(at),
+                offset: 0,
+                len,
+                elem_bytes: u64::from(to.bytes()),
+            },
+            LaunchArg::Index(len as i64),
+        ],
+        grid: [
+            crate::gpu::kernels::blocks_for(
+                len,
+                u64::from(CAST_BLOCK),
+                u64::from(sku.sm_count) * 8,
+            ),
+            1,
+            1,
+        ],
+        block: k.block,
+        shared_bytes: 0,
+        generic: false,
+    };
+    (l, k)
+}
+
 /// An f32 value as the tensor cores see an input of type `input` (tf32: the low 13 mantissa
 /// bits dropped; f16/bf16: rounded to nearest even, as the cast kernel and the compile-time
 /// weight conversion do).

@@ -1,6 +1,9 @@
 //! MatMul/Gemm on tensor cores at a [`Precision`] other than f32: the GEMM of
-//! [`gemm_select::select`] with no fused epilogue (f32 accumulation, f32 output into the
-//! contraction's buffer, so the in-place epilogue kernel that follows is the f32 path's).
+//! [`gemm_select::select`] with f32 accumulation and an f32 output. The contraction's fusion
+//! group runs in the kernel's [`Epilogue`] when it can express it ([`GemmSpec::epi`]: `alpha`,
+//! bias, residual before / after one activation, matched by
+//! [`super::contraction`]); otherwise the kernel writes the product and the f32 path's
+//! in-place epilogue kernel follows.
 //!
 //! * tf32: the kernel reads the f32 activations directly (the tensor cores drop their low
 //!   13 mantissa bits); a constant `B` is rounded to nearest tf32 at compile time (and stored
@@ -19,10 +22,10 @@
 use super::precision::{self, Precision};
 use super::{shape_of, GpuLowering, HostKernel, Launch, LaunchArg, Operand};
 use crate::gpu::kernels::epilogue::Epilogue;
+use crate::gpu::kernels::gemm_mma::MmaGemm;
 use crate::gpu::kernels::gemm_mma::{gemm_mma, kernel_name, MmaInput, MmaOutput, MmaSchedule};
 use crate::gpu::kernels::gemm_select::{select, GemmProblem, TensorCoreGemm};
 use crate::gpu::kernels::gemm_wgmma::{gemm_wgmma, TensorMapSpec, WgmmaGemm};
-use crate::gpu::kernels::{self, gemm_mma::MmaGemm};
 use crate::gpu::Sku;
 use kiln_ir::{DType, Graph, Tensor, ValueId};
 
@@ -55,8 +58,17 @@ pub(crate) struct GemmSpec<'a> {
     pub target: ValueId,
     /// The launches of the f32 path, one per matrix (or one with the batch folded into M).
     pub calls: &'a [GemmCall],
-    /// A per-column f32 bias `[N]` added in the kernel's epilogue.
+    /// The fused epilogue (applied in the kernel, see [`Epilogue`]).
+    pub epi: Epilogue,
+    /// `alpha` of the epilogue.
+    pub alpha: f32,
+    /// `beta` of the epilogue (scales the residual).
+    pub beta: f32,
+    /// The per-column f32 bias `[N]` (when `epi.bias`).
     pub bias: Option<ValueId>,
+    /// The f32 residual of the output's shape (when `epi` has one), read at the output's
+    /// offsets.
+    pub residual: Option<ValueId>,
 }
 
 fn align64(v: u64) -> u64 {
@@ -123,10 +135,10 @@ pub(crate) fn lower(
         input,
         output: MmaOutput::F32,
     };
-    let epi = Epilogue {
-        bias: spec.bias.is_some(),
-        ..Epilogue::none()
-    };
+    let epi = spec.epi;
+    if epi.bias != spec.bias.is_some() || epi.has_residual() != spec.residual.is_some() {
+        return Err("epilogue buffers do not match the epilogue".into());
+    }
     // `select`'s choice; where its default tile does not fit the SKU (tf32 on sm_89: 104
     // KiB of shared memory) the 64×64 tile. The wgmma kernel's TMA boxes need 16-byte
     // aligned matrix starts.
@@ -183,39 +195,14 @@ pub(crate) fn lower(
     let mut scratch = 0u64;
     let cast = |src: ValueId, at: u64| -> Result<(Launch, crate::gpu::GpuKernel), String> {
         let len = numel(g, src)?;
-        let k = precision::cast_kernel(input);
-        let l = Launch {
+        Ok(precision::cast_launch(
             index,
-            kernel: k.name.clone(),
-            args: vec![
-                LaunchArg::Buf {
-                    operand: Operand::Value(src),
-                    offset: 0,
-                    len,
-                    elem_bytes: 4,
-                },
-                LaunchArg::Buf {
-                    operand: Operand::Scratch(at),
-                    offset: 0,
-                    len,
-                    elem_bytes: eb,
-                },
-                LaunchArg::Index(len as i64),
-            ],
-            grid: [
-                kernels::blocks_for(
-                    len,
-                    u64::from(precision::CAST_BLOCK),
-                    u64::from(sku.sm_count) * 8,
-                ),
-                1,
-                1,
-            ],
-            block: k.block,
-            shared_bytes: 0,
-            generic: false,
-        };
-        Ok((l, k))
+            Operand::Value(src),
+            len,
+            at,
+            input,
+            sku,
+        ))
     };
     let a_op = if input == MmaInput::TF32 {
         Operand::Value(spec.a)
@@ -277,7 +264,7 @@ pub(crate) fn lower(
         Chosen::Wgmma(g) => (g.kernel.clone(), g.kernel.name.clone()),
     };
     if !out.host.iter().any(|(n, _)| *n == host_name) {
-        out.host.push((host_name, HostKernel::Gemm(input)));
+        out.host.push((host_name, HostKernel::Gemm(input, epi)));
     }
     for (c, nb, sa, sb) in launches {
         let buf = |operand: Operand, offset: u64, len: u64, elem_bytes: u64| LaunchArg::Buf {
@@ -309,12 +296,17 @@ pub(crate) fn lower(
                 ]
                 .into_iter()
                 .chain(spec.bias.map(|b| buf(Operand::Value(b), 0, nn, 4)))
+                .chain(
+                    spec.residual
+                        .map(|r| buf(Operand::Value(r), c.y_off, rows * nn, 4)),
+                )
                 .chain([
                     LaunchArg::Index(rows as i64),
                     LaunchArg::Index(nn as i64),
                     LaunchArg::Index(kk as i64),
-                    LaunchArg::F32(1.0),
+                    LaunchArg::F32(spec.alpha),
                 ])
+                .chain(spec.residual.map(|_| LaunchArg::F32(spec.beta)))
                 .collect(),
                 grid: w.schedule.grid(rows, nn),
                 block: gk.block,
@@ -337,6 +329,10 @@ pub(crate) fn lower(
             ]
             .into_iter()
             .chain(spec.bias.map(|b| buf(Operand::Value(b), 0, nn, 4)))
+            .chain(
+                spec.residual
+                    .map(|r| buf(Operand::Value(r), c.y_off, nb * m * nn, 4)),
+            )
             .chain([
                 LaunchArg::Index(rows as i64),
                 LaunchArg::Index(nn as i64),
@@ -344,8 +340,9 @@ pub(crate) fn lower(
                 LaunchArg::Index(sa as i64),
                 LaunchArg::Index(sb as i64),
                 LaunchArg::Index((m * nn) as i64),
-                LaunchArg::F32(1.0),
+                LaunchArg::F32(spec.alpha),
             ])
+            .chain(spec.residual.map(|_| LaunchArg::F32(spec.beta)))
             .collect(),
             grid: kern.grid(rows, nn, nb),
             block: kern.kernel.block,
