@@ -140,6 +140,9 @@ pub struct LowerOptions {
     pub sku: Option<Sku>,
     /// What MatMul/Gemm compute on (tensor cores for everything but f32, see [`precision`]).
     pub precision: Precision,
+    /// Tuned schedules of the tunable kernels (f32 GEMM, tensor-core GEMMs, f32 conv) and
+    /// the record of which kernels were met ([`crate::gpu::tuning`]); `None`: defaults.
+    pub schedules: Option<std::sync::Arc<crate::gpu::tuning::GpuSchedules>>,
 }
 
 impl LowerOptions {
@@ -150,6 +153,7 @@ impl LowerOptions {
             max_blocks: sku.sm_count.saturating_mul(32).max(1),
             sku: Some(sku.clone()),
             precision: Precision::F32,
+            schedules: None,
         }
     }
 }
