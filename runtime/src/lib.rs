@@ -28,6 +28,9 @@ pub mod plan;
 pub mod pool;
 mod reference;
 pub mod split_choice;
+pub mod tune_bundle;
+#[cfg(feature = "cuda")]
+pub mod tune_measure;
 
 pub use artifact::{Artifact, ArtifactError};
 pub use executor::{AlignedBuf, LoadError, Model, RunError, Tensor, TensorView};
