@@ -443,14 +443,13 @@ fn candidate_args(t: &GpuTunable, k: &TunedKernel) -> Vec<BundleArg> {
             input,
             bias,
         } => {
-            let maps = k.tensor_maps.unwrap_or_else(|| {
-                // Not reached: wgmma candidates always carry their descriptors.
-                [kiln_codegen::gpu::kernels::gemm_wgmma::TensorMapSpec {
-                    dims: [0, 0],
-                    row_bytes: 0,
-                    box_dims: [0, 0],
-                }; 2]
-            });
+            // wgmma candidates always carry their descriptors ([0; 2]: not reached).
+            let none = kiln_codegen::gpu::kernels::gemm_wgmma::TensorMapSpec {
+                dims: [0, 0],
+                row_bytes: 0,
+                box_dims: [0, 0],
+            };
+            let maps = k.tensor_maps.unwrap_or([none; 2]);
             let tm = |i: usize, s: kiln_codegen::gpu::kernels::gemm_wgmma::TensorMapSpec| {
                 BundleArg::TensorMap {
                     buffer: i,
