@@ -4,13 +4,14 @@
 # precision, a tuning bundle for SKU (default h200) written by
 # `kiln tune MODEL --target cuda:SKU --precision P --export .gpu/tune/MODEL.P` (PTX per
 # candidate checked by ptxas, launches, seeded inputs, expected outputs). Invalid candidates
-# are recorded in DB (default tuning.db) here. Then: device run with carry [".gpu"] and
+# are recorded in DB (default .gpu/tuning.db) here. Then: device run with carry [".gpu"] and
 # command `bash scripts/gpu_tune_check.sh`; import $OUT/tune/*.jsonl with `kiln db import`.
 # Usage: scripts/gpu_tune_pack.sh [SKU [CANDIDATES [DB]]]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-SKU=${1:-h200}; N=${2:-8}; DB=${3:-tuning.db}
-grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
+SKU=${1:-h200}; N=${2:-8}; DB=${3:-.gpu/tuning.db}
+EXCL=$(git rev-parse --git-path info/exclude); mkdir -p "$(dirname "$EXCL")"
+grep -qx '/.gpu/' "$EXCL" 2>/dev/null || echo '/.gpu/' >> "$EXCL"
 mkdir -p .gpu/bin && rm -rf .gpu/tune && mkdir -p .gpu/tune
 cargo build --release -p kiln
 cargo build --release -p kiln-runtime --features cuda --example gpu_measure
