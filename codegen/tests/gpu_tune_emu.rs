@@ -7,7 +7,6 @@
 #[path = "common/gpu_emu.rs"]
 mod gpu_emu;
 #[path = "common/gpu_ref.rs"]
-#[allow(dead_code)]
 mod gpu_ref;
 
 use gpu_emu::EArg;
