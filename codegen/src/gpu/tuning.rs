@@ -122,6 +122,18 @@ pub fn gemm_f32_schedule(c: &Config) -> GpuGemmSchedule {
     }
 }
 
+/// The f32 GEMM's tuning space: block tile `bm × bn`, stage depth `bk`, thread tile
+/// `tm × tn`.
+pub fn gemm_f32_space() -> Space {
+    Space::new(vec![
+        Param::new("bm", &[16, 32, 64, 128]),
+        Param::new("bn", &[16, 32, 64, 128]),
+        Param::new("bk", &[4, 8, 16, 32]),
+        Param::new("tm", &[1, 2, 4, 8]),
+        Param::new("tn", &[1, 2, 4, 8]),
+    ])
+}
+
 /// The config of a [`GpuGemmSchedule`].
 pub fn gemm_f32_config(s: &GpuGemmSchedule) -> Config {
     Config::from_pairs(&[
@@ -204,7 +216,7 @@ impl GpuTunable {
                 "gpu_gemm_f32",
                 format!("gpu_gemm_f32 m={m} n={n} k={k}"),
                 vec![log2p(*m), log2p(*n), log2p(*k)],
-                GpuConvSchedule::space(), // the same tile parameters and choices
+                gemm_f32_space(),
                 gemm_f32_config(&GpuGemmSchedule::default()),
                 2.0 * (*m * *n * *k) as f64,
             ),
