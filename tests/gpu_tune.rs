@@ -615,3 +615,46 @@ fn measurer_without_gpu_says_so() {
     }
     std::fs::remove_dir_all(&root).ok();
 }
+
+#[test]
+fn a_sku_without_records_ranks_candidates_by_other_skus_records() {
+    use rand::SeedableRng;
+    let root = tmp("gpu_tune_transfer");
+    let db = kiln_tune::TuningDb::open(root.join("t.db")).unwrap();
+    // A100 records of mlp's f32 GEMMs: the fastest have bn = 16.
+    let a100 = tasks("mlp", Precision::F32, "cuda:a100");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    let time = |c: &Config| 1e-5 * (1.0 + ((c.get_or("bn", 64) as f64).log2() - 4.0).abs());
+    for t in &a100 {
+        let mut n = 0;
+        while n < 40 {
+            let c = t.space().sample(&mut rng);
+            if t.check(&c).is_ok() {
+                let o = kiln_tune::Outcome::Ok { seconds: time(&c) };
+                db.insert(&kiln_tune::Record::new(
+                    t.workload(),
+                    "cuda:a100",
+                    kiln::tune::KILN_VERSION,
+                    c,
+                    o,
+                ))
+                .unwrap();
+                n += 1;
+            }
+        }
+    }
+    // H100 has none: its candidates after the default are ranked by the A100 model.
+    let h100 = tasks("mlp", Precision::F32, "cuda:h100");
+    let mut tuner = kiln_tune::Tuner::new(&db, "cuda:h100", kiln::tune::KILN_VERSION);
+    let cs = tuner
+        .candidates(&h100[0], 6, &kiln_tune::TuneOptions::default(), &[], 0)
+        .unwrap();
+    assert_eq!(cs[0], h100[0].default_config());
+    let bn16 = cs[1..].iter().filter(|c| c.get("bn") == Some(16)).count();
+    assert!(
+        bn16 >= 3,
+        "{bn16} of {} model-ranked candidates have bn = 16: {cs:?}",
+        cs.len() - 1
+    );
+    std::fs::remove_dir_all(&root).ok();
+}
