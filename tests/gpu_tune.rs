@@ -658,3 +658,72 @@ fn a_sku_without_records_ranks_candidates_by_other_skus_records() {
     );
     std::fs::remove_dir_all(&root).ok();
 }
+
+#[test]
+fn a_record_within_the_noise_of_the_default_is_not_used() {
+    let root = tmp("gpu_tune_margin");
+    let db = root.join("t.db");
+    let m = export(
+        "mlp",
+        Precision::F32,
+        "cuda:h100",
+        &root.join("b"),
+        &root.join("x.db"),
+        1,
+    );
+    let t = &m.tasks[0];
+    assert_eq!(
+        t.candidates[0].config,
+        gemm_f32_config(&GpuGemmSchedule::default()).0,
+        "the default is exported first"
+    );
+    let other = gemm_f32_config(&GpuGemmSchedule {
+        bm: 32,
+        bn: 32,
+        bk: 8,
+        tm: 2,
+        tn: 2,
+    });
+    let mut c = t.candidates[0].clone();
+    let mut lines = result_line(&m, t, &c, &MeasureOutcome::Ok { seconds: 1.00e-5 }) + "\n";
+    c.config = other.0.clone();
+    lines += &result_line(&m, t, &c, &MeasureOutcome::Ok { seconds: 0.99e-5 });
+    let file = root.join("r.jsonl");
+    std::fs::write(&file, lines).unwrap();
+    let (ok, out) = kiln(&[
+        "db",
+        "import",
+        file.to_str().unwrap(),
+        "--db",
+        db.to_str().unwrap(),
+    ]);
+    assert!(ok, "{out}");
+    // 1% faster: within MIN_GAIN (3%), the default stays.
+    let s = kiln::tune::load_schedules(&db, &m.target).unwrap();
+    assert!(s.schedules.is_empty(), "{:?}", s.schedules);
+    // 10% faster: used.
+    c.config = gemm_f32_config(&GpuGemmSchedule {
+        bm: 16,
+        ..gemm_f32_schedule(&other)
+    })
+    .0;
+    std::fs::write(
+        &file,
+        result_line(&m, t, &c, &MeasureOutcome::Ok { seconds: 0.9e-5 }),
+    )
+    .unwrap();
+    let (ok, out) = kiln(&[
+        "db",
+        "import",
+        file.to_str().unwrap(),
+        "--db",
+        db.to_str().unwrap(),
+    ]);
+    assert!(ok, "{out}");
+    let s = kiln::tune::load_schedules(&db, &m.target).unwrap();
+    assert_eq!(
+        s.schedules.get(&t.workload).map(|c| c.0.clone()),
+        Some(c.config)
+    );
+    std::fs::remove_dir_all(&root).ok();
+}

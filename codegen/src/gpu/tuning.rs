@@ -105,6 +105,15 @@ pub struct GpuTunable {
     pub flops: f64,
 }
 
+/// The precision's name in workload descriptions.
+fn input_name(i: MmaInput) -> &'static str {
+    match i {
+        MmaInput::F16 => "f16",
+        MmaInput::BF16 => "bf16",
+        MmaInput::TF32 => "tf32",
+    }
+}
+
 fn log2p(x: u64) -> f32 {
     (1.0 + x as f32).log2()
 }
@@ -237,7 +246,7 @@ impl GpuTunable {
                     "gpu_gemm_mma",
                     format!(
                         "gpu_gemm_mma {} m={} n={} k={} batch={} sa={} sb={} bias={}",
-                        p.input.mlir(),
+                        input_name(p.input),
                         p.m,
                         p.n,
                         p.k,
@@ -271,7 +280,7 @@ impl GpuTunable {
                 "gpu_gemm_wgmma",
                 format!(
                     "gpu_gemm_wgmma {} m={m} n={n} k={k} bias={}",
-                    input.mlir(),
+                    input_name(*input),
                     u8::from(*bias)
                 ),
                 vec![log2p(*m), log2p(*n), log2p(*k), input.bytes() as f32],
@@ -319,6 +328,93 @@ impl GpuTunable {
         };
         t.check(&t.default).ok()?;
         Some(t)
+    }
+
+    /// The task whose workload description is `desc` (as [`GpuTunable::new`] writes it) on
+    /// `sku`; `None` if it is not one. How a tuning record's workload is turned back into its
+    /// task (e.g. to know its default schedule).
+    pub fn from_description(desc: &str, sku: &Sku) -> Option<Self> {
+        let mut words = desc.split_whitespace();
+        let kind = words.next()?;
+        let mut input = None;
+        let mut f: HashMap<&str, &str> = HashMap::new();
+        for w in words {
+            match w.split_once('=') {
+                Some((k, v)) => {
+                    f.insert(k, v);
+                }
+                None => {
+                    input = [MmaInput::F16, MmaInput::BF16, MmaInput::TF32]
+                        .into_iter()
+                        .find(|i| input_name(*i) == w)
+                }
+            }
+        }
+        let num = |k: &str| -> Option<u64> { f.get(k)?.parse().ok() };
+        let list = |k: &str, sep: char| -> Option<Vec<u64>> {
+            f.get(k)?.split(sep).map(|x| x.parse().ok()).collect()
+        };
+        let flag = |k: &str| -> Option<bool> { Some(num(k)? == 1) };
+        let template = match kind {
+            "gpu_gemm_f32" => GpuTemplate::GemmF32 {
+                m: num("m")?,
+                n: num("n")?,
+                k: num("k")?,
+            },
+            "gpu_gemm_mma" => GpuTemplate::Mma {
+                p: GemmProblem {
+                    m: num("m")?,
+                    n: num("n")?,
+                    k: num("k")?,
+                    batch: num("batch")?,
+                    stride_a: num("sa")?,
+                    stride_b: num("sb")?,
+                    input: input?,
+                    output: MmaOutput::F32,
+                },
+                bias: flag("bias")?,
+            },
+            "gpu_gemm_wgmma" => GpuTemplate::Wgmma {
+                m: num("m")?,
+                n: num("n")?,
+                k: num("k")?,
+                input: input?,
+                bias: flag("bias")?,
+            },
+            "gpu_conv2d_f32" => {
+                let (k, st, p, d) = (
+                    list("k", 'x')?,
+                    list("stride", 'x')?,
+                    list("pads", ',')?,
+                    list("dilation", 'x')?,
+                );
+                if k.len() != 2 || st.len() != 2 || p.len() != 4 || d.len() != 2 {
+                    return None;
+                }
+                GpuTemplate::Conv {
+                    geom: ConvGeom {
+                        n: num("n")?,
+                        c: num("c")?,
+                        h: num("h")?,
+                        w: num("w")?,
+                        oc: num("oc")?,
+                        kh: k[0],
+                        kw: k[1],
+                        stride: [st[0], st[1]],
+                        pads: [p[0], p[1], p[2], p[3]],
+                        dilation: [d[0], d[1]],
+                    },
+                    epi: ConvEpilogue {
+                        bias: flag("bias")?,
+                        residual: flag("residual")?,
+                        relu: flag("relu")?,
+                    },
+                }
+            }
+            _ => return None,
+        };
+        let t = Self::new(template, sku)?;
+        (t.workload.description == desc).then_some(t)
     }
 
     /// A short label (the workload description).
@@ -635,5 +731,49 @@ mod tests {
         });
         let e = t.check(&big).unwrap_err();
         assert!(e.contains("shared memory"), "{e}");
+        // Descriptions parse back to their task.
+        let conv = GpuTemplate::Conv {
+            geom: ConvGeom {
+                n: 1,
+                c: 3,
+                h: 9,
+                w: 7,
+                oc: 8,
+                kh: 3,
+                kw: 3,
+                stride: [2, 1],
+                pads: [1, 1, 0, 1],
+                dilation: [1, 1],
+            },
+            epi: ConvEpilogue {
+                bias: true,
+                residual: false,
+                relu: true,
+            },
+        };
+        let wg = GpuTemplate::Wgmma {
+            m: 16,
+            n: 64,
+            k: 64,
+            input: MmaInput::BF16,
+            bias: false,
+        };
+        let tf = GpuTemplate::Mma {
+            p: GemmProblem {
+                input: MmaInput::TF32,
+                batch: 4,
+                stride_a: 128 * 768,
+                ..p
+            },
+            bias: false,
+        };
+        for tpl in [GpuTemplate::GemmF32 { m: 3, n: 5, k: 7 }, tf, wg, conv] {
+            let t = GpuTunable::new(tpl.clone(), h100).unwrap();
+            let back = GpuTunable::from_description(t.label(), h100).unwrap();
+            assert_eq!(back.template, tpl);
+            assert_eq!(back.default, t.default);
+        }
+        assert!(GpuTunable::from_description("matmul f32 m=1", h100).is_none());
+        assert!(GpuTunable::from_description("gpu_gemm_f32 m=1 n=2", h100).is_none());
     }
 }
