@@ -345,10 +345,10 @@ mod tests {
 
     #[test]
     fn outcomes_serialize_as_the_tuning_database_does() {
-        let o = MeasureOutcome::Ok { seconds: 1e-5 };
+        let o = MeasureOutcome::Ok { seconds: 0.25 };
         assert_eq!(
             serde_json::to_string(&o).unwrap(),
-            r#"{"status":"ok","seconds":1e-5}"#
+            r#"{"status":"ok","seconds":0.25}"#
         );
     }
 }
