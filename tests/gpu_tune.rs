@@ -585,6 +585,39 @@ fn measurer_without_gpu_says_so() {
     )
     .unwrap_err();
     assert!(e.contains("no CUDA device"), "{e}");
+    // The CLI writes the same bundle with --export.
+    let cli = root.join("cli");
+    let (ok, out) = kiln(&[
+        "tune",
+        zoo("mlp").to_str().unwrap(),
+        "--target",
+        "cuda:h100",
+        "--export",
+        cli.to_str().unwrap(),
+        "--candidates",
+        "2",
+        "--db",
+        root.join("t.db").to_str().unwrap(),
+    ]);
+    assert!(ok && out.contains("wrote a bundle of"), "{out}");
+    let mc = Manifest::load(&cli).unwrap();
+    assert_eq!(mc.tasks.len(), m.tasks.len());
+    // Bad bundles are refused naming the file.
+    let first = &mc.tasks[0].candidates[0].ptx;
+    std::fs::remove_file(cli.join(first)).unwrap();
+    let e = Manifest::load(&cli).unwrap_err().to_string();
+    assert!(e.contains(first.as_str()) && e.contains("missing"), "{e}");
+    let text = std::fs::read_to_string(cli.join("manifest.json")).unwrap();
+    std::fs::write(
+        cli.join("manifest.json"),
+        text.replace("\"format\": 1", "\"format\": 99"),
+    )
+    .unwrap();
+    let e = Manifest::load(&cli).unwrap_err().to_string();
+    assert!(
+        e.contains("manifest.json") && e.contains("format 99"),
+        "{e}"
+    );
     // `kiln tune --target cuda:...` without --export: no GPU here, suggest --export.
     let (ok, out) = kiln(&[
         "tune",
