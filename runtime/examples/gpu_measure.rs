@@ -203,6 +203,19 @@ fn main() {
         );
         std::process::exit(2);
     }
+    // The device must be the bundle's architecture (checked once here, not per child).
+    match GpuMeasurer::new(&m, a.opts) {
+        Ok(g) => println!(
+            "device: {} (bundle for {}, {})",
+            g.device_name(),
+            m.sku,
+            m.arch
+        ),
+        Err(e) => {
+            eprintln!("gpu_measure: {e}");
+            std::process::exit(1);
+        }
+    }
     let exe = std::env::current_exe().expect("own executable");
     let out_path = a.out.clone().unwrap_or_else(|| a.dir.join("results.jsonl"));
     let mut out = match std::fs::File::create(&out_path) {
