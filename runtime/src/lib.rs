@@ -11,6 +11,8 @@
 //!   `cuda_model`: runs a `cuda:SKU` artifact's GPU plan.
 //! - [`pool`]: the spinning fork-join pool that runs a kernel's task ranges on several cores.
 //! - [`split_choice`]: whether splitting steps over the pool pays on this machine now (timed).
+//! - [`tune_bundle`]: GPU tuning bundles (candidates built elsewhere); `tune_measure`
+//!   (feature `cuda`) times them on the GPU present.
 mod affinity;
 pub mod artifact;
 pub mod cluster;
