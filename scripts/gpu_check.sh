@@ -30,3 +30,4 @@ for b in cuda_test cuda_ops_test; do
     echo "$b $t: $([ $rc = 0 ] && echo ok || echo "FAILED ($rc)")"; [ $rc = 0 ] || grep -E "panicked|Error|error" "/tmp/t_$t.log" | head -3
   done
 done 2>&1 | tee "$OUT/tests.txt"
+[ -d .gpu/tune ] && { echo "== tuning bundles"; bash scripts/gpu_tune_check.sh; }

@@ -3,7 +3,9 @@
 # compiler: stripped runtime-only binaries (gpu_zoo, gemm_bench, the runtime's CUDA test
 # binaries), every zoo model compiled for SKU (default h200) at f32 and f16 (bert/gpt also
 # tf32, bf16), the models and their test data. Then: device run with carry [".gpu"] and
-# command `bash scripts/gpu_check.sh`.
+# command `bash scripts/gpu_check.sh`. For GPU autotuning, scripts/gpu_tune_pack.sh adds the
+# measurer and tuning bundles to the same .gpu/ (run it after this script, which clears
+# .gpu/), measured by scripts/gpu_tune_check.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SKU=${1:-h200}

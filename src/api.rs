@@ -230,7 +230,13 @@ impl Compiler {
                 path.display()
             )));
         }
-        let target = crate::tune::cpu_target(&self.opts.cpu);
+        let target = match &self.opts.gpu_target {
+            Some(t) => crate::gpu_tune::gpu_target(
+                crate::gpu_compile::resolve_sku(t)
+                    .map_err(|e| Error::InvalidArgument(format!("{e:#}")))?,
+            ),
+            None => crate::tune::cpu_target(&self.opts.cpu),
+        };
         crate::tune::load_schedules(path, &target)
             .map_err(|e| Error::InvalidArgument(format!("{e:#}")))?
             .apply(&mut self.opts);

@@ -48,7 +48,7 @@ pub fn eqsat_device(sku: &Sku) -> kiln_passes::eqsat::cost::Device {
 }
 
 /// The planned graph of `graph` for a GPU compile (no `--max-batch`, no dynamic tail).
-fn plan_for_gpu(
+pub(crate) fn plan_for_gpu(
     graph: &kiln_ir::Graph,
     name: &str,
     sku: &Sku,
@@ -249,12 +249,25 @@ pub fn compile_graph_gpu(
     let planned = plan_for_gpu(graph, name, sku, opts, &mut print)?;
     report.timings.push(("plan", t.elapsed()));
     let t = Instant::now();
+    // Tuned schedules (`--db`): the lowering takes each tunable kernel's from its record.
+    let schedules = (!opts.schedules.is_empty()).then(|| {
+        std::sync::Arc::new(kiln_codegen::gpu::tuning::GpuSchedules::new(
+            (*opts.schedules).clone(),
+        ))
+    });
     let lopts = LowerOptions {
         precision: opts.precision,
+        schedules: schedules.clone(),
         ..LowerOptions::for_sku(sku)
     };
     let (plan, lowering, weights) = gpu_plan(&planned, sku, &lopts)
         .with_context(|| format!("{name}: lowering for {}", sku.name))?;
+    if let Some(s) = &schedules {
+        let seen = s.seen();
+        report.tuned = seen.iter().filter(|(_, used)| *used).count();
+        report.tunable = seen.len();
+        report.schedules_given = opts.schedules.len();
+    }
     report.timings.push(("lower", t.elapsed()));
     let t = Instant::now();
     let ptx = lower::compile_module(&lowering, sku)
@@ -916,7 +929,9 @@ fn attention_summary(planned: &pipeline::Planned, l: &GpuLowering) -> String {
 /// `ptrs` must be the kernel's buffer views, valid for the sizes its scalars imply.
 unsafe fn emulate_special(kernel: &str, ptrs: &[*mut u8], scalars: &[usize]) -> Result<()> {
     match (kernel, ptrs, scalars) {
-        ("kiln_gemm_f32", [a, b, c], [m, n, k]) => {
+        // `kiln_gemm_f32` and its tuned variants (`kiln_gemm_f32_<tiles>`).
+        (k, [a, b, c], [m, n, k_]) if k.starts_with("kiln_gemm_f32") => {
+            let k = k_;
             let (m, n, k) = (*m, *n, *k);
             // SAFETY: by the caller; f32 views of m*k, k*n and m*n elements (unaligned
             // reads, since offsets are element multiples of 4-byte-aligned buffers).

@@ -30,6 +30,7 @@ pub mod cluster;
 pub mod compile;
 pub mod dynamic_tail;
 pub mod gpu_compile;
+pub mod gpu_tune;
 pub mod inspect;
 pub mod io;
 pub mod parallel_plan;

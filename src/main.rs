@@ -134,7 +134,8 @@ enum Cmd {
     Tune {
         /// The ONNX model.
         model: PathBuf,
-        /// Target: cpu (x86-64-v3), cpu:NAME.
+        /// Target: cpu (x86-64-v3), cpu:NAME, or cuda:SKU (GPU kernels: measured here if a
+        /// GPU is present, else written as a bundle with --export).
         #[arg(long, default_value = "cpu")]
         target: String,
         /// Measurements to make in this run, over all kernels.
@@ -158,6 +159,17 @@ enum Cmd {
         /// Minimum measuring time per candidate, in seconds.
         #[arg(long, default_value_t = 0.05)]
         min_time: f64,
+        /// cuda targets: the precision MatMul/Gemm are compiled at (f32, tf32, f16, bf16).
+        #[arg(long, default_value = "f32")]
+        precision: String,
+        /// cuda targets: write a bundle of candidates (PTX, launches, inputs, expected
+        /// outputs) to DIR for the runtime-only `gpu_measure` on a GPU machine, instead of
+        /// measuring here.
+        #[arg(long, value_name = "DIR")]
+        export: Option<PathBuf>,
+        /// cuda targets: candidates per kernel in a bundle (per round when measuring here).
+        #[arg(long, default_value_t = 8)]
+        candidates: usize,
     },
     /// Tuning database records: export as JSON lines, import them on another machine.
     Db {
@@ -458,13 +470,36 @@ fn run(cli: Cli) -> Result<()> {
             threads,
             timeout,
             min_time,
+            precision,
+            export,
+            candidates,
         } => {
-            if target.starts_with("cuda:") {
-                bail!("--target '{target}': kiln tune measures CPU kernels only so far");
-            }
             let mut compiler = kiln::Compiler::new()
                 .target(&target)
                 .with_context(|| format!("--target '{target}'"))?;
+            if target.starts_with("cuda:") {
+                compiler = compiler.precision(&precision)?;
+                if let Some(o) = opt_level {
+                    compiler = compiler.opt_level(o);
+                }
+                for s in &shapes {
+                    compiler = compiler.shape_spec(s)?;
+                }
+                return tune_gpu(
+                    &model,
+                    kiln::gpu_tune::GpuTuneSettings {
+                        compile: compiler.options().clone(),
+                        target,
+                        db,
+                        export,
+                        candidates,
+                        trials,
+                    },
+                );
+            }
+            if export.is_some() || precision != "f32" {
+                bail!("--export and --precision are for cuda targets (--target cuda:SKU)");
+            }
             if let Some(o) = opt_level {
                 compiler = compiler.opt_level(o);
             }
@@ -579,6 +614,47 @@ fn tune(
         t0.elapsed().as_secs_f64(),
         db.display()
     );
+    Ok(())
+}
+
+fn tune_gpu(model: &Path, s: kiln::gpu_tune::GpuTuneSettings) -> Result<()> {
+    let t0 = std::time::Instant::now();
+    let tasks = kiln::gpu_tune::tune_gpu(model, &s)?;
+    let us = |x: Option<f64>| x.map(|v| format!("{:.1}", v * 1e6)).unwrap_or("-".into());
+    println!(
+        "{:>10} {:>10} {:>10} {:>8}  kernel (x occurrences)",
+        "default us", "tuned us", "candidates", "invalid"
+    );
+    for t in &tasks {
+        println!(
+            "{:>10} {:>10} {:>10} {:>8}  {} (x{})",
+            us(t.default_seconds),
+            us(t.best_seconds),
+            t.candidates,
+            t.invalid,
+            t.workload,
+            t.occurrences
+        );
+    }
+    let n: usize = tasks.iter().map(|t| t.candidates).sum();
+    match &s.export {
+        Some(dir) => println!(
+            "wrote a bundle of {n} candidates for {} kernels to {} in {:.0} s; measure it on \
+             the GPU with `gpu_measure {}` (scripts/gpu_tune_check.sh), then `kiln db import \
+             {}/results.jsonl --db {}`",
+            tasks.len(),
+            dir.display(),
+            t0.elapsed().as_secs_f64(),
+            dir.display(),
+            dir.display(),
+            s.db.display()
+        ),
+        None => println!(
+            "{n} candidates measured in {:.0} s; database {}",
+            t0.elapsed().as_secs_f64(),
+            s.db.display()
+        ),
+    }
     Ok(())
 }
 

@@ -447,14 +447,25 @@ pub const MIN_GAIN: f64 = 0.03;
 /// eqsat cost model (see [`kiln_passes::eqsat::cost::measured_table`]).
 pub fn load_schedules(db: &Path, target: &str) -> Result<TunedSchedules> {
     let db = TuningDb::open(db)?;
+    let gpu_sku = target
+        .starts_with("cuda:")
+        .then(|| crate::gpu_compile::resolve_sku(target))
+        .transpose()?;
     // (best record, fastest default) per workload
     let mut per: HashMap<String, (kiln_tune::Record, Option<f64>)> = HashMap::new();
     for r in db.ok_records(target, KILN_VERSION)? {
         let Some(s) = r.outcome.seconds() else {
             continue;
         };
-        let is_default =
-            kiln_codegen::cpu::lower::tuning::default_config(&r.kind).as_ref() == Some(&r.config);
+        let default = match gpu_sku {
+            // GPU workloads: the default depends on the shapes and the SKU.
+            Some(sku) if r.kind.starts_with("gpu_") => {
+                kiln_codegen::gpu::tuning::GpuTunable::from_description(&r.description, sku)
+                    .map(|t| t.default)
+            }
+            _ => kiln_codegen::cpu::lower::tuning::default_config(&r.kind),
+        };
+        let is_default = default.as_ref() == Some(&r.config);
         let e = per
             .entry(r.workload.clone())
             .or_insert_with(|| (r.clone(), None));

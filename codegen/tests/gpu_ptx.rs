@@ -162,7 +162,11 @@ fn all_shared_arrays_are_16_byte_aligned() {
                 .and_then(|r| r.split_whitespace().next())
                 .and_then(|a| a.parse().ok())
                 .unwrap_or(0);
-            assert!(align >= 16 && align.is_multiple_of(16), "{}: {line}", k.name);
+            assert!(
+                align >= 16 && align.is_multiple_of(16),
+                "{}: {line}",
+                k.name
+            );
         }
     }
 }

@@ -215,6 +215,14 @@ impl CudaDevice {
         self.stream.clone_dtoh(&buf.slice).map_err(driver)
     }
 
+    /// Sets every element of `buf` to zero (queued on the device's stream).
+    pub fn memset_zeros<T: DeviceRepr + ValidAsZeroBits>(
+        &self,
+        buf: &mut DeviceBuffer<T>,
+    ) -> Result<(), CudaError> {
+        self.stream.memset_zeros(&mut buf.slice).map_err(driver)
+    }
+
     /// Waits for all queued work.
     pub fn synchronize(&self) -> Result<(), CudaError> {
         self.stream.synchronize().map_err(driver)

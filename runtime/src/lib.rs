@@ -11,6 +11,8 @@
 //!   `cuda_model`: runs a `cuda:SKU` artifact's GPU plan.
 //! - [`pool`]: the spinning fork-join pool that runs a kernel's task ranges on several cores.
 //! - [`split_choice`]: whether splitting steps over the pool pays on this machine now (timed).
+//! - [`tune_bundle`]: GPU tuning bundles (candidates built elsewhere); `tune_measure`
+//!   (feature `cuda`) times them on the GPU present.
 mod affinity;
 pub mod artifact;
 pub mod cluster;
@@ -28,6 +30,9 @@ pub mod plan;
 pub mod pool;
 mod reference;
 pub mod split_choice;
+pub mod tune_bundle;
+#[cfg(feature = "cuda")]
+pub mod tune_measure;
 
 pub use artifact::{Artifact, ArtifactError};
 pub use executor::{AlignedBuf, LoadError, Model, RunError, Tensor, TensorView};

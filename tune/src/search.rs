@@ -256,6 +256,59 @@ impl<'a> Tuner<'a> {
         })
     }
 
+    /// Up to `n` candidates for `task` to be measured elsewhere (a GPU bundle), without
+    /// measuring anything: the default schedule first if never measured, then the model's
+    /// best (trained on this target's records of the task's kind, or on other targets' when
+    /// it has none) and a random share, as [`Tuner::tune`] picks a batch. Configs already in
+    /// the database or in `exclude` are skipped; `round` varies the random choices.
+    pub fn candidates(
+        &mut self,
+        task: &dyn Task,
+        n: usize,
+        opts: &TuneOptions,
+        exclude: &[Config],
+        round: u64,
+    ) -> Result<Vec<Config>, DbError> {
+        let fp = task.workload().fingerprint();
+        let group = format!("{fp}@{}", self.target);
+        let mut rng = StdRng::seed_from_u64(opts.seed ^ crate::fnv1a(&fp) ^ round);
+        let earlier = self.db.records(&fp, &self.target, &self.kiln_version)?;
+        let mut measured: HashSet<Config> = earlier.iter().map(|r| r.config.clone()).collect();
+        measured.extend(exclude.iter().cloned());
+        let ok: Vec<(Config, f64)> = earlier
+            .iter()
+            .filter_map(|r| r.outcome.seconds().map(|s| (r.config.clone(), s)))
+            .collect();
+        {
+            let new: Vec<Sample> = ok
+                .iter()
+                .map(|(c, s)| Sample {
+                    features: Self::features(task, c),
+                    group: group.clone(),
+                    seconds: *s,
+                })
+                .collect();
+            let (m, samples) = self.model_for(task)?;
+            if !new.is_empty() {
+                let known: HashSet<String> = samples.iter().map(|x| x.group.clone()).collect();
+                if !known.contains(&group) {
+                    samples.extend(new);
+                    m.fit(samples);
+                }
+            }
+        }
+        let mut out = Vec::new();
+        let default = task.default_config();
+        if n > 0 && !measured.contains(&default) && task.check(&default).is_ok() {
+            measured.insert(default.clone());
+            out.push(default);
+        }
+        let more = self.propose(task, &ok, &measured, n - out.len(), opts, &mut rng)?;
+        out.extend(more);
+        out.truncate(n);
+        Ok(out)
+    }
+
     /// Up to `want` valid unmeasured candidates: the model's best from an evolutionary search
     /// plus a random share (all random while the model is untrained).
     fn propose(

@@ -227,3 +227,43 @@ fn a_model_trained_on_other_targets_ranks_a_new_one() {
     let (tb, cb) = (transfer.best.unwrap().1, cold.best.unwrap().1);
     assert!(tb < cb, "transfer {tb} vs cold {cb}");
 }
+
+#[test]
+fn candidates_for_a_remote_measurer_skip_measured_and_excluded_configs() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = TuningDb::open(dir.path().join("t.db")).unwrap();
+    let t = Synthetic::new(1);
+    let opts = TuneOptions::default();
+    let mut tuner = Tuner::new(&db, "cuda:test", "0");
+    let first = tuner.candidates(&t, 6, &opts, &[], 0).unwrap();
+    assert_eq!(first.len(), 6);
+    assert_eq!(first[0], t.default_config(), "the default first");
+    assert!(first
+        .iter()
+        .all(|c| t.check(c).is_ok() && t.space().contains(c)));
+    assert_eq!(first.iter().collect::<HashSet<_>>().len(), 6);
+    // Nothing was recorded; excluded configs are not proposed again.
+    assert!(db
+        .records(&t.workload().fingerprint(), "cuda:test", "0")
+        .unwrap()
+        .is_empty());
+    let second = tuner.candidates(&t, 6, &opts, &first, 1).unwrap();
+    assert!(second.iter().all(|c| !first.contains(c)), "{second:?}");
+    // Measured elsewhere and imported: the default is not proposed again.
+    for c in &first {
+        db.insert(&kiln_tune::Record::new(
+            t.workload(),
+            "cuda:test",
+            "0",
+            c.clone(),
+            Outcome::Ok {
+                seconds: t.latency(c),
+            },
+        ))
+        .unwrap();
+    }
+    let mut tuner = Tuner::new(&db, "cuda:test", "0");
+    let third = tuner.candidates(&t, 6, &opts, &[], 2).unwrap();
+    assert!(!third.is_empty());
+    assert!(third.iter().all(|c| !first.contains(c)));
+}

@@ -18,6 +18,8 @@ pub mod device;
 pub mod kernels;
 pub mod lower;
 pub mod pipeline;
+pub mod ptxas;
+pub mod tuning;
 
 pub use device::{DeviceDb, Sku};
 pub use pipeline::compile_kernel;

@@ -48,6 +48,7 @@ use crate::gpu::kernels::depthwise;
 use crate::gpu::kernels::epilogue::{Activation, Epilogue, Residual};
 use crate::gpu::kernels::gemm::{gemm_f32, GpuGemmSchedule};
 use crate::gpu::kernels::gemm_mma::MmaInput;
+use crate::gpu::tuning::{gemm_f32_name, gemm_f32_schedule, GpuTemplate, GpuTunable};
 use kiln_ir::ops::elementwise::{BinaryKind, ElementwiseOp, GeluApprox, UnaryKind};
 use kiln_ir::ops::linalg::{Gemm, LinalgOp};
 use kiln_ir::ops::nn::NnOp;
@@ -407,6 +408,7 @@ fn special(
                     beta: fused.map_or(1.0, |f| f.beta),
                     bias: fused.and_then(|f| f.bias),
                     residual: fused.and_then(|f| f.residual),
+                    schedules: opts.schedules.as_deref(),
                 };
                 match tensor_core::lower(g, index, &spec, opts.precision, sku, out) {
                     Ok(()) => tensor_core = true,
@@ -421,7 +423,19 @@ fn special(
             }
         }
     }
-    let sched = GpuGemmSchedule::default();
+    let mut sched = GpuGemmSchedule::default();
+    if let (false, Some(sku), Some(src), Some(c)) =
+        (tensor_core, &opts.sku, &opts.schedules, calls.first())
+    {
+        let t = GpuTemplate::GemmF32 {
+            m: c.3 as u64,
+            n: n as u64,
+            k: kk as u64,
+        };
+        if let Some(t) = GpuTunable::new(t, sku) {
+            sched = gemm_f32_schedule(&src.choose(&t).0);
+        }
+    }
     if !tensor_core
         && calls
             .iter()
@@ -429,7 +443,7 @@ fn special(
     {
         return Ok(false);
     }
-    let kern = gemm_f32("kiln_gemm_f32", &sched).map_err(|e| e.to_string())?;
+    let kern = gemm_f32(&gemm_f32_name(&sched), &sched).map_err(|e| e.to_string())?;
     // B as [K, N] (transposed constants stored transposed).
     let b_op = if tb && !tensor_core {
         let t = g.const_value(mm.b).ok_or("transposed B")?;
@@ -829,7 +843,12 @@ fn special_conv(
         let (grid, block) = depthwise::launch(&geom, sku);
         (kern, grid, block, HostKernel::Depthwise { geom, epi: ep })
     } else {
-        let sched = GpuConvSchedule::for_geom(&geom, sku);
+        let mut sched = GpuConvSchedule::for_geom(&geom, sku);
+        if let Some(src) = &opts.schedules {
+            if let Some(t) = GpuTunable::new(GpuTemplate::Conv { geom, epi: ep }, sku) {
+                sched = GpuConvSchedule::from_config(&src.choose(&t).0);
+            }
+        }
         let Ok(kern) = conv2d(&kname, &geom, ConvLayout::Nchw, ep, &sched, sku) else {
             return Ok(false);
         };

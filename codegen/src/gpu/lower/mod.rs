@@ -147,6 +147,9 @@ pub struct LowerOptions {
     /// where the kernel's epilogue can express it; off, only a lone bias is fused and the
     /// rest runs as an in-place launch (for comparisons).
     pub fuse_epilogues: bool,
+    /// Tuned schedules of the tunable kernels (f32 GEMM, tensor-core GEMMs, f32 conv) and
+    /// the record of which kernels were met ([`crate::gpu::tuning`]); `None`: defaults.
+    pub schedules: Option<std::sync::Arc<crate::gpu::tuning::GpuSchedules>>,
 }
 
 impl LowerOptions {
@@ -158,6 +161,7 @@ impl LowerOptions {
             sku: Some(sku.clone()),
             precision: Precision::F32,
             fuse_epilogues: true,
+            schedules: None,
         }
     }
 }

@@ -24,7 +24,7 @@ use super::{shape_of, GpuLowering, HostKernel, Launch, LaunchArg, Operand};
 use crate::gpu::kernels::epilogue::Epilogue;
 use crate::gpu::kernels::gemm_mma::MmaGemm;
 use crate::gpu::kernels::gemm_mma::{gemm_mma, kernel_name, MmaInput, MmaOutput, MmaSchedule};
-use crate::gpu::kernels::gemm_select::{select, GemmProblem, TensorCoreGemm};
+use crate::gpu::kernels::gemm_select::{GemmProblem, TensorCoreGemm};
 use crate::gpu::kernels::gemm_wgmma::{gemm_wgmma, TensorMapSpec, WgmmaGemm};
 use crate::gpu::Sku;
 use kiln_ir::{DType, Graph, Tensor, ValueId};
@@ -69,6 +69,8 @@ pub(crate) struct GemmSpec<'a> {
     /// The f32 residual of the output's shape (when `epi` has one), read at the output's
     /// offsets.
     pub residual: Option<ValueId>,
+    /// Tuned schedules ([`crate::gpu::tuning`]).
+    pub schedules: Option<&'a crate::gpu::tuning::GpuSchedules>,
 }
 
 fn align64(v: u64) -> u64 {
@@ -146,7 +148,15 @@ pub(crate) fn lower(
     let tma_aligned = launches
         .iter()
         .all(|(c, nb, _, _)| *nb == 1 && (c.a_off * eb_) % 16 == 0 && (c.b_off * eb_) % 16 == 0);
-    let kern = match select("kiln_gemm_tc", &p, &epi, sku) {
+    let tuned = crate::gpu::tuning::select_tuned(
+        "kiln_gemm_tc",
+        &p,
+        &epi,
+        sku,
+        tma_aligned,
+        spec.schedules,
+    );
+    let kern = match tuned {
         Ok(TensorCoreGemm::Wgmma(w)) if tma_aligned => {
             let s = w.schedule;
             let name = format!(
