@@ -540,10 +540,26 @@ fn imported_results_select_the_recorded_schedules() {
             .collect()
     };
     let (t_steps, p_steps) = (wg_steps(&art), wg_steps(&plain));
-    assert!(!t_steps.is_empty());
     assert_eq!(t_steps.len(), p_steps.len());
-    let mut differ = 0;
+    // Only GEMMs with a plain or bias epilogue are tuned (a fused residual or activation
+    // keeps the default schedule).
+    let tunable = |k: &str| k.ends_with("_bias") || k.ends_with("_plain");
+    let pairs: Vec<_> = t_steps
+        .iter()
+        .zip(&p_steps)
+        .filter(|(_, p)| tunable(&p.kernel))
+        .collect();
+    assert!(!pairs.is_empty());
     for (s, p) in t_steps.iter().zip(&p_steps) {
+        if !tunable(&p.kernel) {
+            assert_eq!(
+                s.kernel, p.kernel,
+                "fused epilogues keep the default schedule"
+            );
+        }
+    }
+    let mut differ = 0;
+    for (s, p) in pairs {
         assert!(s.kernel.contains("_bn64_s2_"), "{}", s.kernel);
         assert!(p.kernel.contains("_bn128_s4_"), "{}", p.kernel);
         let kiln_runtime::GpuArg::TensorMap { dims, .. } = &s.args[1] else {
