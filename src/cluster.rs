@@ -7,8 +7,10 @@
 //!    pipeline balanced by node FLOPs over the ranks
 //!    ([`kiln_passes::parallel::pipeline_split::balanced_pipeline`]).
 //! 3. [`kiln_passes::parallel::lower::lower`] turns it into per-rank programs; every
-//!    compute segment is compiled by the normal CPU pipeline ([`crate::compile::compile_graph`])
-//!    into a nested artifact (identical segments, e.g. of data-parallel ranks, once), stored
+//!    compute segment is compiled by the normal pipeline ([`crate::compile::compile_graph`]:
+//!    for the CPU, or for the rank's GPU SKU — its cluster device, or `--target cuda:…` for
+//!    every rank) into a nested artifact (identical segments, e.g. of data-parallel ranks,
+//!    once), stored
 //!    in the outer artifact's weights section; the communication steps become
 //!    [`kiln_runtime::cluster::ClusterStep`]s.
 
@@ -40,7 +42,7 @@ pub enum PlanSource {
     /// A given plan (`--plan plan.json`).
     Plan(ParallelPlan),
     /// The plan search on a cluster file (`--cluster C.toml`), minimising the latency of
-    /// one batch; every device must be a CPU (GPU ranks are not executable yet).
+    /// one batch; the segments of a rank on a GPU compile for its SKU.
     Cluster(std::path::PathBuf),
 }
 
@@ -157,8 +159,8 @@ pub fn compile_cluster(
     opts: &CompileOptions,
     source: &PlanSource,
 ) -> Result<(Artifact, ClusterReport)> {
-    if opts.max_batch.is_some() || opts.gpu_target.is_some() {
-        bail!("--max-batch and GPU targets are not supported with --ranks/--plan yet");
+    if opts.max_batch.is_some() {
+        bail!("--max-batch is not supported with --ranks/--plan/--cluster yet");
     }
     let g = kiln_ir::onnx::load(model)?;
     let name = model.display().to_string();
@@ -175,6 +177,9 @@ pub fn compile_cluster_graph(
     let t = Instant::now();
     let g = prepare(graph, opts).with_context(|| name.to_string())?;
     let full = g.clone();
+    // Per rank: the GPU target its segments compile for (`None`: a CPU rank). With
+    // --cluster, each device's SKU; otherwise every rank on `--target`.
+    let mut rank_targets: Option<Vec<Option<String>>> = None;
     let plan = match source {
         PlanSource::Ranks(n) => balanced_pipeline(&g, *n).map_err(anyhow::Error::msg)?,
         PlanSource::Tensor(n) => pipeline_split::tensor_parallel(&g, *n),
@@ -193,14 +198,19 @@ pub fn compile_cluster_graph(
         PlanSource::Plan(p) => p.clone(),
         PlanSource::Cluster(path) => {
             let cluster = crate::parallel_plan::load_cluster(path)?;
-            if let Some(d) = cluster.devices.iter().position(|d| !d.spec.is_cpu) {
-                bail!(
-                    "{}: device {d} is a {} GPU; sharded execution runs CPU ranks only (the \
-                     NCCL path is not written yet)",
-                    path.display(),
-                    cluster.devices[d].spec.name
-                );
+            let mut targets = Vec::new();
+            for (d, dev) in cluster.devices.iter().enumerate() {
+                targets.push(if dev.spec.is_cpu {
+                    None
+                } else {
+                    let t = format!("cuda:{}", dev.spec.name);
+                    crate::gpu_compile::resolve_sku(&t).with_context(|| {
+                        format!("{}: device {d} ({})", path.display(), dev.spec.name)
+                    })?;
+                    Some(t)
+                });
             }
+            rank_targets = Some(targets);
             let batch = g
                 .inputs
                 .iter()
@@ -236,6 +246,12 @@ pub fn compile_cluster_graph(
         max_batch: None,
         ..opts.clone()
     };
+    let target_of = |rank: usize| -> Option<String> {
+        match &rank_targets {
+            Some(t) => t.get(rank).cloned().flatten(),
+            None => opts.gpu_target.clone(),
+        }
+    };
     let mut blob: Vec<u8> = Vec::new();
     let mut cache: HashMap<String, (u64, u64)> = HashMap::new();
     let mut ranks = Vec::new();
@@ -244,12 +260,17 @@ pub fn compile_cluster_graph(
         for (i, s) in p.steps.iter().enumerate() {
             steps.push(match s {
                 Step::Compute(sg) => {
-                    let key = serde_json::to_string(sg)?;
+                    let target = target_of(p.rank);
+                    let key = format!("{target:?} {}", serde_json::to_string(sg)?);
                     let (offset, len) = match cache.get(&key) {
                         Some(&r) => r,
                         None => {
                             let what = format!("{name} (rank {} segment {i})", p.rank);
-                            let (art, rep) = compile_graph(sg, &what, &seg_opts, |_, _| {})
+                            let rank_opts = CompileOptions {
+                                gpu_target: target.clone(),
+                                ..seg_opts.clone()
+                            };
+                            let (art, rep) = compile_graph(sg, &what, &rank_opts, |_, _| {})
                                 .with_context(|| what.clone())?;
                             report.reference += rep.reference.len();
                             let bytes = art.to_bytes()?;

@@ -113,16 +113,17 @@ enum Cmd {
         /// (tensor cores, f32 accumulation; other ops stay f32).
         #[arg(long, default_value = "f32")]
         precision: String,
-        /// Shard the model over N CPU ranks (one artifact with every rank's program; run
-        /// with `mpirun -n N kiln run`); the plan is a FLOP-balanced pipeline unless --plan.
+        /// Shard the model over N ranks (CPU, or every rank on `--target cuda:SKU`; one
+        /// artifact with every rank's program; run with `mpirun -n N kiln run`); the plan is
+        /// a FLOP-balanced pipeline unless --plan.
         #[arg(long, value_name = "N")]
         ranks: Option<usize>,
         /// Shard the model with this parallel plan (JSON `ParallelPlan` over the graph of
         /// `kiln plan -O0`).
         #[arg(long, value_name = "FILE")]
         plan: Option<PathBuf>,
-        /// Shard the model over the CPU ranks of this cluster file with the plan search
-        /// (lowest predicted latency); run with `mpirun -n <devices> kiln run`.
+        /// Shard the model over the ranks (CPU cores or GPUs) of this cluster file with the
+        /// plan search (lowest predicted latency); run with `mpirun -n <devices> kiln run`.
         #[arg(long, value_name = "FILE")]
         cluster: Option<PathBuf>,
         /// With --ranks: `pipeline` (default), `tensor` (Megatron splits) or `data` parallel.
@@ -374,7 +375,7 @@ fn run(cli: Cli) -> Result<()> {
                     &model,
                     output,
                     &shapes,
-                    opt_level,
+                    (opt_level, &target, &precision),
                     (ranks, &mode),
                     (plan.as_deref(), cluster),
                 );
@@ -1100,14 +1101,23 @@ fn compile_sharded(
     model: &Path,
     output: Option<PathBuf>,
     shapes: &[String],
-    opt_level: Option<u8>,
+    (opt_level, target, precision): (Option<u8>, &str, &str),
     (ranks, mode): (Option<usize>, &str),
     (plan, cluster): (Option<&Path>, Option<PathBuf>),
 ) -> Result<()> {
     let mut opts = kiln::compile::CompileOptions {
         opt_level,
+        precision: kiln_codegen::gpu::lower::Precision::parse(precision)
+            .map_err(|e| anyhow::anyhow!("--precision: {e}"))?,
         ..Default::default()
     };
+    // --target cuda:SKU puts every rank on that GPU (with --cluster, each device's SKU)
+    if target.starts_with("cuda:") {
+        kiln::gpu_compile::resolve_sku(target).with_context(|| format!("--target '{target}'"))?;
+        opts.gpu_target = Some(target.to_string());
+    } else if let Some(("cpu", cpu)) = target.split_once(':') {
+        opts.cpu = cpu.to_string();
+    }
     for s in shapes {
         let (name, dims) = kiln::pipeline::parse_shape(s)?;
         opts.shapes.insert(name, dims);

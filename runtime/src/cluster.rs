@@ -303,12 +303,89 @@ pub struct ClusterModel {
     groups: Vec<Vec<usize>>,
     plan: RankPlan,
     /// One model per step (`None` for communication steps).
-    models: Vec<Option<Model>>,
+    models: Vec<Option<Segment>>,
     /// Time of the last run spent in communication steps.
     comm: Duration,
     /// Test hook: `KILN_TEST_DIE_RANK=<this rank>` makes the process exit with status 3
     /// halfway through its first run (failure-handling tests).
     die_at: Option<usize>,
+}
+
+/// A compute segment of a rank: on the CPU executor, or on a GPU (feature `cuda`) when its
+/// nested artifact was compiled for one (`kiln compile --cluster` with GPU devices, or
+/// `--target cuda:SKU`): rank `r` runs on GPU `r mod <GPUs visible>`, tensors move through
+/// host memory between steps (the collectives are the transport's, e.g. MPI; no NCCL).
+enum Segment {
+    Cpu(Box<Model>),
+    #[cfg(feature = "cuda")]
+    Cuda(Box<crate::cuda_model::CudaModel>),
+}
+
+impl Segment {
+    fn load(art: Artifact, rank: usize, name: &str) -> Result<Segment, String> {
+        if art.plan.gpu.is_none() {
+            return Model::from_artifact(art, name)
+                .map(|m| Segment::Cpu(Box::new(m)))
+                .map_err(|e| e.to_string());
+        }
+        #[cfg(feature = "cuda")]
+        {
+            let n = crate::cuda::device_count().max(1);
+            crate::cuda_model::CudaModel::load_on(&art, rank % n, false)
+                .map(|m| Segment::Cuda(Box::new(m)))
+                .map_err(|e| format!("{name}: {e}"))
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = rank;
+            Err(format!(
+                "{name}: compiled for a GPU, but this runtime was built without CUDA (feature `cuda`)"
+            ))
+        }
+    }
+
+    fn plan(&self) -> &crate::plan::ExecPlan {
+        match self {
+            Segment::Cpu(m) => m.plan(),
+            #[cfg(feature = "cuda")]
+            Segment::Cuda(m) => m.plan(),
+        }
+    }
+
+    fn run(&mut self, ins: &[&Tensor]) -> Result<Vec<Tensor>, String> {
+        match self {
+            Segment::Cpu(m) => {
+                let views: Vec<TensorView> = ins.iter().map(|t| t.view()).collect();
+                m.run(&views).map_err(|e| e.to_string())
+            }
+            #[cfg(feature = "cuda")]
+            Segment::Cuda(m) => {
+                let bytes: Vec<&[u8]> = ins.iter().map(|t| t.data.as_slice()).collect();
+                let outs = m.run(&bytes).map_err(|e| e.to_string())?;
+                let specs = m.plan().outputs.clone();
+                specs
+                    .iter()
+                    .zip(outs)
+                    .map(|(io, b)| {
+                        let shape: Vec<usize> = io
+                            .shape
+                            .iter()
+                            .map(|d| match d {
+                                crate::plan::DimSpec::Fixed(v) => Ok(*v as usize),
+                                _ => Err(format!("output '{}' has a symbolic shape", io.name)),
+                            })
+                            .collect::<Result<_, _>>()?;
+                        let mut t = Tensor::zeroed(io.dtype, shape);
+                        if t.data.as_slice().len() != b.len() {
+                            return Err(format!("output '{}': {} bytes", io.name, b.len()));
+                        }
+                        t.data.as_mut_slice().copy_from_slice(&b);
+                        Ok(t)
+                    })
+                    .collect()
+            }
+        }
+    }
 }
 
 impl ClusterModel {
@@ -331,7 +408,7 @@ impl ClusterModel {
                     let name = format!("{origin} (rank {rank} segment {i})");
                     let bytes = &artifact.weights[*offset as usize..(*offset + *len) as usize];
                     let art = Artifact::from_bytes(bytes, &name).map_err(|e| e.to_string())?;
-                    Some(Model::from_artifact(art, &name).map_err(|e| e.to_string())?)
+                    Some(Segment::load(art, rank, &name)?)
                 }
                 _ => None,
             });
@@ -472,8 +549,7 @@ impl ClusterModel {
                         .iter()
                         .map(|n| env.get(n).ok_or_else(|| err(format!("no tensor '{n}'"))))
                         .collect::<Result<Vec<_>, _>>()?;
-                    let views: Vec<TensorView> = ins.iter().map(|t| t.view()).collect();
-                    let res = m.run(&views).map_err(|e| err(e.to_string()))?;
+                    let res = m.run(&ins).map_err(err)?;
                     for (n, t) in outs.into_iter().zip(res) {
                         env.insert(n, t);
                     }

@@ -104,6 +104,15 @@ impl CudaModel {
     /// Loads `artifact` on device 0 (see the module doc). `allow_sku_mismatch` turns a SKU
     /// mismatch into [`CudaModel::warning`].
     pub fn load(artifact: &Artifact, allow_sku_mismatch: bool) -> Result<Self, CudaModelError> {
+        Self::load_on(artifact, 0, allow_sku_mismatch)
+    }
+
+    /// [`CudaModel::load`] on device `ordinal` (a rank of a sharded model takes its own).
+    pub fn load_on(
+        artifact: &Artifact,
+        ordinal: usize,
+        allow_sku_mismatch: bool,
+    ) -> Result<Self, CudaModelError> {
         let plan = artifact.plan.clone();
         plan.validate(artifact.weights.len() as u64)
             .map_err(CudaModelError::Plan)?;
@@ -116,7 +125,7 @@ impl CudaModel {
                 "no CUDA driver (libcuda) could be loaded or it reports no GPU".into(),
             ));
         }
-        let ctx = CudaContext::new(0).map_err(drv)?;
+        let ctx = CudaContext::new(ordinal).map_err(drv)?;
         let name = ctx.name().map_err(drv)?;
         let (ma, mi) = ctx.compute_capability().map_err(drv)?;
         let arch = format!("sm_{ma}{mi}");
