@@ -59,6 +59,9 @@ pub struct ClusterReport {
     pub timings: Vec<(&'static str, Duration)>,
     /// Reference-interpreter kernels over all segments.
     pub reference: usize,
+    /// The graph the plan shards: `as given` (prepared), or the eqsat / joint e-graph
+    /// rewrite whose plan the `--cluster` search found faster.
+    pub graph_variant: String,
 }
 
 impl fmt::Display for ClusterReport {
@@ -66,9 +69,14 @@ impl fmt::Display for ClusterReport {
         if let Some(p) = &self.plan {
             writeln!(
                 f,
-                "cluster: {} ranks, {} stage(s):",
+                "cluster: {} ranks, {} stage(s), graph {}:",
                 p.world,
-                p.stages.len()
+                p.stages.len(),
+                if self.graph_variant.is_empty() {
+                    "as given"
+                } else {
+                    &self.graph_variant
+                }
             )?;
             for (i, s) in p.stages.iter().enumerate() {
                 let mode = match &s.mode {
@@ -175,8 +183,9 @@ pub fn compile_cluster_graph(
     source: &PlanSource,
 ) -> Result<(Artifact, ClusterReport)> {
     let t = Instant::now();
-    let g = prepare(graph, opts).with_context(|| name.to_string())?;
+    let mut g = prepare(graph, opts).with_context(|| name.to_string())?;
     let full = g.clone();
+    let mut chosen_variant = "as given".to_string();
     // Per rank: the GPU target its segments compile for (`None`: a CPU rank). With
     // --cluster, each device's SKU; otherwise every rank on `--target`.
     let mut rank_targets: Option<Vec<Option<String>>> = None;
@@ -216,14 +225,31 @@ pub fn compile_cluster_graph(
                 .iter()
                 .find_map(|&v| g.values[v].fact.shape.as_known()?.first().copied())
                 .context("the model has no input with a batch axis")?;
-            let report = crate::parallel_plan::find_plan(
-                &g,
-                &cluster,
-                batch,
-                0,
-                kiln_passes::parallel::search::Objective::Latency,
-            )?;
-            report.best.plan
+            let objective = kiln_passes::parallel::search::Objective::Latency;
+            let plain = crate::parallel_plan::find_plan(&g, &cluster, batch, 0, objective)?;
+            // At -O1+ also the eqsat and joint e-graph variants: their graph is used when
+            // its plan is faster (one micro-batch: micro-batching re-prepares the graph).
+            let level = opts.opt_level.unwrap_or(2);
+            let rewritten = if level > 0 {
+                let r = crate::parallel_plan::find_plan(&g, &cluster, batch, level, objective)?;
+                let faster = r.best.prediction.latency_us < plain.best.prediction.latency_us;
+                match r.graph {
+                    Some(rg) if faster && r.best.plan.micro_batches <= 1 => {
+                        chosen_variant = r.graph_variant.clone();
+                        Some((rg, r.best.plan))
+                    }
+                    _ => None,
+                }
+            } else {
+                None
+            };
+            match rewritten {
+                Some((rg, plan)) => {
+                    g = rg;
+                    plan
+                }
+                None => plain.best.plan,
+            }
         }
     };
     // micro-batches: lower over the graph at the micro-batch size
@@ -236,6 +262,7 @@ pub fn compile_cluster_graph(
         .with_context(|| format!("{name}: lowering the parallel plan"))?;
     let mut report = ClusterReport {
         plan: Some(plan.clone()),
+        graph_variant: chosen_variant,
         ..Default::default()
     };
     report.timings.push(("prepare+lower", t.elapsed()));

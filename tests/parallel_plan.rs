@@ -213,3 +213,80 @@ fn bench_parallel_plans() {
         }
     }
 }
+
+/// `kiln compile --cluster` at -O2 shards the rewritten graph (eqsat or joint e-graph) when
+/// its plan is faster; the artifact (ranks as threads) gives the interpreter's output.
+#[test]
+fn cluster_compile_uses_the_rewritten_graph_when_faster() {
+    use kiln_ir::{DType, Fact, Graph, Node, Op, Shape, Tensor};
+    // x·W1 → Relu → Relu → ·W2: the double Relu is rewritten away
+    let mut g = Graph {
+        name: "mlp2".into(),
+        opset: 17,
+        ..Default::default()
+    };
+    let f = |d: &[usize]| Fact::new(DType::F32, Shape::known(d));
+    let x = g.add_value("x", f(&[64, 256]));
+    g.inputs.push(x);
+    let vals = |n: usize, seed: f32| -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i as f32 * 0.37 + seed).sin()) * 0.1)
+            .collect()
+    };
+    let w1 = g.add_const("w1", Tensor::from_vec(&[256, 1024], vals(256 * 1024, 1.0)));
+    let w2 = g.add_const("w2", Tensor::from_vec(&[1024, 256], vals(1024 * 256, 2.0)));
+    let add = |g: &mut Graph, ty: &str, ins: Vec<kiln_ir::ValueId>, d: &[usize]| {
+        let o = g.add_value(format!("{ty}_{}", g.nodes.len()), f(d));
+        let op = Op::from_onnx(&kiln_ir::ops::OnnxNode::new(
+            ty,
+            17,
+            &[],
+            vec![true; ins.len()],
+            1,
+        ))
+        .unwrap()
+        .unwrap();
+        g.nodes.push(Node {
+            name: format!("n{}", g.nodes.len()),
+            op,
+            inputs: ins.into_iter().map(Some).collect(),
+            outputs: vec![o],
+        });
+        o
+    };
+    let h = add(&mut g, "MatMul", vec![x, w1], &[64, 1024]);
+    let h = add(&mut g, "Relu", vec![h], &[64, 1024]);
+    let h = add(&mut g, "Relu", vec![h], &[64, 1024]);
+    let y = add(&mut g, "MatMul", vec![h, w2], &[64, 256]);
+    g.values[y].name = "y".into();
+    g.outputs.push(y);
+    let cluster = root().join("examples/clusters/cpu2.toml");
+    let (art, report) = kiln::cluster::compile_cluster_graph(
+        &g,
+        "mlp2",
+        &kiln::compile::CompileOptions::default(),
+        &kiln::cluster::PlanSource::Cluster(cluster),
+    )
+    .unwrap();
+    println!("{report}");
+    assert_ne!(report.graph_variant, "as given", "{report}");
+    assert!(report.to_string().contains("graph "), "{report}");
+    let xs: Vec<f32> = (0..64 * 256)
+        .map(|i| ((i % 17) as f32 - 8.0) * 0.05)
+        .collect();
+    let shape = [64usize, 256];
+    let got = kiln::runtime::cluster::run_threads(
+        &art,
+        "mlp2",
+        &[kiln::runtime::TensorView::from_f32(&shape, &xs)],
+    )
+    .unwrap();
+    let want = kiln_ir::interp::run(&g, &[Tensor::from_vec(&shape, xs.clone())]).unwrap();
+    let (a, b) = (got[0].as_f32().unwrap(), want[0].to_f64_vec());
+    let scale = b.iter().fold(1e-6f64, |m, v| m.max(v.abs()));
+    let err = a
+        .iter()
+        .zip(&b)
+        .fold(0.0f64, |m, (p, q)| m.max((*p as f64 - q).abs() / scale));
+    assert!(err < 1e-4, "max rel error {err:.2e}");
+}
