@@ -10,7 +10,6 @@ use common::{kiln, tmp};
 use kiln::compile::CompileOptions;
 use kiln::gpu_compile::{emulate, emulate_graph, resolve_sku};
 use kiln_codegen::gpu::lower::Precision;
-use kiln_codegen::gpu::pipeline::venv_nvidia_dirs;
 use kiln_ir::ops::elementwise::{BinaryKind, ElementwiseOp, GeluApprox, UnaryKind};
 use kiln_ir::ops::linalg::{Gemm, LinalgOp};
 use kiln_ir::ops::nn::{AutoPad, ConvAttrs, NnOp, WindowAttrs};
@@ -29,23 +28,7 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-fn find_ptxas() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("KILN_PTXAS") {
-        return Some(PathBuf::from(p));
-    }
-    if let Some(p) = venv_nvidia_dirs(Path::new(env!("CARGO_MANIFEST_DIR")))
-        .into_iter()
-        .map(|d| d.join("bin/ptxas"))
-        .find(|p| p.is_file())
-    {
-        return Some(p);
-    }
-    let ok = Command::new("ptxas")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    ok.then(|| PathBuf::from("ptxas"))
-}
+use kiln_codegen::gpu::ptxas::find_ptxas;
 
 /// The test inputs of a zoo model and the shapes to compile it with.
 fn test_inputs(name: &str) -> (Vec<kiln_ir::Tensor>, CompileOptions) {
