@@ -134,13 +134,7 @@ pub fn gemm_f32_schedule(c: &Config) -> GpuGemmSchedule {
 /// The f32 GEMM's tuning space: block tile `bm × bn`, stage depth `bk`, thread tile
 /// `tm × tn`.
 pub fn gemm_f32_space() -> Space {
-    Space::new(vec![
-        Param::new("bm", &[16, 32, 64, 128]),
-        Param::new("bn", &[16, 32, 64, 128]),
-        Param::new("bk", &[4, 8, 16, 32]),
-        Param::new("tm", &[1, 2, 4, 8]),
-        Param::new("tn", &[1, 2, 4, 8]),
-    ])
+    super::kernels::block_tile_space()
 }
 
 /// The config of a [`GpuGemmSchedule`].

@@ -22,7 +22,7 @@
 
 use super::emit::{dyn_memref, in_kernel, shared_memref, Emitter};
 use crate::gpu::{Elem, GpuError, GpuKernel, KernelParam, Sku};
-use kiln_tune::{Config, Param, Space};
+use kiln_tune::{Config, Space};
 
 /// Activation layout of a convolution.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -288,13 +288,7 @@ impl GpuConvSchedule {
 
     /// The autotuner's search space (`bm`, `bn`, `bk`, `tm`, `tn`).
     pub fn space() -> Space {
-        Space::new(vec![
-            Param::new("bm", &[16, 32, 64, 128]),
-            Param::new("bn", &[16, 32, 64, 128]),
-            Param::new("bk", &[4, 8, 16, 32]),
-            Param::new("tm", &[1, 2, 4, 8]),
-            Param::new("tn", &[1, 2, 4, 8]),
-        ])
+        super::block_tile_space()
     }
 
     /// The schedule of a config (missing parameters keep the default; not validated).

@@ -121,3 +121,16 @@ pub fn blocks_for(n: u64, per_block: u64, max_blocks: u64) -> u32 {
     let b = n.div_ceil(per_block.max(1)).clamp(1, max_blocks.max(1));
     u32::try_from(b).unwrap_or(u32::MAX)
 }
+
+/// The tuning space of the block-tiled SIMT kernels (f32 GEMM, f32 conv): block tile
+/// `bm × bn`, stage depth `bk`, thread tile `tm × tn`.
+pub fn block_tile_space() -> kiln_tune::Space {
+    use kiln_tune::Param;
+    kiln_tune::Space::new(vec![
+        Param::new("bm", &[16, 32, 64, 128]),
+        Param::new("bn", &[16, 32, 64, 128]),
+        Param::new("bk", &[4, 8, 16, 32]),
+        Param::new("tm", &[1, 2, 4, 8]),
+        Param::new("tn", &[1, 2, 4, 8]),
+    ])
+}
