@@ -290,3 +290,97 @@ fn cluster_compile_uses_the_rewritten_graph_when_faster() {
         .fold(0.0f64, |m, (p, q)| m.max((*p as f64 - q).abs() / scale));
     assert!(err < 1e-4, "max rel error {err:.2e}");
 }
+
+/// Predicted vs measured for the joint e-graph's tensor-parallel plan of a large MLP on
+/// 1 and 2 CPU ranks (threads), one thread per rank
+/// (`cargo test --release -p kiln --test parallel_plan joint_plan_timing -- --ignored --nocapture`).
+#[test]
+#[ignore]
+fn joint_plan_timing() {
+    use kiln_ir::{DType, Fact, Graph, Node, Op, Shape, Tensor};
+    use kiln_passes::parallel::cluster::{Cluster, Link, LinkKind};
+    use kiln_passes::parallel::joint::{optimize, JointOptions};
+    use kiln_passes::parallel::sim::{SimOptions, Simulator};
+    let (rows, hidden, inner) = (16usize, 1024usize, 4096usize);
+    let mut g = Graph {
+        name: "mlp".into(),
+        opset: 17,
+        ..Default::default()
+    };
+    let f = |d: &[usize]| Fact::new(DType::F32, Shape::known(d));
+    let x = g.add_value("x", f(&[rows, hidden]));
+    g.inputs.push(x);
+    let vals = |n: usize, seed: f32| -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i as f32 * 0.37 + seed).sin()) * 0.05)
+            .collect()
+    };
+    let w1 = g.add_const(
+        "w1",
+        Tensor::from_vec(&[hidden, inner], vals(hidden * inner, 1.0)),
+    );
+    let w2 = g.add_const(
+        "w2",
+        Tensor::from_vec(&[inner, hidden], vals(inner * hidden, 2.0)),
+    );
+    let add = |g: &mut Graph, ty: &str, ins: Vec<kiln_ir::ValueId>, d: &[usize]| {
+        let o = g.add_value(format!("{ty}_{}", g.nodes.len()), f(d));
+        let op = Op::from_onnx(&kiln_ir::ops::OnnxNode::new(
+            ty,
+            17,
+            &[],
+            vec![true; ins.len()],
+            1,
+        ))
+        .unwrap()
+        .unwrap();
+        g.nodes.push(Node {
+            name: format!("n{}", g.nodes.len()),
+            op,
+            inputs: ins.into_iter().map(Some).collect(),
+            outputs: vec![o],
+        });
+        o
+    };
+    let h = add(&mut g, "MatMul", vec![x, w1], &[rows, inner]);
+    let h = add(&mut g, "Relu", vec![h], &[rows, inner]);
+    let y = add(&mut g, "MatMul", vec![h, w2], &[rows, hidden]);
+    g.values[y].name = "y".into();
+    g.outputs.push(y);
+    let opts = kiln::compile::CompileOptions::default();
+    let g = kiln::cluster::prepare(&g, &opts).unwrap();
+    let jo = JointOptions {
+        k: 2,
+        device: kiln_passes::eqsat::cost::Device::cpu(),
+        link: Link::of(LinkKind::Shm),
+        eqsat: kiln_passes::eqsat::EqsatOptions::default(),
+    };
+    let r = optimize(&g, &jo).unwrap();
+    let plan = r.plan(2);
+    let cl = Cluster::cpus(2, 8.0);
+    let sim = Simulator::new(&r.graph, &cl, rows, &SimOptions::default()).unwrap();
+    let pred2 = sim.simulate(&plan, false).unwrap().latency_us;
+    let pred1 = r.single_us;
+    let (art2, rep) = kiln::cluster::compile_cluster_graph(
+        &r.graph,
+        "mlp",
+        &opts,
+        &kiln::cluster::PlanSource::Plan(plan.clone()),
+    )
+    .unwrap();
+    println!("{rep}");
+    let (art1, _) = kiln::compile::compile_graph(&g, "mlp", &opts, |_, _| {}).unwrap();
+    // time both with the runtime-only bench (ranks as threads, models reused):
+    // cargo run --release -p kiln-runtime --example cluster_bench 200 <paths>
+    let dir = std::env::temp_dir();
+    let (p1, p2) = (dir.join("joint_mlp_1.kiln"), dir.join("joint_mlp_2.kiln"));
+    art1.save(&p1).unwrap();
+    art2.save(&p2).unwrap();
+    println!(
+        "joint TP plan {:?}: predicted 1 rank {pred1:.0} us, 2 ranks {pred2:.0} us (lockstep {:.0}); artifacts {} {}",
+        r.splits.iter().map(|s| s.kind).collect::<Vec<_>>(),
+        r.cost_us,
+        p1.display(),
+        p2.display()
+    );
+}
