@@ -218,48 +218,9 @@ fn bench_parallel_plans() {
 /// its plan is faster; the artifact (ranks as threads) gives the interpreter's output.
 #[test]
 fn cluster_compile_uses_the_rewritten_graph_when_faster() {
-    use kiln_ir::{DType, Fact, Graph, Node, Op, Shape, Tensor};
+    use kiln_ir::Tensor;
     // x·W1 → Relu → Relu → ·W2: the double Relu is rewritten away
-    let mut g = Graph {
-        name: "mlp2".into(),
-        opset: 17,
-        ..Default::default()
-    };
-    let f = |d: &[usize]| Fact::new(DType::F32, Shape::known(d));
-    let x = g.add_value("x", f(&[64, 256]));
-    g.inputs.push(x);
-    let vals = |n: usize, seed: f32| -> Vec<f32> {
-        (0..n)
-            .map(|i| ((i as f32 * 0.37 + seed).sin()) * 0.1)
-            .collect()
-    };
-    let w1 = g.add_const("w1", Tensor::from_vec(&[256, 1024], vals(256 * 1024, 1.0)));
-    let w2 = g.add_const("w2", Tensor::from_vec(&[1024, 256], vals(1024 * 256, 2.0)));
-    let add = |g: &mut Graph, ty: &str, ins: Vec<kiln_ir::ValueId>, d: &[usize]| {
-        let o = g.add_value(format!("{ty}_{}", g.nodes.len()), f(d));
-        let op = Op::from_onnx(&kiln_ir::ops::OnnxNode::new(
-            ty,
-            17,
-            &[],
-            vec![true; ins.len()],
-            1,
-        ))
-        .unwrap()
-        .unwrap();
-        g.nodes.push(Node {
-            name: format!("n{}", g.nodes.len()),
-            op,
-            inputs: ins.into_iter().map(Some).collect(),
-            outputs: vec![o],
-        });
-        o
-    };
-    let h = add(&mut g, "MatMul", vec![x, w1], &[64, 1024]);
-    let h = add(&mut g, "Relu", vec![h], &[64, 1024]);
-    let h = add(&mut g, "Relu", vec![h], &[64, 1024]);
-    let y = add(&mut g, "MatMul", vec![h, w2], &[64, 256]);
-    g.values[y].name = "y".into();
-    g.outputs.push(y);
+    let g = mlp_graph("mlp2", (64, 256, 1024), 2, 0.1);
     let cluster = root().join("examples/clusters/cpu2.toml");
     let (art, report) = kiln::cluster::compile_cluster_graph(
         &g,
@@ -297,56 +258,11 @@ fn cluster_compile_uses_the_rewritten_graph_when_faster() {
 #[test]
 #[ignore]
 fn joint_plan_timing() {
-    use kiln_ir::{DType, Fact, Graph, Node, Op, Shape, Tensor};
     use kiln_passes::parallel::cluster::{Cluster, Link, LinkKind};
     use kiln_passes::parallel::joint::{optimize, JointOptions};
     use kiln_passes::parallel::sim::{SimOptions, Simulator};
     let (rows, hidden, inner) = (16usize, 1024usize, 4096usize);
-    let mut g = Graph {
-        name: "mlp".into(),
-        opset: 17,
-        ..Default::default()
-    };
-    let f = |d: &[usize]| Fact::new(DType::F32, Shape::known(d));
-    let x = g.add_value("x", f(&[rows, hidden]));
-    g.inputs.push(x);
-    let vals = |n: usize, seed: f32| -> Vec<f32> {
-        (0..n)
-            .map(|i| ((i as f32 * 0.37 + seed).sin()) * 0.05)
-            .collect()
-    };
-    let w1 = g.add_const(
-        "w1",
-        Tensor::from_vec(&[hidden, inner], vals(hidden * inner, 1.0)),
-    );
-    let w2 = g.add_const(
-        "w2",
-        Tensor::from_vec(&[inner, hidden], vals(inner * hidden, 2.0)),
-    );
-    let add = |g: &mut Graph, ty: &str, ins: Vec<kiln_ir::ValueId>, d: &[usize]| {
-        let o = g.add_value(format!("{ty}_{}", g.nodes.len()), f(d));
-        let op = Op::from_onnx(&kiln_ir::ops::OnnxNode::new(
-            ty,
-            17,
-            &[],
-            vec![true; ins.len()],
-            1,
-        ))
-        .unwrap()
-        .unwrap();
-        g.nodes.push(Node {
-            name: format!("n{}", g.nodes.len()),
-            op,
-            inputs: ins.into_iter().map(Some).collect(),
-            outputs: vec![o],
-        });
-        o
-    };
-    let h = add(&mut g, "MatMul", vec![x, w1], &[rows, inner]);
-    let h = add(&mut g, "Relu", vec![h], &[rows, inner]);
-    let y = add(&mut g, "MatMul", vec![h, w2], &[rows, hidden]);
-    g.values[y].name = "y".into();
-    g.outputs.push(y);
+    let g = mlp_graph("mlp", (rows, hidden, inner), 1, 0.05);
     let opts = kiln::compile::CompileOptions::default();
     let g = kiln::cluster::prepare(&g, &opts).unwrap();
     let jo = JointOptions {
@@ -383,4 +299,56 @@ fn joint_plan_timing() {
         p1.display(),
         p2.display()
     );
+}
+
+/// `x[rows, hidden] · W1 → Relu ×relus → · W2` with deterministic weights (`scale` ·
+/// sin), output `y`.
+fn mlp_graph(
+    name: &str,
+    (rows, hidden, inner): (usize, usize, usize),
+    relus: usize,
+    scale: f32,
+) -> kiln_ir::Graph {
+    use kiln_ir::{DType, Fact, Graph, Node, Op, Shape, Tensor};
+    let mut g = Graph {
+        name: name.into(),
+        opset: 17,
+        ..Default::default()
+    };
+    let f = |d: &[usize]| Fact::new(DType::F32, Shape::known(d));
+    let x = g.add_value("x", f(&[rows, hidden]));
+    g.inputs.push(x);
+    let vals = |n: usize, seed: f32| -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i as f32 * 0.37 + seed).sin()) * scale)
+            .collect()
+    };
+    let w1 = g.add_const(
+        "w1",
+        Tensor::from_vec(&[hidden, inner], vals(hidden * inner, 1.0)),
+    );
+    let w2 = g.add_const(
+        "w2",
+        Tensor::from_vec(&[inner, hidden], vals(inner * hidden, 2.0)),
+    );
+    let add = |g: &mut Graph, ty: &str, ins: Vec<kiln_ir::ValueId>, d: &[usize]| {
+        let o = g.add_value(format!("{ty}_{}", g.nodes.len()), f(d));
+        let node = kiln_ir::ops::OnnxNode::new(ty, 17, &[], vec![true; ins.len()], 1);
+        let op = Op::from_onnx(&node).unwrap().unwrap();
+        g.nodes.push(Node {
+            name: format!("n{}", g.nodes.len()),
+            op,
+            inputs: ins.into_iter().map(Some).collect(),
+            outputs: vec![o],
+        });
+        o
+    };
+    let mut h = add(&mut g, "MatMul", vec![x, w1], &[rows, inner]);
+    for _ in 0..relus {
+        h = add(&mut g, "Relu", vec![h], &[rows, inner]);
+    }
+    let y = add(&mut g, "MatMul", vec![h, w2], &[rows, hidden]);
+    g.values[y].name = "y".into();
+    g.outputs.push(y);
+    g
 }
