@@ -473,10 +473,40 @@ pub fn rel_err(got: &[f32], want: &[f32]) -> f32 {
     err / scale
 }
 
-/// IEEE binary16 bits of `x` (round to nearest even; overflow to ±inf): the library's
-/// conversion ([`kiln_codegen::gpu::lower::precision::f32_to_f16_bits`]).
+/// IEEE binary16 bits of `x` (round to nearest even; overflow to ±inf).
 pub fn f32_to_f16(x: f32) -> u16 {
-    kiln_codegen::gpu::lower::precision::f32_to_f16_bits(x)
+    let b = x.to_bits();
+    let sign = ((b >> 16) & 0x8000) as u16;
+    let exp = ((b >> 23) & 0xff) as i32;
+    let man = b & 0x7f_ffff;
+    if exp == 0xff {
+        return sign | 0x7c00 | if man != 0 { 0x200 } else { 0 };
+    }
+    let e = exp - 127 + 15;
+    if e >= 0x1f {
+        return sign | 0x7c00;
+    }
+    if e <= 0 {
+        if e < -10 {
+            return sign;
+        }
+        // Subnormal: shift the implicit-one mantissa into place, round to nearest even.
+        let m = man | 0x80_0000;
+        let shift = (14 - e) as u32;
+        let half = 1u32 << (shift - 1);
+        let mut r = m >> shift;
+        let rest = m & ((1 << shift) - 1);
+        if rest > half || (rest == half && (r & 1) == 1) {
+            r += 1;
+        }
+        return sign | r as u16;
+    }
+    let mut r = ((e as u32) << 10) | (man >> 13);
+    let rest = man & 0x1fff;
+    if rest > 0x1000 || (rest == 0x1000 && (r & 1) == 1) {
+        r += 1; // may carry into the exponent (and up to inf), which is correct
+    }
+    sign | r as u16
 }
 
 /// The f32 value of IEEE binary16 bits.
