@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 for b in "${@:-1 8 32}"; do
   for bb in $b; do
-    KILN_PLAN_BATCH=$bb cargo test --release -q -p kiln --test parallel_plan bench_parallel_plans \
+    KILN_PLAN_BATCH=$bb cargo test --release -q -p kiln --test e2e parallel_plan::bench_parallel_plans \
       -- --ignored --nocapture 2>/dev/null | grep '^|'
   done
 done

@@ -1,8 +1,8 @@
 //! End-to-end test of `kiln bench` (Kiln vs onnxruntime) on the smallest zoo model.
 
-use std::path::Path;
-mod common;
+use crate::common;
 use common::{kiln, tmp};
+use std::path::Path;
 
 #[test]
 fn bench_mlp_prints_table_ratio_roofline_memory() {

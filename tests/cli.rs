@@ -1,8 +1,8 @@
 //! End-to-end tests of the `kiln` command line on the zoo models.
 
-use std::path::{Path, PathBuf};
-mod common;
+use crate::common;
 use common::{kiln, tmp};
+use std::path::{Path, PathBuf};
 
 fn zoo() -> Vec<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/zoo");

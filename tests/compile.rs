@@ -1,9 +1,9 @@
 //! End-to-end tests of `kiln compile` and `kiln run`: compile a zoo model to an artifact, run
 //! it with the runtime and check it against the model's reference outputs.
 
-use std::path::{Path, PathBuf};
-mod common;
+use crate::common;
 use common::{kiln, tmp};
+use std::path::{Path, PathBuf};
 
 fn zoo(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -302,7 +302,7 @@ fn write_report(results: &[(String, String, Outcome, String)], counts: [usize; 4
     let _ = writeln!(
         md,
         "# Conformance through the artifact path\n\n_Written by `tests/conformance_artifact.rs` \
-         (`cargo test --release -p kiln --test conformance_artifact`)._\n\nEvery ONNX node test \
+         (`cargo test --release -p kiln --test e2e conformance_artifact::`)._\n\nEvery ONNX node test \
          that the reference interpreter passes (see [conformance.md](conformance.md)) is \
          compiled with `kiln::compile`, saved as an artifact, loaded by the runtime and run; \
          outputs are compared with the test's expected outputs (rtol 1e-3, atol 1e-6).\n\n\

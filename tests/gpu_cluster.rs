@@ -3,7 +3,7 @@
 //! and the per-rank programs of pipeline and tensor-parallel plans, each GPU segment run by
 //! the host emulation of its GPU plan, give the interpreter's output.
 
-mod common;
+use crate::common;
 
 use kiln::compile::CompileOptions;
 use kiln::runtime::Artifact;

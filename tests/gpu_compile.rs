@@ -4,7 +4,7 @@
 //! generic-path lowering and the plan's buffer wiring are checked against the reference
 //! interpreter by running the generic-only plan on the CPU (`kiln::gpu_compile::emulate`).
 
-mod common;
+use crate::common;
 
 use common::{kiln, tmp};
 use kiln::compile::CompileOptions;

@@ -3,7 +3,7 @@
 //! reference interpreter), results in the measurer's format imported into a database and
 //! used by `compile --db`, and the measurer's refusal without a GPU.
 
-mod common;
+use crate::common;
 
 use common::{kiln, tmp};
 use kiln::compile::CompileOptions;

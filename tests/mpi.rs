@@ -5,7 +5,7 @@
 //! makes `mpirun` fail fast, and a wrong rank count is refused. The MPI cases are skipped,
 //! saying so, when `mpirun` is not installed.
 
-mod common;
+use crate::common;
 
 use common::{kiln, tmp};
 use kiln::passes::parallel::pipeline_split::{balanced_pipeline, data_parallel, tensor_parallel};

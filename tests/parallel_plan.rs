@@ -2,12 +2,12 @@
 //! plan search on BERT-base / GPT-2-medium sized graphs (`#[ignore]`, run by
 //! `scripts/parallel_plan_bench.sh`; its table is in docs/performance.md).
 
-use std::path::Path;
-mod common;
+use crate::common;
 use common::{kiln, tmp};
 use kiln::parallel_plan::{find_plan, load_cluster};
 use kiln_passes::parallel::models::{transformer, TransformerConfig};
 use kiln_passes::parallel::search::Objective;
+use std::path::Path;
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -135,6 +135,23 @@ fn eqsat_variant_is_searched_and_its_graph_returned() {
     r.best.plan.validate(planned.nodes.len()).unwrap();
     let best = r.variants.iter().map(|v| v.1).fold(0.0, f64::max);
     assert_eq!(r.best.prediction.throughput, best);
+    // A mixed cluster: joint groups of each SKU, searched on the whole cluster.
+    let mixed = load_cluster(&root().join("examples/clusters/4h100_4a100.toml")).unwrap();
+    let rm = find_plan(&g, &mixed, 4, 2, Objective::Throughput).unwrap();
+    let names: Vec<&str> = rm.variants.iter().map(|(v, _)| v.as_str()).collect();
+    assert_eq!(
+        names[2..],
+        [
+            "joint e-graph (TP groups of 2 h100-sxm)",
+            "joint e-graph (TP groups of 4 h100-sxm)",
+            "joint e-graph (TP groups of 2 a100)",
+            "joint e-graph (TP groups of 4 a100)"
+        ],
+        "{:?}",
+        rm.notes
+    );
+    let planned = rm.graph.as_ref().unwrap_or(&g);
+    rm.best.plan.validate(planned.nodes.len()).unwrap();
     // -O0: the graph as given only.
     let r0 = find_plan(&g, &cluster, 4, 0, Objective::Throughput).unwrap();
     assert_eq!(r0.variants.len(), 1);
@@ -254,7 +271,7 @@ fn cluster_compile_uses_the_rewritten_graph_when_faster() {
 
 /// Predicted vs measured for the joint e-graph's tensor-parallel plan of a large MLP on
 /// 1 and 2 CPU ranks (threads), one thread per rank
-/// (`cargo test --release -p kiln --test parallel_plan joint_plan_timing -- --ignored --nocapture`).
+/// (`cargo test --release -p kiln --test e2e parallel_plan::joint_plan_timing -- --ignored --nocapture`).
 #[test]
 #[ignore]
 fn joint_plan_timing() {

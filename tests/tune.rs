@@ -2,7 +2,7 @@
 //! without re-measuring, used by the compiler (and the compiled model stays correct), moved
 //! between databases; crashing and hanging candidates are recorded and tuning goes on.
 
-mod common;
+use crate::common;
 use common::{kiln, tmp};
 use kiln_tune::{Outcome, TuningDb};
 use std::collections::HashSet;

@@ -2,8 +2,6 @@
 //! (`conv.rs`, `pool.rs`), checked kernel by kernel against the reference interpreter, and
 //! the CNN zoo models (resnet, mobilenet) lowered completely.
 
-#![allow(dead_code)]
-
 use kiln_codegen::cpu::lower::conv::ConvSchedule;
 use kiln_ir::ops::elementwise::{BinaryKind, ClipBounds, ElementwiseOp, UnaryKind};
 use kiln_ir::ops::nn::{AutoPad, ConvAttrs, MaxPoolAttrs, NnOp, PoolKind, WindowAttrs};
@@ -11,7 +9,7 @@ use kiln_ir::{DType, Op, Tensor, ValueId};
 use kiln_passes::fusion::KernelKind;
 use rand::SeedableRng;
 
-mod common;
+use crate::common;
 use common::*;
 
 /// Window attributes: strides, pads (begin = end), dilations.

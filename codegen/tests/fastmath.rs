@@ -13,7 +13,7 @@ use kiln_ir::{DType, Graph, Op, Tensor};
 use kiln_passes::fusion::KernelKind;
 use kiln_runtime::kernel_lib::{scratch_buffer, KernelLibrary};
 
-mod common;
+use crate::common;
 use common::*;
 
 /// The single lowered kernel of `g` (which must lower completely).
@@ -353,7 +353,7 @@ fn reductions_vectorise_and_match() {
 }
 
 /// Prints the MLIR and O3 LLVM IR of zoo kernels: `KILN_DUMP=gpt:k24_ cargo test --release
-/// -p kiln-codegen --test fastmath dump -- --ignored --nocapture`.
+/// -p kiln-codegen --test kernels fastmath::dump -- --ignored --nocapture`.
 #[test]
 #[ignore]
 fn dump_zoo_kernel_ir() {

@@ -18,8 +18,7 @@ use kiln_codegen::gpu::kernels::gemm_wgmma::{gemm_wgmma, WgmmaSchedule};
 use kiln_codegen::gpu::{compile_kernel, DeviceDb};
 use std::process::Command;
 
-#[path = "common/ptxas.rs"]
-mod ptxas;
+use crate::ptxas;
 use ptxas::{find_ptxas, repo};
 
 /// `(registers, static smem bytes, spill bytes + stack bytes)` from `ptxas -v`.

@@ -15,7 +15,7 @@ use kiln_ir::ops::nn::{AutoPad, ConvAttrs, LayerNormAttrs, NnOp, SoftmaxAttrs, W
 use kiln_ir::ops::reduce::{ReduceAxes, ReduceKind, ReduceOp};
 use kiln_ir::{DType, Graph, Op, Tensor, ValueId};
 
-mod common;
+use crate::common;
 use common::*;
 
 fn opts() -> LowerOptions {

@@ -4,10 +4,7 @@
 //! ([`RowAttention::eval`], what plan emulation runs), the f32 → f16 cast against the host
 //! rounding, and the copy.
 
-#[path = "common/gpu_emu.rs"]
-mod gpu_emu;
-#[path = "common/gpu_ref.rs"]
-mod gpu_ref;
+use crate::gpu_emu;
 
 use gpu_emu::{run, EArg};
 use kiln_codegen::gpu::kernels::gemm_mma::MmaInput;

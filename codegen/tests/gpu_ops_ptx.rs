@@ -31,13 +31,10 @@ use kiln_ir::ops::nn::{AutoPad, ConvAttrs, LayerNormAttrs, NnOp, SoftmaxAttrs, W
 use kiln_ir::ops::reduce::{ReduceAxes, ReduceOp};
 use kiln_ir::{DType, Op, Tensor};
 
-mod common;
-#[path = "common/gpu_emu.rs"]
-mod gpu_emu;
-#[path = "common/gpu_ref.rs"]
-mod gpu_ref;
-#[path = "common/ptxas.rs"]
-mod ptxas;
+use crate::common;
+use crate::gpu_emu;
+use crate::gpu_ref;
+use crate::ptxas;
 
 use common::Builder;
 use gpu_emu::EArg;

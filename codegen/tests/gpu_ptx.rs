@@ -13,8 +13,7 @@ use kiln_codegen::gpu::kernels::{all_default, elementwise, gemm};
 use kiln_codegen::gpu::DeviceDb;
 use std::process::Command;
 
-#[path = "common/ptxas.rs"]
-mod ptxas;
+use crate::ptxas;
 use ptxas::{check_fixture, check_limits, find_ptxas, parse_ptxas_v};
 
 #[test]

@@ -4,10 +4,7 @@
 //! (`common/gpu_emu.rs`) against CPU loops, with edge tiles (sizes not multiples of the
 //! tiles). A tuned record can therefore only change speed, not results.
 
-#[path = "common/gpu_emu.rs"]
-mod gpu_emu;
-#[path = "common/gpu_ref.rs"]
-mod gpu_ref;
+use crate::gpu_emu;
 
 use gpu_emu::EArg;
 use kiln_codegen::gpu::kernels::conv::{ConvGeom, Epilogue};

@@ -9,7 +9,7 @@ use kiln_ir::{DType, Op, Tensor};
 use kiln_passes::fusion::KernelKind;
 use rand::SeedableRng;
 
-mod common;
+use crate::common;
 use common::*;
 
 #[test]

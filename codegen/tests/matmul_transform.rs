@@ -215,7 +215,7 @@ fn matches_ir_reference() {
     }
 }
 
-mod common;
+use crate::common;
 
 /// MatMul/Gemm contraction kernels (fused epilogues, transposed Gemm operands, a row-split
 /// kernel, a batched MatMul) lowered with each transform lowering agree with the reference

@@ -14,7 +14,7 @@ use kiln_passes::fusion::KernelKind;
 use proptest::prelude::*;
 use rand::SeedableRng;
 
-mod common;
+use crate::common;
 use common::*;
 
 fn cases() -> u32 {

@@ -9,7 +9,7 @@ use kiln_ir::ops::reduce::{ReduceAxes, ReduceKind, ReduceOp};
 use kiln_ir::{DType, Fact, Node, Op, Shape, Tensor};
 use kiln_passes::fusion::KernelKind;
 
-mod common;
+use crate::common;
 use common::*;
 
 fn i64s(v: &[i64]) -> Tensor {

@@ -62,8 +62,8 @@ pub struct SearchOptions {
     /// Also run the joint algebraic + tensor-parallel e-graph search
     /// ([`super::joint`]) for every tensor-parallel group size (dividing the world, up to
     /// 8) with these algebraic options: its one-stage plan is a candidate, and its graph is
-    /// searched like the others (homogeneous clusters only: the joint search splits
-    /// equally).
+    /// searched like the others. On a mixed cluster, groups of each SKU (the joint e-graph
+    /// splits equally; the search of its graph then balances the SKUs).
     pub joint: Option<crate::eqsat::EqsatOptions>,
 }
 
@@ -152,9 +152,12 @@ pub fn find_plan(
     Ok(report)
 }
 
-/// The joint e-graph variants of [`SearchOptions::joint`]: for each group size `k`, the
-/// joint extraction's graph searched as a whole, plus its own one-stage plan when `k` is
-/// the world; the best replaces the report's if better.
+/// The joint e-graph variants of [`SearchOptions::joint`]: for each SKU of the cluster and
+/// each group size `k` (dividing that SKU's device count, up to 8), the joint extraction's
+/// graph for a tensor-parallel group of `k` such devices, searched as a whole (on a mixed
+/// cluster the search then gives the stages their proportional shares), plus its own
+/// one-stage plan when the cluster is `k` equal devices; the best replaces the report's if
+/// better.
 fn joint_variants(
     g: &Graph,
     cluster: &Cluster,
@@ -164,53 +167,69 @@ fn joint_variants(
     report: &mut PlanReport,
 ) {
     let world = cluster.len();
-    let spec = &cluster.devices[0].spec;
-    if world < 2 || cluster.devices.iter().any(|d| d.spec != *spec) {
-        report
-            .notes
-            .push("joint e-graph search skipped: it needs equal devices".into());
-        return;
-    }
+    let groups = sku_groups(cluster);
+    let mixed = groups.len() > 1;
     let inner = SearchOptions {
         eqsat: None,
         joint: None,
         ..opts.clone()
     };
-    for k in (2..=world.min(8)).filter(|k| world.is_multiple_of(*k)) {
-        let jo = super::joint::JointOptions {
-            k,
-            device: super::sim::device_of(spec, g),
-            link: cluster.group_link(&(0..k).collect::<Vec<_>>()),
-            eqsat: crate::eqsat::EqsatOptions {
-                rules: None,
-                ..eo.clone()
-            },
-        };
-        let r = match super::joint::optimize(g, &jo) {
-            Ok(r) => r,
-            Err(e) => {
-                report
-                    .notes
-                    .push(format!("joint e-graph search (k = {k}): {e}"));
-                continue;
-            }
-        };
-        let extra = (k == world).then(|| r.plan(k));
-        let name = format!("joint e-graph (TP groups of {k})");
-        match search_graph(&r.graph, cluster, batch, &inner, extra) {
-            Ok(rj) => {
-                report
-                    .variants
-                    .push((name.clone(), rj.best.prediction.throughput));
-                if better(opts.objective, &rj.best.prediction, &report.best.prediction) {
-                    report.best = rj.best;
-                    report.graph_variant = name;
-                    report.graph = Some(r.graph);
+    for ranks in &groups {
+        let spec = &cluster.devices[ranks[0]].spec;
+        let n = ranks.len();
+        for k in (2..=n.min(8)).filter(|k| n.is_multiple_of(*k)) {
+            let jo = super::joint::JointOptions {
+                k,
+                device: super::sim::device_of(spec, g),
+                link: cluster.group_link(&ranks[..k]),
+                eqsat: crate::eqsat::EqsatOptions {
+                    rules: None,
+                    ..eo.clone()
+                },
+            };
+            let name = if mixed {
+                format!("joint e-graph (TP groups of {k} {})", spec.name)
+            } else {
+                format!("joint e-graph (TP groups of {k})")
+            };
+            let r = match super::joint::optimize(g, &jo) {
+                Ok(r) => r,
+                Err(e) => {
+                    report.notes.push(format!("{name}: {e}"));
+                    continue;
                 }
+            };
+            let extra = (!mixed && k == world).then(|| r.plan(k));
+            match search_graph(&r.graph, cluster, batch, &inner, extra) {
+                Ok(rj) => {
+                    report
+                        .variants
+                        .push((name.clone(), rj.best.prediction.throughput));
+                    if better(opts.objective, &rj.best.prediction, &report.best.prediction) {
+                        report.best = rj.best;
+                        report.graph_variant = name;
+                        report.graph = Some(r.graph);
+                    }
+                }
+                Err(e) => report.notes.push(format!("{name}: {e}")),
             }
-            Err(e) => report.notes.push(format!("{name}: {e}")),
         }
     }
+}
+
+/// The ranks of each SKU of the cluster (devices with equal figures), in rank order.
+fn sku_groups(cluster: &Cluster) -> Vec<Vec<usize>> {
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    for (r, d) in cluster.devices.iter().enumerate() {
+        match groups
+            .iter_mut()
+            .find(|gr| cluster.devices[gr[0]].spec == d.spec)
+        {
+            Some(gr) => gr.push(r),
+            None => groups.push(vec![r]),
+        }
+    }
+    groups
 }
 
 /// Whether prediction `a` beats `b`: feasible first, then the objective, then the other
