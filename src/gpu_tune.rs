@@ -19,6 +19,7 @@ use crate::compile::CompileOptions;
 use crate::gpu_compile::{plan_for_gpu, resolve_sku};
 use crate::tune::KILN_VERSION;
 use anyhow::{bail, Context, Result};
+use kiln_codegen::gpu::kernels::epilogue::Epilogue;
 use kiln_codegen::gpu::kernels::gemm_mma::MmaInput;
 use kiln_codegen::gpu::lower::{self, LowerOptions};
 use kiln_codegen::gpu::tuning::{GpuSchedules, GpuTemplate, GpuTunable, TunedKernel};
@@ -230,20 +231,46 @@ fn gemm_expected(
     batch: usize,
     (a, sa): (&[f32], usize),
     (b, sb): (&[f32], usize),
+    epi: &Epilogue,
     bias: Option<&[f32]>,
+    residual: Option<&[f32]>,
 ) -> Result<Vec<f32>> {
     let mut out = Vec::with_capacity(batch * m * n);
     for z in 0..batch {
         let at = Tensor::from_vec(&[m, k], a[z * sa..z * sa + m * k].to_vec());
         let bt = Tensor::from_vec(&[k, n], b[z * sb..z * sb + k * n].to_vec());
         let y = f32s(&eval(Op::Linalg(LinalgOp::MatMul), &[&at, &bt])?);
-        out.extend(
-            y.iter()
-                .enumerate()
-                .map(|(i, v)| v + bias.map_or(0.0, |bb| bb[i % n])),
-        );
+        out.extend(y.iter().enumerate().map(|(i, v)| {
+            let bv = bias.map_or(0.0, |bb| bb[i % n]);
+            let rv = residual.map_or(0.0, |r| r[z * m * n + i]);
+            epi.apply(*v, 1.0, 1.0, bv, rv)
+        }));
     }
     Ok(out)
+}
+
+/// The bias and residual buffers of a GEMM epilogue over `batch` `m×n` outputs (random,
+/// where the epilogue has them), appended after the output buffer.
+fn epilogue_bufs(
+    rng: &mut Rng,
+    epi: &Epilogue,
+    n: usize,
+    outputs: usize,
+    bufs: &mut Vec<DataBuf>,
+) -> (Option<Vec<f32>>, Option<Vec<f32>>) {
+    let bias = epi.bias.then(|| rng.vec(n));
+    let res = epi.has_residual().then(|| rng.vec(outputs));
+    for (name, v) in [("bias", &bias), ("residual", &res)] {
+        if let Some(v) = v {
+            bufs.push(DataBuf {
+                name,
+                bytes: Some(f32_bytes(v)),
+                elem_bytes: 4,
+                len: v.len() as u64,
+            });
+        }
+    }
+    (bias, res)
 }
 
 /// The data of task `t` (seeded by its fingerprint): inputs, the zeroed output, the
@@ -267,7 +294,15 @@ fn task_data(t: &GpuTunable) -> Result<TaskData> {
         GpuTemplate::GemmF32 { m, n, k } => {
             let (m, n, k) = (*m as usize, *n as usize, *k as usize);
             let (a, b) = (rng.vec(m * k), rng.vec(k * n));
-            let expected = gemm_expected((m, n, k), 1, (&a, 0), (&b, 0), None)?;
+            let expected = gemm_expected(
+                (m, n, k),
+                1,
+                (&a, 0),
+                (&b, 0),
+                &Epilogue::none(),
+                None,
+                None,
+            )?;
             TaskData {
                 bufs: vec![f32buf("A", &a), f32buf("B", &b), out(m * n)],
                 output: 2,
@@ -275,7 +310,7 @@ fn task_data(t: &GpuTunable) -> Result<TaskData> {
                 tolerance: 1e-4,
             }
         }
-        GpuTemplate::Mma { p, bias } => {
+        GpuTemplate::Mma { p, epi } => {
             let (m, n, k, nb) = (
                 p.m as usize,
                 p.n as usize,
@@ -285,8 +320,6 @@ fn task_data(t: &GpuTunable) -> Result<TaskData> {
             let (sa, sb) = (p.stride_a as usize, p.stride_b as usize);
             let (a_raw, eb, a) = operand(&mut rng, (nb - 1) * sa + m * k, p.input);
             let (b_raw, _, b) = operand(&mut rng, (nb - 1) * sb + k * n, p.input);
-            let bias_v = bias.then(|| rng.vec(n));
-            let expected = gemm_expected((m, n, k), nb, (&a, sa), (&b, sb), bias_v.as_deref())?;
             let mut bufs = vec![
                 DataBuf {
                     name: "A",
@@ -302,9 +335,16 @@ fn task_data(t: &GpuTunable) -> Result<TaskData> {
                 },
                 out(nb * m * n),
             ];
-            if let Some(bv) = &bias_v {
-                bufs.push(f32buf("bias", bv));
-            }
+            let (bias_v, res_v) = epilogue_bufs(&mut rng, epi, n, nb * m * n, &mut bufs);
+            let expected = gemm_expected(
+                (m, n, k),
+                nb,
+                (&a, sa),
+                (&b, sb),
+                epi,
+                bias_v.as_deref(),
+                res_v.as_deref(),
+            )?;
             TaskData {
                 bufs,
                 output: 2,
@@ -317,13 +357,11 @@ fn task_data(t: &GpuTunable) -> Result<TaskData> {
             n,
             k,
             input,
-            bias,
+            epi,
         } => {
             let (m, n, k) = (*m as usize, *n as usize, *k as usize);
             let (a_raw, eb, a) = operand(&mut rng, m * k, *input);
             let (b_raw, _, b) = operand(&mut rng, k * n, *input);
-            let bias_v = bias.then(|| rng.vec(n));
-            let expected = gemm_expected((m, n, k), 1, (&a, 0), (&b, 0), bias_v.as_deref())?;
             let mut bufs = vec![
                 DataBuf {
                     name: "A",
@@ -339,9 +377,16 @@ fn task_data(t: &GpuTunable) -> Result<TaskData> {
                 },
                 out(m * n),
             ];
-            if let Some(bv) = &bias_v {
-                bufs.push(f32buf("bias", bv));
-            }
+            let (bias_v, res_v) = epilogue_bufs(&mut rng, epi, n, m * n, &mut bufs);
+            let expected = gemm_expected(
+                (m, n, k),
+                1,
+                (&a, 0),
+                (&b, 0),
+                epi,
+                bias_v.as_deref(),
+                res_v.as_deref(),
+            )?;
             TaskData {
                 bufs,
                 output: 2,
@@ -420,11 +465,8 @@ fn candidate_args(t: &GpuTunable, k: &TunedKernel) -> Vec<BundleArg> {
         GpuTemplate::GemmF32 { m, n, k } => {
             vec![buf(0), buf(1), buf(2), idx(*m), idx(*n), idx(*k)]
         }
-        GpuTemplate::Mma { p, bias } => {
-            let mut a = vec![buf(0), buf(1), buf(2)];
-            if *bias {
-                a.push(buf(3));
-            }
+        GpuTemplate::Mma { p, epi } => {
+            let mut a = epilogue_args(epi, vec![buf(0), buf(1), buf(2)]);
             a.extend([
                 idx(p.m),
                 idx(p.n),
@@ -432,16 +474,15 @@ fn candidate_args(t: &GpuTunable, k: &TunedKernel) -> Vec<BundleArg> {
                 idx(p.stride_a),
                 idx(p.stride_b),
                 idx(p.m * p.n),
-                BundleArg::F32 { value: 1.0 },
             ]);
-            a
+            scale_args(epi, a)
         }
         GpuTemplate::Wgmma {
             m,
             n,
             k: kk,
             input,
-            bias,
+            epi,
         } => {
             // wgmma candidates always carry their descriptors ([0; 2]: not reached).
             let none = kiln_codegen::gpu::kernels::gemm_wgmma::TensorMapSpec {
@@ -459,18 +500,37 @@ fn candidate_args(t: &GpuTunable, k: &TunedKernel) -> Vec<BundleArg> {
                     bf16: *input == MmaInput::BF16,
                 }
             };
-            let mut a = vec![tm(0, maps[0]), tm(1, maps[1]), buf(2)];
-            if *bias {
-                a.push(buf(3));
-            }
-            a.extend([idx(*m), idx(*n), idx(*kk), BundleArg::F32 { value: 1.0 }]);
-            a
+            let mut a = epilogue_args(epi, vec![tm(0, maps[0]), tm(1, maps[1]), buf(2)]);
+            a.extend([idx(*m), idx(*n), idx(*kk)]);
+            scale_args(epi, a)
         }
         GpuTemplate::Conv { epi, .. } => {
             let n = 3 + usize::from(epi.bias) + usize::from(epi.residual);
             (0..n).map(buf).collect()
         }
     }
+}
+
+/// `args` (A, B, C) followed by the epilogue's buffers (bias, residual: buffers 3, 4 as
+/// [`epilogue_bufs`] lays them out).
+fn epilogue_args(epi: &Epilogue, mut args: Vec<BundleArg>) -> Vec<BundleArg> {
+    let mut next = 3;
+    for has in [epi.bias, epi.has_residual()] {
+        if has {
+            args.push(BundleArg::Buf { buffer: next });
+            next += 1;
+        }
+    }
+    args
+}
+
+/// `args` followed by the GEMM's `alpha` (1) and, with a residual, `beta` (1).
+fn scale_args(epi: &Epilogue, mut args: Vec<BundleArg>) -> Vec<BundleArg> {
+    args.push(BundleArg::F32 { value: 1.0 });
+    if epi.has_residual() {
+        args.push(BundleArg::F32 { value: 1.0 });
+    }
+    args
 }
 
 /// Writes the bundle of `tasks` (each with its built candidates, the default first where

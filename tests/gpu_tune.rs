@@ -221,26 +221,64 @@ fn interpreted(dir: &Path, m: &Manifest, ti: usize) -> Vec<f32> {
             assert!(!t.description.contains("batch=") || num("batch") == 1);
             let a = Tensor::from_vec(&[m_, k], load(0)[..m_ * k].to_vec());
             let b = Tensor::from_vec(&[k, n], load(1)[..k * n].to_vec());
+            // The epilogue (bias, residual, activation) as graph nodes after the MatMul.
+            let epi = f.get("epi").map_or("", String::as_str);
+            let parts: Vec<&str> = epi.split('_').collect();
             let bias = f.get("bias").is_some_and(|v| v == "1");
-            if bias {
-                let g = graph(
-                    &[&[m_, k], &[k, n], &[n]],
-                    vec![
-                        (Op::Linalg(LinalgOp::MatMul), vec![0, 1]),
-                        (
-                            Op::Elementwise(ElementwiseOp::Binary(BinaryKind::Add)),
-                            vec![3, 2],
-                        ),
-                    ],
-                );
-                run(&g, vec![a, b, Tensor::from_vec(&[n], load(3))])
-            } else {
-                let g = graph(
-                    &[&[m_, k], &[k, n]],
-                    vec![(Op::Linalg(LinalgOp::MatMul), vec![0, 1])],
-                );
-                run(&g, vec![a, b])
+            let res_at = parts.iter().position(|p| *p == "res");
+            let act = parts
+                .iter()
+                .find(|p| !matches!(**p, "bias" | "res" | "" | "plain"));
+            let mut shapes: Vec<Vec<usize>> = vec![vec![m_, k], vec![k, n]];
+            let mut ins = vec![a, b];
+            let mut next_buf = 3;
+            let mut extra = |shape: Vec<usize>, shapes: &mut Vec<Vec<usize>>| -> usize {
+                shapes.push(shape.clone());
+                ins.push(Tensor::from_vec(&shape, load(next_buf)));
+                next_buf += 1;
+                shapes.len() - 1
+            };
+            let bias_in = bias.then(|| extra(vec![n], &mut shapes));
+            let res_in = res_at.map(|_| extra(vec![m_, n], &mut shapes));
+            let n_in = shapes.len();
+            let add = Op::Elementwise(ElementwiseOp::Binary(BinaryKind::Add));
+            let mut nodes = vec![(Op::Linalg(LinalgOp::MatMul), vec![0, 1])];
+            let last = |nodes: &Vec<(Op, Vec<usize>)>| n_in + nodes.len() - 1;
+            if let Some(bi) = bias_in {
+                nodes.push((add.clone(), vec![last(&nodes), bi]));
             }
+            // `res` before the activation's name: added before it.
+            let res_before = res_at.is_some_and(|i| act.is_none_or(|a| parts[i + 1..].contains(a)));
+            if let (Some(ri), true) = (res_in, res_before) {
+                nodes.push((add.clone(), vec![last(&nodes), ri]));
+            }
+            let unary = |u: UnaryKind| Op::Elementwise(ElementwiseOp::Unary(u));
+            match act.copied() {
+                None => {}
+                Some("relu") => nodes.push((unary(UnaryKind::Relu), vec![last(&nodes)])),
+                Some("sigmoid") => nodes.push((unary(UnaryKind::Sigmoid), vec![last(&nodes)])),
+                Some("tanh") => nodes.push((unary(UnaryKind::Tanh), vec![last(&nodes)])),
+                Some("gelu") => nodes.push((
+                    unary(UnaryKind::Gelu {
+                        approximate: kiln_ir::ops::elementwise::GeluApprox::Tanh,
+                    }),
+                    vec![last(&nodes)],
+                )),
+                Some("silu") => {
+                    let x = last(&nodes);
+                    nodes.push((unary(UnaryKind::Sigmoid), vec![x]));
+                    nodes.push((
+                        Op::Elementwise(ElementwiseOp::Binary(BinaryKind::Mul)),
+                        vec![x, last(&nodes)],
+                    ));
+                }
+                Some(a) => panic!("unknown activation {a} in {}", t.description),
+            }
+            if let (Some(ri), false) = (res_in, res_before) {
+                nodes.push((add, vec![last(&nodes), ri]));
+            }
+            let refs: Vec<&[usize]> = shapes.iter().map(|s| s.as_slice()).collect();
+            run(&graph(&refs, nodes), ins)
         }
         "gpu_conv2d_f32" => {
             let (n, c, h, w, oc) = (num("n"), num("c"), num("h"), num("w"), num("oc"));
@@ -330,10 +368,12 @@ fn exported_bundle_round_trips() {
     if ptxas_bin.is_none() {
         println!("SKIPPED (ptxas part): no ptxas");
     }
+    let mut fused_epilogues = 0;
     for (name, p, target, n) in [
         ("bert", Precision::F16, "cuda:h100", 3),
         ("resnet", Precision::F32, "cuda:h100", 2),
         ("mlp", Precision::TF32, "cuda:a100", 2),
+        ("mlp", Precision::F16, "cuda:a100", 2),
     ] {
         let dir = root.join(format!("{name}_{}", p.name()));
         let m = export(name, p, target, &dir, &db, n);
@@ -347,6 +387,7 @@ fn exported_bundle_round_trips() {
         assert_eq!(again, m);
         for (ti, t) in m.tasks.iter().enumerate() {
             assert!(!t.candidates.is_empty() && t.candidates.len() <= n);
+            fused_epilogues += usize::from(t.description.contains(" epi="));
             let fps: Vec<String> = gpu_model_tasks(&zoo(name), &opts(name, p), target)
                 .unwrap()
                 .iter()
@@ -388,6 +429,8 @@ fn exported_bundle_round_trips() {
             m.tasks.iter().map(|t| t.candidates.len()).sum::<usize>()
         );
     }
+    // Tensor-core GEMMs with a fused activation/residual are tasks too (mlp's Gemm+Relu).
+    assert!(fused_epilogues > 0);
     std::fs::remove_dir_all(&root).ok();
 }
 
@@ -541,23 +584,15 @@ fn imported_results_select_the_recorded_schedules() {
     };
     let (t_steps, p_steps) = (wg_steps(&art), wg_steps(&plain));
     assert_eq!(t_steps.len(), p_steps.len());
-    // Only GEMMs with a plain or bias epilogue are tuned (a fused residual or activation
-    // keeps the default schedule).
-    let tunable = |k: &str| k.ends_with("_bias") || k.ends_with("_plain");
-    let pairs: Vec<_> = t_steps
-        .iter()
-        .zip(&p_steps)
-        .filter(|(_, p)| tunable(&p.kernel))
-        .collect();
+    // Every wgmma GEMM is tuned, those with a fused residual or activation too.
+    assert!(
+        p_steps
+            .iter()
+            .any(|p| !(p.kernel.ends_with("_bias") || p.kernel.ends_with("_plain"))),
+        "bert f16 has fused-epilogue GEMMs"
+    );
+    let pairs: Vec<_> = t_steps.iter().zip(&p_steps).collect();
     assert!(!pairs.is_empty());
-    for (s, p) in t_steps.iter().zip(&p_steps) {
-        if !tunable(&p.kernel) {
-            assert_eq!(
-                s.kernel, p.kernel,
-                "fused epilogues keep the default schedule"
-            );
-        }
-    }
     let mut differ = 0;
     for (s, p) in pairs {
         assert!(s.kernel.contains("_bn64_s2_"), "{}", s.kernel);

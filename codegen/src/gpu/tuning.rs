@@ -21,7 +21,7 @@
 use super::kernels::conv::{
     conv2d, ConvGeom, ConvLayout, Epilogue as ConvEpilogue, GpuConvSchedule,
 };
-use super::kernels::epilogue::Epilogue;
+use super::kernels::epilogue::{Activation, Epilogue, Residual};
 use super::kernels::gemm::{gemm_f32, GpuGemmSchedule};
 use super::kernels::gemm_mma::{gemm_mma, kernel_name, MmaInput, MmaOutput, MmaSchedule};
 use super::kernels::gemm_select::{select, GemmProblem, TensorCoreGemm};
@@ -43,15 +43,15 @@ pub enum GpuTemplate {
         /// Depth.
         k: u64,
     },
-    /// [`gemm_mma`] (f32 output, optional per-column bias): `batch` matrices at element
+    /// [`gemm_mma`] (f32 output) with its fused epilogue: `batch` matrices at element
     /// strides `stride_a`, `stride_b` (`p.output` is f32).
     Mma {
         /// The problem.
         p: GemmProblem,
-        /// Whether a per-column bias is fused.
-        bias: bool,
+        /// The fused epilogue (bias, activation, residual).
+        epi: Epilogue,
     },
-    /// [`gemm_wgmma`] (f32 output, optional bias), one matrix.
+    /// [`gemm_wgmma`] (f32 output) with its fused epilogue, one matrix.
     Wgmma {
         /// Rows.
         m: u64,
@@ -61,8 +61,8 @@ pub enum GpuTemplate {
         k: u64,
         /// f16 or bf16.
         input: MmaInput,
-        /// Whether a per-column bias is fused.
-        bias: bool,
+        /// The fused epilogue (bias, activation, residual).
+        epi: Epilogue,
     },
     /// [`conv2d`] in NCHW with its fused epilogue.
     Conv {
@@ -112,6 +112,34 @@ fn input_name(i: MmaInput) -> &'static str {
         MmaInput::BF16 => "bf16",
         MmaInput::TF32 => "tf32",
     }
+}
+
+/// The epilogue's part of a workload description: `bias=0|1`, then ` epi=TAG` when it
+/// has an activation or a residual (descriptions of bias-only GEMMs keep their old form).
+fn epi_desc(e: &Epilogue) -> String {
+    let plain = Epilogue {
+        bias: e.bias,
+        ..Epilogue::none()
+    };
+    if *e == plain {
+        format!("bias={}", u8::from(e.bias))
+    } else {
+        format!("bias={} epi={}", u8::from(e.bias), e.tag())
+    }
+}
+
+/// Features of an epilogue: activation index, residual (0 none, 1 before, 2 after).
+fn epi_features(e: &Epilogue) -> [f32; 2] {
+    let act = Activation::ALL
+        .iter()
+        .position(|a| *a == e.activation)
+        .unwrap_or(0);
+    let res = match e.residual {
+        Residual::None => 0.0,
+        Residual::BeforeActivation => 1.0,
+        Residual::AfterActivation => 2.0,
+    };
+    [act as f32, res]
 }
 
 fn log2p(x: u64) -> f32 {
@@ -223,7 +251,7 @@ impl GpuTunable {
                 gemm_f32_config(&GpuGemmSchedule::default()),
                 2.0 * (*m * *n * *k) as f64,
             ),
-            GpuTemplate::Mma { p, bias } => {
+            GpuTemplate::Mma { p, epi } => {
                 let vec = mma_vec_bytes(p)?;
                 let eb = p.input.bytes();
                 let mut params = MmaSchedule::space();
@@ -239,7 +267,7 @@ impl GpuTunable {
                 (
                     "gpu_gemm_mma",
                     format!(
-                        "gpu_gemm_mma {} m={} n={} k={} batch={} sa={} sb={} bias={}",
+                        "gpu_gemm_mma {} m={} n={} k={} batch={} sa={} sb={} {}",
                         input_name(p.input),
                         p.m,
                         p.n,
@@ -247,15 +275,18 @@ impl GpuTunable {
                         p.batch,
                         p.stride_a,
                         p.stride_b,
-                        u8::from(*bias)
+                        epi_desc(epi)
                     ),
-                    vec![
+                    [
                         log2p(p.m),
                         log2p(p.n),
                         log2p(p.k),
                         log2p(p.batch),
                         eb as f32,
-                    ],
+                    ]
+                    .into_iter()
+                    .chain(epi_features(epi))
+                    .collect(),
                     space_of(params),
                     mma_config(&MmaSchedule {
                         vec_bytes: vec,
@@ -269,15 +300,18 @@ impl GpuTunable {
                 n,
                 k,
                 input,
-                bias,
+                epi,
             } => (
                 "gpu_gemm_wgmma",
                 format!(
-                    "gpu_gemm_wgmma {} m={m} n={n} k={k} bias={}",
+                    "gpu_gemm_wgmma {} m={m} n={n} k={k} {}",
                     input_name(*input),
-                    u8::from(*bias)
+                    epi_desc(epi)
                 ),
-                vec![log2p(*m), log2p(*n), log2p(*k), input.bytes() as f32],
+                [log2p(*m), log2p(*n), log2p(*k), input.bytes() as f32]
+                    .into_iter()
+                    .chain(epi_features(epi))
+                    .collect(),
                 space_of(WgmmaSchedule::space()),
                 wgmma_config(&WgmmaSchedule::default()),
                 2.0 * (*m * *n * *k) as f64,
@@ -349,6 +383,16 @@ impl GpuTunable {
             f.get(k)?.split(sep).map(|x| x.parse().ok()).collect()
         };
         let flag = |k: &str| -> Option<bool> { Some(num(k)? == 1) };
+        let epi = || -> Option<Epilogue> {
+            let e = match f.get("epi") {
+                Some(tag) => Epilogue::from_tag(tag)?,
+                None => Epilogue::none(),
+            };
+            Some(Epilogue {
+                bias: flag("bias")?,
+                ..e
+            })
+        };
         let template = match kind {
             "gpu_gemm_f32" => GpuTemplate::GemmF32 {
                 m: num("m")?,
@@ -366,14 +410,14 @@ impl GpuTunable {
                     input: input?,
                     output: MmaOutput::F32,
                 },
-                bias: flag("bias")?,
+                epi: epi()?,
             },
             "gpu_gemm_wgmma" => GpuTemplate::Wgmma {
                 m: num("m")?,
                 n: num("n")?,
                 k: num("k")?,
                 input: input?,
-                bias: flag("bias")?,
+                epi: epi()?,
             },
             "gpu_conv2d_f32" => {
                 let (k, st, p, d) = (
@@ -498,14 +542,10 @@ impl GpuTunable {
                     tensor_maps: None,
                 }
             }
-            GpuTemplate::Mma { p, bias } => {
+            GpuTemplate::Mma { p, epi } => {
                 let s = mma_schedule(c);
-                let epi = Epilogue {
-                    bias: *bias,
-                    ..Epilogue::none()
-                };
-                let kname = kernel_name(p.input, MmaOutput::F32, &s, &epi);
-                let g = gemm_mma(&kname, p.input, MmaOutput::F32, &epi, &s).map_err(e)?;
+                let kname = kernel_name(p.input, MmaOutput::F32, &s, epi);
+                let g = gemm_mma(&kname, p.input, MmaOutput::F32, epi, &s).map_err(e)?;
                 TunedKernel {
                     grid: g.grid(p.m, p.n, p.batch),
                     block: g.kernel.block,
@@ -519,16 +559,12 @@ impl GpuTunable {
                 n,
                 k,
                 input,
-                bias,
+                epi,
             } => {
                 let s = wgmma_schedule(c);
-                let epi = Epilogue {
-                    bias: *bias,
-                    ..Epilogue::none()
-                };
-                let kname = wgmma_name(*input, &s, &epi);
+                let kname = wgmma_name(*input, &s, epi);
                 let g: WgmmaGemm =
-                    gemm_wgmma(&kname, *input, MmaOutput::F32, &epi, &s).map_err(e)?;
+                    gemm_wgmma(&kname, *input, MmaOutput::F32, epi, &s).map_err(e)?;
                 TunedKernel {
                     grid: s.grid(*m, *n),
                     block: g.kernel.block,
@@ -632,13 +668,7 @@ pub fn select_tuned(
 ) -> Result<TensorCoreGemm, GpuError> {
     let base = select(name, p, epi, sku);
     let Some(s) = schedules else { return base };
-    if *epi
-        != (Epilogue {
-            bias: epi.bias,
-            ..Epilogue::none()
-        })
-        || p.output != MmaOutput::F32
-    {
+    if p.output != MmaOutput::F32 {
         return base;
     }
     let template = match &base {
@@ -647,12 +677,9 @@ pub fn select_tuned(
             n: p.n,
             k: p.k,
             input: p.input,
-            bias: epi.bias,
+            epi: *epi,
         },
-        Ok(_) => GpuTemplate::Mma {
-            p: *p,
-            bias: epi.bias,
-        },
+        Ok(_) => GpuTemplate::Mma { p: *p, epi: *epi },
         Err(_) => return base,
     };
     let Some(t) = GpuTunable::new(template, sku) else {
@@ -710,7 +737,13 @@ mod tests {
             input: MmaInput::F16,
             output: MmaOutput::F32,
         };
-        let t = GpuTunable::new(GpuTemplate::Mma { p, bias: true }, h100).unwrap();
+        let bias = Epilogue {
+            bias: true,
+            ..Epilogue::none()
+        };
+        let t = GpuTunable::new(GpuTemplate::Mma { p, epi: bias }, h100).unwrap();
+        // Bias-only descriptions keep their form (records written before epilogues count).
+        assert!(t.label().ends_with(" bias=1"), "{}", t.label());
         assert_eq!(mma_schedule(&t.default), MmaSchedule::default());
         assert_eq!(mma_config(&mma_schedule(&t.default)), t.default);
         // An over-sized shared-memory schedule is refused by the check.
@@ -750,7 +783,11 @@ mod tests {
             n: 64,
             k: 64,
             input: MmaInput::BF16,
-            bias: false,
+            epi: Epilogue {
+                bias: true,
+                activation: Activation::GeluTanh,
+                residual: Residual::AfterActivation,
+            },
         };
         let tf = GpuTemplate::Mma {
             p: GemmProblem {
@@ -759,9 +796,23 @@ mod tests {
                 stride_a: 128 * 768,
                 ..p
             },
-            bias: false,
+            epi: Epilogue::none(),
         };
-        for tpl in [GpuTemplate::GemmF32 { m: 3, n: 5, k: 7 }, tf, wg, conv] {
+        let relu_res = GpuTemplate::Mma {
+            p,
+            epi: Epilogue {
+                bias: false,
+                activation: Activation::Relu,
+                residual: Residual::BeforeActivation,
+            },
+        };
+        for tpl in [
+            GpuTemplate::GemmF32 { m: 3, n: 5, k: 7 },
+            tf,
+            wg,
+            conv,
+            relu_res,
+        ] {
             let t = GpuTunable::new(tpl.clone(), h100).unwrap();
             let back = GpuTunable::from_description(t.label(), h100).unwrap();
             assert_eq!(back.template, tpl);

@@ -124,6 +124,41 @@ impl Epilogue {
         }
     }
 
+    /// The epilogue of a [`Epilogue::tag`] (its inverse); `None` for anything else.
+    pub fn from_tag(tag: &str) -> Option<Self> {
+        let mut e = Self::none();
+        if tag == "plain" {
+            return Some(e);
+        }
+        let mut seen_act = false;
+        for part in tag.split('_') {
+            match part {
+                "bias" if !e.bias && !seen_act && !e.has_residual() => e.bias = true,
+                "res" if !e.has_residual() => {
+                    e.residual = if seen_act {
+                        Residual::AfterActivation
+                    } else {
+                        Residual::BeforeActivation
+                    }
+                }
+                act if !seen_act => {
+                    e.activation = match act {
+                        "relu" => Activation::Relu,
+                        "gelu" => Activation::GeluTanh,
+                        "sigmoid" => Activation::Sigmoid,
+                        "silu" => Activation::Silu,
+                        "tanh" => Activation::Tanh,
+                        _ => return None,
+                    };
+                    seen_act = true;
+                }
+                _ => return None,
+            }
+        }
+        // A residual with no activation is written `res` (before = after).
+        (e.tag() == tag).then_some(e)
+    }
+
     /// The epilogue on the CPU: `acc` is the f32 dot product, `bias` the column's bias (when
     /// [`Epilogue::bias`]), `residual` the `R[row, col]` value (when it has one).
     pub fn apply(&self, acc: f32, alpha: f32, beta: f32, bias: f32, residual: f32) -> f32 {
@@ -195,6 +230,50 @@ pub fn emit_activation(w: &mut String, act: Activation, x: &str, p: &str) -> Str
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tags_round_trip() {
+        for bias in [false, true] {
+            for activation in Activation::ALL {
+                for residual in [
+                    Residual::None,
+                    Residual::BeforeActivation,
+                    Residual::AfterActivation,
+                ] {
+                    let e = Epilogue {
+                        bias,
+                        activation,
+                        residual,
+                    };
+                    let back = Epilogue::from_tag(&e.tag()).unwrap();
+                    assert_eq!(back.tag(), e.tag());
+                    let same = if activation == Activation::None && e.has_residual() {
+                        back.residual == Residual::BeforeActivation
+                    } else {
+                        back == e
+                    };
+                    assert!(same, "{e:?} -> {back:?}");
+                    for (x, r) in [(-1.5f32, 0.25f32), (2.0, -3.0)] {
+                        assert_eq!(
+                            e.apply(x, 1.0, 1.0, 0.5, r),
+                            back.apply(x, 1.0, 1.0, 0.5, r)
+                        );
+                    }
+                }
+            }
+        }
+        for bad in [
+            "",
+            "bias_bias",
+            "relu_relu",
+            "res_res",
+            "foo",
+            "relu_bias",
+            "plain_relu",
+        ] {
+            assert_eq!(Epilogue::from_tag(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn order_of_operations() {
