@@ -394,13 +394,37 @@ fn task_data(t: &GpuTunable) -> Result<TaskData> {
                 tolerance: 1e-3,
             }
         }
-        GpuTemplate::Conv { geom: g, epi } => {
+        GpuTemplate::Conv { geom: g, epi } | GpuTemplate::ConvMma { geom: g, epi, .. } => {
             let u = |v: u64| v as usize;
             let xs = [u(g.n), u(g.c), u(g.h), u(g.w)];
             let ws = [u(g.oc), u(g.c), u(g.kh), u(g.kw)];
             let ys = [u(g.n), u(g.oc), u(g.oh()), u(g.ow())];
-            let x = rng.vec(xs.iter().product());
-            let w = rng.vec(ws.iter().product());
+            // The tensor-core conv reads f16/bf16 `X` and `W` (the expected output is
+            // computed from the rounded values).
+            let input = match &t.template {
+                GpuTemplate::ConvMma { input, .. } => Some(*input),
+                _ => None,
+            };
+            let mut operand_buf = |name: &'static str, len: usize| -> (DataBuf, Vec<f32>) {
+                match input {
+                    Some(i) => {
+                        let (raw, eb, v) = operand(&mut rng, len, i);
+                        let buf = DataBuf {
+                            name,
+                            len: len as u64,
+                            bytes: Some(raw),
+                            elem_bytes: eb,
+                        };
+                        (buf, v)
+                    }
+                    None => {
+                        let v = rng.vec(len);
+                        (f32buf(name, &v), v)
+                    }
+                }
+            };
+            let (xbuf, x) = operand_buf("X", xs.iter().product());
+            let (wbuf, w) = operand_buf("W", ws.iter().product());
             let bias_v = epi.bias.then(|| rng.vec(u(g.oc)));
             let res_v = epi.residual.then(|| rng.vec(ys.iter().product()));
             let attrs = ConvAttrs {
@@ -433,7 +457,7 @@ fn task_data(t: &GpuTunable) -> Result<TaskData> {
             if epi.relu {
                 expected.iter_mut().for_each(|e| *e = e.max(0.0));
             }
-            let mut bufs = vec![f32buf("X", &x), f32buf("W", &w)];
+            let mut bufs = vec![xbuf, wbuf];
             if let Some(b) = &bias_v {
                 bufs.push(f32buf("bias", b));
             }
@@ -450,7 +474,7 @@ fn task_data(t: &GpuTunable) -> Result<TaskData> {
                 output: bufs.len() - 1,
                 bufs,
                 expected,
-                tolerance: 1e-4,
+                tolerance: if input.is_some() { 1e-3 } else { 1e-4 },
             }
         }
     })
@@ -504,7 +528,7 @@ fn candidate_args(t: &GpuTunable, k: &TunedKernel) -> Vec<BundleArg> {
             a.extend([idx(*m), idx(*n), idx(*kk)]);
             scale_args(epi, a)
         }
-        GpuTemplate::Conv { epi, .. } => {
+        GpuTemplate::Conv { epi, .. } | GpuTemplate::ConvMma { epi, .. } => {
             let n = 3 + usize::from(epi.bias) + usize::from(epi.residual);
             (0..n).map(buf).collect()
         }

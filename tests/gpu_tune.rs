@@ -8,6 +8,7 @@ use crate::common;
 use common::{kiln, tmp};
 use kiln::compile::CompileOptions;
 use kiln::gpu_tune::{gpu_model_tasks, tune_gpu, GpuTask, GpuTuneSettings};
+use kiln_codegen::gpu::kernels::conv_mma::ConvMmaSchedule;
 use kiln_codegen::gpu::kernels::gemm::GpuGemmSchedule;
 use kiln_codegen::gpu::kernels::gemm_mma::MmaSchedule;
 use kiln_codegen::gpu::kernels::gemm_wgmma::WgmmaSchedule;
@@ -280,7 +281,7 @@ fn interpreted(dir: &Path, m: &Manifest, ti: usize) -> Vec<f32> {
             let refs: Vec<&[usize]> = shapes.iter().map(|s| s.as_slice()).collect();
             run(&graph(&refs, nodes), ins)
         }
-        "gpu_conv2d_f32" => {
+        "gpu_conv2d_f32" | "gpu_conv2d_mma" => {
             let (n, c, h, w, oc) = (num("n"), num("c"), num("h"), num("w"), num("oc"));
             let kk = pair("k", 'x');
             let attrs = ConvAttrs {
@@ -368,12 +369,13 @@ fn exported_bundle_round_trips() {
     if ptxas_bin.is_none() {
         println!("SKIPPED (ptxas part): no ptxas");
     }
-    let mut fused_epilogues = 0;
+    let (mut fused_epilogues, mut tc_convs) = (0, 0);
     for (name, p, target, n) in [
         ("bert", Precision::F16, "cuda:h100", 3),
         ("resnet", Precision::F32, "cuda:h100", 2),
         ("mlp", Precision::TF32, "cuda:a100", 2),
         ("mlp", Precision::F16, "cuda:a100", 2),
+        ("resnet", Precision::BF16, "cuda:a100", 2),
     ] {
         let dir = root.join(format!("{name}_{}", p.name()));
         let m = export(name, p, target, &dir, &db, n);
@@ -388,6 +390,7 @@ fn exported_bundle_round_trips() {
         for (ti, t) in m.tasks.iter().enumerate() {
             assert!(!t.candidates.is_empty() && t.candidates.len() <= n);
             fused_epilogues += usize::from(t.description.contains(" epi="));
+            tc_convs += usize::from(t.kind == "gpu_conv2d_mma");
             let fps: Vec<String> = gpu_model_tasks(&zoo(name), &opts(name, p), target)
                 .unwrap()
                 .iter()
@@ -431,6 +434,8 @@ fn exported_bundle_round_trips() {
     }
     // Tensor-core GEMMs with a fused activation/residual are tasks too (mlp's Gemm+Relu).
     assert!(fused_epilogues > 0);
+    // Convs on tensor cores (resnet at bf16) are tasks with 16-bit X and W.
+    assert!(tc_convs > 0);
     std::fs::remove_dir_all(&root).ok();
 }
 
@@ -809,5 +814,68 @@ fn a_record_within_the_noise_of_the_default_is_not_used() {
         s.schedules.get(&t.workload).map(|c| c.0.clone()),
         Some(c.config)
     );
+    std::fs::remove_dir_all(&root).ok();
+}
+
+/// Tensor-core convs (resnet at bf16 on A100) are tuned like the others: a record making
+/// 2 warps × 8 channel tiles the fastest turns every `conv2d_mma` launch into 64-thread
+/// blocks over 32 pixels × 64 channels.
+#[test]
+fn tensor_core_conv_records_are_used() {
+    let root = tmp("gpu_tune_conv_mma");
+    let db = root.join("tuning.db");
+    let m = export(
+        "resnet",
+        Precision::BF16,
+        "cuda:a100",
+        &root.join("resnet"),
+        &root.join("x.db"),
+        1,
+    );
+    let tuned = ConvMmaSchedule {
+        warps: 2,
+        n_tiles: 8,
+    };
+    let picks: Vec<(usize, Config)> = (0..m.tasks.len())
+        .filter(|&i| m.tasks[i].kind == "gpu_conv2d_mma")
+        .map(|i| (i, tuned.to_config()))
+        .collect();
+    assert!(!picks.is_empty());
+    let file = root.join("results.jsonl");
+    std::fs::write(&file, results(&m, &picks)).unwrap();
+    let (ok, out) = kiln(&[
+        "db",
+        "import",
+        file.to_str().unwrap(),
+        "--db",
+        db.to_str().unwrap(),
+    ]);
+    assert!(ok, "{out}");
+    let convs = |a: &kiln::Artifact| -> Vec<kiln_runtime::GpuStep> {
+        a.inner()
+            .plan
+            .gpu
+            .clone()
+            .unwrap()
+            .steps
+            .into_iter()
+            .filter(|s| s.kernel.contains("conv") && s.block[0] % 32 == 0 && s.block[1] == 1)
+            .collect()
+    };
+    let plain = compile_with("resnet", "cuda:a100", "bf16", None);
+    let art = compile_with("resnet", "cuda:a100", "bf16", Some(&db));
+    let report = art.report().unwrap().to_string();
+    assert!(report.contains("tuned schedules: "), "{report}");
+    let (t, p) = (convs(&art), convs(&plain));
+    assert_eq!(t.len(), p.len());
+    let tc: Vec<_> = t
+        .iter()
+        .zip(&p)
+        .filter(|(_, p)| p.block == [128, 1, 1])
+        .collect();
+    assert!(!tc.is_empty(), "{p:?}");
+    for (s, _) in &tc {
+        assert_eq!(s.block, [64, 1, 1], "{}", s.kernel);
+    }
     std::fs::remove_dir_all(&root).ok();
 }

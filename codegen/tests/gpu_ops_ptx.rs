@@ -628,14 +628,7 @@ fn emulated_conv_kernels_match_cpu() {
 /// f16 mma cases with bf16 inputs against the CPU conv of the same (bf16-rounded) values.
 #[test]
 fn emulated_bf16_conv_kernels_match_cpu() {
-    let bf16 = |v: &[f32]| -> Vec<f32> {
-        v.iter()
-            .map(|x| {
-                let b = x.to_bits();
-                f32::from_bits(b.wrapping_add(0x7fff + ((b >> 16) & 1)) & 0xffff_0000)
-            })
-            .collect()
-    };
+    let bf16 = round_bf16;
     let mut n = 0;
     for (ci, c) in CONV_CASES.iter().enumerate().filter(|(_, c)| c.mma) {
         let layout = if c.nhwc {

@@ -4,10 +4,11 @@
 //! (`common/gpu_emu.rs`) against CPU loops, with edge tiles (sizes not multiples of the
 //! tiles). A tuned record can therefore only change speed, not results.
 
-use crate::gpu_emu;
+use crate::{gpu_emu, gpu_ref};
 
 use gpu_emu::EArg;
 use kiln_codegen::gpu::kernels::conv::{ConvGeom, Epilogue};
+use kiln_codegen::gpu::kernels::gemm_mma::MmaInput;
 use kiln_codegen::gpu::tuning::{GpuTemplate, GpuTunable};
 use kiln_codegen::gpu::DeviceDb;
 use kiln_tune::Config;
@@ -104,13 +105,10 @@ fn tuned_gemm_f32_schedules_match_cpu() {
     }
 }
 
-#[test]
-fn tuned_conv_schedules_match_cpu() {
-    let sku = DeviceDb::builtin()
-        .unwrap()
-        .parse_target("cuda:h100")
-        .unwrap();
-    let g = ConvGeom {
+/// The geometry of the conv tests: channels, sizes and stride that are not multiples of
+/// any tile.
+fn conv_geom() -> ConvGeom {
+    ConvGeom {
         n: 1,
         c: 5,
         h: 9,
@@ -121,22 +119,14 @@ fn tuned_conv_schedules_match_cpu() {
         stride: [2, 1],
         pads: [1, 1, 1, 0],
         dilation: [1, 1],
-    };
-    let epi = Epilogue {
-        bias: true,
-        residual: true,
-        relu: true,
-    };
-    let t = GpuTunable::new(GpuTemplate::Conv { geom: g, epi }, sku).unwrap();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    }
+}
+
+/// `relu(conv(x, w) + bias + res)` on the CPU (NCHW, batch 1).
+fn conv_want(g: &ConvGeom, x: &[f32], w: &[f32], bias: &[f32], res: &[f32]) -> Vec<f32> {
     let u = |v: u64| v as usize;
     let (oh, ow) = (u(g.oh()), u(g.ow()));
-    let x = values(u(g.n * g.c * g.h * g.w), &mut rng);
-    let w = values(u(g.oc * g.c * g.kh * g.kw), &mut rng);
-    let bias = values(u(g.oc), &mut rng);
-    let yl = u(g.n * g.oc) * oh * ow;
-    let res = values(yl, &mut rng);
-    let mut want = vec![0f32; yl];
+    let mut want = vec![0f32; u(g.n * g.oc) * oh * ow];
     for o in 0..u(g.oc) {
         for oy in 0..oh {
             for ox in 0..ow {
@@ -159,26 +149,114 @@ fn tuned_conv_schedules_match_cpu() {
             }
         }
     }
-    let cs = configs(&t, 6, 128, &mut rng);
+    want
+}
+
+/// Runs every config of `cs` of the conv task `t` on the emulator against `want`.
+#[allow(clippy::too_many_arguments)]
+fn check_conv_configs(
+    t: &GpuTunable,
+    cs: Vec<Config>,
+    x: &[f32],
+    w: &[f32],
+    bias: &[f32],
+    res: &[f32],
+    want: &[f32],
+) {
     assert!(cs.len() >= 4, "{cs:?}");
     for c in cs {
         let tk = t.build("kiln_conv_t", &c).unwrap();
         let mut args = vec![
-            EArg::Buf(x.clone()),
-            EArg::Buf(w.clone()),
-            EArg::Buf(bias.clone()),
-            EArg::Buf(res.clone()),
-            EArg::Buf(vec![f32::NAN; yl]),
+            EArg::Buf(x.to_vec()),
+            EArg::Buf(w.to_vec()),
+            EArg::Buf(bias.to_vec()),
+            EArg::Buf(res.to_vec()),
+            EArg::Buf(vec![f32::NAN; want.len()]),
         ];
         gpu_emu::run(&tk.kernel.mlir, tk.grid, tk.block, &mut args);
         let EArg::Buf(y) = &args[4] else {
             unreachable!()
         };
-        let e = rel_err(y, &want);
+        let e = rel_err(y, want);
         println!(
-            "conv {c}: grid {:?} block {:?}: rel err {e:.1e}",
-            tk.grid, tk.block
+            "{} {c}: grid {:?} block {:?}: rel err {e:.1e}",
+            t.workload.kind, tk.grid, tk.block
         );
         assert!(e <= 1e-5, "{c}: relative error {e}");
+    }
+}
+
+const RELU_RES_BIAS: Epilogue = Epilogue {
+    bias: true,
+    residual: true,
+    relu: true,
+};
+
+#[test]
+fn tuned_conv_schedules_match_cpu() {
+    let sku = DeviceDb::builtin()
+        .unwrap()
+        .parse_target("cuda:h100")
+        .unwrap();
+    let g = conv_geom();
+    let t = GpuTunable::new(
+        GpuTemplate::Conv {
+            geom: g,
+            epi: RELU_RES_BIAS,
+        },
+        sku,
+    )
+    .unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let u = |v: u64| v as usize;
+    let x = values(u(g.n * g.c * g.h * g.w), &mut rng);
+    let w = values(u(g.oc * g.c * g.kh * g.kw), &mut rng);
+    let bias = values(u(g.oc), &mut rng);
+    let res = values(u(g.n * g.oc * g.oh() * g.ow()), &mut rng);
+    let want = conv_want(&g, &x, &w, &bias, &res);
+    let cs = configs(&t, 6, 128, &mut rng);
+    check_conv_configs(&t, cs, &x, &w, &bias, &res, &want);
+}
+
+/// The tensor-core conv's tuning task (`gpu_conv2d_mma`): every tiling (warps × 8-channel
+/// tiles) of f16 and bf16 inputs computes the CPU conv of the same rounded values.
+#[test]
+fn tuned_conv_mma_schedules_match_cpu() {
+    let sku = DeviceDb::builtin()
+        .unwrap()
+        .parse_target("cuda:a100")
+        .unwrap();
+    let g = conv_geom();
+    let u = |v: u64| v as usize;
+    for (input, round) in [
+        (MmaInput::F16, gpu_ref::round_f16 as fn(&[f32]) -> Vec<f32>),
+        (MmaInput::BF16, gpu_ref::round_bf16),
+    ] {
+        let t = GpuTunable::new(
+            GpuTemplate::ConvMma {
+                geom: g,
+                epi: RELU_RES_BIAS,
+                input,
+            },
+            sku,
+        )
+        .unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(13);
+        let x = round(&values(u(g.n * g.c * g.h * g.w), &mut rng));
+        let w = round(&values(u(g.oc * g.c * g.kh * g.kw), &mut rng));
+        let bias = values(u(g.oc), &mut rng);
+        let res = values(u(g.n * g.oc * g.oh() * g.ow()), &mut rng);
+        let want = conv_want(&g, &x, &w, &bias, &res);
+        // The default first, then every other valid tiling of at most 4 warps.
+        let mut cs = vec![t.default.clone()];
+        for warps in [1, 2, 4] {
+            for n_tiles in [1, 2, 4, 8] {
+                let c = Config::from_pairs(&[("warps", warps), ("n_tiles", n_tiles)]);
+                if t.check(&c).is_ok() && !cs.contains(&c) {
+                    cs.push(c);
+                }
+            }
+        }
+        check_conv_configs(&t, cs, &x, &w, &bias, &res, &want);
     }
 }

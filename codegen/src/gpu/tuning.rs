@@ -21,6 +21,7 @@
 use super::kernels::conv::{
     conv2d, ConvGeom, ConvLayout, Epilogue as ConvEpilogue, GpuConvSchedule,
 };
+use super::kernels::conv_mma::{conv2d_mma, ConvMmaSchedule};
 use super::kernels::epilogue::{Activation, Epilogue, Residual};
 use super::kernels::gemm::{gemm_f32, GpuGemmSchedule};
 use super::kernels::gemm_mma::{gemm_mma, kernel_name, MmaInput, MmaOutput, MmaSchedule};
@@ -71,6 +72,47 @@ pub enum GpuTemplate {
         /// The fused epilogue.
         epi: ConvEpilogue,
     },
+    /// [`conv2d_mma`] (tensor cores, f16 or bf16 `X` and `W`, f32 output) in NCHW with its
+    /// fused epilogue.
+    ConvMma {
+        /// The geometry.
+        geom: ConvGeom,
+        /// The fused epilogue.
+        epi: ConvEpilogue,
+        /// f16 or bf16.
+        input: MmaInput,
+    },
+}
+
+/// The shape and epilogue part of a conv workload description.
+fn conv_desc(g: &ConvGeom, epi: &ConvEpilogue) -> String {
+    format!(
+        "n={} c={} h={} w={} oc={} k={}x{} stride={}x{} pads={},{},{},{} dilation={}x{} \
+         bias={} residual={} relu={}",
+        g.n,
+        g.c,
+        g.h,
+        g.w,
+        g.oc,
+        g.kh,
+        g.kw,
+        g.stride[0],
+        g.stride[1],
+        g.pads[0],
+        g.pads[1],
+        g.pads[2],
+        g.pads[3],
+        g.dilation[0],
+        g.dilation[1],
+        u8::from(epi.bias),
+        u8::from(epi.residual),
+        u8::from(epi.relu)
+    )
+}
+
+/// Features of a conv workload.
+fn conv_features(g: &ConvGeom) -> Vec<f32> {
+    vec![log2p(g.m()), log2p(g.oc), log2p(g.k()), log2p(g.kh * g.kw)]
 }
 
 /// A generated candidate kernel and its launch.
@@ -318,31 +360,29 @@ impl GpuTunable {
             ),
             GpuTemplate::Conv { geom: g, epi } => (
                 "gpu_conv2d_f32",
-                format!(
-                    "gpu_conv2d_f32 n={} c={} h={} w={} oc={} k={}x{} stride={}x{} \
-                     pads={},{},{},{} dilation={}x{} bias={} residual={} relu={}",
-                    g.n,
-                    g.c,
-                    g.h,
-                    g.w,
-                    g.oc,
-                    g.kh,
-                    g.kw,
-                    g.stride[0],
-                    g.stride[1],
-                    g.pads[0],
-                    g.pads[1],
-                    g.pads[2],
-                    g.pads[3],
-                    g.dilation[0],
-                    g.dilation[1],
-                    u8::from(epi.bias),
-                    u8::from(epi.residual),
-                    u8::from(epi.relu)
-                ),
-                vec![log2p(g.m()), log2p(g.oc), log2p(g.k()), log2p(g.kh * g.kw)],
+                format!("gpu_conv2d_f32 {}", conv_desc(g, epi)),
+                conv_features(g),
                 GpuConvSchedule::space(),
                 GpuConvSchedule::for_geom(g, sku).to_config(),
+                2.0 * (g.m() * g.oc * g.k()) as f64,
+            ),
+            GpuTemplate::ConvMma {
+                geom: g,
+                epi,
+                input,
+            } => (
+                "gpu_conv2d_mma",
+                format!(
+                    "gpu_conv2d_mma {} {}",
+                    input_name(*input),
+                    conv_desc(g, epi)
+                ),
+                conv_features(g)
+                    .into_iter()
+                    .chain([input.bytes() as f32])
+                    .collect(),
+                ConvMmaSchedule::space(),
+                ConvMmaSchedule::default().to_config(),
                 2.0 * (g.m() * g.oc * g.k()) as f64,
             ),
         };
@@ -419,7 +459,7 @@ impl GpuTunable {
                 input: input?,
                 epi: epi()?,
             },
-            "gpu_conv2d_f32" => {
+            "gpu_conv2d_f32" | "gpu_conv2d_mma" => {
                 let (k, st, p, d) = (
                     list("k", 'x')?,
                     list("stride", 'x')?,
@@ -429,24 +469,31 @@ impl GpuTunable {
                 if k.len() != 2 || st.len() != 2 || p.len() != 4 || d.len() != 2 {
                     return None;
                 }
-                GpuTemplate::Conv {
-                    geom: ConvGeom {
-                        n: num("n")?,
-                        c: num("c")?,
-                        h: num("h")?,
-                        w: num("w")?,
-                        oc: num("oc")?,
-                        kh: k[0],
-                        kw: k[1],
-                        stride: [st[0], st[1]],
-                        pads: [p[0], p[1], p[2], p[3]],
-                        dilation: [d[0], d[1]],
-                    },
-                    epi: ConvEpilogue {
-                        bias: flag("bias")?,
-                        residual: flag("residual")?,
-                        relu: flag("relu")?,
-                    },
+                let geom = ConvGeom {
+                    n: num("n")?,
+                    c: num("c")?,
+                    h: num("h")?,
+                    w: num("w")?,
+                    oc: num("oc")?,
+                    kh: k[0],
+                    kw: k[1],
+                    stride: [st[0], st[1]],
+                    pads: [p[0], p[1], p[2], p[3]],
+                    dilation: [d[0], d[1]],
+                };
+                let epi = ConvEpilogue {
+                    bias: flag("bias")?,
+                    residual: flag("residual")?,
+                    relu: flag("relu")?,
+                };
+                if kind == "gpu_conv2d_f32" {
+                    GpuTemplate::Conv { geom, epi }
+                } else {
+                    GpuTemplate::ConvMma {
+                        geom,
+                        epi,
+                        input: input?,
+                    }
                 }
             }
             _ => return None,
@@ -522,6 +569,18 @@ impl GpuTunable {
                 s.validate(sku).map_err(|e| e.to_string())?;
                 s.launch(geom).map(|_| ()).map_err(|e| e.to_string())
             }
+            GpuTemplate::ConvMma { geom, input, .. } => {
+                if *input == MmaInput::TF32 || !sku.has(input.feature()) {
+                    return Err(format!(
+                        "no {} tensor-core conv on {}",
+                        input.mlir(),
+                        sku.name
+                    ));
+                }
+                let s = ConvMmaSchedule::from_config(c);
+                s.validate(sku).map_err(|e| e.to_string())?;
+                s.launch(geom).map(|_| ()).map_err(|e| e.to_string())
+            }
         }
     }
 
@@ -577,6 +636,19 @@ impl GpuTunable {
                 let s = GpuConvSchedule::from_config(c);
                 let kernel =
                     conv2d(name, geom, ConvLayout::Nchw, *epi, &s, &self.sku).map_err(e)?;
+                let (grid, block) = s.launch(geom).map_err(e)?;
+                TunedKernel {
+                    kernel,
+                    grid,
+                    block,
+                    dynamic_shared: 0,
+                    tensor_maps: None,
+                }
+            }
+            GpuTemplate::ConvMma { geom, epi, input } => {
+                let s = ConvMmaSchedule::from_config(c);
+                let kernel = conv2d_mma(name, geom, ConvLayout::Nchw, *epi, &s, &self.sku, *input)
+                    .map_err(e)?;
                 let (grid, block) = s.launch(geom).map_err(e)?;
                 TunedKernel {
                     kernel,
@@ -806,12 +878,21 @@ mod tests {
                 residual: Residual::BeforeActivation,
             },
         };
+        let conv_mma = match &conv {
+            GpuTemplate::Conv { geom, epi } => GpuTemplate::ConvMma {
+                geom: *geom,
+                epi: *epi,
+                input: MmaInput::BF16,
+            },
+            _ => unreachable!(),
+        };
         for tpl in [
             GpuTemplate::GemmF32 { m: 3, n: 5, k: 7 },
             tf,
             wg,
             conv,
             relu_res,
+            conv_mma,
         ] {
             let t = GpuTunable::new(tpl.clone(), h100).unwrap();
             let back = GpuTunable::from_description(t.label(), h100).unwrap();

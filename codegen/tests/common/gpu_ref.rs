@@ -533,6 +533,16 @@ pub fn round_f16(x: &[f32]) -> Vec<f32> {
     x.iter().map(|&v| f16_to_f32(f32_to_f16(v))).collect()
 }
 
+/// Rounds every value to bf16, to nearest even (what a bf16 buffer holds).
+pub fn round_bf16(x: &[f32]) -> Vec<f32> {
+    x.iter()
+        .map(|v| {
+            let b = v.to_bits();
+            f32::from_bits(b.wrapping_add(0x7fff + ((b >> 16) & 1)) & 0xffff_0000)
+        })
+        .collect()
+}
+
 /// One last-axis row kernel case (LayerNorm or a reduction) and the shapes it runs on.
 #[derive(Debug, Clone, Copy)]
 pub struct RowCase {

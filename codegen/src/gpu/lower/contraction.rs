@@ -817,7 +817,17 @@ fn special_conv(
             ));
             None
         }
-        Some(input) => match conv_tc(g, index, &kname, (x, w), &geom, ep, sku, input) {
+        Some(input) => match conv_tc(
+            g,
+            index,
+            &kname,
+            (x, w),
+            &geom,
+            ep,
+            sku,
+            input,
+            opts.schedules.as_deref(),
+        ) {
             Ok(tc) => Some(tc),
             Err(e) => {
                 out.tensor_core_conv_fallbacks.push((index, e));
@@ -974,11 +984,22 @@ fn conv_tc(
     ep: kconv::Epilogue,
     sku: &crate::gpu::Sku,
     input: MmaInput,
+    schedules: Option<&crate::gpu::tuning::GpuSchedules>,
 ) -> Result<TcConv, String> {
     if !sku.has(input.feature()) {
         return Err(format!("{} has no {}", sku.name, input.feature()));
     }
-    let sched = ConvMmaSchedule::default();
+    let mut sched = ConvMmaSchedule::default();
+    if let Some(src) = schedules {
+        let tpl = GpuTemplate::ConvMma {
+            geom: *geom,
+            epi: ep,
+            input,
+        };
+        if let Some(t) = GpuTunable::new(tpl, sku) {
+            sched = ConvMmaSchedule::from_config(&src.choose(&t).0);
+        }
+    }
     let kernel = conv2d_mma(name, geom, ConvLayout::Nchw, ep, &sched, sku, input)
         .map_err(|e| e.to_string())?;
     let (grid, block) = sched.launch(geom).map_err(|e| e.to_string())?;
