@@ -310,16 +310,32 @@ fn task_data(t: &GpuTunable) -> Result<TaskData> {
                 tolerance: 1e-4,
             }
         }
-        GpuTemplate::Mma { p, epi } => {
-            let (m, n, k, nb) = (
-                p.m as usize,
-                p.n as usize,
-                p.k as usize,
-                p.batch.max(1) as usize,
-            );
-            let (sa, sb) = (p.stride_a as usize, p.stride_b as usize);
-            let (a_raw, eb, a) = operand(&mut rng, (nb - 1) * sa + m * k, p.input);
-            let (b_raw, _, b) = operand(&mut rng, (nb - 1) * sb + k * n, p.input);
+        GpuTemplate::Mma { .. } | GpuTemplate::Wgmma { .. } => {
+            // The wgmma GEMM is one matrix: batch 1, no strides.
+            let (m, n, k, nb, sa, sb, input, epi) = match &t.template {
+                GpuTemplate::Mma { p, epi } => (
+                    p.m,
+                    p.n,
+                    p.k,
+                    p.batch.max(1),
+                    p.stride_a,
+                    p.stride_b,
+                    p.input,
+                    epi,
+                ),
+                GpuTemplate::Wgmma {
+                    m,
+                    n,
+                    k,
+                    input,
+                    epi,
+                } => (*m, *n, *k, 1, 0, 0, *input, epi),
+                _ => unreachable!("a tensor-core GEMM"),
+            };
+            let u = |v: u64| v as usize;
+            let (m, n, k, nb, sa, sb) = (u(m), u(n), u(k), u(nb), u(sa), u(sb));
+            let (a_raw, eb, a) = operand(&mut rng, (nb - 1) * sa + m * k, input);
+            let (b_raw, _, b) = operand(&mut rng, (nb - 1) * sb + k * n, input);
             let mut bufs = vec![
                 DataBuf {
                     name: "A",
@@ -341,48 +357,6 @@ fn task_data(t: &GpuTunable) -> Result<TaskData> {
                 nb,
                 (&a, sa),
                 (&b, sb),
-                epi,
-                bias_v.as_deref(),
-                res_v.as_deref(),
-            )?;
-            TaskData {
-                bufs,
-                output: 2,
-                expected,
-                tolerance: 1e-3,
-            }
-        }
-        GpuTemplate::Wgmma {
-            m,
-            n,
-            k,
-            input,
-            epi,
-        } => {
-            let (m, n, k) = (*m as usize, *n as usize, *k as usize);
-            let (a_raw, eb, a) = operand(&mut rng, m * k, *input);
-            let (b_raw, _, b) = operand(&mut rng, k * n, *input);
-            let mut bufs = vec![
-                DataBuf {
-                    name: "A",
-                    len: (m * k) as u64,
-                    bytes: Some(a_raw),
-                    elem_bytes: eb,
-                },
-                DataBuf {
-                    name: "B",
-                    len: (k * n) as u64,
-                    bytes: Some(b_raw),
-                    elem_bytes: eb,
-                },
-                out(m * n),
-            ];
-            let (bias_v, res_v) = epilogue_bufs(&mut rng, epi, n, m * n, &mut bufs);
-            let expected = gemm_expected(
-                (m, n, k),
-                1,
-                (&a, 0),
-                (&b, 0),
                 epi,
                 bias_v.as_deref(),
                 res_v.as_deref(),

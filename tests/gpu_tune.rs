@@ -455,6 +455,22 @@ fn results(m: &Manifest, picks: &[(usize, Config)]) -> String {
     out
 }
 
+/// `kiln db import` of the measurer's `lines` (written to `root/results.jsonl`) into `db`;
+/// returns its output.
+fn import(root: &Path, db: &Path, lines: &str) -> String {
+    let file = root.join("results.jsonl");
+    std::fs::write(&file, lines).unwrap();
+    let (ok, out) = kiln(&[
+        "db",
+        "import",
+        file.to_str().unwrap(),
+        "--db",
+        db.to_str().unwrap(),
+    ]);
+    assert!(ok, "{out}");
+    out
+}
+
 fn compile_with(name: &str, target: &str, p: &str, db: Option<&Path>) -> kiln::Artifact {
     let mut c = kiln::Compiler::new()
         .target(target)
@@ -508,16 +524,7 @@ fn imported_results_select_the_recorded_schedules() {
         .map(|i| (i, wgmma_config(&wg)))
         .collect();
     assert!(!picks_b.is_empty());
-    let file = root.join("results.jsonl");
-    std::fs::write(&file, results(&m, &picks) + &results(&mb, &picks_b)).unwrap();
-    let (ok, out) = kiln(&[
-        "db",
-        "import",
-        file.to_str().unwrap(),
-        "--db",
-        db.to_str().unwrap(),
-    ]);
-    assert!(ok, "{out}");
+    let out = import(&root, &db, &(results(&m, &picks) + &results(&mb, &picks_b)));
     let n = 2 * (picks.len() + picks_b.len());
     assert!(
         out.contains(&format!("{n} records read, {n} added")),
@@ -777,16 +784,7 @@ fn a_record_within_the_noise_of_the_default_is_not_used() {
     let mut lines = result_line(&m, t, &c, &MeasureOutcome::Ok { seconds: 1.00e-5 }) + "\n";
     c.config = other.0.clone();
     lines += &result_line(&m, t, &c, &MeasureOutcome::Ok { seconds: 0.99e-5 });
-    let file = root.join("r.jsonl");
-    std::fs::write(&file, lines).unwrap();
-    let (ok, out) = kiln(&[
-        "db",
-        "import",
-        file.to_str().unwrap(),
-        "--db",
-        db.to_str().unwrap(),
-    ]);
-    assert!(ok, "{out}");
+    import(&root, &db, &lines);
     // 1% faster: within MIN_GAIN (3%), the default stays.
     let s = kiln::tune::load_schedules(&db, &m.target).unwrap();
     assert!(s.schedules.is_empty(), "{:?}", s.schedules);
@@ -796,19 +794,11 @@ fn a_record_within_the_noise_of_the_default_is_not_used() {
         ..gemm_f32_schedule(&other)
     })
     .0;
-    std::fs::write(
-        &file,
-        result_line(&m, t, &c, &MeasureOutcome::Ok { seconds: 0.9e-5 }),
-    )
-    .unwrap();
-    let (ok, out) = kiln(&[
-        "db",
-        "import",
-        file.to_str().unwrap(),
-        "--db",
-        db.to_str().unwrap(),
-    ]);
-    assert!(ok, "{out}");
+    import(
+        &root,
+        &db,
+        &result_line(&m, t, &c, &MeasureOutcome::Ok { seconds: 0.9e-5 }),
+    );
     let s = kiln::tune::load_schedules(&db, &m.target).unwrap();
     assert_eq!(
         s.schedules.get(&t.workload).map(|c| c.0.clone()),
@@ -841,16 +831,7 @@ fn tensor_core_conv_records_are_used() {
         .map(|i| (i, tuned.to_config()))
         .collect();
     assert!(!picks.is_empty());
-    let file = root.join("results.jsonl");
-    std::fs::write(&file, results(&m, &picks)).unwrap();
-    let (ok, out) = kiln(&[
-        "db",
-        "import",
-        file.to_str().unwrap(),
-        "--db",
-        db.to_str().unwrap(),
-    ]);
-    assert!(ok, "{out}");
+    import(&root, &db, &results(&m, &picks));
     let convs = |a: &kiln::Artifact| -> Vec<kiln_runtime::GpuStep> {
         a.inner()
             .plan
