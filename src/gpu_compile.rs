@@ -532,6 +532,11 @@ unsafe fn emulate_host(
             }
             return Ok(());
         }
+        (HostKernel::Zero, [y], [n], []) => {
+            // SAFETY: by the caller; an f32 view of n elements.
+            unsafe { std::ptr::write_bytes(*y, 0, n * 4) };
+            return Ok(());
+        }
         (HostKernel::Copy, [x, y], [n], []) => {
             // SAFETY: by the caller; f32 views of n elements (distinct buffers).
             unsafe { std::ptr::copy(*x as *const u8, *y, n * 4) };
@@ -567,16 +572,20 @@ unsafe fn emulate_host(
             }
             return Ok(());
         }
-        (HostKernel::Gemm(input, epi), [a, b, c, rest @ ..], dims, [alpha, beta @ ..])
+        (HostKernel::Gemm(input, epi, split_k), [a, b, c, rest @ ..], dims, [alpha, beta @ ..])
             if rest.len() == usize::from(epi.bias) + usize::from(epi.has_residual())
                 && beta.len() == usize::from(epi.has_residual())
                 && matches!(dims.len(), 3 | 6) =>
         {
             // The wgmma kernel takes `M, N, K` (TMA descriptors of A and B, one matrix), the
-            // mma.sync kernel `M, N, K, sA, sB, sC` (grid.z matrices).
+            // mma.sync kernel `M, N, K, sA, sB, sC` (grid.z = matrices × K slices; the
+            // slices' sum, into a zeroed C, is the whole product computed here).
             let (d, batch) = match dims {
                 [m, n, k] => ([*m, *n, *k, 0, 0, 0], 1),
-                [m, n, k, sa, sb, sc] => ([*m, *n, *k, *sa, *sb, *sc], grid_z as usize),
+                [m, n, k, sa, sb, sc] => (
+                    [*m, *n, *k, *sa, *sb, *sc],
+                    grid_z as usize / (*split_k).max(1) as usize,
+                ),
                 _ => unreachable!(),
             };
             let bias = epi.bias.then(|| rest[0]);

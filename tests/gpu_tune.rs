@@ -860,3 +860,83 @@ fn tensor_core_conv_records_are_used() {
     }
     std::fs::remove_dir_all(&root).ok();
 }
+
+/// Split-K is tuned where the epilogue allows it (no activation, no residual): a record with
+/// `split_k = 4` makes the lowering zero the output (`kiln_zero_f32`) and launch 4 K-slices
+/// adding into it; the emulated model computes what the default schedule does and what the
+/// interpreter does. A GEMM with a fused Relu refuses split-K.
+#[test]
+fn split_k_records_zero_the_output_first() {
+    use kiln_codegen::gpu::tuning::{mma_schedule, GpuSchedules};
+    let graph = kiln_ir::onnx::load(zoo("mlp")).unwrap();
+    let data = zoo("mlp").with_file_name("test_data_set_0");
+    let (_, x) = kiln_ir::onnx::load_tensor_pb(data.join("input_0.pb")).unwrap();
+    let mut o = opts("mlp", Precision::F16);
+    o.shapes.insert(
+        graph.values[graph.inputs[0]].name.clone(),
+        x.shape().to_vec(),
+    );
+    let ts = gpu_model_tasks(&zoo("mlp"), &o, "cuda:a100").unwrap();
+    let t = ts
+        .iter()
+        .find(|t| t.tunable.workload.kind == "gpu_gemm_mma" && !t.tunable.label().contains(" epi="))
+        .expect("mlp's last Gemm (bias only)");
+    let relu = ts
+        .iter()
+        .find(|t| t.tunable.label().contains(" epi="))
+        .expect("mlp's Gemm + Relu");
+    let with_split = |t: &GpuTask, k: u32| {
+        mma_config(&MmaSchedule {
+            split_k: k,
+            ..mma_schedule(&t.default_config())
+        })
+    };
+    assert!(t.space().contains(&with_split(t, 4)));
+    assert!(t.check(&with_split(t, 4)).is_ok());
+    assert!(relu.check(&with_split(relu, 2)).is_err());
+    let emulate = |records: HashMap<String, Config>| {
+        kiln::gpu_compile::emulate_graph(
+            &graph,
+            "mlp",
+            "cuda:a100",
+            &o,
+            std::slice::from_ref(&x),
+            |l| l.schedules = Some(std::sync::Arc::new(GpuSchedules::new(records))),
+        )
+        .unwrap()
+    };
+    let split = emulate(HashMap::from([(
+        t.tunable.workload.fingerprint(),
+        with_split(t, 4),
+    )]));
+    let plain = emulate(HashMap::new());
+    let launches = &split.lowering.launches;
+    let z = launches
+        .iter()
+        .position(|l| l.kernel == "kiln_zero_f32")
+        .expect("a zero-fill launch");
+    let gemm = &launches[z + 1];
+    assert!(gemm.kernel.starts_with("kiln_gemm_mma"), "{}", gemm.kernel);
+    assert_eq!(gemm.grid[2], 4, "{gemm:?}");
+    assert!(!plain
+        .lowering
+        .launches
+        .iter()
+        .any(|l| l.kernel == "kiln_zero_f32"));
+    assert_eq!(split.steps, plain.steps + 1);
+    let v = |t: &Tensor| -> Vec<f32> { t.to_f64_vec().iter().map(|&v| v as f32).collect() };
+    let want = kiln_ir::interp::run(&graph, std::slice::from_ref(&x)).unwrap();
+    let (a, b, w) = (v(&split.outputs[0]), v(&plain.outputs[0]), v(&want[0]));
+    kiln_runtime::tune_bundle::compare(&a, &b, 1e-6).unwrap();
+    kiln_runtime::tune_bundle::compare(&a, &w, 1e-2).unwrap();
+    // The zero-fill kernel assembles for the SKU.
+    let Some(px) = ptxas::find_ptxas() else {
+        println!("SKIPPED (ptxas part): no ptxas");
+        return;
+    };
+    let sku = kiln::gpu_compile::resolve_sku("cuda:a100").unwrap();
+    let zk = kiln_codegen::gpu::lower::precision::zero_kernel();
+    let ptx = kiln_codegen::gpu::compile_kernel(&zk, sku).unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    ptxas::assemble(&px, scratch.path(), &ptx.text, &ptx.arch, &ptx.entry).unwrap();
+}

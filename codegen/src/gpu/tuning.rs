@@ -184,6 +184,11 @@ fn epi_features(e: &Epilogue) -> [f32; 2] {
     [act as f32, res]
 }
 
+/// Whether a tensor-core GEMM with epilogue `e` may split K (see [`GpuTemplate::Mma`]).
+pub fn split_k_allowed(e: &Epilogue) -> bool {
+    e.activation == Activation::None && !e.has_residual()
+}
+
 fn log2p(x: u64) -> f32 {
     (1.0 + x as f32).log2()
 }
@@ -299,9 +304,10 @@ impl GpuTunable {
                 let mut params = MmaSchedule::space();
                 for (name, vals) in &mut params {
                     match *name {
-                        // Split-K adds into a zeroed output with atomics: not the model
-                        // path's contract (its output is not zeroed).
-                        "split_k" => *vals = vec![1],
+                        // Split-K adds partial sums into the output with atomics (the
+                        // lowering zeroes it first): no activation, and no residual (which
+                        // may be the output itself).
+                        "split_k" if !split_k_allowed(epi) => *vals = vec![1],
                         "vec_bytes" => vals.retain(|&v| v >= eb && v <= vec),
                         _ => {}
                     }
@@ -545,9 +551,16 @@ impl GpuTunable {
                 }
                 grid_ok(s.grid(*m, *n))
             }
-            GpuTemplate::Mma { p, .. } => {
+            GpuTemplate::Mma { p, epi } => {
                 let s = mma_schedule(c);
                 s.validate(p.input, sku).map_err(|e| e.to_string())?;
+                if s.split_k > 1 && !split_k_allowed(epi) {
+                    return Err(format!(
+                        "split_k = {} with the epilogue {}",
+                        s.split_k,
+                        epi.tag()
+                    ));
+                }
                 let ve = u64::from(s.vec_bytes / p.input.bytes());
                 if ![p.n, p.k, p.stride_a, p.stride_b]
                     .iter()

@@ -230,10 +230,17 @@ pub enum HostKernel {
     Attention(attention::RowAttention),
     /// [`attention::copy_kernel`]: `X, Y`, scalar `n`.
     Copy,
+    /// [`precision::zero_kernel`]: `Y (f32)`, scalar `n`.
+    Zero,
     /// A tensor-core GEMM ([`tensor_core`]): `A, B, C (f32)[, bias][, R]`, scalars `M, N, K,
-    /// sA, sB, sC` (wgmma: `M, N, K`), `alpha[, beta]`; `grid.z` matrices;
+    /// sA, sB, sC` (wgmma: `M, N, K`), `alpha[, beta]`; `grid.z / split_k` matrices (the
+    /// third field: K slices adding into a zeroed `C`, 1 for none);
     /// `C = epilogue(A·B)` ([`kernels::epilogue::Epilogue::apply`]).
-    Gemm(kernels::gemm_mma::MmaInput, kernels::epilogue::Epilogue),
+    Gemm(
+        kernels::gemm_mma::MmaInput,
+        kernels::epilogue::Epilogue,
+        u32,
+    ),
     /// [`kernels::conv_mma::conv2d_mma`] in NCHW: `X, W` (f16 or bf16)`[, bias][, residual],
     /// Y (f32)`, f32 accumulation.
     ConvMma {

@@ -166,6 +166,85 @@ pub(crate) fn cast_launch(
     (l, k)
 }
 
+/// Entry name of the f32 zero-fill kernel.
+pub const ZERO_NAME: &str = "kiln_zero_f32";
+
+/// `y[i] = 0` for `i < n`, grid-stride, [`CAST_BLOCK`] threads per block (the output of a
+/// split-K GEMM, whose partial sums are added atomically). Parameters
+/// `y: memref<?xf32>, n: index`.
+pub fn zero_kernel() -> GpuKernel {
+    let mlir = format!(
+        r#"  gpu.func @{ZERO_NAME}(%y: memref<?xf32>, %n: index) kernel attributes {{known_block_size = array<i32: {CAST_BLOCK}, 1, 1>}} {{
+    %bid = gpu.block_id x
+    %bdim = gpu.block_dim x
+    %tid = gpu.thread_id x
+    %gdim = gpu.grid_dim x
+    %t0 = arith.muli %bid, %bdim : index
+    %i0 = arith.addi %t0, %tid : index
+    %step = arith.muli %gdim, %bdim : index
+    %z = arith.constant 0.0 : f32
+    scf.for %i = %i0 to %n step %step {{
+      memref.store %z, %y[%i] : memref<?xf32>
+    }}
+    gpu.return
+  }}
+"#
+    );
+    GpuKernel {
+        name: ZERO_NAME.into(),
+        mlir,
+        params: vec![
+            KernelParam::Buffer {
+                name: "y".into(),
+                elem: Elem::F32,
+            },
+            KernelParam::Index("n".into()),
+        ],
+        block: [CAST_BLOCK, 1, 1],
+        shared_bytes: 0,
+        requires: vec![],
+    }
+}
+
+/// The launch of [`zero_kernel`] over `len` f32 elements of `dst` from element `offset`,
+/// for partition kernel `index`; the kernel is returned with it.
+pub(crate) fn zero_launch(
+    index: usize,
+    dst: super::Operand,
+    offset: u64,
+    len: u64,
+    sku: &crate::gpu::Sku,
+) -> (super::Launch, GpuKernel) {
+    use super::{Launch, LaunchArg};
+    let k = zero_kernel();
+    let l = Launch {
+        index,
+        kernel: k.name.clone(),
+        args: vec![
+            LaunchArg::Buf {
+                operand: dst,
+                offset,
+                len,
+                elem_bytes: 4,
+            },
+            LaunchArg::Index(len as i64),
+        ],
+        grid: [
+            crate::gpu::kernels::blocks_for(
+                len,
+                u64::from(CAST_BLOCK),
+                u64::from(sku.sm_count) * 8,
+            ),
+            1,
+            1,
+        ],
+        block: k.block,
+        shared_bytes: 0,
+        generic: false,
+    };
+    (l, k)
+}
+
 /// An f32 value as the tensor cores see an input of type `input` (tf32: the low 13 mantissa
 /// bits dropped; f16/bf16: rounded to nearest even, as the cast kernel and the compile-time
 /// weight conversion do).

@@ -269,12 +269,13 @@ pub(crate) fn lower(
         out.push_special(l, k)?;
     }
     let (m, nn) = (c0.rows as u64, n);
-    let (gk, host_name) = match &kern {
-        Chosen::Mma(g) => (g.kernel.clone(), g.kernel.name.clone()),
-        Chosen::Wgmma(g) => (g.kernel.clone(), g.kernel.name.clone()),
+    let (gk, host_name, split_k) = match &kern {
+        Chosen::Mma(g) => (g.kernel.clone(), g.kernel.name.clone(), g.schedule.split_k),
+        Chosen::Wgmma(g) => (g.kernel.clone(), g.kernel.name.clone(), 1),
     };
     if !out.host.iter().any(|(n, _)| *n == host_name) {
-        out.host.push((host_name, HostKernel::Gemm(input, epi)));
+        out.host
+            .push((host_name, HostKernel::Gemm(input, epi, split_k.max(1))));
     }
     for (c, nb, sa, sb) in launches {
         let buf = |operand: Operand, offset: u64, len: u64, elem_bytes: u64| LaunchArg::Buf {
@@ -329,6 +330,20 @@ pub(crate) fn lower(
         let Chosen::Mma(kern) = &kern else {
             unreachable!()
         };
+        if kern.schedule.split_k > 1 {
+            // Split-K adds its partial sums into the output: zero it first.
+            let (l, k) = precision::zero_launch(
+                index,
+                Operand::Value(spec.target),
+                c.y_off,
+                nb * m * nn,
+                sku,
+            );
+            if !out.host.iter().any(|(n, _)| *n == k.name) {
+                out.host.push((k.name.clone(), HostKernel::Zero));
+            }
+            out.push_special(l, k)?;
+        }
         let launch = Launch {
             index,
             kernel: String::new(),
