@@ -2,7 +2,8 @@
 # The GPU checks of a session that is lent a GPU machine (which has no LLVM, no Rust and no
 # network): run on that machine from the repository root, after `scripts/gpu_pack.sh` here
 # filled `.gpu/` (runtime-only binaries, artifacts compiled here, test data), carried along.
-# Prints the CUDA runtime tests, the zoo artifacts checked and timed (gpu_zoo), the f16 GEMM
+# Prints the CUDA runtime tests, the zoo artifacts checked and timed (gpu_zoo), the zoo
+# sharded over 2 GPU ranks checked and timed (gpu_cluster), the f16 GEMM
 # against cuBLAS (gemm_bench) and the PyTorch eager baseline (scripts/torch_eager.py); the
 # tables also land in $OUT when set.
 set -uo pipefail
@@ -21,6 +22,8 @@ export KILN_CUBIN_CACHE=/tmp/kiln_cubin
 echo "== gpu_zoo"
 { echo "| artifact | launches | load ms (JIT / cached) | max rel. error | p50 ms | min ms |"; echo "|---|---|---|---|---|---|"
   for f in .gpu/zoo/*.kiln; do timeout 60 .gpu/bin/gpu_zoo .gpu/zoo 200 "$(basename "$f")" 2>&1 || echo "| $(basename "$f") | exit $? |"; done; } | tee "$OUT/zoo.txt"
+echo "== gpu_cluster (2 GPU ranks as threads, sharing the GPU)"
+timeout 300 .gpu/bin/gpu_cluster .gpu/cluster 20 2>&1 | tee "$OUT/cluster.txt"
 echo "== gemm_bench"; timeout 120 .gpu/bin/gemm_bench 2>&1 | tee "$OUT/gemm.txt"
 echo "== torch eager"; PYTHONUNBUFFERED=1 timeout 200 python3 scripts/torch_eager.py .gpu/zoo 200 2>&1 | tee "$OUT/torch.txt"
 echo "== runtime cuda tests (one process per test)"

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Fills .gpu/ (git-ignored) with what scripts/gpu_check.sh runs on a GPU machine that has no
 # compiler: stripped runtime-only binaries (gpu_zoo, gemm_bench, the runtime's CUDA test
-# binaries), every zoo model compiled for SKU (default h200) at f32 and f16 (bert/gpt also
-# tf32, bf16), the models and their test data. Then: device run with carry [".gpu"] and
+# binaries, gpu_cluster), every zoo model compiled for SKU (default h200) at f32 and f16
+# (bert/gpt also tf32, bf16) and sharded over 2 GPU ranks, the models and their test data. Then: device run with carry [".gpu"] and
 # command `bash scripts/gpu_check.sh`. For GPU autotuning, scripts/gpu_tune_pack.sh adds the
 # measurer and tuning bundles to the same .gpu/ (run it after this script, which clears
 # .gpu/), measured by scripts/gpu_tune_check.sh.
@@ -12,8 +12,10 @@ SKU=${1:-h200}
 grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
 rm -rf .gpu && mkdir -p .gpu/bin .gpu/zoo
 cargo build --release -p kiln
-cargo build --release -p kiln-runtime --features cuda --example gpu_zoo --example gemm_bench
-cp target/release/examples/gpu_zoo target/release/examples/gemm_bench .gpu/bin/
+cargo build --release -p kiln-runtime --features cuda --example gpu_zoo --example gemm_bench \
+  --example gpu_cluster
+cp target/release/examples/gpu_zoo target/release/examples/gemm_bench \
+  target/release/examples/gpu_cluster .gpu/bin/
 for t in cuda cuda_ops; do
   exe=$(cargo test --release -p kiln-runtime --features cuda --test $t --no-run --message-format=json 2>/dev/null \
         | .venv/bin/python -c "import sys,json
@@ -36,5 +38,12 @@ for m in ['mlp', 'resnet', 'mobilenet', 'bert', 'gpt']:
     for p in ['f32', 'f16'] + (['tf32', 'bf16'] if m in ('bert', 'gpt') else []):
         subprocess.run(['./target/release/kiln', 'compile', f'tests/zoo/{m}/model.onnx', '--target', f'cuda:{sku}',
                         '--precision', p, '-o', f'.gpu/zoo/{m}.{p}.kiln'] + shapes, check=True, stdout=subprocess.DEVNULL)
+    # Sharded over 2 GPU ranks (both on the one GPU of the machine; gpu_cluster runs them as
+    # threads): tensor parallel for the MLP/transformers, a pipeline for the CNNs.
+    subprocess.run(f'mkdir -p .gpu/cluster/{m} && cp tests/zoo/{m}/test_data_set_0/*.pb .gpu/cluster/{m}/', shell=True, check=True)
+    mode = 'pipeline' if m in ('resnet', 'mobilenet') else 'tensor'
+    subprocess.run(['./target/release/kiln', 'compile', f'tests/zoo/{m}/model.onnx', '--target', f'cuda:{sku}',
+                    '--ranks', '2', '--mode', mode, '-o', f'.gpu/cluster/{m}.{mode}2.kiln'] + shapes,
+                   check=True, stdout=subprocess.DEVNULL)
 PY
 du -sh .gpu

@@ -1,0 +1,161 @@
+//! Runs sharded (cluster) artifacts with every rank a thread of this process and checks
+//! their outputs against the model's test data; a runtime-only program (no LLVM, no MPI), so
+//! it can be carried to a GPU machine with no compiler. With feature `cuda`, ranks whose
+//! segments were compiled for a GPU run them on GPU `rank mod <GPUs visible>` (on a
+//! one-GPU machine every rank shares it; tensors cross ranks through host memory).
+//!
+//! ```sh
+//! cargo run --release -p kiln-runtime --features cuda --example gpu_cluster -- DIR [RUNS]
+//! ```
+//!
+//! `DIR` holds artifacts named `MODEL.TAG.kiln` and, per model, a folder `MODEL/` with
+//! `input_K.pb` / `output_K.pb` (ONNX test-data tensors). Prints one table row per artifact:
+//! ranks, largest `|a - b| / max(|b|, 1)` over the outputs, and the median and minimum
+//! latency of `RUNS` runs (default 20, after 3 warm-up runs; each rank keeps its loaded
+//! model).
+
+use kiln_runtime::artifact::Artifact;
+use kiln_runtime::cluster::{ClusterModel, ThreadTransport, Transport};
+use kiln_runtime::{AlignedBuf, Tensor, TensorView};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// The test tensors `PREFIX_0.pb`, `PREFIX_1.pb`, ... of `dir`.
+fn tensors(dir: &Path, prefix: &str) -> Vec<kiln_ir::Tensor> {
+    let mut out = vec![];
+    for k in 0.. {
+        let p = dir.join(format!("{prefix}_{k}.pb"));
+        if !p.exists() {
+            break;
+        }
+        out.push(kiln_ir::onnx::load_tensor_pb(&p).expect("test tensor").1);
+    }
+    out
+}
+
+/// Largest relative error of `got` (the runtime's outputs) against `want`.
+fn max_error(got: &[Tensor], want: &[kiln_ir::Tensor]) -> f64 {
+    let mut err = 0f64;
+    for (g, w) in got.iter().zip(want) {
+        let t = kiln_ir::onnx::tensor_proto::from_raw(g.dtype.to_ir(), &g.shape, g.data.as_slice())
+            .expect("output bytes");
+        for (a, b) in t.to_f64_vec().iter().zip(w.to_f64_vec()) {
+            let e = (a - b).abs() / b.abs().max(1.0);
+            err = if e.is_nan() {
+                f64::INFINITY
+            } else {
+                err.max(e)
+            };
+        }
+    }
+    if got.len() != want.len() {
+        f64::INFINITY
+    } else {
+        err
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let dir = Path::new(args.first().map(String::as_str).unwrap_or("."));
+    let runs: usize = args.get(1).and_then(|r| r.parse().ok()).unwrap_or(20);
+    let mut arts: Vec<_> = std::fs::read_dir(dir)
+        .expect("artifact folder")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "kiln"))
+        .collect();
+    arts.sort();
+    println!("| artifact | ranks | max rel. error | p50 ms | min ms |");
+    println!("|---|---|---|---|---|");
+    for path in arts {
+        let file = path.file_name().unwrap().to_string_lossy().to_string();
+        let model = file.split('.').next().unwrap().to_string();
+        let art = match Artifact::load(&path) {
+            Ok(a) => a,
+            Err(e) => {
+                println!("| {file} | load error: {e} |");
+                continue;
+            }
+        };
+        let Some(cp) = &art.plan.cluster else {
+            println!("| {file} | not a cluster artifact |");
+            continue;
+        };
+        let world = cp.world;
+        let ins = tensors(&dir.join(&model), "input");
+        let want = tensors(&dir.join(&model), "output");
+        let bufs: Vec<(kiln_runtime::DType, Vec<usize>, AlignedBuf)> = ins
+            .iter()
+            .map(|t| {
+                let raw = kiln_ir::onnx::tensor_proto::to_raw(t);
+                (
+                    kiln_runtime::DType::from_ir(t.dtype()),
+                    t.shape().to_vec(),
+                    AlignedBuf::from_bytes(&raw),
+                )
+            })
+            .collect();
+        let origin = path.display().to_string();
+        // One thread per rank, each keeping its model: rank 0's first outputs are checked,
+        // every run after 3 warm-up runs timed (the ranks meet in their messages; a rank
+        // that fails makes the others time out instead of waiting forever).
+        let transports = ThreadTransport::world(world, Duration::from_secs(60));
+        let result = std::thread::scope(|s| {
+            let hs: Vec<_> = transports
+                .into_iter()
+                .map(|mut tr| {
+                    let (art, bufs, origin) = (&art, &bufs, &origin);
+                    s.spawn(move || -> Result<(Vec<Tensor>, Vec<f64>), String> {
+                        let r = tr.rank();
+                        let mut m = ClusterModel::new(art, r, origin)?;
+                        let views: Vec<TensorView> = if r == 0 {
+                            bufs.iter()
+                                .map(|(d, sh, b)| TensorView {
+                                    dtype: *d,
+                                    shape: sh,
+                                    data: b.as_slice(),
+                                })
+                                .collect()
+                        } else {
+                            Vec::new()
+                        };
+                        let mut first = Vec::new();
+                        let mut t = Vec::new();
+                        for i in 0..runs + 3 {
+                            let t0 = Instant::now();
+                            let out = m.run(&mut tr, &views)?;
+                            if i == 0 {
+                                first = out;
+                            } else if i >= 3 {
+                                t.push(t0.elapsed().as_secs_f64() * 1e3);
+                            }
+                        }
+                        Ok((first, t))
+                    })
+                })
+                .collect();
+            let mut rank0 = None;
+            for h in hs {
+                let r = h.join().unwrap_or_else(|_| Err("a rank panicked".into()));
+                if rank0.is_none() {
+                    rank0 = Some(r);
+                }
+            }
+            rank0.expect("rank 0")
+        });
+        let (outs, mut t) = match result {
+            Ok(x) => x,
+            Err(e) => {
+                println!("| {file} | {world} | run error: {e} |");
+                continue;
+            }
+        };
+        let err = max_error(&outs, &want);
+        t.sort_by(f64::total_cmp);
+        println!(
+            "| {file} | {world} | {err:.2e} | {:.3} | {:.3} |",
+            t[t.len() / 2],
+            t[0]
+        );
+    }
+}
