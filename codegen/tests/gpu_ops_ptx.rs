@@ -586,39 +586,48 @@ fn buf(a: &EArg) -> Vec<f32> {
     }
 }
 
+/// Runs conv kernel `k` of case `ci` on the emulator with inputs rounded by `round` (what
+/// its 16-bit buffers hold; identity for f32) and returns its relative error against the
+/// CPU conv of the same values.
+fn emulated_conv_error(
+    ci: usize,
+    c: &ConvCase,
+    k: &GpuKernel,
+    round: fn(&[f32]) -> Vec<f32>,
+) -> f32 {
+    let (xl, wl, yl) = c.lens();
+    let x = round(&values(xl, 100 + ci as u64));
+    let w = round(&values(wl, 200 + ci as u64));
+    let bias = values(c.dims[4], 300 + ci as u64);
+    let res = values(yl, 400 + ci as u64);
+    let mut args = vec![EArg::Buf(x.clone()), EArg::Buf(w.clone())];
+    if c.epilogue[0] {
+        args.push(EArg::Buf(bias.clone()));
+    }
+    if c.epilogue[1] {
+        args.push(EArg::Buf(res.clone()));
+    }
+    args.push(EArg::Buf(vec![f32::NAN; yl]));
+    let (grid, block) = c.launch();
+    gpu_emu::run(&k.mlir, grid, block, &mut args);
+    let y = buf(args.last().unwrap());
+    let want = conv_cpu(
+        c,
+        &x,
+        &w,
+        c.epilogue[0].then_some(&bias[..]),
+        c.epilogue[1].then_some(&res[..]),
+    );
+    rel_err(&y, &want)
+}
+
 #[test]
 fn emulated_conv_kernels_match_cpu() {
     for (ci, c) in CONV_CASES.iter().enumerate() {
         let k = conv_kernel(c, emu_sku());
-        let (xl, wl, yl) = c.lens();
-        let mut x = values(xl, 100 + ci as u64);
-        let mut w = values(wl, 200 + ci as u64);
-        if c.mma {
-            // What f16 buffers hold.
-            x = round_f16(&x);
-            w = round_f16(&w);
-        }
-        let bias = values(c.dims[4], 300 + ci as u64);
-        let res = values(yl, 400 + ci as u64);
-        let mut args = vec![EArg::Buf(x.clone()), EArg::Buf(w.clone())];
-        if c.epilogue[0] {
-            args.push(EArg::Buf(bias.clone()));
-        }
-        if c.epilogue[1] {
-            args.push(EArg::Buf(res.clone()));
-        }
-        args.push(EArg::Buf(vec![f32::NAN; yl]));
-        let (grid, block) = c.launch();
-        gpu_emu::run(&k.mlir, grid, block, &mut args);
-        let y = buf(args.last().unwrap());
-        let want = conv_cpu(
-            c,
-            &x,
-            &w,
-            c.epilogue[0].then_some(&bias[..]),
-            c.epilogue[1].then_some(&res[..]),
-        );
-        let e = rel_err(&y, &want);
+        // The tensor-core cases read f16 buffers.
+        let round = if c.mma { round_f16 } else { <[f32]>::to_vec };
+        let e = emulated_conv_error(ci, c, &k, round);
         println!("{}: rel err {e:.2e}", c.name);
         assert!(e <= 1e-5, "{}: relative error {e}", c.name);
     }
@@ -628,7 +637,6 @@ fn emulated_conv_kernels_match_cpu() {
 /// f16 mma cases with bf16 inputs against the CPU conv of the same (bf16-rounded) values.
 #[test]
 fn emulated_bf16_conv_kernels_match_cpu() {
-    let bf16 = round_bf16;
     let mut n = 0;
     for (ci, c) in CONV_CASES.iter().enumerate().filter(|(_, c)| c.mma) {
         let layout = if c.nhwc {
@@ -647,30 +655,7 @@ fn emulated_bf16_conv_kernels_match_cpu() {
         )
         .unwrap();
         assert!(k.mlir.contains("nvvm.mma.sync"));
-        let (xl, wl, yl) = c.lens();
-        let x = bf16(&values(xl, 100 + ci as u64));
-        let w = bf16(&values(wl, 200 + ci as u64));
-        let bias = values(c.dims[4], 300 + ci as u64);
-        let res = values(yl, 400 + ci as u64);
-        let mut args = vec![EArg::Buf(x.clone()), EArg::Buf(w.clone())];
-        if c.epilogue[0] {
-            args.push(EArg::Buf(bias.clone()));
-        }
-        if c.epilogue[1] {
-            args.push(EArg::Buf(res.clone()));
-        }
-        args.push(EArg::Buf(vec![f32::NAN; yl]));
-        let (grid, block) = c.launch();
-        gpu_emu::run(&k.mlir, grid, block, &mut args);
-        let y = buf(args.last().unwrap());
-        let want = conv_cpu(
-            c,
-            &x,
-            &w,
-            c.epilogue[0].then_some(&bias[..]),
-            c.epilogue[1].then_some(&res[..]),
-        );
-        let e = rel_err(&y, &want);
+        let e = emulated_conv_error(ci, c, &k, round_bf16);
         println!("{} (bf16): rel err {e:.2e}", c.name);
         assert!(e <= 1e-5, "{} (bf16): relative error {e}", c.name);
         n += 1;
