@@ -512,7 +512,8 @@ unsafe fn emulate_host(
     #[derive(PartialEq)]
     enum Taps {
         Full,
-        Mma(MmaInput),
+        /// Tensor-core conv: the input type, and whether `X` is f32 (rounded as read).
+        Mma(MmaInput, bool),
         Depthwise,
     }
     let (geom, epi, taps) = match (h, ptrs, scalars, floats) {
@@ -606,7 +607,15 @@ unsafe fn emulate_host(
             return Ok(());
         }
         (HostKernel::Conv { geom, epi }, ..) => (geom, epi, Taps::Full),
-        (HostKernel::ConvMma { geom, epi, input }, ..) => (geom, epi, Taps::Mma(*input)),
+        (
+            HostKernel::ConvMma {
+                geom,
+                epi,
+                input,
+                x_f32,
+            },
+            ..,
+        ) => (geom, epi, Taps::Mma(*input, *x_f32)),
         (HostKernel::Depthwise { geom, epi }, ..) => (geom, epi, Taps::Depthwise),
         (HostKernel::LayerNorm, [x, sc, bi, y], [rows, n], [eps]) => {
             // SAFETY: by the caller; f32 views of rows*n, n, n and rows*n elements.
@@ -681,17 +690,21 @@ unsafe fn emulate_host(
         ptrs[next - 1] as *const f32
     });
     let y = ptrs[next] as *mut f32;
-    // X and W as f32 (the tensor-core conv's 16-bit inputs widened exactly).
-    let widen = |p: *mut u8, len: usize| -> Vec<f32> {
+    // X and W as f32 (the tensor-core conv's 16-bit inputs widened exactly; an f32 `X` of
+    // the tensor-core conv rounded to its input type, as the kernel does).
+    let widen = |p: *mut u8, len: usize, is_x: bool| -> Vec<f32> {
         (0..len)
             .map(|i| {
                 // SAFETY: by the caller; a view of `len` f32 or 16-bit elements.
                 unsafe {
                     match taps {
-                        Taps::Mma(MmaInput::F16) => {
+                        Taps::Mma(input, true) if is_x => {
+                            precision::round_input((p as *const f32).add(i).read_unaligned(), input)
+                        }
+                        Taps::Mma(MmaInput::F16, _) => {
                             precision::f16_bits_to_f32((p as *const u16).add(i).read_unaligned())
                         }
-                        Taps::Mma(_) => f32::from_bits(
+                        Taps::Mma(..) => f32::from_bits(
                             u32::from((p as *const u16).add(i).read_unaligned()) << 16,
                         ),
                         _ => (p as *const f32).add(i).read_unaligned(),
@@ -700,8 +713,8 @@ unsafe fn emulate_host(
             })
             .collect()
     };
-    let xv = widen(ptrs[0], n * c * hh * ww);
-    let wv = widen(ptrs[1], oc * cg * kh * kw);
+    let xv = widen(ptrs[0], n * c * hh * ww, true);
+    let wv = widen(ptrs[1], oc * cg * kh * kw, false);
     let (x, w) = (xv.as_ptr(), wv.as_ptr());
     // SAFETY: by the caller; unaligned f32 views of the geometry's sizes.
     unsafe {

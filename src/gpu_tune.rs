@@ -444,8 +444,13 @@ fn task_data(t: &GpuTunable) -> Result<TaskData> {
                 elem_bytes: 4,
                 len: expected.len() as u64,
             });
+            let output = bufs.len() - 1;
+            if input.is_some() {
+                // The same (rounded) X as f32, for the candidates that read an f32 X.
+                bufs.push(f32buf("X32", &x));
+            }
             TaskData {
-                output: bufs.len() - 1,
+                output,
                 bufs,
                 expected,
                 tolerance: if input.is_some() { 1e-3 } else { 1e-4 },
@@ -504,7 +509,20 @@ fn candidate_args(t: &GpuTunable, k: &TunedKernel) -> Vec<BundleArg> {
         }
         GpuTemplate::Conv { epi, .. } | GpuTemplate::ConvMma { epi, .. } => {
             let n = 3 + usize::from(epi.bias) + usize::from(epi.residual);
-            (0..n).map(buf).collect()
+            let mut args: Vec<BundleArg> = (0..n).map(buf).collect();
+            // A tensor-core conv reading an f32 X takes the task's last buffer (X32).
+            let x_f32 = matches!(t.template, GpuTemplate::ConvMma { .. })
+                && matches!(
+                    k.kernel.params.first(),
+                    Some(kiln_codegen::gpu::KernelParam::Buffer {
+                        elem: kiln_codegen::gpu::Elem::F32,
+                        ..
+                    })
+                );
+            if x_f32 {
+                args[0] = buf(n);
+            }
+            args
         }
     }
 }

@@ -825,6 +825,7 @@ fn tensor_core_conv_records_are_used() {
     let tuned = ConvMmaSchedule {
         warps: 2,
         n_tiles: 8,
+        x_f32: false,
     };
     let picks: Vec<(usize, Config)> = (0..m.tasks.len())
         .filter(|&i| m.tasks[i].kind == "gpu_conv2d_mma")

@@ -73,6 +73,7 @@ fn mma_schedule(c: &ConvCase) -> ConvMmaSchedule {
     ConvMmaSchedule {
         warps: c.tile[0],
         n_tiles: c.tile[1],
+        ..Default::default()
     }
 }
 
@@ -207,7 +208,11 @@ fn sweep_kernels(sku: &Sku) -> Vec<GpuKernel> {
         }
     }
     for (i, (warps, n_tiles)) in [(4, 4), (8, 8), (2, 1), (4, 8)].into_iter().enumerate() {
-        let s = ConvMmaSchedule { warps, n_tiles };
+        let s = ConvMmaSchedule {
+            warps,
+            n_tiles,
+            ..Default::default()
+        };
         for (l, layout) in [ConvLayout::Nchw, ConvLayout::Nhwc].into_iter().enumerate() {
             let name = format!("sweep_conv_mma_{i}_{l}");
             ks.push(conv2d_f16_mma(&name, &g, layout, epi, &s, sku).unwrap());

@@ -152,12 +152,12 @@ fn conv_want(g: &ConvGeom, x: &[f32], w: &[f32], bias: &[f32], res: &[f32]) -> V
     want
 }
 
-/// Runs every config of `cs` of the conv task `t` on the emulator against `want`.
-#[allow(clippy::too_many_arguments)]
+/// Runs every config of `cs` of the conv task `t` on the emulator against `want`; `x` gives
+/// the config's `X` buffer.
 fn check_conv_configs(
     t: &GpuTunable,
     cs: Vec<Config>,
-    x: &[f32],
+    x: &dyn Fn(&Config) -> Vec<f32>,
     w: &[f32],
     bias: &[f32],
     res: &[f32],
@@ -167,7 +167,7 @@ fn check_conv_configs(
     for c in cs {
         let tk = t.build("kiln_conv_t", &c).unwrap();
         let mut args = vec![
-            EArg::Buf(x.to_vec()),
+            EArg::Buf(x(&c)),
             EArg::Buf(w.to_vec()),
             EArg::Buf(bias.to_vec()),
             EArg::Buf(res.to_vec()),
@@ -215,11 +215,12 @@ fn tuned_conv_schedules_match_cpu() {
     let res = values(u(g.n * g.oc * g.oh() * g.ow()), &mut rng);
     let want = conv_want(&g, &x, &w, &bias, &res);
     let cs = configs(&t, 6, 128, &mut rng);
-    check_conv_configs(&t, cs, &x, &w, &bias, &res, &want);
+    check_conv_configs(&t, cs, &|_| x.clone(), &w, &bias, &res, &want);
 }
 
 /// The tensor-core conv's tuning task (`gpu_conv2d_mma`): every tiling (warps × 8-channel
-/// tiles) of f16 and bf16 inputs computes the CPU conv of the same rounded values.
+/// tiles) of f16 and bf16 inputs, with `X` in 16 bits or in f32 (rounded by the kernel as it
+/// is gathered), computes the CPU conv of the rounded values.
 #[test]
 fn tuned_conv_mma_schedules_match_cpu() {
     let sku = DeviceDb::builtin()
@@ -242,7 +243,8 @@ fn tuned_conv_mma_schedules_match_cpu() {
         )
         .unwrap();
         let mut rng = rand::rngs::StdRng::seed_from_u64(13);
-        let x = round(&values(u(g.n * g.c * g.h * g.w), &mut rng));
+        let x_raw = values(u(g.n * g.c * g.h * g.w), &mut rng);
+        let x = round(&x_raw);
         let w = round(&values(u(g.oc * g.c * g.kh * g.kw), &mut rng));
         let bias = values(u(g.oc), &mut rng);
         let res = values(u(g.n * g.oc * g.oh() * g.ow()), &mut rng);
@@ -251,12 +253,26 @@ fn tuned_conv_mma_schedules_match_cpu() {
         let mut cs = vec![t.default.clone()];
         for warps in [1, 2, 4] {
             for n_tiles in [1, 2, 4, 8] {
-                let c = Config::from_pairs(&[("warps", warps), ("n_tiles", n_tiles)]);
-                if t.check(&c).is_ok() && !cs.contains(&c) {
-                    cs.push(c);
+                for x_f32 in [0, 1] {
+                    let c = Config::from_pairs(&[
+                        ("warps", warps),
+                        ("n_tiles", n_tiles),
+                        ("x_f32", x_f32),
+                    ]);
+                    if t.check(&c).is_ok() && !cs.contains(&c) {
+                        cs.push(c);
+                    }
                 }
             }
         }
-        check_conv_configs(&t, cs, &x, &w, &bias, &res, &want);
+        assert!(cs.len() >= 20, "{}", cs.len());
+        let x_of = |c: &Config| {
+            if c.get_or("x_f32", 0) == 1 {
+                x_raw.clone()
+            } else {
+                x.clone()
+            }
+        };
+        check_conv_configs(&t, cs, &x_of, &w, &bias, &res, &want);
     }
 }

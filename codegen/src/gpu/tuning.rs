@@ -388,7 +388,7 @@ impl GpuTunable {
                     .chain([input.bytes() as f32])
                     .collect(),
                 ConvMmaSchedule::space(),
-                ConvMmaSchedule::default().to_config(),
+                ConvMmaSchedule::for_geom(g).to_config(),
                 2.0 * (g.m() * g.oc * g.k()) as f64,
             ),
         };

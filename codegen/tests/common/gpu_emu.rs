@@ -7,7 +7,7 @@
 //! `std::sync::Barrier` for `gpu.barrier`; a warp's shuffles exchange values through
 //! per-warp slots between two warp barriers. Blocks run one after another. Memory is
 //! `f32` bit patterns in atomics (f16 buffers hold f16-rounded values; `arith.truncf` to
-//! f16 rounds). This checks what the kernel *says*, not MLIR's lowering to PTX (`ptxas`
+//! f16 or bf16 rounds to nearest even). This checks what the kernel *says*, not MLIR's lowering to PTX (`ptxas`
 //! and the CUDA test cover that).
 
 #![allow(dead_code)]
@@ -129,6 +129,7 @@ enum K {
     Select,
     Extf,
     TruncF16,
+    TruncBF16,
     Id,
     Uitofp,
     Math(String),
@@ -368,6 +369,7 @@ fn parse_body<'a>(lines: &mut impl Iterator<Item = &'a str>, n: &mut Names) -> (
             "arith.negf" => K::Negf,
             "arith.select" => K::Select,
             "arith.extf" => K::Extf,
+            "arith.truncf" if rhs.trim_end().ends_with("to bf16") => K::TruncBF16,
             "arith.truncf" => K::TruncF16,
             "arith.index_cast" => K::Id,
             "arith.uitofp" => K::Uitofp,
@@ -646,6 +648,7 @@ impl Thread<'_> {
             }
             K::Extf | K::Id => self.get(g(0)).clone(),
             K::TruncF16 => V::F(round_f16(self.get(g(0)).f())),
+            K::TruncBF16 => V::F(crate::gpu_ref::round_bf16(&[self.get(g(0)).f()])[0]),
             K::Uitofp => V::F(self.get(g(0)).i() as f32),
             K::Math(m) => {
                 let x = self.get(g(0)).f();

@@ -15,7 +15,9 @@
 //! ```
 //!
 //! X and W are `memref<?xf16>` in the same layouts as the f32 kernel (NCHW with weights
-//! `[OC, C, KH, KW]`, NHWC with `[OC, KH, KW, C]`); bias, residual and Y are f32.
+//! `[OC, C, KH, KW]`, NHWC with `[OC, KH, KW, C]`); bias, residual and Y are f32. With
+//! [`ConvMmaSchedule::x_f32`] X is f32 instead, rounded (`arith.truncf`, to nearest even) as
+//! the block gathers it.
 
 use super::conv::{emit_gather, ConvGeom, ConvLayout, Epilogue};
 use super::emit::{dyn_memref, in_kernel, Emitter, WARP};
@@ -30,19 +32,33 @@ pub struct ConvMmaSchedule {
     pub warps: u32,
     /// 8-channel mma tiles per warp (the block covers `8 · n_tiles` output channels).
     pub n_tiles: u32,
+    /// `X` is f32 in global memory, rounded to the input type as the block gathers it (no
+    /// separate cast launch; each element is read as many times as the taps that use it).
+    pub x_f32: bool,
 }
 
 impl Default for ConvMmaSchedule {
-    /// 4 warps × 4 tiles: 64 pixels × 32 channels per block, 128 threads.
+    /// 4 warps × 4 tiles: 64 pixels × 32 channels per block, 128 threads; 16-bit `X`.
     fn default() -> Self {
         Self {
             warps: 4,
             n_tiles: 4,
+            x_f32: false,
         }
     }
 }
 
 impl ConvMmaSchedule {
+    /// The lowering's untuned choice for `g`: the default tiling; an f32 `X` rounded in the
+    /// kernel for 1×1 convs (each element is gathered once, so a cast launch would only add
+    /// a pass over `X`), a cast launch for the others.
+    pub fn for_geom(g: &ConvGeom) -> Self {
+        Self {
+            x_f32: g.kh * g.kw == 1,
+            ..Self::default()
+        }
+    }
+
     /// Output pixels per block.
     pub fn bm(&self) -> u32 {
         16 * self.warps
@@ -76,11 +92,12 @@ impl ConvMmaSchedule {
         Ok(())
     }
 
-    /// The autotuner's search space (`warps`, `n_tiles`).
+    /// The autotuner's search space (`warps`, `n_tiles`, `x_f32` 0/1).
     pub fn space() -> Space {
         Space::new(vec![
             Param::new("warps", &[1, 2, 4, 8]),
             Param::new("n_tiles", &[1, 2, 4, 8]),
+            Param::new("x_f32", &[0, 1]),
         ])
     }
 
@@ -91,6 +108,7 @@ impl ConvMmaSchedule {
         Self {
             warps: get("warps", d.warps),
             n_tiles: get("n_tiles", d.n_tiles),
+            x_f32: get("x_f32", u32::from(d.x_f32)) == 1,
         }
     }
 
@@ -99,6 +117,7 @@ impl ConvMmaSchedule {
         Config::from_pairs(&[
             ("warps", i64::from(self.warps)),
             ("n_tiles", i64::from(self.n_tiles)),
+            ("x_f32", i64::from(self.x_f32)),
         ])
     }
 
@@ -159,6 +178,8 @@ pub fn conv2d_mma(
         format!("memref<{}x{ti}, {ws}>", bn * 16),
     );
     let (h16, f32t) = (dyn_memref(ti), dyn_memref("f32"));
+    // The type of `X` in global memory.
+    let xt = if s.x_f32 { f32t.clone() } else { h16.clone() };
     let nt = s.n_tiles as usize;
 
     let mut e = Emitter::new();
@@ -201,7 +222,14 @@ pub fn conv2d_mma(
     let (ok, addr) = emit_gather(&mut e, g, layout, &m0, &r, &c);
     e.line(&format!("%va = scf.if {ok} -> {ti} {{"));
     let v = e.fresh("xl");
-    e.line(&format!("{v} = memref.load %X[{addr}] : {h16}"));
+    e.line(&format!("{v} = memref.load %X[{addr}] : {xt}"));
+    let v = if s.x_f32 {
+        let r = e.fresh("xr");
+        e.line(&format!("{r} = arith.truncf {v} : f32 to {ti}"));
+        r
+    } else {
+        v
+    };
     e.line(&format!("scf.yield {v} : {ti}"));
     e.line("} else {");
     e.line(&format!("scf.yield %h0 : {ti}"));
@@ -358,7 +386,7 @@ pub fn conv2d_mma(
     let mut params = vec![
         KernelParam::Buffer {
             name: "X".into(),
-            elem: input.elem(),
+            elem: if s.x_f32 { Elem::F32 } else { input.elem() },
         },
         KernelParam::Buffer {
             name: "W".into(),
@@ -377,7 +405,7 @@ pub fn conv2d_mma(
         elem: Elem::F32,
     });
     let header = format!(
-        "gpu.func @{name}(%X: {h16}, %W: {h16}{decls}, %Y: {f32t}) workgroup(%As : {a_sh} {{llvm.align = 16 : i64}}, %Bs : {b_sh} {{llvm.align = 16 : i64}}) kernel attributes {{known_block_size = array<i32: {threads}, 1, 1>}} {{"
+        "gpu.func @{name}(%X: {xt}, %W: {h16}{decls}, %Y: {f32t}) workgroup(%As : {a_sh} {{llvm.align = 16 : i64}}, %Bs : {b_sh} {{llvm.align = 16 : i64}}) kernel attributes {{known_block_size = array<i32: {threads}, 1, 1>}} {{"
     );
     Ok(GpuKernel {
         name: name.into(),

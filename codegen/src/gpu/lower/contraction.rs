@@ -844,6 +844,7 @@ fn special_conv(
                 geom,
                 epi: ep,
                 input: tc.input,
+                x_f32: tc.x_f32,
             },
         )
     } else if depthwise {
@@ -956,6 +957,8 @@ fn special_conv(
 struct TcConv {
     /// The input type.
     input: MmaInput,
+    /// `X` is read as f32 (rounded in the kernel; no cast launch).
+    x_f32: bool,
     kernel: crate::gpu::GpuKernel,
     grid: [u32; 3],
     block: [u32; 3],
@@ -989,7 +992,7 @@ fn conv_tc(
     if !sku.has(input.feature()) {
         return Err(format!("{} has no {}", sku.name, input.feature()));
     }
-    let mut sched = ConvMmaSchedule::default();
+    let mut sched = ConvMmaSchedule::for_geom(geom);
     if let Some(src) = schedules {
         let tpl = GpuTemplate::ConvMma {
             geom: *geom,
@@ -1013,15 +1016,23 @@ fn conv_tc(
         elem_bytes: 2,
     };
     let (nx, nw) = (numel(x)?, numel(w)?);
-    let mut casts = vec![precision::cast_launch(
-        index,
-        Operand::Value(x),
-        nx,
-        0,
-        input,
-        sku,
-    )];
-    let mut scratch = (nx * 2).div_ceil(64) * 64;
+    // `X` as the kernel reads it: f32 rounded in the kernel, or a 16-bit copy in scratch.
+    let (x_arg, mut casts, mut scratch) = if sched.x_f32 {
+        let arg = LaunchArg::Buf {
+            operand: Operand::Value(x),
+            offset: 0,
+            len: nx,
+            elem_bytes: 4,
+        };
+        (arg, Vec::new(), 0)
+    } else {
+        let cast = precision::cast_launch(index, Operand::Value(x), nx, 0, input, sku);
+        (
+            f16(Operand::Scratch(0), nx),
+            vec![cast],
+            (nx * 2).div_ceil(64) * 64,
+        )
+    };
     let mut consts = Vec::new();
     let w_op = match g.const_value(w) {
         Some(t) => {
@@ -1051,10 +1062,11 @@ fn conv_tc(
     };
     Ok(TcConv {
         input,
+        x_f32: sched.x_f32,
         kernel,
         grid,
         block,
-        operands: vec![f16(Operand::Scratch(0), nx), f16(w_op, nw)],
+        operands: vec![x_arg, f16(w_op, nw)],
         casts,
         scratch,
         consts,

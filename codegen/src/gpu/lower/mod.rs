@@ -241,8 +241,9 @@ pub enum HostKernel {
         kernels::epilogue::Epilogue,
         u32,
     ),
-    /// [`kernels::conv_mma::conv2d_mma`] in NCHW: `X, W` (f16 or bf16)`[, bias][, residual],
-    /// Y (f32)`, f32 accumulation.
+    /// [`kernels::conv_mma::conv2d_mma`] in NCHW: `X, W` (f16 or bf16; `X` f32 with
+    /// `x_f32`, rounded to the input type as it is read)`[, bias][, residual], Y (f32)`, f32
+    /// accumulation.
     ConvMma {
         /// The geometry.
         geom: kernels::conv::ConvGeom,
@@ -250,6 +251,8 @@ pub enum HostKernel {
         epi: kernels::conv::Epilogue,
         /// The input type of `X` and `W`.
         input: kernels::gemm_mma::MmaInput,
+        /// `X` is f32 in memory ([`kernels::conv_mma::ConvMmaSchedule::x_f32`]).
+        x_f32: bool,
     },
 }
 
