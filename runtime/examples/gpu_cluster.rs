@@ -15,45 +15,13 @@
 //! model).
 
 use kiln_runtime::artifact::Artifact;
+#[path = "common/test_data.rs"]
+mod test_data;
+
 use kiln_runtime::cluster::{ClusterModel, ThreadTransport, Transport};
 use kiln_runtime::{AlignedBuf, Tensor, TensorView};
 use std::path::Path;
 use std::time::{Duration, Instant};
-
-/// The test tensors `PREFIX_0.pb`, `PREFIX_1.pb`, ... of `dir`.
-fn tensors(dir: &Path, prefix: &str) -> Vec<kiln_ir::Tensor> {
-    let mut out = vec![];
-    for k in 0.. {
-        let p = dir.join(format!("{prefix}_{k}.pb"));
-        if !p.exists() {
-            break;
-        }
-        out.push(kiln_ir::onnx::load_tensor_pb(&p).expect("test tensor").1);
-    }
-    out
-}
-
-/// Largest relative error of `got` (the runtime's outputs) against `want`.
-fn max_error(got: &[Tensor], want: &[kiln_ir::Tensor]) -> f64 {
-    let mut err = 0f64;
-    for (g, w) in got.iter().zip(want) {
-        let t = kiln_ir::onnx::tensor_proto::from_raw(g.dtype.to_ir(), &g.shape, g.data.as_slice())
-            .expect("output bytes");
-        for (a, b) in t.to_f64_vec().iter().zip(w.to_f64_vec()) {
-            let e = (a - b).abs() / b.abs().max(1.0);
-            err = if e.is_nan() {
-                f64::INFINITY
-            } else {
-                err.max(e)
-            };
-        }
-    }
-    if got.len() != want.len() {
-        f64::INFINITY
-    } else {
-        err
-    }
-}
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -82,8 +50,8 @@ fn main() {
             continue;
         };
         let world = cp.world;
-        let ins = tensors(&dir.join(&model), "input");
-        let want = tensors(&dir.join(&model), "output");
+        let ins = test_data::tensors(&dir.join(&model), "input");
+        let want = test_data::tensors(&dir.join(&model), "output");
         let bufs: Vec<(kiln_runtime::DType, Vec<usize>, AlignedBuf)> = ins
             .iter()
             .map(|t| {
@@ -150,7 +118,11 @@ fn main() {
                 continue;
             }
         };
-        let err = max_error(&outs, &want);
+        let got: Vec<(kiln_ir::DType, &[u8])> = outs
+            .iter()
+            .map(|t| (t.dtype.to_ir(), t.data.as_slice()))
+            .collect();
+        let err = test_data::max_rel_error(&got, &want);
         t.sort_by(f64::total_cmp);
         println!(
             "| {file} | {world} | {err:.2e} | {:.3} | {:.3} |",

@@ -13,22 +13,13 @@
 //! warm-up runs) end to end — inputs uploaded from pinned host memory, the CUDA graph
 //! replayed, outputs downloaded — and print the median and the minimum.
 
+#[path = "common/test_data.rs"]
+mod test_data;
+
 use kiln_runtime::artifact::Artifact;
 use kiln_runtime::cuda_model::CudaModel;
 use std::path::Path;
 use std::time::Instant;
-
-fn tensors(dir: &Path, prefix: &str) -> Vec<kiln_ir::Tensor> {
-    let mut out = vec![];
-    for k in 0.. {
-        let p = dir.join(format!("{prefix}_{k}.pb"));
-        if !p.exists() {
-            break;
-        }
-        out.push(kiln_ir::onnx::load_tensor_pb(&p).expect("test tensor").1);
-    }
-    out
-}
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -88,8 +79,8 @@ fn main() {
             }
         }
         let Some(mut m) = m else { continue };
-        let ins = tensors(&dir.join(&model), "input");
-        let want = tensors(&dir.join(&model), "output");
+        let ins = test_data::tensors(&dir.join(&model), "input");
+        let want = test_data::tensors(&dir.join(&model), "output");
         let raw: Vec<Vec<u8>> = ins
             .iter()
             .map(kiln_ir::onnx::tensor_proto::to_raw)
@@ -102,19 +93,14 @@ fn main() {
                 continue;
             }
         };
-        let mut err = 0f64;
-        for ((io, bytes), w) in m.plan().outputs.iter().zip(&outs).zip(&want) {
-            let got = kiln_ir::onnx::tensor_proto::from_raw(io.dtype.to_ir(), w.shape(), bytes)
-                .expect("output bytes");
-            for (a, b) in got.to_f64_vec().iter().zip(w.to_f64_vec()) {
-                let e = (a - b).abs() / b.abs().max(1.0);
-                err = if e.is_nan() {
-                    f64::INFINITY
-                } else {
-                    err.max(e)
-                };
-            }
-        }
+        let got: Vec<(kiln_ir::DType, &[u8])> = m
+            .plan()
+            .outputs
+            .iter()
+            .zip(&outs)
+            .map(|(io, b)| (io.dtype.to_ir(), b.as_slice()))
+            .collect();
+        let err = test_data::max_rel_error(&got, &want);
         for _ in 0..20 {
             m.run(&refs).expect("warm-up run");
         }

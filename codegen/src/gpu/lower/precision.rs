@@ -130,26 +130,39 @@ pub(crate) fn cast_launch(
     to: MmaInput,
     sku: &crate::gpu::Sku,
 ) -> (super::Launch, GpuKernel) {
-    use super::{Launch, LaunchArg, Operand};
+    use super::{LaunchArg, Operand};
     let k = cast_kernel(to);
-    let l = Launch {
+    let args = vec![
+        LaunchArg::Buf {
+            operand: src,
+            offset: 0,
+            len,
+            elem_bytes: 4,
+        },
+        LaunchArg::Buf {
+            operand: Operand::Scratch(at),
+            offset: 0,
+            len,
+            elem_bytes: u64::from(to.bytes()),
+        },
+        LaunchArg::Index(len as i64),
+    ];
+    (grid_stride_launch(index, &k, args, len, sku), k)
+}
+
+/// The launch of grid-stride kernel `k` ([`CAST_BLOCK`] threads per block) over `len`
+/// elements, at most 8 blocks per SM, for partition kernel `index`.
+fn grid_stride_launch(
+    index: usize,
+    k: &GpuKernel,
+    args: Vec<super::LaunchArg>,
+    len: u64,
+    sku: &crate::gpu::Sku,
+) -> super::Launch {
+    super::Launch {
         index,
         kernel: k.name.clone(),
-        args: vec![
-            LaunchArg::Buf {
-                operand: src,
-                offset: 0,
-                len,
-                elem_bytes: 4,
-            },
-            LaunchArg::Buf {
-                operand: Operand::Scratch(at),
-                offset: 0,
-                len,
-                elem_bytes: u64::from(to.bytes()),
-            },
-            LaunchArg::Index(len as i64),
-        ],
+        args,
         grid: [
             crate::gpu::kernels::blocks_for(
                 len,
@@ -162,8 +175,7 @@ pub(crate) fn cast_launch(
         block: k.block,
         shared_bytes: 0,
         generic: false,
-    };
-    (l, k)
+    }
 }
 
 /// Entry name of the f32 zero-fill kernel.
@@ -215,34 +227,18 @@ pub(crate) fn zero_launch(
     len: u64,
     sku: &crate::gpu::Sku,
 ) -> (super::Launch, GpuKernel) {
-    use super::{Launch, LaunchArg};
+    use super::LaunchArg;
     let k = zero_kernel();
-    let l = Launch {
-        index,
-        kernel: k.name.clone(),
-        args: vec![
-            LaunchArg::Buf {
-                operand: dst,
-                offset,
-                len,
-                elem_bytes: 4,
-            },
-            LaunchArg::Index(len as i64),
-        ],
-        grid: [
-            crate::gpu::kernels::blocks_for(
-                len,
-                u64::from(CAST_BLOCK),
-                u64::from(sku.sm_count) * 8,
-            ),
-            1,
-            1,
-        ],
-        block: k.block,
-        shared_bytes: 0,
-        generic: false,
-    };
-    (l, k)
+    let args = vec![
+        LaunchArg::Buf {
+            operand: dst,
+            offset,
+            len,
+            elem_bytes: 4,
+        },
+        LaunchArg::Index(len as i64),
+    ];
+    (grid_stride_launch(index, &k, args, len, sku), k)
 }
 
 /// An f32 value as the tensor cores see an input of type `input` (tf32: the low 13 mantissa
