@@ -455,7 +455,9 @@ mod tests {
         assert_eq!((s.bm(), s.bn(), s.shared_bytes()), (64, 32, 3072));
         assert!(ConvMmaSchedule { warps: 0, ..s }.validate(sku).is_err());
         assert_eq!(ConvMmaSchedule::from_config(&s.to_config()), s);
-        assert_eq!(ConvMmaSchedule::space().size(), 16);
+        assert_eq!(ConvMmaSchedule::space().size(), 32);
+        let x32 = ConvMmaSchedule { x_f32: true, ..s };
+        assert_eq!(ConvMmaSchedule::from_config(&x32.to_config()), x32);
         let g = ConvGeom {
             n: 1,
             c: 5,
@@ -493,6 +495,31 @@ mod tests {
         assert!(ptx
             .text
             .contains("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"));
+        // An f32 X, rounded to bf16 in the kernel (`cvt.rn.bf16.f32`).
+        for (input, cvt) in [
+            (MmaInput::BF16, "cvt.rn.bf16.f32"),
+            (MmaInput::F16, "cvt.rn.f16.f32"),
+        ] {
+            let k = conv2d_mma(
+                "cmx",
+                &g,
+                ConvLayout::Nchw,
+                Epilogue::default(),
+                &x32,
+                sku,
+                input,
+            )
+            .unwrap();
+            assert!(matches!(
+                k.params[0],
+                KernelParam::Buffer {
+                    elem: Elem::F32,
+                    ..
+                }
+            ));
+            let ptx = crate::gpu::compile_kernel(&k, sku).unwrap();
+            assert!(ptx.text.contains(cvt), "{input:?}: no {cvt}");
+        }
         assert!(conv2d_mma(
             "t",
             &g,
