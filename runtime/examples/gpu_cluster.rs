@@ -27,17 +27,9 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let dir = Path::new(args.first().map(String::as_str).unwrap_or("."));
     let runs: usize = args.get(1).and_then(|r| r.parse().ok()).unwrap_or(20);
-    let mut arts: Vec<_> = std::fs::read_dir(dir)
-        .expect("artifact folder")
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "kiln"))
-        .collect();
-    arts.sort();
     println!("| artifact | ranks | max rel. error | p50 ms | min ms |");
     println!("|---|---|---|---|---|");
-    for path in arts {
-        let file = path.file_name().unwrap().to_string_lossy().to_string();
-        let model = file.split('.').next().unwrap().to_string();
+    for (path, file, model) in test_data::artifacts(dir) {
         let art = match Artifact::load(&path) {
             Ok(a) => a,
             Err(e) => {

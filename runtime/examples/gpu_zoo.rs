@@ -32,23 +32,16 @@ fn main() {
         eprintln!("no CUDA device");
         std::process::exit(2);
     }
-    let mut arts: Vec<_> = std::fs::read_dir(dir)
-        .expect("artifact folder")
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "kiln"))
-        .collect();
-    arts.sort();
+    let mut arts = test_data::artifacts(dir);
     if let Some(o) = only {
-        arts.retain(|p| p.file_name().is_some_and(|f| f.to_string_lossy() == *o));
+        arts.retain(|(_, file, _)| file == o);
     } else {
         println!(
             "| artifact | launches | load ms (JIT / cached) | max rel. error | p50 ms | min ms |"
         );
         println!("|---|---|---|---|---|---|");
     }
-    for path in arts {
-        let file = path.file_name().unwrap().to_string_lossy().to_string();
-        let model = file.split('.').next().unwrap().to_string();
+    for (path, file, model) in arts {
         let art = match Artifact::load(&path) {
             Ok(a) => a,
             Err(e) => {

@@ -1,7 +1,25 @@
 //! ONNX test data for the runtime-only examples (`gpu_zoo`, `gpu_cluster`): the tensors of a
 //! model's test-data folder and the error measure they are checked with.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+/// The artifacts `*.kiln` of `dir`, sorted, each with its file name and model (the file
+/// name up to the first dot: `MODEL.TAG.kiln`, whose test data is in `dir/MODEL/`).
+pub fn artifacts(dir: &Path) -> Vec<(PathBuf, String, String)> {
+    let mut arts: Vec<PathBuf> = std::fs::read_dir(dir)
+        .expect("artifact folder")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "kiln"))
+        .collect();
+    arts.sort();
+    arts.into_iter()
+        .map(|p| {
+            let file = p.file_name().unwrap().to_string_lossy().to_string();
+            let model = file.split('.').next().unwrap().to_string();
+            (p, file, model)
+        })
+        .collect()
+}
 
 /// The test tensors `PREFIX_0.pb`, `PREFIX_1.pb`, ... of `dir`.
 pub fn tensors(dir: &Path, prefix: &str) -> Vec<kiln_ir::Tensor> {
