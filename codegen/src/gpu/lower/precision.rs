@@ -71,6 +71,26 @@ impl Precision {
     }
 }
 
+/// A grid-stride `gpu.func` of [`CAST_BLOCK`] threads per block: parameters `params` then
+/// `%n: index`, `setup` (MLIR lines before the loop), and `body` run for every `%i < %n`.
+fn grid_stride_func(name: &str, params: &str, setup: &str, body: &str) -> String {
+    format!(
+        r#"  gpu.func @{name}({params}, %n: index) kernel attributes {{known_block_size = array<i32: {CAST_BLOCK}, 1, 1>}} {{
+    %bid = gpu.block_id x
+    %bdim = gpu.block_dim x
+    %tid = gpu.thread_id x
+    %gdim = gpu.grid_dim x
+    %t0 = arith.muli %bid, %bdim : index
+    %i0 = arith.addi %t0, %tid : index
+    %step = arith.muli %gdim, %bdim : index
+{setup}    scf.for %i = %i0 to %n step %step {{
+{body}    }}
+    gpu.return
+  }}
+"#
+    )
+}
+
 /// Entry name of the f32 → `to` cast kernel.
 pub fn cast_name(to: MmaInput) -> String {
     format!("kiln_cast_f32_{}", to.mlir())
@@ -81,23 +101,16 @@ pub fn cast_name(to: MmaInput) -> String {
 pub fn cast_kernel(to: MmaInput) -> GpuKernel {
     let name = cast_name(to);
     let t = to.mlir();
-    let mlir = format!(
-        r#"  gpu.func @{name}(%x: memref<?xf32>, %y: memref<?x{t}>, %n: index) kernel attributes {{known_block_size = array<i32: {CAST_BLOCK}, 1, 1>}} {{
-    %bid = gpu.block_id x
-    %bdim = gpu.block_dim x
-    %tid = gpu.thread_id x
-    %gdim = gpu.grid_dim x
-    %t0 = arith.muli %bid, %bdim : index
-    %i0 = arith.addi %t0, %tid : index
-    %step = arith.muli %gdim, %bdim : index
-    scf.for %i = %i0 to %n step %step {{
-      %v = memref.load %x[%i] : memref<?xf32>
+    let mlir = grid_stride_func(
+        &name,
+        &format!("%x: memref<?xf32>, %y: memref<?x{t}>"),
+        "",
+        &format!(
+            "      %v = memref.load %x[%i] : memref<?xf32>
       %r = arith.truncf %v : f32 to {t}
       memref.store %r, %y[%i] : memref<?x{t}>
-    }}
-    gpu.return
-  }}
-"#
+"
+        ),
     );
     GpuKernel {
         name,
@@ -185,22 +198,11 @@ pub const ZERO_NAME: &str = "kiln_zero_f32";
 /// split-K GEMM, whose partial sums are added atomically). Parameters
 /// `y: memref<?xf32>, n: index`.
 pub fn zero_kernel() -> GpuKernel {
-    let mlir = format!(
-        r#"  gpu.func @{ZERO_NAME}(%y: memref<?xf32>, %n: index) kernel attributes {{known_block_size = array<i32: {CAST_BLOCK}, 1, 1>}} {{
-    %bid = gpu.block_id x
-    %bdim = gpu.block_dim x
-    %tid = gpu.thread_id x
-    %gdim = gpu.grid_dim x
-    %t0 = arith.muli %bid, %bdim : index
-    %i0 = arith.addi %t0, %tid : index
-    %step = arith.muli %gdim, %bdim : index
-    %z = arith.constant 0.0 : f32
-    scf.for %i = %i0 to %n step %step {{
-      memref.store %z, %y[%i] : memref<?xf32>
-    }}
-    gpu.return
-  }}
-"#
+    let mlir = grid_stride_func(
+        ZERO_NAME,
+        "%y: memref<?xf32>",
+        "    %z = arith.constant 0.0 : f32\n",
+        "      memref.store %z, %y[%i] : memref<?xf32>\n",
     );
     GpuKernel {
         name: ZERO_NAME.into(),
