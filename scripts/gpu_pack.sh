@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fills .gpu/ (git-ignored) with what scripts/gpu_check.sh runs on a GPU machine that has no
-# compiler: stripped runtime-only binaries (gpu_zoo, gemm_bench, the runtime's CUDA test
-# binaries, gpu_cluster), every zoo model compiled for SKU (default h200) at f32 and f16
+# compiler: stripped runtime-only binaries (gpu_zoo, gemm_bench, the runtime's CUDA and NCCL
+# test binaries, gpu_cluster), every zoo model compiled for SKU (default h200) at f32 and f16
 # (bert/gpt also tf32, bf16) and sharded over 2 GPU ranks, the models and their test data. Then: device run with carry [".gpu"] and
 # command `bash scripts/gpu_check.sh`. For GPU autotuning, scripts/gpu_tune_pack.sh adds the
 # measurer and tuning bundles to the same .gpu/ (run it after this script, which clears
@@ -12,12 +12,12 @@ SKU=${1:-h200}
 grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
 rm -rf .gpu && mkdir -p .gpu/bin .gpu/zoo
 cargo build --release -p kiln
-cargo build --release -p kiln-runtime --features cuda --example gpu_zoo --example gemm_bench \
+cargo build --release -p kiln-runtime --features nccl --example gpu_zoo --example gemm_bench \
   --example gpu_cluster
 cp target/release/examples/gpu_zoo target/release/examples/gemm_bench \
   target/release/examples/gpu_cluster .gpu/bin/
-for t in cuda cuda_ops; do
-  exe=$(cargo test --release -p kiln-runtime --features cuda --test $t --no-run --message-format=json 2>/dev/null \
+for t in cuda cuda_ops nccl; do
+  exe=$(cargo test --release -p kiln-runtime --features nccl --test $t --no-run --message-format=json 2>/dev/null \
         | .venv/bin/python -c "import sys,json
 for l in sys.stdin:
     m=json.loads(l)

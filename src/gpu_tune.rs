@@ -21,6 +21,7 @@ use crate::tune::KILN_VERSION;
 use anyhow::{bail, Context, Result};
 use kiln_codegen::gpu::kernels::epilogue::Epilogue;
 use kiln_codegen::gpu::kernels::gemm_mma::MmaInput;
+use kiln_codegen::gpu::lower::attention::{RowAttention, ScoreStep};
 use kiln_codegen::gpu::lower::{self, LowerOptions};
 use kiln_codegen::gpu::tuning::{GpuSchedules, GpuTemplate, GpuTunable, TunedKernel};
 use kiln_codegen::gpu::{compile_kernel, ptxas, Ptx, Sku};
@@ -456,7 +457,50 @@ fn task_data(t: &GpuTunable) -> Result<TaskData> {
                 tolerance: if input.is_some() { 1e-3 } else { 1e-4 },
             }
         }
+        GpuTemplate::RowAttention(a) => attention_data(&mut rng, a),
     })
+}
+
+/// The buffers of a row-attention task: Q, Kᵀ, V, the mask (if any; some keys masked off
+/// with -10000 as BERT does) and O, with the expected O of [`RowAttention::eval`].
+fn attention_data(rng: &mut Rng, a: &RowAttention) -> TaskData {
+    let f32buf = |name, v: &[f32]| DataBuf {
+        name,
+        bytes: Some(f32_bytes(v)),
+        elem_bytes: 4,
+        len: v.len() as u64,
+    };
+    let (rows, d) = (a.bh * a.sq, a.d);
+    let q = rng.vec(rows * d);
+    let kt = rng.vec(a.bh * d * a.skv);
+    let v = rng.vec(a.bh * a.skv * d);
+    let mask: Vec<f32> = if a.steps.contains(&ScoreStep::AddMask) {
+        let n = a.mask_offset(a.bh - 1, a.sq - 1, a.skv - 1) + 1;
+        rng.vec(n)
+            .into_iter()
+            .map(|x| if x > 0.8 { -10000.0 } else { x })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let mut expected = vec![0f32; rows * d];
+    a.eval(&q, &kt, &v, &mask, &mut expected);
+    let mut bufs = vec![f32buf("Q", &q), f32buf("Kt", &kt), f32buf("V", &v)];
+    if !mask.is_empty() {
+        bufs.push(f32buf("mask", &mask));
+    }
+    bufs.push(DataBuf {
+        name: "O",
+        bytes: None,
+        elem_bytes: 4,
+        len: expected.len() as u64,
+    });
+    TaskData {
+        output: bufs.len() - 1,
+        bufs,
+        expected,
+        tolerance: 1e-4,
+    }
 }
 
 /// The launch arguments of candidate `k` of `t` over the task's buffers (indices as
@@ -523,6 +567,11 @@ fn candidate_args(t: &GpuTunable, k: &TunedKernel) -> Vec<BundleArg> {
                 args[0] = buf(n);
             }
             args
+        }
+        // Q, Kᵀ, V[, mask], O
+        GpuTemplate::RowAttention(a) => {
+            let n = 4 + usize::from(a.steps.contains(&ScoreStep::AddMask));
+            (0..n).map(buf).collect()
         }
     }
 }

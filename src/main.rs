@@ -1227,14 +1227,44 @@ fn run_sharded(
             Ok(m) => m,
             Err(e) => tr.abort(&e),
         };
+        // GPU ranks exchange tensors through NCCL (bootstrapped over MPI) when every segment
+        // runs on a GPU and each rank of this node has a GPU of its own
+        use kiln::runtime::nccl_transport::{wanted, NcclTransport};
+        let local = std::env::var("OMPI_COMM_WORLD_LOCAL_SIZE")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(world);
+        let mut nccl = match wanted(art, local) {
+            Ok(false) => None,
+            Ok(true) => Some(
+                NcclTransport::new(
+                    &mut tr,
+                    m.groups(),
+                    kiln::runtime::cuda::rank_device(rank),
+                    std::time::Duration::from_secs(300),
+                )
+                .unwrap_or_else(|e| tr.abort(&e)),
+            ),
+            Err(e) => tr.abort(&e),
+        };
+        let nccl_used = nccl.is_some();
         let mine: &[kiln::runtime::TensorView] = if rank == 0 { &views } else { &[] };
+        let mut run = |m: &mut ClusterModel,
+                       tr: &mut kiln::runtime::mpi_transport::MpiTransport| {
+            match nccl.as_mut() {
+                Some(n) => m.run(n, mine),
+                None => m.run(tr, mine),
+            }
+            .unwrap_or_else(|e| tr.abort(&e))
+        };
         let t0 = std::time::Instant::now();
-        let outs = m.run(&mut tr, mine).unwrap_or_else(|e| tr.abort(&e));
+        let outs = run(&mut m, &mut tr);
         let first = t0.elapsed();
         if rank == 0 {
             println!(
-                "{origin}: rank 0 of {world}, {} compute segment(s)",
-                m.segments()
+                "{origin}: rank 0 of {world}, {} compute segment(s); tensors between ranks through {}",
+                m.segments(),
+                if nccl_used { "NCCL (GPU to GPU)" } else { "MPI" }
             );
             if let Err(e) = report(outs, first) {
                 tr.abort(&format!("{e:#}"));
@@ -1245,7 +1275,7 @@ fn run_sharded(
             let mut comm = 0.0;
             for _ in 0..n {
                 let t0 = std::time::Instant::now();
-                m.run(&mut tr, mine).unwrap_or_else(|e| tr.abort(&e));
+                run(&mut m, &mut tr);
                 times.push(t0.elapsed().as_secs_f64() * 1e3);
                 comm += m.comm_time().as_secs_f64() * 1e3;
             }

@@ -12,6 +12,7 @@ use kiln_codegen::gpu::kernels::conv_mma::ConvMmaSchedule;
 use kiln_codegen::gpu::kernels::gemm::GpuGemmSchedule;
 use kiln_codegen::gpu::kernels::gemm_mma::MmaSchedule;
 use kiln_codegen::gpu::kernels::gemm_wgmma::WgmmaSchedule;
+use kiln_codegen::gpu::lower::attention::{RowAttentionSchedule, ScoreStep};
 use kiln_codegen::gpu::lower::Precision;
 use kiln_codegen::gpu::ptxas;
 use kiln_codegen::gpu::tuning::{gemm_f32_config, gemm_f32_schedule, mma_config, wgmma_config};
@@ -50,12 +51,29 @@ fn tasks(name: &str, p: Precision, target: &str) -> Vec<GpuTask> {
 
 #[test]
 fn tasks_from_zoo_models_at_f32_and_f16() {
-    // f32: SIMT GEMMs (bert) and implicit-GEMM convs (resnet).
+    // f32: SIMT GEMMs and the fused row attention (bert), implicit-GEMM convs (resnet).
     let bert = tasks("bert", Precision::F32, "cuda:h100");
     assert!(!bert.is_empty());
-    assert!(bert
+    assert!(bert.iter().all(|t| matches!(
+        t.tunable.workload.kind.as_str(),
+        "gpu_gemm_f32" | "gpu_row_attention"
+    )));
+    let attn = bert
         .iter()
-        .all(|t| t.tunable.workload.kind == "gpu_gemm_f32"));
+        .find(|t| t.tunable.workload.kind == "gpu_row_attention")
+        .expect("an attention task");
+    // its description parses back to the same task (constants as f32 bits)
+    let again = kiln_codegen::gpu::tuning::GpuTunable::from_description(
+        attn.tunable.label(),
+        &attn.tunable.sku,
+    )
+    .unwrap();
+    assert_eq!(
+        again.template,
+        attn.tunable.template,
+        "{}",
+        attn.tunable.label()
+    );
     let resnet = tasks("resnet", Precision::F32, "cuda:h100");
     assert!(resnet
         .iter()
@@ -105,9 +123,16 @@ fn tasks_from_zoo_models_at_f32_and_f16() {
         kiln_tune::Workload::new("x", t.tunable.label(), vec![]).fingerprint(),
         "cc83b02553fae6d0"
     );
-    // Precision is part of the workload: bf16 tasks have other fingerprints.
+    // Precision is part of the GEMM workloads: bf16 GEMM tasks have other fingerprints (the
+    // f32 row attention is the same kernel at every precision).
     let bf = tasks("bert", Precision::BF16, "cuda:h100");
-    assert!(fps(&bf).iter().all(|f| !fps(&bert16).contains(f)));
+    let gemms = |ts: &[GpuTask]| -> Vec<GpuTask> {
+        ts.iter()
+            .filter(|t| t.tunable.workload.kind != "gpu_row_attention")
+            .cloned()
+            .collect()
+    };
+    assert!(fps(&gemms(&bf)).iter().all(|f| !fps(&bert16).contains(f)));
 }
 
 #[test]
@@ -341,6 +366,84 @@ fn interpreted(dir: &Path, m: &Manifest, ti: usize) -> Vec<f32> {
             let refs: Vec<&[usize]> = shapes.iter().map(|s| s.as_slice()).collect();
             run(&graph(&refs, nodes), ins)
         }
+        "gpu_row_attention" => {
+            // Q·Kᵀ, the score steps, Softmax over the keys, ·V as graph nodes; the mask
+            // expanded to the scores' shape, the causal mask as `s·keep + fill·(1 - keep)`
+            let sku = kiln::gpu_compile::resolve_sku(&m.target).unwrap();
+            let tpl = kiln_codegen::gpu::tuning::GpuTunable::from_description(&t.description, sku)
+                .unwrap()
+                .template;
+            let kiln_codegen::gpu::tuning::GpuTemplate::RowAttention(a) = tpl else {
+                unreachable!()
+            };
+            let (bh, sq, skv, d) = (a.bh, a.sq, a.skv, a.d);
+            let scores = vec![bh, sq, skv];
+            let mut shapes = vec![vec![bh, sq, d], vec![bh, d, skv], vec![bh, skv, d]];
+            let mut ins: Vec<Tensor> = (0..3)
+                .map(|i| Tensor::from_vec(&shapes[i], load(i)))
+                .collect();
+            let mut input = |shape: Vec<usize>, v: Vec<f32>, shapes: &mut Vec<Vec<usize>>| {
+                ins.push(Tensor::from_vec(&shape, v));
+                shapes.push(shape);
+                shapes.len() - 1
+            };
+            let bin = |k: BinaryKind| Op::Elementwise(ElementwiseOp::Binary(k));
+            let mut steps: Vec<(Op, usize)> = Vec::new(); // (op, its other operand)
+            for st in &a.steps {
+                match *st {
+                    ScoreStep::Div(c) => {
+                        steps.push((bin(BinaryKind::Div), input(vec![1], vec![c], &mut shapes)))
+                    }
+                    ScoreStep::Mul(c) => {
+                        steps.push((bin(BinaryKind::Mul), input(vec![1], vec![c], &mut shapes)))
+                    }
+                    ScoreStep::AddMask => {
+                        let raw = load(3);
+                        let full: Vec<f32> = (0..bh * sq * skv)
+                            .map(|e| raw[a.mask_offset(e / (sq * skv), e / skv % sq, e % skv)])
+                            .collect();
+                        steps.push((
+                            bin(BinaryKind::Add),
+                            input(scores.clone(), full, &mut shapes),
+                        ));
+                    }
+                    ScoreStep::Causal(fill) => {
+                        let keep: Vec<f32> = (0..bh * sq * skv)
+                            .map(|e| f32::from(u8::from(e % skv <= e / skv % sq)))
+                            .collect();
+                        let add: Vec<f32> = keep
+                            .iter()
+                            .map(|k| if *k == 1.0 { 0.0 } else { fill })
+                            .collect();
+                        steps.push((
+                            bin(BinaryKind::Mul),
+                            input(scores.clone(), keep, &mut shapes),
+                        ));
+                        steps.push((
+                            bin(BinaryKind::Add),
+                            input(scores.clone(), add, &mut shapes),
+                        ));
+                    }
+                }
+            }
+            let n_in = shapes.len();
+            let mut nodes = vec![(Op::Linalg(LinalgOp::MatMul), vec![0, 1])];
+            for (op, other) in steps {
+                let last = n_in + nodes.len() - 1;
+                nodes.push((op, vec![last, other]));
+            }
+            let last = n_in + nodes.len() - 1;
+            nodes.push((
+                Op::Nn(NnOp::Softmax(kiln_ir::ops::nn::SoftmaxAttrs {
+                    axis: -1,
+                    coerce_2d: false,
+                })),
+                vec![last],
+            ));
+            nodes.push((Op::Linalg(LinalgOp::MatMul), vec![last + 1, 2]));
+            let refs: Vec<&[usize]> = shapes.iter().map(|s| s.as_slice()).collect();
+            run(&graph(&refs, nodes), ins)
+        }
         k => panic!("unexpected kind {k}"),
     }
 }
@@ -369,7 +472,7 @@ fn exported_bundle_round_trips() {
     if ptxas_bin.is_none() {
         println!("SKIPPED (ptxas part): no ptxas");
     }
-    let (mut fused_epilogues, mut tc_convs) = (0, 0);
+    let (mut fused_epilogues, mut tc_convs, mut attentions) = (0, 0, 0);
     for (name, p, target, n) in [
         ("bert", Precision::F16, "cuda:h100", 3),
         ("resnet", Precision::F32, "cuda:h100", 2),
@@ -391,6 +494,7 @@ fn exported_bundle_round_trips() {
             assert!(!t.candidates.is_empty() && t.candidates.len() <= n);
             fused_epilogues += usize::from(t.description.contains(" epi="));
             tc_convs += usize::from(t.kind == "gpu_conv2d_mma");
+            attentions += usize::from(t.kind == "gpu_row_attention");
             let fps: Vec<String> = gpu_model_tasks(&zoo(name), &opts(name, p), target)
                 .unwrap()
                 .iter()
@@ -436,6 +540,9 @@ fn exported_bundle_round_trips() {
     assert!(fused_epilogues > 0);
     // Convs on tensor cores (resnet at bf16) are tasks with 16-bit X and W.
     assert!(tc_convs > 0);
+    // bert's fused attention is a task (the expected output recomputed above from Q·Kᵀ,
+    // the score steps, Softmax and ·V).
+    assert!(attentions > 0);
     std::fs::remove_dir_all(&root).ok();
 }
 
@@ -858,6 +965,60 @@ fn tensor_core_conv_records_are_used() {
     assert!(!tc.is_empty(), "{p:?}");
     for (s, _) in &tc {
         assert_eq!(s.block, [64, 1, 1], "{}", s.kernel);
+    }
+    std::fs::remove_dir_all(&root).ok();
+}
+
+/// The fused row attention is a tuning task (threads per block × threads per row): bert's
+/// attentions with a `64 × 4` record launch 64-thread blocks and 4 threads per query row.
+#[test]
+fn attention_records_are_used() {
+    let root = tmp("gpu_tune_attention");
+    let db = root.join("tuning.db");
+    let m = export(
+        "bert",
+        Precision::F32,
+        "cuda:h100",
+        &root.join("bert"),
+        &root.join("x.db"),
+        1,
+    );
+    let tuned = RowAttentionSchedule {
+        block: 64,
+        kv_split: 4,
+    };
+    let picks: Vec<(usize, Config)> = (0..m.tasks.len())
+        .filter(|&i| m.tasks[i].kind == "gpu_row_attention")
+        .map(|i| (i, kiln_codegen::gpu::tuning::row_attention_config(&tuned)))
+        .collect();
+    assert!(!picks.is_empty());
+    import(&root, &db, &results(&m, &picks));
+    let attn = |a: &kiln::Artifact| -> Vec<kiln_runtime::GpuStep> {
+        a.inner()
+            .plan
+            .gpu
+            .clone()
+            .unwrap()
+            .steps
+            .into_iter()
+            .filter(|s| s.kernel.ends_with("_attention"))
+            .collect()
+    };
+    let plain = compile_with("bert", "cuda:h100", "f32", None);
+    let art = compile_with("bert", "cuda:h100", "f32", Some(&db));
+    let (t, p) = (attn(&art), attn(&plain));
+    assert!(!p.is_empty() && t.len() == p.len());
+    for (s, d) in t.iter().zip(&p) {
+        assert_eq!(d.block, [128, 1, 1], "{}", d.kernel);
+        assert_eq!(s.block, [64, 1, 1], "{}", s.kernel);
+        // 4 threads per row in blocks of 64 instead of 1 in blocks of 128: 8× the blocks
+        // (up to the last partial block)
+        assert!(
+            s.grid[0] >= 8 * d.grid[0] - 7,
+            "{:?} vs {:?}",
+            s.grid,
+            d.grid
+        );
     }
     std::fs::remove_dir_all(&root).ok();
 }

@@ -8,7 +8,9 @@ use crate::gpu_emu;
 
 use gpu_emu::{run, EArg};
 use kiln_codegen::gpu::kernels::gemm_mma::MmaInput;
-use kiln_codegen::gpu::lower::attention::{copy_kernel, row_attention, RowAttention, ScoreStep};
+use kiln_codegen::gpu::lower::attention::{
+    copy_kernel, row_attention, RowAttention, RowAttentionSchedule, ScoreStep,
+};
 use kiln_codegen::gpu::lower::precision::{cast_kernel, round_input};
 
 fn data(n: usize, seed: u64) -> Vec<f32> {
@@ -137,21 +139,79 @@ fn row_attention_matches_a_naive_softmax_attention_on_the_emulator() {
         let mut host = vec![0f32; bh * sq * d];
         a.eval(&q, &kt, &v, &mask, &mut host);
         assert!(max_diff(&host, &want) < 1e-5, "case {ci}: host");
-        let k = row_attention("attn", &a);
-        let mut args = vec![EArg::Buf(q), EArg::Buf(kt), EArg::Buf(v)];
-        if has_mask {
-            args.push(EArg::Buf(mask));
+        // every schedule of the tuning space: threads per block × threads per row
+        let space = RowAttentionSchedule::space();
+        let mut worst = 0f32;
+        for &block in &space[0].1 {
+            for &kv_split in &space[1].1 {
+                let sch = RowAttentionSchedule { block, kv_split };
+                let k = row_attention("attn", &a, &sch);
+                let mut args = vec![
+                    EArg::Buf(q.clone()),
+                    EArg::Buf(kt.clone()),
+                    EArg::Buf(v.clone()),
+                ];
+                if has_mask {
+                    args.push(EArg::Buf(mask.clone()));
+                }
+                args.push(EArg::Buf(vec![f32::NAN; bh * sq * d]));
+                run(&k.mlir, sch.grid((bh * sq) as u64), k.block, &mut args);
+                let EArg::Buf(got) = args.last().unwrap() else {
+                    unreachable!()
+                };
+                let e = max_diff(got, &want);
+                assert!(e < 1e-5, "case {ci} {sch:?}: {e}");
+                worst = worst.max(e);
+            }
         }
-        args.push(EArg::Buf(vec![f32::NAN; bh * sq * d]));
-        let blocks = (bh * sq).div_ceil(128) as u32;
-        run(&k.mlir, [blocks, 1, 1], k.block, &mut args);
-        let EArg::Buf(got) = args.last().unwrap() else {
-            unreachable!()
-        };
-        let e = max_diff(got, &want);
-        println!("case {ci}: row attention on the emulator, max |diff| {e:.2e}");
-        assert!(e < 1e-5, "case {ci}: {e}");
+        println!(
+            "case {ci}: row attention on the emulator, all 16 schedules, max |diff| {worst:.2e}"
+        );
     }
+}
+
+#[test]
+fn row_attention_schedules_pass_ptxas() {
+    use kiln_codegen::gpu::{compile_kernel, DeviceDb};
+    let db = DeviceDb::builtin().unwrap();
+    let sku = db.parse_target("cuda:h100").unwrap();
+    let a = RowAttention {
+        bh: 8,
+        sq: 64,
+        skv: 64,
+        d: 64,
+        steps: vec![ScoreStep::Div(8.0), ScoreStep::AddMask],
+        batch: vec![2, 4],
+        mask_strides: vec![64, 0, 0, 1],
+    };
+    let ptxas = crate::ptxas::find_ptxas();
+    let dir = tempfile::tempdir().unwrap();
+    for kv_split in [1, 2, 8] {
+        let sch = RowAttentionSchedule {
+            block: 256,
+            kv_split,
+        };
+        sch.validate(sku).unwrap();
+        let k = row_attention(&format!("attn_s{kv_split}"), &a, &sch);
+        let ptx = compile_kernel(&k, sku).unwrap();
+        if kv_split > 1 {
+            assert!(ptx.text.contains("shfl.sync.bfly"), "no butterfly shuffle");
+        }
+        match &ptxas {
+            Some(p) => {
+                let u = crate::ptxas::assemble(p, dir.path(), &ptx.text, &ptx.arch, &k.name)
+                    .unwrap_or_else(|e| panic!("{e}"));
+                crate::ptxas::check_limits(&u, &k, sku);
+                println!("{sch:?}: {} registers", u.registers);
+            }
+            None => println!("ptxas not found: {sch:?} lowered to PTX only"),
+        }
+    }
+    let bad = RowAttentionSchedule {
+        block: 48,
+        kv_split: 3,
+    };
+    assert!(bad.validate(sku).is_err());
 }
 
 #[test]

@@ -2,7 +2,9 @@
 //! their outputs against the model's test data; a runtime-only program (no LLVM, no MPI), so
 //! it can be carried to a GPU machine with no compiler. With feature `cuda`, ranks whose
 //! segments were compiled for a GPU run them on GPU `rank mod <GPUs visible>` (on a
-//! one-GPU machine every rank shares it; tensors cross ranks through host memory).
+//! one-GPU machine every rank shares it; tensors cross ranks through host memory). With
+//! feature `nccl`, where every rank has a GPU of its own, they cross GPU to GPU through
+//! NCCL (`kiln_runtime::nccl_transport::wanted`); the table's transport column says which.
 //!
 //! ```sh
 //! cargo run --release -p kiln-runtime --features cuda --example gpu_cluster -- DIR [RUNS]
@@ -27,8 +29,8 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let dir = Path::new(args.first().map(String::as_str).unwrap_or("."));
     let runs: usize = args.get(1).and_then(|r| r.parse().ok()).unwrap_or(20);
-    println!("| artifact | ranks | max rel. error | p50 ms | min ms |");
-    println!("|---|---|---|---|---|");
+    println!("| artifact | ranks | transport | max rel. error | p50 ms | min ms |");
+    println!("|---|---|---|---|---|---|");
     for (path, file, model) in test_data::artifacts(dir) {
         let art = match Artifact::load(&path) {
             Ok(a) => a,
@@ -59,6 +61,18 @@ fn main() {
         // One thread per rank, each keeping its model: rank 0's first outputs are checked,
         // every run after 3 warm-up runs timed (the ranks meet in their messages; a rank
         // that fails makes the others time out instead of waiting forever).
+        #[cfg(feature = "nccl")]
+        let nccl = match kiln_runtime::nccl_transport::wanted(&art, world) {
+            Ok(b) => b,
+            Err(e) => {
+                println!("| {file} | {world} | {e} |");
+                continue;
+            }
+        };
+        #[cfg(feature = "nccl")]
+        let via = if nccl { "NCCL" } else { "host" };
+        #[cfg(not(feature = "nccl"))]
+        let via = "host";
         let transports = ThreadTransport::world(world, Duration::from_secs(60));
         let result = std::thread::scope(|s| {
             let hs: Vec<_> = transports
@@ -68,6 +82,24 @@ fn main() {
                     s.spawn(move || -> Result<(Vec<Tensor>, Vec<f64>), String> {
                         let r = tr.rank();
                         let mut m = ClusterModel::new(art, r, origin)?;
+                        // GPU to GPU through NCCL where each rank has a GPU of its own
+                        let mut nt: Option<Box<dyn Transport>> = None;
+                        #[cfg(feature = "nccl")]
+                        if nccl {
+                            nt = Some(Box::new(
+                                kiln_runtime::nccl_transport::NcclTransport::new(
+                                    &mut tr,
+                                    m.groups(),
+                                    kiln_runtime::cuda::rank_device(r),
+                                    Duration::from_secs(60),
+                                )
+                                .map_err(|e| format!("rank {r}: {e}"))?,
+                            ));
+                        }
+                        let link: &mut dyn Transport = match nt.as_mut() {
+                            Some(b) => b.as_mut(),
+                            None => &mut tr,
+                        };
                         let views: Vec<TensorView> = if r == 0 {
                             bufs.iter()
                                 .map(|(d, sh, b)| TensorView {
@@ -83,7 +115,7 @@ fn main() {
                         let mut t = Vec::new();
                         for i in 0..runs + 3 {
                             let t0 = Instant::now();
-                            let out = m.run(&mut tr, &views)?;
+                            let out = m.run(link, &views)?;
                             if i == 0 {
                                 first = out;
                             } else if i >= 3 {
@@ -106,7 +138,7 @@ fn main() {
         let (outs, mut t) = match result {
             Ok(x) => x,
             Err(e) => {
-                println!("| {file} | {world} | run error: {e} |");
+                println!("| {file} | {world} | {via} | run error: {e} |");
                 continue;
             }
         };
@@ -117,7 +149,7 @@ fn main() {
         let err = test_data::max_rel_error(&got, &want);
         t.sort_by(f64::total_cmp);
         println!(
-            "| {file} | {world} | {err:.2e} | {:.3} | {:.3} |",
+            "| {file} | {world} | {via} | {err:.2e} | {:.3} | {:.3} |",
             t[t.len() / 2],
             t[0]
         );

@@ -295,6 +295,30 @@ fn slice_bytes(t: &Tensor, s: &AxisSlice) -> Result<Vec<u8>, String> {
     Ok(out)
 }
 
+/// `(GPU segments, all compute segments)` over every rank of a cluster artifact (reads
+/// the nested artifacts' plans; the same answer on every rank).
+pub fn segment_counts(artifact: &Artifact) -> Result<(usize, usize), String> {
+    let Some(cp) = &artifact.plan.cluster else {
+        return Ok((0, 0));
+    };
+    let (mut gpu, mut all) = (0, 0);
+    for (r, p) in cp.ranks.iter().enumerate() {
+        for (i, s) in p.steps.iter().enumerate() {
+            if let ClusterStep::Compute { offset, len } = s {
+                let bytes = offset
+                    .checked_add(*len)
+                    .and_then(|e| artifact.weights.get(*offset as usize..e as usize))
+                    .ok_or_else(|| format!("rank {r} segment {i}: bytes outside the blob"))?;
+                let name = format!("rank {r} segment {i}");
+                let art = Artifact::from_bytes(bytes, &name).map_err(|e| e.to_string())?;
+                all += 1;
+                gpu += usize::from(art.plan.gpu.is_some());
+            }
+        }
+    }
+    Ok((gpu, all))
+}
+
 /// A loaded rank program: nested models instantiated once, reused across runs.
 pub struct ClusterModel {
     rank: usize,
@@ -330,8 +354,7 @@ impl Segment {
         }
         #[cfg(feature = "cuda")]
         {
-            let n = crate::cuda::device_count().max(1);
-            crate::cuda_model::CudaModel::load_on(&art, rank % n, false)
+            crate::cuda_model::CudaModel::load_on(&art, crate::cuda::rank_device(rank), false)
                 .map(|m| Segment::Cuda(Box::new(m)))
                 .map_err(|e| format!("{name}: {e}"))
         }
@@ -441,6 +464,11 @@ impl ClusterModel {
     /// Time the last run spent in communication steps (waiting included).
     pub fn comm_time(&self) -> Duration {
         self.comm
+    }
+
+    /// The collective groups of the artifact ([`ClusterPlan::groups`]).
+    pub fn groups(&self) -> &[Vec<usize>] {
+        &self.groups
     }
 
     /// Number of compute segments of this rank.
@@ -711,7 +739,9 @@ impl Transport for ThreadTransport {
 }
 
 /// Runs a cluster artifact with one thread per rank in this process; returns rank 0's
-/// outputs. (Without MPI: tests, and `kiln run` outside `mpirun`.)
+/// outputs. (Without MPI: tests, and `kiln run` outside `mpirun`.) With feature `nccl`,
+/// ranks whose segments all run on GPUs exchange tensors through NCCL when
+/// [`nccl_transport::wanted`](crate::nccl_transport::wanted) says so.
 pub fn run_threads(
     artifact: &Artifact,
     origin: &str,
@@ -722,7 +752,10 @@ pub fn run_threads(
         .cluster
         .as_ref()
         .ok_or_else(|| format!("{origin}: not a cluster artifact"))?;
-    let transports = ThreadTransport::world(cp.world, Duration::from_secs(120));
+    let timeout = Duration::from_secs(120);
+    #[cfg(feature = "nccl")]
+    let nccl = crate::nccl_transport::wanted(artifact, cp.world)?;
+    let transports = ThreadTransport::world(cp.world, timeout);
     let owned: Vec<(DType, Vec<usize>, Vec<u8>)> = inputs
         .iter()
         .map(|v| (v.dtype, v.shape.to_vec(), v.data.to_vec()))
@@ -749,6 +782,18 @@ pub fn run_threads(
                         } else {
                             Vec::new()
                         };
+                        #[cfg(feature = "nccl")]
+                        if nccl {
+                            let dev = crate::cuda::rank_device(r);
+                            let mut t = crate::nccl_transport::NcclTransport::new(
+                                &mut tr,
+                                m.groups(),
+                                dev,
+                                timeout,
+                            )
+                            .map_err(|e| format!("rank {r}: {e}"))?;
+                            return m.run(&mut t, &views);
+                        }
                         m.run(&mut tr, &views)
                     })();
                     // a failing rank drops its channels: peers waiting on it fail next

@@ -62,6 +62,24 @@ pub fn device_count() -> usize {
     CudaContext::device_count().map_or(0, |n| usize::try_from(n).unwrap_or(0))
 }
 
+/// The node-local rank of this process under a launcher (`OMPI_COMM_WORLD_LOCAL_RANK`,
+/// `MPI_LOCALRANKID`, `SLURM_LOCALID`), or `rank` when there is none (ranks as threads).
+pub fn local_rank(rank: usize) -> usize {
+    [
+        "OMPI_COMM_WORLD_LOCAL_RANK",
+        "MPI_LOCALRANKID",
+        "SLURM_LOCALID",
+    ]
+    .iter()
+    .find_map(|v| std::env::var(v).ok()?.parse().ok())
+    .unwrap_or(rank)
+}
+
+/// The GPU that rank `rank` runs on: its [`local_rank`] modulo the GPUs visible.
+pub fn rank_device(rank: usize) -> usize {
+    local_rank(rank) % device_count().max(1)
+}
+
 /// A device buffer of `T`.
 #[derive(Debug)]
 pub struct DeviceBuffer<T> {

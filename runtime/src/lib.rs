@@ -4,7 +4,8 @@
 //! - [`artifact`]: the `MODEL.kiln` file format (plan + weights + kernel library).
 //! - [`executor`]: [`Model`] loads an artifact once and runs it.
 //! - [`cluster`]: sharded artifacts (one program per rank) and their execution over a
-//!   [`cluster::Transport`] (MPI with feature `mpi`: `mpi_transport`).
+//!   [`cluster::Transport`] (MPI with feature `mpi`: `mpi_transport`; GPU to GPU through
+//!   NCCL with feature `nccl`: `nccl_transport`).
 //! - [`kernel_lib`]: loading kernel shared libraries and calling kernels.
 //! - `reference`: steps without compiled code, run by the reference interpreter.
 //! - `cuda` (feature `cuda`): loading PTX and launching kernels on NVIDIA GPUs;
@@ -26,6 +27,8 @@ mod instance;
 pub mod kernel_lib;
 #[cfg(feature = "mpi")]
 pub mod mpi_transport;
+#[cfg(feature = "nccl")]
+pub mod nccl_transport;
 pub mod plan;
 pub mod pool;
 mod reference;

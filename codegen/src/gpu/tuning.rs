@@ -27,6 +27,7 @@ use super::kernels::gemm::{gemm_f32, GpuGemmSchedule};
 use super::kernels::gemm_mma::{gemm_mma, kernel_name, MmaInput, MmaOutput, MmaSchedule};
 use super::kernels::gemm_select::{select, GemmProblem, TensorCoreGemm};
 use super::kernels::gemm_wgmma::{gemm_wgmma, TensorMapSpec, WgmmaGemm, WgmmaSchedule};
+use super::lower::attention::{row_attention, RowAttention, RowAttentionSchedule, ScoreStep};
 use super::{GpuError, GpuKernel, Sku};
 use kiln_tune::{Config, Param, Space, Workload};
 use std::collections::HashMap;
@@ -82,6 +83,8 @@ pub enum GpuTemplate {
         /// f16 or bf16.
         input: MmaInput,
     },
+    /// [`row_attention`]: fused `softmax(steps(Q·Kᵀ)) · V` (f32) at fixed shapes.
+    RowAttention(RowAttention),
 }
 
 /// The shape and epilogue part of a conv workload description.
@@ -108,6 +111,95 @@ fn conv_desc(g: &ConvGeom, epi: &ConvEpilogue) -> String {
         u8::from(epi.residual),
         u8::from(epi.relu)
     )
+}
+
+/// The shape and score-epilogue part of a row-attention workload description (constants
+/// as f32 bit patterns, so that the description parses back to the same kernel).
+fn attention_desc(a: &RowAttention) -> String {
+    let steps: Vec<String> = a
+        .steps
+        .iter()
+        .map(|s| match s {
+            ScoreStep::Div(c) => format!("div:{:08x}", c.to_bits()),
+            ScoreStep::Mul(c) => format!("mul:{:08x}", c.to_bits()),
+            ScoreStep::AddMask => "mask".into(),
+            ScoreStep::Causal(f) => format!("causal:{:08x}", f.to_bits()),
+        })
+        .collect();
+    let join = |v: Vec<String>, sep: &str| {
+        if v.is_empty() {
+            "none".to_string()
+        } else {
+            v.join(sep)
+        }
+    };
+    format!(
+        "bh={} sq={} skv={} d={} batch={} steps={} ms={}",
+        a.bh,
+        a.sq,
+        a.skv,
+        a.d,
+        join(a.batch.iter().map(|b| b.to_string()).collect(), "x"),
+        join(steps, ","),
+        join(a.mask_strides.iter().map(|m| m.to_string()).collect(), ",")
+    )
+}
+
+/// The inverse of [`attention_desc`] over its `key=value` fields.
+fn attention_from(f: &HashMap<&str, &str>) -> Option<RowAttention> {
+    let num = |k: &str| -> Option<usize> { f.get(k)?.parse().ok() };
+    let list = |k: &str, sep: char| -> Option<Vec<&str>> {
+        let v = *f.get(k)?;
+        Some(if v == "none" {
+            Vec::new()
+        } else {
+            v.split(sep).collect()
+        })
+    };
+    let bits = |h: &str| u32::from_str_radix(h, 16).ok().map(f32::from_bits);
+    let steps = list("steps", ',')?
+        .into_iter()
+        .map(|s| match s.split_once(':') {
+            None if s == "mask" => Some(ScoreStep::AddMask),
+            Some(("div", h)) => Some(ScoreStep::Div(bits(h)?)),
+            Some(("mul", h)) => Some(ScoreStep::Mul(bits(h)?)),
+            Some(("causal", h)) => Some(ScoreStep::Causal(bits(h)?)),
+            _ => None,
+        })
+        .collect::<Option<Vec<_>>>()?;
+    Some(RowAttention {
+        bh: num("bh")?,
+        sq: num("sq")?,
+        skv: num("skv")?,
+        d: num("d")?,
+        steps,
+        batch: list("batch", 'x')?
+            .into_iter()
+            .map(|x| x.parse().ok())
+            .collect::<Option<_>>()?,
+        mask_strides: list("ms", ',')?
+            .into_iter()
+            .map(|x| x.parse().ok())
+            .collect::<Option<_>>()?,
+    })
+}
+
+/// The [`RowAttentionSchedule`] of a config (missing parameters keep the default).
+pub fn row_attention_schedule(c: &Config) -> RowAttentionSchedule {
+    let d = RowAttentionSchedule::default();
+    let get = |k: &str, v: u32| c.get(k).and_then(|x| u32::try_from(x).ok()).unwrap_or(v);
+    RowAttentionSchedule {
+        block: get("block", d.block),
+        kv_split: get("kv_split", d.kv_split),
+    }
+}
+
+/// The config of a [`RowAttentionSchedule`].
+pub fn row_attention_config(s: &RowAttentionSchedule) -> Config {
+    Config::from_pairs(&[
+        ("block", i64::from(s.block)),
+        ("kv_split", i64::from(s.kv_split)),
+    ])
 }
 
 /// Features of a conv workload.
@@ -391,6 +483,22 @@ impl GpuTunable {
                 ConvMmaSchedule::for_geom(g).to_config(),
                 2.0 * (g.m() * g.oc * g.k()) as f64,
             ),
+            GpuTemplate::RowAttention(a) => {
+                let u = |v: usize| v as u64;
+                (
+                    "gpu_row_attention",
+                    format!("gpu_row_attention {}", attention_desc(a)),
+                    vec![
+                        log2p(u(a.bh * a.sq)),
+                        log2p(u(a.skv)),
+                        log2p(u(a.d)),
+                        f32::from(u8::from(a.steps.contains(&ScoreStep::AddMask))),
+                    ],
+                    space_of(RowAttentionSchedule::space()),
+                    row_attention_config(&RowAttentionSchedule::default()),
+                    4.0 * (a.bh * a.sq * a.skv * a.d) as f64,
+                )
+            }
         };
         let t = Self {
             template,
@@ -502,6 +610,7 @@ impl GpuTunable {
                     }
                 }
             }
+            "gpu_row_attention" => GpuTemplate::RowAttention(attention_from(&f)?),
             _ => return None,
         };
         let t = Self::new(template, sku)?;
@@ -594,6 +703,11 @@ impl GpuTunable {
                 s.validate(sku).map_err(|e| e.to_string())?;
                 s.launch(geom).map(|_| ()).map_err(|e| e.to_string())
             }
+            GpuTemplate::RowAttention(a) => {
+                let s = row_attention_schedule(c);
+                s.validate(sku).map_err(|e| e.to_string())?;
+                grid_ok(s.grid((a.bh * a.sq) as u64))
+            }
         }
     }
 
@@ -667,6 +781,17 @@ impl GpuTunable {
                     kernel,
                     grid,
                     block,
+                    dynamic_shared: 0,
+                    tensor_maps: None,
+                }
+            }
+            GpuTemplate::RowAttention(a) => {
+                let s = row_attention_schedule(c);
+                let kernel = row_attention(name, a, &s);
+                TunedKernel {
+                    grid: s.grid((a.bh * a.sq) as u64),
+                    block: kernel.block,
+                    kernel,
                     dynamic_shared: 0,
                     tensor_maps: None,
                 }

@@ -365,7 +365,14 @@ pub(crate) fn lower_fused(
         elem_bytes: 4,
     };
     let kname = format!("{name}_attention");
-    let kern = row_attention(&kname, &f.spec);
+    let mut sched = RowAttentionSchedule::default();
+    if let (Some(sku), Some(src)) = (&opts.sku, &opts.schedules) {
+        let t = crate::gpu::tuning::GpuTemplate::RowAttention(f.spec.clone());
+        if let Some(t) = crate::gpu::tuning::GpuTunable::new(t, sku) {
+            sched = crate::gpu::tuning::row_attention_schedule(&src.choose(&t).0);
+        }
+    }
+    let kern = row_attention(&kname, &f.spec, &sched);
     let n_out = numel(f.out)?;
     let mut args = vec![
         buf(Operand::Value(f.q), numel(f.q)?),
@@ -381,11 +388,7 @@ pub(crate) fn lower_fused(
         index,
         kernel: String::new(),
         args,
-        grid: [
-            crate::gpu::kernels::blocks_for(rows, u64::from(ROW_BLOCK), u64::from(u32::MAX)),
-            1,
-            1,
-        ],
+        grid: sched.grid(rows),
         block: kern.block,
         shared_bytes: 0,
         generic: false,
@@ -524,21 +527,85 @@ impl RowAttention {
     }
 }
 
-/// Threads per block of [`row_attention`].
+/// Threads per block of [`row_attention`]'s default schedule.
 pub const ROW_BLOCK: u32 = 128;
+
+/// The tunable parameters of [`row_attention`] (task `gpu_row_attention`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RowAttentionSchedule {
+    /// Threads per block: 32, 64, 128 or 256.
+    pub block: u32,
+    /// Threads per query row: 1, 2, 4 or 8. Each takes every `kv_split`-th key; the lanes
+    /// of a row then combine their running max, sum and output by `gpu.shuffle xor`. More
+    /// threads for the same work: what fills the GPU when `bh · sq` rows are few.
+    pub kv_split: u32,
+}
+
+impl Default for RowAttentionSchedule {
+    /// 128 threads, one per row (the kernel before tuning).
+    fn default() -> Self {
+        Self {
+            block: ROW_BLOCK,
+            kv_split: 1,
+        }
+    }
+}
+
+impl RowAttentionSchedule {
+    /// The parameters and their legal values.
+    pub fn space() -> Vec<(&'static str, Vec<u32>)> {
+        vec![
+            ("block", vec![32, 64, 128, 256]),
+            ("kv_split", vec![1, 2, 4, 8]),
+        ]
+    }
+
+    /// Checks the values against the SKU's threads per block.
+    pub fn validate(&self, sku: &crate::gpu::Sku) -> Result<(), crate::gpu::GpuError> {
+        let bad = |why: String| Err(crate::gpu::GpuError::Schedule(format!("{self:?}: {why}")));
+        if ![32, 64, 128, 256].contains(&self.block) {
+            return bad("block must be 32, 64, 128 or 256".into());
+        }
+        if ![1, 2, 4, 8].contains(&self.kv_split) {
+            return bad("kv_split must be 1, 2, 4 or 8".into());
+        }
+        if self.block > sku.max_threads_per_block {
+            return bad(format!("{} threads per block on {}", self.block, sku.name));
+        }
+        Ok(())
+    }
+
+    /// Grid `(ceil(rows · kv_split / block), 1, 1)`.
+    pub fn grid(&self, rows: u64) -> [u32; 3] {
+        let threads = rows.saturating_mul(u64::from(self.kv_split));
+        [
+            crate::gpu::kernels::blocks_for(threads, u64::from(self.block), u64::from(u32::MAX)),
+            1,
+            1,
+        ]
+    }
+}
 
 fn f32c(x: f32) -> String {
     format!("0x{:08X}", x.to_bits())
 }
 
-/// `name(Q, Kt, V[, mask], O: memref<?xf32>)`: one thread per query row (`bh·sq` threads,
-/// [`ROW_BLOCK`] per block) computes `O[row] = softmax(steps(q·Kᵀ)) · V` with an online
-/// softmax (running max and sum, `exp` rescale), never materialising the scores. Shapes are
-/// compiled in; `Kt` is `[bh, d, skv]` as the graph's MatMul reads it.
-pub fn row_attention(name: &str, a: &RowAttention) -> crate::gpu::GpuKernel {
+/// `name(Q, Kt, V[, mask], O: memref<?xf32>)`: `kv_split` threads per query row
+/// (`bh·sq·kv_split` threads, `block` per block, see [`RowAttentionSchedule`]) compute
+/// `O[row] = softmax(steps(q·Kᵀ)) · V` with an online softmax (running max and sum, `exp`
+/// rescale), never materialising the scores; with `kv_split > 1` each thread takes every
+/// `kv_split`-th key and the row's lanes merge their `(max, sum, O)` by butterfly shuffles
+/// (threads past the last row compute a clamped row so that every lane shuffles, and do not
+/// store). Shapes are compiled in; `Kt` is `[bh, d, skv]` as the graph's MatMul reads it.
+pub fn row_attention(
+    name: &str,
+    a: &RowAttention,
+    sch: &RowAttentionSchedule,
+) -> crate::gpu::GpuKernel {
     use crate::gpu::{Elem, GpuKernel, KernelParam};
     use std::fmt::Write as _;
     let (sq, skv, d) = (a.sq, a.skv, a.d);
+    let (block, split) = (sch.block, sch.kv_split.max(1));
     let has_mask = a.steps.contains(&ScoreStep::AddMask);
     let mut w = String::new();
     let mut n = 0usize;
@@ -554,7 +621,7 @@ pub fn row_attention(name: &str, a: &RowAttention) -> crate::gpu::GpuKernel {
     };
     let _ = writeln!(
         w,
-        "  gpu.func @{name}(%q: {ty}, %kt: {ty}, %v: {ty}{mask_param}, %o: {ty}) kernel attributes {{known_block_size = array<i32: {ROW_BLOCK}, 1, 1>}} {{"
+        "  gpu.func @{name}(%q: {ty}, %kt: {ty}, %v: {ty}{mask_param}, %o: {ty}) kernel attributes {{known_block_size = array<i32: {block}, 1, 1>}} {{"
     );
     let mut line = |s: String| {
         w.push_str("    ");
@@ -563,12 +630,26 @@ pub fn row_attention(name: &str, a: &RowAttention) -> crate::gpu::GpuKernel {
     };
     line("%bid = gpu.block_id x".into());
     line("%tid = gpu.thread_id x".into());
-    line(format!("%cblk = arith.constant {ROW_BLOCK} : index"));
+    line(format!("%cblk = arith.constant {block} : index"));
     line("%t0 = arith.muli %bid, %cblk : index".into());
-    line("%t = arith.addi %t0, %tid : index".into());
     line(format!("%rows = arith.constant {} : index", a.bh * sq));
-    line("%in = arith.cmpi ult, %t, %rows : index".into());
-    line("scf.if %in {".into());
+    if split == 1 {
+        line("%t = arith.addi %t0, %tid : index".into());
+        line("%in = arith.cmpi ult, %t, %rows : index".into());
+        line("scf.if %in {".into());
+    } else {
+        // `%t`: this thread's row, clamped so that threads past the end still shuffle
+        line("%g = arith.addi %t0, %tid : index".into());
+        line(format!("%csplit = arith.constant {split} : index"));
+        line("%tu = arith.divui %g, %csplit : index".into());
+        line("%part = arith.remui %g, %csplit : index".into());
+        line("%in = arith.cmpi ult, %tu, %rows : index".into());
+        line(format!(
+            "%rlast = arith.constant {} : index",
+            (a.bh * sq).saturating_sub(1)
+        ));
+        line("%t = arith.minui %tu, %rlast : index".into());
+    }
     line("%c0 = arith.constant 0 : index".into());
     line("%c1 = arith.constant 1 : index".into());
     line(format!("%csq = arith.constant {sq} : index"));
@@ -623,8 +704,13 @@ pub fn row_attention(name: &str, a: &RowAttention) -> crate::gpu::GpuKernel {
     }
     let iters: Vec<String> = (0..d).map(|dd| format!("%o{dd} = %zero")).collect();
     let tys = vec!["f32"; d + 2].join(", ");
+    let (first, step) = if split == 1 {
+        ("%c0", "%c1")
+    } else {
+        ("%part", "%csplit")
+    };
     line(format!(
-        "%r:{} = scf.for %j = %c0 to %cskv step %c1 iter_args(%m = %ninf, %l = %zero, {}) -> ({tys}) {{",
+        "%r:{} = scf.for %j = {first} to %cskv step {step} iter_args(%m = %ninf, %l = %zero, {}) -> ({tys}) {{",
         d + 2,
         iters.join(", ")
     ));
@@ -701,9 +787,56 @@ pub fn row_attention(name: &str, a: &RowAttention) -> crate::gpu::GpuKernel {
     }
     line(format!("scf.yield {} : {tys}", outs.join(", ")));
     line("}".into());
-    for dd in 0..d {
+    let mut m = "%r#0".to_string();
+    let mut l = "%r#1".to_string();
+    let mut o: Vec<String> = (0..d).map(|dd| format!("%r#{}", dd + 2)).collect();
+    if split > 1 {
+        // merge the lanes of a row: (m, l, o) ⊕ (m', l', o') with the larger max
+        line("%cw = arith.constant 32 : i32".into());
+        let mut off = 1;
+        while off < split {
+            let co = fresh();
+            line(format!("{co} = arith.constant {off} : i32"));
+            let mut shuf = |v: &str| {
+                let (x, ok) = (fresh(), fresh());
+                line(format!("{x}, {ok} = gpu.shuffle xor {v}, {co}, %cw : f32"));
+                x
+            };
+            let xm = shuf(&m);
+            let xl = shuf(&l);
+            let xo: Vec<String> = o.iter().map(|v| shuf(v)).collect();
+            let mn = fresh();
+            line(format!("{mn} = arith.maximumf {m}, {xm} : f32"));
+            // exp(m - mn), or 0 for a lane that saw no key (m = -inf)
+            let mut scale = |mv: &str| {
+                let (df, e, inf, c) = (fresh(), fresh(), fresh(), fresh());
+                line(format!("{df} = arith.subf {mv}, {mn} : f32"));
+                line(format!("{e} = math.exp {df} : f32"));
+                line(format!("{inf} = arith.cmpf oeq, {mv}, %ninf : f32"));
+                line(format!("{c} = arith.select {inf}, %zero, {e} : f32"));
+                c
+            };
+            let c1 = scale(&m);
+            let c2 = scale(&xm);
+            let mut merge = |a: &str, b: &str| {
+                let (x, y, z) = (fresh(), fresh(), fresh());
+                line(format!("{x} = arith.mulf {a}, {c1} : f32"));
+                line(format!("{y} = arith.mulf {b}, {c2} : f32"));
+                line(format!("{z} = arith.addf {x}, {y} : f32"));
+                z
+            };
+            l = merge(&l, &xl);
+            o = o.iter().zip(&xo).map(|(a, b)| merge(a, b)).collect();
+            m = mn;
+            off *= 2;
+        }
+        line("%p0 = arith.cmpi eq, %part, %c0 : index".into());
+        line("%store = arith.andi %in, %p0 : i1".into());
+        line("scf.if %store {".into());
+    }
+    for (dd, ov) in o.iter().enumerate() {
         let r = fresh();
-        line(format!("{r} = arith.divf %r#{}, %r#1 : f32", dd + 2));
+        line(format!("{r} = arith.divf {ov}, {l} : f32"));
         line(format!("memref.store {r}, %o[%qo{dd}] : {ty}"));
     }
     line("}".into());
@@ -722,7 +855,7 @@ pub fn row_attention(name: &str, a: &RowAttention) -> crate::gpu::GpuKernel {
         name: name.to_string(),
         mlir: w,
         params,
-        block: [ROW_BLOCK, 1, 1],
+        block: [block, 1, 1],
         shared_bytes: 0,
         requires: vec![],
     }
