@@ -194,7 +194,14 @@ pub fn gemm_wgmma(
     let a_sh = format!("memref<{st}x{BM}x{BK}x{ti}, {ws}>");
     let b_sh = format!("memref<{st}x{BK}x{bn}x{ti}, {ws}>");
     let a_bytes = st * BM * BK * 2;
-    let acc = format!("!nvgpu.warpgroup.accumulator<fragmented = vector<{BM}x{bn}xf32>>");
+    // MLIR 22's `nvgpu.warpgroup.mma.store` offsets the i-th m64 fragment of an
+    // accumulator by i × (registers per thread) = i × bn/2 rows, which is 64 only for
+    // bn = 128: a 128×64 accumulator's second half would land on rows 32..95. Other widths
+    // keep two 64-row accumulators (two wgmma groups per k-tile over the two row halves of
+    // the A tile), each stored on its own.
+    let halves: u32 = if bn == 128 { 1 } else { 2 };
+    let mr = BM / halves;
+    let acc = format!("!nvgpu.warpgroup.accumulator<fragmented = vector<{mr}x{bn}xf32>>");
     let has_res = epilogue.has_residual();
 
     let mut w = String::new();
@@ -325,21 +332,67 @@ pub fn gemm_wgmma(
         );
         let _ = writeln!(w, "    }}");
     }
-    let _ = write!(
-        w,
-        r#"    %acc0 = nvgpu.warpgroup.mma.init.accumulator -> <fragmented = vector<{BM}x{bn}xf32>>
-    %acc = scf.for %it = %c0 to %ktiles step %c1 iter_args(%mc = %acc0) -> ({acc}) {{
-      %st = arith.remui %it, %cST : index
-      %ph0 = arith.divui %it, %cST : index
-      %ph1 = arith.remui %ph0, %c2 : index
-      %ph = arith.cmpi ne, %ph1, %c0 : index
-      nvgpu.mbarrier.try_wait.parity %bar[%st], %ph, %ticks : {bar}
-      %as = memref.subview %As[%st, 0, 0][1, {BM}, {BK}][1, 1, 1] : {a_sh} to memref<{BM}x{BK}x{ti}, strided<[{BK}, 1], offset: ?>, {ws}>
+    let frag = format!("<fragmented = vector<{mr}x{bn}xf32>>");
+    let a_half = format!("memref<{mr}x{BK}x{ti}, strided<[{BK}, 1], offset: ?>, {ws}>");
+    let da_half = format!("!nvgpu.warpgroup.descriptor<tensor = memref<{mr}x{BK}x{ti}, 3>>");
+    let loop_head = if halves == 1 {
+        format!(
+            "    %acc0 = nvgpu.warpgroup.mma.init.accumulator -> {frag}\n    %acc = scf.for %it = %c0 to %ktiles step %c1 iter_args(%mc = %acc0) -> ({acc}) {{\n"
+        )
+    } else {
+        format!(
+            "    %acc00 = nvgpu.warpgroup.mma.init.accumulator -> {frag}\n    %acc01 = nvgpu.warpgroup.mma.init.accumulator -> {frag}\n    %acc:2 = scf.for %it = %c0 to %ktiles step %c1 iter_args(%mc0 = %acc00, %mc1 = %acc01) -> ({acc}, {acc}) {{\n"
+        )
+    };
+    // The wgmma group(s) of one k-tile; the previous tile's groups are done after them.
+    let mma = if halves == 1 {
+        format!(
+            r#"      %as = memref.subview %As[%st, 0, 0][1, {BM}, {BK}][1, 1, 1] : {a_sh} to memref<{BM}x{BK}x{ti}, strided<[{BK}, 1], offset: ?>, {ws}>
       %bs = memref.subview %Bs[%st, 0, 0][1, {BK}, {bn}][1, 1, 1] : {b_sh} to memref<{BK}x{bn}x{ti}, strided<[{bn}, 1], offset: ?>, {ws}>
       %dA = nvgpu.warpgroup.generate.descriptor %as, %tmA : memref<{BM}x{BK}x{ti}, strided<[{BK}, 1], offset: ?>, {ws}>, {tma} -> !nvgpu.warpgroup.descriptor<tensor = memref<{BM}x{BK}x{ti}, 3>>
       %dB = nvgpu.warpgroup.generate.descriptor %bs, %tmB : memref<{BK}x{bn}x{ti}, strided<[{bn}, 1], offset: ?>, {ws}>, {tmb} -> !nvgpu.warpgroup.descriptor<tensor = memref<{BK}x{bn}x{ti}, 3>>
       %md = nvgpu.warpgroup.mma %dA, %dB, %mc {{transposeB, waitGroup = 1 : i64}} : <tensor = memref<{BM}x{BK}x{ti}, 3>>, <tensor = memref<{BK}x{bn}x{ti}, 3>>, <fragmented = vector<{BM}x{bn}xf32>> -> <fragmented = vector<{BM}x{bn}xf32>>
-      gpu.barrier
+"#
+        )
+    } else {
+        let mut m = format!(
+            r#"      %bs = memref.subview %Bs[%st, 0, 0][1, {BK}, {bn}][1, 1, 1] : {b_sh} to memref<{BK}x{bn}x{ti}, strided<[{bn}, 1], offset: ?>, {ws}>
+      %dB = nvgpu.warpgroup.generate.descriptor %bs, %tmB : memref<{BK}x{bn}x{ti}, strided<[{bn}, 1], offset: ?>, {ws}>, {tmb} -> !nvgpu.warpgroup.descriptor<tensor = memref<{BK}x{bn}x{ti}, 3>>
+"#
+        );
+        for h in 0..halves {
+            // the second group waits until at most the two groups of this tile are
+            // pending: the previous tile's are done
+            let wait = if h + 1 == halves {
+                format!(", waitGroup = {halves} : i64")
+            } else {
+                String::new()
+            };
+            let _ = write!(
+                m,
+                r#"      %as{h} = memref.subview %As[%st, {row}, 0][1, {mr}, {BK}][1, 1, 1] : {a_sh} to {a_half}
+      %dA{h} = nvgpu.warpgroup.generate.descriptor %as{h}, %tmA : {a_half}, {tma} -> {da_half}
+      %md{h} = nvgpu.warpgroup.mma %dA{h}, %dB, %mc{h} {{transposeB{wait}}} : <tensor = memref<{mr}x{BK}x{ti}, 3>>, <tensor = memref<{BK}x{bn}x{ti}, 3>>, {frag} -> {frag}
+"#,
+                row = h * mr,
+            );
+        }
+        m
+    };
+    let yielded = if halves == 1 {
+        format!("%md : {acc}")
+    } else {
+        format!("%md0, %md1 : {acc}, {acc}")
+    };
+    w.push_str(&loop_head);
+    let _ = write!(
+        w,
+        r#"      %st = arith.remui %it, %cST : index
+      %ph0 = arith.divui %it, %cST : index
+      %ph1 = arith.remui %ph0, %c2 : index
+      %ph = arith.cmpi ne, %ph1, %c0 : index
+      nvgpu.mbarrier.try_wait.parity %bar[%st], %ph, %ticks : {bar}
+{mma}      gpu.barrier
       %pit = arith.subi %it, %c1 : index
       %nk = arith.addi %pit, %cST : index
       %pst = arith.remui %pit, %cST : index
@@ -351,16 +404,28 @@ pub fn gemm_wgmma(
 "#
     );
     load(&mut w, "l_", "%nk", "%pst");
+    let store = if halves == 1 {
+        format!("    nvgpu.warpgroup.mma.store %acc, %Cs : {frag} to memref<{BM}x{bn}xf32, {ws}>\n")
+    } else {
+        let mut st = String::new();
+        for h in 0..halves {
+            let _ = write!(
+                st,
+                "    %cH{h} = arith.constant {off} : index\n    %Cs{h} = memref.view %smem[%cH{h}][] : memref<0xi8, {ws}> to memref<{mr}x{bn}xf32, {ws}>\n    nvgpu.warpgroup.mma.store %acc#{h}, %Cs{h} : {frag} to memref<{mr}x{bn}xf32, {ws}>\n",
+                off = h * mr * bn * 4,
+            );
+        }
+        st
+    };
     let _ = write!(
         w,
         r#"      }}
-      scf.yield %md : {acc}
+      scf.yield {yielded}
     }}
     nvvm.wgmma.wait.group.sync.aligned 0
     gpu.barrier
     %Cs = memref.view %smem[%c0][] : memref<0xi8, {ws}> to memref<{BM}x{bn}xf32, {ws}>
-    nvgpu.warpgroup.mma.store %acc, %Cs : <fragmented = vector<{BM}x{bn}xf32>> to memref<{BM}x{bn}xf32, {ws}>
-    gpu.barrier
+{store}    gpu.barrier
     scf.for %e = %tid to %cTILE step %c128 {{
       %r = arith.divui %e, %cBN : index
       %c = arith.remui %e, %cBN : index
@@ -507,5 +572,43 @@ mod tests {
         }
         let a100 = db.parse_target("cuda:a100").unwrap();
         assert!(crate::gpu::compile_kernel(&g.kernel, a100).is_err());
+    }
+
+    /// The accumulator reaches shared memory at the right rows for both widths: the
+    /// row-`r` fragment registers of the second 64-row half are stored `64 · bn · 4` bytes
+    /// after the first's (MLIR's `warpgroup.mma.store` alone puts a 128×64 accumulator's
+    /// second half 32 rows down, over the first).
+    #[test]
+    fn accumulator_halves_are_stored_64_rows_apart() {
+        let db = DeviceDb::builtin().unwrap();
+        let h100 = db.parse_target("cuda:h100").unwrap();
+        for bn in [64u32, 128] {
+            let s = WgmmaSchedule { bn, stages: 3 };
+            let g = gemm_wgmma("t", MmaInput::BF16, MmaOutput::F32, &Epilogue::none(), &s).unwrap();
+            let ptx = crate::gpu::compile_kernel(&g.kernel, h100).unwrap();
+            let offsets: Vec<u32> = ptx
+                .text
+                .lines()
+                .filter(|l| l.contains("st.shared.v2.b32"))
+                .map(|l| {
+                    l.split_once('+')
+                        .and_then(|(_, r)| r.split(']').next()?.parse().ok())
+                        .unwrap_or(0)
+                })
+                .collect();
+            // 2 halves × 2 row groups (+8 rows) × bn/8 column groups
+            assert_eq!(offsets.len() as u32, 2 * 2 * bn / 8, "bn {bn}");
+            let half = 64 * bn * 4;
+            for o in &offsets {
+                let (h, rest) = (o / half, o % half);
+                assert!(h < 2, "bn {bn}: store at +{o}");
+                // within a half: row offset 0 or 8, column groups of 8 floats
+                assert!(rest < 16 * bn * 4 && rest % 32 == 0, "bn {bn}: +{o}");
+            }
+            assert!(
+                offsets.iter().any(|&o| o >= half),
+                "bn {bn}: no second half"
+            );
+        }
     }
 }
