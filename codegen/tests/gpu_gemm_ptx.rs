@@ -463,6 +463,23 @@ fn runtime_fixtures() -> Vec<(String, String)> {
             Epilogue::none(),
             WgmmaSchedule { bn: 128, stages: 6 },
         ),
+        // 3 stages = 96 KiB: two blocks fit on an SM, so one block's epilogue overlaps the
+        // other's main loop
+        (
+            "bench_wgmma_f16_f16_bn128_s3",
+            F16,
+            O::F16,
+            Epilogue::none(),
+            WgmmaSchedule { bn: 128, stages: 3 },
+        ),
+        // bn = 64 with its two 64-row accumulators, 4 stages = 96 KiB: two blocks per SM
+        (
+            "bench_wgmma_f16_f16_bn64_s4",
+            F16,
+            O::F16,
+            Epilogue::none(),
+            WgmmaSchedule { bn: 64, stages: 4 },
+        ),
     ];
     for (file, i, o, e, s) in wg {
         let g = gemm_wgmma(&format!("kiln_{file}"), i, o, &e, &s).unwrap();
