@@ -7,6 +7,12 @@
 //! `cargo run --release --example eqsat_speedup [-O3] [MODEL...]` (models: squeezenet,
 //! vgg19, resnext50, nasrnn, nasnet, inception, bert, gpt2; the big ones take minutes to
 //! compile); `-O3` compares `-O0` with `-O3` (ILP extraction) instead of `-O2`.
+//!
+//! `--gpu SKU DIR` compiles each graph for `cuda:SKU` at `-O0` and `-O2` (the GPU cost
+//! model) into `DIR/MODEL.O0.kiln` and `DIR/MODEL.O2.kiln` with `DIR/MODEL/input_0.pb` and
+//! the CPU interpreter's `output_0.pb`, the layout `gpu_zoo` times and checks on a GPU
+//! machine (`scripts/gpu_pack.sh` fills `.gpu/eqsat`). The weights are a short repeating
+//! sequence, so the artifacts compress well for the trip.
 
 #[allow(dead_code, clippy::all)]
 #[path = "../passes/examples/eqsat_bench.rs"]
@@ -40,14 +46,105 @@ fn time(s: &Session, x: &[f32], shape: &[usize], per: usize) -> f64 {
     t.elapsed().as_secs_f64() / per as f64
 }
 
+/// Like [`weights_to_constants`], with weights repeating every 4099 values (random within
+/// the period): the same arithmetic, artifacts that compress to almost nothing. Each tensor
+/// starts at its own random phase and has its own scale, so no two weights are equal (equal
+/// constants would let the compiler merge projections that differ in the real model).
+fn periodic_weights(g: &mut Graph, rng: &mut impl Rng) {
+    g.infer().expect("the benchmark graphs infer");
+    let period: Vec<f32> = (0..4099).map(|_| rng.random_range(-0.05..0.05)).collect();
+    let weights: Vec<usize> = g.inputs[1..].to_vec();
+    for v in weights {
+        let shape = g.values[v].fact.shape.as_known().expect("static weights");
+        let n: usize = shape.iter().product();
+        let phase = rng.random_range(0..period.len());
+        let scale: f32 = rng.random_range(0.5..1.5);
+        let data: Vec<f32> = (0..n)
+            .map(|i| scale * period[(i + phase) % period.len()])
+            .collect();
+        g.set_const(v, Tensor::from_vec(&shape, data));
+    }
+    g.inputs.truncate(1);
+}
+
+/// `--gpu SKU DIR`: see the module doc.
+fn pack_for_gpu(models: &[(&str, &str, fn() -> Graph)], only: &[String], sku: &str, dir: &str) {
+    let dir = std::path::Path::new(dir);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    for (name, _, build) in models {
+        if !only.is_empty() && !only.iter().any(|o| o == name) {
+            continue;
+        }
+        let mut g = build();
+        periodic_weights(&mut g, &mut rng);
+        let shape = g.values[g.inputs[0]].fact.shape.as_known().unwrap();
+        let n: usize = shape.iter().product();
+        let x: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let xt = Tensor::from_vec(&shape, x);
+        let want = kiln::ir::interp::run(&g, std::slice::from_ref(&xt)).expect("interpreter");
+        let data = dir.join(name);
+        std::fs::create_dir_all(&data).expect("mkdir");
+        let in_name = g.values[g.inputs[0]].name.clone();
+        std::fs::write(
+            data.join("input_0.pb"),
+            kiln::ir::onnx::tensor_pb_bytes(&in_name, &xt),
+        )
+        .expect("write input");
+        std::fs::write(
+            data.join("output_0.pb"),
+            kiln::ir::onnx::tensor_pb_bytes("output", &want[0]),
+        )
+        .expect("write output");
+        for level in [0u8, 2] {
+            let t0 = Instant::now();
+            let mut report = String::new();
+            let art = Compiler::new()
+                .target(&format!("cuda:{sku}"))
+                .and_then(|c| {
+                    c.opt_level(level)
+                        .print_after("eqsat")
+                        .compile_with_ir(&g, |_, text| report.push_str(text))
+                });
+            match art {
+                Ok(a) => {
+                    let path = dir.join(format!("{name}.O{level}.kiln"));
+                    a.save(&path).expect("save");
+                    let cost = report
+                        .lines()
+                        .find(|l| l.starts_with("cost"))
+                        .unwrap_or("")
+                        .to_string();
+                    println!(
+                        "{name} -O{level}: {} in {:.1} s; {cost}",
+                        path.display(),
+                        t0.elapsed().as_secs_f64()
+                    );
+                }
+                Err(e) => println!("{name} -O{level}: cannot compile for cuda:{sku}: {e:#}"),
+            }
+        }
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    let gpu = args
+        .iter()
+        .position(|a| a == "--gpu")
+        .map(|i| (args[i + 1].clone(), args[i + 2].clone()));
     let opt: u8 = if args.iter().any(|a| a == "-O3") {
         3
     } else {
         2
     };
-    let only: Vec<String> = args.into_iter().filter(|a| a != "-O3").collect();
+    let only: Vec<String> = match &gpu {
+        Some((sku, dir)) => args
+            .iter()
+            .filter(|a| *a != "--gpu" && *a != sku && *a != dir)
+            .cloned()
+            .collect(),
+        None => args.into_iter().filter(|a| a != "-O3").collect(),
+    };
     type Build = fn() -> Graph;
     let models: Vec<(&str, &str, Build)> = vec![
         ("squeezenet", "24.5%", tensat_graphs::squeezenet),
@@ -63,6 +160,10 @@ fn main() {
             tensat_graphs::transformer("gpt2-blocks", 12, 128, 768, 12, true)
         }),
     ];
+    if let Some((sku, dir)) = &gpu {
+        pack_for_gpu(&models, &only, sku, dir);
+        return;
+    }
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     println!("| model | -O0 ms | -O{opt} ms | measured speed-up | eqsat report (-O{opt}) | tensat speed-up (GPU) |");
     println!("|---|---|---|---|---|---|");

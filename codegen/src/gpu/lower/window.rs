@@ -1,12 +1,14 @@
 //! Pooling on the generic path, one thread per output element: 2-D `MaxPool` (window max
-//! over the taps inside the input) and `GlobalAveragePool` / `GlobalMaxPool` (a loop over
-//! the spatial positions of one `(n, c)` plane).
+//! over the taps inside the input), 2-D `AveragePool` (window sum over the taps inside the
+//! input, divided by their count — or, with `count_include_pad`, by the count of taps inside
+//! the padded input; both counts are products of per-axis counts) and `GlobalAveragePool` /
+//! `GlobalMaxPool` (a loop over the spatial positions of one `(n, c)` plane).
 
 use super::generic::{Gen, GenKernel};
 use super::{node_input, shape_of};
 use crate::cpu::lower::conv::Window2;
 use crate::cpu::lower::Ty;
-use kiln_ir::ops::nn::{NnOp, PoolKind};
+use kiln_ir::ops::nn::{NnOp, PoolAttrs, PoolKind};
 use kiln_ir::{Graph, Op};
 use kiln_passes::fusion;
 
@@ -16,6 +18,10 @@ pub(crate) fn handles(g: &Graph, k: &fusion::Kernel) -> bool {
         && matches!(
             g.nodes[k.nodes[0]].op,
             Op::Nn(NnOp::MaxPool(_))
+                | Op::Nn(NnOp::Pool(PoolAttrs {
+                    kind: PoolKind::Average { .. },
+                    ..
+                }))
                 | Op::Nn(NnOp::GlobalPool(PoolKind::Average { .. }))
                 | Op::Nn(NnOp::GlobalPool(PoolKind::Max))
         )
@@ -117,6 +123,76 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<GenKern
             gen.b.raw("}");
             gen.consts = saved;
             gen.store(yb, "%i", &res_h, Ty::F32);
+            Ok(gen.finish(name, ys.iter().product::<usize>() as u64))
+        }
+        Op::Nn(NnOp::Pool(a)) => {
+            let PoolKind::Average { count_include_pad } = a.kind else {
+                return Err("LpPool".into());
+            };
+            let Some(ks) = a.window.kernel_shape.clone().filter(|k| k.len() == 2) else {
+                return Err("AveragePool of rank other than 2-D".into());
+            };
+            let win = Window2::new(&a.window, &xs, [ks[0], ks[1]], a.ceil_mode)?;
+            if ys != [win.n, win.c, win.oh, win.ow] {
+                return Err("AveragePool shapes do not match".into());
+            }
+            // the divisor's range per axis: the input, or the padded input
+            let mut range = [(0i64, win.h as i64), (0i64, win.w as i64)];
+            if count_include_pad {
+                for (ax, r) in range.iter_mut().enumerate() {
+                    let ext = a.window.axis(ax, 2, xs[2 + ax], ks[ax], a.ceil_mode)?;
+                    *r = (-ext.pad_begin, xs[2 + ax] as i64 + ext.pad_end);
+                }
+            }
+            let idx = gen.unravel("%i", &ys);
+            let plane = gen.c((win.h * win.w) as i64);
+            let nc0 = gen.c(win.c as i64);
+            let nc1 = gen.ix("muli", &idx[0], &nc0);
+            let nc = gen.ix("addi", &nc1, &idx[1]);
+            let base = gen.ix("muli", &nc, &plane);
+            let zero = gen.b.fc(0.0);
+            let one = gen.b.fc(1.0);
+            let saved = gen.consts.clone();
+            // per-axis count of taps in `range`
+            let mut counts = Vec::new();
+            for ax in 0..2 {
+                let (t, acc, res) = open_acc(&mut gen, win.k[ax], &zero);
+                let s = gen.c(win.s[ax] as i64);
+                let d = gen.c(win.d[ax] as i64);
+                let p = gen.c(win.p[ax]);
+                let o = gen.ix("muli", &idx[2 + ax], &s);
+                let td = gen.ix("muli", &t, &d);
+                let at = gen.ix("addi", &o, &td);
+                let v = gen.ix("subi", &at, &p);
+                let lo = gen.c(range[ax].0);
+                let hi = gen.c(range[ax].1);
+                let ge = gen.b.op(&format!("arith.cmpi sge, {v}, {lo} : index"));
+                let lt = gen.b.op(&format!("arith.cmpi slt, {v}, {hi} : index"));
+                let ok = gen.b.op(&format!("arith.andi {ge}, {lt} : i1"));
+                let inc = gen.b.op(&format!("arith.select {ok}, {one}, {zero} : f32"));
+                let n = gen.b.f2("addf", &acc, &inc);
+                gen.b.raw(&format!("scf.yield {n} : f32"));
+                gen.b.raw("}");
+                gen.consts = saved.clone();
+                counts.push(res);
+            }
+            let (th, acc_h, res_h) = open_acc(&mut gen, win.k[0], &zero);
+            let (tw, acc_w, res_w) = open_acc(&mut gen, win.k[1], &acc_h);
+            let (ok, r1) = tap_offset(&mut gen, &win, [&idx[2], &idx[3]], [&th, &tw]);
+            let at = gen.ix("addi", &base, &r1);
+            let v = gen.load(xb, &at, Ty::F32);
+            let sum = gen.b.f2("addf", &acc_w, &v);
+            let nv = gen
+                .b
+                .op(&format!("arith.select {ok}, {sum}, {acc_w} : f32"));
+            gen.b.raw(&format!("scf.yield {nv} : f32"));
+            gen.b.raw("}");
+            gen.b.raw(&format!("scf.yield {res_w} : f32"));
+            gen.b.raw("}");
+            gen.consts = saved;
+            let count = gen.b.f2("mulf", &counts[0], &counts[1]);
+            let r = gen.b.f2("divf", &res_h, &count);
+            gen.store(yb, "%i", &r, Ty::F32);
             Ok(gen.finish(name, ys.iter().product::<usize>() as u64))
         }
         Op::Nn(NnOp::GlobalPool(kind)) => {
