@@ -67,8 +67,11 @@ fn periodic_weights(g: &mut Graph, rng: &mut impl Rng) {
     g.inputs.truncate(1);
 }
 
+/// A benchmark graph: name, tensat's published speed-up, builder.
+type Model = (&'static str, &'static str, fn() -> Graph);
+
 /// `--gpu SKU DIR`: see the module doc.
-fn pack_for_gpu(models: &[(&str, &str, fn() -> Graph)], only: &[String], sku: &str, dir: &str) {
+fn pack_for_gpu(models: &[Model], only: &[String], sku: &str, dir: &str) {
     let dir = std::path::Path::new(dir);
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     for (name, _, build) in models {
@@ -145,8 +148,7 @@ fn main() {
             .collect(),
         None => args.into_iter().filter(|a| a != "-O3").collect(),
     };
-    type Build = fn() -> Graph;
-    let models: Vec<(&str, &str, Build)> = vec![
+    let models: Vec<Model> = vec![
         ("squeezenet", "24.5%", tensat_graphs::squeezenet),
         ("vgg19", "8.9%", tensat_graphs::vgg19),
         ("resnext50", "8.8%", tensat_graphs::resnext50),
