@@ -67,6 +67,21 @@ fn periodic_weights(g: &mut Graph, rng: &mut impl Rng) {
     g.inputs.truncate(1);
 }
 
+/// The graph of `build` with its weights made constants by `weights`, its input shape and
+/// a random input.
+fn prepared(
+    build: fn() -> Graph,
+    weights: fn(&mut Graph, &mut rand::rngs::StdRng),
+    rng: &mut rand::rngs::StdRng,
+) -> (Graph, Vec<usize>, Vec<f32>) {
+    let mut g = build();
+    weights(&mut g, rng);
+    let shape = g.values[g.inputs[0]].fact.shape.as_known().unwrap();
+    let n: usize = shape.iter().product();
+    let x: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+    (g, shape, x)
+}
+
 /// A benchmark graph: name, tensat's published speed-up, builder.
 type Model = (&'static str, &'static str, fn() -> Graph);
 
@@ -78,11 +93,7 @@ fn pack_for_gpu(models: &[Model], only: &[String], sku: &str, dir: &str) {
         if !only.is_empty() && !only.iter().any(|o| o == name) {
             continue;
         }
-        let mut g = build();
-        periodic_weights(&mut g, &mut rng);
-        let shape = g.values[g.inputs[0]].fact.shape.as_known().unwrap();
-        let n: usize = shape.iter().product();
-        let x: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let (g, shape, x) = prepared(*build, periodic_weights, &mut rng);
         let xt = Tensor::from_vec(&shape, x);
         let want = kiln::ir::interp::run(&g, std::slice::from_ref(&xt)).expect("interpreter");
         let data = dir.join(name);
@@ -173,11 +184,7 @@ fn main() {
         if !only.is_empty() && !only.iter().any(|o| o == name) {
             continue;
         }
-        let mut g = build();
-        weights_to_constants(&mut g, &mut rng);
-        let shape = g.values[g.inputs[0]].fact.shape.as_known().unwrap();
-        let n: usize = shape.iter().product();
-        let x: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let (g, shape, x) = prepared(build, weights_to_constants, &mut rng);
         let mut arts = Vec::new();
         let mut applied = String::new();
         for level in [0u8, opt] {

@@ -914,33 +914,34 @@ fn a_record_within_the_noise_of_the_default_is_not_used() {
     std::fs::remove_dir_all(&root).ok();
 }
 
-/// Tensor-core convs (resnet at bf16 on A100) are tuned like the others: a record making
-/// 2 warps × 8 channel tiles the fastest turns every `conv2d_mma` launch into 64-thread
-/// blocks over 32 pixels × 64 channels.
-#[test]
-fn tensor_core_conv_records_are_used() {
-    let root = tmp("gpu_tune_conv_mma");
+/// Exports `model`'s tasks at `precision` for `target`, records `config` as the fastest of
+/// every task of `kind`, and returns the GPU steps that `keep` selects of the model
+/// compiled with those records and without: `(tuned, plain)`.
+fn recorded_steps(
+    model: &str,
+    precision: Precision,
+    target: &str,
+    kind: &str,
+    config: Config,
+    keep: impl Fn(&kiln_runtime::GpuStep) -> bool,
+) -> (Vec<kiln_runtime::GpuStep>, Vec<kiln_runtime::GpuStep>) {
+    let root = tmp(&format!("gpu_tune_{kind}"));
     let db = root.join("tuning.db");
     let m = export(
-        "resnet",
-        Precision::BF16,
-        "cuda:a100",
-        &root.join("resnet"),
+        model,
+        precision,
+        target,
+        &root.join(model),
         &root.join("x.db"),
         1,
     );
-    let tuned = ConvMmaSchedule {
-        warps: 2,
-        n_tiles: 8,
-        x_f32: false,
-    };
     let picks: Vec<(usize, Config)> = (0..m.tasks.len())
-        .filter(|&i| m.tasks[i].kind == "gpu_conv2d_mma")
-        .map(|i| (i, tuned.to_config()))
+        .filter(|&i| m.tasks[i].kind == kind)
+        .map(|i| (i, config.clone()))
         .collect();
-    assert!(!picks.is_empty());
+    assert!(!picks.is_empty(), "no {kind} task in {model}");
     import(&root, &db, &results(&m, &picks));
-    let convs = |a: &kiln::Artifact| -> Vec<kiln_runtime::GpuStep> {
+    let steps = |a: &kiln::Artifact| -> Vec<kiln_runtime::GpuStep> {
         a.inner()
             .plan
             .gpu
@@ -948,14 +949,36 @@ fn tensor_core_conv_records_are_used() {
             .unwrap()
             .steps
             .into_iter()
-            .filter(|s| s.kernel.contains("conv") && s.block[0] % 32 == 0 && s.block[1] == 1)
+            .filter(|s| keep(s))
             .collect()
     };
-    let plain = compile_with("resnet", "cuda:a100", "bf16", None);
-    let art = compile_with("resnet", "cuda:a100", "bf16", Some(&db));
+    let p = precision.name();
+    let plain = compile_with(model, target, p, None);
+    let art = compile_with(model, target, p, Some(&db));
     let report = art.report().unwrap().to_string();
     assert!(report.contains("tuned schedules: "), "{report}");
-    let (t, p) = (convs(&art), convs(&plain));
+    std::fs::remove_dir_all(&root).ok();
+    (steps(&art), steps(&plain))
+}
+
+/// Tensor-core convs (resnet at bf16 on A100) are tuned like the others: a record making
+/// 2 warps × 8 channel tiles the fastest turns every `conv2d_mma` launch into 64-thread
+/// blocks over 32 pixels × 64 channels.
+#[test]
+fn tensor_core_conv_records_are_used() {
+    let tuned = ConvMmaSchedule {
+        warps: 2,
+        n_tiles: 8,
+        x_f32: false,
+    };
+    let (t, p) = recorded_steps(
+        "resnet",
+        Precision::BF16,
+        "cuda:a100",
+        "gpu_conv2d_mma",
+        tuned.to_config(),
+        |s| s.kernel.contains("conv") && s.block[0] % 32 == 0 && s.block[1] == 1,
+    );
     assert_eq!(t.len(), p.len());
     let tc: Vec<_> = t
         .iter()
@@ -966,47 +989,24 @@ fn tensor_core_conv_records_are_used() {
     for (s, _) in &tc {
         assert_eq!(s.block, [64, 1, 1], "{}", s.kernel);
     }
-    std::fs::remove_dir_all(&root).ok();
 }
 
 /// The fused row attention is a tuning task (threads per block × threads per row): bert's
 /// attentions with a `64 × 4` record launch 64-thread blocks and 4 threads per query row.
 #[test]
 fn attention_records_are_used() {
-    let root = tmp("gpu_tune_attention");
-    let db = root.join("tuning.db");
-    let m = export(
-        "bert",
-        Precision::F32,
-        "cuda:h100",
-        &root.join("bert"),
-        &root.join("x.db"),
-        1,
-    );
     let tuned = RowAttentionSchedule {
         block: 64,
         kv_split: 4,
     };
-    let picks: Vec<(usize, Config)> = (0..m.tasks.len())
-        .filter(|&i| m.tasks[i].kind == "gpu_row_attention")
-        .map(|i| (i, kiln_codegen::gpu::tuning::row_attention_config(&tuned)))
-        .collect();
-    assert!(!picks.is_empty());
-    import(&root, &db, &results(&m, &picks));
-    let attn = |a: &kiln::Artifact| -> Vec<kiln_runtime::GpuStep> {
-        a.inner()
-            .plan
-            .gpu
-            .clone()
-            .unwrap()
-            .steps
-            .into_iter()
-            .filter(|s| s.kernel.ends_with("_attention"))
-            .collect()
-    };
-    let plain = compile_with("bert", "cuda:h100", "f32", None);
-    let art = compile_with("bert", "cuda:h100", "f32", Some(&db));
-    let (t, p) = (attn(&art), attn(&plain));
+    let (t, p) = recorded_steps(
+        "bert",
+        Precision::F32,
+        "cuda:h100",
+        "gpu_row_attention",
+        kiln_codegen::gpu::tuning::row_attention_config(&tuned),
+        |s| s.kernel.ends_with("_attention"),
+    );
     assert!(!p.is_empty() && t.len() == p.len());
     for (s, d) in t.iter().zip(&p) {
         assert_eq!(d.block, [128, 1, 1], "{}", d.kernel);
@@ -1020,7 +1020,6 @@ fn attention_records_are_used() {
             d.grid
         );
     }
-    std::fs::remove_dir_all(&root).ok();
 }
 
 /// Split-K is tuned where the epilogue allows it (no activation, no residual): a record with

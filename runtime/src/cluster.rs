@@ -251,6 +251,31 @@ pub trait Transport {
     }
 }
 
+/// Polls `done` until it returns `true` or `timeout` has passed (`Ok(false)`): the first
+/// 2000 polls yield the core, later ones sleep 50 µs (which matters when ranks
+/// oversubscribe the cores). How the MPI and NCCL transports wait without blocking forever.
+pub fn poll_until(
+    timeout: Duration,
+    mut done: impl FnMut() -> Result<bool, String>,
+) -> Result<bool, String> {
+    let t0 = std::time::Instant::now();
+    let mut polls = 0u32;
+    loop {
+        if done()? {
+            return Ok(true);
+        }
+        if t0.elapsed() > timeout {
+            return Ok(false);
+        }
+        polls += 1;
+        if polls < 2000 {
+            std::thread::yield_now();
+        } else {
+            std::thread::sleep(Duration::from_micros(50));
+        }
+    }
+}
+
 /// `acc += other` elementwise for a summable dtype.
 pub fn add_into(dtype: DType, acc: &mut [u8], other: &[u8]) -> Result<(), String> {
     macro_rules! add {

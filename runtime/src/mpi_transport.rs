@@ -9,7 +9,7 @@
 //! deadline (its peer died without the launcher noticing, or hangs) reports what it waited
 //! for and aborts the job the same way, so no rank hangs.
 
-use crate::cluster::{add_into, Transport};
+use crate::cluster::{add_into, poll_until, Transport};
 use crate::plan::DType;
 use mpi::collective::SystemOperation;
 use mpi::datatype::PartitionMut;
@@ -17,7 +17,7 @@ use mpi::request::{Request, Scope};
 use mpi::topology::{Color, SimpleCommunicator};
 use mpi::traits::*;
 use mpi::Count;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Exit code of a job aborted by Kiln.
 pub const ABORT_CODE: i32 = 70;
@@ -80,31 +80,24 @@ impl MpiTransport {
     }
 
     /// Waits for `req`, aborting the job after the timeout.
-    fn wait<'a, D: ?Sized, S: Scope<'a>>(
-        &self,
-        mut req: Request<'a, D, S>,
-        what: &dyn Fn() -> String,
-    ) {
-        let t0 = Instant::now();
-        let mut polls = 0u32;
-        loop {
-            match req.test() {
-                Ok(_) => return,
-                Err(r) => req = r,
-            }
-            if t0.elapsed() > self.timeout {
-                self.abort(&format!(
-                    "{} did not complete within {:.0} s (a rank died or hangs)",
-                    what(),
-                    self.timeout.as_secs_f64()
-                ));
-            }
-            polls += 1;
-            if polls < 2000 {
-                std::thread::yield_now();
-            } else {
-                std::thread::sleep(Duration::from_micros(50));
-            }
+    fn wait<'a, D: ?Sized, S: Scope<'a>>(&self, req: Request<'a, D, S>, what: &dyn Fn() -> String) {
+        let mut pending = Some(req);
+        let done = poll_until(self.timeout, || {
+            let r = pending.take().expect("a pending request");
+            Ok(match r.test() {
+                Ok(_) => true,
+                Err(r) => {
+                    pending = Some(r);
+                    false
+                }
+            })
+        });
+        if done != Ok(true) {
+            self.abort(&format!(
+                "{} did not complete within {:.0} s (a rank died or hangs)",
+                what(),
+                self.timeout.as_secs_f64()
+            ));
         }
     }
 

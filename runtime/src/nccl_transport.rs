@@ -25,12 +25,12 @@
 //! GPU"); [`NcclTransport::new`] then fails and the caller can fall back to its bootstrap
 //! transport.
 
-use crate::cluster::{add_into, Transport};
+use crate::cluster::{add_into, poll_until, Transport};
 use crate::plan::DType;
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use cudarc::nccl::safe::{Comm, Id, ReduceOp};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Why NCCL cannot be used here (`Ok` when `libnccl.so` loads and a GPU is present).
 pub fn available() -> Result<(), String> {
@@ -188,25 +188,17 @@ impl NcclTransport {
             .stream
             .record_event(None)
             .map_err(|e| drv_err("record event", e))?;
-        let t0 = Instant::now();
-        let mut polls = 0u32;
-        loop {
-            if ev.try_is_complete().map_err(|e| drv_err(&what(), e))? {
-                return Ok(());
-            }
-            if t0.elapsed() > self.timeout {
-                return Err(format!(
-                    "{} did not complete within {:.0} s (a rank died or hangs)",
-                    what(),
-                    self.timeout.as_secs_f64()
-                ));
-            }
-            polls += 1;
-            if polls < 2000 {
-                std::thread::yield_now();
-            } else {
-                std::thread::sleep(Duration::from_micros(50));
-            }
+        let done = poll_until(self.timeout, || {
+            ev.try_is_complete().map_err(|e| drv_err(&what(), e))
+        })?;
+        if done {
+            Ok(())
+        } else {
+            Err(format!(
+                "{} did not complete within {:.0} s (a rank died or hangs)",
+                what(),
+                self.timeout.as_secs_f64()
+            ))
         }
     }
 

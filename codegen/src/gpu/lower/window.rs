@@ -76,6 +76,33 @@ pub(crate) fn open_acc(gen: &mut Gen, n: usize, init: &str) -> (String, String, 
     (j, acc, res)
 }
 
+/// The 2-D window of a pooling node (`what` names it in errors) over input shape `xs`, with
+/// output shape `ys`; and, for the output element `%i`, its `[n, c, oh, ow]` indices and
+/// the offset of its `(n, c)` input plane.
+fn pool_window(
+    gen: &mut Gen,
+    window: &kiln_ir::ops::nn::WindowAttrs,
+    ceil_mode: bool,
+    xs: &[usize],
+    ys: &[usize],
+    what: &str,
+) -> Result<(Window2, Vec<String>, String), String> {
+    let Some(ks) = window.kernel_shape.clone().filter(|k| k.len() == 2) else {
+        return Err(format!("{what} of rank other than 2-D"));
+    };
+    let win = Window2::new(window, xs, [ks[0], ks[1]], ceil_mode)?;
+    if ys != [win.n, win.c, win.oh, win.ow] {
+        return Err(format!("{what} shapes do not match"));
+    }
+    let idx = gen.unravel("%i", ys);
+    let plane = gen.c((win.h * win.w) as i64);
+    let nc0 = gen.c(win.c as i64);
+    let nc1 = gen.ix("muli", &idx[0], &nc0);
+    let nc = gen.ix("addi", &nc1, &idx[1]);
+    let base = gen.ix("muli", &nc, &plane);
+    Ok((win, idx, base))
+}
+
 /// Lowers a pooling kernel (see [`handles`]).
 pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<GenKernel, String> {
     let ni = k.nodes[0];
@@ -95,19 +122,8 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<GenKern
             if a.with_indices {
                 return Err("MaxPool with Indices".into());
             }
-            let Some(ks) = a.window.kernel_shape.clone().filter(|k| k.len() == 2) else {
-                return Err("MaxPool of rank other than 2-D".into());
-            };
-            let win = Window2::new(&a.window, &xs, [ks[0], ks[1]], a.ceil_mode)?;
-            if ys != [win.n, win.c, win.oh, win.ow] {
-                return Err("MaxPool shapes do not match".into());
-            }
-            let idx = gen.unravel("%i", &ys);
-            let plane = gen.c((win.h * win.w) as i64);
-            let nc0 = gen.c(win.c as i64);
-            let nc1 = gen.ix("muli", &idx[0], &nc0);
-            let nc = gen.ix("addi", &nc1, &idx[1]);
-            let base = gen.ix("muli", &nc, &plane);
+            let (win, idx, base) =
+                pool_window(&mut gen, &a.window, a.ceil_mode, &xs, &ys, "MaxPool")?;
             let ninf = gen.b.fc(f32::NEG_INFINITY);
             let saved = gen.consts.clone();
             let (th, acc_h, res_h) = open_acc(&mut gen, win.k[0], &ninf);
@@ -129,27 +145,16 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<GenKern
             let PoolKind::Average { count_include_pad } = a.kind else {
                 return Err("LpPool".into());
             };
-            let Some(ks) = a.window.kernel_shape.clone().filter(|k| k.len() == 2) else {
-                return Err("AveragePool of rank other than 2-D".into());
-            };
-            let win = Window2::new(&a.window, &xs, [ks[0], ks[1]], a.ceil_mode)?;
-            if ys != [win.n, win.c, win.oh, win.ow] {
-                return Err("AveragePool shapes do not match".into());
-            }
+            let (win, idx, base) =
+                pool_window(&mut gen, &a.window, a.ceil_mode, &xs, &ys, "AveragePool")?;
             // the divisor's range per axis: the input, or the padded input
             let mut range = [(0i64, win.h as i64), (0i64, win.w as i64)];
             if count_include_pad {
                 for (ax, r) in range.iter_mut().enumerate() {
-                    let ext = a.window.axis(ax, 2, xs[2 + ax], ks[ax], a.ceil_mode)?;
+                    let ext = a.window.axis(ax, 2, xs[2 + ax], win.k[ax], a.ceil_mode)?;
                     *r = (-ext.pad_begin, xs[2 + ax] as i64 + ext.pad_end);
                 }
             }
-            let idx = gen.unravel("%i", &ys);
-            let plane = gen.c((win.h * win.w) as i64);
-            let nc0 = gen.c(win.c as i64);
-            let nc1 = gen.ix("muli", &idx[0], &nc0);
-            let nc = gen.ix("addi", &nc1, &idx[1]);
-            let base = gen.ix("muli", &nc, &plane);
             let zero = gen.b.fc(0.0);
             let one = gen.b.fc(1.0);
             let saved = gen.consts.clone();
