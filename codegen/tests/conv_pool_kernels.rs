@@ -4,7 +4,7 @@
 
 use kiln_codegen::cpu::lower::conv::ConvSchedule;
 use kiln_ir::ops::elementwise::{BinaryKind, ClipBounds, ElementwiseOp, UnaryKind};
-use kiln_ir::ops::nn::{AutoPad, ConvAttrs, MaxPoolAttrs, NnOp, PoolKind, WindowAttrs};
+use kiln_ir::ops::nn::{AutoPad, ConvAttrs, MaxPoolAttrs, NnOp, PoolAttrs, PoolKind, WindowAttrs};
 use kiln_ir::{DType, Op, Tensor, ValueId};
 use kiln_passes::fusion::KernelKind;
 use rand::SeedableRng;
@@ -219,7 +219,24 @@ fn pools() {
             &[Some(mp)],
         );
         let mx = b.node(Op::Nn(NnOp::GlobalPool(PoolKind::Max)), &[Some(x)]);
-        let g = b.finish(&[mp, avg, mx]);
+        // AveragePool with either divisor (count_include_pad only without ceil_mode, as
+        // ONNX's default exporters write it), dilated on one case
+        let ap = |b: &mut Builder, include: bool, d: usize| {
+            b.node(
+                Op::Nn(NnOp::Pool(PoolAttrs {
+                    kind: PoolKind::Average {
+                        count_include_pad: include,
+                    },
+                    window: window(Some([k, k]), s, p, d),
+                    ceil_mode: ceil,
+                })),
+                &[Some(x)],
+            )
+        };
+        let a0 = ap(&mut b, false, 1);
+        let a1 = ap(&mut b, !ceil, 1);
+        let a2 = ap(&mut b, i == 0, 1 + usize::from(i == 0));
+        let g = b.finish(&[mp, avg, mx, a0, a1, a2]);
         let rep = check(&g, &random_inputs(&g, 50 + i as u64));
         assert!(
             rep.lowering.unsupported.is_empty(),

@@ -3,7 +3,10 @@
 //! * an `Opaque` kernel made of one 2-D `MaxPool` (kernel, strides, pads, dilations,
 //!   `ceil_mode`; no `Indices` output): the maximum of the window taps inside the input,
 //!   vectorised over output positions on a `-inf`-padded, stride-phase-split copy of the
-//!   input (see [`emit_maxpool`]);
+//!   input (see [`emit_pool`]);
+//! * the same for one 2-D `AveragePool`: the sum over a zero-padded copy times a table of
+//!   reciprocal tap counts per output position (taps inside the input, or with
+//!   `count_include_pad` inside the padded input; per-axis counts multiply);
 //! * a `Reduction` kernel made of one `GlobalAveragePool` or `GlobalMaxPool` (any rank ≥ 3):
 //!   the mean (maximum) of each `[n, c]` plane.
 
@@ -11,7 +14,7 @@ use super::conv::{emit_copy, emit_store, known, Grid, Loops, Window2, M1, MT, VT
 use super::{Lowered, GRAPH_KERNEL_PIPELINE};
 use crate::cpu::abi::{Dim as PDim, Prologue};
 use crate::cpu::{Kernel, KernelSignature};
-use kiln_ir::ops::nn::{NnOp, PoolKind};
+use kiln_ir::ops::nn::{NnOp, PoolAttrs, PoolKind};
 use kiln_ir::{DType, Graph, Op};
 use kiln_passes::fusion;
 
@@ -21,6 +24,10 @@ pub(crate) fn handles(g: &Graph, k: &fusion::Kernel) -> bool {
         && matches!(
             g.nodes[k.nodes[0]].op,
             Op::Nn(NnOp::MaxPool(_))
+                | Op::Nn(NnOp::Pool(PoolAttrs {
+                    kind: PoolKind::Average { .. },
+                    ..
+                }))
                 | Op::Nn(NnOp::GlobalPool(PoolKind::Average { .. }))
                 | Op::Nn(NnOp::GlobalPool(PoolKind::Max))
         )
@@ -64,7 +71,33 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered
             let y = p.memref_f32(1, &cd(&[ys.iter().product()]));
             let tc = p.const_index((win.n * win.c) as i64);
             let range = p.task_range(&tc);
-            emit_maxpool(&mut l, &win, &x, &y, &range);
+            emit_pool(&mut l, &win, &x, &y, &range, None);
+            tasks = (win.n * win.c) as u64;
+        }
+        Op::Nn(NnOp::Pool(a)) => {
+            let PoolKind::Average { count_include_pad } = a.kind else {
+                return Err("LpPool is not lowered yet".into());
+            };
+            let Some(ks) = a.window.kernel_shape.clone().filter(|k| k.len() == 2) else {
+                return Err("AveragePool of rank other than 2-D".into());
+            };
+            let win = Window2::new(&a.window, &xs, [ks[0], ks[1]], a.ceil_mode)?;
+            if ys != [win.n, win.c, win.oh, win.ow] {
+                return Err("AveragePool shapes do not match".into());
+            }
+            // the range of input positions whose taps the divisor counts, per axis
+            let mut count = [(0i64, win.h as i64), (0i64, win.w as i64)];
+            if count_include_pad {
+                for (ax, r) in count.iter_mut().enumerate() {
+                    let e = a.window.axis(ax, 2, xs[2 + ax], ks[ax], a.ceil_mode)?;
+                    *r = (-e.pad_begin, xs[2 + ax] as i64 + e.pad_end);
+                }
+            }
+            let x = p.memref_f32(0, &cd(&xs));
+            let y = p.memref_f32(1, &cd(&[ys.iter().product()]));
+            let tc = p.const_index((win.n * win.c) as i64);
+            let range = p.task_range(&tc);
+            emit_pool(&mut l, &win, &x, &y, &range, Some(count));
             tasks = (win.n * win.c) as u64;
         }
         Op::Nn(NnOp::GlobalPool(kind)) => {
@@ -113,11 +146,40 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered
     Ok((kernel, vec![x_v], vec![y_v]))
 }
 
-/// A vectorised 2-D MaxPool: each image is copied into a `-inf`-padded, stride-phase-split
-/// buffer ([`Grid`]), so every tap of a run of 8 output positions is one unit-stride vector
-/// load; up to 4 vectors per channel and tap. Tasks: one per `(image, channel)`. Rows narrower than the grid go through a
-/// per-channel scratch whose pad columns are dropped on the way out.
-fn emit_maxpool(l: &mut Loops, win: &Window2, x: &str, y: &str, tasks: &(String, String)) {
+/// The number of taps of window axis `ax` whose input position lies in `[lo, hi)` for
+/// output index `o` (an `index` value), as an f32.
+fn tap_count(l: &mut Loops, win: &Window2, ax: usize, o: &str, (lo, hi): (i64, i64)) -> String {
+    let zero = l.f(0.0);
+    let one = l.f(1.0);
+    let base = l.affine(o, win.s[ax] as i64, -win.p[ax]);
+    let (t, acc, res) = l.open_acc(win.k[ax], &zero);
+    let td = l.affine(&t, win.d[ax] as i64, 0);
+    let v = l.add(&base, &td);
+    let (lo, hi) = (l.c(lo), l.c(hi));
+    let ge = l.op(&format!("arith.cmpi sge, {v}, {lo} : index"));
+    let lt = l.op(&format!("arith.cmpi slt, {v}, {hi} : index"));
+    let ok = l.op(&format!("arith.andi {ge}, {lt} : i1"));
+    let inc = l.op(&format!("arith.select {ok}, {one}, {zero} : f32"));
+    let n = l.op(&format!("arith.addf {acc}, {inc} : f32"));
+    l.close_acc(&n);
+    res
+}
+
+/// A vectorised 2-D MaxPool (`avg` = `None`) or AveragePool: each image is copied into a
+/// `-inf`-padded (zero-padded) stride-phase-split buffer ([`Grid`]), so every tap of a run
+/// of 8 output positions is one unit-stride vector load; up to 4 vectors per channel and
+/// tap. Tasks: one per `(image, channel)`. Rows narrower than the grid go through a
+/// per-channel scratch whose pad columns are dropped on the way out. For AveragePool, `avg`
+/// holds per axis the input range whose taps the divisor counts; a table of reciprocal
+/// counts per grid position, filled once per call, scales the window sums.
+fn emit_pool(
+    l: &mut Loops,
+    win: &Window2,
+    x: &str,
+    y: &str,
+    tasks: &(String, String),
+    avg: Option<[(i64, i64); 2]>,
+) {
     let grid = Grid::new(win);
     let (wq, plane, slots) = (grid.wq, grid.plane(), grid.slots());
     let npos = win.oh * wq;
@@ -125,13 +187,37 @@ fn emit_maxpool(l: &mut Loops, win: &Window2, x: &str, y: &str, tasks: &(String,
     let nr = nv * VW;
     let gp = npos.div_ceil(nr) * nr;
     let direct = wq == win.ow;
-    let ninf = l.vsplat(f32::NEG_INFINITY);
-    // One channel's padded copy: filled with -inf once per call, its interior rewritten per task.
+    let (fill, combine) = match avg {
+        None => (l.vsplat(f32::NEG_INFINITY), "arith.maximumf"),
+        Some(_) => (l.vsplat(0.0), "arith.addf"),
+    };
+    // One channel's padded copy: filled once per call, its interior rewritten per task.
     let len = (slots * plane + nr + wq + VW).div_ceil(VW) * VW;
     let xp = l.scratch(len);
     let i = l.open_range(0, len, VW);
-    emit_store(l, &xp, &ninf, &i, None);
+    emit_store(l, &xp, &fill, &i, None);
     l.close();
+    // AveragePool: 1 / count per grid position (1 in the grid's pad columns and the tail)
+    let recip = avg.map(|ranges| {
+        let rc = l.scratch(gp);
+        let ones = l.vsplat(1.0);
+        let i = l.open_range(0, gp, VW);
+        emit_store(l, &rc, &ones, &i, None);
+        l.close();
+        let one = l.f(1.0);
+        let oh = l.open(win.oh);
+        let ch = tap_count(l, win, 0, &oh, ranges[0]);
+        let row = l.affine(&oh, wq as i64, 0);
+        let ow = l.open(win.ow);
+        let cw = tap_count(l, win, 1, &ow, ranges[1]);
+        let n = l.op(&format!("arith.mulf {ch}, {cw} : f32"));
+        let r = l.op(&format!("arith.divf {one}, {n} : f32"));
+        let at = l.add(&row, &ow);
+        l.line(&format!("memref.store {r}, {rc}[{at}] : {M1}"));
+        l.close();
+        l.close();
+        rc
+    });
     let yb = (!direct).then(|| l.scratch(gp + 2 * VW));
     // One task per (image, channel), which copies its own channel.
     let t = l.fresh("t");
@@ -155,15 +241,22 @@ fn emit_maxpool(l: &mut Loops, win: &Window2, x: &str, y: &str, tasks: &(String,
         }
         let q0 = l.open_range(lo, hi, nr);
         let xb = l.add(&xc, &q0);
-        let mut acc = vec![ninf.clone(); nv];
+        let mut acc = vec![fill.clone(); nv];
         for ki in 0..win.k[0] {
             for kj in 0..win.k[1] {
                 let off = grid.tap(win, ki, kj);
                 for (v, a) in acc.iter_mut().enumerate() {
                     let i = l.addc(&xb, off + v * VW);
                     let t = l.op(&format!("vector.load {xp}[{i}] : {M1}, {VT}"));
-                    *a = l.op(&format!("arith.maximumf {a}, {t} : {VT}"));
+                    *a = l.op(&format!("{combine} {a}, {t} : {VT}"));
                 }
+            }
+        }
+        if let Some(rc) = &recip {
+            for (v, a) in acc.iter_mut().enumerate() {
+                let i = l.addc(&q0, v * VW);
+                let r = l.op(&format!("vector.load {rc}[{i}] : {M1}, {VT}"));
+                *a = l.op(&format!("arith.mulf {a}, {r} : {VT}"));
             }
         }
         for (v, a) in acc.iter().enumerate() {
