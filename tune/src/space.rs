@@ -42,6 +42,14 @@ impl Config {
         self.0.get(name).copied()
     }
 
+    /// The value of parameter `name` as a `u32`, or `default` when it is missing or out of
+    /// range (how a kernel's schedule reads a config).
+    pub fn get_u32_or(&self, name: &str, default: u32) -> u32 {
+        self.get(name)
+            .and_then(|x| u32::try_from(x).ok())
+            .unwrap_or(default)
+    }
+
     /// The value of `name`, or `default`.
     pub fn get_or(&self, name: &str, default: i64) -> i64 {
         self.get(name).unwrap_or(default)

@@ -187,7 +187,7 @@ fn attention_from(f: &HashMap<&str, &str>) -> Option<RowAttention> {
 /// The [`RowAttentionSchedule`] of a config (missing parameters keep the default).
 pub fn row_attention_schedule(c: &Config) -> RowAttentionSchedule {
     let d = RowAttentionSchedule::default();
-    let get = |k: &str, v: u32| c.get(k).and_then(|x| u32::try_from(x).ok()).unwrap_or(v);
+    let get = |k: &str, v: u32| c.get_u32_or(k, v);
     RowAttentionSchedule {
         block: get("block", d.block),
         kv_split: get("kv_split", d.kv_split),
@@ -288,7 +288,7 @@ fn log2p(x: u64) -> f32 {
 /// The [`GpuGemmSchedule`] of a config (missing parameters keep the default).
 pub fn gemm_f32_schedule(c: &Config) -> GpuGemmSchedule {
     let d = GpuGemmSchedule::default();
-    let get = |k: &str, v: u32| c.get(k).and_then(|x| u32::try_from(x).ok()).unwrap_or(v);
+    let get = |k: &str, v: u32| c.get_u32_or(k, v);
     GpuGemmSchedule {
         bm: get("bm", d.bm),
         bn: get("bn", d.bn),
@@ -339,7 +339,7 @@ pub fn mma_config(s: &MmaSchedule) -> Config {
 /// The [`WgmmaSchedule`] of a config.
 pub fn wgmma_schedule(c: &Config) -> WgmmaSchedule {
     let d = WgmmaSchedule::default();
-    let get = |k: &str, v: u32| c.get(k).and_then(|x| u32::try_from(x).ok()).unwrap_or(v);
+    let get = |k: &str, v: u32| c.get_u32_or(k, v);
     WgmmaSchedule {
         bn: get("bn", d.bn),
         stages: get("stages", d.stages),

@@ -249,6 +249,25 @@ impl Window2 {
         })
     }
 
+    /// AveragePool's divisor per axis: the range of input positions whose taps count — the
+    /// input, or with `count_include_pad` the padded input (`attrs`, `ceil_mode` as given
+    /// to [`Window2::new`]).
+    pub(crate) fn divisor_ranges(
+        &self,
+        attrs: &kiln_ir::ops::nn::WindowAttrs,
+        ceil_mode: bool,
+        count_include_pad: bool,
+    ) -> Result<[(i64, i64); 2], String> {
+        let mut r = [(0i64, self.h as i64), (0i64, self.w as i64)];
+        if count_include_pad {
+            for (ax, (size, rr)) in [self.h, self.w].into_iter().zip(r.iter_mut()).enumerate() {
+                let e = attrs.axis(ax, 2, size, self.k[ax], ceil_mode)?;
+                *rr = (-e.pad_begin, size as i64 + e.pad_end);
+            }
+        }
+        Ok(r)
+    }
+
     /// The input row (or column, `axis` 1) read by output `o` and tap `t`, and whether it is
     /// inside the input.
     pub(crate) fn tap(&self, l: &mut Loops, axis: usize, o: &str, t: &str) -> (String, String) {

@@ -55,49 +55,42 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered
     let mut p = Prologue::new();
     let mut l = Loops::default();
     let mut tasks = 1;
-    match &node.op {
-        Op::Nn(NnOp::MaxPool(a)) => {
-            if a.with_indices {
-                return Err("MaxPool with Indices".into());
-            }
-            let Some(ks) = a.window.kernel_shape.clone().filter(|k| k.len() == 2) else {
-                return Err("MaxPool of rank other than 2-D".into());
-            };
-            let win = Window2::new(&a.window, &xs, [ks[0], ks[1]], a.ceil_mode)?;
-            if ys != [win.n, win.c, win.oh, win.ow] {
-                return Err("MaxPool shapes do not match".into());
-            }
-            let x = p.memref_f32(0, &cd(&xs));
-            let y = p.memref_f32(1, &cd(&[ys.iter().product()]));
-            let tc = p.const_index((win.n * win.c) as i64);
-            let range = p.task_range(&tc);
-            emit_pool(&mut l, &win, &x, &y, &range, None);
-            tasks = (win.n * win.c) as u64;
+    // 2-D windowed pooling: (window, ceil_mode, AveragePool's count_include_pad, name)
+    let windowed = match &node.op {
+        Op::Nn(NnOp::MaxPool(a)) if a.with_indices => {
+            return Err("MaxPool with Indices".into());
         }
-        Op::Nn(NnOp::Pool(a)) => {
-            let PoolKind::Average { count_include_pad } = a.kind else {
-                return Err("LpPool is not lowered yet".into());
+        Op::Nn(NnOp::MaxPool(a)) => Some((&a.window, a.ceil_mode, None, "MaxPool")),
+        Op::Nn(NnOp::Pool(a)) => match a.kind {
+            PoolKind::Average { count_include_pad } => Some((
+                &a.window,
+                a.ceil_mode,
+                Some(count_include_pad),
+                "AveragePool",
+            )),
+            _ => return Err("LpPool is not lowered yet".into()),
+        },
+        _ => None,
+    };
+    match &node.op {
+        _ if windowed.is_some() => {
+            let (window, ceil, include_pad, what) = windowed.expect("windowed pooling");
+            let Some(ks) = window.kernel_shape.clone().filter(|k| k.len() == 2) else {
+                return Err(format!("{what} of rank other than 2-D"));
             };
-            let Some(ks) = a.window.kernel_shape.clone().filter(|k| k.len() == 2) else {
-                return Err("AveragePool of rank other than 2-D".into());
-            };
-            let win = Window2::new(&a.window, &xs, [ks[0], ks[1]], a.ceil_mode)?;
+            let win = Window2::new(window, &xs, [ks[0], ks[1]], ceil)?;
             if ys != [win.n, win.c, win.oh, win.ow] {
-                return Err("AveragePool shapes do not match".into());
+                return Err(format!("{what} shapes do not match"));
             }
-            // the range of input positions whose taps the divisor counts, per axis
-            let mut count = [(0i64, win.h as i64), (0i64, win.w as i64)];
-            if count_include_pad {
-                for (ax, r) in count.iter_mut().enumerate() {
-                    let e = a.window.axis(ax, 2, xs[2 + ax], ks[ax], a.ceil_mode)?;
-                    *r = (-e.pad_begin, xs[2 + ax] as i64 + e.pad_end);
-                }
-            }
+            let avg = match include_pad {
+                Some(inc) => Some(win.divisor_ranges(window, ceil, inc)?),
+                None => None,
+            };
             let x = p.memref_f32(0, &cd(&xs));
             let y = p.memref_f32(1, &cd(&[ys.iter().product()]));
             let tc = p.const_index((win.n * win.c) as i64);
             let range = p.task_range(&tc);
-            emit_pool(&mut l, &win, &x, &y, &range, Some(count));
+            emit_pool(&mut l, &win, &x, &y, &range, avg);
             tasks = (win.n * win.c) as u64;
         }
         Op::Nn(NnOp::GlobalPool(kind)) => {

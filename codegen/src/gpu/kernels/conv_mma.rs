@@ -104,7 +104,7 @@ impl ConvMmaSchedule {
     /// The schedule of a config (missing parameters keep the default; not validated).
     pub fn from_config(c: &Config) -> Self {
         let d = Self::default();
-        let get = |k: &str, v: u32| c.get(k).and_then(|x| u32::try_from(x).ok()).unwrap_or(v);
+        let get = |k: &str, v: u32| c.get_u32_or(k, v);
         Self {
             warps: get("warps", d.warps),
             n_tiles: get("n_tiles", d.n_tiles),

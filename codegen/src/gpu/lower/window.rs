@@ -147,14 +147,7 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<GenKern
             };
             let (win, idx, base) =
                 pool_window(&mut gen, &a.window, a.ceil_mode, &xs, &ys, "AveragePool")?;
-            // the divisor's range per axis: the input, or the padded input
-            let mut range = [(0i64, win.h as i64), (0i64, win.w as i64)];
-            if count_include_pad {
-                for (ax, r) in range.iter_mut().enumerate() {
-                    let ext = a.window.axis(ax, 2, xs[2 + ax], win.k[ax], a.ceil_mode)?;
-                    *r = (-ext.pad_begin, xs[2 + ax] as i64 + ext.pad_end);
-                }
-            }
+            let range = win.divisor_ranges(&a.window, a.ceil_mode, count_include_pad)?;
             let zero = gen.b.fc(0.0);
             let one = gen.b.fc(1.0);
             let saved = gen.consts.clone();
