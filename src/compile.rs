@@ -647,7 +647,11 @@ fn exec_plan(
         )
         .collect();
     order.sort_by_key(|o| o.0);
-    for (_, lk, r) in order {
+    for (index, lk, r) in order {
+        // a concat whose parts the memory plan placed inside its output: nothing to copy
+        if b.mem.elided.contains(&index) {
+            continue;
+        }
         if let Some(r) = r.map(|r| &refs[r]) {
             let args = r
                 .inputs

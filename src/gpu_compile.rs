@@ -101,6 +101,10 @@ pub fn gpu_plan(
     };
     let mut steps = Vec::new();
     for l in &lowering.launches {
+        // a concat whose parts the memory plan placed inside its output: nothing to copy
+        if mem.elided.contains(&l.index) {
+            continue;
+        }
         let (label, k_outputs): (String, &[kiln_ir::ValueId]) = match p.kernels.get(l.index) {
             Some(k) => (k.name.clone(), &k.outputs),
             None => (l.kernel.clone(), &[]),

@@ -9,6 +9,12 @@
 //! - An `Elementwise` kernel writes an output in place of an input buffer of the same shape
 //!   and element size (not a broadcast one) that dies at that kernel (the generated code reads every input element before writing
 //!   the output element at the same index).
+//! - A kernel that is one `Concat` whose parts are contiguous pieces of its output (every
+//!   axis before the concat axis of size 1) is *elided*: each part is planned at its place
+//!   inside the output's buffer, so the producers write the concatenation directly and the
+//!   concat step has nothing to do ([`MemoryPlan::elided`]; run anyway, it copies every
+//!   element onto itself). Parts must be arena values produced by earlier kernels, not
+//!   views, at offsets that are multiples of [`ALIGNMENT`], and in no other elided concat.
 //! - Buffers are placed greedily: by size descending, first fit among the already placed
 //!   buffers whose live ranges overlap, offsets aligned to [`ALIGNMENT`] bytes.
 
@@ -62,6 +68,10 @@ pub struct MemoryPlan {
     pub alias_of: Vec<Option<ValueId>>,
     /// In-place reuses: (input, output) of an elementwise kernel sharing one buffer.
     pub in_place: Vec<(ValueId, ValueId)>,
+    /// Kernels (indices in the partition) that are single `Concat`s whose parts were placed
+    /// inside the output: no step needs to run for them.
+    #[serde(default)]
+    pub elided: Vec<usize>,
     /// Sum of the sizes of all materialized intermediate values (no reuse at all).
     pub naive_bytes: usize,
     /// Size of the largest intermediate value.
@@ -130,6 +140,56 @@ fn liveness(g: &Graph, p: &Partition) -> Liveness {
     }
 }
 
+/// The parts of kernel `k` with their byte offsets inside its output, if it is a `Concat`
+/// the plan can elide (see the module doc; `taken`: values already placed in another
+/// concat).
+fn elidable_concat(
+    g: &Graph,
+    p: &Partition,
+    lv: &Liveness,
+    k: usize,
+    taken: &[bool],
+) -> Option<(ValueId, Vec<(ValueId, usize)>)> {
+    let kernel = &p.kernels[k];
+    let [ni] = kernel.nodes[..] else { return None };
+    let node = &g.nodes[ni];
+    let kiln_ir::Op::Array(kiln_ir::ops::array::ArrayOp::Concat { axis }) = node.op else {
+        return None;
+    };
+    let [out] = kernel.outputs[..] else {
+        return None;
+    };
+    if node.outputs != [out] || lv.external[out] || lv.root[out] != out || taken[out] {
+        return None;
+    }
+    let shape = g.values[out].fact.shape.as_known()?;
+    let rank = shape.len() as i64;
+    let ax = if axis < 0 { axis + rank } else { axis };
+    if !(0..rank).contains(&ax) || shape[..ax as usize].iter().any(|&d| d != 1) {
+        return None;
+    }
+    let mut parts = Vec::new();
+    let mut at = 0usize;
+    for v in &node.inputs {
+        let v = (*v)?;
+        let def = lv.def[v]?;
+        let size = byte_size(g, v).ok()?;
+        if lv.external[v]
+            || lv.root[v] != v
+            || def >= k
+            || taken[v]
+            || parts.iter().any(|&(q, _)| q == v)
+            || p.kernels[def].kind == KernelKind::Alias
+            || !at.is_multiple_of(ALIGNMENT)
+        {
+            return None;
+        }
+        parts.push((v, at));
+        at += size;
+    }
+    (at == byte_size(g, out).ok()? && parts.len() > 1).then_some((out, parts))
+}
+
 /// Plans the arena for a partitioned graph with static shapes (see the module doc).
 pub fn plan_memory(g: &Graph, p: &Partition) -> Result<MemoryPlan, String> {
     let nv = g.values.len();
@@ -165,32 +225,62 @@ pub fn plan_memory(g: &Graph, p: &Partition) -> Result<MemoryPlan, String> {
             });
         }
     }
-    // views share their root's buffer and extend its liveness
+    // elided concats: the parts' buffers merge into the output's, each part at its offset
+    let mut dead = vec![false; buffers.len()];
+    let mut inner = vec![0usize; nv];
+    let mut pinned = vec![false; nv];
+    let mut elided = Vec::new();
+    for k in 0..p.kernels.len() {
+        let Some((out, parts)) = elidable_concat(g, p, &lv, k, &pinned) else {
+            continue;
+        };
+        let Some(bo) = buf_of[out] else { continue };
+        if parts.iter().any(|&(v, _)| buf_of[v].is_none()) {
+            continue;
+        }
+        for &(v, off) in &parts {
+            let bp = buf_of[v].expect("checked");
+            let moved = std::mem::take(&mut buffers[bp].values);
+            for &m in &moved {
+                buf_of[m] = Some(bo);
+            }
+            buffers[bo].first = buffers[bo].first.min(buffers[bp].first);
+            buffers[bo].last = buffers[bo].last.max(buffers[bp].last);
+            buffers[bo].values.extend(moved);
+            dead[bp] = true;
+            inner[v] = off;
+            pinned[v] = true;
+        }
+        pinned[out] = true;
+        elided.push(k);
+    }
+    // views share their root's buffer (and place in it) and extend its liveness
     for v in 0..nv {
         let r = lv.root[v];
         if r != v {
             if let Some(b) = buf_of[r] {
                 buf_of[v] = Some(b);
+                inner[v] = inner[r];
                 buffers[b].values.push(v);
                 buffers[b].last = buffers[b].last.max(lv.last[v]);
             }
         }
     }
-    // in-place reuse in elementwise kernels
+    // in-place reuse in elementwise kernels (not into or out of an elided concat)
     let mut in_place = Vec::new();
-    let mut dead = vec![false; buffers.len()];
     for (k, kernel) in p.kernels.iter().enumerate() {
         if kernel.kind != KernelKind::Elementwise {
             continue;
         }
         let mut used: Vec<usize> = Vec::new();
         for &o in &kernel.outputs {
-            let Some(bo) = buf_of[o].filter(|_| lv.root[o] == o) else {
+            let Some(bo) = buf_of[o].filter(|_| lv.root[o] == o && !pinned[o]) else {
                 continue;
             };
             let cand = kernel.inputs.iter().copied().find(|&i| {
-                buf_of[i].is_some_and(|bi| {
-                    bi != bo
+                !pinned[lv.root[i]]
+                    && buf_of[i].is_some_and(|bi| {
+                        bi != bo
                         && !used.contains(&bi)
                         && buffers[bi].last == k
                         && buffers[bi].first < k
@@ -199,7 +289,7 @@ pub fn plan_memory(g: &Graph, p: &Partition) -> Result<MemoryPlan, String> {
                         // and element size (a broadcast input must not be overwritten)
                         && g.values[i].fact.shape == g.values[o].fact.shape
                         && g.values[i].fact.dtype.size_of() == g.values[o].fact.dtype.size_of()
-                })
+                    })
             });
             if let Some(i) = cand {
                 let bi = buf_of[i].expect("checked");
@@ -261,7 +351,7 @@ pub fn plan_memory(g: &Graph, p: &Partition) -> Result<MemoryPlan, String> {
     let slots = (0..nv)
         .map(|v| {
             buf_of[v].map(|b| Slot {
-                offset: buffers[b].offset,
+                offset: buffers[b].offset + inner[v],
                 size: sizes[v],
                 buffer: b,
             })
@@ -274,6 +364,7 @@ pub fn plan_memory(g: &Graph, p: &Partition) -> Result<MemoryPlan, String> {
         buffers,
         alias_of,
         in_place,
+        elided,
         naive_bytes: naive,
         largest_bytes: largest,
     })
@@ -330,6 +421,28 @@ impl MemoryPlan {
                 }
             }
         }
+        // parts of an elided concat live in the output's chain (placed inside it)
+        let mut chain: Vec<ValueId> = lv.root.clone();
+        let mut in_concat = vec![false; nv];
+        for &k in &self.elided {
+            let kernel = p
+                .kernels
+                .get(k)
+                .ok_or_else(|| format!("elided kernel {k} out of range"))?;
+            let node = &g.nodes[kernel.nodes[0]];
+            if kernel.nodes.len() != 1 || node.op.op_type() != "Concat" {
+                return Err(format!("elided kernel {k} is not a single Concat"));
+            }
+            let out = node.outputs[0];
+            for v in node.inputs.iter().flatten() {
+                in_concat[*v] = true;
+                for (w, c) in chain.iter_mut().enumerate() {
+                    if lv.root[w] == *v {
+                        *c = lv.root[out];
+                    }
+                }
+            }
+        }
         let mut classes: Vec<Vec<(ValueId, usize, usize)>> = vec![vec![]; self.buffers.len()];
         for (v, s) in self.slots.iter().enumerate() {
             let Some(s) = s else { continue };
@@ -337,8 +450,14 @@ impl MemoryPlan {
                 .buffers
                 .get(s.buffer)
                 .ok_or_else(|| format!("value '{}': buffer out of range", name(v)))?;
-            if s.offset != buf.offset || s.size > buf.size {
+            if s.offset < buf.offset || s.offset + s.size > buf.offset + buf.size {
                 return Err(format!("value '{}' does not fit its buffer", name(v)));
+            }
+            if s.offset != buf.offset && !in_concat[lv.root[v]] {
+                return Err(format!(
+                    "value '{}' is not at its buffer's start but not part of an elided concat",
+                    name(v)
+                ));
             }
             let def = lv.def[v].ok_or_else(|| format!("value '{}' is not produced", name(v)))?;
             if def < buf.first || lv.last[v] > buf.last {
@@ -350,7 +469,7 @@ impl MemoryPlan {
                     buf.last
                 ));
             }
-            classes[s.buffer].push((lv.root[v], def, lv.last[v]));
+            classes[s.buffer].push((chain[v], def, lv.last[v]));
         }
         // values of different view chains in one buffer: only an in-place handover
         for (b, vals) in classes.iter().enumerate() {
