@@ -9,11 +9,11 @@ use crate::gpu::{Elem, GpuError, GpuKernel, KernelParam};
 /// Threads per block of [`mul_add_relu`].
 pub const BLOCK: u32 = 256;
 
-/// `name(x: memref<?xf32>, y: memref<?xf32>, a: f32, b: f32, n: index)`:
-/// `y[i] = max(x[i] * a + b, 0)` for `i < n`; launch with `BLOCK` threads per block.
-pub fn mul_add_relu(name: &str) -> GpuKernel {
-    let mlir = format!(
-        r#"  gpu.func @{name}(%x: memref<?xf32>, %y: memref<?xf32>, %a: f32, %b: f32, %n: index) kernel attributes {{known_block_size = array<i32: {BLOCK}, 1, 1>}} {{
+/// A grid-stride `gpu.func` of [`BLOCK`] threads per block: parameters `params` then
+/// `%n: index`, `setup` (MLIR lines before the loop), and `body` run for every `%i < %n`.
+pub(crate) fn grid_stride_func(name: &str, params: &str, setup: &str, body: &str) -> String {
+    format!(
+        r#"  gpu.func @{name}({params}, %n: index) kernel attributes {{known_block_size = array<i32: {BLOCK}, 1, 1>}} {{
     %bid = gpu.block_id x
     %bdim = gpu.block_dim x
     %tid = gpu.thread_id x
@@ -21,17 +21,27 @@ pub fn mul_add_relu(name: &str) -> GpuKernel {
     %t0 = arith.muli %bid, %bdim : index
     %i0 = arith.addi %t0, %tid : index
     %step = arith.muli %gdim, %bdim : index
-    %zero = arith.constant 0.0 : f32
-    scf.for %i = %i0 to %n step %step {{
-      %v = memref.load %x[%i] : memref<?xf32>
+{setup}    scf.for %i = %i0 to %n step %step {{
+{body}    }}
+    gpu.return
+  }}
+"#
+    )
+}
+
+/// `name(x: memref<?xf32>, y: memref<?xf32>, a: f32, b: f32, n: index)`:
+/// `y[i] = max(x[i] * a + b, 0)` for `i < n`; launch with `BLOCK` threads per block.
+pub fn mul_add_relu(name: &str) -> GpuKernel {
+    let mlir = grid_stride_func(
+        name,
+        "%x: memref<?xf32>, %y: memref<?xf32>, %a: f32, %b: f32",
+        "    %zero = arith.constant 0.0 : f32\n",
+        r#"      %v = memref.load %x[%i] : memref<?xf32>
       %m = arith.mulf %v, %a fastmath<contract> : f32
       %s = arith.addf %m, %b fastmath<contract> : f32
       %r = arith.maximumf %s, %zero : f32
       memref.store %r, %y[%i] : memref<?xf32>
-    }}
-    gpu.return
-  }}
-"#
+"#,
     );
     let buf = |n: &str| KernelParam::Buffer {
         name: n.into(),

@@ -8,11 +8,12 @@
 //! per-launch scratch region, see [`super::Operand::Scratch`]); accumulation and outputs are
 //! f32, so epilogues and the rest of the model are unchanged.
 
+use crate::gpu::kernels::elementwise::grid_stride_func;
 use crate::gpu::kernels::gemm_mma::MmaInput;
 use crate::gpu::{Elem, GpuKernel, KernelParam};
 
 /// Threads per block of the cast kernel.
-pub const CAST_BLOCK: u32 = 256;
+pub const CAST_BLOCK: u32 = crate::gpu::kernels::elementwise::BLOCK;
 
 /// What MatMul/Gemm compute on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -69,26 +70,6 @@ impl Precision {
             Precision::BF16 => Some(MmaInput::BF16),
         }
     }
-}
-
-/// A grid-stride `gpu.func` of [`CAST_BLOCK`] threads per block: parameters `params` then
-/// `%n: index`, `setup` (MLIR lines before the loop), and `body` run for every `%i < %n`.
-fn grid_stride_func(name: &str, params: &str, setup: &str, body: &str) -> String {
-    format!(
-        r#"  gpu.func @{name}({params}, %n: index) kernel attributes {{known_block_size = array<i32: {CAST_BLOCK}, 1, 1>}} {{
-    %bid = gpu.block_id x
-    %bdim = gpu.block_dim x
-    %tid = gpu.thread_id x
-    %gdim = gpu.grid_dim x
-    %t0 = arith.muli %bid, %bdim : index
-    %i0 = arith.addi %t0, %tid : index
-    %step = arith.muli %gdim, %bdim : index
-{setup}    scf.for %i = %i0 to %n step %step {{
-{body}    }}
-    gpu.return
-  }}
-"#
-    )
 }
 
 /// Entry name of the f32 → `to` cast kernel.
