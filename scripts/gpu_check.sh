@@ -1,16 +1,43 @@
 #!/usr/bin/env bash
-# The GPU checks of a session that is lent a GPU machine (which has no LLVM, no Rust and no
-# network): run on that machine from the repository root, after `scripts/gpu_pack.sh` here
-# filled `.gpu/` (runtime-only binaries, artifacts compiled here, test data), carried along.
-# Prints the CUDA runtime and NCCL tests (NCCL on every GPU present: one rank per GPU), the zoo artifacts checked and timed (gpu_zoo), the zoo
-# sharded over 2 GPU ranks checked and timed (gpu_cluster), the f16 GEMM
-# against cuBLAS (gemm_bench) and the PyTorch eager baseline (scripts/torch_eager.py); the
-# tables also land in $OUT when set.
+# Every GPU check of a session that is lent a GPU machine (no LLVM, no Rust, no network
+# there), in ONE device call: run on that machine from the repository root, after
+# `scripts/gpu_pack.sh SKU` here filled `.gpu/` (runtime-only binaries, artifacts compiled
+# here, test data), carried along (`carry: [".gpu"]`).
+#
+# A session has 15 minutes of device time, the machine's start included, so the checks run
+# against a deadline (DEADLINE seconds from the start, default 480) in the order of what is
+# most needed, and a section that would not fit is skipped, saying so:
+#   1. gemm      f16 GEMM 4096³ against cuBLAS, every wgmma/mma.sync variant (issue 5 bar)
+#   2. tests     runtime CUDA tests, one process each (wgmma bn = 64 fix, CUDA ops)
+#   3. zoo       zoo artifacts checked and timed (gpu_zoo), then PyTorch eager (issue 5 bar)
+#   4. tune      tuning bundles measured, records to $OUT/tune/*.jsonl (issue 6)
+#   5. eqsat     tensat's graphs at -O0 and -O2, measured speed-up (issue 4)
+#   6. cluster   zoo sharded over 2 GPU ranks, NCCL test (issue 7)
+# SECTIONS="gemm zoo" runs only those. Every table lands in $OUT as soon as it is printed.
 set -uo pipefail
 OUT=${OUT:-/tmp/kiln_gpu_out}; mkdir -p "$OUT"
+START=$(date +%s); DEADLINE=${DEADLINE:-480}
+SECTIONS=${SECTIONS:-gemm tests zoo tune eqsat cluster}
+# seconds left before the deadline
+left() { echo $(( DEADLINE - ($(date +%s) - START) )); }
+# cap SECS: SECS, or what is left minus a margin, whichever is smaller (at least 1)
+cap() { local l=$(( $(left) - 10 )); [ "$1" -lt "$l" ] && l=$1; [ "$l" -lt 1 ] && l=1; echo "$l"; }
+# section NAME NEED: whether NAME is asked for and at least NEED seconds are left
+section() {
+  case " $SECTIONS " in *" $1 "*) ;; *) return 1 ;; esac
+  if [ "$(left)" -lt "$2" ]; then
+    echo "== $1: skipped, $(left) s left (needs $2)" | tee -a "$OUT/skipped.txt"; return 1
+  fi
+  echo "== $1 (at $(( $(date +%s) - START )) s)"
+}
+# a packed .gpu/ keeps its binaries and small files in one archive
+if [ -f .gpu/pack.tar.xz ]; then
+  python3 -c "import lzma,tarfile; tarfile.open(fileobj=lzma.open('.gpu/pack.tar.xz')).extractall('.gpu')"
+fi
 # test binaries find their fixtures through the path they were built in
 mkdir -p /work && { [ -e /work/main ] || ln -s "$PWD" /work/main; }
-nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv
+nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+[ -f .gpu/SKU ] && echo "artifacts compiled for cuda:$(cat .gpu/SKU)" | tee -a "$OUT/gpu.txt"
 # cudarc looks for libcublas.so / .so.12: point it at the wheel's CUDA 13 library
 CUB=$(python3 -c "import nvidia.cublas as m; print(list(m.__path__)[0] + '/lib')" 2>/dev/null)
 mkdir -p /tmp/kiln_lib
@@ -21,18 +48,44 @@ done
 NCL=$(python3 -c "import nvidia.nccl as m; print(list(m.__path__)[0] + '/lib')" 2>/dev/null)
 export LD_LIBRARY_PATH=/tmp/kiln_lib:${CUB:-}:${NCL:-}:${LD_LIBRARY_PATH:-}
 export KILN_CUBIN_CACHE=/tmp/kiln_cubin
-echo "== gpu_zoo"
-{ echo "| artifact | launches | load ms (JIT / cached) | max rel. error | p50 ms | min ms |"; echo "|---|---|---|---|---|---|"
-  for f in .gpu/zoo/*.kiln; do timeout 60 .gpu/bin/gpu_zoo .gpu/zoo 200 "$(basename "$f")" 2>&1 || echo "| $(basename "$f") | exit $? |"; done; } | tee "$OUT/zoo.txt"
-echo "== gpu_cluster (2 GPU ranks as threads, sharing the GPU)"
-timeout 300 .gpu/bin/gpu_cluster .gpu/cluster 20 2>&1 | tee "$OUT/cluster.txt"
-echo "== gemm_bench"; timeout 120 .gpu/bin/gemm_bench 2>&1 | tee "$OUT/gemm.txt"
-echo "== torch eager"; PYTHONUNBUFFERED=1 timeout 200 python3 scripts/torch_eager.py .gpu/zoo 200 2>&1 | tee "$OUT/torch.txt"
-echo "== runtime cuda tests (one process per test)"
-for b in cuda_test cuda_ops_test nccl_test; do
-  for t in $(.gpu/bin/$b --list 2>/dev/null | grep ': test$' | sed 's/: test$//'); do
-    timeout 60 .gpu/bin/$b --exact "$t" --nocapture > "/tmp/t_$t.log" 2>&1; rc=$?
-    echo "$b $t: $([ $rc = 0 ] && echo ok || echo "FAILED ($rc)")"; [ $rc = 0 ] || grep -E "panicked|Error|error" "/tmp/t_$t.log" | head -3
+
+# one process per test of each binary (a faulting kernel poisons its process's context)
+run_tests() {
+  for b in "$@"; do
+    for t in $(.gpu/bin/$b --list 2>/dev/null | grep ': test$' | sed 's/: test$//'); do
+      if [ "$(left)" -lt 15 ]; then echo "$b $t: skipped (deadline)"; continue; fi
+      timeout "$(cap 60)" .gpu/bin/$b --exact "$t" --nocapture > "/tmp/t_$t.log" 2>&1; rc=$?
+      echo "$b $t: $([ $rc = 0 ] && echo ok || echo "FAILED ($rc)")"
+      [ $rc = 0 ] || grep -E "panicked|Error|error" "/tmp/t_$t.log" | head -3
+    done
   done
-done 2>&1 | tee "$OUT/tests.txt"
-[ -d .gpu/tune ] && { echo "== tuning bundles"; bash scripts/gpu_tune_check.sh; }
+}
+
+if section gemm 60; then
+  timeout "$(cap 150)" .gpu/bin/gemm_bench 2>&1 | tee "$OUT/gemm.txt"
+fi
+if section tests 40; then
+  run_tests cuda_test cuda_ops_test 2>&1 | tee "$OUT/tests.txt"
+fi
+if section zoo 60; then
+  { echo "| artifact | launches | load ms (JIT / cached) | max rel. error | p50 ms | min ms |"; echo "|---|---|---|---|---|---|"
+    for f in .gpu/zoo/*.kiln; do
+      [ "$(left)" -lt 15 ] && { echo "| $(basename "$f") | skipped (deadline) |"; continue; }
+      timeout "$(cap 60)" .gpu/bin/gpu_zoo .gpu/zoo 200 "$(basename "$f")" 2>&1 || echo "| $(basename "$f") | exit $? |"
+    done; } | tee "$OUT/zoo.txt"
+  [ "$(left)" -gt 40 ] && PYTHONUNBUFFERED=1 timeout "$(cap 200)" python3 scripts/torch_eager.py .gpu/zoo 200 2>&1 | tee "$OUT/torch.txt"
+fi
+if [ -d .gpu/tune ] && section tune 60; then
+  # the bundles share what is left of the tune section's share of the time
+  n=$(ls -d .gpu/tune/*/ | wc -l); share=$(( ($(left) - 150) / (n > 0 ? n : 1) ))
+  [ "$share" -lt 10 ] && share=10
+  RUNS=${RUNS:-10} BUNDLE_TIMEOUT=$share bash scripts/gpu_tune_check.sh
+fi
+if [ -f .gpu/eqsat.tar.xz ] && section eqsat 60; then
+  EQSAT_TIMEOUT=$(cap 120) bash scripts/gpu_eqsat_check.sh 50
+fi
+if section cluster 40; then
+  timeout "$(cap 150)" .gpu/bin/gpu_cluster .gpu/cluster 20 2>&1 | tee "$OUT/cluster.txt"
+  run_tests nccl_test 2>&1 | tee -a "$OUT/tests.txt"
+fi
+echo "== done at $(( $(date +%s) - START )) s of $DEADLINE"

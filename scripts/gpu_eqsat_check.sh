@@ -2,7 +2,7 @@
 # Issue 4 on a GPU machine (no compiler there): unpacks .gpu/eqsat.tar.xz (made by
 # scripts/gpu_eqsat_pack.sh) and runs each artifact with the runtime-only gpu_zoo, one
 # process per artifact (checked against the interpreter's output, then timed: median of
-# RUNS, default 100), and prints the measured -O2 over -O0 speed-up per graph beside
+# RUNS, default 100; at most EQSAT_TIMEOUT s each, default 300), and prints the measured -O2 over -O0 speed-up per graph beside
 # tensat's (MLSys'21, V100). The table also lands in $OUT/eqsat.txt when OUT is set.
 set -uo pipefail
 OUT=${OUT:-/tmp/kiln_gpu_out}; mkdir -p "$OUT"
@@ -14,7 +14,7 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 cat "$D/eqsat/pack.log" | grep -E "O2|kept" | sed 's/^/pack: /'
 { echo "| artifact | launches | load ms (JIT / cached) | max rel. error | p50 ms | min ms |"; echo "|---|---|---|---|---|---|"
   for f in "$D"/eqsat/*.kiln; do
-    timeout 300 .gpu/bin/gpu_zoo "$D/eqsat" "$RUNS" "$(basename "$f")" 2>&1; rc=$?
+    timeout "${EQSAT_TIMEOUT:-300}" .gpu/bin/gpu_zoo "$D/eqsat" "$RUNS" "$(basename "$f")" 2>&1; rc=$?
     [ $rc = 0 ] || echo "| $(basename "$f") | exit $rc |"
   done; } | tee "$OUT/eqsat_raw.txt"
 python3 - "$OUT/eqsat_raw.txt" <<'PY' | tee "$OUT/eqsat.txt"

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Fills .gpu/ (git-ignored) with what scripts/gpu_check.sh runs on a GPU machine that has no
-# compiler: stripped runtime-only binaries (gpu_zoo, gemm_bench, the runtime's CUDA and NCCL
-# test binaries, gpu_cluster), every zoo model compiled for SKU (default h200) at f32 and f16
-# (bert/gpt also tf32, bf16) and sharded over 2 GPU ranks, the models and their test data. Then: device run with carry [".gpu"] and
-# command `bash scripts/gpu_check.sh`. For GPU autotuning, scripts/gpu_tune_pack.sh adds the
-# measurer and tuning bundles to the same .gpu/ (run it after this script, which clears
-# .gpu/), measured by scripts/gpu_tune_check.sh.
+# Fills .gpu/ (git-ignored) with everything scripts/gpu_check.sh runs on a GPU machine that
+# has no compiler, for ONE device call: stripped runtime-only binaries (gpu_zoo, gemm_bench,
+# the runtime's CUDA and NCCL test binaries, gpu_cluster), every zoo model compiled for SKU
+# at f32 and f16 (bert/gpt also tf32, bf16) and sharded over 2 GPU ranks, the models and
+# their test data; then the tuning bundles (scripts/gpu_tune_pack.sh) and tensat's graphs
+# (scripts/gpu_eqsat_pack.sh) unless NO_TUNE=1 / NO_EQSAT=1. Small files go into one
+# .gpu/pack.tar.xz; the whole must stay under the 64 MiB a device call carries.
+# SKU: the kind `status` says a run gets (h100 or h200; default h200).
+# Then: device run with carry [".gpu"] and command `bash scripts/gpu_check.sh`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SKU=${1:-h200}
@@ -46,4 +48,16 @@ for m in ['mlp', 'resnet', 'mobilenet', 'bert', 'gpt']:
                     '--ranks', '2', '--mode', mode, '-o', f'.gpu/cluster/{m}.{mode}2.kiln'] + shapes,
                    check=True, stdout=subprocess.DEVNULL)
 PY
-du -sh .gpu
+[ "${NO_TUNE:-0}" = 1 ] || scripts/gpu_tune_pack.sh "$SKU"
+[ "${NO_EQSAT:-0}" = 1 ] || scripts/gpu_eqsat_pack.sh "$SKU"
+echo "$SKU" > .gpu/SKU
+# everything but the (already compressed) eqsat archive into one xz archive
+( cd .gpu && find . -mindepth 1 -maxdepth 1 ! -name eqsat.tar.xz ! -name tuning.db -print0 \
+    | xargs -0 tar -cf - | xz -6 -T2 > pack.tar.xz.part \
+  && find . -mindepth 1 -maxdepth 1 ! -name eqsat.tar.xz ! -name pack.tar.xz.part ! -name tuning.db \
+       -exec rm -rf {} + && mv pack.tar.xz.part pack.tar.xz && echo "$SKU" > SKU )
+du -sh .gpu/* .gpu
+bytes=$(du -sb .gpu | cut -f1)
+if [ "$bytes" -gt $(( 62 * 1024 * 1024 )) ]; then
+  echo "error: .gpu/ holds $bytes bytes, over what one device call carries (64 MiB)" >&2; exit 1
+fi

@@ -15,6 +15,11 @@
 //!   concat step has nothing to do ([`MemoryPlan::elided`]; run anyway, it copies every
 //!   element onto itself). Parts must be arena values produced by earlier kernels, not
 //!   views, at offsets that are multiples of [`ALIGNMENT`], and in no other elided concat.
+//! - Symmetrically, a kernel that is one `Slice` whose output is a contiguous range of its
+//!   input (every axis before the last cut of extent 1 in the output) is elided: the output
+//!   is planned inside the input's buffer, at an offset that is a multiple of [`ALIGNMENT`],
+//!   and that buffer lives as long as the slice is read. No elementwise kernel works in
+//!   place in such a buffer (it could overwrite bytes a slice reads later).
 //! - Buffers are placed greedily: by size descending, first fit among the already placed
 //!   buffers whose live ranges overlap, offsets aligned to [`ALIGNMENT`] bytes.
 
@@ -68,8 +73,9 @@ pub struct MemoryPlan {
     pub alias_of: Vec<Option<ValueId>>,
     /// In-place reuses: (input, output) of an elementwise kernel sharing one buffer.
     pub in_place: Vec<(ValueId, ValueId)>,
-    /// Kernels (indices in the partition) that are single `Concat`s whose parts were placed
-    /// inside the output: no step needs to run for them.
+    /// Kernels (indices in the partition) that need no step: single `Concat`s whose parts
+    /// were placed inside the output, and single `Slice`s whose output was placed inside
+    /// the input.
     #[serde(default)]
     pub elided: Vec<usize>,
     /// Sum of the sizes of all materialized intermediate values (no reuse at all).
@@ -190,6 +196,50 @@ fn elidable_concat(
     (at == byte_size(g, out).ok()? && parts.len() > 1).then_some((out, parts))
 }
 
+/// The input of kernel `k` and the byte offset of its output inside it, if `k` is a
+/// `Slice` the plan can elide: its output is one contiguous range of its input (every
+/// sliced axis with step 1, the axes after the last cut whole, the axes before it of
+/// extent 1 in the output), at an offset that is a multiple of [`ALIGNMENT`]; the input is
+/// an arena value produced by an earlier kernel (not a view) and the output an arena value
+/// not already placed elsewhere.
+fn elidable_slice(
+    g: &Graph,
+    p: &Partition,
+    lv: &Liveness,
+    k: usize,
+    taken: &[bool],
+) -> Option<(ValueId, ValueId, usize)> {
+    let kernel = &p.kernels[k];
+    let [ni] = kernel.nodes[..] else { return None };
+    let node = &g.nodes[ni];
+    let kiln_ir::Op::Array(op) = &node.op else {
+        return None;
+    };
+    let [out] = kernel.outputs[..] else {
+        return None;
+    };
+    let x = node.inputs.first().copied().flatten()?;
+    let def = lv.def[x]?;
+    if node.outputs != [out]
+        || lv.external[out]
+        || lv.root[out] != out
+        || taken[out]
+        || lv.external[x]
+        || lv.root[x] != x
+        || def >= k
+        || p.kernels[def].kind == KernelKind::Alias
+    {
+        return None;
+    }
+    let facts: Vec<Option<&kiln_ir::Fact>> = node
+        .inputs
+        .iter()
+        .map(|i| i.map(|i| &g.values[i].fact))
+        .collect();
+    let (offset, len) = op.contiguous_slice(&facts)?;
+    (len > 0 && offset.is_multiple_of(ALIGNMENT)).then_some((x, out, offset))
+}
+
 /// Plans the arena for a partitioned graph with static shapes (see the module doc).
 pub fn plan_memory(g: &Graph, p: &Partition) -> Result<MemoryPlan, String> {
     let nv = g.values.len();
@@ -252,6 +302,27 @@ pub fn plan_memory(g: &Graph, p: &Partition) -> Result<MemoryPlan, String> {
             pinned[v] = true;
         }
         pinned[out] = true;
+        elided.push(k);
+    }
+    // elided slices: the output is placed inside its input's buffer (no in-place reuse of
+    // that buffer afterwards: an elementwise kernel could overwrite what a slice still reads)
+    for k in 0..p.kernels.len() {
+        let Some((x, out, off)) = elidable_slice(g, p, &lv, k, &pinned) else {
+            continue;
+        };
+        let (Some(bx), Some(bo)) = (buf_of[x], buf_of[out]) else {
+            continue;
+        };
+        let moved = std::mem::take(&mut buffers[bo].values);
+        for &m in &moved {
+            buf_of[m] = Some(bx);
+        }
+        buffers[bx].last = buffers[bx].last.max(buffers[bo].last);
+        buffers[bx].values.extend(moved);
+        dead[bo] = true;
+        inner[out] = inner[x] + off;
+        pinned[out] = true;
+        pinned[x] = true;
         elided.push(k);
     }
     // views share their root's buffer (and place in it) and extend its liveness
@@ -421,26 +492,37 @@ impl MemoryPlan {
                 }
             }
         }
-        // parts of an elided concat live in the output's chain (placed inside it)
+        // parts of an elided concat live in the output's chain (placed inside it), the
+        // output of an elided slice in its input's chain
         let mut chain: Vec<ValueId> = lv.root.clone();
-        let mut in_concat = vec![false; nv];
+        let mut inside = vec![false; nv];
         for &k in &self.elided {
             let kernel = p
                 .kernels
                 .get(k)
                 .ok_or_else(|| format!("elided kernel {k} out of range"))?;
             let node = &g.nodes[kernel.nodes[0]];
-            if kernel.nodes.len() != 1 || node.op.op_type() != "Concat" {
-                return Err(format!("elided kernel {k} is not a single Concat"));
-            }
             let out = node.outputs[0];
-            for v in node.inputs.iter().flatten() {
-                in_concat[*v] = true;
+            let join = |chain: &mut Vec<ValueId>, inside: &mut Vec<bool>, v: ValueId, to| {
+                inside[v] = true;
                 for (w, c) in chain.iter_mut().enumerate() {
-                    if lv.root[w] == *v {
-                        *c = lv.root[out];
+                    if lv.root[w] == v {
+                        *c = to;
                     }
                 }
+            };
+            match node.op.op_type() {
+                "Concat" if kernel.nodes.len() == 1 => {
+                    for v in node.inputs.iter().flatten() {
+                        join(&mut chain, &mut inside, *v, lv.root[out]);
+                    }
+                }
+                "Slice" if kernel.nodes.len() == 1 => {
+                    let x = node.inputs[0].ok_or_else(|| format!("elided slice {k}: no input"))?;
+                    let to = chain[x];
+                    join(&mut chain, &mut inside, out, to);
+                }
+                _ => return Err(format!("elided kernel {k} is not a single Concat or Slice")),
             }
         }
         let mut classes: Vec<Vec<(ValueId, usize, usize)>> = vec![vec![]; self.buffers.len()];
@@ -453,9 +535,9 @@ impl MemoryPlan {
             if s.offset < buf.offset || s.offset + s.size > buf.offset + buf.size {
                 return Err(format!("value '{}' does not fit its buffer", name(v)));
             }
-            if s.offset != buf.offset && !in_concat[lv.root[v]] {
+            if s.offset != buf.offset && !inside[lv.root[v]] {
                 return Err(format!(
-                    "value '{}' is not at its buffer's start but not part of an elided concat",
+                    "value '{}' is not at its buffer's start but not part of an elided concat or slice",
                     name(v)
                 ));
             }

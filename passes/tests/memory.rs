@@ -175,7 +175,8 @@ fn symbolic_shapes_are_rejected() {
     assert!(err.contains("specialise"), "{err}");
 }
 
-/// A random DAG of rank-1 f32 values: Relu, Neg, Add (same sizes), Concat, Reshape (view).
+/// A random DAG of rank-1 f32 values: Relu, Neg, Add (same sizes), Concat, Reshape (view),
+/// Slice.
 fn random_graph(sizes: &[usize], ops: &[(u8, u16, u16)], extra_outputs: &[u16]) -> Graph {
     let mut g = Graph {
         name: "random".into(),
@@ -193,7 +194,25 @@ fn random_graph(sizes: &[usize], ops: &[(u8, u16, u16)], extra_outputs: &[u16]) 
     for (i, &(op, a, b)) in ops.iter().enumerate() {
         let (va, sa) = vals[a as usize % vals.len()];
         let (vb, sb) = vals[b as usize % vals.len()];
-        let (op, inputs, size) = match op % 5 {
+        let (op, inputs, size) = match op % 6 {
+            // a slice at offset 0, 4 or 16 elements (64-byte aligned or not), to the end or
+            // 4 elements short of it
+            5 if sa > 4 => {
+                let start = [0, 4, 16][b as usize % 3].min(sa - 4);
+                let end = if b & 4 != 0 { sa - 4 } else { sa }.max(start + 1);
+                let st = g.add_const(format!("s{i}"), Tensor::vec_i64(&[start as i64]));
+                let en = g.add_const(format!("e{i}"), Tensor::vec_i64(&[end as i64]));
+                (
+                    Op::Array(ArrayOp::Slice {
+                        starts: IntsArg::Input(1),
+                        ends: IntsArg::Input(2),
+                        axes: IntsArg::Default,
+                        steps: IntsArg::Default,
+                    }),
+                    vec![va, st, en],
+                    end - start,
+                )
+            }
             0 => (
                 Op::Elementwise(ElementwiseOp::Unary(UnaryKind::Relu)),
                 vec![va],
@@ -262,7 +281,7 @@ proptest! {
     #[test]
     fn random_dags_plan_without_overlap(
         sizes in prop::collection::vec(prop::sample::select(vec![4usize, 8, 16, 20]), 1..3),
-        ops in prop::collection::vec((0u8..5, any::<u16>(), any::<u16>()), 1..30),
+        ops in prop::collection::vec((0u8..6, any::<u16>(), any::<u16>()), 1..30),
         extra in prop::collection::vec(any::<u16>(), 0..3),
         seed in any::<u64>(),
     ) {
@@ -352,5 +371,88 @@ fn contiguous_concats_are_elided() {
         let want = interp::run(&g, std::slice::from_ref(&x)).unwrap();
         let got = run_in_arena(&g, &p, &plan, &[x]);
         assert_eq!(got, want, "{shape:?} axis {axis}");
+    }
+}
+
+/// A slice that is one contiguous, 64-byte aligned range of a kernel's output is elided: its
+/// output is placed inside the input's buffer at the range's offset, the input's buffer
+/// lives until the slice's last reader, and the results equal the interpreter's. A
+/// misaligned range, a column range of a matrix with several rows and a strided slice are
+/// copied as before.
+#[test]
+fn contiguous_slices_are_elided() {
+    let build = |shape: [usize; 2], axis: i64, start: i64, end: i64, step: i64| {
+        let mut g = Graph {
+            name: "slice".into(),
+            opset: 17,
+            ..Default::default()
+        };
+        let x = g.add_value("x", Fact::new(DType::F32, Shape::known(&shape)));
+        g.inputs.push(x);
+        let node = |g: &mut Graph, op: Op, ins: Vec<usize>, name: &str| {
+            let v = g.add_value(name, Fact::new(DType::F32, Shape::unknown(2)));
+            g.nodes.push(Node {
+                name: name.into(),
+                op,
+                inputs: ins.into_iter().map(Some).collect(),
+                outputs: vec![v],
+            });
+            v
+        };
+        let relu = Op::Elementwise(ElementwiseOp::Unary(UnaryKind::Relu));
+        let neg = Op::Elementwise(ElementwiseOp::Unary(UnaryKind::Neg));
+        let a = node(&mut g, relu.clone(), vec![x], "a");
+        let lists = [start, end, axis, step].map(|v| Tensor::vec_i64(&[v]));
+        let [st, en, ax, sp] = ["st", "en", "ax", "sp"];
+        let ins: Vec<usize> = [st, en, ax, sp]
+            .iter()
+            .zip(lists)
+            .map(|(n, t)| g.add_const(*n, t))
+            .collect();
+        let slice = Op::Array(ArrayOp::Slice {
+            starts: IntsArg::Input(1),
+            ends: IntsArg::Input(2),
+            axes: IntsArg::Input(3),
+            steps: IntsArg::Input(4),
+        });
+        let s = node(&mut g, slice, [vec![a], ins].concat(), "s");
+        // `a` is read again after the slice's reader, by a kernel that could work in place
+        let y = node(&mut g, neg, vec![s], "y");
+        let z = node(&mut g, relu, vec![a], "z");
+        g.outputs.extend([y, z]);
+        g.infer().unwrap();
+        g
+    };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    for (shape, axis, start, end, step, elide) in [
+        ([1usize, 64], 1i64, 16i64, 48i64, 1i64, true), // bytes 64..192 of the row
+        ([1, 64], -1, -16, 64, 1, true),                // negative start: the last 16
+        ([1, 64], 1, 4, 20, 1, false),                  // 16-byte offset: misaligned
+        ([4, 16], 1, 0, 8, 1, false),                   // columns of 4 rows: interleaved
+        ([4, 16], 0, 1, 3, 1, true),                    // rows 1..3: contiguous
+        ([1, 64], 1, 0, 64, 2, false),                  // strided
+    ] {
+        let g = build(shape, axis, start, end, step);
+        let p = partition(&g);
+        let plan = plan_memory(&g, &p).unwrap();
+        plan.verify(&g, &p).unwrap();
+        let k = p
+            .kernels
+            .iter()
+            .position(|k| g.nodes[k.nodes[0]].op.op_type() == "Slice")
+            .unwrap();
+        let case = format!("{shape:?} axis {axis} {start}..{end} step {step}");
+        assert_eq!(plan.elided.contains(&k), elide, "{case}");
+        let a = g.nodes[p.kernels[k].nodes[0]].inputs[0].unwrap();
+        let (sa, ss) = (plan.slots[a].unwrap(), plan.slots[p.kernels[k].outputs[0]].unwrap());
+        assert_eq!(sa.buffer == ss.buffer, elide, "{case}");
+        if elide {
+            assert!(ss.offset > sa.offset && ss.offset + ss.size <= sa.offset + sa.size);
+            assert!(plan.in_place.is_empty(), "{case}: {:?}", plan.in_place);
+        }
+        let x = random_f32(&shape, &mut rng);
+        let want = interp::run(&g, std::slice::from_ref(&x)).unwrap();
+        let got = run_in_arena(&g, &p, &plan, &[x]);
+        assert_eq!(got, want, "{case}");
     }
 }

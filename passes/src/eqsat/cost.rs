@@ -156,6 +156,14 @@ pub fn is_alias(op: &Op) -> bool {
     )
 }
 
+/// A `Slice` the memory plan places inside its input (one contiguous range at an offset
+/// that is a multiple of the arena alignment): it runs no step.
+pub fn is_view_slice(op: &Op, inputs: &[Option<&Fact>]) -> bool {
+    let Op::Array(a) = op else { return false };
+    a.contiguous_slice(inputs)
+        .is_some_and(|(off, len)| len > 0 && off.is_multiple_of(crate::memory::ALIGNMENT))
+}
+
 /// MatMul, Gemm and Conv: kernels that absorb elementwise epilogues.
 pub fn is_contraction(op: &Op) -> bool {
     matches!(
@@ -171,7 +179,7 @@ impl CostModel for Analytical {
         if is_contraction(op) {
             fl /= d.utilisation(outputs.iter().map(numel).sum());
         }
-        if is_alias(op) {
+        if is_alias(op) || is_view_slice(op, inputs) {
             return 0.01;
         }
         if fused && matches!(op, Op::Elementwise(_)) {

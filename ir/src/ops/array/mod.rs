@@ -716,6 +716,46 @@ impl OpFamily for ArrayOp {
 }
 
 impl ArrayOp {
+    /// The statically known window of a `Slice`: for every axis of the input, the first
+    /// index, the length and the step (`(0, dim, 1)` for axes not sliced), after ONNX's
+    /// clamping. `None` for other ops, or when the input shape or a list is not known.
+    pub fn slice_window(&self, inputs: &[Option<&Fact>]) -> Option<Vec<(usize, usize, i64)>> {
+        let ArrayOp::Slice {
+            starts,
+            ends,
+            axes,
+            steps,
+        } = self
+        else {
+            return None;
+        };
+        slicing::slice_window([starts, ends, axes, steps], inputs)
+    }
+
+    /// The byte range `(offset, length)` of the input that a `Slice` takes when that is one
+    /// contiguous range (every axis before the last cut of extent 1 in the output, the cut
+    /// axis with step 1 or one element): the output can then be a view. `None` otherwise.
+    pub fn contiguous_slice(&self, inputs: &[Option<&Fact>]) -> Option<(usize, usize)> {
+        let window = self.slice_window(inputs)?;
+        let x = inputs.first().copied().flatten()?;
+        let dims = x.shape.as_known()?;
+        let elem = x.dtype.size_of();
+        let stride = |a: usize| dims[a + 1..].iter().product::<usize>();
+        // the last axis that is cut; the axes after it are whole
+        let Some(cut) = window
+            .iter()
+            .zip(&dims)
+            .rposition(|(&(first, len, _), &d)| (first, len) != (0, d))
+        else {
+            return Some((0, dims.iter().product::<usize>() * elem));
+        };
+        if (window[cut].2 != 1 && window[cut].1 > 1) || window[..cut].iter().any(|w| w.1 != 1) {
+            return None;
+        }
+        let offset: usize = window.iter().enumerate().map(|(a, w)| w.0 * stride(a)).sum();
+        Some((offset * elem, window[cut].1 * stride(cut) * elem))
+    }
+
     /// Replaces `facts` by constants when every present input is a constant and the outputs
     /// are small: the op is then evaluated at compile time.
     fn fold(&self, inputs: &[Option<&Fact>], facts: Vec<Fact>) -> OpResult<Vec<Fact>> {

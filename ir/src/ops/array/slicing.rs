@@ -249,6 +249,22 @@ fn infer_lists(
     Ok(complete.then_some(out))
 }
 
+/// See [`super::ArrayOp::slice_window`].
+pub(super) fn slice_window(
+    args: [&IntsArg; 4],
+    inputs: &[Option<&Fact>],
+) -> Option<Vec<(usize, usize, i64)>> {
+    let x = inputs.first().copied().flatten()?;
+    let dims = x.shape.as_known()?;
+    let lists = infer_lists(args, inputs).ok()??;
+    let mut window: Vec<(usize, usize, i64)> = dims.iter().map(|&d| (0, d, 1)).collect();
+    for (axis, start, end, step) in slice_axes(dims.len(), lists).ok()? {
+        let (first, len) = clamp_slice(dims[axis], start, end, step);
+        window[axis] = (usize::try_from(first).ok()?, len, step);
+    }
+    Some(window)
+}
+
 /// Shape inference of `Slice`.
 pub(super) fn infer_slice(args: [&IntsArg; 4], inputs: &[Option<&Fact>]) -> OpResult<Vec<Fact>> {
     let x = req(inputs, 0)?;
