@@ -625,7 +625,11 @@ fn imported_results_select_the_recorded_schedules() {
         &root.join("x.db"),
         1,
     );
-    let wg = WgmmaSchedule { bn: 64, stages: 2 };
+    let wg = WgmmaSchedule {
+        bn: 64,
+        stages: 2,
+        vector: 1,
+    };
     let picks_b: Vec<(usize, Config)> = (0..mb.tasks.len())
         .filter(|&i| mb.tasks[i].kind == "gpu_gemm_wgmma")
         .map(|i| (i, wgmma_config(&wg)))

@@ -258,13 +258,21 @@ fn wgmma_gemms_assemble_for_sm_90a() {
             MmaInput::BF16,
             MmaOutput::BF16,
             ep(true, GeluTanh, Residual::AfterActivation),
-            WgmmaSchedule { bn: 64, stages: 3 },
+            WgmmaSchedule {
+                bn: 64,
+                stages: 3,
+                vector: 1,
+            },
         ),
         (
             MmaInput::F16,
             MmaOutput::F16,
             ep(true, Relu, Residual::BeforeActivation),
-            WgmmaSchedule { bn: 128, stages: 6 },
+            WgmmaSchedule {
+                bn: 128,
+                stages: 6,
+                vector: 1,
+            },
         ),
     ];
     let mut built = 0;
@@ -447,7 +455,11 @@ fn runtime_fixtures() -> Vec<(String, String)> {
             BF16,
             O::BF16,
             ep(true, GeluTanh, Residual::AfterActivation),
-            WgmmaSchedule { bn: 64, stages: 3 },
+            WgmmaSchedule {
+                bn: 64,
+                stages: 3,
+                vector: 1,
+            },
         ),
         (
             "bench_wgmma_f16_f16_bn128_s4",
@@ -461,7 +473,11 @@ fn runtime_fixtures() -> Vec<(String, String)> {
             F16,
             O::F16,
             Epilogue::none(),
-            WgmmaSchedule { bn: 128, stages: 6 },
+            WgmmaSchedule {
+                bn: 128,
+                stages: 6,
+                vector: 1,
+            },
         ),
         // 3 stages = 96 KiB: two blocks fit on an SM, so one block's epilogue overlaps the
         // other's main loop
@@ -470,7 +486,11 @@ fn runtime_fixtures() -> Vec<(String, String)> {
             F16,
             O::F16,
             Epilogue::none(),
-            WgmmaSchedule { bn: 128, stages: 3 },
+            WgmmaSchedule {
+                bn: 128,
+                stages: 3,
+                vector: 1,
+            },
         ),
         // bn = 64 with its two 64-row accumulators, 4 stages = 96 KiB: two blocks per SM
         (
@@ -478,7 +498,34 @@ fn runtime_fixtures() -> Vec<(String, String)> {
             F16,
             O::F16,
             Epilogue::none(),
-            WgmmaSchedule { bn: 64, stages: 4 },
+            WgmmaSchedule {
+                bn: 64,
+                stages: 4,
+                vector: 1,
+            },
+        ),
+        // 16-byte epilogue stores (8 halves per thread and step) instead of 2-byte ones
+        (
+            "bench_wgmma_f16_f16_bn128_s4_v8",
+            F16,
+            O::F16,
+            Epilogue::none(),
+            WgmmaSchedule {
+                bn: 128,
+                stages: 4,
+                vector: 8,
+            },
+        ),
+        (
+            "bench_wgmma_f16_f16_bn128_s3_v8",
+            F16,
+            O::F16,
+            Epilogue::none(),
+            WgmmaSchedule {
+                bn: 128,
+                stages: 3,
+                vector: 8,
+            },
         ),
     ];
     for (file, i, o, e, s) in wg {

@@ -444,7 +444,10 @@ fn contiguous_slices_are_elided() {
         let case = format!("{shape:?} axis {axis} {start}..{end} step {step}");
         assert_eq!(plan.elided.contains(&k), elide, "{case}");
         let a = g.nodes[p.kernels[k].nodes[0]].inputs[0].unwrap();
-        let (sa, ss) = (plan.slots[a].unwrap(), plan.slots[p.kernels[k].outputs[0]].unwrap());
+        let (sa, ss) = (
+            plan.slots[a].unwrap(),
+            plan.slots[p.kernels[k].outputs[0]].unwrap(),
+        );
         assert_eq!(sa.buffer == ss.buffer, elide, "{case}");
         if elide {
             assert!(ss.offset > sa.offset && ss.offset + ss.size <= sa.offset + sa.size);

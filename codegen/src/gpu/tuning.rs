@@ -343,12 +343,17 @@ pub fn wgmma_schedule(c: &Config) -> WgmmaSchedule {
     WgmmaSchedule {
         bn: get("bn", d.bn),
         stages: get("stages", d.stages),
+        vector: get("vector", d.vector),
     }
 }
 
 /// The config of a [`WgmmaSchedule`].
 pub fn wgmma_config(s: &WgmmaSchedule) -> Config {
-    Config::from_pairs(&[("bn", i64::from(s.bn)), ("stages", i64::from(s.stages))])
+    Config::from_pairs(&[
+        ("bn", i64::from(s.bn)),
+        ("stages", i64::from(s.stages)),
+        ("vector", i64::from(s.vector)),
+    ])
 }
 
 /// The widest `cp.async` width (16, 8, 4 bytes) the mma kernel can use for `p`.
@@ -803,8 +808,14 @@ impl GpuTunable {
 /// The entry name of the wgmma GEMM with schedule `s` (f32 output), as the model lowering
 /// names it.
 pub fn wgmma_name(input: MmaInput, s: &WgmmaSchedule, epi: &Epilogue) -> String {
+    // the element-wise epilogue keeps the names that records and fixtures already use
+    let v = if s.vector == 1 {
+        String::new()
+    } else {
+        format!("_v{}", s.vector)
+    };
     format!(
-        "kiln_gemm_wgmma_{}_f32_bn{}_s{}_{}",
+        "kiln_gemm_wgmma_{}_f32_bn{}_s{}{v}_{}",
         input.mlir(),
         s.bn,
         s.stages,

@@ -47,19 +47,31 @@ pub struct WgmmaSchedule {
     pub bn: u32,
     /// Shared-memory buffers of the TMA ring (2..=6).
     pub stages: u32,
+    /// Output columns each thread stores at once in the epilogue (1, 4 or 8, at most 16
+    /// bytes of output): vectors where `N` is a multiple of it, element by element at the
+    /// edges.
+    pub vector: u32,
 }
 
 impl Default for WgmmaSchedule {
-    /// 128×128×64 tiles, 4 stages (128 KiB of shared memory).
+    /// 128×128×64 tiles, 4 stages (128 KiB of shared memory), an element-wise epilogue.
     fn default() -> Self {
-        Self { bn: 128, stages: 4 }
+        Self {
+            bn: 128,
+            stages: 4,
+            vector: 1,
+        }
     }
 }
 
 impl WgmmaSchedule {
     /// The parameters and their legal values.
     pub fn space() -> Vec<super::gemm_mma::ParamValues> {
-        vec![("bn", vec![64, 128]), ("stages", vec![2, 3, 4, 5, 6])]
+        vec![
+            ("bn", vec![64, 128]),
+            ("stages", vec![2, 3, 4, 5, 6]),
+            ("vector", vec![1, 4]),
+        ]
     }
 
     /// Bytes one stage receives (the mbarrier transaction count).
@@ -81,6 +93,9 @@ impl WgmmaSchedule {
         }
         if !(2..=6).contains(&self.stages) {
             return bad("stages must be in 2..=6".into());
+        }
+        if !matches!(self.vector, 1 | 4 | 8) {
+            return bad("vector must be 1, 4 or 8".into());
         }
         for f in ["wgmma", "tma"] {
             if !sku.has(f) {
@@ -175,9 +190,16 @@ pub fn gemm_wgmma(
             "{name}: the wgmma kernel takes f16 or bf16 inputs"
         )));
     }
-    if !matches!(s.bn, 64 | 128) || !(2..=6).contains(&s.stages) {
+    if !matches!(s.bn, 64 | 128) || !(2..=6).contains(&s.stages) || !matches!(s.vector, 1 | 4 | 8) {
         return Err(GpuError::Schedule(format!(
-            "{name}: {s:?}: bn must be 64 or 128 and stages in 2..=6"
+            "{name}: {s:?}: bn must be 64 or 128, stages in 2..=6 and vector 1, 4 or 8"
+        )));
+    }
+    if u64::from(s.vector) * output.elem().bytes() > 16 {
+        return Err(GpuError::Schedule(format!(
+            "{name}: {s:?}: {} output vectors of {} elements exceed 16 bytes",
+            output.mlir(),
+            s.vector
         )));
     }
     let (bn, st) = (s.bn, s.stages);
@@ -426,59 +448,136 @@ pub fn gemm_wgmma(
     gpu.barrier
     %Cs = memref.view %smem[%c0][] : memref<0xi8, {ws}> to memref<{BM}x{bn}xf32, {ws}>
 {store}    gpu.barrier
-    scf.for %e = %tid to %cTILE step %c128 {{
+"#
+    );
+    // The epilogue of one element: `v` (an f32 accumulator) at flat index `ix` of C and
+    // column `col`; returns the value to store (of the output type). Names take prefix `p`.
+    let elem = |w: &mut String, p: &str, v: &str, ix: &str, col: &str| -> String {
+        let _ = writeln!(w, "      %{p}y0 = arith.mulf {v}, %alpha : f32");
+        let mut y = format!("%{p}y0");
+        if epilogue.bias {
+            let _ = writeln!(
+                w,
+                "      %{p}bv = memref.load %bias[{col}] : memref<?xf32>\n      %{p}yb = arith.addf {y}, %{p}bv : f32"
+            );
+            y = format!("%{p}yb");
+        }
+        let res = |w: &mut String, y: &str, q: &str| -> String {
+            let _ = writeln!(w, "      %{q}r = memref.load %R[{ix}] : memref<?x{to}>");
+            let rf = if output == MmaOutput::F32 {
+                format!("%{q}r")
+            } else {
+                let _ = writeln!(w, "      %{q}rf = arith.extf %{q}r : {to} to f32");
+                format!("%{q}rf")
+            };
+            let _ = writeln!(
+                w,
+                "      %{q}br = arith.mulf {rf}, %beta : f32\n      %{q}y = arith.addf {y}, %{q}br : f32"
+            );
+            format!("%{q}y")
+        };
+        if epilogue.residual == Residual::BeforeActivation {
+            y = res(w, &y, &format!("{p}rb"));
+        }
+        y = emit_activation(w, epilogue.activation, &y, &format!("{p}act"));
+        if epilogue.residual == Residual::AfterActivation {
+            y = res(w, &y, &format!("{p}ra"));
+        }
+        if output != MmaOutput::F32 {
+            let _ = writeln!(w, "      %{p}yo = arith.truncf {y} : f32 to {to}");
+            y = format!("%{p}yo");
+        }
+        y
+    };
+    let vw = s.vector;
+    // each thread takes `vw` consecutive columns of the tile per step
+    let _ = write!(
+        w,
+        r#"    %cVW = arith.constant {vw} : index
+    %cESTEP = arith.constant {estep} : index
+    %e0 = arith.muli %tid, %cVW : index
+    %nrem = arith.remui %N, %cVW : index
+    %nvec = arith.cmpi eq, %nrem, %c0 : index
+    scf.for %e = %e0 to %cTILE step %cESTEP {{
       %r = arith.divui %e, %cBN : index
       %c = arith.remui %e, %cBN : index
       %row = arith.addi %m0, %r : index
       %col = arith.addi %n0, %c : index
       %rok = arith.cmpi ult, %row, %M : index
-      %cok = arith.cmpi ult, %col, %N : index
+      %rn = arith.muli %row, %N : index
+      %ix = arith.addi %rn, %col : index
+"#,
+        estep = 128 * vw,
+    );
+    if vw == 1 {
+        let _ = write!(
+            w,
+            r#"      %cok = arith.cmpi ult, %col, %N : index
       %ok = arith.andi %rok, %cok : i1
       scf.if %ok {{
       %v = memref.load %Cs[%r, %c] : memref<{BM}x{bn}xf32, {ws}>
-      %y0 = arith.mulf %v, %alpha : f32
-      %rn = arith.muli %row, %N : index
-      %ix = arith.addi %rn, %col : index
 "#
-    );
-    let mut y = "%y0".to_string();
-    if epilogue.bias {
+        );
+        let y = elem(&mut w, "", "%v", "%ix", "%col");
         let _ = writeln!(
             w,
-            "      %bv = memref.load %bias[%col] : memref<?xf32>\n      %yb = arith.addf {y}, %bv : f32"
+            "      memref.store {y}, %C[%ix] : memref<?x{to}>\n      }}"
         );
-        y = "%yb".into();
-    }
-    let res = |w: &mut String, y: &str, p: &str| -> String {
-        let _ = writeln!(w, "      %{p}r = memref.load %R[%ix] : memref<?x{to}>");
-        let rf = if output == MmaOutput::F32 {
-            format!("%{p}r")
-        } else {
-            let _ = writeln!(w, "      %{p}rf = arith.extf %{p}r : {to} to f32");
-            format!("%{p}rf")
-        };
+    } else {
+        // whole vectors where the row is in range, N is a multiple of vw (16-byte aligned
+        // rows) and the vector fits; lane by lane elsewhere
+        let vt = format!("vector<{vw}x{to}>");
+        let _ = write!(
+            w,
+            r#"      %cend = arith.addi %col, %cVW : index
+      %cfit = arith.cmpi ule, %cend, %N : index
+      %vok0 = arith.andi %rok, %cfit : i1
+      %vok = arith.andi %vok0, %nvec : i1
+      scf.if %vok {{
+      %vv = vector.load %Cs[%r, %c] {{alignment = {sa} : i64}} : memref<{BM}x{bn}xf32, {ws}>, vector<{vw}xf32>
+"#,
+            sa = (vw * 4).min(16),
+        );
+        let mut lanes = Vec::new();
+        for l in 0..vw {
+            let _ = writeln!(
+                w,
+                "      %l{l}v = vector.extract %vv[{l}] : f32 from vector<{vw}xf32>\n      %l{l}c = arith.constant {l} : index\n      %l{l}col = arith.addi %col, %l{l}c : index\n      %l{l}ix = arith.addi %ix, %l{l}c : index"
+            );
+            lanes.push(elem(
+                &mut w,
+                &format!("l{l}"),
+                &format!("%l{l}v"),
+                &format!("%l{l}ix"),
+                &format!("%l{l}col"),
+            ));
+        }
+        let _ = write!(
+            w,
+            r#"      %yv = vector.from_elements {lanes} : {vt}
+      vector.store %yv, %C[%ix] {{alignment = {ga} : i64}} : memref<?x{to}>, {vt}
+      }} else {{
+      scf.for %q = %c0 to %cVW step %c1 {{
+      %qcol = arith.addi %col, %q : index
+      %qix = arith.addi %ix, %q : index
+      %qc = arith.addi %c, %q : index
+      %qcok = arith.cmpi ult, %qcol, %N : index
+      %qok = arith.andi %rok, %qcok : i1
+      scf.if %qok {{
+      %qv = memref.load %Cs[%r, %qc] : memref<{BM}x{bn}xf32, {ws}>
+"#,
+            lanes = lanes.join(", "),
+            ga = u64::from(vw) * output.elem().bytes(),
+        );
+        let y = elem(&mut w, "q", "%qv", "%qix", "%qcol");
         let _ = writeln!(
             w,
-            "      %{p}br = arith.mulf {rf}, %beta : f32\n      %{p}y = arith.addf {y}, %{p}br : f32"
+            "      memref.store {y}, %C[%qix] : memref<?x{to}>\n      }}\n      }}\n      }}"
         );
-        format!("%{p}y")
-    };
-    if epilogue.residual == Residual::BeforeActivation {
-        y = res(&mut w, &y, "rb");
-    }
-    y = emit_activation(&mut w, epilogue.activation, &y, "act");
-    if epilogue.residual == Residual::AfterActivation {
-        y = res(&mut w, &y, "ra");
-    }
-    if output != MmaOutput::F32 {
-        let _ = writeln!(w, "      %yo = arith.truncf {y} : f32 to {to}");
-        y = "%yo".into();
     }
     let _ = write!(
         w,
-        r#"      memref.store {y}, %C[%ix] : memref<?x{to}>
-      }}
-    }}
+        r#"    }}
     gpu.return
   }}
 "#
@@ -526,7 +625,11 @@ mod tests {
         assert_eq!(d.shared_bytes(), 131072);
         d.validate(h100).unwrap();
         assert!(d.validate(a100).unwrap_err().to_string().contains("wgmma"));
-        let two = WgmmaSchedule { bn: 64, stages: 2 };
+        let two = WgmmaSchedule {
+            bn: 64,
+            stages: 2,
+            vector: 1,
+        };
         // The accumulator tile (32 KiB) fits in the 2 stages (48 KiB).
         assert_eq!(two.shared_bytes(), 49152);
         for bad in [
@@ -574,6 +677,54 @@ mod tests {
         assert!(crate::gpu::compile_kernel(&g.kernel, a100).is_err());
     }
 
+    /// A vectorized epilogue stores 16 bytes per instruction where a whole vector fits
+    /// (`st.global.v4.b32`: 8 halves or 4 floats), keeps a scalar
+    /// path for the edges, reads shared memory as vectors, and rejects vectors over 16 bytes.
+    #[test]
+    fn vectorized_epilogue_stores_16_bytes() {
+        let db = DeviceDb::builtin().unwrap();
+        let h100 = db.parse_target("cuda:h100").unwrap();
+        let ep = Epilogue {
+            bias: true,
+            ..Epilogue::none()
+        };
+        for (out, vector, needle) in [
+            (MmaOutput::F16, 8, "st.global.v4.b32"),
+            (MmaOutput::F32, 4, "st.global.v4.b32"),
+        ] {
+            let s = WgmmaSchedule {
+                vector,
+                ..WgmmaSchedule::default()
+            };
+            s.validate(h100).unwrap();
+            let g = gemm_wgmma("t", MmaInput::F16, out, &ep, &s).unwrap();
+            let ptx = crate::gpu::compile_kernel(&g.kernel, h100).unwrap();
+            assert!(ptx.text.contains(needle), "{out:?}: no {needle}");
+            assert!(
+                ptx.text.contains("ld.shared.v4."),
+                "{out:?}: no vector smem load"
+            );
+            // the edge path stores single elements
+            let scalar = if out == MmaOutput::F16 {
+                "st.global.b16"
+            } else {
+                "st.global.b32"
+            };
+            assert!(ptx.text.contains(scalar), "{out:?}: no {scalar}");
+        }
+        let wide = WgmmaSchedule {
+            vector: 8,
+            ..WgmmaSchedule::default()
+        };
+        let e = gemm_wgmma("t", MmaInput::F16, MmaOutput::F32, &Epilogue::none(), &wide);
+        assert!(e.unwrap_err().to_string().contains("16 bytes"));
+        let bad = WgmmaSchedule {
+            vector: 2,
+            ..WgmmaSchedule::default()
+        };
+        assert!(bad.validate(h100).is_err());
+    }
+
     /// The accumulator reaches shared memory at the right rows for both widths: the
     /// row-`r` fragment registers of the second 64-row half are stored `64 · bn · 4` bytes
     /// after the first's (MLIR's `warpgroup.mma.store` alone puts a 128×64 accumulator's
@@ -583,7 +734,11 @@ mod tests {
         let db = DeviceDb::builtin().unwrap();
         let h100 = db.parse_target("cuda:h100").unwrap();
         for bn in [64u32, 128] {
-            let s = WgmmaSchedule { bn, stages: 3 };
+            let s = WgmmaSchedule {
+                bn,
+                stages: 3,
+                vector: 1,
+            };
             let g = gemm_wgmma("t", MmaInput::BF16, MmaOutput::F32, &Epilogue::none(), &s).unwrap();
             let ptx = crate::gpu::compile_kernel(&g.kernel, h100).unwrap();
             let offsets: Vec<u32> = ptx

@@ -752,7 +752,11 @@ impl ArrayOp {
         if (window[cut].2 != 1 && window[cut].1 > 1) || window[..cut].iter().any(|w| w.1 != 1) {
             return None;
         }
-        let offset: usize = window.iter().enumerate().map(|(a, w)| w.0 * stride(a)).sum();
+        let offset: usize = window
+            .iter()
+            .enumerate()
+            .map(|(a, w)| w.0 * stride(a))
+            .sum();
         Some((offset * elem, window[cut].1 * stride(cut) * elem))
     }
 
