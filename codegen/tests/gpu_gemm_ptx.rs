@@ -461,73 +461,36 @@ fn runtime_fixtures() -> Vec<(String, String)> {
                 vector: 1,
             },
         ),
-        (
-            "bench_wgmma_f16_f16_bn128_s4",
-            F16,
-            O::F16,
-            Epilogue::none(),
-            WgmmaSchedule::default(),
-        ),
-        (
-            "bench_wgmma_f16_f16_bn128_s6",
-            F16,
-            O::F16,
-            Epilogue::none(),
-            WgmmaSchedule {
-                bn: 128,
-                stages: 6,
-                vector: 1,
-            },
-        ),
-        // 3 stages = 96 KiB: two blocks fit on an SM, so one block's epilogue overlaps the
-        // other's main loop
-        (
-            "bench_wgmma_f16_f16_bn128_s3",
-            F16,
-            O::F16,
-            Epilogue::none(),
-            WgmmaSchedule {
-                bn: 128,
-                stages: 3,
-                vector: 1,
-            },
-        ),
-        // bn = 64 with its two 64-row accumulators, 4 stages = 96 KiB: two blocks per SM
-        (
-            "bench_wgmma_f16_f16_bn64_s4",
-            F16,
-            O::F16,
-            Epilogue::none(),
-            WgmmaSchedule {
-                bn: 64,
-                stages: 4,
-                vector: 1,
-            },
-        ),
-        // 16-byte epilogue stores (8 halves per thread and step) instead of 2-byte ones
-        (
-            "bench_wgmma_f16_f16_bn128_s4_v8",
-            F16,
-            O::F16,
-            Epilogue::none(),
-            WgmmaSchedule {
-                bn: 128,
-                stages: 4,
-                vector: 8,
-            },
-        ),
-        (
-            "bench_wgmma_f16_f16_bn128_s3_v8",
-            F16,
-            O::F16,
-            Epilogue::none(),
-            WgmmaSchedule {
-                bn: 128,
-                stages: 3,
-                vector: 8,
-            },
-        ),
     ];
+    // timed f16 → f16 variants, `(bn, stages, vector)`: the default; 6 stages; 3 stages =
+    // 96 KiB, so two blocks fit on an SM and one's epilogue overlaps the other's main loop;
+    // bn = 64 with its two 64-row accumulators at 4 stages (96 KiB, two blocks per SM);
+    // 16-byte epilogue stores (8 halves per thread and step) instead of 2-byte ones
+    let bench = [
+        (128, 4, 1),
+        (128, 6, 1),
+        (128, 3, 1),
+        (64, 4, 1),
+        (128, 4, 8),
+        (128, 3, 8),
+    ];
+    let names: Vec<String> = bench
+        .iter()
+        .map(|&(bn, st, v)| {
+            let v = if v == 1 {
+                String::new()
+            } else {
+                format!("_v{v}")
+            };
+            format!("bench_wgmma_f16_f16_bn{bn}_s{st}{v}")
+        })
+        .collect();
+    let wg = wg
+        .into_iter()
+        .chain(bench.iter().zip(&names).map(|(&(bn, stages, vector), n)| {
+            let s = WgmmaSchedule { bn, stages, vector };
+            (n.as_str(), F16, O::F16, Epilogue::none(), s)
+        }));
     for (file, i, o, e, s) in wg {
         let g = gemm_wgmma(&format!("kiln_{file}"), i, o, &e, &s).unwrap();
         let ptx = compile_kernel(&g.kernel, &h100).unwrap();

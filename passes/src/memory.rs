@@ -240,6 +240,25 @@ fn elidable_slice(
     (len > 0 && offset.is_multiple_of(ALIGNMENT)).then_some((x, out, offset))
 }
 
+/// Moves every value of buffer `from` into buffer `to`, whose live range grows to cover
+/// `from`'s; `from` is marked dead.
+fn merge_buffer(
+    buffers: &mut [Buffer],
+    buf_of: &mut [Option<usize>],
+    dead: &mut [bool],
+    from: usize,
+    to: usize,
+) {
+    let moved = std::mem::take(&mut buffers[from].values);
+    for &m in &moved {
+        buf_of[m] = Some(to);
+    }
+    buffers[to].first = buffers[to].first.min(buffers[from].first);
+    buffers[to].last = buffers[to].last.max(buffers[from].last);
+    buffers[to].values.extend(moved);
+    dead[from] = true;
+}
+
 /// Plans the arena for a partitioned graph with static shapes (see the module doc).
 pub fn plan_memory(g: &Graph, p: &Partition) -> Result<MemoryPlan, String> {
     let nv = g.values.len();
@@ -290,14 +309,7 @@ pub fn plan_memory(g: &Graph, p: &Partition) -> Result<MemoryPlan, String> {
         }
         for &(v, off) in &parts {
             let bp = buf_of[v].expect("checked");
-            let moved = std::mem::take(&mut buffers[bp].values);
-            for &m in &moved {
-                buf_of[m] = Some(bo);
-            }
-            buffers[bo].first = buffers[bo].first.min(buffers[bp].first);
-            buffers[bo].last = buffers[bo].last.max(buffers[bp].last);
-            buffers[bo].values.extend(moved);
-            dead[bp] = true;
+            merge_buffer(&mut buffers, &mut buf_of, &mut dead, bp, bo);
             inner[v] = off;
             pinned[v] = true;
         }
@@ -313,13 +325,7 @@ pub fn plan_memory(g: &Graph, p: &Partition) -> Result<MemoryPlan, String> {
         let (Some(bx), Some(bo)) = (buf_of[x], buf_of[out]) else {
             continue;
         };
-        let moved = std::mem::take(&mut buffers[bo].values);
-        for &m in &moved {
-            buf_of[m] = Some(bx);
-        }
-        buffers[bx].last = buffers[bx].last.max(buffers[bo].last);
-        buffers[bx].values.extend(moved);
-        dead[bo] = true;
+        merge_buffer(&mut buffers, &mut buf_of, &mut dead, bo, bx);
         inner[out] = inner[x] + off;
         pinned[out] = true;
         pinned[x] = true;
@@ -366,13 +372,7 @@ pub fn plan_memory(g: &Graph, p: &Partition) -> Result<MemoryPlan, String> {
                 let bi = buf_of[i].expect("checked");
                 used.push(bi);
                 in_place.push((i, o));
-                let moved = std::mem::take(&mut buffers[bo].values);
-                for &v in &moved {
-                    buf_of[v] = Some(bi);
-                }
-                buffers[bi].last = buffers[bi].last.max(buffers[bo].last);
-                buffers[bi].values.extend(moved);
-                dead[bo] = true;
+                merge_buffer(&mut buffers, &mut buf_of, &mut dead, bo, bi);
             }
         }
     }

@@ -300,6 +300,30 @@ proptest! {
     }
 }
 
+/// An opset-17 graph with one f32 input `x` of `shape`.
+fn one_input_graph(name: &str, shape: &[usize]) -> (Graph, usize) {
+    let mut g = Graph {
+        name: name.into(),
+        opset: 17,
+        ..Default::default()
+    };
+    let x = g.add_value("x", Fact::new(DType::F32, Shape::known(shape)));
+    g.inputs.push(x);
+    (g, x)
+}
+
+/// Appends a one-output node of rank-2 f32 result named `name`; returns its output.
+fn node(g: &mut Graph, op: Op, ins: Vec<usize>, name: &str) -> usize {
+    let v = g.add_value(name, Fact::new(DType::F32, Shape::unknown(2)));
+    g.nodes.push(Node {
+        name: name.into(),
+        op,
+        inputs: ins.into_iter().map(Some).collect(),
+        outputs: vec![v],
+    });
+    v
+}
+
 /// A batch-1 channel concat of two kernels' outputs is elided: both parts sit inside the
 /// output's buffer (the second 64-byte aligned at the first's size), the concat runs no
 /// step, and the result equals the interpreter's. A concat along an axis after a dimension
@@ -307,23 +331,7 @@ proptest! {
 #[test]
 fn contiguous_concats_are_elided() {
     let build = |shape: [usize; 2], axis: i64| {
-        let mut g = Graph {
-            name: "cat".into(),
-            opset: 17,
-            ..Default::default()
-        };
-        let x = g.add_value("x", Fact::new(DType::F32, Shape::known(&shape)));
-        g.inputs.push(x);
-        let node = |g: &mut Graph, op: Op, ins: Vec<usize>, name: &str| {
-            let v = g.add_value(name, Fact::new(DType::F32, Shape::unknown(2)));
-            g.nodes.push(Node {
-                name: name.into(),
-                op,
-                inputs: ins.into_iter().map(Some).collect(),
-                outputs: vec![v],
-            });
-            v
-        };
+        let (mut g, x) = one_input_graph("cat", &shape);
         let relu = Op::Elementwise(ElementwiseOp::Unary(UnaryKind::Relu));
         let neg = Op::Elementwise(ElementwiseOp::Unary(UnaryKind::Neg));
         let a = node(&mut g, relu.clone(), vec![x], "a");
@@ -382,23 +390,7 @@ fn contiguous_concats_are_elided() {
 #[test]
 fn contiguous_slices_are_elided() {
     let build = |shape: [usize; 2], axis: i64, start: i64, end: i64, step: i64| {
-        let mut g = Graph {
-            name: "slice".into(),
-            opset: 17,
-            ..Default::default()
-        };
-        let x = g.add_value("x", Fact::new(DType::F32, Shape::known(&shape)));
-        g.inputs.push(x);
-        let node = |g: &mut Graph, op: Op, ins: Vec<usize>, name: &str| {
-            let v = g.add_value(name, Fact::new(DType::F32, Shape::unknown(2)));
-            g.nodes.push(Node {
-                name: name.into(),
-                op,
-                inputs: ins.into_iter().map(Some).collect(),
-                outputs: vec![v],
-            });
-            v
-        };
+        let (mut g, x) = one_input_graph("slice", &shape);
         let relu = Op::Elementwise(ElementwiseOp::Unary(UnaryKind::Relu));
         let neg = Op::Elementwise(ElementwiseOp::Unary(UnaryKind::Neg));
         let a = node(&mut g, relu.clone(), vec![x], "a");
