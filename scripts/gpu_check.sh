@@ -74,6 +74,27 @@ if section zoo 60; then
       timeout "$(cap 60)" .gpu/bin/gpu_zoo .gpu/zoo 200 "$(basename "$f")" 2>&1 || echo "| $(basename "$f") | exit $? |"
     done; } | tee "$OUT/zoo.txt"
   [ "$(left)" -gt 40 ] && PYTHONUNBUFFERED=1 timeout "$(cap 200)" python3 scripts/torch_eager.py .gpu/zoo 200 2>&1 | tee "$OUT/torch.txt"
+  # Kiln's p50 per model and precision over PyTorch eager's (f32): issue 5's bar is < 1
+  python3 - "$OUT/zoo.txt" "$OUT/torch.txt" <<'PY' 2>&1 | tee "$OUT/zoo_vs_torch.txt"
+import sys
+def rows(path):
+    for line in open(path):
+        c = [x.strip() for x in line.strip().strip('|').split('|')]
+        if len(c) >= 4:
+            yield c
+torch = {}
+for c in rows(sys.argv[2]):
+    try: torch[c[0]] = float(c[2])
+    except ValueError: pass
+print('| artifact | Kiln p50 ms | torch eager p50 ms | Kiln / torch |')
+print('|---|---|---|---|')
+for c in rows(sys.argv[1]):
+    model = c[0].split('.')[0]
+    try: k = float(c[4])
+    except (ValueError, IndexError): continue
+    t = torch.get(model)
+    print(f'| {c[0]} | {k:.4f} | {t if t is not None else "-"} | ' + (f'{k / t:.2f}x |' if t else '- |'))
+PY
 fi
 if [ -d .gpu/tune ] && section tune 60; then
   # the bundles share what is left of the tune section's share of the time
