@@ -1197,3 +1197,88 @@ fn unexpressible_tensor_core_epilogues_keep_the_in_place_launch() {
         assert!(re <= 1e-2, "{name}: {re}");
     }
 }
+
+/// `Slice(y, [lo], [hi], [1])` on the columns of a matrix.
+fn column_slice(b: &mut Gb, y: kiln_ir::ValueId, lo: i64, hi: i64) -> kiln_ir::ValueId {
+    let n = b.g.nodes.len();
+    let [st, en, ax] = [lo, hi, 1].map(|v| {
+        b.g.add_const(format!("c{n}_{v}"), kiln_ir::Tensor::vec_i64(&[v]))
+    });
+    let op = kiln_ir::Op::Array(kiln_ir::ops::array::ArrayOp::Slice {
+        starts: kiln_ir::ops::array::IntsArg::Input(1),
+        ends: kiln_ir::ops::array::IntsArg::Input(2),
+        axes: kiln_ir::ops::array::IntsArg::Input(3),
+        steps: kiln_ir::ops::array::IntsArg::Default,
+    });
+    b.node(op, &[y, st, en, ax])
+}
+
+/// Slices that split a 1-row product's columns back apart (what merging parallel MatMuls
+/// leaves) run no step when they are contiguous and 64-byte aligned — in the CPU plan and
+/// in the GPU plan (emulated) — and copy when misaligned; every output matches the
+/// interpreter either way.
+#[test]
+fn contiguous_slices_run_no_step() {
+    let build = |cut: i64| {
+        let mut b = Gb::new("split_back");
+        let x = b.input("x", &[1, 64]);
+        let w = b.konst("w", &[64, 48]);
+        let y = b.node(kiln_ir::Op::Linalg(LinalgOp::MatMul), &[x, w]);
+        let y = b.unary(UnaryKind::Relu, y);
+        let s0 = column_slice(&mut b, y, 0, cut);
+        let s1 = column_slice(&mut b, y, cut, 48);
+        let a = b.unary(UnaryKind::Neg, s0);
+        let c = b.unary(UnaryKind::Sigmoid, s1);
+        // the product is read again after the slices' readers
+        let d = b.unary(UnaryKind::Tanh, y);
+        b.finish(&[a, c, d])
+    };
+    let mut steps = Vec::new();
+    for cut in [16i64, 4] {
+        let (g, ins) = build(cut);
+        let want = kiln_ir::interp::run(&g, &ins).unwrap();
+        let gpu = emulate_graph(
+            &g,
+            "split_back",
+            "cuda:h100",
+            &CompileOptions::default(),
+            &ins,
+            |_| {},
+        )
+        .unwrap_or_else(|e| panic!("cut {cut}: {e:#}"));
+        let art = kiln::Compiler::new().compile(&g).unwrap();
+        let shape = [1usize, 64];
+        let x = ins[0]
+            .to_f64_vec()
+            .iter()
+            .map(|&v| v as f32)
+            .collect::<Vec<_>>();
+        let cpu = art
+            .session()
+            .unwrap()
+            .run(&[kiln::TensorView::from_f32(&shape, &x)])
+            .unwrap();
+        for (i, w) in want.iter().enumerate() {
+            let w = w.to_f64_vec();
+            let c = cpu[i].as_f32().unwrap();
+            let err = |got: &[f64]| {
+                got.iter()
+                    .zip(&w)
+                    .map(|(a, b)| (a - b).abs() / b.abs().max(1.0))
+                    .fold(0f64, f64::max)
+            };
+            let e_gpu = err(&gpu.outputs[i].to_f64_vec());
+            let e_cpu = err(&c.iter().map(|&v| f64::from(v)).collect::<Vec<_>>());
+            assert!(
+                e_gpu <= 1e-5 && e_cpu <= 1e-5,
+                "cut {cut} output {i}: {e_gpu} {e_cpu}"
+            );
+        }
+        steps.push((cut, art.as_runtime().plan.steps.len(), gpu.steps));
+    }
+    // the cut at 64 bytes elides both slices; at 16 bytes the second slice copies (the
+    // first still starts at offset 0)
+    let (aligned, misaligned) = (steps[0], steps[1]);
+    assert_eq!(aligned.1 + 1, misaligned.1, "CPU steps {steps:?}");
+    assert_eq!(aligned.2 + 1, misaligned.2, "GPU steps {steps:?}");
+}
