@@ -51,11 +51,13 @@ PY
 [ "${NO_TUNE:-0}" = 1 ] || scripts/gpu_tune_pack.sh "$SKU"
 [ "${NO_EQSAT:-0}" = 1 ] || scripts/gpu_eqsat_pack.sh "$SKU"
 echo "$SKU" > .gpu/SKU
-# everything but the (already compressed) eqsat archive into one xz archive
+# everything but the (already compressed) eqsat archive and the local tuning database into
+# one xz archive, written outside .gpu/ so that it does not pack itself
+PART=$(mktemp)
 ( cd .gpu && find . -mindepth 1 -maxdepth 1 ! -name eqsat.tar.xz ! -name tuning.db -print0 \
-    | xargs -0 tar -cf - | xz -6 -T2 > pack.tar.xz.part \
-  && find . -mindepth 1 -maxdepth 1 ! -name eqsat.tar.xz ! -name pack.tar.xz.part ! -name tuning.db \
-       -exec rm -rf {} + && mv pack.tar.xz.part pack.tar.xz && echo "$SKU" > SKU )
+    | xargs -0 tar -cf - | xz -6 -T2 > "$PART" \
+  && find . -mindepth 1 -maxdepth 1 ! -name eqsat.tar.xz ! -name tuning.db -exec rm -rf {} + \
+  && mv "$PART" pack.tar.xz && echo "$SKU" > SKU )
 du -sh .gpu/* .gpu
 bytes=$(du -sb .gpu | cut -f1)
 if [ "$bytes" -gt $(( 62 * 1024 * 1024 )) ]; then
