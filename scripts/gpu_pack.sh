@@ -6,7 +6,8 @@
 # their test data; then the tuning bundles (scripts/gpu_tune_pack.sh) and tensat's graphs
 # (scripts/gpu_eqsat_pack.sh) unless NO_TUNE=1 / NO_EQSAT=1. Small files go into one
 # .gpu/pack.tar.xz; the whole must stay under the 64 MiB a device call carries.
-# SKU: the kind `status` says a run gets (h100 or h200; default h200).
+# SKU: the kind `status` says a run gets (h100 or h200; default h200). With GPU tuning
+# records of an earlier session in tuning/records/SKU.jsonl, the zoo is also compiled tuned.
 # Then: device run with carry [".gpu"] and command `bash scripts/gpu_check.sh`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,9 +28,17 @@ for l in sys.stdin:
   cp "$exe" .gpu/bin/${t}_test
 done
 strip .gpu/bin/*
-.venv/bin/python - "$SKU" <<'PY'
-import onnx, subprocess, sys
-sku = sys.argv[1]
+# GPU tuning records committed by an earlier GPU session (tuning/records/SKU.jsonl): the zoo
+# is also compiled with them (MODEL.P.tuned.kiln), so that one call measures tuned against
+# untuned end to end
+REC=tuning/records/$SKU.jsonl; TDB=""
+if [ -f "$REC" ]; then
+  TDB=$(mktemp -d)/records.db
+  ./target/release/kiln db import "$REC" --db "$TDB"
+fi
+.venv/bin/python - "$SKU" "$TDB" <<'PY'
+import filecmp, onnx, os, subprocess, sys
+sku, tdb = sys.argv[1], sys.argv[2]
 for m in ['mlp', 'resnet', 'mobilenet', 'bert', 'gpt']:
     model = onnx.load(f'tests/zoo/{m}/model.onnx')
     shapes = []
@@ -40,6 +49,12 @@ for m in ['mlp', 'resnet', 'mobilenet', 'bert', 'gpt']:
     for p in ['f32', 'f16'] + (['tf32', 'bf16'] if m in ('bert', 'gpt') else []):
         subprocess.run(['./target/release/kiln', 'compile', f'tests/zoo/{m}/model.onnx', '--target', f'cuda:{sku}',
                         '--precision', p, '-o', f'.gpu/zoo/{m}.{p}.kiln'] + shapes, check=True, stdout=subprocess.DEVNULL)
+        if tdb:
+            tuned = f'.gpu/zoo/{m}.{p}.tuned.kiln'
+            subprocess.run(['./target/release/kiln', 'compile', f'tests/zoo/{m}/model.onnx', '--target', f'cuda:{sku}',
+                            '--precision', p, '--db', tdb, '-o', tuned] + shapes, check=True, stdout=subprocess.DEVNULL)
+            if filecmp.cmp(tuned, f'.gpu/zoo/{m}.{p}.kiln', shallow=False):
+                os.remove(tuned)  # no record applied: the same artifact
     # Sharded over 2 GPU ranks (both on the one GPU of the machine; gpu_cluster runs them as
     # threads): tensor parallel for the MLP/transformers, a pipeline for the CNNs.
     subprocess.run(f'mkdir -p .gpu/cluster/{m} && cp tests/zoo/{m}/test_data_set_0/*.pb .gpu/cluster/{m}/', shell=True, check=True)
