@@ -11,7 +11,8 @@ set -uo pipefail
 OUT=${OUT:-/tmp/kiln_gpu_out}; mkdir -p "$OUT/tune"
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv
 RUNS=${RUNS:-20}
-for b in .gpu/tune/*/; do
+# f16 bundles first (the tensor-core kernels matter most), then the others
+for b in $(ls -d .gpu/tune/*.f16/ 2>/dev/null; ls -d .gpu/tune/*/ | grep -v '\.f16/$'); do
   name=$(basename "$b")
   echo "== $name"
   timeout "${BUNDLE_TIMEOUT:-240}" .gpu/bin/gpu_measure "$b" -o "$OUT/tune/$name.jsonl" --runs "$RUNS" 2>&1 \
