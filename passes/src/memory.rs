@@ -580,7 +580,8 @@ impl MemoryPlan {
         Ok(())
     }
 
-    /// One line: `arena A bytes, naive N bytes (x%), largest activation L bytes, B buffers, I in place`.
+    /// One line: `arena A bytes, naive N bytes (x%), largest activation L bytes, B buffers, I in
+    /// place, E steps elided` (zero-copy concats and slices).
     pub fn summary(&self) -> String {
         let pct = if self.naive_bytes == 0 {
             0.0
@@ -588,12 +589,13 @@ impl MemoryPlan {
             100.0 * self.arena_bytes as f64 / self.naive_bytes as f64
         };
         format!(
-            "arena {} bytes, naive {} bytes ({pct:.1}%), largest activation {} bytes, {} buffers, {} in place",
+            "arena {} bytes, naive {} bytes ({pct:.1}%), largest activation {} bytes, {} buffers, {} in place, {} steps elided",
             self.arena_bytes,
             self.naive_bytes,
             self.largest_bytes,
             self.buffers.len(),
-            self.in_place.len()
+            self.in_place.len(),
+            self.elided.len()
         )
     }
 }
