@@ -242,3 +242,112 @@ fn cast_and_copy_kernels_on_the_emulator() {
     };
     assert_eq!(&x, y);
 }
+
+/// The wgmma GEMM's vectorized epilogue (`WgmmaSchedule::vector` 4 and 8) on the emulator,
+/// through `epilogue_probe` (the very epilogue code, reading random accumulator tiles): every
+/// element of C is `Epilogue::apply` of its accumulator — whole vectors where N is a multiple
+/// of the width, the element-wise edge elsewhere (N not a multiple of it, partial blocks at
+/// the right and the bottom) — with bias, activations and residuals, f32 and f16 outputs.
+#[test]
+fn wgmma_vectorized_epilogue_on_the_emulator() {
+    use kiln_codegen::gpu::kernels::epilogue::{Activation, Epilogue, Residual};
+    use kiln_codegen::gpu::kernels::gemm_mma::MmaOutput;
+    use kiln_codegen::gpu::kernels::gemm_wgmma::{epilogue_probe, WgmmaSchedule};
+    let ep = |bias: bool, activation: Activation, residual: Residual| Epilogue {
+        bias,
+        activation,
+        residual,
+    };
+    let cases = [
+        (
+            MmaOutput::F32,
+            4u32,
+            128u32,
+            200usize,
+            136usize,
+            Epilogue::none(),
+        ),
+        (
+            MmaOutput::F32,
+            4,
+            64,
+            130,
+            70,
+            ep(true, Activation::Relu, Residual::None),
+        ),
+        (
+            MmaOutput::F16,
+            8,
+            128,
+            150,
+            264,
+            ep(true, Activation::GeluTanh, Residual::AfterActivation),
+        ),
+        (
+            MmaOutput::F16,
+            8,
+            64,
+            129,
+            100,
+            ep(false, Activation::Sigmoid, Residual::BeforeActivation),
+        ),
+    ];
+    for (ci, (out, vector, bn, m, n, e)) in cases.into_iter().enumerate() {
+        let s = WgmmaSchedule {
+            bn,
+            stages: 4,
+            vector,
+        };
+        let k = epilogue_probe("probe", out, &e, &s).unwrap();
+        let (gx, gy) = (n.div_ceil(bn as usize), m.div_ceil(128));
+        let tile = 128 * bn as usize;
+        let p = data(m * n, 11 + ci as u64);
+        let mut t = vec![0f32; gx * gy * tile];
+        for i in 0..m {
+            for j in 0..n {
+                let (by, r, bx, c) = (i / 128, i % 128, j / bn as usize, j % bn as usize);
+                t[(by * gx + bx) * tile + r * bn as usize + c] = p[i * n + j];
+            }
+        }
+        let round = |v: f32| match out {
+            MmaOutput::F32 => v,
+            _ => round_input(v, MmaInput::F16),
+        };
+        let bias = data(n, 3);
+        let res: Vec<f32> = data(m * n, 4).into_iter().map(round).collect();
+        let (alpha, beta) = (0.75f32, 1.5f32);
+        let mut args = vec![EArg::Buf(t), EArg::Buf(vec![f32::NAN; m * n])];
+        if e.bias {
+            args.push(EArg::Buf(bias.clone()));
+        }
+        if e.has_residual() {
+            args.push(EArg::Buf(res.clone()));
+        }
+        args.extend([
+            EArg::Index(m as i64),
+            EArg::Index(n as i64),
+            EArg::F32(alpha),
+        ]);
+        if e.has_residual() {
+            args.push(EArg::F32(beta));
+        }
+        run(&k.mlir, [gx as u32, gy as u32, 1], k.block, &mut args);
+        let EArg::Buf(c) = &args[1] else {
+            unreachable!()
+        };
+        let mut worst = 0f32;
+        for i in 0..m {
+            for j in 0..n {
+                let want = round(e.apply(p[i * n + j], alpha, beta, bias[j], res[i * n + j]));
+                let got = c[i * n + j];
+                let err = (got - want).abs() / want.abs().max(1.0);
+                assert!(
+                    err <= 1e-3,
+                    "case {ci} ({out:?}, vector {vector}, bn {bn}, {m}x{n}): C[{i}][{j}] = {got}, want {want}"
+                );
+                worst = worst.max(err);
+            }
+        }
+        println!("case {ci}: {out:?} vector {vector} bn {bn} {m}x{n}: max rel. error {worst:.1e}");
+    }
+}

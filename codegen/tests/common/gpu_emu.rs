@@ -136,6 +136,7 @@ enum K {
     Load(usize),
     Store(usize),
     VLoad(usize, usize),
+    VStore(usize, usize),
     VExtract(usize),
     FromElements,
     VInsert(usize),
@@ -379,6 +380,7 @@ fn parse_body<'a>(lines: &mut impl Iterator<Item = &'a str>, n: &mut Names) -> (
             "memref.load" => K::Load(mem()),
             "memref.store" => K::Store(mem()),
             "vector.load" => K::VLoad(mem(), vec_len(ty)),
+            "vector.store" => K::VStore(mem(), vec_len(ty)),
             // A packed pair of 16-bit values as an `i32` (bf16 mma operands): kept as the pair.
             "vector.bitcast" => K::Id,
             "vector.extract" if ty.starts_with("i32 from vector<1xi32>") => K::Id,
@@ -683,6 +685,16 @@ impl Thread<'_> {
                         .map(|j| f32::from_bits(mem[i + j].load(Relaxed)))
                         .collect(),
                 )
+            }
+            K::VStore(m, n) => {
+                let (x, i) = (self.get(g(0)).v(), self.get(g(1)).i() as usize);
+                let mem = self.mem[*m];
+                assert!(i + n <= mem.len(), "vector store out of bounds");
+                assert_eq!(x.len(), *n, "vector store of {} lanes as {n}", x.len());
+                for (j, v) in x.iter().enumerate() {
+                    mem[i + j].store(v.to_bits(), Relaxed);
+                }
+                return;
             }
             K::VExtract(p) => V::F(self.get(g(0)).v()[*p]),
             K::VBroadcast(n) => V::Vec(vec![self.get(g(0)).f(); *n]),

@@ -450,6 +450,62 @@ pub fn gemm_wgmma(
 {store}    gpu.barrier
 "#
     );
+    // the vectorized epilogue reads the tile through a flat view of the same bytes
+    if s.vector > 1 {
+        let _ = writeln!(
+            w,
+            "    %Cf = memref.view %smem[%c0][] : memref<0xi8, {ws}> to memref<{}xf32, {ws}>",
+            BM * bn
+        );
+    }
+    let flat_ty = format!("memref<{}xf32, {ws}>", BM * bn);
+    let tile = TileSource {
+        flat: "%Cf",
+        ty: &flat_ty,
+        base: "%c0",
+    };
+    emit_epilogue(&mut w, &tile, bn, s.vector, output, epilogue);
+    w.push_str("    gpu.return\n  }\n");
+    Ok(WgmmaGemm {
+        kernel: GpuKernel {
+            name: name.into(),
+            mlir: w,
+            params,
+            block: [128, 1, 1],
+            shared_bytes: 0,
+            requires: vec!["wgmma".into(), "tma".into()],
+        },
+        schedule: *s,
+        input,
+        output,
+        epilogue: *epilogue,
+        dynamic_shared: s.shared_bytes(),
+    })
+}
+
+/// Where the epilogue reads the f32 accumulator tile of its block when it is vectorized: a
+/// flat `f32` memref (`flat`, of type `ty`) and the index of the block's `128 × bn`
+/// row-major tile in it (`base`). The element-wise epilogue reads the 2-D `%Cs` view.
+struct TileSource<'a> {
+    flat: &'a str,
+    ty: &'a str,
+    base: &'a str,
+}
+
+/// Emits the epilogue loop of [`gemm_wgmma`]: each of the 128 threads takes `vw`
+/// consecutive columns of the block's tile per step, scales by `alpha`, applies `epilogue`
+/// and stores to `C`. Needs in scope `%tid`, `%m0`, `%n0`, `%M`, `%N`, `%alpha`, `%C`,
+/// `%c0`, `%c1`, `%cTILE`, `%cBN` (and `%bias`, `%R`, `%beta` as the epilogue uses them).
+fn emit_epilogue(
+    w: &mut String,
+    tile: &TileSource,
+    bn: u32,
+    vw: u32,
+    output: MmaOutput,
+    epilogue: &Epilogue,
+) {
+    let ws = "#gpu.address_space<workgroup>";
+    let to = output.mlir();
     // The epilogue of one element: `v` (an f32 accumulator) at flat index `ix` of C and
     // column `col`; returns the value to store (of the output type). Names take prefix `p`.
     let elem = |w: &mut String, p: &str, v: &str, ix: &str, col: &str| -> String {
@@ -489,7 +545,6 @@ pub fn gemm_wgmma(
         }
         y
     };
-    let vw = s.vector;
     // each thread takes `vw` consecutive columns of the tile per step
     let _ = write!(
         w,
@@ -518,7 +573,7 @@ pub fn gemm_wgmma(
       %v = memref.load %Cs[%r, %c] : memref<{BM}x{bn}xf32, {ws}>
 "#
         );
-        let y = elem(&mut w, "", "%v", "%ix", "%col");
+        let y = elem(w, "", "%v", "%ix", "%col");
         let _ = writeln!(
             w,
             "      memref.store {y}, %C[%ix] : memref<?x{to}>\n      }}"
@@ -529,14 +584,18 @@ pub fn gemm_wgmma(
         let vt = format!("vector<{vw}x{to}>");
         let _ = write!(
             w,
-            r#"      %cend = arith.addi %col, %cVW : index
+            r#"      %fi = arith.addi {base}, %e : index
+      %cend = arith.addi %col, %cVW : index
       %cfit = arith.cmpi ule, %cend, %N : index
       %vok0 = arith.andi %rok, %cfit : i1
       %vok = arith.andi %vok0, %nvec : i1
       scf.if %vok {{
-      %vv = vector.load %Cs[%r, %c] {{alignment = {sa} : i64}} : memref<{BM}x{bn}xf32, {ws}>, vector<{vw}xf32>
+      %vv = vector.load {flat}[%fi] {{alignment = {sa} : i64}} : {fty}, vector<{vw}xf32>
 "#,
             sa = (vw * 4).min(16),
+            base = tile.base,
+            flat = tile.flat,
+            fty = tile.ty,
         );
         let mut lanes = Vec::new();
         for l in 0..vw {
@@ -545,7 +604,7 @@ pub fn gemm_wgmma(
                 "      %l{l}v = vector.extract %vv[{l}] : f32 from vector<{vw}xf32>\n      %l{l}c = arith.constant {l} : index\n      %l{l}col = arith.addi %col, %l{l}c : index\n      %l{l}ix = arith.addi %ix, %l{l}c : index"
             );
             lanes.push(elem(
-                &mut w,
+                w,
                 &format!("l{l}"),
                 &format!("%l{l}v"),
                 &format!("%l{l}ix"),
@@ -560,42 +619,94 @@ pub fn gemm_wgmma(
       scf.for %q = %c0 to %cVW step %c1 {{
       %qcol = arith.addi %col, %q : index
       %qix = arith.addi %ix, %q : index
-      %qc = arith.addi %c, %q : index
+      %qfi = arith.addi %fi, %q : index
       %qcok = arith.cmpi ult, %qcol, %N : index
       %qok = arith.andi %rok, %qcok : i1
       scf.if %qok {{
-      %qv = memref.load %Cs[%r, %qc] : memref<{BM}x{bn}xf32, {ws}>
+      %qv = memref.load {flat}[%qfi] : {fty}
 "#,
             lanes = lanes.join(", "),
+            flat = tile.flat,
+            fty = tile.ty,
             ga = u64::from(vw) * output.elem().bytes(),
         );
-        let y = elem(&mut w, "q", "%qv", "%qix", "%qcol");
+        let y = elem(w, "q", "%qv", "%qix", "%qcol");
         let _ = writeln!(
             w,
             "      memref.store {y}, %C[%qix] : memref<?x{to}>\n      }}\n      }}\n      }}"
         );
     }
+    w.push_str("    }\n");
+}
+
+/// A kernel that runs only the vectorized epilogue of [`gemm_wgmma`] with schedule `s`
+/// (`s.vector > 1`), so that it can be checked where no wgmma runs (the SIMT emulator of the
+/// tests): block `(bx, by)` of a `(ceil(N / bn), ceil(M / 128))` grid of 128 threads reads
+/// its f32 accumulator tile, row-major `128 × bn`, from `T` at `(by · gridDim.x + bx) · 128 ·
+/// bn`, then scales, applies `epilogue` and stores to `C` with the very code of the GEMM.
+/// Parameters: `T: memref<?xf32>`, `C`, `bias` (if any), `R` (if a residual), `M`, `N`,
+/// `alpha`, `beta` (if a residual).
+pub fn epilogue_probe(
+    name: &str,
+    output: MmaOutput,
+    epilogue: &Epilogue,
+    s: &WgmmaSchedule,
+) -> Result<GpuKernel, GpuError> {
+    if s.vector == 1 {
+        return Err(GpuError::Schedule(format!(
+            "{name}: the probe runs the vectorized epilogue (vector > 1)"
+        )));
+    }
+    // the same checks as the GEMM itself
+    gemm_wgmma(name, MmaInput::F16, output, epilogue, s)?;
+    let to = output.mlir();
+    let mut sig = format!("%T: memref<?xf32>, %C: memref<?x{to}>");
+    if epilogue.bias {
+        sig.push_str(", %bias: memref<?xf32>");
+    }
+    if epilogue.has_residual() {
+        let _ = write!(sig, ", %R: memref<?x{to}>");
+    }
+    sig.push_str(", %M: index, %N: index, %alpha: f32");
+    if epilogue.has_residual() {
+        sig.push_str(", %beta: f32");
+    }
+    let bn = s.bn;
+    let mut w = String::new();
     let _ = write!(
         w,
-        r#"    }}
-    gpu.return
-  }}
-"#
+        r#"  gpu.func @{name}({sig}) kernel attributes {{known_block_size = array<i32: 128, 1, 1>}} {{
+    %c0 = arith.constant 0 : index
+    %c1 = arith.constant 1 : index
+    %c128 = arith.constant 128 : index
+    %cBN = arith.constant {bn} : index
+    %cTILE = arith.constant {tile} : index
+    %tid = gpu.thread_id x
+    %bx = gpu.block_id x
+    %by = gpu.block_id y
+    %gx = gpu.grid_dim x
+    %m0 = arith.muli %by, %c128 : index
+    %n0 = arith.muli %bx, %cBN : index
+    %tb0 = arith.muli %by, %gx : index
+    %tb1 = arith.addi %tb0, %bx : index
+    %tb = arith.muli %tb1, %cTILE : index
+"#,
+        tile = BM * bn
     );
-    Ok(WgmmaGemm {
-        kernel: GpuKernel {
-            name: name.into(),
-            mlir: w,
-            params,
-            block: [128, 1, 1],
-            shared_bytes: 0,
-            requires: vec!["wgmma".into(), "tma".into()],
-        },
-        schedule: *s,
-        input,
-        output,
-        epilogue: *epilogue,
-        dynamic_shared: s.shared_bytes(),
+    let tile = TileSource {
+        flat: "%T",
+        ty: "memref<?xf32>",
+        base: "%tb",
+    };
+    emit_epilogue(&mut w, &tile, bn, s.vector, output, epilogue);
+    w.push_str("    gpu.return\n  }\n");
+    Ok(GpuKernel {
+        name: name.into(),
+        mlir: w,
+        params: Vec::new(),
+        block: [128, 1, 1],
+        shared_bytes: 0,
+        requires: Vec::new(),
     })
 }
 
