@@ -177,6 +177,24 @@ impl WgmmaGemm {
     }
 }
 
+/// The schedule checks that need no SKU: `bn`, `stages` and `vector` in range, and output
+/// vectors of at most 16 bytes.
+fn check_shape(name: &str, output: MmaOutput, s: &WgmmaSchedule) -> Result<(), GpuError> {
+    if !matches!(s.bn, 64 | 128) || !(2..=6).contains(&s.stages) || !matches!(s.vector, 1 | 4 | 8) {
+        return Err(GpuError::Schedule(format!(
+            "{name}: {s:?}: bn must be 64 or 128, stages in 2..=6 and vector 1, 4 or 8"
+        )));
+    }
+    if u64::from(s.vector) * output.elem().bytes() > 16 {
+        return Err(GpuError::Schedule(format!(
+            "{name}: {s:?}: {} output vectors of {} elements exceed 16 bytes",
+            output.mlir(),
+            s.vector
+        )));
+    }
+    Ok(())
+}
+
 /// Generates the warpgroup GEMM `name` (see the module docs).
 pub fn gemm_wgmma(
     name: &str,
@@ -190,18 +208,7 @@ pub fn gemm_wgmma(
             "{name}: the wgmma kernel takes f16 or bf16 inputs"
         )));
     }
-    if !matches!(s.bn, 64 | 128) || !(2..=6).contains(&s.stages) || !matches!(s.vector, 1 | 4 | 8) {
-        return Err(GpuError::Schedule(format!(
-            "{name}: {s:?}: bn must be 64 or 128, stages in 2..=6 and vector 1, 4 or 8"
-        )));
-    }
-    if u64::from(s.vector) * output.elem().bytes() > 16 {
-        return Err(GpuError::Schedule(format!(
-            "{name}: {s:?}: {} output vectors of {} elements exceed 16 bytes",
-            output.mlir(),
-            s.vector
-        )));
-    }
+    check_shape(name, output, s)?;
     let (bn, st) = (s.bn, s.stages);
     let ti = input.mlir();
     let to = output.mlir();
@@ -657,8 +664,7 @@ pub fn epilogue_probe(
             "{name}: the probe runs the vectorized epilogue (vector > 1)"
         )));
     }
-    // the same checks as the GEMM itself
-    gemm_wgmma(name, MmaInput::F16, output, epilogue, s)?;
+    check_shape(name, output, s)?;
     let to = output.mlir();
     let mut sig = format!("%T: memref<?xf32>, %C: memref<?x{to}>");
     if epilogue.bias {
