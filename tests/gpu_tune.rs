@@ -629,6 +629,7 @@ fn imported_results_select_the_recorded_schedules() {
         bn: 64,
         stages: 2,
         vector: 1,
+        ..WgmmaSchedule::default()
     };
     let picks_b: Vec<(usize, Config)> = (0..mb.tasks.len())
         .filter(|&i| mb.tasks[i].kind == "gpu_gemm_wgmma")

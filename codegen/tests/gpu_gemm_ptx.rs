@@ -262,6 +262,7 @@ fn wgmma_gemms_assemble_for_sm_90a() {
                 bn: 64,
                 stages: 3,
                 vector: 1,
+                ..WgmmaSchedule::default()
             },
         ),
         (
@@ -272,6 +273,43 @@ fn wgmma_gemms_assemble_for_sm_90a() {
                 bn: 128,
                 stages: 6,
                 vector: 1,
+                ..WgmmaSchedule::default()
+            },
+        ),
+        (
+            MmaInput::F16,
+            MmaOutput::F16,
+            ep(true, Relu, Residual::None),
+            WgmmaSchedule {
+                bn: 128,
+                stages: 4,
+                vector: 8,
+                warpgroups: 2,
+                raster: 8,
+            },
+        ),
+        (
+            MmaInput::BF16,
+            MmaOutput::F32,
+            ep(false, GeluTanh, Residual::AfterActivation),
+            WgmmaSchedule {
+                bn: 64,
+                stages: 3,
+                vector: 1,
+                warpgroups: 2,
+                raster: 1,
+            },
+        ),
+        (
+            MmaInput::F16,
+            MmaOutput::F16,
+            Epilogue::none(),
+            WgmmaSchedule {
+                bn: 256,
+                stages: 4,
+                vector: 8,
+                warpgroups: 2,
+                raster: 8,
             },
         ),
     ];
@@ -323,11 +361,11 @@ fn wgmma_gemms_assemble_for_sm_90a() {
             // 1024-byte alignment of the dynamic region (TMA's 128-byte swizzle needs it;
             // without the padding the H200 reported a misaligned address).
             assert!((8 * s.stages..=1024).contains(&smem), "{smem} B static");
-            assert!(regs * 128 <= sku.registers_per_block);
+            assert!(regs * s.threads() <= sku.registers_per_block);
             built += 1;
         }
     }
-    assert_eq!(built, 9, "three kernels on the three sm_90 SKUs");
+    assert_eq!(built, 18, "six kernels on the three sm_90 SKUs");
 }
 
 /// Launch geometry of a fixture, one manifest line: `file entry bm bn threads dyn_smem
@@ -459,45 +497,67 @@ fn runtime_fixtures() -> Vec<(String, String)> {
                 bn: 64,
                 stages: 3,
                 vector: 1,
+                ..WgmmaSchedule::default()
             },
         ),
     ];
-    // timed f16 → f16 variants, `(bn, stages, vector)`: the default; 6 stages; 3 stages =
-    // 96 KiB, so two blocks fit on an SM and one's epilogue overlaps the other's main loop;
-    // bn = 64 with its two 64-row accumulators at 4 stages (96 KiB, two blocks per SM);
-    // 16-byte epilogue stores (8 halves per thread and step) instead of 2-byte ones
+    // timed f16 → f16 variants, `(bn, stages, vector, warpgroups, raster)`: the default;
+    // 6 stages; 3 stages = 96 KiB, so two blocks fit on an SM and one's epilogue overlaps
+    // the other's main loop; bn = 64 with its two 64-row accumulators at 4 stages (96 KiB,
+    // two blocks per SM); 16-byte epilogue stores (8 halves per thread and step) instead of
+    // 2-byte ones; two consumer warpgroups on a 256×128 tile (one B load feeds twice the
+    // wgmma work; 3 and 4 stages of 48 KiB) or on a 128×256 tile (64 rows each, m64n256);
+    // bands of 8 tile rows for L2 reuse
     let bench = [
-        (128, 4, 1),
-        (128, 6, 1),
-        (128, 3, 1),
-        (64, 4, 1),
-        (128, 4, 8),
-        (128, 3, 8),
+        (128, 4, 1, 1, 1),
+        (128, 6, 1, 1, 1),
+        (128, 3, 1, 1, 1),
+        (64, 4, 1, 1, 1),
+        (128, 4, 8, 1, 1),
+        (128, 3, 8, 1, 1),
+        (128, 4, 8, 1, 8),
+        (128, 3, 8, 2, 1),
+        (128, 4, 8, 2, 1),
+        (128, 4, 8, 2, 8),
+        (128, 4, 1, 2, 8),
+        (256, 4, 8, 2, 1),
+        (256, 3, 8, 2, 1),
+        (256, 4, 8, 2, 8),
     ];
     let names: Vec<String> = bench
         .iter()
-        .map(|&(bn, st, v)| {
-            let v = if v == 1 {
-                String::new()
-            } else {
-                format!("_v{v}")
-            };
-            format!("bench_wgmma_f16_f16_bn{bn}_s{st}{v}")
+        .map(|&(bn, st, v, wgs, r)| {
+            let mut tags = String::new();
+            for (t, x) in [("v", v), ("w", wgs), ("r", r)] {
+                if x != 1 {
+                    tags.push_str(&format!("_{t}{x}"));
+                }
+            }
+            format!("bench_wgmma_f16_f16_bn{bn}_s{st}{tags}")
         })
         .collect();
-    let wg = wg
-        .into_iter()
-        .chain(bench.iter().zip(&names).map(|(&(bn, stages, vector), n)| {
-            let s = WgmmaSchedule { bn, stages, vector };
+    let wg = wg.into_iter().chain(bench.iter().zip(&names).map(
+        |(&(bn, stages, vector, warpgroups, raster), n)| {
+            let s = WgmmaSchedule {
+                bn,
+                stages,
+                vector,
+                warpgroups,
+                raster,
+            };
             (n.as_str(), F16, O::F16, Epilogue::none(), s)
-        }));
+        },
+    ));
     for (file, i, o, e, s) in wg {
         let g = gemm_wgmma(&format!("kiln_{file}"), i, o, &e, &s).unwrap();
         let ptx = compile_kernel(&g.kernel, &h100).unwrap();
         let file = format!("{file}.{}.ptx", ptx.arch);
         manifest.push_str(&format!(
-            "{file} {} {} 128 {}\n",
-            g.kernel.name, s.bn, g.dynamic_shared
+            "{file} {} {} {} {}\n",
+            g.kernel.name,
+            s.bn,
+            s.threads(),
+            g.dynamic_shared
         ));
         out.push((file, ptx.text));
     }

@@ -247,7 +247,9 @@ fn cast_and_copy_kernels_on_the_emulator() {
 /// through `epilogue_probe` (the very epilogue code, reading random accumulator tiles): every
 /// element of C is `Epilogue::apply` of its accumulator — whole vectors where N is a multiple
 /// of the width, the element-wise edge elsewhere (N not a multiple of it, partial blocks at
-/// the right and the bottom) — with bias, activations and residuals, f32 and f16 outputs.
+/// the right and the bottom) — with bias, activations and residuals, f32 and f16 outputs,
+/// one or two warpgroups (128- or 256-row tiles), tiles in row order or in bands
+/// (`raster`; a wrong renumbering leaves tiles unwritten or written twice).
 #[test]
 fn wgmma_vectorized_epilogue_on_the_emulator() {
     use kiln_codegen::gpu::kernels::epilogue::{Activation, Epilogue, Residual};
@@ -258,6 +260,7 @@ fn wgmma_vectorized_epilogue_on_the_emulator() {
         activation,
         residual,
     };
+    // (output, vector, bn, M, N, epilogue, warpgroups, raster)
     let cases = [
         (
             MmaOutput::F32,
@@ -266,6 +269,8 @@ fn wgmma_vectorized_epilogue_on_the_emulator() {
             200usize,
             136usize,
             Epilogue::none(),
+            1u32,
+            1u32,
         ),
         (
             MmaOutput::F32,
@@ -274,6 +279,8 @@ fn wgmma_vectorized_epilogue_on_the_emulator() {
             130,
             70,
             ep(true, Activation::Relu, Residual::None),
+            1,
+            1,
         ),
         (
             MmaOutput::F16,
@@ -282,6 +289,8 @@ fn wgmma_vectorized_epilogue_on_the_emulator() {
             150,
             264,
             ep(true, Activation::GeluTanh, Residual::AfterActivation),
+            1,
+            1,
         ),
         (
             MmaOutput::F16,
@@ -290,22 +299,67 @@ fn wgmma_vectorized_epilogue_on_the_emulator() {
             129,
             100,
             ep(false, Activation::Sigmoid, Residual::BeforeActivation),
+            1,
+            1,
+        ),
+        (
+            MmaOutput::F16,
+            8,
+            128,
+            300,
+            264,
+            ep(true, Activation::Relu, Residual::None),
+            2,
+            1,
+        ),
+        (
+            MmaOutput::F32,
+            4,
+            64,
+            700,
+            200,
+            ep(false, Activation::None, Residual::AfterActivation),
+            1,
+            4,
+        ),
+        (
+            MmaOutput::F16,
+            8,
+            128,
+            600,
+            392,
+            ep(true, Activation::None, Residual::None),
+            2,
+            2,
+        ),
+        (
+            MmaOutput::F32,
+            4,
+            256,
+            200,
+            520,
+            ep(true, Activation::Relu, Residual::BeforeActivation),
+            2,
+            1,
         ),
     ];
-    for (ci, (out, vector, bn, m, n, e)) in cases.into_iter().enumerate() {
+    for (ci, (out, vector, bn, m, n, e, warpgroups, raster)) in cases.into_iter().enumerate() {
         let s = WgmmaSchedule {
             bn,
             stages: 4,
             vector,
+            warpgroups,
+            raster,
         };
         let k = epilogue_probe("probe", out, &e, &s).unwrap();
-        let (gx, gy) = (n.div_ceil(bn as usize), m.div_ceil(128));
-        let tile = 128 * bn as usize;
+        let rows = s.rows() as usize;
+        let [gx, gy, _] = s.grid(m as u64, n as u64).map(|g| g as usize);
+        let tile = rows * bn as usize;
         let p = data(m * n, 11 + ci as u64);
         let mut t = vec![0f32; gx * gy * tile];
         for i in 0..m {
             for j in 0..n {
-                let (by, r, bx, c) = (i / 128, i % 128, j / bn as usize, j % bn as usize);
+                let (by, r, bx, c) = (i / rows, i % rows, j / bn as usize, j % bn as usize);
                 t[(by * gx + bx) * tile + r * bn as usize + c] = p[i * n + j];
             }
         }
@@ -343,11 +397,11 @@ fn wgmma_vectorized_epilogue_on_the_emulator() {
                 let err = (got - want).abs() / want.abs().max(1.0);
                 assert!(
                     err <= 1e-3,
-                    "case {ci} ({out:?}, vector {vector}, bn {bn}, {m}x{n}): C[{i}][{j}] = {got}, want {want}"
+                    "case {ci} ({out:?}, {s:?}, {m}x{n}): C[{i}][{j}] = {got}, want {want}"
                 );
                 worst = worst.max(err);
             }
         }
-        println!("case {ci}: {out:?} vector {vector} bn {bn} {m}x{n}: max rel. error {worst:.1e}");
+        println!("case {ci}: {out:?} {s:?} {m}x{n}: max rel. error {worst:.1e}");
     }
 }

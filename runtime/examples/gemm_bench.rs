@@ -106,7 +106,7 @@ fn run(m: usize, n: usize, k: usize, runs: usize) -> Result<(), String> {
     let a = dev.upload(&to16(values(m * k, 1))).map_err(e)?;
     let b = dev.upload(&to16(values(k * n, 2))).map_err(e)?;
     let c_ref = dev.zeros::<u16>(m * n).map_err(e)?;
-    let c = dev.zeros::<u16>(m * n).map_err(e)?;
+    let mut c = dev.zeros::<u16>(m * n).map_err(e)?;
     let flop = 2.0 * m as f64 * n as f64 * k as f64;
     let tflops = |ms: f32| flop / (f64::from(ms) * 1e-3) / 1e12;
 
@@ -187,6 +187,8 @@ fn run(m: usize, n: usize, k: usize, runs: usize) -> Result<(), String> {
                 continue;
             }
         };
+        // a kernel that writes nothing must not inherit the previous kernel's output
+        dev.memset_zeros(&mut c).map_err(e)?;
         let args = [
             KernelArg::Half(a.raw16()),
             KernelArg::Half(b.raw16()),
@@ -251,11 +253,13 @@ fn run(m: usize, n: usize, k: usize, runs: usize) -> Result<(), String> {
         let (m6, n6, k6) = (m as u64, n as u64, k as u64);
         let f16 = kiln_runtime::cuda::Elem16::F16;
         let tma = dev
-            .tensor_map_2d(&a, f16, [k6, m6], 2 * k6, [64, 128])
+            .tensor_map_2d(&a, f16, [k6, m6], 2 * k6, [64, threads])
             .map_err(e)?;
         let tmb = dev
             .tensor_map_2d(&b, f16, [n6, k6], 2 * n6, [64, 64])
             .map_err(e)?;
+        // a kernel that writes nothing must not inherit the previous kernel's output
+        dev.memset_zeros(&mut c).map_err(e)?;
         let args = [
             KernelArg::TensorMap(tma.slice()),
             KernelArg::TensorMap(tmb.slice()),
@@ -265,7 +269,8 @@ fn run(m: usize, n: usize, k: usize, runs: usize) -> Result<(), String> {
             KernelArg::Index(k as i64),
             KernelArg::F32(1.0),
         ];
-        let grid = [(n as u32).div_ceil(bn), (m as u32).div_ceil(128), 1];
+        // one warpgroup of 128 threads per 128 rows of the block tile
+        let grid = [(n as u32).div_ceil(bn), (m as u32).div_ceil(threads), 1];
         let mut failed = None;
         let ms = time(&dev, 3, runs, || {
             // SAFETY: the arguments follow `gemm_wgmma`'s parameters (no bias, no

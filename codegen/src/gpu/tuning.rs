@@ -344,6 +344,8 @@ pub fn wgmma_schedule(c: &Config) -> WgmmaSchedule {
         bn: get("bn", d.bn),
         stages: get("stages", d.stages),
         vector: get("vector", d.vector),
+        warpgroups: get("warpgroups", d.warpgroups),
+        raster: get("raster", d.raster),
     }
 }
 
@@ -353,6 +355,8 @@ pub fn wgmma_config(s: &WgmmaSchedule) -> Config {
         ("bn", i64::from(s.bn)),
         ("stages", i64::from(s.stages)),
         ("vector", i64::from(s.vector)),
+        ("warpgroups", i64::from(s.warpgroups)),
+        ("raster", i64::from(s.raster)),
     ])
 }
 
@@ -809,11 +813,12 @@ impl GpuTunable {
 /// names it.
 pub fn wgmma_name(input: MmaInput, s: &WgmmaSchedule, epi: &Epilogue) -> String {
     // the element-wise epilogue keeps the names that records and fixtures already use
-    let v = if s.vector == 1 {
-        String::new()
-    } else {
-        format!("_v{}", s.vector)
-    };
+    let mut v = String::new();
+    for (tag, x) in [("v", s.vector), ("w", s.warpgroups), ("r", s.raster)] {
+        if x != 1 {
+            v.push_str(&format!("_{tag}{x}"));
+        }
+    }
     format!(
         "kiln_gemm_wgmma_{}_f32_bn{}_s{}{v}_{}",
         input.mlir(),

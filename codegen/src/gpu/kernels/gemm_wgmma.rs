@@ -4,14 +4,18 @@
 //!
 //! ```text
 //! C[M,N] = epilogue(A[M,K] · B[K,N])        row-major; f16 or bf16 in, f32 accumulation
-//! grid (ceil(N/bn), ceil(M/128)), 128 threads (one warpgroup), dynamic shared memory
-//! shared: stages × (A 128×64 | B 64×bn as bn/64 boxes of 64×64), 128-byte swizzled by TMA
+//! rows = 128 · warpgroups; grid (ceil(N/bn), ceil(M/rows)), 128 threads per warpgroup,
+//! dynamic shared memory; with raster g > 1 a block's linear id is mapped to the tiles in
+//! bands of g tile rows, column by column (L2 reuse)
+//! shared: stages × (A rows×64 | B 64×bn as bn/64 boxes of 64×64), 128-byte swizzled by TMA
 //! thread 0: init the mbarriers; issue tiles 0..stages-1 (expect_tx + TMA loads)
 //! for kt: wait on mbarrier kt % stages (parity (kt / stages) % 2)
-//!         wgmma 128×bn×64 (8 m64nBNk16 instructions), then wgmma.wait_group 1: the
+//!         each warpgroup: wgmma on its 128 rows, 128×bn×64 (8 m64nBNk16
+//!         instructions), then wgmma.wait_group 1: the
 //!         previous tile's wgmmas are done while this tile's run; barrier; thread 0
 //!         refills the previous tile's buffer with tile kt - 1 + stages
-//! accumulators → shared memory (nvgpu.warpgroup.mma.store, reusing the stage buffers),
+//! accumulators → shared memory (nvgpu.warpgroup.mma.store with one warpgroup, an explicit
+//! fragment store with two; reusing the stage buffers),
 //! then a masked, coalesced copy to C applying the epilogue
 //! ```
 //!
@@ -35,7 +39,7 @@ use super::gemm_mma::{MmaInput, MmaOutput};
 use crate::gpu::{Elem, GpuError, GpuKernel, KernelParam, Sku};
 use std::fmt::Write as _;
 
-/// Rows of the block tile (two `m64` wgmma rows of one warpgroup).
+/// Rows of the block tile per warpgroup (two `m64` wgmma rows), except with `bn = 256` (one).
 pub const BM: u32 = 128;
 /// Depth of one stage: 64 16-bit elements = the 128-byte swizzle span.
 pub const BK: u32 = 64;
@@ -43,7 +47,9 @@ pub const BK: u32 = 64;
 /// The tunable parameters of [`gemm_wgmma`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct WgmmaSchedule {
-    /// Columns of the block tile (64 or 128: `bn` f32 accumulator registers per thread).
+    /// Columns of the block tile: 64 or 128 (`bn` f32 accumulator registers per thread,
+    /// 128 rows per warpgroup), or 256 (64 rows per warpgroup, 128 registers: with two
+    /// warpgroups a 128×256 tile).
     pub bn: u32,
     /// Shared-memory buffers of the TMA ring (2..=6).
     pub stages: u32,
@@ -51,15 +57,26 @@ pub struct WgmmaSchedule {
     /// bytes of output): vectors where `N` is a multiple of it, element by element at the
     /// edges.
     pub vector: u32,
+    /// Consumer warpgroups per block (1 or 2): the block tile has `128 · warpgroups` rows,
+    /// each warpgroup multiplies its own 128 rows of A by the B tile they share, so one TMA
+    /// load of B feeds twice the tensor-core work.
+    pub warpgroups: u32,
+    /// Block rasterization (1..=32): 1 walks the output tiles row by row (`blockIdx.x`
+    /// over `N`); `g > 1` walks them in bands of `g` tile rows, column by column inside a
+    /// band, so the blocks running at once share A and B panels in L2.
+    pub raster: u32,
 }
 
 impl Default for WgmmaSchedule {
-    /// 128×128×64 tiles, 4 stages (128 KiB of shared memory), an element-wise epilogue.
+    /// 128×128×64 tiles, 4 stages (128 KiB of shared memory), an element-wise epilogue,
+    /// one warpgroup, tiles in row order.
     fn default() -> Self {
         Self {
             bn: 128,
             stages: 4,
             vector: 1,
+            warpgroups: 1,
+            raster: 1,
         }
     }
 }
@@ -68,34 +85,41 @@ impl WgmmaSchedule {
     /// The parameters and their legal values.
     pub fn space() -> Vec<super::gemm_mma::ParamValues> {
         vec![
-            ("bn", vec![64, 128]),
+            ("bn", vec![64, 128, 256]),
             ("stages", vec![2, 3, 4, 5, 6]),
             ("vector", vec![1, 4]),
+            ("warpgroups", vec![1, 2]),
+            ("raster", vec![1, 8]),
         ]
+    }
+
+    /// Rows of the block tile: 128 per warpgroup (64 with bn = 256).
+    pub fn rows(&self) -> u32 {
+        let per_warpgroup = if self.bn == 256 { BM / 2 } else { BM };
+        per_warpgroup * self.warpgroups
+    }
+
+    /// Threads per block: one warpgroup of 128 per 128 rows.
+    pub fn threads(&self) -> u32 {
+        128 * self.warpgroups
     }
 
     /// Bytes one stage receives (the mbarrier transaction count).
     pub fn stage_bytes(&self) -> u32 {
-        (BM * BK + BK * self.bn) * 2
+        (self.rows() * BK + BK * self.bn) * 2
     }
 
     /// Dynamic shared memory: the stages, at least the f32 accumulator tile (which reuses
     /// them after the main loop).
     pub fn shared_bytes(&self) -> u32 {
-        (self.stages * self.stage_bytes()).max(BM * self.bn * 4)
+        (self.stages * self.stage_bytes()).max(self.rows() * self.bn * 4)
     }
 
     /// Checks the values and the SKU (`wgmma` and `tma` features, opt-in shared memory).
     pub fn validate(&self, sku: &Sku) -> Result<(), GpuError> {
         let bad = |why: String| Err(GpuError::Schedule(format!("{self:?}: {why}")));
-        if !matches!(self.bn, 64 | 128) {
-            return bad("bn must be 64 or 128".into());
-        }
-        if !(2..=6).contains(&self.stages) {
-            return bad("stages must be in 2..=6".into());
-        }
-        if !matches!(self.vector, 1 | 4 | 8) {
-            return bad("vector must be 1, 4 or 8".into());
+        if let Some(why) = self.range_error() {
+            return bad(why.into());
         }
         for f in ["wgmma", "tma"] {
             if !sku.has(f) {
@@ -118,10 +142,28 @@ impl WgmmaSchedule {
         Ok(())
     }
 
-    /// Grid `(ceil(n / bn), ceil(m / 128), 1)`.
+    /// Which parameter is out of its range, if any.
+    fn range_error(&self) -> Option<&'static str> {
+        if !matches!(self.bn, 64 | 128 | 256) {
+            Some("bn must be 64, 128 or 256")
+        } else if !(2..=6).contains(&self.stages) {
+            Some("stages must be in 2..=6")
+        } else if !matches!(self.vector, 1 | 4 | 8) {
+            Some("vector must be 1, 4 or 8")
+        } else if !matches!(self.warpgroups, 1 | 2) {
+            Some("warpgroups must be 1 or 2")
+        } else if !(1..=32).contains(&self.raster) {
+            Some("raster must be in 1..=32")
+        } else {
+            None
+        }
+    }
+
+    /// Grid `(ceil(n / bn), ceil(m / rows), 1)` (the kernel renumbers the blocks when
+    /// `raster > 1`; the grid is the same).
     pub fn grid(&self, m: u64, n: u64) -> [u32; 3] {
         let c = |a: u64, b: u32| u32::try_from(a.div_ceil(u64::from(b)).max(1)).unwrap_or(u32::MAX);
-        [c(n, self.bn), c(m, BM), 1]
+        [c(n, self.bn), c(m, self.rows()), 1]
     }
 }
 
@@ -161,7 +203,7 @@ impl WgmmaGemm {
             TensorMapSpec {
                 dims: [k, m],
                 row_bytes: 2 * k,
-                box_dims: [BK, BM],
+                box_dims: [BK, self.schedule.rows()],
             },
             TensorMapSpec {
                 dims: [n, k],
@@ -177,13 +219,11 @@ impl WgmmaGemm {
     }
 }
 
-/// The schedule checks that need no SKU: `bn`, `stages` and `vector` in range, and output
-/// vectors of at most 16 bytes.
+/// The schedule checks that need no SKU: every parameter in range, and output vectors of
+/// at most 16 bytes.
 fn check_shape(name: &str, output: MmaOutput, s: &WgmmaSchedule) -> Result<(), GpuError> {
-    if !matches!(s.bn, 64 | 128) || !(2..=6).contains(&s.stages) || !matches!(s.vector, 1 | 4 | 8) {
-        return Err(GpuError::Schedule(format!(
-            "{name}: {s:?}: bn must be 64 or 128, stages in 2..=6 and vector 1, 4 or 8"
-        )));
+    if let Some(why) = s.range_error() {
+        return Err(GpuError::Schedule(format!("{name}: {s:?}: {why}")));
     }
     if u64::from(s.vector) * output.elem().bytes() > 16 {
         return Err(GpuError::Schedule(format!(
@@ -209,7 +249,7 @@ pub fn gemm_wgmma(
         )));
     }
     check_shape(name, output, s)?;
-    let (bn, st) = (s.bn, s.stages);
+    let (bn, st, rows, wgs) = (s.bn, s.stages, s.rows(), s.warpgroups);
     let ti = input.mlir();
     let to = output.mlir();
     let ws = "#gpu.address_space<workgroup>";
@@ -218,18 +258,22 @@ pub fn gemm_wgmma(
             "!nvgpu.tensormap.descriptor<tensor = memref<{rows}x64x{ti}, 3>, swizzle = swizzle_128b, l2promo = none, oob = zero, interleave = none>"
         )
     };
-    let (tma, tmb) = (tm(BM), tm(BK));
+    let (tma, tmb) = (tm(rows), tm(BK));
     let bar = format!("!nvgpu.mbarrier.group<memorySpace = {ws}, num_barriers = {st}>");
-    let a_sh = format!("memref<{st}x{BM}x{BK}x{ti}, {ws}>");
+    let a_sh = format!("memref<{st}x{rows}x{BK}x{ti}, {ws}>");
     let b_sh = format!("memref<{st}x{BK}x{bn}x{ti}, {ws}>");
-    let a_bytes = st * BM * BK * 2;
+    let a_bytes = st * rows * BK * 2;
     // MLIR 22's `nvgpu.warpgroup.mma.store` offsets the i-th m64 fragment of an
     // accumulator by i × (registers per thread) = i × bn/2 rows, which is 64 only for
     // bn = 128: a 128×64 accumulator's second half would land on rows 32..95. Other widths
     // keep two 64-row accumulators (two wgmma groups per k-tile over the two row halves of
     // the A tile), each stored on its own.
-    let halves: u32 = if bn == 128 { 1 } else { 2 };
-    let mr = BM / halves;
+    // bn = 256: 64 rows per warpgroup (m64n256, 128 registers), one accumulator.
+    let (halves, mr): (u32, u32) = match bn {
+        128 => (1, 128),
+        64 => (2, 64),
+        _ => (1, 64),
+    };
     let acc = format!("!nvgpu.warpgroup.accumulator<fragmented = vector<{mr}x{bn}xf32>>");
     let has_res = epilogue.has_residual();
 
@@ -267,7 +311,8 @@ pub fn gemm_wgmma(
     w.push_str(&super::gemm_mma::dynamic_smem_decl());
     let _ = writeln!(
         w,
-        "  gpu.func @{name}({sig}) kernel attributes {{known_block_size = array<i32: 128, 1, 1>}} {{"
+        "  gpu.func @{name}({sig}) kernel attributes {{known_block_size = array<i32: {}, 1, 1>}} {{",
+        s.threads()
     );
     let _ = write!(
         w,
@@ -287,9 +332,7 @@ pub fn gemm_wgmma(
     %tid = gpu.thread_id x
     %bx = gpu.block_id x
     %by = gpu.block_id y
-    %m0 = arith.muli %by, %c128 : index
-    %n0 = arith.muli %bx, %cBN : index
-    %smem = memref.get_global @kiln_dynamic_smem : memref<0xi8, {ws}>
+{origin}    %smem = memref.get_global @kiln_dynamic_smem : memref<0xi8, {ws}>
     %As = memref.view %smem[%c0][] : memref<0xi8, {ws}> to {a_sh}
     %Bs = memref.view %smem[%cAB][] : memref<0xi8, {ws}> to {b_sh}
     %bar = nvgpu.mbarrier.create -> {bar}
@@ -300,7 +343,8 @@ pub fn gemm_wgmma(
     scf.if %is0 {{
 "#,
         tx = s.stage_bytes(),
-        tile = BM * bn,
+        tile = rows * bn,
+        origin = block_origin(s),
     );
     for i in 0..st {
         let _ = writeln!(
@@ -317,9 +361,9 @@ pub fn gemm_wgmma(
         let _ = write!(
             w,
             r#"      %{p}k0 = arith.muli {kt}, %c64 : index
-      %{p}a = memref.subview %As[{s}, 0, 0][1, {BM}, {BK}][1, 1, 1] : {a_sh} to memref<{BM}x{BK}x{ti}, strided<[{BK}, 1], offset: ?>, {ws}>
+      %{p}a = memref.subview %As[{s}, 0, 0][1, {rows}, {BK}][1, 1, 1] : {a_sh} to memref<{rows}x{BK}x{ti}, strided<[{BK}, 1], offset: ?>, {ws}>
       nvgpu.mbarrier.arrive.expect_tx %bar[{s}], %cTX : {bar}
-      nvgpu.tma.async.load %tmA[%{p}k0, %m0], %bar[{s}] to %{p}a : {tma}, {bar} -> memref<{BM}x{BK}x{ti}, strided<[{BK}, 1], offset: ?>, {ws}>
+      nvgpu.tma.async.load %tmA[%{p}k0, %m0], %bar[{s}] to %{p}a : {tma}, {bar} -> memref<{rows}x{BK}x{ti}, strided<[{BK}, 1], offset: ?>, {ws}>
 "#
         );
         // B: bn/64 boxes of 64×64 one after the other (what the wgmma descriptor of the
@@ -364,6 +408,22 @@ pub fn gemm_wgmma(
     let frag = format!("<fragmented = vector<{mr}x{bn}xf32>>");
     let a_half = format!("memref<{mr}x{BK}x{ti}, strided<[{BK}, 1], offset: ?>, {ws}>");
     let da_half = format!("!nvgpu.warpgroup.descriptor<tensor = memref<{mr}x{BK}x{ti}, 3>>");
+    // Rows of A this thread's warpgroup multiplies: its slice of `halves · mr` rows of the
+    // block tile (two 64-row halves for bn = 64).
+    let arows: Vec<String> = if wgs == 1 {
+        (0..halves).map(|h| (h * mr).to_string()).collect()
+    } else {
+        let _ = writeln!(
+            w,
+            "    %wg = arith.divui %tid, %c128 : index\n    %arow0 = arith.muli %wg, %c{} : index",
+            halves * mr
+        );
+        if halves == 2 {
+            w.push_str("    %arow1 = arith.addi %arow0, %c64 : index\n");
+        }
+        (0..halves).map(|h| format!("%arow{h}")).collect()
+    };
+    let arow = &arows[0];
     let loop_head = if halves == 1 {
         format!(
             "    %acc0 = nvgpu.warpgroup.mma.init.accumulator -> {frag}\n    %acc = scf.for %it = %c0 to %ktiles step %c1 iter_args(%mc = %acc0) -> ({acc}) {{\n"
@@ -376,11 +436,11 @@ pub fn gemm_wgmma(
     // The wgmma group(s) of one k-tile; the previous tile's groups are done after them.
     let mma = if halves == 1 {
         format!(
-            r#"      %as = memref.subview %As[%st, 0, 0][1, {BM}, {BK}][1, 1, 1] : {a_sh} to memref<{BM}x{BK}x{ti}, strided<[{BK}, 1], offset: ?>, {ws}>
+            r#"      %as = memref.subview %As[%st, {arow}, 0][1, {mr}, {BK}][1, 1, 1] : {a_sh} to memref<{mr}x{BK}x{ti}, strided<[{BK}, 1], offset: ?>, {ws}>
       %bs = memref.subview %Bs[%st, 0, 0][1, {BK}, {bn}][1, 1, 1] : {b_sh} to memref<{BK}x{bn}x{ti}, strided<[{bn}, 1], offset: ?>, {ws}>
-      %dA = nvgpu.warpgroup.generate.descriptor %as, %tmA : memref<{BM}x{BK}x{ti}, strided<[{BK}, 1], offset: ?>, {ws}>, {tma} -> !nvgpu.warpgroup.descriptor<tensor = memref<{BM}x{BK}x{ti}, 3>>
+      %dA = nvgpu.warpgroup.generate.descriptor %as, %tmA : memref<{mr}x{BK}x{ti}, strided<[{BK}, 1], offset: ?>, {ws}>, {tma} -> !nvgpu.warpgroup.descriptor<tensor = memref<{mr}x{BK}x{ti}, 3>>
       %dB = nvgpu.warpgroup.generate.descriptor %bs, %tmB : memref<{BK}x{bn}x{ti}, strided<[{bn}, 1], offset: ?>, {ws}>, {tmb} -> !nvgpu.warpgroup.descriptor<tensor = memref<{BK}x{bn}x{ti}, 3>>
-      %md = nvgpu.warpgroup.mma %dA, %dB, %mc {{transposeB, waitGroup = 1 : i64}} : <tensor = memref<{BM}x{BK}x{ti}, 3>>, <tensor = memref<{BK}x{bn}x{ti}, 3>>, <fragmented = vector<{BM}x{bn}xf32>> -> <fragmented = vector<{BM}x{bn}xf32>>
+      %md = nvgpu.warpgroup.mma %dA, %dB, %mc {{transposeB, waitGroup = 1 : i64}} : <tensor = memref<{mr}x{BK}x{ti}, 3>>, <tensor = memref<{BK}x{bn}x{ti}, 3>>, <fragmented = vector<{mr}x{bn}xf32>> -> <fragmented = vector<{mr}x{bn}xf32>>
 "#
         )
     } else {
@@ -403,7 +463,7 @@ pub fn gemm_wgmma(
       %dA{h} = nvgpu.warpgroup.generate.descriptor %as{h}, %tmA : {a_half}, {tma} -> {da_half}
       %md{h} = nvgpu.warpgroup.mma %dA{h}, %dB, %mc{h} {{transposeB{wait}}} : <tensor = memref<{mr}x{BK}x{ti}, 3>>, <tensor = memref<{BK}x{bn}x{ti}, 3>>, {frag} -> {frag}
 "#,
-                row = h * mr,
+                row = arows[h as usize],
             );
         }
         m
@@ -433,8 +493,23 @@ pub fn gemm_wgmma(
 "#
     );
     load(&mut w, "l_", "%nk", "%pst");
-    let store = if halves == 1 {
-        format!("    nvgpu.warpgroup.mma.store %acc, %Cs : {frag} to memref<{BM}x{bn}xf32, {ws}>\n")
+    let store = if wgs > 1 {
+        // MLIR 22's `nvgpu.warpgroup.mma.store` takes the warp index as `tid / 32` (not
+        // modulo 4), which puts a second warpgroup's rows 64 rows too low; the fragments are
+        // stored here instead, with the wgmma register layout written out (see
+        // `warpgroup_fragment_store`).
+        let mut st = String::new();
+        for h in 0..halves {
+            let a = if halves == 1 {
+                "%acc".to_string()
+            } else {
+                format!("%acc#{h}")
+            };
+            warpgroup_fragment_store(&mut st, &a, &format!("s{h}_"), mr, bn, h * mr, rows);
+        }
+        st
+    } else if halves == 1 {
+        format!("    nvgpu.warpgroup.mma.store %acc, %Cs : {frag} to memref<{mr}x{bn}xf32, {ws}>\n")
     } else {
         let mut st = String::new();
         for h in 0..halves {
@@ -453,7 +528,7 @@ pub fn gemm_wgmma(
     }}
     nvvm.wgmma.wait.group.sync.aligned 0
     gpu.barrier
-    %Cs = memref.view %smem[%c0][] : memref<0xi8, {ws}> to memref<{BM}x{bn}xf32, {ws}>
+    %Cs = memref.view %smem[%c0][] : memref<0xi8, {ws}> to memref<{rows}x{bn}xf32, {ws}>
 {store}    gpu.barrier
 "#
     );
@@ -462,23 +537,23 @@ pub fn gemm_wgmma(
         let _ = writeln!(
             w,
             "    %Cf = memref.view %smem[%c0][] : memref<0xi8, {ws}> to memref<{}xf32, {ws}>",
-            BM * bn
+            rows * bn
         );
     }
-    let flat_ty = format!("memref<{}xf32, {ws}>", BM * bn);
+    let flat_ty = format!("memref<{}xf32, {ws}>", rows * bn);
     let tile = TileSource {
         flat: "%Cf",
         ty: &flat_ty,
         base: "%c0",
     };
-    emit_epilogue(&mut w, &tile, bn, s.vector, output, epilogue);
+    emit_epilogue(&mut w, &tile, s, output, epilogue);
     w.push_str("    gpu.return\n  }\n");
     Ok(WgmmaGemm {
         kernel: GpuKernel {
             name: name.into(),
             mlir: w,
             params,
-            block: [128, 1, 1],
+            block: [s.threads(), 1, 1],
             shared_bytes: 0,
             requires: vec!["wgmma".into(), "tma".into()],
         },
@@ -490,8 +565,105 @@ pub fn gemm_wgmma(
     })
 }
 
+/// Stores the `mr × bn` warpgroup accumulator `acc` (`mr` a multiple of 64) of this
+/// thread's warpgroup `%wg` into rows `128 · %wg + row0 ..` of the `rows × bn` f32 tile `%Cs`.
+/// The accumulator is read as the LLVM struct it lowers to (one struct of `bn / 2` f32 per
+/// m64 fragment) through an unrealized cast that the lowering folds away. wgmma's D layout:
+/// in fragment `f`, register `r` of lane `l` of warp `w` (of the warpgroup) holds row
+/// `64f + 16w + l/4 + 8·((r/2) mod 2)`, column `8·(r/4) + 2·(l mod 4) + r mod 2`; the pairs
+/// `(2p, 2p+1)` are stored as one `vector<2xf32>`. Names take prefix `p`; needs `%tid`,
+/// `%arow0` (= 128 · %wg) and `%Cs` in scope.
+fn warpgroup_fragment_store(
+    w: &mut String,
+    acc: &str,
+    p: &str,
+    mr: u32,
+    bn: u32,
+    row0: u32,
+    rows: u32,
+) {
+    let ws = "#gpu.address_space<workgroup>";
+    let frags = mr / 64;
+    let inner = format!("struct<({})>", vec!["f32"; (bn / 2) as usize].join(", "));
+    let st_ty = format!("!llvm.struct<({})>", vec![inner; frags as usize].join(", "));
+    let _ = write!(
+        w,
+        r#"    %{p}s = builtin.unrealized_conversion_cast {acc} : !nvgpu.warpgroup.accumulator<fragmented = vector<{mr}x{bn}xf32>> to {st_ty}
+    %{p}c4 = arith.constant 4 : index
+    %{p}c16 = arith.constant 16 : index
+    %{p}c32 = arith.constant 32 : index
+    %{p}t = arith.remui %tid, %c128 : index
+    %{p}w = arith.divui %{p}t, %{p}c32 : index
+    %{p}l = arith.remui %tid, %{p}c32 : index
+    %{p}lq = arith.divui %{p}l, %{p}c4 : index
+    %{p}lr = arith.remui %{p}l, %{p}c4 : index
+    %{p}cb = arith.muli %{p}lr, %c2 : index
+    %{p}w16 = arith.muli %{p}w, %{p}c16 : index
+    %{p}rw = arith.addi %{p}w16, %{p}lq : index
+    %{p}rb = arith.addi %{p}rw, %arow0 : index
+"#
+    );
+    for f in 0..frags {
+        for q in 0..bn / 4 {
+            let (ro, co) = (row0 + 64 * f + 8 * (q % 2), 8 * (q / 2));
+            let n = format!("{p}{f}_{q}");
+            let _ = write!(
+                w,
+                r#"    %{n}a = llvm.extractvalue %{p}s[{f}, {i0}] : {st_ty}
+    %{n}b = llvm.extractvalue %{p}s[{f}, {i1}] : {st_ty}
+    %{n}v = vector.from_elements %{n}a, %{n}b : vector<2xf32>
+    %{n}ro = arith.constant {ro} : index
+    %{n}r = arith.addi %{p}rb, %{n}ro : index
+    %{n}co = arith.constant {co} : index
+    %{n}c = arith.addi %{p}cb, %{n}co : index
+    vector.store %{n}v, %Cs[%{n}r, %{n}c] : memref<{rows}x{bn}xf32, {ws}>, vector<2xf32>
+"#,
+                i0 = 2 * q,
+                i1 = 2 * q + 1,
+            );
+        }
+    }
+}
+
+/// Defines `%m0`, `%n0`, the first row and column of the block's output tile, from
+/// `%bx`, `%by` (and the grid size when `s.raster > 1`: bands of `raster` tile rows, walked
+/// column by column). Needs `%c128` and `%cBN` in scope.
+fn block_origin(s: &WgmmaSchedule) -> String {
+    let rows = if s.rows() == 128 {
+        String::new()
+    } else {
+        format!("    %cROWS = arith.constant {} : index\n", s.rows())
+    };
+    let crows = if s.rows() == 128 { "%c128" } else { "%cROWS" };
+    if s.raster == 1 {
+        return format!(
+            "{rows}    %m0 = arith.muli %by, {crows} : index\n    %n0 = arith.muli %bx, %cBN : index\n"
+        );
+    }
+    format!(
+        r#"{rows}    %rgx = gpu.grid_dim x
+    %rgy = gpu.grid_dim y
+    %rp0 = arith.muli %by, %rgx : index
+    %rpid = arith.addi %rp0, %bx : index
+    %cRG = arith.constant {g} : index
+    %rgs = arith.muli %cRG, %rgx : index
+    %rband = arith.divui %rpid, %rgs : index
+    %rfm = arith.muli %rband, %cRG : index
+    %rleft = arith.subi %rgy, %rfm : index
+    %rgm = arith.minui %rleft, %cRG : index
+    %rin = arith.remui %rpid, %rgs : index
+    %rim = arith.remui %rin, %rgm : index
+    %rtm = arith.addi %rfm, %rim : index
+    %rtn = arith.divui %rin, %rgm : index
+    %m0 = arith.muli %rtm, {crows} : index
+    %n0 = arith.muli %rtn, %cBN : index
+"#,
+        g = s.raster
+    )
+}
+
 /// Where the epilogue reads the f32 accumulator tile of its block when it is vectorized: a
-/// flat `f32` memref (`flat`, of type `ty`) and the index of the block's `128 × bn`
+/// flat `f32` memref (`flat`, of type `ty`) and the index of the block's `rows × bn`
 /// row-major tile in it (`base`). The element-wise epilogue reads the 2-D `%Cs` view.
 struct TileSource<'a> {
     flat: &'a str,
@@ -499,18 +671,18 @@ struct TileSource<'a> {
     base: &'a str,
 }
 
-/// Emits the epilogue loop of [`gemm_wgmma`]: each of the 128 threads takes `vw`
-/// consecutive columns of the block's tile per step, scales by `alpha`, applies `epilogue`
-/// and stores to `C`. Needs in scope `%tid`, `%m0`, `%n0`, `%M`, `%N`, `%alpha`, `%C`,
+/// Emits the epilogue loop of [`gemm_wgmma`] with schedule `s`: each of the block's threads
+/// takes `s.vector` consecutive columns of the block's tile per step, scales by `alpha`,
+/// applies `epilogue` and stores to `C`. Needs in scope `%tid`, `%m0`, `%n0`, `%M`, `%N`, `%alpha`, `%C`,
 /// `%c0`, `%c1`, `%cTILE`, `%cBN` (and `%bias`, `%R`, `%beta` as the epilogue uses them).
 fn emit_epilogue(
     w: &mut String,
     tile: &TileSource,
-    bn: u32,
-    vw: u32,
+    s: &WgmmaSchedule,
     output: MmaOutput,
     epilogue: &Epilogue,
 ) {
+    let (bn, vw, rows) = (s.bn, s.vector, s.rows());
     let ws = "#gpu.address_space<workgroup>";
     let to = output.mlir();
     // The epilogue of one element: `v` (an f32 accumulator) at flat index `ix` of C and
@@ -569,7 +741,7 @@ fn emit_epilogue(
       %rn = arith.muli %row, %N : index
       %ix = arith.addi %rn, %col : index
 "#,
-        estep = 128 * vw,
+        estep = s.threads() * vw,
     );
     if vw == 1 {
         let _ = write!(
@@ -577,7 +749,7 @@ fn emit_epilogue(
             r#"      %cok = arith.cmpi ult, %col, %N : index
       %ok = arith.andi %rok, %cok : i1
       scf.if %ok {{
-      %v = memref.load %Cs[%r, %c] : memref<{BM}x{bn}xf32, {ws}>
+      %v = memref.load %Cs[%r, %c] : memref<{rows}x{bn}xf32, {ws}>
 "#
         );
         let y = elem(w, "", "%v", "%ix", "%col");
@@ -648,9 +820,11 @@ fn emit_epilogue(
 
 /// A kernel that runs only the vectorized epilogue of [`gemm_wgmma`] with schedule `s`
 /// (`s.vector > 1`), so that it can be checked where no wgmma runs (the SIMT emulator of the
-/// tests): block `(bx, by)` of a `(ceil(N / bn), ceil(M / 128))` grid of 128 threads reads
-/// its f32 accumulator tile, row-major `128 × bn`, from `T` at `(by · gridDim.x + bx) · 128 ·
-/// bn`, then scales, applies `epilogue` and stores to `C` with the very code of the GEMM.
+/// tests): each block of the GEMM's grid ([`WgmmaSchedule::grid`], `s.threads()` threads)
+/// takes the output tile the GEMM's block would (rasterization included), reads that tile
+/// `(tm, tn)`'s f32 accumulators, row-major `rows × bn`, from `T` at `(tm · gridDim.x + tn)
+/// · rows · bn`, then scales, applies `epilogue` and stores to `C` with the very code of the
+/// GEMM.
 /// Parameters: `T: memref<?xf32>`, `C`, `bias` (if any), `R` (if a residual), `M`, `N`,
 /// `alpha`, `beta` (if a residual).
 pub fn epilogue_probe(
@@ -681,36 +855,40 @@ pub fn epilogue_probe(
     let mut w = String::new();
     let _ = write!(
         w,
-        r#"  gpu.func @{name}({sig}) kernel attributes {{known_block_size = array<i32: 128, 1, 1>}} {{
+        r#"  gpu.func @{name}({sig}) kernel attributes {{known_block_size = array<i32: {threads}, 1, 1>}} {{
     %c0 = arith.constant 0 : index
     %c1 = arith.constant 1 : index
     %c128 = arith.constant 128 : index
     %cBN = arith.constant {bn} : index
     %cTILE = arith.constant {tile} : index
+    %cPR = arith.constant {rows} : index
     %tid = gpu.thread_id x
     %bx = gpu.block_id x
     %by = gpu.block_id y
     %gx = gpu.grid_dim x
-    %m0 = arith.muli %by, %c128 : index
-    %n0 = arith.muli %bx, %cBN : index
-    %tb0 = arith.muli %by, %gx : index
-    %tb1 = arith.addi %tb0, %bx : index
+{origin}    %tm = arith.divui %m0, %cPR : index
+    %tn = arith.divui %n0, %cBN : index
+    %tb0 = arith.muli %tm, %gx : index
+    %tb1 = arith.addi %tb0, %tn : index
     %tb = arith.muli %tb1, %cTILE : index
 "#,
-        tile = BM * bn
+        tile = s.rows() * bn,
+        rows = s.rows(),
+        threads = s.threads(),
+        origin = block_origin(s),
     );
     let tile = TileSource {
         flat: "%T",
         ty: "memref<?xf32>",
         base: "%tb",
     };
-    emit_epilogue(&mut w, &tile, bn, s.vector, output, epilogue);
+    emit_epilogue(&mut w, &tile, s, output, epilogue);
     w.push_str("    gpu.return\n  }\n");
     Ok(GpuKernel {
         name: name.into(),
         mlir: w,
         params: Vec::new(),
-        block: [128, 1, 1],
+        block: [s.threads(), 1, 1],
         shared_bytes: 0,
         requires: Vec::new(),
     })
@@ -746,11 +924,13 @@ mod tests {
             bn: 64,
             stages: 2,
             vector: 1,
+            ..WgmmaSchedule::default()
         };
         // The accumulator tile (32 KiB) fits in the 2 stages (48 KiB).
         assert_eq!(two.shared_bytes(), 49152);
         for bad in [
             WgmmaSchedule { bn: 96, ..d },
+            WgmmaSchedule { bn: 512, ..d },
             WgmmaSchedule { stages: 1, ..d },
             WgmmaSchedule { stages: 7, ..d },
         ] {
@@ -842,6 +1022,115 @@ mod tests {
         assert!(bad.validate(h100).is_err());
     }
 
+    /// Two consumer warpgroups: a 256-row tile, 256 threads, one 256-row TMA box of A per
+    /// stage (48 KiB stages), each warpgroup's wgmma on its own 128 rows; the raster
+    /// renumbering keeps the grid. Both assemble for sm_90a, and the names say so.
+    #[test]
+    fn two_warpgroups_and_raster_bands() {
+        let db = DeviceDb::builtin().unwrap();
+        let h100 = db.parse_target("cuda:h100").unwrap();
+        let s = WgmmaSchedule {
+            warpgroups: 2,
+            raster: 8,
+            vector: 8,
+            ..WgmmaSchedule::default()
+        };
+        s.validate(h100).unwrap();
+        assert_eq!((s.rows(), s.threads(), s.stage_bytes()), (256, 256, 49152));
+        assert_eq!(s.shared_bytes(), 196608);
+        assert_eq!(s.grid(4096, 4096), [32, 16, 1]);
+        assert_eq!(s.grid(257, 100), [1, 2, 1]);
+        let six = WgmmaSchedule { stages: 6, ..s };
+        assert!(six
+            .validate(h100)
+            .unwrap_err()
+            .to_string()
+            .contains("opt-in"));
+        for bad in [
+            WgmmaSchedule { warpgroups: 3, ..s },
+            WgmmaSchedule { raster: 0, ..s },
+            WgmmaSchedule { raster: 33, ..s },
+        ] {
+            assert!(bad.validate(h100).is_err(), "{bad:?}");
+        }
+        // bn = 256: 64 rows per warpgroup, a 128×256 tile, four 64-column B boxes
+        let wide = WgmmaSchedule { bn: 256, ..s };
+        wide.validate(h100).unwrap();
+        assert_eq!((wide.rows(), wide.stage_bytes()), (128, 49152));
+        assert_eq!(wide.grid(4096, 4096), [16, 32, 1]);
+        for bn in [128, 64, 256] {
+            let s = WgmmaSchedule { bn, ..s };
+            let g = gemm_wgmma("t", MmaInput::F16, MmaOutput::F16, &Epilogue::none(), &s).unwrap();
+            assert_eq!(g.kernel.block, [256, 1, 1]);
+            assert_eq!(g.tensor_maps(1000, 512, 64)[0].box_dims, [64, s.rows()]);
+            assert!(g.kernel.mlir.contains("%wg = arith.divui %tid, %c128"));
+            assert!(g.kernel.mlir.contains("gpu.grid_dim y"));
+            let ptx = crate::gpu::compile_kernel(&g.kernel, h100).unwrap();
+            assert!(ptx.text.contains(".maxntid 256, 1, 1"), "bn {bn}");
+            let mma = format!("wgmma.mma_async.sync.aligned.m64n{bn}k16.f32.f16.f16");
+            assert!(ptx.text.contains(&mma), "bn {bn}: no {mma}");
+            // the fragments reach shared memory as float pairs: 2 fragments × bn/4 pairs
+            // (bn = 128), 2 halves × 1 fragment × bn/4 (bn = 64) or 1 fragment × bn/4
+            // (bn = 256), no nvgpu store
+            let pairs = ptx.text.matches("st.shared.v2.f32").count()
+                + ptx.text.matches("st.shared.v2.b32").count();
+            let want = if bn == 256 { 64 } else { 2 * bn / 4 };
+            assert_eq!(pairs as u32, want, "bn {bn}");
+        }
+        let name = crate::gpu::tuning::wgmma_name(MmaInput::F16, &s, &Epilogue::none());
+        assert!(name.contains("_bn128_s4_v8_w2_r8_"), "{name}");
+        let plain = crate::gpu::tuning::wgmma_name(
+            MmaInput::F16,
+            &WgmmaSchedule::default(),
+            &Epilogue::none(),
+        );
+        assert!(plain.contains("_bn128_s4_plain"), "{plain}");
+    }
+
+    /// Why the two-warpgroup kernel stores its accumulators itself: MLIR 22 lowers
+    /// `nvgpu.warpgroup.mma.store` with the warp index `tid / 32` taken whole (no `% 4`), so
+    /// a second warpgroup's rows would come out 64 rows down. If a later MLIR takes the
+    /// index modulo 4, this fails, and the nvgpu store could serve both kernels again.
+    #[test]
+    fn warpgroup_store_takes_the_whole_warp_index() {
+        let ws = "#gpu.address_space<workgroup>";
+        let text = format!(
+            r#"module attributes {{gpu.container_module}} {{
+gpu.module @k {{
+  gpu.func @st(%out: memref<128x128xf32, {ws}>) kernel {{
+    %acc = nvgpu.warpgroup.mma.init.accumulator -> <fragmented = vector<128x128xf32>>
+    nvgpu.warpgroup.mma.store %acc, %out : <fragmented = vector<128x128xf32>> to memref<128x128xf32, {ws}>
+    gpu.return
+  }}
+}}
+}}"#
+        );
+        let out =
+            crate::mlir::run_pipeline(&text, "builtin.module(convert-nvgpu-to-nvvm)").unwrap();
+        let lines: Vec<&str> = out.lines().collect();
+        let tid = lines
+            .iter()
+            .find_map(|l| l.trim().strip_suffix(" = nvvm.read.ptx.sreg.tid.x : i32"))
+            .expect("a thread index");
+        let warp = lines
+            .iter()
+            .find_map(|l| {
+                let (lhs, rhs) = l.trim().split_once(" = ")?;
+                rhs.starts_with(&format!("llvm.udiv {tid}, "))
+                    .then_some(lhs)
+            })
+            .expect("tid / 32");
+        let uses: Vec<&&str> = lines
+            .iter()
+            .filter(|l| l.contains(&format!("{warp} ")) || l.contains(&format!("{warp},")))
+            .filter(|l| !l.trim().starts_with(&format!("{warp} =")))
+            .collect();
+        assert!(!uses.is_empty());
+        for u in uses {
+            assert!(u.contains("llvm.mul"), "the warp index is used as {u}");
+        }
+    }
+
     /// The accumulator reaches shared memory at the right rows for both widths: the
     /// row-`r` fragment registers of the second 64-row half are stored `64 · bn · 4` bytes
     /// after the first's (MLIR's `warpgroup.mma.store` alone puts a 128×64 accumulator's
@@ -855,6 +1144,7 @@ mod tests {
                 bn,
                 stages: 3,
                 vector: 1,
+                ..WgmmaSchedule::default()
             };
             let g = gemm_wgmma("t", MmaInput::BF16, MmaOutput::F32, &Epilogue::none(), &s).unwrap();
             let ptx = crate::gpu::compile_kernel(&g.kernel, h100).unwrap();
