@@ -56,7 +56,7 @@ run_tests() {
       if [ "$(left)" -lt 15 ]; then echo "$b $t: skipped (deadline)"; continue; fi
       timeout "$(cap 60)" .gpu/bin/$b --exact "$t" --nocapture > "/tmp/t_$t.log" 2>&1; rc=$?
       echo "$b $t: $([ $rc = 0 ] && echo ok || echo "FAILED ($rc)")"
-      [ $rc = 0 ] || grep -E "panicked|Error|error" "/tmp/t_$t.log" | head -3
+      [ $rc = 0 ] || { grep -E "panicked|Error|error" "/tmp/t_$t.log" | head -3; tail -n 2 "/tmp/t_$t.log"; }
     done
   done
 }

@@ -286,6 +286,7 @@ fn wgmma_gemms_assemble_for_sm_90a() {
                 vector: 8,
                 warpgroups: 2,
                 raster: 8,
+                producer: 0,
             },
         ),
         (
@@ -298,6 +299,7 @@ fn wgmma_gemms_assemble_for_sm_90a() {
                 vector: 1,
                 warpgroups: 2,
                 raster: 1,
+                producer: 0,
             },
         ),
         (
@@ -310,6 +312,20 @@ fn wgmma_gemms_assemble_for_sm_90a() {
                 vector: 8,
                 warpgroups: 2,
                 raster: 8,
+                producer: 0,
+            },
+        ),
+        (
+            MmaInput::BF16,
+            MmaOutput::BF16,
+            ep(true, GeluTanh, Residual::AfterActivation),
+            WgmmaSchedule {
+                bn: 128,
+                stages: 4,
+                vector: 8,
+                warpgroups: 2,
+                raster: 8,
+                producer: 1,
             },
         ),
     ];
@@ -365,7 +381,7 @@ fn wgmma_gemms_assemble_for_sm_90a() {
             built += 1;
         }
     }
-    assert_eq!(built, 18, "six kernels on the three sm_90 SKUs");
+    assert_eq!(built, 21, "seven kernels on the three sm_90 SKUs");
 }
 
 /// Launch geometry of a fixture, one manifest line: `file entry bm bn threads dyn_smem
@@ -501,61 +517,75 @@ fn runtime_fixtures() -> Vec<(String, String)> {
             },
         ),
     ];
-    // timed f16 → f16 variants, `(bn, stages, vector, warpgroups, raster)`: the default;
-    // 6 stages; 3 stages = 96 KiB, so two blocks fit on an SM and one's epilogue overlaps
-    // the other's main loop; bn = 64 with its two 64-row accumulators at 4 stages (96 KiB,
-    // two blocks per SM); 16-byte epilogue stores (8 halves per thread and step) instead of
-    // 2-byte ones; two consumer warpgroups on a 256×128 tile (one B load feeds twice the
-    // wgmma work; 3 and 4 stages of 48 KiB) or on a 128×256 tile (64 rows each, m64n256);
-    // bands of 8 tile rows for L2 reuse
+    // timed f16 → f16 variants, `(bn, stages, vector, warpgroups, raster, producer)`: the
+    // default; 6 stages; 3 stages = 96 KiB, so two blocks fit on an SM and one's epilogue
+    // overlaps the other's main loop; bn = 64 with its two 64-row accumulators at 4 stages
+    // (96 KiB, two blocks per SM); 16-byte epilogue stores (8 halves per thread and step)
+    // instead of 2-byte ones; two consumer warpgroups on a 256×128 tile (one B load feeds
+    // twice the wgmma work; 3 and 4 stages of 48 KiB) or on a 128×256 tile (64 rows each,
+    // m64n256); bands of 8 tile rows for L2 reuse; last, a producer warpgroup streaming the
+    // tiles (warp specialization: a protocol error would hang, so they come after the rest)
     let bench = [
-        (128, 4, 1, 1, 1),
-        (128, 6, 1, 1, 1),
-        (128, 3, 1, 1, 1),
-        (64, 4, 1, 1, 1),
-        (128, 4, 8, 1, 1),
-        (128, 3, 8, 1, 1),
-        (128, 4, 8, 1, 8),
-        (128, 3, 8, 2, 1),
-        (128, 4, 8, 2, 1),
-        (128, 4, 8, 2, 8),
-        (128, 4, 1, 2, 8),
-        (256, 4, 8, 2, 1),
-        (256, 3, 8, 2, 1),
-        (256, 4, 8, 2, 8),
-    ];
+        (128, 4, 1, 1, 1, 0),
+        (128, 6, 1, 1, 1, 0),
+        (128, 3, 1, 1, 1, 0),
+        (64, 4, 1, 1, 1, 0),
+        (128, 4, 8, 1, 1, 0),
+        (128, 3, 8, 1, 1, 0),
+        (128, 4, 8, 1, 8, 0),
+        (128, 3, 8, 2, 1, 0),
+        (128, 4, 8, 2, 1, 0),
+        (128, 4, 8, 2, 8, 0),
+        (128, 4, 1, 2, 8, 0),
+        (256, 4, 8, 2, 1, 0),
+        (256, 3, 8, 2, 1, 0),
+        (256, 4, 8, 2, 8, 0),
+        (128, 4, 8, 1, 1, 1),
+        (128, 4, 8, 2, 1, 1),
+        (128, 4, 8, 2, 8, 1),
+        (256, 4, 8, 2, 8, 1),
+    ]
+    .map(
+        |(bn, stages, vector, warpgroups, raster, producer)| WgmmaSchedule {
+            bn,
+            stages,
+            vector,
+            warpgroups,
+            raster,
+            producer,
+        },
+    );
     let names: Vec<String> = bench
         .iter()
-        .map(|&(bn, st, v, wgs, r)| {
+        .map(|s| {
             let mut tags = String::new();
-            for (t, x) in [("v", v), ("w", wgs), ("r", r)] {
+            for (t, x) in [("v", s.vector), ("w", s.warpgroups), ("r", s.raster)] {
                 if x != 1 {
                     tags.push_str(&format!("_{t}{x}"));
                 }
             }
-            format!("bench_wgmma_f16_f16_bn{bn}_s{st}{tags}")
+            if s.producer == 1 {
+                tags.push_str("_p1");
+            }
+            format!("bench_wgmma_f16_f16_bn{}_s{}{tags}", s.bn, s.stages)
         })
         .collect();
-    let wg = wg.into_iter().chain(bench.iter().zip(&names).map(
-        |(&(bn, stages, vector, warpgroups, raster), n)| {
-            let s = WgmmaSchedule {
-                bn,
-                stages,
-                vector,
-                warpgroups,
-                raster,
-            };
-            (n.as_str(), F16, O::F16, Epilogue::none(), s)
-        },
-    ));
+    let wg = wg.into_iter().chain(
+        bench
+            .iter()
+            .zip(&names)
+            .map(|(s, n)| (n.as_str(), F16, O::F16, Epilogue::none(), *s)),
+    );
     for (file, i, o, e, s) in wg {
         let g = gemm_wgmma(&format!("kiln_{file}"), i, o, &e, &s).unwrap();
         let ptx = compile_kernel(&g.kernel, &h100).unwrap();
         let file = format!("{file}.{}.ptx", ptx.arch);
+        // launch geometry: `file entry bn rows threads dynamic_shared`
         manifest.push_str(&format!(
-            "{file} {} {} {} {}\n",
+            "{file} {} {} {} {} {}\n",
             g.kernel.name,
             s.bn,
+            s.rows(),
             s.threads(),
             g.dynamic_shared
         ));

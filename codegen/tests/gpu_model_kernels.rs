@@ -249,7 +249,8 @@ fn cast_and_copy_kernels_on_the_emulator() {
 /// of the width, the element-wise edge elsewhere (N not a multiple of it, partial blocks at
 /// the right and the bottom) — with bias, activations and residuals, f32 and f16 outputs,
 /// one or two warpgroups (128- or 256-row tiles), tiles in row order or in bands
-/// (`raster`; a wrong renumbering leaves tiles unwritten or written twice).
+/// (`raster`; a wrong renumbering leaves tiles unwritten or written twice), with and without
+/// a producer warpgroup (whose threads join the epilogue: its step grows to 384 threads).
 #[test]
 fn wgmma_vectorized_epilogue_on_the_emulator() {
     use kiln_codegen::gpu::kernels::epilogue::{Activation, Epilogue, Residual};
@@ -350,6 +351,8 @@ fn wgmma_vectorized_epilogue_on_the_emulator() {
             vector,
             warpgroups,
             raster,
+            // the last two cases with the producer warpgroup
+            producer: u32::from(ci + 2 >= cases.len()),
         };
         let k = epilogue_probe("probe", out, &e, &s).unwrap();
         let rows = s.rows() as usize;

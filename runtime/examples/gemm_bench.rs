@@ -236,7 +236,7 @@ fn run(m: usize, n: usize, k: usize, runs: usize) -> Result<(), String> {
         .map_err(|e| format!("tests/ptx/gemm_wgmma.manifest: {e}"))?;
     for line in manifest.lines().filter(|l| l.starts_with("bench_")) {
         let f: Vec<&str> = line.split_whitespace().collect();
-        let [file, entry, bn, threads, smem] = f[..] else {
+        let [file, entry, bn, rows, threads, smem] = f[..] else {
             return Err(format!("bad manifest line '{line}'"));
         };
         if arch != "sm_90" {
@@ -247,13 +247,13 @@ fn run(m: usize, n: usize, k: usize, runs: usize) -> Result<(), String> {
             s.parse()
                 .map_err(|_| format!("bad number '{s}' in manifest line '{line}'"))
         };
-        let (bn, threads, smem) = (num(bn)?, num(threads)?, num(smem)?);
+        let (bn, rows, threads, smem) = (num(bn)?, num(rows)?, num(threads)?, num(smem)?);
         let ptx = std::fs::read_to_string(dir.join(file)).map_err(|e| format!("{file}: {e}"))?;
         let kern = dev.load_ptx(&ptx, entry).map_err(e)?;
         let (m6, n6, k6) = (m as u64, n as u64, k as u64);
         let f16 = kiln_runtime::cuda::Elem16::F16;
         let tma = dev
-            .tensor_map_2d(&a, f16, [k6, m6], 2 * k6, [64, threads])
+            .tensor_map_2d(&a, f16, [k6, m6], 2 * k6, [64, rows])
             .map_err(e)?;
         let tmb = dev
             .tensor_map_2d(&b, f16, [n6, k6], 2 * n6, [64, 64])
@@ -269,8 +269,7 @@ fn run(m: usize, n: usize, k: usize, runs: usize) -> Result<(), String> {
             KernelArg::Index(k as i64),
             KernelArg::F32(1.0),
         ];
-        // one warpgroup of 128 threads per 128 rows of the block tile
-        let grid = [(n as u32).div_ceil(bn), (m as u32).div_ceil(threads), 1];
+        let grid = [(n as u32).div_ceil(bn), (m as u32).div_ceil(rows), 1];
         let mut failed = None;
         let ms = time(&dev, 3, runs, || {
             // SAFETY: the arguments follow `gemm_wgmma`'s parameters (no bias, no

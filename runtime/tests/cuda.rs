@@ -479,8 +479,9 @@ fn mma_split_k_gemm_matches_cpu() {
 
 // ---------------------------------------------------------------------------------------
 // sm_90a warpgroup GEMMs (`gemm_wgmma`): TMA descriptors encoded here the way
-// `WgmmaGemm::tensor_maps` describes (A: dims [K, M], box [64, 128]; B: dims [N, K],
-// box [64, 64]); fixtures and geometry from `tests/ptx/gemm_wgmma.manifest`.
+// `WgmmaGemm::tensor_maps` describes (A: dims [K, M], box [64, rows]; B: dims [N, K],
+// box [64, 64]); fixtures and geometry (`file entry bn rows threads dynamic_shared`) from
+// `tests/ptx/gemm_wgmma.manifest`.
 
 const WGMMA_MANIFEST: &str = include_str!("ptx/gemm_wgmma.manifest");
 
@@ -499,11 +500,7 @@ fn run_wgmma(
         .find(|l| l.split_whitespace().nth(1) == Some(entry))
         .unwrap_or_else(|| panic!("{entry} not in gemm_wgmma.manifest"));
     let f: Vec<&str> = line.split_whitespace().collect();
-    let (bn, threads, smem): (u32, u32, u32) = (
-        f[2].parse().unwrap(),
-        f[3].parse().unwrap(),
-        f[4].parse().unwrap(),
-    );
+    let [bn, rows, threads, smem]: [u32; 4] = [2, 3, 4, 5].map(|i| f[i].parse().unwrap());
     let ptx = std::fs::read_to_string(
         std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("tests/ptx")
@@ -526,7 +523,7 @@ fn run_wgmma(
     let bd = dev.upload(&tin.bits(&b)).unwrap();
     let (m6, n6, k6) = (m as u64, n as u64, k as u64);
     let tma = dev
-        .tensor_map_2d(&ad, e16, [k6, m6], 2 * k6, [64, 128])
+        .tensor_map_2d(&ad, e16, [k6, m6], 2 * k6, [64, rows])
         .unwrap();
     let tmb = dev
         .tensor_map_2d(&bd, e16, [n6, k6], 2 * n6, [64, 64])
@@ -552,7 +549,7 @@ fn run_wgmma(
     if epi.residual > 0 {
         args.push(KernelArg::F32(beta));
     }
-    let grid = [(n as u32).div_ceil(bn), (m as u32).div_ceil(128), 1];
+    let grid = [(n as u32).div_ceil(bn), (m as u32).div_ceil(rows), 1];
     // SAFETY: the arguments follow `gemm_wgmma`'s parameter list for this fixture; the
     // tensor maps describe A (M·K) and B (K·N) exactly; C and R hold M·N values.
     unsafe {
@@ -631,5 +628,18 @@ fn wgmma_gemms_match_cpu_on_sm_90() {
             epi,
             dims,
         );
+    }
+    // every benchmark schedule (two warpgroups, 256-column tiles, raster bands, vector
+    // epilogues) on edge shapes: partial tiles at the bottom and the right, a partial
+    // last band, K not a multiple of the 64-deep stage
+    let bench: Vec<&str> = WGMMA_MANIFEST
+        .lines()
+        .filter(|l| l.starts_with("bench_"))
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .collect();
+    for entry in bench {
+        for dims in [(300, 264, 200), (1100, 520, 136), (64, 1032, 64)] {
+            run_wgmma(&dev, entry, Ty::F16, Ty::F16, plain, dims);
+        }
     }
 }

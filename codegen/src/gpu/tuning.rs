@@ -346,6 +346,7 @@ pub fn wgmma_schedule(c: &Config) -> WgmmaSchedule {
         vector: get("vector", d.vector),
         warpgroups: get("warpgroups", d.warpgroups),
         raster: get("raster", d.raster),
+        producer: get("producer", d.producer),
     }
 }
 
@@ -357,6 +358,7 @@ pub fn wgmma_config(s: &WgmmaSchedule) -> Config {
         ("vector", i64::from(s.vector)),
         ("warpgroups", i64::from(s.warpgroups)),
         ("raster", i64::from(s.raster)),
+        ("producer", i64::from(s.producer)),
     ])
 }
 
@@ -818,6 +820,9 @@ pub fn wgmma_name(input: MmaInput, s: &WgmmaSchedule, epi: &Epilogue) -> String 
         if x != 1 {
             v.push_str(&format!("_{tag}{x}"));
         }
+    }
+    if s.producer == 1 {
+        v.push_str("_p1");
     }
     format!(
         "kiln_gemm_wgmma_{}_f32_bn{}_s{}{v}_{}",

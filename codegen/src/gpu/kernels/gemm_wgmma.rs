@@ -65,6 +65,11 @@ pub struct WgmmaSchedule {
     /// over `N`); `g > 1` walks them in bands of `g` tile rows, column by column inside a
     /// band, so the blocks running at once share A and B panels in L2.
     pub raster: u32,
+    /// 1: a dedicated producer warpgroup issues the TMA loads (one thread of it), gated by
+    /// per-stage "empty" mbarriers the consumers arrive on once their wgmmas of a stage are
+    /// done — no block-wide barrier in the main loop (warp specialization). 0: thread 0 of
+    /// the consumers refills a stage after a block barrier.
+    pub producer: u32,
 }
 
 impl Default for WgmmaSchedule {
@@ -77,6 +82,7 @@ impl Default for WgmmaSchedule {
             vector: 1,
             warpgroups: 1,
             raster: 1,
+            producer: 0,
         }
     }
 }
@@ -90,6 +96,7 @@ impl WgmmaSchedule {
             ("vector", vec![1, 4]),
             ("warpgroups", vec![1, 2]),
             ("raster", vec![1, 8]),
+            ("producer", vec![0, 1]),
         ]
     }
 
@@ -99,9 +106,9 @@ impl WgmmaSchedule {
         per_warpgroup * self.warpgroups
     }
 
-    /// Threads per block: one warpgroup of 128 per 128 rows.
+    /// Threads per block: a warpgroup of 128 per consumer, plus the producer's.
     pub fn threads(&self) -> u32 {
-        128 * self.warpgroups
+        128 * (self.warpgroups + self.producer)
     }
 
     /// Bytes one stage receives (the mbarrier transaction count).
@@ -154,6 +161,8 @@ impl WgmmaSchedule {
             Some("warpgroups must be 1 or 2")
         } else if !(1..=32).contains(&self.raster) {
             Some("raster must be in 1..=32")
+        } else if self.producer > 1 {
+            Some("producer must be 0 or 1")
         } else {
             None
         }
@@ -250,6 +259,7 @@ pub fn gemm_wgmma(
     }
     check_shape(name, output, s)?;
     let (bn, st, rows, wgs) = (s.bn, s.stages, s.rows(), s.warpgroups);
+    let prod = s.producer == 1;
     let ti = input.mlir();
     let to = output.mlir();
     let ws = "#gpu.address_space<workgroup>";
@@ -336,7 +346,7 @@ pub fn gemm_wgmma(
     %As = memref.view %smem[%c0][] : memref<0xi8, {ws}> to {a_sh}
     %Bs = memref.view %smem[%cAB][] : memref<0xi8, {ws}> to {b_sh}
     %bar = nvgpu.mbarrier.create -> {bar}
-    %is0 = arith.cmpi eq, %tid, %c0 : index
+{ebar}    %is0 = arith.cmpi eq, %tid, %c0 : index
     %kp = arith.addi %K, %c64 : index
     %kp1 = arith.subi %kp, %c1 : index
     %ktiles = arith.divui %kp1, %c64 : index
@@ -345,12 +355,20 @@ pub fn gemm_wgmma(
         tx = s.stage_bytes(),
         tile = rows * bn,
         origin = block_origin(s),
+        ebar = if prod {
+            format!("    %ebar = nvgpu.mbarrier.create -> {bar}\n    %cCONS = arith.constant {} : index\n", 128 * wgs)
+        } else {
+            String::new()
+        },
     );
     for i in 0..st {
         let _ = writeln!(
             w,
             "      %ci{i} = arith.constant {i} : index\n      nvgpu.mbarrier.init %bar[%ci{i}], %c1 : {bar}"
         );
+        if prod {
+            let _ = writeln!(w, "      nvgpu.mbarrier.init %ebar[%ci{i}], %cCONS : {bar}");
+        }
     }
     let _ = writeln!(
         w,
@@ -392,7 +410,7 @@ pub fn gemm_wgmma(
         BK * bn * 2,
         BK * bn * 2
     );
-    for i in 0..st {
+    for i in (0..st).filter(|_| !prod) {
         let _ = writeln!(
             w,
             "    %pk{i} = arith.constant {i} : index\n    %pin{i} = arith.cmpi ult, %pk{i}, %ktiles : index\n    %pgo{i} = arith.andi %is0, %pin{i} : i1\n    scf.if %pgo{i} {{"
@@ -410,7 +428,7 @@ pub fn gemm_wgmma(
     let da_half = format!("!nvgpu.warpgroup.descriptor<tensor = memref<{mr}x{BK}x{ti}, 3>>");
     // Rows of A this thread's warpgroup multiplies: its slice of `halves · mr` rows of the
     // block tile (two 64-row halves for bn = 64).
-    let arows: Vec<String> = if wgs == 1 {
+    let arows: Vec<String> = if wgs == 1 && !prod {
         (0..halves).map(|h| (h * mr).to_string()).collect()
     } else {
         let _ = writeln!(
@@ -424,14 +442,17 @@ pub fn gemm_wgmma(
         (0..halves).map(|h| format!("%arow{h}")).collect()
     };
     let arow = &arows[0];
-    let loop_head = if halves == 1 {
-        format!(
-            "    %acc0 = nvgpu.warpgroup.mma.init.accumulator -> {frag}\n    %acc = scf.for %it = %c0 to %ktiles step %c1 iter_args(%mc = %acc0) -> ({acc}) {{\n"
-        )
-    } else {
-        format!(
-            "    %acc00 = nvgpu.warpgroup.mma.init.accumulator -> {frag}\n    %acc01 = nvgpu.warpgroup.mma.init.accumulator -> {frag}\n    %acc:2 = scf.for %it = %c0 to %ktiles step %c1 iter_args(%mc0 = %acc00, %mc1 = %acc01) -> ({acc}, {acc}) {{\n"
-        )
+    // the consumers' loop over k-tiles, its results named `res`
+    let loop_head = |res: &str| {
+        if halves == 1 {
+            format!(
+                "    %acc0 = nvgpu.warpgroup.mma.init.accumulator -> {frag}\n    {res} = scf.for %it = %c0 to %ktiles step %c1 iter_args(%mc = %acc0) -> ({acc}) {{\n"
+            )
+        } else {
+            format!(
+                "    %acc00 = nvgpu.warpgroup.mma.init.accumulator -> {frag}\n    %acc01 = nvgpu.warpgroup.mma.init.accumulator -> {frag}\n    {res}:2 = scf.for %it = %c0 to %ktiles step %c1 iter_args(%mc0 = %acc00, %mc1 = %acc01) -> ({acc}, {acc}) {{\n"
+            )
+        }
     };
     // The wgmma group(s) of one k-tile; the previous tile's groups are done after them.
     let mma = if halves == 1 {
@@ -473,10 +494,82 @@ pub fn gemm_wgmma(
     } else {
         format!("%md0, %md1 : {acc}, {acc}")
     };
-    w.push_str(&loop_head);
-    let _ = write!(
-        w,
+    let wait_full = format!(
         r#"      %st = arith.remui %it, %cST : index
+      %ph0 = arith.divui %it, %cST : index
+      %ph1 = arith.remui %ph0, %c2 : index
+      %ph = arith.cmpi ne, %ph1, %c0 : index
+      nvgpu.mbarrier.try_wait.parity %bar[%st], %ph, %ticks : {bar}
+"#
+    );
+    if prod {
+        // Warp specialization: the last warpgroup's first thread streams every k-tile into
+        // the ring, waiting on the stage's "empty" barrier (round r of a stage waits for the
+        // consumers' (r-1)-th release, parity (r+1) mod 2); the consumers wait on "full",
+        // run their wgmmas and release the previous tile's stage once `wait_group 1` says its
+        // wgmmas are done. No block barrier in the loop.
+        let (res_ty, zeros, yz, yl) = if halves == 1 {
+            (
+                format!("({acc})"),
+                format!("      %z0 = nvgpu.warpgroup.mma.init.accumulator -> {frag}\n"),
+                format!("%z0 : {acc}"),
+                format!("%lacc : {acc}"),
+            )
+        } else {
+            (
+                format!("({acc}, {acc})"),
+                format!("      %z0 = nvgpu.warpgroup.mma.init.accumulator -> {frag}\n      %z1 = nvgpu.warpgroup.mma.init.accumulator -> {frag}\n"),
+                format!("%z0, %z1 : {acc}, {acc}"),
+                format!("%lacc#0, %lacc#1 : {acc}, {acc}"),
+            )
+        };
+        let res = if halves == 1 { "%acc" } else { "%acc:2" };
+        let _ = write!(
+            w,
+            r#"    %cWGS = arith.constant {wgs} : index
+    %isprod = arith.cmpi eq, %wg, %cWGS : index
+    %cPT = arith.constant {pt} : index
+    %isp0 = arith.cmpi eq, %tid, %cPT : index
+    {res} = scf.if %isprod -> {res_ty} {{
+      scf.if %isp0 {{
+      scf.for %pk = %c0 to %ktiles step %c1 {{
+      %ps = arith.remui %pk, %cST : index
+      %pr = arith.divui %pk, %cST : index
+      %pfull = arith.cmpi uge, %pk, %cST : index
+      scf.if %pfull {{
+        %pr1 = arith.addi %pr, %c1 : index
+        %pr2 = arith.remui %pr1, %c2 : index
+        %pph = arith.cmpi ne, %pr2, %c0 : index
+        nvgpu.mbarrier.try_wait.parity %ebar[%ps], %pph, %ticks : {bar}
+      }}
+"#,
+            pt = 128 * wgs,
+        );
+        load(&mut w, "q_", "%pk", "%ps");
+        let _ = write!(
+            w,
+            r#"      }}
+      }}
+{zeros}      scf.yield {yz}
+    }} else {{
+{head}{wait_full}{mma}      %started = arith.cmpi uge, %it, %c1 : index
+      scf.if %started {{
+        %pit = arith.subi %it, %c1 : index
+        %pst = arith.remui %pit, %cST : index
+        %etok = nvgpu.mbarrier.arrive %ebar[%pst] : {bar} -> !nvgpu.mbarrier.token
+      }}
+      scf.yield {yielded}
+    }}
+      scf.yield {yl}
+    }}
+"#,
+            head = loop_head("%lacc"),
+        );
+    } else {
+        w.push_str(&loop_head("%acc"));
+        let _ = write!(
+            w,
+            r#"      %st = arith.remui %it, %cST : index
       %ph0 = arith.divui %it, %cST : index
       %ph1 = arith.remui %ph0, %c2 : index
       %ph = arith.cmpi ne, %ph1, %c0 : index
@@ -491,9 +584,17 @@ pub fn gemm_wgmma(
       %ngo = arith.andi %ngo0, %started : i1
       scf.if %ngo {{
 "#
-    );
-    load(&mut w, "l_", "%nk", "%pst");
-    let store = if wgs > 1 {
+        );
+        load(&mut w, "l_", "%nk", "%pst");
+        let _ = write!(
+            w,
+            r#"      }}
+      scf.yield {yielded}
+    }}
+"#
+        );
+    }
+    let store = if wgs > 1 || prod {
         // MLIR 22's `nvgpu.warpgroup.mma.store` takes the warp index as `tid / 32` (not
         // modulo 4), which puts a second warpgroup's rows 64 rows too low; the fragments are
         // stored here instead, with the wgmma register layout written out (see
@@ -507,7 +608,12 @@ pub fn gemm_wgmma(
             };
             warpgroup_fragment_store(&mut st, &a, &format!("s{h}_"), mr, bn, h * mr, rows);
         }
-        st
+        if prod {
+            // the producer warpgroup holds no accumulators
+            format!("    %iscons = arith.cmpi ult, %wg, %cWGS : index\n    scf.if %iscons {{\n{st}    }}\n")
+        } else {
+            st
+        }
     } else if halves == 1 {
         format!("    nvgpu.warpgroup.mma.store %acc, %Cs : {frag} to memref<{mr}x{bn}xf32, {ws}>\n")
     } else {
@@ -523,10 +629,7 @@ pub fn gemm_wgmma(
     };
     let _ = write!(
         w,
-        r#"      }}
-      scf.yield {yielded}
-    }}
-    nvvm.wgmma.wait.group.sync.aligned 0
+        r#"    nvvm.wgmma.wait.group.sync.aligned 0
     gpu.barrier
     %Cs = memref.view %smem[%c0][] : memref<0xi8, {ws}> to memref<{rows}x{bn}xf32, {ws}>
 {store}    gpu.barrier
@@ -1085,6 +1188,54 @@ mod tests {
             &Epilogue::none(),
         );
         assert!(plain.contains("_bn128_s4_plain"), "{plain}");
+    }
+
+    /// Warp specialization: one more warpgroup (the last) whose first thread streams the
+    /// k-tiles, "empty" mbarriers the consumers arrive on, no block barrier between the
+    /// prologue and the end of the main loop; every width and one or two consumers lower.
+    #[test]
+    fn producer_warpgroup_streams_the_tiles() {
+        let db = DeviceDb::builtin().unwrap();
+        let h100 = db.parse_target("cuda:h100").unwrap();
+        for (bn, warpgroups) in [(128, 1), (128, 2), (64, 2), (256, 2)] {
+            let s = WgmmaSchedule {
+                bn,
+                warpgroups,
+                producer: 1,
+                stages: 4,
+                vector: 8,
+                raster: 1,
+            };
+            s.validate(h100).unwrap();
+            assert_eq!(s.threads(), 128 * (warpgroups + 1));
+            let g = gemm_wgmma("t", MmaInput::F16, MmaOutput::F16, &Epilogue::none(), &s).unwrap();
+            assert_eq!(g.kernel.block, [s.threads(), 1, 1]);
+            let m = &g.kernel.mlir;
+            assert!(m.contains("%ebar = nvgpu.mbarrier.create"));
+            assert!(m.contains("nvgpu.mbarrier.arrive %ebar"));
+            // the only block barriers: after the init, before and after the accumulator store
+            assert_eq!(m.matches("gpu.barrier").count(), 3, "bn {bn} w{warpgroups}");
+            let ptx = crate::gpu::compile_kernel(&g.kernel, h100).unwrap();
+            let ntid = format!(".maxntid {}, 1, 1", s.threads());
+            assert!(ptx.text.contains(&ntid), "bn {bn} w{warpgroups}: no {ntid}");
+            assert!(ptx.text.contains("mbarrier.arrive"), "no release");
+            let mma = format!("wgmma.mma_async.sync.aligned.m64n{bn}k16.f32.f16.f16");
+            assert!(ptx.text.contains(&mma), "bn {bn}: no {mma}");
+        }
+        let name = crate::gpu::tuning::wgmma_name(
+            MmaInput::F16,
+            &WgmmaSchedule {
+                producer: 1,
+                ..WgmmaSchedule::default()
+            },
+            &Epilogue::none(),
+        );
+        assert!(name.contains("_bn128_s4_p1_"), "{name}");
+        let bad = WgmmaSchedule {
+            producer: 2,
+            ..WgmmaSchedule::default()
+        };
+        assert!(bad.validate(h100).is_err());
     }
 
     /// Why the two-warpgroup kernel stores its accumulators itself: MLIR 22 lowers
