@@ -250,3 +250,91 @@ fn batched_matmul_with_epilogue() {
         rep.lowering.unsupported
     );
 }
+
+/// MatMul/Gemm with a constant B packed at compile time (`matmul::pack_b`): the kernel gets
+/// the packed panels as a derived constant instead of B, for products spanning several
+/// `nc` column blocks, `kc` depth blocks and `mc` row blocks with edges everywhere (a small
+/// schedule makes small shapes cross every block boundary), a row-split kernel with a bias
+/// epilogue, and a batched A folded into M; a non-constant B keeps the run-time packing.
+#[test]
+fn constant_b_is_packed_at_compile_time() {
+    use kiln_codegen::cpu::lower::conv::ConvSchedule;
+    use kiln_codegen::cpu::matmul::MatmulSchedule;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    let mut b = Builder::new("prepack");
+    let mut outs = Vec::new();
+    for (i, (m, k, n)) in [(5, 37, 70), (13, 16, 32), (1, 1, 1), (30, 50, 9)]
+        .into_iter()
+        .enumerate()
+    {
+        let x = b.input(&format!("x{i}"), DType::F32, &[m, k]);
+        let w = b.konst(
+            &format!("w{i}"),
+            random_tensor(DType::F32, &[k, n], &mut rng),
+        );
+        outs.push(b.node(Op::Linalg(LinalgOp::MatMul), &[Some(x), Some(w)]));
+    }
+    // Gemm + bias + Relu, big enough to split into row tasks
+    let x = b.input("xg", DType::F32, &[64, 72]);
+    let w = b.konst("wg", random_tensor(DType::F32, &[72, 90], &mut rng));
+    let bias = b.konst("bg", random_tensor(DType::F32, &[90], &mut rng));
+    let gm = b.node(
+        Op::Linalg(LinalgOp::Gemm(Gemm {
+            alpha: 1.0,
+            beta: 1.0,
+            trans_a: false,
+            trans_b: false,
+        })),
+        &[Some(x), Some(w), Some(bias)],
+    );
+    outs.push(b.unary(UnaryKind::Relu, gm));
+    // batch dims of A folded into M
+    let x = b.input("xb", DType::F32, &[2, 3, 11, 20]);
+    let w = b.konst("wb", random_tensor(DType::F32, &[20, 17], &mut rng));
+    outs.push(b.node(Op::Linalg(LinalgOp::MatMul), &[Some(x), Some(w)]));
+    // a B computed at run time: packed per call
+    let p = b.input("p", DType::F32, &[9, 20]);
+    let q = b.input("q", DType::F32, &[20, 11]);
+    outs.push(b.node(Op::Linalg(LinalgOp::MatMul), &[Some(p), Some(q)]));
+    let g = b.finish(&outs);
+    let small = ConvSchedule {
+        matmul: MatmulSchedule {
+            mr: 3,
+            nr: 16,
+            mc: 6,
+            kc: 8,
+            nc: 32,
+            ..MatmulSchedule::default()
+        },
+        ..ConvSchedule::default()
+    };
+    for sched in [small, ConvSchedule::default()] {
+        let rep = check_with(&g, &random_inputs(&g, 7), &sched);
+        assert!(
+            rep.lowering.unsupported.is_empty(),
+            "{:?}",
+            rep.lowering.unsupported
+        );
+        let packed: Vec<usize> = rep
+            .lowering
+            .kernels
+            .iter()
+            .map(|k| k.consts.len())
+            .collect();
+        // every product but the last reads a packed constant, and never B itself
+        assert_eq!(packed, [1, 1, 1, 1, 1, 1, 0], "{sched:?}");
+        for k in &rep.lowering.kernels[..6] {
+            assert!(k.consts[0].name.contains(".packed"), "{}", k.consts[0].name);
+            let names: Vec<&str> = k
+                .inputs
+                .iter()
+                .map(|&v| g.values[v].name.as_str())
+                .collect();
+            assert!(
+                names.iter().all(|n| !n.starts_with('w')),
+                "{}: reads B ({names:?})",
+                k.kernel.signature.name
+            );
+        }
+    }
+}

@@ -115,7 +115,16 @@ pub fn matmul(name: &str, schedule: &MatmulSchedule, epilogue: Epilogue) -> Kern
     let (ap_len, bp_len) = packed_lens(&s, None, None, None);
     let ap = p.scratch(&[ap_len], "f32", 4);
     let bp = p.scratch(&[bp_len], "f32", 4);
-    p.push(&body(&s, &a, &b, bias.as_deref(), &c, &m, &n, &k, &ap, &bp));
+    let ops = Operands {
+        a: &a,
+        b: &b,
+        bias: bias.as_deref(),
+        c: &c,
+        ap: &ap,
+        bp: &bp,
+        b_packed: false,
+    };
+    p.push(&body(&s, &ops, &m, &n, &k));
     let mut inputs = 2;
     if bias_relu {
         inputs += 1;
@@ -169,29 +178,110 @@ pub fn matmul_memref_func(name: &str, schedule: &MatmulSchedule) -> String {
     let pt = PACKED_1D;
     format!(
         "func.func private @{name}(%A: {t}, %B: {t}, %C: {t}, %AP: {pt}, %BP: {pt}) {{\n  %mm_i0 = arith.constant 0 : index\n  %mm_i1 = arith.constant 1 : index\n  %mm_m = memref.dim %A, %mm_i0 : {t}\n  %mm_k = memref.dim %A, %mm_i1 : {t}\n  %mm_n = memref.dim %B, %mm_i1 : {t}\n{}  return\n}}\n",
-        body(&s, "%A", "%B", None, "%C", "%mm_m", "%mm_n", "%mm_k", "%AP", "%BP")
-            .replace("memref<?x?xf32>", t)
+        body(
+            &s,
+            &Operands {
+                a: "%A",
+                b: "%B",
+                bias: None,
+                c: "%C",
+                ap: "%AP",
+                bp: "%BP",
+                b_packed: false,
+            },
+            "%mm_m",
+            "%mm_n",
+            "%mm_k"
+        )
+        .replace("memref<?x?xf32>", t)
     )
 }
 
-/// The kernel body (after the memrefs and sizes are available): `a`, `b`, `c` (and `bias`) are
-/// SSA names of `memref<?x?xf32>` (`memref<?xf32>`) values, `m`, `n`, `k` of `index` values,
-/// `ap`, `bp` of the `memref<?xf32>` packed-panel buffers (at least [`packed_lens`] long).
-/// The body defines SSA names starting with `%c`, `%a`, `%b`, ... and must not share a region
-/// with other code using those names.
-#[allow(clippy::too_many_arguments)]
-fn body(
-    s: &MatmulSchedule,
-    a: &str,
-    b: &str,
-    bias: Option<&str>,
-    c: &str,
-    m: &str,
-    n: &str,
-    k: &str,
-    ap: &str,
-    bp: &str,
-) -> String {
+/// B (`K×N`, row-major `b`) packed at compile time in the order the micro-kernel of
+/// `schedule` reads it, for [`matmul_memref_func_prepacked`]: for each `nc` column block
+/// `jc` and `kc` depth block `pc`, at `jc·K + ncp·pc` (`ncp` = the block's columns rounded
+/// up to `nr`), its `nr`-wide panels one after the other, each `kc` rows of `nr` values,
+/// zero-padded past `N`.
+pub fn pack_b(b: &[f32], k: usize, n: usize, schedule: &MatmulSchedule) -> Vec<f32> {
+    let s = schedule.normalized();
+    assert_eq!(b.len(), k * n, "B is K×N");
+    let (nr, kc, nc) = (s.nr, s.kc, s.nc);
+    let mut out = Vec::new();
+    for jc in (0..n).step_by(nc) {
+        let ncl = nc.min(n - jc);
+        let ncp = ncl.div_ceil(nr) * nr;
+        out.resize(jc * k + ncp * k, 0.0);
+        for pc in (0..k).step_by(kc) {
+            let kcl = kc.min(k - pc);
+            let base = jc * k + ncp * pc;
+            for jp in (0..ncl).step_by(nr) {
+                for kk in 0..kcl {
+                    let row = &b[(pc + kk) * n..(pc + kk + 1) * n];
+                    let dst = base + jp * kcl + kk * nr;
+                    let cols = nr.min(ncl - jp);
+                    out[dst..dst + cols].copy_from_slice(&row[jc + jp..jc + jp + cols]);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Like [`matmul_memref_func`] with B packed at compile time ([`pack_b`]): a private
+/// `func.func private @name(%A, %BK, %C, %AP)` (`%BK: memref<?xf32>` the packed constant;
+/// `K`, `N` read from `A` and `C`). No per-call packing of B: each thread of a row-split
+/// kernel would repack all of it.
+pub fn matmul_memref_func_prepacked(name: &str, schedule: &MatmulSchedule) -> String {
+    let s = schedule.normalized();
+    let t = STRIDED_2D;
+    let pt = PACKED_1D;
+    format!(
+        "func.func private @{name}(%A: {t}, %BK: {pt}, %C: {t}, %AP: {pt}) {{\n  %mm_i0 = arith.constant 0 : index\n  %mm_i1 = arith.constant 1 : index\n  %mm_m = memref.dim %A, %mm_i0 : {t}\n  %mm_k = memref.dim %A, %mm_i1 : {t}\n  %mm_n = memref.dim %C, %mm_i1 : {t}\n{}  return\n}}\n",
+        body(
+            &s,
+            &Operands {
+                a: "%A",
+                b: "",
+                bias: None,
+                c: "%C",
+                ap: "%AP",
+                bp: "%BK",
+                b_packed: true,
+            },
+            "%mm_m",
+            "%mm_n",
+            "%mm_k"
+        )
+        .replace("memref<?x?xf32>", t)
+    )
+}
+
+/// The buffers of [`body`]: SSA names of `A`, `B`, `C` (`memref<?x?xf32>`), the bias
+/// (`memref<?xf32>`), the packed A and B panel buffers (`memref<?xf32>`, at least
+/// [`packed_lens`] long); with `b_packed`, `bp` is B packed by [`pack_b`] and `b` unused.
+struct Operands<'a> {
+    a: &'a str,
+    b: &'a str,
+    bias: Option<&'a str>,
+    c: &'a str,
+    ap: &'a str,
+    bp: &'a str,
+    b_packed: bool,
+}
+
+/// The kernel body (after the memrefs and sizes are available) over the buffers `ops`;
+/// `m`, `n`, `k` are SSA names of `index` values. The body defines SSA names starting with
+/// `%c`, `%a`, `%b`, ... and must not share a region with other code using those names.
+fn body(s: &MatmulSchedule, ops: &Operands, m: &str, n: &str, k: &str) -> String {
+    let Operands {
+        a,
+        b,
+        bias,
+        c,
+        ap,
+        bp,
+        b_packed,
+    } = *ops;
     let (mr, nr, vw) = (s.mr, s.nr, s.vector_width);
     let nv = nr / vw;
     let vt = format!("vector<{vw}xf32>");
@@ -221,43 +311,30 @@ fn body(
       %kc = arith.minsi %ckc, %krem : index
       %first = arith.cmpi eq, %pc, %c0 : index
       %pend = arith.addi %pc, %kc : index
-      %last = arith.cmpi sge, %pend, {k} : index
-      scf.for %jp = %c0 to %nc step %cnr {{
-        %ncl = arith.subi %nc, %jp : index
-        %bbase = arith.muli %jp, %kc : index
-        %bcol = arith.addi %jc, %jp : index"#,
+      %last = arith.cmpi sge, %pend, {k} : index"#,
         mc = s.mc,
         kc = s.kc,
         nc = s.nc,
     );
-    for v in 0..nv {
+    if b_packed {
+        // this (jc, pc) block of the packed constant starts at jc·K + ncp·pc
         let _ = writeln!(
             w,
-            r#"        %bcn{v} = arith.subi %ncl, %cv{v} : index
-        %bm{v} = vector.create_mask %bcn{v} : {mt}
-        %bcol{v} = arith.addi %bcol, %cv{v} : index"#
+            r#"      %cnrm1 = arith.constant {nrm1} : index
+      %ncr0 = arith.addi %nc, %cnrm1 : index
+      %ncr1 = arith.divui %ncr0, %cnr : index
+      %ncp = arith.muli %ncr1, %cnr : index
+      %bbj = arith.muli %jc, {k} : index
+      %bbp = arith.muli %ncp, %pc : index
+      %bbo = arith.addi %bbj, %bbp : index"#,
+            nrm1 = nr - 1
         );
+    } else {
+        emit_pack_b(w, s, b, bp);
     }
     let _ = writeln!(
         w,
-        r#"        scf.for %kk = %c0 to %kc step %c1 {{
-          %brow = arith.addi %pc, %kk : index
-          %bk = arith.muli %kk, %cnr : index
-          %bdst = arith.addi %bbase, %bk : index"#
-    );
-    for v in 0..nv {
-        let _ = writeln!(
-            w,
-            r#"          %bx{v} = vector.maskedload {b}[%brow, %bcol{v}], %bm{v}, %zv : memref<?x?xf32>, {mt}, {vt} into {vt}
-          %bd{v} = arith.addi %bdst, %cv{v} : index
-          vector.store %bx{v}, {bp}[%bd{v}] : memref<{bp_len}xf32>, {vt}"#
-        );
-    }
-    let _ = writeln!(
-        w,
-        r#"        }}
-      }}
-      scf.for %ic = %c0 to {m} step %cmc {{
+        r#"      scf.for %ic = %c0 to {m} step %cmc {{
         %mrem = arith.subi {m}, %ic : index
         %mc = arith.minsi %cmc, %mrem : index
         scf.for %ip = %c0 to %mc step %cmr {{
@@ -291,11 +368,16 @@ fn body(
         );
     }
     let _ = writeln!(w, "          }}");
+    let bpb = if b_packed {
+        "%bpb0 = arith.muli %jp, %kc : index\n          %bpb = arith.addi %bpb0, %bbo : index"
+    } else {
+        "%bpb = arith.muli %jp, %kc : index"
+    };
     let _ = writeln!(
         w,
         r#"        }}
         scf.for %jp = %c0 to %nc step %cnr {{
-          %bpb = arith.muli %jp, %kc : index
+          {bpb}
           scf.for %ip = %c0 to %mc step %cmr {{
             %apb = arith.muli %ip, %kc : index"#
     );
@@ -471,6 +553,46 @@ fn body(
     }
     consts.push_str(&t);
     consts
+}
+
+/// Emits the run-time packing of the `(jc, pc)` block of B (`b`, `memref<?x?xf32>`) into
+/// `bp`: `nr`-wide panels of `kc` rows, masked (zero) past `N`. Inside [`body`]'s `pc` loop.
+fn emit_pack_b(w: &mut String, s: &MatmulSchedule, b: &str, bp: &str) {
+    let (nr, vw) = (s.nr, s.vector_width);
+    let nv = nr / vw;
+    let vt = format!("vector<{vw}xf32>");
+    let mt = format!("vector<{vw}xi1>");
+    let _ = writeln!(
+        w,
+        r#"      scf.for %jp = %c0 to %nc step %cnr {{
+        %ncl = arith.subi %nc, %jp : index
+        %bbase = arith.muli %jp, %kc : index
+        %bcol = arith.addi %jc, %jp : index"#
+    );
+    for v in 0..nv {
+        let _ = writeln!(
+            w,
+            r#"        %bcn{v} = arith.subi %ncl, %cv{v} : index
+        %bm{v} = vector.create_mask %bcn{v} : {mt}
+        %bcol{v} = arith.addi %bcol, %cv{v} : index"#
+        );
+    }
+    let _ = writeln!(
+        w,
+        r#"        scf.for %kk = %c0 to %kc step %c1 {{
+          %brow = arith.addi %pc, %kk : index
+          %bk = arith.muli %kk, %cnr : index
+          %bdst = arith.addi %bbase, %bk : index"#
+    );
+    for v in 0..nv {
+        let _ = writeln!(
+            w,
+            r#"          %bx{v} = vector.maskedload {b}[%brow, %bcol{v}], %bm{v}, %zv : memref<?x?xf32>, {mt}, {vt} into {vt}
+          %bd{v} = arith.addi %bdst, %cv{v} : index
+          vector.store %bx{v}, {bp}[%bd{v}] : memref<?xf32>, {vt}"#
+        );
+    }
+    let _ = writeln!(w, "        }}\n      }}");
 }
 
 /// Lowers `scf` + `memref` + `vector` code to the LLVM dialect.

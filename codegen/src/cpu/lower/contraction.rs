@@ -12,9 +12,12 @@
 
 use super::elementwise::InputKind;
 use super::elementwise::{classify_input, emit_generic, Body, GenericInput, GenericOutput};
-use super::{Lowered, SymDims, Ty};
+use super::{DerivedConst, Lowered, SymDims, Ty};
 use crate::cpu::abi::{Dim as PDim, Prologue};
-use crate::cpu::matmul::{packed_lens, MatmulLowering, MatmulSchedule, PACKED_1D, STRIDED_2D};
+use crate::cpu::matmul::{
+    matmul_memref_func_prepacked, pack_b, packed_lens, MatmulLowering, MatmulSchedule, PACKED_1D,
+    STRIDED_2D,
+};
 use crate::cpu::matmul_transform;
 use crate::cpu::{Kernel, KernelSignature};
 use kiln_ir::ops::linalg::LinalgOp;
@@ -23,13 +26,16 @@ use kiln_passes::fusion;
 use std::fmt::Write as _;
 
 /// Lowers a `Contraction` kernel; its product is computed as `sched` says (tile sizes and
-/// [`MatmulLowering`](crate::cpu::matmul::MatmulLowering)).
+/// [`MatmulLowering`](crate::cpu::matmul::MatmulLowering)). The second result are the
+/// kernel's derived constants: a constant, non-transposed 2-D `B` of an unbatched product
+/// with the generator lowering is packed at compile time ([`pack_b`]) and passed instead of
+/// `B` (which the kernel then does not read).
 pub(crate) fn lower(
     g: &Graph,
     k: &fusion::Kernel,
     name: &str,
     sched: &MatmulSchedule,
-) -> Result<Lowered, String> {
+) -> Result<(Lowered, Vec<DerivedConst>), String> {
     let ci = k
         .nodes
         .iter()
@@ -160,9 +166,31 @@ pub(crate) fn lower(
         Some((nb, [_, n, k])) => vec![PDim::Const((nb * k) as i64), PDim::Const(n as i64)],
         None => syms.dims(&b_s)?,
     };
-    let b_mem = p.memref_f32(1, &b_dims);
+    // B packed at compile time (see the doc), with its dims [K, N].
+    let prepacked = match (&batch, tb, sched.lowering, g.const_value(b_v)) {
+        (None, false, MatmulLowering::Generator, Some(kiln_ir::Tensor::F32(w)))
+            if w.ndim() == 2 =>
+        {
+            let (kk, nn) = (w.shape()[0], w.shape()[1]);
+            let data: Vec<f32> = w.iter().copied().collect();
+            let s = sched.normalized();
+            Some(DerivedConst {
+                name: format!("{}.packed{}x{}x{}", g.values[b_v].name, s.nr, s.kc, s.nc),
+                tensor: {
+                    let packed = pack_b(&data, kk, nn, sched);
+                    kiln_ir::Tensor::from_vec(&[packed.len()], packed)
+                },
+            })
+        }
+        _ => None,
+    };
     args.push(a_v);
-    args.push(b_v);
+    let b_mem = if prepacked.is_none() {
+        args.push(b_v);
+        p.memref_f32(1, &b_dims)
+    } else {
+        String::new()
+    };
     // The other inputs feed the epilogue (Gemm's C included).
     for &v in &k.inputs {
         if v == a_v || v == b_v {
@@ -212,6 +240,11 @@ pub(crate) fn lower(
             }
         }
     }
+    // The packed B comes after the inputs, then the outputs.
+    let bk_mem = prepacked
+        .as_ref()
+        .map(|c| p.memref_f32(args.len(), &[PDim::Const(c.tensor.len() as i64)]));
+    let nconst = usize::from(prepacked.is_some());
     let full = match split {
         Some((m, n)) => vec![PDim::Const(m as i64), PDim::Const(n as i64)],
         None => syms.dims(&y_s)?,
@@ -220,7 +253,7 @@ pub(crate) fn lower(
     let mut outs = Vec::new();
     for (i, &v) in k.outputs.iter().enumerate() {
         let ty = Ty::of(g.values[v].fact.dtype)?;
-        let memref = rows_view(&mut p, args.len() + i, &full, ty.storage());
+        let memref = rows_view(&mut p, args.len() + nconst + i, &full, ty.storage());
         outs.push(GenericOutput {
             value: v,
             memref,
@@ -236,7 +269,7 @@ pub(crate) fn lower(
         if ta { a_dims[1] } else { a_dims[0] },
         if tb { b_dims[0] } else { b_dims[1] },
     );
-    let p2 = rows_view(&mut p, args.len() + pi, &[m_d, n_d], "f32");
+    let p2 = rows_view(&mut p, args.len() + nconst + pi, &[m_d, n_d], "f32");
     let mut t = String::new();
     let operand = |p: &mut Prologue,
                    t: &mut String,
@@ -279,7 +312,11 @@ pub(crate) fn lower(
     let mut heap = Vec::new();
     let a2 = operand(&mut p, &mut t, &mut heap, &a_mem, ta, a_dims);
     let b_pair = [b_dims[0], b_dims[1]];
-    let b2 = operand(&mut p, &mut t, &mut heap, &b_mem, tb, b_pair);
+    let b2 = if prepacked.is_some() {
+        String::new()
+    } else {
+        operand(&mut p, &mut t, &mut heap, &b_mem, tb, b_pair)
+    };
     // The packed panels of the matmul, in scratch memory (sized for the per-call product).
     let known = |d: PDim| match d {
         PDim::Const(c) => Some(c as usize),
@@ -291,19 +328,30 @@ pub(crate) fn lower(
         None => packed_lens(sched, known(m_d), known(n_d), known(k_d)),
     };
     let ap = p.scratch(&[ap_len], "f32", 4);
-    let bp = p.scratch(&[bp_len], "f32", 4);
+    let bp = match &bk_mem {
+        Some(_) => String::new(),
+        None => p.scratch(&[bp_len], "f32", 4),
+    };
     let mm = format!("{name}_mm");
     let st = STRIDED_2D;
     let call = |t: &mut String, a: &str, b: &str, c: &str| {
-        let _ = writeln!(
-            t,
-            "  func.call @{mm}({a}, {b}, {c}, {ap}, {bp}) : ({st}, {st}, {st}, {PACKED_1D}, {PACKED_1D}) -> ()"
-        );
+        let _ = match &bk_mem {
+            Some(bk) => writeln!(
+                t,
+                "  func.call @{mm}({a}, {bk}, {c}, {ap}) : ({st}, {PACKED_1D}, {st}, {PACKED_1D}) -> ()"
+            ),
+            None => writeln!(
+                t,
+                "  func.call @{mm}({a}, {b}, {c}, {ap}, {bp}) : ({st}, {st}, {st}, {PACKED_1D}, {PACKED_1D}) -> ()"
+            ),
+        };
     };
     let mut casts = Vec::new();
     for (i, v) in [&a2, &b2, &p2].into_iter().enumerate() {
         let c = format!("%mmop{i}");
-        let _ = writeln!(t, "  {c} = memref.cast {v} : memref<?x?xf32> to {st}");
+        if !v.is_empty() {
+            let _ = writeln!(t, "  {c} = memref.cast {v} : memref<?x?xf32> to {st}");
+        }
         casts.push(c);
     }
     match batch {
@@ -366,11 +414,15 @@ pub(crate) fn lower(
     p.push(&t);
     let p_scratch = p.scratch_bytes();
     let mut mlir = p.finish(name);
-    mlir.push_str(&matmul_transform::matmul_memref_func(&mm, sched));
+    if prepacked.is_some() {
+        mlir.push_str(&matmul_memref_func_prepacked(&mm, sched));
+    } else {
+        mlir.push_str(&matmul_transform::matmul_memref_func(&mm, sched));
+    }
     let kernel = Kernel {
         signature: KernelSignature {
             name: name.to_string(),
-            inputs: args.len(),
+            inputs: args.len() + nconst,
             outputs: outs.len(),
             dims: syms.0,
             tasks: split.map_or(1, |(m, _)| m as u64),
@@ -379,7 +431,10 @@ pub(crate) fn lower(
         mlir,
         pipeline: matmul_transform::pipeline(sched.lowering),
     };
-    Ok((kernel, args, k.outputs.clone()))
+    Ok((
+        (kernel, args, k.outputs.clone()),
+        prepacked.into_iter().collect(),
+    ))
 }
 
 /// Smallest product (multiply-adds) split into row tasks: a few µs of one core's work.

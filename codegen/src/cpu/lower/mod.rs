@@ -171,7 +171,19 @@ pub fn lower_partition_tuned(
                     Err(e) => Err(e),
                 }
             }
-            KernelKind::Contraction => contraction::lower(g, k, &name, &mm_sched),
+            KernelKind::Contraction => match contraction::lower(g, k, &name, &mm_sched) {
+                Ok(((kernel, inputs, outputs), consts)) => {
+                    out.kernels.push(LoweredKernel {
+                        index,
+                        kernel,
+                        inputs,
+                        consts,
+                        outputs,
+                    });
+                    continue;
+                }
+                Err(e) => Err(e),
+            },
             KernelKind::Opaque | KernelKind::Reduction if pool::handles(g, k) => {
                 pool::lower(g, k, &name)
             }
