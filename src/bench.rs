@@ -13,7 +13,7 @@
 //! - whether the two runtimes agree (largest absolute error per output, and relative to the
 //!   onnxruntime output's scale, its largest magnitude but at least 1);
 //! - a roofline line: the model's FLOPs ([`count_flops`]), the achieved GFLOP/s at the p50
-//!   latency and this core's f32 peak, measured in-process with an AVX2 FMA loop
+//!   latency and this core's f32 peak, measured in-process with an FMA loop (AVX-512 or AVX2)
 //!   ([`peak::fma_peak_gflops`]);
 //! - peak memory: the growth of the peak resident set size (VmHWM) over the load of the
 //!   model plus all runs, for Kiln and for onnxruntime (see [`RssProbe`]).
@@ -69,6 +69,9 @@ pub struct Options {
     pub compare: bool,
     /// Compile with the best schedules of this tuning database (`kiln tune`).
     pub db: Option<PathBuf>,
+    /// LLVM CPU the ONNX model is compiled for: `native` (default: the machine measured,
+    /// whose vector ISA onnxruntime also dispatches to at run time), `x86-64-v3`, ...
+    pub cpu: String,
 }
 
 impl Default for Options {
@@ -85,6 +88,7 @@ impl Default for Options {
             seed: 0,
             compare: true,
             db: None,
+            cpu: "native".into(),
         }
     }
 }
@@ -369,7 +373,8 @@ pub struct Report {
     pub notes: Vec<String>,
     /// The model's FLOPs per run, if the ONNX graph was at hand.
     pub flops: Option<FlopCount>,
-    /// This core's measured f32 AVX2 FMA peak, GFLOP/s (one thread): the best of a sample
+    /// This core's measured f32 FMA peak (AVX-512 or AVX2, [`peak::peak_isa`]), GFLOP/s (one
+    /// thread): the best of a sample
     /// before the runs and one per round.
     pub peak_gflops: Option<f64>,
     /// Warm-up runs per runtime and thread count.
@@ -464,7 +469,8 @@ impl fmt::Display for Report {
                     }
                     write!(
                         f,
-                        " peak {p:.1} GFLOP/s (1 core, AVX2 FMA, best sampled in this run)"
+                        " peak {p:.1} GFLOP/s (1 core, {}, best sampled in this run)",
+                        peak::peak_isa()
                     )?;
                 }
                 if let Some(o) = &r.ort {
@@ -750,7 +756,11 @@ pub fn bench(opts: &Options) -> Result<Report> {
         let onnx = model_path.with_extension("onnx");
         (model_path.clone(), onnx.is_file().then_some(onnx))
     } else {
-        let mut copts = crate::compile::CompileOptions::default();
+        let mut copts = crate::compile::CompileOptions {
+            cpu: opts.cpu.clone(),
+            ..Default::default()
+        };
+        report.notes.push(format!("compiled for cpu:{}", opts.cpu));
         for s in &opts.shapes {
             let (name, dims) = crate::pipeline::parse_shape(s)?;
             copts.shapes.insert(name, dims);

@@ -514,14 +514,16 @@ fn lower_variant(
     report: &mut CompileReport,
 ) -> Result<(kiln_codegen::cpu::lower::Lowering, Vec<RefStep>)> {
     let (g, p) = (&planned.graph, &planned.partition);
-    let lowering = lower_partition_tuned(g, p, &ConvSchedule::default(), &*opts.schedules)
+    // the matmul's register tile follows the target's vector registers (AVX2 or AVX-512)
+    let lanes = kiln_codegen::cpu::cpu_lanes(&opts.cpu);
+    let lowering = lower_partition_tuned(g, p, &ConvSchedule::for_lanes(lanes), &*opts.schedules)
         .context("lowering kernels")?;
     report.tuned += lowering.tuned;
     report.schedules_given = opts.schedules.len();
     report.tunable += p
         .kernels
         .iter()
-        .filter(|k| tuning::tunable(g, k).is_some())
+        .filter(|k| tuning::tunable_for(g, k, lanes).is_some())
         .count();
     let mut missing = Vec::new();
     let mut refs = Vec::new();

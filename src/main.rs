@@ -285,6 +285,10 @@ struct BenchArgs {
     /// Compile with the best schedules of this tuning database (written by `kiln tune`).
     #[arg(long, value_name = "FILE")]
     db: Option<PathBuf>,
+    /// CPU target of an ONNX model: cpu:native (default: this machine's vector ISA, as
+    /// onnxruntime uses), cpu (x86-64-v3), cpu:NAME.
+    #[arg(long, default_value = "cpu:native")]
+    target: String,
 }
 
 fn main() {
@@ -675,6 +679,13 @@ fn bench(a: BenchArgs) -> Result<()> {
         check: a.check,
         seed: a.seed,
         db: a.db,
+        cpu: match a.target.as_str() {
+            "cpu" => "x86-64-v3".to_string(),
+            t => match t.strip_prefix("cpu:") {
+                Some(c) if !c.is_empty() => c.to_string(),
+                _ => bail!("--target '{t}': kiln bench measures CPU targets (cpu, cpu:NAME)"),
+            },
+        },
     })?;
     // an error, not a panic, if stdout is closed (kiln bench ... | head)
     std::io::Write::write_all(&mut std::io::stdout(), report.to_string().as_bytes())?;

@@ -14,7 +14,7 @@
 use crate::compile::{compile_graph, kernel_graph, CompileOptions};
 use crate::pipeline;
 use anyhow::{bail, Context, Result};
-use kiln_codegen::cpu::lower::tuning::{tunable, Tunable};
+use kiln_codegen::cpu::lower::tuning::{tunable_for, Tunable};
 use kiln_ir::Graph;
 use kiln_tune::{Config, Measurer, Outcome, Space, Task, TuningDb, Workload};
 use rayon::prelude::*;
@@ -85,7 +85,9 @@ pub fn model_tasks(model: &Path, opts: &CompileOptions) -> Result<Vec<ModelTask>
     let mut tasks: Vec<ModelTask> = Vec::new();
     let mut seen: HashMap<String, usize> = HashMap::new();
     for k in &p.kernels {
-        let Some(t) = tunable(g, k) else { continue };
+        let Some(t) = tunable_for(g, k, kiln_codegen::cpu::cpu_lanes(&opts.cpu)) else {
+            continue;
+        };
         let fp = t.workload.fingerprint();
         if let Some(&i) = seen.get(&fp) {
             tasks[i].occurrences += 1;
@@ -463,7 +465,17 @@ pub fn load_schedules(db: &Path, target: &str) -> Result<TunedSchedules> {
                 kiln_codegen::gpu::tuning::GpuTunable::from_description(&r.description, sku)
                     .map(|t| t.default)
             }
-            _ => kiln_codegen::cpu::lower::tuning::default_config(&r.kind),
+            // CPU workloads: the default follows the target's vector registers
+            _ => {
+                let cpu = target
+                    .strip_prefix("cpu:")
+                    .and_then(|t| t.split('@').next())
+                    .unwrap_or("x86-64-v3");
+                kiln_codegen::cpu::lower::tuning::default_config_for(
+                    &r.kind,
+                    kiln_codegen::cpu::cpu_lanes(cpu),
+                )
+            }
         };
         let is_default = default.as_ref() == Some(&r.config);
         let e = per

@@ -34,7 +34,7 @@ fn main() {
     let n: usize = args.get(1).map_or(1024, |s| s.parse().expect("size"));
     let cpu = args.get(2).cloned().unwrap_or_else(|| "x86-64-v3".into());
     let base = MatmulSchedule::default();
-    let schedules = [
+    let mut schedules = vec![
         ("6x16 mc96 kc256 nc1024 (default)", base),
         (
             "6x16 mc48 kc512 nc1024",
@@ -70,6 +70,29 @@ fn main() {
             },
         ),
     ];
+    // 16-lane (AVX-512) register tiles, when the target CPU has them
+    let avx512 = match cpu.as_str() {
+        "native" => is_x86_feature_detected!("avx512f"),
+        c => kiln_codegen::cpu::cpu_has_avx512(c),
+    };
+    if avx512 {
+        for (label, mr, nr) in [
+            ("12x32 vw16 (AVX-512)", 12, 32),
+            ("14x32 vw16 (AVX-512)", 14, 32),
+            ("8x32 vw16 (AVX-512)", 8, 32),
+            ("6x64 vw16 (AVX-512)", 6, 64),
+        ] {
+            schedules.push((
+                label,
+                MatmulSchedule {
+                    mr,
+                    nr,
+                    vector_width: 16,
+                    ..base
+                },
+            ));
+        }
+    }
     let kernels: Vec<_> = schedules
         .iter()
         .enumerate()
@@ -117,7 +140,10 @@ fn main() {
             *t_best = t_best.min(t.elapsed().as_secs_f64());
         }
     }
-    println!("peak (AVX2 FMA loop, {CHAINS} chains, 1 thread): {peak:.1} GFLOP/s");
+    println!(
+        "peak ({} loop, {CHAINS} chains, 1 thread): {peak:.1} GFLOP/s",
+        peak::peak_isa()
+    );
     for ((label, _), t) in schedules.iter().zip(best) {
         let gf = flops / t * 1e-9;
         println!(

@@ -308,7 +308,26 @@ fn constant_b_is_packed_at_compile_time() {
         },
         ..ConvSchedule::default()
     };
-    for sched in [small, ConvSchedule::default()] {
+    // 16-lane (AVX-512) tiles: compiled for x86-64-v3 here, LLVM splits each vector in two
+    // (slow, but the indexing of 16-lane panels is what is checked)
+    let small16 = ConvSchedule {
+        matmul: MatmulSchedule {
+            mr: 3,
+            nr: 32,
+            mc: 6,
+            kc: 8,
+            nc: 64,
+            vector_width: 16,
+            ..MatmulSchedule::default()
+        },
+        ..ConvSchedule::default()
+    };
+    for sched in [
+        small,
+        ConvSchedule::default(),
+        small16,
+        ConvSchedule::for_lanes(16),
+    ] {
         let rep = check_with(&g, &random_inputs(&g, 7), &sched);
         assert!(
             rep.lowering.unsupported.is_empty(),

@@ -74,6 +74,49 @@ impl Default for CpuOptions {
     }
 }
 
+/// Whether LLVM CPU `cpu` has AVX-512F (32 registers of 16 f32 lanes): `x86-64-v4`, the
+/// AVX-512 Intel server/client cores, Zen 4 and Zen 5, and `native` on such a host.
+pub fn cpu_has_avx512(cpu: &str) -> bool {
+    const AVX512: &[&str] = &[
+        "x86-64-v4",
+        "knl",
+        "knm",
+        "skylake-avx512",
+        "skx",
+        "cascadelake",
+        "cooperlake",
+        "cannonlake",
+        "icelake-client",
+        "icelake-server",
+        "rocketlake",
+        "tigerlake",
+        "sapphirerapids",
+        "emeraldrapids",
+        "graniterapids",
+        "graniterapids-d",
+        "diamondrapids",
+        "znver4",
+        "znver5",
+    ];
+    if cpu == "native" {
+        #[cfg(target_arch = "x86_64")]
+        return std::arch::is_x86_feature_detected!("avx512f");
+        #[cfg(not(target_arch = "x86_64"))]
+        return false;
+    }
+    AVX512.contains(&cpu)
+}
+
+/// f32 lanes of the widest vector registers of LLVM CPU `cpu`: 16 with AVX-512
+/// ([`cpu_has_avx512`]), else 8 (AVX2).
+pub fn cpu_lanes(cpu: &str) -> usize {
+    if cpu_has_avx512(cpu) {
+        16
+    } else {
+        8
+    }
+}
+
 /// Compiles `kernels` into the bytes of one ELF shared library exporting each kernel under
 /// its signature's name.
 pub fn compile_library(kernels: &[Kernel], opts: &CpuOptions) -> Result<Vec<u8>, CodegenError> {

@@ -369,6 +369,17 @@ pub struct ConvSchedule {
     pub winograd_min_positions: usize,
 }
 
+impl ConvSchedule {
+    /// The default schedule, with the matmul of [`MatmulSchedule::for_lanes`] (`lanes` f32
+    /// per vector register of the target; the direct forms keep 8-lane vectors).
+    pub fn for_lanes(lanes: usize) -> Self {
+        Self {
+            matmul: MatmulSchedule::for_lanes(lanes),
+            ..Self::default()
+        }
+    }
+}
+
 impl Default for ConvSchedule {
     /// Direct convolution, register tile chosen from the shape.
     fn default() -> Self {

@@ -134,7 +134,8 @@ pub fn lower_partition_tuned(
 ) -> Result<Lowering, CodegenError> {
     let mut out = Lowering::default();
     for (index, k) in p.kernels.iter().enumerate() {
-        let config = tuning::tunable(g, k).and_then(|t| tuned.schedule(&t.workload));
+        let lanes = conv_sched.matmul.vector_width;
+        let config = tuning::tunable_for(g, k, lanes).and_then(|t| tuned.schedule(&t.workload));
         out.tuned += config.is_some() as usize;
         let conv_sched = &match &config {
             Some(c) => tuning::conv_schedule(c, conv_sched),

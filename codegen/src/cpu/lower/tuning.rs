@@ -73,12 +73,16 @@ impl Tunable {
         }
         match self.workload.kind.as_str() {
             "matmul" => {
-                let (mr, nv) = (c.get_or("mr", 6), c.get_or("nr", 16) / 8);
+                let lanes = c.get_or("vw", 8);
+                let nr = c.get_or("nr", 16);
+                if lanes <= 0 || nr % lanes != 0 {
+                    return Err(format!("nr {nr} is not a multiple of {lanes} lanes"));
+                }
+                let (mr, nv) = (c.get_or("mr", 6), nr / lanes);
                 let regs = mr * nv + nv + 1;
-                if regs > VECTOR_REGISTERS {
-                    return Err(format!(
-                        "register tile needs {regs} of {VECTOR_REGISTERS} registers"
-                    ));
+                let avail = vector_registers(lanes);
+                if regs > avail {
+                    return Err(format!("register tile needs {regs} of {avail} registers"));
                 }
             }
             "conv2d" => {
@@ -148,8 +152,25 @@ fn describe(g: &Graph, k: &fusion::Kernel) -> String {
 }
 
 /// The tunable kernel `k` of `g`, if its template is tunable (f32 MatMul/Gemm/Conv with
-/// static shapes).
+/// static shapes), for an AVX2 target (8 f32 lanes; see [`tunable_for`]).
 pub fn tunable(g: &Graph, k: &fusion::Kernel) -> Option<Tunable> {
+    tunable_for(g, k, 8)
+}
+
+/// Vector registers of a target whose vectors hold `lanes` f32: 32 with AVX-512 (16
+/// lanes), 16 with AVX2.
+pub fn vector_registers(lanes: i64) -> i64 {
+    if lanes == 16 {
+        32
+    } else {
+        VECTOR_REGISTERS
+    }
+}
+
+/// [`tunable`] for a target with `lanes` f32 per vector register (8 or 16): the matmul
+/// template's space and default follow the register file ([`matmul_space_for`],
+/// [`default_config_for`]).
+pub fn tunable_for(g: &Graph, k: &fusion::Kernel, lanes: usize) -> Option<Tunable> {
     if k.kind != KernelKind::Contraction {
         return None;
     }
@@ -230,8 +251,8 @@ pub fn tunable(g: &Graph, k: &fusion::Kernel) -> Option<Tunable> {
                         &format!("matmul {}", describe(g, k)),
                         features,
                     ),
-                    space: matmul_space(),
-                    default: default_config("matmul").expect("a known template"),
+                    space: matmul_space_for(lanes),
+                    default: default_config_for("matmul", lanes).expect("a known template"),
                     label: format!("{} {m}x{nn}x{kk}{}", node.op.op_type(), epilogue(g, k, n)),
                     macs: (m * nn * kk) as u64,
                 });
@@ -251,23 +272,49 @@ fn epilogue(g: &Graph, k: &fusion::Kernel, main: usize) -> String {
         .collect()
 }
 
-/// The schedule a template's kernels get without tuning, as a config.
+/// The schedule a template's kernels get without tuning on an AVX2 target, as a config.
 pub fn default_config(kind: &str) -> Option<Config> {
-    let d = MatmulSchedule::default();
+    default_config_for(kind, 8)
+}
+
+/// [`default_config`] for a target with `lanes` f32 per vector register; a 16-lane matmul
+/// config carries `vw = 16` (configs without `vw` are 8-lane).
+pub fn default_config_for(kind: &str, lanes: usize) -> Option<Config> {
+    let d = MatmulSchedule::for_lanes(lanes);
+    let mut pairs = vec![
+        ("mr", d.mr as i64),
+        ("nr", d.nr as i64),
+        ("mc", d.mc as i64),
+        ("kc", d.kc as i64),
+        ("nc", d.nc as i64),
+    ];
+    if d.vector_width != 8 {
+        pairs.push(("vw", d.vector_width as i64));
+    }
     match kind {
-        "matmul" => Some(Config::from_pairs(&[
-            ("mr", d.mr as i64),
-            ("nr", d.nr as i64),
-            ("mc", d.mc as i64),
-            ("kc", d.kc as i64),
-            ("nc", d.nc as i64),
-        ])),
+        "matmul" => Some(Config::from_pairs(&pairs)),
         "conv2d" => Some(Config::from_pairs(&[("form", 0), ("mr", 0), ("nv", 0)])),
         _ => None,
     }
 }
 
-/// The `matmul` template's space.
+/// The `matmul` template's space for a target with `lanes` f32 per vector register: the
+/// AVX2 space ([`matmul_space`]), or with 16 lanes taller tiles of 16-lane columns (`vw`).
+pub fn matmul_space_for(lanes: usize) -> Space {
+    if lanes != 16 {
+        return matmul_space();
+    }
+    Space::new(vec![
+        Param::new("mr", &[1, 2, 4, 6, 8, 10, 12, 14]),
+        Param::new("nr", &[16, 32, 48, 64]),
+        Param::new("mc", &[24, 48, 96, 192, 384]),
+        Param::new("kc", &[64, 128, 256, 512]),
+        Param::new("nc", &[256, 512, 1024, 2048, 4096]),
+        Param::new("vw", &[16]),
+    ])
+}
+
+/// The `matmul` template's space (AVX2).
 pub fn matmul_space() -> Space {
     Space::new(vec![
         Param::new("mr", &[1, 2, 3, 4, 5, 6, 7, 8]),
@@ -298,7 +345,7 @@ pub fn matmul_schedule(c: &Config) -> MatmulSchedule {
         mc: get("mc", d.mc),
         kc: get("kc", d.kc),
         nc: get("nc", d.nc),
-        vector_width: d.vector_width,
+        vector_width: get("vw", d.vector_width),
         lowering: d.lowering,
     }
 }
@@ -388,5 +435,39 @@ mod tests {
         assert!(tunable(&g, &k).is_none());
         let (g, k) = matmul_graph(&[4, 8], &[8], &[4]);
         assert!(tunable(&g, &k).is_none());
+    }
+
+    /// With 16-lane vectors (AVX-512) the default is the 8×32 tile with `vw = 16`, the same
+    /// 8×32 tile that spills 8-lane registers fits the 32 registers, and a config without
+    /// `vw` is 8-lane.
+    #[test]
+    fn avx512_matmul_space_and_default() {
+        let (g, k) = matmul_graph(&[64, 128], &[128, 256], &[64, 256]);
+        let t = tunable_for(&g, &k, 16).expect("tunable");
+        assert!(t.space.contains(&t.default) && t.check(&t.default).is_ok());
+        assert_eq!(matmul_schedule(&t.default), MatmulSchedule::for_lanes(16));
+        assert_eq!(t.workload, tunable(&g, &k).unwrap().workload);
+        let big = Config::from_pairs(&[
+            ("mr", 14),
+            ("nr", 32),
+            ("mc", 96),
+            ("kc", 256),
+            ("nc", 1024),
+            ("vw", 16),
+        ]);
+        assert!(t.check(&big).is_ok(), "14x2 + 2 + 1 = 31 of 32 registers");
+        let spill = Config::from_pairs(&[
+            ("mr", 14),
+            ("nr", 48),
+            ("mc", 96),
+            ("kc", 256),
+            ("nc", 1024),
+            ("vw", 16),
+        ]);
+        assert!(t.check(&spill).unwrap_err().contains("registers"));
+        assert_eq!(
+            matmul_schedule(&default_config("matmul").unwrap()),
+            MatmulSchedule::default()
+        );
     }
 }
