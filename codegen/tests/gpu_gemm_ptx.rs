@@ -558,16 +558,12 @@ fn runtime_fixtures() -> Vec<(String, String)> {
     let names: Vec<String> = bench
         .iter()
         .map(|s| {
-            let mut tags = String::new();
-            for (t, x) in [("v", s.vector), ("w", s.warpgroups), ("r", s.raster)] {
-                if x != 1 {
-                    tags.push_str(&format!("_{t}{x}"));
-                }
-            }
-            if s.producer == 1 {
-                tags.push_str("_p1");
-            }
-            format!("bench_wgmma_f16_f16_bn{}_s{}{tags}", s.bn, s.stages)
+            format!(
+                "bench_wgmma_f16_f16_bn{}_s{}{}",
+                s.bn,
+                s.stages,
+                kiln_codegen::gpu::tuning::wgmma_tags(s)
+            )
         })
         .collect();
     let wg = wg.into_iter().chain(

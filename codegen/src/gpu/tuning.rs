@@ -814,7 +814,20 @@ impl GpuTunable {
 /// The entry name of the wgmma GEMM with schedule `s` (f32 output), as the model lowering
 /// names it.
 pub fn wgmma_name(input: MmaInput, s: &WgmmaSchedule, epi: &Epilogue) -> String {
-    // the element-wise epilogue keeps the names that records and fixtures already use
+    let v = wgmma_tags(s);
+    format!(
+        "kiln_gemm_wgmma_{}_f32_bn{}_s{}{v}_{}",
+        input.mlir(),
+        s.bn,
+        s.stages,
+        epi.tag()
+    )
+}
+
+/// The name suffix of the wgmma schedule parameters that differ from one warpgroup, scalar
+/// stores, row-order tiles and no producer (`_v8_w2_r8_p1`; empty for those, so the
+/// element-wise-epilogue names that records and fixtures already use stay).
+pub fn wgmma_tags(s: &WgmmaSchedule) -> String {
     let mut v = String::new();
     for (tag, x) in [("v", s.vector), ("w", s.warpgroups), ("r", s.raster)] {
         if x != 1 {
@@ -824,13 +837,7 @@ pub fn wgmma_name(input: MmaInput, s: &WgmmaSchedule, epi: &Epilogue) -> String 
     if s.producer == 1 {
         v.push_str("_p1");
     }
-    format!(
-        "kiln_gemm_wgmma_{}_f32_bn{}_s{}{v}_{}",
-        input.mlir(),
-        s.bn,
-        s.stages,
-        epi.tag()
-    )
+    v
 }
 
 /// The f32 GEMM's entry name for schedule `s`: `kiln_gemm_f32` for the default, else the

@@ -154,50 +154,27 @@ pub fn lower_partition_tuned(
             }
         }
         let name = format!("kiln_{}_{}", k.name, ops.join("_"));
+        // (kernel, inputs, outputs) and the derived constants (contractions only)
+        let plain = |r: Result<Lowered, String>| r.map(|l| (l, Vec::new()));
         let r = match k.kind {
-            KernelKind::Elementwise => elementwise::lower(g, k, &name),
+            KernelKind::Elementwise => plain(elementwise::lower(g, k, &name)),
             KernelKind::Contraction if conv::is_conv(g, k) => {
-                match conv::lower_with(g, k, &name, conv_sched) {
-                    Ok((lowered, consts)) => {
-                        let (kernel, inputs, outputs) = lowered;
-                        out.kernels.push(LoweredKernel {
-                            index,
-                            kernel,
-                            inputs,
-                            consts,
-                            outputs,
-                        });
-                        continue;
-                    }
-                    Err(e) => Err(e),
-                }
+                conv::lower_with(g, k, &name, conv_sched)
             }
-            KernelKind::Contraction => match contraction::lower(g, k, &name, &mm_sched) {
-                Ok(((kernel, inputs, outputs), consts)) => {
-                    out.kernels.push(LoweredKernel {
-                        index,
-                        kernel,
-                        inputs,
-                        consts,
-                        outputs,
-                    });
-                    continue;
-                }
-                Err(e) => Err(e),
-            },
+            KernelKind::Contraction => contraction::lower(g, k, &name, &mm_sched),
             KernelKind::Opaque | KernelKind::Reduction if pool::handles(g, k) => {
-                pool::lower(g, k, &name)
+                plain(pool::lower(g, k, &name))
             }
-            KernelKind::Reduction => reduction::lower(g, k, &name),
-            KernelKind::DataMovement => movement::lower(g, k, &name),
+            KernelKind::Reduction => plain(reduction::lower(g, k, &name)),
+            KernelKind::DataMovement => plain(movement::lower(g, k, &name)),
             other => Err(format!("{other:?} kernels are not lowered yet")),
         };
         match r {
-            Ok((kernel, inputs, outputs)) => out.kernels.push(LoweredKernel {
+            Ok(((kernel, inputs, outputs), consts)) => out.kernels.push(LoweredKernel {
                 index,
                 kernel,
                 inputs,
-                consts: Vec::new(),
+                consts,
                 outputs,
             }),
             Err(reason) => out.unsupported.push(Unsupported { index, reason }),
