@@ -378,12 +378,30 @@ fn conv_random_with(
 /// reference interpreter. `KILN_CONV_CASES` sets the number of cases (default 40).
 #[test]
 fn conv_random_shapes_match_interpreter() {
-    use rand::Rng;
     let cases: usize = std::env::var("KILN_CONV_CASES")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(40);
-    let mut rng = rand::rngs::StdRng::seed_from_u64(0xC0417);
+    random_convs(&ConvSchedule::default(), cases, 0xC0417);
+}
+
+/// [`conv_random_shapes_match_interpreter`] with the AVX-512 schedule: the plain direct form
+/// on 16-lane vectors with its taller register tiles (compiled for x86-64-v3 here, where
+/// LLVM splits each vector in two: the indexing is what is checked).
+#[test]
+fn conv_random_shapes_on_16_lanes_match_interpreter() {
+    let cases: usize = std::env::var("KILN_CONV_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(24);
+    random_convs(&ConvSchedule::for_lanes(16), cases, 0x16_1A4E);
+}
+
+/// `cases` random Conv geometries (see [`conv_random_shapes_match_interpreter`]) lowered
+/// with `sched`, from RNG seed `seed`.
+fn random_convs(sched: &ConvSchedule, cases: usize, seed: u64) {
+    use rand::Rng;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let tails = [
         Tail::None,
         Tail::Relu,
@@ -431,7 +449,8 @@ fn conv_random_shapes_match_interpreter() {
         eprintln!(
             "case {done}: n{n} c{c} hw{hw:?} m{m} k{k:?} s{s:?} p{pads:?} d{d:?} g{group} bias {bias} {tail:?}"
         );
-        conv_random(
+        conv_random_with(
+            sched,
             n,
             c,
             hw,

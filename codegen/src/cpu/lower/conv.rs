@@ -9,7 +9,8 @@
 //!   vector shuffles), so that every tap `(ki, kj)` of a run of output positions is a
 //!   unit-stride vector load at a constant offset. The positions of an output channel are
 //!   the flattened `OH × wq` grid (`wq` = `OW` + the taps' reach); a register tile holds
-//!   `mr` output channels × `nv` vectors of 8 positions and accumulates
+//!   `mr` output channels × `nv` vectors of 8 positions (16 on AVX-512 targets, with the
+//!   taller tiles 32 registers allow: [`ConvSchedule::tile_lanes`]) and accumulates
 //!   `Σ_{c, ki, kj} w[o, c, ki, kj] · Xp[...]` with broadcast weights and `vector.fma`. Bias
 //!   and epilogue (Relu, Clip, HardSwish, `+`/`·` a scalar or a same-shape buffer) are applied
 //!   to the accumulators before the store (the filter is read packed by
@@ -64,9 +65,31 @@ pub(crate) struct Loops {
     next: usize,
     /// The kernel's scratch buffers (views defined with the constants).
     scratch: Scratch,
+    /// f32 lanes of the vectors of [`emit_direct`] and the helpers it calls ([`Loops::vt`]);
+    /// 0 means [`VW`]. The other forms keep 8-lane vectors (set only for the direct form).
+    vw: usize,
 }
 
 impl Loops {
+    /// f32 lanes of the direct form's vectors (see [`Loops::vw`]).
+    pub(crate) fn lanes(&self) -> usize {
+        if self.vw == 0 {
+            VW
+        } else {
+            self.vw
+        }
+    }
+
+    /// The vector type of [`Loops::lanes`] f32.
+    pub(crate) fn vt(&self) -> String {
+        format!("vector<{}xf32>", self.lanes())
+    }
+
+    /// The mask type of [`Loops::vt`].
+    pub(crate) fn mt(&self) -> String {
+        format!("vector<{}xi1>", self.lanes())
+    }
+
     /// A fresh SSA name `%<stem>N`.
     pub(crate) fn fresh(&mut self, stem: &str) -> String {
         self.next += 1;
@@ -407,24 +430,46 @@ impl ConvSchedule {
     /// `rows × (cols + pad)` is the position grid (`pad`: the taps' reach); the third result
     /// says whether tiling each output row on its own (no lanes on pad columns) needs fewer
     /// tiles than tiling the flattened grid.
-    pub fn tile(
+    pub fn tile(&self, mg: usize, grid: [usize; 3], pointwise: bool) -> (usize, usize, bool) {
+        self.tile_lanes(mg, grid, pointwise, VW)
+    }
+
+    /// [`ConvSchedule::tile`] for vectors of `lanes` f32: 8 (16 AVX2 registers) or 16
+    /// (AVX-512: 32 registers, taller tiles; `nv` counts 16-lane vectors).
+    pub fn tile_lanes(
         &self,
         mg: usize,
         [rows, cols, pad]: [usize; 3],
         pointwise: bool,
+        lanes: usize,
     ) -> (usize, usize, bool) {
         let grid = rows * (cols + pad);
         let tiles = |nv: usize| {
-            let (g, r) = (grid.div_ceil(VW * nv), rows * cols.div_ceil(VW * nv));
+            let (g, r) = (grid.div_ceil(lanes * nv), rows * cols.div_ceil(lanes * nv));
             (g.min(r), r < g)
         };
         if self.mr > 0 && self.nv > 0 {
             return (self.mr, self.nv, tiles(self.nv).1);
         }
-        let (mr, nv) = [(8, 1), (6, 2), (4, 3), (4, 2), (2, 4), (1, 4)]
-            .into_iter()
+        let candidates: &[(usize, usize)] = if lanes == 16 {
+            &[
+                (16, 1),
+                (14, 2),
+                (12, 2),
+                (8, 3),
+                (6, 4),
+                (4, 4),
+                (2, 6),
+                (1, 8),
+            ]
+        } else {
+            &[(8, 1), (6, 2), (4, 3), (4, 2), (2, 4), (1, 4)]
+        };
+        let (mr, nv) = candidates
+            .iter()
+            .copied()
             .min_by_key(|&(mr, nv)| {
-                let in_place = pointwise && grid.is_multiple_of(VW * nv);
+                let in_place = pointwise && grid.is_multiple_of(lanes * nv);
                 mg.div_ceil(mr) * tiles(nv).0 * (mr * nv + mr + nv) * if in_place { 9 } else { 10 }
             })
             .expect("candidates");
@@ -539,16 +584,24 @@ impl Loops {
         i
     }
 
-    /// A hoisted 8-lane splat of `x`.
+    /// A hoisted splat of `x` over [`Loops::lanes`] lanes.
     pub(crate) fn vsplat(&mut self, x: f32) -> String {
-        let key = format!("splat:{:08X}", x.to_bits());
+        self.vsplat_w(x, self.lanes())
+    }
+
+    /// A hoisted `lanes`-lane splat of `x`.
+    pub(crate) fn vsplat_w(&mut self, x: f32, lanes: usize) -> String {
+        let key = format!("splat{lanes}:{:08X}", x.to_bits());
         if let Some(v) = self.cache.get(&key) {
             return v.clone();
         }
         let s = self.f(x);
         self.next += 1;
         let v = format!("%lp_k{}", self.next);
-        let _ = writeln!(self.consts, "  {v} = vector.broadcast {s} : f32 to {VT}");
+        let _ = writeln!(
+            self.consts,
+            "  {v} = vector.broadcast {s} : f32 to vector<{lanes}xf32>"
+        );
         self.cache.insert(key, v.clone());
         v
     }
@@ -725,10 +778,11 @@ fn valid_range(n: usize, s: usize, off: i64, size: usize) -> (usize, usize) {
 /// Applies the epilogue steps to `val` at flat output index `idx` (`mask`: the valid lanes).
 fn emit_epi(l: &mut Loops, d: &Direct, val: String, idx: &str, mask: Option<&str>) -> String {
     let z = l.vsplat(0.0);
+    let (vt, mt) = (l.vt(), l.mt());
     emit_epi_with(l, d, val, &mut |l: &mut Loops, b: &str| match mask {
-        None => l.op(&format!("vector.load {b}[{idx}] : {M1}, {VT}")),
+        None => l.op(&format!("vector.load {b}[{idx}] : {M1}, {vt}")),
         Some(mk) => l.op(&format!(
-            "vector.maskedload {b}[{idx}], {mk}, {z} : {M1}, {MT}, {VT} into {VT}"
+            "vector.maskedload {b}[{idx}], {mk}, {z} : {M1}, {mt}, {vt} into {vt}"
         )),
     })
 }
@@ -742,26 +796,27 @@ fn emit_epi_with(
     load: &mut dyn FnMut(&mut Loops, &str) -> String,
 ) -> String {
     let z = l.vsplat(0.0);
+    let vt = l.vt();
     for op in d.epi {
         val = match *op {
-            Epi::Relu => l.op(&format!("arith.maximumf {val}, {z} : {VT}")),
+            Epi::Relu => l.op(&format!("arith.maximumf {val}, {z} : {vt}")),
             Epi::Clip(lo, hi) => {
                 if let Some(lo) = lo {
                     let c = l.vsplat(lo);
-                    val = l.op(&format!("arith.maximumf {val}, {c} : {VT}"));
+                    val = l.op(&format!("arith.maximumf {val}, {c} : {vt}"));
                 }
                 if let Some(hi) = hi {
                     let c = l.vsplat(hi);
-                    val = l.op(&format!("arith.minimumf {val}, {c} : {VT}"));
+                    val = l.op(&format!("arith.minimumf {val}, {c} : {vt}"));
                 }
                 val
             }
             Epi::HardSwish => {
                 let (s, h, one) = (l.vsplat(1.0 / 6.0), l.vsplat(0.5), l.vsplat(1.0));
-                let t = l.op(&format!("math.fma {val}, {s}, {h} : {VT}"));
-                let t = l.op(&format!("arith.maximumf {t}, {z} : {VT}"));
-                let t = l.op(&format!("arith.minimumf {t}, {one} : {VT}"));
-                l.op(&format!("arith.mulf {val}, {t} : {VT}"))
+                let t = l.op(&format!("math.fma {val}, {s}, {h} : {vt}"));
+                let t = l.op(&format!("arith.maximumf {t}, {z} : {vt}"));
+                let t = l.op(&format!("arith.minimumf {t}, {one} : {vt}"));
+                l.op(&format!("arith.mulf {val}, {t} : {vt}"))
             }
             Epi::AddConst(x) | Epi::MulConst(x) => {
                 let c = l.vsplat(x);
@@ -770,7 +825,7 @@ fn emit_epi_with(
                 } else {
                     "mulf"
                 };
-                l.op(&format!("arith.{f} {val}, {c} : {VT}"))
+                l.op(&format!("arith.{f} {val}, {c} : {vt}"))
             }
             Epi::AddBuf(i) | Epi::MulBuf(i) => {
                 let r = load(l, &d.bufs[i]);
@@ -779,7 +834,7 @@ fn emit_epi_with(
                 } else {
                     "mulf"
                 };
-                l.op(&format!("arith.{f} {val}, {r} : {VT}"))
+                l.op(&format!("arith.{f} {val}, {r} : {vt}"))
             }
         };
     }
@@ -788,10 +843,20 @@ fn emit_epi_with(
 
 /// Stores `val` at flat index `idx` of `mem` (masked when `mask` is set).
 pub(crate) fn emit_store(l: &mut Loops, mem: &str, val: &str, idx: &str, mask: Option<&str>) {
+    let lanes = l.lanes();
+    emit_store_w(l, mem, val, idx, mask, lanes);
+}
+
+/// [`emit_store`] of a `lanes`-lane vector.
+fn emit_store_w(l: &mut Loops, mem: &str, val: &str, idx: &str, mask: Option<&str>, lanes: usize) {
+    let (vt, mt) = (
+        format!("vector<{lanes}xf32>"),
+        format!("vector<{lanes}xi1>"),
+    );
     match mask {
-        None => l.line(&format!("vector.store {val}, {mem}[{idx}] : {M1}, {VT}")),
+        None => l.line(&format!("vector.store {val}, {mem}[{idx}] : {M1}, {vt}")),
         Some(mk) => l.line(&format!(
-            "vector.maskedstore {mem}[{idx}], {mk}, {val} : {M1}, {MT}, {VT}"
+            "vector.maskedstore {mem}[{idx}], {mk}, {val} : {M1}, {mt}, {vt}"
         )),
     }
 }
@@ -815,7 +880,7 @@ pub(crate) fn emit_copy(
     rows: Option<(&str, &str)>,
 ) {
     let (wq, plane, slots) = (grid.wq, grid.plane(), grid.slots());
-    let zv = l.vsplat(0.0);
+    let zv = l.vsplat_w(0.0, VW);
     let xp = xp.to_string();
     let i = l.open(nch);
     let ch = l.add(ch0, &i);
@@ -854,7 +919,7 @@ pub(crate) fn emit_copy(
                         "vector.load {}[{n}, {ch}, {ih}, {iw}] : {M4}, {VT}",
                         x
                     ));
-                    emit_store(l, &xp, &v, &di, None);
+                    emit_store_w(l, &xp, &v, &di, None, VW);
                     l.close();
                 }
                 if len > n8 {
@@ -865,7 +930,7 @@ pub(crate) fn emit_copy(
                         "vector.maskedload {}[{n}, {ch}, {ih}, {iw}], {mk}, {zv} : {M4}, {MT}, {VT} into {VT}",
                         x
                     ));
-                    emit_store(l, &xp, &v, &di, Some(&mk));
+                    emit_store_w(l, &xp, &v, &di, Some(&mk), VW);
                 }
             } else {
                 // Stride 2: 16 contiguous input floats → 8 of this phase (deinterleave);
@@ -894,7 +959,7 @@ pub(crate) fn emit_copy(
                         ));
                         let dj = l.add(&dst, &t);
                         let di = l.addc(&dj, jq_lo);
-                        emit_store(l, &xp, &e, &di, None);
+                        emit_store_w(l, &xp, &e, &di, None, VW);
                         l.close();
                     }
                     jq_v = jq_lo + nch * VW;
@@ -1540,7 +1605,10 @@ fn emit_winograd(l: &mut Loops, d: &Direct) {
 fn emit_direct(l: &mut Loops, d: &Direct) {
     let win = &d.win;
     let (mr, nv) = (d.mr, d.nv);
-    let nr = VW * nv;
+    // the vectors' lanes: 8, or 16 on AVX-512 targets (`Loops::vw`)
+    let vw = l.lanes();
+    let (vt, mt) = (l.vt(), l.mt());
+    let nr = vw * nv;
     let (cg, mg) = (win.c / d.group, d.m / d.group);
     let kk = win.k[0] * win.k[1];
     let in_place = reads_in_place(win, nr);
@@ -1567,14 +1635,14 @@ fn emit_direct(l: &mut Loops, d: &Direct) {
     let xp = if in_place {
         d.x.to_string()
     } else {
-        let len = (cg * slots * plane + nr + wq + VW).div_ceil(VW) * VW;
+        let len = (cg * slots * plane + nr + wq + vw).div_ceil(vw) * vw;
         let xp = l.scratch(len);
-        let i = l.open_range(0, len, VW);
+        let i = l.open_range(0, len, vw);
         emit_store(l, &xp, &zv, &i, None);
         l.close();
         xp
     };
-    let yb = (!direct_store).then(|| l.scratch(mr * gp + 2 * VW));
+    let yb = (!direct_store).then(|| l.scratch(mr * gp + 2 * vw));
     // Tasks: (image, block of output rows, group, block of mr output channels), in that
     // order. A task that starts a new (image, row block, group), or a call, first copies that
     // group's input channels (the rows its output rows read).
@@ -1670,7 +1738,7 @@ fn emit_direct(l: &mut Loops, d: &Direct) {
         };
         bias.push(d.bias.map(|b| {
             let s = l.op(&format!("memref.load {b}[{row}] : {M1}"));
-            l.op(&format!("vector.broadcast {s} : f32 to {VT}"))
+            l.op(&format!("vector.broadcast {s} : f32 to {vt}"))
         }));
         let nm = l.affine(&n, d.m as i64, 0);
         let nmo = l.add(&nm, &row);
@@ -1728,7 +1796,7 @@ fn emit_direct(l: &mut Loops, d: &Direct) {
                 .map(|a| format!("{a} = {zv}"))
                 .collect::<Vec<_>>()
                 .join(", "),
-            vec![VT; nacc].join(", ")
+            vec![vt.as_str(); nacc].join(", ")
         ));
         let gcg = l.affine(&gi, cg as i64, 0);
         let chn = l.add(&gcg, &c);
@@ -1755,8 +1823,8 @@ fn emit_direct(l: &mut Loops, d: &Direct) {
                 let off = grid.tap(win, ki, kj);
                 let xs: Vec<String> = (0..nv)
                     .map(|v| {
-                        let i = l.addc(&xb, off + v * VW);
-                        l.op(&format!("vector.load {xp}[{i}] : {M1}, {VT}"))
+                        let i = l.addc(&xb, off + v * vw);
+                        l.op(&format!("vector.load {xp}[{i}] : {M1}, {vt}"))
                     })
                     .collect();
                 let wcol = l.addc(&wc, t);
@@ -1771,10 +1839,10 @@ fn emit_direct(l: &mut Loops, d: &Direct) {
                             d.w, rows[r]
                         )),
                     };
-                    let b = l.op(&format!("vector.broadcast {s} : f32 to {VT}"));
+                    let b = l.op(&format!("vector.broadcast {s} : f32 to {vt}"));
                     for v in 0..nv {
                         let a = &cur[r * nv + v];
-                        cur[r * nv + v] = l.op(&format!("vector.fma {b}, {}, {a} : {VT}", xs[v]));
+                        cur[r * nv + v] = l.op(&format!("vector.fma {b}, {}, {a} : {vt}", xs[v]));
                     }
                 }
             }
@@ -1782,7 +1850,7 @@ fn emit_direct(l: &mut Loops, d: &Direct) {
         l.line(&format!(
             "scf.yield {} : {}\n  }}",
             cur.join(", "),
-            vec![VT; nacc].join(", ")
+            vec![vt.as_str(); nacc].join(", ")
         ));
         let acc = |r: usize, v: usize| format!("{res}#{}", r * nv + v);
         match &yb {
@@ -1793,17 +1861,17 @@ fn emit_direct(l: &mut Loops, d: &Direct) {
                         l.line(&format!("scf.if {} {{", valid[r]));
                     }
                     for v in 0..nv {
-                        let pos = l.addc(&p0, v * VW);
+                        let pos = l.addc(&p0, v * vw);
                         let idx = l.add(&ybase[r], &pos);
                         let mask = tail.then(|| {
                             let np = l.c(span as i64);
-                            let tv = l.addc(&t0, v * VW);
+                            let tv = l.addc(&t0, v * vw);
                             let left = l.op(&format!("arith.subi {np}, {tv} : index"));
-                            l.op(&format!("vector.create_mask {left} : {MT}"))
+                            l.op(&format!("vector.create_mask {left} : {mt}"))
                         });
                         let mut val = acc(r, v);
                         if let Some(b) = &bias[r] {
-                            val = l.op(&format!("arith.addf {val}, {b} : {VT}"));
+                            val = l.op(&format!("arith.addf {val}, {b} : {vt}"));
                         }
                         let val = emit_epi(l, d, val, &idx, mask.as_deref());
                         emit_store(l, d.y, &val, &idx, mask.as_deref());
@@ -1819,7 +1887,7 @@ fn emit_direct(l: &mut Loops, d: &Direct) {
                 // applying bias + epilogue (the block is still in L1).
                 for r in 0..mr {
                     for v in 0..nv {
-                        let i = l.addc(&q0, r * gp + v * VW);
+                        let i = l.addc(&q0, r * gp + v * vw);
                         emit_store(l, yb, &acc(r, v), &i, None);
                     }
                 }
@@ -1842,15 +1910,15 @@ fn emit_direct(l: &mut Loops, d: &Direct) {
             let src0 = l.affine(&oh, wq as i64, (r * gp) as i64);
             let dr = l.affine(&oh, win.ow as i64, 0);
             let dst0 = l.add(&ybase[r], &dr);
-            for j in 0..win.ow.div_ceil(VW) {
-                let si = l.addc(&src0, j * VW);
-                let di = l.addc(&dst0, j * VW);
-                let left = win.ow - j * VW;
+            for j in 0..win.ow.div_ceil(vw) {
+                let si = l.addc(&src0, j * vw);
+                let di = l.addc(&dst0, j * vw);
+                let left = win.ow - j * vw;
                 let mask =
-                    (left < VW).then(|| l.op(&format!("vector.constant_mask [{left}] : {MT}")));
-                let mut val = l.op(&format!("vector.load {yb}[{si}] : {M1}, {VT}"));
+                    (left < vw).then(|| l.op(&format!("vector.constant_mask [{left}] : {mt}")));
+                let mut val = l.op(&format!("vector.load {yb}[{si}] : {M1}, {vt}"));
                 if let Some(b) = &bias[r] {
-                    val = l.op(&format!("arith.addf {val}, {b} : {VT}"));
+                    val = l.op(&format!("arith.addf {val}, {b} : {vt}"));
                 }
                 let val = emit_epi(l, d, val, &di, mask.as_deref());
                 emit_store(l, d.y, &val, &di, mask.as_deref());
@@ -1981,7 +2049,25 @@ pub fn lower_with(
         && group == 1
         && pp <= sched.dot_max_positions
         && (win.oh * Grid::new(&win).wq).div_ceil(VW) * VW * 10 >= pp * 13;
-    let in_place = direct && !use_dot && !use_chan && !use_wino && reads_in_place(&win, VW * nv);
+    // The plain direct form takes the target's vector width (16 lanes on AVX-512, with its
+    // own register tile); the forms above keep 8.
+    let plain_direct = direct && !use_dot && !use_chan && !use_wino;
+    let dl = if plain_direct && sched.matmul.vector_width == 16 {
+        16
+    } else {
+        VW
+    };
+    let (mr, nv, rows) = if dl == VW {
+        (mr, nv, rows)
+    } else {
+        sched.tile_lanes(
+            mg,
+            [win.oh, win.ow, wq - win.ow],
+            reads_in_place(&win, 1),
+            dl,
+        )
+    };
+    let in_place = plain_direct && reads_in_place(&win, dl * nv);
     // The fused direct form reads its filter packed (see `pack_direct_filter`).
     let pack_direct =
         direct && !use_dot && !use_chan && !use_wino && fused.is_some() && w_data.is_some();
@@ -2015,7 +2101,10 @@ pub fn lower_with(
         args.push(b);
         memref
     });
-    let mut l = Loops::default();
+    let mut l = Loops {
+        vw: dl,
+        ..Loops::default()
+    };
     let scratch_bytes;
     let mm = format!("{name}_mm");
     // Only the fully fused direct kernel splits into tasks: a separate epilogue pass would
@@ -2081,7 +2170,7 @@ pub fn lower_with(
             win.oh
         } else {
             let gwq = if in_place { win.w } else { Grid::new(&win).wq };
-            row_block(&win, gwq, VW * nv, !rows && gwq == win.ow)
+            row_block(&win, gwq, dl * nv, !rows && gwq == win.ow)
         };
         ntasks = if use_wino {
             win.n * m.div_ceil(mr)
