@@ -605,13 +605,19 @@ fn conv_winograd_random_shapes() {
         Tail::HardSwish,
         Tail::ScaleAdd,
     ];
-    let sched = ConvSchedule {
+    let sched8 = ConvSchedule {
         chan_max_positions: 0,
         winograd_min_channels: 1,
         winograd_min_positions: 0,
         ..ConvSchedule::default()
     };
-    for done in 0..cases {
+    // and on 16-lane vectors (AVX-512 targets; split in two by LLVM here)
+    let sched16 = ConvSchedule {
+        matmul: ConvSchedule::for_lanes(16).matmul,
+        ..sched8
+    };
+    for done in 0..cases + cases / 2 {
+        let sched = if done < cases { sched8 } else { sched16 };
         let pads = [
             rng.random_range(0..3),
             rng.random_range(0..3),

@@ -23,7 +23,8 @@
 //!   output channels, positions in registers, padding taps skipped at compile time (see
 //!   [`emit_chan`]); the filter is packed at compile time ([`pack_chan_filter`]).
 //! * Winograd F(2×2, 3×3) (`group = 1`, 3×3 stride 1, enough channels and positions, see
-//!   [`ConvSchedule::winograd_min_channels`]): filter transformed at compile time
+//!   [`ConvSchedule::winograd_min_channels`]; 16-lane vectors on AVX-512 targets, like the
+//!   direct form): filter transformed at compile time
 //!   ([`pack_winograd_filter`]), input/output transforms on 8-tile vectors, the 16 products
 //!   with the direct form's register tile (see [`emit_winograd`]).
 //! * Dot-product form (`group = 1`, at most [`ConvSchedule::dot_max_positions`] output
@@ -1396,7 +1397,10 @@ fn winograd_fits(win: &Window2, group: usize) -> bool {
 fn emit_winograd(l: &mut Loops, d: &Direct) {
     let win = &d.win;
     let (mr, nv) = (d.mr, d.nv);
-    let nr = VW * nv;
+    // the vectors' lanes: 8, or 16 on AVX-512 targets (`Loops::vw`)
+    let vw = l.lanes();
+    let (vt, mt) = (l.vt(), l.mt());
+    let nr = vw * nv;
     let (th, tw) = (win.oh.div_ceil(2), win.ow.div_ceil(2));
     let twin = Window2 {
         oh: th,
@@ -1414,14 +1418,14 @@ fn emit_winograd(l: &mut Loops, d: &Direct) {
     let np = win.oh * win.ow;
     let zv = l.vsplat(0.0);
     let alloc = |l: &mut Loops, len: usize| l.scratch(len);
-    let xlen = (c * slots * plane + gp + 2 * wq + 2 * VW).div_ceil(VW) * VW;
+    let xlen = (c * slots * plane + gp + 2 * wq + 2 * vw).div_ceil(vw) * vw;
     let xp = alloc(l, xlen);
-    let i = l.open_range(0, xlen, VW);
+    let i = l.open_range(0, xlen, vw);
     emit_store(l, &xp, &zv, &i, None);
     l.close();
     let vb = alloc(l, 16 * c * gp);
     let mb = alloc(l, 16 * mr * gp);
-    let yg = alloc(l, 4 * gp + 2 * VW);
+    let yg = alloc(l, 4 * gp + 2 * vw);
     // Tasks: (image, block of mr output channels); the first task of an image in a call
     // copies and transforms its input.
     let t = l.fresh("t");
@@ -1442,17 +1446,17 @@ fn emit_winograd(l: &mut Loops, d: &Direct) {
     // Input transform.
     let ci = l.open(c);
     let xb = l.affine(&ci, (slots * plane) as i64, 0);
-    let g = l.open_range(0, gp, VW);
+    let g = l.open_range(0, gp, vw);
     let xg = l.add(&xb, &g);
     let mut dv = vec![vec![String::new(); 4]; 4];
     for (r, row) in dv.iter_mut().enumerate() {
         for (s, x) in row.iter_mut().enumerate() {
             let i = l.addc(&xg, grid.tap(&twin, r, s));
-            *x = l.op(&format!("vector.load {xp}[{i}] : {M1}, {VT}"));
+            *x = l.op(&format!("vector.load {xp}[{i}] : {M1}, {vt}"));
         }
     }
-    let add = |l: &mut Loops, a: &str, b: &str| l.op(&format!("arith.addf {a}, {b} : {VT}"));
-    let sub = |l: &mut Loops, a: &str, b: &str| l.op(&format!("arith.subf {a}, {b} : {VT}"));
+    let add = |l: &mut Loops, a: &str, b: &str| l.op(&format!("arith.addf {a}, {b} : {vt}"));
+    let sub = |l: &mut Loops, a: &str, b: &str| l.op(&format!("arith.subf {a}, {b} : {vt}"));
     let mut t = vec![vec![String::new(); 4]; 4];
     for j in 0..4 {
         t[0][j] = sub(l, &dv[0][j], &dv[2][j]);
@@ -1490,7 +1494,7 @@ fn emit_winograd(l: &mut Loops, d: &Direct) {
             .map(|a| format!("{a} = {zv}"))
             .collect::<Vec<_>>()
             .join(", "),
-        vec![VT; nacc].join(", ")
+        vec![vt.as_str(); nacc].join(", ")
     ));
     let xc = l.affine(&xi, c as i64, 0);
     let xcc = l.add(&xc, &cc);
@@ -1498,8 +1502,8 @@ fn emit_winograd(l: &mut Loops, d: &Direct) {
     let vbase = l.add(&vrow, &g0);
     let xs: Vec<String> = (0..nv)
         .map(|v| {
-            let i = l.addc(&vbase, v * VW);
-            l.op(&format!("vector.load {vb}[{i}] : {M1}, {VT}"))
+            let i = l.addc(&vbase, v * vw);
+            l.op(&format!("vector.load {vb}[{i}] : {M1}, {vt}"))
         })
         .collect();
     let xo = l.affine(&xi, nob as i64, 0);
@@ -1511,16 +1515,16 @@ fn emit_winograd(l: &mut Loops, d: &Direct) {
     for r in 0..mr {
         let i = l.addc(&ub, r);
         let s = l.op(&format!("memref.load {}[{i}] : {M1}", d.w));
-        let b = l.op(&format!("vector.broadcast {s} : f32 to {VT}"));
+        let b = l.op(&format!("vector.broadcast {s} : f32 to {vt}"));
         for v in 0..nv {
             let a = &cur[r * nv + v];
-            cur[r * nv + v] = l.op(&format!("vector.fma {b}, {}, {a} : {VT}", xs[v]));
+            cur[r * nv + v] = l.op(&format!("vector.fma {b}, {}, {a} : {vt}", xs[v]));
         }
     }
     l.line(&format!(
         "scf.yield {} : {}\n  }}",
         cur.join(", "),
-        vec![VT; nacc].join(", ")
+        vec![vt.as_str(); nacc].join(", ")
     ));
     let row0 = l.affine(&xi, mr as i64, 0);
     for r in 0..mr {
@@ -1528,7 +1532,7 @@ fn emit_winograd(l: &mut Loops, d: &Direct) {
         let rb = l.affine(&row, gp as i64, 0);
         let base = l.add(&rb, &g0);
         for v in 0..nv {
-            let i = l.addc(&base, v * VW);
+            let i = l.addc(&base, v * vw);
             emit_store(l, &mb, &format!("{res}#{}", r * nv + v), &i, None);
         }
     }
@@ -1542,13 +1546,13 @@ fn emit_winograd(l: &mut Loops, d: &Direct) {
     let o = l.fresh("o");
     l.line(&format!("scf.for {o} = {o0} to {oe} step {one} {{"));
     let r = l.op(&format!("arith.subi {o}, {o0} : index"));
-    let g = l.open_range(0, gp, VW);
+    let g = l.open_range(0, gp, vw);
     let mut mv = vec![vec![String::new(); 4]; 4];
     for (i, row) in mv.iter_mut().enumerate() {
         for (j, x) in row.iter_mut().enumerate() {
             let b = l.affine(&r, gp as i64, ((i * 4 + j) * mr * gp) as i64);
             let idx = l.add(&b, &g);
-            *x = l.op(&format!("vector.load {mb}[{idx}] : {M1}, {VT}"));
+            *x = l.op(&format!("vector.load {mb}[{idx}] : {M1}, {vt}"));
         }
     }
     let mut sv = vec![vec![String::new(); 4]; 2];
@@ -1571,28 +1575,35 @@ fn emit_winograd(l: &mut Loops, d: &Direct) {
     l.close();
     let bias = d.bias.map(|b| {
         let s = l.op(&format!("memref.load {b}[{o}] : {M1}"));
-        l.op(&format!("vector.broadcast {s} : f32 to {VT}"))
+        l.op(&format!("vector.broadcast {s} : f32 to {vt}"))
     });
     let nm = l.affine(&n, m as i64, 0);
     let nmo = l.add(&nm, &o);
     let ybase = l.affine(&nmo, np as i64, 0);
+    // the first halves of the two column vectors, interleaved: 0, vw, 1, vw + 1, ...
+    let interleave = (0..vw / 2)
+        .flat_map(|i| [i, i + vw])
+        .map(|i| i.to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
     for oy in 0..win.oh {
         let (ti, a) = (oy / 2, oy % 2);
-        for j in 0..win.ow.div_ceil(VW) {
-            let src = ti * wq + 4 * j;
+        for j in 0..win.ow.div_ceil(vw) {
+            // a block of vw output columns: vw/2 tiles of 2 columns
+            let src = ti * wq + vw / 2 * j;
             let i0 = l.c(((a * 2) * gp + src) as i64);
             let i1 = l.c(((a * 2 + 1) * gp + src) as i64);
-            let y0 = l.op(&format!("vector.load {yg}[{i0}] : {M1}, {VT}"));
-            let y1 = l.op(&format!("vector.load {yg}[{i1}] : {M1}, {VT}"));
+            let y0 = l.op(&format!("vector.load {yg}[{i0}] : {M1}, {vt}"));
+            let y1 = l.op(&format!("vector.load {yg}[{i1}] : {M1}, {vt}"));
             let mut val = l.op(&format!(
-                "vector.shuffle {y0}, {y1} [0, 8, 1, 9, 2, 10, 3, 11] : {VT}, {VT}"
+                "vector.shuffle {y0}, {y1} [{interleave}] : {vt}, {vt}"
             ));
             if let Some(b) = &bias {
-                val = l.op(&format!("arith.addf {val}, {b} : {VT}"));
+                val = l.op(&format!("arith.addf {val}, {b} : {vt}"));
             }
-            let idx = l.addc(&ybase, oy * win.ow + j * VW);
-            let left = win.ow - j * VW;
-            let mask = (left < VW).then(|| l.op(&format!("vector.constant_mask [{left}] : {MT}")));
+            let idx = l.addc(&ybase, oy * win.ow + j * vw);
+            let left = win.ow - j * vw;
+            let mask = (left < vw).then(|| l.op(&format!("vector.constant_mask [{left}] : {mt}")));
             let val = emit_epi(l, d, val, &idx, mask.as_deref());
             emit_store(l, d.y, &val, &idx, mask.as_deref());
         }
@@ -2052,7 +2063,7 @@ pub fn lower_with(
     // The plain direct form takes the target's vector width (16 lanes on AVX-512, with its
     // own register tile); the forms above keep 8.
     let plain_direct = direct && !use_dot && !use_chan && !use_wino;
-    let dl = if plain_direct && sched.matmul.vector_width == 16 {
+    let dl = if (plain_direct || use_wino) && sched.matmul.vector_width == 16 {
         16
     } else {
         VW
@@ -2121,7 +2132,7 @@ pub fn lower_with(
             .collect();
         let (mr, nv) = if use_wino {
             let (th, tw) = (win.oh.div_ceil(2), win.ow.div_ceil(2));
-            let (mr, nv, _) = sched.tile(m, [th, tw, 1], false);
+            let (mr, nv, _) = sched.tile_lanes(m, [th, tw, 1], false, dl);
             (mr, nv)
         } else if use_chan {
             chan_tile(&win, m)
