@@ -158,15 +158,11 @@ impl Compiler {
             return Ok(self);
         }
         self.opts.gpu_target = None;
-        self.opts.cpu = match target.split_once(':') {
-            None if target == "cpu" => CompileOptions::default().cpu,
-            Some(("cpu", cpu)) if !cpu.is_empty() => cpu.to_string(),
-            _ => {
-                return Err(Error::InvalidArgument(format!(
-                    "target '{target}': only CPU targets compile so far (cpu or cpu:NAME)"
-                )))
-            }
-        };
+        self.opts.cpu = crate::compile::cpu_of_target(target).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "target '{target}': only CPU targets compile so far (cpu or cpu:NAME)"
+            ))
+        })?;
         Ok(self)
     }
 

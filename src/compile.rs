@@ -42,6 +42,16 @@ use std::fmt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+/// The LLVM CPU of a CPU target: `cpu` → the default (`x86-64-v3`), `cpu:NAME` → `NAME`;
+/// `None` for anything else (a GPU target, an empty name).
+pub fn cpu_of_target(target: &str) -> Option<String> {
+    match target.split_once(':') {
+        None if target == "cpu" => Some(CompileOptions::default().cpu),
+        Some(("cpu", cpu)) if !cpu.is_empty() => Some(cpu.to_string()),
+        _ => None,
+    }
+}
+
 /// Options of [`compile`].
 #[derive(Clone, Debug)]
 pub struct CompileOptions {

@@ -679,13 +679,12 @@ fn bench(a: BenchArgs) -> Result<()> {
         check: a.check,
         seed: a.seed,
         db: a.db,
-        cpu: match a.target.as_str() {
-            "cpu" => "x86-64-v3".to_string(),
-            t => match t.strip_prefix("cpu:") {
-                Some(c) if !c.is_empty() => c.to_string(),
-                _ => bail!("--target '{t}': kiln bench measures CPU targets (cpu, cpu:NAME)"),
-            },
-        },
+        cpu: kiln::compile::cpu_of_target(&a.target).with_context(|| {
+            format!(
+                "--target '{}': kiln bench measures CPU targets (cpu, cpu:NAME)",
+                a.target
+            )
+        })?,
     })?;
     // an error, not a panic, if stdout is closed (kiln bench ... | head)
     std::io::Write::write_all(&mut std::io::stdout(), report.to_string().as_bytes())?;
@@ -1126,8 +1125,8 @@ fn compile_sharded(
     if target.starts_with("cuda:") {
         kiln::gpu_compile::resolve_sku(target).with_context(|| format!("--target '{target}'"))?;
         opts.gpu_target = Some(target.to_string());
-    } else if let Some(("cpu", cpu)) = target.split_once(':') {
-        opts.cpu = cpu.to_string();
+    } else if let Some(cpu) = kiln::compile::cpu_of_target(target) {
+        opts.cpu = cpu;
     }
     for s in shapes {
         let (name, dims) = kiln::pipeline::parse_shape(s)?;

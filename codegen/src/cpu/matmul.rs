@@ -189,27 +189,42 @@ pub const PACKED_1D: &str = "memref<?xf32>";
 /// of the kernel's scratch), for kernels that call a matmul from their own body (graph
 /// contraction kernels with a general epilogue).
 pub fn matmul_memref_func(name: &str, schedule: &MatmulSchedule) -> String {
+    memref_func(name, schedule, false)
+}
+
+/// [`matmul_memref_func`] (`b_packed = false`) or [`matmul_memref_func_prepacked`].
+fn memref_func(name: &str, schedule: &MatmulSchedule, b_packed: bool) -> String {
     let s = schedule.normalized();
     let t = STRIDED_2D;
     let pt = PACKED_1D;
-    format!(
-        "func.func private @{name}(%A: {t}, %B: {t}, %C: {t}, %AP: {pt}, %BP: {pt}) {{\n  %mm_i0 = arith.constant 0 : index\n  %mm_i1 = arith.constant 1 : index\n  %mm_m = memref.dim %A, %mm_i0 : {t}\n  %mm_k = memref.dim %A, %mm_i1 : {t}\n  %mm_n = memref.dim %B, %mm_i1 : {t}\n{}  return\n}}\n",
-        body(
-            &s,
-            &Operands {
-                a: "%A",
-                b: "%B",
-                bias: None,
-                c: "%C",
-                ap: "%AP",
-                bp: "%BP",
-                b_packed: false,
-            },
-            "%mm_m",
-            "%mm_n",
-            "%mm_k"
+    // with B packed, N comes from C and there is no run-time B panel buffer
+    let (sig, n_of, b, bp) = if b_packed {
+        (
+            format!("%A: {t}, %BK: {pt}, %C: {t}, %AP: {pt}"),
+            "%C",
+            "",
+            "%BK",
         )
-        .replace("memref<?x?xf32>", t)
+    } else {
+        (
+            format!("%A: {t}, %B: {t}, %C: {t}, %AP: {pt}, %BP: {pt}"),
+            "%B",
+            "%B",
+            "%BP",
+        )
+    };
+    let ops = Operands {
+        a: "%A",
+        b,
+        bias: None,
+        c: "%C",
+        ap: "%AP",
+        bp,
+        b_packed,
+    };
+    format!(
+        "func.func private @{name}({sig}) {{\n  %mm_i0 = arith.constant 0 : index\n  %mm_i1 = arith.constant 1 : index\n  %mm_m = memref.dim %A, %mm_i0 : {t}\n  %mm_k = memref.dim %A, %mm_i1 : {t}\n  %mm_n = memref.dim {n_of}, %mm_i1 : {t}\n{}  return\n}}\n",
+        body(&s, &ops, "%mm_m", "%mm_n", "%mm_k").replace("memref<?x?xf32>", t)
     )
 }
 
@@ -248,28 +263,7 @@ pub fn pack_b(b: &[f32], k: usize, n: usize, schedule: &MatmulSchedule) -> Vec<f
 /// `K`, `N` read from `A` and `C`). No per-call packing of B: each thread of a row-split
 /// kernel would repack all of it.
 pub fn matmul_memref_func_prepacked(name: &str, schedule: &MatmulSchedule) -> String {
-    let s = schedule.normalized();
-    let t = STRIDED_2D;
-    let pt = PACKED_1D;
-    format!(
-        "func.func private @{name}(%A: {t}, %BK: {pt}, %C: {t}, %AP: {pt}) {{\n  %mm_i0 = arith.constant 0 : index\n  %mm_i1 = arith.constant 1 : index\n  %mm_m = memref.dim %A, %mm_i0 : {t}\n  %mm_k = memref.dim %A, %mm_i1 : {t}\n  %mm_n = memref.dim %C, %mm_i1 : {t}\n{}  return\n}}\n",
-        body(
-            &s,
-            &Operands {
-                a: "%A",
-                b: "",
-                bias: None,
-                c: "%C",
-                ap: "%AP",
-                bp: "%BK",
-                b_packed: true,
-            },
-            "%mm_m",
-            "%mm_n",
-            "%mm_k"
-        )
-        .replace("memref<?x?xf32>", t)
-    )
+    memref_func(name, schedule, true)
 }
 
 /// The buffers of [`body`]: SSA names of `A`, `B`, `C` (`memref<?x?xf32>`), the bias

@@ -185,12 +185,11 @@ pub(crate) fn lower(
         _ => None,
     };
     args.push(a_v);
-    let b_mem = if prepacked.is_none() {
+    // B itself, when it is not packed at compile time
+    let b_mem = prepacked.is_none().then(|| {
         args.push(b_v);
         p.memref_f32(1, &b_dims)
-    } else {
-        String::new()
-    };
+    });
     // The other inputs feed the epilogue (Gemm's C included).
     for &v in &k.inputs {
         if v == a_v || v == b_v {
@@ -312,11 +311,9 @@ pub(crate) fn lower(
     let mut heap = Vec::new();
     let a2 = operand(&mut p, &mut t, &mut heap, &a_mem, ta, a_dims);
     let b_pair = [b_dims[0], b_dims[1]];
-    let b2 = if prepacked.is_some() {
-        String::new()
-    } else {
-        operand(&mut p, &mut t, &mut heap, &b_mem, tb, b_pair)
-    };
+    let b2 = b_mem
+        .as_ref()
+        .map(|b| operand(&mut p, &mut t, &mut heap, b, tb, b_pair));
     // The packed panels of the matmul, in scratch memory (sized for the per-call product).
     let known = |d: PDim| match d {
         PDim::Const(c) => Some(c as usize),
@@ -328,28 +325,27 @@ pub(crate) fn lower(
         None => packed_lens(sched, known(m_d), known(n_d), known(k_d)),
     };
     let ap = p.scratch(&[ap_len], "f32", 4);
-    let bp = match &bk_mem {
-        Some(_) => String::new(),
-        None => p.scratch(&[bp_len], "f32", 4),
-    };
+    let bp = b_mem.as_ref().map(|_| p.scratch(&[bp_len], "f32", 4));
     let mm = format!("{name}_mm");
     let st = STRIDED_2D;
     let call = |t: &mut String, a: &str, b: &str, c: &str| {
-        let _ = match &bk_mem {
-            Some(bk) => writeln!(
+        let _ = match (&bk_mem, &bp) {
+            (Some(bk), _) => writeln!(
                 t,
                 "  func.call @{mm}({a}, {bk}, {c}, {ap}) : ({st}, {PACKED_1D}, {st}, {PACKED_1D}) -> ()"
             ),
-            None => writeln!(
+            (None, Some(bp)) => writeln!(
                 t,
                 "  func.call @{mm}({a}, {b}, {c}, {ap}, {bp}) : ({st}, {st}, {st}, {PACKED_1D}, {PACKED_1D}) -> ()"
             ),
+            (None, None) => unreachable!("B is either packed at compile time or packed per call"),
         };
     };
+    // A, B (unless packed at compile time: its `%mmop1` is then unused) and the product
     let mut casts = Vec::new();
-    for (i, v) in [&a2, &b2, &p2].into_iter().enumerate() {
+    for (i, v) in [Some(&a2), b2.as_ref(), Some(&p2)].into_iter().enumerate() {
         let c = format!("%mmop{i}");
-        if !v.is_empty() {
+        if let Some(v) = v {
             let _ = writeln!(t, "  {c} = memref.cast {v} : memref<?x?xf32> to {st}");
         }
         casts.push(c);
@@ -357,6 +353,8 @@ pub(crate) fn lower(
     match batch {
         None => call(&mut t, &casts[0], &casts[1], &casts[2]),
         Some((nb, [m, n, k])) => {
+            // a batched product is never packed at compile time
+            let b2 = b2.as_deref().expect("B packed per call");
             let _ = writeln!(
                 t,
                 "  %bz = arith.constant 0 : index\n  %b1 = arith.constant 1 : index\n  %bn = arith.constant {nb} : index\n  %bm = arith.constant {m} : index\n  %bk = arith.constant {k} : index\n  %bnn = arith.constant {n} : index\n  scf.for %bi = %bz to %bn step %b1 {{\n    %ra = arith.muli %bi, %bm : index\n    %rb = arith.muli %bi, %bk : index\n    %sa = memref.subview {a2}[%ra, 0] [%bm, %bk] [1, 1] : memref<?x?xf32> to {st}\n    %sb = memref.subview {b2}[%rb, 0] [%bk, %bnn] [1, 1] : memref<?x?xf32> to {st}\n    %sc = memref.subview {p2}[%ra, 0] [%bm, %bnn] [1, 1] : memref<?x?xf32> to {st}"
