@@ -109,4 +109,9 @@ if section cluster 40; then
   timeout "$(cap 150)" .gpu/bin/gpu_cluster .gpu/cluster 20 2>&1 | tee "$OUT/cluster.txt"
   run_tests nccl_test 2>&1 | tee -a "$OUT/tests.txt"
 fi
+# a device call brings back only so many files: the tuning results travel as one archive
+# (here: tar xzf OUT/tune.tgz; then kiln db import tune/*.jsonl)
+if [ -d "$OUT/tune" ]; then
+  tar czf "$OUT/tune.tgz" -C "$OUT" tune && rm -rf "$OUT/tune"
+fi
 echo "== done at $(( $(date +%s) - START )) s of $DEADLINE"

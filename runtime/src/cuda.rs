@@ -279,8 +279,8 @@ impl CudaDevice {
     }
 
     /// Queues `kernel` on the device's stream with `grid` blocks of `block` threads and
-    /// `dynamic_shared` bytes of dynamic shared memory (above 48 KiB the function's
-    /// `MAX_DYNAMIC_SHARED_SIZE_BYTES` attribute is raised first).
+    /// `dynamic_shared` bytes of dynamic shared memory (the function's
+    /// `MAX_DYNAMIC_SHARED_SIZE_BYTES` attribute is set to it first).
     ///
     /// # Safety
     /// `args` must match the kernel's parameters in number, order and type, and the sizes
@@ -318,8 +318,10 @@ impl CudaDevice {
                 KernelArg::TensorMap(_) => {}
             }
         }
-        if dynamic_shared > 48 * 1024 {
-            // Above 48 KiB, dynamic shared memory must be opted into per function.
+        if dynamic_shared > 0 {
+            // Static and dynamic shared memory above 48 KiB together must be opted into per
+            // function (48 KiB of dynamic plus static mbarriers failed to launch on an
+            // H200): always say the dynamic size.
             let bytes = i32::try_from(dynamic_shared)
                 .map_err(|_| CudaError::Launch(format!("{dynamic_shared} B of shared memory")))?;
             kernel

@@ -197,9 +197,10 @@ impl CudaModel {
             let func = module
                 .load_function(&s.kernel)
                 .map_err(|e| CudaModelError::Plan(format!("PTX entry '{}': {e}", s.kernel)))?;
-            if s.shared_bytes > 48 * 1024 {
-                // Above 48 KiB, dynamic shared memory must be opted into per function
-                // (the tensor-core GEMMs).
+            if s.shared_bytes > 0 {
+                // Static and dynamic shared memory above 48 KiB together must be opted into
+                // per function (a wgmma kernel's exactly 48 KiB of stages plus its static
+                // mbarriers was refused at launch on an H200): always say the dynamic size.
                 func.set_attribute(
                     cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                     s.shared_bytes as i32,

@@ -464,7 +464,12 @@ impl GpuTunable {
                     .chain(epi_features(epi))
                     .collect(),
                 space_of(WgmmaSchedule::space()),
-                wgmma_config(&WgmmaSchedule::default()),
+                wgmma_config(&WgmmaSchedule::for_problem(
+                    *m,
+                    *n,
+                    MmaOutput::F32,
+                    sku.sm_count,
+                )),
                 2.0 * (*m * *n * *k) as f64,
             ),
             GpuTemplate::Conv { geom: g, epi } => (

@@ -49,7 +49,7 @@ impl TensorCoreGemm {
 }
 
 /// Chooses and generates the tensor-core GEMM `name` for `p` on `sku` with the default
-/// schedule of that kernel. Fails naming the reason when neither kernel can compute `p`
+/// schedule of that kernel (for `wgmma`, [`WgmmaSchedule::for_problem`]). Fails naming the reason when neither kernel can compute `p`
 /// (e.g. an odd `K` with 16-bit inputs: no `cp.async` width divides it; use the SIMT
 /// `gemm_f32` on f32 data) or the SKU has no tensor cores for the input type.
 pub fn select(
@@ -58,7 +58,7 @@ pub fn select(
     epilogue: &Epilogue,
     sku: &Sku,
 ) -> Result<TensorCoreGemm, GpuError> {
-    let ws = WgmmaSchedule::default();
+    let ws = WgmmaSchedule::for_problem(p.m, p.n, p.output, sku.sm_count);
     let wgmma_fits = p.input != MmaInput::TF32
         && p.batch <= 1
         && p.n.is_multiple_of(8)
