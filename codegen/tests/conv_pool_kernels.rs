@@ -514,12 +514,26 @@ fn conv_few_positions() {
 /// fused epilogue. `KILN_CONV_CASES` sets the number of cases (default 40).
 #[test]
 fn conv_channel_form_random_shapes() {
+    channel_form_cases(&ConvSchedule::default(), 8, 0xC4A7, 40);
+}
+
+/// [`conv_channel_form_random_shapes`] with the AVX-512 schedule: 16 output channels per
+/// vector (16–80 channels, ragged blocks) and its taller register tiles (compiled for
+/// x86-64-v3 here, where LLVM splits each vector in two: the indexing is what is checked).
+#[test]
+fn conv_channel_form_on_16_lanes_random_shapes() {
+    channel_form_cases(&ConvSchedule::for_lanes(16), 16, 0x16C4A7, 24);
+}
+
+/// `cases` random channel-form convs (see [`conv_channel_form_random_shapes`]) with `base`
+/// (the form forced), `lanes`–`5·lanes` output channels, from RNG seed `seed`.
+fn channel_form_cases(base: &ConvSchedule, lanes: usize, seed: u64, default_cases: usize) {
     use rand::Rng;
     let cases: usize = std::env::var("KILN_CONV_CASES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(40);
-    let mut rng = rand::rngs::StdRng::seed_from_u64(0xC4A7);
+        .unwrap_or(default_cases);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let tails = [
         Tail::None,
         Tail::Relu,
@@ -555,7 +569,7 @@ fn conv_channel_form_random_shapes() {
         if oh * ow > 64 {
             continue;
         }
-        let (c, m) = (rng.random_range(1..24), rng.random_range(8..=40));
+        let (c, m) = (rng.random_range(1..24), rng.random_range(lanes..=5 * lanes));
         let n = rng.random_range(1..=2);
         let tail = tails[rng.random_range(0..tails.len())];
         let bias = rng.random_bool(0.7);
@@ -564,7 +578,7 @@ fn conv_channel_form_random_shapes() {
         );
         let sched = ConvSchedule {
             chan_below_lane_use_pct: 101,
-            ..ConvSchedule::default()
+            ..*base
         };
         conv_random_with(
             &sched,

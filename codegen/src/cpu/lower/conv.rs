@@ -66,8 +66,8 @@ pub(crate) struct Loops {
     next: usize,
     /// The kernel's scratch buffers (views defined with the constants).
     scratch: Scratch,
-    /// f32 lanes of the vectors of [`emit_direct`] and the helpers it calls ([`Loops::vt`]);
-    /// 0 means [`VW`]. The other forms keep 8-lane vectors (set only for the direct form).
+    /// f32 lanes of the vectors of [`emit_direct`], [`emit_chan`], [`emit_winograd`] and the
+    /// helpers they call ([`Loops::vt`]); 0 means [`VW`]. The dot form keeps 8-lane vectors.
     vw: usize,
 }
 
@@ -1145,10 +1145,17 @@ fn emit_dot(l: &mut Loops, d: &Direct) {
 }
 
 /// The channel-vector form's filter, packed at compile time in the order [`emit_chan`] reads
-/// it: `Wp[ob][c][ki][kj][mb]` for blocks of `mb = 8·mo` output channels (the last block
-/// zero-padded), so the `mo` vectors of one tap are one sequential 32·mo-byte read.
-pub fn pack_chan_filter(w: &[f32], m: usize, c: usize, kk: usize, mo: usize) -> Vec<f32> {
-    let mb = VW * mo;
+/// it: `Wp[ob][c][ki][kj][mb]` for blocks of `mb = lanes·mo` output channels (the last block
+/// zero-padded), so the `mo` vectors of one tap are one sequential `4·lanes·mo`-byte read.
+pub fn pack_chan_filter(
+    w: &[f32],
+    m: usize,
+    c: usize,
+    kk: usize,
+    mo: usize,
+    lanes: usize,
+) -> Vec<f32> {
+    let mb = lanes * mo;
     let nob = m.div_ceil(mb);
     let mut out = vec![0f32; nob * c * kk * mb];
     for o in 0..m {
@@ -1163,11 +1170,12 @@ pub fn pack_chan_filter(w: &[f32], m: usize, c: usize, kk: usize, mo: usize) -> 
 }
 
 /// The channel-vector form's register tile `(mo, pr)` for `m` output channels over the
-/// window `win`: `mo` vectors of 8 output channels × `pr` positions, the candidate with the
+/// window `win`: `mo` vectors of `lanes` (8, or 16 on AVX-512 with its 32 registers) output
+/// channels × `pr` positions, the candidate with the
 /// fewest estimated cycles, `blocks · Σ_tiles Σ_taps max(mo·v FMAs, mo + v loads)` (`v`: the
 /// tile's positions whose tap is inside the input; two FMAs and two loads per cycle; idle
 /// channels of a ragged last block included).
-pub(crate) fn chan_tile(win: &Window2, m: usize) -> (usize, usize) {
+pub(crate) fn chan_tile(win: &Window2, m: usize, lanes: usize) -> (usize, usize) {
     let np = win.oh * win.ow;
     let inside = |p: usize, ki: usize, kj: usize| {
         let (oh, ow) = (p / win.ow, p % win.ow);
@@ -1175,8 +1183,14 @@ pub(crate) fn chan_tile(win: &Window2, m: usize) -> (usize, usize) {
         let iw = (ow * win.s[1] + kj * win.d[1]) as i64 - win.p[1];
         ih >= 0 && ih < win.h as i64 && iw >= 0 && iw < win.w as i64
     };
-    [(3, 4), (2, 6), (1, 12), (4, 2), (2, 4)]
-        .into_iter()
+    let candidates: &[(usize, usize)] = if lanes == 16 {
+        &[(4, 6), (3, 8), (2, 12), (6, 4), (1, 24), (2, 8), (4, 4)]
+    } else {
+        &[(3, 4), (2, 6), (1, 12), (4, 2), (2, 4)]
+    };
+    candidates
+        .iter()
+        .copied()
         .min_by_key(|&(mo, pr)| {
             let mut per_block = 0;
             for p0 in (0..np).step_by(pr) {
@@ -1189,32 +1203,37 @@ pub(crate) fn chan_tile(win: &Window2, m: usize) -> (usize, usize) {
                     }
                 }
             }
-            m.div_ceil(VW * mo) * per_block
+            m.div_ceil(lanes * mo) * per_block
         })
         .expect("candidates")
 }
 
 /// Emits the channel-vector form of a `group = 1` convolution with few output positions
 /// (4×4, 8×8 outputs, where a grid of 8-position vectors leaves lanes idle): the lanes run
-/// over output channels instead. A register tile holds `d.mr` vectors of 8 output channels ×
+/// over output channels instead. A register tile holds `d.mr` vectors of [`Loops::lanes`]
+/// output channels ×
 /// `d.nv` output positions; per input channel and tap it loads the `mr` filter vectors
 /// (`d.w` is packed by [`pack_chan_filter`], one sequential read) and, for every position of
 /// the tile whose tap falls inside the input (known at compile time: padding taps cost
 /// nothing), broadcasts one input element from the unpadded NCHW input `d.x` (flat) and
 /// issues `mr` FMAs. Bias (a vector load), the epilogue (buffers gathered) and the store
 /// (a scatter over channels, stride `OH·OW`) run on the accumulators. One task per (image,
-/// block of `8·mr` channels).
+/// block of `lanes·mr` channels).
 fn emit_chan(l: &mut Loops, d: &Direct) {
     let win = &d.win;
     let (mo, pr) = (d.mr, d.nv);
-    let mb = VW * mo;
+    let vw = l.lanes();
+    let (vt, mt) = (l.vt(), l.mt());
+    let (vt, mt) = (vt.as_str(), mt.as_str());
+    let mb = vw * mo;
     let kk = win.k[0] * win.k[1];
     let np = win.oh * win.ow;
     let hw = win.h * win.w;
     let nob = d.m.div_ceil(mb);
     let ragged = !d.m.is_multiple_of(mb);
     let zv = l.vsplat(0.0);
-    let vi = "vector<8xi32>";
+    let vi = format!("vector<{vw}xi32>");
+    let vi = vi.as_str();
     let t = l.fresh("t");
     let one = l.c(1);
     l.line(&format!(
@@ -1225,11 +1244,11 @@ fn emit_chan(l: &mut Loops, d: &Direct) {
     let n = l.op(&format!("arith.divui {t}, {nob_c} : index"));
     let obi = l.op(&format!("arith.remui {t}, {nob_c} : index"));
     let o0 = l.affine(&obi, mb as i64, 0);
-    let full = l.op(&format!("vector.constant_mask [8] : {MT}"));
+    let full = l.op(&format!("vector.constant_mask [{vw}] : {mt}"));
     let lanes = l.konst(
         &format!(
             "dense<[{}]>",
-            (0..VW)
+            (0..vw)
                 .map(|i| (i * np).to_string())
                 .collect::<Vec<_>>()
                 .join(", ")
@@ -1238,21 +1257,21 @@ fn emit_chan(l: &mut Loops, d: &Direct) {
     );
     let (mut masks, mut biases, mut yidx) = (Vec::new(), Vec::new(), Vec::new());
     for j in 0..mo {
-        let o = l.addc(&o0, j * VW);
+        let o = l.addc(&o0, j * vw);
         let mask = if ragged {
             let (mc, z) = (l.c(d.m as i64), l.c(0));
             let left = l.op(&format!("arith.subi {mc}, {o} : index"));
             let left = l.op(&format!("arith.maxsi {left}, {z} : index"));
-            l.op(&format!("vector.create_mask {left} : {MT}"))
+            l.op(&format!("vector.create_mask {left} : {mt}"))
         } else {
             full.clone()
         };
         biases.push(d.bias.map(|b| {
             l.op(&format!(
-                "vector.maskedload {b}[{o}], {mask}, {zv} : {M1}, {MT}, {VT} into {VT}"
+                "vector.maskedload {b}[{o}], {mask}, {zv} : {M1}, {mt}, {vt} into {vt}"
             ))
         }));
-        // Flat output index of (n, o + lane, 0) as 8 × i32.
+        // Flat output index of (n, o + lane, 0) as `vw` × i32.
         let nm = l.affine(&n, d.m as i64, 0);
         let no = l.add(&nm, &o);
         let base = l.affine(&no, np as i64, 0);
@@ -1276,7 +1295,7 @@ fn emit_chan(l: &mut Loops, d: &Direct) {
                 .map(|a| format!("{a} = {zv}"))
                 .collect::<Vec<_>>()
                 .join(", "),
-            vec![VT; nacc].join(", ")
+            vec![vt; nacc].join(", ")
         ));
         let xc = l.affine(&c, hw as i64, 0);
         let xb = l.add(&nc, &xc);
@@ -1302,17 +1321,17 @@ fn emit_chan(l: &mut Loops, d: &Direct) {
                 let tap = ki * win.k[1] + kj;
                 let ws: Vec<String> = (0..mo)
                     .map(|j| {
-                        let i = l.addc(&wb, tap * mb + j * VW);
-                        l.op(&format!("vector.load {}[{i}] : {M1}, {VT}", d.w))
+                        let i = l.addc(&wb, tap * mb + j * vw);
+                        l.op(&format!("vector.load {}[{i}] : {M1}, {vt}", d.w))
                     })
                     .collect();
                 for (q, off) in valid {
                     let i = l.addc(&xb, off);
                     let s = l.op(&format!("memref.load {}[{i}] : {M1}", d.x));
-                    let b = l.op(&format!("vector.broadcast {s} : f32 to {VT}"));
+                    let b = l.op(&format!("vector.broadcast {s} : f32 to {vt}"));
                     for j in 0..mo {
                         let a = &cur[j * pc + q];
-                        cur[j * pc + q] = l.op(&format!("vector.fma {}, {b}, {a} : {VT}", ws[j]));
+                        cur[j * pc + q] = l.op(&format!("vector.fma {}, {b}, {a} : {vt}", ws[j]));
                     }
                 }
             }
@@ -1320,25 +1339,25 @@ fn emit_chan(l: &mut Loops, d: &Direct) {
         l.line(&format!(
             "scf.yield {} : {}\n  }}",
             cur.join(", "),
-            vec![VT; nacc].join(", ")
+            vec![vt; nacc].join(", ")
         ));
         let z = l.c(0);
         for j in 0..mo {
             for q in 0..pc {
                 let mut val = format!("{res}#{}", j * pc + q);
                 if let Some(b) = &biases[j] {
-                    val = l.op(&format!("arith.addf {val}, {b} : {VT}"));
+                    val = l.op(&format!("arith.addf {val}, {b} : {vt}"));
                 }
                 let pv = l.konst(&format!("dense<{}>", p0 + q), vi);
                 let idx = l.op(&format!("arith.addi {}, {pv} : {vi}", yidx[j]));
                 let mk = masks[j].clone();
                 let val = emit_epi_with(l, d, val, &mut |l: &mut Loops, b: &str| {
                     l.op(&format!(
-                        "vector.gather {b}[{z}][{idx}], {mk}, {zv} : {M1}, {vi}, {MT}, {VT} into {VT}"
+                        "vector.gather {b}[{z}][{idx}], {mk}, {zv} : {M1}, {vi}, {mt}, {vt} into {vt}"
                     ))
                 });
                 l.line(&format!(
-                    "vector.scatter {}[{z}][{idx}], {}, {val} : {M1}, {vi}, {MT}, {VT}",
+                    "vector.scatter {}[{z}][{idx}], {}, {val} : {M1}, {vi}, {mt}, {vt}",
                     d.y, masks[j]
                 ));
             }
@@ -2022,16 +2041,33 @@ pub fn lower_with(
         Grid::new(&win).wq
     };
     let (mr, nv, rows) = sched.tile(mg, [win.oh, win.ow, wq - win.ow], reads_in_place(&win, 1));
-    // Lanes of the direct form's tiles that hold output positions, in percent.
+    // AVX-512 targets: the plain direct, channel-vector and Winograd forms use 16-lane
+    // vectors (the dot form keeps 8).
+    let wide = sched.matmul.vector_width == 16;
+    // Lanes of the plain direct form's tiles that hold output positions, in percent, at the
+    // vector width it would use.
     let lane_use = {
-        let nr = VW * nv;
-        let lanes = if rows {
+        let (dlanes, dnv, drows) = if wide {
+            let (_, nv16, rows16) = sched.tile_lanes(
+                mg,
+                [win.oh, win.ow, wq - win.ow],
+                reads_in_place(&win, 1),
+                16,
+            );
+            (16, nv16, rows16)
+        } else {
+            (VW, nv, rows)
+        };
+        let nr = dlanes * dnv;
+        let lanes = if drows {
             win.oh * win.ow.div_ceil(nr) * nr
         } else {
             (win.oh * wq).div_ceil(nr) * nr
         };
         pp * 100 / lanes.max(1)
     };
+    // The channel-vector form's lanes run over output channels: 16 where there are as many.
+    let chan_lanes = if wide && m >= 16 { 16 } else { VW };
     let fused = if direct {
         fused_epilogue(g, k, ci, y_v, &ys)
     } else {
@@ -2060,10 +2096,12 @@ pub fn lower_with(
         && group == 1
         && pp <= sched.dot_max_positions
         && (win.oh * Grid::new(&win).wq).div_ceil(VW) * VW * 10 >= pp * 13;
-    // The plain direct form takes the target's vector width (16 lanes on AVX-512, with its
-    // own register tile); the forms above keep 8.
+    // The plain direct, channel-vector and Winograd forms take the target's vector width
+    // (16 lanes on AVX-512, with their own register tiles); the dot form keeps 8.
     let plain_direct = direct && !use_dot && !use_chan && !use_wino;
-    let dl = if (plain_direct || use_wino) && sched.matmul.vector_width == 16 {
+    let dl = if use_chan {
+        chan_lanes
+    } else if (plain_direct || use_wino) && wide {
         16
     } else {
         VW
@@ -2135,7 +2173,7 @@ pub fn lower_with(
             let (mr, nv, _) = sched.tile_lanes(m, [th, tw, 1], false, dl);
             (mr, nv)
         } else if use_chan {
-            chan_tile(&win, m)
+            chan_tile(&win, m, dl)
         } else if use_dot {
             let pb = pp.min(4);
             (if pb == 1 { 8 } else { 12 / pb }, pb)
@@ -2145,7 +2183,7 @@ pub fn lower_with(
         let w_mem = match &w_data {
             Some(w) if use_chan => {
                 let w: Vec<f32> = w.iter().map(|&x| x as f32).collect();
-                let packed = pack_chan_filter(&w, m, win.c, win.k[0] * win.k[1], mr);
+                let packed = pack_chan_filter(&w, m, win.c, win.k[0] * win.k[1], mr, dl);
                 let len = packed.len();
                 consts.push(DerivedConst {
                     name: format!("{}.chan{mr}", g.values[w_v].name),
@@ -2186,7 +2224,7 @@ pub fn lower_with(
         ntasks = if use_wino {
             win.n * m.div_ceil(mr)
         } else if use_chan {
-            win.n * m.div_ceil(VW * mr)
+            win.n * m.div_ceil(dl * mr)
         } else {
             direct_tasks(&win, group, m, mr, rb)
         };
