@@ -208,7 +208,8 @@ enum Cmd {
         /// Seed for random inputs.
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// Run this many times and print the time per kernel, slowest first.
+        /// Run this many times and print the time per kernel, slowest first (a cuda
+        /// artifact: device time per kernel entry, CUDA events around each launch).
         #[arg(long, value_name = "N")]
         profile: Option<usize>,
         /// Threads to run on (default: all cores).
@@ -439,17 +440,14 @@ fn run(cli: Cli) -> Result<()> {
                     );
                 }
                 if art.target.starts_with("cuda:") {
-                    if profile.is_some() || output.is_some() || !inputs.is_empty() {
-                        bail!(
-                            "--profile, --output and --input are not supported for cuda \
-                             artifacts yet"
-                        );
+                    if output.is_some() || !inputs.is_empty() {
+                        bail!("--output and --input are not supported for cuda artifacts yet");
                     }
                     return run_gpu(
                         &artifact,
                         &art,
                         check.as_deref(),
-                        (repeat, seed),
+                        (repeat, seed, profile),
                         allow_sku_mismatch,
                     );
                 }
@@ -809,10 +807,10 @@ fn run_gpu(
     path: &Path,
     art: &kiln::runtime::Artifact,
     check: Option<&Path>,
-    (repeat, seed): (Option<usize>, u64),
+    (repeat, seed, profile): (Option<usize>, u64, Option<usize>),
     allow_sku_mismatch: bool,
 ) -> Result<()> {
-    use kiln::runtime::cuda_model::CudaModel;
+    use kiln::runtime::cuda_model::{profile_table, CudaModel};
     let mut m = CudaModel::load(art, allow_sku_mismatch)
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     if let Some(w) = &m.warning {
@@ -865,6 +863,11 @@ fn run_gpu(
             "mean latency over {n} runs (CUDA graph): {:.3} ms",
             t.elapsed().as_secs_f64() * 1e3 / n.max(1) as f64
         );
+    }
+    if let Some(n) = profile.filter(|&n| n > 0) {
+        let times = m.profile(&refs, n)?;
+        println!("device time per kernel entry (CUDA events, median of {n} runs):");
+        print!("{}", profile_table(&times, 20));
     }
     if let Some(want) = expected {
         let mut worst = 0.0f64;

@@ -1282,3 +1282,57 @@ fn contiguous_slices_run_no_step() {
     assert_eq!(aligned.1 + 1, misaligned.1, "CPU steps {steps:?}");
     assert_eq!(aligned.2 + 1, misaligned.2, "GPU steps {steps:?}");
 }
+
+/// Three projections of one input (Q/K/V) become one batched product over the stacked
+/// weights at `-O2` for a GPU (`merge-stacked-matmul`; its planes are views): one GEMM
+/// launch instead of three, outputs equal to the interpreter's (emulated plan, and the CPU
+/// artifact of the same graph).
+#[test]
+fn stacked_projections_are_one_gemm_on_the_gpu() {
+    let build = || {
+        let mut b = Gb::new("qkv");
+        let x = b.input("x", &[16, 64]);
+        let ws: Vec<_> = ["wq", "wk", "wv"]
+            .iter()
+            .map(|n| b.konst(n, &[64, 64]))
+            .collect();
+        let p: Vec<_> = ws
+            .iter()
+            .map(|&w| b.node(kiln_ir::Op::Linalg(LinalgOp::MatMul), &[x, w]))
+            .collect();
+        let s = b.binary(BinaryKind::Add, p[0], p[1]);
+        let y = b.binary(BinaryKind::Mul, s, p[2]);
+        b.finish(&[y])
+    };
+    let (g, ins) = build();
+    let want = kiln_ir::interp::run(&g, &ins).unwrap();
+    let mut steps = Vec::new();
+    for level in [0u8, 2] {
+        let opts = CompileOptions {
+            opt_level: Some(level),
+            ..CompileOptions::default()
+        };
+        let e = emulate_graph(&g, "qkv", "cuda:h100", &opts, &ins, |_| {})
+            .unwrap_or_else(|e| panic!("-O{level}: {e:#}"));
+        let re = rel_err(&e.outputs[0], &want[0]);
+        assert!(re <= 1e-5, "-O{level}: {re}");
+        steps.push(e.steps);
+    }
+    // -O2: one batched GEMM (+ the elementwise kernel) instead of three GEMMs
+    assert!(steps[1] + 2 <= steps[0], "launches -O0 / -O2: {steps:?}");
+    let art = kiln::Compiler::new().compile(&g).unwrap();
+    let x: Vec<f32> = ins[0].to_f64_vec().iter().map(|&v| v as f32).collect();
+    let cpu = art
+        .session()
+        .unwrap()
+        .run(&[kiln::TensorView::from_f32(&[16, 64], &x)])
+        .unwrap();
+    let got: Vec<f64> = cpu[0].as_f32().unwrap().iter().map(|&v| v.into()).collect();
+    let w = want[0].to_f64_vec();
+    let err = got
+        .iter()
+        .zip(&w)
+        .map(|(a, b)| (a - b).abs() / b.abs().max(1.0))
+        .fold(0f64, f64::max);
+    assert!(err <= 1e-5, "CPU: {err}");
+}

@@ -163,6 +163,11 @@ fn cases() -> Vec<Case> {
             &["x0: b m k", "k0: k n", "k1: k n"],
         ),
         case(
+            "merge-stacked-matmul",
+            "(add (add (matmul x0 k0) (matmul x0 k1)) (matmul x0 k2))",
+            &["x0: m k", "k0: k n", "k1: k n", "k2: k n"],
+        ),
+        case(
             "gemm-to-matmul",
             "(op @G x0 k0 x1)",
             &["x0: m k", "k0: n k", "x1: n"],

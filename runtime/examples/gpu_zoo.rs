@@ -11,7 +11,9 @@
 //! both load times printed), run it on the inputs, compare every output with the expected
 //! one (largest `|a - b| / max(|b|, 1)`), then time `RUNS` runs (default 200, after 20
 //! warm-up runs) end to end — inputs uploaded from pinned host memory, the CUDA graph
-//! replayed, outputs downloaded — and print the median and the minimum.
+//! replayed, outputs downloaded — and print the median and the minimum. With
+//! `KILN_PROFILE=N`, also each kernel entry's device time (CUDA events around every launch,
+//! median of `N` runs; `CudaModel::profile`) on stderr.
 
 #[path = "common/test_data.rs"]
 mod test_data;
@@ -112,5 +114,19 @@ fn main() {
             t[t.len() / 2],
             t[0]
         );
+        // KILN_PROFILE=N: device time per kernel entry (median of N event-timed runs) to
+        // stderr, so the table on stdout keeps one line per artifact
+        if let Some(n) = std::env::var("KILN_PROFILE")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+        {
+            match m.profile(&refs, n) {
+                Ok(times) => eprintln!(
+                    "profile of {file} (median of {n} runs):\n{}",
+                    kiln_runtime::cuda_model::profile_table(&times, 12)
+                ),
+                Err(e) => eprintln!("profile of {file}: {e}"),
+            }
+        }
     }
 }

@@ -64,6 +64,54 @@ enum Param {
     F32(f32),
 }
 
+/// The device time of one launch ([`CudaModel::profile`]).
+#[derive(Debug, Clone)]
+pub struct LaunchTime {
+    /// The entry and the partition kernel it belongs to: `entry (kernel label)`.
+    pub label: String,
+    /// Median over the profiled runs, microseconds.
+    pub median_us: f64,
+}
+
+/// A Markdown table of a [`CudaModel::profile`]: launches grouped by entry (the kernel
+/// function), the `top` costliest first — entry, launches, total and share of the summed
+/// median times — then the sum.
+pub fn profile_table(times: &[LaunchTime], top: usize) -> String {
+    use std::fmt::Write as _;
+    let mut by_entry: Vec<(String, usize, f64)> = Vec::new();
+    for t in times {
+        let entry = t.label.split(" (").next().unwrap_or(&t.label);
+        match by_entry.iter_mut().find(|(e, _, _)| e == entry) {
+            Some(row) => {
+                row.1 += 1;
+                row.2 += t.median_us;
+            }
+            None => by_entry.push((entry.to_string(), 1, t.median_us)),
+        }
+    }
+    by_entry.sort_by(|a, b| b.2.total_cmp(&a.2));
+    let total: f64 = times.iter().map(|t| t.median_us).sum();
+    let mut out = String::from("| entry | launches | µs | share |\n|---|---|---|---|\n");
+    for (e, n, us) in by_entry.iter().take(top) {
+        let share = 100.0 * us / total.max(f64::MIN_POSITIVE);
+        let _ = writeln!(out, "| {e} | {n} | {us:.1} | {share:.1}% |");
+    }
+    if by_entry.len() > top {
+        let rest: f64 = by_entry[top..].iter().map(|r| r.2).sum();
+        let _ = writeln!(
+            out,
+            "| ({} more entries) | | {rest:.1} | |",
+            by_entry.len() - top
+        );
+    }
+    let _ = writeln!(
+        out,
+        "| sum of {} launches | | {total:.1} | 100% |",
+        times.len()
+    );
+    out
+}
+
 /// A loaded GPU artifact (see the module doc).
 pub struct CudaModel {
     plan: ExecPlan,
@@ -283,19 +331,7 @@ impl CudaModel {
     /// first run, so that a faulting kernel is reported by name, not by a later call).
     fn launch_all(&self, check: bool) -> Result<(), CudaModelError> {
         for (i, l) in self.launches.iter().enumerate() {
-            let mut b = self.stream.launch_builder(&l.func);
-            for p in &l.params {
-                match p {
-                    Param::U64(v) => b.arg(v),
-                    Param::I64(v) => b.arg(v),
-                    Param::F32(v) => b.arg(v),
-                };
-            }
-            // SAFETY: the parameters follow the kernel ABI the compiler emitted for this
-            // entry, and every buffer view was checked against its buffer by
-            // `ExecPlan::validate` in `load` (the scalars of the specialized kernels are
-            // trusted to match their views, as the compiler wrote them).
-            unsafe { b.launch(l.cfg) }.map_err(drv)?;
+            self.launch_one(l)?;
             if check {
                 self.stream
                     .synchronize()
@@ -305,9 +341,71 @@ impl CudaModel {
         Ok(())
     }
 
-    /// Runs the model: `inputs` are the raw bytes of each input (plan order), returns the
-    /// raw bytes of each output.
-    pub fn run(&mut self, inputs: &[&[u8]]) -> Result<Vec<Vec<u8>>, CudaModelError> {
+    /// Queues one launch on the stream.
+    fn launch_one(&self, l: &Launch) -> Result<(), CudaModelError> {
+        let mut b = self.stream.launch_builder(&l.func);
+        for p in &l.params {
+            match p {
+                Param::U64(v) => b.arg(v),
+                Param::I64(v) => b.arg(v),
+                Param::F32(v) => b.arg(v),
+            };
+        }
+        // SAFETY: the parameters follow the kernel ABI the compiler emitted for this
+        // entry, and every buffer view was checked against its buffer by
+        // `ExecPlan::validate` in `load` (the scalars of the specialized kernels are
+        // trusted to match their views, as the compiler wrote them).
+        unsafe { b.launch(l.cfg) }.map_err(drv)?;
+        Ok(())
+    }
+
+    /// Per-launch device times: uploads `inputs`, runs the model once (checked, launch by
+    /// launch), then `runs` times with a CUDA event between consecutive launches (no graph:
+    /// each launch is timed on its own, so the sum exceeds a graph replay by the launch
+    /// gaps). Returns one entry per launch in plan order with its median.
+    pub fn profile(
+        &mut self,
+        inputs: &[&[u8]],
+        runs: usize,
+    ) -> Result<Vec<LaunchTime>, CudaModelError> {
+        self.upload(inputs)?;
+        self.launch_all(true)?;
+        let ctx = self.stream.context();
+        let events = (0..=self.launches.len())
+            .map(|_| ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(drv)?;
+        let mut times = vec![Vec::with_capacity(runs); self.launches.len()];
+        for _ in 0..runs.max(1) {
+            for (l, e) in self.launches.iter().zip(&events) {
+                e.record(&self.stream).map_err(drv)?;
+                self.launch_one(l)?;
+            }
+            events[self.launches.len()]
+                .record(&self.stream)
+                .map_err(drv)?;
+            self.stream.synchronize().map_err(drv)?;
+            for (i, t) in times.iter_mut().enumerate() {
+                let ms = events[i].elapsed_ms(&events[i + 1]).map_err(drv)?;
+                t.push(f64::from(ms) * 1e3);
+            }
+        }
+        Ok(self
+            .launches
+            .iter()
+            .zip(times)
+            .map(|(l, mut t)| {
+                t.sort_by(f64::total_cmp);
+                LaunchTime {
+                    label: l.label.clone(),
+                    median_us: t[t.len() / 2],
+                }
+            })
+            .collect())
+    }
+
+    /// Copies `inputs` (raw bytes, plan order) to the device through the pinned buffers.
+    fn upload(&mut self, inputs: &[&[u8]]) -> Result<(), CudaModelError> {
         if inputs.len() != self.inputs.len() {
             return Err(CudaModelError::Inputs(format!(
                 "{} given, the model has {}",
@@ -328,6 +426,13 @@ impl CudaModel {
             host[..n].copy_from_slice(x);
             self.stream.memcpy_htod(&*pin, dev).map_err(drv)?;
         }
+        Ok(())
+    }
+
+    /// Runs the model: `inputs` are the raw bytes of each input (plan order), returns the
+    /// raw bytes of each output.
+    pub fn run(&mut self, inputs: &[&[u8]]) -> Result<Vec<Vec<u8>>, CudaModelError> {
+        self.upload(inputs)?;
         match &self.graph {
             Some(g) => g.launch().map_err(drv)?,
             None => {
@@ -354,5 +459,30 @@ impl CudaModel {
             out.push(pin.as_slice().map_err(drv)?[..n].to_vec());
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod profile_tests {
+    use super::*;
+
+    #[test]
+    fn profile_table_groups_launches_by_entry() {
+        let t = |label: &str, us: f64| LaunchTime {
+            label: label.into(),
+            median_us: us,
+        };
+        let times = [
+            t("gemm (k0)", 10.0),
+            t("softmax (k1)", 5.0),
+            t("gemm (k2)", 20.0),
+            t("zero (k3)", 1.0),
+        ];
+        let table = profile_table(&times, 2);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines[2], "| gemm | 2 | 30.0 | 83.3% |");
+        assert_eq!(lines[3], "| softmax | 1 | 5.0 | 13.9% |");
+        assert_eq!(lines[4], "| (1 more entries) | | 1.0 | |");
+        assert_eq!(lines[5], "| sum of 4 launches | | 36.0 | 100% |");
     }
 }

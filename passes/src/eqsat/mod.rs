@@ -232,7 +232,7 @@ pub fn optimize(g: &Graph, opts: &EqsatOptions) -> Result<(Graph, EqsatReport)> 
     let tree = extract::greedy(&eg, &costs);
     let mut cands = vec![("greedy", tree.clone())];
     if opts.extractor != ExtractorKind::Greedy {
-        let (d, moves) = extract::dag(&eg, &costs, &roots, tree, opts.extract_time_limit);
+        let (d, moves) = extract::dag(&eg, &costs, &roots, tree.clone(), opts.extract_time_limit);
         if opts.extractor == ExtractorKind::Ilp {
             let (choice, st) = ilp::ilp(&eg, &costs, &roots, &d, opts.ilp_time_limit);
             rep.notes.push(format!(
@@ -250,6 +250,11 @@ pub fn optimize(g: &Graph, opts: &EqsatOptions) -> Result<(Graph, EqsatReport)> 
                 cands.push(("ilp", c));
             }
         }
+        rep.notes.push(format!(
+            "dag-aware search: {moves} moves, DAG cost {:.1} -> {:.1} us",
+            extract::dag_cost(&eg, &costs, &tree, &roots),
+            extract::dag_cost(&eg, &costs, &d, &roots)
+        ));
         if moves > 0 {
             cands.push(("dag", d));
         }
@@ -259,6 +264,7 @@ pub fn optimize(g: &Graph, opts: &EqsatOptions) -> Result<(Graph, EqsatReport)> 
         match convert::to_graph(&eg, &roots, &choice, g) {
             Ok(out) => {
                 let c = graph_cost(&out, &model);
+                rep.notes.push(format!("{name}: {c:.1} us"));
                 if best.as_ref().is_none_or(|b| c < b.0) {
                     best = Some((c, out, name));
                 }

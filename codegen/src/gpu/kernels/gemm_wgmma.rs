@@ -90,11 +90,14 @@ impl Default for WgmmaSchedule {
 impl WgmmaSchedule {
     /// The untuned schedule for an `m × n` output of type `output` on a GPU with `sms`
     /// multiprocessors. Every problem gets the vectorized epilogue (16 bytes per store: 8
-    /// halves or 4 floats); a problem with at least one 128×256 tile per multiprocessor
-    /// gets the two-warpgroup 128×256 tile (`bn = 256`), 4 stages and bands of 8 tile rows —
-    /// on an H200 (session 11) 0.96× cuBLAS at f16 4096³ where [`WgmmaSchedule::default`]
-    /// reached 0.75× and its vectorized form 0.85×. Smaller problems keep the 128×128 tile,
-    /// which makes twice as many blocks.
+    /// halves or 4 floats); then by the number of output tiles (measured on an H200 in
+    /// session 11 against cuBLAS, f16):
+    /// - at least one 128×256 tile per multiprocessor: the two-warpgroup 128×256 tile
+    ///   (`bn = 256`), 4 stages, bands of 8 tile rows — 0.96–1.00× cuBLAS at 4096³ where
+    ///   [`WgmmaSchedule::default`] reached 0.75× and its vectorized form 0.85–0.88×;
+    /// - at least one 128×128 tile per multiprocessor: the 128×128 tile (0.99× at 2048³);
+    /// - fewer: 128×64 tiles, twice as many blocks (BERT-base projections at sequence 128:
+    ///   1.03–1.17× cuBLAS where 128×128 tiles gave 0.65–0.81×).
     pub fn for_problem(m: u64, n: u64, output: MmaOutput, sms: u32) -> Self {
         let vector = if output == MmaOutput::F32 { 4 } else { 8 };
         let base = Self {
@@ -107,10 +110,13 @@ impl WgmmaSchedule {
             raster: 8,
             ..base
         };
-        if (m / u64::from(wide.rows())) * (n / u64::from(wide.bn)) >= u64::from(sms) {
+        let tiles = |s: &Self| (m / u64::from(s.rows())) * (n / u64::from(s.bn));
+        if tiles(&wide) >= u64::from(sms) {
             wide
-        } else {
+        } else if tiles(&base) >= u64::from(sms) {
             base
+        } else {
+            Self { bn: 64, ..base }
         }
     }
 
@@ -1062,13 +1068,26 @@ mod tests {
             WgmmaSchedule::for_problem(4096, 4096, MmaOutput::F32, 132).vector,
             4
         );
-        // fewer 128×256 tiles than SMs: the 128×128 tile, vectorized
-        for (m, n) in [(128, 768), (1024, 4096), (16, 64)] {
+        // fewer 128×256 tiles than SMs, enough 128×128 ones: the 128×128 tile, vectorized
+        for (m, n) in [(2048, 2048), (1024, 4096)] {
             let s = WgmmaSchedule::for_problem(m, n, MmaOutput::F32, 132);
             assert_eq!(
                 s,
                 WgmmaSchedule {
                     vector: 4,
+                    ..WgmmaSchedule::default()
+                },
+                "{m}x{n}"
+            );
+        }
+        // fewer 128×128 tiles than SMs: 128×64 tiles
+        for (m, n) in [(128, 768), (128, 3072), (16, 64), (512, 768)] {
+            let s = WgmmaSchedule::for_problem(m, n, MmaOutput::F16, 132);
+            assert_eq!(
+                s,
+                WgmmaSchedule {
+                    bn: 64,
+                    vector: 8,
                     ..WgmmaSchedule::default()
                 },
                 "{m}x{n}"

@@ -119,6 +119,14 @@ pub fn rules() -> Vec<Rw> {
     );
     r.push(
         Rewrite::new(
+            "merge-stacked-matmul",
+            "(matmul ?a ?b)".parse::<Pattern<Kiln>>().expect("pattern"),
+            MergeStackedMatMul,
+        )
+        .expect("rule"),
+    );
+    r.push(
+        Rewrite::new(
             "gemm-to-matmul",
             "(op ?g ?a ?b ?c)"
                 .parse::<Pattern<Kiln>>()
@@ -207,6 +215,86 @@ impl Applier<Kiln, crate::eqsat::analysis::KilnAnalysis> for MergeParallelMatMul
                 changed.push(sib_class);
             }
         }
+        changed
+    }
+
+    fn vars(&self) -> Vec<Var> {
+        vec![v("?a"), v("?b")]
+    }
+}
+
+/// `x @ W₀`, `x @ W₁`, … `x @ Wₙ₋₁` (rank-2 `x`, rank-2 weights of one shape `[K, N]`, all
+/// the products of `x` with such weights: Q/K/V, gate/up) become the `n` planes of one
+/// batched product `x @ stack(W)` (`[n, M, N]`, `x` broadcast over the stack): plane `i` is
+/// `reshape(slice(P, i, i + 1, axis 0), [M, N])`, a contiguous range of `P` — a view, unlike
+/// the column slices of [`MergeParallelMatMul`]'s product, so the merged product costs no
+/// split. One e-node group per sibling set (applied from its lowest-id weight only).
+struct MergeStackedMatMul;
+
+impl Applier<Kiln, crate::eqsat::analysis::KilnAnalysis> for MergeStackedMatMul {
+    fn apply_one(
+        &self,
+        eg: &mut EG,
+        eclass: Id,
+        subst: &Subst,
+        _ast: Option<&PatternAst<Kiln>>,
+        _rule: Symbol,
+    ) -> Vec<Id> {
+        let (a, b) = (eg.find(subst[v("?a")]), eg.find(subst[v("?b")]));
+        let (Some(sa), Some(sb)) = (eg[a].data.shape(), eg[b].data.shape()) else {
+            return vec![];
+        };
+        let Some(dt) = eg[b].data.fact().map(|f| f.dtype) else {
+            return vec![];
+        };
+        if sa.len() != 2 || sb.len() != 2 || is_concat(eg, b) {
+            return vec![];
+        }
+        // every product of `a` with a weight of b's shape and dtype, by weight id
+        let mut group: Vec<(Id, Id)> = Vec::new();
+        for p in eg[a].parents() {
+            if let Kiln::MatMul([x, c]) = eg.id_to_node(p) {
+                let (x, c) = (eg.find(*x), eg.find(*c));
+                let d = &eg[c].data;
+                if x == a
+                    && !is_concat(eg, c)
+                    && d.shape() == Some(sb.clone())
+                    && d.fact().map(|f| f.dtype) == Some(dt)
+                {
+                    group.push((c, eg.find(p)));
+                }
+            }
+        }
+        group.sort();
+        group.dedup_by_key(|g| g.0);
+        if group.len() < 2 || group[0].0 != b || group.len() > 16 {
+            return vec![];
+        }
+        let ints = |eg: &mut EG, vals: &[i64]| {
+            let k = eg.analysis.add_const(Arc::new(Tensor::vec_i64(vals)), None);
+            eg.add(Kiln::Const(k))
+        };
+        let (m, k, n) = (sa[0] as i64, sb[0] as i64, sb[1] as i64);
+        let plane = ints(eg, &[1, k, n]);
+        let ax = eg.add(Kiln::Int(0));
+        let mut parts = vec![ax];
+        for &(w, _) in &group {
+            parts.push(eg.add(Kiln::Reshape([w, plane])));
+        }
+        let stack = eg.add(Kiln::Concat(parts.into()));
+        let prod = eg.add(Kiln::MatMul([a, stack]));
+        let out_shape = ints(eg, &[m, n]);
+        let mut changed = vec![];
+        for (i, &(_, class)) in group.iter().enumerate() {
+            let s = add_slice(eg, prod, 0, i, i + 1);
+            let r = eg.add(Kiln::Reshape([s, out_shape]));
+            let same = eg[r].data.fact().map(|f| (&f.shape, f.dtype))
+                == eg[class].data.fact().map(|f| (&f.shape, f.dtype));
+            if same && eg.union(class, r) {
+                changed.push(class);
+            }
+        }
+        let _ = eclass;
         changed
     }
 
