@@ -37,14 +37,12 @@ if [ -f "$REC" ]; then
   ./target/release/kiln db import "$REC" --db "$TDB"
 fi
 .venv/bin/python - "$SKU" "$TDB" <<'PY'
-import filecmp, onnx, os, subprocess, sys
+import filecmp, os, subprocess, sys
+sys.path.insert(0, 'scripts')
+from zoo_shapes import ZOO, shape_args
 sku, tdb = sys.argv[1], sys.argv[2]
-for m in ['mlp', 'resnet', 'mobilenet', 'bert', 'gpt']:
-    model = onnx.load(f'tests/zoo/{m}/model.onnx')
-    shapes = []
-    for i, inp in enumerate(model.graph.input):
-        t = onnx.load_tensor(f'tests/zoo/{m}/test_data_set_0/input_{i}.pb')
-        shapes += ['--shape', inp.name + '=' + 'x'.join(str(d) for d in t.dims)]
+for m in ZOO:
+    shapes = shape_args(m)
     subprocess.run(f'mkdir -p .gpu/zoo/{m} && cp tests/zoo/{m}/model.onnx tests/zoo/{m}/test_data_set_0/*.pb .gpu/zoo/{m}/', shell=True, check=True)
     for p in ['f32', 'f16'] + (['tf32', 'bf16'] if m in ('bert', 'gpt') else []):
         subprocess.run(['./target/release/kiln', 'compile', f'tests/zoo/{m}/model.onnx', '--target', f'cuda:{sku}',

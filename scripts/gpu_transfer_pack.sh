@@ -20,14 +20,12 @@ strip .gpu/bin/*
 TMP=$(mktemp -d)
 ./target/release/kiln db import "$REC" --db "$TMP/transfer.db"
 .venv/bin/python - "$SKU" "$N" "$TMP" <<'PY'
-import onnx, subprocess, sys
+import subprocess, sys
+sys.path.insert(0, 'scripts')
+from zoo_shapes import ZOO, shape_args
 sku, n, tmp = sys.argv[1:4]
-for m in ['mlp', 'resnet', 'mobilenet', 'bert', 'gpt']:
-    model = onnx.load(f'tests/zoo/{m}/model.onnx')
-    shapes = []
-    for i, inp in enumerate(model.graph.input):
-        t = onnx.load_tensor(f'tests/zoo/{m}/test_data_set_0/input_{i}.pb')
-        shapes += ['--shape', inp.name + '=' + 'x'.join(str(d) for d in t.dims)]
+for m in ZOO:
+    shapes = shape_args(m)
     for p in ['f32', 'f16']:
         for kind, db in [('transfer', f'{tmp}/transfer.db'), ('cold', f'{tmp}/cold.db')]:
             subprocess.run(['./target/release/kiln', 'tune', f'tests/zoo/{m}/model.onnx', '--target', f'cuda:{sku}',

@@ -17,14 +17,12 @@ cargo build --release -p kiln
 cargo build --release -p kiln-runtime --features cuda --example gpu_measure
 cp target/release/examples/gpu_measure .gpu/bin/ && strip .gpu/bin/gpu_measure
 .venv/bin/python - "$SKU" "$N" "$DB" <<'PY'
-import onnx, subprocess, sys
+import subprocess, sys
+sys.path.insert(0, 'scripts')
+from zoo_shapes import ZOO, shape_args
 sku, n, db = sys.argv[1:4]
-for m in ['mlp', 'resnet', 'mobilenet', 'bert', 'gpt']:
-    model = onnx.load(f'tests/zoo/{m}/model.onnx')
-    shapes = []
-    for i, inp in enumerate(model.graph.input):
-        t = onnx.load_tensor(f'tests/zoo/{m}/test_data_set_0/input_{i}.pb')
-        shapes += ['--shape', inp.name + '=' + 'x'.join(str(d) for d in t.dims)]
+for m in ZOO:
+    shapes = shape_args(m)
     for p in ['f32', 'f16'] + (['tf32', 'bf16'] if m in ('bert', 'gpt') else []):
         subprocess.run(['./target/release/kiln', 'tune', f'tests/zoo/{m}/model.onnx', '--target', f'cuda:{sku}',
                         '--precision', p, '--export', f'.gpu/tune/{m}.{p}', '--candidates', n, '--db', db] + shapes,
