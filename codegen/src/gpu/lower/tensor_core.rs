@@ -159,13 +159,9 @@ pub(crate) fn lower(
     let kern = match tuned {
         Ok(TensorCoreGemm::Wgmma(w)) if tma_aligned => {
             let s = w.schedule;
-            let name = format!(
-                "kiln_gemm_wgmma_{}_f32_bn{}_s{}_{}",
-                input.mlir(),
-                s.bn,
-                s.stages,
-                epi.tag()
-            );
+            // every schedule parameter in the name: two GEMMs of one model with different
+            // schedules must not share an entry
+            let name = crate::gpu::tuning::wgmma_name(input, &s, &epi);
             Chosen::Wgmma(
                 gemm_wgmma(&name, input, MmaOutput::F32, &epi, &s).map_err(|e| e.to_string())?,
             )
