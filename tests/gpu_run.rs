@@ -94,5 +94,10 @@ fn zoo_models_on_the_gpu_match_the_reference_interpreter() {
                 );
             }
         }
+        // the per-launch profile: one positive time per launch, in plan order
+        let times = m.profile(&refs, 3).unwrap();
+        let steps = m.plan().gpu.as_ref().map_or(0, |g| g.steps.len());
+        assert_eq!(times.len(), steps, "{model} {prec}");
+        assert!(times.iter().all(|t| t.median_us > 0.0), "{model} {prec}");
     }
 }
