@@ -1336,3 +1336,23 @@ fn stacked_projections_are_one_gemm_on_the_gpu() {
         .fold(0f64, f64::max);
     assert!(err <= 1e-5, "CPU: {err}");
 }
+
+/// On a CPU target the stacked merge is not used (the CPU code generator has no broadcast
+/// batched MatMul): three projections of one input compile to compiled kernels only, with
+/// no step left to the interpreter.
+#[test]
+fn stacked_projections_stay_compiled_on_the_cpu() {
+    let mut b = Gb::new("qkv_cpu");
+    let x = b.input("x", &[16, 64]);
+    let outs: Vec<_> = ["wq", "wk", "wv"]
+        .iter()
+        .map(|n| {
+            let w = b.konst(n, &[64, 64]);
+            b.node(kiln_ir::Op::Linalg(LinalgOp::MatMul), &[x, w])
+        })
+        .collect();
+    let (g, _) = b.finish(&outs);
+    let art = kiln::Compiler::new().compile(&g).unwrap();
+    let report = art.report().unwrap().to_string();
+    assert!(!report.contains("reference interpreter"), "{report}");
+}

@@ -202,6 +202,12 @@ pub fn optimize(g: &Graph, opts: &EqsatOptions) -> Result<(Graph, EqsatReport)> 
     let t0 = Instant::now();
     let (eg, roots) = convert::to_egraph(g, opts.fold_limit)?;
     let mut rules = rules::all();
+    if opts.device.parallel_units <= 1.0 {
+        // A CPU target: its code generator has no MatMul of a 2-D A broadcast over a stack
+        // of Bs yet (such a product would run on the interpreter), and one core gains
+        // nothing from more output tiles.
+        rules.retain(|r| r.name.as_str() != "merge-stacked-matmul");
+    }
     if let Some(keep) = &opts.rules {
         rules.retain(|r| keep.iter().any(|k| k == r.name.as_str()));
     }
