@@ -1337,9 +1337,9 @@ fn stacked_projections_are_one_gemm_on_the_gpu() {
     assert!(err <= 1e-5, "CPU: {err}");
 }
 
-/// On a CPU target the stacked merge is not used (the CPU code generator has no broadcast
-/// batched MatMul): three projections of one input compile to compiled kernels only, with
-/// no step left to the interpreter.
+/// On a CPU target the stacked merge is not used (a batched product runs on one thread):
+/// three projections of one input compile to compiled kernels only, with no step left to
+/// the interpreter.
 #[test]
 fn stacked_projections_stay_compiled_on_the_cpu() {
     let mut b = Gb::new("qkv_cpu");

@@ -251,6 +251,41 @@ fn batched_matmul_with_epilogue() {
     );
 }
 
+/// Batched MatMul with A broadcast over B's batch: a 2-D A against 3-D and 4-D stacks of B
+/// (run-time and constant B: stacked projections), an A whose batch dims are 1, with an
+/// epilogue; each lowers (no interpreter fallback) and matches the interpreter.
+#[test]
+fn batched_matmul_with_broadcast_a() {
+    for (a_shape, b_shape, konst) in [
+        (vec![7, 16], vec![3, 16, 9], false),
+        (vec![7, 16], vec![3, 16, 9], true),
+        (vec![5, 12], vec![2, 3, 12, 20], false),
+        (vec![1, 1, 7, 16], vec![2, 3, 16, 9], false),
+    ] {
+        let mut b = Builder::new("bmm_bcast");
+        let a = b.input("a", DType::F32, &a_shape);
+        let w = if konst {
+            let n: usize = b_shape.iter().product();
+            let data: Vec<f32> = (0..n)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.01)
+                .collect();
+            b.konst("w", Tensor::from_vec(&b_shape, data))
+        } else {
+            b.input("w", DType::F32, &b_shape)
+        };
+        let mm = b.node(Op::Linalg(LinalgOp::MatMul), &[Some(a), Some(w)]);
+        let s = b.konst("s", Tensor::scalar(0.5f32));
+        let y = b.binary(BinaryKind::Mul, mm, s);
+        let g = b.finish(&[y]);
+        let rep = check(&g, &random_inputs(&g, 11));
+        assert!(
+            rep.lowering.unsupported.is_empty(),
+            "{a_shape:?} x {b_shape:?}: {:?}",
+            rep.lowering.unsupported
+        );
+    }
+}
+
 /// MatMul/Gemm with a constant B packed at compile time (`matmul::pack_b`): the kernel gets
 /// the packed panels as a derived constant instead of B, for products spanning several
 /// `nc` column blocks, `kc` depth blocks and `mc` row blocks with edges everywhere (a small

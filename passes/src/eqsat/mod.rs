@@ -203,9 +203,10 @@ pub fn optimize(g: &Graph, opts: &EqsatOptions) -> Result<(Graph, EqsatReport)> 
     let (eg, roots) = convert::to_egraph(g, opts.fold_limit)?;
     let mut rules = rules::all();
     if opts.device.parallel_units <= 1.0 {
-        // A CPU target: its code generator has no MatMul of a 2-D A broadcast over a stack
-        // of Bs yet (such a product would run on the interpreter), and one core gains
-        // nothing from more output tiles.
+        // A CPU target: more output tiles gain one core nothing, and the CPU code
+        // generator runs a batched product on one thread (no row split), where the three
+        // separate products split over the threads (2 threads: 1.9 vs 0.9 ms for BERT-base's
+        // Q/K/V at sequence 128).
         rules.retain(|r| r.name.as_str() != "merge-stacked-matmul");
     }
     if let Some(keep) = &opts.rules {

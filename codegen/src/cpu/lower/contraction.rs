@@ -5,7 +5,8 @@
 //!
 //! Supported: `MatMul` with a 2-D `B` and an `A` of rank ≥ 2 (its batch dims are folded
 //! into `M`, which needs them static when `A` has rank > 2), batched `MatMul` with equal
-//! static batch dims (one matmul per batch on row-block subviews); `Gemm` with any
+//! static batch dims or an A broadcast over B's batch (one matmul per batch on row-block
+//! subviews); `Gemm` with any
 //! `transA`/`transB` (a transposed operand is copied to a temporary first), `alpha`, `beta`
 //! and a broadcast `C`. Not yet: broadcast batch dims of `B`, 1-D
 //! operands, `Conv`.
@@ -84,21 +85,28 @@ pub(crate) fn lower(
     // Batched MatMul (equal, static batch dims): A, B and the product are viewed as stacks
     // of row blocks, one matmul per batch.
     let mut batch: Option<(usize, [usize; 3])> = None;
+    // A broadcast over B's batch: a 2-D A, or one whose batch dims are all 1 (every
+    // product of the batch reads the same A rows)
+    let mut a_bcast = false;
     let (a_rows, ta, tb) = match &gemm {
         None if b_s.len() > 2 => {
             let known = |s: &[Dim]| s.iter().map(Dim::known).collect::<Option<Vec<usize>>>();
             let (Some(ak), Some(bk)) = (known(&a_s), known(&b_s)) else {
                 return Err("batched MatMul with symbolic dims".into());
             };
-            let r = ak.len();
-            if bk.len() != r || ak[..r - 2] != bk[..r - 2] {
+            let r = bk.len();
+            let ra = ak.len();
+            a_bcast = ra == 2 || (ra == r && ak[..r - 2].iter().all(|&d| d == 1));
+            if ra < 2 || !(a_bcast || (ra == r && ak[..r - 2] == bk[..r - 2])) {
                 return Err(format!(
-                    "batched MatMul of shapes {ak:?} x {bk:?} (equal batch dims only)"
+                    "batched MatMul of shapes {ak:?} x {bk:?} (equal batch dims, or A \
+                     broadcast over B's, only)"
                 ));
             }
-            let nb: usize = ak[..r - 2].iter().product();
-            batch = Some((nb, [ak[r - 2], bk[r - 1], ak[r - 1]]));
-            (Dim::Known(nb * ak[r - 2]), false, false)
+            let nb: usize = bk[..r - 2].iter().product();
+            batch = Some((nb, [ak[ra - 2], bk[r - 1], ak[ra - 1]]));
+            let rows = if a_bcast { ak[ra - 2] } else { nb * ak[ra - 2] };
+            (Dim::Known(rows), false, false)
         }
         None => {
             if a_s.len() < 2 {
@@ -268,7 +276,12 @@ pub(crate) fn lower(
         if ta { a_dims[1] } else { a_dims[0] },
         if tb { b_dims[0] } else { b_dims[1] },
     );
-    let p2 = rows_view(&mut p, args.len() + nconst + pi, &[m_d, n_d], "f32");
+    // the product as [rows, N]: a batched product has `nb · M` rows whatever A's are
+    let p_rows = match batch {
+        Some((nb, [m, _, _])) => PDim::Const((nb * m) as i64),
+        None => m_d,
+    };
+    let p2 = rows_view(&mut p, args.len() + nconst + pi, &[p_rows, n_d], "f32");
     let mut t = String::new();
     let operand = |p: &mut Prologue,
                    t: &mut String,
@@ -355,9 +368,11 @@ pub(crate) fn lower(
         Some((nb, [m, n, k])) => {
             // a batched product is never packed at compile time
             let b2 = b2.as_deref().expect("B packed per call");
+            // a broadcast A is read from row 0 by every product of the batch
+            let a_row = if a_bcast { "%bz" } else { "%ra" };
             let _ = writeln!(
                 t,
-                "  %bz = arith.constant 0 : index\n  %b1 = arith.constant 1 : index\n  %bn = arith.constant {nb} : index\n  %bm = arith.constant {m} : index\n  %bk = arith.constant {k} : index\n  %bnn = arith.constant {n} : index\n  scf.for %bi = %bz to %bn step %b1 {{\n    %ra = arith.muli %bi, %bm : index\n    %rb = arith.muli %bi, %bk : index\n    %sa = memref.subview {a2}[%ra, 0] [%bm, %bk] [1, 1] : memref<?x?xf32> to {st}\n    %sb = memref.subview {b2}[%rb, 0] [%bk, %bnn] [1, 1] : memref<?x?xf32> to {st}\n    %sc = memref.subview {p2}[%ra, 0] [%bm, %bnn] [1, 1] : memref<?x?xf32> to {st}"
+                "  %bz = arith.constant 0 : index\n  %b1 = arith.constant 1 : index\n  %bn = arith.constant {nb} : index\n  %bm = arith.constant {m} : index\n  %bk = arith.constant {k} : index\n  %bnn = arith.constant {n} : index\n  scf.for %bi = %bz to %bn step %b1 {{\n    %ra = arith.muli %bi, %bm : index\n    %rb = arith.muli %bi, %bk : index\n    %sa = memref.subview {a2}[{a_row}, 0] [%bm, %bk] [1, 1] : memref<?x?xf32> to {st}\n    %sb = memref.subview {b2}[%rb, 0] [%bk, %bnn] [1, 1] : memref<?x?xf32> to {st}\n    %sc = memref.subview {p2}[%ra, 0] [%bm, %bnn] [1, 1] : memref<?x?xf32> to {st}"
             );
             call(&mut t, "%sa", "%sb", "%sc");
             let _ = writeln!(t, "  }}");
