@@ -138,15 +138,17 @@ pub fn rules() -> Vec<Rw> {
     r
 }
 
+/// Adds the int64 vector constant `vals` (shapes, slice bounds).
+pub(crate) fn add_ints(eg: &mut EG, vals: &[i64]) -> Id {
+    let k = eg.analysis.add_const(Arc::new(Tensor::vec_i64(vals)), None);
+    eg.add(Kiln::Const(k))
+}
+
 /// Adds `(slice x [start] [end] [axis] none)` on one axis.
 pub(crate) fn add_slice(eg: &mut EG, x: Id, axis: i64, start: usize, end: usize) -> Id {
-    let mut c = |vals: &[i64]| {
-        let k = eg.analysis.add_const(Arc::new(Tensor::vec_i64(vals)), None);
-        eg.add(Kiln::Const(k))
-    };
-    let st = c(&[start as i64]);
-    let en = c(&[end as i64]);
-    let ax = c(&[axis]);
+    let st = add_ints(eg, &[start as i64]);
+    let en = add_ints(eg, &[end as i64]);
+    let ax = add_ints(eg, &[axis]);
     let none = eg.add(Kiln::NoneArg([]));
     eg.add(Kiln::Slice([x, st, en, ax, none]))
 }
@@ -235,7 +237,7 @@ impl Applier<Kiln, crate::eqsat::analysis::KilnAnalysis> for MergeStackedMatMul 
     fn apply_one(
         &self,
         eg: &mut EG,
-        eclass: Id,
+        _eclass: Id,
         subst: &Subst,
         _ast: Option<&PatternAst<Kiln>>,
         _rule: Symbol,
@@ -270,12 +272,8 @@ impl Applier<Kiln, crate::eqsat::analysis::KilnAnalysis> for MergeStackedMatMul 
         if group.len() < 2 || group[0].0 != b || group.len() > 16 {
             return vec![];
         }
-        let ints = |eg: &mut EG, vals: &[i64]| {
-            let k = eg.analysis.add_const(Arc::new(Tensor::vec_i64(vals)), None);
-            eg.add(Kiln::Const(k))
-        };
         let (m, k, n) = (sa[0] as i64, sb[0] as i64, sb[1] as i64);
-        let plane = ints(eg, &[1, k, n]);
+        let plane = add_ints(eg, &[1, k, n]);
         let ax = eg.add(Kiln::Int(0));
         let mut parts = vec![ax];
         for &(w, _) in &group {
@@ -283,7 +281,7 @@ impl Applier<Kiln, crate::eqsat::analysis::KilnAnalysis> for MergeStackedMatMul 
         }
         let stack = eg.add(Kiln::Concat(parts.into()));
         let prod = eg.add(Kiln::MatMul([a, stack]));
-        let out_shape = ints(eg, &[m, n]);
+        let out_shape = add_ints(eg, &[m, n]);
         let mut changed = vec![];
         for (i, &(_, class)) in group.iter().enumerate() {
             let s = add_slice(eg, prod, 0, i, i + 1);
@@ -294,7 +292,6 @@ impl Applier<Kiln, crate::eqsat::analysis::KilnAnalysis> for MergeStackedMatMul 
                 changed.push(class);
             }
         }
-        let _ = eclass;
         changed
     }
 

@@ -4,7 +4,7 @@
 //! the Splits), and a grouped Conv as the Concat of two Convs over halves of its groups
 //! (and two equal Convs over concatenated inputs as one grouped Conv).
 
-use super::linalg::add_slice;
+use super::linalg::{add_ints, add_slice};
 use super::{data, rw_if, same_shape, union_checked, v, Rw, EG};
 use crate::eqsat::analysis::{KilnAnalysis, Kind};
 use crate::eqsat::language::{Kiln, BINARY, UNARY};
@@ -12,8 +12,7 @@ use egg::{Applier, Id, Pattern, PatternAst, Rewrite, Subst, Symbol, Var};
 use kiln_ir::ops::array::{ArrayOp, IntsArg};
 use kiln_ir::ops::nn::NnOp;
 use kiln_ir::shape::norm_axis;
-use kiln_ir::{Op, Tensor};
-use std::sync::Arc;
+use kiln_ir::Op;
 
 /// The Split rules.
 pub fn rules() -> Vec<Rw> {
@@ -234,10 +233,7 @@ impl Applier<Kiln, KilnAnalysis> for SlicesToSplit {
         });
         let key = eg.analysis.intern_op(&op, chain.len());
         let a = eg.add(Kiln::Attr(key));
-        let sk = eg
-            .analysis
-            .add_const(Arc::new(Tensor::vec_i64(&sizes)), None);
-        let sz = eg.add(Kiln::Const(sk));
+        let sz = add_ints(eg, &sizes);
         let t = eg.add(Kiln::Op(vec![a, x, sz].into()));
         let mut changed = vec![];
         for (i, &(_, _, c)) in chain.iter().enumerate() {
