@@ -82,6 +82,32 @@ fn prepared(
     (g, shape, x)
 }
 
+/// Prints the 15 slowest steps of `s` over `n` runs (`KILN_PROFILE=N`).
+fn print_profile(what: &str, s: &Session, x: &[f32], shape: &[usize], n: usize) {
+    let v = [TensorView::from_f32(shape, x)];
+    let mut prof = s.profile(&v, n).expect("profile");
+    let total: f64 = prof.iter().map(|(_, t)| t.as_secs_f64()).sum();
+    println!(
+        "{what}: {} steps, {:.3} ms per run",
+        prof.len(),
+        total * 1e3 / n as f64
+    );
+    prof.sort_by_key(|p| std::cmp::Reverse(p.1));
+    for (k, t) in prof.iter().take(
+        std::env::var("KILN_PROFILE_TOP")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(15),
+    ) {
+        let t = t.as_secs_f64();
+        println!(
+            "  {:>8.3} ms {:>5.1}%  {k}",
+            t * 1e3 / n as f64,
+            100.0 * t / total
+        );
+    }
+}
+
 /// A benchmark graph: name, tensat's published speed-up, builder.
 type Model = (&'static str, &'static str, fn() -> Graph);
 
@@ -205,6 +231,14 @@ fn main() {
                     .join("; ");
             }
             arts.push(Session::new(&art).expect("load"));
+        }
+        if let Some(n) = std::env::var("KILN_PROFILE")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            for (level, s) in [0, opt].iter().zip(&arts) {
+                print_profile(&format!("{name} -O{level}"), s, &x, &shape, n);
+            }
         }
         // warm up, then interleave rounds and keep the median
         let per = 5;

@@ -392,7 +392,10 @@ pub fn emulate_graph(
     let lib_bytes = kiln_codegen::cpu::compile_library(&cpu, &Default::default())?;
     let lib = kiln_runtime::kernel_lib::KernelLibrary::from_bytes(&lib_bytes)?;
     let gp = plan.gpu.as_ref().context("no GPU plan")?;
+    // The device arena holds whatever earlier runs left: start from all-ones bytes (NaN as
+    // f32/f16) so a launch that reads a buffer before anything wrote it shows.
     let mut arena = kiln_runtime::AlignedBuf::zeroed(plan.arena_bytes as usize);
+    arena.as_mut_slice().fill(0xff);
     let mut weights_buf = kiln_runtime::AlignedBuf::zeroed(weights.len());
     weights_buf.as_mut_slice().copy_from_slice(&weights);
     if inputs.len() != plan.inputs.len() {
@@ -462,7 +465,7 @@ pub fn emulate_graph(
             unsafe {
                 match lowering.host_kernel(&s.kernel) {
                     Some(h) => emulate_host(&s.kernel, h, &ptrs, &scalars, &floats, s.grid[2])?,
-                    None => emulate_special(&s.kernel, &ptrs, &scalars)?,
+                    None => emulate_special(&s.kernel, &ptrs, &scalars, s.grid[2])?,
                 }
             }
             continue;
@@ -953,9 +956,15 @@ fn attention_summary(planned: &pipeline::Planned, l: &GpuLowering) -> String {
 ///
 /// # Safety
 /// `ptrs` must be the kernel's buffer views, valid for the sizes its scalars imply.
-unsafe fn emulate_special(kernel: &str, ptrs: &[*mut u8], scalars: &[usize]) -> Result<()> {
+unsafe fn emulate_special(
+    kernel: &str,
+    ptrs: &[*mut u8],
+    scalars: &[usize],
+    grid_z: u32,
+) -> Result<()> {
     match (kernel, ptrs, scalars) {
-        // `kiln_gemm_f32` and its tuned variants (`kiln_gemm_f32_<tiles>`).
+        // `kiln_gemm_f32` and its tuned variants (`kiln_gemm_f32_<tiles>`); with K split
+        // over grid.z the slices add into C (which the plan must have zeroed), as on the GPU.
         (k, [a, b, c], [m, n, k_]) if k.starts_with("kiln_gemm_f32") => {
             let k = k_;
             let (m, n, k) = (*m, *n, *k);
@@ -970,7 +979,12 @@ unsafe fn emulate_special(kernel: &str, ptrs: &[*mut u8], scalars: &[usize]) -> 
                             acc += a.add(i * k + p).read_unaligned()
                                 * b.add(p * n + j).read_unaligned();
                         }
-                        c.add(i * n + j).write_unaligned(acc);
+                        let prev = if grid_z > 1 {
+                            c.add(i * n + j).read_unaligned()
+                        } else {
+                            0.0
+                        };
+                        c.add(i * n + j).write_unaligned(prev + acc);
                     }
                 }
             }

@@ -1356,3 +1356,52 @@ fn stacked_projections_stay_compiled_on_the_cpu() {
     let report = art.report().unwrap().to_string();
     assert!(!report.contains("reference interpreter"), "{report}");
 }
+
+/// An f32 product with few output tiles and a long K (BERT's projections: 128 rows) splits K
+/// over grid.z: the plan zeroes the output, then the GEMM's slices add into it (the emulated
+/// arena starts as NaN, so a missing zero launch shows), then the bias + GELU epilogue runs
+/// in place; the result matches the interpreter. A short K keeps one slice and no zeroing.
+#[test]
+fn f32_gemm_with_few_tiles_splits_k_after_zeroing_the_output() {
+    let matmul = kiln_ir::Op::Linalg(LinalgOp::MatMul);
+    for (k, split) in [(512usize, 4u32), (64, 1)] {
+        let mut b = Gb::new("split_k");
+        let x = b.input("x", &[128, k]);
+        let w = b.konst("w", &[k, 256]);
+        let bias = b.konst("b", &[256]);
+        let y = b.node(matmul.clone(), &[x, w]);
+        let y = b.binary(BinaryKind::Add, y, bias);
+        let y = b.unary(
+            UnaryKind::Gelu {
+                approximate: GeluApprox::None,
+            },
+            y,
+        );
+        let (g, ins) = b.finish(&[y]);
+        let want = kiln_ir::interp::run(&g, &ins).unwrap();
+        let e = emulate_graph(
+            &g,
+            "split_k",
+            "cuda:h100",
+            &CompileOptions::default(),
+            &ins,
+            |_| {},
+        )
+        .unwrap();
+        let l = &e.lowering.launches;
+        let gemm = l
+            .iter()
+            .position(|la| la.kernel.starts_with("kiln_gemm_f32"))
+            .expect("an f32 GEMM launch");
+        assert_eq!(l[gemm].grid[2], split, "K = {k}: {:?}", l[gemm]);
+        let zeroed = gemm > 0 && l[gemm - 1].kernel.contains("zero");
+        assert_eq!(
+            zeroed,
+            split > 1,
+            "K = {k}: launches {:?}",
+            l.iter().map(|la| &la.kernel).collect::<Vec<_>>()
+        );
+        let err = rel_err(&e.outputs[0], &want[0]);
+        assert!(err <= 1e-4, "K = {k}: relative error {err}");
+    }
+}

@@ -163,6 +163,7 @@ fn validity_check_rejects_oversized_shared_memory_without_compiling() {
         bk: 8,
         tm: 1,
         tn: 1,
+        split_k: 1,
     });
     assert!(g.check(&many).unwrap_err().contains("threads"));
     // build() runs the same check first: nothing is generated for an invalid config.
@@ -612,6 +613,7 @@ fn imported_results_select_the_recorded_schedules() {
         bk: 8,
         tm: 2,
         tn: 2,
+        split_k: 1,
     };
     let picks: Vec<(usize, Config)> = (0..m.tasks.len())
         .map(|i| (i, gemm_f32_config(&tuned)))
@@ -892,6 +894,7 @@ fn a_record_within_the_noise_of_the_default_is_not_used() {
         bk: 8,
         tm: 2,
         tn: 2,
+        split_k: 1,
     });
     let mut c = t.candidates[0].clone();
     let mut lines = result_line(&m, t, &c, &MeasureOutcome::Ok { seconds: 1.00e-5 }) + "\n";

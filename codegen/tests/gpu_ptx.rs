@@ -88,10 +88,35 @@ fn larger_gemm_schedules_fit_too() {
         bk: 8,
         tm: 8,
         tn: 8,
+        split_k: 1,
     };
     let k = gemm::gemm_f32("kiln_gemm_f32_128", &s).unwrap();
+    // Split-K: slices of K from gpu.block_id z, atomic adds into C.
+    let ks = gemm::gemm_f32(
+        "kiln_gemm_f32_s4",
+        &gemm::GpuGemmSchedule::for_problem(128, 768, 768, 132),
+    )
+    .unwrap();
     for arch in ["sm_80", "sm_90"] {
         let sku = db.parse_target(&format!("cuda:{arch}")).unwrap();
+        let ptxs = compile_kernel(&ks, sku).unwrap();
+        assert!(
+            ptxs.text.contains("atom.global.add.f32") || ptxs.text.contains("red.global.add.f32"),
+            "{}",
+            ptxs.text
+        );
+        let sfile = dir.path().join("s.ptx");
+        std::fs::write(&sfile, &ptxs.text).unwrap();
+        let out = Command::new(&ptxas)
+            .args([&format!("-arch={arch}"), "-o", "/dev/null"])
+            .arg(&sfile)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let ptx = compile_kernel(&k, sku).unwrap();
         let file = dir.path().join("g.ptx");
         std::fs::write(&file, &ptx.text).unwrap();

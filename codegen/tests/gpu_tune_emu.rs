@@ -80,14 +80,26 @@ fn tuned_gemm_f32_schedules_match_cpu() {
             want[i * n + j] = (0..k).map(|p| a[i * k + p] * b[p * n + j]).sum();
         }
     }
-    let cs = configs(&t, 6, 128, &mut rng);
+    let mut cs = configs(&t, 6, 128, &mut rng);
     assert!(cs.len() >= 4, "{cs:?}");
+    // Split-K (partial tiles added into a zeroed C), more slices than tiles of K.
+    for split in [2, 4, 8] {
+        let mut c = cs[0].clone();
+        c.0.insert("split_k".into(), split);
+        cs.push(c);
+    }
     for c in cs {
         let tk = t.build("kiln_gemm_f32_t", &c).unwrap();
+        // Unwritten elements stay NaN; split-K adds into the zeroed output (as lowered).
+        let init = if c.get_or("split_k", 1) > 1 {
+            0.0
+        } else {
+            f32::NAN
+        };
         let mut args = vec![
             EArg::Buf(a.clone()),
             EArg::Buf(b.clone()),
-            EArg::Buf(vec![f32::NAN; m * n]),
+            EArg::Buf(vec![init; m * n]),
             EArg::Index(m as i64),
             EArg::Index(n as i64),
             EArg::Index(k as i64),
@@ -274,5 +286,49 @@ fn tuned_conv_mma_schedules_match_cpu() {
             }
         };
         check_conv_configs(&t, cs, &x_of, &w, &bias, &res, &want);
+    }
+}
+
+/// Split-K slices of whole `bk` tiles cover `K` exactly once, the last one ragged
+/// (`K = 200`: 13 tiles of 16 in 1, 2, 3, 4 or 8 slices), and add up to the product.
+#[test]
+fn split_k_gemm_f32_slices_sum_to_the_product() {
+    use kiln_codegen::gpu::kernels::gemm::{gemm_f32, GpuGemmSchedule};
+    let (m, n, k) = (33usize, 20usize, 200usize);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let a = values(m * k, &mut rng);
+    let b = values(k * n, &mut rng);
+    let want: Vec<f32> = (0..m * n)
+        .map(|ij| (0..k).map(|p| a[ij / n * k + p] * b[p * n + ij % n]).sum())
+        .collect();
+    for split_k in [1, 2, 3, 4, 8] {
+        let s = GpuGemmSchedule {
+            bm: 32,
+            bn: 16,
+            bk: 16,
+            tm: 4,
+            tn: 2,
+            split_k,
+        };
+        let kern = gemm_f32("g", &s).unwrap();
+        let mut args = vec![
+            EArg::Buf(a.clone()),
+            EArg::Buf(b.clone()),
+            EArg::Buf(vec![0.0; m * n]),
+            EArg::Index(m as i64),
+            EArg::Index(n as i64),
+            EArg::Index(k as i64),
+        ];
+        gpu_emu::run(
+            &kern.mlir,
+            s.grid(m as u64, n as u64),
+            kern.block,
+            &mut args,
+        );
+        let EArg::Buf(y) = &args[2] else {
+            unreachable!()
+        };
+        let e = rel_err(y, &want);
+        assert!(e <= 1e-5, "split_k {split_k}: relative error {e}");
     }
 }

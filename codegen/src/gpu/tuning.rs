@@ -295,13 +295,16 @@ pub fn gemm_f32_schedule(c: &Config) -> GpuGemmSchedule {
         bk: get("bk", d.bk),
         tm: get("tm", d.tm),
         tn: get("tn", d.tn),
+        split_k: get("split_k", d.split_k),
     }
 }
 
 /// The f32 GEMM's tuning space: block tile `bm × bn`, stage depth `bk`, thread tile
-/// `tm × tn`.
+/// `tm × tn`, and `split_k` (blocks along z summing slices of `K`).
 pub fn gemm_f32_space() -> Space {
-    super::kernels::block_tile_space()
+    let mut params = super::kernels::block_tile_space().params;
+    params.push(kiln_tune::Param::new("split_k", &[1, 2, 4, 8]));
+    Space::new(params)
 }
 
 /// The config of a [`GpuGemmSchedule`].
@@ -312,6 +315,7 @@ pub fn gemm_f32_config(s: &GpuGemmSchedule) -> Config {
         ("bk", i64::from(s.bk)),
         ("tm", i64::from(s.tm)),
         ("tn", i64::from(s.tn)),
+        ("split_k", i64::from(s.split_k)),
     ])
 }
 
@@ -398,7 +402,7 @@ impl GpuTunable {
                 format!("gpu_gemm_f32 m={m} n={n} k={k}"),
                 vec![log2p(*m), log2p(*n), log2p(*k)],
                 gemm_f32_space(),
-                gemm_f32_config(&GpuGemmSchedule::default()),
+                gemm_f32_config(&GpuGemmSchedule::for_problem(*m, *n, *k, sku.sm_count)),
                 2.0 * (*m * *n * *k) as f64,
             ),
             GpuTemplate::Mma { p, epi } => {
@@ -846,13 +850,18 @@ pub fn wgmma_tags(s: &WgmmaSchedule) -> String {
 }
 
 /// The f32 GEMM's entry name for schedule `s`: `kiln_gemm_f32` for the default, else the
-/// tiles appended (`kiln_gemm_f32_128x64x8_t8x4`).
+/// tiles appended (`kiln_gemm_f32_128x64x8_t8x4`, and `_s4` for `split_k = 4`).
 pub fn gemm_f32_name(s: &GpuGemmSchedule) -> String {
     if *s == GpuGemmSchedule::default() {
         "kiln_gemm_f32".into()
     } else {
+        let split = if s.split_k > 1 {
+            format!("_s{}", s.split_k)
+        } else {
+            String::new()
+        };
         format!(
-            "kiln_gemm_f32_{}x{}x{}_t{}x{}",
+            "kiln_gemm_f32_{}x{}x{}_t{}x{}{split}",
             s.bm, s.bn, s.bk, s.tm, s.tn
         )
     }

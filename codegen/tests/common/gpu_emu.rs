@@ -135,6 +135,8 @@ enum K {
     Math(String),
     Load(usize),
     Store(usize),
+    /// `memref.atomic_rmw addf`: adds into memory, yields the old value.
+    AtomicAdd(usize),
     VLoad(usize, usize),
     VStore(usize, usize),
     VExtract(usize),
@@ -379,6 +381,10 @@ fn parse_body<'a>(lines: &mut impl Iterator<Item = &'a str>, n: &mut Names) -> (
             }
             "memref.load" => K::Load(mem()),
             "memref.store" => K::Store(mem()),
+            "memref.atomic_rmw" => {
+                assert!(rhs.starts_with("memref.atomic_rmw addf "), "{line}");
+                K::AtomicAdd(mem())
+            }
             "vector.load" => K::VLoad(mem(), vec_len(ty)),
             "vector.store" => K::VStore(mem(), vec_len(ty)),
             // A packed pair of 16-bit values as an `i32` (bf16 mma operands): kept as the pair.
@@ -676,6 +682,21 @@ impl Thread<'_> {
                 mem[i].store(x.to_bits(), Relaxed);
                 return;
             }
+            K::AtomicAdd(m) => {
+                let (x, i) = (self.get(g(0)).f(), self.get(g(1)).i() as usize);
+                let mem = self.mem[*m];
+                assert!(
+                    i < mem.len(),
+                    "atomic add out of bounds: {i} >= {}",
+                    mem.len()
+                );
+                let old = mem[i]
+                    .fetch_update(Relaxed, Relaxed, |b| {
+                        Some((f32::from_bits(b) + x).to_bits())
+                    })
+                    .expect("always Some");
+                V::F(f32::from_bits(old))
+            }
             K::VLoad(m, n) => {
                 let i = self.get(g(0)).i() as usize;
                 let mem = self.mem[*m];
@@ -784,7 +805,9 @@ impl Thread<'_> {
                 return;
             }
         };
-        self.r[res[0]] = v;
+        if let Some(&r) = res.first() {
+            self.r[r] = v;
+        }
     }
 }
 

@@ -29,6 +29,9 @@ pub struct Device {
     /// contraction with fewer tiles than [`Device::parallel_units`] runs at the fraction
     /// `tiles / parallel_units` of the peak rate.
     pub tile_elems: f64,
+    /// Most slices a product's reduction (`K`) is split into when its output tiles do
+    /// not fill the units (the GPU f32 GEMM's split-K; 1: no splitting).
+    pub max_split_k: u32,
 }
 
 impl Device {
@@ -42,12 +45,14 @@ impl Device {
             launch_us: 1.0,
             parallel_units: 1.0,
             tile_elems: 1.0,
+            max_split_k: 1,
         }
     }
 
     /// A GPU with `sms` streaming multiprocessors, `peak_gflops` (the dtype the model
     /// computes in), `bandwidth_gbs` of DRAM bandwidth; 4 µs per kernel launch (a stream
-    /// launch without graphs, as tensat measured), 64×64 output tiles per block.
+    /// launch without graphs, as tensat measured), 64×64 output tiles per block, `K` split
+    /// up to 8 ways as the f32 GEMM does (`GpuGemmSchedule::for_problem` in codegen).
     pub fn gpu(name: &str, sms: u32, peak_gflops: f64, bandwidth_gbs: f64) -> Device {
         Device {
             name: name.into(),
@@ -56,14 +61,30 @@ impl Device {
             launch_us: 4.0,
             parallel_units: sms.max(1) as f64,
             tile_elems: 64.0 * 64.0,
+            max_split_k: 8,
         }
     }
 
     /// The fraction of the peak rate a contraction with `out_elems` output elements reaches:
     /// one tile per unit at most.
     pub fn utilisation(&self, out_elems: f64) -> f64 {
+        self.product_utilisation(out_elems, 0.0)
+    }
+
+    /// [`Device::utilisation`] of a product with reduction length `k`: while the tiles do
+    /// not fill the units, `K` is split in two (up to [`Device::max_split_k`] slices) as
+    /// long as each slice keeps at least 128 of it, every slice a tile of its own.
+    pub fn product_utilisation(&self, out_elems: f64, k: f64) -> f64 {
         let tiles = (out_elems / self.tile_elems.max(1.0)).ceil().max(1.0);
-        (tiles / self.parallel_units.max(1.0)).min(1.0)
+        let units = self.parallel_units.max(1.0);
+        let mut split = 1.0;
+        while split < f64::from(self.max_split_k)
+            && tiles * split < units
+            && (k / 16.0).ceil() >= 16.0 * split
+        {
+            split *= 2.0;
+        }
+        (tiles * split / units).min(1.0)
     }
 }
 
@@ -177,7 +198,11 @@ impl CostModel for Analytical {
         let d = &self.device;
         let mut fl = flops(op, inputs, outputs) / (d.peak_gflops * 1e3);
         if is_contraction(op) {
-            fl /= d.utilisation(outputs.iter().map(numel).sum());
+            let out: f64 = outputs.iter().map(numel).sum();
+            fl /= match op {
+                Op::Linalg(_) => d.product_utilisation(out, reduction_len(op, inputs)),
+                _ => d.utilisation(out),
+            };
         }
         if is_alias(op) || is_view_slice(op, inputs) {
             return 0.01;
@@ -202,6 +227,23 @@ impl CostModel for Analytical {
             d.name, d.peak_gflops, d.bandwidth_gbs, d.launch_us
         )
     }
+}
+
+/// The reduction length `K` of a MatMul/Gemm: A's last dimension (its first for a Gemm
+/// with `transA`); 0 when unknown.
+fn reduction_len(op: &Op, inputs: &[Option<&Fact>]) -> f64 {
+    let dims = match inputs.first() {
+        Some(Some(a)) => a.shape.as_known(),
+        _ => None,
+    };
+    let Some(dims) = dims.filter(|d| !d.is_empty()) else {
+        return 0.0;
+    };
+    let k = match op {
+        Op::Linalg(LinalgOp::Gemm(g)) if g.trans_a => dims[0],
+        _ => dims[dims.len() - 1],
+    };
+    k as f64
 }
 
 /// The estimated run time of a whole graph, in microseconds. An elementwise node is fused
@@ -314,6 +356,13 @@ mod tests {
         assert_eq!(v100().utilisation(16.0 * 1024.0), 4.0 / 80.0);
         assert_eq!(v100().utilisation(1e9), 1.0);
         assert_eq!(Device::cpu().utilisation(3.0), 1.0);
+        // K = 512 splits 4 ways (128 each) as the GPU f32 GEMM does; K = 64 does not split.
+        assert_eq!(
+            v100().product_utilisation(16.0 * 1024.0, 512.0),
+            16.0 / 80.0
+        );
+        assert_eq!(v100().product_utilisation(16.0 * 1024.0, 64.0), 4.0 / 80.0);
+        assert_eq!(Device::cpu().product_utilisation(3.0, 4096.0), 1.0);
     }
 
     #[test]

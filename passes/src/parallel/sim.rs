@@ -138,13 +138,18 @@ pub struct Simulator<'a> {
 /// The analytical cost model's description of a device running `g` (its f16 peak when
 /// most constant bytes are f16/bf16).
 pub fn device_of(spec: &DeviceSpec, g: &Graph) -> Device {
+    let peak = peak_for(spec, g);
+    // The f32 GEMM of a GPU splits K when its tiles do not fill the SMs; the tensor-core
+    // kernels (the f16 peak) do not by default.
+    let simt_f32 = spec.parallel_units > 1.0 && peak == spec.peak_gflops_f32;
     Device {
         name: spec.name.clone(),
-        peak_gflops: peak_for(spec, g),
+        peak_gflops: peak,
         bandwidth_gbs: spec.bandwidth_gbs,
         launch_us: spec.launch_us,
         parallel_units: spec.parallel_units,
         tile_elems: spec.tile_elems,
+        max_split_k: if simt_f32 { 8 } else { 1 },
     }
 }
 

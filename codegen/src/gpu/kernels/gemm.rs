@@ -13,6 +13,11 @@
 //! masked store of the tm×tn tile
 //! ```
 //!
+//! With `split_k > 1` the grid has `split_k` blocks along z, each summing its own range of
+//! whole `bk` tiles of `K`, and the tile is added into `C` with atomic adds (the caller
+//! zeroes `C` first): a problem with few output tiles (BERT's projections at one sequence,
+//! `M = 128`: 24 blocks of 64×64 on 132 SMs) then still fills the GPU.
+//!
 //! Every `M, N, K` is correct (edges are zero-padded on load and masked on store); all sizes
 //! are runtime parameters, so one PTX serves every shape.
 
@@ -32,6 +37,8 @@ pub struct GpuGemmSchedule {
     pub tm: u32,
     /// Columns of the per-thread register tile (the accumulator vector width).
     pub tn: u32,
+    /// Blocks along z splitting `K` (partial tiles added atomically into a zeroed `C`).
+    pub split_k: u32,
 }
 
 impl Default for GpuGemmSchedule {
@@ -43,6 +50,7 @@ impl Default for GpuGemmSchedule {
             bk: 16,
             tm: 4,
             tn: 4,
+            split_k: 1,
         }
     }
 }
@@ -74,13 +82,42 @@ impl GpuGemmSchedule {
         if self.tm * self.tn > 128 {
             return bad("more than 128 accumulators per thread");
         }
+        if !(1..=16).contains(&self.split_k) {
+            return bad("split_k must be 1 to 16");
+        }
         Ok(())
     }
 
-    /// Grid `(x, y)` for an `m × n` output: `(ceil(n / bn), ceil(m / bm))`.
+    /// The untuned choice for an `m × n × k` product on a GPU with `sms` multiprocessors:
+    /// the default tiles, and when they give fewer blocks than SMs, `K` split (a power of
+    /// two, up to 8) until the blocks fill the SMs, keeping at least 8 `bk` tiles (128 of
+    /// `K`) per split so each block still amortises its start and its atomic stores.
+    pub fn for_problem(m: u64, n: u64, k: u64, sms: u32) -> Self {
+        let d = Self::default();
+        let [gx, gy, _] = d.grid(m, n);
+        let blocks = u64::from(gx) * u64::from(gy);
+        let ktiles = k.div_ceil(u64::from(d.bk));
+        let mut split = 1u32;
+        while split < 8
+            && blocks * u64::from(split) < u64::from(sms)
+            && ktiles >= 16 * u64::from(split)
+        {
+            split *= 2;
+        }
+        Self {
+            split_k: split,
+            ..d
+        }
+    }
+
+    /// Grid for an `m × n` output: `(ceil(n / bn), ceil(m / bm), split_k)`.
     pub fn grid(&self, m: u64, n: u64) -> [u32; 3] {
         let c = |a: u64, b: u32| u32::try_from(a.div_ceil(u64::from(b.max(1)))).unwrap_or(u32::MAX);
-        [c(n, self.bn).max(1), c(m, self.bm).max(1), 1]
+        [
+            c(n, self.bn).max(1),
+            c(m, self.bm).max(1),
+            self.split_k.max(1),
+        ]
     }
 }
 
@@ -88,7 +125,14 @@ impl GpuGemmSchedule {
 /// block and grid [`GpuGemmSchedule::grid`].
 pub fn gemm_f32(name: &str, s: &GpuGemmSchedule) -> Result<GpuKernel, GpuError> {
     s.validate()?;
-    let GpuGemmSchedule { bm, bn, bk, tm, tn } = *s;
+    let GpuGemmSchedule {
+        bm,
+        bn,
+        bk,
+        tm,
+        tn,
+        split_k,
+    } = *s;
     let threads = s.threads();
     let ws = "#gpu.address_space<workgroup>";
     let (a_sh, b_sh) = (
@@ -134,7 +178,7 @@ pub fn gemm_f32(name: &str, s: &GpuGemmSchedule) -> Result<GpuKernel, GpuError> 
     %ty = arith.divui %tid, %cTX : index
     %rowT = arith.muli %ty, %cTM : index
     %colT = arith.muli %tx, %cTN : index
-    %acc:{tm} = scf.for %k0 = %c0 to %K step %cBK iter_args({iter0}) -> ({acc_types}) {{
+{k_range}    %acc:{tm} = scf.for %k0 = {k_lo} to {k_hi} step %cBK iter_args({iter0}) -> ({acc_types}) {{
       scf.for %e = %tid to %cAel step %cT {{
         %r = arith.divui %e, %cBK : index
         %c = arith.remui %e, %cBK : index
@@ -183,6 +227,13 @@ pub fn gemm_f32(name: &str, s: &GpuGemmSchedule) -> Result<GpuKernel, GpuError> 
         %av = vector.load %As[%ao] : {a_sh}, {va}
 "#,
         tx = bn / tn,
+        k_range = if split_k > 1 {
+            split_range(bk, split_k)
+        } else {
+            String::new()
+        },
+        k_lo = if split_k > 1 { "%kbeg" } else { "%c0" },
+        k_hi = if split_k > 1 { "%kend" } else { "%K" },
         a_el = bm * bk,
         b_el = bk * bn,
         iter0 = (0..tm)
@@ -230,9 +281,14 @@ pub fn gemm_f32(name: &str, s: &GpuGemmSchedule) -> Result<GpuKernel, GpuError> 
       scf.if %cok{i}_{j} {{
         %v{i}_{j} = vector.extract %acc#{i}[{j}] : f32 from {vt}
         %ix{i}_{j} = arith.addi %rb{i}, %col{i}_{j} : index
-        memref.store %v{i}_{j}, %C[%ix{i}_{j}] : memref<?xf32>
+        {store}
       }}
-"#
+"#,
+                store = if split_k > 1 {
+                    format!("memref.atomic_rmw addf %v{i}_{j}, %C[%ix{i}_{j}] : (f32, memref<?xf32>) -> f32")
+                } else {
+                    format!("memref.store %v{i}_{j}, %C[%ix{i}_{j}] : memref<?xf32>")
+                }
             );
         }
         let _ = writeln!(w, "    }}");
@@ -259,6 +315,28 @@ pub fn gemm_f32(name: &str, s: &GpuGemmSchedule) -> Result<GpuKernel, GpuError> 
     })
 }
 
+/// The MLIR that gives split `gpu.block_id z` of `split_k` its range `[%kbeg, %kend)` of
+/// `K`: whole `bk` tiles, `ceil(ceil(K / bk) / split_k)` of them per split.
+fn split_range(bk: u32, split_k: u32) -> String {
+    format!(
+        r#"    %bz = gpu.block_id z
+    %cBKm1 = arith.constant {bkm1} : index
+    %cSm1 = arith.constant {sm1} : index
+    %cS = arith.constant {split_k} : index
+    %kt0 = arith.addi %K, %cBKm1 : index
+    %kt = arith.divui %kt0, %cBK : index
+    %per0 = arith.addi %kt, %cSm1 : index
+    %per = arith.divui %per0, %cS : index
+    %span = arith.muli %per, %cBK : index
+    %kbeg = arith.muli %bz, %span : index
+    %kend0 = arith.addi %kbeg, %span : index
+    %kend = arith.minui %kend0, %K : index
+"#,
+        bkm1 = bk - 1,
+        sm1 = split_k - 1,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -268,6 +346,10 @@ mod tests {
         let d = GpuGemmSchedule::default();
         assert_eq!((d.threads(), d.shared_bytes()), (256, 8192));
         assert_eq!(d.grid(100, 130), [3, 2, 1]);
+        assert_eq!(
+            GpuGemmSchedule { split_k: 4, ..d }.grid(100, 130),
+            [3, 2, 4]
+        );
         for bad in [
             GpuGemmSchedule { bk: 0, ..d },
             GpuGemmSchedule { tm: 3, ..d },
@@ -278,8 +360,26 @@ mod tests {
                 tn: 2,
                 ..d
             },
+            GpuGemmSchedule { split_k: 0, ..d },
+            GpuGemmSchedule { split_k: 17, ..d },
         ] {
             assert!(gemm_f32("g", &bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn small_problems_split_k_to_fill_the_sms() {
+        // BERT-base at sequence 128 on an H100 (132 SMs): 24 blocks of 64×64.
+        let s = |m, n, k| GpuGemmSchedule::for_problem(m, n, k, 132).split_k;
+        assert_eq!(s(128, 768, 768), 4); // 96 blocks, 12 tiles of K each (8 at least)
+        assert_eq!(s(128, 768, 3072), 8); // 192 blocks
+        assert_eq!(s(128, 3072, 768), 2); // 96 blocks -> 192
+        assert_eq!(s(4096, 4096, 4096), 1); // enough tiles already
+        assert_eq!(s(128, 768, 64), 1); // too little K to split
+        let k = gemm_f32("g", &GpuGemmSchedule::for_problem(128, 768, 768, 132)).unwrap();
+        assert!(k.mlir.contains("memref.atomic_rmw addf"), "{}", k.mlir);
+        assert!(k.mlir.contains("gpu.block_id z"));
+        let d = gemm_f32("g", &GpuGemmSchedule::default()).unwrap();
+        assert!(!d.mlir.contains("atomic_rmw") && !d.mlir.contains("block_id z"));
     }
 }

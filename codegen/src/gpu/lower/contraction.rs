@@ -423,7 +423,14 @@ fn special(
             }
         }
     }
-    let mut sched = GpuGemmSchedule::default();
+    // Untuned: the default tiles, K split when they do not fill the SMs; a tuning record
+    // of the problem replaces it.
+    let mut sched = match (&opts.sku, calls.first()) {
+        (Some(sku), Some(c)) => {
+            GpuGemmSchedule::for_problem(c.3 as u64, n as u64, kk as u64, sku.sm_count)
+        }
+        _ => GpuGemmSchedule::default(),
+    };
     if let (false, Some(sku), Some(src), Some(c)) =
         (tensor_core, &opts.sku, &opts.schedules, calls.first())
     {
@@ -464,6 +471,16 @@ fn special(
         Operand::Value(mm.b)
     };
     for (ao, bo, yo, rows) in calls.into_iter().filter(|_| !tensor_core) {
+        if sched.split_k > 1 {
+            // The K slices add their partial products into the output: zero it first.
+            let sku = opts.sku.as_ref().ok_or("split-K without a SKU")?;
+            let (l, z) =
+                precision::zero_launch(index, Operand::Value(target), yo, (rows * n) as u64, sku);
+            if !out.host.iter().any(|(h, _)| *h == z.name) {
+                out.host.push((z.name.clone(), HostKernel::Zero));
+            }
+            out.push_special(l, z)?;
+        }
         let buf = |operand: Operand, offset: u64, len: usize| LaunchArg::Buf {
             operand,
             offset,
