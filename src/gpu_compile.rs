@@ -465,7 +465,7 @@ pub fn emulate_graph(
             unsafe {
                 match lowering.host_kernel(&s.kernel) {
                     Some(h) => emulate_host(&s.kernel, h, &ptrs, &scalars, &floats, s.grid[2])?,
-                    None => emulate_special(&s.kernel, &ptrs, &scalars, s.grid[2])?,
+                    None => emulate_special(&s.kernel, &ptrs, &scalars)?,
                 }
             }
             continue;
@@ -524,6 +524,39 @@ unsafe fn emulate_host(
         Depthwise,
     }
     let (geom, epi, taps) = match (h, ptrs, scalars, floats) {
+        (HostKernel::GemmF32 { split_k }, [a, b, c], dims, []) if matches!(dims.len(), 3 | 6) => {
+            let (m, n, k) = (dims[0], dims[1], dims[2]);
+            let (sa, sb, sc) = match dims {
+                [.., sa, sb, sc] if dims.len() == 6 => (*sa, *sb, *sc),
+                _ => (0, 0, 0),
+            };
+            let batch = grid_z as usize / (*split_k).max(1) as usize;
+            // SAFETY: by the caller; f32 views of the `batch` matrices at the given strides
+            // (unaligned reads: offsets are element multiples of 4-byte-aligned buffers).
+            unsafe {
+                let (a, b, c) = (*a as *const f32, *b as *const f32, *c as *mut f32);
+                for bi in 0..batch {
+                    let (a, b, c) = (a.add(bi * sa), b.add(bi * sb), c.add(bi * sc));
+                    for i in 0..m {
+                        for j in 0..n {
+                            let mut acc = 0f32;
+                            for p in 0..k {
+                                acc += a.add(i * k + p).read_unaligned()
+                                    * b.add(p * n + j).read_unaligned();
+                            }
+                            // K slices add into C (which the plan must have zeroed).
+                            let prev = if *split_k > 1 {
+                                c.add(i * n + j).read_unaligned()
+                            } else {
+                                0.0
+                            };
+                            c.add(i * n + j).write_unaligned(prev + acc);
+                        }
+                    }
+                }
+            }
+            return Ok(());
+        }
         (HostKernel::Cast(to), [x, y], [n], []) => {
             // SAFETY: by the caller; an f32 view and a 16-bit view of n elements.
             unsafe {
@@ -956,39 +989,8 @@ fn attention_summary(planned: &pipeline::Planned, l: &GpuLowering) -> String {
 ///
 /// # Safety
 /// `ptrs` must be the kernel's buffer views, valid for the sizes its scalars imply.
-unsafe fn emulate_special(
-    kernel: &str,
-    ptrs: &[*mut u8],
-    scalars: &[usize],
-    grid_z: u32,
-) -> Result<()> {
+unsafe fn emulate_special(kernel: &str, ptrs: &[*mut u8], scalars: &[usize]) -> Result<()> {
     match (kernel, ptrs, scalars) {
-        // `kiln_gemm_f32` and its tuned variants (`kiln_gemm_f32_<tiles>`); with K split
-        // over grid.z the slices add into C (which the plan must have zeroed), as on the GPU.
-        (k, [a, b, c], [m, n, k_]) if k.starts_with("kiln_gemm_f32") => {
-            let k = k_;
-            let (m, n, k) = (*m, *n, *k);
-            // SAFETY: by the caller; f32 views of m*k, k*n and m*n elements (unaligned
-            // reads, since offsets are element multiples of 4-byte-aligned buffers).
-            unsafe {
-                let (a, b, c) = (*a as *const f32, *b as *const f32, *c as *mut f32);
-                for i in 0..m {
-                    for j in 0..n {
-                        let mut acc = 0f32;
-                        for p in 0..k {
-                            acc += a.add(i * k + p).read_unaligned()
-                                * b.add(p * n + j).read_unaligned();
-                        }
-                        let prev = if grid_z > 1 {
-                            c.add(i * n + j).read_unaligned()
-                        } else {
-                            0.0
-                        };
-                        c.add(i * n + j).write_unaligned(prev + acc);
-                    }
-                }
-            }
-        }
         ("kiln_softmax_rows", [x, y], [rows, n]) => {
             // SAFETY: by the caller; f32 views of rows*n elements.
             unsafe {

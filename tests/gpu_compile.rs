@@ -1405,3 +1405,46 @@ fn f32_gemm_with_few_tiles_splits_k_after_zeroing_the_output() {
         assert!(err <= 1e-4, "K = {k}: relative error {err}");
     }
 }
+
+/// eqsat's stacked projections (`x @ stack(W)`: one A broadcast to three B matrices) are one
+/// launch of the batched f32 GEMM, K split across grid.z after a zero launch, and the
+/// emulated plan matches the interpreter.
+#[test]
+fn stacked_projections_are_one_batched_split_k_launch() {
+    let matmul = kiln_ir::Op::Linalg(LinalgOp::MatMul);
+    let mut b = Gb::new("stacked");
+    let x = b.input("x", &[128, 512]);
+    let w = b.konst("w", &[3, 512, 64]);
+    let y = b.node(matmul, &[x, w]);
+    let y = b.unary(UnaryKind::Relu, y);
+    let (g, ins) = b.finish(&[y]);
+    let want = kiln_ir::interp::run(&g, &ins).unwrap();
+    let e = emulate_graph(
+        &g,
+        "stacked",
+        "cuda:h100",
+        &CompileOptions::default(),
+        &ins,
+        |_| {},
+    )
+    .unwrap();
+    let names: Vec<&str> = e
+        .lowering
+        .launches
+        .iter()
+        .map(|l| l.kernel.as_str())
+        .collect();
+    let gemms: Vec<_> = e
+        .lowering
+        .launches
+        .iter()
+        .filter(|l| l.kernel.starts_with("kiln_gemm_f32"))
+        .collect();
+    assert_eq!(gemms.len(), 1, "{names:?}");
+    assert!(gemms[0].kernel.ends_with("_batched"), "{names:?}");
+    // 3 matrices x 4 K slices (2 x 1 tiles of 64 x 64 each: 6 blocks, K = 512 in 4 x 128)
+    assert_eq!(gemms[0].grid, [1, 2, 12]);
+    assert!(names[0].contains("zero"), "{names:?}");
+    let err = rel_err(&e.outputs[0], &want[0]);
+    assert!(err <= 1e-4, "relative error {err}");
+}

@@ -65,6 +65,37 @@ fn batched_matmul_is_one_gemm_per_batch_with_broadcast_offsets() {
     assert_eq!(l.kernels.len(), 1);
 }
 
+/// Evenly spaced batches (one matrix per batch in both operands, or one A broadcast to
+/// every B: eqsat's stacked projections) are one launch of the batched kernel over grid.z,
+/// with the strides as scalars.
+#[test]
+fn evenly_spaced_batches_are_one_batched_launch() {
+    for (a_shape, sa) in [(vec![3usize, 5, 7], 35u64), (vec![5, 7], 0)] {
+        let mut b = Builder::new("bmm");
+        let x = b.input("x", DType::F32, &a_shape);
+        let w = b.input("w", DType::F32, &[3, 7, 4]);
+        let y = b.node(Op::Linalg(LinalgOp::MatMul), &[Some(x), Some(w)]);
+        let g = b.finish(&[y]);
+        let l = lower(&g).unwrap();
+        assert_eq!(l.launches.len(), 1, "{:#?}", l.launches);
+        let la = &l.launches[0];
+        assert_eq!(la.kernel, "kiln_gemm_f32_batched");
+        assert_eq!(la.grid, GpuGemmSchedule::default().grid_batched(3, 5, 4));
+        assert_eq!(la.grid[2], 3);
+        assert_eq!(view(&la.args, 0), (0, 2 * sa + 35));
+        assert_eq!(view(&la.args, 1), (0, 3 * 28));
+        assert_eq!(view(&la.args, 2), (0, 3 * 20));
+        let scalars: Vec<i64> = [5, 4, 7, sa as i64, 28, 20].to_vec();
+        assert_eq!(
+            la.args[3..],
+            scalars
+                .iter()
+                .map(|&v| LaunchArg::Index(v))
+                .collect::<Vec<_>>()[..]
+        );
+    }
+}
+
 #[test]
 fn matmul_with_2d_weight_folds_the_batch_and_runs_its_epilogue_in_place() {
     let mut b = Builder::new("mm_relu");

@@ -93,9 +93,14 @@ impl GpuGemmSchedule {
     /// two, up to 8) until the blocks fill the SMs, keeping at least 8 `bk` tiles (128 of
     /// `K`) per split so each block still amortises its start and its atomic stores.
     pub fn for_problem(m: u64, n: u64, k: u64, sms: u32) -> Self {
+        Self::for_batched(1, m, n, k, sms)
+    }
+
+    /// [`GpuGemmSchedule::for_problem`] for `batch` products of `m × n × k` in one launch.
+    pub fn for_batched(batch: u64, m: u64, n: u64, k: u64, sms: u32) -> Self {
         let d = Self::default();
         let [gx, gy, _] = d.grid(m, n);
-        let blocks = u64::from(gx) * u64::from(gy);
+        let blocks = u64::from(gx) * u64::from(gy) * batch.max(1);
         let ktiles = k.div_ceil(u64::from(d.bk));
         let mut split = 1u32;
         while split < 8
@@ -112,11 +117,18 @@ impl GpuGemmSchedule {
 
     /// Grid for an `m × n` output: `(ceil(n / bn), ceil(m / bm), split_k)`.
     pub fn grid(&self, m: u64, n: u64) -> [u32; 3] {
+        self.grid_batched(1, m, n)
+    }
+
+    /// Grid of [`gemm_f32_batched`] for `batch` products of `m × n`:
+    /// `(ceil(n / bn), ceil(m / bm), batch · split_k)`.
+    pub fn grid_batched(&self, batch: u64, m: u64, n: u64) -> [u32; 3] {
         let c = |a: u64, b: u32| u32::try_from(a.div_ceil(u64::from(b.max(1)))).unwrap_or(u32::MAX);
+        let z = batch.max(1).saturating_mul(u64::from(self.split_k.max(1)));
         [
             c(n, self.bn).max(1),
             c(m, self.bm).max(1),
-            self.split_k.max(1),
+            u32::try_from(z).unwrap_or(u32::MAX),
         ]
     }
 }
@@ -124,6 +136,18 @@ impl GpuGemmSchedule {
 /// `name(A, B, C: memref<?xf32>, M, N, K: index)`; launch with `s.threads()` threads per
 /// block and grid [`GpuGemmSchedule::grid`].
 pub fn gemm_f32(name: &str, s: &GpuGemmSchedule) -> Result<GpuKernel, GpuError> {
+    generate(name, s, false)
+}
+
+/// [`gemm_f32`] over a batch of matrices in one launch:
+/// `name(A, B, C: memref<?xf32>, M, N, K, sA, sB, sC: index)`, matrix `b` of each operand at
+/// element offset `b · s` (a stride of 0 broadcasts one matrix to every product); grid
+/// [`GpuGemmSchedule::grid_batched`] (z = batch · split_k).
+pub fn gemm_f32_batched(name: &str, s: &GpuGemmSchedule) -> Result<GpuKernel, GpuError> {
+    generate(name, s, true)
+}
+
+fn generate(name: &str, s: &GpuGemmSchedule, batched: bool) -> Result<GpuKernel, GpuError> {
     s.validate()?;
     let GpuGemmSchedule {
         bm,
@@ -150,9 +174,14 @@ pub fn gemm_f32(name: &str, s: &GpuGemmSchedule) -> Result<GpuKernel, GpuError> 
     let acc_types = vec![vt.clone(); tm as usize].join(", ");
     let mut b = String::new();
     let w = &mut b;
+    let strides = if batched {
+        ", %sA: index, %sB: index, %sC: index"
+    } else {
+        ""
+    };
     let _ = writeln!(
         w,
-        "  gpu.func @{name}(%A: memref<?xf32>, %B: memref<?xf32>, %C: memref<?xf32>, %M: index, %N: index, %K: index) workgroup(%As : {a_sh} {{llvm.align = 16 : i64}}, %Bs : {b_sh} {{llvm.align = 16 : i64}}) kernel attributes {{known_block_size = array<i32: {threads}, 1, 1>}} {{"
+        "  gpu.func @{name}(%A: memref<?xf32>, %B: memref<?xf32>, %C: memref<?xf32>, %M: index, %N: index, %K: index{strides}) workgroup(%As : {a_sh} {{llvm.align = 16 : i64}}, %Bs : {b_sh} {{llvm.align = 16 : i64}}) kernel attributes {{known_block_size = array<i32: {threads}, 1, 1>}} {{"
     );
     let _ = write!(
         w,
@@ -188,7 +217,7 @@ pub fn gemm_f32(name: &str, s: &GpuGemmSchedule) -> Result<GpuKernel, GpuError> 
         %okc = arith.cmpi ult, %gc, %K : index
         %ok = arith.andi %okr, %okc : i1
         %v = scf.if %ok -> f32 {{
-          %gi0 = arith.muli %gr, %K : index
+          {a_row}
           %gi = arith.addi %gi0, %gc : index
           %l = memref.load %A[%gi] : memref<?xf32>
           scf.yield %l : f32
@@ -208,7 +237,7 @@ pub fn gemm_f32(name: &str, s: &GpuGemmSchedule) -> Result<GpuKernel, GpuError> 
         %okc = arith.cmpi ult, %gc, %N : index
         %ok = arith.andi %okr, %okc : i1
         %v = scf.if %ok -> f32 {{
-          %gi0 = arith.muli %gr, %N : index
+          {b_row}
           %gi = arith.addi %gi0, %gc : index
           %l = memref.load %B[%gi] : memref<?xf32>
           scf.yield %l : f32
@@ -227,11 +256,9 @@ pub fn gemm_f32(name: &str, s: &GpuGemmSchedule) -> Result<GpuKernel, GpuError> 
         %av = vector.load %As[%ao] : {a_sh}, {va}
 "#,
         tx = bn / tn,
-        k_range = if split_k > 1 {
-            split_range(bk, split_k)
-        } else {
-            String::new()
-        },
+        k_range = z_prologue(bk, split_k, batched),
+        a_row = row_start("%K", "%offA", batched),
+        b_row = row_start("%N", "%offB", batched),
         k_lo = if split_k > 1 { "%kbeg" } else { "%c0" },
         k_hi = if split_k > 1 { "%kend" } else { "%K" },
         a_el = bm * bk,
@@ -268,8 +295,11 @@ pub fn gemm_f32(name: &str, s: &GpuGemmSchedule) -> Result<GpuKernel, GpuError> 
     %row{i} = arith.addi %row{i}0, %ci{i} : index
     %rok{i} = arith.cmpi ult, %row{i}, %M : index
     scf.if %rok{i} {{
-      %rb{i} = arith.muli %row{i}, %N : index
-"#
+      {c_row}
+"#,
+            c_row = row_start("%N", "%offC", batched)
+                .replace("%gi0", &format!("%rb{i}"))
+                .replace("%gr", &format!("%row{i}")),
         );
         for j in 0..tn {
             let _ = write!(
@@ -298,43 +328,76 @@ pub fn gemm_f32(name: &str, s: &GpuGemmSchedule) -> Result<GpuKernel, GpuError> 
         name: n.into(),
         elem: Elem::F32,
     };
+    let scalars: &[&str] = if batched {
+        &["M", "N", "K", "sA", "sB", "sC"]
+    } else {
+        &["M", "N", "K"]
+    };
     Ok(GpuKernel {
         name: name.into(),
         mlir: b,
-        params: vec![
-            buf("A"),
-            buf("B"),
-            buf("C"),
-            KernelParam::Index("M".into()),
-            KernelParam::Index("N".into()),
-            KernelParam::Index("K".into()),
-        ],
+        params: [buf("A"), buf("B"), buf("C")]
+            .into_iter()
+            .chain(scalars.iter().map(|n| KernelParam::Index((*n).into())))
+            .collect(),
         block: [threads, 1, 1],
         shared_bytes: s.shared_bytes(),
         requires: vec![],
     })
 }
 
-/// The MLIR that gives split `gpu.block_id z` of `split_k` its range `[%kbeg, %kend)` of
-/// `K`: whole `bk` tiles, `ceil(ceil(K / bk) / split_k)` of them per split.
-fn split_range(bk: u32, split_k: u32) -> String {
-    format!(
-        r#"    %bz = gpu.block_id z
-    %cBKm1 = arith.constant {bkm1} : index
+/// The row start `%gi0 = row · ld` of an operand (`ld`: its row length), plus the matrix's
+/// offset `off` when `batched`.
+fn row_start(ld: &str, off: &str, batched: bool) -> String {
+    if batched {
+        format!(
+            "%gi00 = arith.muli %gr, {ld} : index\n          %gi0 = arith.addi %gi00, {off} : index"
+        )
+    } else {
+        format!("%gi0 = arith.muli %gr, {ld} : index")
+    }
+}
+
+/// What `gpu.block_id z` selects: the matrix (`batched`: offsets `%offA/B/C`) and the K
+/// slice of `split_k` (`[%kbeg, %kend)`: whole `bk` tiles, `ceil(ceil(K / bk) / split_k)`
+/// of them per slice). Empty for one matrix, one slice.
+fn z_prologue(bk: u32, split_k: u32, batched: bool) -> String {
+    if !batched && split_k == 1 {
+        return String::new();
+    }
+    let mut t = format!("    %bz = gpu.block_id z\n    %cS = arith.constant {split_k} : index\n");
+    let slice = if batched {
+        t.push_str(
+            "    %bat = arith.divui %bz, %cS : index
+    %slice = arith.remui %bz, %cS : index
+    %offA = arith.muli %bat, %sA : index
+    %offB = arith.muli %bat, %sB : index
+    %offC = arith.muli %bat, %sC : index
+",
+        );
+        "%slice"
+    } else {
+        "%bz"
+    };
+    if split_k > 1 {
+        let _ = write!(
+            t,
+            r#"    %cBKm1 = arith.constant {bkm1} : index
     %cSm1 = arith.constant {sm1} : index
-    %cS = arith.constant {split_k} : index
     %kt0 = arith.addi %K, %cBKm1 : index
     %kt = arith.divui %kt0, %cBK : index
     %per0 = arith.addi %kt, %cSm1 : index
     %per = arith.divui %per0, %cS : index
     %span = arith.muli %per, %cBK : index
-    %kbeg = arith.muli %bz, %span : index
+    %kbeg = arith.muli {slice}, %span : index
     %kend0 = arith.addi %kbeg, %span : index
     %kend = arith.minui %kend0, %K : index
 "#,
-        bkm1 = bk - 1,
-        sm1 = split_k - 1,
-    )
+            bkm1 = bk - 1,
+            sm1 = split_k - 1,
+        );
+    }
+    t
 }
 
 #[cfg(test)]

@@ -45,6 +45,10 @@ pub fn all_default() -> Result<Vec<GpuKernel>, super::GpuError> {
     Ok([
         elementwise::mul_add_relu("kiln_ew_mul_add_relu"),
         gemm::gemm_f32("kiln_gemm_f32", &gemm::GpuGemmSchedule::default())?,
+        gemm::gemm_f32_batched(
+            "kiln_gemm_f32_batched_split",
+            &gemm::GpuGemmSchedule::for_batched(3, 128, 768, 768, 132),
+        )?,
         softmax::row_softmax("kiln_softmax_rows", 4),
         gemm_f16::gemm_f16_mma("kiln_gemm_f16_mma"),
     ]

@@ -46,7 +46,7 @@ use crate::gpu::kernels::conv::{self as kconv, conv2d, ConvGeom, ConvLayout, Gpu
 use crate::gpu::kernels::conv_mma::{conv2d_mma, ConvMmaSchedule};
 use crate::gpu::kernels::depthwise;
 use crate::gpu::kernels::epilogue::{Activation, Epilogue, Residual};
-use crate::gpu::kernels::gemm::{gemm_f32, GpuGemmSchedule};
+use crate::gpu::kernels::gemm::{gemm_f32, gemm_f32_batched, GpuGemmSchedule};
 use crate::gpu::kernels::gemm_mma::MmaInput;
 use crate::gpu::tuning::{gemm_f32_name, gemm_f32_schedule, GpuTemplate, GpuTunable};
 use kiln_ir::ops::elementwise::{BinaryKind, ElementwiseOp, GeluApprox, UnaryKind};
@@ -423,11 +423,15 @@ fn special(
             }
         }
     }
+    // A batch whose matrices are evenly spaced in every operand (the usual case, and any
+    // broadcast of one operand: stride 0) runs as one launch over grid.z.
+    let strides = batch_strides(&calls).filter(|_| !tensor_core);
+    let nb = strides.map_or(1, |_| calls.len() as u64);
     // Untuned: the default tiles, K split when they do not fill the SMs; a tuning record
     // of the problem replaces it.
     let mut sched = match (&opts.sku, calls.first()) {
         (Some(sku), Some(c)) => {
-            GpuGemmSchedule::for_problem(c.3 as u64, n as u64, kk as u64, sku.sm_count)
+            GpuGemmSchedule::for_batched(nb, c.3 as u64, n as u64, kk as u64, sku.sm_count)
         }
         _ => GpuGemmSchedule::default(),
     };
@@ -444,13 +448,26 @@ fn special(
         }
     }
     if !tensor_core
-        && calls
-            .iter()
-            .any(|c| sched.grid(c.3 as u64, n as u64)[1] > 65535)
+        && calls.iter().any(|c| {
+            let [_, y, z] = sched.grid_batched(nb, c.3 as u64, n as u64);
+            y > 65535 || z > 65535
+        })
     {
         return Ok(false);
     }
-    let kern = gemm_f32(&gemm_f32_name(&sched), &sched).map_err(|e| e.to_string())?;
+    let kern = match strides {
+        Some(_) => gemm_f32_batched(&format!("{}_batched", gemm_f32_name(&sched)), &sched),
+        None => gemm_f32(&gemm_f32_name(&sched), &sched),
+    }
+    .map_err(|e| e.to_string())?;
+    if !tensor_core && !out.host.iter().any(|(h, _)| *h == kern.name) {
+        out.host.push((
+            kern.name.clone(),
+            HostKernel::GemmF32 {
+                split_k: sched.split_k,
+            },
+        ));
+    }
     // B as [K, N] (transposed constants stored transposed).
     let b_op = if tb && !tensor_core {
         let t = g.const_value(mm.b).ok_or("transposed B")?;
@@ -470,35 +487,48 @@ fn special(
     } else {
         Operand::Value(mm.b)
     };
-    for (ao, bo, yo, rows) in calls.into_iter().filter(|_| !tensor_core) {
+    // (a offset, b offset, y offset, rows, matrices) per launch.
+    let launches: Vec<(u64, u64, u64, usize, u64)> = match (tensor_core, strides) {
+        (true, _) => Vec::new(),
+        (false, Some(_)) => vec![(0, 0, 0, calls[0].3, nb)],
+        (false, None) => calls.iter().map(|&(a, b, y, r)| (a, b, y, r, 1)).collect(),
+    };
+    for (ao, bo, yo, rows, mats) in launches {
+        // Elements a view spans: `mats` matrices of `per` elements `stride` apart.
+        let span = |per: usize, stride: u64| (mats - 1) * stride + per as u64;
+        let (sa, sb, sc) = strides.unwrap_or((0, 0, 0));
+        let c_len = span(rows * n, sc);
         if sched.split_k > 1 {
             // The K slices add their partial products into the output: zero it first.
             let sku = opts.sku.as_ref().ok_or("split-K without a SKU")?;
-            let (l, z) =
-                precision::zero_launch(index, Operand::Value(target), yo, (rows * n) as u64, sku);
+            let (l, z) = precision::zero_launch(index, Operand::Value(target), yo, c_len, sku);
             if !out.host.iter().any(|(h, _)| *h == z.name) {
                 out.host.push((z.name.clone(), HostKernel::Zero));
             }
             out.push_special(l, z)?;
         }
-        let buf = |operand: Operand, offset: u64, len: usize| LaunchArg::Buf {
+        let buf = |operand: Operand, offset: u64, len: u64| LaunchArg::Buf {
             operand,
             offset,
-            len: len as u64,
+            len,
             elem_bytes: 4,
         };
+        let mut args = vec![
+            buf(Operand::Value(mm.a), ao, span(rows * kk, sa)),
+            buf(b_op.clone(), bo, span(kk * n, sb)),
+            buf(Operand::Value(target), yo, c_len),
+            LaunchArg::Index(rows as i64),
+            LaunchArg::Index(n as i64),
+            LaunchArg::Index(kk as i64),
+        ];
+        if strides.is_some() {
+            args.extend([sa, sb, sc].map(|s| LaunchArg::Index(s as i64)));
+        }
         let launch = Launch {
             index,
             kernel: String::new(),
-            args: vec![
-                buf(Operand::Value(mm.a), ao, rows * kk),
-                buf(b_op.clone(), bo, kk * n),
-                buf(Operand::Value(target), yo, rows * n),
-                LaunchArg::Index(rows as i64),
-                LaunchArg::Index(n as i64),
-                LaunchArg::Index(kk as i64),
-            ],
-            grid: sched.grid(rows as u64, n as u64),
+            args,
+            grid: sched.grid_batched(mats, rows as u64, n as u64),
             block: kern.block,
             shared_bytes: 0,
             generic: false,
@@ -528,6 +558,24 @@ fn special(
         out.push_generic(index, gk, max_blocks)?;
     }
     Ok(true)
+}
+
+/// The element strides `(sA, sB, sC)` between consecutive matrices of a batch of GEMM calls
+/// `(a offset, b offset, y offset, rows)`, when every call sits at `b · stride` in each
+/// operand (0: one matrix broadcast to all) with the same rows; `None` for a single call or
+/// an uneven batch (numpy broadcasting over several batch dimensions).
+fn batch_strides(calls: &[(u64, u64, u64, usize)]) -> Option<(u64, u64, u64)> {
+    let (&(a0, b0, y0, r0), rest) = calls.split_first()?;
+    let &(a1, b1, y1, _) = rest.first()?;
+    if (a0, b0, y0) != (0, 0, 0) {
+        return None;
+    }
+    let s = (a1, b1, y1);
+    let even = calls.iter().enumerate().all(|(i, &(a, b, y, r))| {
+        let i = i as u64;
+        r == r0 && (a, b, y) == (i * s.0, i * s.1, i * s.2)
+    });
+    even.then_some(s)
 }
 
 /// A contraction epilogue the tensor-core GEMMs run in their kernel (see [`Epilogue`]).

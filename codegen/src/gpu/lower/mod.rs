@@ -232,6 +232,13 @@ pub enum HostKernel {
     Copy,
     /// [`precision::zero_kernel`]: `Y (f32)`, scalar `n`.
     Zero,
+    /// The SIMT f32 GEMM ([`kernels::gemm::gemm_f32`]): `A, B, C`, scalars `M, N, K`, or
+    /// `M, N, K, sA, sB, sC` for [`kernels::gemm::gemm_f32_batched`] (`grid.z / split_k`
+    /// matrices); with `split_k > 1` the K slices add into a zeroed `C`.
+    GemmF32 {
+        /// K slices per matrix.
+        split_k: u32,
+    },
     /// A tensor-core GEMM ([`tensor_core`]): `A, B, C (f32)[, bias][, R]`, scalars `M, N, K,
     /// sA, sB, sC` (wgmma: `M, N, K`), `alpha[, beta]`; `grid.z / split_k` matrices (the
     /// third field: K slices adding into a zeroed `C`, 1 for none);
