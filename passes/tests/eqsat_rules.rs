@@ -168,6 +168,13 @@ fn cases() -> Vec<Case> {
             &["x0: m k", "k0: k n", "k1: k n", "k2: k n"],
         ),
         case(
+            "merge-stacked-linear",
+            "(mul (add (add (matmul x0 k0) k3) (add k4 (matmul x0 k1))) (add (matmul x0 k2) k5))",
+            &[
+                "x0: m k", "k0: k n", "k1: k n", "k2: k n", "k3: n", "k4: n", "k5: n",
+            ],
+        ),
+        case(
             "gemm-to-matmul",
             "(op @G x0 k0 x1)",
             &["x0: m k", "k0: n k", "x1: n"],

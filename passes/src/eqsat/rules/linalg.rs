@@ -127,6 +127,16 @@ pub fn rules() -> Vec<Rw> {
     );
     r.push(
         Rewrite::new(
+            "merge-stacked-linear",
+            "(add (matmul ?a ?b) ?c)"
+                .parse::<Pattern<Kiln>>()
+                .expect("pattern"),
+            MergeStackedLinear,
+        )
+        .expect("rule"),
+    );
+    r.push(
+        Rewrite::new(
             "gemm-to-matmul",
             "(op ?g ?a ?b ?c)"
                 .parse::<Pattern<Kiln>>()
@@ -243,61 +253,161 @@ impl Applier<Kiln, crate::eqsat::analysis::KilnAnalysis> for MergeStackedMatMul 
         _rule: Symbol,
     ) -> Vec<Id> {
         let (a, b) = (eg.find(subst[v("?a")]), eg.find(subst[v("?b")]));
-        let (Some(sa), Some(sb)) = (eg[a].data.shape(), eg[b].data.shape()) else {
+        let Some(s) = stacked_group(eg, a, b) else {
             return vec![];
         };
-        let Some(dt) = eg[b].data.fact().map(|f| f.dtype) else {
-            return vec![];
-        };
-        if sa.len() != 2 || sb.len() != 2 || is_concat(eg, b) {
-            return vec![];
-        }
-        // every product of `a` with a weight of b's shape and dtype, by weight id
-        let mut group: Vec<(Id, Id)> = Vec::new();
-        for p in eg[a].parents() {
-            if let Kiln::MatMul([x, c]) = eg.id_to_node(p) {
-                let (x, c) = (eg.find(*x), eg.find(*c));
-                let d = &eg[c].data;
-                if x == a
-                    && !is_concat(eg, c)
-                    && d.shape() == Some(sb.clone())
-                    && d.fact().map(|f| f.dtype) == Some(dt)
-                {
-                    group.push((c, eg.find(p)));
-                }
-            }
-        }
-        group.sort();
-        group.dedup_by_key(|g| g.0);
-        if group.len() < 2 || group[0].0 != b || group.len() > 16 {
-            return vec![];
-        }
-        let (m, k, n) = (sa[0] as i64, sb[0] as i64, sb[1] as i64);
-        let plane = add_ints(eg, &[1, k, n]);
-        let ax = eg.add(Kiln::Int(0));
-        let mut parts = vec![ax];
-        for &(w, _) in &group {
-            parts.push(eg.add(Kiln::Reshape([w, plane])));
-        }
-        let stack = eg.add(Kiln::Concat(parts.into()));
-        let prod = eg.add(Kiln::MatMul([a, stack]));
-        let out_shape = add_ints(eg, &[m, n]);
-        let mut changed = vec![];
-        for (i, &(_, class)) in group.iter().enumerate() {
-            let s = add_slice(eg, prod, 0, i, i + 1);
-            let r = eg.add(Kiln::Reshape([s, out_shape]));
-            let same = eg[r].data.fact().map(|f| (&f.shape, f.dtype))
-                == eg[class].data.fact().map(|f| (&f.shape, f.dtype));
-            if same && eg.union(class, r) {
-                changed.push(class);
-            }
-        }
-        changed
+        let prod = stacked_product(eg, a, &s);
+        let classes: Vec<Id> = s.group.iter().map(|g| g.1).collect();
+        union_planes(eg, prod, &classes, s.m, s.n)
     }
 
     fn vars(&self) -> Vec<Var> {
         vec![v("?a"), v("?b")]
     }
+}
+
+/// The products of one rank-2 `a` with rank-2 weights of one shape and dtype (see
+/// [`MergeStackedMatMul`]), when `b` is the lowest-id weight of 2 to 16 of them.
+struct StackedGroup {
+    /// `(weight, product class)`, by weight id.
+    group: Vec<(Id, Id)>,
+    m: i64,
+    k: i64,
+    n: i64,
+    dtype: kiln_ir::DType,
+}
+
+fn stacked_group(eg: &EG, a: Id, b: Id) -> Option<StackedGroup> {
+    let (sa, sb) = (eg[a].data.shape()?, eg[b].data.shape()?);
+    let dtype = eg[b].data.fact().map(|f| f.dtype)?;
+    if sa.len() != 2 || sb.len() != 2 || is_concat(eg, b) {
+        return None;
+    }
+    // every product of `a` with a weight of b's shape and dtype, by weight id
+    let mut group: Vec<(Id, Id)> = Vec::new();
+    for p in eg[a].parents() {
+        if let Kiln::MatMul([x, c]) = eg.id_to_node(p) {
+            let (x, c) = (eg.find(*x), eg.find(*c));
+            let d = &eg[c].data;
+            if x == a
+                && !is_concat(eg, c)
+                && d.shape() == Some(sb.clone())
+                && d.fact().map(|f| f.dtype) == Some(dtype)
+            {
+                group.push((c, eg.find(p)));
+            }
+        }
+    }
+    group.sort();
+    group.dedup_by_key(|g| g.0);
+    if group.len() < 2 || group[0].0 != b || group.len() > 16 {
+        return None;
+    }
+    Some(StackedGroup {
+        group,
+        m: sa[0] as i64,
+        k: sb[0] as i64,
+        n: sb[1] as i64,
+        dtype,
+    })
+}
+
+/// Adds `a @ concat(reshape(Wᵢ, [1, K, N]))`: the stacked product `[n, M, N]`.
+fn stacked_product(eg: &mut EG, a: Id, s: &StackedGroup) -> Id {
+    let ws: Vec<Id> = s.group.iter().map(|g| g.0).collect();
+    let stack = stack_planes(eg, &ws, &[1, s.k, s.n]);
+    eg.add(Kiln::MatMul([a, stack]))
+}
+
+/// Adds `concat(0, reshape(xᵢ, plane))`.
+fn stack_planes(eg: &mut EG, xs: &[Id], plane: &[i64]) -> Id {
+    let plane = add_ints(eg, plane);
+    let ax = eg.add(Kiln::Int(0));
+    let mut parts = vec![ax];
+    for &x in xs {
+        parts.push(eg.add(Kiln::Reshape([x, plane])));
+    }
+    eg.add(Kiln::Concat(parts.into()))
+}
+
+/// Unions `classes[i]` with plane `i` of `prod` (`reshape(slice(prod, i, i + 1, axis 0),
+/// [m, n])`) where type and shape agree; returns the classes that changed.
+fn union_planes(eg: &mut EG, prod: Id, classes: &[Id], m: i64, n: i64) -> Vec<Id> {
+    let out_shape = add_ints(eg, &[m, n]);
+    let mut changed = vec![];
+    for (i, &class) in classes.iter().enumerate() {
+        let s = add_slice(eg, prod, 0, i, i + 1);
+        let r = eg.add(Kiln::Reshape([s, out_shape]));
+        let same = eg[r].data.fact().map(|f| (&f.shape, f.dtype))
+            == eg[class].data.fact().map(|f| (&f.shape, f.dtype));
+        if same && eg.union(class, r) {
+            changed.push(class);
+        }
+    }
+    changed
+}
+
+/// [`MergeStackedMatMul`] for projections with a bias, `x @ Wᵢ + bᵢ` (`bᵢ` of shape `[N]`,
+/// either operand order): the biases are stacked too, `x @ stack(W) + stack(b)` with
+/// `stack(b)` of shape `[n, 1, N]`, so the bias runs in the batched product's epilogue
+/// instead of as one kernel per plane after the split. Applied when every product of the
+/// group has such a bias.
+struct MergeStackedLinear;
+
+impl Applier<Kiln, crate::eqsat::analysis::KilnAnalysis> for MergeStackedLinear {
+    fn apply_one(
+        &self,
+        eg: &mut EG,
+        _eclass: Id,
+        subst: &Subst,
+        _ast: Option<&PatternAst<Kiln>>,
+        _rule: Symbol,
+    ) -> Vec<Id> {
+        let (a, b) = (eg.find(subst[v("?a")]), eg.find(subst[v("?b")]));
+        let Some(s) = stacked_group(eg, a, b) else {
+            return vec![];
+        };
+        let mut biases = Vec::new();
+        let mut classes = Vec::new();
+        for &(_, p) in &s.group {
+            let Some((bias, class)) = bias_add_of(eg, p, s.n, s.dtype) else {
+                return vec![];
+            };
+            biases.push(bias);
+            classes.push(class);
+        }
+        let prod = stacked_product(eg, a, &s);
+        let stacked_bias = stack_planes(eg, &biases, &[1, 1, s.n]);
+        let biased = eg.add(Kiln::Add([prod, stacked_bias]));
+        union_planes(eg, biased, &classes, s.m, s.n)
+    }
+
+    fn vars(&self) -> Vec<Var> {
+        vec![v("?a"), v("?b")]
+    }
+}
+
+/// The first (by id) `add(p, bias)` or `add(bias, p)` parent of product class `p` with a
+/// bias of shape `[n]` and type `dtype`: `(bias, add class)`.
+fn bias_add_of(eg: &EG, p: Id, n: i64, dtype: kiln_ir::DType) -> Option<(Id, Id)> {
+    let p = eg.find(p);
+    let mut found: Vec<(Id, Id)> = eg[p]
+        .parents()
+        .filter_map(|q| match eg.id_to_node(q) {
+            Kiln::Add([x, y]) => {
+                let (x, y) = (eg.find(*x), eg.find(*y));
+                let bias = if x == p { y } else { x };
+                let ok = (x == p || y == p)
+                    && bias != p
+                    && eg[bias].data.shape() == Some(vec![n as usize])
+                    && eg[bias].data.fact().map(|f| f.dtype) == Some(dtype);
+                ok.then(|| (bias, eg.find(q)))
+            }
+            _ => None,
+        })
+        .collect();
+    found.sort();
+    found.into_iter().next()
 }
 
 /// Whether the e-class holds a Concat (a weight made by a merge).
