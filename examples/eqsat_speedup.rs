@@ -108,6 +108,42 @@ fn print_profile(what: &str, s: &Session, x: &[f32], shape: &[usize], n: usize) 
     }
 }
 
+/// `KILN_EMULATE=1` with `--gpu`: runs the GPU plan of `g` at `-O{level}` on the CPU (the
+/// plan emulation of `kiln::gpu_compile`: every launch in order over a host arena) and
+/// prints its launches and its largest relative error against the interpreter.
+fn emulate_check(g: &Graph, name: &str, sku: &str, level: u8, x: &Tensor, want: &Tensor) {
+    let opts = kiln::compile::CompileOptions {
+        opt_level: Some(level),
+        ..Default::default()
+    };
+    let t0 = Instant::now();
+    let target = format!("cuda:{sku}");
+    match kiln::gpu_compile::emulate_graph(g, name, &target, &opts, std::slice::from_ref(x), |_| {})
+    {
+        Ok(e) => {
+            let (got, w) = (e.outputs[0].to_f64_vec(), want.to_f64_vec());
+            let scale = w.iter().fold(1f64, |m, v| m.max(v.abs()));
+            let err = got
+                .iter()
+                .zip(&w)
+                .map(|(a, b)| (a - b).abs() / scale)
+                .fold(0f64, f64::max);
+            let gemms = e
+                .lowering
+                .launches
+                .iter()
+                .filter(|l| l.kernel.starts_with("kiln_gemm_f32"))
+                .count();
+            println!(
+                "{name} -O{level} emulated: {} launches ({gemms} f32 GEMMs), max rel. error {err:.1e} ({:.1} s)",
+                e.steps,
+                t0.elapsed().as_secs_f64()
+            );
+        }
+        Err(e) => println!("{name} -O{level} emulated: {e:#}"),
+    }
+}
+
 /// A benchmark graph: name, tensat's published speed-up, builder.
 type Model = (&'static str, &'static str, fn() -> Graph);
 
@@ -161,6 +197,9 @@ fn pack_for_gpu(models: &[Model], only: &[String], sku: &str, dir: &str) {
                     );
                 }
                 Err(e) => println!("{name} -O{level}: cannot compile for cuda:{sku}: {e:#}"),
+            }
+            if std::env::var("KILN_EMULATE").is_ok() {
+                emulate_check(&g, name, sku, level, &xt, &want[0]);
             }
         }
     }
