@@ -37,14 +37,31 @@ pub fn resolve_sku(target: &str) -> Result<&'static Sku> {
     Ok(DeviceDb::builtin()?.parse_target(target)?)
 }
 
-/// The eqsat cost model's description of `sku` (f32 peak: the model path computes in f32).
-pub fn eqsat_device(sku: &Sku) -> kiln_passes::eqsat::cost::Device {
-    kiln_passes::eqsat::cost::Device::gpu(
+/// The eqsat cost model's description of `sku` at `precision`: the f32 peak and the f32
+/// GEMM's split-K for f32; the tensor cores' peak, and no split (the untuned tensor-core
+/// GEMMs do not split K), for tf32 / f16 / bf16.
+pub fn eqsat_device(
+    sku: &Sku,
+    precision: precision::Precision,
+) -> kiln_passes::eqsat::cost::Device {
+    let p = &sku.peak_tflops;
+    use precision::Precision as P;
+    let peak = match precision {
+        P::F32 => p.f32,
+        P::TF32 => p.tf32,
+        P::F16 => p.f16,
+        P::BF16 => p.bf16,
+    };
+    let mut d = kiln_passes::eqsat::cost::Device::gpu(
         &sku.name,
         sku.sm_count,
-        sku.peak_tflops.f32 * 1e3,
+        peak * 1e3,
         sku.mem_bandwidth_gbs,
-    )
+    );
+    if precision != P::F32 {
+        d.max_split_k = 1;
+    }
+    d
 }
 
 /// The planned graph of `graph` for a GPU compile (no `--max-batch`, no dynamic tail).
@@ -63,7 +80,7 @@ pub(crate) fn plan_for_gpu(
         print_after: opts.print_after.clone(),
         opt_level: opts.opt_level,
         measured_us: opts.measured_us.clone(),
-        device: Some(eqsat_device(sku)),
+        device: Some(eqsat_device(sku, opts.precision)),
     };
     let planned = pipeline::plan_graph(graph.clone(), &popts, print)?;
     if planned.tail.is_some() {

@@ -1488,3 +1488,22 @@ fn stacked_linear_projections_are_one_gemm_with_the_biases() {
     }
     assert_eq!(gemms, [3, 1], "f32 GEMM launches at -O0 / -O2");
 }
+
+/// The eqsat cost model of a GPU compile follows the precision: the f32 peak and the f32
+/// GEMM's split-K for f32, the tensor cores' peak and no split for tf32 / f16 / bf16.
+#[test]
+fn eqsat_device_follows_the_precision() {
+    let h100 = resolve_sku("cuda:h100").unwrap();
+    let f32 = kiln::gpu_compile::eqsat_device(h100, Precision::F32);
+    assert_eq!(f32.max_split_k, 8);
+    assert_eq!(f32.peak_gflops, h100.peak_tflops.f32 * 1e3);
+    for p in [Precision::TF32, Precision::F16, Precision::BF16] {
+        let d = kiln::gpu_compile::eqsat_device(h100, p);
+        assert_eq!(d.max_split_k, 1, "{p:?}");
+        assert!(
+            d.peak_gflops > 2.0 * f32.peak_gflops,
+            "{p:?}: {}",
+            d.peak_gflops
+        );
+    }
+}
