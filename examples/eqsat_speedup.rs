@@ -139,9 +139,33 @@ fn emulate_check(g: &Graph, name: &str, sku: &str, level: u8, x: &Tensor, want: 
                 e.steps,
                 t0.elapsed().as_secs_f64()
             );
+            if std::env::var("KILN_EMULATE").as_deref() == Ok("2") {
+                println!("  {}", launch_kinds(&e.lowering));
+            }
         }
         Err(e) => println!("{name} -O{level} emulated: {e:#}"),
     }
+}
+
+/// The launches of a plan by kind (`kiln_k12_conv_relu` → `conv_relu`), for `KILN_EMULATE=2`.
+fn launch_kinds(l: &kiln_codegen::gpu::lower::GpuLowering) -> String {
+    let mut n: std::collections::BTreeMap<String, usize> = Default::default();
+    for la in &l.launches {
+        let k = la.kernel.trim_start_matches("kiln_");
+        let k = match k.split_once('_') {
+            Some((head, rest))
+                if head.starts_with('k') && head[1..].chars().all(|c| c.is_ascii_digit()) =>
+            {
+                rest
+            }
+            _ => k,
+        };
+        *n.entry(k.to_string()).or_default() += 1;
+    }
+    n.iter()
+        .map(|(k, c)| format!("{k} {c}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// A benchmark graph: name, tensat's published speed-up, builder.
@@ -279,6 +303,20 @@ fn main() {
                 print_profile(&format!("{name} -O{level}"), s, &x, &shape, n);
             }
         }
+        // the rewritten graph's output against the input graph's
+        let v = [TensorView::from_f32(&shape, &x)];
+        let (y0, y2) = (arts[0].run(&v).expect("run"), arts[1].run(&v).expect("run"));
+        let (a, b) = (y0[0].as_f32().expect("f32"), y2[0].as_f32().expect("f32"));
+        let scale = a.iter().fold(1f32, |m, v| m.max(v.abs()));
+        let diff = a
+            .iter()
+            .zip(b)
+            .map(|(p, q)| (p - q).abs() / scale)
+            .fold(0f32, f32::max);
+        assert!(
+            diff <= 1e-3,
+            "{name}: -O{opt} output differs from -O0 by {diff}"
+        );
         // warm up, then interleave rounds and keep the median
         let per = 5;
         let (mut t0, mut t2) = (Vec::new(), Vec::new());

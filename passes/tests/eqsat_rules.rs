@@ -7,7 +7,9 @@
 use egg::{CostFunction, Id, Language, RecExpr, Runner};
 use kiln_ir::ops::array::{ArrayOp, IntsArg};
 use kiln_ir::ops::linalg::{Gemm, LinalgOp};
-use kiln_ir::ops::nn::{AutoPad, BatchNormAttrs, ConvAttrs, MaxPoolAttrs, NnOp, WindowAttrs};
+use kiln_ir::ops::nn::{
+    AutoPad, BatchNormAttrs, ConvAttrs, MaxPoolAttrs, NnOp, PoolAttrs, PoolKind, WindowAttrs,
+};
 use kiln_ir::{interp, DType, Fact, Graph, Op, Shape, Tensor};
 use kiln_passes::eqsat::analysis::{KilnAnalysis, KilnEGraph};
 use kiln_passes::eqsat::convert::to_graph;
@@ -24,6 +26,8 @@ struct Case {
     rule: String,
     lhs: String,
     leaves: Vec<String>,
+    /// Whether the rule must apply (`false`: an instance where it would be unsound).
+    applies: bool,
 }
 
 fn case(rule: &str, lhs: &str, leaves: &[&str]) -> Case {
@@ -31,6 +35,15 @@ fn case(rule: &str, lhs: &str, leaves: &[&str]) -> Case {
         rule: rule.into(),
         lhs: lhs.into(),
         leaves: leaves.iter().map(|s| s.to_string()).collect(),
+        applies: true,
+    }
+}
+
+/// An instance the rule must leave alone (its condition is what keeps it sound).
+fn no_case(rule: &str, lhs: &str, leaves: &[&str]) -> Case {
+    Case {
+        applies: false,
+        ..case(rule, lhs, leaves)
     }
 }
 
@@ -426,6 +439,62 @@ fn cases() -> Vec<Case> {
         ),
         case("concat-pool-1", "(concat 1 (op @M x0) (op @M x1))", &pl),
         case(
+            "avgpool-conv1x1-swap",
+            "(add (conv @Q (op @A x0) k0 k1) (conv @Q x0 k2 k3))",
+            &[
+                "x0: b c 5 4",
+                "k0: o c 1 1",
+                "k1: o",
+                "k2: o c 1 1",
+                "k3: o",
+            ],
+        ),
+        case(
+            "avgpool-conv1x1-swap",
+            "(add (conv @Q (op @I x0) k0 none) (conv @Q x0 k2 k3))",
+            &["x0: b c 5 4", "k0: o c 1 1", "k2: o c 1 1", "k3: o"],
+        ),
+        // padded taps counted as zeros: the bias does not commute
+        no_case(
+            "avgpool-conv1x1-swap",
+            "(add (conv @Q (op @I x0) k0 k1) (conv @Q x0 k2 k3))",
+            &[
+                "x0: b c 5 4",
+                "k0: o c 1 1",
+                "k1: o",
+                "k2: o c 1 1",
+                "k3: o",
+            ],
+        ),
+        // a 3×3 Conv does not commute with the pool
+        no_case(
+            "avgpool-conv1x1-swap",
+            "(add (conv @P (op @A x0) k0 k1) (conv @Q x0 k2 k3))",
+            &[
+                "x0: b c 5 4",
+                "k0: o c 3 3",
+                "k1: o",
+                "k2: o c 1 1",
+                "k3: o",
+            ],
+        ),
+        // no 1×1 Conv of the pool's input to merge with: left alone
+        no_case(
+            "avgpool-conv1x1-swap",
+            "(conv @Q (op @A x0) k0 k1)",
+            &["x0: b c 5 4", "k0: o c 1 1", "k1: o"],
+        ),
+        case(
+            "conv1x1-avgpool-swap",
+            "(op @A (conv @Q x0 k0 k1))",
+            &["x0: b 2 5 4", "k0: 5 2 1 1", "k1: 5"],
+        ),
+        no_case(
+            "conv1x1-avgpool-swap",
+            "(op @I (conv @Q x0 k0 k1))",
+            &["x0: b 2 5 4", "k0: 5 2 1 1", "k1: 5"],
+        ),
+        case(
             "matmul-concat-inner",
             "(matmul (concat -1 x0 x2) (concat -2 x1 x3))",
             &mm,
@@ -521,7 +590,8 @@ fn cases() -> Vec<Case> {
 
 /// The ops `@C` (3x3 Conv), `@Q` (1x1 Conv), `@P` (3x3 Conv, pads 1), `@H` / `@V` (1x3 /
 /// 3x1 Convs padded to keep the size), `@R` (3x3 Conv, 2 groups), `@S` (Split on axis 1,
-/// sizes as input 1, 2 outputs), `@M` (2x2 MaxPool, stride 2), `@B` (inference BatchNormalization), `@G` (Gemm, transB).
+/// sizes as input 1, 2 outputs), `@M` (2x2 MaxPool, stride 2), `@A` / `@I` (3x3
+/// AveragePool, pads 1, padded taps not counted / counted), `@B` (inference BatchNormalization), `@G` (Gemm, transB).
 fn setup_ops(an: &mut KilnAnalysis) -> HashMap<&'static str, String> {
     let conv = Op::Nn(NnOp::Conv(ConvAttrs {
         window: WindowAttrs {
@@ -600,6 +670,21 @@ fn setup_ops(an: &mut KilnAnalysis) -> HashMap<&'static str, String> {
         with_indices: false,
     }));
     m.insert("@M", an.intern_op(&maxpool, 1).to_string());
+    let avgpool = |count_include_pad: bool| {
+        Op::Nn(NnOp::Pool(PoolAttrs {
+            kind: PoolKind::Average { count_include_pad },
+            window: WindowAttrs {
+                auto_pad: AutoPad::NotSet,
+                kernel_shape: Some(vec![3, 3]),
+                strides: None,
+                dilations: None,
+                pads: Some(vec![1; 4]),
+            },
+            ceil_mode: false,
+        }))
+    };
+    m.insert("@A", an.intern_op(&avgpool(false), 1).to_string());
+    m.insert("@I", an.intern_op(&avgpool(true), 1).to_string());
     m.insert("@B", an.intern_op(&bn, 1).to_string());
     m.insert("@G", an.intern_op(&gemm, 1).to_string());
     m
@@ -724,6 +809,14 @@ fn check_case(c: &Case, seed: u64) {
         .iter()
         .filter_map(|it| it.applied.get(&rule.name).copied())
         .sum();
+    if !c.applies {
+        assert_eq!(
+            applied, 0,
+            "{}: applied to {text}, where it is unsound",
+            c.rule
+        );
+        return;
+    }
     assert!(
         applied > 0,
         "{}: rule did not apply to {text} ({dims:?})",

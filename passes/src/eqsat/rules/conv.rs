@@ -34,6 +34,31 @@ pub fn rules() -> Vec<Rw> {
             scalar("?s"),
         ),
         Rewrite::new("conv-enlarge", pat("(conv ?at ?x ?w ?b)"), EnlargeConv).expect("rule"),
+        // A 1×1 Conv (stride 1, no padding) mixes channels at each position; an average
+        // pool averages each channel over a window with a divisor that depends on the
+        // position only: the two commute. The bias commutes too unless padded taps count
+        // as zeros (`count_include_pad` with pads). Targeted, against e-graph growth:
+        // the Conv moves before the pool when the pool's input has another 1×1 Conv it
+        // can merge with (Inception's pool branch), and the pool moves before the Conv
+        // when the Conv widens the channels (the pool then averages fewer of them).
+        rw_if(
+            "avgpool-conv1x1-swap",
+            "(conv ?at (op ?p ?x) ?w ?b)",
+            "(op ?p (conv ?at ?x ?w ?b))",
+            all_of(vec![
+                Box::new(pool_commutes_with_conv("?p", "?at", "?w", "?b")),
+                Box::new(has_1x1_conv_sibling("?x")),
+            ]),
+        ),
+        rw_if(
+            "conv1x1-avgpool-swap",
+            "(op ?p (conv ?at ?x ?w ?b))",
+            "(conv ?at (op ?p ?x) ?w ?b)",
+            all_of(vec![
+                Box::new(pool_commutes_with_conv("?p", "?at", "?w", "?b")),
+                Box::new(widens("?w", "?x")),
+            ]),
+        ),
         Rewrite::new(
             "merge-parallel-conv",
             pat("(conv ?at ?x ?w ?b)"),
@@ -221,6 +246,82 @@ pub(crate) fn enlarge_pair(
         p
     };
     Some((attrs, pads(e1), pads(e2)))
+}
+
+/// `?p` is an AveragePool and `?at`/`?w` a 1×1 Conv with stride 1 and no padding (any
+/// group), and the bias `?b` is absent or the pool does not count padded taps (see the
+/// `avgpool-conv1x1-swap` rule).
+fn pool_commutes_with_conv(
+    p: &str,
+    at: &str,
+    w: &str,
+    b: &str,
+) -> impl Fn(&mut EG, Id, &Subst) -> bool {
+    let (p, at, w, b) = (v(p), v(at), v(w), v(b));
+    move |eg, _, s| {
+        let pool = match data(eg, s, p).attr.and_then(|k| eg.analysis.op(k)) {
+            Some(e) if e.outputs == 1 => match &e.op {
+                Op::Nn(NnOp::Pool(pa)) => pa.clone(),
+                _ => return false,
+            },
+            _ => return false,
+        };
+        let kiln_ir::ops::nn::PoolKind::Average { count_include_pad } = pool.kind else {
+            return false;
+        };
+        let padded = pool.window.auto_pad != AutoPad::NotSet
+            && pool.window.auto_pad != AutoPad::Valid
+            || pool
+                .window
+                .pads
+                .as_ref()
+                .is_some_and(|q| q.iter().any(|&x| x > 0));
+        if count_include_pad && padded && data(eg, s, b).kind == Kind::Value {
+            return false;
+        }
+        let Some(c) = conv_attrs(eg, s[at]) else {
+            return false;
+        };
+        let ones = |x: &Option<Vec<usize>>| x.as_ref().is_none_or(|d| d.iter().all(|&e| e == 1));
+        let zeros = |x: &Option<Vec<usize>>| x.as_ref().is_none_or(|d| d.iter().all(|&e| e == 0));
+        let w_1x1 = data(eg, s, w)
+            .shape()
+            .is_some_and(|d| d.len() >= 3 && d[2..].iter().all(|&e| e == 1));
+        w_1x1
+            && ones(&c.window.kernel_shape)
+            && ones(&c.window.strides)
+            && zeros(&c.window.pads)
+            && matches!(c.window.auto_pad, AutoPad::NotSet | AutoPad::Valid)
+    }
+}
+
+/// `x` feeds a Conv with a 1×1 weight directly (a merge partner for a 1×1 Conv moved onto
+/// `x`).
+fn has_1x1_conv_sibling(x: &str) -> impl Fn(&mut EG, Id, &Subst) -> bool {
+    let x = v(x);
+    move |eg, _, s| {
+        let x = eg.find(s[x]);
+        eg[x].parents().any(|p| match eg.id_to_node(p) {
+            Kiln::Conv([_, input, w, _]) => {
+                eg.find(*input) == x
+                    && eg[*w]
+                        .data
+                        .shape()
+                        .is_some_and(|d| d.len() >= 3 && d[2..].iter().all(|&e| e == 1))
+            }
+            _ => false,
+        })
+    }
+}
+
+/// A Conv with weight `w` (`[O, ...]`) over `x` (`[N, C, ...]`) has more output channels
+/// than input channels.
+fn widens(w: &str, x: &str) -> impl Fn(&mut EG, Id, &Subst) -> bool {
+    let (w, x) = (v(w), v(x));
+    move |eg, _, s| match (data(eg, s, w).shape(), data(eg, s, x).shape()) {
+        (Some(dw), Some(dx)) if !dw.is_empty() && dx.len() >= 2 => dw[0] > dx[1],
+        _ => false,
+    }
 }
 
 /// The Conv attributes of an `@K` attribute class.
