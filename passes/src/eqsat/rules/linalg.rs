@@ -121,7 +121,7 @@ pub fn rules() -> Vec<Rw> {
         Rewrite::new(
             "merge-stacked-matmul",
             "(matmul ?a ?b)".parse::<Pattern<Kiln>>().expect("pattern"),
-            MergeStackedMatMul,
+            MergeStackedMatMul { biased: false },
         )
         .expect("rule"),
     );
@@ -131,7 +131,7 @@ pub fn rules() -> Vec<Rw> {
             "(add (matmul ?a ?b) ?c)"
                 .parse::<Pattern<Kiln>>()
                 .expect("pattern"),
-            MergeStackedLinear,
+            MergeStackedMatMul { biased: true },
         )
         .expect("rule"),
     );
@@ -241,7 +241,15 @@ impl Applier<Kiln, crate::eqsat::analysis::KilnAnalysis> for MergeParallelMatMul
 /// `reshape(slice(P, i, i + 1, axis 0), [M, N])`, a contiguous range of `P` — a view, unlike
 /// the column slices of [`MergeParallelMatMul`]'s product, so the merged product costs no
 /// split. One e-node group per sibling set (applied from its lowest-id weight only).
-struct MergeStackedMatMul;
+///
+/// `biased` (rule `merge-stacked-linear`): projections with a bias, `x @ Wᵢ + bᵢ` (`bᵢ` of
+/// shape `[N]`, either operand order), when every product of the group has one: the
+/// biases are stacked too, `x @ stack(W) + stack(b)` with `stack(b)` of shape `[n, 1, N]`,
+/// so the bias runs in the batched product's epilogue instead of as one kernel per plane
+/// after the split.
+struct MergeStackedMatMul {
+    biased: bool,
+}
 
 impl Applier<Kiln, crate::eqsat::analysis::KilnAnalysis> for MergeStackedMatMul {
     fn apply_one(
@@ -256,8 +264,22 @@ impl Applier<Kiln, crate::eqsat::analysis::KilnAnalysis> for MergeStackedMatMul 
         let Some(s) = stacked_group(eg, a, b) else {
             return vec![];
         };
-        let prod = stacked_product(eg, a, &s);
-        let classes: Vec<Id> = s.group.iter().map(|g| g.1).collect();
+        let mut classes: Vec<Id> = s.group.iter().map(|g| g.1).collect();
+        let mut biases = Vec::new();
+        if self.biased {
+            for c in &mut classes {
+                let Some((bias, add)) = bias_add_of(eg, *c, s.n, s.dtype) else {
+                    return vec![];
+                };
+                biases.push(bias);
+                *c = add;
+            }
+        }
+        let mut prod = stacked_product(eg, a, &s);
+        if self.biased {
+            let stacked_bias = stack_planes(eg, &biases, &[1, 1, s.n]);
+            prod = eg.add(Kiln::Add([prod, stacked_bias]));
+        }
         union_planes(eg, prod, &classes, s.m, s.n)
     }
 
@@ -345,46 +367,6 @@ fn union_planes(eg: &mut EG, prod: Id, classes: &[Id], m: i64, n: i64) -> Vec<Id
         }
     }
     changed
-}
-
-/// [`MergeStackedMatMul`] for projections with a bias, `x @ Wᵢ + bᵢ` (`bᵢ` of shape `[N]`,
-/// either operand order): the biases are stacked too, `x @ stack(W) + stack(b)` with
-/// `stack(b)` of shape `[n, 1, N]`, so the bias runs in the batched product's epilogue
-/// instead of as one kernel per plane after the split. Applied when every product of the
-/// group has such a bias.
-struct MergeStackedLinear;
-
-impl Applier<Kiln, crate::eqsat::analysis::KilnAnalysis> for MergeStackedLinear {
-    fn apply_one(
-        &self,
-        eg: &mut EG,
-        _eclass: Id,
-        subst: &Subst,
-        _ast: Option<&PatternAst<Kiln>>,
-        _rule: Symbol,
-    ) -> Vec<Id> {
-        let (a, b) = (eg.find(subst[v("?a")]), eg.find(subst[v("?b")]));
-        let Some(s) = stacked_group(eg, a, b) else {
-            return vec![];
-        };
-        let mut biases = Vec::new();
-        let mut classes = Vec::new();
-        for &(_, p) in &s.group {
-            let Some((bias, class)) = bias_add_of(eg, p, s.n, s.dtype) else {
-                return vec![];
-            };
-            biases.push(bias);
-            classes.push(class);
-        }
-        let prod = stacked_product(eg, a, &s);
-        let stacked_bias = stack_planes(eg, &biases, &[1, 1, s.n]);
-        let biased = eg.add(Kiln::Add([prod, stacked_bias]));
-        union_planes(eg, biased, &classes, s.m, s.n)
-    }
-
-    fn vars(&self) -> Vec<Var> {
-        vec![v("?a"), v("?b")]
-    }
 }
 
 /// The first (by id) `add(p, bias)` or `add(bias, p)` parent of product class `p` with a
