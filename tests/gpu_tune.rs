@@ -674,7 +674,11 @@ fn imported_results_select_the_recorded_schedules() {
     let mut differ = 0;
     for (s, b) in gemms.iter().zip(&base) {
         assert_eq!(s.kernel, name);
-        assert_eq!(b.kernel, "kiln_gemm_f32");
+        assert!(
+            b.kernel.starts_with("kiln_gemm_f32") && b.kernel != name,
+            "{}",
+            b.kernel
+        );
         assert_eq!(s.block, [tuned.threads(), 1, 1]);
         let t = m
             .tasks
@@ -883,10 +887,13 @@ fn a_record_within_the_noise_of_the_default_is_not_used() {
         1,
     );
     let t = &m.tasks[0];
+    let f = fields(&t.description);
+    let dim = |k: &str| f[k].parse::<u64>().unwrap();
+    let untuned = GpuGemmSchedule::for_problem(dim("m"), dim("n"), dim("k"), 132);
     assert_eq!(
         t.candidates[0].config,
-        gemm_f32_config(&GpuGemmSchedule::default()).0,
-        "the default is exported first"
+        gemm_f32_config(&untuned).0,
+        "the untuned default is exported first"
     );
     let other = gemm_f32_config(&GpuGemmSchedule {
         bm: 32,

@@ -8,6 +8,7 @@ use kiln_codegen::gpu::kernels::depthwise;
 use kiln_codegen::gpu::kernels::gemm::GpuGemmSchedule;
 use kiln_codegen::gpu::kernels::reduce::ReduceKind as RowReduce;
 use kiln_codegen::gpu::lower::{lower_partition, HostKernel, LaunchArg, LowerOptions, Operand};
+use kiln_codegen::gpu::tuning::gemm_f32_name;
 use kiln_codegen::gpu::{DeviceDb, GpuError};
 use kiln_ir::ops::elementwise::{BinaryKind, UnaryKind};
 use kiln_ir::ops::linalg::LinalgOp;
@@ -43,10 +44,13 @@ fn batched_matmul_is_one_gemm_per_batch_with_broadcast_offsets() {
     let g = b.finish(&[y]);
     let l = lower(&g).unwrap();
     assert_eq!(l.launches.len(), 6);
-    let grid = GpuGemmSchedule::default().grid(5, 4);
+    // the untuned schedule of a 5-row product: 16-row tiles, K = 7 not split
+    let s = GpuGemmSchedule::for_problem(5, 4, 7, 132);
+    assert_eq!((s.bm, s.split_k), (16, 1));
+    let grid = s.grid(5, 4);
     for (bi, la) in l.launches.iter().enumerate() {
         let (b0, b1) = (bi / 3, bi % 3);
-        assert_eq!(la.kernel, "kiln_gemm_f32");
+        assert_eq!(la.kernel, gemm_f32_name(&s));
         assert!(!la.generic);
         assert_eq!(la.grid, grid);
         assert_eq!(view(&la.args, 0), ((b0 * 35) as u64, 35));
@@ -79,8 +83,9 @@ fn evenly_spaced_batches_are_one_batched_launch() {
         let l = lower(&g).unwrap();
         assert_eq!(l.launches.len(), 1, "{:#?}", l.launches);
         let la = &l.launches[0];
-        assert_eq!(la.kernel, "kiln_gemm_f32_batched");
-        assert_eq!(la.grid, GpuGemmSchedule::default().grid_batched(3, 5, 4));
+        let s = GpuGemmSchedule::for_batched(3, 5, 4, 7, 132);
+        assert_eq!(la.kernel, format!("{}_batched", gemm_f32_name(&s)));
+        assert_eq!(la.grid, s.grid_batched(3, 5, 4));
         assert_eq!(la.grid[2], 3);
         assert_eq!(view(&la.args, 0), (0, 2 * sa + 35));
         assert_eq!(view(&la.args, 1), (0, 3 * 28));

@@ -89,16 +89,21 @@ impl GpuGemmSchedule {
     }
 
     /// The untuned choice for an `m × n × k` product on a GPU with `sms` multiprocessors:
-    /// the default tiles, and when they give fewer blocks than SMs, `K` split (a power of
-    /// two, up to 8) until the blocks fill the SMs, keeping at least 8 `bk` tiles (128 of
-    /// `K`) per split so each block still amortises its start and its atomic stores.
+    /// the default tiles (16 rows of one per thread when `m ≤ 16`: a matrix-vector-like
+    /// product would leave 48 of 64 rows empty), and when they give fewer blocks than SMs,
+    /// `K` split (a power of two, up to 8) until the blocks fill the SMs, keeping at least 8
+    /// `bk` tiles (128 of `K`) per split so each block still amortises its start and its
+    /// atomic stores.
     pub fn for_problem(m: u64, n: u64, k: u64, sms: u32) -> Self {
         Self::for_batched(1, m, n, k, sms)
     }
 
     /// [`GpuGemmSchedule::for_problem`] for `batch` products of `m × n × k` in one launch.
     pub fn for_batched(batch: u64, m: u64, n: u64, k: u64, sms: u32) -> Self {
-        let d = Self::default();
+        let mut d = Self::default();
+        if m <= 16 {
+            (d.bm, d.tm) = (16, 1);
+        }
         let [gx, gy, _] = d.grid(m, n);
         let blocks = u64::from(gx) * u64::from(gy) * batch.max(1);
         let ktiles = k.div_ceil(u64::from(d.bk));
@@ -439,6 +444,10 @@ mod tests {
         assert_eq!(s(128, 3072, 768), 2); // 96 blocks -> 192
         assert_eq!(s(4096, 4096, 4096), 1); // enough tiles already
         assert_eq!(s(128, 768, 64), 1); // too little K to split
+                                        // One row (VGG's classifier): 16-row tiles, 64 blocks, K split 4 ways.
+        let v = GpuGemmSchedule::for_problem(1, 4096, 25088, 132);
+        assert_eq!((v.bm, v.tm, v.split_k, v.threads()), (16, 1, 4, 256));
+        assert!(v.validate().is_ok());
         let k = gemm_f32("g", &GpuGemmSchedule::for_problem(128, 768, 768, 132)).unwrap();
         assert!(k.mlir.contains("memref.atomic_rmw addf"), "{}", k.mlir);
         assert!(k.mlir.contains("gpu.block_id z"));
