@@ -1413,8 +1413,8 @@ fn f32_gemm_with_few_tiles_splits_k_after_zeroing_the_output() {
 fn stacked_projections_are_one_batched_split_k_launch() {
     let matmul = kiln_ir::Op::Linalg(LinalgOp::MatMul);
     let mut b = Gb::new("stacked");
-    let x = b.input("x", &[128, 512]);
-    let w = b.konst("w", &[3, 512, 64]);
+    let x = b.input("x", &[128, 1024]);
+    let w = b.konst("w", &[3, 1024, 64]);
     let y = b.node(matmul, &[x, w]);
     let y = b.unary(UnaryKind::Relu, y);
     let (g, ins) = b.finish(&[y]);
@@ -1442,8 +1442,8 @@ fn stacked_projections_are_one_batched_split_k_launch() {
         .collect();
     assert_eq!(gemms.len(), 1, "{names:?}");
     assert!(gemms[0].kernel.ends_with("_batched"), "{names:?}");
-    // 3 matrices x 4 K slices (2 x 1 tiles of 64 x 64 each: 6 blocks, K = 512 in 4 x 128)
-    assert_eq!(gemms[0].grid, [1, 2, 12]);
+    // 3 matrices x 8 K slices (2 x 1 tiles of 64 x 64 each: 6 blocks, K = 1024 in 8 x 128)
+    assert_eq!(gemms[0].grid, [1, 2, 24]);
     assert!(names[0].contains("zero"), "{names:?}");
     let err = rel_err(&e.outputs[0], &want[0]);
     assert!(err <= 1e-4, "relative error {err}");

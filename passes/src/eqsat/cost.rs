@@ -73,12 +73,16 @@ impl Device {
 
     /// [`Device::utilisation`] of a product with reduction length `k`: while the tiles do
     /// not fill the units, `K` is split in two (up to [`Device::max_split_k`] slices) as
-    /// long as each slice keeps at least 128 of it, every slice a tile of its own.
+    /// long as each slice keeps at least 128 of it, every slice a tile of its own (products
+    /// of at least 2^25 FLOPs only).
     pub fn product_utilisation(&self, out_elems: f64, k: f64) -> f64 {
         let tiles = (out_elems / self.tile_elems.max(1.0)).ceil().max(1.0);
         let units = self.parallel_units.max(1.0);
         let mut split = 1.0;
-        while split < f64::from(self.max_split_k)
+        // as the GPU f32 GEMM: products under 2^25 FLOPs are launch-bound and not split
+        let big = 2.0 * out_elems * k >= (1u64 << 25) as f64;
+        while big
+            && split < f64::from(self.max_split_k)
             && tiles * split < units
             && (k / 16.0).ceil() >= 16.0 * split
         {
@@ -356,11 +360,13 @@ mod tests {
         assert_eq!(v100().utilisation(16.0 * 1024.0), 4.0 / 80.0);
         assert_eq!(v100().utilisation(1e9), 1.0);
         assert_eq!(Device::cpu().utilisation(3.0), 1.0);
-        // K = 512 splits 4 ways (128 each) as the GPU f32 GEMM does; K = 64 does not split.
+        // K = 4096 splits 8 ways as the GPU f32 GEMM does; K = 512 (17 MFLOP, launch-bound)
+        // and K = 64 do not split.
         assert_eq!(
-            v100().product_utilisation(16.0 * 1024.0, 512.0),
-            16.0 / 80.0
+            v100().product_utilisation(16.0 * 1024.0, 4096.0),
+            32.0 / 80.0
         );
+        assert_eq!(v100().product_utilisation(16.0 * 1024.0, 512.0), 4.0 / 80.0);
         assert_eq!(v100().product_utilisation(16.0 * 1024.0, 64.0), 4.0 / 80.0);
         assert_eq!(Device::cpu().product_utilisation(3.0, 4096.0), 1.0);
     }

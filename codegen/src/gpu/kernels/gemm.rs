@@ -55,6 +55,9 @@ impl Default for GpuGemmSchedule {
     }
 }
 
+/// The FLOPs from which [`GpuGemmSchedule::for_problem`] may split K.
+pub const SPLIT_MIN_FLOPS: u64 = 1 << 25;
+
 impl GpuGemmSchedule {
     /// Threads per block: `(bm / tm) · (bn / tn)`.
     pub fn threads(&self) -> u32 {
@@ -93,7 +96,8 @@ impl GpuGemmSchedule {
     /// product would leave 48 of 64 rows empty), and when they give fewer blocks than SMs,
     /// `K` split (a power of two, up to 8) until the blocks fill the SMs, keeping at least 8
     /// `bk` tiles (128 of `K`) per split so each block still amortises its start and its
-    /// atomic stores.
+    /// atomic stores. Products under 2²⁵ FLOPs (NasRNN's 1×512×512) are not split: they
+    /// are bound by their launch, which the split's zeroing launch would double.
     pub fn for_problem(m: u64, n: u64, k: u64, sms: u32) -> Self {
         Self::for_batched(1, m, n, k, sms)
     }
@@ -108,7 +112,9 @@ impl GpuGemmSchedule {
         let blocks = u64::from(gx) * u64::from(gy) * batch.max(1);
         let ktiles = k.div_ceil(u64::from(d.bk));
         let mut split = 1u32;
-        while split < 8
+        let big = 2 * batch.max(1) * m * n * k >= SPLIT_MIN_FLOPS;
+        while big
+            && split < 8
             && blocks * u64::from(split) < u64::from(sms)
             && ktiles >= 16 * u64::from(split)
         {
@@ -444,7 +450,8 @@ mod tests {
         assert_eq!(s(128, 3072, 768), 2); // 96 blocks -> 192
         assert_eq!(s(4096, 4096, 4096), 1); // enough tiles already
         assert_eq!(s(128, 768, 64), 1); // too little K to split
-                                        // One row (VGG's classifier): 16-row tiles, 64 blocks, K split 4 ways.
+        assert_eq!(s(1, 512, 512), 1); // launch-bound: no zeroing launch added
+                                       // One row (VGG's classifier): 16-row tiles, 64 blocks, K split 4 ways.
         let v = GpuGemmSchedule::for_problem(1, 4096, 25088, 132);
         assert_eq!((v.bm, v.tm, v.split_k, v.threads()), (16, 1, 4, 256));
         assert!(v.validate().is_ok());
