@@ -414,9 +414,7 @@ pub(crate) fn lower_fused(
         shared_bytes: 0,
         generic: false,
     };
-    if !out.host.iter().any(|(n, _)| *n == copy.name) {
-        out.host.push((copy.name.clone(), HostKernel::Copy));
-    }
+    out.note_host(&copy.name, HostKernel::Copy);
     out.push_special(launch, copy)?;
     out.scratch_bytes = out.scratch_bytes.max(n_out.div_ceil(16) * 64);
     Ok(())

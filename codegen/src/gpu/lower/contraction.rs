@@ -460,13 +460,9 @@ fn special(
         None => gemm_f32(&gemm_f32_name(&sched), &sched),
     }
     .map_err(|e| e.to_string())?;
-    if !tensor_core && !out.host.iter().any(|(h, _)| *h == kern.name) {
-        out.host.push((
-            kern.name.clone(),
-            HostKernel::GemmF32 {
-                split_k: sched.split_k,
-            },
-        ));
+    if !tensor_core {
+        let split_k = sched.split_k;
+        out.note_host(&kern.name, HostKernel::GemmF32 { split_k });
     }
     // B as [K, N] (transposed constants stored transposed).
     let b_op = if tb && !tensor_core {
@@ -501,11 +497,7 @@ fn special(
         if sched.split_k > 1 {
             // The K slices add their partial products into the output: zero it first.
             let sku = opts.sku.as_ref().ok_or("split-K without a SKU")?;
-            let (l, z) = precision::zero_launch(index, Operand::Value(target), yo, c_len, sku);
-            if !out.host.iter().any(|(h, _)| *h == z.name) {
-                out.host.push((z.name.clone(), HostKernel::Zero));
-            }
-            out.push_special(l, z)?;
+            out.push_zero(index, Operand::Value(target), yo, c_len, sku)?;
         }
         let buf = |operand: Operand, offset: u64, len: u64| LaunchArg::Buf {
             operand,
@@ -969,9 +961,7 @@ fn special_conv(
         out.consts.extend(tc.consts);
         out.scratch_bytes = out.scratch_bytes.max(tc.scratch);
         for (l, k) in tc.casts {
-            if !out.host.iter().any(|(n, _)| *n == k.name) {
-                out.host.push((k.name.clone(), HostKernel::Cast(tc.input)));
-            }
+            out.note_host(&k.name, HostKernel::Cast(tc.input));
             out.push_special(l, k)?;
         }
         out.tensor_core_convs.push(index);
@@ -993,9 +983,7 @@ fn special_conv(
         generic: false,
     };
     out.push_special(launch, kern)?;
-    if !out.host.iter().any(|(n, _)| *n == kname) {
-        out.host.push((kname, host));
-    }
+    out.note_host(&kname, host);
     if !fused {
         // The epilogue over the result, in place.
         let mut gen = Gen::default();

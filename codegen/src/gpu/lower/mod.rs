@@ -378,6 +378,28 @@ impl GpuLowering {
     }
 
     /// Adds a specialized kernel launch.
+    /// Records what op kernel `name` computes (for the plan emulation), once per name.
+    pub(crate) fn note_host(&mut self, name: &str, h: HostKernel) {
+        if !self.host.iter().any(|(n, _)| n == name) {
+            self.host.push((name.to_string(), h));
+        }
+    }
+
+    /// Pushes a launch zeroing `len` f32 elements of `dst` from `offset` (before a split-K
+    /// GEMM adds its K slices into them).
+    pub(crate) fn push_zero(
+        &mut self,
+        index: usize,
+        dst: Operand,
+        offset: u64,
+        len: u64,
+        sku: &crate::gpu::Sku,
+    ) -> Result<(), String> {
+        let (l, k) = precision::zero_launch(index, dst, offset, len, sku);
+        self.note_host(&k.name, HostKernel::Zero);
+        self.push_special(l, k)
+    }
+
     pub(crate) fn push_special(&mut self, mut launch: Launch, k: GpuKernel) -> Result<(), String> {
         launch.generic = false;
         launch.kernel = k.name.clone();

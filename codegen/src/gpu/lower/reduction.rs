@@ -260,9 +260,7 @@ fn special_rows(
             *operand = Operand::Value(target);
         }
     }
-    if !out.host.iter().any(|(nm, _)| *nm == kern.name) {
-        out.host.push((kern.name.clone(), host));
-    }
+    out.note_host(&kern.name, host);
     out.push_special(launch, kern)?;
     Ok(true)
 }

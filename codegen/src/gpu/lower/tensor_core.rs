@@ -259,9 +259,7 @@ pub(crate) fn lower(
     out.consts.extend(consts);
     out.scratch_bytes = out.scratch_bytes.max(scratch);
     for (l, k) in pre {
-        if !out.host.iter().any(|(n, _)| *n == k.name) {
-            out.host.push((k.name.clone(), HostKernel::Cast(input)));
-        }
+        out.note_host(&k.name, HostKernel::Cast(input));
         out.push_special(l, k)?;
     }
     let (m, nn) = (c0.rows as u64, n);
@@ -269,10 +267,7 @@ pub(crate) fn lower(
         Chosen::Mma(g) => (g.kernel.clone(), g.kernel.name.clone(), g.schedule.split_k),
         Chosen::Wgmma(g) => (g.kernel.clone(), g.kernel.name.clone(), 1),
     };
-    if !out.host.iter().any(|(n, _)| *n == host_name) {
-        out.host
-            .push((host_name, HostKernel::Gemm(input, epi, split_k.max(1))));
-    }
+    out.note_host(&host_name, HostKernel::Gemm(input, epi, split_k.max(1)));
     for (c, nb, sa, sb) in launches {
         let buf = |operand: Operand, offset: u64, len: u64, elem_bytes: u64| LaunchArg::Buf {
             operand,
@@ -328,17 +323,13 @@ pub(crate) fn lower(
         };
         if kern.schedule.split_k > 1 {
             // Split-K adds its partial sums into the output: zero it first.
-            let (l, k) = precision::zero_launch(
+            out.push_zero(
                 index,
                 Operand::Value(spec.target),
                 c.y_off,
                 nb * m * nn,
                 sku,
-            );
-            if !out.host.iter().any(|(n, _)| *n == k.name) {
-                out.host.push((k.name.clone(), HostKernel::Zero));
-            }
-            out.push_special(l, k)?;
+            )?;
         }
         let launch = Launch {
             index,
