@@ -102,6 +102,15 @@ impl B {
         let m = self.matmul(x, w);
         self.add(m, b)
     }
+    /// Row `i` of a matrix, as a `[1, n]` matrix (an ONNX `Slice` on axis 0).
+    fn row(&mut self, x: usize, i: usize) -> usize {
+        let (st, en, ax) = (
+            self.ints(&[i as i64]),
+            self.ints(&[i as i64 + 1]),
+            self.ints(&[0]),
+        );
+        self.onnx("Slice", &[], &[x, st, en, ax])
+    }
     fn concat(&mut self, axis: i64, ins: &[usize]) -> usize {
         self.onnx("Concat", &[("axis", Int(axis))], ins)
     }
@@ -225,9 +234,12 @@ pub fn transformer(
 
 pub fn nasrnn(steps: usize, hidden: usize) -> Graph {
     let mut b = B::new("nasrnn");
-    let mut h = b.input(&[1, hidden]);
-    for _ in 0..steps {
-        let x = b.input(&[1, hidden]);
+    // One data input: the initial state and the step inputs as rows (a per-step graph
+    // input would become a constant under `--const` and fold every input projection away).
+    let seq = b.input(&[steps + 1, hidden]);
+    let mut h = b.row(seq, 0);
+    for t in 1..=steps {
+        let x = b.row(seq, t);
         let mut a = vec![];
         for i in 0..8 {
             let xi = b.linear(x, hidden);
@@ -515,6 +527,9 @@ fn main() {
         EqsatOptions::default()
     };
     opts.device = device;
+    if let Ok(n) = std::env::var("EQSAT_ITERS") {
+        opts.iter_limit = n.parse().expect("EQSAT_ITERS: a number");
+    }
     type Model = (&'static str, &'static str, fn() -> Graph);
     let models: Vec<Model> = vec![
         ("bert", "1.4 s / 9.2%", || {
@@ -566,6 +581,20 @@ fn main() {
         );
         if std::env::var("EQSAT_VERBOSE").is_ok() {
             eprintln!("{name} ({total:.2}s):\n{r}");
+            if std::env::var("EQSAT_VERBOSE").as_deref() == Ok("2") {
+                eprintln!("{}", kiln_ir::printer::to_text(&out));
+            }
+            if std::env::var("EQSAT_VERBOSE").as_deref() == Ok("3") {
+                // the cost of each node of the extracted graph
+                let model = kiln_passes::eqsat::cost::Analytical {
+                    device: opts.device.clone(),
+                };
+                let costs = kiln_passes::eqsat::cost::node_costs(&out, &model);
+                for (n, c) in out.nodes.iter().zip(costs) {
+                    let shape = &out.values[n.outputs[0]].fact.shape;
+                    eprintln!("{c:8.2} us  {} {shape:?}", n.op.op_type());
+                }
+            }
         }
     }
 }

@@ -188,11 +188,14 @@ impl Data {
     }
 }
 
-/// The output facts of an e-node from the data of its children: `(kind, facts)`.
+/// The output facts of an e-node from the data of its children: `(kind, facts)`. With
+/// `fold`, outputs of constant inputs are evaluated (up to the fold limit); cost queries,
+/// which need only dtypes and shapes, pass `false`.
 pub fn node_facts<'a>(
     an: &KilnAnalysis,
     node: &Kiln,
     data: impl Fn(Id) -> &'a Data,
+    fold: bool,
 ) -> Result<(Kind, Vec<Fact>), String> {
     match node {
         Kiln::NoneArg(_) => return Ok((Kind::None, vec![])),
@@ -259,7 +262,8 @@ pub fn node_facts<'a>(
     }
     let all_const = facts.iter().flatten().all(|f| f.value.is_some());
     let small = |n: Option<usize>| n.is_some_and(|n| n <= an.fold_limit);
-    if all_const
+    if fold
+        && all_const
         && outs.iter().any(|f| f.value.is_none())
         && outs.iter().all(|f| small(f.shape.numel()))
     {
@@ -287,7 +291,7 @@ impl Analysis<Kiln> for KilnAnalysis {
     type Data = Data;
 
     fn make(egraph: &mut EGraph<Kiln, Self>, enode: &Kiln, _id: Id) -> Data {
-        let mut d = match node_facts(&egraph.analysis, enode, |i| &egraph[i].data) {
+        let mut d = match node_facts(&egraph.analysis, enode, |i| &egraph[i].data, true) {
             Ok((kind, facts)) => Data::of(kind, facts),
             Err(e) => Data::invalid(e),
         };

@@ -253,6 +253,11 @@ fn reduction_len(op: &Op, inputs: &[Option<&Fact>]) -> f64 {
 /// The estimated run time of a whole graph, in microseconds. An elementwise node is fused
 /// when one of its inputs comes from a contraction or elementwise node used only by it.
 pub fn graph_cost(g: &Graph, model: &dyn CostModel) -> f64 {
+    node_costs(g, model).iter().sum()
+}
+
+/// The cost of each node of `g` under `model`, in node order (the terms of [`graph_cost`]).
+pub fn node_costs(g: &Graph, model: &dyn CostModel) -> Vec<f64> {
     let prod = g.producers();
     let uses = g.use_counts();
     g.nodes
@@ -277,7 +282,7 @@ pub fn graph_cost(g: &Graph, model: &dyn CostModel) -> f64 {
                 .collect();
             model.op_cost(&n.op, &ins, &outs, fused)
         })
-        .sum()
+        .collect()
 }
 
 /// Measured kernel times where known, a base model elsewhere: an op whose

@@ -40,7 +40,7 @@ pub fn own_cost(
     n: &Kiln,
 ) -> f64 {
     const INF: f64 = f64::INFINITY;
-    let Ok((kind, facts)) = node_facts(&eg.analysis, n, |i| &eg[i].data) else {
+    let Ok((kind, facts)) = node_facts(&eg.analysis, n, |i| &eg[i].data, false) else {
         return INF;
     };
     let same = kind == cd.kind

@@ -68,6 +68,23 @@ fn concat_of<T: Elem>(
             "cannot concatenate shapes {shapes:?} along axis {axis}"
         ));
     }
+    // Contiguous inputs (the usual case): each is `outer` runs of `len / outer` elements,
+    // copied in turn (ndarray's general concatenate walks element by element, which made
+    // folding concatenated weights the bulk of the e-graph search time).
+    let outer: usize = shapes[0][..axis].iter().product();
+    let slices: Option<Vec<&[T]>> = views.iter().map(|v| v.as_slice()).collect();
+    if let (Some(slices), true) = (slices, outer > 0) {
+        let mut dims = shapes[0].to_vec();
+        dims[axis] = shapes.iter().map(|s| s[axis]).sum();
+        let mut out = Vec::with_capacity(dims.iter().product());
+        for o in 0..outer {
+            for s in &slices {
+                let run = s.len() / outer;
+                out.extend_from_slice(&s[o * run..(o + 1) * run]);
+            }
+        }
+        return ArrayD::from_shape_vec(dims, out).map_err(|e| e.to_string());
+    }
     ndarray::concatenate(Axis(axis), &views)
         .map_err(|e| format!("cannot concatenate shapes {shapes:?} along axis {axis}: {e}"))
 }

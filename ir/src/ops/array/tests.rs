@@ -558,3 +558,66 @@ fn bad_attributes() {
         .unwrap()
         .is_none());
 }
+
+/// `Concat`'s contiguous fast path against ndarray's general concatenation, on every axis
+/// of shapes of rank 1 to 4 (empty dims included), with a transposed (non-contiguous)
+/// input that takes the general path.
+#[test]
+fn concat_matches_ndarray() {
+    use ndarray::{concatenate, Axis, IxDyn};
+    let mut seed = 7u64;
+    let mut next = |n: usize| {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (seed >> 33) as usize % n
+    };
+    for rank in 1..=4 {
+        for axis in 0..rank {
+            for case in 0..6 {
+                let base: Vec<usize> = (0..rank).map(|_| next(4) + usize::from(case < 5)).collect();
+                let parts: Vec<ndarray::ArrayD<f32>> = (0..1 + next(3))
+                    .map(|_| {
+                        let mut d = base.clone();
+                        d[axis] = next(4);
+                        let n: usize = d.iter().product();
+                        ndarray::ArrayD::from_shape_vec(
+                            IxDyn(&d),
+                            (0..n).map(|i| i as f32 + 0.5).collect(),
+                        )
+                        .unwrap()
+                    })
+                    .collect();
+                let want = concatenate(
+                    Axis(axis),
+                    &parts.iter().map(|p| p.view()).collect::<Vec<_>>(),
+                )
+                .unwrap();
+                let c = parse(
+                    "Concat",
+                    13,
+                    parts.len(),
+                    &[("axis", AttrValue::Int(axis as i64))],
+                );
+                let ins: Vec<Tensor> = parts.iter().cloned().map(Tensor::from).collect();
+                let got = run1(&c, &ins);
+                assert_eq!(
+                    got.as_array::<f32>(),
+                    Some(&want),
+                    "rank {rank} axis {axis}"
+                );
+            }
+        }
+    }
+    // a transposed input is not contiguous: the general path
+    let t = ndarray::Array2::from_shape_vec((3, 2), (0..6).map(|i| i as f32).collect())
+        .unwrap()
+        .reversed_axes()
+        .into_dyn();
+    let c = parse("Concat", 13, 2, &[("axis", AttrValue::Int(1))]);
+    let got = run1(&c, &[Tensor::from(t.clone()), Tensor::from(t.clone())]);
+    assert_eq!(
+        got.to_f64_vec(),
+        vec![0., 2., 4., 0., 2., 4., 1., 3., 5., 1., 3., 5.]
+    );
+}
