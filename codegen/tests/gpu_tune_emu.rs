@@ -226,7 +226,18 @@ fn tuned_conv_schedules_match_cpu() {
     let bias = values(u(g.oc), &mut rng);
     let res = values(u(g.n * g.oc * g.oh() * g.ow()), &mut rng);
     let want = conv_want(&g, &x, &w, &bias, &res);
-    let cs = configs(&t, 6, 128, &mut rng);
+    let mut cs = configs(&t, 6, 128, &mut rng);
+    // Tiles with fewer elements than threads (the last copy of a thread may fall past the
+    // tile; see `gemm_f32_with_partial_tile_copies_matches_cpu`).
+    for (bm, bn, bk, tm, tn) in [(16, 128, 16, 1, 2), (32, 64, 4, 1, 2)] {
+        cs.push(Config::from_pairs(&[
+            ("bm", bm),
+            ("bn", bn),
+            ("bk", bk),
+            ("tm", tm),
+            ("tn", tn),
+        ]));
+    }
     check_conv_configs(&t, cs, &|_| x.clone(), &w, &bias, &res, &want);
 }
 
@@ -387,5 +398,51 @@ fn batched_gemm_f32_matches_per_matrix_products() {
                 "broadcast {broadcast_a}, split_k {split_k}: relative error {e}"
             );
         }
+    }
+}
+
+/// Schedules whose tile copies do not divide evenly among the threads (the last copy of a
+/// thread may fall past the tile: it must neither load nor store), against the CPU
+/// product: an A tile smaller than the block (16×16 over 1024 threads), and a B tile of
+/// one and a half copies per thread (8×48 over 256); `M, N, K` ragged, K over several tiles.
+#[test]
+fn gemm_f32_with_partial_tile_copies_matches_cpu() {
+    use kiln_codegen::gpu::kernels::gemm::{gemm_f32, GpuGemmSchedule};
+    let (m, n, k) = (21usize, 70usize, 45usize);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    let a = values(m * k, &mut rng);
+    let b = values(k * n, &mut rng);
+    let want: Vec<f32> = (0..m * n)
+        .map(|ij| (0..k).map(|p| a[ij / n * k + p] * b[p * n + ij % n]).sum())
+        .collect();
+    for (bm, bn, bk, tm, tn) in [(16, 128, 16, 1, 2), (32, 48, 8, 2, 3)] {
+        let s = GpuGemmSchedule {
+            bm,
+            bn,
+            bk,
+            tm,
+            tn,
+            split_k: 1,
+        };
+        let kern = gemm_f32("g", &s).unwrap();
+        let mut args = vec![
+            EArg::Buf(a.clone()),
+            EArg::Buf(b.clone()),
+            EArg::Buf(vec![f32::NAN; m * n]),
+            EArg::Index(m as i64),
+            EArg::Index(n as i64),
+            EArg::Index(k as i64),
+        ];
+        gpu_emu::run(
+            &kern.mlir,
+            s.grid(m as u64, n as u64),
+            kern.block,
+            &mut args,
+        );
+        let EArg::Buf(y) = &args[2] else {
+            unreachable!()
+        };
+        let e = rel_err(y, &want);
+        assert!(e <= 1e-5, "{s:?}: relative error {e}");
     }
 }

@@ -6,9 +6,11 @@
 //!   B[k, oc] = Wt[oc, k]   (weights [OC, C, KH, KW] for NCHW, [OC, KH, KW, C] for NHWC)
 //! block (bx, by) computes the bm×bn tile of (pixels m0.., channels n0..) with
 //! (bm/tm)·(bn/tn) threads, each a tm×tn register tile (vector<tn x f32> accumulators)
+//! registers r ← this thread's elements of the first A and B tiles (k0 = 0)
 //! for k0 in 0..K step bk
-//!   the block gathers A[m0.., k0..] (im2col of bm pixels × bk taps) into shared As[k][m]
-//!   and copies Wt[n0.., k0..] into shared Bs[k][n], zero-padded at the edges; barrier
+//!   store r: A[m0.., k0..] (im2col of bm pixels × bk taps) into shared As[k][m],
+//!   Wt[n0.., k0..] into shared Bs[k][n], zero-padded at the edges; barrier
+//!   r ← the elements of the next tiles (k0 + bk), in flight during the math
 //!   for kk in 0..bk: rank-1 update of the register tile from As[kk][..], Bs[kk][..]
 //!   barrier
 //! epilogue per output: + bias[oc], + residual (same layout as Y), relu; masked store
@@ -376,60 +378,103 @@ pub fn conv2d(
     let zv = e.fresh("zv");
     e.line(&format!("{zv} = arith.constant dense<0.0> : {vt}"));
     let zero = e.f32c(0.0);
-    let (c0, ck, cbk, ct) = (
-        e.idx(0),
-        e.idx(k_total),
-        e.idx(bk),
-        e.idx(u64::from(threads)),
-    );
+    let (c0, ck, cbk) = (e.idx(0), e.idx(k_total), e.idx(bk));
+    // The thread's tile copies: element `tid + j·threads` of the A tile (bm×bk, im2col)
+    // and of the B tile (bk×bn, weights); index arithmetic independent of k here, once.
+    let t = u64::from(threads);
+    let mut a_cp = Vec::new();
+    for j in 0..(bm * bk).div_ceil(t) {
+        let ea = e.ic("addi", tid, j * t);
+        let (r, c) = match layout {
+            ConvLayout::Nchw => (e.ic("remui", &ea, bm), e.ic("divui", &ea, bm)),
+            ConvLayout::Nhwc => (e.ic("divui", &ea, bk), e.ic("remui", &ea, bk)),
+        };
+        let inside = ((j + 1) * t > bm * bk).then(|| e.cmpc("ult", &ea, bm * bk));
+        let si = e.ic("muli", &c, bm);
+        let si = e.ii("addi", &si, &r);
+        a_cp.push(TileCopy {
+            r,
+            c,
+            inside,
+            si,
+            ok: String::new(),
+            row: String::new(),
+        });
+    }
+    let mut b_cp = Vec::new();
+    for j in 0..(bn * bk).div_ceil(t) {
+        let eb = e.ic("addi", tid, j * t);
+        let c = e.ic("remui", &eb, bk);
+        let r = e.ic("divui", &eb, bk);
+        let gn = e.ii("addi", &n0, &r);
+        let mut ok = e.cmpc("ult", &gn, g.oc);
+        let inside = ((j + 1) * t > bn * bk).then(|| e.cmpc("ult", &eb, bn * bk));
+        if let Some(i) = &inside {
+            ok = e.and(&ok, i);
+        }
+        let row = e.ic("muli", &gn, k_total);
+        let si = e.ic("muli", &c, bn);
+        let si = e.ii("addi", &si, &r);
+        b_cp.push(TileCopy {
+            r,
+            c,
+            inside,
+            si,
+            ok,
+            row,
+        });
+    }
+    // Every copy of the tiles at k offset `kx` into registers: all loads are issued before
+    // any is stored, and the loop loads the next tiles before its math (one load and its
+    // dependent store per loop iteration serialised their latencies).
+    let load_tiles = |e: &mut Emitter, kx: &str| -> Vec<String> {
+        let mut vals = Vec::new();
+        for cp in &a_cp {
+            let (mut ok, addr) = emit_gather(e, g, layout, &m0, &cp.r, &cp.c, kx);
+            if let Some(i) = &cp.inside {
+                ok = e.and(&ok, i);
+            }
+            vals.push(load_or_zero(e, &ok, "%X", &addr, &gty, &zero));
+        }
+        for cp in &b_cp {
+            let gk = e.ii("addi", kx, &cp.c);
+            let okk = e.cmpc("ult", &gk, k_total);
+            let ok = e.and(&cp.ok, &okk);
+            let wi = e.ii("addi", &cp.row, &gk);
+            vals.push(load_or_zero(e, &ok, "%W", &wi, &gty, &zero));
+        }
+        vals
+    };
+    let first = load_tiles(&mut e, &c0);
+    let regs: Vec<String> = first.iter().map(|_| e.fresh("p")).collect();
     let iter0 = (0..tm)
         .map(|i| format!("%a{i} = {zv}"))
+        .chain(regs.iter().zip(&first).map(|(p, f)| format!("{p} = {f}")))
         .collect::<Vec<_>>()
         .join(", ");
+    let loop_types = format!("{acc_types}{}", ", f32".repeat(regs.len()));
     e.line(&format!(
-        "%acc:{tm} = scf.for %k0 = {c0} to {ck} step {cbk} iter_args({iter0}) -> ({acc_types}) {{"
+        "%acc:{} = scf.for %k0 = {c0} to {ck} step {cbk} iter_args({iter0}) -> ({loop_types}) {{",
+        tm as usize + regs.len()
     ));
-    // A tile: the im2col gather.
-    let ca = e.idx(bm * bk);
-    e.line(&format!("scf.for %ea = {tid} to {ca} step {ct} {{"));
-    let (r, c) = match layout {
-        ConvLayout::Nchw => (e.ic("remui", "%ea", bm), e.ic("divui", "%ea", bm)),
-        ConvLayout::Nhwc => (e.ic("divui", "%ea", bk), e.ic("remui", "%ea", bk)),
-    };
-    let (ok, addr) = emit_gather(&mut e, g, layout, &m0, &r, &c);
-    e.line(&format!("%va = scf.if {ok} -> f32 {{"));
-    let v = e.load("%X", &addr, &gty, "f32");
-    e.line(&format!("scf.yield {v} : f32"));
-    e.line("} else {");
-    e.line(&format!("scf.yield {zero} : f32"));
-    e.line("}");
-    let si = e.ic("muli", &c, bm);
-    let si = e.ii("addi", &si, &r);
-    e.line(&format!("memref.store %va, %As[{si}] : {a_sh}"));
-    e.line("}");
-    // B tile: weights, contiguous along k.
-    let cb = e.idx(bn * bk);
-    e.line(&format!("scf.for %eb = {tid} to {cb} step {ct} {{"));
-    let c = e.ic("remui", "%eb", bk);
-    let r = e.ic("divui", "%eb", bk);
-    let gn = e.ii("addi", &n0, &r);
-    let gk = e.ii("addi", "%k0", &c);
-    let okn = e.cmpc("ult", &gn, g.oc);
-    let okk = e.cmpc("ult", &gk, k_total);
-    let ok = e.and(&okn, &okk);
-    e.line(&format!("%vb = scf.if {ok} -> f32 {{"));
-    let wi = e.ic("muli", &gn, k_total);
-    let wi = e.ii("addi", &wi, &gk);
-    let v = e.load("%W", &wi, &gty, "f32");
-    e.line(&format!("scf.yield {v} : f32"));
-    e.line("} else {");
-    e.line(&format!("scf.yield {zero} : f32"));
-    e.line("}");
-    let si = e.ic("muli", &c, bn);
-    let si = e.ii("addi", &si, &r);
-    e.line(&format!("memref.store %vb, %Bs[{si}] : {b_sh}"));
-    e.line("}");
+    let shared = a_cp
+        .iter()
+        .map(|cp| (cp, "%As", &a_sh))
+        .chain(b_cp.iter().map(|cp| (cp, "%Bs", &b_sh)));
+    for ((cp, sh, ty), p) in shared.zip(&regs) {
+        let store = format!("memref.store {p}, {sh}[{}] : {ty}", cp.si);
+        match &cp.inside {
+            Some(i) => {
+                e.line(&format!("scf.if {i} {{"));
+                e.line(&store);
+                e.line("}");
+            }
+            None => e.line(&store),
+        }
+    }
     e.line("gpu.barrier");
+    let kn = e.ii("addi", "%k0", &cbk);
+    let next = load_tiles(&mut e, &kn);
     // Rank-1 updates from shared memory.
     let iter1 = (0..tm)
         .map(|i| format!("%b{i} = %a{i}"))
@@ -460,9 +505,10 @@ pub fn conv2d(
     e.line("gpu.barrier");
     let inner = (0..tm)
         .map(|i| format!("%inner#{i}"))
+        .chain(next)
         .collect::<Vec<_>>()
         .join(", ");
-    e.line(&format!("scf.yield {inner} : {acc_types}"));
+    e.line(&format!("scf.yield {inner} : {loop_types}"));
     e.line("}");
     // Epilogue and masked stores.
     let mrow = e.ii("addi", &m0, &row_t);
@@ -503,8 +549,9 @@ pub fn conv2d(
         e.line("}");
     }
     let header = format!(
-        "gpu.func @{name}(%X: memref<?xf32>, %W: memref<?xf32>{}, %Y: memref<?xf32>) workgroup(%As : {a_sh} {{llvm.align = 16 : i64}}, %Bs : {b_sh} {{llvm.align = 16 : i64}}) kernel attributes {{known_block_size = array<i32: {threads}, 1, 1>}} {{",
-        epi.decls()
+        "gpu.func @{name}(%X: memref<?xf32>, %W: memref<?xf32>{}, %Y: memref<?xf32>) workgroup(%As : {a_sh} {{llvm.align = 16 : i64}}, %Bs : {b_sh} {{llvm.align = 16 : i64}}) kernel attributes {{known_block_size = array<i32: {threads}, 1, 1>, nvvm.maxnreg = {} : i32}} {{",
+        epi.decls(),
+        register_budget(threads, sku)
     );
     let mut params = vec![buf("X"), buf("W")];
     params.extend(epi.params());
@@ -519,9 +566,40 @@ pub fn conv2d(
     })
 }
 
+/// One element a thread copies into a shared tile: tile row and column (`r`, `c`), the
+/// shared index `si`, `inside` when the element may fall past the tile's end; for B, `ok`
+/// (its output channel exists) and `row` (the weights' row start).
+struct TileCopy {
+    r: String,
+    c: String,
+    inside: Option<String>,
+    si: String,
+    ok: String,
+    row: String,
+}
+
+/// The registers a thread of a `threads`-wide block may use (`nvvm.maxnreg`): what lets one
+/// block fit the SKU's register file (at most 255, PTX's limit). Without it ptxas kept the
+/// prefetching conv at 64 registers and spilled (it takes 96 when allowed).
+fn register_budget(threads: u32, sku: &Sku) -> u32 {
+    (sku.registers_per_block / threads.max(1)).min(255)
+}
+
+/// `buf[i]` when `ok`, else `zero` (an `scf.if` yielding f32).
+fn load_or_zero(e: &mut Emitter, ok: &str, buf: &str, i: &str, ty: &str, zero: &str) -> String {
+    let v = e.fresh("ld");
+    e.line(&format!("{v} = scf.if {ok} -> f32 {{"));
+    let l = e.load(buf, i, ty, "f32");
+    e.line(&format!("scf.yield {l} : f32"));
+    e.line("} else {");
+    e.line(&format!("scf.yield {zero} : f32"));
+    e.line("}");
+    v
+}
+
 /// The im2col gather of the implicit-GEMM convs ([`conv2d`], `conv_mma`): for element
 /// `(r, c)` of the A tile of the block whose first output pixel is `m0` (row `r` = pixel,
-/// column `c` = reduction index past `%k0`), whether it reads inside the (unpadded) input
+/// column `c` = reduction index past `k0`, an index value), whether it reads inside the (unpadded) input
 /// (`i1`) and the flat index of the element it reads (meaningful only where it does).
 pub(crate) fn emit_gather(
     e: &mut Emitter,
@@ -530,10 +608,11 @@ pub(crate) fn emit_gather(
     m0: &str,
     r: &str,
     c: &str,
+    k0: &str,
 ) -> (String, String) {
     let (ow, ohw) = (g.ow(), g.oh() * g.ow());
     let gm = e.ii("addi", m0, r);
-    let gk = e.ii("addi", "%k0", c);
+    let gk = e.ii("addi", k0, c);
     let okm = e.cmpc("ult", &gm, g.m());
     let okk = e.cmpc("ult", &gk, g.k());
     let mut ok = e.and(&okm, &okk);

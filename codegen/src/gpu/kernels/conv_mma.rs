@@ -219,7 +219,7 @@ pub fn conv2d_mma(
         ConvLayout::Nchw => (e.ic("remui", "%ea", bm), e.ic("divui", "%ea", bm)),
         ConvLayout::Nhwc => (e.ic("divui", "%ea", 16), e.ic("remui", "%ea", 16)),
     };
-    let (ok, addr) = emit_gather(&mut e, g, layout, &m0, &r, &c);
+    let (ok, addr) = emit_gather(&mut e, g, layout, &m0, &r, &c, "%k0");
     e.line(&format!("%va = scf.if {ok} -> {ti} {{"));
     let v = e.fresh("xl");
     e.line(&format!("{v} = memref.load %X[{addr}] : {xt}"));

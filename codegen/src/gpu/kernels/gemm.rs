@@ -3,15 +3,21 @@
 //!
 //! ```text
 //! block (bx, by) computes the bm×bn tile C[by*bm.., bx*bn..] with (bm/tm)·(bn/tn) threads
+//! registers r ← this thread's elements of the tiles A[m0.., 0..] and B[0.., n0..]
 //! for k0 in 0..K step bk
-//!   all threads copy A[m0.., k0..] (bm×bk, stored transposed: As[k][m]) and
-//!   B[k0.., n0..] (bk×bn: Bs[k][n]) into shared memory, zero-padded at the edges
+//!   store r into shared memory: A's bm×bk tile transposed (As[k][m], rows padded by 4
+//!   floats), B's bk×bn tile as is (Bs[k][n]); zero-padded at the matrix edges
 //!   gpu.barrier
+//!   r ← the elements of the next tiles (k0 + bk): global loads in flight during the math
 //!   for kk in 0..bk: each thread updates its tm×tn register tile
 //!     (tm accumulators of vector<tn x f32>; a = As[kk][rows], b = Bs[kk][cols], vector.fma)
 //!   gpu.barrier
 //! masked store of the tm×tn tile
 //! ```
+//!
+//! All of a thread's tile loads are issued before any of them is stored (see `TileLoads`):
+//! the session-11 H200 profile had each 128×768×768 product at ~0.8 TFLOP/s, about 4 µs per
+//! `bk` step, which is the latency of eight global loads one after another.
 //!
 //! With `split_k > 1` the grid has `split_k` blocks along z, each summing its own range of
 //! whole `bk` tiles of `K`, and the tile is added into `C` with atomic adds (the caller
@@ -64,9 +70,10 @@ impl GpuGemmSchedule {
         (self.bm / self.tm.max(1)) * (self.bn / self.tn.max(1))
     }
 
-    /// Static shared memory in bytes: `4 · bk · (bm + bn)`.
+    /// Static shared memory in bytes: `4 · bk · (bm + 4 + bn)` (the A tile's rows are padded
+    /// by 4 floats against bank conflicts on its transposing stores).
     pub fn shared_bytes(&self) -> u32 {
-        4 * self.bk * (self.bm + self.bn)
+        4 * self.bk * (self.bm + A_PAD + self.bn)
     }
 
     /// Checks that all sizes are positive, the thread tile divides the block tile and the
@@ -171,7 +178,7 @@ fn generate(name: &str, s: &GpuGemmSchedule, batched: bool) -> Result<GpuKernel,
     let threads = s.threads();
     let ws = "#gpu.address_space<workgroup>";
     let (a_sh, b_sh) = (
-        format!("memref<{}xf32, {ws}>", bk * bm),
+        format!("memref<{}xf32, {ws}>", bk * (bm + A_PAD)),
         format!("memref<{}xf32, {ws}>", bk * bn),
     );
     let vt = format!("vector<{tn}xf32>");
@@ -183,6 +190,15 @@ fn generate(name: &str, s: &GpuGemmSchedule, batched: bool) -> Result<GpuKernel,
             .join(", ")
     };
     let acc_types = vec![vt.clone(); tm as usize].join(", ");
+    let tiles = TileLoads {
+        threads,
+        bm,
+        bn,
+        bk,
+        batched,
+    };
+    let k_lo = if split_k > 1 { "%kbeg" } else { "%c0" };
+    let iter_types = format!("{acc_types}{}", ", f32".repeat(tiles.len()));
     let mut b = String::new();
     let w = &mut b;
     let strides = if batched {
@@ -200,6 +216,7 @@ fn generate(name: &str, s: &GpuGemmSchedule, batched: bool) -> Result<GpuKernel,
     %c1 = arith.constant 1 : index
     %cT = arith.constant {threads} : index
     %cBM = arith.constant {bm} : index
+    %cBMP = arith.constant {bmp} : index
     %cBN = arith.constant {bn} : index
     %cBK = arith.constant {bk} : index
     %cTM = arith.constant {tm} : index
@@ -218,64 +235,36 @@ fn generate(name: &str, s: &GpuGemmSchedule, batched: bool) -> Result<GpuKernel,
     %ty = arith.divui %tid, %cTX : index
     %rowT = arith.muli %ty, %cTM : index
     %colT = arith.muli %tx, %cTN : index
-{k_range}    %acc:{tm} = scf.for %k0 = {k_lo} to {k_hi} step %cBK iter_args({iter0}) -> ({acc_types}) {{
-      scf.for %e = %tid to %cAel step %cT {{
-        %r = arith.divui %e, %cBK : index
-        %c = arith.remui %e, %cBK : index
-        %gr = arith.addi %m0, %r : index
-        %gc = arith.addi %k0, %c : index
-        %okr = arith.cmpi ult, %gr, %M : index
-        %okc = arith.cmpi ult, %gc, %K : index
-        %ok = arith.andi %okr, %okc : i1
-        %v = scf.if %ok -> f32 {{
-          {a_row}
-          %gi = arith.addi %gi0, %gc : index
-          %l = memref.load %A[%gi] : memref<?xf32>
-          scf.yield %l : f32
-        }} else {{
-          scf.yield %zero : f32
-        }}
-        %si0 = arith.muli %c, %cBM : index
-        %si = arith.addi %si0, %r : index
-        memref.store %v, %As[%si] : {a_sh}
-      }}
-      scf.for %e = %tid to %cBel step %cT {{
-        %r = arith.divui %e, %cBN : index
-        %c = arith.remui %e, %cBN : index
-        %gr = arith.addi %k0, %r : index
-        %gc = arith.addi %n0, %c : index
-        %okr = arith.cmpi ult, %gr, %K : index
-        %okc = arith.cmpi ult, %gc, %N : index
-        %ok = arith.andi %okr, %okc : i1
-        %v = scf.if %ok -> f32 {{
-          {b_row}
-          %gi = arith.addi %gi0, %gc : index
-          %l = memref.load %B[%gi] : memref<?xf32>
-          scf.yield %l : f32
-        }} else {{
-          scf.yield %zero : f32
-        }}
-        memref.store %v, %Bs[%e] : {b_sh}
-      }}
-      gpu.barrier
-      %inner:{tm} = scf.for %kk = %c0 to %cBK step %c1 iter_args({iter1}) -> ({acc_types}) {{
+{k_range}{loads}    %acc:{n_iter} = scf.for %k0 = {k_lo} to {k_hi} step %cBK iter_args({iter0}) -> ({iter_types}) {{
+{stores}      gpu.barrier
+      %kn = arith.addi %k0, %cBK : index
+{prefetch}      %inner:{tm} = scf.for %kk = %c0 to %cBK step %c1 iter_args({iter1}) -> ({acc_types}) {{
         %bo0 = arith.muli %kk, %cBN : index
         %bo = arith.addi %bo0, %colT : index
         %bv = vector.load %Bs[%bo] : {b_sh}, {vt}
-        %ao0 = arith.muli %kk, %cBM : index
+        %ao0 = arith.muli %kk, %cBMP : index
         %ao = arith.addi %ao0, %rowT : index
         %av = vector.load %As[%ao] : {a_sh}, {va}
 "#,
         tx = bn / tn,
-        k_range = z_prologue(bk, split_k, batched),
-        a_row = row_start("%K", "%offA", batched),
-        b_row = row_start("%N", "%offB", batched),
-        k_lo = if split_k > 1 { "%kbeg" } else { "%c0" },
-        k_hi = if split_k > 1 { "%kend" } else { "%K" },
+        bmp = bm + A_PAD,
         a_el = bm * bk,
         b_el = bk * bn,
+        k_range = z_prologue(bk, split_k, batched),
+        k_hi = if split_k > 1 { "%kend" } else { "%K" },
+        loads = tiles.setup() + &tiles.load("f", k_lo),
+        n_iter = tm as usize + tiles.len(),
+        stores = tiles.stores(),
+        prefetch = tiles.load("n", "%kn"),
         iter0 = (0..tm)
             .map(|i| format!("%a{i} = %zv"))
+            .chain(
+                tiles
+                    .names("f")
+                    .iter()
+                    .zip(tiles.names("p"))
+                    .map(|(f, p)| format!("{p} = {f}"))
+            )
             .collect::<Vec<_>>()
             .join(", "),
         iter1 = (0..tm)
@@ -295,9 +284,14 @@ fn generate(name: &str, s: &GpuGemmSchedule, batched: bool) -> Result<GpuKernel,
     let _ = writeln!(w, "      }}\n      gpu.barrier");
     let inner = (0..tm)
         .map(|i| format!("%inner#{i}"))
+        .chain(tiles.names("n"))
         .collect::<Vec<_>>()
         .join(", ");
-    let _ = writeln!(w, "      scf.yield {inner} : {acc_types}\n    }}");
+    let _ = writeln!(
+        w,
+        "      scf.yield {inner} : {acc_types}{}\n    }}",
+        ", f32".repeat(tiles.len())
+    );
     for i in 0..tm {
         let _ = write!(
             w,
@@ -355,6 +349,195 @@ fn generate(name: &str, s: &GpuGemmSchedule, batched: bool) -> Result<GpuKernel,
         shared_bytes: s.shared_bytes(),
         requires: vec![],
     })
+}
+
+/// Floats of padding after each `bm`-long row of the transposed A tile in shared memory:
+/// the threads of a warp store a row of A (consecutive `k`) into consecutive rows of the
+/// tile, 16 of them on one bank without padding; with 4 (which keeps every row 16-byte
+/// aligned for the vector reads), two.
+const A_PAD: u32 = 4;
+
+/// The tile copies of one thread: element `e = tid + j · threads` of the A tile (`bm × bk`,
+/// row `e / bk`, column `e % bk`) and of the B tile (`bk × bn`), for every `j` that has
+/// such an element. The index arithmetic that does not depend on the K offset is done
+/// once (`setup`); `load` reads a whole tile's elements into registers before anything
+/// uses them, so their latencies overlap (one load and its dependent store per loop
+/// iteration serialised them), and the main loop loads the next tile (`%kn`) before it
+/// computes on the current one.
+struct TileLoads {
+    threads: u32,
+    bm: u32,
+    bn: u32,
+    bk: u32,
+    batched: bool,
+}
+
+impl TileLoads {
+    fn a_elems(&self) -> u32 {
+        self.bm * self.bk
+    }
+    fn b_elems(&self) -> u32 {
+        self.bk * self.bn
+    }
+    /// Copies of A per thread, then of B.
+    fn counts(&self) -> (u32, u32) {
+        (
+            self.a_elems().div_ceil(self.threads),
+            self.b_elems().div_ceil(self.threads),
+        )
+    }
+    /// Registers carried by the main loop: one per copy.
+    fn len(&self) -> usize {
+        let (na, nb) = self.counts();
+        (na + nb) as usize
+    }
+    /// Whether copy `j` of a tile of `elems` elements may fall outside it.
+    fn partial(&self, elems: u32, j: u32) -> bool {
+        (j + 1) * self.threads > elems
+    }
+    /// The SSA names of one tile's registers, A copies first (`tag`: which load).
+    fn names(&self, tag: &str) -> Vec<String> {
+        let (na, nb) = self.counts();
+        (0..na)
+            .map(|j| format!("%ld{tag}a{j}"))
+            .chain((0..nb).map(|j| format!("%ld{tag}b{j}")))
+            .collect()
+    }
+    /// Index arithmetic independent of the K offset.
+    fn setup(&self) -> String {
+        let (na, nb) = self.counts();
+        let mut t = String::new();
+        for j in 0..na.max(nb) {
+            let _ = writeln!(
+                t,
+                "    %ldoff{j} = arith.constant {} : index",
+                j * self.threads
+            );
+        }
+        for j in 0..na {
+            let _ = write!(
+                t,
+                r#"    %ldea{j} = arith.addi %tid, %ldoff{j} : index
+    %ldra{j} = arith.divui %ldea{j}, %cBK : index
+    %ldca{j} = arith.remui %ldea{j}, %cBK : index
+    %ldgra{j} = arith.addi %m0, %ldra{j} : index
+    %ldoka{j}0 = arith.cmpi ult, %ldgra{j}, %M : index
+    %ldrowa{j}0 = arith.muli %ldgra{j}, %K : index
+    %ldsa{j}0 = arith.muli %ldca{j}, %cBMP : index
+    %ldsa{j} = arith.addi %ldsa{j}0, %ldra{j} : index
+"#
+            );
+            let _ = writeln!(
+                t,
+                "    %ldrowa{j} = arith.addi %ldrowa{j}0, {} : index",
+                if self.batched { "%offA" } else { "%c0" }
+            );
+            t.push_str(&self.in_tile("a", j, self.a_elems(), "%cAel"));
+        }
+        for j in 0..nb {
+            let _ = write!(
+                t,
+                r#"    %ldeb{j} = arith.addi %tid, %ldoff{j} : index
+    %ldrb{j} = arith.divui %ldeb{j}, %cBN : index
+    %ldcb{j} = arith.remui %ldeb{j}, %cBN : index
+    %ldgcb{j} = arith.addi %n0, %ldcb{j} : index
+    %ldokb{j}0 = arith.cmpi ult, %ldgcb{j}, %N : index
+"#
+            );
+            let _ = writeln!(
+                t,
+                "    %ldcolb{j} = arith.addi %ldgcb{j}, {} : index",
+                if self.batched { "%offB" } else { "%c0" }
+            );
+            t.push_str(&self.in_tile("b", j, self.b_elems(), "%cBel"));
+        }
+        t
+    }
+    /// `%ldok{x}{j}`: the copy's row (A) or column (B) is inside the matrix and, for a copy
+    /// that may fall past the tile's end, the element is inside the tile (`%ldin{x}{j}`).
+    fn in_tile(&self, x: &str, j: u32, elems: u32, c_el: &str) -> String {
+        if self.partial(elems, j) {
+            format!(
+                "    %ldin{x}{j} = arith.cmpi ult, %lde{x}{j}, {c_el} : index\n    %ldok{x}{j} = arith.andi %ldok{x}{j}0, %ldin{x}{j} : i1\n"
+            )
+        } else {
+            format!("    %ldok{x}{j} = arith.andi %ldok{x}{j}0, %ldok{x}{j}0 : i1\n")
+        }
+    }
+    /// Reads the tiles at K offset `k` into the registers `names(tag)` (zero outside the
+    /// matrices).
+    fn load(&self, tag: &str, k: &str) -> String {
+        let (na, nb) = self.counts();
+        let mut t = String::new();
+        for j in 0..na {
+            let _ = write!(
+                t,
+                r#"    %ld{tag}gca{j} = arith.addi {k}, %ldca{j} : index
+    %ld{tag}kka{j} = arith.cmpi ult, %ld{tag}gca{j}, %K : index
+    %ld{tag}oka{j} = arith.andi %ldoka{j}, %ld{tag}kka{j} : i1
+    %ld{tag}a{j} = scf.if %ld{tag}oka{j} -> f32 {{
+      %ld{tag}ia{j} = arith.addi %ldrowa{j}, %ld{tag}gca{j} : index
+      %ld{tag}va{j} = memref.load %A[%ld{tag}ia{j}] : memref<?xf32>
+      scf.yield %ld{tag}va{j} : f32
+    }} else {{
+      scf.yield %zero : f32
+    }}
+"#
+            );
+        }
+        for j in 0..nb {
+            let _ = write!(
+                t,
+                r#"    %ld{tag}grb{j} = arith.addi {k}, %ldrb{j} : index
+    %ld{tag}kkb{j} = arith.cmpi ult, %ld{tag}grb{j}, %K : index
+    %ld{tag}okb{j} = arith.andi %ldokb{j}, %ld{tag}kkb{j} : i1
+    %ld{tag}b{j} = scf.if %ld{tag}okb{j} -> f32 {{
+      %ld{tag}ib0{j} = arith.muli %ld{tag}grb{j}, %N : index
+      %ld{tag}ib{j} = arith.addi %ld{tag}ib0{j}, %ldcolb{j} : index
+      %ld{tag}vb{j} = memref.load %B[%ld{tag}ib{j}] : memref<?xf32>
+      scf.yield %ld{tag}vb{j} : f32
+    }} else {{
+      scf.yield %zero : f32
+    }}
+"#
+            );
+        }
+        t
+    }
+    /// Stores the loop's registers (`names("p")`) into the shared tiles.
+    fn stores(&self) -> String {
+        let (na, nb) = self.counts();
+        let ws = "#gpu.address_space<workgroup>";
+        let (a_sh, b_sh) = (
+            format!("memref<{}xf32, {ws}>", self.bk * (self.bm + A_PAD)),
+            format!("memref<{}xf32, {ws}>", self.b_elems()),
+        );
+        let mut t = String::new();
+        let mut put = |x: &str, j: u32, partial: bool, store: String| {
+            if partial {
+                let _ = writeln!(t, "      scf.if %ldin{x}{j} {{\n  {store}\n      }}");
+            } else {
+                let _ = writeln!(t, "{store}");
+            }
+        };
+        for j in 0..na {
+            put(
+                "a",
+                j,
+                self.partial(self.a_elems(), j),
+                format!("      memref.store %ldpa{j}, %As[%ldsa{j}] : {a_sh}"),
+            );
+        }
+        for j in 0..nb {
+            put(
+                "b",
+                j,
+                self.partial(self.b_elems(), j),
+                format!("      memref.store %ldpb{j}, %Bs[%ldeb{j}] : {b_sh}"),
+            );
+        }
+        t
+    }
 }
 
 /// The row start `%gi0 = row · ld` of an operand (`ld`: its row length), plus the matrix's
