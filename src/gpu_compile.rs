@@ -59,7 +59,10 @@ pub fn eqsat_device(
         sku.mem_bandwidth_gbs,
     );
     if precision != P::F32 {
+        // the tensor-core GEMMs neither split K nor wait on each K step's loads (their
+        // copies are pipelined `stages` deep)
         d.max_split_k = 1;
+        d.k_step_us = 0.0;
     }
     d
 }

@@ -32,6 +32,12 @@ pub struct Device {
     /// Most slices a product's reduction (`K`) is split into when its output tiles do
     /// not fill the units (the GPU f32 GEMM's split-K; 1: no splitting).
     pub max_split_k: u32,
+    /// Microseconds of one 16-deep step of a contraction's reduction loop in a block that
+    /// cannot hide it (its tile loads' latency; 0 for a CPU). A contraction whose blocks
+    /// all run at once takes at least its steps one after another: what bounds a small
+    /// product on the GPU (session 11, H200: about 2 µs a step in NasRNN's 1×512×512
+    /// products and 2.3 µs in a 7×7 3×3 512→512 conv, before the tile loads overlapped).
+    pub k_step_us: f64,
 }
 
 impl Device {
@@ -46,13 +52,16 @@ impl Device {
             parallel_units: 1.0,
             tile_elems: 1.0,
             max_split_k: 1,
+            k_step_us: 0.0,
         }
     }
 
     /// A GPU with `sms` streaming multiprocessors, `peak_gflops` (the dtype the model
     /// computes in), `bandwidth_gbs` of DRAM bandwidth; 4 µs per kernel launch (a stream
     /// launch without graphs, as tensat measured), 64×64 output tiles per block, `K` split
-    /// up to 8 ways as the f32 GEMM does (`GpuGemmSchedule::for_problem` in codegen).
+    /// up to 8 ways as the f32 GEMM does (`GpuGemmSchedule::for_problem` in codegen), 1 µs
+    /// per step of a reduction loop (the SIMT kernels' tile loads; a guess between the
+    /// session-11 measurements and what overlapping the loads should give, to calibrate).
     pub fn gpu(name: &str, sms: u32, peak_gflops: f64, bandwidth_gbs: f64) -> Device {
         Device {
             name: name.into(),
@@ -62,6 +71,7 @@ impl Device {
             parallel_units: sms.max(1) as f64,
             tile_elems: 64.0 * 64.0,
             max_split_k: 8,
+            k_step_us: 1.0,
         }
     }
 
@@ -73,22 +83,36 @@ impl Device {
 
     /// [`Device::utilisation`] of a product with reduction length `k`: while the tiles do
     /// not fill the units, `K` is split in two (up to [`Device::max_split_k`] slices) as
-    /// long as each slice keeps at least 128 of it, every slice a tile of its own (products
-    /// of at least 2^25 FLOPs only).
+    /// long as each slice keeps at least 128 of it, every slice a tile of its own (as the
+    /// GPU f32 GEMM's `GpuGemmSchedule::for_problem`).
     pub fn product_utilisation(&self, out_elems: f64, k: f64) -> f64 {
         let tiles = (out_elems / self.tile_elems.max(1.0)).ceil().max(1.0);
         let units = self.parallel_units.max(1.0);
+        (tiles * self.product_split(out_elems, k) / units).min(1.0)
+    }
+
+    /// The latency bound of a contraction: `steps` reduction steps per block, one after
+    /// another, times the waves of `blocks` over the units (two resident blocks each).
+    pub fn step_latency_us(&self, blocks: f64, steps: f64) -> f64 {
+        let waves = (blocks / (2.0 * self.parallel_units.max(1.0)))
+            .ceil()
+            .max(1.0);
+        waves * steps * self.k_step_us
+    }
+
+    /// The K slices of a product (see [`Device::product_utilisation`]); more than one costs
+    /// a launch that zeroes the output.
+    pub fn product_split(&self, out_elems: f64, k: f64) -> f64 {
+        let tiles = (out_elems / self.tile_elems.max(1.0)).ceil().max(1.0);
+        let units = self.parallel_units.max(1.0);
         let mut split = 1.0;
-        // as the GPU f32 GEMM: products under 2^25 FLOPs are launch-bound and not split
-        let big = 2.0 * out_elems * k >= (1u64 << 25) as f64;
-        while big
-            && split < f64::from(self.max_split_k)
+        while split < f64::from(self.max_split_k)
             && tiles * split < units
             && (k / 16.0).ceil() >= 16.0 * split
         {
             split *= 2.0;
         }
-        (tiles * split / units).min(1.0)
+        split
     }
 }
 
@@ -201,11 +225,24 @@ impl CostModel for Analytical {
     fn op_cost(&self, op: &Op, inputs: &[Option<&Fact>], outputs: &[Fact], fused: bool) -> f64 {
         let d = &self.device;
         let mut fl = flops(op, inputs, outputs) / (d.peak_gflops * 1e3);
+        let (mut zeroing, mut latency) = (0.0, 0.0);
         if is_contraction(op) {
             let out: f64 = outputs.iter().map(numel).sum();
+            let tiles = (out / d.tile_elems.max(1.0)).ceil().max(1.0);
+            let steps = (flops(op, inputs, outputs) / (2.0 * out.max(1.0)) / 16.0).ceil();
             fl /= match op {
-                Op::Linalg(_) => d.product_utilisation(out, reduction_len(op, inputs)),
-                _ => d.utilisation(out),
+                Op::Linalg(_) => {
+                    let split = d.product_split(out, reduction_len(op, inputs));
+                    if split > 1.0 {
+                        zeroing = d.launch_us;
+                    }
+                    latency = d.step_latency_us(tiles * split, (steps / split).ceil());
+                    d.product_utilisation(out, reduction_len(op, inputs))
+                }
+                _ => {
+                    latency = d.step_latency_us(tiles, steps);
+                    d.utilisation(out)
+                }
             };
         }
         if is_alias(op) || is_view_slice(op, inputs) {
@@ -216,7 +253,7 @@ impl CostModel for Analytical {
         }
         let by: f64 = inputs.iter().flatten().map(|f| bytes(f)).sum::<f64>()
             + outputs.iter().map(bytes).sum::<f64>();
-        d.launch_us + fl.max(by / (d.bandwidth_gbs * 1e3))
+        zeroing + d.launch_us + fl.max(by / (d.bandwidth_gbs * 1e3)).max(latency)
     }
 
     fn name(&self) -> String {
@@ -365,15 +402,51 @@ mod tests {
         assert_eq!(v100().utilisation(16.0 * 1024.0), 4.0 / 80.0);
         assert_eq!(v100().utilisation(1e9), 1.0);
         assert_eq!(Device::cpu().utilisation(3.0), 1.0);
-        // K = 4096 splits 8 ways as the GPU f32 GEMM does; K = 512 (17 MFLOP, launch-bound)
-        // and K = 64 do not split.
+        // K = 4096 splits 8 ways as the GPU f32 GEMM does, K = 512 (32 steps) 4 ways;
+        // K = 64 does not split.
         assert_eq!(
             v100().product_utilisation(16.0 * 1024.0, 4096.0),
             32.0 / 80.0
         );
-        assert_eq!(v100().product_utilisation(16.0 * 1024.0, 512.0), 4.0 / 80.0);
+        assert_eq!(
+            v100().product_utilisation(16.0 * 1024.0, 512.0),
+            16.0 / 80.0
+        );
         assert_eq!(v100().product_utilisation(16.0 * 1024.0, 64.0), 4.0 / 80.0);
         assert_eq!(Device::cpu().product_utilisation(3.0, 4096.0), 1.0);
+    }
+
+    /// On a GPU a small product costs its serial K steps (split K ways, with a zeroing
+    /// launch), whatever its width: eight side by side cost what one does.
+    #[test]
+    fn gpu_products_are_bound_by_their_serial_k_steps() {
+        let f = |d: &[usize]| Fact::new(DType::F32, Shape::known(d));
+        let mm = |dev: &Device, m: usize, k: usize, n: usize| {
+            Analytical {
+                device: dev.clone(),
+            }
+            .op_cost(
+                &Op::Linalg(LinalgOp::MatMul),
+                &[Some(&f(&[m, k])), Some(&f(&[k, n]))],
+                &[f(&[m, n])],
+                false,
+            )
+        };
+        let h100 = Device::gpu("h100", 132, 67_000.0, 3_350.0);
+        // 1×512×512: one tile, 32 steps in 4 slices of 8: launch + zeroing + 8 steps
+        assert!((mm(&h100, 1, 512, 512) - 16.0).abs() < 0.5);
+        assert!((mm(&h100, 1, 512, 4096) - mm(&h100, 1, 512, 512)).abs() < 0.5);
+        // too short a K to split (4 and 8 steps): the steps add up; a K twice as long as
+        // 512 takes twice the slices instead
+        assert!((mm(&h100, 1, 64, 512) - 8.0).abs() < 0.5);
+        assert!((mm(&h100, 1, 128, 512) - 12.0).abs() < 0.5);
+        assert!((mm(&h100, 1, 1024, 512) - 16.0).abs() < 0.5);
+        let roofline = Device {
+            k_step_us: 0.0,
+            ..h100.clone()
+        };
+        assert!(mm(&roofline, 1, 512, 512) < 9.0);
+        assert_eq!(Device::cpu().k_step_us, 0.0);
     }
 
     #[test]

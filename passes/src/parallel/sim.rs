@@ -150,6 +150,9 @@ pub fn device_of(spec: &DeviceSpec, g: &Graph) -> Device {
         parallel_units: spec.parallel_units,
         tile_elems: spec.tile_elems,
         max_split_k: if simt_f32 { 8 } else { 1 },
+        // the parallel plans' throughput model: no per-step latency bound (its relative
+        // device speeds are what the shares follow)
+        k_step_us: 0.0,
     }
 }
 

@@ -61,9 +61,6 @@ impl Default for GpuGemmSchedule {
     }
 }
 
-/// The FLOPs from which [`GpuGemmSchedule::for_problem`] may split K.
-pub const SPLIT_MIN_FLOPS: u64 = 1 << 25;
-
 impl GpuGemmSchedule {
     /// Threads per block: `(bm / tm) · (bn / tn)`.
     pub fn threads(&self) -> u32 {
@@ -103,8 +100,11 @@ impl GpuGemmSchedule {
     /// product would leave 48 of 64 rows empty), and when they give fewer blocks than SMs,
     /// `K` split (a power of two, up to 8) until the blocks fill the SMs, keeping at least 8
     /// `bk` tiles (128 of `K`) per split so each block still amortises its start and its
-    /// atomic stores. Products under 2²⁵ FLOPs (NasRNN's 1×512×512) are not split: they
-    /// are bound by their launch, which the split's zeroing launch would double.
+    /// atomic stores. Small products split too: a block's K steps run one after another,
+    /// each at least a global load's latency (the session-11 H200 run of NasRNN spent about
+    /// 66 µs in each 1×512×512 product, 32 steps of a 16-deep K on 8 blocks, against 3 to
+    /// 5 µs for a launch), so a split shortens them by far more than its zeroing launch
+    /// costs.
     pub fn for_problem(m: u64, n: u64, k: u64, sms: u32) -> Self {
         Self::for_batched(1, m, n, k, sms)
     }
@@ -119,9 +119,7 @@ impl GpuGemmSchedule {
         let blocks = u64::from(gx) * u64::from(gy) * batch.max(1);
         let ktiles = k.div_ceil(u64::from(d.bk));
         let mut split = 1u32;
-        let big = 2 * batch.max(1) * m * n * k >= SPLIT_MIN_FLOPS;
-        while big
-            && split < 8
+        while split < 8
             && blocks * u64::from(split) < u64::from(sms)
             && ktiles >= 16 * u64::from(split)
         {
@@ -601,7 +599,7 @@ mod tests {
     #[test]
     fn schedules_are_validated() {
         let d = GpuGemmSchedule::default();
-        assert_eq!((d.threads(), d.shared_bytes()), (256, 8192));
+        assert_eq!((d.threads(), d.shared_bytes()), (256, 8448));
         assert_eq!(d.grid(100, 130), [3, 2, 1]);
         assert_eq!(
             GpuGemmSchedule { split_k: 4, ..d }.grid(100, 130),
@@ -633,8 +631,9 @@ mod tests {
         assert_eq!(s(128, 3072, 768), 2); // 96 blocks -> 192
         assert_eq!(s(4096, 4096, 4096), 1); // enough tiles already
         assert_eq!(s(128, 768, 64), 1); // too little K to split
-        assert_eq!(s(1, 512, 512), 1); // launch-bound: no zeroing launch added
-                                       // One row (VGG's classifier): 16-row tiles, 64 blocks, K split 4 ways.
+                                        // NasRNN's steps: 8 blocks of 16 rows, 32 steps of K -> 4 slices of 8
+        assert_eq!(s(1, 512, 512), 4);
+        // One row (VGG's classifier): 16-row tiles, 64 blocks, K split 4 ways.
         let v = GpuGemmSchedule::for_problem(1, 4096, 25088, 132);
         assert_eq!((v.bm, v.tm, v.split_k, v.threads()), (16, 1, 4, 256));
         assert!(v.validate().is_ok());
