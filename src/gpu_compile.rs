@@ -536,6 +536,12 @@ unsafe fn emulate_host(
     grid_z: u32,
 ) -> Result<()> {
     /// Which conv: f32 groups = 1, tensor-core (16-bit inputs) groups = 1, or depthwise.
+    const NO_EPILOGUE: kiln_codegen::gpu::kernels::conv::Epilogue =
+        kiln_codegen::gpu::kernels::conv::Epilogue {
+            bias: false,
+            residual: false,
+            relu: false,
+        };
     #[derive(PartialEq)]
     enum Taps {
         Full,
@@ -667,6 +673,7 @@ unsafe fn emulate_host(
             return Ok(());
         }
         (HostKernel::Conv { geom, epi }, ..) => (geom, epi, Taps::Full),
+        (HostKernel::ConvSplitK { geom }, ..) => (geom, &NO_EPILOGUE, Taps::Full),
         (
             HostKernel::ConvMma {
                 geom,
@@ -719,6 +726,8 @@ unsafe fn emulate_host(
         }
         _ => bail!("emulation: kernel '{kernel}' has unexpected arguments for {h:?}"),
     };
+    // K slices add into an output the plan must have zeroed
+    let accumulate = matches!(h, HostKernel::ConvSplitK { .. });
     let want = 3 + usize::from(epi.bias) + usize::from(epi.residual);
     if ptrs.len() != want {
         bail!(
@@ -811,6 +820,9 @@ unsafe fn emulate_host(
                         }
                         if epi.relu {
                             acc = acc.max(0.0);
+                        }
+                        if accumulate {
+                            acc += y.add(yi).read_unaligned();
                         }
                         y.add(yi).write_unaligned(acc);
                     }

@@ -1507,3 +1507,57 @@ fn eqsat_device_follows_the_precision() {
         );
     }
 }
+
+/// An f32 Conv whose output tiles do not fill the SMs (7×7 output, 128 channels: 4 blocks
+/// on 132 SMs, 144 K steps) is three launches: the output zeroed (the plan emulation's
+/// arena starts as NaN, so a missing zero launch shows), the split-K conv over grid.z, then
+/// bias + residual + Relu in place; a conv with a short reduction keeps one fused launch.
+/// Both match the interpreter.
+#[test]
+fn f32_conv_with_few_tiles_splits_k_after_zeroing_the_output() {
+    let conv = kiln_ir::Op::Nn(NnOp::Conv(ConvAttrs {
+        window: WindowAttrs {
+            auto_pad: AutoPad::NotSet,
+            kernel_shape: None,
+            strides: None,
+            dilations: None,
+            pads: Some(vec![1; 4]),
+        },
+        group: 1,
+    }));
+    for (c, split) in [(256usize, 8u32), (8, 1)] {
+        let mut b = Gb::new("split_conv");
+        let x = b.input("x", &[1, c, 7, 7]);
+        let r = b.input("r", &[1, 128, 7, 7]);
+        let w = b.konst("w", &[128, c, 3, 3]);
+        let bias = b.konst("b", &[128]);
+        let y = b.node(conv.clone(), &[x, w, bias]);
+        let y = b.binary(BinaryKind::Add, y, r);
+        let y = b.unary(UnaryKind::Relu, y);
+        let (g, ins) = b.finish(&[y]);
+        let want = kiln_ir::interp::run(&g, &ins).unwrap();
+        let e = emulate_graph(
+            &g,
+            "split_conv",
+            "cuda:h100",
+            &CompileOptions::default(),
+            &ins,
+            |_| {},
+        )
+        .unwrap();
+        let l = &e.lowering.launches;
+        let kinds: Vec<&str> = l.iter().map(|la| la.kernel.as_str()).collect();
+        check_launch_signatures("split_conv", &e.lowering);
+        if split > 1 {
+            assert_eq!(kinds.len(), 3, "{kinds:?}");
+            assert!(kinds[0].contains("zero"), "{kinds:?}");
+            assert!(kinds[1].ends_with(&format!("_conv_s{split}")), "{kinds:?}");
+            assert_eq!(l[1].grid[2], split);
+            assert!(kinds[2].ends_with("_epilogue"), "{kinds:?}");
+        } else {
+            assert_eq!(kinds.len(), 1, "{kinds:?}");
+        }
+        let err = rel_err(&e.outputs[0], &want[0]);
+        assert!(err <= 1e-4, "C = {c}: relative error {err}");
+    }
+}

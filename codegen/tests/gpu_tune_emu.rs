@@ -136,13 +136,23 @@ fn conv_geom() -> ConvGeom {
 
 /// `relu(conv(x, w) + bias + res)` on the CPU (NCHW, batch 1).
 fn conv_want(g: &ConvGeom, x: &[f32], w: &[f32], bias: &[f32], res: &[f32]) -> Vec<f32> {
+    let plane = (g.oh() * g.ow()) as usize;
+    conv_sum(g, x, w)
+        .iter()
+        .enumerate()
+        .map(|(i, acc)| (bias[i / plane] + acc + res[i]).max(0.0))
+        .collect()
+}
+
+/// The convolution sums alone (batch 1, NCHW), no bias or activation.
+fn conv_sum(g: &ConvGeom, x: &[f32], w: &[f32]) -> Vec<f32> {
     let u = |v: u64| v as usize;
     let (oh, ow) = (u(g.oh()), u(g.ow()));
     let mut want = vec![0f32; u(g.n * g.oc) * oh * ow];
     for o in 0..u(g.oc) {
         for oy in 0..oh {
             for ox in 0..ow {
-                let mut acc = bias[o];
+                let mut acc = 0f32;
                 for ci in 0..u(g.c) {
                     for ty in 0..u(g.kh) {
                         for tx in 0..u(g.kw) {
@@ -156,8 +166,7 @@ fn conv_want(g: &ConvGeom, x: &[f32], w: &[f32], bias: &[f32], res: &[f32]) -> V
                         }
                     }
                 }
-                let i = (o * oh + oy) * ow + ox;
-                want[i] = (acc + res[i]).max(0.0);
+                want[(o * oh + oy) * ow + ox] = acc;
             }
         }
     }
@@ -444,5 +453,46 @@ fn gemm_f32_with_partial_tile_copies_matches_cpu() {
         };
         let e = rel_err(y, &want);
         assert!(e <= 1e-5, "{s:?}: relative error {e}");
+    }
+}
+
+/// The split-K conv (`conv2d_split_k`): 2, 3, 4 and 8 slices of a ragged reduction
+/// (`C·KH·KW = 45`, 6 steps of 8; with 8 slices two are empty) add up, into a zeroed output,
+/// to the convolution.
+#[test]
+fn split_k_conv_slices_sum_to_the_convolution() {
+    use kiln_codegen::gpu::kernels::conv::{conv2d_split_k, GpuConvSchedule};
+    let sku = DeviceDb::builtin()
+        .unwrap()
+        .parse_target("cuda:h100")
+        .unwrap();
+    let g = conv_geom();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(17);
+    let u = |v: u64| v as usize;
+    let x = values(u(g.n * g.c * g.h * g.w), &mut rng);
+    let w = values(u(g.oc * g.c * g.kh * g.kw), &mut rng);
+    let want = conv_sum(&g, &x, &w);
+    let s = GpuConvSchedule {
+        bm: 32,
+        bn: 16,
+        bk: 8,
+        tm: 2,
+        tn: 2,
+    };
+    for split in [2, 3, 4, 8] {
+        let k = conv2d_split_k("c", &g, &s, split, sku).unwrap();
+        let (grid, block) = s.launch_split(&g, split).unwrap();
+        assert_eq!(grid[2], split);
+        let mut args = vec![
+            EArg::Buf(x.clone()),
+            EArg::Buf(w.clone()),
+            EArg::Buf(vec![0.0; want.len()]),
+        ];
+        gpu_emu::run(&k.mlir, grid, block, &mut args);
+        let EArg::Buf(y) = &args[2] else {
+            unreachable!()
+        };
+        let e = rel_err(y, &want);
+        assert!(e <= 1e-5, "split {split}: relative error {e}");
     }
 }

@@ -229,21 +229,19 @@ impl CostModel for Analytical {
         if is_contraction(op) {
             let out: f64 = outputs.iter().map(numel).sum();
             let tiles = (out / d.tile_elems.max(1.0)).ceil().max(1.0);
-            let steps = (flops(op, inputs, outputs) / (2.0 * out.max(1.0)) / 16.0).ceil();
-            fl /= match op {
-                Op::Linalg(_) => {
-                    let split = d.product_split(out, reduction_len(op, inputs));
-                    if split > 1.0 {
-                        zeroing = d.launch_us;
-                    }
-                    latency = d.step_latency_us(tiles * split, (steps / split).ceil());
-                    d.product_utilisation(out, reduction_len(op, inputs))
-                }
-                _ => {
-                    latency = d.step_latency_us(tiles, steps);
-                    d.utilisation(out)
-                }
+            // the reduction length: K of a product, C/group·KH·KW of a conv
+            let k = match op {
+                Op::Linalg(_) => reduction_len(op, inputs),
+                _ => flops(op, inputs, outputs) / (2.0 * out.max(1.0)),
             };
+            // K split as the GPU f32 GEMM and implicit-GEMM conv do (`split_for`), after
+            // a launch that zeroes the output
+            let split = d.product_split(out, k);
+            if split > 1.0 {
+                zeroing = d.launch_us;
+            }
+            latency = d.step_latency_us(tiles * split, ((k / 16.0).ceil() / split).ceil());
+            fl /= d.product_utilisation(out, k);
         }
         if is_alias(op) || is_view_slice(op, inputs) {
             return 0.01;

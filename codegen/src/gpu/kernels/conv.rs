@@ -317,6 +317,33 @@ impl GpuConvSchedule {
         ])
     }
 
+    /// The K slices of the untuned choice for `g` on a GPU with `sms` multiprocessors:
+    /// while the output tiles give fewer blocks than SMs, `K` split in two (up to 8) as long
+    /// as each slice keeps at least 8 `bk` steps (the f32 GEMM's rule); 1 for no split.
+    pub fn split_for(&self, g: &ConvGeom, sms: u32) -> u32 {
+        let blocks =
+            g.m().div_ceil(u64::from(self.bm.max(1))) * g.oc.div_ceil(u64::from(self.bn.max(1)));
+        let steps = g.k().div_ceil(u64::from(self.bk.max(1)));
+        let mut split = 1u32;
+        while split < 8
+            && blocks * u64::from(split) < u64::from(sms)
+            && steps >= 16 * u64::from(split)
+        {
+            split *= 2;
+        }
+        split
+    }
+
+    /// [`GpuConvSchedule::launch`] of [`conv2d_split_k`]: grid z = `split_k`.
+    pub fn launch_split(
+        &self,
+        g: &ConvGeom,
+        split_k: u32,
+    ) -> Result<([u32; 3], [u32; 3]), GpuError> {
+        let ([gx, gy, _], block) = self.launch(g)?;
+        Ok(([gx, gy, split_k.max(1)], block))
+    }
+
     /// Launch geometry for `g`: grid `(ceil(M / bm), ceil(OC / bn), 1)`, block
     /// `(threads, 1, 1)`; an error when the grid exceeds CUDA's limits.
     pub fn launch(&self, g: &ConvGeom) -> Result<([u32; 3], [u32; 3]), GpuError> {
@@ -339,6 +366,47 @@ pub fn conv2d(
     layout: ConvLayout,
     epi: Epilogue,
     s: &GpuConvSchedule,
+    sku: &Sku,
+) -> Result<GpuKernel, GpuError> {
+    generate(name, g, layout, epi, s, 1, sku)
+}
+
+/// [`conv2d`] with the reduction (`C·KH·KW`) split over `split_k` blocks along z, each
+/// adding its partial sums into `Y` atomically (`name(X, W, Y)`, NCHW, no epilogue: the
+/// caller zeroes `Y` first and applies bias and activation after); launch with
+/// [`GpuConvSchedule::launch_split`]. For convolutions whose output tiles do not fill the
+/// SMs (late CNN stages at batch 1), whose blocks otherwise run hundreds of K steps one
+/// after another.
+pub fn conv2d_split_k(
+    name: &str,
+    g: &ConvGeom,
+    s: &GpuConvSchedule,
+    split_k: u32,
+    sku: &Sku,
+) -> Result<GpuKernel, GpuError> {
+    if !(2..=16).contains(&split_k) {
+        return Err(GpuError::Schedule(format!(
+            "{name}: split_k {split_k} (2 to 16)"
+        )));
+    }
+    generate(
+        name,
+        g,
+        ConvLayout::Nchw,
+        Epilogue::default(),
+        s,
+        split_k,
+        sku,
+    )
+}
+
+fn generate(
+    name: &str,
+    g: &ConvGeom,
+    layout: ConvLayout,
+    epi: Epilogue,
+    s: &GpuConvSchedule,
+    split_k: u32,
     sku: &Sku,
 ) -> Result<GpuKernel, GpuError> {
     g.validate().map_err(in_kernel(name))?;
@@ -379,6 +447,17 @@ pub fn conv2d(
     e.line(&format!("{zv} = arith.constant dense<0.0> : {vt}"));
     let zero = e.f32c(0.0);
     let (c0, ck, cbk) = (e.idx(0), e.idx(k_total), e.idx(bk));
+    // This block's range of K: all of it, or with split_k its slice of whole bk tiles.
+    let (k_lo, k_hi) = if split_k > 1 {
+        let per = k_total.div_ceil(bk).div_ceil(u64::from(split_k)) * bk;
+        e.line("%bz = gpu.block_id z");
+        let lo = e.ic("muli", "%bz", per);
+        let hi = e.ic("addi", &lo, per);
+        let hi = e.ii("minui", &hi, &ck);
+        (lo, hi)
+    } else {
+        (c0.clone(), ck.clone())
+    };
     // The thread's tile copies: element `tid + j·threads` of the A tile (bm×bk, im2col)
     // and of the B tile (bk×bn, weights); index arithmetic independent of k here, once.
     let t = u64::from(threads);
@@ -445,7 +524,7 @@ pub fn conv2d(
         }
         vals
     };
-    let first = load_tiles(&mut e, &c0);
+    let first = load_tiles(&mut e, &k_lo);
     let regs: Vec<String> = first.iter().map(|_| e.fresh("p")).collect();
     let iter0 = (0..tm)
         .map(|i| format!("%a{i} = {zv}"))
@@ -454,7 +533,7 @@ pub fn conv2d(
         .join(", ");
     let loop_types = format!("{acc_types}{}", ", f32".repeat(regs.len()));
     e.line(&format!(
-        "%acc:{} = scf.for %k0 = {c0} to {ck} step {cbk} iter_args({iter0}) -> ({loop_types}) {{",
+        "%acc:{} = scf.for %k0 = {k_lo} to {k_hi} step {cbk} iter_args({iter0}) -> ({loop_types}) {{",
         tm as usize + regs.len()
     ));
     let shared = a_cp
@@ -542,8 +621,15 @@ pub fn conv2d(
             e.line(&format!(
                 "{v} = vector.extract %acc#{i}[{j}] : f32 from {vt}"
             ));
-            let v = epi.emit(&mut e, &v, &oc, &out);
-            e.store(&v, "%Y", &out, &gty, "f32");
+            if split_k > 1 {
+                let old = e.fresh("old");
+                e.line(&format!(
+                    "{old} = memref.atomic_rmw addf {v}, %Y[{out}] : (f32, {gty}) -> f32"
+                ));
+            } else {
+                let v = epi.emit(&mut e, &v, &oc, &out);
+                e.store(&v, "%Y", &out, &gty, "f32");
+            }
             e.line("}");
         }
         e.line("}");
@@ -673,6 +759,36 @@ pub(crate) fn emit_gather(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn few_output_tiles_split_the_reduction() {
+        let g = |c: u64, oc: u64, hw: u64| ConvGeom {
+            n: 1,
+            c,
+            h: hw,
+            w: hw,
+            oc,
+            kh: 3,
+            kw: 3,
+            stride: [1, 1],
+            pads: [1, 1, 1, 1],
+            dilation: [1, 1],
+        };
+        let sku = crate::gpu::DeviceDb::builtin()
+            .unwrap()
+            .parse_target("cuda:h100")
+            .unwrap();
+        let split = |g: &ConvGeom| GpuConvSchedule::for_geom(g, sku).split_for(g, 132);
+        // VGG's 14×14 512→512: 56 blocks, 288 steps -> 4 slices (224 blocks)
+        assert_eq!(split(&g(512, 512, 14)), 4);
+        // ResNet's 7×7 512→512: 8 blocks -> 8 slices
+        assert_eq!(split(&g(512, 512, 7)), 8);
+        // ResNet's 56×56 64→64: 49 blocks, 36 steps -> 4 slices; 64→256 fills the SMs;
+        // 16 input channels are too few steps
+        assert_eq!(split(&g(64, 64, 56)), 4);
+        assert_eq!(split(&g(64, 256, 56)), 1);
+        assert_eq!(split(&g(16, 64, 7)), 1);
+    }
     use crate::gpu::DeviceDb;
 
     fn geom() -> ConvGeom {

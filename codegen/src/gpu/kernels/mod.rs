@@ -88,6 +88,7 @@ pub fn ops_default() -> Result<Vec<GpuKernel>, super::GpuError> {
     Ok(vec![
         conv::conv2d("kiln_conv_nchw", &g, ConvLayout::Nchw, epi, &s, sku)?,
         conv::conv2d("kiln_conv_nhwc", &g, ConvLayout::Nhwc, epi, &s, sku)?,
+        conv::conv2d_split_k("kiln_conv_nchw_s4", &g, &s, 4, sku)?,
         conv_mma::conv2d_f16_mma(
             "kiln_conv_f16_mma_nhwc",
             &g,

@@ -42,7 +42,9 @@ use super::HostKernel;
 use super::{node_input, shape_of, GpuLowering, Launch, LaunchArg, LowerOptions, Operand};
 use crate::cpu::lower::conv::Window2;
 use crate::cpu::lower::Ty;
-use crate::gpu::kernels::conv::{self as kconv, conv2d, ConvGeom, ConvLayout, GpuConvSchedule};
+use crate::gpu::kernels::conv::{
+    self as kconv, conv2d, conv2d_split_k, ConvGeom, ConvLayout, GpuConvSchedule,
+};
 use crate::gpu::kernels::conv_mma::{conv2d_mma, ConvMmaSchedule};
 use crate::gpu::kernels::depthwise;
 use crate::gpu::kernels::epilogue::{Activation, Epilogue, Residual};
@@ -916,6 +918,20 @@ fn special_conv(
             if let Some(t) = GpuTunable::new(GpuTemplate::Conv { geom, epi: ep }, sku) {
                 sched = GpuConvSchedule::from_config(&src.choose(&t).0);
             }
+        } else {
+            let split = sched.split_for(&geom, sku.sm_count);
+            if split > 1 {
+                let conv = SplitConv {
+                    geom,
+                    sched,
+                    split,
+                    x,
+                    w,
+                    bias,
+                    y,
+                };
+                return conv.lower(g, k, (index, name, opts), epi, out);
+            }
         }
         let Ok(kern) = conv2d(&kname, &geom, ConvLayout::Nchw, ep, &sched, sku) else {
             return Ok(false);
@@ -1004,6 +1020,102 @@ fn special_conv(
         out.push_generic(index, gk, opts.max_blocks)?;
     }
     Ok(true)
+}
+
+/// An f32 conv whose output tiles do not fill the SMs, as three launches: zero the output,
+/// [`conv2d_split_k`] (K slices over grid.z adding into it), then bias and the fused
+/// epilogue in place (one generic kernel; none when there is neither).
+struct SplitConv {
+    geom: ConvGeom,
+    sched: GpuConvSchedule,
+    split: u32,
+    x: ValueId,
+    w: ValueId,
+    bias: Option<ValueId>,
+    y: ValueId,
+}
+
+impl SplitConv {
+    fn lower(
+        &self,
+        g: &Graph,
+        k: &fusion::Kernel,
+        (index, name, opts): (usize, &str, &LowerOptions),
+        epi: &[usize],
+        out: &mut GpuLowering,
+    ) -> Result<bool, String> {
+        let Some(sku) = &opts.sku else {
+            return Ok(false);
+        };
+        let ys = shape_of(g, self.y)?;
+        // The buffer the conv sums into: its own output, or the kernel's only output.
+        let target = if k.outputs.contains(&self.y) {
+            self.y
+        } else if let [o] = k.outputs[..] {
+            if shape_of(g, o)? != ys || g.values[o].fact.dtype != DType::F32 {
+                return Ok(false);
+            }
+            o
+        } else {
+            return Ok(false);
+        };
+        let kname = format!("{name}_conv_s{}", self.split);
+        let Ok(kern) = conv2d_split_k(&kname, &self.geom, &self.sched, self.split, sku) else {
+            return Ok(false);
+        };
+        let Ok((grid, block)) = self.sched.launch_split(&self.geom, self.split) else {
+            return Ok(false);
+        };
+        let n = |v: ValueId| -> Result<u64, String> {
+            Ok(shape_of(g, v)?.iter().product::<usize>() as u64)
+        };
+        let buf = |v: ValueId| -> Result<LaunchArg, String> {
+            Ok(LaunchArg::Buf {
+                operand: Operand::Value(v),
+                offset: 0,
+                len: n(v)?,
+                elem_bytes: 4,
+            })
+        };
+        out.push_zero(index, Operand::Value(target), 0, n(target)?, sku)?;
+        let launch = Launch {
+            index,
+            kernel: String::new(),
+            args: vec![buf(self.x)?, buf(self.w)?, buf(target)?],
+            grid,
+            block,
+            shared_bytes: 0,
+            generic: false,
+        };
+        out.push_special(launch, kern)?;
+        out.note_host(&kname, HostKernel::ConvSplitK { geom: self.geom });
+        if self.bias.is_none() && epi.is_empty() && target == self.y {
+            return Ok(true);
+        }
+        // Bias and the epilogue over the sums, in place.
+        let mut gen = Gen::default();
+        let idx = gen.unravel("%i", &ys);
+        let (tb, _) = gen.value_buf(g, target)?;
+        let mut v = gen.load(tb, "%i", Ty::F32);
+        if let Some(b) = self.bias {
+            let (bb, _) = gen.value_buf(g, b)?;
+            let bv = gen.load(bb, &idx[1], Ty::F32);
+            v = gen.b.f2("addf", &v, &bv);
+        }
+        gen.b.vals.insert(self.y, (v, Ty::F32));
+        let mut operands = vec![self.x, self.w];
+        operands.extend(self.bias);
+        let ins = epi_inputs(k, &operands);
+        gen.bind_inputs(g, &ins, &idx, &ys)?;
+        emit_nodes(g, &mut gen, epi, &idx, &ys)?;
+        store_outputs(g, &mut gen, &k.outputs, "%i")?;
+        let gk = gen.finish(
+            &format!("{name}_epilogue"),
+            ys.iter().product::<usize>() as u64,
+        );
+        out.push_generic(index, gk, opts.max_blocks)?;
+        Ok(true)
+    }
 }
 
 /// A conv on tensor cores ([`conv2d_mma`]) and what it needs first.

@@ -213,6 +213,12 @@ pub enum HostKernel {
         /// The fused epilogue.
         epi: kernels::conv::Epilogue,
     },
+    /// [`kernels::conv::conv2d_split_k`]: `X, W, Y`; the K slices add the convolution's
+    /// sums (no bias, no epilogue) into a zeroed `Y`.
+    ConvSplitK {
+        /// The geometry.
+        geom: kernels::conv::ConvGeom,
+    },
     /// [`kernels::depthwise::depthwise_conv2d`] (groups = C = OC, NCHW).
     Depthwise {
         /// The geometry.
