@@ -313,7 +313,7 @@ fn tuned_conv_mma_schedules_match_cpu() {
 /// (`K = 200`: 13 tiles of 16 in 1, 2, 3, 4 or 8 slices), and add up to the product.
 #[test]
 fn split_k_gemm_f32_slices_sum_to_the_product() {
-    use kiln_codegen::gpu::kernels::gemm::{gemm_f32, GpuGemmSchedule};
+    use kiln_codegen::gpu::kernels::gemm::GpuGemmSchedule;
     let (m, n, k) = (33usize, 20usize, 200usize);
     let mut rng = rand::rngs::StdRng::seed_from_u64(11);
     let a = values(m * k, &mut rng);
@@ -330,25 +330,8 @@ fn split_k_gemm_f32_slices_sum_to_the_product() {
             tn: 2,
             split_k,
         };
-        let kern = gemm_f32("g", &s).unwrap();
-        let mut args = vec![
-            EArg::Buf(a.clone()),
-            EArg::Buf(b.clone()),
-            EArg::Buf(vec![0.0; m * n]),
-            EArg::Index(m as i64),
-            EArg::Index(n as i64),
-            EArg::Index(k as i64),
-        ];
-        gpu_emu::run(
-            &kern.mlir,
-            s.grid(m as u64, n as u64),
-            kern.block,
-            &mut args,
-        );
-        let EArg::Buf(y) = &args[2] else {
-            unreachable!()
-        };
-        let e = rel_err(y, &want);
+        let y = run_gemm_f32(&s, &a, &b, (m, n, k), 0.0);
+        let e = rel_err(&y, &want);
         assert!(e <= 1e-5, "split_k {split_k}: relative error {e}");
     }
 }
@@ -416,7 +399,7 @@ fn batched_gemm_f32_matches_per_matrix_products() {
 /// one and a half copies per thread (8×48 over 256); `M, N, K` ragged, K over several tiles.
 #[test]
 fn gemm_f32_with_partial_tile_copies_matches_cpu() {
-    use kiln_codegen::gpu::kernels::gemm::{gemm_f32, GpuGemmSchedule};
+    use kiln_codegen::gpu::kernels::gemm::GpuGemmSchedule;
     let (m, n, k) = (21usize, 70usize, 45usize);
     let mut rng = rand::rngs::StdRng::seed_from_u64(5);
     let a = values(m * k, &mut rng);
@@ -433,25 +416,8 @@ fn gemm_f32_with_partial_tile_copies_matches_cpu() {
             tn,
             split_k: 1,
         };
-        let kern = gemm_f32("g", &s).unwrap();
-        let mut args = vec![
-            EArg::Buf(a.clone()),
-            EArg::Buf(b.clone()),
-            EArg::Buf(vec![f32::NAN; m * n]),
-            EArg::Index(m as i64),
-            EArg::Index(n as i64),
-            EArg::Index(k as i64),
-        ];
-        gpu_emu::run(
-            &kern.mlir,
-            s.grid(m as u64, n as u64),
-            kern.block,
-            &mut args,
-        );
-        let EArg::Buf(y) = &args[2] else {
-            unreachable!()
-        };
-        let e = rel_err(y, &want);
+        let y = run_gemm_f32(&s, &a, &b, (m, n, k), f32::NAN);
+        let e = rel_err(&y, &want);
         assert!(e <= 1e-5, "{s:?}: relative error {e}");
     }
 }
@@ -495,4 +461,34 @@ fn split_k_conv_slices_sum_to_the_convolution() {
         let e = rel_err(y, &want);
         assert!(e <= 1e-5, "split {split}: relative error {e}");
     }
+}
+
+/// `gemm_f32` with schedule `s` on the emulator: `A[m,k] · B[k,n]` into a C that starts as
+/// `init` everywhere.
+fn run_gemm_f32(
+    s: &kiln_codegen::gpu::kernels::gemm::GpuGemmSchedule,
+    a: &[f32],
+    b: &[f32],
+    (m, n, k): (usize, usize, usize),
+    init: f32,
+) -> Vec<f32> {
+    let kern = kiln_codegen::gpu::kernels::gemm::gemm_f32("g", s).unwrap();
+    let mut args = vec![
+        EArg::Buf(a.to_vec()),
+        EArg::Buf(b.to_vec()),
+        EArg::Buf(vec![init; m * n]),
+        EArg::Index(m as i64),
+        EArg::Index(n as i64),
+        EArg::Index(k as i64),
+    ];
+    gpu_emu::run(
+        &kern.mlir,
+        s.grid(m as u64, n as u64),
+        kern.block,
+        &mut args,
+    );
+    let EArg::Buf(y) = args.swap_remove(2) else {
+        unreachable!()
+    };
+    y
 }

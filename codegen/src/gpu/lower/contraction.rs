@@ -925,10 +925,7 @@ fn special_conv(
                     geom,
                     sched,
                     split,
-                    x,
-                    w,
-                    bias,
-                    y,
+                    conv: ConvOut { x, w, bias, y },
                 };
                 return conv.lower(g, k, (index, name, opts), epi, out);
             }
@@ -1001,14 +998,47 @@ fn special_conv(
     out.push_special(launch, kern)?;
     out.note_host(&kname, host);
     if !fused {
-        // The epilogue over the result, in place.
+        let conv = ConvOut { x, w, bias, y };
+        conv.push_epilogue(g, k, (index, name, opts), target, false, epi, out)?;
+    }
+    Ok(true)
+}
+
+/// The values of a conv node: input, weights, bias, output.
+struct ConvOut {
+    x: ValueId,
+    w: ValueId,
+    bias: Option<ValueId>,
+    y: ValueId,
+}
+
+impl ConvOut {
+    /// The conv's epilogue nodes `epi` over its result in `target`, in place (one generic
+    /// launch), adding the bias first when `add_bias` (the conv kernel did not).
+    #[allow(clippy::too_many_arguments)]
+    fn push_epilogue(
+        &self,
+        g: &Graph,
+        k: &fusion::Kernel,
+        (index, name, opts): (usize, &str, &LowerOptions),
+        target: ValueId,
+        add_bias: bool,
+        epi: &[usize],
+        out: &mut GpuLowering,
+    ) -> Result<(), String> {
+        let ys = shape_of(g, self.y)?;
         let mut gen = Gen::default();
         let idx = gen.unravel("%i", &ys);
         let (tb, _) = gen.value_buf(g, target)?;
-        let v = gen.load(tb, "%i", Ty::F32);
-        gen.b.vals.insert(y, (v, Ty::F32));
-        let mut operands = vec![x, w];
-        operands.extend(bias);
+        let mut v = gen.load(tb, "%i", Ty::F32);
+        if let Some(b) = self.bias.filter(|_| add_bias) {
+            let (bb, _) = gen.value_buf(g, b)?;
+            let bv = gen.load(bb, &idx[1], Ty::F32);
+            v = gen.b.f2("addf", &v, &bv);
+        }
+        gen.b.vals.insert(self.y, (v, Ty::F32));
+        let mut operands = vec![self.x, self.w];
+        operands.extend(self.bias);
         let ins = epi_inputs(k, &operands);
         gen.bind_inputs(g, &ins, &idx, &ys)?;
         emit_nodes(g, &mut gen, epi, &idx, &ys)?;
@@ -1017,9 +1047,8 @@ fn special_conv(
             &format!("{name}_epilogue"),
             ys.iter().product::<usize>() as u64,
         );
-        out.push_generic(index, gk, opts.max_blocks)?;
+        out.push_generic(index, gk, opts.max_blocks)
     }
-    Ok(true)
 }
 
 /// An f32 conv whose output tiles do not fill the SMs, as three launches: zero the output,
@@ -1029,10 +1058,7 @@ struct SplitConv {
     geom: ConvGeom,
     sched: GpuConvSchedule,
     split: u32,
-    x: ValueId,
-    w: ValueId,
-    bias: Option<ValueId>,
-    y: ValueId,
+    conv: ConvOut,
 }
 
 impl SplitConv {
@@ -1047,10 +1073,10 @@ impl SplitConv {
         let Some(sku) = &opts.sku else {
             return Ok(false);
         };
-        let ys = shape_of(g, self.y)?;
+        let ys = shape_of(g, self.conv.y)?;
         // The buffer the conv sums into: its own output, or the kernel's only output.
-        let target = if k.outputs.contains(&self.y) {
-            self.y
+        let target = if k.outputs.contains(&self.conv.y) {
+            self.conv.y
         } else if let [o] = k.outputs[..] {
             if shape_of(g, o)? != ys || g.values[o].fact.dtype != DType::F32 {
                 return Ok(false);
@@ -1081,7 +1107,7 @@ impl SplitConv {
         let launch = Launch {
             index,
             kernel: String::new(),
-            args: vec![buf(self.x)?, buf(self.w)?, buf(target)?],
+            args: vec![buf(self.conv.x)?, buf(self.conv.w)?, buf(target)?],
             grid,
             block,
             shared_bytes: 0,
@@ -1089,31 +1115,12 @@ impl SplitConv {
         };
         out.push_special(launch, kern)?;
         out.note_host(&kname, HostKernel::ConvSplitK { geom: self.geom });
-        if self.bias.is_none() && epi.is_empty() && target == self.y {
+        if self.conv.bias.is_none() && epi.is_empty() && target == self.conv.y {
             return Ok(true);
         }
         // Bias and the epilogue over the sums, in place.
-        let mut gen = Gen::default();
-        let idx = gen.unravel("%i", &ys);
-        let (tb, _) = gen.value_buf(g, target)?;
-        let mut v = gen.load(tb, "%i", Ty::F32);
-        if let Some(b) = self.bias {
-            let (bb, _) = gen.value_buf(g, b)?;
-            let bv = gen.load(bb, &idx[1], Ty::F32);
-            v = gen.b.f2("addf", &v, &bv);
-        }
-        gen.b.vals.insert(self.y, (v, Ty::F32));
-        let mut operands = vec![self.x, self.w];
-        operands.extend(self.bias);
-        let ins = epi_inputs(k, &operands);
-        gen.bind_inputs(g, &ins, &idx, &ys)?;
-        emit_nodes(g, &mut gen, epi, &idx, &ys)?;
-        store_outputs(g, &mut gen, &k.outputs, "%i")?;
-        let gk = gen.finish(
-            &format!("{name}_epilogue"),
-            ys.iter().product::<usize>() as u64,
-        );
-        out.push_generic(index, gk, opts.max_blocks)?;
+        self.conv
+            .push_epilogue(g, k, (index, name, opts), target, true, epi, out)?;
         Ok(true)
     }
 }
