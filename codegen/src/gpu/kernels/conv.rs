@@ -318,20 +318,11 @@ impl GpuConvSchedule {
     }
 
     /// The K slices of the untuned choice for `g` on a GPU with `sms` multiprocessors:
-    /// while the output tiles give fewer blocks than SMs, `K` split in two (up to 8) as long
-    /// as each slice keeps at least 8 `bk` steps (the f32 GEMM's rule); 1 for no split.
+    /// the f32 GEMM's rule ([`super::gemm::split_k_for`]) over this schedule's tiles.
     pub fn split_for(&self, g: &ConvGeom, sms: u32) -> u32 {
         let blocks =
             g.m().div_ceil(u64::from(self.bm.max(1))) * g.oc.div_ceil(u64::from(self.bn.max(1)));
-        let steps = g.k().div_ceil(u64::from(self.bk.max(1)));
-        let mut split = 1u32;
-        while split < 8
-            && blocks * u64::from(split) < u64::from(sms)
-            && steps >= 16 * u64::from(split)
-        {
-            split *= 2;
-        }
-        split
+        super::gemm::split_k_for(blocks, g.k().div_ceil(u64::from(self.bk.max(1))), sms)
     }
 
     /// [`GpuConvSchedule::launch`] of [`conv2d_split_k`]: grid z = `split_k`.

@@ -61,6 +61,20 @@ impl Default for GpuGemmSchedule {
     }
 }
 
+/// The K slices of the untuned f32 SIMT GEMM and conv: while `blocks` output tiles do not
+/// fill `sms` multiprocessors, `K` split in two (up to 8 slices) as long as each slice keeps
+/// at least 8 of the `k_steps` `bk` steps; 1 for no split.
+pub fn split_k_for(blocks: u64, k_steps: u64, sms: u32) -> u32 {
+    let mut split = 1u32;
+    while split < 8
+        && blocks * u64::from(split) < u64::from(sms)
+        && k_steps >= 16 * u64::from(split)
+    {
+        split *= 2;
+    }
+    split
+}
+
 impl GpuGemmSchedule {
     /// Threads per block: `(bm / tm) · (bn / tn)`.
     pub fn threads(&self) -> u32 {
@@ -117,16 +131,8 @@ impl GpuGemmSchedule {
         }
         let [gx, gy, _] = d.grid(m, n);
         let blocks = u64::from(gx) * u64::from(gy) * batch.max(1);
-        let ktiles = k.div_ceil(u64::from(d.bk));
-        let mut split = 1u32;
-        while split < 8
-            && blocks * u64::from(split) < u64::from(sms)
-            && ktiles >= 16 * u64::from(split)
-        {
-            split *= 2;
-        }
         Self {
-            split_k: split,
+            split_k: split_k_for(blocks, k.div_ceil(u64::from(d.bk)), sms),
             ..d
         }
     }
