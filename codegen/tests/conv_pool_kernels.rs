@@ -190,6 +190,41 @@ fn conv_with_clip_epilogue() {
     );
 }
 
+/// A Conv whose output also leaves its kernel (NasNet's `h`, read by `relu(h)` in the kernel
+/// and by an `Add` and a pool outside it) keeps the fused one-pass form, storing `h` on the
+/// way, so it still splits into tasks (the generic epilogue pass ran serially).
+#[test]
+fn conv_whose_output_leaves_the_kernel_splits_into_tasks() {
+    for k in [1, 3] {
+        let mut b = Builder::new("convtap");
+        let x = b.input("x", DType::F32, &[1, 16, 14, 14]);
+        let w = rand_const(&mut b, "w", &[32, 16, k, k], 5);
+        let bias = rand_const(&mut b, "b", &[32], 6);
+        let h = b.node(
+            Op::Nn(NnOp::Conv(ConvAttrs {
+                window: window(None, 1, k / 2, 1),
+                group: 1,
+            })),
+            &[Some(x), Some(w), Some(bias)],
+        );
+        let y = b.unary(UnaryKind::Relu, h);
+        let y2 = b.unary(UnaryKind::Relu, h);
+        let r = b.input("r", DType::F32, &[1, 32, 14, 14]);
+        let a = b.binary(BinaryKind::Add, r, h);
+        let y3 = b.unary(UnaryKind::Relu, a);
+        let g = b.finish(&[h, y, y2, a, y3]);
+        let rep = check(&g, &random_inputs(&g, 7));
+        assert_eq!(count(&rep, KernelKind::Contraction), (1, 1));
+        let kernel = &rep.lowering.kernels[0];
+        assert_eq!(kernel.outputs.len(), 5, "one kernel, every output");
+        assert!(
+            kernel.kernel.signature.tasks > 1,
+            "{k}x{k}: {} task(s)",
+            kernel.kernel.signature.tasks
+        );
+    }
+}
+
 #[test]
 fn pools() {
     for (i, (k, s, p, ceil)) in [
@@ -278,6 +313,12 @@ enum Tail {
     Clip,
     HardSwish,
     ScaleAdd,
+    /// `relu(conv)`, with `conv` a graph output too (the kernel stores it on the way).
+    ReluKeep,
+    /// `relu(conv + r)`, with `conv + r` a graph output too.
+    AddReluKeep,
+    /// `conv`, `relu(conv)` and `relu(conv + r)`, all graph outputs (NasNet's cells).
+    Tree,
 }
 
 /// A Conv with arbitrary (asymmetric) pads and `tail`, checked against the interpreter.
@@ -339,7 +380,25 @@ fn conv_random_with(
     );
     b.g.infer().expect("infer");
     let shape = b.g.values[conv].fact.shape.as_known().unwrap();
+    let mut kept = Vec::new();
     let y = match tail {
+        Tail::ReluKeep => {
+            kept.push(conv);
+            b.unary(UnaryKind::Relu, conv)
+        }
+        Tail::AddReluKeep => {
+            let r = b.input("r", DType::F32, &shape);
+            let a = b.binary(BinaryKind::Add, r, conv);
+            kept.push(a);
+            b.unary(UnaryKind::Relu, a)
+        }
+        Tail::Tree => {
+            let r = b.input("r", DType::F32, &shape);
+            let relu = b.unary(UnaryKind::Relu, conv);
+            let a = b.binary(BinaryKind::Add, conv, r);
+            kept.extend([conv, relu]);
+            b.unary(UnaryKind::Relu, a)
+        }
         Tail::None => conv,
         Tail::Relu => b.unary(UnaryKind::Relu, conv),
         Tail::AddRelu => {
@@ -363,7 +422,8 @@ fn conv_random_with(
             b.binary(BinaryKind::Add, r, t)
         }
     };
-    let g = b.finish(&[y]);
+    kept.push(y);
+    let g = b.finish(&kept);
     let rep = check_with(&g, &random_inputs(&g, seed), sched);
     assert!(
         rep.lowering.unsupported.is_empty(),
@@ -409,6 +469,9 @@ fn random_convs(sched: &ConvSchedule, cases: usize, seed: u64) {
         Tail::Clip,
         Tail::HardSwish,
         Tail::ScaleAdd,
+        Tail::ReluKeep,
+        Tail::AddReluKeep,
+        Tail::Tree,
     ];
     let mut done = 0;
     while done < cases {
@@ -479,6 +542,9 @@ fn conv_few_positions() {
         Tail::Clip,
         Tail::HardSwish,
         Tail::ScaleAdd,
+        Tail::ReluKeep,
+        Tail::AddReluKeep,
+        Tail::Tree,
     ];
     // (n, c, hw, m, k, s, p)
     type Geometry = (usize, usize, [usize; 2], usize, usize, usize, usize);
@@ -541,6 +607,9 @@ fn channel_form_cases(base: &ConvSchedule, lanes: usize, seed: u64, default_case
         Tail::Clip,
         Tail::HardSwish,
         Tail::ScaleAdd,
+        Tail::ReluKeep,
+        Tail::AddReluKeep,
+        Tail::Tree,
     ];
     let mut done = 0;
     while done < cases {
@@ -618,6 +687,9 @@ fn conv_winograd_random_shapes() {
         Tail::Clip,
         Tail::HardSwish,
         Tail::ScaleAdd,
+        Tail::ReluKeep,
+        Tail::AddReluKeep,
+        Tail::Tree,
     ];
     let sched8 = ConvSchedule {
         chan_max_positions: 0,

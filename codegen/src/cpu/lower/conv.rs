@@ -490,18 +490,36 @@ enum Epi {
     MulBuf(usize),
     AddConst(f32),
     MulConst(f32),
+    /// Store the value so far into a kernel output that is read outside the kernel too
+    /// (index into the tap buffers, each of the output's shape).
+    Store(usize),
+    /// Go on from an earlier value: 0 the convolution (+ bias), `j` the result of the `j`-th
+    /// computing step (every step but `Store` and `From` computes one), for an epilogue
+    /// that is a tree (`h` read by a `Relu` and by an `Add`).
+    From(usize),
 }
 
-/// The epilogue of a Conv kernel as a chain of [`Epi`] steps and the full-shape buffers they
-/// read, when every node is such a step applied to the previous value and only the last value
-/// leaves the kernel; `None` otherwise (the generic epilogue pass then runs).
+/// A fused Conv epilogue (see [`fused_epilogue`]): its steps, the full-shape buffers they
+/// read, the outputs its [`Epi::Store`] steps write, and the output the last value goes to.
+struct FusedEpilogue {
+    ops: Vec<Epi>,
+    bufs: Vec<ValueId>,
+    taps: Vec<ValueId>,
+    out: ValueId,
+}
+
+/// The epilogue of a Conv kernel as [`Epi`] steps and the full-shape buffers they read, when
+/// every node is such a step applied to one earlier value of the kernel (the epilogue is a
+/// tree rooted at the Conv) and every kernel output is one of those values (the last one, or
+/// one stored on the way: a Conv whose output also feeds another kernel, as `h` in NasNet's
+/// `relu(h)`, `h + …`); `None` otherwise (the generic epilogue pass then runs).
 fn fused_epilogue(
     g: &Graph,
     k: &fusion::Kernel,
     ci: usize,
     y_v: ValueId,
     y_s: &[usize],
-) -> Option<(Vec<Epi>, Vec<ValueId>)> {
+) -> Option<FusedEpilogue> {
     let scalar = |v: ValueId| -> Option<f32> {
         g.const_value(v)
             .filter(|t| t.len() == 1)
@@ -510,12 +528,35 @@ fn fused_epilogue(
     let mut cur = y_v;
     let mut ops = Vec::new();
     let mut bufs: Vec<ValueId> = Vec::new();
+    let mut taps: Vec<ValueId> = Vec::new();
+    // the values computed so far, in [`Epi::From`] order
+    let mut vals = vec![y_v];
+    let mut store = |v: ValueId, ops: &mut Vec<Epi>| {
+        if k.outputs.contains(&v) {
+            ops.push(Epi::Store(taps.len()));
+            taps.push(v);
+        }
+    };
+    store(y_v, &mut ops);
     for &n in k.nodes.iter().filter(|&&n| n != ci) {
         let node = &g.nodes[n];
         if node.outputs.len() != 1 || g.values[node.outputs[0]].fact.dtype != DType::F32 {
             return None;
         }
-        let pos = node.inputs.iter().position(|&i| i == Some(cur))?;
+        // the one operand computed in this kernel
+        let mut chain = node
+            .inputs
+            .iter()
+            .enumerate()
+            .filter(|(_, i)| i.is_some_and(|i| vals.contains(&i)));
+        let (pos, from) = chain.next()?;
+        if chain.next().is_some() {
+            return None;
+        }
+        let from = from.expect("filtered");
+        if from != cur {
+            ops.push(Epi::From(vals.iter().position(|&v| v == from)?));
+        }
         let others: Vec<Option<ValueId>> = node
             .inputs
             .iter()
@@ -545,6 +586,10 @@ fn fused_epilogue(
                 let [Some(o)] = others[..] else {
                     return None;
                 };
+                if k.nodes.iter().any(|&n| g.nodes[n].outputs.contains(&o)) {
+                    // a value of this kernel, not a buffer it reads
+                    return None;
+                }
                 let add = *kind == BinaryKind::Add;
                 if let Some(x) = scalar(o) {
                     if add {
@@ -572,8 +617,22 @@ fn fused_epilogue(
         };
         ops.push(op);
         cur = node.outputs[0];
+        vals.push(cur);
+        store(cur, &mut ops);
     }
-    (k.outputs == [cur]).then_some((ops, bufs))
+    // the last value goes to the output the caller stores
+    if ops.last() == Some(&Epi::Store(taps.len().wrapping_sub(1))) {
+        ops.pop();
+        taps.pop();
+    }
+    let every_output =
+        k.outputs.contains(&cur) && k.outputs.len() == taps.len() + 1 && !taps.contains(&cur);
+    every_output.then_some(FusedEpilogue {
+        ops,
+        bufs,
+        taps,
+        out: cur,
+    })
 }
 
 impl Loops {
@@ -632,6 +691,8 @@ struct Direct<'a> {
     epi: &'a [Epi],
     /// The epilogue buffers, flat.
     bufs: &'a [String],
+    /// The outputs the epilogue's [`Epi::Store`] steps write, flat.
+    taps: &'a [String],
     /// The task range `[begin, end)` (`index` values) of `tasks(..)` tasks.
     tasks: (String, String),
     /// Tile each output row on its own (no lanes on the grid's pad columns) instead of the
@@ -780,25 +841,36 @@ fn valid_range(n: usize, s: usize, off: i64, size: usize) -> (usize, usize) {
 fn emit_epi(l: &mut Loops, d: &Direct, val: String, idx: &str, mask: Option<&str>) -> String {
     let z = l.vsplat(0.0);
     let (vt, mt) = (l.vt(), l.mt());
-    emit_epi_with(l, d, val, &mut |l: &mut Loops, b: &str| match mask {
-        None => l.op(&format!("vector.load {b}[{idx}] : {M1}, {vt}")),
-        Some(mk) => l.op(&format!(
-            "vector.maskedload {b}[{idx}], {mk}, {z} : {M1}, {mt}, {vt} into {vt}"
-        )),
-    })
+    emit_epi_with(
+        l,
+        d,
+        val,
+        &mut |l: &mut Loops, b: &str, store: Option<&str>| match (store, mask) {
+            (Some(v), _) => {
+                emit_store(l, b, v, idx, mask);
+                String::new()
+            }
+            (None, None) => l.op(&format!("vector.load {b}[{idx}] : {M1}, {vt}")),
+            (None, Some(mk)) => l.op(&format!(
+                "vector.maskedload {b}[{idx}], {mk}, {z} : {M1}, {mt}, {vt} into {vt}"
+            )),
+        },
+    )
 }
 
-/// Applies the epilogue steps to `val`; `load(l, buf)` loads the lanes of an epilogue buffer
-/// that `val` holds.
+/// Applies the epilogue steps to `val`; `lanes(l, buf, None)` loads the lanes of an epilogue
+/// buffer that `val` holds, `lanes(l, buf, Some(v))` stores `v` to them (and returns nothing).
 fn emit_epi_with(
     l: &mut Loops,
     d: &Direct,
     mut val: String,
-    load: &mut dyn FnMut(&mut Loops, &str) -> String,
+    lanes: &mut dyn FnMut(&mut Loops, &str, Option<&str>) -> String,
 ) -> String {
     let z = l.vsplat(0.0);
     let vt = l.vt();
+    let mut vals = vec![val.clone()];
     for op in d.epi {
+        let computes = !matches!(op, Epi::Store(_) | Epi::From(_));
         val = match *op {
             Epi::Relu => l.op(&format!("arith.maximumf {val}, {z} : {vt}")),
             Epi::Clip(lo, hi) => {
@@ -829,7 +901,7 @@ fn emit_epi_with(
                 l.op(&format!("arith.{f} {val}, {c} : {vt}"))
             }
             Epi::AddBuf(i) | Epi::MulBuf(i) => {
-                let r = load(l, &d.bufs[i]);
+                let r = lanes(l, &d.bufs[i], None);
                 let f = if matches!(op, Epi::AddBuf(_)) {
                     "addf"
                 } else {
@@ -837,7 +909,15 @@ fn emit_epi_with(
                 };
                 l.op(&format!("arith.{f} {val}, {r} : {vt}"))
             }
+            Epi::Store(i) => {
+                lanes(l, &d.taps[i], Some(&val));
+                val
+            }
+            Epi::From(j) => vals[j].clone(),
         };
+        if computes {
+            vals.push(val.clone());
+        }
     }
     val
 }
@@ -1351,11 +1431,24 @@ fn emit_chan(l: &mut Loops, d: &Direct) {
                 let pv = l.konst(&format!("dense<{}>", p0 + q), vi);
                 let idx = l.op(&format!("arith.addi {}, {pv} : {vi}", yidx[j]));
                 let mk = masks[j].clone();
-                let val = emit_epi_with(l, d, val, &mut |l: &mut Loops, b: &str| {
-                    l.op(&format!(
-                        "vector.gather {b}[{z}][{idx}], {mk}, {zv} : {M1}, {vi}, {mt}, {vt} into {vt}"
-                    ))
-                });
+                let val = emit_epi_with(
+                    l,
+                    d,
+                    val,
+                    &mut |l: &mut Loops, b: &str, store: Option<&str>| {
+                        match store {
+                        Some(v) => {
+                            l.line(&format!(
+                                "vector.scatter {b}[{z}][{idx}], {mk}, {v} : {M1}, {vi}, {mt}, {vt}"
+                            ));
+                            String::new()
+                        }
+                        None => l.op(&format!(
+                            "vector.gather {b}[{z}][{idx}], {mk}, {zv} : {M1}, {vi}, {mt}, {vt} into {vt}"
+                        )),
+                    }
+                    },
+                );
                 l.line(&format!(
                     "vector.scatter {}[{z}][{idx}], {}, {val} : {M1}, {vi}, {mt}, {vt}",
                     d.y, masks[j]
@@ -2159,7 +2252,13 @@ pub fn lower_with(
     // Only the fully fused direct kernel splits into tasks: a separate epilogue pass would
     // run over the whole output in every call.
     let mut ntasks = 1;
-    if let Some((epi, bufs)) = &fused {
+    if let Some(FusedEpilogue {
+        ops: epi,
+        bufs,
+        taps,
+        out,
+    }) = &fused
+    {
         // Everything in one pass: conv + bias + epilogue on the register tiles.
         let bufs: Vec<String> = bufs
             .iter()
@@ -2214,7 +2313,17 @@ pub fn lower_with(
             }
             _ => w_mem,
         };
-        let y = p.memref_f32(args.len() + consts.len(), &cdims(&[total]));
+        // the kernel's outputs follow its inputs, in `k.outputs` order
+        let out_mem = |p: &mut Prologue, v: ValueId| {
+            let j = k
+                .outputs
+                .iter()
+                .position(|&o| o == v)
+                .expect("a kernel output");
+            p.memref_f32(args.len() + consts.len() + j, &cdims(&[total]))
+        };
+        let y = out_mem(&mut p, *out);
+        let taps: Vec<String> = taps.iter().map(|&v| out_mem(&mut p, v)).collect();
         let rb = if use_wino || use_chan || use_dot {
             win.oh
         } else {
@@ -2253,6 +2362,7 @@ pub fn lower_with(
                 y: &y,
                 epi,
                 bufs: &bufs,
+                taps: &taps,
                 tasks: range,
                 rows,
                 packed: pack_direct,
@@ -2326,6 +2436,7 @@ pub fn lower_with(
                     y: &y,
                     epi: &[],
                     bufs: &[],
+                    taps: &[],
                     tasks: serial,
                     rows,
                     packed: false,
