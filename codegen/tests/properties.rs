@@ -182,3 +182,35 @@ fn large_matmul_splits_into_row_tasks() {
         .collect();
     assert_eq!(tasks, vec![74], "one task per product row");
 }
+
+/// One-row products (GEMV) above the threshold split into column tasks over B packed in
+/// blocks of the task width (the harness runs them as three task ranges, the last past the
+/// end): ragged widths, a fused bias + ReLU, a residual row, an output kept on the way, a
+/// rank-3 `[1, 1, K]` A.
+#[test]
+fn one_row_matmul_splits_into_column_tasks() {
+    for (i, (k, n, rank3)) in [(512, 512, false), (300, 1000, true), (4096, 77, false)]
+        .into_iter()
+        .enumerate()
+    {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(20 + i as u64);
+        let mut b = Builder::new("mm_cols");
+        let xs: &[usize] = if rank3 { &[1, 1, k] } else { &[1, k] };
+        let ys: &[usize] = if rank3 { &[1, 1, n] } else { &[1, n] };
+        let x = b.input("x", DType::F32, xs);
+        let res = b.input("res", DType::F32, ys);
+        let w = b.konst("w", random_tensor(DType::F32, &[k, n], &mut rng));
+        let c = b.konst("c", random_tensor(DType::F32, &[n], &mut rng));
+        let mm = b.node(Op::Linalg(LinalgOp::MatMul), &[Some(x), Some(w)]);
+        let a = b.binary(BinaryKind::Add, mm, c);
+        let r = b.unary(UnaryKind::Relu, a);
+        let y = b.binary(BinaryKind::Add, r, res);
+        let g = b.finish(&[a, y]);
+        let rep = check(&g, &random_inputs(&g, 5));
+        all_lowered(&rep, KernelKind::Contraction);
+        let tasks = rep.lowering.kernels[0].kernel.signature.tasks;
+        // 8 tasks of 64 and 128 columns; 5 of 16 (one nr panel each) for the narrow one
+        let want = if n == 77 { 5 } else { 8 };
+        assert_eq!(tasks, want, "{k}x{n}: column tasks");
+    }
+}

@@ -156,7 +156,22 @@ impl Prologue {
         begin: &str,
         count: &str,
     ) -> String {
-        self.memref_impl(arg, shape, elem, Some((begin, count)))
+        self.memref_impl(arg, shape, elem, Some((begin, count, 0)))
+    }
+
+    /// Declares columns `[begin, begin + count)` of `args[arg]`, a dense buffer of shape
+    /// `[1, n]` (one row), as a memref of shape `[1, count]`: the column range of kernels
+    /// that split a one-row product into column tasks.
+    pub fn memref_cols(
+        &mut self,
+        arg: usize,
+        n: usize,
+        elem: &str,
+        begin: &str,
+        count: &str,
+    ) -> String {
+        let shape = [Dim::Const(1), Dim::Const(n as i64)];
+        self.memref_impl(arg, &shape, elem, Some((begin, count, 1)))
     }
 
     fn memref_impl(
@@ -164,10 +179,13 @@ impl Prologue {
         arg: usize,
         shape: &[Dim],
         elem: &str,
-        rows: Option<(&str, &str)>,
+        range: Option<(&str, &str, usize)>,
     ) -> String {
         let rank = shape.len();
-        assert!(rows.is_none() || rank > 0, "a row range needs rank >= 1");
+        assert!(
+            range.is_none_or(|(_, _, axis)| axis < rank),
+            "a range needs its axis"
+        );
         let g = self.fresh("ag");
         let mut p = self.fresh("p");
         let _ = writeln!(
@@ -175,10 +193,11 @@ impl Prologue {
             "  {g} = llvm.getelementptr %args[{arg}] : (!llvm.ptr) -> !llvm.ptr, !llvm.ptr\n  {p} = llvm.load {g} : !llvm.ptr -> !llvm.ptr"
         );
         let mut sizes: Vec<String> = shape.iter().map(|&d| self.dim_value(d)).collect();
-        if let Some((begin, count)) = rows {
-            // Advance the base pointer by begin * (elements per row); axis 0 becomes `count`.
+        if let Some((begin, count, axis)) = range {
+            // Advance the base pointer by begin * (elements per index of `axis`); `axis`
+            // becomes `count` (contiguous when every axis before it has size 1, or it is 0).
             let mut row = self.dim_value(Dim::Const(1));
-            for s in &sizes[1..] {
+            for s in &sizes[axis + 1..] {
                 let m = self.fresh("s");
                 let _ = writeln!(self.text, "  {m} = llvm.mul {row}, {s} : i64");
                 row = m;
@@ -194,7 +213,7 @@ impl Prologue {
                 "  {b} = arith.index_cast {begin} : index to i64\n  {off} = llvm.mul {b}, {row} : i64\n  {q} = llvm.getelementptr {p}[{off}] : (!llvm.ptr, i64) -> !llvm.ptr, {elem}\n  {c} = arith.index_cast {count} : index to i64"
             );
             p = q;
-            sizes[0] = c;
+            sizes[axis] = c;
         }
         // Row-major strides, innermost first.
         let mut strides = vec![String::new(); rank];

@@ -146,8 +146,29 @@ pub(crate) fn lower(
         (Some(kd), Some(mn)) => kd * mn,
         _ => 0,
     };
-    let split =
-        row_split(g, k, batch.is_some() || ta, a_v, b_v, &y_s).filter(|_| macs >= MIN_SPLIT_MACS);
+    let as_2d = row_split(g, k, batch.is_some() || ta, a_v, b_v, &y_s);
+    let split = as_2d.filter(|&(m, _)| m >= 2 && macs >= MIN_SPLIT_MACS);
+    // One-row products (a GEMV: NasRNN's steps, a decoder's token, a classifier's FC) split
+    // into column tasks instead, when B is packed at compile time: each task then reads only
+    // its columns' panels of B (see `col_split`).
+    let b_const_2d = matches!(g.const_value(b_v), Some(kiln_ir::Tensor::F32(w)) if w.ndim() == 2);
+    let cols = as_2d
+        .filter(|&(m, _)| m == 1 && macs >= MIN_SPLIT_MACS)
+        .filter(|_| batch.is_none() && !tb && sched.lowering == MatmulLowering::Generator)
+        .filter(|_| b_const_2d)
+        .and_then(|(_, n)| col_split(n, a_cols.known()?, sched));
+    // the column-split kernel packs B in blocks of its task width
+    let col_sched;
+    let sched = match cols {
+        Some(c) => {
+            col_sched = MatmulSchedule {
+                nc: c.width,
+                ..sched.clone()
+            };
+            &col_sched
+        }
+        None => sched,
+    };
 
     let mut syms = SymDims::default();
     let mut p = Prologue::new();
@@ -159,17 +180,35 @@ pub(crate) fn lower(
         p.push(&format!("  %rows_n = arith.subi {e}, {b} : index"));
         (b, "%rows_n".to_string())
     });
-    let rows_view = |p: &mut Prologue, arg: usize, shape: &[PDim], elem: &str| match &rows {
-        Some((b, n)) => p.memref_rows(arg, shape, elem, b, n),
-        None => p.memref(arg, shape, elem),
-    };
+    // Column-split kernels: the task range is a range of `width`-column blocks; the product,
+    // the outputs and the epilogue inputs are declared as those columns only.
+    let col_range = cols.map(|c| {
+        let tasks = p.const_index(c.tasks as i64);
+        let (b, e) = p.task_range(&tasks);
+        let (w, n) = (p.const_index(c.width as i64), p.const_index(c.n as i64));
+        p.push(&format!(
+            "  %cols_b0 = arith.muli {b}, {w} : index\n  %cols_e0 = arith.muli {e}, {w} : index\n  %cols_b = arith.minui %cols_b0, {n} : index\n  %cols_e = arith.minui %cols_e0, {n} : index\n  %cols_n = arith.subi %cols_e, %cols_b : index"
+        ));
+        (c.n, "%cols_b".to_string(), "%cols_n".to_string())
+    });
+    let rows_view =
+        |p: &mut Prologue, arg: usize, shape: &[PDim], elem: &str| match (&rows, &col_range) {
+            (Some((b, n)), _) => p.memref_rows(arg, shape, elem, b, n),
+            (None, Some((n, b, c))) => p.memref_cols(arg, *n, elem, b, c),
+            (None, None) => p.memref(arg, shape, elem),
+        };
     let mut body = Body::default();
     let mut args = Vec::new();
     let mut ins = Vec::new();
     let epi_nodes: Vec<usize> = k.nodes.iter().copied().filter(|&n| n != ci).collect();
     // A and B.
     let a_dims = [syms.dim(&a_rows)?, syms.dim(&a_cols)?];
-    let a_mem = rows_view(&mut p, 0, &a_dims, "f32");
+    let a_mem = if cols.is_some() {
+        // every column task reads all of A's one row
+        p.memref(0, &a_dims, "f32")
+    } else {
+        rows_view(&mut p, 0, &a_dims, "f32")
+    };
     let b_dims = match batch {
         Some((nb, [_, n, k])) => vec![PDim::Const((nb * k) as i64), PDim::Const(n as i64)],
         None => syms.dims(&b_s)?,
@@ -212,6 +251,17 @@ pub(crate) fn lower(
         let ty = Ty::of(g.values[v].fact.dtype)?;
         match classify_input(g, v, &y_s)? {
             InputKind::Scalar(x) => body.bind_const(v, x, ty),
+            InputKind::Buffer(_) if cols.is_some() => {
+                // one row: a row vector and a full-shape buffer are the same `n` elements
+                let memref = rows_view(&mut p, args.len(), &[], ty.storage());
+                args.push(v);
+                ins.push(GenericInput {
+                    value: v,
+                    memref,
+                    dims: vec![0, 1],
+                    ty,
+                });
+            }
             InputKind::Buffer(dims) if split.is_some() => {
                 let (m, n) = split.unwrap_or_default();
                 let (memref, dims) = if row_vector(&dims, &y_s) {
@@ -248,13 +298,26 @@ pub(crate) fn lower(
         }
     }
     // The packed B comes after the inputs, then the outputs.
-    let bk_mem = prepacked
-        .as_ref()
-        .map(|c| p.memref_f32(args.len(), &[PDim::Const(c.tensor.len() as i64)]));
+    let bk_mem = prepacked.as_ref().map(|c| {
+        let len = PDim::Const(c.tensor.len() as i64);
+        match (&col_range, a_cols.known()) {
+            // the panels of this task's columns onwards (blocks of `width` columns, each
+            // `width · K` floats)
+            (Some((_, b, _)), Some(kd)) => {
+                let (kd, total) = (p.const_index(kd as i64), p.const_index(c.tensor.len() as i64));
+                p.push(&format!(
+                    "  %cols_pb = arith.muli {b}, {kd} : index\n  %cols_pn = arith.subi {total}, %cols_pb : index"
+                ));
+                p.memref_rows(args.len(), &[len], "f32", "%cols_pb", "%cols_pn")
+            }
+            _ => p.memref_f32(args.len(), &[len]),
+        }
+    });
     let nconst = usize::from(prepacked.is_some());
-    let full = match split {
-        Some((m, n)) => vec![PDim::Const(m as i64), PDim::Const(n as i64)],
-        None => syms.dims(&y_s)?,
+    let full = match (split, cols) {
+        (Some((m, n)), _) => vec![PDim::Const(m as i64), PDim::Const(n as i64)],
+        (None, Some(c)) => vec![PDim::Const(1), PDim::Const(c.n as i64)],
+        (None, None) => syms.dims(&y_s)?,
     };
     let rank = full.len();
     let mut outs = Vec::new();
@@ -438,7 +501,11 @@ pub(crate) fn lower(
             inputs: args.len() + nconst,
             outputs: outs.len(),
             dims: syms.0,
-            tasks: split.map_or(1, |(m, _)| m as u64),
+            tasks: match (split, cols) {
+                (Some((m, _)), _) => m as u64,
+                (None, Some(c)) => c.tasks as u64,
+                (None, None) => 1,
+            },
             scratch_bytes: p_scratch,
         },
         mlir,
@@ -453,8 +520,38 @@ pub(crate) fn lower(
 /// Smallest product (multiply-adds) split into row tasks: a few µs of one core's work.
 pub(crate) const MIN_SPLIT_MACS: usize = 1 << 18;
 
-/// Whether a contraction kernel can split its product rows into tasks, and then its
-/// `(rows, cols)` as a 2-D problem: a static, non-batched, non-transposed-A product whose
+/// Most column tasks of a one-row product (enough for 8 threads).
+const MAX_COL_TASKS: usize = 8;
+
+/// Fewest multiply-adds of one column task (`K · width`: 128 KiB of B).
+const MIN_COL_TASK_MACS: usize = 1 << 15;
+
+/// The column tasks of a one-row product (see [`col_split`]).
+#[derive(Debug, Clone, Copy)]
+struct ColSplit {
+    /// Columns of the product.
+    n: usize,
+    /// Columns per task: a multiple of the schedule's `nr`, and the `nc` B is packed with.
+    width: usize,
+    /// Number of tasks, at least 2.
+    tasks: usize,
+}
+
+/// How a one-row product `[1, K] × [K, n]` splits into column tasks: up to
+/// [`MAX_COL_TASKS`], each at least [`MIN_COL_TASK_MACS`] and a whole number of `nr`
+/// panels; `None` when fewer than two such tasks fit. A one-row product is bound by reading
+/// B, which the column tasks share out between cores.
+fn col_split(n: usize, k: usize, sched: &MatmulSchedule) -> Option<ColSplit> {
+    let nr = sched.normalized().nr;
+    let by_tasks = n.div_ceil(MAX_COL_TASKS);
+    let by_work = MIN_COL_TASK_MACS.div_ceil(k.max(1));
+    let width = by_tasks.max(by_work).div_ceil(nr) * nr;
+    let tasks = n.div_ceil(width);
+    (tasks >= 2).then_some(ColSplit { n, width, tasks })
+}
+
+/// Whether a contraction kernel can split its product rows (or, with one row, its columns)
+/// into tasks, and then its `(rows, cols)` as a 2-D problem: a static, non-batched, non-transposed-A product whose
 /// output (all of them) and every epilogue buffer either has the output's full shape (its
 /// elements then are the same `[rows, cols]` matrix) or is a row vector over the last axis
 /// (`row_vector`). Every task is one row, so threads get balanced, contiguous row blocks.
@@ -472,9 +569,6 @@ fn row_split(
     let known: Vec<usize> = y_s.iter().map(Dim::known).collect::<Option<_>>()?;
     let n = *known.last()?;
     let m: usize = known[..known.len() - 1].iter().product();
-    if m < 2 {
-        return None;
-    }
     for &v in &k.inputs {
         if v == a || v == b {
             continue;
