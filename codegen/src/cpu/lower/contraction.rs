@@ -163,7 +163,7 @@ pub(crate) fn lower(
         Some(c) => {
             col_sched = MatmulSchedule {
                 nc: c.width,
-                ..sched.clone()
+                ..*sched
             };
             &col_sched
         }
