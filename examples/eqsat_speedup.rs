@@ -16,27 +16,13 @@
 //! machine (`scripts/gpu_pack.sh` fills `.gpu/eqsat`). The weights are a short repeating
 //! sequence, so the artifacts compress well for the trip.
 
-#[allow(dead_code, clippy::all)]
-#[path = "../passes/examples/eqsat_bench.rs"]
-mod tensat_graphs;
+#[path = "support/tensat.rs"]
+mod tensat;
 
 use kiln::ir::{Graph, Tensor};
 use kiln::{Compiler, Session, TensorView};
 use rand::{Rng, SeedableRng};
 use std::time::Instant;
-
-/// Makes every graph input but the first a constant with random values (the weights).
-fn weights_to_constants(g: &mut Graph, rng: &mut impl Rng) {
-    g.infer().expect("the benchmark graphs infer");
-    let weights: Vec<usize> = g.inputs[1..].to_vec();
-    for v in weights {
-        let shape = g.values[v].fact.shape.as_known().expect("static weights");
-        let n: usize = shape.iter().product();
-        let data: Vec<f32> = (0..n).map(|_| rng.random_range(-0.05..0.05)).collect();
-        g.set_const(v, Tensor::from_vec(&shape, data));
-    }
-    g.inputs.truncate(1);
-}
 
 /// Median seconds per run of `s` on `x`, over `rounds` rounds of `per` runs.
 fn time(s: &Session, x: &[f32], shape: &[usize], per: usize) -> f64 {
@@ -48,7 +34,7 @@ fn time(s: &Session, x: &[f32], shape: &[usize], per: usize) -> f64 {
     t.elapsed().as_secs_f64() / per as f64
 }
 
-/// Like [`weights_to_constants`], with weights repeating every 4099 values (random within
+/// Like [`tensat::weights_to_constants`], with weights repeating every 4099 values (random within
 /// the period): the same arithmetic, artifacts that compress to almost nothing. Each tensor
 /// starts at its own random phase and has its own scale, so no two weights are equal (equal
 /// constants would let the compiler merge projections that differ in the real model).
@@ -67,21 +53,6 @@ fn periodic_weights(g: &mut Graph, rng: &mut impl Rng) {
         g.set_const(v, Tensor::from_vec(&shape, data));
     }
     g.inputs.truncate(1);
-}
-
-/// The graph of `build` with its weights made constants by `weights`, its input shape and
-/// a random input.
-fn prepared(
-    build: fn() -> Graph,
-    weights: fn(&mut Graph, &mut rand::rngs::StdRng),
-    rng: &mut rand::rngs::StdRng,
-) -> (Graph, Vec<usize>, Vec<f32>) {
-    let mut g = build();
-    weights(&mut g, rng);
-    let shape = g.values[g.inputs[0]].fact.shape.as_known().unwrap();
-    let n: usize = shape.iter().product();
-    let x: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
-    (g, shape, x)
 }
 
 /// Prints the 15 slowest steps of `s` over `n` runs (`KILN_PROFILE=N`).
@@ -171,17 +142,15 @@ fn launch_kinds(l: &kiln_codegen::gpu::lower::GpuLowering) -> String {
 }
 
 /// A benchmark graph: name, tensat's published speed-up, builder.
-type Model = (&'static str, &'static str, fn() -> Graph);
-
 /// `--gpu SKU DIR`: see the module doc.
-fn pack_for_gpu(models: &[Model], only: &[String], sku: &str, dir: &str) {
+fn pack_for_gpu(models: &[tensat::Model], only: &[String], sku: &str, dir: &str) {
     let dir = std::path::Path::new(dir);
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     for (name, _, build) in models {
         if !only.is_empty() && !only.iter().any(|o| o == name) {
             continue;
         }
-        let (g, shape, x) = prepared(*build, periodic_weights, &mut rng);
+        let (g, shape, x) = tensat::prepared(*build, periodic_weights, &mut rng);
         let xt = Tensor::from_vec(&shape, x);
         let want = kiln::ir::interp::run(&g, std::slice::from_ref(&xt)).expect("interpreter");
         let data = dir.join(name);
@@ -250,20 +219,7 @@ fn main() {
             .collect(),
         None => args.into_iter().filter(|a| a != "-O3").collect(),
     };
-    let models: Vec<Model> = vec![
-        ("squeezenet", "24.5%", tensat_graphs::squeezenet),
-        ("vgg19", "8.9%", tensat_graphs::vgg19),
-        ("resnext50", "8.8%", tensat_graphs::resnext50),
-        ("nasrnn", "68.9%", || tensat_graphs::nasrnn(5, 512)),
-        ("nasnet", "7.3%", || tensat_graphs::nasnet(6, 128, 28)),
-        ("inception", "10.0%", tensat_graphs::inception_v3),
-        ("bert", "9.2%", || {
-            tensat_graphs::transformer("bert-base", 12, 128, 768, 12, false)
-        }),
-        ("gpt2", "-", || {
-            tensat_graphs::transformer("gpt2-blocks", 12, 128, 768, 12, true)
-        }),
-    ];
+    let models = tensat::models();
     if let Some((sku, dir)) = &gpu {
         pack_for_gpu(&models, &only, sku, dir);
         return;
@@ -281,7 +237,7 @@ fn main() {
         if !only.is_empty() && !only.iter().any(|o| o == name) {
             continue;
         }
-        let (g, shape, x) = prepared(build, weights_to_constants, &mut rng);
+        let (g, shape, x) = tensat::prepared(build, tensat::weights_to_constants, &mut rng);
         let mut arts = Vec::new();
         let mut applied = String::new();
         for level in [0u8, opt] {

@@ -52,6 +52,15 @@ impl Fact {
         }
     }
 
+    /// A constant fact sharing `t` (no copy of its data).
+    pub fn constant_shared(t: Arc<Tensor>) -> Fact {
+        Fact {
+            dtype: t.dtype(),
+            shape: Shape::known(t.shape()),
+            value: Some(t),
+        }
+    }
+
     /// The constant value, if known.
     pub fn value(&self) -> Option<&Tensor> {
         self.value.as_deref()

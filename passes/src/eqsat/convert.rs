@@ -261,7 +261,7 @@ pub fn to_graph_traced(
                             Some(n) if !by_name.contains_key(n.as_str()) => n.clone(),
                             _ => fresh_name("eqsat_const"),
                         };
-                        let v = g.add_value(name, Fact::constant((*e.tensor).clone()));
+                        let v = g.add_value(name, Fact::constant_shared(e.tensor.clone()));
                         const_vals.insert(k.0, v);
                         Emitted::Value(v)
                     }

@@ -14,15 +14,16 @@ use super::language::{Kiln, Lowered};
 use egg::{CostFunction, Extractor, Id, Language};
 use kiln_ir::ops::elementwise::ElementwiseOp;
 use kiln_ir::{Fact, Op};
+use rustc_hash::{FxHashMap, FxHashSet};
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 /// The own cost of each canonical e-node (microseconds; `f64::INFINITY` if ill-typed).
-pub type NodeCosts = HashMap<Kiln, f64>;
+pub type NodeCosts = FxHashMap<Kiln, f64>;
 
 /// Costs every e-node of the e-graph with `model`.
 pub fn node_costs(eg: &KilnEGraph, model: &dyn CostModel) -> NodeCosts {
-    let mut out = HashMap::new();
+    let mut out = NodeCosts::default();
     for class in eg.classes() {
         let cd = &class.data;
         for n in class.iter() {
@@ -116,11 +117,12 @@ pub fn dag_cost(
     total
 }
 
+/// The DAG-aware search's state (Fx hash maps: the search is mostly map look-ups).
 struct Sel<'a> {
     eg: &'a KilnEGraph,
     costs: &'a NodeCosts,
-    choice: HashMap<Id, Kiln>,
-    rc: HashMap<Id, usize>,
+    choice: FxHashMap<Id, Kiln>,
+    rc: FxHashMap<Id, usize>,
     total: f64,
 }
 
@@ -172,7 +174,7 @@ impl Sel<'_> {
 
     /// Whether `c` reaches itself through the chosen e-nodes.
     fn cyclic(&self, c: Id) -> bool {
-        let mut seen = HashSet::new();
+        let mut seen = FxHashSet::default();
         let mut stack: Vec<Id> = self.choice[&c].children().to_vec();
         while let Some(x) = stack.pop() {
             let x = self.eg.find(x);
@@ -213,8 +215,8 @@ pub fn dag(
     let mut s = Sel {
         eg,
         costs,
-        choice: start,
-        rc: HashMap::new(),
+        choice: start.into_iter().collect(),
+        rc: FxHashMap::default(),
         total: 0.0,
     };
     for &r in roots {
@@ -232,7 +234,7 @@ pub fn dag(
         classes.sort();
         for c in classes {
             if t0.elapsed() > time_limit {
-                return (s.choice, moves);
+                return (s.choice.into_iter().collect(), moves);
             }
             if s.rc.get(&c).copied().unwrap_or(0) == 0 {
                 continue;
@@ -288,5 +290,5 @@ pub fn dag(
             break;
         }
     }
-    (s.choice, moves)
+    (s.choice.into_iter().collect(), moves)
 }

@@ -149,7 +149,7 @@ fn joint_costs(eg: &EG, model: &dyn CostModel, k: usize, link: &Link) -> extract
             f.shape.numel().unwrap_or(0) as f64 * f.dtype.size_of().max(1) as f64
         })
     };
-    let mut out = HashMap::new();
+    let mut out = extract::NodeCosts::default();
     for class in eg.classes() {
         for node in class.iter() {
             let c = match node {
