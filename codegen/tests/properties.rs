@@ -214,3 +214,51 @@ fn one_row_matmul_splits_into_column_tasks() {
         assert_eq!(tasks, want, "{k}x{n}: column tasks");
     }
 }
+
+/// Row-wise kernels of at least 2¹⁶ elements split into one task per row (the harness runs
+/// them as three task ranges, the last past the end): a Softmax over BERT's attention
+/// scores `[12, 128, 128]` (rank 3: each row's indices recovered from the flat task index)
+/// and a LayerNorm over `[128, 768]`; small ones stay serial.
+#[test]
+fn big_row_wise_kernels_split_into_row_tasks() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(31);
+    let cases: [(&[usize], bool, u64); 3] = [
+        (&[12, 128, 128], false, 1536),
+        (&[128, 768], true, 128),
+        (&[4, 64], false, 1),
+    ];
+    for (shape, layer_norm, want) in cases {
+        let mut b = Builder::new("rows");
+        let x = b.input("x", DType::F32, shape);
+        let last = shape[shape.len() - 1];
+        let y = if layer_norm {
+            let scale = b.konst("scale", random_tensor(DType::F32, &[last], &mut rng));
+            let bias = b.konst("bias", random_tensor(DType::F32, &[last], &mut rng));
+            b.node(
+                Op::Nn(NnOp::LayerNormalization(LayerNormAttrs {
+                    axis: -1,
+                    epsilon: 1e-5,
+                    stash_type: DType::F32,
+                    num_outputs: 1,
+                })),
+                &[Some(x), Some(scale), Some(bias)],
+            )
+        } else {
+            let a = SoftmaxAttrs {
+                axis: -1,
+                coerce_2d: false,
+            };
+            b.node(Op::Nn(NnOp::Softmax(a)), &[Some(x)])
+        };
+        let g = b.finish(&[y]);
+        let r = check(&g, &random_inputs(&g, 9));
+        all_lowered(&r, KernelKind::Reduction);
+        let tasks: Vec<u64> = r
+            .lowering
+            .kernels
+            .iter()
+            .map(|k| k.kernel.signature.tasks)
+            .collect();
+        assert_eq!(tasks, vec![want], "{shape:?}");
+    }
+}

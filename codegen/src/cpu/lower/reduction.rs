@@ -267,6 +267,18 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered
         }
     }
     let mut p = Prologue::new();
+    // Rows are independent: a big enough kernel splits into row tasks (a task range of the
+    // flattened rows), so several threads share a Softmax or LayerNorm.
+    let rows: usize = shape[..r - 1].iter().product();
+    let tasks = if rows >= 2 && rows * shape[r - 1] >= MIN_SPLIT_ELEMS {
+        rows
+    } else {
+        1
+    };
+    let range = (tasks > 1).then(|| {
+        let t = p.const_index(tasks as i64);
+        p.task_range(&t)
+    });
     let mut b = Body::default();
     let mut inputs = HashMap::new();
     let mut args = Vec::new();
@@ -310,16 +322,33 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered
         c1,
         cn,
     };
-    // The loop nest over rows.
-    for (d, &size) in shape[..r - 1].iter().enumerate() {
-        let n = cx.b.op(&format!("arith.constant {size} : index"));
-        let iv = cx.b.fresh();
-        cx.b.raw(&format!(
-            "scf.for {iv} = {} to {n} step {} {{",
-            cx.c0, cx.c1
-        ));
-        cx.ivs[d] = Some(iv);
-    }
+    // The loop nest over rows: one loop over this task range's flattened rows, each row's
+    // indices recovered by division, or (serial) a loop per row axis.
+    let loops = match &range {
+        Some((begin, end)) => {
+            let t = cx.b.fresh();
+            cx.b.raw(&format!("scf.for {t} = {begin} to {end} step {} {{", cx.c1));
+            let mut rest = t;
+            for d in (0..r - 1).rev() {
+                let size = cx.b.op(&format!("arith.constant {} : index", shape[d]));
+                cx.ivs[d] = Some(cx.b.op(&format!("arith.remui {rest}, {size} : index")));
+                rest = cx.b.op(&format!("arith.divui {rest}, {size} : index"));
+            }
+            1
+        }
+        None => {
+            for (d, &size) in shape[..r - 1].iter().enumerate() {
+                let n = cx.b.op(&format!("arith.constant {size} : index"));
+                let iv = cx.b.fresh();
+                cx.b.raw(&format!(
+                    "scf.for {iv} = {} to {n} step {} {{",
+                    cx.c0, cx.c1
+                ));
+                cx.ivs[d] = Some(iv);
+            }
+            r - 1
+        }
+    };
     let len = shape[r - 1] as f32;
     for &n in &k.nodes {
         let node = &g.nodes[n];
@@ -429,7 +458,7 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered
         cx.b.raw("}");
         cx.b.vals = saved;
     }
-    for _ in 0..r - 1 {
+    for _ in 0..loops {
         cx.b.raw("}");
     }
     p.push(&cx.b.into_text());
@@ -439,7 +468,7 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered
             inputs: args.len(),
             outputs: outs.len(),
             dims: vec![],
-            tasks: 1,
+            tasks: tasks as u64,
             scratch_bytes: 0,
         },
         mlir: p.finish(name),
@@ -447,6 +476,9 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered
     };
     Ok((kernel, args, k.outputs.clone()))
 }
+
+/// Fewest elements of a row-wise kernel split into row tasks (a few µs of one core's work).
+const MIN_SPLIT_ELEMS: usize = 1 << 16;
 
 /// `acc + x` for a sum over a row, with `reassoc` and `nsz` (what LLVM needs to treat it as
 /// an associative reduction) so that LLVM may vectorise the loop, or the unrolled row (it
