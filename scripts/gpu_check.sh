@@ -6,18 +6,20 @@
 #
 # A session has 15 minutes of device time, the machine's start included, so the checks run
 # against a deadline (DEADLINE seconds from the start, default 480) in the order of what is
-# most needed, and a section that would not fit is skipped, saying so:
-#   1. gemm      f16 GEMM 4096³ against cuBLAS, every wgmma/mma.sync variant (issue 5 bar)
-#   2. tests     runtime CUDA tests, one process each (wgmma bn = 64 fix, CUDA ops)
-#   3. zoo       zoo artifacts checked and timed (gpu_zoo), then PyTorch eager (issue 5 bar)
-#   4. tune      tuning bundles measured, records to $OUT/tune/*.jsonl (issue 6)
-#   5. eqsat     tensat's graphs at -O0 and -O2, measured speed-up (issue 4)
+# most needed (the open issue first), and a section that would not fit is skipped, saying so:
+#   1. eqsat     tensat's graphs at -O0 and -O2, measured speed-up (issue 4, open), then
+#                the per-launch device time of NasRNN's and BERT's artifacts (KILN_PROFILE:
+#                time per launch over its K steps calibrates the cost model's k_step_us)
+#   2. gemm      f16 GEMM 4096³ against cuBLAS, every wgmma/mma.sync variant (issue 5 bar)
+#   3. tests     runtime CUDA tests, one process each (wgmma bn = 64 fix, CUDA ops)
+#   4. zoo       zoo artifacts checked and timed (gpu_zoo), then PyTorch eager (issue 5 bar)
+#   5. tune      tuning bundles measured, records to $OUT/tune/*.jsonl (issue 6)
 #   6. cluster   zoo sharded over 2 GPU ranks, NCCL test (issue 7)
 # SECTIONS="gemm zoo" runs only those. Every table lands in $OUT as soon as it is printed.
 set -uo pipefail
 OUT=${OUT:-/tmp/kiln_gpu_out}; mkdir -p "$OUT"
 START=$(date +%s); DEADLINE=${DEADLINE:-480}
-SECTIONS=${SECTIONS:-gemm tests zoo tune eqsat cluster}
+SECTIONS=${SECTIONS:-eqsat gemm tests zoo tune cluster}
 # seconds left before the deadline
 left() { echo $(( DEADLINE - ($(date +%s) - START) )); }
 # cap SECS: SECS, or what is left minus a margin, whichever is smaller (at least 1)
@@ -44,6 +46,10 @@ run_tests() {
   done
 }
 
+if [ -f .gpu/eqsat.tar.xz ] && section eqsat 60; then
+  EQSAT_TIMEOUT=$(cap 120) PROFILE_GRAPHS=${PROFILE_GRAPHS:-"nasrnn bert"} \
+    bash scripts/gpu_eqsat_check.sh 50
+fi
 if section gemm 60; then
   timeout "$(cap 150)" .gpu/bin/gemm_bench 2>&1 | tee "$OUT/gemm.txt"
 fi
@@ -84,9 +90,6 @@ if [ -d .gpu/tune ] && section tune 60; then
   n=$(ls -d .gpu/tune/*/ | wc -l); share=$(( ($(left) - 150) / (n > 0 ? n : 1) ))
   [ "$share" -lt 10 ] && share=10
   RUNS=${RUNS:-10} BUNDLE_TIMEOUT=$share bash scripts/gpu_tune_check.sh
-fi
-if [ -f .gpu/eqsat.tar.xz ] && section eqsat 60; then
-  EQSAT_TIMEOUT=$(cap 120) bash scripts/gpu_eqsat_check.sh 50
 fi
 if section cluster 40; then
   timeout "$(cap 150)" .gpu/bin/gpu_cluster .gpu/cluster 20 2>&1 | tee "$OUT/cluster.txt"

@@ -4,6 +4,8 @@
 # process per artifact (checked against the interpreter's output, then timed: median of
 # RUNS, default 100; at most EQSAT_TIMEOUT s each, default 300), and prints the measured -O2 over -O0 speed-up per graph beside
 # tensat's (MLSys'21, V100). The table also lands in $OUT/eqsat.txt when OUT is set.
+# PROFILE_GRAPHS="nasrnn bert": then the device time of each launch of those graphs'
+# artifacts (KILN_PROFILE, 10 runs) into $OUT/eqsat_profile.txt.
 set -uo pipefail
 OUT=${OUT:-/tmp/kiln_gpu_out}; mkdir -p "$OUT"
 RUNS=${1:-100}
@@ -41,4 +43,10 @@ for g in sorted({k[0] for k in p50}):
     sp = 'same graph' if same else f'{100 * (a[0] / b[0] - 1):+.1f}%'
     print(f'| {g} | {a[0]:.3f} | {b[0]:.3f} | {sp} | {a[1]} / {b[1]} | {tensat.get(g, "-")} |')
 PY
+for g in ${PROFILE_GRAPHS:-}; do
+  for f in "$D"/eqsat/"$g".O*.kiln; do
+    [ -f "$f" ] || continue
+    KILN_PROFILE=10 timeout "${EQSAT_TIMEOUT:-300}" .gpu/bin/gpu_zoo "$D/eqsat" 10 "$(basename "$f")" 2>&1
+  done
+done | tee "$OUT/eqsat_profile.txt"
 rm -rf "$D"
