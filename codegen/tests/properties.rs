@@ -262,3 +262,39 @@ fn big_row_wise_kernels_split_into_row_tasks() {
         assert_eq!(tasks, vec![want], "{shape:?}");
     }
 }
+
+/// Elementwise kernels of at least 2¹⁶ elements split into tasks along their first axis of
+/// size ≥ 2 (the harness runs three task ranges, the last past the end): an NCHW
+/// `relu(x · s + b)` with a per-channel broadcast `[1, C, 1, 1]` (split along C) and a
+/// last-axis broadcast, a `[3, 200, 120]` add (split along the batch), a small one serial.
+#[test]
+fn big_elementwise_kernels_split_into_tasks() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(41);
+    let cases: [(&[usize], u64); 3] = [
+        (&[1, 64, 32, 32], 64),
+        (&[3, 200, 120], 3),
+        (&[1, 8, 16], 1),
+    ];
+    for (shape, want) in cases {
+        let mut b = Builder::new("ew");
+        let x = b.input("x", DType::F32, shape);
+        let r = shape.len();
+        let mut chan = vec![1; r];
+        chan[r.min(2) - 1] = shape[r.min(2) - 1];
+        let s = b.input("s", DType::F32, &chan);
+        let last = b.konst("last", random_tensor(DType::F32, &[shape[r - 1]], &mut rng));
+        let m = b.binary(BinaryKind::Mul, x, s);
+        let a = b.binary(BinaryKind::Add, m, last);
+        let y = b.unary(UnaryKind::Relu, a);
+        let g = b.finish(&[y]);
+        let rep = check(&g, &random_inputs(&g, 3));
+        all_lowered(&rep, KernelKind::Elementwise);
+        let tasks: Vec<u64> = rep
+            .lowering
+            .kernels
+            .iter()
+            .map(|k| k.kernel.signature.tasks)
+            .collect();
+        assert_eq!(tasks, vec![want], "{shape:?}");
+    }
+}

@@ -159,6 +159,21 @@ impl Prologue {
         self.memref_impl(arg, shape, elem, Some((begin, count, 0)))
     }
 
+    /// Declares indices `[begin, begin + count)` along `axis` of `args[arg]`, a dense
+    /// row-major buffer of shape `shape` whose axes before `axis` all have size 1 (so the
+    /// range is contiguous), as a memref of `shape` with `axis` of size `count`.
+    pub fn memref_range(
+        &mut self,
+        arg: usize,
+        shape: &[Dim],
+        elem: &str,
+        axis: usize,
+        begin: &str,
+        count: &str,
+    ) -> String {
+        self.memref_impl(arg, shape, elem, Some((begin, count, axis)))
+    }
+
     /// Declares columns `[begin, begin + count)` of `args[arg]`, a dense buffer of shape
     /// `[1, n]` (one row), as a memref of shape `[1, count]`: the column range of kernels
     /// that split a one-row product into column tasks.

@@ -104,6 +104,20 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered
     }
     let mut syms = SymDims::default();
     let mut p = Prologue::new();
+    // A big static kernel splits into tasks along its first axis of size >= 2 (the axes
+    // before it have size 1, so each task's part of every buffer is contiguous).
+    let split = shape
+        .iter()
+        .map(Dim::known)
+        .collect::<Option<Vec<usize>>>()
+        .filter(|s| s.iter().product::<usize>() >= MIN_SPLIT_ELEMS)
+        .and_then(|s| s.iter().position(|&d| d >= 2).map(|a| (a, s[a])));
+    let range = split.map(|(a, n)| {
+        let t = p.const_index(n as i64);
+        let (b, e) = p.task_range(&t);
+        p.push(&format!("  %ew_n = arith.subi {e}, {b} : index"));
+        (a, b, "%ew_n".to_string())
+    });
     let mut scalars = Vec::new();
     let mut ins = Vec::new();
     let mut arg_vals = Vec::new();
@@ -112,8 +126,15 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered
         match classify_input(g, v, &shape)? {
             InputKind::Scalar(x) => scalars.push((v, x, ty)),
             InputKind::Buffer(dims) => {
-                let sd: Vec<Dim> = dims.iter().map(|&d| shape[d].clone()).collect();
-                let memref = p.memref(arg_vals.len(), &syms.dims(&sd)?, ty.storage());
+                let sd = syms.dims(&dims.iter().map(|&d| shape[d].clone()).collect::<Vec<_>>())?;
+                // this task's part, unless the input is broadcast along the split axis
+                let memref = match &range {
+                    Some((a, b, n)) if dims.contains(a) => {
+                        let j = dims.iter().position(|d| d == a).expect("contained");
+                        p.memref_range(arg_vals.len(), &sd, ty.storage(), j, b, n)
+                    }
+                    _ => p.memref(arg_vals.len(), &sd, ty.storage()),
+                };
                 arg_vals.push(v);
                 ins.push(GenericInput {
                     value: v,
@@ -128,7 +149,10 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered
     let mut outs = Vec::new();
     for (i, &v) in k.outputs.iter().enumerate() {
         let ty = Ty::of(g.values[v].fact.dtype)?;
-        let memref = p.memref(arg_vals.len() + i, &full, ty.storage());
+        let memref = match &range {
+            Some((a, b, n)) => p.memref_range(arg_vals.len() + i, &full, ty.storage(), *a, b, n),
+            None => p.memref(arg_vals.len() + i, &full, ty.storage()),
+        };
         outs.push(GenericOutput {
             value: v,
             memref,
@@ -185,7 +209,7 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered
             inputs: arg_vals.len(),
             outputs: outs.len(),
             dims: syms.0,
-            tasks: 1,
+            tasks: split.map_or(1, |(_, n)| n as u64),
             scratch_bytes: 0,
         },
         mlir: p.finish(name),
@@ -193,6 +217,10 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered
     };
     Ok((kernel, arg_vals, k.outputs.clone()))
 }
+
+/// Fewest elements of an elementwise kernel split into tasks (about 256 KiB of f32: a few
+/// µs of one core's memory traffic).
+const MIN_SPLIT_ELEMS: usize = 1 << 16;
 
 /// At most this many inputs of an elementwise kernel get an in-place version of its loop.
 const MAX_IN_PLACE_VERSIONS: usize = 3;
