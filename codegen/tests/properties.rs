@@ -151,6 +151,15 @@ proptest! {
     }
 }
 
+/// The task count of each lowered kernel of `r`.
+fn task_counts(r: &Report) -> Vec<u64> {
+    r.lowering
+        .kernels
+        .iter()
+        .map(|k| k.kernel.signature.tasks)
+        .collect()
+}
+
 /// Products above the task-split threshold are split into row tasks (the harness runs them
 /// as three task ranges); rank-3 A with a fused bias + GELU epilogue and a residual.
 #[test]
@@ -174,12 +183,7 @@ fn large_matmul_splits_into_row_tasks() {
     let g = b.finish(&[y]);
     let r = check(&g, &random_inputs(&g, 3));
     all_lowered(&r, KernelKind::Contraction);
-    let tasks: Vec<u64> = r
-        .lowering
-        .kernels
-        .iter()
-        .map(|k| k.kernel.signature.tasks)
-        .collect();
+    let tasks = task_counts(&r);
     assert_eq!(tasks, vec![74], "one task per product row");
 }
 
@@ -253,12 +257,7 @@ fn big_row_wise_kernels_split_into_row_tasks() {
         let g = b.finish(&[y]);
         let r = check(&g, &random_inputs(&g, 9));
         all_lowered(&r, KernelKind::Reduction);
-        let tasks: Vec<u64> = r
-            .lowering
-            .kernels
-            .iter()
-            .map(|k| k.kernel.signature.tasks)
-            .collect();
+        let tasks = task_counts(&r);
         assert_eq!(tasks, vec![want], "{shape:?}");
     }
 }
@@ -289,12 +288,7 @@ fn big_elementwise_kernels_split_into_tasks() {
         let g = b.finish(&[y]);
         let rep = check(&g, &random_inputs(&g, 3));
         all_lowered(&rep, KernelKind::Elementwise);
-        let tasks: Vec<u64> = rep
-            .lowering
-            .kernels
-            .iter()
-            .map(|k| k.kernel.signature.tasks)
-            .collect();
+        let tasks = task_counts(&rep);
         assert_eq!(tasks, vec![want], "{shape:?}");
     }
 }
