@@ -151,11 +151,21 @@ pub(crate) fn lower(
     // One-row products (a GEMV: NasRNN's steps, a decoder's token, a classifier's FC) split
     // into column tasks instead, when B is packed at compile time: each task then reads only
     // its columns' panels of B (see `col_split`).
-    let b_const_2d = matches!(g.const_value(b_v), Some(kiln_ir::Tensor::F32(w)) if w.ndim() == 2);
+    // A constant, non-transposed 2-D B of an unbatched product with the generator lowering
+    // is packed at compile time (see `prepacked` below).
+    let b_packed = match g.const_value(b_v) {
+        Some(kiln_ir::Tensor::F32(w))
+            if w.ndim() == 2
+                && batch.is_none()
+                && !tb
+                && sched.lowering == MatmulLowering::Generator =>
+        {
+            Some(w)
+        }
+        _ => None,
+    };
     let cols = as_2d
-        .filter(|&(m, _)| m == 1 && macs >= MIN_SPLIT_MACS)
-        .filter(|_| batch.is_none() && !tb && sched.lowering == MatmulLowering::Generator)
-        .filter(|_| b_const_2d)
+        .filter(|&(m, _)| m == 1 && macs >= MIN_SPLIT_MACS && b_packed.is_some())
         .and_then(|(_, n)| col_split(n, a_cols.known()?, sched));
     // the column-split kernel packs B in blocks of its task width
     let col_sched;
@@ -214,23 +224,18 @@ pub(crate) fn lower(
         None => syms.dims(&b_s)?,
     };
     // B packed at compile time (see the doc), with its dims [K, N].
-    let prepacked = match (&batch, tb, sched.lowering, g.const_value(b_v)) {
-        (None, false, MatmulLowering::Generator, Some(kiln_ir::Tensor::F32(w)))
-            if w.ndim() == 2 =>
-        {
-            let (kk, nn) = (w.shape()[0], w.shape()[1]);
-            let data: Vec<f32> = w.iter().copied().collect();
-            let s = sched.normalized();
-            Some(DerivedConst {
-                name: format!("{}.packed{}x{}x{}", g.values[b_v].name, s.nr, s.kc, s.nc),
-                tensor: {
-                    let packed = pack_b(&data, kk, nn, sched);
-                    kiln_ir::Tensor::from_vec(&[packed.len()], packed)
-                },
-            })
+    let prepacked = b_packed.map(|w| {
+        let (kk, nn) = (w.shape()[0], w.shape()[1]);
+        let data: Vec<f32> = w.iter().copied().collect();
+        let s = sched.normalized();
+        DerivedConst {
+            name: format!("{}.packed{}x{}x{}", g.values[b_v].name, s.nr, s.kc, s.nc),
+            tensor: {
+                let packed = pack_b(&data, kk, nn, sched);
+                kiln_ir::Tensor::from_vec(&[packed.len()], packed)
+            },
         }
-        _ => None,
-    };
+    });
     args.push(a_v);
     // B itself, when it is not packed at compile time
     let b_mem = prepacked.is_none().then(|| {

@@ -110,7 +110,7 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered
         .iter()
         .map(Dim::known)
         .collect::<Option<Vec<usize>>>()
-        .filter(|s| s.iter().product::<usize>() >= MIN_SPLIT_ELEMS)
+        .filter(|s| s.iter().product::<usize>() >= super::MIN_SPLIT_ELEMS)
         .and_then(|s| s.iter().position(|&d| d >= 2).map(|a| (a, s[a])));
     let range = split.map(|(a, n)| {
         let t = p.const_index(n as i64);
@@ -217,10 +217,6 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered
     };
     Ok((kernel, arg_vals, k.outputs.clone()))
 }
-
-/// Fewest elements of an elementwise kernel split into tasks (about 256 KiB of f32: a few
-/// µs of one core's memory traffic).
-const MIN_SPLIT_ELEMS: usize = 1 << 16;
 
 /// At most this many inputs of an elementwise kernel get an in-place version of its loop.
 const MAX_IN_PLACE_VERSIONS: usize = 3;

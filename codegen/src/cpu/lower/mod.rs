@@ -33,6 +33,10 @@
 //! lower through `convert-math-to-llvm` (LLVM intrinsics) and `convert-math-to-libm`
 //! (`asinhf`, `expm1f`, ... from the C library) — exact, not vectorized.
 
+/// Fewest elements of an elementwise or row-wise kernel split into tasks (about 256 KiB of
+/// f32: a few µs of one core's memory traffic).
+const MIN_SPLIT_ELEMS: usize = 1 << 16;
+
 pub mod contraction;
 pub mod conv;
 pub mod elementwise;

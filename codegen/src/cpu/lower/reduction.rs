@@ -270,7 +270,7 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered
     // Rows are independent: a big enough kernel splits into row tasks (a task range of the
     // flattened rows), so several threads share a Softmax or LayerNorm.
     let rows: usize = shape[..r - 1].iter().product();
-    let tasks = if rows >= 2 && rows * shape[r - 1] >= MIN_SPLIT_ELEMS {
+    let tasks = if rows >= 2 && rows * shape[r - 1] >= super::MIN_SPLIT_ELEMS {
         rows
     } else {
         1
@@ -476,9 +476,6 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered
     };
     Ok((kernel, args, k.outputs.clone()))
 }
-
-/// Fewest elements of a row-wise kernel split into row tasks (a few µs of one core's work).
-const MIN_SPLIT_ELEMS: usize = 1 << 16;
 
 /// `acc + x` for a sum over a row, with `reassoc` and `nsz` (what LLVM needs to treat it as
 /// an associative reduction) so that LLVM may vectorise the loop, or the unrolled row (it
