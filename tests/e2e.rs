@@ -5,12 +5,16 @@
 //! `cargo test --release -p kiln --test e2e parallel_plan::`.
 
 mod common;
+/// Random graph builders shared with `kiln-passes`' e-graph tests.
+#[path = "../passes/tests/common/random_graphs.rs"]
+mod random_graphs;
 
 mod api;
 mod bench;
 mod cli;
 mod compile;
 mod conformance_artifact;
+mod eqsat_random;
 mod gpu_cluster;
 mod gpu_compile;
 mod gpu_run;
