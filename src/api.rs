@@ -172,6 +172,13 @@ impl Compiler {
         self
     }
 
+    /// Overrides of the optimisation level's eqsat search limits (iterations, e-nodes,
+    /// saturation time, extractor); compiling at level 0 with any of them set is an error.
+    pub fn eqsat_limits(mut self, limits: crate::pipeline::EqsatLimits) -> Self {
+        self.opts.eqsat_limits = limits;
+        self
+    }
+
     /// A concrete shape for the input `name` (symbolic dims not given default to 1).
     pub fn shape(mut self, name: impl Into<String>, dims: impl Into<Vec<usize>>) -> Self {
         self.opts.shapes.insert(name.into(), dims.into());

@@ -71,6 +71,8 @@ pub struct CompileOptions {
     /// Optimisation level (`-O0` no equality saturation, `-O1`, `-O2` default); see
     /// [`pipeline::eqsat_options`].
     pub opt_level: Option<u8>,
+    /// Overrides of the level's eqsat search limits.
+    pub eqsat_limits: pipeline::EqsatLimits,
     /// Kernels with no code generator yet run on the runtime's reference interpreter
     /// (default); off (`--no-reference-kernels`), such kernels fail the compile.
     pub reference_kernels: bool,
@@ -96,6 +98,7 @@ impl Default for CompileOptions {
             print_after: Vec::new(),
             max_batch: None,
             opt_level: None,
+            eqsat_limits: Default::default(),
             reference_kernels: true,
             schedules: Default::default(),
             measured_us: Default::default(),
@@ -273,6 +276,7 @@ pub fn compile_graph(
             opt_level: opts.opt_level,
             measured_us: opts.measured_us.clone(),
             device: None,
+            eqsat_limits: opts.eqsat_limits.clone(),
         };
         let planned = pipeline::plan_graph(graph.clone(), &popts, &mut print)?;
         t_plan += t.elapsed();

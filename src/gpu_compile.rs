@@ -84,6 +84,7 @@ pub(crate) fn plan_for_gpu(
         opt_level: opts.opt_level,
         measured_us: opts.measured_us.clone(),
         device: Some(eqsat_device(sku, opts.precision)),
+        eqsat_limits: opts.eqsat_limits.clone(),
     };
     let planned = pipeline::plan_graph(graph.clone(), &popts, print)?;
     if planned.tail.is_some() {

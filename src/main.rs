@@ -41,6 +41,8 @@ enum Cmd {
         /// Optimisation level: -O0 (no eqsat), -O1, -O2 (default), -O3 (longer search).
         #[arg(short = 'O', value_name = "LEVEL")]
         opt_level: Option<u8>,
+        #[command(flatten)]
+        eqsat: EqsatArgs,
         /// Search a parallel plan for this cluster file (docs/parallel.md) and print it
         /// beside the best pure data-parallel and tensor-parallel plans.
         #[arg(long, value_name = "FILE")]
@@ -102,6 +104,8 @@ enum Cmd {
         /// Optimisation level: -O0 (no eqsat), -O1, -O2 (default), -O3 (longer search).
         #[arg(short = 'O', value_name = "LEVEL")]
         opt_level: Option<u8>,
+        #[command(flatten)]
+        eqsat: EqsatArgs,
         /// Fail instead of running kernels that have no compiled code yet on the reference
         /// interpreter.
         #[arg(long)]
@@ -248,6 +252,48 @@ enum DbAction {
 }
 
 /// Arguments of `kiln bench`.
+/// Overrides of the `-O` level's eqsat search limits (`compile`, `plan`).
+#[derive(clap::Args)]
+struct EqsatArgs {
+    /// Maximum eqsat saturation iterations (default: the -O level's, 4 / 8 / 16 at
+    /// -O1 / -O2 / -O3).
+    #[arg(long, value_name = "N")]
+    eqsat_iters: Option<usize>,
+    /// Maximum e-graph nodes (default 20000; 60000 at -O3).
+    #[arg(long, value_name = "N")]
+    eqsat_nodes: Option<usize>,
+    /// Maximum saturation seconds (default 3; 8 at -O3).
+    #[arg(long, value_name = "SECS")]
+    eqsat_time: Option<f64>,
+    /// Extractor: greedy, dag (DAG-aware local search, the -O2 default) or ilp (the -O3
+    /// default); a time-out falls back to the greedy result.
+    #[arg(long, value_name = "KIND")]
+    extractor: Option<String>,
+}
+
+impl EqsatArgs {
+    /// The limits, checked.
+    fn limits(&self) -> Result<kiln::pipeline::EqsatLimits> {
+        let time_limit = match self.eqsat_time {
+            Some(s) => Some(
+                std::time::Duration::try_from_secs_f64(s)
+                    .map_err(|e| anyhow::anyhow!("--eqsat-time {s}: {e}"))?,
+            ),
+            None => None,
+        };
+        let extractor = match &self.extractor {
+            Some(k) => Some(k.parse().map_err(|e| anyhow::anyhow!("--extractor: {e}"))?),
+            None => None,
+        };
+        Ok(kiln::pipeline::EqsatLimits {
+            iter_limit: self.eqsat_iters,
+            node_limit: self.eqsat_nodes,
+            time_limit,
+            extractor,
+        })
+    }
+}
+
 #[derive(clap::Args)]
 struct BenchArgs {
     /// The ONNX model (compiled in-process) or a compiled .kiln artifact.
@@ -293,6 +339,13 @@ struct BenchArgs {
 }
 
 fn main() {
+    // `kiln ... | head`: end quietly when the reader goes away, as other Unix tools do,
+    // instead of panicking in `println!` on the broken pipe.
+    #[cfg(unix)]
+    // SAFETY: restores the default disposition of one signal before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");
@@ -319,6 +372,7 @@ fn run(cli: Cli) -> Result<()> {
             shapes,
             print_after,
             opt_level,
+            eqsat,
             cluster,
             batch,
             json,
@@ -327,6 +381,7 @@ fn run(cli: Cli) -> Result<()> {
             let mut opts = kiln::pipeline::Options {
                 print_after,
                 opt_level,
+                eqsat_limits: eqsat.limits()?,
                 ..Default::default()
             };
             for s in &shapes {
@@ -367,6 +422,7 @@ fn run(cli: Cli) -> Result<()> {
             max_batch,
             explain,
             opt_level,
+            eqsat,
             no_reference_kernels,
             db,
             precision,
@@ -375,7 +431,11 @@ fn run(cli: Cli) -> Result<()> {
             cluster,
             mode,
         } => {
+            let eqsat_limits = eqsat.limits()?;
             if ranks.is_some() || plan.is_some() || cluster.is_some() {
+                if !eqsat_limits.is_empty() {
+                    bail!("--eqsat-iters/--eqsat-nodes/--eqsat-time/--extractor are not supported with --ranks/--plan/--cluster yet (the plan search sets its own)");
+                }
                 return compile_sharded(
                     &model,
                     output,
@@ -407,6 +467,7 @@ fn run(cli: Cli) -> Result<()> {
             if let Some(o) = opt_level {
                 compiler = compiler.opt_level(o);
             }
+            compiler = compiler.eqsat_limits(eqsat_limits);
             for stage in print_after {
                 compiler = compiler.print_after(stage);
             }

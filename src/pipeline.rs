@@ -47,6 +47,47 @@ pub struct Options {
     pub measured_us: std::sync::Arc<HashMap<String, f64>>,
     /// The device the eqsat cost model describes (`None`: a CPU core).
     pub device: Option<kiln_passes::eqsat::cost::Device>,
+    /// Overrides of the `-O` level's eqsat search limits.
+    pub eqsat_limits: EqsatLimits,
+}
+
+/// Overrides of the eqsat search limits that an optimisation level sets
+/// ([`eqsat_options`]): `kiln compile --eqsat-iters N --eqsat-nodes N --eqsat-time SECS
+/// --extractor greedy|dag|ilp`. `None` keeps the level's value.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct EqsatLimits {
+    /// Maximum saturation iterations.
+    pub iter_limit: Option<usize>,
+    /// Maximum e-nodes.
+    pub node_limit: Option<usize>,
+    /// Maximum saturation time (extraction has its own limits, and a time-out there
+    /// falls back to the greedy result).
+    pub time_limit: Option<std::time::Duration>,
+    /// The extractor.
+    pub extractor: Option<kiln_passes::eqsat::ExtractorKind>,
+}
+
+impl EqsatLimits {
+    /// Whether nothing is overridden.
+    pub fn is_empty(&self) -> bool {
+        *self == EqsatLimits::default()
+    }
+
+    /// Applies the overrides to `o`.
+    pub fn apply(&self, o: &mut kiln_passes::eqsat::EqsatOptions) {
+        if let Some(n) = self.iter_limit {
+            o.iter_limit = n;
+        }
+        if let Some(n) = self.node_limit {
+            o.node_limit = n;
+        }
+        if let Some(t) = self.time_limit {
+            o.time_limit = t;
+        }
+        if let Some(x) = self.extractor {
+            o.extractor = x;
+        }
+    }
 }
 
 /// Separates the eqsat report from the IR in the text printed after the `eqsat` stage.
@@ -189,7 +230,12 @@ pub fn plan_graph(
         print("fold", &kiln_ir::printer::to_text(&g));
     }
     let mut eqsat = None;
-    if let Some(mut eo) = eqsat_options(opts.opt_level.unwrap_or(2)) {
+    let level = opts.opt_level.unwrap_or(2);
+    if level == 0 && !opts.eqsat_limits.is_empty() {
+        bail!("eqsat limits (--eqsat-iters/--eqsat-nodes/--eqsat-time/--extractor) were given at -O0, where equality saturation is off");
+    }
+    if let Some(mut eo) = eqsat_options(level) {
+        opts.eqsat_limits.apply(&mut eo);
         eo.measured_us = opts.measured_us.clone();
         if let Some(d) = &opts.device {
             eo.device = d.clone();

@@ -79,6 +79,7 @@ pub fn model_tasks(model: &Path, opts: &CompileOptions) -> Result<Vec<ModelTask>
         opt_level: opts.opt_level,
         measured_us: opts.measured_us.clone(),
         device: None,
+        eqsat_limits: opts.eqsat_limits.clone(),
     };
     let planned = pipeline::plan_graph(g, &popts, |_, _| {})?;
     let (g, p) = (&planned.graph, &planned.partition);

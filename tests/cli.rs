@@ -119,3 +119,66 @@ fn plan_every_zoo_model_and_print_stages() {
         "{out}"
     );
 }
+
+#[test]
+fn compile_explains_rewrites_under_the_given_eqsat_limits() {
+    let dir = tmp("eqsat-limits");
+    let out = dir.join("m.kiln");
+    let bert = zoo_model("bert");
+    let compile = |extra: &[&str]| {
+        let mut args = vec!["compile", bert.as_str(), "-o", out.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        kiln(&args)
+    };
+    let (ok, text) = compile(&["--explain", "rewrites"]);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("eqsat: 8 iterations")
+            && text.contains("rules applied")
+            && text.contains("kept"),
+        "{text}"
+    );
+    let (ok, text) = compile(&["--explain", "rewrites", "--eqsat-iters", "1"]);
+    assert!(
+        ok && text.contains("eqsat: 1 iterations (iteration limit)"),
+        "{text}"
+    );
+    let (ok, text) = compile(&["--explain", "rewrites", "--eqsat-nodes", "60"]);
+    assert!(ok && text.contains("(e-node limit, at "), "{text}");
+    let (ok, text) = compile(&["--explain", "rewrites", "--extractor", "greedy"]);
+    assert!(
+        ok && text.contains("kept greedy") || text.contains("kept input"),
+        "{text}"
+    );
+    // the plan command takes the same limits
+    let (ok, text) = kiln(&[
+        "plan",
+        bert.as_str(),
+        "--print-after=eqsat",
+        "--eqsat-iters",
+        "1",
+    ]);
+    assert!(ok && text.contains("(iteration limit)"), "{text}");
+    // errors name the flag, and write nothing
+    std::fs::remove_file(&out).unwrap();
+    let (ok, text) = compile(&["--extractor", "best"]);
+    assert!(
+        !ok && text.contains("--extractor") && text.contains("greedy, dag or ilp"),
+        "{text}"
+    );
+    let (ok, text) = compile(&["-O0", "--eqsat-nodes", "100"]);
+    assert!(!ok && text.contains("-O0"), "{text}");
+    let (ok, text) = compile(&["--eqsat-time=-1"]);
+    assert!(!ok && text.contains("--eqsat-time"), "{text}");
+    assert!(!out.exists(), "a failed compile leaves no artifact");
+}
+
+fn zoo_model(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/zoo")
+        .join(name)
+        .join("model.onnx")
+        .to_str()
+        .unwrap()
+        .to_string()
+}

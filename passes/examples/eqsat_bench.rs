@@ -568,7 +568,7 @@ fn main() {
             r.egraph_nodes,
             r.egraph_classes,
             r.iterations,
-            r.stop_reason.replace("Some(", "").replace(')', ""),
+            r.stop_reason,
             r.saturate_s,
             r.extract_s,
             r.cost_before,

@@ -60,6 +60,21 @@ pub enum ExtractorKind {
     Ilp,
 }
 
+impl std::str::FromStr for ExtractorKind {
+    type Err = String;
+    /// `greedy`, `dag` or `ilp`.
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "greedy" => Ok(ExtractorKind::Greedy),
+            "dag" => Ok(ExtractorKind::Dag),
+            "ilp" => Ok(ExtractorKind::Ilp),
+            _ => Err(format!(
+                "unknown extractor '{s}' (expected greedy, dag or ilp)"
+            )),
+        }
+    }
+}
+
 /// Options of [`optimize`].
 #[derive(Clone, Debug)]
 pub struct EqsatOptions {
@@ -113,7 +128,8 @@ pub struct EqsatReport {
     pub rules_total: usize,
     /// Saturation iterations run.
     pub iterations: usize,
-    /// Why saturation stopped.
+    /// Why saturation stopped (`saturated`, `iteration limit`, `e-node limit, at N
+    /// e-nodes`, `time limit, at S s`).
     pub stop_reason: String,
     /// E-nodes and e-classes at the end of saturation.
     pub egraph_nodes: usize,
@@ -220,7 +236,14 @@ pub fn optimize(g: &Graph, opts: &EqsatOptions) -> Result<(Graph, EqsatReport)> 
         .with_time_limit(opts.time_limit)
         .run(&rules);
     rep.iterations = runner.iterations.len();
-    rep.stop_reason = format!("{:?}", runner.stop_reason);
+    rep.stop_reason = match &runner.stop_reason {
+        Some(egg::StopReason::Saturated) => "saturated".into(),
+        Some(egg::StopReason::IterationLimit(_)) => "iteration limit".into(),
+        Some(egg::StopReason::NodeLimit(n)) => format!("e-node limit, at {n} e-nodes"),
+        Some(egg::StopReason::TimeLimit(s)) => format!("time limit, at {s:.2} s"),
+        Some(egg::StopReason::Other(s)) => s.clone(),
+        None => "not run".into(),
+    };
     for it in &runner.iterations {
         for (r, n) in &it.applied {
             if *n > 0 {
