@@ -51,31 +51,45 @@ fn check(what: &str, g: &Graph, inputs: &[Tensor]) {
     }
 }
 
-#[test]
-fn random_graphs_compile_and_run_at_every_level() {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(2026);
-    for i in 0..16u64 {
+/// `count` random graphs of each family at `scale` (see the generators), compiled at every
+/// level and checked.
+fn sweep(seed: u64, count: u64, scale: usize) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    for i in 0..count {
         let n = rng.random_range(3..10);
         let const_w = i % 4 < 2;
         if i % 2 == 0 {
             let ops: Vec<Step> = (0..n)
                 .map(|_| Step::random(MATRIX_KINDS, &mut rng))
                 .collect();
-            let (g, inputs) =
-                matrix_graph(rng.random(), rng.random(), i % 3 == 0, &ops, const_w, i);
+            let dims = (rng.random(), rng.random(), scale);
+            let (g, inputs) = matrix_graph(dims, i % 3 == 0, &ops, const_w, i);
             check(
-                &format!("matrix graph {i} {ops:?} const {const_w}"),
+                &format!("matrix graph {i} x{scale} {ops:?} const {const_w}"),
                 &g,
                 &inputs,
             );
         } else {
             let ops: Vec<Step> = (0..n).map(|_| Step::random(CONV_KINDS, &mut rng)).collect();
-            let (g, inputs) = conv_graph(rng.random(), rng.random(), &ops, const_w, i);
+            let (g, inputs) = conv_graph((rng.random(), rng.random(), scale), &ops, const_w, i);
             check(
-                &format!("conv cell {i} {ops:?} const {const_w}"),
+                &format!("conv cell {i} x{scale} {ops:?} const {const_w}"),
                 &g,
                 &inputs,
             );
         }
     }
+}
+
+#[test]
+fn random_graphs_compile_and_run_at_every_level() {
+    sweep(2026, 16, 1);
+}
+
+/// Sizes where the CPU kernels tile, vectorise and split into tasks (products up to 192
+/// wide, convolutions of 16–32 channels at 17–19 pixels a side).
+#[test]
+fn bigger_random_graphs_compile_and_run_at_every_level() {
+    sweep(2027, 6, 8);
+    sweep(2028, 4, 24);
 }

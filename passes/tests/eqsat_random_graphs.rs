@@ -95,7 +95,7 @@ proptest! {
         r in 0u8..3, c in 0u8..5, two in any::<bool>(), const_w in any::<bool>(),
         ops in steps(MATRIX_KINDS), seed in any::<u64>(),
     ) {
-        let (g, inputs) = matrix_graph(r, c, two, &ops, const_w, seed);
+        let (g, inputs) = matrix_graph((r, c, 1), two, &ops, const_w, seed);
         check(&format!("matrix graph {ops:?} const {const_w}"), &g, &inputs);
     }
 
@@ -103,7 +103,7 @@ proptest! {
     fn random_conv_cells_keep_their_values(
         c in 0u8..3, hw in 0u8..3, const_w in any::<bool>(), ops in steps(CONV_KINDS), seed in any::<u64>(),
     ) {
-        let (g, inputs) = conv_graph(c, hw, &ops, const_w, seed);
+        let (g, inputs) = conv_graph((c, hw, 1), &ops, const_w, seed);
         check(&format!("conv cell {ops:?} const {const_w}"), &g, &inputs);
     }
 }
@@ -119,9 +119,9 @@ fn random_graphs_reach_the_merge_rules() {
             .map(|_| Step::random(MATRIX_KINDS, &mut rng))
             .collect();
         let (g, _) = if i % 2 == 0 {
-            matrix_graph(1, 2, true, &ops, i % 4 == 0, i)
+            matrix_graph((1, 2, 1), true, &ops, i % 4 == 0, i)
         } else {
-            conv_graph(1, 1, &ops, i % 4 == 1, i)
+            conv_graph((1, 1, 1), &ops, i % 4 == 1, i)
         };
         let opts = EqsatOptions {
             device: devices().pop().unwrap(),

@@ -196,17 +196,16 @@ pub const CONV_KINDS: u8 = 11;
 
 /// A graph of matrices: `x` is `[r, c]` (a second input of that shape if `two_inputs`),
 /// each step adds one op over earlier values; weights are constants if `const_w`, else
-/// inputs. Returns the graph and random inputs.
+/// inputs; every size is multiplied by `scale`. Returns the graph and random inputs.
 pub fn matrix_graph(
-    r: u8,
-    c: u8,
+    (r, c, scale): (u8, u8, usize),
     two_inputs: bool,
     ops: &[Step],
     const_w: bool,
     seed: u64,
 ) -> (Graph, Vec<Tensor>) {
     let mut b = Builder::new(const_w, seed);
-    let (r, c) = (1 + r as usize % 3, SIZES[c as usize % 5]);
+    let (r, c) = ((1 + r as usize % 3) * scale, SIZES[c as usize % 5] * scale);
     let x = b.input(&[r, c]);
     b.pool.push(x);
     if two_inputs {
@@ -216,7 +215,7 @@ pub fn matrix_graph(
     for s in ops {
         let x = b.pick(s.a);
         let d = b.dims(x);
-        let n = SIZES[s.p as usize % 5];
+        let n = SIZES[s.p as usize % 5] * scale;
         let unary = ["Relu", "Tanh", "Neg", "Sigmoid", "Abs"];
         let y = match s.kind {
             // x W (+ bias)
@@ -340,11 +339,20 @@ pub fn matrix_graph(
     b.finish(&[ops[0].b, ops[ops.len() - 1].a + 1])
 }
 
-/// A convolution cell: `x` is `[1, c, h, w]`; spatial size is kept by every step.
-/// Returns the graph and random inputs.
-pub fn conv_graph(c: u8, hw: u8, ops: &[Step], const_w: bool, seed: u64) -> (Graph, Vec<Tensor>) {
+/// A convolution cell: `x` is `[1, c, h, w]`; spatial size is kept by every step; channel
+/// counts are multiplied by `scale`, the spatial size grows with it. Returns the graph and
+/// random inputs.
+pub fn conv_graph(
+    (c, hw, scale): (u8, u8, usize),
+    ops: &[Step],
+    const_w: bool,
+    seed: u64,
+) -> (Graph, Vec<Tensor>) {
     let mut b = Builder::new(const_w, seed);
-    let (c, hw) = (2 + c as usize % 3, 3 + hw as usize % 3);
+    let (c, hw) = (
+        (2 + c as usize % 3) * scale,
+        3 + hw as usize % 3 + 2 * (scale - 1),
+    );
     let x = b.input(&[1, c, hw, hw]);
     b.pool.push(x);
     let conv = |b: &mut Builder, x: usize, cout: usize, k: usize, group: usize, bias: bool| {
@@ -364,7 +372,7 @@ pub fn conv_graph(c: u8, hw: u8, ops: &[Step], const_w: bool, seed: u64) -> (Gra
     for s in ops {
         let x = b.pick(s.a);
         let d = b.dims(x);
-        let cout = [2, 3, 4, 6][s.p as usize % 4];
+        let cout = [2, 3, 4, 6][s.p as usize % 4] * scale;
         let y = match s.kind {
             0 => conv(&mut b, x, cout, 1, 1, s.p % 2 == 1),
             1 => conv(&mut b, x, cout, 3, 1, s.p % 2 == 1),
@@ -411,7 +419,7 @@ pub fn conv_graph(c: u8, hw: u8, ops: &[Step], const_w: bool, seed: u64) -> (Gra
             8 if d[1].is_multiple_of(2) => conv(
                 &mut b,
                 x,
-                2 * (1 + s.p as usize % 2),
+                2 * (1 + s.p as usize % 2) * scale,
                 1 + 2 * (s.b as usize % 2),
                 2,
                 true,
