@@ -125,11 +125,7 @@ fn rewrites_that_could_loop_extract_an_acyclic_graph() {
     }
     g.outputs.push(cur);
     let inputs = vec![random_f32(&[3, 5], &mut rng)];
-    for extractor in [
-        ExtractorKind::Greedy,
-        ExtractorKind::Dag,
-        ExtractorKind::Ilp,
-    ] {
+    for extractor in ExtractorKind::ALL {
         let opts = EqsatOptions {
             extractor,
             ..Default::default()

@@ -48,11 +48,7 @@ fn devices() -> Vec<Device> {
 fn check(what: &str, g: &Graph, inputs: &[Tensor]) {
     let want = interp::run(g, inputs).unwrap_or_else(|e| panic!("{what}: input graph: {e}"));
     for device in devices() {
-        for extractor in [
-            ExtractorKind::Greedy,
-            ExtractorKind::Dag,
-            ExtractorKind::Ilp,
-        ] {
+        for extractor in ExtractorKind::ALL {
             let opts = EqsatOptions {
                 extractor,
                 device: device.clone(),

@@ -16,11 +16,7 @@ fn zoo_models_keep_their_outputs() {
         let (mut g, inputs) = load_zoo(name, 5);
         kiln_passes::fold_batchnorm::fold_all(&mut g);
         kiln_ir::simplify::simplify(&mut g);
-        for extractor in [
-            ExtractorKind::Greedy,
-            ExtractorKind::Dag,
-            ExtractorKind::Ilp,
-        ] {
+        for extractor in ExtractorKind::ALL {
             let opts = EqsatOptions {
                 extractor,
                 ilp_time_limit: std::time::Duration::from_secs(1),

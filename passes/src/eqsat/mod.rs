@@ -60,6 +60,15 @@ pub enum ExtractorKind {
     Ilp,
 }
 
+impl ExtractorKind {
+    /// Every extractor, cheapest search first.
+    pub const ALL: [ExtractorKind; 3] = [
+        ExtractorKind::Greedy,
+        ExtractorKind::Dag,
+        ExtractorKind::Ilp,
+    ];
+}
+
 impl std::str::FromStr for ExtractorKind {
     type Err = String;
     /// `greedy`, `dag` or `ilp`.
