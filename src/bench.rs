@@ -28,7 +28,7 @@ use anyhow::{bail, Context, Result};
 use kiln_ir::ops::linalg::LinalgOp;
 use kiln_ir::ops::nn::NnOp;
 use kiln_ir::{Graph, Op, Tensor, ValueId};
-use kiln_runtime::{AlignedBuf, DimSpec, Model, TensorView};
+use kiln_runtime::{DimSpec, Model, TensorView};
 use std::fmt;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -824,7 +824,7 @@ pub fn bench(opts: &Options) -> Result<Report> {
         .inputs
         .iter()
         .zip(&shapes)
-        .map(|(io, s)| (crate::compile::graph_dtype(io.dtype), s.clone()));
+        .map(|(io, s)| (io.dtype, s.clone()));
     let mut inputs = crate::random_tensors(specs, opts.seed);
     report.inputs_from = format!("random (seed {})", opts.seed);
     let mut expected = None;
@@ -853,18 +853,7 @@ pub fn bench(opts: &Options) -> Result<Report> {
         report.inputs_from += &format!(", {name} from {file}");
         expected = None;
     }
-    let bufs: Vec<(kiln_runtime::DType, AlignedBuf)> = inputs
-        .iter()
-        .zip(&names)
-        .map(|(t, name)| {
-            let dt = crate::compile::runtime_dtype(t.dtype())
-                .with_context(|| format!("input '{name}'"))?;
-            Ok((
-                dt,
-                AlignedBuf::from_bytes(&kiln_ir::onnx::tensor_proto::to_raw(t)),
-            ))
-        })
-        .collect::<Result<_>>()?;
+    let bufs = crate::io::runtime_buffers(&inputs);
     let views: Vec<TensorView> = inputs
         .iter()
         .zip(&bufs)
@@ -879,13 +868,9 @@ pub fn bench(opts: &Options) -> Result<Report> {
             .iter()
             .zip(&outs)
             .map(|(io, t)| {
-                let v = kiln_ir::onnx::tensor_proto::from_raw(
-                    crate::compile::graph_dtype(t.dtype),
-                    &t.shape,
-                    t.data.as_slice(),
-                )
-                .map_err(anyhow::Error::msg)
-                .with_context(|| format!("output '{}'", io.name))?;
+                let v = kiln_ir::onnx::tensor_proto::from_raw(t.dtype, &t.shape, t.data.as_slice())
+                    .map_err(anyhow::Error::msg)
+                    .with_context(|| format!("output '{}'", io.name))?;
                 Ok((io.name.clone(), v))
             })
             .collect::<Result<_>>()?

@@ -329,7 +329,7 @@ pub fn compile_cluster_graph(
                 } => ClusterStep::Recv {
                     key: key.clone(),
                     from: *from,
-                    dtype: crate::compile::runtime_dtype(*dtype)?,
+                    dtype: *dtype,
                     shape: shape.clone(),
                 },
                 Step::AllReduce { key, out, group } => ClusterStep::AllReduce {

@@ -36,7 +36,7 @@ use kiln_passes::fusion::KernelKind;
 use kiln_passes::MemoryPlan;
 use kiln_runtime::plan::WeightsBuilder;
 use kiln_runtime::plan::ALIGNMENT;
-use kiln_runtime::{Artifact, BufRef, DType, DimSpec, ExecPlan, IoSpec, Step};
+use kiln_runtime::{Artifact, BufRef, DimSpec, ExecPlan, IoSpec, Step};
 use std::collections::HashMap;
 use std::fmt;
 use std::path::Path;
@@ -621,7 +621,7 @@ fn exec_plan(
                         .fact
                         .shape
                         .numel()
-                        .and_then(|n| runtime_dtype(val.fact.dtype).ok()?.bytes_for(n))
+                        .and_then(|n| val.fact.dtype.bytes_for(n))
                         .with_context(|| format!("boundary value '{}': size", val.name))?
                         as u64;
                     let offset = arena_bytes.next_multiple_of(ALIGNMENT as u64);
@@ -821,23 +821,13 @@ fn copy_graph_json(g: &Graph, v: ValueId) -> Result<String> {
     Ok(serde_json::to_string(&mg)?)
 }
 
-/// The runtime dtype of a graph dtype.
-pub fn runtime_dtype(d: kiln_ir::DType) -> Result<DType> {
-    Ok(DType::from_ir(d))
-}
-
-/// The graph dtype of a runtime dtype.
-pub fn graph_dtype(d: DType) -> kiln_ir::DType {
-    d.to_ir()
-}
-
 /// The I/O spec of a graph output computed by the dynamic tail: unknown dims are
 /// [`DimSpec::Dynamic`].
 fn dynamic_io_spec(g: &Graph, v: ValueId) -> Result<IoSpec> {
     let val = &g.values[v];
     Ok(IoSpec {
         name: val.name.clone(),
-        dtype: runtime_dtype(val.fact.dtype)?,
+        dtype: val.fact.dtype,
         shape: val
             .fact
             .shape
@@ -871,8 +861,7 @@ pub(crate) fn io_spec(g: &Graph, v: ValueId) -> Result<IoSpec> {
     })?;
     Ok(IoSpec {
         name: val.name.clone(),
-        dtype: runtime_dtype(val.fact.dtype)
-            .with_context(|| format!("graph input/output '{}'", val.name))?,
+        dtype: val.fact.dtype,
         shape: shape.iter().map(|&d| DimSpec::Fixed(d as u64)).collect(),
     })
 }

@@ -509,7 +509,7 @@ pub fn emulate_graph(
                     _ => 1,
                 })
                 .collect();
-            kiln_ir::onnx::tensor_proto::from_raw(io.dtype.to_ir(), &shape, b.as_slice())
+            kiln_ir::onnx::tensor_proto::from_raw(io.dtype, &shape, b.as_slice())
                 .map_err(|e| anyhow::anyhow!("output '{}': {e}", io.name))
         })
         .collect::<Result<Vec<_>>>()?;

@@ -152,23 +152,13 @@ pub fn replace_named_inputs<'s>(
     Ok(done)
 }
 
-/// Native-endian, aligned runtime copies of `tensors` (graph tensors) with their runtime
-/// dtypes; `names` name the inputs in errors.
-pub fn runtime_buffers(
-    tensors: &[Tensor],
-    names: &[String],
-) -> Result<Vec<(kiln_runtime::DType, kiln_runtime::AlignedBuf)>> {
+/// Native-endian, aligned runtime copies of `tensors` (graph tensors) with their dtypes.
+pub fn runtime_buffers(tensors: &[Tensor]) -> Vec<(kiln_runtime::DType, kiln_runtime::AlignedBuf)> {
     tensors
         .iter()
-        .enumerate()
-        .map(|(i, t)| {
-            let name = names.get(i).map(String::as_str).unwrap_or("?");
-            let dt = crate::compile::runtime_dtype(t.dtype())
-                .with_context(|| format!("input '{name}'"))?;
-            Ok((
-                dt,
-                kiln_runtime::AlignedBuf::from_bytes(&kiln_ir::onnx::tensor_proto::to_raw(t)),
-            ))
+        .map(|t| {
+            let raw = kiln_ir::onnx::tensor_proto::to_raw(t);
+            (t.dtype(), kiln_runtime::AlignedBuf::from_bytes(&raw))
         })
         .collect()
 }
@@ -187,10 +177,6 @@ pub fn tensor_views<'a>(
 
 /// A runtime output as a graph tensor (for comparisons and `.npz` files).
 pub fn graph_tensor(t: &kiln_runtime::Tensor) -> Result<Tensor> {
-    kiln_ir::onnx::tensor_proto::from_raw(
-        crate::compile::graph_dtype(t.dtype),
-        &t.shape,
-        t.data.as_slice(),
-    )
-    .map_err(anyhow::Error::msg)
+    kiln_ir::onnx::tensor_proto::from_raw(t.dtype, &t.shape, t.data.as_slice())
+        .map_err(anyhow::Error::msg)
 }

@@ -895,7 +895,7 @@ fn run_gpu(
                 _ => 1,
             })
             .collect();
-        (kiln::compile::graph_dtype(io.dtype), shape)
+        (io.dtype, shape)
     });
     let mut inputs = kiln::random_tensors(specs, seed);
     let mut expected = None;
@@ -933,7 +933,7 @@ fn run_gpu(
     if let Some(want) = expected {
         let mut worst = 0.0f64;
         for ((io, bytes), w) in plan.outputs.iter().zip(&outs).zip(&want) {
-            let got = kiln::ir::onnx::tensor_proto::from_raw(io.dtype.to_ir(), w.shape(), bytes)
+            let got = kiln::ir::onnx::tensor_proto::from_raw(io.dtype, w.shape(), bytes)
                 .map_err(|e| anyhow::anyhow!("output '{}': {e}", io.name))?;
             for (a, b) in got.to_f64_vec().iter().zip(w.to_f64_vec()) {
                 worst = worst.max((a - b).abs() / b.abs().max(1.0));
@@ -962,7 +962,7 @@ fn run_inputs(
     check: Option<&Path>,
     given: &[String],
 ) -> Result<RunInputs> {
-    use kiln::runtime::{AlignedBuf, DimSpec};
+    use kiln::runtime::DimSpec;
     let specs = plan.inputs.iter().map(|io| {
         let shape = io
             .shape
@@ -972,7 +972,7 @@ fn run_inputs(
                 DimSpec::Sym(_) | DimSpec::Dynamic => 1,
             })
             .collect();
-        (kiln::compile::graph_dtype(io.dtype), shape)
+        (io.dtype, shape)
     });
     let mut inputs = kiln::random_tensors(specs, seed);
     let mut expected = None;
@@ -983,18 +983,7 @@ fn run_inputs(
     }
     let names: Vec<String> = plan.inputs.iter().map(|io| io.name.clone()).collect();
     kiln::io::replace_named_inputs(&names, &mut inputs, given)?;
-    let bufs = inputs
-        .iter()
-        .zip(&names)
-        .map(|(t, name)| {
-            let dt = kiln::compile::runtime_dtype(t.dtype())
-                .with_context(|| format!("input '{name}'"))?;
-            Ok((
-                dt,
-                AlignedBuf::from_bytes(&kiln::ir::onnx::tensor_proto::to_raw(t)),
-            ))
-        })
-        .collect::<Result<_>>()?;
+    let bufs = kiln::io::runtime_buffers(&inputs);
     Ok(RunInputs {
         inputs,
         bufs,
@@ -1011,13 +1000,9 @@ fn named_outputs(
         .iter()
         .zip(outs)
         .map(|(io, t)| {
-            let v = kiln::ir::onnx::tensor_proto::from_raw(
-                kiln::compile::graph_dtype(t.dtype),
-                &t.shape,
-                t.data.as_slice(),
-            )
-            .map_err(anyhow::Error::msg)
-            .with_context(|| format!("output '{}'", io.name))?;
+            let v = kiln::ir::onnx::tensor_proto::from_raw(t.dtype, &t.shape, t.data.as_slice())
+                .map_err(anyhow::Error::msg)
+                .with_context(|| format!("output '{}'", io.name))?;
             Ok((io.name.clone(), v))
         })
         .collect()

@@ -403,8 +403,7 @@ fn measure(g: &Graph, artifact: &Path, threads: usize, min_time: f64) -> Result<
     let expected = kiln_ir::interp::run(g, &inputs)?;
     let mut session = crate::Session::load(artifact)?;
     session.set_threads(threads);
-    let names: Vec<String> = session.inputs().iter().map(|i| i.name.clone()).collect();
-    let bufs = crate::io::runtime_buffers(&inputs, &names)?;
+    let bufs = crate::io::runtime_buffers(&inputs);
     let views = crate::io::tensor_views(&inputs, &bufs);
     let outs = session.run(&views)?;
     for (k, (o, e)) in outs.iter().zip(&expected).enumerate() {

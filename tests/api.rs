@@ -254,12 +254,8 @@ fn dynamic_tail_runs_with_run_time_shapes() {
         assert_eq!(outs.len(), 3);
         for (o, w) in outs.iter().zip(&want) {
             assert_eq!(o.shape, w.shape(), "shape {shape:?}");
-            let got = kiln::ir::onnx::tensor_proto::from_raw(
-                kiln::compile::graph_dtype(o.dtype),
-                &o.shape,
-                o.data.as_slice(),
-            )
-            .unwrap();
+            let got = kiln::ir::onnx::tensor_proto::from_raw(o.dtype, &o.shape, o.data.as_slice())
+                .unwrap();
             got.check_close(w, 1e-5, 1e-6).unwrap();
         }
         // `run_into` and `output_shapes` cannot serve a data-dependent shape.

@@ -15,7 +15,7 @@
 //! than recorded in `tests/conformance_artifact_baseline.txt` (`KILN_UPDATE_BASELINE=1`
 //! records the new count).
 
-use kiln::compile::{compile_with, runtime_dtype, CompileOptions};
+use kiln::compile::{compile_with, CompileOptions};
 use kiln::ir::onnx::tensor_proto::{from_raw, to_raw};
 use kiln::ir::{interp, Tensor};
 use kiln::runtime::{AlignedBuf, Model, TensorView};
@@ -63,7 +63,7 @@ fn run_artifact(model: &mut Model, inputs: &[Tensor]) -> Result<Vec<Tensor>, Str
     let bufs: Vec<(kiln::runtime::DType, AlignedBuf)> = inputs
         .iter()
         .map(|t| {
-            let dt = runtime_dtype(t.dtype()).map_err(|e| e.to_string())?;
+            let dt = t.dtype();
             Ok((dt, AlignedBuf::from_bytes(&to_raw(t))))
         })
         .collect::<Result<_, String>>()?;
@@ -74,14 +74,7 @@ fn run_artifact(model: &mut Model, inputs: &[Tensor]) -> Result<Vec<Tensor>, Str
         .collect();
     let outs = model.run(&views).map_err(|e| format!("run: {e}"))?;
     outs.iter()
-        .map(|t| {
-            from_raw(
-                kiln::compile::graph_dtype(t.dtype),
-                &t.shape,
-                t.data.as_slice(),
-            )
-            .map_err(|e| e.to_string())
-        })
+        .map(|t| from_raw(t.dtype, &t.shape, t.data.as_slice()).map_err(|e| e.to_string()))
         .collect()
 }
 

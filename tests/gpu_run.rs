@@ -75,8 +75,8 @@ fn zoo_models_on_the_gpu_match_the_reference_interpreter() {
         for run in 0..2 {
             let outs = m.run(&refs).unwrap();
             for ((io, bytes), w) in m.plan().outputs.iter().zip(&outs).zip(&want) {
-                let got = kiln_ir::onnx::tensor_proto::from_raw(io.dtype.to_ir(), w.shape(), bytes)
-                    .unwrap();
+                let got =
+                    kiln_ir::onnx::tensor_proto::from_raw(io.dtype, w.shape(), bytes).unwrap();
                 let err = got
                     .to_f64_vec()
                     .iter()

@@ -6,6 +6,7 @@ use std::fmt;
 /// The element type of a tensor. Mirrors the subset of ONNX `TensorProto.DataType`
 /// that Kiln supports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
 pub enum DType {
     /// IEEE 754 binary32.
     F32,
@@ -223,6 +224,12 @@ impl DType {
             DType::I2 | DType::U2 => 2,
             d => 8 * d.size_of(),
         }
+    }
+
+    /// Bytes of a dense buffer of `numel` elements (sub-byte types packed, as in ONNX's
+    /// `raw_data`); `None` on overflow.
+    pub fn bytes_for(self, numel: usize) -> Option<usize> {
+        numel.checked_mul(self.bits()).map(|b| b.div_ceil(8))
     }
 
     /// True for floating-point types (including the 8-bit and 4-bit float formats).

@@ -50,11 +50,7 @@ fn main() {
             .iter()
             .map(|t| {
                 let raw = kiln_ir::onnx::tensor_proto::to_raw(t);
-                (
-                    kiln_runtime::DType::from_ir(t.dtype()),
-                    t.shape().to_vec(),
-                    AlignedBuf::from_bytes(&raw),
-                )
+                (t.dtype(), t.shape().to_vec(), AlignedBuf::from_bytes(&raw))
             })
             .collect();
         let origin = path.display().to_string();
@@ -142,10 +138,8 @@ fn main() {
                 continue;
             }
         };
-        let got: Vec<(kiln_ir::DType, &[u8])> = outs
-            .iter()
-            .map(|t| (t.dtype.to_ir(), t.data.as_slice()))
-            .collect();
+        let got: Vec<(kiln_ir::DType, &[u8])> =
+            outs.iter().map(|t| (t.dtype, t.data.as_slice())).collect();
         let err = test_data::max_rel_error(&got, &want);
         t.sort_by(f64::total_cmp);
         println!(

@@ -93,7 +93,7 @@ fn main() {
             .outputs
             .iter()
             .zip(&outs)
-            .map(|(io, b)| (io.dtype.to_ir(), b.as_slice()))
+            .map(|(io, b)| (io.dtype, b.as_slice()))
             .collect();
         let err = test_data::max_rel_error(&got, &want);
         for _ in 0..20 {

@@ -43,8 +43,10 @@ pub const MAGIC: [u8; 8] = *b"KILNART\0";
 /// have the two-argument ABI and would allocate per call. Version 4: plans may hold a GPU
 /// program ([`crate::plan::GpuPlan`]), whose kernel section is PTX text (target `cuda:SKU`).
 /// Version 5: plans may hold per-rank programs ([`crate::cluster::ClusterPlan`]) whose
-/// compute segments are nested artifacts in the weights section.
-pub const FORMAT_VERSION: u32 = 5;
+/// compute segments are nested artifacts in the weights section. Version 6: one dtype type
+/// for graphs and plans, so the graphs inside (reference kernels, dynamic tails) name their
+/// dtypes in lowercase as the plan does (`f32`, not `F32`).
+pub const FORMAT_VERSION: u32 = 6;
 
 /// Section kind of the JSON execution plan.
 pub const SECTION_PLAN: u32 = 1;

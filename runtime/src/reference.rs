@@ -184,7 +184,7 @@ impl RefTail {
         for (&v, &o) in graph.outputs.iter().zip(&tail.outputs) {
             let (val, spec) = (value(v)?, &plan.outputs[o]);
             let dims = val.fact.shape.dims();
-            let agree = crate::DType::from_ir(val.fact.dtype) == spec.dtype
+            let agree = val.fact.dtype == spec.dtype
                 && dims.len() == spec.shape.len()
                 && dims.iter().zip(&spec.shape).all(|(d, s)| match s {
                     DimSpec::Fixed(n) => d.known().is_none_or(|k| k as u64 == *n),

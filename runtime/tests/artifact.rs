@@ -88,8 +88,8 @@ fn truncated_files_are_refused() {
 fn other_format_versions_are_refused() {
     let bytes = sample().to_bytes().unwrap();
     // Version 2 artifacts hold kernels with the two-argument ABI (no scratch memory).
-    assert_eq!(FORMAT_VERSION, 5);
-    for (v, word) in [(FORMAT_VERSION + 1, "newer"), (0, "older"), (4, "older")] {
+    assert_eq!(FORMAT_VERSION, 6);
+    for (v, word) in [(FORMAT_VERSION + 1, "newer"), (0, "older"), (5, "older")] {
         let mut b = bytes.clone();
         b[8..12].copy_from_slice(&v.to_le_bytes());
         let err = Artifact::from_bytes(&b, "MODEL.kiln").unwrap_err();
