@@ -277,7 +277,7 @@ impl EqsatArgs {
         let time_limit = match self.eqsat_time {
             Some(s) => Some(
                 std::time::Duration::try_from_secs_f64(s)
-                    .map_err(|e| anyhow::anyhow!("--eqsat-time {s}: {e}"))?,
+                    .map_err(|e| anyhow::anyhow!("--eqsat-time {s:?}: {e}"))?,
             ),
             None => None,
         };
