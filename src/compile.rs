@@ -275,7 +275,10 @@ pub fn compile_graph(
             },
             opt_level: opts.opt_level,
             measured_us: opts.measured_us.clone(),
-            device: None,
+            // the cost model of this target's vector width (AVX2 or AVX-512)
+            device: Some(kiln_passes::eqsat::cost::Device::cpu_with_lanes(
+                kiln_codegen::cpu::cpu_lanes(&opts.cpu),
+            )),
             eqsat_limits: opts.eqsat_limits.clone(),
         };
         let planned = pipeline::plan_graph(graph.clone(), &popts, &mut print)?;

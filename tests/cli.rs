@@ -150,6 +150,10 @@ fn compile_explains_rewrites_under_the_given_eqsat_limits() {
         ok && text.contains("kept greedy") || text.contains("kept input"),
         "{text}"
     );
+    // the cost model follows the target's vector width
+    assert!(text.contains("analytical(cpu:"), "{text}");
+    let (ok, text) = compile(&["--explain", "rewrites", "--target", "cpu:x86-64-v4"]);
+    assert!(ok && text.contains("analytical(cpu-avx512:"), "{text}");
     // the plan command takes the same limits
     let (ok, text) = kiln(&[
         "plan",
