@@ -7,6 +7,7 @@
 //! `cargo run --release --example eqsat_speedup [-O3] [MODEL...]` (models: squeezenet,
 //! vgg19, resnext50, nasrnn, nasnet, inception, bert, gpt2; the big ones take minutes to
 //! compile); `-O3` compares `-O0` with `-O3` (ILP extraction) instead of `-O2`;
+//! `KILN_TARGET=cpu:NAME` compiles for that CPU (e.g. `cpu:native`; default `cpu`);
 //! `KILN_THREADS=N` runs both artifacts on `N` threads (what `kiln run` does by default with
 //! every core) instead of one.
 //!
@@ -229,8 +230,10 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1);
+    // `KILN_TARGET=cpu:NAME`: compile for that CPU (default `cpu`, x86-64-v3)
+    let target = std::env::var("KILN_TARGET").unwrap_or_else(|_| "cpu".into());
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-    println!("threads per run: {threads}");
+    println!("threads per run: {threads}, target {target}");
     println!("| model | -O0 ms | -O{opt} ms | measured speed-up | eqsat report (-O{opt}) | tensat speed-up (GPU) |");
     println!("|---|---|---|---|---|---|");
     for (name, tensat, build) in models {
@@ -243,6 +246,8 @@ fn main() {
         for level in [0u8, opt] {
             let mut report = String::new();
             let art = Compiler::new()
+                .target(&target)
+                .unwrap_or_else(|e| panic!("KILN_TARGET={target}: {e}"))
                 .opt_level(level)
                 .print_after("eqsat")
                 .compile_with_ir(&g, |_, text| report.push_str(text))

@@ -1,7 +1,8 @@
 //! Random graphs (`passes/tests/common/random_graphs.rs`: matrix products and convolution
 //! cells) compiled at `-O0`, `-O2` (equality saturation, DAG-aware extraction) and `-O3`
-//! (ILP extraction), run on the CPU: every artifact computes what the reference interpreter
-//! computes on the input graph. The per-rule and e-graph-level tests check the rewrites;
+//! (ILP extraction), run on the CPU, and planned for `cuda:h100` at `-O0` and `-O2` (the
+//! GPU cost model picks other rewrites) with the plan emulated on the CPU: every result is
+//! what the reference interpreter computes on the input graph. The per-rule and e-graph-level tests check the rewrites;
 //! this checks what follows them (folding, fusion, memory planning, codegen) on the graphs
 //! the rewrites produce.
 
@@ -22,6 +23,7 @@ fn check(what: &str, g: &Graph, inputs: &[Tensor]) {
         .zip(&data)
         .map(|(t, d)| TensorView::from_f32(t.shape(), d))
         .collect();
+    check_gpu_plan(what, g, inputs, &want);
     for level in [0u8, 2, 3] {
         let case = format!("{what} -O{level}");
         let art = Compiler::new()
@@ -42,6 +44,34 @@ fn check(what: &str, g: &Graph, inputs: &[Tensor]) {
                 .iter()
                 .zip(&w)
                 .map(|(a, b)| (*a as f64 - b).abs())
+                .fold(0f64, f64::max);
+            assert!(
+                err <= 1e-4 * scale,
+                "{case}: output {k}: error {err:.2e} (scale {scale:.2e})"
+            );
+        }
+    }
+}
+
+/// Emulates `g`'s `cuda:h100` plan (the GPU lowering and the GPU cost model's rewrites;
+/// every launch run on the CPU over a host arena) at each level against the interpreter.
+fn check_gpu_plan(what: &str, g: &Graph, inputs: &[Tensor], want: &[Tensor]) {
+    for level in [0u8, 2] {
+        let case = format!("{what} cuda:h100 -O{level}");
+        let opts = kiln::compile::CompileOptions {
+            opt_level: Some(level),
+            ..Default::default()
+        };
+        let e = kiln::gpu_compile::emulate_graph(g, "random", "cuda:h100", &opts, inputs, |_| {})
+            .unwrap_or_else(|e| panic!("{case}: {e:#}"));
+        for (k, (got, w)) in e.outputs.iter().zip(want).enumerate() {
+            assert_eq!(got.shape(), w.shape(), "{case}: output {k} shape");
+            let (got, w) = (got.to_f64_vec(), w.to_f64_vec());
+            let scale = w.iter().fold(1f64, |m, x| m.max(x.abs()));
+            let err = got
+                .iter()
+                .zip(&w)
+                .map(|(a, b)| (a - b).abs())
                 .fold(0f64, f64::max);
             assert!(
                 err <= 1e-4 * scale,

@@ -583,7 +583,7 @@ fn sku_mismatch_is_detected_from_the_device_name() {
 }
 
 /// ONNX node tests covering the generic path's op families (broadcasting, Gemm attributes,
-/// batched/broadcast MatMul, Slice/Split/Concat/Gather/Transpose/Expand, pooling, Conv
+/// batched/broadcast MatMul, Slice/Split/Concat/Gather/Transpose/Expand/Pad, pooling, Conv
 /// padding and strides, Softmax/LayerNorm axes), each emulated in both modes and compared
 /// with the test's expected outputs. Cases the GPU path refuses (clear errors) are listed.
 #[test]
@@ -598,6 +598,10 @@ fn onnx_node_tests_emulate_correctly_or_are_refused_clearly() {
         "test_averagepool_2d",
         "test_clip",
         "test_concat_",
+        "test_constant_pad",
+        "test_edge_pad",
+        "test_reflect_pad",
+        "test_wrap_pad",
         "test_conv_with",
         "test_erf",
         "test_expand_dim",
@@ -1559,5 +1563,86 @@ fn f32_conv_with_few_tiles_splits_k_after_zeroing_the_output() {
         }
         let err = rel_err(&e.outputs[0], &want[0]);
         assert!(err <= 1e-4, "C = {c}: relative error {err}");
+    }
+}
+
+/// `Pad` on the GPU's generic path, every mode (constant with its fill value, edge,
+/// reflect, wrap), on every axis or the ones `axes` names, with negative pads (a crop):
+/// emulated plans match the interpreter. Pads of a runtime weight appear when eqsat
+/// enlarges a 1×1 kernel to 3×3 (`conv-enlarge`) for the GPU cost model.
+#[test]
+fn pad_in_every_mode_emulates_correctly() {
+    use kiln_ir::ops::array::{ArrayOp, IntsArg, PadMode};
+    /// Mode, pads, axes.
+    type Case<'a> = (PadMode, &'a [i64], Option<&'a [i64]>);
+    let cases: &[Case] = &[
+        (PadMode::Constant, &[0, 1, 2, 0, 2, 1], None),
+        (PadMode::Constant, &[1, -1, 0, 2], Some(&[1, 2])),
+        (PadMode::Edge, &[0, 2, 1, 0, 1, 3], None),
+        (PadMode::Reflect, &[0, 2, 1, 0, 1, 2], None),
+        (PadMode::Wrap, &[0, 3, 1, 0, 2, 4], None),
+        // negative pads crop first, then the mode pads the cropped input
+        (PadMode::Wrap, &[-1, 2], Some(&[-1])),
+        (PadMode::Reflect, &[0, -1, 1, 0, 1, -1], None),
+        (PadMode::Edge, &[0, 0, -2, 0, 2, 1], None),
+    ];
+    let ptxas = find_ptxas();
+    let dir = tmp("gpu_pad");
+    for (k, (mode, pads, axes)) in cases.iter().enumerate() {
+        let mut b = Gb::new("pad");
+        let x = b.input("x", &[2, 3, 4]);
+        let y = b.unary(UnaryKind::Tanh, x);
+        let p = b.g.add_const("pads", kiln_ir::Tensor::vec_i64(pads));
+        let fill = b.g.add_const("fill", kiln_ir::Tensor::scalar(0.75f32));
+        let mut ins = vec![y, p, fill];
+        if let Some(a) = axes {
+            ins.push(b.g.add_const("axes", kiln_ir::Tensor::vec_i64(a)));
+        }
+        let op = kiln_ir::Op::Array(ArrayOp::Pad {
+            mode: *mode,
+            pads: IntsArg::Input(1),
+            value: 0.0,
+            axes: if axes.is_some() {
+                IntsArg::Input(3)
+            } else {
+                IntsArg::Default
+            },
+        });
+        let z = b.node(op, &ins);
+        let z = b.unary(UnaryKind::Neg, z);
+        let (g, ins) = b.finish(&[z]);
+        let want = kiln_ir::interp::run(&g, &ins).unwrap();
+        let got = emulate_graph(
+            &g,
+            "pad",
+            "cuda:h100",
+            &CompileOptions::default(),
+            &ins,
+            |_| {},
+        )
+        .unwrap_or_else(|e| panic!("case {k} ({mode:?}): {e:#}"));
+        // and the kernel's PTX assembles
+        if let Some(ptxas) = &ptxas {
+            let art = kiln::Compiler::new()
+                .target("cuda:h100")
+                .unwrap()
+                .compile(&g)
+                .unwrap_or_else(|e| panic!("case {k} ({mode:?}): {e:#}"));
+            check_ptx(
+                ptxas,
+                &dir,
+                &format!("pad{k}"),
+                "cuda:h100",
+                Precision::F32,
+                &art,
+            );
+        }
+        assert_eq!(got.outputs[0].shape(), want[0].shape(), "case {k}");
+        assert!(
+            rel_err(&got.outputs[0], &want[0]) < 1e-6,
+            "case {k} ({mode:?}): {:?} vs {:?}",
+            got.outputs[0].to_f64_vec(),
+            want[0].to_f64_vec()
+        );
     }
 }

@@ -2,7 +2,10 @@
 //! inference `BatchNormalization` after `Conv`, `Add` of a constant per-channel vector into a
 //! `Conv`/`Gemm` bias, and `Mul` by a constant (scalar, or per-channel for `Conv`) into the
 //! weights. Each rewrite only fires when the contraction's output has no other user, so the
-//! result computes the same function with one node less.
+//! result computes the same function with one node less. An inference `BatchNormalization`
+//! that cannot fold (after a ReLU, an Add, a Concat: pre-activation ResNets, DenseNet)
+//! becomes `x * s + t` with constant per-channel `s` and `t` ([`decompose_batchnorm`]),
+//! elementwise ops that fuse into the kernels around them on every target.
 
 use kiln_ir::ops::elementwise::{BinaryKind, ElementwiseOp};
 use kiln_ir::ops::linalg::LinalgOp;
@@ -19,10 +22,14 @@ pub struct FoldStats {
     pub add: usize,
     /// `Mul` nodes folded into `Conv` weights or `Gemm` scales.
     pub mul: usize,
+    /// `BatchNormalization` nodes that could not fold, rewritten as `x * s + t`.
+    #[serde(default)]
+    pub batchnorm_affine: usize,
 }
 
 /// Runs [`fold_batchnorm`], [`fold_add_into_bias`] and [`fold_mul_into_weights`] until none
-/// applies; returns how many of each were folded.
+/// applies, then [`decompose_batchnorm`] on what is left (and the folds again: its `Mul`
+/// and `Add` may fold into a `Gemm` before them); returns how many of each were done.
 pub fn fold_all(g: &mut Graph) -> FoldStats {
     let mut s = FoldStats::default();
     loop {
@@ -34,10 +41,117 @@ pub fn fold_all(g: &mut Graph) -> FoldStats {
         s.batchnorm += b;
         s.mul += m;
         s.add += a;
-        if b + m + a == 0 {
+        if b + m + a > 0 {
+            continue;
+        }
+        let d = decompose_batchnorm(g);
+        s.batchnorm_affine += d;
+        if d == 0 {
             return s;
         }
     }
+}
+
+/// Rewrites each inference `BatchNormalization` with constant parameters into `x * s + t`
+/// (`s = scale / sqrt(var + eps)`, `t = bias - mean * s`, constants broadcast per channel,
+/// or per activation for `spatial = 0`), keeping its output value. Returns the number
+/// rewritten. Run after [`fold_batchnorm`], which removes those after a `Conv` entirely.
+pub fn decompose_batchnorm(g: &mut Graph) -> usize {
+    let mut taken = HashSet::new();
+    let mut count = 0;
+    let mut ni = 0;
+    while ni < g.nodes.len() {
+        match batchnorm_affine(g, ni) {
+            Some((s, t)) => {
+                let n = g.nodes[ni].clone();
+                let (x, out) = (n.inputs[0].expect("checked"), n.outputs[0]);
+                let dt = g.values[out].fact.dtype;
+                let s = g.add_const(
+                    fresh_name(g, &mut taken, &format!("{}.scale", n.name)),
+                    s.cast(dt),
+                );
+                let t = g.add_const(
+                    fresh_name(g, &mut taken, &format!("{}.shift", n.name)),
+                    t.cast(dt),
+                );
+                let fact = g.values[out].fact.clone();
+                let mid = g.add_value(
+                    fresh_name(g, &mut taken, &format!("{}.scaled", n.name)),
+                    fact,
+                );
+                let node = |name: String, kind: BinaryKind, ins: [ValueId; 2], out: ValueId| {
+                    kiln_ir::Node {
+                        name,
+                        op: Op::Elementwise(ElementwiseOp::Binary(kind)),
+                        inputs: ins.iter().map(|&v| Some(v)).collect(),
+                        outputs: vec![out],
+                    }
+                };
+                g.nodes[ni] = node(format!("{}.mul", n.name), BinaryKind::Mul, [x, s], mid);
+                g.nodes.insert(
+                    ni + 1,
+                    node(format!("{}.add", n.name), BinaryKind::Add, [mid, t], out),
+                );
+                count += 1;
+                ni += 2;
+            }
+            None => ni += 1,
+        }
+    }
+    count
+}
+
+/// The constant factor and term of node `ni` when it is an inference `BatchNormalization`
+/// with constant parameters over a float input of rank ≥ 2, shaped to broadcast against it.
+fn batchnorm_affine(g: &Graph, ni: usize) -> Option<(Tensor, Tensor)> {
+    let n = &g.nodes[ni];
+    let Op::Nn(NnOp::BatchNormalization(a)) = &n.op else {
+        return None;
+    };
+    let x = n.inputs.first().copied().flatten()?;
+    let fact = &g.values[x].fact;
+    let rank = fact.shape.rank();
+    if a.training
+        || n.outputs.len() != 1
+        || rank < 2
+        || !fact.dtype.is_float()
+        || fact.dtype.is_low_precision()
+    {
+        return None;
+    }
+    let params: Vec<&Tensor> = n.inputs[1..]
+        .iter()
+        .map(|i| i.and_then(|i| g.const_value(i)))
+        .collect::<Option<_>>()?;
+    let [scale, bias, mean, var] = params.as_slice() else {
+        return None;
+    };
+    let len = scale.len();
+    if [bias, mean, var].iter().any(|p| p.len() != len) {
+        return None;
+    }
+    let eps = a.epsilon as f64;
+    let (scale, bias, mean, var) = (
+        scale.to_f64_vec(),
+        bias.to_f64_vec(),
+        mean.to_f64_vec(),
+        var.to_f64_vec(),
+    );
+    let s: Vec<f64> = (0..len).map(|c| scale[c] / (var[c] + eps).sqrt()).collect();
+    let t: Vec<f64> = (0..len).map(|c| bias[c] - mean[c] * s[c]).collect();
+    let shape: Vec<usize> = if a.per_activation {
+        // one value per activation: the parameters have the shape of X without its batch dim
+        let dims = fact.shape.as_known()?;
+        if dims[1..].iter().product::<usize>() != len {
+            return None;
+        }
+        dims[1..].to_vec()
+    } else {
+        std::iter::once(len)
+            .chain(std::iter::repeat_n(1, rank - 2))
+            .collect()
+    };
+    Some((Tensor::from_vec(&shape, s), Tensor::from_vec(&shape, t)))
 }
 
 /// What the folding needs to know about a contraction node producing a single-use value.

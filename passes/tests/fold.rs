@@ -98,6 +98,7 @@ fn add_and_mul_fold_into_gemm_and_conv() {
             batchnorm: 0,
             add: 1,
             mul: 1,
+            batchnorm_affine: 0,
         },
     );
 
@@ -146,6 +147,7 @@ fn add_and_mul_fold_into_gemm_and_conv() {
             batchnorm: 0,
             add: 1,
             mul: 1,
+            batchnorm_affine: 0,
         },
     );
 }
@@ -213,4 +215,67 @@ fn shared_conv_output_is_not_folded() {
         2,
         FoldStats::default(),
     );
+}
+
+/// A BatchNormalization after a ReLU (pre-activation order) cannot fold into a Conv: it
+/// becomes a per-channel `x * s + t` (no BatchNormalization is left for the kernels), for
+/// per-channel and per-activation (`spatial = 0`) parameters.
+#[test]
+fn batchnorm_after_a_relu_becomes_a_per_channel_affine() {
+    use kiln_ir::ops::elementwise::UnaryKind;
+    use kiln_ir::ops::nn::{BatchNormAttrs, NnOp};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    for per_activation in [false, true] {
+        let mut g = Graph {
+            name: format!("pre-activation (per activation: {per_activation})"),
+            opset: 17,
+            ..Default::default()
+        };
+        let x = g.add_value("x", Fact::new(DType::F32, Shape::known(&[2, 3, 4, 5])));
+        g.inputs.push(x);
+        let pshape: &[usize] = if per_activation { &[3, 4, 5] } else { &[3] };
+        let mut params: Vec<usize> = ["scale", "bias", "mean"]
+            .iter()
+            .map(|n| g.add_const(*n, random_f32(pshape, &mut rng)))
+            .collect();
+        let var = random_f32(pshape, &mut rng).to_f64_vec();
+        let var: Vec<f32> = var.iter().map(|v| 0.1 + v.abs() as f32).collect();
+        params.push(g.add_const("var", Tensor::from_vec(pshape, var)));
+        let r = g.add_value("r", Fact::new(DType::F32, Shape::unknown(4)));
+        let out = g.add_value("out", Fact::new(DType::F32, Shape::unknown(4)));
+        let bn = Op::Nn(NnOp::BatchNormalization(BatchNormAttrs {
+            epsilon: 1e-3,
+            momentum: 0.9,
+            training: false,
+            per_activation,
+            num_outputs: 1,
+        }));
+        let mut bn_inputs = vec![Some(r)];
+        bn_inputs.extend(params.iter().map(|&p| Some(p)));
+        g.nodes = vec![
+            Node {
+                name: "relu".into(),
+                op: Op::Elementwise(ElementwiseOp::Unary(UnaryKind::Relu)),
+                inputs: vec![Some(x)],
+                outputs: vec![r],
+            },
+            Node {
+                name: "bn".into(),
+                op: bn,
+                inputs: bn_inputs,
+                outputs: vec![out],
+            },
+        ];
+        g.outputs.push(out);
+        g.infer().unwrap();
+        check_fold(
+            &g,
+            &[random_f32(&[2, 3, 4, 5], &mut rng)],
+            3,
+            FoldStats {
+                batchnorm_affine: 1,
+                ..Default::default()
+            },
+        );
+    }
 }

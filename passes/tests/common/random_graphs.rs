@@ -406,13 +406,17 @@ pub fn conv_graph(
                     &[x],
                 )
             }
-            // BatchNormalization (inference) with positive variance
+            // BatchNormalization (inference) with positive variance; its parameters are
+            // constants, as in every exported model (a Conv before it folds it, anything
+            // else makes it a per-channel `x * s + t`)
             7 => {
                 let ch = d[1];
+                let const_w = std::mem::replace(&mut b.const_weights, true);
                 let scale = b.weight(&[ch], false);
                 let bias = b.weight(&[ch], false);
                 let mean = b.weight(&[ch], false);
                 let var = b.weight(&[ch], true);
+                b.const_weights = const_w;
                 b.onnx("BatchNormalization", &[], &[x, scale, bias, mean, var])
             }
             // grouped 3×3 (or 1×1) Conv over an even channel count
