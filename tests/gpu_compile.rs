@@ -1566,12 +1566,13 @@ fn f32_conv_with_few_tiles_splits_k_after_zeroing_the_output() {
     }
 }
 
-/// `Pad` on the GPU's generic path, every mode (constant with its fill value, edge,
-/// reflect, wrap), on every axis or the ones `axes` names, with negative pads (a crop):
-/// emulated plans match the interpreter. Pads of a runtime weight appear when eqsat
-/// enlarges a 1×1 kernel to 3×3 (`conv-enlarge`) for the GPU cost model.
+/// `Pad` in every mode (constant with its fill value, edge, reflect, wrap), on every axis
+/// or the ones `axes` names, with negative pads (a crop): compiled CPU kernels (no
+/// reference-interpreter fallback) and emulated GPU plans match the interpreter, and the
+/// GPU kernel's PTX assembles. Pads of a runtime weight appear when eqsat enlarges a 1×1
+/// kernel to 3×3 (`conv-enlarge`) for the GPU cost model.
 #[test]
-fn pad_in_every_mode_emulates_correctly() {
+fn pad_in_every_mode_compiles_for_cpu_and_gpu() {
     use kiln_ir::ops::array::{ArrayOp, IntsArg, PadMode};
     /// Mode, pads, axes.
     type Case<'a> = (PadMode, &'a [i64], Option<&'a [i64]>);
@@ -1621,6 +1622,22 @@ fn pad_in_every_mode_emulates_correctly() {
             |_| {},
         )
         .unwrap_or_else(|e| panic!("case {k} ({mode:?}): {e:#}"));
+        // the CPU kernel, compiled
+        let art = kiln::Compiler::new()
+            .reference_kernels(false)
+            .compile(&g)
+            .unwrap_or_else(|e| panic!("case {k} ({mode:?}) on the CPU: {e:#}"));
+        let x: Vec<f32> = ins[0].to_f64_vec().iter().map(|&v| v as f32).collect();
+        let cpu = art
+            .session()
+            .unwrap()
+            .run(&[kiln::TensorView::from_f32(&[2, 3, 4], &x)])
+            .unwrap();
+        let cpu = kiln_ir::Tensor::from_vec(&cpu[0].shape, cpu[0].as_f32().unwrap().to_vec());
+        assert!(
+            rel_err(&cpu, &want[0]) < 1e-6,
+            "case {k} ({mode:?}) on the CPU"
+        );
         // and the kernel's PTX assembles
         if let Some(ptxas) = &ptxas {
             let art = kiln::Compiler::new()

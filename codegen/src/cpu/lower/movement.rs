@@ -6,13 +6,15 @@
 //! negative indices wrapped), `Split` and `Slice` (static starts and steps, offsets on the
 //! axis), `Concat` (each input stored at its offset), `Expand` (broadcast inputs read at
 //! index 0), `Identity`-like copies, and `Reshape`/`Flatten`/`Squeeze`/`Unsqueeze` whose
-//! result is a graph output (a flat copy; elsewhere they are zero-copy `Alias` views). Element types: `f32`, `i64` and `bool` (bytes).
+//! result is a graph output (a flat copy; elsewhere they are zero-copy `Alias` views), and
+//! `Pad` in every mode ([`pad_params`], [`pad_source`], shared with the GPU's generic
+//! path). Element types: `f32`, `i64` and `bool` (bytes).
 
 use super::elementwise::Body;
 use super::{Lowered, Ty, GRAPH_KERNEL_PIPELINE};
 use crate::cpu::abi::{memref_type_of, Dim as PDim, Prologue};
 use crate::cpu::{Kernel, KernelSignature};
-use kiln_ir::ops::array::{ArrayOp, IntsArg};
+use kiln_ir::ops::array::{ArrayOp, IntsArg, PadMode};
 use kiln_ir::ops::elementwise::ElementwiseOp;
 use kiln_ir::{Graph, Node, Op, ValueId};
 use kiln_passes::fusion;
@@ -52,6 +54,105 @@ fn norm_axis(a: i64, rank: usize) -> usize {
     } else {
         a as usize
     }
+}
+
+/// A `Pad` node's `(begin, end)` pads per axis of a rank-`rank` input and its fill value
+/// (input 2, else the attribute); pads, axes and value must be constants.
+pub(crate) fn pad_params(
+    g: &Graph,
+    node: &Node,
+    rank: usize,
+) -> Result<(Vec<(i64, i64)>, f64), String> {
+    let Op::Array(ArrayOp::Pad {
+        pads, value, axes, ..
+    }) = &node.op
+    else {
+        return Err(format!("node '{}' is not a Pad", node.name));
+    };
+    let pads = ints(g, node, pads)?.ok_or("Pad without pads")?;
+    let axes: Vec<usize> = match ints(g, node, axes)? {
+        Some(a) => a.iter().map(|&x| norm_axis(x, rank)).collect(),
+        None => (0..rank).collect(),
+    };
+    if pads.len() != 2 * axes.len() || axes.iter().any(|&a| a >= rank) {
+        return Err(format!(
+            "{} pads for axes {axes:?} of rank {rank}",
+            pads.len()
+        ));
+    }
+    let mut edges = vec![(0i64, 0i64); rank];
+    for (j, &ax) in axes.iter().enumerate() {
+        edges[ax] = (pads[j], pads[j + axes.len()]);
+    }
+    let fill = match node.inputs.get(2).copied().flatten() {
+        Some(v) => g
+            .const_value(v)
+            .and_then(|t| t.to_f64_vec().first().copied())
+            .ok_or_else(|| format!("node '{}': Pad value is not constant", node.name))?,
+        None => *value as f64,
+    };
+    Ok((edges, fill))
+}
+
+/// Where index `i` of a padded axis reads, as the interpreter defines `Pad`: negative pads
+/// first crop the input (`in_dim` long), then output index `i` reads index `i - begin` of
+/// the cropped input, mapped back into it by the mode (edge: clamped; reflect: mirrored
+/// without the edge; wrap: periodic; constant: clamped, with an `i1` that is false where
+/// the fill value goes). The returned index is always inside the input.
+pub(crate) fn pad_source(
+    b: &mut Body,
+    i: &str,
+    (begin, end): (i64, i64),
+    in_dim: usize,
+    mode: PadMode,
+) -> Result<(String, Option<String>), String> {
+    let off = (-begin).max(0);
+    let kept = in_dim as i64 - off - (-end).max(0);
+    if kept <= 0 {
+        return Err("Pad crops an axis to nothing".into());
+    }
+    let c = |b: &mut Body, v: i64| b.op(&format!("arith.constant {v} : index"));
+    let (zero, dim, last) = (c(b, 0), c(b, kept), c(b, kept - 1));
+    let pb = c(b, begin.max(0));
+    let mut s = b.op(&format!("arith.subi {i}, {pb} : index"));
+    let mut inside = None;
+    match mode {
+        PadMode::Constant => {
+            let lo = b.op(&format!("arith.cmpi sge, {s}, {zero} : index"));
+            let hi = b.op(&format!("arith.cmpi sle, {s}, {last} : index"));
+            inside = Some(b.op(&format!("arith.andi {lo}, {hi} : i1")));
+        }
+        PadMode::Edge => {}
+        PadMode::Reflect => {
+            // -s before the start, 2·last - s after the end
+            let neg = b.op(&format!("arith.subi {zero}, {s} : index"));
+            let before = b.op(&format!("arith.cmpi slt, {s}, {zero} : index"));
+            s = b.op(&format!("arith.select {before}, {neg}, {s} : index"));
+            let two_last = b.op(&format!("arith.addi {last}, {last} : index"));
+            let back = b.op(&format!("arith.subi {two_last}, {s} : index"));
+            let after = b.op(&format!("arith.cmpi sgt, {s}, {last} : index"));
+            s = b.op(&format!("arith.select {after}, {back}, {s} : index"));
+        }
+        PadMode::Wrap => {
+            let r = b.op(&format!("arith.remsi {s}, {dim} : index"));
+            let r = b.op(&format!("arith.addi {r}, {dim} : index"));
+            s = b.op(&format!("arith.remsi {r}, {dim} : index"));
+        }
+    }
+    // clamped into the cropped input, then offset past the crop
+    let s = b.op(&format!("arith.maxsi {s}, {zero} : index"));
+    let s = b.op(&format!("arith.minsi {s}, {last} : index"));
+    let o = c(b, off);
+    Ok((b.op(&format!("arith.addi {s}, {o} : index")), inside))
+}
+
+/// The fill value of a `Pad` as an MLIR constant of type `ty`.
+pub(crate) fn pad_fill(b: &mut Body, fill: f64, ty: Ty) -> String {
+    b.op(&match ty {
+        Ty::F32 => format!("arith.constant 0x{:08X} : f32", (fill as f32).to_bits()),
+        Ty::I64 => format!("arith.constant {} : i64", fill as i64),
+        Ty::I1 => format!("arith.constant {} : i1", i64::from(fill != 0.0)),
+    })
 }
 
 /// Emits a loop nest over `shape` and calls `f` with the induction variables inside it.
@@ -310,6 +411,49 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered
                     })
                     .collect();
                 copy(b, (&src, &si), (&dst, ivs), elem);
+                Ok(())
+            })?;
+        }
+        Op::Array(ArrayOp::Pad { mode, .. }) => {
+            let (edges, fill) = pad_params(g, node, rank)?;
+            let ty = Ty::of(g.values[data].fact.dtype)?;
+            let (dst, os) = outs[0].clone();
+            nest(&mut b, &os, |b, ivs| {
+                let mut si = Vec::with_capacity(rank);
+                let mut inside: Option<String> = None;
+                for d in 0..rank {
+                    if edges[d] == (0, 0) {
+                        si.push(ivs[d].clone());
+                        continue;
+                    }
+                    let (s, ok) = pad_source(b, &ivs[d], edges[d], in_s[d], *mode)?;
+                    si.push(s);
+                    if let Some(ok) = ok {
+                        inside = Some(match inside.take() {
+                            Some(acc) => b.op(&format!("arith.andi {acc}, {ok} : i1")),
+                            None => ok,
+                        });
+                    }
+                }
+                let mut x = b.op(&format!(
+                    "memref.load {src}[{}] : {}",
+                    si.join(", "),
+                    memref_type_of(rank, elem)
+                ));
+                if let Some(ok) = inside {
+                    // bytes hold bools: the fill goes in as a byte too
+                    let f = if ty == Ty::I1 {
+                        b.op(&format!("arith.constant {} : i8", i64::from(fill != 0.0)))
+                    } else {
+                        pad_fill(b, fill, ty)
+                    };
+                    x = b.op(&format!("arith.select {ok}, {x}, {f} : {elem}"));
+                }
+                b.raw(&format!(
+                    "memref.store {x}, {dst}[{}] : {}",
+                    ivs.join(", "),
+                    memref_type_of(rank, elem)
+                ));
                 Ok(())
             })?;
         }

@@ -6,6 +6,7 @@
 
 use super::generic::{row_major, Gen, GenKernel};
 use super::{node_input, shape_of, Operand};
+use crate::cpu::lower::movement::{pad_fill, pad_params, pad_source};
 use crate::cpu::lower::Ty;
 use kiln_ir::ops::array::{ArrayOp, IntsArg, PadMode};
 use kiln_ir::{Graph, Node, Op, ValueId};
@@ -56,10 +57,7 @@ fn strided(
     Ok(gen.finish(name, shape.iter().product::<usize>() as u64))
 }
 
-/// `Pad` with `(begin, end)` pads per axis, as the interpreter defines it: negative pads
-/// first crop the input, then output element `i` reads element `i - begin` of the cropped
-/// input, mapped back into it by the mode (constant: out of range reads the fill value;
-/// edge: clamped; reflect: mirrored without the edge; wrap: periodic).
+/// `Pad` (see [`pad_source`]): one thread per output element.
 fn pad(
     g: &Graph,
     name: &str,
@@ -73,70 +71,26 @@ fn pad(
     let (sb, ty) = gen.value_buf(g, src)?;
     let (db, _) = gen.value_buf(g, dst)?;
     let idx = gen.unravel("%i", os);
-    let zero = gen.c(0);
     let mut inside: Option<String> = None;
     let mut src_idx = Vec::with_capacity(idx.len());
     for (d, i) in idx.iter().enumerate() {
-        let (begin, end) = edges[d];
-        if (begin, end) == (0, 0) {
+        if edges[d] == (0, 0) {
             src_idx.push(i.clone());
             continue;
         }
-        // the cropped input: `kept` elements from `off`
-        let off = (-begin).max(0);
-        let kept = in_s[d] as i64 - off - (-end).max(0);
-        if kept <= 0 {
-            return Err(format!("Pad crops axis {d} to nothing"));
+        let (s, ok) = pad_source(&mut gen.b, i, edges[d], in_s[d], mode)?;
+        src_idx.push(s);
+        if let Some(ok) = ok {
+            inside = Some(match inside {
+                Some(acc) => gen.b.op(&format!("arith.andi {acc}, {ok} : i1")),
+                None => ok,
+            });
         }
-        let b = gen.c(begin.max(0));
-        let (dim, last) = (gen.c(kept), gen.c(kept - 1));
-        let mut s = gen.ix("subi", i, &b);
-        match mode {
-            PadMode::Constant => {
-                let lo = gen.b.op(&format!("arith.cmpi sge, {s}, {zero} : index"));
-                let hi = gen.b.op(&format!("arith.cmpi sle, {s}, {last} : index"));
-                let ok = gen.b.op(&format!("arith.andi {lo}, {hi} : i1"));
-                inside = Some(match inside {
-                    Some(acc) => gen.b.op(&format!("arith.andi {acc}, {ok} : i1")),
-                    None => ok,
-                });
-            }
-            PadMode::Edge => {}
-            PadMode::Reflect => {
-                // -s before the start, 2·last - s after the end
-                let neg = gen.ix("subi", &zero, &s);
-                let before = gen.b.op(&format!("arith.cmpi slt, {s}, {zero} : index"));
-                s = gen
-                    .b
-                    .op(&format!("arith.select {before}, {neg}, {s} : index"));
-                let two_last = gen.ix("addi", &last, &last);
-                let back = gen.ix("subi", &two_last, &s);
-                let after = gen.b.op(&format!("arith.cmpi sgt, {s}, {last} : index"));
-                s = gen
-                    .b
-                    .op(&format!("arith.select {after}, {back}, {s} : index"));
-            }
-            PadMode::Wrap => {
-                let r = gen.ix("remsi", &s, &dim);
-                let r = gen.ix("addi", &r, &dim);
-                s = gen.ix("remsi", &r, &dim);
-            }
-        }
-        // clamped into the cropped input: the read is always in bounds
-        let s = gen.ix("maxsi", &s, &zero);
-        let s = gen.ix("minsi", &s, &last);
-        let o = gen.c(off);
-        src_idx.push(gen.ix("addi", &s, &o));
     }
     let at = gen.lin(&src_idx, &row_major(in_s), 0);
     let mut x = gen.load(sb, &at, ty);
     if let Some(ok) = inside {
-        let f = match ty {
-            Ty::F32 => format!("arith.constant 0x{:08X} : f32", (fill as f32).to_bits()),
-            Ty::I64 => format!("arith.constant {} : i64", fill as i64),
-            Ty::I1 => format!("arith.constant {} : i1", i64::from(fill != 0.0)),
-        };
-        let f = gen.b.op(&f);
+        let f = pad_fill(&mut gen.b, fill, ty);
         x = gen
             .b
             .op(&format!("arith.select {ok}, {x}, {f} : {}", ty.mlir()));
@@ -332,32 +286,8 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Vec<Gen
             gen.store(ob, "%i", &x, ty);
             Ok(vec![gen.finish(name, os.iter().product::<usize>() as u64)])
         }
-        ArrayOp::Pad {
-            mode,
-            pads,
-            value,
-            axes,
-        } => {
-            let pads = ints(g, node, pads)?.ok_or("Pad without pads")?;
-            let axes: Vec<usize> = match ints(g, node, axes)? {
-                Some(a) => a.iter().map(|&x| norm_axis(x, rank)).collect(),
-                None => (0..rank).collect(),
-            };
-            if pads.len() != 2 * axes.len() {
-                return Err(format!("{} pads for {} axes", pads.len(), axes.len()));
-            }
-            let mut edges = vec![(0i64, 0i64); rank];
-            for (j, &ax) in axes.iter().enumerate() {
-                edges[ax] = (pads[j], pads[j + axes.len()]);
-            }
-            // input 2 (opset 11+) is the fill value, overriding the attribute
-            let fill = match node.inputs.get(2).copied().flatten() {
-                Some(v) => g
-                    .const_value(v)
-                    .and_then(|t| t.to_f64_vec().first().copied())
-                    .ok_or_else(|| format!("node '{}': Pad value is not constant", node.name))?,
-                None => *value as f64,
-            };
+        ArrayOp::Pad { mode, .. } => {
+            let (edges, fill) = pad_params(g, node, rank)?;
             Ok(vec![pad(
                 g,
                 name,
