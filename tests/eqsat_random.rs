@@ -33,23 +33,30 @@ fn check(what: &str, g: &Graph, inputs: &[Tensor]) {
         let outs = Session::new(&art)
             .and_then(|s| s.run(&views))
             .unwrap_or_else(|e| panic!("{case}: run: {e:#}"));
-        assert_eq!(outs.len(), want.len(), "{case}: outputs");
-        for (k, (got, w)) in outs.iter().zip(&want).enumerate() {
-            assert_eq!(got.shape, w.shape(), "{case}: output {k} shape");
-            let w = w.to_f64_vec();
-            let scale = w.iter().fold(1f64, |m, x| m.max(x.abs()));
-            let err = got
-                .as_f32()
-                .expect("f32 output")
-                .iter()
-                .zip(&w)
-                .map(|(a, b)| (*a as f64 - b).abs())
-                .fold(0f64, f64::max);
-            assert!(
-                err <= 1e-4 * scale,
-                "{case}: output {k}: error {err:.2e} (scale {scale:.2e})"
-            );
-        }
+        let outs: Vec<Tensor> = outs
+            .iter()
+            .map(|o| Tensor::from_vec(&o.shape, o.as_f32().expect("f32 output").to_vec()))
+            .collect();
+        assert_matches(&case, &outs, &want);
+    }
+}
+
+/// Each output within `1e-4` of the largest expected magnitude (at least 1).
+fn assert_matches(case: &str, got: &[Tensor], want: &[Tensor]) {
+    assert_eq!(got.len(), want.len(), "{case}: outputs");
+    for (k, (got, w)) in got.iter().zip(want).enumerate() {
+        assert_eq!(got.shape(), w.shape(), "{case}: output {k} shape");
+        let (got, w) = (got.to_f64_vec(), w.to_f64_vec());
+        let scale = w.iter().fold(1f64, |m, x| m.max(x.abs()));
+        let err = got
+            .iter()
+            .zip(&w)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f64, f64::max);
+        assert!(
+            err <= 1e-4 * scale,
+            "{case}: output {k}: error {err:.2e} (scale {scale:.2e})"
+        );
     }
 }
 
@@ -64,20 +71,7 @@ fn check_gpu_plan(what: &str, g: &Graph, inputs: &[Tensor], want: &[Tensor]) {
         };
         let e = kiln::gpu_compile::emulate_graph(g, "random", "cuda:h100", &opts, inputs, |_| {})
             .unwrap_or_else(|e| panic!("{case}: {e:#}"));
-        for (k, (got, w)) in e.outputs.iter().zip(want).enumerate() {
-            assert_eq!(got.shape(), w.shape(), "{case}: output {k} shape");
-            let (got, w) = (got.to_f64_vec(), w.to_f64_vec());
-            let scale = w.iter().fold(1f64, |m, x| m.max(x.abs()));
-            let err = got
-                .iter()
-                .zip(&w)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f64, f64::max);
-            assert!(
-                err <= 1e-4 * scale,
-                "{case}: output {k}: error {err:.2e} (scale {scale:.2e})"
-            );
-        }
+        assert_matches(&case, &e.outputs, want);
     }
 }
 
