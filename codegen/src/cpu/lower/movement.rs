@@ -28,29 +28,26 @@ fn known(g: &Graph, v: ValueId) -> Result<Vec<usize>, String> {
         .ok_or_else(|| format!("value '{}' has a symbolic shape", g.values[v].name))
 }
 
-/// The value of an ints argument of `node` (`None` when absent: the default applies).
-fn ints(g: &Graph, node: &Node, a: &IntsArg) -> Result<Option<Vec<i64>>, String> {
+/// The value of an ints argument of `node` (`None` when absent: the default applies);
+/// an input must be a constant.
+pub(crate) fn ints(g: &Graph, node: &Node, a: &IntsArg) -> Result<Option<Vec<i64>>, String> {
     match a {
         IntsArg::Default => Ok(None),
         IntsArg::Attr(v) => Ok(Some(v.clone())),
         IntsArg::Input(i) => match node.inputs.get(*i).copied().flatten() {
             None => Ok(None),
-            Some(v) => Ok(Some(
-                g.const_value(v)
-                    .ok_or("non-constant ints input")?
-                    .to_f64_vec()
-                    .iter()
-                    .map(|&x| x as i64)
-                    .collect(),
-            )),
+            Some(v) => g
+                .const_value(v)
+                .map(|t| Some(t.to_f64_vec().iter().map(|&x| x as i64).collect()))
+                .ok_or_else(|| format!("node '{}': input {i} is not constant", node.name)),
         },
     }
 }
 
-/// Normalizes a possibly negative axis.
-fn norm_axis(a: i64, rank: usize) -> usize {
+/// Normalizes a possibly negative axis (one still below zero becomes 0).
+pub(crate) fn norm_axis(a: i64, rank: usize) -> usize {
     if a < 0 {
-        (a + rank as i64) as usize
+        (a + rank as i64).max(0) as usize
     } else {
         a as usize
     }

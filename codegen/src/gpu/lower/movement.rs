@@ -6,34 +6,11 @@
 
 use super::generic::{row_major, Gen, GenKernel};
 use super::{node_input, shape_of, Operand};
-use crate::cpu::lower::movement::{pad_fill, pad_params, pad_source};
+use crate::cpu::lower::movement::{ints, norm_axis, pad_fill, pad_params, pad_source};
 use crate::cpu::lower::Ty;
-use kiln_ir::ops::array::{ArrayOp, IntsArg, PadMode};
-use kiln_ir::{Graph, Node, Op, ValueId};
+use kiln_ir::ops::array::{ArrayOp, PadMode};
+use kiln_ir::{Graph, Op, ValueId};
 use kiln_passes::fusion;
-
-/// The value of an int-list argument (attribute or constant input).
-fn ints(g: &Graph, node: &Node, a: &IntsArg) -> Result<Option<Vec<i64>>, String> {
-    match a {
-        IntsArg::Default => Ok(None),
-        IntsArg::Attr(v) => Ok(Some(v.clone())),
-        IntsArg::Input(i) => match node.inputs.get(*i).copied().flatten() {
-            None => Ok(None),
-            Some(v) => g
-                .const_value(v)
-                .map(|t| Some(t.to_f64_vec().iter().map(|&x| x as i64).collect()))
-                .ok_or_else(|| format!("node '{}': input {i} is not constant", node.name)),
-        },
-    }
-}
-
-fn norm_axis(a: i64, rank: usize) -> usize {
-    if a < 0 {
-        (a + rank as i64).max(0) as usize
-    } else {
-        a as usize
-    }
-}
 
 /// A strided copy from `src` to `dst` over the shape `shape` (see the module doc).
 fn strided(
