@@ -7,7 +7,7 @@
 //! axis), `Concat` (each input stored at its offset), `Expand` (broadcast inputs read at
 //! index 0), `Identity`-like copies, and `Reshape`/`Flatten`/`Squeeze`/`Unsqueeze` whose
 //! result is a graph output (a flat copy; elsewhere they are zero-copy `Alias` views), and
-//! `Pad` in every mode ([`pad_params`], [`pad_source`], shared with the GPU's generic
+//! `Pad` in every mode ([`pad_params`], [`pad_sources`], shared with the GPU's generic
 //! path). Element types: `f32`, `i64` and `bool` (bytes).
 
 use super::elementwise::Body;
@@ -96,7 +96,7 @@ pub(crate) fn pad_params(
 /// the cropped input, mapped back into it by the mode (edge: clamped; reflect: mirrored
 /// without the edge; wrap: periodic; constant: clamped, with an `i1` that is false where
 /// the fill value goes). The returned index is always inside the input.
-pub(crate) fn pad_source(
+fn pad_source(
     b: &mut Body,
     i: &str,
     (begin, end): (i64, i64),
@@ -141,6 +141,35 @@ pub(crate) fn pad_source(
     let s = b.op(&format!("arith.minsi {s}, {last} : index"));
     let o = c(b, off);
     Ok((b.op(&format!("arith.addi {s}, {o} : index")), inside))
+}
+
+/// The source indices of output multi-index `idx` of a `Pad` with `edges` over an input of
+/// shape `in_s` (see [`pad_source`]; unpadded axes read their own index), and for the
+/// constant mode the `i1` that is true where every axis reads inside the input.
+pub(crate) fn pad_sources(
+    b: &mut Body,
+    idx: &[String],
+    edges: &[(i64, i64)],
+    in_s: &[usize],
+    mode: PadMode,
+) -> Result<(Vec<String>, Option<String>), String> {
+    let mut inside: Option<String> = None;
+    let mut src = Vec::with_capacity(idx.len());
+    for (d, i) in idx.iter().enumerate() {
+        if edges[d] == (0, 0) {
+            src.push(i.clone());
+            continue;
+        }
+        let (s, ok) = pad_source(b, i, edges[d], in_s[d], mode)?;
+        src.push(s);
+        if let Some(ok) = ok {
+            inside = Some(match inside {
+                Some(acc) => b.op(&format!("arith.andi {acc}, {ok} : i1")),
+                None => ok,
+            });
+        }
+    }
+    Ok((src, inside))
 }
 
 /// The fill value of a `Pad` as an MLIR constant of type `ty`.
@@ -416,22 +445,7 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered
             let ty = Ty::of(g.values[data].fact.dtype)?;
             let (dst, os) = outs[0].clone();
             nest(&mut b, &os, |b, ivs| {
-                let mut si = Vec::with_capacity(rank);
-                let mut inside: Option<String> = None;
-                for d in 0..rank {
-                    if edges[d] == (0, 0) {
-                        si.push(ivs[d].clone());
-                        continue;
-                    }
-                    let (s, ok) = pad_source(b, &ivs[d], edges[d], in_s[d], *mode)?;
-                    si.push(s);
-                    if let Some(ok) = ok {
-                        inside = Some(match inside.take() {
-                            Some(acc) => b.op(&format!("arith.andi {acc}, {ok} : i1")),
-                            None => ok,
-                        });
-                    }
-                }
+                let (si, inside) = pad_sources(b, ivs, &edges, &in_s, *mode)?;
                 let mut x = b.op(&format!(
                     "memref.load {src}[{}] : {}",
                     si.join(", "),

@@ -6,7 +6,7 @@
 
 use super::generic::{row_major, Gen, GenKernel};
 use super::{node_input, shape_of, Operand};
-use crate::cpu::lower::movement::{ints, norm_axis, pad_fill, pad_params, pad_source};
+use crate::cpu::lower::movement::{ints, norm_axis, pad_fill, pad_params, pad_sources};
 use crate::cpu::lower::Ty;
 use kiln_ir::ops::array::{ArrayOp, PadMode};
 use kiln_ir::{Graph, Op, ValueId};
@@ -34,7 +34,7 @@ fn strided(
     Ok(gen.finish(name, shape.iter().product::<usize>() as u64))
 }
 
-/// `Pad` (see [`pad_source`]): one thread per output element.
+/// `Pad` (see [`pad_sources`]): one thread per output element.
 fn pad(
     g: &Graph,
     name: &str,
@@ -48,22 +48,7 @@ fn pad(
     let (sb, ty) = gen.value_buf(g, src)?;
     let (db, _) = gen.value_buf(g, dst)?;
     let idx = gen.unravel("%i", os);
-    let mut inside: Option<String> = None;
-    let mut src_idx = Vec::with_capacity(idx.len());
-    for (d, i) in idx.iter().enumerate() {
-        if edges[d] == (0, 0) {
-            src_idx.push(i.clone());
-            continue;
-        }
-        let (s, ok) = pad_source(&mut gen.b, i, edges[d], in_s[d], mode)?;
-        src_idx.push(s);
-        if let Some(ok) = ok {
-            inside = Some(match inside {
-                Some(acc) => gen.b.op(&format!("arith.andi {acc}, {ok} : i1")),
-                None => ok,
-            });
-        }
-    }
+    let (src_idx, inside) = pad_sources(&mut gen.b, &idx, edges, in_s, mode)?;
     let at = gen.lin(&src_idx, &row_major(in_s), 0);
     let mut x = gen.load(sb, &at, ty);
     if let Some(ok) = inside {
