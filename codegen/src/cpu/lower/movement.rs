@@ -7,7 +7,7 @@
 //! axis), `Concat` (each input stored at its offset), `Expand` (broadcast inputs read at
 //! index 0), `Identity`-like copies, and `Reshape`/`Flatten`/`Squeeze`/`Unsqueeze` whose
 //! result is a graph output (a flat copy; elsewhere they are zero-copy `Alias` views), and
-//! `Pad` in every mode ([`pad_params`], [`pad_sources`], shared with the GPU's generic
+//! `Pad` in every mode (`pad_params`, `pad_sources`, shared with the GPU's generic
 //! path). Element types: `f32`, `i64` and `bool` (bytes).
 
 use super::elementwise::Body;
