@@ -6,7 +6,7 @@
 //! this checks what follows them (folding, fusion, memory planning, codegen) on the graphs
 //! the rewrites produce.
 
-use crate::random_graphs::{conv_graph, matrix_graph, Step, CONV_KINDS, MATRIX_KINDS};
+use crate::random_graphs::{conv_graph, matrix_graph, rnn_graph, Step, CONV_KINDS, MATRIX_KINDS};
 use kiln::ir::{interp, Graph, Tensor};
 use kiln::{Compiler, Session, TensorView};
 use rand::{Rng, SeedableRng};
@@ -108,6 +108,23 @@ fn sweep(seed: u64, count: u64, scale: usize) {
 #[test]
 fn random_graphs_compile_and_run_at_every_level() {
     sweep(2026, 16, 1);
+}
+
+/// Unrolled RNNs with shared weights (their input projections merge over the steps at
+/// `-O2`), Elman and LSTM cells, weights constant or inputs, tiny and at scale.
+#[test]
+fn random_rnns_compile_and_run_at_every_level() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(2029);
+    for i in 0..6u64 {
+        let (steps, h, scale) = (rng.random_range(2..7), rng.random(), [1, 8][i as usize % 2]);
+        let (lstm, const_w) = (i % 3 != 0, i % 4 < 2);
+        let (g, inputs) = rnn_graph((steps, h, scale), lstm, const_w, i);
+        check(
+            &format!("rnn {i}: {steps} steps h{h} x{scale} lstm {lstm} const {const_w}"),
+            &g,
+            &inputs,
+        );
+    }
 }
 
 /// Sizes where the CPU kernels tile, vectorise and split into tasks (products up to 192

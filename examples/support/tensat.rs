@@ -22,6 +22,7 @@ pub fn models() -> Vec<Model> {
         ("resnext50", "8.8%", graphs::resnext50),
         ("nasrnn", "68.9%", || graphs::nasrnn(5, 512)),
         ("nasnet", "7.3%", || graphs::nasnet(6, 128, 28)),
+        ("lstm", "-", || graphs::lstm(16, 512)),
         ("inception", "10.0%", graphs::inception_v3),
         ("bert", "9.2%", || {
             graphs::transformer("bert-base", 12, 128, 768, 12, false)

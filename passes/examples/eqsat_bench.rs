@@ -266,6 +266,58 @@ pub fn nasrnn(steps: usize, hidden: usize) -> Graph {
     b.finish(&[h])
 }
 
+/// An LSTM unrolled over `steps` (as a traced `nn.LSTMCell` loop exports it): one data input
+/// `[steps + 1, hidden]` (the initial state and the step inputs as rows), the weights shared
+/// by every step (`W_ih`, `W_hh` of shape `[hidden, 4 hidden]`, two biases), the four gates
+/// as column slices of one product, and every step's hidden state concatenated as the output.
+/// Not one of tensat's graphs (its NasRNN has a fresh weight per step): with shared weights the
+/// steps' input projections share their weight, which is where `merge-shared-weight` applies.
+pub fn lstm(steps: usize, hidden: usize) -> Graph {
+    let mut b = B::new("lstm");
+    let seq = b.input(&[steps + 1, hidden]);
+    let w_ih = b.input(&[hidden, 4 * hidden]);
+    let b_ih = b.input(&[4 * hidden]);
+    let w_hh = b.input(&[hidden, 4 * hidden]);
+    let b_hh = b.input(&[4 * hidden]);
+    let mut h = b.row(seq, 0);
+    let mut c = h;
+    let mut hs = vec![];
+    for t in 1..=steps {
+        let x = b.row(seq, t);
+        let xi = b.matmul(x, w_ih);
+        let xi = b.add(xi, b_ih);
+        let hh = b.matmul(h, w_hh);
+        let hh = b.add(hh, b_hh);
+        let g = b.add(xi, hh);
+        let gate = |b: &mut B, i: usize| {
+            let (st, en, ax) = (
+                b.ints(&[(i * hidden) as i64]),
+                b.ints(&[((i + 1) * hidden) as i64]),
+                b.ints(&[1]),
+            );
+            b.onnx("Slice", &[], &[g, st, en, ax])
+        };
+        let (gi, gf, gg, go) = (
+            gate(&mut b, 0),
+            gate(&mut b, 1),
+            gate(&mut b, 2),
+            gate(&mut b, 3),
+        );
+        let i = b.un(UnaryKind::Sigmoid, gi);
+        let f = b.un(UnaryKind::Sigmoid, gf);
+        let gg = b.un(UnaryKind::Tanh, gg);
+        let o = b.un(UnaryKind::Sigmoid, go);
+        let fc = b.mul(f, c);
+        let ig = b.mul(i, gg);
+        c = b.add(fc, ig);
+        let tc = b.un(UnaryKind::Tanh, c);
+        h = b.mul(o, tc);
+        hs.push(h);
+    }
+    let out = b.concat(0, &hs);
+    b.finish(&[out])
+}
+
 fn sep(b: &mut B, x: usize, k: usize) -> usize {
     let c = b.dims(x)[1];
     let r = b.relu(x);
@@ -542,6 +594,7 @@ fn main() {
         ("resnet50", "-", resnet50),
         ("nasrnn", "0.5 s / 68.9%", || nasrnn(5, 512)),
         ("nasnet", "10.6 s / 7.3%", || nasnet(6, 128, 28)),
+        ("lstm", "-", || lstm(16, 512)),
         ("inception", "5.1 s / 10.0%", inception_v3),
         ("squeezenet", "0.3 s / 24.5%", squeezenet),
         ("vgg19", "0.4 s / 8.9%", vgg19),

@@ -20,7 +20,7 @@ use kiln_passes::eqsat::cost::Device;
 use kiln_passes::eqsat::{optimize, EqsatOptions, ExtractorKind};
 use proptest::prelude::*;
 use rand::SeedableRng;
-use random_graphs::{conv_graph, matrix_graph, Step, CONV_KINDS, MATRIX_KINDS};
+use random_graphs::{conv_graph, matrix_graph, rnn_graph, Step, CONV_KINDS, MATRIX_KINDS};
 
 fn steps(kinds: u8) -> impl Strategy<Value = Vec<Step>> {
     prop::collection::vec(
@@ -104,6 +104,63 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(12))]
+
+    #[test]
+    fn random_rnns_keep_their_values(
+        steps in 1usize..6, h in 0u8..5, lstm in any::<bool>(), const_w in any::<bool>(),
+        seed in any::<u64>(),
+    ) {
+        let (g, inputs) = rnn_graph((steps, h, 1), lstm, const_w, seed);
+        check(&format!("rnn {steps} steps h{h} lstm {lstm} const {const_w}"), &g, &inputs);
+    }
+}
+
+/// An unrolled LSTM whose weights every step shares: under the CPU model the steps' input
+/// projections become one product over the steps' rows (the weight is read once instead of
+/// once per step), the recurrent ones stay one per step, and the result is unchanged.
+#[test]
+fn rnn_input_projections_merge_over_the_steps() {
+    let steps = 6;
+    let (g, inputs) = rnn_graph((steps, 4, 8), true, true, 3);
+    let want = interp::run(&g, &inputs).unwrap();
+    let products = |h: &Graph| -> Vec<Vec<usize>> {
+        h.nodes
+            .iter()
+            .filter(|n| {
+                matches!(
+                    n.op,
+                    kiln_ir::Op::Linalg(kiln_ir::ops::linalg::LinalgOp::MatMul)
+                )
+            })
+            .map(|n| h.values[n.outputs[0]].fact.shape.as_known().unwrap())
+            .collect()
+    };
+    assert_eq!(products(&g).len(), 2 * steps);
+    for extractor in [ExtractorKind::Dag, ExtractorKind::Ilp] {
+        let opts = EqsatOptions {
+            extractor,
+            ..Default::default()
+        };
+        let (out, rep) = optimize(&g, &opts).unwrap();
+        assert!(
+            rep.rules_applied.contains_key("merge-shared-weight"),
+            "{rep}"
+        );
+        let p = products(&out);
+        assert_eq!(p.len(), steps + 1, "{extractor:?}: {p:?}\n{rep}");
+        assert!(p.contains(&vec![steps, 4 * 64]), "{extractor:?}: {p:?}");
+        assert!(rep.cost_after < 0.8 * rep.cost_before, "{rep}");
+        assert_close(
+            &format!("{extractor:?}"),
+            &interp::run(&out, &inputs).unwrap(),
+            &want,
+            1e-4,
+        );
+    }
+}
+
 /// The generators reach what they are meant to exercise: the multi-pattern merges,
 /// reassociation and the Concat/Slice algebra apply in their graphs.
 #[test]
@@ -131,6 +188,7 @@ fn random_graphs_reach_the_merge_rules() {
         "merge-parallel-conv",
         "matmul-assoc",
         "concat-slices",
+        "merge-shared-weight",
     ] {
         assert!(applied.contains(rule), "{rule} never applied: {applied:?}");
     }

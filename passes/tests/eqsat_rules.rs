@@ -188,6 +188,16 @@ fn cases() -> Vec<Case> {
             ],
         ),
         case(
+            "merge-shared-weight",
+            "(concat -2 (matmul x0 k0) (matmul x1 k0) (matmul x2 k0))",
+            &["x0: m k", "x1: p k", "x2: 1 k", "k0: b k n"],
+        ),
+        case(
+            "merge-shared-weight",
+            "(add (matmul (slice x0 k1 k2 k3 none) k0) (matmul (slice x0 k2 k4 k3 none) k0))",
+            &["x0: 7 k", "k1=i:1", "k2=i:3", "k4=i:5", "k3=i:0", "k0: k n"],
+        ),
+        case(
             "gemm-to-matmul",
             "(op @G x0 k0 x1)",
             &["x0: m k", "k0: n k", "x1: n"],

@@ -50,6 +50,8 @@ struct Builder {
     rng: rand::rngs::StdRng,
     /// Values steps may read (not weights).
     pool: Vec<usize>,
+    /// The weights of `x W` steps (a later step may share one).
+    proj: Vec<usize>,
 }
 
 impl Builder {
@@ -63,6 +65,7 @@ impl Builder {
             const_weights,
             rng: rand::rngs::StdRng::seed_from_u64(seed),
             pool: Vec::new(),
+            proj: Vec::new(),
         }
     }
 
@@ -147,6 +150,16 @@ impl Builder {
         self.node(ty, attrs, ins, 1)[0]
     }
 
+    /// Rows `start..end` of a matrix (an ONNX `Slice` on axis 0).
+    fn rows(&mut self, x: usize, start: usize, end: usize) -> usize {
+        let (st, en, ax) = (
+            self.ints(&[start as i64]),
+            self.ints(&[end as i64]),
+            self.ints(&[0]),
+        );
+        self.onnx("Slice", &[], &[x, st, en, ax])
+    }
+
     fn dims(&self, v: usize) -> Vec<usize> {
         self.g.values[v].fact.shape.as_known().unwrap()
     }
@@ -190,7 +203,7 @@ const SIZES: [usize; 5] = [2, 3, 4, 5, 8];
 use AttrValue::{Int, Ints};
 
 /// Kinds of [`matrix_graph`] steps.
-pub const MATRIX_KINDS: u8 = 12;
+pub const MATRIX_KINDS: u8 = 13;
 /// Kinds of [`conv_graph`] steps.
 pub const CONV_KINDS: u8 = 11;
 
@@ -221,6 +234,7 @@ pub fn matrix_graph(
             // x W (+ bias)
             0 => {
                 let w = b.weight(&[d[1], n], false);
+                b.proj.push(w);
                 let m = b.onnx("MatMul", &[], &[x, w]);
                 if s.p % 2 == 1 {
                     let bias = b.weight(&[n], false);
@@ -323,6 +337,29 @@ pub fn matrix_graph(
                 } else {
                     let t = b.onnx("Add", &[], &[ys[0], ys[1]]);
                     b.onnx("Add", &[], &[t, ys[k - 1]])
+                }
+            }
+            // a weight shared by several products: an earlier projection's weight applied to
+            // x when its rows fit, else one new weight applied to two row ranges of x (the
+            // steps of an RNN)
+            12 => {
+                let old = b.proj.iter().rev().copied().find(|&w| b.dims(w)[0] == d[1]);
+                match old.filter(|_| s.p % 2 == 0) {
+                    Some(w) => b.onnx("MatMul", &[], &[x, w]),
+                    None => {
+                        let w = b.weight(&[d[1], n], false);
+                        b.proj.push(w);
+                        if d[0] < 2 {
+                            b.onnx("MatMul", &[], &[x, w])
+                        } else {
+                            let k = 1 + s.b as usize % (d[0] - 1);
+                            let top = b.rows(x, 0, k);
+                            let bottom = b.rows(x, k, d[0]);
+                            let p = b.onnx("MatMul", &[], &[top, w]);
+                            b.pool.push(p);
+                            b.onnx("MatMul", &[], &[bottom, w])
+                        }
+                    }
                 }
             }
             // x - y or y / positive weight
@@ -449,4 +486,62 @@ pub fn conv_graph(
         b.pool.push(y);
     }
     b.finish(&[ops[0].b, ops[ops.len() - 1].a + 1])
+}
+
+/// An RNN unrolled over `steps`, its weights shared by every step: the input is `[steps +
+/// 1, h]` (the initial state, then one row per step). With `lstm`, each step is an LSTM cell
+/// (`xₜ Wx + bx + hₜ₋₁ Wh + bh` cut into four gates by column slices, `c` and `h` updated);
+/// else an Elman cell, `hₜ = tanh(xₜ Wx + hₜ₋₁ Wh + b)`. Outputs: every step's `h`
+/// concatenated, and the last `c` for an LSTM. `h` is `SIZES[h % 5] * scale`.
+pub fn rnn_graph(
+    (steps, h, scale): (usize, u8, usize),
+    lstm: bool,
+    const_w: bool,
+    seed: u64,
+) -> (Graph, Vec<Tensor>) {
+    let mut b = Builder::new(const_w, seed);
+    let h = SIZES[h as usize % 5] * scale;
+    let g = if lstm { 4 * h } else { h };
+    let seq = b.input(&[steps + 1, h]);
+    let (wx, wh) = (b.weight(&[h, g], false), b.weight(&[h, g], false));
+    let (bx, bh) = (b.weight(&[g], false), b.weight(&[g], false));
+    let mut state = b.rows(seq, 0, 1);
+    let mut c = state;
+    let mut hs = vec![];
+    for t in 1..=steps {
+        let x = b.rows(seq, t, t + 1);
+        let xp = b.onnx("MatMul", &[], &[x, wx]);
+        let xp = b.onnx("Add", &[], &[xp, bx]);
+        let hp = b.onnx("MatMul", &[], &[state, wh]);
+        let hp = b.onnx("Add", &[], &[bh, hp]);
+        let pre = b.onnx("Add", &[], &[xp, hp]);
+        if lstm {
+            let gates: Vec<usize> = (0..4)
+                .map(|i| {
+                    let (st, en, ax) = (
+                        b.ints(&[(i * h) as i64]),
+                        b.ints(&[((i + 1) * h) as i64]),
+                        b.ints(&[1]),
+                    );
+                    let s = b.onnx("Slice", &[], &[pre, st, en, ax]);
+                    b.onnx(if i == 2 { "Tanh" } else { "Sigmoid" }, &[], &[s])
+                })
+                .collect();
+            let fc = b.onnx("Mul", &[], &[gates[1], c]);
+            let ig = b.onnx("Mul", &[], &[gates[0], gates[2]]);
+            c = b.onnx("Add", &[], &[fc, ig]);
+            let tc = b.onnx("Tanh", &[], &[c]);
+            state = b.onnx("Mul", &[], &[gates[3], tc]);
+        } else {
+            state = b.onnx("Tanh", &[], &[pre]);
+        }
+        hs.push(state);
+    }
+    let out = b.onnx("Concat", &[("axis", Int(0))], &hs);
+    b.pool.push(out);
+    if lstm {
+        b.pool.push(c);
+        return b.finish(&[1]);
+    }
+    b.finish(&[])
 }

@@ -135,6 +135,11 @@ pub fn rules() -> Vec<Rw> {
         )
         .expect("rule"),
     );
+    r.push(super::apply_fn(
+        "merge-shared-weight",
+        "(matmul ?a ?b)".parse::<Pattern<Kiln>>().expect("pattern"),
+        merge_shared_weight,
+    ));
     r.push(
         Rewrite::new(
             "gemm-to-matmul",
@@ -390,6 +395,90 @@ fn bias_add_of(eg: &EG, p: Id, n: i64, dtype: kiln_ir::DType) -> Option<(Id, Id)
         .collect();
     found.sort();
     found.into_iter().next()
+}
+
+/// `x₀ @ W`, `x₁ @ W`, … (rank-2 `xᵢ` of shape `[mᵢ, K]`, one weight `W` of shape `[…, K,
+/// N]`, rank ≥ 2) become row slices of one product `concat(x₀, x₁, …; axis 0) @ W`, which
+/// reads `W` once for all of them: an unrolled RNN's input projections over its time
+/// steps. When the `xᵢ` are adjacent row ranges of one tensor (the steps' rows of a
+/// sequence), their concatenation is also that one range (a view). One group per weight
+/// (2 to 16 products), applied from its lowest-id left operand; left operands made by a
+/// merge (concats) are not merged again.
+fn merge_shared_weight(eg: &mut EG, _eclass: Id, subst: &Subst) -> Vec<Id> {
+    let (a, b) = (eg.find(subst[v("?a")]), eg.find(subst[v("?b")]));
+    let (Some(sb), Some(dtype)) = (eg[b].data.shape(), eg[b].data.fact().map(|f| f.dtype)) else {
+        return vec![];
+    };
+    if sb.len() < 2 {
+        return vec![];
+    }
+    let k = sb[sb.len() - 2];
+    let mut group: Vec<(Id, Id, usize)> = Vec::new();
+    for p in eg[b].parents() {
+        let Kiln::MatMul([x, c]) = eg.id_to_node(p) else {
+            continue;
+        };
+        let (x, c) = (eg.find(*x), eg.find(*c));
+        let d = &eg[x].data;
+        if c != b || x == b || is_concat(eg, x) || d.fact().map(|f| f.dtype) != Some(dtype) {
+            continue;
+        }
+        if let Some(sx) = d.shape().filter(|s| s.len() == 2 && s[1] == k) {
+            group.push((x, eg.find(p), sx[0]));
+        }
+    }
+    group.sort();
+    group.dedup_by_key(|g| g.0);
+    if group.len() < 2 || group.len() > 16 || group[0].0 != a {
+        return vec![];
+    }
+    // adjacent row ranges of one tensor: ordered by start, and `range` is the whole range
+    let rows: Option<Vec<(Id, usize, usize)>> = group
+        .iter()
+        .map(|g| {
+            eg[g.0].nodes.iter().find_map(|n| match n {
+                Kiln::Slice(c) => match super::split::slice_range(eg, c) {
+                    Some((0, s, e)) => Some((eg.find(c[0]), s, e)),
+                    _ => None,
+                },
+                _ => None,
+            })
+        })
+        .collect();
+    let mut range = None;
+    if let Some(rows) = rows {
+        let mut order: Vec<usize> = (0..group.len()).collect();
+        order.sort_by_key(|&i| rows[i].1);
+        let adjacent = order.windows(2).all(|w| {
+            let (p, q) = (rows[w[0]], rows[w[1]]);
+            p.0 == q.0 && p.2 == q.1
+        });
+        if adjacent {
+            range = Some((
+                rows[order[0]].0,
+                rows[order[0]].1,
+                rows[order[order.len() - 1]].2,
+            ));
+            group = order.into_iter().map(|i| group[i]).collect();
+        }
+    }
+    let ax = eg.add(Kiln::Int(0));
+    let mut parts = vec![ax];
+    parts.extend(group.iter().map(|g| g.0));
+    let cat = eg.add(Kiln::Concat(parts.into()));
+    if let Some((x, s, e)) = range {
+        let whole = add_slice(eg, x, 0, s, e);
+        super::union_checked(eg, cat, whole);
+    }
+    let m = eg.add(Kiln::MatMul([cat, b]));
+    let mut changed = vec![];
+    let mut off = 0;
+    for &(_, class, rows) in &group {
+        let s = add_slice(eg, m, -2, off, off + rows);
+        off += rows;
+        changed.extend(super::union_checked(eg, class, s));
+    }
+    changed
 }
 
 /// Whether the e-class holds a Concat (a weight made by a merge).

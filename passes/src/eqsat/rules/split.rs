@@ -79,7 +79,7 @@ fn ints_of(eg: &EG, c: Id) -> Option<Vec<i64>> {
 
 /// The range a slice e-node `(slice x st en ax sp)` selects when it is one axis, step 1:
 /// `(axis, start, end)` clamped to the axis of `x`.
-fn slice_range(eg: &EG, c: &[Id; 5]) -> Option<(usize, usize, usize)> {
+pub(crate) fn slice_range(eg: &EG, c: &[Id; 5]) -> Option<(usize, usize, usize)> {
     let [x, st, en, ax, sp] = *c;
     let shape = eg[x].data.shape()?;
     let (st, en) = (ints_of(eg, st)?, ints_of(eg, en)?);
