@@ -27,7 +27,9 @@ use kiln_passes::fusion;
 use std::fmt::Write as _;
 
 /// Lowers a `Contraction` kernel; its product is computed as `sched` says (tile sizes and
-/// [`MatmulLowering`](crate::cpu::matmul::MatmulLowering)). The second result are the
+/// [`MatmulLowering`](crate::cpu::matmul::MatmulLowering)); with `fit_rows` (a default,
+/// not a tuned, schedule) a product with fewer rows than its register tile gets a tile of
+/// its rows ([`small_m_schedule`]). The second result are the
 /// kernel's derived constants: a constant, non-transposed 2-D `B` of an unbatched product
 /// with the generator lowering is packed at compile time ([`pack_b`]) and passed instead of
 /// `B` (which the kernel then does not read).
@@ -36,6 +38,7 @@ pub(crate) fn lower(
     k: &fusion::Kernel,
     name: &str,
     sched: &MatmulSchedule,
+    fit_rows: bool,
 ) -> Result<(Lowered, Vec<DerivedConst>), String> {
     let ci = k
         .nodes
@@ -145,6 +148,18 @@ pub(crate) fn lower(
     ) {
         (Some(kd), Some(mn)) => kd * mn,
         _ => 0,
+    };
+    // Products with fewer rows than the register tile (a GEMV: NasRNN's and an RNN's
+    // steps, a decoder's token) take a tile of that many rows, and with one or two rows a
+    // wider one: the full tile's zero rows cost their FMAs (an 8-row tile on a one-row
+    // product does 8 times its arithmetic and bounds it, not the reads of B).
+    let small_sched;
+    let sched = match a_rows.known() {
+        Some(m) if fit_rows && batch.is_none() && !ta && m >= 1 && m < sched.mr => {
+            small_sched = small_m_schedule(sched, m);
+            &small_sched
+        }
+        _ => sched,
     };
     let as_2d = row_split(g, k, batch.is_some() || ta, a_v, b_v, &y_s);
     let split = as_2d.filter(|&(m, _)| m >= 2 && macs >= MIN_SPLIT_MACS);
@@ -546,6 +561,22 @@ struct ColSplit {
 /// [`MAX_COL_TASKS`], each at least [`MIN_COL_TASK_MACS`] and a whole number of `nr`
 /// panels; `None` when fewer than two such tasks fit. A one-row product is bound by reading
 /// B, which the column tasks share out between cores.
+/// The schedule of a product with `m` rows, fewer than `sched`'s register tile: `mr = m`,
+/// and for one or two rows at least four vectors of columns (independent accumulator
+/// chains enough to cover the FMA latency).
+pub(crate) fn small_m_schedule(sched: &MatmulSchedule, m: usize) -> MatmulSchedule {
+    let nr = if m <= 2 {
+        sched.nr.max(4 * sched.vector_width)
+    } else {
+        sched.nr
+    };
+    MatmulSchedule {
+        mr: m.clamp(1, sched.mr),
+        nr,
+        ..*sched
+    }
+}
+
 fn col_split(n: usize, k: usize, sched: &MatmulSchedule) -> Option<ColSplit> {
     let nr = sched.normalized().nr;
     let by_tasks = n.div_ceil(MAX_COL_TASKS);

@@ -139,8 +139,16 @@ pub fn lower_partition_tuned(
     let mut out = Lowering::default();
     for (index, k) in p.kernels.iter().enumerate() {
         let lanes = conv_sched.matmul.vector_width;
-        let config = tuning::tunable_for(g, k, lanes).and_then(|t| tuned.schedule(&t.workload));
+        let tunable = tuning::tunable_for(g, k, lanes);
+        let config = tunable.as_ref().and_then(|t| tuned.schedule(&t.workload));
         out.tuned += config.is_some() as usize;
+        // the default schedule (none tuned, or the tuner measuring the default) adapts to
+        // small products; a tuned one is used as it is
+        let is_default = match (&config, &tunable) {
+            (None, _) => true,
+            (Some(c), Some(t)) => *c == t.default,
+            _ => false,
+        };
         let conv_sched = &match &config {
             Some(c) => tuning::conv_schedule(c, conv_sched),
             None => *conv_sched,
@@ -165,7 +173,7 @@ pub fn lower_partition_tuned(
             KernelKind::Contraction if conv::is_conv(g, k) => {
                 conv::lower_with(g, k, &name, conv_sched)
             }
-            KernelKind::Contraction => contraction::lower(g, k, &name, &mm_sched),
+            KernelKind::Contraction => contraction::lower(g, k, &name, &mm_sched, is_default),
             KernelKind::Opaque | KernelKind::Reduction if pool::handles(g, k) => {
                 plain(pool::lower(g, k, &name))
             }
