@@ -3,6 +3,10 @@ input `seq` of shape [steps + 1, hidden] (the initial state, then one row per st
 weights shared by every step, each step's `h` concatenated as the output.
 
     python scripts/make_lstm.py OUT.onnx [STEPS [HIDDEN]]   (default 16 steps, hidden 512)
+    python scripts/make_lstm.py --op OUT.onnx [STEPS [HIDDEN]]
+
+`--op` writes one ONNX `LSTM` node instead (what `torch.nn.LSTM` exports: X
+[steps, 1, hidden], the same weights in ONNX's iofc gate order), which Kiln unrolls.
 
 Used to compare `kiln compile -O0` / `-O2` artifacts with onnxruntime on the same model
 (docs/eqsat.md, "Session 16"): at `-O2` the steps' input projections share their weight
@@ -13,11 +17,39 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-out = sys.argv[1]
-steps = int(sys.argv[2]) if len(sys.argv) > 2 else 16
-hidden = int(sys.argv[3]) if len(sys.argv) > 3 else 512
+args = sys.argv[1:]
+as_op = args[0] == "--op"
+if as_op:
+    args = args[1:]
+out = args[0]
+steps = int(args[1]) if len(args) > 1 else 16
+hidden = int(args[2]) if len(args) > 2 else 512
 rng = np.random.default_rng(0)
 inits = []
+
+if as_op:
+    w = rng.uniform(-0.05, 0.05, (1, 4 * hidden, hidden)).astype(np.float32)
+    r = rng.uniform(-0.05, 0.05, (1, 4 * hidden, hidden)).astype(np.float32)
+    b = rng.uniform(-0.05, 0.05, (1, 8 * hidden)).astype(np.float32)
+    inits = [numpy_helper.from_array(a, n) for a, n in [(w, "W"), (r, "R"), (b, "B")]]
+    node = helper.make_node("LSTM", ["X", "W", "R", "B"], ["Y", "Y_h", "Y_c"], hidden_size=hidden)
+    graph = helper.make_graph(
+        [node],
+        "lstm_op",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [steps, 1, hidden])],
+        [
+            helper.make_tensor_value_info("Y", TensorProto.FLOAT, [steps, 1, 1, hidden]),
+            helper.make_tensor_value_info("Y_h", TensorProto.FLOAT, [1, 1, hidden]),
+            helper.make_tensor_value_info("Y_c", TensorProto.FLOAT, [1, 1, hidden]),
+        ],
+        inits,
+    )
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.checker.check_model(m)
+    onnx.save(m, out)
+    print("wrote", out)
+    sys.exit(0)
 
 
 def const(name, arr):

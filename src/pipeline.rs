@@ -22,6 +22,10 @@ pub const STAGES: &[(&str, &str)] = &[
         "fix symbolic input dims to concrete sizes and re-infer; split off the nodes whose shapes depend on input values (dynamic tail)",
     ),
     (
+        "unroll",
+        "unroll RNN/GRU/LSTM layers with static shapes into their time steps (MatMuls, gates, state updates)",
+    ),
+    (
         "fold",
         "fold BatchNormalization, constant scales and biases into Conv/Gemm; pre-transpose constant Gemm weights",
     ),
@@ -222,6 +226,13 @@ pub fn plan_graph(
         }
         None => None,
     };
+    if kiln_passes::unroll_recurrent::unroll_all(&mut g) > 0 {
+        // the weights' per-direction slices and transposes fold now
+        kiln_ir::simplify::simplify(&mut g);
+    }
+    if want("unroll") {
+        print("unroll", &kiln_ir::printer::to_text(&g));
+    }
     kiln_passes::fold_batchnorm::fold_all(&mut g);
     kiln_passes::prepack::pretranspose_gemm_weights(&mut g);
     kiln_ir::simplify::simplify(&mut g);

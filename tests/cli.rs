@@ -100,6 +100,7 @@ fn plan_every_zoo_model_and_print_stages() {
             "import",
             "simplify",
             "specialize",
+            "unroll",
             "fold",
             "fusion",
             "memory",

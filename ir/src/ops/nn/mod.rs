@@ -1,7 +1,8 @@
 //! Neural-network ops: convolutions (`Conv`, `ConvTranspose`), pooling (`MaxPool`,
 //! `AveragePool`, `LpPool` and their global forms), normalizations (`BatchNormalization`,
 //! `InstanceNormalization`, `LayerNormalization`, `RMSNormalization`, `GroupNormalization`,
-//! `LpNormalization`, `LRN`) and the softmax family (`Softmax`, `LogSoftmax`, `Hardmax`).
+//! `LpNormalization`, `LRN`), the softmax family (`Softmax`, `LogSoftmax`, `Hardmax`) and
+//! the recurrent layers (`RNN`, `GRU`, `LSTM`).
 //!
 //! The reference implementations compute in f64 on flat row-major buffers (integer `MaxPool`
 //! compares the elements themselves) and round back to the input dtype.
@@ -9,6 +10,7 @@
 pub mod conv;
 pub mod norm;
 pub mod pool;
+pub mod recurrent;
 pub mod softmax;
 pub mod window;
 
@@ -21,6 +23,7 @@ use ndarray::{ArrayD, IxDyn};
 pub use conv::{ConvAttrs, ConvTransposeAttrs};
 pub use norm::{BatchNormAttrs, GroupNormAttrs, LayerNormAttrs, LrnAttrs};
 pub use pool::{MaxPoolAttrs, PoolAttrs, PoolKind};
+pub use recurrent::{Activation, Cell, Direction, RecurrentAttrs};
 pub use softmax::SoftmaxAttrs;
 pub use window::{AutoPad, WindowAttrs};
 
@@ -65,6 +68,8 @@ pub enum NnOp {
     LogSoftmax(SoftmaxAttrs),
     /// `Hardmax`.
     Hardmax(SoftmaxAttrs),
+    /// `RNN`, `GRU`, `LSTM` (the cell says which).
+    Recurrent(RecurrentAttrs),
 }
 
 impl OpFamily for NnOp {
@@ -96,6 +101,9 @@ impl OpFamily for NnOp {
             "Softmax" => NnOp::Softmax(SoftmaxAttrs::parse(node)?),
             "LogSoftmax" => NnOp::LogSoftmax(SoftmaxAttrs::parse(node)?),
             "Hardmax" => NnOp::Hardmax(SoftmaxAttrs::parse(node)?),
+            "RNN" => NnOp::Recurrent(RecurrentAttrs::parse(Cell::Rnn, node)?),
+            "GRU" => NnOp::Recurrent(RecurrentAttrs::parse(Cell::Gru, node)?),
+            "LSTM" => NnOp::Recurrent(RecurrentAttrs::parse(Cell::Lstm, node)?),
             _ => return Ok(None),
         };
         op.check_arity(node)?;
@@ -119,6 +127,7 @@ impl OpFamily for NnOp {
             NnOp::Softmax(_) => "Softmax",
             NnOp::LogSoftmax(_) => "LogSoftmax",
             NnOp::Hardmax(_) => "Hardmax",
+            NnOp::Recurrent(a) => a.op_type(),
         }
     }
 
@@ -136,6 +145,7 @@ impl OpFamily for NnOp {
             NnOp::LpNormalization { axis, .. } => norm::infer_lp(*axis, inputs),
             NnOp::Lrn(_) => norm::infer_lrn(inputs),
             NnOp::Softmax(a) | NnOp::LogSoftmax(a) | NnOp::Hardmax(a) => a.infer(inputs),
+            NnOp::Recurrent(a) => a.infer(inputs),
         }
     }
 
@@ -167,6 +177,7 @@ impl OpFamily for NnOp {
             NnOp::Softmax(a) => a.eval(softmax::Kind::Softmax, inputs),
             NnOp::LogSoftmax(a) => a.eval(softmax::Kind::LogSoftmax, inputs),
             NnOp::Hardmax(a) => a.eval(softmax::Kind::Hardmax, inputs),
+            NnOp::Recurrent(a) => a.eval(inputs),
         }
     }
 }
@@ -181,6 +192,7 @@ impl NnOp {
             NnOp::InstanceNormalization { .. } | NnOp::GroupNormalization(_) => (3, 3, 1),
             NnOp::LayerNormalization(_) => (2, 3, 3),
             NnOp::RmsNormalization(_) => (2, 2, 1),
+            NnOp::Recurrent(a) => a.arity(),
             _ => (1, 1, 1),
         }
     }
