@@ -21,4 +21,5 @@ mod gpu_run;
 mod gpu_tune;
 mod mpi;
 mod parallel_plan;
+mod recurrent;
 mod tune;
