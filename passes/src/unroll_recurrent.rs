@@ -5,9 +5,10 @@
 //! equality saturation sees the steps' input projections sharing one weight
 //! (`merge-shared-weight` makes them one product over the sequence).
 //!
-//! Left as they are (the interpreter runs them on the CPU): layers with a `sequence_lens`
-//! input that is not a constant equal to the sequence length, and layers whose shapes are
-//! not all static.
+//! A `sequence_lens` input (per-batch lengths, given at run time) becomes a mask per step:
+//! where a batch entry's sequence has ended its state is held and its `Y` rows are zero.
+//! Left as they are (the interpreter runs them on the CPU): layers whose shapes are not all
+//! static.
 
 use kiln_ir::ops::nn::{Activation, Cell, Direction, NnOp, RecurrentAttrs};
 use kiln_ir::ops::{AttrValue, OnnxNode};
@@ -41,8 +42,7 @@ pub fn unroll_all(g: &mut Graph) -> usize {
     count
 }
 
-/// Static shapes everywhere, and no `sequence_lens` unless it is a constant equal to the
-/// sequence length for every batch entry.
+/// Static shapes everywhere.
 fn unrollable(g: &Graph, ni: usize) -> bool {
     let n = &g.nodes[ni];
     let Op::Nn(NnOp::Recurrent(a)) = &n.op else {
@@ -55,18 +55,9 @@ fn unrollable(g: &Graph, ni: usize) -> bool {
     if x.len() != 3 || !g.values[n.inputs[0].unwrap()].fact.dtype.is_float() {
         return false;
     }
-    let seq = if a.batch_first { x[1] } else { x[0] };
-    if n.inputs.iter().flatten().any(|&v| known(v).is_none())
-        || n.outputs.iter().any(|&v| known(v).is_none())
-    {
-        return false;
-    }
-    match n.inputs.get(4).copied().flatten() {
-        None => true,
-        Some(l) => g
-            .const_value(l)
-            .is_some_and(|t| t.to_i64_vec().iter().all(|&s| s == seq as i64)),
-    }
+    let _ = a;
+    !(n.inputs.iter().flatten().any(|&v| known(v).is_none())
+        || n.outputs.iter().any(|&v| known(v).is_none()))
 }
 
 /// Adds the unrolled nodes of one layer.
@@ -262,6 +253,27 @@ impl<'g> Unroller<'g> {
             Cell::Gru => 2,
             Cell::Lstm => 3,
         };
+        // per-step masks `[batch, 1]` (1 while the step is within the entry's length), unless
+        // the lengths are a constant equal to the sequence length
+        let masks: Option<Vec<ValueId>> = input(4)
+            .filter(|&l| {
+                !self
+                    .g
+                    .const_value(l)
+                    .is_some_and(|t| t.to_i64_vec().iter().all(|&n| n == seq as i64))
+            })
+            .map(|lens| {
+                (0..seq)
+                    .map(|t| {
+                        let n = self.name("k");
+                        let tv = self.g.add_const(n, Tensor::from_vec(&[1], vec![t as i32]));
+                        let lt = self.bin("Less", tv, lens);
+                        let to = AttrValue::Int(self.dtype.to_onnx() as i64);
+                        let m = self.op("Cast", &[("to", to)], &[lt]);
+                        self.reshape(m, &[batch as i64, 1])
+                    })
+                    .collect()
+            });
         // per direction: the state after each step in time order, and the final state
         let mut ys: Vec<Vec<ValueId>> = Vec::new();
         let mut finals = Vec::new();
@@ -337,6 +349,7 @@ impl<'g> Unroller<'g> {
                 if let Some(b) = bias {
                     xp = self.bin("Add", xp, b);
                 }
+                let (h_prev, c_prev) = (hs, cs);
                 hs = match a.cell {
                     Cell::Rnn => {
                         let hp = self.bin("MatMul", hs, rt);
@@ -412,7 +425,18 @@ impl<'g> Unroller<'g> {
                         self.bin("Add", hh, zd)
                     }
                 };
-                steps[t] = hs;
+                steps[t] = match &masks {
+                    Some(m) => {
+                        // past the entry's length: the state is held, Y is zero
+                        let m = m[t];
+                        hs = self.blend(m, hs, h_prev);
+                        if let (Some(c), Some(cp)) = (cs, c_prev) {
+                            cs = Some(self.blend(m, c, cp));
+                        }
+                        self.bin("Mul", m, hs)
+                    }
+                    None => hs,
+                };
             }
             ys.push(steps);
             finals.push((hs, cs));
@@ -469,6 +493,13 @@ impl<'g> Unroller<'g> {
                 self.op_into("Concat", &[("axis", AttrValue::Int(0))], &parts, Some(out));
             }
         }
+    }
+
+    /// `old + m·(new − old)`: `new` where the mask `m` is 1, `old` where it is 0.
+    fn blend(&mut self, m: ValueId, new: ValueId, old: ValueId) -> ValueId {
+        let d = self.bin("Sub", new, old);
+        let md = self.bin("Mul", m, d);
+        self.bin("Add", old, md)
     }
 
     fn zeros(&mut self, dims: &[usize]) -> ValueId {

@@ -180,16 +180,35 @@ fn unrolled_layers_match_the_reference_op() {
     assert_eq!(unrolled, 240);
 }
 
-/// A `sequence_lens` input (per-batch lengths) keeps the layer as it is.
+/// Per-batch `sequence_lens` given at run time (every length from 0 to the sequence's):
+/// the unrolled steps hold the state and zero `Y` past each entry's length, as the op does.
 #[test]
-fn runtime_sequence_lengths_are_left_to_the_reference_op() {
-    let (mut g, _, _) = layer(3);
-    let n = &g.nodes[0];
-    let mut n2 = n.clone();
-    let lens = g.add_value("lens_in", Fact::new(DType::I32, Shape::known(&[4])));
-    g.inputs.push(lens);
-    n2.inputs.resize(5, None);
-    n2.inputs[4] = Some(lens);
-    g.nodes[0] = n2;
-    assert_eq!(unroll_all(&mut g), 0);
+fn runtime_sequence_lengths_mask_the_steps() {
+    for seed in 0..60 {
+        let (mut g, mut inputs, what) = layer(seed);
+        let x = g.nodes[0].inputs[0].unwrap();
+        let xs = g.values[x].fact.shape.as_known().unwrap();
+        let batch_first = matches!(&g.nodes[0].op,
+            Op::Nn(kiln_ir::ops::nn::NnOp::Recurrent(a)) if a.batch_first);
+        let (seq, batch) = if batch_first {
+            (xs[1], xs[0])
+        } else {
+            (xs[0], xs[1])
+        };
+        let lens = g.add_value("lens_in", Fact::new(DType::I32, Shape::known(&[batch])));
+        g.inputs.push(lens);
+        let n_in = g.nodes[0].inputs.len().max(5);
+        g.nodes[0].inputs.resize(n_in, None);
+        g.nodes[0].inputs[4] = Some(lens);
+        let l: Vec<i32> = (0..batch)
+            .map(|b| ((seed as usize + 2 * b) % (seq + 1)) as i32)
+            .collect();
+        inputs.push(Tensor::from_vec(&[batch], l.clone()));
+        let want = interp::run(&g, &inputs).unwrap_or_else(|e| panic!("{what}: {e}"));
+        let mut u = g.clone();
+        assert_eq!(unroll_all(&mut u), 1, "{what}");
+        kiln_ir::verify::verify(&u).unwrap_or_else(|e| panic!("{what}: {e}"));
+        let got = interp::run(&u, &inputs).unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_close(&format!("{what} lens {l:?}"), &got, &want, 1e-4);
+    }
 }

@@ -1,6 +1,5 @@
-"""RNN / GRU / LSTM layers against onnxruntime: constant weights and no per-batch lengths
-(unrolled into their time steps and compiled), and per-batch `sequence_lens` given at run
-time (the reference op), every direction (onnxruntime has no batch-first layout; the
+"""RNN / GRU / LSTM layers against onnxruntime, unrolled into their time steps and compiled:
+without and with per-batch `sequence_lens` given at run time (step masks), every direction (onnxruntime has no batch-first layout; the
 ONNX node tests check that one)."""
 
 import zlib
