@@ -27,6 +27,16 @@ hidden = int(args[2]) if len(args) > 2 else 512
 rng = np.random.default_rng(0)
 inits = []
 
+
+
+def save(graph):
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.checker.check_model(m)
+    onnx.save(m, out)
+    print("wrote", out)
+
+
 if as_op:
     w = rng.uniform(-0.05, 0.05, (1, 4 * hidden, hidden)).astype(np.float32)
     r = rng.uniform(-0.05, 0.05, (1, 4 * hidden, hidden)).astype(np.float32)
@@ -44,11 +54,7 @@ if as_op:
         ],
         inits,
     )
-    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
-    onnx.checker.check_model(m)
-    onnx.save(m, out)
-    print("wrote", out)
+    save(graph)
     sys.exit(0)
 
 
@@ -106,8 +112,4 @@ graph = helper.make_graph(
     [helper.make_tensor_value_info("hs", TensorProto.FLOAT, [steps, hidden])],
     inits,
 )
-m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-m.ir_version = 8
-onnx.checker.check_model(m)
-onnx.save(m, out)
-print("wrote", out)
+save(graph)
