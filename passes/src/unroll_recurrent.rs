@@ -42,7 +42,7 @@ pub fn unroll_all(g: &mut Graph) -> usize {
     count
 }
 
-/// Static shapes everywhere.
+/// Static shapes everywhere, and at least one step and one batch entry.
 fn unrollable(g: &Graph, ni: usize) -> bool {
     let n = &g.nodes[ni];
     let Op::Nn(NnOp::Recurrent(a)) = &n.op else {
@@ -52,7 +52,8 @@ fn unrollable(g: &Graph, ni: usize) -> bool {
     let Some(x) = n.inputs[0].and_then(known) else {
         return false;
     };
-    if x.len() != 3 || !g.values[n.inputs[0].unwrap()].fact.dtype.is_float() {
+    // (an empty sequence or batch stays with the op: there are no steps to build)
+    if x.len() != 3 || x.contains(&0) || !g.values[n.inputs[0].unwrap()].fact.dtype.is_float() {
         return false;
     }
     let _ = a;

@@ -212,3 +212,39 @@ fn runtime_sequence_lengths_mask_the_steps() {
         assert_close(&format!("{what} lens {l:?}"), &got, &want, 1e-4);
     }
 }
+
+/// An empty sequence has no steps to build: the layer stays with the reference op.
+#[test]
+fn empty_sequences_keep_the_op() {
+    let mut g = Graph {
+        name: "empty".into(),
+        opset: 17,
+        ..Default::default()
+    };
+    let x = g.add_value("x", Fact::new(DType::F32, Shape::known(&[0, 2, 3])));
+    g.inputs.push(x);
+    let w = g.add_const("w", Tensor::from_vec(&[1, 4, 3], vec![0.1f32; 12]));
+    let r = g.add_const("r", Tensor::from_vec(&[1, 4, 4], vec![0.1f32; 16]));
+    let node = OnnxNode::new(
+        "RNN",
+        17,
+        &[("hidden_size", AttrValue::Int(4))],
+        vec![true; 3],
+        2,
+    );
+    let outs: Vec<usize> = (0..2)
+        .map(|k| g.add_value(format!("y{k}"), Fact::new(DType::F32, Shape::unknown(0))))
+        .collect();
+    g.nodes.push(Node {
+        name: "rnn".into(),
+        op: Op::from_onnx(&node).unwrap().unwrap(),
+        inputs: vec![Some(x), Some(w), Some(r)],
+        outputs: outs.clone(),
+    });
+    g.outputs = outs;
+    g.infer().unwrap();
+    assert_eq!(unroll_all(&mut g), 0);
+    let y = interp::run(&g, &[Tensor::from_vec(&[0, 2, 3], Vec::<f32>::new())]).unwrap();
+    assert_eq!(y[0].shape(), &[0, 1, 2, 4]);
+    assert_eq!(y[1].to_f64_vec(), vec![0.0; 8]);
+}
