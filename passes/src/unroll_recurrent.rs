@@ -45,9 +45,9 @@ pub fn unroll_all(g: &mut Graph) -> usize {
 /// Static shapes everywhere, and at least one step and one batch entry.
 fn unrollable(g: &Graph, ni: usize) -> bool {
     let n = &g.nodes[ni];
-    let Op::Nn(NnOp::Recurrent(a)) = &n.op else {
+    if !matches!(n.op, Op::Nn(NnOp::Recurrent(_))) {
         return false;
-    };
+    }
     let known = |v: ValueId| g.values[v].fact.shape.as_known();
     let Some(x) = n.inputs[0].and_then(known) else {
         return false;
@@ -56,7 +56,6 @@ fn unrollable(g: &Graph, ni: usize) -> bool {
     if x.len() != 3 || x.contains(&0) || !g.values[n.inputs[0].unwrap()].fact.dtype.is_float() {
         return false;
     }
-    let _ = a;
     !(n.inputs.iter().flatten().any(|&v| known(v).is_none())
         || n.outputs.iter().any(|&v| known(v).is_none()))
 }
@@ -249,11 +248,7 @@ impl<'g> Unroller<'g> {
         } else {
             x
         };
-        let na = match a.cell {
-            Cell::Rnn => 1,
-            Cell::Gru => 2,
-            Cell::Lstm => 3,
-        };
+        let na = a.cell.activations();
         // per-step masks `[batch, 1]` (1 while the step is within the entry's length), unless
         // the lengths are a constant equal to the sequence length
         let masks: Option<Vec<ValueId>> = input(4)
@@ -307,13 +302,9 @@ impl<'g> Unroller<'g> {
             let state0 = |s: &mut Self, i: usize| -> ValueId {
                 match input(i) {
                     Some(v) => {
-                        let (axis, shape) = if a.batch_first {
-                            (1, [batch as i64, hi])
-                        } else {
-                            (0, [batch as i64, hi])
-                        };
-                        let p = s.slice(v, axis, d, d + 1);
-                        s.reshape(p, &shape)
+                        // direction d of [dirs, batch, h] (batch first: [batch, dirs, h])
+                        let p = s.slice(v, a.batch_first as i64, d, d + 1);
+                        s.reshape(p, &[batch as i64, hi])
                     }
                     None => s.zeros(&[batch, h]),
                 }

@@ -34,7 +34,7 @@ impl Cell {
     }
 
     /// Activation functions per direction.
-    fn activations(self) -> usize {
+    pub fn activations(self) -> usize {
         match self {
             Cell::Rnn => 1,
             Cell::Gru => 2,
@@ -373,26 +373,16 @@ impl RecurrentAttrs {
             }
             None => vec![seq; batch],
         };
-        // states in [dir][batch][h] order whatever the layout
-        let state_in = |i: usize| -> Vec<f64> {
-            match opt(inputs, i) {
-                None => vec![0.0; nd * batch * h],
-                Some(t) => {
-                    let v = t.to_f64_vec();
-                    if !self.batch_first {
-                        return v;
-                    }
-                    let mut o = vec![0.0; nd * batch * h];
-                    for bi in 0..batch {
-                        for d in 0..nd {
-                            for j in 0..h {
-                                o[(d * batch + bi) * h + j] = v[(bi * nd + d) * h + j];
-                            }
-                        }
-                    }
-                    o
-                }
+        // X and the states time-major / direction-major ([t][batch][in], [dir][batch][h])
+        let major = |t: &Tensor| -> Vec<f64> {
+            if self.batch_first {
+                swap01(t.to_f64_vec(), t.shape())
+            } else {
+                t.to_f64_vec()
             }
+        };
+        let state_in = |i: usize| -> Vec<f64> {
+            opt(inputs, i).map_or_else(|| vec![0.0; nd * batch * h], major)
         };
         let h0 = state_in(5);
         let c0 = if self.cell == Cell::Lstm {
@@ -405,14 +395,8 @@ impl RecurrentAttrs {
         } else {
             None
         };
-        let xv = x.to_f64_vec();
-        let x_at = |t: usize, bi: usize, k: usize| -> f64 {
-            if self.batch_first {
-                xv[(bi * seq + t) * input + k]
-            } else {
-                xv[(t * batch + bi) * input + k]
-            }
-        };
+        let xv = major(x);
+        let x_at = |t: usize, bi: usize, k: usize| xv[(t * batch + bi) * input + k];
         let clip = |v: f64| match self.clip {
             Some(c) => v.clamp(-(c as f64), c as f64),
             None => v,
@@ -520,42 +504,35 @@ impl RecurrentAttrs {
         } else {
             (vec![seq, nd, batch, h], vec![nd, batch, h])
         };
-        let y = if self.batch_first {
-            let mut o = vec![0.0; y.len()];
-            for t in 0..seq {
-                for d in 0..nd {
-                    for bi in 0..batch {
-                        let src = ((t * nd + d) * batch + bi) * h;
-                        let dst = ((bi * seq + t) * nd + d) * h;
-                        o[dst..dst + h].copy_from_slice(&y[src..src + h]);
-                    }
-                }
-            }
-            o
+        // back to batch-first: Y [seq, dirs, batch, h] → [batch, seq, dirs, h] (the two
+        // leading groups of axes swapped), states [dirs, batch, h] → [batch, dirs, h]
+        let (y, yh, yc) = if self.batch_first {
+            (
+                swap01(y, &[seq * nd, batch, h]),
+                swap01(yh, &[nd, batch, h]),
+                swap01(yc, &[nd, batch, h]),
+            )
         } else {
-            y
-        };
-        let state_out = |v: Vec<f64>| -> Vec<f64> {
-            if !self.batch_first {
-                return v;
-            }
-            let mut o = vec![0.0; v.len()];
-            for d in 0..nd {
-                for bi in 0..batch {
-                    for j in 0..h {
-                        o[(bi * nd + d) * h + j] = v[(d * batch + bi) * h + j];
-                    }
-                }
-            }
-            o
+            (y, yh, yc)
         };
         let mut outs = vec![from_f64(dt, &y_shape, y)?];
         if self.num_outputs >= 2 {
-            outs.push(from_f64(dt, &state_shape, state_out(yh))?);
+            outs.push(from_f64(dt, &state_shape, yh)?);
         }
         if self.num_outputs >= 3 {
-            outs.push(from_f64(dt, &state_shape, state_out(yc))?);
+            outs.push(from_f64(dt, &state_shape, yc)?);
         }
         Ok(outs)
     }
+}
+
+/// The row-major `[a, b, rest...]` values `v` with their first two axes swapped.
+fn swap01(v: Vec<f64>, shape: &[usize]) -> Vec<f64> {
+    if v.is_empty() {
+        return v;
+    }
+    let (a, b) = (shape[0], shape[1]);
+    let rest = v.len() / (a * b);
+    let m = ndarray::Array3::from_shape_vec((a, b, rest), v).expect("shape matches the values");
+    m.permuted_axes([1, 0, 2]).iter().copied().collect()
 }
