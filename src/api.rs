@@ -243,6 +243,7 @@ impl Compiler {
         crate::tune::load_schedules(path, &target)
             .map_err(|e| Error::InvalidArgument(format!("{e:#}")))?
             .apply(&mut self.opts);
+        self.opts.tuning_db = Some(path.to_path_buf());
         Ok(self)
     }
 

@@ -82,6 +82,9 @@ pub struct CompileOptions {
     /// Measured op times from the same database, for the eqsat cost model (µs by op
     /// signature, see [`kiln_passes::eqsat::cost::measured_table`]).
     pub measured_us: std::sync::Arc<HashMap<String, f64>>,
+    /// The tuning database `schedules` came from (`--db`), named in the report even when it
+    /// selects no schedule.
+    pub tuning_db: Option<std::path::PathBuf>,
     /// A `cuda:SKU` target (`--target cuda:h100`): compile for that GPU instead of the CPU
     /// (see [`crate::gpu_compile`]).
     pub gpu_target: Option<String>,
@@ -102,6 +105,7 @@ impl Default for CompileOptions {
             reference_kernels: true,
             schedules: Default::default(),
             measured_us: Default::default(),
+            tuning_db: None,
             gpu_target: None,
             precision: Default::default(),
         }
@@ -123,6 +127,8 @@ pub struct CompileReport {
     pub tuned: usize,
     /// Tuned schedules the compiler was given (`--db`), for any workload.
     pub schedules_given: usize,
+    /// The tuning database the schedules came from (`--db`), if any.
+    pub tuning_db: Option<std::path::PathBuf>,
     /// Kernels without compiled code, run by the reference interpreter (one line each:
     /// kernel, kind, ops, why), over all variants.
     pub reference: Vec<String>,
@@ -175,12 +181,20 @@ impl fmt::Display for CompileReport {
                 self.variants, self.variants
             )?;
         }
-        if self.schedules_given > 0 {
-            writeln!(
+        if self.schedules_given > 0 || self.tuning_db.is_some() {
+            write!(
                 f,
                 "tuned schedules: {} of {} tunable kernels",
                 self.tuned, self.tunable
             )?;
+            match &self.tuning_db {
+                Some(db) if self.schedules_given == 0 => writeln!(
+                    f,
+                    " ({} has no schedule faster than the defaults for this target)",
+                    db.display()
+                )?,
+                _ => writeln!(f)?,
+            }
         }
         for l in &self.gpu {
             writeln!(f, "{l}")?;
@@ -537,6 +551,7 @@ fn lower_variant(
         .context("lowering kernels")?;
     report.tuned += lowering.tuned;
     report.schedules_given = opts.schedules.len();
+    report.tuning_db = opts.tuning_db.clone();
     report.tunable += p
         .kernels
         .iter()

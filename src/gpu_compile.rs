@@ -275,7 +275,7 @@ pub fn compile_graph_gpu(
     report.timings.push(("plan", t.elapsed()));
     let t = Instant::now();
     // Tuned schedules (`--db`): the lowering takes each tunable kernel's from its record.
-    let schedules = (!opts.schedules.is_empty()).then(|| {
+    let schedules = (!opts.schedules.is_empty() || opts.tuning_db.is_some()).then(|| {
         std::sync::Arc::new(kiln_codegen::gpu::tuning::GpuSchedules::new(
             (*opts.schedules).clone(),
         ))
@@ -292,6 +292,7 @@ pub fn compile_graph_gpu(
         report.tuned = seen.iter().filter(|(_, used)| *used).count();
         report.tunable = seen.len();
         report.schedules_given = opts.schedules.len();
+        report.tuning_db = opts.tuning_db.clone();
     }
     report.timings.push(("lower", t.elapsed()));
     let t = Instant::now();
