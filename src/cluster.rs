@@ -2,7 +2,7 @@
 //! writes ONE artifact holding every rank's program.
 //!
 //! 1. The model is prepared like the first pipeline stages (simplify, specialize, unroll,
-//!    fold, pre-transpose, simplify): plans index the nodes of *this* graph ([`prepare`]).
+//!    decompose, fold, pre-transpose, simplify): plans index the nodes of *this* graph ([`prepare`]).
 //! 2. The plan is read from `--plan` (a serialized [`ParallelPlan`]) or, by default, a
 //!    pipeline balanced by node FLOPs over the ranks
 //!    ([`kiln_passes::parallel::pipeline_split::balanced_pipeline`]).

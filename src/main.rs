@@ -26,7 +26,7 @@ enum Cmd {
         #[arg(long)]
         ir: bool,
     },
-    /// Run the graph-level compile pipeline (simplify, specialize, unroll, fold, fusion, memory plan)
+    /// Run the graph-level compile pipeline (simplify, specialize, unroll, decompose, fold, fusion, memory plan)
     /// and print the kernels and the arena size. Code generation comes after these stages.
     Plan {
         /// The ONNX model.
@@ -34,7 +34,7 @@ enum Cmd {
         /// Fix an input's shape: NAME=1x3x224x224 (symbolic dims default to 1).
         #[arg(long = "shape", value_name = "NAME=DIMS")]
         shapes: Vec<String>,
-        /// Print the IR after this stage (import, simplify, specialize, unroll, fold, eqsat, fusion, memory,
+        /// Print the IR after this stage (import, simplify, specialize, unroll, decompose, fold, eqsat, fusion, memory,
         /// or all); may be repeated.
         #[arg(long = "print-after", value_name = "STAGE")]
         print_after: Vec<String>,
@@ -90,7 +90,7 @@ enum Cmd {
         /// Fix an input's shape: NAME=1x3x224x224 (symbolic dims default to 1).
         #[arg(long = "shape", value_name = "NAME=DIMS")]
         shapes: Vec<String>,
-        /// Print the IR after this stage (import, simplify, specialize, unroll, fold, eqsat, fusion, memory,
+        /// Print the IR after this stage (import, simplify, specialize, unroll, decompose, fold, eqsat, fusion, memory,
         /// or all); may be repeated.
         #[arg(long = "print-after", value_name = "STAGE")]
         print_after: Vec<String>,

@@ -26,6 +26,10 @@ pub const STAGES: &[(&str, &str)] = &[
         "unroll RNN/GRU/LSTM layers with static shapes into their time steps (MatMuls, gates, state updates)",
     ),
     (
+        "decompose",
+        "expand Attention nodes with static shapes into MatMul, Softmax and mask ops",
+    ),
+    (
         "fold",
         "fold BatchNormalization, constant scales and biases into Conv/Gemm; pre-transpose constant Gemm weights",
     ),
@@ -232,6 +236,13 @@ pub fn plan_graph(
     }
     if want("unroll") {
         print("unroll", &kiln_ir::printer::to_text(&g));
+    }
+    if kiln_passes::decompose_attention::decompose_all(&mut g) > 0 {
+        // constant masks and cache-free heads fold now
+        kiln_ir::simplify::simplify(&mut g);
+    }
+    if want("decompose") {
+        print("decompose", &kiln_ir::printer::to_text(&g));
     }
     kiln_passes::fold_batchnorm::fold_all(&mut g);
     kiln_passes::prepack::pretranspose_gemm_weights(&mut g);

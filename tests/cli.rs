@@ -101,6 +101,7 @@ fn plan_every_zoo_model_and_print_stages() {
             "simplify",
             "specialize",
             "unroll",
+            "decompose",
             "fold",
             "fusion",
             "memory",

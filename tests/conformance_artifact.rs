@@ -59,7 +59,7 @@ fn load_set(dir: &Path, prefix: &str) -> Result<Vec<Tensor>, String> {
 }
 
 /// Runs the compiled model on `inputs`.
-fn run_artifact(model: &mut Model, inputs: &[Tensor]) -> Result<Vec<Tensor>, String> {
+pub(crate) fn run_artifact(model: &mut Model, inputs: &[Tensor]) -> Result<Vec<Tensor>, String> {
     let bufs: Vec<(kiln::runtime::DType, AlignedBuf)> = inputs
         .iter()
         .map(|t| {

@@ -10,6 +10,7 @@ mod common;
 mod random_graphs;
 
 mod api;
+mod attention;
 mod bench;
 mod cli;
 mod compile;

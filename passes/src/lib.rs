@@ -5,9 +5,11 @@
 //! recurrent layers into their time steps ([`unroll_recurrent`]). Every pass is checked against the reference interpreter.
 #![warn(missing_docs)]
 
+pub mod decompose_attention;
 pub mod eqsat;
 pub mod fold_batchnorm;
 pub mod fusion;
+mod graph_builder;
 pub mod memory;
 pub mod parallel;
 pub mod prepack;

@@ -10,10 +10,10 @@
 //! Left as they are (the interpreter runs them on the CPU): layers whose shapes are not all
 //! static.
 
+use crate::graph_builder::Builder;
 use kiln_ir::ops::nn::{Activation, Cell, Direction, NnOp, RecurrentAttrs};
-use kiln_ir::ops::{AttrValue, OnnxNode};
-use kiln_ir::{DType, Fact, Graph, Node, Op, Shape, Tensor, ValueId};
-use std::collections::HashSet;
+use kiln_ir::ops::AttrValue;
+use kiln_ir::{Graph, Node, Op, Tensor, ValueId};
 
 /// Unrolls every recurrent layer that can be (see the module doc); returns how many.
 pub fn unroll_all(g: &mut Graph) -> usize {
@@ -60,127 +60,10 @@ fn unrollable(g: &Graph, ni: usize) -> bool {
         || n.outputs.iter().any(|&v| known(v).is_none()))
 }
 
-/// Adds the unrolled nodes of one layer.
-struct Unroller<'g> {
-    g: &'g mut Graph,
-    prefix: String,
-    taken: HashSet<String>,
-    dtype: DType,
-}
+/// The unrolled nodes of one layer are added by a [`Builder`] named after the layer.
+type Unroller<'g> = Builder<'g>;
 
-impl<'g> Unroller<'g> {
-    fn new(g: &'g mut Graph, node: &Node) -> Self {
-        let taken = g.values.iter().map(|v| v.name.clone()).collect();
-        let dtype = g.values[node.outputs[0]].fact.dtype;
-        Unroller {
-            g,
-            prefix: node.name.clone(),
-            taken,
-            dtype,
-        }
-    }
-
-    fn name(&mut self, what: &str) -> String {
-        let mut k = self.taken.len();
-        loop {
-            let n = format!("{}.{what}{k}", self.prefix);
-            if self.taken.insert(n.clone()) {
-                return n;
-            }
-            k += 1;
-        }
-    }
-
-    /// Appends `ty(ins)` writing into `out` (a new value if `None`); returns the output.
-    fn op_into(
-        &mut self,
-        ty: &str,
-        attrs: &[(&str, AttrValue)],
-        ins: &[ValueId],
-        out: Option<ValueId>,
-    ) -> ValueId {
-        let onnx = OnnxNode::new(ty, 17, attrs, vec![true; ins.len()], 1);
-        let op = Op::from_onnx(&onnx)
-            .expect("unrolled op attributes")
-            .expect("unrolled op type");
-        let fresh = out.is_none();
-        let out = out.unwrap_or_else(|| {
-            let n = self.name(&ty.to_ascii_lowercase());
-            self.g
-                .add_value(n, Fact::new(self.dtype, Shape::unknown(0)))
-        });
-        let name = self.name("n");
-        self.g.nodes.push(Node {
-            name,
-            op,
-            inputs: ins.iter().map(|&v| Some(v)).collect(),
-            outputs: vec![out],
-        });
-        let facts = self
-            .g
-            .infer_node(self.g.nodes.len() - 1)
-            .expect("unrolled ops infer");
-        self.g.values[out].fact = facts[0].clone();
-        // weight preparation (per-direction planes, transposes, bias sums) of constant
-        // weights is done here, whatever its size (inference folds small values only)
-        let consts: Option<Vec<&Tensor>> = ins.iter().map(|&v| self.g.const_value(v)).collect();
-        if let (Some(c), true) = (consts, fresh) {
-            if self.g.values[out].fact.value.is_none() {
-                let n = self.g.nodes.last().expect("just pushed");
-                let c: Vec<Option<&Tensor>> = c.into_iter().map(Some).collect();
-                let t = n.op.eval(&c).expect("constant weight preparation");
-                let t = t.into_iter().next().expect("one output");
-                self.g.nodes.pop();
-                self.g.set_const(out, t);
-            } else {
-                self.g.nodes.pop();
-            }
-        }
-        out
-    }
-
-    fn op(&mut self, ty: &str, attrs: &[(&str, AttrValue)], ins: &[ValueId]) -> ValueId {
-        self.op_into(ty, attrs, ins, None)
-    }
-
-    fn ints(&mut self, v: &[i64]) -> ValueId {
-        let n = self.name("k");
-        self.g.add_const(n, Tensor::vec_i64(v))
-    }
-
-    fn scalar(&mut self, x: f32) -> ValueId {
-        let n = self.name("k");
-        let t = Tensor::scalar(x).cast(self.dtype);
-        self.g.add_const(n, t)
-    }
-
-    /// `x[start..end]` on `axis`.
-    fn slice(&mut self, x: ValueId, axis: i64, start: usize, end: usize) -> ValueId {
-        let (s, e, a) = (
-            self.ints(&[start as i64]),
-            self.ints(&[end as i64]),
-            self.ints(&[axis]),
-        );
-        self.op("Slice", &[], &[x, s, e, a])
-    }
-
-    fn reshape(&mut self, x: ValueId, shape: &[i64]) -> ValueId {
-        let s = self.ints(shape);
-        self.op("Reshape", &[], &[x, s])
-    }
-
-    fn transpose(&mut self, x: ValueId, perm: &[i64]) -> ValueId {
-        self.op(
-            "Transpose",
-            &[("perm", AttrValue::Ints(perm.to_vec()))],
-            &[x],
-        )
-    }
-
-    fn bin(&mut self, ty: &str, a: ValueId, b: ValueId) -> ValueId {
-        self.op(ty, &[], &[a, b])
-    }
-
+impl Builder<'_> {
     /// `[dirs, rows, cols]` (or `[dirs, n]`) input plane `d` as a matrix `[rows, cols]`.
     fn plane(&mut self, x: ValueId, d: usize, dims: &[i64]) -> ValueId {
         let s = self.slice(x, 0, d, d + 1);
@@ -492,11 +375,5 @@ impl<'g> Unroller<'g> {
         let d = self.bin("Sub", new, old);
         let md = self.bin("Mul", m, d);
         self.bin("Add", old, md)
-    }
-
-    fn zeros(&mut self, dims: &[usize]) -> ValueId {
-        let n = self.name("k");
-        let t = Tensor::from_vec(dims, vec![0f32; dims.iter().product()]).cast(self.dtype);
-        self.g.add_const(n, t)
     }
 }

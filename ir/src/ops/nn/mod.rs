@@ -2,11 +2,12 @@
 //! `AveragePool`, `LpPool` and their global forms), normalizations (`BatchNormalization`,
 //! `InstanceNormalization`, `LayerNormalization`, `RMSNormalization`, `GroupNormalization`,
 //! `LpNormalization`, `LRN`), the softmax family (`Softmax`, `LogSoftmax`, `Hardmax`) and
-//! the recurrent layers (`RNN`, `GRU`, `LSTM`).
+//! the recurrent layers (`RNN`, `GRU`, `LSTM`) and `Attention`.
 //!
 //! The reference implementations compute in f64 on flat row-major buffers (integer `MaxPool`
 //! compares the elements themselves) and round back to the input dtype.
 
+pub mod attention;
 pub mod conv;
 pub mod norm;
 pub mod pool;
@@ -20,6 +21,7 @@ use crate::shape::{Dim, Shape};
 use crate::tensor::Tensor;
 use ndarray::{ArrayD, IxDyn};
 
+pub use attention::{AttentionAttrs, QkOutput};
 pub use conv::{ConvAttrs, ConvTransposeAttrs};
 pub use norm::{BatchNormAttrs, GroupNormAttrs, LayerNormAttrs, LrnAttrs};
 pub use pool::{MaxPoolAttrs, PoolAttrs, PoolKind};
@@ -70,6 +72,8 @@ pub enum NnOp {
     Hardmax(SoftmaxAttrs),
     /// `RNN`, `GRU`, `LSTM` (the cell says which).
     Recurrent(RecurrentAttrs),
+    /// `Attention` (opset 23+): scaled dot-product attention with masks and a KV cache.
+    Attention(AttentionAttrs),
 }
 
 impl OpFamily for NnOp {
@@ -104,6 +108,7 @@ impl OpFamily for NnOp {
             "RNN" => NnOp::Recurrent(RecurrentAttrs::parse(Cell::Rnn, node)?),
             "GRU" => NnOp::Recurrent(RecurrentAttrs::parse(Cell::Gru, node)?),
             "LSTM" => NnOp::Recurrent(RecurrentAttrs::parse(Cell::Lstm, node)?),
+            "Attention" => NnOp::Attention(AttentionAttrs::parse(node)?),
             _ => return Ok(None),
         };
         op.check_arity(node)?;
@@ -128,6 +133,7 @@ impl OpFamily for NnOp {
             NnOp::LogSoftmax(_) => "LogSoftmax",
             NnOp::Hardmax(_) => "Hardmax",
             NnOp::Recurrent(a) => a.op_type(),
+            NnOp::Attention(_) => "Attention",
         }
     }
 
@@ -146,6 +152,7 @@ impl OpFamily for NnOp {
             NnOp::Lrn(_) => norm::infer_lrn(inputs),
             NnOp::Softmax(a) | NnOp::LogSoftmax(a) | NnOp::Hardmax(a) => a.infer(inputs),
             NnOp::Recurrent(a) => a.infer(inputs),
+            NnOp::Attention(a) => a.infer(inputs),
         }
     }
 
@@ -178,6 +185,7 @@ impl OpFamily for NnOp {
             NnOp::LogSoftmax(a) => a.eval(softmax::Kind::LogSoftmax, inputs),
             NnOp::Hardmax(a) => a.eval(softmax::Kind::Hardmax, inputs),
             NnOp::Recurrent(a) => a.eval(inputs),
+            NnOp::Attention(a) => a.eval(inputs),
         }
     }
 }
@@ -193,6 +201,7 @@ impl NnOp {
             NnOp::LayerNormalization(_) => (2, 3, 3),
             NnOp::RmsNormalization(_) => (2, 2, 1),
             NnOp::Recurrent(a) => a.arity(),
+            NnOp::Attention(a) => a.arity(),
             _ => (1, 1, 1),
         }
     }
