@@ -133,6 +133,7 @@ fn expand(b: &mut Builder, a: &AttentionAttrs, node: &Node) {
     let kt = b.transpose(kall, &[0, 1, 3, 2]);
     let scores = b.bin("MatMul", qg, kt);
     let mut scores = ungrouped(b, scores, total);
+    let raw = scores;
     if a.softcap > 0.0 {
         let c = b.scalar(a.softcap);
         let d = b.bin("Div", scores, c);
@@ -180,6 +181,7 @@ fn expand(b: &mut Builder, a: &AttentionAttrs, node: &Node) {
     };
     if let Some(&out) = outs.get(3) {
         let src = match a.qk_output {
+            QkOutput::Raw => raw,
             QkOutput::Scores => scores,
             QkOutput::WithBias => x,
             QkOutput::Probabilities => p,

@@ -38,7 +38,10 @@ pub mod input {
 /// What the optional fourth output `qk_matmul_output` holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum QkOutput {
-    /// Mode 0 and 1: the scaled `Q·Kᵀ` (after `softcap` when there is one).
+    /// Mode 0: the scaled `Q·Kᵀ`, before `softcap` (as the operator's text and onnxruntime
+    /// have it; ONNX's Python reference gives mode 1's value).
+    Raw,
+    /// Mode 1: the scores after `softcap`.
     Scores,
     /// Mode 2: the scores plus the mask bias.
     WithBias,
@@ -117,7 +120,8 @@ impl AttentionAttrs {
     /// Parses the attributes of an `Attention` node.
     pub fn parse(node: &OnnxNode) -> OpResult<AttentionAttrs> {
         let qk_output = match node.int_or("qk_matmul_output_mode", 0)? {
-            0 | 1 => QkOutput::Scores,
+            0 => QkOutput::Raw,
+            1 => QkOutput::Scores,
             2 => QkOutput::WithBias,
             3 => QkOutput::Probabilities,
             m => {
@@ -432,6 +436,7 @@ impl AttentionAttrs {
         let mut y = vec![0.0; d.batch * d.q_heads * d.q_seq * d.v_head];
         let mut qk_out = vec![0.0; d.batch * d.q_heads * d.q_seq * total];
         let mut scores = vec![0.0; total];
+        let mut raw = vec![0.0; total];
         let mut biases = vec![0.0; total];
         for b in 0..d.batch {
             for h in 0..d.q_heads {
@@ -442,6 +447,7 @@ impl AttentionAttrs {
                         let krow = &pk[(kvh + j) * d.head..][..d.head];
                         let mut x: f64 =
                             qrow.iter().zip(krow).map(|(a, c)| (a * s) * (c * s)).sum();
+                        raw[j] = x;
                         if softcap > 0.0 {
                             x = softcap * (x / softcap).tanh();
                         }
@@ -451,6 +457,7 @@ impl AttentionAttrs {
                     let row = ((b * d.q_heads + h) * d.q_seq + i) * total;
                     let out = &mut qk_out[row..][..total];
                     match self.qk_output {
+                        QkOutput::Raw => out.copy_from_slice(&raw),
                         QkOutput::Scores => out.copy_from_slice(&scores),
                         QkOutput::WithBias => {
                             for j in 0..total {
