@@ -11,8 +11,8 @@ use kiln::runtime::Model;
 use rand::{Rng, SeedableRng};
 
 /// A decoder step's attention: 3-D `Q`/`K`/`V` inputs with 8 query heads over 2 key/value
-/// heads of size 16, a KV cache of 5, a bool padding mask, causal; outputs `Y` and the new
-/// cache. `softcap` variant: 4-D inputs, a constant float mask, softcap and the scores with
+/// heads of size 16, a KV cache of 5, a bool padding mask (one batch entry fully masked),
+/// causal; outputs `Y` and the new cache. `softcap` variant: 4-D inputs, a constant float mask, softcap and the scores with
 /// their bias as a fourth output.
 fn model(softcap: bool, seed: u64) -> (Graph, Vec<Tensor>) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -51,7 +51,10 @@ fn model(softcap: bool, seed: u64) -> (Graph, Vec<Tensor>) {
         let q = input(&mut g, "q", t(&[b, sq, hq * d]));
         let k = input(&mut g, "k", t(&[b, kv, hkv * d]));
         let v = input(&mut g, "v", t(&[b, kv, hkv * d]));
-        let keep: Vec<bool> = (0..b * total).map(|i| i % total != 1).collect();
+        // batch entry 0 skips key 1; entry 1 attends nothing (its rows are zero)
+        let keep: Vec<bool> = (0..b * total)
+            .map(|i| i / total == 0 && i % total != 1)
+            .collect();
         let mask = input(&mut g, "mask", Tensor::from_vec(&[b, 1, 1, total], keep));
         let pk = input(&mut g, "past_key", t(&[b, hkv, past, d]));
         let pv = input(&mut g, "past_value", t(&[b, hkv, past, d]));

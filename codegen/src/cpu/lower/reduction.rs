@@ -39,6 +39,11 @@ struct Ctx<'a> {
     /// Per-row statistics of Softmax (`max`, `1 / sum`), LogSoftmax (`max`, `ln sum`) and
     /// LayerNorm (`mean`, `rstd`) nodes.
     stats: HashMap<usize, (String, String)>,
+    /// The kernel's only full-shape output, when it is `f32`: the sum pass of a Softmax
+    /// stores `exp(x - max)` there, and the final pass scales it instead of recomputing it.
+    scratch: Option<String>,
+    /// The Softmax node whose `exp(x - max)` row is in `scratch`.
+    exp_in_scratch: Option<usize>,
     /// Index constants `0`, `1` and the row length.
     c0: String,
     c1: String,
@@ -86,6 +91,18 @@ impl Ctx<'_> {
             Op::Nn(NnOp::Softmax(_) | NnOp::LogSoftmax(_)) => {
                 let x = self.elem(input(g, n, 0)?)?.0;
                 let (mx, s) = self.stats.get(&n).cloned().ok_or("softmax stats")?;
+                if let (Some(m), Some(_)) = (&self.scratch, self.exp_in_scratch.filter(|&k| k == n))
+                {
+                    let idx = self.full_index()?;
+                    let e = self.b.op(&format!(
+                        "memref.load {m}[{}] : {}",
+                        idx.join(", "),
+                        crate::cpu::abi::memref_type_of(idx.len(), Ty::F32.storage())
+                    ));
+                    let r = self.b.f2("mulf", &e, &s);
+                    self.b.vals.insert(v, (r.clone(), Ty::F32));
+                    return Ok((r, Ty::F32));
+                }
                 let d = self.b.f2("subf", &x, &mx);
                 if matches!(node.op, Op::Nn(NnOp::Softmax(_))) {
                     let e = fastmath::exp(&mut self.b, &d);
@@ -113,13 +130,21 @@ impl Ctx<'_> {
         Ok((r, Ty::F32))
     }
 
+    /// The indices of the current element (every iteration dim in scope).
+    fn full_index(&self) -> Result<Vec<String>, String> {
+        self.ivs
+            .iter()
+            .map(|i| i.clone().ok_or_else(|| "index out of scope".to_string()))
+            .collect()
+    }
+
     /// Emits one pass over the row folding `f(x)` into an `f32` accumulator starting at
-    /// `init`, and returns the final accumulator.
+    /// `init`, and returns the final accumulator. `f` also gets the element's indices.
     fn pass(
         &mut self,
         x: ValueId,
         init: &str,
-        f: impl FnOnce(&mut Body, &str, &str) -> String,
+        f: impl FnOnce(&mut Body, &str, &str, &[String]) -> String,
     ) -> Result<String, String> {
         let saved = self.b.vals.clone();
         let (j, acc, res) = (self.b.fresh(), self.b.fresh(), self.b.fresh());
@@ -133,7 +158,8 @@ impl Ctx<'_> {
         if ty != Ty::F32 {
             return Err("reduction of a non-f32 value".into());
         }
-        let new = f(&mut self.b, &acc, &xv);
+        let idx = self.full_index()?;
+        let new = f(&mut self.b, &acc, &xv, &idx);
         self.b.raw(&format!("scf.yield {new} : f32"));
         self.b.raw("}");
         self.ivs[last] = None;
@@ -302,6 +328,11 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered
         let m = p.memref(args.len() + i, &sd, ty.storage());
         outs.push((v, m, s, ty));
     }
+    let full: Vec<_> = outs.iter().filter(|o| o.2 == shape).collect();
+    let scratch = match full.as_slice() {
+        [(_, m, _, Ty::F32)] => Some(m.clone()),
+        _ => None,
+    };
     let producer: HashMap<ValueId, usize> = k
         .nodes
         .iter()
@@ -318,6 +349,8 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered
         inputs,
         producer,
         stats: HashMap::new(),
+        scratch,
+        exp_in_scratch: None,
         c0,
         c1,
         cn,
@@ -370,7 +403,7 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered
                     _ => (0.0, "arith.addf"),
                 };
                 let i0 = cx.b.fc(init);
-                let mut res = cx.pass(x, &i0, |b, acc, x| {
+                let mut res = cx.pass(x, &i0, |b, acc, x, _| {
                     if op == "arith.addf" {
                         acc_add(b, acc, x)
                     } else {
@@ -386,16 +419,28 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered
             Op::Nn(NnOp::Softmax(_) | NnOp::LogSoftmax(_)) => {
                 let x = input(g, n, 0)?;
                 let i0 = cx.b.fc(f32::NEG_INFINITY);
-                let mx = cx.pass(x, &i0, |b, acc, x| {
+                let mx = cx.pass(x, &i0, |b, acc, x, _| {
                     b.op(&format!("arith.maximumf {acc}, {x} : f32"))
                 })?;
                 let z = cx.b.fc(0.0);
                 let m2 = mx.clone();
-                let sum = cx.pass(x, &z, move |b, acc, x| {
+                // the first Softmax of a kernel with one f32 full-shape output keeps its
+                // exponentials there for the final pass
+                let keep = matches!(node.op, Op::Nn(NnOp::Softmax(_)))
+                    && cx.exp_in_scratch.is_none()
+                    && cx.scratch.is_some();
+                let scratch = cx.scratch.clone().filter(|_| keep);
+                let sum = cx.pass(x, &z, move |b, acc, x, idx| {
                     let d = b.f2("subf", x, &m2);
                     let e = fastmath::exp(b, &d);
+                    if let Some(m) = &scratch {
+                        store(b, &e, m, idx, Ty::F32);
+                    }
                     acc_add(b, acc, &e)
                 })?;
+                if keep {
+                    cx.exp_in_scratch = Some(n);
+                }
                 let s = if matches!(node.op, Op::Nn(NnOp::Softmax(_))) {
                     let one = cx.b.fc(1.0);
                     cx.b.f2("divf", &one, &sum)
@@ -407,12 +452,12 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered
             Op::Nn(NnOp::LayerNormalization(a)) => {
                 let x = input(g, n, 0)?;
                 let z = cx.b.fc(0.0);
-                let s = cx.pass(x, &z, acc_add)?;
+                let s = cx.pass(x, &z, |b, acc, x, _| acc_add(b, acc, x))?;
                 let c = cx.b.fc(len);
                 let mean = cx.b.f2("divf", &s, &c);
                 let m2 = mean.clone();
                 let z = cx.b.fc(0.0);
-                let ss = cx.pass(x, &z, move |b, acc, x| {
+                let ss = cx.pass(x, &z, move |b, acc, x, _| {
                     let d = b.f2("subf", x, &m2);
                     let q = b.f2("mulf", &d, &d);
                     acc_add(b, acc, &q)
