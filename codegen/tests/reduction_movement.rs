@@ -184,6 +184,31 @@ fn transpose_gather_concat_slice_expand() {
     all_lowered(&r, KernelKind::DataMovement);
 }
 
+/// Transposes that move the input's contiguous axis inward, large enough to be copied in
+/// tiles, with partial tiles at the edges (and one that is not tiled: a dim under 16).
+#[test]
+fn tiled_transposes() {
+    let mut b = Builder::new("tiled");
+    let x = b.input("x", DType::F32, &[2, 37, 3, 20]);
+    let mut outs = vec![];
+    for perm in [
+        vec![0, 3, 2, 1],
+        vec![3, 1, 0, 2],
+        vec![0, 2, 3, 1],
+        vec![1, 0, 3, 2],
+    ] {
+        outs.push(b.node(
+            Op::Array(ArrayOp::Transpose { perm: Some(perm) }),
+            &[Some(x)],
+        ));
+    }
+    let y = b.input("y", DType::F32, &[16, 48]);
+    outs.push(b.node(Op::Array(ArrayOp::Transpose { perm: None }), &[Some(y)]));
+    let g = b.finish(&outs);
+    let r = check(&g, &random_inputs(&g, 7));
+    all_lowered(&r, KernelKind::DataMovement);
+}
+
 #[test]
 fn split_into_parts() {
     let mut b = Builder::new("split");

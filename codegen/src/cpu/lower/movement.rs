@@ -203,6 +203,54 @@ fn nest(
     Ok(())
 }
 
+/// Tile size of [`tiled_nest`].
+const TILE: usize = 16;
+
+/// Like [`nest`], with the two dims `tiled` (the output's last dim and the one walking the
+/// input's contiguous axis, for a transpose) iterated in `TILE`×`TILE` tiles, so that the
+/// reads and the writes of a tile each touch `TILE` cache lines.
+fn tiled_nest(
+    b: &mut Body,
+    shape: &[usize],
+    tiled: (usize, usize),
+    f: impl FnOnce(&mut Body, &[String]) -> Result<(), String>,
+) -> Result<(), String> {
+    let c0 = b.op("arith.constant 0 : index");
+    let c1 = b.op("arith.constant 1 : index");
+    let ct = b.op(&format!("arith.constant {TILE} : index"));
+    let mut ivs = vec![String::new(); shape.len()];
+    let mut open = 0;
+    for (d, &n) in shape.iter().enumerate() {
+        if d == tiled.0 || d == tiled.1 {
+            continue;
+        }
+        let n = b.op(&format!("arith.constant {n} : index"));
+        ivs[d] = b.fresh();
+        b.raw(&format!("scf.for {} = {c0} to {n} step {c1} {{", ivs[d]));
+        open += 1;
+    }
+    let mut starts = Vec::new();
+    for d in [tiled.0, tiled.1] {
+        let n = b.op(&format!("arith.constant {} : index", shape[d]));
+        let t0 = b.fresh();
+        b.raw(&format!("scf.for {t0} = {c0} to {n} step {ct} {{"));
+        starts.push((t0, n));
+        open += 1;
+    }
+    for (d, (t0, n)) in [tiled.0, tiled.1].into_iter().zip(starts) {
+        let t1 = b.op(&format!("arith.addi {t0}, {ct} : index"));
+        let end = b.op(&format!("arith.minui {t1}, {n} : index"));
+        ivs[d] = b.fresh();
+        b.raw(&format!("scf.for {} = {t0} to {end} step {c1} {{", ivs[d]));
+        open += 1;
+    }
+    f(b, &ivs)?;
+    for _ in 0..open {
+        b.raw("}");
+    }
+    Ok(())
+}
+
 /// `iv + off` (or `iv * step + off`) as an index.
 fn affine(b: &mut Body, iv: &str, step: i64, off: i64) -> String {
     let mut x = iv.to_string();
@@ -306,14 +354,22 @@ pub(crate) fn lower(g: &Graph, k: &fusion::Kernel, name: &str) -> Result<Lowered
                 None => (0..rank).rev().collect(),
             };
             let (dst, os) = outs[0].clone();
-            nest(&mut b, &os, |b, ivs| {
+            let body = |b: &mut Body, ivs: &[String]| {
                 let mut si = vec![String::new(); rank];
                 for (i, &pa) in perm.iter().enumerate() {
                     si[pa] = ivs[i].clone();
                 }
                 copy(b, (&src, &si), (&dst, ivs), elem);
                 Ok(())
-            })?;
+            };
+            // the output dim that walks the input's contiguous axis
+            let q = perm.iter().position(|&pa| pa == rank - 1);
+            match q {
+                Some(q) if q != rank - 1 && os[q] >= TILE && os[rank - 1] >= TILE => {
+                    tiled_nest(&mut b, &os, (q, rank - 1), body)?
+                }
+                _ => nest(&mut b, &os, body)?,
+            }
         }
         Op::Array(ArrayOp::Gather { axis }) => {
             let a = norm_axis(*axis, rank);
