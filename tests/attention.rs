@@ -4,9 +4,10 @@
 //! reference op's.
 
 use crate::conformance_artifact::run_artifact;
+use crate::one_node::push_node;
 use kiln::compile::{compile_graph, CompileOptions};
-use kiln::ir::ops::{AttrValue, OnnxNode};
-use kiln::ir::{interp, DType, Fact, Graph, Node, Op, Shape, Tensor};
+use kiln::ir::ops::AttrValue;
+use kiln::ir::{interp, Fact, Graph, Shape, Tensor};
 use kiln::runtime::Model;
 use rand::{Rng, SeedableRng};
 
@@ -68,24 +69,7 @@ fn model(softcap: bool, seed: u64) -> (Graph, Vec<Tensor>) {
             3,
         )
     };
-    let node = OnnxNode::new(
-        "Attention",
-        23,
-        &attrs,
-        ins.iter().map(Option::is_some).collect(),
-        nout,
-    );
-    let outs: Vec<usize> = (0..nout)
-        .map(|k| g.add_value(format!("y{k}"), Fact::new(DType::F32, Shape::unknown(0))))
-        .collect();
-    g.nodes.push(Node {
-        name: "attn".into(),
-        op: Op::from_onnx(&node).unwrap().unwrap(),
-        inputs: ins,
-        outputs: outs.clone(),
-    });
-    g.outputs = outs;
-    g.infer().unwrap();
+    push_node(&mut g, ("Attention", 23, "attn"), &attrs, ins, nout);
     (g, inputs)
 }
 

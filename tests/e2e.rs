@@ -5,6 +5,9 @@
 //! `cargo test --release -p kiln --test e2e parallel_plan::`.
 
 mod common;
+/// One-node graphs, shared with `kiln-passes`' tests.
+#[path = "../passes/tests/common/one_node.rs"]
+mod one_node;
 /// Random graph builders shared with `kiln-passes`' e-graph tests.
 #[path = "../passes/tests/common/random_graphs.rs"]
 mod random_graphs;

@@ -3,8 +3,9 @@
 //! projections merge into one product) and planned for `cuda:h100` (the plan emulated on
 //! the CPU), every result equal to the reference op's.
 
-use kiln::ir::ops::{AttrValue, OnnxNode};
-use kiln::ir::{interp, DType, Fact, Graph, Node, Op, Shape, Tensor};
+use crate::one_node::push_node;
+use kiln::ir::ops::AttrValue;
+use kiln::ir::{interp, DType, Fact, Graph, Shape, Tensor};
 use kiln::{Compiler, Session, TensorView};
 use rand::{Rng, SeedableRng};
 
@@ -47,27 +48,16 @@ fn layer(cell: &str, seed: u64) -> (Graph, Vec<Tensor>) {
         Some(g.add_const("h0", h0)),
     ];
     let nout = if cell == "LSTM" { 3 } else { 2 };
-    let node = OnnxNode::new(
-        cell,
-        17,
+    push_node(
+        &mut g,
+        (cell, 17, cell),
         &[
             ("hidden_size", AttrValue::Int(h as i64)),
             ("direction", AttrValue::String("bidirectional".into())),
         ],
-        ins.iter().map(Option::is_some).collect(),
+        ins,
         nout,
     );
-    let outs: Vec<usize> = (0..nout)
-        .map(|k| g.add_value(format!("y{k}"), Fact::new(DType::F32, Shape::unknown(0))))
-        .collect();
-    g.nodes.push(Node {
-        name: cell.into(),
-        op: Op::from_onnx(&node).unwrap().unwrap(),
-        inputs: ins,
-        outputs: outs.clone(),
-    });
-    g.outputs = outs;
-    g.infer().unwrap();
     (g, vec![x_t])
 }
 

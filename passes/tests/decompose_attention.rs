@@ -6,10 +6,11 @@
 
 mod common;
 
+use common::one_node::push_node;
 use common::random_f32;
 use kiln_ir::ops::nn::NnOp;
-use kiln_ir::ops::{AttrValue, OnnxNode};
-use kiln_ir::{interp, DType, Fact, Graph, Node, Op, Shape, Tensor};
+use kiln_ir::ops::AttrValue;
+use kiln_ir::{interp, DType, Fact, Graph, Op, Shape, Tensor};
 use kiln_passes::decompose_attention::decompose_all;
 use rand::{Rng, SeedableRng};
 
@@ -149,25 +150,7 @@ fn attention(seed: u64) -> (Graph, Vec<Tensor>, String) {
     }
     let last = ins.iter().rposition(Option::is_some).unwrap();
     ins.truncate(last + 1);
-    let node = OnnxNode::new(
-        "Attention",
-        25,
-        &attrs,
-        ins.iter().map(Option::is_some).collect(),
-        nout,
-    );
-    let op = Op::from_onnx(&node).unwrap().unwrap();
-    let outs: Vec<usize> = (0..nout)
-        .map(|k| g.add_value(format!("y{k}"), Fact::new(DType::F32, Shape::unknown(0))))
-        .collect();
-    g.nodes.push(Node {
-        name: "attn".into(),
-        op,
-        inputs: ins,
-        outputs: outs.clone(),
-    });
-    g.outputs = outs;
-    g.infer().unwrap();
+    push_node(&mut g, ("Attention", 25, "attn"), &attrs, ins, nout);
     let what = format!(
         "seed {seed}: b {batch} hq {hq} hkv {hkv} sq {sq} kv {kv} past {past} head {head}/{v_head} \
          3-D {three} {dt} mask {mask_kind} outputs {nout} {attrs:?}"

@@ -5,6 +5,7 @@
 
 mod common;
 
+use common::one_node::push_node;
 use common::{assert_close, random_f32};
 use kiln_ir::ops::{AttrValue, OnnxNode};
 use kiln_ir::{interp, DType, Fact, Graph, Node, Op, Shape, Tensor};
@@ -129,25 +130,7 @@ fn layer(seed: u64) -> (Graph, Vec<Tensor>, String) {
     let last = ins.iter().rposition(Option::is_some).unwrap();
     ins.truncate(last + 1);
     let nout = if cell == "LSTM" { 3 } else { 2 };
-    let node = OnnxNode::new(
-        cell,
-        17,
-        &attrs,
-        ins.iter().map(Option::is_some).collect(),
-        nout,
-    );
-    let op = Op::from_onnx(&node).unwrap().unwrap();
-    let outs: Vec<usize> = (0..nout)
-        .map(|k| g.add_value(format!("y{k}"), Fact::new(DType::F32, Shape::unknown(0))))
-        .collect();
-    g.nodes.push(Node {
-        name: "rnn".into(),
-        op,
-        inputs: ins,
-        outputs: outs.clone(),
-    });
-    g.outputs = outs;
-    g.infer().unwrap();
+    push_node(&mut g, (cell, 17, "rnn"), &attrs, ins, nout);
     let what = format!("{cell} {dir} seq {seq} batch {batch} in {input} h {h} {attrs:?}");
     (g, inputs, what)
 }

@@ -2,6 +2,8 @@
 //! random inputs, and an output comparison scaled to the output's magnitude.
 #![allow(dead_code)]
 
+pub mod one_node;
+
 use kiln_ir::onnx::{load, load_tensor_pb};
 use kiln_ir::{DType, Graph, Tensor};
 use kiln_passes::specialize::specialize_inputs;
