@@ -7,8 +7,10 @@
 //! constant at once, and the guard is left out when no row of a constant bias is fully
 //! masked.
 //!
-//! Left as they are (the interpreter runs them on the CPU): nodes with an external cache
-//! (`nonpad_kv_seqlen`), shapes that are not all static, and empty inputs.
+//! An external cache (`nonpad_kv_seqlen`, valid keys per batch entry at run time) becomes
+//! comparisons of constant index tables with it (the padding, causal and window bounds at
+//! the entry's offset). Left as they are (the interpreter runs them on the CPU): shapes that
+//! are not all static, and empty inputs.
 
 use crate::graph_builder::Builder;
 use kiln_ir::ops::nn::{AttentionAttrs, NnOp, QkOutput};
@@ -38,12 +40,10 @@ pub fn decompose_all(g: &mut Graph) -> usize {
     count
 }
 
-/// Static, non-empty shapes, a float dtype, and no external cache.
+/// Static, non-empty shapes and a float dtype.
 fn expandable(g: &Graph, n: &Node) -> bool {
-    use kiln_ir::ops::nn::attention::input;
     let known = |v: ValueId| g.values[v].fact.shape.as_known();
-    n.inputs.get(input::NONPAD).copied().flatten().is_none()
-        && g.values[n.outputs[0]].fact.dtype.is_float()
+    g.values[n.outputs[0]].fact.dtype.is_float()
         && n.inputs
             .iter()
             .flatten()
@@ -148,7 +148,8 @@ fn expand(b: &mut Builder, a: &AttentionAttrs, node: &Node) {
             wide(b, m)
         }
     });
-    let bias = mask_bias(b, a, mask, (sq as usize, total as usize, past));
+    let nonpad = input(input::NONPAD);
+    let bias = mask_bias(b, a, mask, nonpad, (sq as usize, total as usize, past));
     let x = match bias {
         Some(bias) => b.bin("Add", scores, bias),
         None => scores,
@@ -215,11 +216,14 @@ fn narrow_into(b: &mut Builder, x: ValueId, out: ValueId, to: Option<DType>) {
 
 /// The additive bias `[.., q_seq, total]` of the scores: `attn_mask` (bool → 0 / −∞; keys
 /// past its last dim −∞) plus the causal and window masks at the cache offset; `None` when
-/// there is nothing to mask. `past` is the cached sequence length.
+/// there is nothing to mask. `past` is the cached sequence length; with an external cache
+/// (`nonpad`, valid keys per batch entry at run time) the offset is `nonpad − q_seq` per
+/// entry and keys past `nonpad` are masked.
 fn mask_bias(
     b: &mut Builder,
     a: &AttentionAttrs,
     mask: Option<ValueId>,
+    nonpad: Option<ValueId>,
     (sq, total, past): (usize, usize, i64),
 ) -> Option<ValueId> {
     let ninf = b.scalar(f32::NEG_INFINITY);
@@ -243,6 +247,13 @@ fn mask_bias(
             m
         }
     });
+    if let Some(n) = nonpad {
+        let w = external_cache_bias(b, a, n, sq, total);
+        return Some(match mask {
+            Some(m) => b.bin("Add", m, w),
+            None => w,
+        });
+    }
     // causal / window: query i (at absolute position i + past) may see key j
     let window = (a.causal || a.windowed()).then(|| {
         let mut v = vec![0f32; sq * total];
@@ -264,4 +275,57 @@ fn mask_bias(
         (Some(m), Some(w)) => Some(b.bin("Add", m, w)),
         (m, w) => m.or(w),
     }
+}
+
+/// The bias `[batch, 1, q_seq, total]` of an external cache: query `i` of batch entry `e`
+/// may see key `j` when `j < nonpad[e]` and, at the offset `nonpad[e] − q_seq`, the causal
+/// and window bounds allow it (each bound a comparison of a constant `[q_seq, total]` index
+/// table with the entry's `nonpad`).
+fn external_cache_bias(
+    b: &mut Builder,
+    a: &AttentionAttrs,
+    nonpad: ValueId,
+    sq: usize,
+    total: usize,
+) -> ValueId {
+    let batch = b.g.values[nonpad].fact.shape.as_known().expect("static")[0] as i64;
+    let np = b.reshape(nonpad, &[batch, 1, 1, 1]);
+    // a constant [1, 1, q_seq, total] table of f(i, j)
+    let table = |b: &mut Builder, f: &dyn Fn(i64, i64) -> i64| -> ValueId {
+        let v: Vec<i64> = (0..sq as i64)
+            .flat_map(|i| (0..total as i64).map(move |j| (i, j)))
+            .map(|(i, j)| f(i, j))
+            .collect();
+        let n = b.name("k");
+        b.g.add_const(n, Tensor::from_vec(&[1, 1, sq, total], v))
+    };
+    // j < nonpad
+    let j = table(b, &|_, j| j);
+    let mut allowed = b.bin("Less", j, np);
+    let sq = sq as i64;
+    let mut and = |b: &mut Builder, c: ValueId| {
+        allowed = b.bin("And", allowed, c);
+    };
+    if a.causal {
+        // j <= i + nonpad − q_seq  ⟺  j − i + q_seq <= nonpad
+        let t = table(b, &|i, j| j - i + sq);
+        let c = b.bin("LessOrEqual", t, np);
+        and(b, c);
+    }
+    if a.left_window >= 0 {
+        // i + nonpad − q_seq − j <= left  ⟺  nonpad <= left + q_seq − i + j
+        let l = a.left_window;
+        let t = table(b, &|i, j| l + sq - i + j);
+        let c = b.bin("LessOrEqual", np, t);
+        and(b, c);
+    }
+    if a.right_window >= 0 {
+        // j − i − nonpad + q_seq <= right  ⟺  j − i + q_seq − right <= nonpad
+        let r = a.right_window;
+        let t = table(b, &|i, j| j - i + sq - r);
+        let c = b.bin("LessOrEqual", t, np);
+        and(b, c);
+    }
+    let (zero, ninf) = (b.scalar(0.0), b.scalar(f32::NEG_INFINITY));
+    b.op("Where", &[], &[allowed, zero, ninf])
 }

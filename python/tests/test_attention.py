@@ -1,7 +1,7 @@
-"""ONNX `Attention` (opset 23) against onnxruntime: expanded into ordinary ops by the
+"""ONNX `Attention` (opset 24) against onnxruntime: expanded into ordinary ops by the
 `decompose` stage and compiled for the CPU. Multi-head, grouped- and multi-query heads, 3-D
 and 4-D inputs, causal, bool and float masks (shorter than the keys too), a KV cache,
-`scale`, `softcap` and the `qk_matmul_output` modes. (Masks shorter than the keys, which the
+`scale`, `softcap`, the `qk_matmul_output` modes and an external cache (`nonpad_kv_seqlen`). (Masks shorter than the keys, which the
 operator allows and onnxruntime refuses, are checked against the ONNX node tests.)"""
 
 import zlib
@@ -24,6 +24,8 @@ CASES = {
     "mode2_float_mask": dict(hq=4, hkv=2, three=False, mask="float", mode=2),
     "mode3_causal_past": dict(hq=4, hkv=1, three=True, past=4, causal=1, mode=3),
     "mode0_softcap": dict(hq=2, hkv=1, three=False, softcap=2.0, mode=0),
+    "external_cache_causal": dict(hq=4, hkv=2, three=False, causal=1, nonpad=True),
+    "external_cache_3d_float_mask": dict(hq=2, hkv=1, three=True, nonpad=True, mask="float"),
 }
 
 
@@ -48,6 +50,9 @@ def attention_model(path, c, b, sq, kv, d):
     if past:
         ins += [helper.make_tensor_value_info(n, f, [b, hkv, past, d]) for n in ["PK", "PV"]]
         names += ["PK", "PV"]
+    if c.get("nonpad"):
+        names += [""] * (6 - len(names)) + ["N"]
+        ins.append(helper.make_tensor_value_info("N", TensorProto.INT64, [b]))
     outs = ["Y"]
     if past or "mode" in c:
         outs += ["PRK", "PRV"] if past else ["", ""]
@@ -64,7 +69,7 @@ def attention_model(path, c, b, sq, kv, d):
     graph = helper.make_graph(
         [node], "attention", ins,
         [helper.make_tensor_value_info(o, f, None) for o in outs if o])
-    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 24)])
     m.ir_version = 10
     onnx.save(m, path)
     return [i.name for i in ins], shapes
@@ -83,6 +88,9 @@ def test_attention_matches_onnxruntime(name, tmp_path):
         shape = i.shape
         if i.type == "tensor(bool)":
             feeds[i.name] = rng.random(shape) < 0.75
+        elif i.type == "tensor(int64)":
+            # valid keys per batch entry: fewer than the queries, and all of them
+            feeds[i.name] = np.array([kv - 2, kv][:shape[0]], dtype=np.int64)
         else:
             feeds[i.name] = rng.standard_normal(shape).astype(np.float32)
     ref = sess.run(None, feeds)
