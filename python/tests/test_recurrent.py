@@ -6,11 +6,10 @@ import zlib
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-import kiln
+from ort_check import assert_matches_onnxruntime
 
 GATES = {"RNN": 1, "GRU": 3, "LSTM": 4}
 
@@ -54,10 +53,4 @@ def test_recurrent_layers_match_onnxruntime(cell, direction, lens, tmp_path):
     feeds = {"X": x}
     if lens:
         feeds["L"] = np.array([5, 2, 4], dtype=np.int32)
-    ref = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, feeds)
-    art = kiln.compile(path, target="cpu")
-    ours = kiln.load(art).run(feeds)
-    assert len(ours) == len(ref)
-    for a, b in zip(ours, ref):
-        assert a.shape == b.shape
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    assert_matches_onnxruntime(path, feeds)
