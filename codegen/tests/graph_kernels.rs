@@ -251,6 +251,33 @@ fn batched_matmul_with_epilogue() {
     );
 }
 
+/// Batched MatMuls big enough to split into tasks over the batch (no epilogue: attention's
+/// `P·V`, and one with A broadcast), run as three consecutive task ranges by `check`.
+#[test]
+fn batched_matmul_splits_over_the_batch() {
+    for (a_shape, b_shape) in [
+        (vec![2, 6, 64, 48], vec![2, 6, 48, 40]),
+        (vec![64, 48], vec![5, 48, 72]),
+    ] {
+        let mut b = Builder::new("bmm_split");
+        let a = b.input("a", DType::F32, &a_shape);
+        let w = b.input("w", DType::F32, &b_shape);
+        let mm = b.node(Op::Linalg(LinalgOp::MatMul), &[Some(a), Some(w)]);
+        let g = b.finish(&[mm]);
+        let rep = check(&g, &random_inputs(&g, 13));
+        assert!(
+            rep.lowering.unsupported.is_empty(),
+            "{:?}",
+            rep.lowering.unsupported
+        );
+        let tasks = rep.lowering.kernels[0].kernel.signature.tasks;
+        assert_eq!(
+            tasks as usize,
+            b_shape[..b_shape.len() - 2].iter().product::<usize>()
+        );
+    }
+}
+
 /// Batched MatMul with A broadcast over B's batch: a 2-D A against 3-D and 4-D stacks of B
 /// (run-time and constant B: stacked projections), an A whose batch dims are 1, with an
 /// epilogue; each lowers (no interpreter fallback) and matches the interpreter.

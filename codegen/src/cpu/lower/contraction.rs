@@ -195,8 +195,18 @@ pub(crate) fn lower(
         None => sched,
     };
 
+    // A batched product with no epilogue splits into tasks over its batch (each task's
+    // products with their own packing scratch); an epilogue runs over the whole output, so
+    // it keeps the kernel serial.
+    let batch_split = batch.filter(|&(nb, [m, n, kk])| {
+        nb >= 2 && k.nodes.len() == 1 && k.outputs.len() == 1 && nb * m * n * kk >= MIN_SPLIT_MACS
+    });
     let mut syms = SymDims::default();
     let mut p = Prologue::new();
+    let batch_range = batch_split.map(|(nb, _)| {
+        let tasks = p.const_index(nb as i64);
+        p.task_range(&tasks)
+    });
     // Row-split kernels (see `row_split`): the task range is a range of product rows, and
     // A, the outputs and the full-size epilogue inputs are declared as those rows only.
     let rows = split.map(|(m, _)| {
@@ -453,9 +463,13 @@ pub(crate) fn lower(
             let b2 = b2.as_deref().expect("B packed per call");
             // a broadcast A is read from row 0 by every product of the batch
             let a_row = if a_bcast { "%bz" } else { "%ra" };
+            // this task's products (all of them in a serial kernel)
+            let (b0, b1) = batch_range
+                .clone()
+                .unwrap_or_else(|| ("%bz".to_string(), "%bn".to_string()));
             let _ = writeln!(
                 t,
-                "  %bz = arith.constant 0 : index\n  %b1 = arith.constant 1 : index\n  %bn = arith.constant {nb} : index\n  %bm = arith.constant {m} : index\n  %bk = arith.constant {k} : index\n  %bnn = arith.constant {n} : index\n  scf.for %bi = %bz to %bn step %b1 {{\n    %ra = arith.muli %bi, %bm : index\n    %rb = arith.muli %bi, %bk : index\n    %sa = memref.subview {a2}[{a_row}, 0] [%bm, %bk] [1, 1] : memref<?x?xf32> to {st}\n    %sb = memref.subview {b2}[%rb, 0] [%bk, %bnn] [1, 1] : memref<?x?xf32> to {st}\n    %sc = memref.subview {p2}[%ra, 0] [%bm, %bnn] [1, 1] : memref<?x?xf32> to {st}"
+                "  %bz = arith.constant 0 : index\n  %b1 = arith.constant 1 : index\n  %bn = arith.constant {nb} : index\n  %bm = arith.constant {m} : index\n  %bk = arith.constant {k} : index\n  %bnn = arith.constant {n} : index\n  scf.for %bi = {b0} to {b1} step %b1 {{\n    %ra = arith.muli %bi, %bm : index\n    %rb = arith.muli %bi, %bk : index\n    %sa = memref.subview {a2}[{a_row}, 0] [%bm, %bk] [1, 1] : memref<?x?xf32> to {st}\n    %sb = memref.subview {b2}[%rb, 0] [%bk, %bnn] [1, 1] : memref<?x?xf32> to {st}\n    %sc = memref.subview {p2}[%ra, 0] [%bm, %bnn] [1, 1] : memref<?x?xf32> to {st}"
             );
             call(&mut t, "%sa", "%sb", "%sc");
             let _ = writeln!(t, "  }}");
@@ -521,10 +535,11 @@ pub(crate) fn lower(
             inputs: args.len() + nconst,
             outputs: outs.len(),
             dims: syms.0,
-            tasks: match (split, cols) {
-                (Some((m, _)), _) => m as u64,
-                (None, Some(c)) => c.tasks as u64,
-                (None, None) => 1,
+            tasks: match (split, cols, batch_split) {
+                (Some((m, _)), _, _) => m as u64,
+                (None, Some(c), _) => c.tasks as u64,
+                (None, None, Some((nb, _))) => nb as u64,
+                (None, None, None) => 1,
             },
             scratch_bytes: p_scratch,
         },
